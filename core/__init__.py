@@ -1,0 +1,44 @@
+"""vlbridge: BLIP-2 as a plugin framework. A frozen image encoder and a frozen LLM, bridged by a
+small trainable connector, declared in YAML and validated before any weight loads.
+
+Importing this package (and listing or validating plugins) never imports torch; the model-building
+API is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlbridge.assembly import Assembly, load_assembly
+from vlbridge.errors import (
+    AssemblyError,
+    IncompatibleError,
+    PluginError,
+    UnknownComponentError,
+    VLBridgeError,
+    WeightsError,
+)
+from vlbridge.hookspecs import hookimpl
+from vlbridge.plan import Plan
+from vlbridge.registry import get_registry
+from vlbridge.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, Preprocess, TokenShape
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Assembly", "AssemblyError", "ConnectorSpec", "EncoderSpec", "IncompatibleError", "LLMDims", "LLMSpec",
+    "Options", "Plan", "PluginError", "Preprocess", "TokenShape", "UnknownComponentError", "VLBridgeError",
+    "WeightsError", "get_registry", "hookimpl", "load_assembly",
+]
+
+# Torch-backed API, imported lazily so that listing and validation stay light: name -> "module:attr".
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module_name, _, attr = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    raise AttributeError(f"module 'vlbridge' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""The `vlbridge` command line: one small module per group of subcommands."""

@@ -1,0 +1,75 @@
+"""`vlbridge plugins`, `vlbridge components`, `vlbridge presets`: what is installed (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vlbridge.cli.output import print_json, print_table
+from vlbridge.registry import get_registry
+from vlbridge.resources import presets
+from vlbridge.specs import KINDS
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plugins", help="list loaded plugins and those that failed to load")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--all", action="store_true", help="also list plugins skipped by VLBRIDGE_LOAD_PLUGINS / VLBRIDGE_DISABLE_PLUGINS")
+    p.set_defaults(func=cmd_plugins)
+    c = sub.add_parser("components", help="list encoders, connectors and LLMs with their options")
+    c.add_argument("--kind", choices=KINDS, help="only this kind")
+    c.add_argument("--json", action="store_true", help="print JSON, with each options JSON schema")
+    c.set_defaults(func=cmd_components)
+    s = sub.add_parser("presets", help="list named assemblies from registry.yaml")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_presets)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    records = [r for r in registry.plugins.records.values() if args.all or r.status != "disabled"]
+    if args.json:
+        print_json({"plugins": [r.to_dict() for r in records], "duplicates": registry.duplicates()})
+        return 0
+    rows = [[r.name, r.distribution, r.version, r.status, ", ".join(r.components) or "-"] for r in records]
+    print_table(rows, ["PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "COMPONENTS"])
+    for r in records:
+        for error in r.errors:
+            print(f"\n{r.name}: {error}")
+    for dup in registry.duplicates():
+        print(f"\nduplicate {dup['kind']} {dup['name']!r} from {', '.join(map(str, dup['providers']))}: "
+              f"write use: '<distribution>:{dup['name']}' to choose")
+    return 0
+
+
+def _component_dict(spec: Any) -> dict[str, Any]:
+    return {
+        "kind": spec.kind, "name": spec.name, "plugin": spec.plugin, "distribution": spec.distribution,
+        "description": spec.description, "factory": spec.factory, "options": spec.options.model_json_schema(),
+    }
+
+
+def cmd_components(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    specs = [s for kind in (args.kind,) if kind for s in registry.all_specs(kind)] if args.kind else [
+        s for kind in KINDS for s in registry.all_specs(kind)]
+    if args.json:
+        print_json([_component_dict(s) for s in specs])
+        return 0
+    for spec in specs:
+        print(f"{spec.kind} {spec.name}  ({spec.distribution})\n  {spec.description}")
+        for field_name, info in spec.options.model_fields.items():
+            print(f"    {field_name} = {info.default!r}: {info.description or ''}")
+        print()
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    known = presets()
+    if args.json:
+        print_json(known)
+        return 0
+    rows = [[name, body["encoder"]["use"], body["connector"]["use"], body["llm"]["use"], body.get("description", "")]
+            for name, body in sorted(known.items())]
+    print_table(rows, ["PRESET", "ENCODER", "CONNECTOR", "LLM", "DESCRIPTION"])
+    return 0

@@ -1,0 +1,57 @@
+"""Entry point of the `vlbridge` command: parse, dispatch, and turn user errors into exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from vlbridge.cli import listing, validate
+from vlbridge.errors import VLBridgeError
+
+SUBCOMMAND_MODULES = (listing, validate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlbridge",
+        description="Bridge a frozen image encoder and a frozen LLM with a trainable connector (BLIP-2 style).",
+    )
+    parser.add_argument("--version", action="version", version=f"vlbridge {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in SUBCOMMAND_MODULES:
+        module.add_parsers(sub)
+    return parser
+
+
+def _version() -> str:
+    from vlbridge import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VLBridgeError as exc:
+        print(f"vlbridge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: say so, keep the traceback opt-in
+        if os.environ.get("VLBRIDGE_DEBUG"):
+            traceback.print_exc()
+        print(f"vlbridge {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+              "This is a bug in vlbridge or a plugin; rerun with VLBRIDGE_DEBUG=1 for the traceback.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

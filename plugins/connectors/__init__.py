@@ -1,0 +1,1 @@
+"""Built-in connectors: the Q-Former and LLaVA's linear and MLP projectors."""

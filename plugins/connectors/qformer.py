@@ -1,0 +1,87 @@
+"""Registration of `qformer`: BLIP-2's Querying Transformer (declarations only, no torch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vlbridge import hookimpl
+from vlbridge.errors import IncompatibleError
+from vlbridge.specs import ConnectorSpec, Options, TokenShape
+
+# BERT-base layout (bert-base-uncased + the [DEC] token); 'tiny' for tests and the offline demo.
+ARCH: dict[str, dict[str, int]] = {
+    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "vocab_size": 30523, "max_text_positions": 512},
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "vocab_size": 1024, "max_text_positions": 64},
+}
+
+
+class QFormerOptions(Options):
+    variant: Literal["base", "tiny"] = Field("base", description="size preset: BERT-base layout, or a tiny one for tests; the fields below override it")
+    num_query_tokens: int = Field(32, ge=1, description="learned query tokens, i.e. visual tokens given to the LLM")
+    hidden_size: int | None = Field(None, ge=1, description="width of the Q-Former (768 for base)")
+    num_layers: int | None = Field(None, ge=1, description="transformer layers (12 for base)")
+    num_heads: int | None = Field(None, ge=1, description="attention heads (12 for base)")
+    intermediate_size: int | None = Field(None, ge=1, description="FFN width (3072 for base)")
+    cross_attention_freq: int = Field(2, ge=1, description="a cross-attention block every this many layers, from layer 0")
+    vocab_size: int | None = Field(None, ge=2, description="text vocabulary incl. [DEC] (30523 for bert-base-uncased)")
+    max_text_positions: int | None = Field(None, ge=1, description="text position embeddings (512 for base)")
+    embed_dim: int = Field(256, ge=1, description="width of the ITC projections")
+    encoder_width: int | None = Field(None, ge=1, description="pin the encoder width the cross-attention expects (e.g. to match pretrained weights); none = the encoder's")
+    bert: str | None = Field(None, description="local BERT directory (transformers format) to initialise from; none = random init")
+
+    @model_validator(mode="after")
+    def _check(self) -> "QFormerOptions":
+        if self.size("hidden_size") % self.size("num_heads"):
+            raise ValueError(f"hidden_size {self.size('hidden_size')} is not divisible by num_heads {self.size('num_heads')}")
+        return self
+
+    def size(self, key: str) -> int:
+        """An architecture number: the explicit option if given, else the variant's."""
+        value = getattr(self, key)
+        return ARCH[self.variant][key] if value is None else value
+
+
+def _check_encoder(opts: QFormerOptions, encoder_out: TokenShape) -> None:
+    if opts.encoder_width is not None and opts.encoder_width != encoder_out.width:
+        raise IncompatibleError(f"qformer expects encoder width {opts.encoder_width} (connector.options.encoder_width) but the encoder gives {encoder_out.width}")
+
+
+def output(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) -> TokenShape:
+    _check_encoder(opts, encoder_out)
+    return TokenShape(opts.num_query_tokens, llm_width)
+
+
+def num_params(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) -> dict[int, int]:
+    """Trainable parameters per stage (stage 1: the whole Q-Former with its text side and heads;
+    stage 2: the query path, ln_vision and the projection to the LLM)."""
+    h, i, e = opts.size("hidden_size"), opts.size("intermediate_size"), encoder_out.width
+    layers, vocab = opts.size("num_layers"), opts.size("vocab_size")
+    n_cross = len(range(0, layers, opts.cross_attention_freq))
+    self_attn = 4 * (h * h + h) + 2 * h
+    cross_attn = 2 * (h * h + h) + 2 * (e * h + h) + 2 * h
+    ffn = 2 * h * i + i + 3 * h
+    core = layers * (self_attn + ffn) + n_cross * cross_attn + 2 * h + opts.num_query_tokens * h
+    ln_vision = 2 * e
+    text_side = layers * ffn + vocab * h + opts.size("max_text_positions") * h + (h * h + 3 * h) + vocab
+    heads = 2 * (h * opts.embed_dim + opts.embed_dim) + (2 * h + 2) + 1  # ITC projections, ITM head, temperature
+    return {
+        1: core + ln_vision + text_side + heads,
+        2: core + ln_vision + h * llm_width + llm_width,
+    }
+
+
+@hookimpl
+def vlbridge_register_connectors() -> list[ConnectorSpec]:
+    return [
+        ConnectorSpec(
+            name="qformer",
+            description="BLIP-2's Q-Former: learned queries cross-attend to the image, then a linear map into the LLM",
+            factory="vlbridge.plugins.connectors.qformer_model:build",
+            options=QFormerOptions,
+            output=output,
+            num_params=num_params,
+            stages=(1, 2),
+        )
+    ]

@@ -1,0 +1,1 @@
+"""Built-in language models: OPT (decoder-only) and FlanT5 (encoder-decoder), via transformers."""

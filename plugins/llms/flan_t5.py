@@ -1,0 +1,60 @@
+"""Registration of `flan-t5`: T5ForConditionalGeneration through transformers (declarations only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from vlbridge import hookimpl
+from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
+
+# From the released google/flan-t5-* config.json files (gated-GELU FFN, untied LM head).
+ARCH: dict[str, dict[str, int]] = {
+    "small": {"d_model": 512, "d_ff": 1024, "heads": 6, "d_kv": 64, "layers": 8, "vocab": 32128},
+    "base": {"d_model": 768, "d_ff": 2048, "heads": 12, "d_kv": 64, "layers": 12, "vocab": 32128},
+    "large": {"d_model": 1024, "d_ff": 2816, "heads": 16, "d_kv": 64, "layers": 24, "vocab": 32128},
+    "xl": {"d_model": 2048, "d_ff": 5120, "heads": 32, "d_kv": 64, "layers": 24, "vocab": 32128},
+    "xxl": {"d_model": 4096, "d_ff": 10240, "heads": 64, "d_kv": 64, "layers": 24, "vocab": 32128},
+    "tiny": {"d_model": 64, "d_ff": 128, "heads": 4, "d_kv": 16, "layers": 2, "vocab": 1024},
+}
+CONTEXT = 512  # the length T5 was trained on; relative positions make it a soft limit
+RELATIVE_BUCKETS = 32
+
+
+class FlanT5Options(Options):
+    variant: Literal["small", "base", "large", "xl", "xxl", "tiny"] = Field("xl", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download)")
+    model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default google/flan-t5-<variant>")
+    dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses bf16)")
+
+    @property
+    def arch(self) -> dict[str, int]:
+        return ARCH[self.variant]
+
+
+def dims(opts: FlanT5Options) -> LLMDims:
+    return LLMDims(embed_width=opts.arch["d_model"], context_length=CONTEXT, encoder_decoder=True, context_is_hard=False)
+
+
+def num_params(opts: FlanT5Options) -> int:
+    a = opts.arch
+    d, inner, ff = a["d_model"], a["heads"] * a["d_kv"], a["d_ff"]
+    attention = 4 * d * inner + d  # q, k, v, o (no bias) + RMS norm
+    ffn = 3 * d * ff + d  # wi_0, wi_1, wo + RMS norm
+    encoder = a["layers"] * (attention + ffn) + RELATIVE_BUCKETS * a["heads"] + d
+    decoder = a["layers"] * (2 * attention + ffn) + RELATIVE_BUCKETS * a["heads"] + d
+    return 2 * a["vocab"] * d + encoder + decoder  # shared embedding + untied lm_head
+
+
+@hookimpl
+def vlbridge_register_llms() -> list[LLMSpec]:
+    return [
+        LLMSpec(
+            name="flan-t5",
+            description="Google's FlanT5 (small to xxl), encoder-decoder; the visual prompt goes to the encoder",
+            factory="vlbridge.plugins.llms.flan_t5_model:build",
+            options=FlanT5Options,
+            dims=dims,
+            num_params=num_params,
+        )
+    ]

@@ -1,0 +1,58 @@
+"""Registration of `opt`: OPTForCausalLM through transformers, decoder-only (declarations only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from vlbridge import hookimpl
+from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
+
+# From the released config.json files. OPT-350m embeds tokens at 512 and projects in/out of 1024,
+# and normalises after (not before) each block, so it has no final LayerNorm.
+ARCH: dict[str, dict[str, int]] = {
+    "125m": {"hidden": 768, "layers": 12, "heads": 12, "ffn": 3072, "embed": 768, "vocab": 50272, "positions": 2048, "pre_norm": 1},
+    "350m": {"hidden": 1024, "layers": 24, "heads": 16, "ffn": 4096, "embed": 512, "vocab": 50272, "positions": 2048, "pre_norm": 0},
+    "1.3b": {"hidden": 2048, "layers": 24, "heads": 32, "ffn": 8192, "embed": 2048, "vocab": 50272, "positions": 2048, "pre_norm": 1},
+    "2.7b": {"hidden": 2560, "layers": 32, "heads": 32, "ffn": 10240, "embed": 2560, "vocab": 50272, "positions": 2048, "pre_norm": 1},
+    "6.7b": {"hidden": 4096, "layers": 32, "heads": 32, "ffn": 16384, "embed": 4096, "vocab": 50272, "positions": 2048, "pre_norm": 1},
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256, "embed": 64, "vocab": 1024, "positions": 128, "pre_norm": 1},
+}
+
+
+class OPTOptions(Options):
+    variant: Literal["125m", "350m", "1.3b", "2.7b", "6.7b", "tiny"] = Field("2.7b", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download)")
+    model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default facebook/opt-<variant>")
+    dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses fp16)")
+
+    @property
+    def arch(self) -> dict[str, int]:
+        return ARCH[self.variant]
+
+
+def dims(opts: OPTOptions) -> LLMDims:
+    return LLMDims(embed_width=opts.arch["embed"], context_length=opts.arch["positions"], encoder_decoder=False)
+
+
+def num_params(opts: OPTOptions) -> int:
+    a = opts.arch
+    h, f, e = a["hidden"], a["ffn"], a["embed"]
+    embeddings = a["vocab"] * e + (a["positions"] + 2) * h  # OPT offsets learned positions by 2
+    projections = 2 * e * h if e != h else 0  # project_in / project_out, no bias
+    layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
+    return embeddings + projections + a["layers"] * layer + (2 * h if a["pre_norm"] else 0)  # lm_head is tied
+
+
+@hookimpl
+def vlbridge_register_llms() -> list[LLMSpec]:
+    return [
+        LLMSpec(
+            name="opt",
+            description="Meta's OPT (125m to 6.7b), decoder-only; the visual prompt goes before the text",
+            factory="vlbridge.plugins.llms.opt_model:build",
+            options=OPTOptions,
+            dims=dims,
+            num_params=num_params,
+        )
+    ]
