@@ -98,7 +98,7 @@ class Registry:
 
     def _installed_hint(self, kind: Kind, name: str) -> str:
         installed = self.names(kind)
-        close = difflib.get_close_matches(name, installed, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, installed, n=3, cutoff=0.7)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return f"{hint} Installed {kind}s: {', '.join(installed) or 'none'}."
 

@@ -1,0 +1,1 @@
+"""vlbridge-resampler: a Perceiver-resampler connector for vlbridge."""

@@ -1,0 +1,31 @@
+"""Shared fixtures. In-process tests see the built-in plugins only: third-party plugins that happen
+to be installed must not change results (tests that want them install into a throw-away venv)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["VLBRIDGE_LOAD_PLUGINS"] = ""
+    os.environ.pop("VLBRIDGE_STRICT_PLUGINS", None)
+    os.environ.pop("VLBRIDGE_DISABLE_PLUGINS", None)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    from vlbridge.registry import invalidate
+
+    invalidate()
+    yield
+    invalidate()
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

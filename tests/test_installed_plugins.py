@@ -1,0 +1,106 @@
+"""End to end with real pip-installed distributions, in a throw-away virtual environment:
+`pip install .` of vlbridge itself (not editable), the example plugin, and three broken fixtures
+(an import error, a hook-name typo, a duplicate component name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "plugins"
+PACKAGES = [REPO, REPO / "examples" / "vlbridge-resampler", *(FIXTURES / n for n in ("vlbridge-broken", "vlbridge-typo", "vlbridge-dup"))]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    build = tmp_path_factory.mktemp("build")
+    # --without-pip, --no-deps, --no-build-isolation: pip, setuptools and the dependencies come from
+    # the outer environment, so nothing is downloaded.
+    for package in PACKAGES:  # install from copies so the source tree gets no build/ or egg-info litter
+        copy = build / package.name
+        subprocess.run(["cp", "-r", str(package), str(copy)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--disable-pip-version-check", str(copy)], check=True, capture_output=True)
+    return root
+
+
+def vlbridge(venv: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLBRIDGE_")}
+    environ.update(env)
+    return subprocess.run([str(venv / "bin" / "vlbridge"), *args], capture_output=True, text=True, env=environ,
+                          cwd=venv, check=False)
+
+
+def test_installed_copy_is_used_and_finds_registry_yaml(venv):
+    code = ("import vlbridge, vlbridge.resources as r; print(vlbridge.__file__); "
+            "print(r.REGISTRY_FILE.is_file() and not r.REGISTRY_FILE.is_symlink())")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=venv, check=True).stdout
+    path, regular_file = out.split()
+    assert path.startswith(str(venv)) and regular_file == "True"
+    result = vlbridge(venv, "validate", "blip2-flan-t5-xl")
+    assert result.returncode == 0, result.stderr
+
+
+def test_plugins_lists_the_example_and_shows_broken_ones(venv):
+    result = vlbridge(venv, "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    plugins = {p["name"]: p for p in data["plugins"]}
+    assert plugins["vlbridge-resampler"]["status"] == "loaded"
+    assert plugins["vlbridge-resampler"]["components"] == ["connector:resampler"]
+    assert plugins["vlbridge-resampler"]["version"] == "0.1.0"
+    assert plugins["vlbridge-broken"]["status"] == "error"
+    assert "No module named 'vlbridge_dependency_that_is_not_installed'" in plugins["vlbridge-broken"]["errors"][0]
+    assert "unknown hook(s) ['vlbridge_register_encoder']" in plugins["vlbridge-typo"]["errors"][0]
+    assert plugins["vlbridge.plugins.encoders.eva_vit_g"]["status"] == "loaded"
+    assert data["duplicates"] == [{"kind": "connector", "name": "resampler", "providers": ["vlbridge-dup", "vlbridge-resampler"]}]
+    text = vlbridge(venv, "plugins").stdout
+    assert "vlbridge-broken: ModuleNotFoundError" in text and "duplicate connector 'resampler'" in text
+
+
+ASSEMBLY = "name: r\nencoder: {use: eva-vit-g}\nconnector: {use: %s, options: {num_latents: 48}}\nllm: {use: opt}\n"
+
+
+def test_example_plugin_validates_in_an_assembly(venv, tmp_path):
+    path = tmp_path / "resampler.yaml"
+    path.write_text(ASSEMBLY % '"vlbridge-resampler:resampler"')
+    result = vlbridge(venv, "validate", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["connector"]["distribution"] == "vlbridge-resampler"
+    assert plan["connector_out"] == {"num_tokens": 48, "width": 2560}
+
+    path.write_text(ASSEMBLY % "resampler")
+    ambiguous = vlbridge(venv, "validate", str(path))
+    assert ambiguous.returncode == 2
+    assert "provided by several plugins (vlbridge-dup, vlbridge-resampler)" in ambiguous.stderr
+    assert vlbridge(venv, "validate", str(path), VLBRIDGE_DISABLE_PLUGINS="vlbridge-dup").returncode == 0
+
+
+def test_allow_list_and_strict_mode(venv):
+    only_builtins = json.loads(vlbridge(venv, "plugins", "--json", VLBRIDGE_LOAD_PLUGINS="").stdout)
+    assert all(p["builtin"] for p in only_builtins["plugins"])
+    listed_all = json.loads(vlbridge(venv, "plugins", "--json", "--all", VLBRIDGE_LOAD_PLUGINS="vlbridge-resampler").stdout)
+    status = {p["name"]: p["status"] for p in listed_all["plugins"]}
+    assert status["vlbridge-resampler"] == "loaded" and status["vlbridge-broken"] == "disabled"
+    strict = vlbridge(venv, "plugins", VLBRIDGE_STRICT_PLUGINS="1")
+    assert strict.returncode == 2
+    assert "plugin 'vlbridge-broken'" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_example_plugins_own_tests_pass(venv):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLBRIDGE_")}
+    environ["VLBRIDGE_DISABLE_PLUGINS"] = "vlbridge-dup"
+    tests = REPO / "examples" / "vlbridge-resampler" / "tests"
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "--rootdir", str(tests), str(tests)], capture_output=True, text=True, env=environ, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -1,0 +1,185 @@
+"""The plugin loader and registry, with in-process fake plugins: isolation of every kind of
+breakage, strict mode, duplicates and the 'distribution:name' qualifier."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import vlbridge
+from vlbridge import ConnectorSpec, EncoderSpec, PluginError, TokenShape, UnknownComponentError
+from vlbridge.plugin_loader import load_plugin_set
+from vlbridge.registry import Registry, get_registry
+from vlbridge.specs import Preprocess
+from vlbridge.testing import check_plugin, registry_with
+
+
+def module(name: str, **attrs) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(mod, key, value)
+    return mod
+
+
+def encoder_spec(name: str, width: int = 32) -> EncoderSpec:
+    return EncoderSpec(
+        name=name, factory="fake.module:build", output=lambda o: TokenShape(5, width),
+        preprocess=lambda o: Preprocess(28, (0.5,) * 3, (0.5,) * 3),
+    )
+
+
+def hook_returning(value):
+    @vlbridge.hookimpl
+    def vlbridge_register_encoders():
+        return value() if callable(value) else value
+
+    return vlbridge_register_encoders
+
+
+def test_builtins_register_through_the_hooks():
+    registry = get_registry()
+    assert registry.names("encoder") == ["clip-vit-l", "eva-vit-g"]
+    assert registry.names("llm") == ["flan-t5", "opt"]
+    assert registry.names("connector") == ["linear", "mlp", "qformer"]
+    records = registry.plugins.records
+    assert all(r.builtin and r.status == "loaded" for r in records.values())
+    assert records["vlbridge.plugins.connectors.projectors"].components == ["connector:linear", "connector:mlp"]
+
+
+def test_good_third_party_plugin_is_listed_and_resolvable():
+    registry = registry_with({"vlbridge-good": module("good", vlbridge_register_encoders=hook_returning([encoder_spec("good-enc")]))})
+    spec = registry.resolve("encoder", "good-enc").spec
+    assert (spec.plugin, spec.distribution) == ("vlbridge-good", "vlbridge-good")
+    assert registry.plugins.records["vlbridge-good"].hooks == ["vlbridge_register_encoders"]
+
+
+def _raise():
+    raise RuntimeError("boom in hook")
+
+
+@pytest.mark.parametrize(
+    "plugin, expected",
+    [
+        (module("typo", vlbridge_register_encoder=hook_returning([])), "unknown hook(s) ['vlbridge_register_encoder']"),
+        (module("raises", vlbridge_register_encoders=hook_returning(_raise)), "raised RuntimeError: boom in hook"),
+        (module("wrongtype", vlbridge_register_encoders=hook_returning({"a": 1})), "must return a list of EncoderSpec, got dict"),
+        (module("wrongitem", vlbridge_register_encoders=hook_returning(["eva"])), "returned a str; expected EncoderSpec"),
+        (module("badfactory", vlbridge_register_encoders=hook_returning([encoder_spec("x").__class__(
+            name="x", factory="no colon", output=lambda o: TokenShape(1, 1), preprocess=lambda o: None)])),
+         "must be a 'package.module:attr' string"),
+    ],
+    ids=["unknown-hook", "hook-raises", "wrong-return-type", "wrong-item-type", "bad-factory"],
+)
+def test_broken_plugin_is_recorded_and_others_keep_working(plugin, expected):
+    good = module("good", vlbridge_register_encoders=hook_returning([encoder_spec("good-enc")]))
+    registry = registry_with({"vlbridge-broken": plugin, "vlbridge-good": good})
+    record = registry.plugins.records["vlbridge-broken"]
+    assert record.status == "error"
+    assert any(expected in e for e in record.errors), record.errors
+    assert "good-enc" in registry.names("encoder")
+    assert "eva-vit-g" in registry.names("encoder")
+
+
+def test_strict_mode_makes_breakage_fatal(monkeypatch):
+    monkeypatch.setenv("VLBRIDGE_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="boom in hook"):
+        registry_with({"vlbridge-raises": module("raises", vlbridge_register_encoders=hook_returning(_raise))})
+
+
+def test_import_error_of_entry_point_is_recorded(monkeypatch):
+    class FakeDist:
+        name, version = "vlbridge-missing", "1.0"
+
+    class FakeEntryPoint:
+        name, dist = "vlbridge-missing", FakeDist()
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'some_dependency'")
+
+    monkeypatch.delenv("VLBRIDGE_LOAD_PLUGINS")
+    monkeypatch.setattr("vlbridge.plugin_loader.metadata.entry_points", lambda group: [FakeEntryPoint()])
+    plugins = load_plugin_set()
+    record = plugins.records["vlbridge-missing"]
+    assert record.status == "error" and "No module named 'some_dependency'" in record.errors[0]
+    assert Registry.collect(plugins).names("encoder") == ["clip-vit-l", "eva-vit-g"]
+
+
+def test_allow_and_block_lists_skip_before_import(monkeypatch):
+    loaded = []
+
+    class FakeEntryPoint:
+        def __init__(self, name):
+            self.name, self.dist = name, types.SimpleNamespace(name=name, version="1")
+
+        def load(self):
+            loaded.append(self.name)
+            return module(self.name)
+
+    eps = [FakeEntryPoint("vlbridge-a"), FakeEntryPoint("vlbridge-b"), FakeEntryPoint("vlbridge-c")]
+    monkeypatch.setattr("vlbridge.plugin_loader.metadata.entry_points", lambda group: eps)
+    monkeypatch.setenv("VLBRIDGE_LOAD_PLUGINS", "vlbridge-a, vlbridge_b")
+    monkeypatch.setenv("VLBRIDGE_DISABLE_PLUGINS", "vlbridge-b")
+    records = load_plugin_set().records
+    assert loaded == ["vlbridge-a"]
+    assert records["vlbridge-b"].status == records["vlbridge-c"].status == "disabled"
+    monkeypatch.setenv("VLBRIDGE_LOAD_PLUGINS", "")
+    loaded.clear()
+    assert [r.name for r in load_plugin_set().records.values() if not r.builtin] == ["vlbridge-a", "vlbridge-b", "vlbridge-c"]
+    assert loaded == []
+
+
+def _connector(name: str, tokens: int) -> ConnectorSpec:
+    return ConnectorSpec(name=name, factory="fake.module:build", output=lambda o, e, w: TokenShape(tokens, w))
+
+
+def _connector_plugin(name: str, tokens: int) -> types.ModuleType:
+    @vlbridge.hookimpl
+    def vlbridge_register_connectors():
+        return [_connector(name, tokens)]
+
+    return module(f"mod-{tokens}", vlbridge_register_connectors=vlbridge_register_connectors)
+
+
+def test_duplicate_names_are_reported_and_qualifier_picks_one():
+    registry = registry_with({"vlbridge-x": _connector_plugin("pool", 4), "vlbridge-y": _connector_plugin("pool", 9)})
+    assert registry.duplicates() == [{"kind": "connector", "name": "pool", "providers": ["vlbridge-x", "vlbridge-y"]}]
+    with pytest.raises(UnknownComponentError, match="several plugins .*'vlbridge-x:pool' or 'vlbridge-y:pool'"):
+        registry.resolve("connector", "pool")
+    assert registry.resolve("connector", "vlbridge-y:pool").spec.distribution == "vlbridge-y"
+    with pytest.raises(UnknownComponentError, match="no connector named 'pool' comes from 'vlbridge-z'"):
+        registry.resolve("connector", "vlbridge-z:pool")
+
+
+def test_third_party_duplicate_of_a_builtin_keeps_the_builtin_with_a_warning():
+    registry = registry_with({"vlbridge-x": _connector_plugin("linear", 4)})
+    resolution = registry.resolve("connector", "linear")
+    assert resolution.spec.distribution == "vlbridge"
+    assert "vlbridge-x:linear" in resolution.warning
+    assert registry.resolve("connector", "vlbridge-x:linear").spec.distribution == "vlbridge-x"
+
+
+def test_unknown_name_suggests_and_lists():
+    with pytest.raises(UnknownComponentError) as err:
+        get_registry().resolve("encoder", "eva-vit-gg")
+    assert "Did you mean 'eva-vit-g'?" in str(err.value)
+    assert "Installed encoders: clip-vit-l, eva-vit-g" in str(err.value)
+
+
+def test_check_plugin_accepts_builtins_and_rejects_mistakes():
+    assert [s.name for s in check_plugin("vlbridge.plugins.connectors.projectors")] == ["linear", "mlp"]
+    with pytest.raises(PluginError, match="unknown hook"):
+        check_plugin(module("typo", vlbridge_register_encoder=hook_returning([])))
+    with pytest.raises(PluginError, match="implements no vlbridge hook"):
+        check_plugin(module("empty"))
+    with pytest.raises(PluginError, match="output\\(\\) must return a positive TokenShape"):
+        check_plugin(module("zero", vlbridge_register_encoders=hook_returning([encoder_spec("z", width=0)])))
+
+
+def test_hookspecs_are_documented(repo):
+    """Every hook appears, by name, in the plugin author's guide (datasette's meta-test)."""
+    from vlbridge.hookspecs import HOOK_KINDS
+
+    guide = (repo / "docs" / "writing-plugins.md").read_text()
+    for hook in HOOK_KINDS:
+        assert f"{hook}()" in guide, f"{hook} is not documented in docs/writing-plugins.md"
