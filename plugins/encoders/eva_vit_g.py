@@ -20,12 +20,20 @@ class EvaVitGOptions(Options):
     variant: Literal["g", "tiny"] = Field("g", description="'g' is BLIP-2's ViT-g/14; 'tiny' is a small random-weight stand-in for tests")
     image_size: int | None = Field(None, ge=14, description="input resolution in pixels, a multiple of 14 (default 224; 364 for BLIP-2 captioning); position embeddings are interpolated")
     num_blocks: int | None = Field(None, ge=1, description="transformer blocks kept; BLIP-2 keeps 39 of 40 (default)")
+    width: int | None = Field(None, ge=1, description="override the variant's width (e.g. for a converted checkpoint of another size)")
+    depth: int | None = Field(None, ge=1, description="override the variant's total number of blocks")
+    heads: int | None = Field(None, ge=1, description="override the variant's attention heads")
+    mlp_hidden: int | None = Field(None, ge=1, description="override the variant's MLP width")
+    patch_size: int | None = Field(None, ge=1, description="override the variant's patch size")
+    layer_norm_eps: float = Field(1e-6, gt=0, description="LayerNorm epsilon inside the blocks")
     pretrained: str | None = Field(None, description="local weights: a transformers BLIP-2 directory, a LAVIS/EVA-CLIP .pth, or an OpenCLIP/timm EVA checkpoint; none = random init")
     dtype: Precision = Field("fp32", description="compute dtype of the frozen encoder")
 
     @model_validator(mode="after")
     def _check(self) -> "EvaVitGOptions":
-        arch = ARCH[self.variant]
+        arch = self.arch
+        if arch["width"] % arch["heads"]:
+            raise ValueError(f"width {arch['width']} is not divisible by heads {arch['heads']}")
         if self.image_size is not None and self.image_size % arch["patch"]:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {arch['patch']} (try {self.image_size // arch['patch'] * arch['patch']})")
         if self.num_blocks is not None and self.num_blocks > arch["depth"]:
@@ -34,7 +42,13 @@ class EvaVitGOptions(Options):
 
     @property
     def arch(self) -> dict[str, int]:
-        return ARCH[self.variant]
+        """The variant's architecture with any explicit overrides applied."""
+        overrides = {"width": self.width, "depth": self.depth, "heads": self.heads, "mlp_hidden": self.mlp_hidden, "patch": self.patch_size}
+        arch = {**ARCH[self.variant], **{k: v for k, v in overrides.items() if v is not None}}
+        if self.depth is not None:  # keep the variant's habit: g drops its last block, tiny keeps all
+            base = ARCH[self.variant]
+            arch["blocks"] = max(1, self.depth - (base["depth"] - base["blocks"]))
+        return arch
 
     @property
     def resolved_image_size(self) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
+from vlbridge.hf_config import local_config
 from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
 
 # From the released google/flan-t5-* config.json files (gated-GELU FFN, untied LM head).
@@ -24,12 +25,25 @@ RELATIVE_BUCKETS = 32
 
 class FlanT5Options(Options):
     variant: Literal["small", "base", "large", "xl", "xxl", "tiny"] = Field("xl", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download)")
-    model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default google/flan-t5-<variant>")
-    dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses bf16)")
+    model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default google/flan-t5-<variant>. A local directory's config.json decides the architecture")
+    dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses bf16; never fp16 for T5)")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "FlanT5Options":
+        config = local_config(self.model)
+        if config is not None and config.get("model_type") != "t5":
+            raise ValueError(f"{self.model} holds a {config.get('model_type')!r} model, not T5")
+        return self
 
     @property
     def arch(self) -> dict[str, int]:
-        return ARCH[self.variant]
+        config = local_config(self.model)
+        if config is None:
+            return ARCH[self.variant]
+        return {
+            "d_model": config["d_model"], "d_ff": config["d_ff"], "heads": config["num_heads"], "d_kv": config["d_kv"],
+            "layers": config["num_layers"], "vocab": config["vocab_size"],
+        }
 
 
 def dims(opts: FlanT5Options) -> LLMDims:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
+from vlbridge.hf_config import local_config
 from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
 
 # From the released config.json files. OPT-350m embeds tokens at 512 and projects in/out of 1024,
@@ -23,12 +24,28 @@ ARCH: dict[str, dict[str, int]] = {
 
 class OPTOptions(Options):
     variant: Literal["125m", "350m", "1.3b", "2.7b", "6.7b", "tiny"] = Field("2.7b", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download)")
-    model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default facebook/opt-<variant>")
+    model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default facebook/opt-<variant>. A local directory's config.json decides the architecture")
     dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses fp16)")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "OPTOptions":
+        config = local_config(self.model)
+        if config is not None and config.get("model_type") != "opt":
+            raise ValueError(f"{self.model} holds a {config.get('model_type')!r} model, not OPT")
+        return self
 
     @property
     def arch(self) -> dict[str, int]:
-        return ARCH[self.variant]
+        config = local_config(self.model)
+        if config is None:
+            return ARCH[self.variant]
+        hidden = config["hidden_size"]
+        return {
+            "hidden": hidden, "layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
+            "ffn": config["ffn_dim"], "embed": config.get("word_embed_proj_dim") or hidden,
+            "vocab": config["vocab_size"], "positions": config["max_position_embeddings"],
+            "pre_norm": int(config.get("do_layer_norm_before", True)),
+        }
 
 
 def dims(opts: OPTOptions) -> LLMDims:
