@@ -17,7 +17,7 @@ from vlbridge.errors import AssemblyError, IncompatibleError, UnknownComponentEr
 from vlbridge.plan import ComponentPlan, Plan
 from vlbridge.registry import Registry, get_registry
 from vlbridge.resources import presets
-from vlbridge.specs import ConnectorSpec, EncoderSpec, Kind, LLMSpec, Options, Spec
+from vlbridge.specs import ConnectorSpec, EncoderSpec, Kind, Options, Spec
 
 SLOTS: tuple[Kind, ...] = ("encoder", "connector", "llm")
 
@@ -41,7 +41,7 @@ class AssemblyConfig(BaseModel):
     max_text_tokens: int = Field(32, ge=1, description="longest text (prompt + answer) in tokens, for the context check")
     encoder: ComponentRef
     connector: ComponentRef
-    llm: ComponentRef
+    llm: ComponentRef | None = Field(None, description="omit for an image-text (stage-1 / retrieval) model without an LLM")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Assembly:
     config: AssemblyConfig
     encoder: Resolved
     connector: Resolved
-    llm: Resolved
+    llm: Resolved | None
     plan: Plan
     source: str
 
@@ -152,37 +152,52 @@ def _component_plan(kind: str, ref: ComponentRef, r: Resolved, params: int | Non
     )
 
 
-def _build_plan(config: AssemblyConfig, enc: Resolved, con: Resolved, llm: Resolved, problems: list[str], warnings: list[str]) -> Plan | None:
-    assert isinstance(enc.spec, EncoderSpec) and isinstance(con.spec, ConnectorSpec) and isinstance(llm.spec, LLMSpec)
-    label = {k: f"{k} '{r.spec.name}'" for k, r in zip(SLOTS, (enc, con, llm))}
+def _build_plan(config: AssemblyConfig, enc: Resolved, con: Resolved, llm: Resolved | None, problems: list[str], warnings: list[str]) -> Plan | None:
+    assert isinstance(enc.spec, EncoderSpec) and isinstance(con.spec, ConnectorSpec)
+    label = {k: f"{k} '{r.spec.name}'" for k, r in zip(SLOTS, (enc, con, llm)) if r is not None}
     try:
         enc_out = enc.spec.output(enc.options)
         preprocess = enc.spec.preprocess(enc.options)
-        dims = llm.spec.dims(llm.options)
-        con_out = con.spec.output(con.options, enc_out, dims.embed_width)
+        dims = llm.spec.dims(llm.options) if llm is not None else None
+        con_out = con.spec.output(con.options, enc_out, dims.embed_width) if dims is not None else None
     except IncompatibleError as exc:
         problems.append(f"{label['connector']} cannot join {label['encoder']} ({enc_out}) to {label['llm']}: {exc}")
         return None
     except Exception as exc:  # a plugin's shape function is third-party code
         problems.append(f"a shape function raised {type(exc).__name__}: {exc}")
         return None
+    stages = tuple(con.spec.stages)
+    if dims is None:
+        stages = tuple(s for s in stages if s == 1)
+        if not stages:
+            problems.append(f"{label['connector']} trains only with an LLM (stages {list(con.spec.stages)}); add an llm: slot")
+            return None
+    else:
+        _check_llm_joint(config, label, con_out, dims, problems, warnings)
+    llm_width = dims.embed_width if dims is not None else 0
+    counts = con.spec.num_params(con.options, enc_out, llm_width) if con.spec.num_params else {}
+    trainable = {s: n for s, n in counts.items() if s in stages}
+    return Plan(
+        name=config.name,
+        encoder=_component_plan("encoder", config.encoder, enc, enc.spec.num_params(enc.options) if enc.spec.num_params else None),
+        connector=_component_plan("connector", config.connector, con, trainable.get(max(stages))),
+        llm=_component_plan("llm", config.llm, llm, llm.spec.num_params(llm.options) if llm.spec.num_params else None) if llm else None,
+        preprocess=preprocess, encoder_out=enc_out, connector_out=con_out, llm_dims=dims,
+        max_text_tokens=config.max_text_tokens, stages=stages, trainable_params=trainable, warnings=tuple(warnings),
+    )
+
+
+def _check_llm_joint(config: AssemblyConfig, label: dict[str, str], con_out, dims, problems: list[str], warnings: list[str]) -> None:
     if con_out.width != dims.embed_width:
         problems.append(f"width mismatch: {label['connector']} outputs {con_out.width}-wide tokens but {label['llm']} embeds tokens at {dims.embed_width}")
     total = con_out.num_tokens + config.max_text_tokens
     if total > dims.context_length:
         msg = (f"too many tokens: {label['connector']} feeds {con_out.num_tokens} visual tokens + max_text_tokens "
                f"{config.max_text_tokens} = {total}, beyond {label['llm']}'s context of {dims.context_length}")
-        (problems if dims.context_is_hard else warnings).append(msg + ("" if dims.context_is_hard else " (allowed: its positions are relative, but quality may suffer)"))
-    trainable = con.spec.num_params(con.options, enc_out, dims.embed_width) if con.spec.num_params else {}
-    return Plan(
-        name=config.name,
-        encoder=_component_plan("encoder", config.encoder, enc, enc.spec.num_params(enc.options) if enc.spec.num_params else None),
-        connector=_component_plan("connector", config.connector, con, trainable.get(max(con.spec.stages))),
-        llm=_component_plan("llm", config.llm, llm, llm.spec.num_params(llm.options) if llm.spec.num_params else None),
-        preprocess=preprocess, encoder_out=enc_out, connector_out=con_out, llm_dims=dims,
-        max_text_tokens=config.max_text_tokens, stages=tuple(con.spec.stages), trainable_params=trainable,
-        warnings=tuple(warnings),
-    )
+        if dims.context_is_hard:
+            problems.append(msg)
+        else:
+            warnings.append(msg + " (allowed: its positions are relative, but quality may suffer)")
 
 
 def load_assembly(source: str | Path | dict[str, Any], registry: Registry | None = None) -> Assembly:
@@ -201,6 +216,9 @@ def load_assembly(source: str | Path | dict[str, Any], registry: Registry | None
         problems.extend(p for p in _pydantic_problems(exc, "") if not p.startswith(SLOTS))
     resolved: dict[Kind, Resolved | None] = {}
     for kind in SLOTS:
+        if kind == "llm" and raw.get("llm") is None:
+            resolved["llm"] = None  # an LLM-free assembly: stage 1, features and retrieval only
+            continue
         if kind not in raw:
             problems.append(f"{kind}: missing; give {{use: NAME, options: {{...}}}} (installed: {', '.join(registry.names(kind))})")
             continue
@@ -212,7 +230,7 @@ def load_assembly(source: str | Path | dict[str, Any], registry: Registry | None
         resolved[kind] = _resolve_slot(registry, kind, ref, problems, warnings)
     problems.extend(check_requirements(raw.get("requires") or []) if isinstance(raw.get("requires"), list) else [])
     plan = None
-    if config is not None and all(resolved.get(k) for k in SLOTS):
+    if config is not None and resolved.get("encoder") and resolved.get("connector") and "llm" in resolved:
         plan = _build_plan(config, resolved["encoder"], resolved["connector"], resolved["llm"], problems, warnings)
     if problems or plan is None or config is None:
         raise AssemblyError(label, problems or ["invalid assembly"])

@@ -27,11 +27,11 @@ class Plan:
     name: str
     encoder: ComponentPlan
     connector: ComponentPlan
-    llm: ComponentPlan
+    llm: ComponentPlan | None  # None: an LLM-free (stage-1 / retrieval) assembly
     preprocess: Preprocess
     encoder_out: TokenShape
-    connector_out: TokenShape
-    llm_dims: LLMDims
+    connector_out: TokenShape | None  # what the LLM receives; None without an LLM
+    llm_dims: LLMDims | None
     max_text_tokens: int
     stages: tuple[int, ...]
     trainable_params: dict[int, int] = field(default_factory=dict)  # stage -> connector parameters
@@ -39,13 +39,14 @@ class Plan:
 
     @property
     def frozen_params(self) -> int | None:
-        if self.encoder.params is None or self.llm.params is None:
+        llm_params = self.llm.params if self.llm is not None else 0
+        if self.encoder.params is None or llm_params is None:
             return None
-        return self.encoder.params + self.llm.params
+        return self.encoder.params + llm_params
 
     @property
-    def total_tokens(self) -> int:
-        return self.connector_out.num_tokens + self.max_text_tokens
+    def total_tokens(self) -> int | None:
+        return None if self.connector_out is None else self.connector_out.num_tokens + self.max_text_tokens
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -61,12 +62,17 @@ class Plan:
             f"assembly {self.name}",
             f"  image      {p.image_size} px, mean {p.mean}, std {p.std}, {p.interpolation}",
             f"  encoder    {self.encoder.use:<12} -> {self.encoder_out}   ({_count(self.encoder.params)} frozen)",
-            f"  connector  {self.connector.use:<12} -> {self.connector_out}",
-            f"  llm        {self.llm.use:<12} embeds {self.llm_dims.embed_width} wide, "
-            f"{'encoder-decoder' if self.llm_dims.encoder_decoder else 'decoder-only'}, context {self.llm_dims.context_length}"
-            f"   ({_count(self.llm.params)} frozen)",
-            f"  tokens     {self.connector_out.num_tokens} visual + {self.max_text_tokens} text = {self.total_tokens}",
         ]
+        if self.llm is None or self.llm_dims is None or self.connector_out is None:
+            lines.append(f"  connector  {self.connector.use:<12} (no LLM: stage 1, features and retrieval)")
+        else:
+            lines += [
+                f"  connector  {self.connector.use:<12} -> {self.connector_out}",
+                f"  llm        {self.llm.use:<12} embeds {self.llm_dims.embed_width} wide, "
+                f"{'encoder-decoder' if self.llm_dims.encoder_decoder else 'decoder-only'}, context {self.llm_dims.context_length}"
+                f"   ({_count(self.llm.params)} frozen)",
+                f"  tokens     {self.connector_out.num_tokens} visual + {self.max_text_tokens} text = {self.total_tokens}",
+            ]
         for stage in self.stages:
             lines.append(f"  stage {stage}    {_count(self.trainable_params.get(stage))} trainable")
         lines.extend(f"  warning    {w}" for w in self.warnings)

@@ -150,9 +150,9 @@ def test_requires_checks_versions():
 
 
 def test_missing_slot_and_missing_name():
-    problems = problems_of({"encoder": {"use": "eva-vit-g"}, "connector": {"use": "qformer"}})
+    problems = problems_of({"connector": {"use": "qformer"}, "llm": {"use": "opt"}})
     assert "name: Field required" in problems
-    assert any(p.startswith("llm: missing; give {use: NAME") for p in problems)
+    assert any(p.startswith("encoder: missing; give {use: NAME") and "eva-vit-g" in p for p in problems)
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):
@@ -169,3 +169,12 @@ def test_non_mapping_yaml(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")
     assert "must be a YAML mapping" in problems_of(path)[0]
+
+
+def test_llm_free_assembly_is_stage_1_only():
+    plan = load_assembly(assembly(llm=None)).plan
+    assert plan.llm is None and plan.connector_out is None and plan.stages == (1,)
+    assert plan.trainable_params == {1: 186_705_470}
+    assert "no LLM" in plan.describe()
+    (problem,) = problems_of(assembly(llm=None, connector={"use": "linear"}))
+    assert "trains only with an LLM" in problem
