@@ -1,0 +1,102 @@
+"""Images -> normalised (B, 3, S, S) pixel batches, as the encoder's Preprocess says."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlbridge.errors import VLBridgeError  # noqa: E402
+from vlbridge.images import load_image, to_pixel_batch  # noqa: E402
+from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
+
+PRE = Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic")
+
+
+def _image(seed: int, size=(40, 30), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB").convert(mode)
+
+
+def _expected(image: Image.Image, pre: Preprocess = PRE, resample=Image.BICUBIC) -> torch.Tensor:
+    """The eval transform written out by hand: PIL resize, [0, 1], (x - mean) / std."""
+    resized = np.asarray(image.convert("RGB").resize((pre.image_size, pre.image_size), resample), dtype=np.float32) / 255
+    mean, std = np.array(pre.mean, dtype=np.float32), np.array(pre.std, dtype=np.float32)
+    return torch.from_numpy((resized - mean) / std).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+
+
+def test_pil_images_are_resized_and_normalised():
+    images = [_image(0), _image(1, size=(17, 50))]
+    batch = to_pixel_batch(images, PRE)
+    assert batch.shape == (2, 3, 28, 28) and batch.dtype == torch.float32
+    for got, image in zip(batch, images):
+        torch.testing.assert_close(got, _expected(image), atol=1e-5, rtol=0)
+
+
+def test_bilinear_interpolation_is_honoured():
+    pre = Preprocess(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    image = _image(2)
+    torch.testing.assert_close(to_pixel_batch(image, pre)[0], _expected(image, pre, Image.BILINEAR), atol=1e-5, rtol=0)
+
+
+def test_paths_grayscale_and_rgba_files(tmp_path):
+    gray, rgba = _image(3, mode="L"), _image(4, mode="RGBA")
+    gray.save(tmp_path / "gray.png")
+    rgba.save(tmp_path / "rgba.png")
+    batch = to_pixel_batch([tmp_path / "gray.png", str(tmp_path / "rgba.png")], PRE)
+    assert batch.shape == (2, 3, 28, 28)
+    torch.testing.assert_close(batch[0], _expected(gray), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1], _expected(rgba), atol=1e-5, rtol=0)
+    assert load_image(tmp_path / "gray.png").mode == "RGB"
+
+
+def test_uint8_tensors_are_raw_pixels():
+    image = _image(5)
+    raw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    one = to_pixel_batch(raw, PRE)
+    two = to_pixel_batch(torch.stack([raw, raw]), PRE)
+    assert one.shape == (1, 3, 28, 28) and two.shape == (2, 3, 28, 28)
+    # tensors are resized by torch, PIL images by PIL: close, not bit-equal
+    assert (one[0] - _expected(image)).abs().mean() < 0.05
+    torch.testing.assert_close(two[1], one[0])
+
+
+def test_float_tensors_are_taken_as_normalised():
+    single = torch.randn(3, 28, 28)
+    batch = torch.randn(2, 3, 28, 28)
+    assert torch.equal(to_pixel_batch(single, PRE)[0], single)
+    assert torch.equal(to_pixel_batch(batch, PRE), batch)
+    mixed = to_pixel_batch([single, _image(6)], PRE, dtype=torch.bfloat16)
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed[0], single.to(torch.bfloat16))
+
+
+def test_float_tensor_of_wrong_size_is_refused():
+    with pytest.raises(VLBridgeError, match=r"already normalised and must be shaped \(3, 28, 28\); got float32 \(3, 32, 32\)"):
+        to_pixel_batch(torch.rand(3, 32, 32), PRE)
+    with pytest.raises(VLBridgeError, match=r"\(B, 3, 28, 28\)"):
+        to_pixel_batch(torch.rand(2, 1, 28, 28), PRE)
+
+
+def test_missing_and_unreadable_files_name_the_file(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(VLBridgeError, match="nope.jpg.*does not exist"):
+        to_pixel_batch([_image(7), missing], PRE)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(VLBridgeError, match="cannot read image file .*broken.png"):
+        to_pixel_batch(broken, PRE)
+    truncated = tmp_path / "truncated.png"
+    _image(8, size=(64, 64)).save(tmp_path / "full.png")
+    truncated.write_bytes((tmp_path / "full.png").read_bytes()[:200])
+    with pytest.raises(VLBridgeError, match="truncated.png"):
+        load_image(truncated)
+
+
+def test_empty_and_unknown_inputs():
+    with pytest.raises(VLBridgeError, match="no images given"):
+        to_pixel_batch([], PRE)
+    with pytest.raises(VLBridgeError, match="image 0: expected a PIL image, a file path or a tensor, got int"):
+        to_pixel_batch([3], PRE)
