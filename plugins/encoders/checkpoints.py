@@ -1,0 +1,108 @@
+"""Reading encoder checkpoints safely and loading them strictly (shared by the built-in encoders).
+
+Foreign checkpoints come as safetensors, or as pickled `.pth`/`.bin` files that are only ever read
+with `torch.load(weights_only=True)`, so a checkpoint cannot run code. Loading is strict: every
+parameter of the module must be given with its exact shape and nothing else may be left over;
+otherwise a `WeightsError` names the file, the tensors and the shapes. Callers drop what they skip
+on purpose (an unused last block, a head) before calling `strict_load`, so skipping stays explicit.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vlbridge.errors import WeightsError
+
+StateDict = dict[str, torch.Tensor]
+_WRAPPERS = ("state_dict", "model", "module")  # training checkpoints nest the weights under one of these
+
+
+def require_path(path: str | Path, what: str) -> Path:
+    """The path as a Path, or a WeightsError saying which weights were expected there."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{what} not found: {str(path)!r} does not exist")
+    return path
+
+
+def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> StateDict:
+    """Read the tensors of one file whose keys pass `keep` (safetensors reads only those)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
+        except Exception as exc:  # safetensors raises its own error types
+            raise WeightsError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+    state = unwrap_state_dict(torch_load(path), str(path))
+    return {key: value for key, value in state.items() if keep(key)}
+
+
+def torch_load(path: Path) -> object:
+    """`torch.load` with `weights_only=True`; a file needing arbitrary unpickling is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{str(path)!r} holds objects other than tensors and is only read with weights_only=True; "
+            f"re-save its state_dict (e.g. as .safetensors). Details: {str(exc).splitlines()[0]}"
+        ) from exc
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise WeightsError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+
+
+def unwrap_state_dict(obj: object, source: str) -> StateDict:
+    """A state dict from a bare one or a training checkpoint ({'state_dict'|'model'|'module': ...})."""
+    while isinstance(obj, Mapping) and not _all_tensors(obj):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise WeightsError(
+                f"{source} is not a state dict: its top-level keys are {_short(list(obj))}; expected tensors "
+                f"or a checkpoint with one of {list(_WRAPPERS)}"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+    state = dict(obj)
+    if state and all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
+def _all_tensors(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def strict_load(module: nn.Module, state: StateDict, source: str) -> None:
+    """Load every parameter and buffer of `module` from `state`, or raise WeightsError saying why.
+
+    Tensors are cast to the module's dtypes. A module built on the meta device takes the tensors
+    themselves (assign), which avoids initialising weights that are overwritten anyway.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing: {_short(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {_short(unexpected)}" if unexpected else ""]
+        raise WeightsError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)} in the checkpoint but the model "
+                f"needs {tuple(tensor.shape)} (check the options: width, depth, heads, patch size, image size)"
+            )
+    on_meta = any(t.is_meta for t in expected.values())
+    cast = {key: state[key].to(expected[key].dtype) for key in expected} if on_meta else state
+    module.load_state_dict(cast, strict=True, assign=on_meta)
+
+
+def _short(keys: Iterable[str], limit: int = 8) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

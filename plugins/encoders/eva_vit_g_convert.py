@@ -1,0 +1,165 @@
+"""EVA ViT-g checkpoints: key conversion (pure functions) and format detection.
+
+Our parameter names follow EVA / LAVIS (`cls_token`, `pos_embed`, `patch_embed.proj`,
+`blocks.{i}.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2}`), so
+LAVIS, EVA-CLIP and timm checkpoints need little more than a prefix removed. Each converter keeps only
+the encoder's own namespace (a full BLIP-2 or CLIP checkpoint also holds other parts) and passes any
+key it does not know through unchanged, so the strict load lists it as unexpected.
+
+Formats: (a) a transformers BLIP-2 directory (`config.json` + safetensors or `pytorch_model.bin`,
+sharded or not), `vision_model.*` keys or, for a saved `Blip2VisionModel`, bare ones;
+(b) a LAVIS / EVA-CLIP `.pth` (`visual_encoder.*` or bare keys); (c) an OpenCLIP / timm EVA
+checkpoint (timm `Eva` keys, possibly under `visual.trunk.`); (d) our own `.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from vlbridge.errors import WeightsError
+from vlbridge.plugins.encoders.checkpoints import StateDict, read_tensors, require_path
+
+HF_MODEL_TYPES = ("blip-2", "blip_2_vision_model")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# The EVA-CLIP / timm image head after the blocks (final norm, pooling norm, projection): BLIP-2
+# takes the blocks' tokens without it, so these keys are skipped on purpose.
+EVA_HEAD_PREFIXES = ("norm.", "fc_norm.", "head.")
+
+# transformers name (after the `vision_model.` prefix) -> ours; the qkv bias is handled apart.
+_HF_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
+    (r"^embeddings\.class_embedding$", "cls_token"),
+    (r"^embeddings\.position_embedding$", "pos_embed"),
+    (r"^embeddings\.patch_embedding\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)$", r"blocks.\1.norm\2.\3"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
+    (r"^encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$", r"blocks.\1.mlp.\2.\3"),
+]]
+_TO_HF_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
+    (r"^cls_token$", "embeddings.class_embedding"),
+    (r"^pos_embed$", "embeddings.position_embedding"),
+    (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embedding.\1"),
+    (r"^blocks\.(\d+)\.norm([12])\.(weight|bias)$", r"encoder.layers.\1.layer_norm\2.\3"),
+    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"encoder.layers.\1.self_attn.qkv.weight"),
+    (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.projection.\2"),
+    (r"^blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$", r"encoder.layers.\1.mlp.\2.\3"),
+]]
+_HF_QKV_BIAS = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
+_OUR_QV_BIAS = re.compile(r"^blocks\.(\d+)\.attn\.(q|v)_bias$")
+
+
+def _strip_prefix(state: StateDict, prefixes: tuple[str, ...]) -> StateDict:
+    """Keep the keys under the first prefix that any key has, without it ('' keeps all keys)."""
+    for prefix in prefixes:
+        if any(key.startswith(prefix) for key in state):
+            return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return dict(state)
+
+
+def convert_hf_blip2_vision_state_dict(state: StateDict) -> StateDict:
+    """transformers `Blip2VisionModel` keys (with or without `vision_model.`) -> ours.
+
+    `post_layernorm` is BLIP-2's `ln_vision`, which belongs to the connector: skipped here.
+    transformers stores one `qkv.bias`; we keep its q and v slices. Its k slice is dropped: a key
+    bias adds `q . b_k` to every score of a query, the same constant across keys, which softmax
+    removes, so it has no effect on the output (LAVIS fixes it at zero).
+    """
+    out: StateDict = {}
+    for key, value in _strip_prefix(state, ("vision_model.",)).items():
+        if key.startswith("post_layernorm."):
+            continue
+        bias = _HF_QKV_BIAS.match(key)
+        if bias:
+            q, _k, v = value.chunk(3)  # (3W,) -> three (W,)
+            out[f"blocks.{bias[1]}.attn.q_bias"], out[f"blocks.{bias[1]}.attn.v_bias"] = q.clone(), v.clone()
+            continue
+        for pattern, replacement in _HF_RULES:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key)
+                break
+        out[key] = value
+    return out
+
+
+def to_hf_blip2_vision_state_dict(state: StateDict, prefix: str = "vision_model.") -> StateDict:
+    """Our keys -> transformers BLIP-2 vision keys (for export); the k bias is written as zeros.
+
+    The result has no `post_layernorm`: that is the connector's `ln_vision`, exported with it.
+    """
+    out: StateDict = {}
+    for key, value in state.items():
+        qv = _OUR_QV_BIAS.match(key)
+        if qv:
+            if qv[2] == "q":  # (W,) q, zeros, v -> (3W,)
+                v_bias = state.get(f"blocks.{qv[1]}.attn.v_bias")
+                if v_bias is None:
+                    raise WeightsError(f"cannot export block {qv[1]}: it has a q_bias but no v_bias")
+                out[f"{prefix}encoder.layers.{qv[1]}.self_attn.qkv.bias"] = torch.cat([value, torch.zeros_like(value), v_bias])
+            continue
+        for pattern, replacement in _TO_HF_RULES:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key)
+                break
+        out[prefix + key] = value
+    return out
+
+
+def convert_lavis_vision_state_dict(state: StateDict) -> StateDict:
+    """LAVIS BLIP-2 (`visual_encoder.*`) or EVA-CLIP `eva_vit_g.pth` (bare) keys -> ours.
+
+    LAVIS's `ln_vision` lies outside `visual_encoder.` and belongs to the connector.
+    """
+    return _drop_head(_strip_prefix(state, ("visual_encoder.",)))
+
+
+def convert_timm_eva_state_dict(state: StateDict) -> StateDict:
+    """timm `Eva` keys (bare, or under OpenCLIP's `visual.trunk.`, `trunk.`, EVA-CLIP's `visual.`) -> ours."""
+    return _drop_head(_strip_prefix(state, ("visual.trunk.", "trunk.", "visual.")))
+
+
+def _drop_head(state: StateDict) -> StateDict:
+    return {key: value for key, value in state.items() if not key.startswith(EVA_HEAD_PREFIXES)}
+
+
+def read_eva_checkpoint(path: str | Path) -> tuple[StateDict, str]:
+    """Read any supported EVA ViT-g checkpoint; return its state dict in our names and its format."""
+    path = require_path(path, "EVA ViT-g weights")
+    if path.is_dir():
+        return convert_hf_blip2_vision_state_dict(read_hf_blip2_vision(path)), "transformers BLIP-2 directory"
+    state = read_tensors(path)
+    if any(k.startswith("vision_model.") for k in state) or "embeddings.patch_embedding.weight" in state:
+        return convert_hf_blip2_vision_state_dict(state), "transformers BLIP-2 state dict"
+    if any(k.startswith("visual_encoder.") for k in state):
+        return convert_lavis_vision_state_dict(state), "LAVIS BLIP-2 checkpoint"
+    if any(k.startswith(("visual.", "trunk.")) for k in state):
+        return convert_timm_eva_state_dict(state), "OpenCLIP / timm EVA checkpoint"
+    return convert_timm_eva_state_dict(state), "EVA state dict (vlbridge, EVA-CLIP or timm names)"
+
+
+def read_hf_blip2_vision(directory: Path) -> StateDict:
+    """The vision tensors of a transformers BLIP-2 directory, reading only the shards that hold them."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{str(directory)!r} is not a transformers BLIP-2 directory: it has no config.json")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise WeightsError(f"{config_path} has model_type {model_type!r}; expected one of {list(HF_MODEL_TYPES)}")
+    keep = (lambda k: k.startswith("vision_model.")) if model_type == "blip-2" else (lambda k: True)
+    weights = next((directory / name for name in HF_WEIGHT_FILES if (directory / name).is_file()), None)
+    if weights is None:
+        raise WeightsError(f"{str(directory)!r} has no weights: expected one of {list(HF_WEIGHT_FILES)}")
+    if weights.name.endswith(".index.json"):
+        weight_map: dict[str, str] = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted({file for key, file in weight_map.items() if keep(key)})
+        state: StateDict = {}
+        for shard in shards:
+            state.update(read_tensors(require_path(directory / shard, "weights shard"), keep))
+    else:
+        state = read_tensors(weights, keep)
+    if not state:
+        raise WeightsError(f"{weights} holds no vision tensors (keys starting with 'vision_model.')")
+    return state
