@@ -1,0 +1,181 @@
+"""BLIP-2's Q-Former (torch): learned queries read the image through cross-attention.
+
+Built by the `qformer` spec's factory. Stage 2 uses `forward` (queries -> LLM embedding space);
+stage 1 trains the whole module with ITC (`image_features`, `text_features`), ITM
+(`itm_logits`) and ITG (`itg_logits`), each over the self-attention mask of its task.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.plugins.connectors import qformer as spec
+from vlbridge.plugins.connectors.qformer import QFormerOptions
+from vlbridge.plugins.connectors.qformer_bert import init_from_bert, load_tokenizer
+from vlbridge.plugins.connectors.qformer_layers import Embeddings, FP32LayerNorm, LMHead, QFormerLayer
+from vlbridge.plugins.connectors.qformer_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
+from vlbridge.specs import TokenShape
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DROPOUT = 0.1  # BERT's hidden and attention dropout, active in train mode only
+INIT_STD = 0.02  # BERT's initializer_range, also the query tokens' std
+# Parameters that do not train in a stage (fnmatch patterns on parameter names).
+FROZEN_IN_STAGE: dict[int, tuple[str, ...]] = {
+    1: ("proj.*",),
+    2: ("embeddings.word.*", "embeddings.position.*", "layers.*.ffn_text.*", "lm_head.*",
+        "vision_proj.*", "text_proj.*", "itm_head.*", "temp"),
+}
+TEXT_SIDE = FROZEN_IN_STAGE[2]  # what a stage-2 checkpoint (LAVIS, transformers' generation model) lacks
+
+
+class QFormer(nn.Module):
+    """(B, N, encoder_width) image tokens -> (B, num_query_tokens, llm_width) visual tokens."""
+
+    def __init__(self, opts: QFormerOptions, encoder_out: TokenShape, llm_width: int):
+        super().__init__()
+        self.opts = opts
+        width, vocab, eps = opts.size("hidden_size"), opts.size("vocab_size"), opts.layer_norm_eps
+        self.num_queries = opts.num_query_tokens
+        self.query_tokens = nn.Parameter(torch.zeros(1, self.num_queries, width))
+        self.ln_vision = FP32LayerNorm(encoder_out.width, eps=opts.ln_vision_eps)
+        self.embeddings = Embeddings(vocab, opts.size("max_text_positions"), width, eps, DROPOUT)
+        self.layers = nn.ModuleList(
+            QFormerLayer(width, encoder_out.width, opts.size("num_heads"), opts.size("intermediate_size"), eps, DROPOUT,
+                         cross=i % opts.cross_attention_freq == 0)
+            for i in range(opts.size("num_layers"))
+        )
+        self.proj = nn.Linear(width, llm_width)
+        self.vision_proj = nn.Linear(width, opts.embed_dim)
+        self.text_proj = nn.Linear(width, opts.embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.lm_head = LMHead(width, vocab, eps)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._init_bert_style()
+
+    def _init_bert_style(self) -> None:
+        """BERT's init (N(0, 0.02), zero bias, unit LN) inside the Q-Former; heads keep torch's."""
+        if self.query_tokens.is_meta:  # nothing to fill, and meta normal_ would import torch._dynamo
+            return
+        nn.init.normal_(self.query_tokens, std=INIT_STD)
+        for module in [self.embeddings, self.layers, self.lm_head]:
+            for sub in module.modules():
+                if isinstance(sub, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(sub.weight, std=INIT_STD)
+                if isinstance(sub, nn.Linear):
+                    nn.init.zeros_(sub.bias)
+        with torch.no_grad():
+            self.embeddings.word.weight[self.embeddings.word.padding_idx].zero_()
+
+    # -- passes -------------------------------------------------------------------------------
+
+    def _run(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, mask, num_queries, image)
+        return x
+
+    def _image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.ln_vision(image_embeds.to(self.query_tokens.dtype))
+
+    def _queries(self, batch: int) -> torch.Tensor:
+        return self.query_tokens.expand(batch, -1, -1)  # (1, Q, W) -> (B, Q, W)
+
+    def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, E) image tokens -> (B, Q, W) query outputs (queries see queries and the image)."""
+        x = self.embeddings(queries=self._queries(image_embeds.shape[0]))
+        return self._run(x, None, self.num_queries, self._image(image_embeds))
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, E) -> (B, Q, llm_width): the visual tokens given to the LLM."""
+        return self.proj(self.query_outputs(image_embeds))
+
+    def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, W): text alone, bidirectional over real tokens, text FFN only."""
+        mask = unimodal_mask(0, _text_mask(input_ids, attention_mask))
+        return self._run(self.embeddings(input_ids), mask, 0, None)
+
+    def multimodal_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, Q+T, W): queries and text see each other (ITM); queries cross-attend to the image."""
+        mask = bidirectional_mask(self.num_queries, _text_mask(input_ids, attention_mask))
+        x = self.embeddings(input_ids, self._queries(input_ids.shape[0]))
+        return self._run(x, mask, self.num_queries, self._image(image_embeds))
+
+    def itg_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) next-token logits; input_ids start with [DEC]. Queries see only queries,
+        text sees all queries and earlier text (multimodal-causal mask)."""
+        mask = multimodal_causal_mask(self.num_queries, _text_mask(input_ids, attention_mask))
+        x = self.embeddings(input_ids, self._queries(input_ids.shape[0]))
+        hidden = self._run(x, mask, self.num_queries, self._image(image_embeds))
+        return self.lm_head(hidden[:, self.num_queries:], self.embeddings.word.weight)
+
+    # -- stage-1 heads ------------------------------------------------------------------------
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, Q, embed_dim) L2-normalised ITC image features, one per query."""
+        return F.normalize(self.vision_proj(self.query_outputs(image_embeds)), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, embed_dim) L2-normalised ITC text features, from the first ([CLS]) token."""
+        return F.normalize(self.text_proj(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, 2) match / no-match logits, averaged over the query positions (class 1 = match)."""
+        hidden = self.multimodal_outputs(input_ids, attention_mask, image_embeds)
+        return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
+
+    # -- training and weights ---------------------------------------------------------------
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 1: everything but `proj` trains. Stage 2: the query path, ln_vision and `proj`."""
+        if stage not in FROZEN_IN_STAGE:
+            raise VLBridgeError(f"the Q-Former has stages 1 and 2, not {stage!r}")
+        frozen = FROZEN_IN_STAGE[stage]
+        for name, param in self.named_parameters():
+            param.requires_grad_(not any(fnmatch.fnmatchcase(name, p) for p in frozen))
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], *, allow_missing: Iterable[str] = (), source: str = "state dict") -> None:
+        """Strict load of tensors in our key names (see qformer_convert for foreign ones).
+
+        `allow_missing`: fnmatch patterns of keys that may be absent and stay as they are, e.g.
+        TEXT_SIDE for a stage-2 checkpoint. Errors name the tensor and both shapes.
+        """
+        own = self.state_dict()
+        patterns = tuple(allow_missing)
+        missing = sorted(k for k in own if k not in state_dict and not any(fnmatch.fnmatchcase(k, p) for p in patterns))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise WeightsError(f"{source} does not fit the Q-Former: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                               f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        for key, value in state_dict.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise WeightsError(f"{source}: tensor {key} has shape {tuple(value.shape)} but the Q-Former needs {tuple(own[key].shape)}")
+        self.load_state_dict(dict(state_dict), strict=False)
+
+    @property
+    def tokenizer(self) -> "PreTrainedTokenizerBase":
+        """BERT's tokenizer with [DEC] as bos_token, loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.opts)
+        return self._tokenizer
+
+
+def _text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+
+def build(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) -> QFormer:
+    """The spec's factory: random init, or stage-1 init from a local BERT when opts.bert is set."""
+    spec.output(opts, encoder_out, llm_width)  # raises IncompatibleError for a pinned encoder width
+    model = QFormer(opts, encoder_out, llm_width)
+    if opts.bert:
+        init_from_bert(model, opts.bert)
+    return model
