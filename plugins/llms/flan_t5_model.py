@@ -1,0 +1,90 @@
+"""FlanT5 (encoder-decoder) as BLIP-2's frozen LLM: `[visual; text]` to the encoder, targets to the decoder.
+
+T5 overflows in fp16 (its activations exceed 65504), so fp16 is refused; BLIP-2 runs it in bf16.
+FlanT5 has an untied LM head and no decoder-output scaling. transformers 5 always ties T5's word
+embeddings in a freshly built model (`T5Config` forces `tie_word_embeddings=True`, and keeps the
+caller's `False` only as `scale_decoder_outputs=False`), so the `tiny` model unties its head by hand;
+checkpoints that store both matrices load untied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.freeze import torch_dtype
+from vlbridge.plugins.llms.flan_t5 import ARCH, FlanT5Options
+from vlbridge.plugins.llms.loading import check_vocab, load_model, load_tokenizer, source_of, tiny_tokenizer
+from vlbridge.plugins.llms.soft_prompt import SoftPromptLLM, ignore_padding
+
+
+class FlanT5LLM(SoftPromptLLM):
+    """Frozen `T5ForConditionalGeneration` whose encoder reads a soft visual prompt before the text."""
+
+    caption_suffix = ""  # the tokenizer appends </s> itself
+    is_encoder_decoder = True
+    family = "flan-t5"
+    generate_pad_side = "right"
+
+    def forward(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None) -> Any:
+        """Decoder logits for `labels` given `[visual; text]`, and the mean CE over the labelled tokens.
+
+        `labels` are the target ids (the decoder's inputs are them shifted right); where
+        `decoder_attention_mask` is 0 they are set to -100 here, so padded targets never count.
+        """
+        if labels is None:
+            raise VLBridgeError("flan-t5 is encoder-decoder: forward needs labels (the target ids the decoder reads, "
+                                "shifted right) and their decoder_attention_mask")
+        embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask, pad_side="right")
+        labels = labels.to(self.device)
+        if decoder_attention_mask is not None:
+            decoder_attention_mask = decoder_attention_mask.to(self.device)
+        labels = ignore_padding(labels, decoder_attention_mask)
+        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                          decoder_attention_mask=decoder_attention_mask)
+
+    def new_tokens(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Drop the decoder start token that transformers puts first in every encoder-decoder output."""
+        return sequences[:, 1:]
+
+
+def tiny_model(tokenizer: Any) -> Any:
+    """A random `tiny` FlanT5 from the spec's ARCH numbers: gated-GELU FFN, untied LM head."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    a = ARCH["tiny"]
+    check_vocab("flan-t5", tokenizer, a["vocab"])
+    config = T5Config(
+        vocab_size=a["vocab"], d_model=a["d_model"], d_ff=a["d_ff"], num_heads=a["heads"], d_kv=a["d_kv"],
+        num_layers=a["layers"], num_decoder_layers=a["layers"], feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    model = T5ForConditionalGeneration(config)
+    head = torch.empty_like(model.lm_head.weight).normal_(0.0, config.initializer_factor)  # T5's untied-head init
+    model.lm_head.weight = nn.Parameter(head)
+    model.config.tie_word_embeddings = False  # so tie_weights() and save_pretrained keep it untied
+    return model
+
+
+def build(opts: FlanT5Options) -> FlanT5LLM:
+    """The frozen FlanT5 of the options: `model` dir / hub id, the default hub id, or a random `tiny` one."""
+    from transformers import T5ForConditionalGeneration
+
+    if opts.dtype == "fp16":
+        raise VLBridgeError("flan-t5: dtype fp16 is refused: T5 overflows in fp16 (inf/NaN activations); "
+                            "use dtype: bf16 (as BLIP-2 does) or fp32")
+    dtype = torch_dtype(opts.dtype)
+    if opts.model is None and opts.variant == "tiny":
+        tokenizer = tiny_tokenizer("flan-t5")
+        model = tiny_model(tokenizer).to(dtype)
+    else:
+        source = source_of(opts.model, f"google/flan-t5-{opts.variant}")
+        tokenizer = load_tokenizer("flan-t5", source)
+        model = load_model("flan-t5", T5ForConditionalGeneration, source, dtype)
+        check_vocab("flan-t5", tokenizer, model.get_input_embeddings().num_embeddings)
+    return FlanT5LLM(model, tokenizer)

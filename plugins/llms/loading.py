@@ -1,0 +1,73 @@
+"""Loading an LLM's weights and tokenizer, with errors that say where from and how to fix it.
+
+The source is the options' `model` (a local directory written by save_pretrained, or a hub id) or
+the family's default hub id. A local directory is read with `local_files_only`, so a missing file
+fails at once instead of being looked up on the hub. The `tiny` variants never come through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.hf_config import looks_local
+
+_FIX = ("give options.model a local directory written by save_pretrained (config.json, the weights and the "
+        "tokenizer files), or run where the Hugging Face hub is reachable; variant: tiny needs neither")
+
+
+def source_of(model: str | None, default_hub_id: str) -> str:
+    """Where the weights come from: the options' `model`, or the family's default hub id."""
+    return model if model else default_hub_id
+
+
+def _local_kwargs(family: str, source: str) -> dict[str, Any]:
+    """`local_files_only` for a directory (after checking it exists); nothing for a hub id."""
+    if not looks_local(source):
+        return {}
+    if not Path(source).expanduser().is_dir():
+        raise VLBridgeError(f"{family}: model directory not found: {source}; {_FIX}")
+    return {"local_files_only": True}
+
+
+def load_tokenizer(family: str, source: str) -> Any:
+    """The tokenizer saved with the weights; refuses an empty one (a directory without tokenizer files)."""
+    from transformers import AutoTokenizer
+
+    kwargs = _local_kwargs(family, source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise VLBridgeError(f"{family}: could not load the tokenizer from {source!r} ({exc}); {_FIX}") from exc
+    if tokenizer.pad_token_id is None or len(tokenizer) < 3:
+        raise VLBridgeError(f"{family}: {source!r} has no usable tokenizer (no vocabulary or no pad token); save the "
+                            "model's tokenizer next to the weights with tokenizer.save_pretrained(<dir>)")
+    return tokenizer
+
+
+def load_model(family: str, model_class: Any, source: str, dtype: torch.dtype) -> Any:
+    """`model_class.from_pretrained(source)` in `dtype`, with load failures turned into VLBridgeError."""
+    kwargs = _local_kwargs(family, source)
+    try:
+        return model_class.from_pretrained(str(Path(source).expanduser()) if kwargs else source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise VLBridgeError(f"{family}: could not load {model_class.__name__} weights from {source!r} ({exc}); {_FIX}") from exc
+
+
+def check_vocab(family: str, tokenizer: Any, vocab_size: int) -> None:
+    """Every token id the tokenizer can emit must have a row in the embedding matrix."""
+    if len(tokenizer) > vocab_size:
+        raise VLBridgeError(f"{family}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab_size}; "
+                            "use the tokenizer saved with these weights, or a model with vocab_size >= the tokenizer's")
+
+
+def tiny_tokenizer(kind: str) -> Any:
+    """The shipped tokenizer of a `tiny` variant (no download)."""
+    from transformers import AutoTokenizer
+
+    from vlbridge.plugins.tiny_assets import tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(kind)), local_files_only=True)

@@ -1,0 +1,163 @@
+"""What every frozen LLM shares: a soft visual prompt put in front of the text embeddings.
+
+BLIP-2 never feeds the connector's output through the LLM's vocabulary: the visual tokens are
+vectors in the LLM's input-embedding space, concatenated before the embedded text. This module
+holds that concatenation, the padding rules around it, the generation defaults and the wrapper
+base class; `opt_model` and `flan_t5_model` add what differs between decoder-only and
+encoder-decoder models.
+
+Padding rules. A decoder-only model generates after the last position, so for generation every row
+is packed with its padding on the left: `[pad..., visual, text]`, whatever side the caller padded
+the text on. T5's relative position bias measures distances, so pads between the visual prompt and
+the text would change the encoder's output: its rows are packed with padding on the right,
+`[visual, text, pad...]`, for training and generation. OPT's training forward keeps the caller's
+order (labels stay aligned with logits); OPT derives positions from the attention mask, so pads in
+the middle change nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.freeze import FrozenPart
+
+IGNORE_INDEX = -100  # the label value transformers' cross-entropy skips
+DEFAULT_MAX_NEW_TOKENS = 30  # BLIP-2's caption length
+_LENGTH_ALIASES = (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens"))
+PadSide = Literal["left", "right"]
+
+
+def prepend_visual(visual: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[visual; text]` embeddings and `[ones; mask]`: the visual prompt is always attended to."""
+    visual = visual.to(device=text_embeds.device, dtype=text_embeds.dtype)
+    ones = attention_mask.new_ones(visual.shape[:2])
+    return torch.cat([visual, text_embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
+
+
+def pack_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, side: PadSide
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's padded positions to one side, keeping the order of the real positions."""
+    keys = attention_mask.ne(0).long()
+    order = torch.sort(keys, dim=1, descending=(side == "right"), stable=True).indices
+    gathered = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
+    return gathered, torch.gather(attention_mask, 1, order)
+
+
+def ignore_padding(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Labels with IGNORE_INDEX wherever the mask is 0, so padding never enters the loss."""
+    if mask is None:
+        return labels
+    if labels.shape != mask.shape:
+        raise VLBridgeError(f"labels {tuple(labels.shape)} and their attention mask {tuple(mask.shape)} must have the same shape")
+    return labels.masked_fill(mask.eq(0), IGNORE_INDEX)
+
+
+def merge_generation_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The caller's settings over the defaults, with lengths counted in new tokens.
+
+    transformers counts the embedded prompt in `max_length`/`min_length` for decoder-only models
+    fed `inputs_embeds`, and the decoder start token for encoder-decoders; here `max_length` and
+    `min_length` mean new tokens for every architecture (aliases of `max_new_tokens` and
+    `min_new_tokens`), as in BLIP-2's own generate.
+    """
+    kwargs = dict(given)
+    for alias, name in _LENGTH_ALIASES:
+        if alias in kwargs:
+            value = kwargs.pop(alias)
+            if kwargs.get(name) is not None and value is not None:
+                raise VLBridgeError(f"give {name} or {alias} (its alias: both count new tokens), not both")
+            if value is not None:
+                kwargs[name] = value
+    for forbidden in ("inputs_embeds", "input_ids", "attention_mask"):
+        if forbidden in kwargs:
+            raise VLBridgeError(f"generate builds {forbidden} itself from the visual prompt and the text; drop {forbidden}=")
+    kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    for name, value in defaults.items():
+        if kwargs.get(name) is None:
+            kwargs[name] = value
+    return kwargs
+
+
+class SoftPromptLLM(FrozenPart):
+    """A frozen transformers LLM that takes a soft visual prompt before its text (base class)."""
+
+    caption_suffix: ClassVar[str] = ""
+    is_encoder_decoder: ClassVar[bool] = False
+    family: ClassVar[str] = "llm"  # the component name, for messages
+    generate_pad_side: ClassVar[PadSide] = "left"
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.freeze()
+
+    @property
+    def embed_width(self) -> int:
+        """Width of the input embeddings: where the visual prompt goes (before any projection)."""
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> input embeddings, exactly what the model computes from ids itself."""
+        return self.model.get_input_embeddings()(input_ids.to(self.device))
+
+    def tokenize(self, texts: str | Sequence[str], *, max_length: int | None = None, padding_side: PadSide = "right",
+                 add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (input_ids, attention_mask) padded to the longest, truncated to max_length if given."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if padding_side not in ("left", "right"):
+            raise VLBridgeError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        encoded = self.tokenizer(batch, padding="longest", truncation=max_length is not None, max_length=max_length,
+                                 padding_side=padding_side, add_special_tokens=add_special_tokens, return_tensors="pt")
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+
+    def decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Token ids (B, L) -> texts, special tokens skipped and whitespace stripped."""
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else [list(row) for row in ids]
+        return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def visual_prompt(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pad_side: PadSide | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[visual; embed(ids)]` and its mask, optionally packed so padding sits on one side."""
+        self._check_visual(visual_embeds, input_ids)
+        embeds, mask = prepend_visual(visual_embeds, self.embed_tokens(input_ids), attention_mask.to(self.device))
+        return (embeds, mask) if pad_side is None else pack_padding(embeds, mask, pad_side)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """Settings used where the caller gives none (subclasses add their end token)."""
+        return {"pad_token_id": self.tokenizer.pad_token_id}
+
+    def new_tokens(self, sequences: torch.Tensor) -> torch.Tensor:
+        """transformers' generate output -> the generated tokens only (subclasses strip what is not new)."""
+        return sequences
+
+    @torch.no_grad()
+    def generate(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 **generation_kwargs: Any) -> torch.Tensor:
+        """Generate after `[visual; text]` for a batch; returns the new token ids (B * num_return_sequences, L_new)."""
+        embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask, self.generate_pad_side)
+        kwargs = merge_generation_kwargs(generation_kwargs, self.generation_defaults())
+        with warnings.catch_warnings():
+            # With only inputs_embeds the prompt has no ids to penalise: BLIP-2 behaves the same.
+            warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`.*")
+            output = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        return self.new_tokens(sequences)
+
+    def _check_visual(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Refuse a visual prompt the LLM cannot take, naming both shapes."""
+        if visual_embeds.dim() != 3 or visual_embeds.shape[-1] != self.embed_width:
+            raise VLBridgeError(f"{self.family}: the visual prompt must be (batch, tokens, {self.embed_width}), "
+                                f"got {tuple(visual_embeds.shape)}")
+        if visual_embeds.shape[0] != input_ids.shape[0]:
+            raise VLBridgeError(f"{self.family}: {visual_embeds.shape[0]} visual prompts for {input_ids.shape[0]} texts; "
+                                "give one per text")
