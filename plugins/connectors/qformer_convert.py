@@ -167,7 +167,7 @@ def to_transformers(state_dict: StateDict) -> StateDict:
 
 
 def _layer_key_to_bert(rest: str, attn: str) -> str:
-    for theirs, ours in _LAYER_RULES:
+    for theirs, ours in sorted(_LAYER_RULES, key=lambda rule: -len(rule[1])):  # "self_attn.dense." before "self_attn."
         if rest.startswith(ours):
             return theirs.format(attn=attn) + rest[len(ours):]
     raise WeightsError(f"Q-Former layer key {rest!r} has no BERT-style counterpart")
