@@ -63,7 +63,7 @@ def merge_generation_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> 
     transformers counts the embedded prompt in `max_length`/`min_length` for decoder-only models
     fed `inputs_embeds`, and the decoder start token for encoder-decoders; here `max_length` and
     `min_length` mean new tokens for every architecture (aliases of `max_new_tokens` and
-    `min_new_tokens`), as in BLIP-2's own generate.
+    `min_new_tokens`), which is what BLIP-2's generate meant by them.
     """
     kwargs = dict(given)
     for alias, name in _LENGTH_ALIASES:
@@ -76,8 +76,7 @@ def merge_generation_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> 
     for forbidden in ("inputs_embeds", "input_ids", "attention_mask"):
         if forbidden in kwargs:
             raise VLBridgeError(f"generate builds {forbidden} itself from the visual prompt and the text; drop {forbidden}=")
-    kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    for name, value in defaults.items():
+    for name, value in {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **defaults}.items():
         if kwargs.get(name) is None:
             kwargs[name] = value
     return kwargs
