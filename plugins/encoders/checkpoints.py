@@ -100,6 +100,9 @@ def strict_load(module: nn.Module, state: StateDict, source: str) -> None:
     on_meta = any(t.is_meta for t in expected.values())
     cast = {key: state[key].to(expected[key].dtype) for key in expected} if on_meta else state
     module.load_state_dict(cast, strict=True, assign=on_meta)
+    still_meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if still_meta:  # a non-persistent buffer has no checkpoint entry to take its place
+        raise WeightsError(f"{source}: {_short(still_meta)} still have no data after loading (built on 'meta')")
 
 
 def _short(keys: Iterable[str], limit: int = 8) -> str:

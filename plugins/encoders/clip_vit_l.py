@@ -23,6 +23,7 @@ class ClipVitLOptions(Options):
     layer: int = Field(-2, description="which block's output to use, Python-style index: -1 last, -2 penultimate (LLaVA's and the default)")
     pretrained: str | None = Field(None, description="a local open_clip checkpoint file, or an open_clip tag such as 'openai' when online; none = random init")
     dtype: Precision = Field("fp32", description="compute dtype of the frozen encoder")
+    quick_gelu: bool | None = Field(None, description="QuickGELU activations, which OpenAI's CLIP weights (LLaVA's tower) need; default: on for the 'openai' tag, off otherwise")
 
     @model_validator(mode="after")
     def _check(self) -> "ClipVitLOptions":
