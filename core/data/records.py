@@ -1,0 +1,148 @@
+"""The record types every reader yields, the error types of the data layer, and stable image indices.
+
+Readers turn files into these plain, picklable records (no torch, no pixels); datasets decode the
+image and apply transforms later, in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence, Union
+
+from vlbridge.errors import VLBridgeError
+
+ImageId = Union[int, str]
+
+
+class DataError(VLBridgeError):
+    """A data file, record or image that cannot be used as asked; the message names which and why."""
+
+
+class DataConfigError(DataError):
+    """A data config failed validation; every problem carries its YAML path."""
+
+    def __init__(self, where: str, problems: Sequence[str]):
+        self.where = where
+        self.problems = list(problems)
+        listed = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
+        super().__init__(f"data config {where} is invalid ({count} problem{'s' if count != 1 else ''}):\n{listed}")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image's bytes are: a file path, or bytes already in memory (a tar member).
+
+    `name` is what errors and skip logs show: the path, or `shard.tar:key.jpg`.
+    """
+
+    name: str
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise DataError(f"image {self.name!r}: give exactly one of a path or bytes")
+
+
+@dataclass(frozen=True)
+class ImageText:
+    """One (image, caption) pair: a training sample for captioning and stage-1 losses."""
+
+    image: ImageRef
+    text: str
+    image_id: ImageId
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageQuestion:
+    """One VQA question about an image, with its human answers (empty for a test split)."""
+
+    image: ImageRef
+    question: str
+    question_id: ImageId
+    image_id: ImageId
+    answers: list[str] = field(default_factory=list)
+    answer_type: str | None = None
+    question_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaptionGroup:
+    """One image with all its captions: the unit of caption evaluation and retrieval."""
+
+    image: ImageRef
+    image_id: ImageId
+    captions: list[str]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be used, kept so it can be counted: it travels through collate to the
+    training loop, since DataLoader workers cannot update a counter in the main process.
+
+    `kind` is one of SKIP_KINDS; `stream` is (worker key, position) for tar-shard streams.
+    """
+
+    name: str
+    reason: str
+    kind: str = "unreadable image"
+    index: int = -1
+    stream: tuple[str, int] | None = None
+
+
+SKIP_KINDS = ("unreadable image", "no image", "no text", "unreadable tar")
+
+
+@dataclass(frozen=True)
+class RetrievalTexts:
+    """Groups flattened for retrieval: every caption in order, and the maps between images and texts."""
+
+    texts: list[str]
+    img2txt: list[list[int]]  # image i -> indices of its captions in `texts`
+    txt2img: list[int]  # text t -> index of its image
+
+
+def stable_image_index(image_id: ImageId) -> int:
+    """A non-negative int64 for an image id, the same in every worker, rank and run.
+
+    Integer ids are kept; string ids (LAVIS's "coco_328757", tar keys) are hashed, because the
+    trainer needs tensors to tell which captions share an image (LAVIS #629 crashed on strings).
+    """
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        raise DataError(f"image id {image_id!r} must be an int or a str, got {type(image_id).__name__}")
+    if isinstance(image_id, int):
+        if not 0 <= image_id < 2**63:
+            raise DataError(f"image id {image_id} is outside 0 .. 2**63 - 1; use a string id instead")
+        return image_id
+    digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def group_captions(records: Iterable[ImageText]) -> list[CaptionGroup]:
+    """Pairs -> one group per image id (first-seen order), for evaluation and retrieval."""
+    groups: dict[ImageId, tuple[ImageRef, list[str]]] = {}
+    for record in records:
+        entry = groups.setdefault(record.image_id, (record.image, []))
+        if entry[0].name != record.image.name:
+            raise DataError(
+                f"image id {record.image_id!r} names two images, {entry[0].name!r} and {record.image.name!r}; "
+                "each image id must belong to one image file"
+            )
+        entry[1].append(record.text)
+    return [CaptionGroup(image, image_id, captions) for image_id, (image, captions) in groups.items()]
+
+
+def flatten_groups(groups: Sequence[CaptionGroup]) -> RetrievalTexts:
+    """Every caption of every group in order, with image->texts and text->image maps (LAVIS's layout)."""
+    texts: list[str] = []
+    img2txt: list[list[int]] = []
+    txt2img: list[int] = []
+    for i, group in enumerate(groups):
+        img2txt.append(list(range(len(texts), len(texts) + len(group.captions))))
+        texts.extend(group.captions)
+        txt2img.extend([i] * len(group.captions))
+    return RetrievalTexts(texts, img2txt, txt2img)
