@@ -86,6 +86,14 @@ def test_equals_transformers_blip2_vision_model(hf_blip2_dir):
     torch.testing.assert_close(ours, _hf_hidden_states(vision, pixels)[-1], atol=1e-5, rtol=0)
 
 
+def test_single_blip2_safetensors_file(hf_blip2_dir):
+    directory, vision = hf_blip2_dir
+    encoder = EvaViTG(_opts())
+    assert encoder.load_pretrained(directory / "model.safetensors") == "transformers BLIP-2 state dict"
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(_pixels()), _hf_hidden_states(vision, _pixels())[-1], atol=1e-5, rtol=0)
+
+
 def test_blip2_keeps_all_but_the_last_block(hf_blip2_dir):
     """Variant g keeps depth - 1 blocks: the checkpoint's last block is skipped, output = its input."""
     directory, vision = hf_blip2_dir

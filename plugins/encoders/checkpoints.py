@@ -43,6 +43,17 @@ def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> 
     return {key: value for key, value in state.items() if keep(key)}
 
 
+def tensor_keys(path: Path) -> list[str] | None:
+    """The tensor names of a safetensors file, from its header alone (None for other formats)."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            return list(file.keys())
+    except Exception as exc:
+        raise WeightsError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+
+
 def torch_load(path: Path) -> object:
     """`torch.load` with `weights_only=True`; a file needing arbitrary unpickling is refused."""
     try:

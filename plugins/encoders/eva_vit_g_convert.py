@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from vlbridge.errors import WeightsError
-from vlbridge.plugins.encoders.checkpoints import StateDict, read_tensors, require_path
+from vlbridge.plugins.encoders.checkpoints import StateDict, read_tensors, require_path, tensor_keys
 
 HF_MODEL_TYPES = ("blip-2", "blip_2_vision_model")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -130,14 +131,31 @@ def read_eva_checkpoint(path: str | Path) -> tuple[StateDict, str]:
     path = require_path(path, "EVA ViT-g weights")
     if path.is_dir():
         return convert_hf_blip2_vision_state_dict(read_hf_blip2_vision(path)), "transformers BLIP-2 directory"
-    state = read_tensors(path)
-    if any(k.startswith("vision_model.") for k in state) or "embeddings.patch_embedding.weight" in state:
-        return convert_hf_blip2_vision_state_dict(state), "transformers BLIP-2 state dict"
-    if any(k.startswith("visual_encoder.") for k in state):
-        return convert_lavis_vision_state_dict(state), "LAVIS BLIP-2 checkpoint"
-    if any(k.startswith(("visual.", "trunk.")) for k in state):
-        return convert_timm_eva_state_dict(state), "OpenCLIP / timm EVA checkpoint"
-    return convert_timm_eva_state_dict(state), "EVA state dict (vlbridge, EVA-CLIP or timm names)"
+    keys = tensor_keys(path)
+    if keys is None:
+        state = read_tensors(path)
+        fmt, convert, prefix = detect_eva_format(list(state))
+    else:  # safetensors: read only the encoder's tensors (a single-file BLIP-2 also holds the LLM)
+        fmt, convert, prefix = detect_eva_format(keys)
+        state = read_tensors(path, lambda key: key.startswith(prefix))
+    return convert(state), fmt
+
+
+def detect_eva_format(keys: list[str]) -> tuple[str, Callable[[StateDict], StateDict], str]:
+    """(format name, converter, prefix of the encoder's keys) from a checkpoint's tensor names."""
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has("vision_model."):
+        return "transformers BLIP-2 state dict", convert_hf_blip2_vision_state_dict, "vision_model."
+    if "embeddings.patch_embedding.weight" in keys:
+        return "transformers BLIP-2 vision state dict", convert_hf_blip2_vision_state_dict, ""
+    if has("visual_encoder."):
+        return "LAVIS BLIP-2 checkpoint", convert_lavis_vision_state_dict, "visual_encoder."
+    for prefix in ("visual.trunk.", "trunk.", "visual."):
+        if has(prefix):
+            return "OpenCLIP / timm EVA checkpoint", convert_timm_eva_state_dict, prefix
+    return "EVA state dict (vlbridge, EVA-CLIP or timm names)", convert_timm_eva_state_dict, ""
 
 
 def read_hf_blip2_vision(directory: Path) -> StateDict:
