@@ -5,6 +5,9 @@ embeddings, blocks of attention (a qkv weight without bias plus separate q and v
 bias is zero) and a GELU MLP. There is no final norm: the output is every token of the last kept
 block, `(B, 1 + (S/P)^2, W)`. BLIP-2 keeps 39 of EVA-CLIP-g's 40 blocks, so its features come
 from the second-last layer; its `ln_vision` (transformers' `post_layernorm`) belongs to the connector.
+
+The whole encoder computes in `opts.dtype`, as transformers does. LAVIS's fp16 casts only the
+Linear/Conv weights and runs under autocast, so fp16 features differ from LAVIS's by rounding.
 """
 
 from __future__ import annotations
