@@ -29,7 +29,21 @@ from vlbridge.data.shards import expand_shards, iter_shard
 from vlbridge.data.text import clean_caption, clean_question
 from vlbridge.data.vqa import read_vqa
 
-_LAZY: dict[str, str] = {}  # torch-backed names: name -> module
+_LAZY: dict[str, str] = {
+    "train_transform": "vlbridge.data.transforms",
+    "eval_transform": "vlbridge.data.transforms",
+    "open_image": "vlbridge.data.transforms",
+    "RecordDataset": "vlbridge.data.datasets",
+    "ShardDataset": "vlbridge.data.datasets",
+    "TextOptions": "vlbridge.data.datasets",
+    "collate": "vlbridge.data.batching",
+    "DataProgress": "vlbridge.data.batching",
+    "epoch_order": "vlbridge.data.order",
+    "ResumableSampler": "vlbridge.data.order",
+    "build_dataset": "vlbridge.data.build",
+    "read_records": "vlbridge.data.build",
+    "make_loader": "vlbridge.data.build",
+}
 
 __all__ = [
     "CaptionGroup", "DataConfig", "DataConfigError", "DataError", "ImageQuestion", "ImageRef", "ImageText",

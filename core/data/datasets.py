@@ -1,0 +1,158 @@
+"""Torch datasets over records: map-style for JSON/JSONL readers, iterable for tar-shard streams.
+
+Items are dicts: `pixel_values` (transformed), `image_id` (as in the data, int or str),
+`image_index` (its stable int, see `stable_image_index`), `index`, and by record type `text`
+(a pair), `captions` (a per-image group) or `question` + `answers` + ids and types (VQA). An image
+that cannot be decoded gives a `Skipped` instead, which `collate` drops and counts; with
+`strict=True` it is a DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from vlbridge.data.order import assign_shards, buffer_shuffle, rng_for
+from vlbridge.data.records import CaptionGroup, DataError, ImageQuestion, ImageRef, ImageText, Skipped, stable_image_index
+from vlbridge.data.shards import expand_shards, iter_shard
+from vlbridge.data.text import clean_caption, clean_question
+from vlbridge.data.transforms import open_image
+from vlbridge.errors import VLBridgeError
+
+Record = Union[ImageText, CaptionGroup, ImageQuestion]
+Transform = Callable[[Image.Image], torch.Tensor]
+Item = Union[dict[str, Any], Skipped]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+    """How texts are prepared: BLIP's cleaning (or none) and the word cap."""
+
+    clean: bool = True
+    max_words: int = 50
+
+    def caption(self, text: str) -> str:
+        return clean_caption(text, self.max_words) if self.clean else text
+
+    def question(self, text: str) -> str:
+        return clean_question(text, self.max_words) if self.clean else text
+
+
+def load_pixels(ref: ImageRef, transform: Transform, strict: bool, index: int) -> torch.Tensor | Skipped:
+    """Decode and transform one image; a failure is a Skipped, or an error when strict."""
+    try:
+        return transform(open_image(ref))
+    except Exception as exc:  # corrupt files raise many types (OSError, SyntaxError, struct.error...)
+        if strict and isinstance(exc, VLBridgeError):  # already names the file (vlbridge.images, open_image)
+            raise exc if isinstance(exc, DataError) else DataError(str(exc)) from exc
+        if strict:
+            raise DataError(f"image {ref.name!r} (sample {index}) cannot be used: {type(exc).__name__}: {exc}") from exc
+        return Skipped(name=ref.path or ref.name, reason=f"{type(exc).__name__}: {exc}", kind="unreadable image", index=index)
+
+
+def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOptions) -> dict[str, Any]:
+    """The item dict for one decoded record."""
+    item: dict[str, Any] = {
+        "pixel_values": pixels, "image_id": record.image_id,
+        "image_index": stable_image_index(record.image_id), "index": index,
+    }
+    if isinstance(record, ImageText):
+        item["text"] = text.caption(record.text)
+    elif isinstance(record, CaptionGroup):
+        item["captions"] = [text.caption(c) for c in record.captions]
+    else:
+        item.update(
+            question=text.question(record.question), answers=list(record.answers), question_id=record.question_id,
+            answer_type=record.answer_type, question_type=record.question_type,
+        )
+    return item
+
+
+class RecordDataset(Dataset):
+    """Map-style dataset over records read from JSON or JSONL; decoding happens per item, in workers."""
+
+    def __init__(self, records: Sequence[Record], transform: Transform, *, text: TextOptions = TextOptions(), strict: bool = False, shuffle: bool = False):
+        if not records:
+            raise DataError("no samples to build a dataset from; check the annotation files and the split")
+        self.records = list(records)
+        for record in self.records:
+            stable_image_index(record.image_id)  # reject unusable ids now, not in a worker mid-epoch
+        self.transform, self.text, self.strict, self.shuffle = transform, text, strict, shuffle
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Item:
+        record = self.records[index]
+        pixels = load_pixels(record.image, self.transform, self.strict, index)
+        return pixels if isinstance(pixels, Skipped) else make_item(record, pixels, index, self.text)
+
+
+class ShardDataset(IterableDataset):
+    """Streams tar shards: shards split across ranks, then DataLoader workers; shuffled per epoch.
+
+    Each worker plays one stream ("role") of the epoch; items carry `stream` = (role key, position).
+    `configure(resume={key: position}, after=key)` re-reads each stream, skips what was consumed
+    before decoding, and rotates roles so that the stream after `after` comes first, as it would
+    have in the interrupted run. The worker count must match the run that saved the positions.
+    """
+
+    def __init__(self, shards: str | Sequence[str], transform: Transform, *, text: TextOptions = TextOptions(), strict: bool = False, shuffle: bool = False, shuffle_buffer: int = 1000):
+        self.shards = expand_shards(shards)
+        self.transform, self.text, self.strict = transform, text, strict
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.configure()
+
+    def configure(self, *, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, resume: Mapping[str, int] | None = None, after: str | None = None) -> None:
+        """Set the epoch, seed, this process's rank and the resume point; call before iterating."""
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0 .. world_size - 1 = {world_size - 1}")
+        self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
+        self.resume, self.after = dict(resume or {}), after
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        role = (worker + self._rotation(workers)) % workers
+        key = stream_key(role, workers)
+        shards = assign_shards(
+            self.shards, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+            rank=self.rank, world_size=self.world_size, worker=role, num_workers=workers,
+        )
+        samples = (sample for shard in shards for sample in iter_shard(shard))
+        buffer = self.shuffle_buffer if self.shuffle else 0
+        stream = buffer_shuffle(samples, buffer, rng_for(self.seed, self.epoch, self.rank, role))
+        skip, streams, slot = self.resume.get(key, 0), self.world_size * workers, self.rank * workers + role
+        for position, sample in enumerate(stream, start=1):
+            if position > skip:
+                yield self._item(sample, (position - 1) * streams + slot, (key, position))
+
+    def _item(self, sample: ImageText | Skipped, index: int, stream: tuple[str, int]) -> Item:
+        if isinstance(sample, ImageText):
+            pixels = load_pixels(sample.image, self.transform, self.strict, index)
+            if not isinstance(pixels, Skipped):
+                return {**make_item(sample, pixels, index, self.text), "stream": stream}
+            sample = pixels
+        if self.strict:
+            raise DataError(f"{sample.name}: {sample.reason}")
+        return dataclasses.replace(sample, index=index, stream=stream)
+
+    def _rotation(self, workers: int) -> int:
+        """Which role worker 0 plays: the one after `after`; checks the saved worker count."""
+        keys = sorted({*self.resume, *([self.after] if self.after else [])})
+        stale = [k for k in keys if not k.endswith(f"/{workers}")]
+        if stale:
+            raise DataError(
+                f"resume positions {stale} were saved with a different number of DataLoader workers than {workers}; "
+                "resume with the same num_workers, or start the epoch over"
+            )
+        return (int(self.after.split("/")[0]) + 1) % workers if self.after else 0
+
+
+def stream_key(worker: int, num_workers: int) -> str:
+    """The key of one worker's stream in resume positions: "worker/num_workers"."""
+    return f"{worker}/{num_workers}"

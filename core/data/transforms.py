@@ -1,0 +1,51 @@
+"""Image transforms from an encoder's declared `Preprocess`, and decoding an `ImageRef` to pixels.
+
+Eval is `vlbridge.images.eval_transform` itself (resize to (S, S), normalise), so training-time
+evaluation and `vlbridge.images` can never disagree. Train is BLIP-2's `blip2_image_train`:
+RandomResizedCrop(S, scale=(0.5, 1.0)) with the encoder's interpolation, a random horizontal flip,
+then the same scaling and normalisation. Randomness comes from torch's generator (seed it).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+from torchvision.transforms.functional import InterpolationMode
+
+from vlbridge.data.records import DataError, ImageRef
+from vlbridge.images import eval_transform, load_image
+from vlbridge.specs import Preprocess
+
+__all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
+
+TRAIN_CROP_SCALE = (0.5, 1.0)  # BLIP-2's pretraining crop: at least half the image area
+_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+def train_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> randomly cropped, maybe flipped, normalised float `(3, S, S)`."""
+    if preprocess.interpolation not in _INTERPOLATION:
+        raise DataError(f"unknown interpolation {preprocess.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
+    size = preprocess.image_size
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, interpolation=_INTERPOLATION[preprocess.interpolation], antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
+    ])
+
+
+def open_image(ref: ImageRef) -> Image.Image:
+    """Decode a file or in-memory image to RGB; failures are errors naming the image."""
+    if ref.path is not None:
+        return load_image(ref.path)  # its errors already name the file
+    try:
+        with Image.open(io.BytesIO(ref.data or b"")) as image:
+            return image.convert("RGB")  # convert() loads the pixels, so truncated data fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {ref.name!r}: {exc}") from exc
