@@ -55,6 +55,15 @@ def test_lavis_test_file_with_caption_lists_and_ids_from_file_names(tmp_path):
     assert flat.texts[2] == "A girl eats a donut." and flat.img2txt == [[0, 1], [2]] and flat.txt2img == [0, 0, 1]
 
 
+def test_lavis_flickr30k_file(tmp_path):
+    rows = [{"image": "flickr30k-images/1007129816.jpg", "caption": ["The man with pierced ears.", "A man in glasses."], "image_id": 3}]
+    records = read_coco_captions(write_json(tmp_path / "flickr30k_test.json", rows), image_root=tmp_path / "flickr")
+    assert [(r.image_id, r.text) for r in records] == [(3, "The man with pierced ears."), (3, "A man in glasses.")]
+    assert records[0].image.path == str(tmp_path / "flickr" / "flickr30k-images" / "1007129816.jpg")
+    rows[0].pop("image_id")
+    assert read_coco_captions(write_json(tmp_path / "f.json", rows))[0].image_id == 1007129816  # from the file name
+
+
 def test_official_coco_captions_format(tmp_path):
     data = {"images": [{"id": 9, "file_name": "COCO_val2014_000000000009.jpg"}, {"id": 25, "file_name": "x/b.jpg"}],
             "annotations": [{"image_id": 25, "caption": "a giraffe", "id": 1}, {"image_id": 9, "caption": "food", "id": 2},

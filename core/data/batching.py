@@ -15,7 +15,6 @@ import torch
 from vlbridge.data.records import DataError, Skipped
 
 TENSOR_KEYS = ("image_index", "index")  # ints stacked into int64 tensors
-BOOKKEEPING = ("skipped", "consumed", "streams")
 
 
 def collate(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
@@ -88,7 +87,7 @@ class DataProgress:
         """One line for the log: how many were skipped, why, and which."""
         if not self.skip_counts:
             return "no samples skipped"
-        kinds = ", ".join(f"{n} {kind}" for kind, n in self.skip_counts.most_common())
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in self.skip_counts.most_common())
         names = ", ".join(skip.name for skip in self.skipped[:show])
         more = ", ..." if self.skipped_count > show else ""
         return f"{self.skipped_count} samples skipped ({kinds}): {names}{more}"

@@ -22,7 +22,9 @@ from vlbridge.data.vqa import read_vqa
 from vlbridge.specs import Preprocess
 
 
-def build_dataset(config: DataConfig | Mapping[str, Any], preprocess: Preprocess, train: bool, *, where: str = "data") -> RecordDataset | ShardDataset:
+def build_dataset(
+    config: DataConfig | Mapping[str, Any], preprocess: Preprocess, train: bool, *, where: str = "data"
+) -> RecordDataset | ShardDataset:
     """The dataset a config describes, with the encoder's train or eval transform.
 
     Training yields one item per (image, caption); evaluating caption data yields one item per

@@ -21,10 +21,13 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format: Format = Field(description="coco (also Flickr30k; LAVIS, official COCO or Karpathy JSON), vqa (VQAv2), webdataset (tar shards), jsonl")
-    paths: list[str] = Field(min_length=1, description="caption JSON / JSONL / VQA questions files, or tar shards (paths, globs, 'x-{00000..00009}.tar')")
+    paths: list[str] = Field(min_length=1, description="caption JSON, JSONL or VQA questions files; or tar shards (paths, globs, 'x-{0000..0009}.tar')")
     vqa_annotations: list[str] | None = Field(None, description="VQAv2 annotations (answers) files, one per questions file; omit for test splits")
     image_root: str | None = Field(None, description="folder that relative image paths are under; default: each annotation file's folder")
-    split: str | None = Field(None, description="coco: the split of a Karpathy dataset_*.json (train includes restval); vqa: the image subtype, e.g. val2014 (default: the file's data_subtype)")
+    split: str | None = Field(None, description=(
+        "coco: the split of a Karpathy dataset_*.json (train includes restval); "
+        "vqa: the image subtype, e.g. val2014 (default: the questions file's data_subtype)"
+    ))
     image_pattern: str = Field(DEFAULT_IMAGE_PATTERN, description="vqa: image file name from {split} and {image_id}")
     max_words: int = Field(50, ge=1, description="captions and questions are cut to this many words (BLIP: 50)")
     clean_text: bool = Field(True, description="apply BLIP's caption / question cleaning (lowercase, strip punctuation)")

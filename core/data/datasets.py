@@ -75,7 +75,9 @@ def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOption
 class RecordDataset(Dataset):
     """Map-style dataset over records read from JSON or JSONL; decoding happens per item, in workers."""
 
-    def __init__(self, records: Sequence[Record], transform: Transform, *, text: TextOptions = TextOptions(), strict: bool = False, shuffle: bool = False):
+    def __init__(
+        self, records: Sequence[Record], transform: Transform, *, text: TextOptions = TextOptions(), strict: bool = False, shuffle: bool = False
+    ):
         if not records:
             raise DataError("no samples to build a dataset from; check the annotation files and the split")
         self.records = list(records)
@@ -101,16 +103,24 @@ class ShardDataset(IterableDataset):
     have in the interrupted run. The worker count must match the run that saved the positions.
     """
 
-    def __init__(self, shards: str | Sequence[str], transform: Transform, *, text: TextOptions = TextOptions(), strict: bool = False, shuffle: bool = False, shuffle_buffer: int = 1000):
+    def __init__(
+        self, shards: str | Sequence[str], transform: Transform, *, text: TextOptions = TextOptions(),
+        strict: bool = False, shuffle: bool = False, shuffle_buffer: int = 1000,
+    ):
         self.shards = expand_shards(shards)
         self.transform, self.text, self.strict = transform, text, strict
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.configure()
 
-    def configure(self, *, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, resume: Mapping[str, int] | None = None, after: str | None = None) -> None:
+    def configure(
+        self, *, epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1,
+        resume: Mapping[str, int] | None = None, after: str | None = None,
+    ) -> None:
         """Set the epoch, seed, this process's rank and the resume point; call before iterating."""
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside 0 .. world_size - 1 = {world_size - 1}")
+        if len(self.shards) < world_size:  # found here, in the main process, rather than in a worker
+            raise DataError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs at least one shard")
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.resume, self.after = dict(resume or {}), after
 

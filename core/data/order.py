@@ -76,7 +76,9 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
-def assign_shards(shards: Sequence[str], *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+def assign_shards(
+    shards: Sequence[str], *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
     """The shards one DataLoader worker of one rank reads this epoch (shuffled the same on every rank)."""
     order = [shards[i] for i in epoch_order(len(shards), seed, epoch, shuffle)]
     mine = order[rank::world_size]
