@@ -269,3 +269,17 @@ def test_init_from_bert_is_strict(tmp_path):
         build(_opts(bert=str(tmp_path / "deep")), ENC, D)
     with pytest.raises(WeightsError, match="no BERT weights"):
         build(_opts(bert=str(tmp_path / "missing")), ENC, D)
+
+
+def test_drop_text_side_keeps_the_query_path(inputs):
+    image, ids, mask = inputs
+    m = build(_opts(), ENC, D).eval()
+    before = m(image)
+    m.drop_text_side()
+    torch.testing.assert_close(m(image), before)
+    m.set_stage(2)
+    assert sum(p.numel() for p in m.parameters()) == _trainable(m) == num_params(_opts(), ENC, D)[2]
+    for call in (lambda: m.text_outputs(ids, mask), lambda: m.itg_logits(ids, mask, image),
+                 lambda: m.image_features(image), lambda: m.set_stage(1)):
+        with pytest.raises(VLBridgeError, match="drop_text_side"):
+            call()

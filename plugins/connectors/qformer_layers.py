@@ -66,7 +66,7 @@ class QFormerLayer(nn.Module):
         self.self_attn = Attention(width, width, heads, eps, dropout)
         self.cross_attn = Attention(width, encoder_width, heads, eps, dropout) if cross else None
         self.ffn_query = FeedForward(width, hidden, eps, dropout)
-        self.ffn_text = FeedForward(width, hidden, eps, dropout)
+        self.ffn_text: FeedForward | None = FeedForward(width, hidden, eps, dropout)  # None once the text side is dropped
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | None) -> torch.Tensor:
         x = self.self_attn(x, mask=mask)
@@ -89,14 +89,16 @@ class Embeddings(nn.Module):
 
     def __init__(self, vocab: int, max_positions: int, width: int, eps: float, dropout: float):
         super().__init__()
-        self.word = nn.Embedding(vocab, width, padding_idx=0)
-        self.position = nn.Embedding(max_positions, width)
+        self.word: nn.Embedding | None = nn.Embedding(vocab, width, padding_idx=0)
+        self.position: nn.Embedding | None = nn.Embedding(max_positions, width)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
         parts = [] if queries is None else [queries]
         if input_ids is not None:
+            if self.word is None or self.position is None:
+                raise VLBridgeError("this Q-Former has no text embeddings (drop_text_side() removed them); text passes need a full Q-Former")
             length = input_ids.shape[1]
             if length > self.position.num_embeddings:
                 raise VLBridgeError(f"text of {length} tokens is longer than the Q-Former's {self.position.num_embeddings} positions; truncate it")

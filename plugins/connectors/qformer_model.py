@@ -121,6 +121,7 @@ class QFormer(nn.Module):
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, Q, embed_dim) L2-normalised ITC image features, one per query."""
+        self._require_text_side("image_features")
         return F.normalize(self.vision_proj(self.query_outputs(image_embeds)), dim=-1)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,9 +139,30 @@ class QFormer(nn.Module):
         """Stage 1: everything but `proj` trains. Stage 2: the query path, ln_vision and `proj`."""
         if stage not in FROZEN_IN_STAGE:
             raise VLBridgeError(f"the Q-Former has stages 1 and 2, not {stage!r}")
+        if stage == 1:
+            self._require_text_side("set_stage(1)")
         frozen = FROZEN_IN_STAGE[stage]
         for name, param in self.named_parameters():
             param.requires_grad_(not any(fnmatch.fnmatchcase(name, p) for p in frozen))
+
+    def drop_text_side(self) -> None:
+        """Free what only stage 1 uses (word/position embeddings, text FFNs, ITC/ITM/ITG heads,
+        temp; about 80M parameters for base), as LAVIS's stage-2 models do. The query path and
+        its stage-2 parameter count are unchanged; stage-1 calls raise VLBridgeError afterwards."""
+        self.embeddings.word = None
+        self.embeddings.position = None
+        for layer in self.layers:
+            layer.ffn_text = None
+        self.lm_head = self.vision_proj = self.text_proj = self.itm_head = None
+        self.temp = None
+
+    @property
+    def has_text_side(self) -> bool:
+        return self.lm_head is not None
+
+    def _require_text_side(self, what: str) -> None:
+        if not self.has_text_side:
+            raise VLBridgeError(f"{what} needs the Q-Former's text side, which drop_text_side() removed; build a new Q-Former for stage 1")
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], *, allow_missing: Iterable[str] = (), source: str = "state dict") -> None:
         """Strict load of tensors in our key names (see qformer_convert for foreign ones).

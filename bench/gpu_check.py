@@ -1,0 +1,175 @@
+"""GPU check of the attention backends on the Q-Former: xformers against SDPA, and their speed.
+
+    python bench/gpu_check.py [--batch 64] [--reps 10] [--out gpu_check.json]
+
+Q-Former base (768 wide, 12 layers, 32 queries) on a (B, 257, 1408) encoder output in bf16.
+For each backend (xformers, sdpa, eager): the query path (no mask, stage 2) and the ITG pass
+(multimodal-causal mask with text padding, the tensor-bias path of xformers) are run in eval mode
+and compared with SDPA: max abs difference of outputs and of all parameter gradients (also relative
+to SDPA's largest gradient). Then the median time of a forward (no_grad) and of a forward+backward
+of the query path (train mode), and peak CUDA memory. Without CUDA it says so and exits 0.
+Exits 1 if xformers fails or differs from SDPA beyond bf16 tolerance.
+`--device cpu --variant tiny` dry-runs the script itself on a CPU (xformers then shows as failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+ENCODER_TOKENS, ENCODER_WIDTH, LLM_WIDTH, TEXT_LEN = 257, 1408, 2560, 32
+BACKENDS = ("sdpa", "xformers", "eager")
+REL_TOLERANCE = 5e-2  # bf16: differences relative to the largest SDPA value
+
+
+def build_model(variant: str, device: str) -> torch.nn.Module:
+    from vlbridge.plugins.connectors.qformer import QFormerOptions
+    from vlbridge.plugins.connectors.qformer_model import build
+    from vlbridge.specs import TokenShape
+
+    torch.manual_seed(0)
+    model = build(QFormerOptions(variant=variant), TokenShape(ENCODER_TOKENS, ENCODER_WIDTH), LLM_WIDTH)
+    model.set_stage(1)
+    model.requires_grad_(True)  # proj too: every gradient is compared
+    return model.to(device, torch.bfloat16)
+
+
+def make_inputs(batch: int, vocab: int, device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(5, vocab, (batch, TEXT_LEN), device=device, generator=gen)
+    lengths = torch.randint(4, TEXT_LEN + 1, (batch,), device=device, generator=gen)
+    mask = (torch.arange(TEXT_LEN, device=device)[None] < lengths[:, None]).long()
+    image = torch.randn(batch, ENCODER_TOKENS, ENCODER_WIDTH, device=device, generator=gen).to(torch.bfloat16)
+    return {"image": image, "ids": ids, "mask": mask}
+
+
+def outputs_and_grads(model, inputs, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eval-mode pass and its backward: (output, all parameter gradients flattened)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    if which == "query":
+        out = model(inputs["image"])
+    else:
+        out = model.itg_logits(inputs["ids"], inputs["mask"], inputs["image"])
+    out.float().pow(2).mean().backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    return out.detach().float(), grads
+
+
+def compare(model, inputs, backend: str, reference: dict) -> dict[str, float]:
+    from vlbridge.attention import set_attention_backend
+
+    set_attention_backend(backend)
+    result = {}
+    for which in ("query", "itg"):
+        out, grads = outputs_and_grads(model, inputs, which)
+        ref_out, ref_grads = reference[which]
+        result[f"{which}_out_max_abs"] = (out - ref_out).abs().max().item()
+        result[f"{which}_out_rel"] = result[f"{which}_out_max_abs"] / ref_out.abs().max().item()
+        result[f"{which}_grad_max_abs"] = (grads - ref_grads).abs().max().item()
+        result[f"{which}_grad_rel"] = result[f"{which}_grad_max_abs"] / ref_grads.abs().max().item()
+    return result
+
+
+def median_ms(fn: Callable[[], None], reps: int, cuda: bool) -> float:
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def timings(model, image: torch.Tensor, reps: int) -> dict[str, float]:
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(image)
+
+    def train_step() -> None:
+        model.train()
+        model(image).float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    cuda = image.is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = {"forward_ms": median_ms(forward, reps, cuda), "train_step_ms": median_ms(train_step, reps, cuda)}
+    result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return result
+
+
+def run(batch: int, reps: int, variant: str, device: str) -> dict:
+    from vlbridge.attention import set_attention_backend
+
+    model = build_model(variant, device)
+    inputs = make_inputs(batch, model.opts.size("vocab_size"), device)
+    set_attention_backend("sdpa")
+    reference = {which: outputs_and_grads(model, inputs, which) for which in ("query", "itg")}
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    report: dict = {"device": name, "variant": variant, "torch": torch.__version__, "batch": batch, "backends": {}}
+    for backend in BACKENDS:
+        try:
+            entry = compare(model, inputs, backend, reference) if backend != "sdpa" else {}
+            entry.update(timings(model, inputs["image"], reps))
+        except Exception as exc:  # report and go on: the table shows which backend failed and why
+            entry = {"error": f"{type(exc).__name__}: {exc}"}
+        report["backends"][backend] = entry
+    set_attention_backend(None)
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"Q-Former {report['variant']}, bf16, batch {report['batch']}, encoder {ENCODER_TOKENS}x{ENCODER_WIDTH}, "
+          f"{report['device']}, torch {report['torch']}")
+    print(f"{'backend':9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak GiB':>9} {'query out/grad rel diff':>24} {'itg out/grad rel diff':>22}")
+    for name, e in report["backends"].items():
+        if "error" in e:
+            print(f"{name:9} FAILED: {e['error']}")
+            continue
+        diffs = [f"{e[k]:.1e}" if k in e else "ref" for k in ("query_out_rel", "query_grad_rel", "itg_out_rel", "itg_grad_rel")]
+        peak = "-" if e["peak_mem_gib"] is None else f"{e['peak_mem_gib']:.2f}"
+        print(f"{name:9} {e['forward_ms']:8.2f} {e['train_step_ms']:11.2f} {peak:>9} "
+              f"{diffs[0] + ' / ' + diffs[1]:>24} {diffs[2] + ' / ' + diffs[3]:>22}")
+
+
+def xformers_ok(report: dict) -> bool:
+    entry = report["backends"].get("xformers", {})
+    rel = [v for k, v in entry.items() if k.endswith("_rel")]
+    return "error" not in entry and bool(rel) and max(rel) < REL_TOLERANCE
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", help="write the results as JSON here (default: stdout table only)")
+    parser.add_argument("--variant", choices=("base", "tiny"), default="base")
+    parser.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing to check (run it on a machine with a GPU).")
+        return 0
+    report = run(args.batch, args.reps, args.variant, args.device)
+    report["xformers_matches_sdpa"] = xformers_ok(report)
+    print_table(report)
+    print(f"xformers matches SDPA within {REL_TOLERANCE:g} (relative): {report['xformers_matches_sdpa']}")
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(report, out, indent=2)
+    return 0 if report["xformers_matches_sdpa"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
