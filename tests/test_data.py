@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_data_samples import coco_karpathy, sample_members, shards, vqa_files, write_image, write_json, write_jsonl, write_tar
+from tests.test_data_samples import coco_karpathy, sample_members, shards, vqa_files, write_image, write_json, write_jsonl, write_tar
 from vlbridge.data import (
     DataConfig,
     DataConfigError,

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_data_samples import coco_karpathy, image, sample_members, shards, vqa_files, write_image, write_tar, write_truncated  # noqa: E402
+from tests.test_data_samples import coco_karpathy, image, sample_members, shards, vqa_files, write_image, write_tar, write_truncated  # noqa: E402
 from vlbridge.data import (  # noqa: E402
     DataError,
     DataProgress,
