@@ -32,7 +32,14 @@ __all__ = [
 ]
 
 # Torch-backed API, imported lazily so that listing and validation stay light: name -> "module:attr".
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "build": "vlbridge.factory:build",
+    "load": "vlbridge.factory:load",
+    "VLBridgeModel": "vlbridge.model:VLBridgeModel",
+    "import_hf_blip2": "vlbridge.hf_blip2:import_hf_blip2",
+    "export_hf_blip2": "vlbridge.hf_blip2:export_hf_blip2",
+    "import_lavis": "vlbridge.lavis:import_lavis",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -105,3 +105,10 @@ def _check_normalised(tensor: torch.Tensor, preprocess: Preprocess, where: str, 
             f"{tuple(tensor.shape)} (pass PIL images, paths or uint8 (3, H, W) tensors to have them resized and normalised)"
         )
     return tensor
+
+
+def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One item per image, whatever the caller passed: a single image, a list, or a (B, 3, H, W) batch."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images.unbind(0))
+    return [images] if _is_single(images) else list(images)  # type: ignore[arg-type,list-item]

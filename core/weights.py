@@ -1,4 +1,4 @@
-"""Reading encoder checkpoints safely and loading them strictly (shared by the built-in encoders).
+"""Reading checkpoints safely and loading them strictly (one place for every part and format).
 
 Foreign checkpoints come as safetensors, or as pickled `.pth`/`.bin` files that are only ever read
 with `torch.load(weights_only=True)`, so a checkpoint cannot run code. Loading is strict: every
@@ -9,6 +9,7 @@ on purpose (an unused last block, a head) before calling `strict_load`, so skipp
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -120,3 +121,41 @@ def _short(keys: Iterable[str], limit: int = 8) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_hf_directory(directory: Path, keep: Callable[[str], bool] = lambda key: True) -> StateDict:
+    """Tensors of a transformers `save_pretrained` directory whose keys pass `keep`, reading only
+    the shards that hold them (single file or sharded; safetensors or weights-only .bin)."""
+    weights = next((directory / name for name in HF_WEIGHT_FILES if (directory / name).is_file()), None)
+    if weights is None:
+        raise WeightsError(f"{str(directory)!r} has no weights: expected one of {list(HF_WEIGHT_FILES)}")
+    if not weights.name.endswith(".index.json"):
+        return read_tensors(weights, keep)
+    weight_map: dict[str, str] = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
+    state: StateDict = {}
+    for shard in sorted({file for key, file in weight_map.items() if keep(key)}):
+        state.update(read_tensors(require_path(directory / shard, "weights shard"), keep))
+    return state
+
+
+def load_subset(module: nn.Module, state: StateDict, source: str, expected: set[str]) -> list[str]:
+    """Copy `state` into `module` where only the names in `expected` are required (e.g. the
+    parameters one training stage updates). Anything in `state` the module lacks, a missing expected
+    name, or a wrong shape is a WeightsError. Returns the module's names left as initialised."""
+    own = module.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(expected - set(state))
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing: {_short(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {_short(unexpected)}" if unexpected else ""]
+        raise WeightsError(f"{source} does not match the model: " + "; ".join(p for p in parts if p))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} in the file but {tuple(own[key].shape)} in the model")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+    return sorted(set(own) - set(state))

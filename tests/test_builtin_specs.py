@@ -129,7 +129,9 @@ def test_clip_vit_l_params_equal_open_clip(image_size):
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     a = clip_vit_l.ARCH["l"]
-    cfg = CLIPVisionCfg(layers=a["layers"], width=a["width"], patch_size=a["patch"], image_size=image_size)
+    opts = clip_vit_l.ClipVitLOptions(image_size=image_size)  # layer -2: 23 of 24 blocks are built
+    cfg = CLIPVisionCfg(layers=clip_vit_l.kept_blocks(opts), width=a["width"], patch_size=a["patch"], image_size=image_size)
     with torch.device("meta"):
         tower = _build_vision_tower(a["embed_dim"], cfg)
-    assert _numel(tower) == clip_vit_l.num_params(clip_vit_l.ClipVitLOptions(image_size=image_size))
+    head = 2 * a["width"] + a["width"] * a["embed_dim"]  # ln_post and proj: not built, never run
+    assert _numel(tower) - head == clip_vit_l.num_params(opts)

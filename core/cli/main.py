@@ -7,10 +7,10 @@ import os
 import sys
 import traceback
 
-from vlbridge.cli import listing, validate
+from vlbridge.cli import convert, listing, run, validate
 from vlbridge.errors import VLBridgeError
 
-SUBCOMMAND_MODULES = (listing, validate)
+SUBCOMMAND_MODULES = (listing, validate, run, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

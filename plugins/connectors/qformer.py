@@ -31,6 +31,7 @@ class QFormerOptions(Options):
     encoder_width: int | None = Field(None, ge=1, description="pin the encoder width the cross-attention expects (e.g. to match pretrained weights); none = the encoder's")
     layer_norm_eps: float = Field(1e-12, gt=0, description="LayerNorm epsilon inside the Q-Former (BERT's)")
     ln_vision_eps: float = Field(1e-5, gt=0, description="epsilon of the LayerNorm on the encoder features (LAVIS 1e-5; transformers' BLIP-2 1e-6)")
+    tokenizer: str | None = Field(None, description="local directory of the BERT tokenizer; none = the bert directory's, the shipped tiny one, or bert-base-uncased")
     bert: str | None = Field(None, description="local BERT directory (transformers format) to initialise from; none = random init")
 
     @model_validator(mode="after")

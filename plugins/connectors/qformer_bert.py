@@ -29,10 +29,12 @@ _VOCAB_ROWS = ("embeddings.word.weight", "lm_head.bias")  # may be shorter: [DEC
 
 
 def load_tokenizer(opts: QFormerOptions) -> "PreTrainedTokenizerBase":
-    """BERT's tokenizer with [DEC] as bos_token: from opts.bert, the shipped tiny one, or the hub."""
+    """BERT's tokenizer with [DEC] as bos_token: from opts.tokenizer, opts.bert, the shipped tiny one, or the hub."""
     from transformers import AutoTokenizer
 
-    if opts.bert:
+    if opts.tokenizer:
+        source = opts.tokenizer
+    elif opts.bert:
         source = opts.bert
     elif opts.variant == "tiny":
         from vlbridge.plugins.tiny_assets import tokenizer_dir

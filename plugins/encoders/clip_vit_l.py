@@ -55,13 +55,18 @@ def preprocess(opts: ClipVitLOptions) -> Preprocess:
     return Preprocess(opts.resolved_image_size, CLIP_MEAN, CLIP_STD, "bicubic")
 
 
+def kept_blocks(opts: ClipVitLOptions) -> int:
+    """Blocks up to and including `layer`; later ones (and ln_post, proj) are never run, so not built."""
+    layers = opts.arch["layers"]
+    return opts.layer + 1 if opts.layer >= 0 else layers + opts.layer + 1
+
+
 def num_params(opts: ClipVitLOptions) -> int:
     a = opts.arch
     w = a["width"]
     grid = opts.resolved_image_size // a["patch"]
     stem = 3 * a["patch"] ** 2 * w + w + (grid * grid + 1) * w + 2 * w  # conv (no bias), class, positions, ln_pre
-    block = 12 * w * w + 13 * w
-    return stem + a["layers"] * block + 2 * w + w * a["embed_dim"]  # ln_post, proj
+    return stem + kept_blocks(opts) * (12 * w * w + 13 * w)
 
 
 @hookimpl

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from vlbridge.errors import WeightsError
-from vlbridge.plugins.encoders.checkpoints import StateDict, read_tensors, require_path
+from vlbridge.weights import StateDict, read_hf_directory, read_tensors, require_path
 
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # transformers CLIP vision name (after `vision_model.`) -> open_clip's; q/k/v are fused apart.
 _HF_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
@@ -96,11 +95,11 @@ def read_clip_checkpoint(path: str | Path) -> tuple[StateDict, str]:
     """Read a local CLIP checkpoint (file, or transformers directory); return tower keys and format."""
     path = require_path(path, "CLIP weights")
     if path.is_dir():
-        weights = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
-        if weights is None or read_hf_config(path) is None:
-            raise WeightsError(f"{str(path)!r} is not a transformers CLIP directory: expected config.json and one of {list(HF_WEIGHT_FILES)}")
-        path = weights
-    state = read_tensors(path)
+        if read_hf_config(path) is None:
+            raise WeightsError(f"{str(path)!r} is not a transformers CLIP directory: it has no config.json")
+        state = read_hf_directory(path)
+    else:
+        state = read_tensors(path)
     if is_hf_clip(state):
         return convert_hf_clip_vision_state_dict(state), "transformers CLIP checkpoint"
     return convert_open_clip_vision_state_dict(state), "open_clip checkpoint"

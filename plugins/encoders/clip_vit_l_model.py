@@ -25,7 +25,7 @@ from torch import nn
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.freeze import FrozenPart, torch_dtype
 from vlbridge.plugins.encoders import clip_vit_l
-from vlbridge.plugins.encoders.checkpoints import StateDict, strict_load
+from vlbridge.weights import StateDict, strict_load
 from vlbridge.plugins.encoders.clip_vit_l import ClipVitLOptions
 from vlbridge.plugins.encoders.clip_vit_l_convert import read_clip_checkpoint, read_hf_config
 from vlbridge.specs import Preprocess, TokenShape

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from vlbridge.errors import WeightsError
-from vlbridge.plugins.encoders.checkpoints import StateDict, read_tensors, require_path, tensor_keys
+from vlbridge.weights import StateDict, read_hf_directory, read_tensors, require_path, tensor_keys
 
 HF_MODEL_TYPES = ("blip-2", "blip_2_vision_model")
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The EVA-CLIP / timm image head after the blocks (final norm, pooling norm, projection): BLIP-2
 # takes the blocks' tokens without it, so these keys are skipped on purpose.
 EVA_HEAD_PREFIXES = ("norm.", "fc_norm.", "head.")
@@ -167,17 +166,7 @@ def read_hf_blip2_vision(directory: Path) -> StateDict:
     if model_type not in HF_MODEL_TYPES:
         raise WeightsError(f"{config_path} has model_type {model_type!r}; expected one of {list(HF_MODEL_TYPES)}")
     keep = (lambda k: k.startswith("vision_model.")) if model_type == "blip-2" else (lambda k: True)
-    weights = next((directory / name for name in HF_WEIGHT_FILES if (directory / name).is_file()), None)
-    if weights is None:
-        raise WeightsError(f"{str(directory)!r} has no weights: expected one of {list(HF_WEIGHT_FILES)}")
-    if weights.name.endswith(".index.json"):
-        weight_map: dict[str, str] = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted({file for key, file in weight_map.items() if keep(key)})
-        state: StateDict = {}
-        for shard in shards:
-            state.update(read_tensors(require_path(directory / shard, "weights shard"), keep))
-    else:
-        state = read_tensors(weights, keep)
+    state = read_hf_directory(directory, keep)
     if not state:
-        raise WeightsError(f"{weights} holds no vision tensors (keys starting with 'vision_model.')")
+        raise WeightsError(f"{directory} holds no vision tensors (keys starting with 'vision_model.')")
     return state

@@ -25,7 +25,7 @@ from vlbridge.attention import attention
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.freeze import FrozenPart, torch_dtype
 from vlbridge.plugins.encoders import eva_vit_g
-from vlbridge.plugins.encoders.checkpoints import StateDict, strict_load
+from vlbridge.weights import StateDict, strict_load
 from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
 from vlbridge.plugins.encoders.eva_vit_g_convert import read_eva_checkpoint
 from vlbridge.specs import Preprocess, TokenShape

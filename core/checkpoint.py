@@ -1,0 +1,67 @@
+"""vlbridge checkpoints: the trainable weights only, as safetensors, beside the assembly YAML.
+
+Frozen parts are not copied: loading re-assembles them from the sources the assembly names (local
+weights or hub ids). A connector checkpoint records the stage it was trained in; loading it is strict
+about that stage's parameters and names the ones it leaves as initialised (e.g. the Q-Former's text
+side after stage 2), instead of a silent partial load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.errors import WeightsError
+from vlbridge.weights import StateDict, read_tensors, require_path, unwrap_state_dict
+
+ASSEMBLY_FILE = "assembly.yaml"
+WEIGHTS_FILE = "connector.safetensors"
+META_FILE = "checkpoint.json"
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that currently require gradients, detached and contiguous (safetensors needs it)."""
+    return {name: p.detach().contiguous().cpu() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], connector: nn.Module, stage: int,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Checkpoint a connector's trainable weights for `stage` beside its assembly."""
+    return write_checkpoint(out_dir, assembly_dict, trainable_state_dict(connector), stage, extra)
+
+
+def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
+                     extra: dict[str, Any] | None = None) -> Path:
+    """Write assembly.yaml, connector.safetensors and checkpoint.json (last, so its presence means done).
+
+    `extra["allow_missing"]` lists fnmatch patterns of stage-`stage` parameters the file lacks on
+    purpose (e.g. an imported model without an ITG head); loading names them instead of failing.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    atomic_write_text(out / ASSEMBLY_FILE, yaml.safe_dump(assembly_dict, sort_keys=False))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"stage": str(stage)}))
+    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors), **(extra or {})}
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
+    return out
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise WeightsError(f"{ckpt_dir} is not a vlbridge checkpoint (no {META_FILE}); expected a directory written by save()")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_connector_weights(path: str | Path) -> StateDict:
+    """A connector's tensors from our safetensors or a weights-only .pth/.bin (LAVIS wraps it in 'model')."""
+    path = require_path(path, "connector weights")
+    return unwrap_state_dict(read_tensors(path), str(path))

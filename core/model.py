@@ -1,0 +1,116 @@
+"""VLBridgeModel: one nn.Module holding a frozen encoder, a trainable connector and a frozen LLM.
+
+It knows how to run the three in a row (`visual_tokens`, `forward`) and which parameters train in
+which stage. Inference (caption/answer/generate) and retrieval live in their own modules and are
+exposed here as thin methods, so this file stays the map of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from vlbridge.assembly import Assembly
+from vlbridge.errors import VLBridgeError
+from vlbridge.images import to_pixel_batch
+
+DEFAULT_VQA_PROMPT = "Question: {} Short answer:"
+
+
+class VLBridgeModel(nn.Module):
+    """encoder (frozen) -> connector (trained) -> LLM (frozen; absent in stage 1)."""
+
+    def __init__(self, assembly: Assembly, encoder: nn.Module, connector: nn.Module, llm: nn.Module | None, stage: int):
+        super().__init__()
+        self.assembly = assembly
+        self.encoder = encoder
+        self.connector = connector
+        self.llm = llm
+        self.stage = stage
+        self.set_stage(stage)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def plan(self):
+        return self.assembly.plan
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.connector.parameters()).device
+
+    def set_stage(self, stage: int) -> None:
+        """Choose which connector parameters train; encoder and LLM stay frozen whatever the stage."""
+        if stage not in self.plan.stages:
+            raise VLBridgeError(f"connector {self.plan.connector.name!r} supports stages {list(self.plan.stages)}, not stage {stage}")
+        if stage == 2 and self.llm is None:
+            raise VLBridgeError("stage 2 needs the LLM; build the model with stage=2")
+        self.connector.set_stage(stage)
+        self.stage = stage
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_parameters(self, trainable: bool | None = None) -> int:
+        return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
+
+    # -- the forward path -------------------------------------------------------------------------
+    def pixel_values(self, images: Any) -> torch.Tensor:
+        """Images (PIL, paths or tensors) -> a normalised batch on the model's device."""
+        return to_pixel_batch(images, self.encoder.preprocess, device=self.device)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, W) frozen encoder tokens, in fp32 for the connector."""
+        with torch.no_grad():
+            return self.encoder(pixel_values).float()
+
+    def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M, D) soft visual prompt; pass cached encoder outputs as `image_embeds` to skip the encoder."""
+        if image_embeds is None:
+            if pixel_values is None:
+                raise VLBridgeError("visual_tokens needs pixel_values or image_embeds")
+            image_embeds = self.encode_images(pixel_values)
+        return self.connector(image_embeds)
+
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None, **llm_kwargs: Any):
+        """Stage-2 forward: the LLM's output (loss when labels are given) conditioned on the images."""
+        if self.llm is None:
+            raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2")
+        visual = self.visual_tokens(pixel_values, image_embeds)
+        return self.llm(visual, input_ids, attention_mask, labels=labels, **llm_kwargs)
+
+    # -- inference and retrieval (implemented in vlbridge.inference / vlbridge.retrieval) ----------
+    def generate(self, images, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
+        from vlbridge.inference import generate
+
+        return generate(self, images, prompt, **generation)
+
+    def caption(self, images, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
+        from vlbridge.inference import caption
+
+        return caption(self, images, prompt, **generation)
+
+    def answer(self, images, questions: str | Sequence[str], prompt: str = DEFAULT_VQA_PROMPT, **generation: Any) -> list[str]:
+        from vlbridge.inference import answer
+
+        return answer(self, images, questions, prompt, **generation)
+
+    def features(self, images=None, texts: Sequence[str] | None = None, mode: str = "image"):
+        from vlbridge.retrieval import features
+
+        return features(self, images=images, texts=texts, mode=mode)
+
+    def retrieve(self, images, texts: Sequence[str], k: int = 128, batch_size: int = 64):
+        from vlbridge.retrieval import retrieve
+
+        return retrieve(self, images, texts, k=k, batch_size=batch_size)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the trainable weights (safetensors) and the assembly YAML; frozen parts are not copied."""
+        from vlbridge.checkpoint import save_checkpoint
+
+        return save_checkpoint(out_dir, self.assembly.config.model_dump(mode="json"), self.connector, self.stage)

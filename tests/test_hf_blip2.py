@@ -1,0 +1,110 @@
+"""Parity with transformers' BLIP-2 on tiny random models saved with save_pretrained: import gives
+the same logits and the same generated tokens (OPT and FlanT5), the retrieval model the same ITM
+and ITC scores, and export round-trips back to transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlbridge
+from vlbridge import WeightsError
+from tests import hf_tiny
+
+Q = hf_tiny.NUM_QUERIES
+
+
+def _with_image_tokens(ids: torch.Tensor, mask: torch.Tensor, image_token: int = hf_tiny.IMAGE_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers 5 expects num_query_tokens <image> placeholders in front of the text."""
+    batch = ids.shape[0]
+    return (torch.cat([torch.full((batch, Q), image_token), ids], 1),
+            torch.cat([torch.ones(batch, Q, dtype=mask.dtype), mask], 1))
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def imported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"blip2-{request.param}")
+    reference = hf_tiny.make_generation_model(root / "hf", request.param)
+    model = vlbridge.load(vlbridge.import_hf_blip2(root / "hf", root / "ours"))
+    return request.param, reference, model, root
+
+
+def test_import_gives_the_same_logits(imported):
+    llm, reference, model, _ = imported
+    pixels = hf_tiny.pixels()
+    text = model.llm.tokenizer(["a red", "two blue circles on the"], padding=True, return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    extra = {}
+    if llm == "t5":
+        labels = model.llm.tokenizer(["red circle", "blue"], padding=True, return_tensors="pt")
+        extra = {"labels": labels.input_ids, "decoder_attention_mask": labels.attention_mask}
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask, **extra).logits
+        ours = model(pixels, text.input_ids, text.attention_mask, **extra).logits
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_import_generates_the_same_tokens(imported, num_beams):
+    llm, reference, model, _ = imported
+    pixels = hf_tiny.pixels()
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": num_beams}
+    prompt = model.llm.tokenizer([""] * 2, return_tensors="pt")  # OPT: [BOS]; T5: [</s>]
+    ids, mask = _with_image_tokens(prompt.input_ids, prompt.attention_mask)
+    with torch.no_grad():
+        expected = reference.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **settings)
+        ours = model.llm.generate(model.visual_tokens(pixels), prompt.input_ids, prompt.attention_mask, **settings)
+    if llm == "opt":
+        expected = expected[:, ids.shape[1]:]  # decoder-only: transformers returns the prompt too
+    else:
+        expected, ours = expected[:, -6:], ours[:, -6:]  # T5: compare the generated tokens, not the start token
+    assert torch.equal(ours, expected)
+    assert model.caption(pixels, **settings) == model.llm.decode(ours)
+
+
+def test_export_round_trips_to_transformers(imported):
+    from transformers import Blip2ForConditionalGeneration
+
+    llm, reference, model, root = imported
+    out = vlbridge.export_hf_blip2(model, root / "exported")
+    again = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    pixels = hf_tiny.pixels(seed=5)
+    text = model.llm.tokenizer(["a small cat"], return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    ids_exported, _ = _with_image_tokens(text.input_ids, text.attention_mask, again.config.image_token_index)
+    extra = {"labels": text.input_ids} if llm == "t5" else {}
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask, **extra).logits
+        exported = again(pixel_values=pixels, input_ids=ids_exported, attention_mask=mask, **extra).logits
+    torch.testing.assert_close(exported, expected, atol=1e-4, rtol=0)
+    assert "<image>" not in model.llm.tokenizer.get_vocab()
+
+
+def test_retrieval_model_import_matches_itm_and_itc(tmp_path):
+    reference = hf_tiny.make_retrieval_model(tmp_path / "hf")
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    assert model.llm is None and model.plan.stages == (1,)
+    pixels = hf_tiny.pixels()
+    texts = ["a red circle", "two blue squares next to a tree"]
+    text = model.connector.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        itm = reference(pixel_values=pixels, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                        use_image_text_matching_head=True).logits_per_image
+        itc = reference(pixel_values=pixels, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                        use_image_text_matching_head=False).logits_per_image
+    image_embeds = model.encode_images(pixels)
+    ours_itm = model.connector.itm_logits(text.input_ids, text.attention_mask, image_embeds)
+    torch.testing.assert_close(ours_itm, itm, atol=1e-4, rtol=0)
+    result = model.retrieve(pixels, texts, k=2)
+    torch.testing.assert_close(result.itc, itc, atol=1e-4, rtol=0)
+    features = model.features(images=pixels, mode="image")
+    assert features.image_embeds_proj.shape == (2, Q, 16)
+
+
+def test_not_a_blip2_directory(tmp_path):
+    with pytest.raises(WeightsError, match="no config.json"):
+        vlbridge.import_hf_blip2(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text('{"model_type": "opt"}')
+    with pytest.raises(WeightsError, match="expected 'blip-2'"):
+        vlbridge.import_hf_blip2(tmp_path, tmp_path / "out")
