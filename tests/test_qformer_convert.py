@@ -85,6 +85,10 @@ def test_retrieval_model_gets_equal_itm_logits_and_itc_scores():
     scores = torch.einsum("iqe,te->iqt", ours.image_features(feats), ours.text_features(ids, mask)).amax(dim=1)
     torch.testing.assert_close(scores, itc.logits_per_image, atol=1e-5, rtol=1e-5)
 
+    back = build(OPTS, TokenShape(TOKENS, W), LLM).eval()  # and from the retrieval model's own keys
+    back.load_weights(from_transformers(hf.state_dict()), allow_missing=("lm_head.*", "temp", "proj.*"))
+    torch.testing.assert_close(back.itm_logits(ids, mask, feats), itm.logits_per_image, atol=1e-5, rtol=1e-5)
+
 
 def test_transformers_round_trip_and_unknown_keys():
     ours = build(OPTS, TokenShape(TOKENS, W), LLM).state_dict()
