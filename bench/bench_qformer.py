@@ -1,21 +1,24 @@
 """Our Q-Former against transformers' Blip2QFormerModel on this CPU: same weights, same inputs.
 
-    python bench/bench_qformer.py [--batch 8] [--reps 5] [--json out.json]
+    python bench/bench_qformer.py [--batch 8] [--reps 9] [--json out.json]
 
-Both sides run BLIP-2's query path: ln_vision (transformers: vision_model.post_layernorm) on a
-(B, 257, 1408) encoder output, then the Q-Former over 32 learned queries (base: 768 wide, 12 layers,
-cross-attention every 2nd). Weights come from one seeded vlbridge build, converted with
-`qformer_convert.to_transformers`; outputs are checked equal before timing.
+Both sides run BLIP-2's stage-2 connector: ln_vision (transformers: vision_model.post_layernorm) on
+a (B, 257, 1408) encoder output, the Q-Former over 32 learned queries (base: 768 wide, 12 layers,
+cross-attention every 2nd), and the projection to OPT-2.7b's width 2560 (language_projection).
+Weights come from one seeded vlbridge build, converted with `qformer_convert.to_transformers`;
+outputs are checked equal before timing. Our side runs as in stage 2, after `drop_text_side()`
+(a full stage-1 Q-Former also holds the text side: about 80M more parameters).
 
-Time: median of `--reps` interleaved repetitions (after one warm-up) of a forward (eval, no_grad)
-and of a training step (train mode: dropout on; forward, mean-square loss, backward).
+Time: `--reps` interleaved repetitions (after one warm-up) of a forward (eval, no_grad) and of a
+training step (train mode, dropout on: forward, mean-square loss, backward). Reported: the best
+wall time (least disturbed by other load), the median wall time, and the median process CPU time.
 
-Memory: each side runs in a fresh subprocess with MALLOC_MMAP_THRESHOLD_ fixed, so that large
-buffers are mmapped and returned to the OS on free and RSS follows live memory. After a warm-up
-step, the peak-RSS mark is reset (/proc/self/clear_refs) and the step's peak RSS above the RSS
-before it is reported: activations, gradients and temporaries, not the weights. The weights
-resident in each module are reported separately; our side runs as in stage 2, with
-`drop_text_side()` (a full stage-1 Q-Former also holds the text side: about 80M more parameters).
+Memory, two ways, for one step after a warm-up step:
+- torch allocator: the peak of bytes allocated by torch during the step (profiler memory events),
+  i.e. activations, gradients and temporaries, exactly, without the weights;
+- RSS: in a fresh subprocess per side, with MALLOC_MMAP_THRESHOLD_ fixed so that freed buffers go
+  back to the OS, the peak RSS during the step (/proc/self/clear_refs resets the mark) above the RSS
+  before it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -69,36 +73,48 @@ class HFQueryPath(nn.Module):
         self.qformer = Blip2QFormerModel(config)
         self.query_tokens = nn.Parameter(torch.zeros_like(ours.query_tokens))
         self.post_layernorm = nn.LayerNorm(ENCODER_WIDTH, eps=1e-6)
-        query_path = {n: p.detach() for n, p in ours.named_parameters() if p.requires_grad and not n.startswith("proj.")}
-        theirs = {k.replace("vision_model.post_layernorm.", "post_layernorm."): v for k, v in to_transformers(query_path).items()}
+        self.language_projection = nn.Linear(ours.proj.in_features, ours.proj.out_features)
+        stage2 = {n: p.detach() for n, p in ours.named_parameters() if p.requires_grad}
+        theirs = {k.replace("vision_model.post_layernorm.", "post_layernorm."): v for k, v in to_transformers(stage2).items()}
         self.load_state_dict(theirs, strict=True)
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         out = self.qformer(query_embeds=queries, encoder_hidden_states=self.post_layernorm(image_embeds))
-        return out.last_hidden_state
-
-
-def run_query_path(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    return model.query_outputs(image) if hasattr(model, "query_outputs") else model(image)
+        return self.language_projection(out.last_hidden_state)
 
 
 def forward_only(model: nn.Module, image: torch.Tensor) -> None:
     model.eval()
     with torch.no_grad():
-        run_query_path(model, image)
+        model(image)
 
 
 def train_step(model: nn.Module, image: torch.Tensor) -> None:
     model.train()
-    run_query_path(model, image).pow(2).mean().backward()
+    model(image).pow(2).mean().backward()
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def allocator_peak_mb(step: Callable[[nn.Module, torch.Tensor], None], model: nn.Module, image: torch.Tensor) -> float:
+    """Peak bytes allocated by torch during one step, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(model, image)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as trace:
+            events = json.load(trace)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**20
 
 
 def make_image(batch: int) -> torch.Tensor:
@@ -134,34 +150,41 @@ def measure_memory(side: str, batch: int) -> dict[str, float]:
 
 def compare(batch: int, reps: int) -> dict[str, object]:
     ours, theirs, image = build_pair("ours"), build_pair("transformers"), make_image(batch)
+    sides, steps = (("ours", ours), ("transformers", theirs)), (("forward", forward_only), ("train_step", train_step))
     ours.eval(), theirs.eval()
     with torch.no_grad():
-        max_diff = (run_query_path(ours, image) - run_query_path(theirs, image)).abs().max().item()
-    times: dict[str, list[float]] = {f"{s}_{m}": [] for s in ("ours", "transformers") for m in ("forward", "train_step")}
+        max_diff = (ours(image) - theirs(image)).abs().max().item()
+    wall: dict[str, list[float]] = {f"{s}_{m}": [] for s, _ in sides for m, _ in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
     for rep in range(reps + 1):  # rep 0 is the warm-up
-        for mode, step in (("forward", forward_only), ("train_step", train_step)):
-            for side, model in (("ours", ours), ("transformers", theirs)):
-                elapsed = timed(lambda: step(model, image))
+        for mode, step in steps:
+            for side, model in sides:
+                elapsed, used = timed(lambda: step(model, image))
                 if rep:
-                    times[f"{side}_{mode}"].append(elapsed)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"max_abs_diff": max_diff, "median_s": medians, "all_s": times}
+                    wall[f"{side}_{mode}"].append(elapsed)
+                    cpu[f"{side}_{mode}"].append(used)
+    allocator = {f"{side}_{mode}": allocator_peak_mb(step, model, image) for side, model in sides for mode, step in steps}
+    return {"max_abs_diff": max_diff, "best_s": {k: min(v) for k, v in wall.items()},
+            "median_s": {k: statistics.median(v) for k, v in wall.items()},
+            "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+            "allocator_peak_mb": allocator, "wall_s": wall, "cpu_s": cpu}
 
 
 def report(batch: int, reps: int, result: dict, memory: dict[str, dict[str, float]]) -> str:
-    med = result["median_s"]
-    rows = [
-        ("forward (eval, no_grad), median s", med["ours_forward"], med["transformers_forward"]),
-        ("training step (fwd+bwd), median s", med["ours_train_step"], med["transformers_train_step"]),
-        ("forward: peak RSS above weights, MiB", memory["ours"]["forward_peak_mb"], memory["transformers"]["forward_peak_mb"]),
-        ("training step: peak RSS above weights, MiB", memory["ours"]["train_step_peak_mb"], memory["transformers"]["train_step_peak_mb"]),
-        ("weights resident in the module, MiB", memory["ours"]["weights_mb"], memory["transformers"]["weights_mb"]),
-    ]
+    rows = []
+    for mode, label in (("forward", "forward (eval, no_grad)"), ("train_step", "training step (fwd+bwd)")):
+        for key, what in (("best_s", "best wall s"), ("median_s", "median wall s"), ("median_cpu_s", "median CPU s")):
+            rows.append((f"{label}, {what}", result[key][f"ours_{mode}"], result[key][f"transformers_{mode}"]))
+    for mode, label in (("forward", "forward"), ("train_step", "training step")):
+        alloc = result["allocator_peak_mb"]
+        rows.append((f"{label}: peak torch-allocated, MiB", alloc[f"ours_{mode}"], alloc[f"transformers_{mode}"]))
+        rows.append((f"{label}: peak RSS above the RSS before, MiB", memory["ours"][f"{mode}_peak_mb"], memory["transformers"][f"{mode}_peak_mb"]))
+    rows.append(("weights resident in the module, MiB", memory["ours"]["weights_mb"], memory["transformers"]["weights_mb"]))
     lines = [
         f"Q-Former base, batch {batch}, encoder output {ENCODER_TOKENS}x{ENCODER_WIDTH}, fp32, {reps} reps after 1 warm-up",
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
         f"torch {torch.__version__}, transformers {__import__('transformers').__version__}",
-        f"max |ours - transformers| on the query outputs: {result['max_abs_diff']:.2e}",
+        f"max |ours - transformers| on the connector outputs: {result['max_abs_diff']:.2e}",
         "",
         "| measure | vlbridge | transformers | vlbridge / transformers |",
         "|---|---|---|---|",
@@ -173,7 +196,7 @@ def report(batch: int, reps: int, result: dict, memory: dict[str, dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--memory-child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -33,14 +33,18 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, -1).transpose(1, 2)  # (B, L, W) -> (B, H, L, Dh)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        source = x if context is None else context
+    def _attend(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = self._split_heads(self.query(x))
         k = self._split_heads(self.key(source))
         v = self._split_heads(self.value(source))
         out = attention(q, k, v, mask, dropout_p=self.attn_dropout if self.training else 0.0)
         batch, _, length, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, L, Dh) -> (B, L, W)
+        return out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, L, Dh) -> (B, L, W)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # q, k, v die when _attend returns: cross-attention K/V (B, N, W) are the largest
+        # activations of an inference pass and must not live on through the output block.
+        out = self._attend(x, x if context is None else context, mask)
         return self.norm(x + self.dropout(self.dense(out)))
 
 
