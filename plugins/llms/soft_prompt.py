@@ -145,12 +145,26 @@ class SoftPromptLLM(FrozenPart):
         """Generate after `[visual; text]` for a batch; returns the new token ids (B * num_return_sequences, L_new)."""
         embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask, self.generate_pad_side)
         kwargs = merge_generation_kwargs(generation_kwargs, self.generation_defaults())
+        expand = kwargs.get("num_beams") or 1
+        if expand == 1 and kwargs.get("do_sample"):
+            expand = kwargs.get("num_return_sequences") or 1
+        if not self.is_encoder_decoder and expand > 1 and embeds.shape[1] > 1 and "cache" not in kwargs:
+            kwargs["cache"] = self._shared_prefix_cache(embeds, mask, expand)
         with warnings.catch_warnings():
             # With only inputs_embeds the prompt has no ids to penalise: BLIP-2 behaves the same.
             warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`.*")
             output = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         sequences = output.sequences if hasattr(output, "sequences") else output
         return self.new_tokens(sequences)
+
+    def _shared_prefix_cache(self, embeds: torch.Tensor, mask: torch.Tensor, expand: int) -> Any:
+        """Run the prompt (all but its last position) once per image and copy its key/value cache to
+        every beam. transformers would run the whole prompt once per beam: with a 32-token visual
+        prompt and 5 beams that is 5x the prefill work for the same numbers (outputs are identical)."""
+        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(expand)
+        return cache
 
     def _check_visual(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor) -> None:
         """Refuse a visual prompt the LLM cannot take, naming both shapes."""
