@@ -1,0 +1,303 @@
+"""Stage objectives: what the trainer calls, `objective(model, batch) -> dict[str, Tensor]`.
+
+The dict holds "loss" (the total to backpropagate) and each component detached ("itc", "itm",
+"itg" in stage 1; "lm" in stage 2). Objectives are model-agnostic: they use only the VLBridgeModel
+and connector interfaces (docs/architecture.md), so any connector with a stage 2 trains with
+`Stage2Objective` on the same loss and tokenisation (Q-Former, linear and MLP compared on equal
+footing), and any connector with the Q-Former's stage-1 interface trains with `Stage1Objective`.
+
+Batches are the data layer's dicts: `text` (list[str]), `image_index` (int64, same image => same
+index on every rank), and `pixel_values` or, from the frozen-feature cache, `image_embeds`
+(B, N, W). Stage 2 also reads optional `text_input` / `text_output` pairs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad
+from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, itg_loss, itm_loss, prefix_lm_split,
+                                   sample_hard_negatives)
+
+if TYPE_CHECKING:
+    from vlbridge.model import VLBridgeModel
+
+Losses = dict[str, torch.Tensor]
+STAGE1_INTERFACE = ("tokenizer", "image_features", "text_features", "itm_logits", "itg_logits", "temp")
+
+
+# -- shared pieces --------------------------------------------------------------------------------
+
+class ObjectiveOptions(BaseModel):
+    """Base of the objectives' options: unknown names are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective:
+    """Base class. Subclasses set `name`, `stage`, `Options`, and implement `supports` and `__call__`."""
+
+    name: ClassVar[str]
+    stage: ClassVar[int]
+    connectors: ClassVar[str]  # which connector kinds, in words (for listings and errors)
+    Options: ClassVar[type[ObjectiveOptions]]
+
+    def __init__(self, generator: torch.Generator | None = None, **options: Any) -> None:
+        try:
+            self.options = self.Options(**options)
+        except ValidationError as exc:
+            raise VLBridgeError(f"objective {self.name!r}: bad options: {exc}") from exc
+        self.generator = generator  # for sampling (hard negatives, prefix split); None = torch's global RNG
+
+    def supports(self, model: "VLBridgeModel") -> str | None:
+        """None if this objective can train the model as it is, else the reason it cannot."""
+        raise NotImplementedError
+
+    def check(self, model: "VLBridgeModel") -> None:
+        """Raise VLBridgeError naming the reason when the model does not fit this objective."""
+        reason = self.supports(model)
+        if reason is not None:
+            raise VLBridgeError(f"objective {self.name!r} cannot train this model: {reason}")
+
+    def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+
+def total(**parts: torch.Tensor) -> Losses:
+    """{"loss": sum of the parts, each part detached} (the unweighted sum, as BLIP-2)."""
+    loss = sum(parts.values())
+    return {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
+
+
+def batch_texts(batch: Mapping[str, Any], key: str = "text") -> list[str]:
+    texts = batch.get(key)
+    if texts is None:
+        raise VLBridgeError(f"the batch has no {key!r} (keys: {sorted(batch)}); captions must come as a list of strings")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise VLBridgeError("empty batch: every sample was skipped; the trainer should skip batches with len(batch['index']) == 0")
+    if not all(isinstance(text, str) for text in texts):
+        raise VLBridgeError(f"batch[{key!r}] must hold strings, got {sorted({type(t).__name__ for t in texts})}")
+    return texts
+
+
+def batch_image_embeds(model: "VLBridgeModel", batch: Mapping[str, Any]) -> torch.Tensor:
+    """(B, N, W) frozen encoder tokens: the cached `image_embeds` if present, else the encoder's."""
+    embeds = batch.get("image_embeds")
+    if embeds is None:
+        if batch.get("pixel_values") is None:
+            raise VLBridgeError(f"the batch needs pixel_values or cached image_embeds (keys: {sorted(batch)})")
+        return model.encode_images(batch["pixel_values"].to(model.device))
+    expected = model.plan.encoder_out
+    if embeds.dim() != 3 or tuple(embeds.shape[1:]) != (expected.num_tokens, expected.width):
+        raise VLBridgeError(f"cached image_embeds have shape {tuple(embeds.shape)} but encoder {model.plan.encoder.name!r} "
+                            f"gives (batch, {expected.num_tokens}, {expected.width}); was the cache built with another encoder?")
+    return embeds.to(model.device, torch.float32)
+
+
+def batch_image_ids(batch: Mapping[str, Any], size: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 image indices: captions with the same index are never each other's negatives."""
+    ids = batch.get("image_index")
+    if ids is None:
+        raise VLBridgeError("the batch has no 'image_index' (the data layer's stable int per image); stage 1 needs it "
+                            "so that captions of the same image are not treated as negatives")
+    if not isinstance(ids, torch.Tensor):
+        if any(isinstance(i, str) for i in ids):
+            raise VLBridgeError("image_index must be integers, not strings (string ids crashed LAVIS stage 1, #629)")
+        ids = torch.as_tensor(list(ids))
+    if ids.shape != (size,) or ids.is_floating_point():
+        raise VLBridgeError(f"image_index must be {size} integers (one per text), got {ids.dtype} of shape {tuple(ids.shape)}")
+    return ids.to(device, torch.long)
+
+
+def join_text(left: str, right: str) -> str:
+    """Concatenate two texts with one space between them unless either side already has one."""
+    if not left or not right or left[-1].isspace() or right[0].isspace():
+        return left + right
+    return f"{left} {right}"
+
+
+# -- stage 1 --------------------------------------------------------------------------------------
+
+class Stage1Options(ObjectiveOptions):
+    max_text_tokens: int = Field(32, ge=2, description="Q-Former text length (BLIP-2: 32), [CLS] and [SEP] included")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of ITC and ITG (BLIP-2: 0.1)")
+    temp_range: tuple[float, float] | None = Field(DEFAULT_TEMP_RANGE, description="bounds on the ITC temperature's value (straight-through); none = unclamped, as BLIP-2")
+
+
+class Stage1Objective(Objective):
+    """BLIP-2 stage 1: ITC + ITM (hard negatives) + ITG on the Q-Former alone; loss = their sum.
+
+    Image ids come from `batch["image_index"]`. Texts are padded to `max_text_tokens` (as LAVIS), so
+    every rank's token tensors have the same shape for the gather. ITG re-runs the query pass under
+    the multimodal-causal mask (`itg_logits`) instead of reusing the ITC pass's cached keys/values:
+    the same numbers up to dropout, one extra query pass per step.
+    """
+
+    name = "stage1"
+    stage = 1
+    connectors = "a connector with the Q-Former's stage-1 interface (qformer)"
+    Options = Stage1Options
+
+    def supports(self, model: "VLBridgeModel") -> str | None:
+        connector = model.connector
+        missing = [attr for attr in STAGE1_INTERFACE if getattr(connector, attr, None) is None]
+        if 1 not in model.plan.stages or missing:
+            return (f"connector {model.plan.connector.name!r} has no stage 1 (stages {list(model.plan.stages)}; "
+                    f"missing {missing or 'nothing'}); stage 1 needs a Q-Former with its text side")
+        if model.stage != 1:
+            return f"the model is set to stage {model.stage}; build it with stage=1 or call model.set_stage(1)"
+        return None
+
+    def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
+        self.check(model)
+        qformer = model.connector
+        texts = batch_texts(batch)
+        image_embeds = batch_image_embeds(model, batch)  # (B, N, W)
+        if image_embeds.shape[0] != len(texts):
+            raise VLBridgeError(f"stage 1 needs one text per image: {image_embeds.shape[0]} images, {len(texts)} texts")
+        image_ids = batch_image_ids(batch, len(texts), model.device)  # (B,)
+        ids, mask = self.tokenize(qformer, texts, model.device)  # (B, T)
+        itc, sim_i2t, sim_t2i = self.itc(qformer, image_embeds, ids, mask, image_ids)
+        itm = self.itm(qformer, image_embeds, ids, mask, image_ids, sim_i2t, sim_t2i)
+        itg = self.itg(qformer, image_embeds, ids, mask)
+        return total(itc=itc, itm=itm, itg=itg)
+
+    def tokenize(self, qformer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS] text [SEP] [PAD]..., (B, max_text_tokens), truncated on the right."""
+        encoded = qformer.tokenizer(list(texts), padding="max_length", truncation=True,
+                                    max_length=self.options.max_text_tokens, return_tensors="pt")
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+    def itc(self, qformer: Any, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+            image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image_feats = qformer.image_features(image_embeds)  # (B, Q, E)
+        text_feats = qformer.text_features(ids, mask)  # (B, E)
+        return itc_loss(image_feats, text_feats, qformer.temp, image_ids, self.options.label_smoothing, self.options.temp_range)
+
+    def itm(self, qformer: Any, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor,
+            sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> torch.Tensor:
+        """3B pairs: (img, txt) positive, (hard-negative img, txt), (img, hard-negative txt)."""
+        batch = ids.shape[0]
+        all_images = all_gather_with_grad(image_embeds)  # (N, Nv, W)
+        all_ids, all_mask = all_gather_no_grad(ids), all_gather_no_grad(mask)  # (N, T)
+        negatives = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, all_gather_no_grad(image_ids), self.generator)
+        neg_images = all_images[negatives.images.clamp_min(0)]  # rows without a negative are placeholders, ignored below
+        neg_texts = negatives.texts.clamp_min(0)
+        pair_ids = torch.cat([ids, ids, all_ids[neg_texts]])  # (3B, T)
+        pair_mask = torch.cat([mask, mask, all_mask[neg_texts]])
+        pair_images = torch.cat([image_embeds, neg_images, image_embeds])  # (3B, Nv, W)
+        logits = qformer.itm_logits(pair_ids, pair_mask, pair_images)  # (3B, 2)
+        return itm_loss(logits, batch, torch.cat([negatives.has_image, negatives.has_text]))
+
+    def itg(self, qformer: Any, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Captioning from the queries: [CLS] becomes [DEC], each token predicts the next."""
+        decoder_ids = ids.clone()
+        decoder_ids[:, 0] = qformer.tokenizer.bos_token_id  # [DEC]
+        logits = qformer.itg_logits(decoder_ids, mask, image_embeds)  # (B, T, V)
+        return itg_loss(logits, decoder_ids, mask, self.options.label_smoothing)
+
+
+# -- stage 2 --------------------------------------------------------------------------------------
+
+class Stage2Options(ObjectiveOptions):
+    prompt: str = Field("", description="text before every caption (e.g. 'a photo of'); never a target")
+    max_text_tokens: int = Field(32, ge=2, description="LLM text length (BLIP-2: 32), special tokens included")
+
+
+class Stage2Objective(Objective):
+    """BLIP-2 stage 2: the connector's output is a soft prompt for the frozen LLM; loss = its LM loss.
+
+    Decoder-only (OPT): prompt + caption + `llm.caption_suffix`, right-padded; the labels skip the
+    prompt's tokens (BOS included, counted by tokenising the prompt alone, as LAVIS) and padding.
+    Encoder-decoder (FlanT5): prefix LM, the encoder reads [visual; prompt + prefix] and the decoder
+    learns the rest (+ </s>); the caption is cut by `prefix_lm_split` (in words) unless the batch
+    gives `text_input` / `text_output` (then prompt + text_input is the input, text_output the target;
+    OPT reads the same pair as prompt + text_input + text_output, learning only text_output).
+    """
+
+    name = "stage2"
+    stage = 2
+    connectors = "any connector with a stage 2 (qformer, linear, mlp, plugins)"
+    Options = Stage2Options
+
+    def supports(self, model: "VLBridgeModel") -> str | None:
+        if model.llm is None:
+            return "the model has no LLM; build it with stage=2"
+        if model.stage != 2:
+            return f"the model is set to stage {model.stage}; call model.set_stage(2)"
+        return None
+
+    def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
+        self.check(model)
+        pairs = self.explicit_pairs(batch)
+        texts = batch_texts(batch) if pairs is None else pairs[1]
+        visual = model.visual_tokens(image_embeds=batch_image_embeds(model, batch))  # (B, M, D)
+        if visual.shape[0] != len(texts):
+            raise VLBridgeError(f"stage 2 needs one text per image: {visual.shape[0]} images, {len(texts)} texts")
+        if model.llm.is_encoder_decoder:
+            inputs, targets = pairs if pairs is not None else self.prefix_pairs(texts)
+            output = self.encoder_decoder_lm(model.llm, visual, inputs, targets)
+        else:
+            inputs = pairs[0] if pairs is not None else [self.options.prompt] * len(texts)
+            output = self.decoder_only_lm(model.llm, visual, inputs, texts)
+        return total(lm=output.loss)
+
+    def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
+        """(prompt + text_input, text_output) when the batch gives both, else None."""
+        if batch.get("text_input") is None and batch.get("text_output") is None:
+            return None
+        inputs, outputs = batch_texts(batch, "text_input"), batch_texts(batch, "text_output")
+        if len(inputs) != len(outputs):
+            raise VLBridgeError(f"{len(inputs)} text_input but {len(outputs)} text_output in the batch")
+        return [join_text(self.options.prompt, text) for text in inputs], outputs
+
+    def prefix_pairs(self, captions: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Prefix LM: (prompt + the first 1..middle words, the remaining words) per caption."""
+        split = prefix_lm_split(captions, self.generator)
+        return [join_text(self.options.prompt, prefix) for prefix, _ in split], [rest for _, rest in split]
+
+    def decoder_only_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> Any:
+        """[visual; BOS input target suffix]: labels only on target and suffix (pads and input are -100)."""
+        texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
+        ids, mask = llm.tokenize(texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
+        labels = ids.masked_fill(mask.eq(0), IGNORE_INDEX)
+        prefix_lengths = llm.tokenize(inputs, padding_side="right")[1].sum(dim=1)  # (B,) with BOS
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        labels = labels.masked_fill(positions < prefix_lengths.to(ids.device)[:, None], IGNORE_INDEX)
+        if not labels.ne(IGNORE_INDEX).any():
+            raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
+                                "raise max_text_tokens or shorten the prompt")
+        return llm(visual, ids, mask, labels=labels)
+
+    def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> Any:
+        """Encoder: [visual; input </s>]; decoder: target </s> (padded targets masked by the wrapper)."""
+        ids, mask = llm.tokenize(inputs, max_length=self.options.max_text_tokens, padding_side="right")
+        target_ids, target_mask = llm.tokenize(targets, max_length=self.options.max_text_tokens, padding_side="right")
+        return llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
+
+
+# -- lookup ---------------------------------------------------------------------------------------
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Stage1Objective, Stage2Objective)}
+
+
+def build_objective(name: str, generator: torch.Generator | None = None, **options: Any) -> Objective:
+    """An objective by name ("stage1", "stage2") with its options."""
+    if name not in OBJECTIVES:
+        raise VLBridgeError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](generator=generator, **options)
+
+
+def objective_for(model: "VLBridgeModel", generator: torch.Generator | None = None, **options: Any) -> Objective:
+    """The objective of the model's current stage, checked against the model."""
+    objective = build_objective(f"stage{model.stage}", generator, **options)
+    objective.check(model)
+    return objective
