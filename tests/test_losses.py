@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.train import distributed
-from vlbridge.train.losses import (IGNORE_INDEX, itc_loss, itg_loss, itm_loss, negative_weights, positive_mask,
+from vlbridge.train.losses import (itc_loss, itg_loss, itm_loss, negative_weights, positive_mask,
                                    prefix_lm_split, sample_hard_negatives, soft_targets, split_point)
 
 

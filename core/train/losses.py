@@ -87,7 +87,7 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
     N = the gathered batch. Captions of the same image share the positive mass of a row; with all
     ids distinct this is exactly CE on the diagonal with label smoothing (BLIP-2's plain branch).
     """
-    check_image_ids(image_ids, image_feats.shape[0])
+    image_ids = check_image_ids(image_ids, image_feats.shape[0]).to(image_feats.device)
     if text_feats.shape[0] != image_feats.shape[0]:
         raise VLBridgeError(f"itc_loss: {image_feats.shape[0]} images but {text_feats.shape[0]} texts")
     all_image_feats = all_gather_no_grad(image_feats, keep_local=True)  # (N, Q, E)
@@ -141,7 +141,7 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_id
     (default: gathered here). Samples of the same image are never drawn. Never raises on inf/NaN
     similarities (LAVIS #107); see `negative_weights` for the fallbacks.
     """
-    check_image_ids(image_ids, sim_i2t.shape[0])
+    image_ids = check_image_ids(image_ids, sim_i2t.shape[0]).to(sim_i2t.device)
     if all_image_ids is None:
         all_image_ids = all_gather_no_grad(image_ids)
     if sim_i2t.shape != sim_t2i.shape or sim_i2t.shape[1] != all_image_ids.shape[0]:
@@ -151,9 +151,16 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_id
     with torch.no_grad():
         image_weights, has_image = negative_weights(sim_t2i, positives)  # each text's row over all images
         text_weights, has_text = negative_weights(sim_i2t, positives)  # each image's row over all texts
-        images = torch.multinomial(image_weights, 1, generator=generator).squeeze(1)
-        texts = torch.multinomial(text_weights, 1, generator=generator).squeeze(1)
+        images = draw(image_weights, generator)
+        texts = draw(text_weights, generator)
     return HardNegatives(images.masked_fill(~has_image, -1), texts.masked_fill(~has_text, -1), has_image, has_text)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, N) non-negative weights -> (B,) one column per row, on the generator's device if one is given
+    (a CPU generator may drive sampling for CUDA similarities)."""
+    device = weights.device if generator is None else generator.device
+    return torch.multinomial(weights.to(device), 1, generator=generator).squeeze(1).to(weights.device)
 
 
 def itm_labels(batch_size: int, negative_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
