@@ -1,6 +1,6 @@
 """Our Q-Former against transformers' Blip2QFormerModel on this CPU: same weights, same inputs.
 
-    python bench/bench_qformer.py [--batch 8] [--reps 9] [--json out.json]
+    python bench/bench_qformer.py [--batch 8] [--reps 9] [--threads N] [--json out.json]
 
 Both sides run BLIP-2's stage-2 connector: ln_vision (transformers: vision_model.post_layernorm) on
 a (B, 257, 1408) encoder output, the Q-Former over 32 learned queries (base: 768 wide, 12 layers,
@@ -197,9 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 makes CPU time robust to other load")
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--memory-child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.batch)))
         return
