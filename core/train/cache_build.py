@@ -1,0 +1,238 @@
+"""Building a frozen-feature cache (`vlbridge cache-features`): run the frozen encoder once over
+every distinct image of one or more datasets, with the eval transform, and store its outputs.
+
+Layout of the output directory: `features-00000.safetensors`, ... (`shard_size` images each, one
+tensor `image_embeds` of shape (rows, tokens, width) in fp16, bf16 or fp32) and `manifest.json`.
+
+Interruption: each shard is written atomically (beside, then renamed) with a header that records
+the build's fingerprint (encoder identity including its weights' sha256, dtype, shard size) and the
+images it was planned for; the manifest is written last. A build without a manifest therefore
+**resumes**: rerunning the same command keeps every complete shard whose header matches and
+recomputes only the rest. A directory with a manifest is a finished cache; it is refused unless
+`overwrite=True`, which deletes its files first and **restarts** from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vlbridge.assembly import Assembly, load_assembly
+from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.data.build import make_loader
+from vlbridge.data.config import DataConfig, load_data_config
+from vlbridge.data.datasets import RecordDataset
+from vlbridge.data.records import DataError, ImageText, Skipped
+from vlbridge.data.transforms import eval_transform
+from vlbridge.freeze import torch_dtype
+from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
+                                  Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
+                                  encoder_identity, manifest_json, read_manifest, weights_sha256)
+from vlbridge.train.cache_dataset import iter_samples, portable_name
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How a cache is computed and stored; dtype and shard_size are part of each shard's fingerprint,
+    the rest only changes the speed."""
+
+    batch_size: int = 64
+    device: str = "cpu"
+    dtype: StorageDtype = "fp16"
+    shard_size: int = 1024
+    num_workers: int = 2
+
+
+# -- sources and images --------------------------------------------------------------------------
+def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path]) -> list[tuple[DataConfig, Source]]:
+    """Data configs from objects, mappings or YAML files (each a DataConfig mapping)."""
+    loaded = []
+    for i, source in enumerate(sources):
+        file = None
+        if isinstance(source, (str, Path)):
+            file, source = str(source), _read_yaml(Path(source).expanduser())
+        config = load_data_config(source, where=file or f"data[{i}]")
+        loaded.append((config, Source(file=file, config=config.model_dump(mode="json", exclude_defaults=True))))
+    if not loaded:
+        raise CacheError("no data to cache: give at least one dataset (--data DATA.yaml, or --format and --paths)")
+    return loaded
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise CacheError(f"data config {str(path)!r} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CacheError(f"data config {str(path)!r}: malformed YAML: {' '.join(str(exc).split())}") from None
+
+
+def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[ImageText]:
+    """Each distinct image once (first-seen order), keyed by image id; an id naming two images is an error."""
+    seen: dict[Any, str] = {}
+    for config, source in sources:
+        where = source.file or "data"
+        for sample in iter_samples(config, where, keep_bytes=True):
+            if isinstance(sample, Skipped):
+                continue  # a tar sample without image or caption: nothing to encode
+            name = portable_name(sample.image)
+            known = seen.get(sample.image_id)
+            if known is None:
+                seen[sample.image_id] = name
+                yield ImageText(sample.image, "", sample.image_id)
+            elif known != name:
+                raise DataError(f"{where}: image id {sample.image_id!r} names two images, {known!r} and {name!r}; "
+                                "the cache finds features by image id, so each id must belong to one image")
+
+
+def chunked(items: Iterable[ImageText], size: int) -> Iterator[list[ImageText]]:
+    chunk: list[ImageText] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# -- the directory --------------------------------------------------------------------------------
+def prepare_directory(out: Path, overwrite: bool) -> None:
+    """Refuse a finished cache unless overwriting (then delete it); drop temp files of a killed run."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST_FILE).is_file():
+        if not overwrite:
+            old = read_manifest(out)
+            raise CacheError(f"{str(out)!r} already holds a feature cache ({old.rows} images of encoder {old.encoder.name!r}); "
+                             "pass --overwrite to rebuild it from scratch, or choose another --out")
+        (out / MANIFEST_FILE).unlink()  # first: a crash below must not leave a manifest over missing shards
+        for shard in out.glob(SHARD_GLOB):
+            shard.unlink()
+    for leftover in [*out.glob(".features-*.tmp"), *out.glob(f".{MANIFEST_FILE}.*.tmp")]:
+        leftover.unlink(missing_ok=True)
+
+
+def fingerprint(identity: EncoderIdentity, settings: BuildSettings) -> str:
+    payload = {"encoder": identity.model_dump(mode="json"), "dtype": settings.dtype, "shard_size": settings.shard_size}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- shards ---------------------------------------------------------------------------------------
+def reuse_shard(path: Path, fingerprint_: str, planned: list[list[Any]]) -> tuple[ShardEntry, list[SkippedImage]] | None:
+    """A complete shard of an interrupted build of the same cache, or None (then it is rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            rows = handle.get_slice(TENSOR_NAME).get_shape()[0]
+        if meta.get("vlbridge_cache") != fingerprint_ or json.loads(meta["planned"]) != planned:
+            return None
+        ids, names = json.loads(meta["image_ids"]), json.loads(meta["names"])
+        skipped = [SkippedImage(**s) for s in json.loads(meta["skipped"])]
+    except Exception:  # a damaged or foreign file is simply rewritten
+        return None
+    if rows != len(ids):
+        return None
+    entry = ShardEntry(file=path.name, rows=rows, bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names)
+    return entry, skipped
+
+
+def encode_chunk(encoder: torch.nn.Module, chunk: list[ImageText], preprocess: Any, settings: BuildSettings,
+                 strict: bool) -> tuple[torch.Tensor, list[int], list[SkippedImage]]:
+    """(rows, tokens, width) features of the chunk's readable images, their chunk positions, the skipped."""
+    dataset = RecordDataset(chunk, eval_transform(preprocess), strict=strict, shuffle=False)
+    loader = make_loader(dataset, settings.batch_size, num_workers=settings.num_workers)
+    storage = torch_dtype(settings.dtype)
+    parts, positions, skipped = [], [], []
+    for batch in loader:
+        skipped += [SkippedImage(image_id=chunk[s.index].image_id, name=portable_name(chunk[s.index].image), reason=s.reason)
+                    for s in batch["skipped"]]
+        if len(batch["index"]) == 0:
+            continue
+        with torch.inference_mode():  # as VLBridgeModel.encode_images: the encoder's output, in fp32
+            features = encoder(batch["pixel_values"].to(settings.device)).float()
+        stored = features.to(storage).cpu()
+        if not torch.isfinite(stored).all():
+            first = chunk[int(batch["index"][0])].image.name
+            raise CacheError(f"encoder outputs for the batch starting at image {first!r} are not finite in {settings.dtype} "
+                             f"(largest |value| {features.abs().max().item():.4g}); store them as --dtype fp32 or bf16")
+        parts.append(stored)
+        positions += batch["index"].tolist()
+    empty = torch.empty(0, 0, 0, dtype=storage)
+    return (torch.cat(parts) if parts else empty), positions, skipped
+
+
+def write_shard(path: Path, encoder: torch.nn.Module, chunk: list[ImageText], preprocess: Any, identity: EncoderIdentity,
+                settings: BuildSettings, fingerprint_: str, strict: bool) -> tuple[ShardEntry, list[SkippedImage]]:
+    """Encode a chunk and write its shard atomically, with the header that lets a rerun reuse it."""
+    features, positions, skipped = encode_chunk(encoder, chunk, preprocess, settings, strict)
+    if features.numel() == 0:
+        features = torch.empty(0, identity.num_tokens, identity.width, dtype=torch_dtype(settings.dtype))
+    ids = [chunk[p].image_id for p in positions]
+    names = [portable_name(chunk[p].image) for p in positions]
+    meta = {"vlbridge_cache": fingerprint_, "planned": json.dumps(planned_keys(chunk)), "image_ids": json.dumps(ids),
+            "names": json.dumps(names), "skipped": json.dumps([s.model_dump(mode="json") for s in skipped])}
+    atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=meta))
+    entry = ShardEntry(file=path.name, rows=len(ids), bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names)
+    return entry, skipped
+
+
+def planned_keys(chunk: list[ImageText]) -> list[list[Any]]:
+    return [[item.image_id, portable_name(item.image)] for item in chunk]
+
+
+# -- the build ------------------------------------------------------------------------------------
+def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Sequence[DataConfig | Mapping[str, Any] | str | Path],
+                out: str | Path, settings: BuildSettings = BuildSettings(), *, overwrite: bool = False,
+                log: Log | None = None) -> Manifest:
+    """Cache the assembly's encoder outputs for every distinct image of `sources` under `out`
+    (resuming an interrupted build there); returns the manifest, written last."""
+    assembly = assembly if isinstance(assembly, Assembly) else load_assembly(assembly)
+    loaded = load_sources(sources)
+    out = Path(out).expanduser()
+    prepare_directory(out, overwrite)
+    encoder = build_encoder(assembly, settings.device)
+    identity = encoder_identity(assembly, weights_sha256(encoder))
+    print_ = log or (lambda message: None)
+    stamp, strict = fingerprint(identity, settings), any(config.strict for config, _ in loaded)
+    shards: list[ShardEntry] = []
+    skipped: list[SkippedImage] = []
+    started = time.monotonic()
+    for index, chunk in enumerate(chunked(unique_images(loaded), settings.shard_size)):
+        path = out / SHARD_PATTERN.format(index)
+        reused = reuse_shard(path, stamp, planned_keys(chunk))
+        entry, lost = reused or write_shard(path, encoder, chunk, assembly.plan.preprocess, identity, settings, stamp, strict)
+        shards.append(entry)
+        skipped += lost
+        done = sum(s.rows for s in shards)
+        print_(f"{entry.file}: {entry.rows} images{' (kept from the interrupted run)' if reused else ''}; "
+               f"{done} so far, {done / max(time.monotonic() - started, 1e-9):.1f} images/s")
+    if not shards:
+        raise CacheError("the data holds no image to cache")
+    for stale in out.glob(SHARD_GLOB):  # shards of an earlier, longer interrupted build
+        if stale.name not in {s.file for s in shards}:
+            stale.unlink()
+    manifest = Manifest(encoder=identity, dtype=settings.dtype, shard_size=settings.shard_size, rows=sum(s.rows for s in shards),
+                        shards=shards, skipped=skipped, sources=[source for _, source in loaded], assembly=assembly_label(assembly))
+    atomic_write_text(out / MANIFEST_FILE, manifest_json(manifest))
+    return manifest

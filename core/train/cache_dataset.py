@@ -1,0 +1,172 @@
+"""Reading a frozen-feature cache for training: `FeatureDataset` yields the image dataset's item dicts
+with `image_embeds` (tokens, width) in place of `pixel_values`, read lazily from memory-mapped shards.
+
+The captions still come from the data config (so cleaning, `max_words` and `limit` apply as usual);
+each sample's image is looked up in the cache by its image id, and its name is checked so that a
+cache built from other data with clashing ids is refused instead of silently mismatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from vlbridge.data.build import read_records
+from vlbridge.data.config import DataConfig, load_data_config
+from vlbridge.data.datasets import Record, TextOptions, make_item
+from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
+from vlbridge.data.shards import expand_shards, iter_shard
+from vlbridge.train.cache import TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, read_manifest, verify_cache
+
+if TYPE_CHECKING:
+    from vlbridge.assembly import Assembly
+
+_SAFETENSORS_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+
+
+# -- records ------------------------------------------------------------------------------------
+def portable_name(ref: ImageRef) -> str:
+    """An image's name independent of where the data lives: as the annotations write it, or the tar
+    member without its shard's path."""
+    return ref.name.rpartition(":")[2] if ref.data is not None else ref.name
+
+
+def iter_samples(config: DataConfig, where: str, *, keep_bytes: bool) -> Iterator[Record | Skipped]:
+    """Every (image, caption) pair or VQA question of a data config, as the trainer reads them
+    (training granularity, `limit` applied); tar samples without image or text come as Skipped."""
+    if config.format != "webdataset":
+        yield from read_records(config, train=True, where=where)
+        return
+    for i, entry in enumerate(config.paths):
+        try:
+            shards = expand_shards(entry)
+        except DataError as exc:
+            raise DataError(f"{where}.paths[{i}]: {exc}") from exc
+        for shard in shards:
+            for sample in iter_shard(shard):
+                if isinstance(sample, ImageText) and not keep_bytes:  # only the key is needed to find the features
+                    sample = dataclasses.replace(sample, image=ImageRef(name=sample.image.name, data=b""))
+                yield sample
+
+
+# -- shards -------------------------------------------------------------------------------------
+def check_shard(directory: Path, entry: ShardEntry, manifest: Manifest) -> None:
+    """A shard exists, has the size the manifest recorded, and holds (rows, tokens, width) in the dtype."""
+    path = directory / entry.file
+    if not path.is_file():
+        raise CacheError(f"feature cache {str(directory)!r}: shard {entry.file} is missing; rebuild the cache "
+                         "(vlbridge cache-features --overwrite)")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise CacheError(f"feature cache {str(directory)!r}: shard {entry.file} has {size} bytes but the manifest "
+                         f"recorded {entry.bytes}: it was truncated or changed; rebuild the cache (--overwrite)")
+    expected = ([entry.rows, manifest.encoder.num_tokens, manifest.encoder.width], _SAFETENSORS_DTYPES[manifest.dtype])
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            info = handle.get_slice(TENSOR_NAME)
+            found = (list(info.get_shape()), info.get_dtype())
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise CacheError(f"feature cache {str(directory)!r}: shard {entry.file} cannot be read ({exc}); it is corrupt; "
+                         "rebuild the cache (--overwrite)") from None
+    if found != expected:
+        raise CacheError(f"feature cache {str(directory)!r}: shard {entry.file} holds {found[1]} {found[0]} but the manifest "
+                         f"says {expected[1]} {expected[0]}; rebuild the cache (--overwrite)")
+
+
+class FeatureStore:
+    """Row lookup over a cache's shards: image id -> (shard, row); rows read lazily through mmap.
+
+    Open files are per process (they are dropped when the store is pickled into DataLoader workers).
+    """
+
+    def __init__(self, directory: str | Path, manifest: Manifest | None = None):
+        self.directory = Path(directory).expanduser()
+        self.manifest = manifest or read_manifest(self.directory)
+        for entry in self.manifest.shards:
+            check_shard(self.directory, entry, self.manifest)
+        self.rows: dict[ImageId, tuple[int, int, str]] = {}
+        for s, entry in enumerate(self.manifest.shards):
+            for r, (image_id, name) in enumerate(zip(entry.image_ids, entry.names)):
+                self.rows[image_id] = (s, r, name)
+        self.skipped = {skip.image_id: skip for skip in self.manifest.skipped}
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+    def row(self, shard: int, row: int) -> torch.Tensor:
+        """(tokens, width) features of one image, in the cache's dtype."""
+        handle = self._handles.get(shard)
+        if handle is None:
+            path = self.directory / self.manifest.shards[shard].file
+            try:
+                handle = self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:
+                raise CacheError(f"feature cache {str(self.directory)!r}: cannot open {path.name}: {exc}") from None
+        return handle.get_slice(TENSOR_NAME)[row]
+
+    def locate(self, image_id: ImageId, name: str) -> tuple[int, int] | None:
+        """Where an image's features are; None if it was unreadable at build time; CacheError if absent."""
+        found = self.rows.get(image_id)
+        if found is None:
+            return None if image_id in self.skipped else _raise_missing(self, image_id, name)
+        if found[2] != name:
+            raise CacheError(f"feature cache {str(self.directory)!r}: image id {image_id!r} is {found[2]!r} in the cache but "
+                             f"{name!r} in the data; the cache was built from other data; rebuild it from this data")
+        return found[0], found[1]
+
+
+def _raise_missing(store: FeatureStore, image_id: ImageId, name: str) -> None:
+    sources = ", ".join(source.arguments() for source in store.manifest.sources) or "unknown data"
+    raise CacheError(f"feature cache {str(store.directory)!r} has no features for image {name!r} (id {image_id!r}); it was "
+                     f"built from {sources}. Rebuild it including this data (repeat --data for each dataset, train and eval)")
+
+
+# -- the dataset --------------------------------------------------------------------------------
+class FeatureDataset(Dataset):
+    """Map-style dataset of cached features: the items `RecordDataset` gives, with `image_embeds`.
+
+    An image that could not be decoded when the cache was built gives a `Skipped`, as it would when
+    reading images (or an error with `strict`). Items come in any order; the DataLoader shuffles.
+    """
+
+    def __init__(self, samples: list[Record | Skipped], store: FeatureStore, *, text: TextOptions = TextOptions(),
+                 strict: bool = False, shuffle: bool = False):
+        if not samples:
+            raise DataError("no samples to build a feature dataset from; check the annotation files and the split")
+        self.samples, self.store, self.text, self.strict, self.shuffle = samples, store, text, strict, shuffle
+        self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image)) for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        sample, location = self.samples[index], self.locations[index]
+        if isinstance(sample, Skipped):
+            return dataclasses.replace(sample, index=index)
+        if location is None:
+            reason = self.store.skipped[sample.image_id].reason
+            if self.strict:
+                raise DataError(f"image {sample.image.name!r} (sample {index}) could not be read when the cache was built: {reason}")
+            return Skipped(name=sample.image.name, reason=f"unreadable when cached: {reason}", kind="unreadable image", index=index)
+        item = make_item(sample, self.store.row(*location), index, self.text)
+        item["image_embeds"] = item.pop("pixel_values")
+        return item
+
+
+def open_feature_dataset(data: DataConfig | dict[str, Any], features: str | Path, *, train: bool, where: str = "data",
+                         encoder: torch.nn.Module | None = None, assembly: "Assembly | None" = None) -> FeatureDataset:
+    """`data`'s samples over the cache at `features`, verified against `assembly` when given."""
+    config = load_data_config(data, where)
+    store = FeatureStore(features)
+    if assembly is not None:
+        verify_cache(store.manifest, assembly, encoder=encoder, directory=features)
+    samples = list(iter_samples(config, where, keep_bytes=False))
+    text = TextOptions(clean=config.clean_text, max_words=config.max_words)
+    shuffle = config.shuffle if config.shuffle is not None else train
+    return FeatureDataset(samples, store, text=text, strict=config.strict, shuffle=shuffle)
