@@ -18,7 +18,8 @@ TENSOR_KEYS = ("image_index", "index")  # ints stacked into int64 tensors
 
 
 def collate(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
-    """Items -> one batch dict: `pixel_values` (B, 3, S, S), `image_index` and `index` (B,) int64,
+    """Items -> one batch dict: `pixel_values` (B, 3, S, S) (or `image_embeds` (B, N, W) from the
+    frozen-feature cache), `image_index` and `index` (B,) int64,
     every other field as a list (`text`, `image_id`, `captions`, ...), plus `skipped` (the Skipped
     items), `consumed` (items including skipped) and `streams` (tar-stream positions).
 
@@ -26,11 +27,12 @@ def collate(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
     """
     valid = [item for item in items if not isinstance(item, Skipped)]
     skipped = [item for item in items if isinstance(item, Skipped)]
+    image = "image_embeds" if valid and "image_embeds" in valid[0] else "pixel_values"  # cached encoder outputs replace pixels
     batch: dict[str, Any] = {
-        "pixel_values": torch.stack([item["pixel_values"] for item in valid]) if valid else torch.empty(0, 3, 0, 0),
+        image: torch.stack([item[image] for item in valid]) if valid else torch.empty(0, 3, 0, 0),
         **{key: torch.tensor([item[key] for item in valid], dtype=torch.long) for key in TENSOR_KEYS},
     }
-    fields = [key for key in (valid[0] if valid else {}) if key not in ("pixel_values", "stream", *TENSOR_KEYS)]
+    fields = [key for key in (valid[0] if valid else {}) if key not in (image, "stream", *TENSOR_KEYS)]
     for item in valid:
         if set(item) != set(valid[0]):
             raise DataError(f"cannot batch items with different fields: {sorted(valid[0])} and {sorted(item)}")
