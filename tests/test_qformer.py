@@ -267,7 +267,7 @@ def test_init_from_bert_is_strict(tmp_path):
     _save_bert(tmp_path / "deep", "BertModel", num_hidden_layers=3)
     with pytest.raises(WeightsError, match="unexpected.*layers.2"):
         build(_opts(bert=str(tmp_path / "deep")), ENC, D)
-    with pytest.raises(WeightsError, match="no BERT weights"):
+    with pytest.raises(WeightsError, match="BERT weights not found"):
         build(_opts(bert=str(tmp_path / "missing")), ENC, D)
 
 

@@ -7,13 +7,13 @@ copied, the text FFN is copied again into the query FFN, and the cross-attention
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from vlbridge.weights import read_hf_directory, read_tensors, require_path, unwrap_state_dict
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_convert import from_bert
@@ -57,28 +57,9 @@ def load_tokenizer(opts: QFormerOptions) -> "PreTrainedTokenizerBase":
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a transformers-format directory (safetensors, sharded or not, or a .bin) or file."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        files = [path / name for name in sorted(set(index["weight_map"].values()))]
-    elif (path / "pytorch_model.bin").is_file():
-        files = [path / "pytorch_model.bin"]
-    else:
-        raise WeightsError(f"no BERT weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            tensors.update(load_file(str(file)))
-        else:
-            tensors.update(torch.load(file, map_location="cpu", weights_only=True))
-    return tensors
+    """Tensors of a transformers-format BERT directory (safetensors, sharded or not, or a .bin) or file."""
+    path = require_path(path, "BERT weights")
+    return read_hf_directory(path) if path.is_dir() else unwrap_state_dict(read_tensors(path), str(path))
 
 
 def init_from_bert(model: nn.Module, path: str | Path) -> None:

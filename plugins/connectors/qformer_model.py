@@ -53,7 +53,7 @@ class QFormer(nn.Module):
                          cross=i % opts.cross_attention_freq == 0)
             for i in range(opts.size("num_layers"))
         )
-        self.proj = nn.Linear(width, llm_width)
+        self.proj = nn.Linear(width, llm_width) if llm_width > 0 else None  # None: no LLM (stage 1 / retrieval)
         self.vision_proj = nn.Linear(width, opts.embed_dim)
         self.text_proj = nn.Linear(width, opts.embed_dim)
         self.itm_head = nn.Linear(width, 2)
@@ -96,6 +96,8 @@ class QFormer(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, N, E) -> (B, Q, llm_width): the visual tokens given to the LLM."""
+        if self.proj is None:
+            raise VLBridgeError("this Q-Former was built without an LLM (stage 1 / retrieval): it has no projection to an LLM's width")
         return self.proj(self.query_outputs(image_embeds))
 
     def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
