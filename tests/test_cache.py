@@ -1,0 +1,255 @@
+"""The frozen-feature cache on a tiny assembly: rows equal the encoder's eval outputs, the feature
+dataset yields the image dataset's items, objectives give equal losses either way, stale or damaged
+caches are refused with what differs, interrupted builds resume, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import vlbridge
+from vlbridge.assembly import load_assembly
+from vlbridge.cli.main import main as cli
+from vlbridge.data.build import make_loader, read_records
+from vlbridge.data.config import DataConfig
+from vlbridge.data.datasets import RecordDataset
+from vlbridge.data.records import DataError, Skipped
+from vlbridge.data.transforms import eval_transform
+from vlbridge.images import load_image
+from vlbridge.train.cache import CacheError, build_encoder, feature_dataset, read_manifest, verify_cache, weights_sha256
+from vlbridge.train.cache_build import BuildSettings, build_cache
+from vlbridge.train.cache_dataset import FeatureStore
+from vlbridge.train.objectives import Stage1Objective, Stage2Objective
+
+from tests.test_data_samples import write_image, write_jsonl, write_truncated
+
+PRESET = "tiny-qformer-opt"
+FP32 = BuildSettings(batch_size=3, dtype="fp32", shard_size=4, num_workers=0)
+CAPTIONS = ["a red cat on a mat", "a dog in the park", "two birds on a wire", "a cat asleep", "a boat at sea",
+            "a tree in winter", "a dog chasing a ball", "a cat on a red mat again"]
+IMAGE_OF = [0, 1, 2, 3, 4, 5, 1, 0]  # captions 6 and 7 share images 1 and 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 images (one per id) with 8 captions, and a 9th caption on a truncated image."""
+    root = tmp_path_factory.mktemp("cache-data")
+    for i in range(6):
+        write_image(root / "images" / f"{i}.jpg", seed=i)
+    write_truncated(root / "images" / "broken.jpg")
+    rows = [{"image": f"images/{i}.jpg", "text": text, "image_id": i} for i, text in zip(IMAGE_OF, CAPTIONS)]
+    write_jsonl(root / "train.jsonl", rows + [{"image": "images/broken.jpg", "text": "lost", "image_id": 99}])
+    (root / "data.yaml").write_text(f"format: jsonl\npaths: [{root / 'train.jsonl'}]\nnum_workers: 0\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "features"
+    build_cache(PRESET, [data / "data.yaml"], out, FP32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1() -> Any:
+    return vlbridge.build(PRESET, stage=1)
+
+
+def data_config(data: Path) -> DataConfig:
+    return DataConfig(format="jsonl", paths=[str(data / "train.jsonl")], num_workers=0)
+
+
+def eval_pixels(model: Any, path: Path) -> torch.Tensor:
+    return eval_transform(model.plan.preprocess)(load_image(path))
+
+
+def test_cache_rows_are_the_encoders_eval_outputs_with_their_ids(data: Path, cache: Path, stage1: Any):
+    manifest = read_manifest(cache)
+    assert manifest.rows == 6 and [s.rows for s in manifest.shards] == [4, 2] and manifest.dtype == "fp32"
+    assert [s.image_id for s in manifest.skipped] == [99] and "broken.jpg" in manifest.skipped[0].name
+    encoder = manifest.encoder
+    assert (encoder.name, encoder.options["variant"], encoder.num_tokens, encoder.width) == ("eva-vit-g", "tiny", 17, 64)
+    assert encoder.preprocess.image_size == 56 and encoder.preprocess.transform == "eval"
+    assert encoder.weights_sha256 == weights_sha256(stage1.encoder)
+    store = FeatureStore(cache)
+    pixels = torch.stack([eval_pixels(stage1, data / "images" / f"{i}.jpg") for i in range(6)])
+    expected = stage1.encode_images(pixels)
+    for i in range(6):
+        shard, row, name = store.rows[i]
+        assert name == f"images/{i}.jpg"
+        torch.testing.assert_close(store.row(shard, row), expected[i], rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_cache_is_half_the_size_and_close(data: Path, cache: Path, tmp_path: Path):
+    half = build_cache(PRESET, [data_config(data)], tmp_path / "fp16", BuildSettings(dtype="fp16", shard_size=4, num_workers=0))
+    full = read_manifest(cache)
+    assert sum(s.bytes for s in half.shards) < 0.6 * sum(s.bytes for s in full.shards)
+    a, b = FeatureStore(tmp_path / "fp16"), FeatureStore(cache)
+    assert a.row(0, 1).dtype == torch.float16
+    torch.testing.assert_close(a.row(0, 1).float(), b.row(0, 1), rtol=2e-3, atol=2e-3)
+
+
+def test_feature_dataset_yields_the_image_datasets_items(data: Path, cache: Path, stage1: Any):
+    config = data_config(data)
+    features = feature_dataset(config, cache, train=True, assembly=stage1.assembly, encoder=stage1.encoder)
+    images = RecordDataset(read_records(config, train=True), eval_transform(stage1.plan.preprocess))
+    assert len(features) == len(images) == 9 and features.shuffle
+    for i in range(8):
+        cached, decoded = features[i], images[i]
+        assert set(cached) - {"image_embeds"} == set(decoded) - {"pixel_values"}
+        assert all(cached[k] == decoded[k] for k in ("text", "image_id", "image_index", "index"))
+        assert cached["image_embeds"].shape == (17, 64)
+    assert isinstance(features[8], Skipped) and isinstance(images[8], Skipped)
+    batch = next(iter(make_loader(features, 9)))
+    assert batch["image_embeds"].shape == (8, 17, 64) and "pixel_values" not in batch and len(batch["skipped"]) == 1
+
+
+def first_batches(model: Any, data: Path, cache: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same 8 samples (the broken one is skipped) from images and from the cache."""
+    config = data_config(data)
+    images = RecordDataset(read_records(config, train=True), eval_transform(model.plan.preprocess))
+    features = feature_dataset(config, cache, train=False)
+    return next(iter(make_loader(images, 9))), next(iter(make_loader(features, 9)))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_objective_losses_equal_with_cache_and_pixels(data: Path, cache: Path, stage1: Any, stage: int):
+    model = (stage1 if stage == 1 else vlbridge.build(PRESET, stage=2)).train()
+    objective_type = Stage1Objective if stage == 1 else Stage2Objective
+    pixels, features = first_batches(model, data, cache)
+    assert torch.equal(pixels["image_index"], features["image_index"]) and pixels["text"] == features["text"]
+    results = []
+    for batch in (pixels, features):
+        torch.manual_seed(0)  # the Q-Former's dropout
+        results.append(objective_type(generator=torch.Generator().manual_seed(1))(model, batch))
+    assert set(results[0]) == set(results[1]) and len(results[0]) == (4 if stage == 1 else 2)
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-5)
+    model.eval()
+
+
+def test_stale_cache_is_refused_naming_what_differs(cache: Path):
+    manifest = read_manifest(cache)
+    bigger = {"name": "bigger", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny", "image_size": 70}},
+              "connector": {"use": "qformer", "options": {"variant": "tiny"}}}
+    with pytest.raises(CacheError, match=r"(?s)image_size: None in the cache, 70 now.*image_size: 56 in the cache, 70 now.*"
+                                         r"vlbridge cache-features --assembly"):
+        verify_cache(manifest, load_assembly(bigger), directory=cache)
+    assembly = load_assembly(PRESET)
+    changed = build_encoder(assembly)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    with pytest.raises(CacheError, match="encoder weights: sha256"):
+        verify_cache(manifest, assembly, encoder=changed)
+    verify_cache(manifest, assembly, encoder=changed, weights=False)  # options and shapes alone still match
+    verify_cache(manifest, assembly)  # the same build: accepted
+    with pytest.raises(CacheError, match="holds features of 'eva-vit-g', the assembly uses 'clip-vit-l'"):
+        verify_cache(manifest, load_assembly("tiny-mlp-opt"), weights=False)
+
+
+def test_trainer_seam_verifies_against_the_model(data: Path, cache: Path):
+    other = vlbridge.build("tiny-linear-opt", stage=2)
+    with pytest.raises(CacheError, match="built for another encoder"):
+        feature_dataset(data_config(data), cache, train=True, encoder=other.encoder, assembly=other.assembly)
+
+
+def damaged_copy(cache: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    return copy
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / "features-00001.safetensors").unlink(), "features-00001.safetensors is missing"),
+    (lambda d: _truncate(d / "features-00001.safetensors"), "truncated or changed"),
+    (lambda d: _scramble_header(d / "features-00000.safetensors"), "it is corrupt"),
+    (lambda d: (d / "manifest.json").unlink(), "build was interrupted; rerun the same"),
+    (lambda d: (d / "manifest.json").write_text("{not json", encoding="utf-8"), "not valid JSON"),
+])
+def test_missing_or_corrupt_files_are_named(cache: Path, tmp_path: Path, damage: Any, message: str):
+    copy = damaged_copy(cache, tmp_path)
+    damage(copy)
+    with pytest.raises(CacheError, match=message):
+        FeatureStore(copy)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _scramble_header(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[8:40] = b"#" * 32  # same size, unreadable JSON header
+    path.write_bytes(bytes(raw))
+
+
+def test_interrupted_build_resumes_and_a_finished_one_needs_overwrite(data: Path, cache: Path, tmp_path: Path):
+    copy = damaged_copy(cache, tmp_path)
+    (copy / "manifest.json").unlink()
+    (copy / "features-00001.safetensors").unlink()
+    kept_at = (copy / "features-00000.safetensors").stat().st_mtime_ns
+    lines: list[str] = []
+    resumed = build_cache(PRESET, [data / "data.yaml"], copy, FP32, log=lines.append)
+    assert "kept from the interrupted run" in lines[0] and "kept" not in lines[1]
+    assert (copy / "features-00000.safetensors").stat().st_mtime_ns == kept_at
+    original = read_manifest(cache)
+    assert resumed.shards[0] == original.shards[0]  # recomputed rows may differ in the last bit (MKL), not in ids
+    assert resumed.model_copy(update={"shards": []}) == original.model_copy(update={"shards": []})
+    assert resumed.shards[1].image_ids == original.shards[1].image_ids
+    torch.testing.assert_close(FeatureStore(copy).row(1, 1), FeatureStore(cache).row(1, 1))
+    with pytest.raises(CacheError, match="already holds a feature cache .* pass --overwrite"):
+        build_cache(PRESET, [data / "data.yaml"], copy, FP32)
+    lines.clear()
+    rebuilt = build_cache(PRESET, [data / "data.yaml"], copy, FP32, overwrite=True, log=lines.append)
+    assert rebuilt.rows == 6 and not any("kept" in line for line in lines)
+
+
+def test_one_id_for_two_images_and_uncached_images_are_refused(data: Path, cache: Path, tmp_path: Path):
+    clash = write_jsonl(tmp_path / "clash.jsonl", [{"image": str(data / "images/0.jpg"), "text": "a", "image_id": 7},
+                                                   {"image": str(data / "images/1.jpg"), "text": "b", "image_id": 7}])
+    with pytest.raises(DataError, match="image id 7 names two images"):
+        build_cache(PRESET, [{"format": "jsonl", "paths": [str(clash)]}], tmp_path / "out", FP32)
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"image": str(data / "images/0.jpg"), "text": "new", "image_id": 1234}])
+    with pytest.raises(CacheError, match="has no features for image .*id 1234.*repeat --data"):
+        feature_dataset({"format": "jsonl", "paths": [str(extra)]}, cache, train=True)
+
+
+def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "cli"
+    args = ["cache-features", "-a", PRESET, "--format", "jsonl", "--paths", str(data / "train.jsonl"), "--out", str(out),
+            "--num-workers", "0", "--dtype", "fp32"]
+    assert cli(args) == 0
+    assert "cached 6 images, 1 unreadable skipped in 1 shards" in capsys.readouterr().out  # default shard size: one shard
+    assert read_manifest(out).rows == 6
+    assert cli(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert cli([*args, "--overwrite", "--json"]) == 0 and json.loads(capsys.readouterr().out)["images"] == 6
+    assert cli(["cache-features", "-a", PRESET, "--format", "jsonl", "--out", str(out)]) == 2
+    assert "needs --paths" in capsys.readouterr().err
+    assert cli(["cache-features", "-a", PRESET, "--data", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli(["cache-features", "-a", "no-such-preset", "--data", str(data / "data.yaml"), "--out", str(out)]) == 2
+    assert "no assembly file or preset named 'no-such-preset'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli(["cache-features", "-a", PRESET, "--data", str(data / "data.yaml")])  # no --out
+    assert exited.value.code == 2
+
+
+def test_training_from_the_cache_end_to_end(data: Path, cache: Path, tmp_path: Path):
+    train = pytest.importorskip("vlbridge.train.trainer", reason="the trainer is not in this checkout")
+    config = {"assembly": PRESET, "stage": 1, "batch_size": 4, "steps": 2, "log_every": 1, "tensorboard": False,
+              "output_dir": str(tmp_path / "run"), "data": {"train": data_config(data).model_dump(exclude_defaults=True), "features": str(cache)}}
+    result = train.run(config)
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.train["loss"]))
