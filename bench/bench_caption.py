@@ -8,7 +8,9 @@ The model is BLIP-2-shaped but small enough for a CPU: a 224 px, 257-token ViT (
 blocks), a 6-layer Q-Former (width 256, 32 queries), a 6-layer OPT (width 512). Both sides decode
 exactly `--tokens` new tokens (min = max) so the work is equal; outputs are checked identical.
 
-Time: median over `--reps` interleaved repetitions after a warm-up, images/s. Memory: each side runs
+Time: median over `--reps` repetitions after a warm-up, as images/s, from the process's CPU time
+with torch on `--threads` threads (default 1): on a shared machine wall time swings with other
+jobs, CPU time of a one-thread process does not (wall time is reported too). Memory: each side runs
 in a fresh subprocess; peak RSS during generation above the RSS before it (MALLOC_MMAP_THRESHOLD_
 fixed so freed buffers go back to the OS), as in bench_qformer.py.
 """
@@ -61,6 +63,7 @@ def peak_kb() -> int:
 
 def run_side(side: str, root: Path, args: argparse.Namespace) -> dict:
     """In this process: load one side, generate `reps` times, report times, tokens and memory."""
+    torch.set_num_threads(args.threads)
     pixels = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     settings = dict(num_beams=args.beams, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     if side == "ours":
@@ -85,12 +88,13 @@ def run_side(side: str, root: Path, args: argparse.Namespace) -> dict:
         texts = [t.strip() for t in step()]  # warm-up
         before = rss_kb()
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark
-        times = []
+        times, walls = [], []
         for _ in range(args.reps):
-            start = time.perf_counter()
+            start, wall = time.process_time(), time.perf_counter()
             step()
-            times.append(time.perf_counter() - start)
-    return {"times": times, "texts": texts, "peak_delta_mb": (peak_kb() - before) / 1024}
+            times.append(time.process_time() - start)
+            walls.append(time.perf_counter() - wall)
+    return {"times": times, "walls": walls, "texts": texts, "peak_delta_mb": (peak_kb() - before) / 1024}
 
 
 def _bos(model, batch: int):
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -121,16 +126,17 @@ def main() -> None:
         results = {}
         for side in ("transformers", "ours"):
             cmd = [sys.executable, __file__, "--side", side, "--root", str(root), "--batch", str(args.batch),
-                   "--beams", str(args.beams), "--tokens", str(args.tokens), "--reps", str(args.reps)]
+                   "--beams", str(args.beams), "--tokens", str(args.tokens), "--reps", str(args.reps), "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             results[side] = json.loads(out.strip().splitlines()[-1])
     same = results["ours"]["texts"] == results["transformers"]["texts"]
     med = {side: statistics.median(r["times"]) for side, r in results.items()}
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}",
         "settings": {"batch": args.batch, "beams": args.beams, "new_tokens": args.tokens, "reps": args.reps},
         "identical_captions": same,
-        "images_per_s": {side: args.batch / t for side, t in med.items()},
+        "images_per_cpu_s": {side: args.batch / t for side, t in med.items()},
+        "images_per_wall_s": {side: args.batch / statistics.median(r["walls"]) for side, r in results.items()},
         "throughput_ratio_ours_over_transformers": med["transformers"] / med["ours"],
         "peak_delta_mb": {side: r["peak_delta_mb"] for side, r in results.items()},
     }
