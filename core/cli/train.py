@@ -1,0 +1,36 @@
+"""`vlbridge train CONFIG.yaml [--resume] [--check]`: train a connector (stage 1 or 2).
+
+Under `torchrun --nproc_per_node N` the same command runs data-parallel. The config is validated
+(structure, then assembly, stage and device) before torch or any weight loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a connector from a training config (stage 1 or 2)",
+                       description="Train the connector of an assembly as CONFIG.yaml describes; see examples/train-*.yaml.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="the training config")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint (starts fresh when there is none)")
+    p.add_argument("--check", action="store_true", help="validate the config and print the plan, then exit without training")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlbridge.train.config import check_config, read_config
+
+    config, label = read_config(args.config)  # structure first: no torch, no weights
+    assembly = check_config(config, label)
+    if args.check:
+        print(assembly.plan.describe())
+        length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"
+        print(f"stage {config.stage}; {length}; batch {config.batch_size} x grad_accum {config.grad_accum}; output_dir {config.output_dir}")
+        print("valid")
+        return 0
+    from vlbridge.train.trainer import train
+
+    result = train(config, assembly, resume=args.resume)
+    print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+    return 0

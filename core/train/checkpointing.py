@@ -1,0 +1,159 @@
+"""Training checkpoints: `output_dir/checkpoints/step-N/` plus a `latest` pointer written last.
+
+A step directory is a vlbridge checkpoint (`vlbridge.load(dir)` works on it: connector.safetensors,
+assembly.yaml, checkpoint.json) plus what resuming needs: `trainer_state.pt` (optimizer, scheduler,
+GradScaler, every rank's RNG states and data position, counters) and `train.yaml` (the config).
+The trainer state holds only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`. A directory is built under a temporary name and renamed into
+place, so a killed run leaves either a whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.checkpoint import META_FILE, write_checkpoint
+from vlbridge.errors import VLBridgeError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.pt"
+CONFIG_FILE = "train.yaml"
+STATE_FORMAT = "vlbridge-trainer-state"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# -- random number generators ------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """This process's python, numpy, torch CPU and CUDA generator states, as plain values and tensors."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put the generators back where `capture_rng` found them."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- writing -----------------------------------------------------------------------------------
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step}"
+
+
+def save_training_checkpoint(
+    output_dir: str | Path, step: int, *, assembly: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
+    trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None = None,
+) -> Path:
+    """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`."""
+    final = checkpoint_dir(output_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        write_checkpoint(staging, assembly, tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")})
+        atomic_write(staging / TRAINER_STATE, lambda tmp: torch.save(trainer_state, tmp))
+        atomic_write_text(staging / CONFIG_FILE, config_yaml)
+        if final.exists():  # left by a run that died before moving `latest` past it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _fsync_dir(final.parent)
+    atomic_write_text(final.parent / LATEST, final.name + "\n")
+    if keep_last is not None:
+        prune(output_dir, keep_last)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = _STEP_DIR.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    latest = latest_checkpoint(output_dir)
+    for _, path in step_dirs(output_dir)[:-keep_last]:
+        if path != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_staging(output_dir: str | Path) -> None:
+    """Remove half-written checkpoint directories a killed run left behind."""
+    root = Path(output_dir) / CHECKPOINTS
+    for path in root.glob(".step-*.tmp") if root.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- reading -----------------------------------------------------------------------------------
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or None when the run has not saved one yet."""
+    pointer = Path(output_dir) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    if not (path / TRAINER_STATE).is_file():
+        raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove {pointer} to start over")
+    return path
+
+
+def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The resume state of a step directory (weights_only: tensors and plain values only)."""
+    path = Path(ckpt_dir) / TRAINER_STATE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise VLBridgeError(f"{path} is not a vlbridge trainer state (format {STATE_FORMAT!r})")
+    return state
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A checkpoint directory from either a step directory or a run's output_dir (its `latest`)."""
+    path = Path(path).expanduser()
+    if (path / META_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise VLBridgeError(f"init_from: {path} is neither a checkpoint directory (no {META_FILE}) nor a run with checkpoints/{LATEST}")
+    return latest

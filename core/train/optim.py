@@ -1,0 +1,79 @@
+"""AdamW over the trainable parameters only, in BLIP-2's two groups, and the warm-up + cosine schedule.
+
+The schedule is a pure function of the optimizer step, so a resumed run needs only the step to be
+back on the same curve; it still has a state_dict, like any torch scheduler, for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.train.config import OptimizerConfig, ScheduleConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split as BLIP-2 does: matrices and embeddings decay; biases, norm
+    weights, scalars (the ITC temperature) and other tensors of rank < 2 do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen encoder / LLM: never handed to the optimizer
+        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters; empty groups are dropped (a connector of only matrices)."""
+    groups = [g for g in parameter_groups(model, config.weight_decay) if g["params"]]
+    if not groups:
+        raise VLBridgeError("the model has no trainable parameters; check the stage and the connector")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+
+
+class WarmupCosine:
+    """Sets every group's lr each step: linear from `warmup_lr` to `lr` over `warmup_steps`, then a
+    cosine from `lr` down to `min_lr` at `total_steps` (held there beyond). Step s is the s-th update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, total_steps: int, schedule: ScheduleConfig):
+        self.optimizer, self.peak, self.total = optimizer, lr, total_steps
+        self.warmup, self.warmup_lr, self.min_lr = schedule.warmup_steps, schedule.warmup_lr, schedule.min_lr
+        self.step_count = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update number `step` (0-based)."""
+        if step < self.warmup:
+            return self.warmup_lr + (self.peak - self.warmup_lr) * (step + 1) / self.warmup
+        decay_steps = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / decay_steps)
+        return self.min_lr + (self.peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    @property
+    def lr(self) -> float:
+        return self.lr_at(self.step_count)
+
+    def step(self) -> None:
+        """Move to the next update's learning rate (call after each optimizer step, taken or skipped)."""
+        self.step_count += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "peak": self.peak, "total": self.total,
+                "warmup": self.warmup, "warmup_lr": self.warmup_lr, "min_lr": self.min_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position only: the curve comes from the (possibly extended) config."""
+        self.step_count = int(state["step_count"])
+        self._apply()

@@ -1,0 +1,365 @@
+"""The training loop: `vlbridge.train.run(config)` and `vlbridge train CONFIG.yaml [--resume]`.
+
+It reads top to bottom as a run does: set up (model, objective, optimizer, schedule, data), resume
+if asked, then repeat step -> log -> evaluate -> checkpoint until the last step. One optimizer step
+is `grad_accum` forward/backward passes; a non-finite loss on any rank skips the whole step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+import vlbridge
+from vlbridge.assembly import Assembly
+from vlbridge.checkpoint import trainable_state_dict
+from vlbridge.data.batching import DataProgress
+from vlbridge.data.build import make_loader
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.factory import load_connector_weights
+from vlbridge.model import VLBridgeModel
+from vlbridge.train import checkpointing as ckpt
+from vlbridge.train import runtime as rt
+from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
+from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
+from vlbridge.train.optim import WarmupCosine, build_optimizer
+from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
+
+Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
+RESUME_MUST_MATCH = ("assembly", "stage")  # a checkpoint of another model or stage cannot continue
+
+
+class NonFiniteLossError(VLBridgeError):
+    """Too many non-finite losses in a row: the run stops instead of burning compute."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: its last step, checkpoint and logged metrics."""
+
+    step: int
+    checkpoint: Path | None
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] | None = None
+    nonfinite: int = 0
+
+
+def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None) -> TrainResult:
+    """Train as the config says. `resume` continues from output_dir's latest checkpoint (or starts
+    when there is none); `objective` replaces the stage's default (Stage1Objective / Stage2Objective)."""
+    config, label = read_config(dict(config) if isinstance(config, Mapping) else config)
+    return train(config, check_config(config, label), resume=resume, objective=objective)
+
+
+def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, objective: Objective | None = None) -> TrainResult:
+    """`run` for a config already validated by `check_config` (which returned `assembly`)."""
+    if not resume:
+        refuse_existing_run(Path(config.output_dir).expanduser())  # before any weight loads
+    with rt.runtime(config.device) as where:
+        trainer = Trainer(config, assembly, where, objective)
+        try:
+            return trainer.fit(resume)
+        finally:
+            trainer.close()
+
+
+class Trainer:
+    """One run's state: built in __init__, driven by `fit`."""
+
+    def __init__(self, config: TrainConfig, assembly: Assembly, where: rt.Runtime, objective: Objective | None = None):
+        self.config, self.where, self.device = config, where, where.device
+        self.output_dir = Path(config.output_dir).expanduser()
+        rt.seed_everything(config.seed)  # the same initial weights on every rank
+        self.model = build_model(config, assembly, self.device)
+        rt.seed_everything(config.seed + where.rank)  # augmentation, dropout and negatives differ per rank
+        self.objective = objective or default_objective(config, self.model)
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.train_set = build_dataset_for(config.data.train, self.model, train=True, features=config.data.features, where="data.train")
+        self.eval_set = None if config.data.eval is None else build_dataset_for(
+            config.data.eval, self.model, train=False, features=config.data.features, where="data.eval")
+        self.progress = DataProgress(epoch=0)
+        self.total_steps = self._total_steps()
+        self.scheduler = WarmupCosine(self.optimizer, lr=config.optimizer.lr, total_steps=self.total_steps, schedule=config.schedule)
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.step, self.nonfinite, self.nonfinite_in_row, self.skipped_before = 0, 0, 0, 0
+        self.window = Window()
+        self.last_train: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] | None = None
+        self.bar: Any = Silent()
+        self.metrics: Any = MetricsLog(self.output_dir, config.tensorboard) if where.main else Silent()
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self, resume: bool) -> TrainResult:
+        rng_state = self.restore() if resume else self.start()
+        self.batches = BatchStream(self.train_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
+                                   world_size=self.where.world_size, num_workers=self.config.data.train.num_workers,
+                                   drop_last=self.config.drop_last, progress=self.progress)
+        self.forward = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters)
+        self.model.train()
+        if rng_state is not None:
+            ckpt.restore_rng(rng_state)  # last: nothing above may draw from the restored generators
+        self.announce()
+        saved_at = evaluated_at = self.step if resume else -1
+        while self.step < self.total_steps:
+            self.train_step()
+            self.step += 1
+            if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                self.log()
+            if self.config.eval_every and self.step % self.config.eval_every == 0:
+                evaluated_at = self.evaluate()
+            if self.config.save_every and self.step % self.config.save_every == 0:
+                saved_at = self.save()
+        if evaluated_at != self.step:
+            self.evaluate()
+        if saved_at != self.step:
+            self.save()
+        final = ckpt.checkpoint_dir(self.output_dir, self.step)
+        self.bar.write(f"done at step {self.step}; checkpoint: {final}; data: {self.progress.summary()}")
+        return TrainResult(self.step, final, self.last_train, self.last_eval, self.nonfinite)
+
+    def train_step(self) -> None:
+        """One optimizer step over grad_accum micro-batches, or a skipped one if any loss is non-finite."""
+        accum = self.config.grad_accum
+        finite = torch.ones((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(accum):
+            batch = next(self.batches)
+            if not self.usable(batch):
+                continue
+            self.window.images += batch_length(batch)
+            with rt.no_sync(self.forward, sync=i == accum - 1), rt.autocast(self.device, self.config.precision):
+                losses = self.forward(to_device(batch, self.device))
+            loss = losses["loss"].float()
+            finite = finite * torch.isfinite(loss.detach())
+            self.backward(loss / accum)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
+        if rt.all_finite(finite):
+            self.optimizer_step()
+            self.window.add(sums)
+            self.nonfinite_in_row = 0
+        else:
+            self.skip_step(sums)
+        self.scheduler.step()
+
+    def usable(self, batch: Mapping[str, Any]) -> bool:
+        """A batch whose every sample was skipped trains nothing; under DDP that would stall the others."""
+        if batch_length(batch) > 0:
+            return True
+        if self.where.world_size > 1:
+            raise VLBridgeError(f"rank {self.where.rank} drew a batch whose every sample was skipped ({self.progress.summary()}); "
+                                "under DDP every rank must train each step: remove the broken samples or raise batch_size")
+        return False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optimizer_step(self) -> None:
+        """Unscale (fp16), clip, step, zero the gradients."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip is not None:
+            self.window.grad_norm = float(nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.grad_clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self, sums: Mapping[str, torch.Tensor]) -> None:
+        """Drop the gradients of a non-finite step, count it, and stop after max_nonfinite in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite += 1
+        self.nonfinite_in_row += 1
+        parts = ", ".join(f"{name} {float(value):.4g}" for name, value in sums.items())
+        limit = self.config.max_nonfinite
+        self.bar.write(f"step {self.step + 1}: non-finite loss ({parts}); step skipped ({self.nonfinite_in_row}/{limit} in a row)")
+        if self.nonfinite_in_row >= limit:
+            latest = ckpt.latest_checkpoint(self.output_dir)
+            raise NonFiniteLossError(
+                f"stopped at step {self.step + 1}: {self.nonfinite_in_row} non-finite losses in a row (max_nonfinite: {limit}). "
+                f"Last checkpoint: {latest or 'none'}. Lower optimizer.lr, set grad_clip, or use bf16 instead of fp16.")
+
+    # -- reporting --------------------------------------------------------------------------------
+    def log(self) -> None:
+        """One metrics line (averaged over the steps since the last one and over the ranks)."""
+        totals = rt.sum_over_ranks(self.window.totals(self.progress.skipped_count + self.skipped_before))
+        steps = totals.pop("steps")
+        record: dict[str, Any] = {"step": self.step, "epoch": self.progress.epoch}
+        record.update({name: value / max(steps, 1)
+                       for name, value in totals.items() if name not in ("images", "skipped", "grad_norm")})
+        record["lr"] = self.scheduler.lr_at(self.step - 1)
+        if self.window.grad_norm is not None:
+            record["grad_norm"] = self.window.grad_norm
+        record.update(images_per_s=totals["images"] / self.window.elapsed(), skipped=int(totals["skipped"]), nonfinite=self.nonfinite)
+        self.metrics.append(record)
+        self.bar.update(self.step, loss=record.get("loss", float("nan")), lr=record["lr"], img_s=record["images_per_s"])
+        self.bar.show()
+        self.last_train, self.window = record, Window()
+
+    def evaluate(self) -> int:
+        """Mean validation loss (per sample, over every rank's share), logged; RNG and mode restored."""
+        if self.eval_set is None:
+            return self.step
+        self.model.eval()
+        sums: dict[str, float] = {"samples": 0.0}
+        loader = make_loader(self.eval_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
+                             world_size=self.where.world_size, num_workers=self.config.data.eval.num_workers)
+        with torch.no_grad(), rt.isolated_rng(self.device), rt.autocast(self.device, self.config.precision):
+            for batch in loader:
+                n = batch_length(batch)
+                if n == 0:
+                    continue
+                for name, value in self.objective(self.model, to_device(batch, self.device)).items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                sums["samples"] += n
+        self.model.train()
+        totals = rt.sum_over_ranks(sums)
+        samples = totals.pop("samples")
+        record = {"step": self.step, "epoch": self.progress.epoch, **{f"eval_{k}": v / max(samples, 1) for k, v in totals.items()}}
+        self.metrics.append(record, prefix="eval")
+        self.bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval_")))
+        self.last_eval = record
+        return self.step
+
+    def announce(self) -> None:
+        if not self.where.main:
+            return
+        self.bar = ProgressBar(self.total_steps, start=self.step)
+        c, plan = self.config, self.model.plan
+        batch = c.batch_size * c.grad_accum * self.where.world_size
+        self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {self.model.num_parameters(trainable=True):,} trainable parameters; "
+                       f"{self.total_steps} steps of {batch} samples on {self.where.world_size} x {self.device} ({c.precision}) "
+                       f"from step {self.step} -> {self.output_dir}")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> int:
+        """Every rank hands in its RNG states and data position; rank 0 writes step-N and `latest`."""
+        ranks = rt.distributed.all_gather_object({"rng": ckpt.capture_rng(), "data": self.progress.state_dict(),
+                                                  "skipped": self.progress.skipped_count + self.skipped_before})
+        if self.where.main:
+            state = {"format": ckpt.STATE_FORMAT, "version": 1, "step": self.step, "epoch": self.progress.epoch,
+                     "world_size": self.where.world_size, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks}
+            ckpt.save_training_checkpoint(
+                self.output_dir, self.step, assembly=self.model.assembly.config.model_dump(mode="json"),
+                tensors=trainable_state_dict(self.model.connector), stage=self.config.stage, trainer_state=state,
+                config_yaml=dump_config(self.config), keep_last=self.config.keep_last)
+        rt.barrier()
+        return self.step
+
+    def start(self) -> None:
+        """A fresh run: output_dir gets the config it was started with."""
+        if self.where.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.output_dir / ckpt.CONFIG_FILE, dump_config(self.config))
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the latest checkpoint into model, optimizer, schedule and counters; return this rank's RNG state."""
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if latest is None:
+            self.say(f"no checkpoint under {self.output_dir / ckpt.CHECKPOINTS} yet; starting at step 0")
+            return self.start()
+        state = ckpt.load_trainer_state(latest)
+        rt.require_single_or_same(int(state["world_size"]), self.where)
+        self.compare_config(latest)
+        load_connector_weights(self.model, latest)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.nonfinite, self.nonfinite_in_row = (int(n) for n in state["nonfinite"])
+        mine = state["ranks"][self.where.rank]
+        self.progress, self.skipped_before = DataProgress.from_state(mine["data"]), int(mine["skipped"])
+        self.metrics.truncate_after(self.step)
+        self.say(f"resuming from {latest}")
+        return mine["rng"]
+
+    def compare_config(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint of another model or stage; warn about other changed settings."""
+        saved = yaml.safe_load((checkpoint / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+        now = self.config.model_dump(mode="json")
+        changed = [key for key in now if saved.get(key) != now[key]]
+        fatal = [key for key in changed if key in RESUME_MUST_MATCH]
+        if fatal:
+            raise VLBridgeError(f"cannot resume {checkpoint}: it was trained with other {', '.join(fatal)} settings than this config")
+        if changed:
+            self.say(f"resuming with changed settings: {', '.join(changed)}")
+
+    def say(self, message: str) -> None:
+        if self.where.main:
+            print(f"vlbridge train: {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        if self.config.steps is not None:
+            return self.config.steps
+        batches = BatchStream(self.train_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
+                              world_size=self.where.world_size, num_workers=0, drop_last=self.config.drop_last).batches_per_epoch()
+        steps = self.config.epochs * batches // self.config.grad_accum
+        if steps < 1:
+            raise VLBridgeError(f"epochs: {self.config.epochs} epoch(s) of {batches} batches make no step of grad_accum "
+                                f"{self.config.grad_accum}; train longer or lower grad_accum")
+        return steps
+
+
+class Window:
+    """Sums since the last metrics line: per-step mean losses of the finite steps, images, time."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.images = 0, 0
+        self.grad_norm: float | None = None
+
+    def add(self, step_means: Mapping[str, torch.Tensor]) -> None:
+        for name, value in step_means.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+
+    def totals(self, skipped: int) -> dict[str, float]:
+        return {**{name: float(value) for name, value in self.sums.items()}, "steps": float(self.steps),
+                "images": float(self.images), "skipped": float(skipped)}
+
+    def elapsed(self) -> float:
+        return max(1e-9, time.monotonic() - self.started)
+
+
+# -- setup helpers --------------------------------------------------------------------------------
+def refuse_existing_run(output_dir: Path) -> None:
+    """Never overwrite a run by accident: continuing it takes --resume."""
+    latest = ckpt.latest_checkpoint(output_dir)
+    if latest is not None:
+        raise VLBridgeError(f"output_dir {output_dir} already holds checkpoints (latest: {latest.name}); "
+                            "pass --resume to continue that run, or choose another output_dir")
+
+
+def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -> VLBridgeModel:
+    """The assembly's model for this stage, starting from init_from's connector weights if given."""
+    weights = ckpt.resolve_weights(config.init_from) if config.init_from is not None else None
+    try:
+        return vlbridge.build(assembly, stage=config.stage, weights=weights, device=device)
+    except WeightsError as exc:
+        raise VLBridgeError(f"init_from: {exc}") from exc
+
+
+def default_objective(config: TrainConfig, model: VLBridgeModel) -> Objective:
+    """BLIP-2's objective for the stage (ITC + ITM + ITG, or the LLM's LM loss), checked against the model."""
+    from vlbridge.train.objectives import objective_for
+
+    options = {**config.objective, **({"prompt": config.prompt} if config.prompt is not None else {})}
+    return objective_for(model, **options)

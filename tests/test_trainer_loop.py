@@ -1,0 +1,106 @@
+"""The training loop in-process: non-finite losses, checkpoint contents, gradient accumulation,
+stage 1 then stage 2 from its checkpoint, and the projectors trained by the same loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlbridge
+import vlbridge.train
+from tests.test_trainer_samples import Recording, config, mse_objective, read_metrics, train_losses, write_caption_data
+from vlbridge.train.trainer import NonFiniteLossError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run faster on one thread, and the numbers do not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_caption_data(tmp_path_factory.mktemp("data"))
+
+
+def linear_config(data: Path, out: Path, **overrides):
+    return config(data, out, **{"assembly": "tiny-linear-opt", "stage": 2, **overrides})
+
+
+def test_a_nonfinite_loss_skips_its_step(tmp_path, data):
+    recording = Recording(nan_calls={2})
+    result = vlbridge.train.run(linear_config(data, tmp_path / "out", steps=5, log_every=1), objective=recording)
+    assert result.step == 5 and result.nonfinite == 1
+    weights = recording.weights  # the first trainable tensor as each forward pass found it
+    assert torch.equal(weights[2], weights[3])  # the NaN step updated nothing
+    assert all(not torch.equal(weights[i], weights[i + 1]) for i in (0, 1, 3))
+    assert not any(recording.leftover_grads)  # gradients are zeroed after a skip as after a step
+    metrics = read_metrics(tmp_path / "out")
+    assert [m["nonfinite"] for m in metrics] == [0, 0, 1, 1, 1]
+    assert "loss" not in metrics[2] and all("loss" in m for m in metrics[3:])  # nothing finite to average at step 3
+
+
+def test_max_nonfinite_in_a_row_stops_the_run(tmp_path, data):
+    values = linear_config(data, tmp_path / "out", steps=8, max_nonfinite=2, save_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 3: 2 non-finite losses in a row \(max_nonfinite: 2\)") as info:
+        vlbridge.train.run(values, objective=Recording(nan_calls={1, 2, 3}))
+    assert "checkpoints/step-2." in str(info.value)  # points at the last checkpoint
+    recovered = vlbridge.train.run(linear_config(data, tmp_path / "again", steps=4, max_nonfinite=2), objective=Recording(nan_calls={0, 2}))
+    assert recovered.nonfinite == 2  # not in a row: the run goes on
+
+
+def test_checkpoint_contents(tmp_path, data):
+    out = tmp_path / "out"
+    vlbridge.train.run(linear_config(data, out, steps=4, save_every=2, keep_last=1, grad_clip=1.0), objective=mse_objective)
+    steps = out / "checkpoints"
+    assert (steps / "latest").read_text().strip() == "step-4"
+    assert sorted(p.name for p in steps.iterdir()) == ["latest", "step-4"]  # keep_last: 1
+    state = torch.load(steps / "step-4" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["world_size"] == 1 and state["scaler"] is None
+    assert len(state["optimizer"]["state"]) == 2 and state["scheduler"]["step_count"] == 4
+    rank = state["ranks"][0]
+    assert rank["data"] == {"epoch": 0, "samples": 16, "streams": {}, "last_stream": None}  # 4 steps x 4 = all 16 samples
+    assert isinstance(rank["rng"]["torch"], torch.Tensor) and len(rank["rng"]["numpy"][1]) == 624
+    model = vlbridge.load(steps / "step-4")  # an ordinary vlbridge checkpoint too
+    saved = load_file(steps / "step-4" / "connector.safetensors")
+    assert all(torch.equal(saved[n], p) for n, p in model.connector.named_parameters())
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert {"epoch", "loss", "mse", "lr", "grad_norm", "images_per_s", "skipped", "nonfinite"} <= set(metrics[0])
+
+
+def test_grad_accum_equals_the_larger_batch(tmp_path, data):
+    big = vlbridge.train.run(linear_config(data, tmp_path / "big", steps=3, batch_size=4), objective=mse_objective)
+    small = vlbridge.train.run(linear_config(data, tmp_path / "acc", steps=3, batch_size=2, grad_accum=2), objective=mse_objective)
+    a, b = load_file(big.checkpoint / "connector.safetensors"), load_file(small.checkpoint / "connector.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert train_losses(tmp_path / "big") == pytest.approx(train_losses(tmp_path / "acc"), rel=1e-5)
+
+
+def test_stage1_then_stage2_from_its_checkpoint(tmp_path, data):
+    stage1 = vlbridge.train.run(config(data, tmp_path / "s1", with_eval=True, steps=16, log_every=4))
+    losses = train_losses(tmp_path / "s1")
+    assert losses[-1] < losses[0] and {"itc", "itm", "itg"} <= set(stage1.train)
+    assert stage1.eval is not None and stage1.eval["step"] == 16 and "eval_itg" in stage1.eval
+    recording = Recording(objective=vlbridge.train.objectives.Stage2Objective(prompt="a photo of"))
+    vlbridge.train.run(config(data, tmp_path / "s2", stage=2, init_from=str(tmp_path / "s1"), steps=12, log_every=4,
+                              prompt="a photo of", optimizer={"lr": 3e-3}), objective=recording)
+    started_from = load_file(stage1.checkpoint / "connector.safetensors")["query_tokens"]
+    assert torch.equal(recording.weights[0], started_from)  # query_tokens: the first trainable tensor
+    losses = train_losses(tmp_path / "s2")
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-linear-opt", "tiny-mlp-opt"])
+def test_projectors_train_with_the_stage2_objective(tmp_path, data, preset):
+    result = vlbridge.train.run(config(data, tmp_path / "out", assembly=preset, stage=2, steps=10, log_every=5, optimizer={"lr": 3e-3}))
+    losses = train_losses(tmp_path / "out")
+    assert set(result.train) >= {"loss", "lm"} and losses[-1] < losses[0]
+    assert vlbridge.load(result.checkpoint).plan.connector.name == preset.split("-")[1]
