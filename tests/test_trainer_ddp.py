@@ -1,0 +1,74 @@
+"""Two gloo processes (the environment torchrun sets up) train like one process on the same global
+batch: the same losses and, after DDP's all-reduce, the same gradients, with the real stage-1
+objective (ITC gathered across ranks, ITM on gathered negatives, ITG). Only rank 0 writes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_trainer_samples import config, deterministic_stage1, exact_stage1, read_metrics, subprocess_env, write_caption_data, write_config
+
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(config_path: Path, grads: Path, world_size: int = 2) -> list[subprocess.Popen]:
+    """What `torchrun --nproc_per_node 2` does for each worker: env:// rendezvous variables."""
+    port, workers = str(free_port()), []
+    for rank in range(world_size):
+        env = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+        workers.append(subprocess.Popen([sys.executable, "-m", "tests.test_trainer_samples", str(config_path), str(grads)],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return workers
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    data = write_caption_data(tmp_path / "data")
+    (tmp_path / "grads2").mkdir()
+    (tmp_path / "grads1").mkdir()
+    common = dict(steps=STEPS, log_every=1, save_every=STEPS)
+    two = write_config(tmp_path / "two.yaml", config(data, tmp_path / "two", batch_size=2, **common))
+    workers = launch(two, tmp_path / "grads2")
+    try:
+        import vlbridge.train
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with exact_stage1(tmp_path / "grads1"):
+            vlbridge.train.run(config(data, tmp_path / "one", batch_size=4, **common), objective=deterministic_stage1)
+        torch.set_num_threads(before)
+    finally:
+        outputs = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err
+
+    one, two_ranks = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(two_ranks) == STEPS  # rank 0 alone writes metrics
+    for a, b in zip(one, two_ranks):
+        for name in ("loss", "itc", "itm", "itg"):
+            assert b[name] == pytest.approx(a[name], rel=1e-5), (a["step"], name)
+        assert a["lr"] == b["lr"]
+
+    for step in range(1, STEPS + 1):
+        reference = torch.load(tmp_path / "grads1" / f"rank0-step{step}.pt", weights_only=True)
+        rank0, rank1 = (torch.load(tmp_path / "grads2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))  # all-reduced: identical on every rank
+        for a, b in zip(reference, rank0):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+    state = torch.load(tmp_path / "two" / "checkpoints" / f"step-{STEPS}" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2
+    assert [r["data"]["samples"] for r in state["ranks"]] == [STEPS * 2, STEPS * 2]  # each rank's own position
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # seeded per rank
