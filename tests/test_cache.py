@@ -4,6 +4,7 @@ caches are refused with what differs, interrupted builds resume, and the CLI's e
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 import vlbridge
 from vlbridge.assembly import load_assembly
@@ -26,7 +28,7 @@ from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.cache_dataset import FeatureStore
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective
 
-from tests.test_data_samples import write_image, write_jsonl, write_truncated
+from tests.test_data_samples import image_bytes, write_image, write_jsonl, write_tar, write_truncated
 
 PRESET = "tiny-qformer-opt"
 FP32 = BuildSettings(batch_size=3, dtype="fp32", shard_size=4, num_workers=0)
@@ -225,6 +227,18 @@ def test_one_id_for_two_images_and_uncached_images_are_refused(data: Path, cache
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"image": str(data / "images/0.jpg"), "text": "new", "image_id": 1234}])
     with pytest.raises(CacheError, match="has no features for image .*id 1234.*repeat --data"):
         feature_dataset({"format": "jsonl", "paths": [str(extra)]}, cache, train=True)
+
+
+def test_webdataset_cache_finds_tar_members_wherever_the_shards_are(tmp_path: Path, stage1: Any):
+    members = [(f"s/{k}.{ext}", data) for k in range(3) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
+    write_tar(tmp_path / "a" / "shard-0.tar", members + [("s/9.txt", b"no image")])
+    built = build_cache(PRESET, [{"format": "webdataset", "paths": [str(tmp_path / "a" / "shard-0.tar")]}], tmp_path / "c", FP32)
+    assert built.rows == 3 and built.shards[0].image_ids == ["s/0", "s/1", "s/2"] and built.shards[0].names[0] == "s/0.jpg"
+    (tmp_path / "a").rename(tmp_path / "moved")
+    dataset = feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "moved" / "shard-0.tar")]}, tmp_path / "c", train=False)
+    assert [dataset[i]["text"] for i in range(3)] == ["caption 0", "caption 1", "caption 2"] and isinstance(dataset[3], Skipped)
+    expected = stage1.encode_images(stage1.pixel_values([Image.open(io.BytesIO(image_bytes(1))).convert("RGB")]))[0]
+    torch.testing.assert_close(dataset[1]["image_embeds"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -1,0 +1,269 @@
+"""Training steps/s with and without the frozen-feature cache, on this CPU, side by side in one run.
+
+    python bench/bench_train.py [--batch 16] [--steps 3] [--reps 5] [--threads 1] [--json out.json]
+
+The model is BLIP-2 scaled down so that the encoder dominates as EVA ViT-g does: every width of
+ViT-g (1408, MLP 6144) and of the Q-Former (768, FFN 3072) divided by 4, the Q-Former's 12 layers by
+4, and the encoder's depth (12 blocks) set so that its forward is 68% of a stage-1 step's FLOPs, as
+ViT-g's 520.7 of ~760 GFLOP per sample in BLIP-2; 224 px (257 tokens), 32 queries, 32 text tokens.
+Parameters: encoder 19.2M, Q-Former 3.0M (ViT-g 985M, Q-Former 187M). The Q-Former keeps the tiny
+tokenizer's 1024-word vocabulary (BERT's is 30523; no download). Stage 2 adds the tiny OPT (the only
+LLM available offline), so its LLM costs next to nothing.
+
+Each step is what the trainer does: the next batch from the real data path (JPEG decode + BLIP-2's
+train transform, or the cache's memory-mapped rows), the real objective, backward, AdamW. DataLoader
+workers: 0, so every cost is counted on the same cores. Reps interleave the modes; reported are
+medians of wall time and of process CPU time (with one thread, CPU time is immune to other load).
+
+FLOPs per step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
+attention; forward and backward), and set against this machine's fp32 torch.mm rate measured in the
+same run (2048^3) and at a Q-Former-sized shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import vlbridge
+from vlbridge.assembly import load_assembly
+from vlbridge.data.build import build_dataset, make_loader
+from vlbridge.train.cache import feature_dataset
+from vlbridge.train.cache_build import BuildSettings, build_cache
+from vlbridge.train.objectives import Stage1Objective, Stage2Objective
+
+ENCODER = {"use": "eva-vit-g", "options": {"width": 352, "depth": 13, "heads": 16, "mlp_hidden": 1536}}  # 12 blocks kept
+QFORMER = {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 32, "hidden_size": 192, "num_layers": 3,
+                                         "num_heads": 12, "intermediate_size": 768, "max_text_positions": 64}}
+LLM = {"use": "opt", "options": {"variant": "tiny"}}
+CPU_ATTENTION = {  # torch's FLOP counter knows the CUDA attention kernels only; these are the CPU ones
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
+WORDS = "a man woman dog cat red blue green small large riding sitting near on under the park street table field".split()
+
+
+def assembly(stage: int) -> dict[str, Any]:
+    base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": ENCODER, "connector": QFORMER}
+    return {**base, "llm": LLM} if stage == 2 else base
+
+
+def write_data(root: Path, count: int) -> Path:
+    """`count` 480x360 JPEGs (smooth random colour fields, like photos in size) and a JSONL of captions."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        small = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((480, 360), Image.BICUBIC).save(root / f"{i}.jpg", quality=90)
+        rows.append({"image": f"{i}.jpg", "text": " ".join(rng.choice(WORDS, size=10)), "image_id": i})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def batches(dataset: Any, batch: int) -> Iterator[dict[str, Any]]:
+    """Endless batches over seeded epochs, as the trainer's BatchStream."""
+    epoch = 0
+    while True:
+        yield from make_loader(dataset, batch, epoch=epoch, drop_last=True)
+        epoch += 1
+
+
+def train_step(model: Any, objective: Any, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> float:
+    loss = objective(model, batch)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def step_flops(model: Any, objective: Any, batch: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """Matmul/conv/attention FLOPs of one forward + backward, and their split by op."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        objective(model, batch)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    by_op: dict[str, int] = {}
+    for ops in counter.get_flop_counts().values():
+        for op, flops in ops.items():
+            by_op[str(op)] = max(by_op.get(str(op), 0), int(flops))  # the Global entry holds the totals
+    return counter.get_total_flops(), by_op
+
+
+def time_steps(step: Callable[[], Any], count: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step over `count` steps."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
+
+
+def matmul_rate(m: int, k: int, n: int, seconds: float = 1.5) -> dict[str, float]:
+    """fp32 torch.mm GFLOP/s at one shape: best wall, median wall and median CPU-time rates."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    walls, cpus, started = [], [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(walls) < 5:
+        w, c = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    flops = 2 * m * k * n / 1e9
+    return {"best": flops / min(walls), "median": flops / statistics.median(walls), "cpu": flops / max(statistics.median(cpus), 1e-9)}
+
+
+class Mode:
+    """One (stage, source) pair: model, objective, optimizer and its endless batches."""
+
+    def __init__(self, stage: int, source: str, model: Any, dataset: Any, batch: int):
+        self.stage, self.source, self.model = stage, source, model
+        self.objective = (Stage1Objective if stage == 1 else Stage2Objective)(generator=torch.Generator().manual_seed(0))
+        self.optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        self.batches = batches(dataset, batch)
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.stage}, {self.source}"
+
+    def step(self) -> float:
+        return train_step(self.model, self.objective, self.optimizer, next(self.batches))
+
+
+def build_modes(data: Path, cache: Path, batch: int) -> list[Mode]:
+    config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
+    modes = []
+    for stage in (1, 2):
+        model = vlbridge.build(assembly(stage), stage=stage).train()
+        images = build_dataset(config, model.plan.preprocess, train=True)
+        cached = feature_dataset(config, cache, train=True, encoder=model.encoder, assembly=model.assembly)
+        modes += [Mode(stage, "images", model, images, batch), Mode(stage, "feature cache", model, cached, batch)]
+    return modes
+
+
+def phase_split(mode: Mode, steps: int) -> dict[str, float]:
+    """Median wall seconds of batch loading, forward, backward and optimizer within a step."""
+    parts: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(mode.batches)
+        t1 = time.perf_counter()
+        loss = mode.objective(mode.model, batch)["loss"]
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        mode.optimizer.step()
+        mode.optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[key].append(value)
+    return {key: statistics.median(values) for key, values in parts.items()}
+
+
+def measure(modes: list[Mode], steps: int, reps: int) -> None:
+    for mode in modes:  # warm-up: first-call allocations, tokenizer caches
+        mode.step()
+    for _ in range(reps):
+        for mode in modes:
+            wall, cpu = time_steps(mode.step, steps)
+            mode.walls.append(wall)
+            mode.cpus.append(cpu)
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "load_before": os.getloadavg()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = write_data(root, args.batch * (args.steps + 2))
+        started = time.perf_counter()
+        manifest = build_cache(assembly(1), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}], root / "cache",
+                               BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0))
+        cache_seconds = time.perf_counter() - started
+        modes = build_modes(data, root / "cache", args.batch)
+        mm_big = matmul_rate(2048, 2048, 2048)
+        mm_qformer = matmul_rate(args.batch * 64, 192, 768)
+        flops = {mode.name: step_flops(mode.model, mode.objective, next(mode.batches)) for mode in modes}
+        measure(modes, args.steps, args.reps)
+        phases = {mode.name: phase_split(mode, args.steps) for mode in modes[:2]}
+        mm_after = matmul_rate(2048, 2048, 2048)
+    return report(args, modes, flops, phases, mm_big, mm_after, mm_qformer, manifest.rows / cache_seconds)
+
+
+def report(args: argparse.Namespace, modes: list[Mode], flops: dict[str, Any], phases: dict[str, Any], mm_big: dict[str, float],
+           mm_after: dict[str, float], mm_qformer: dict[str, float], cache_rate: float) -> dict[str, Any]:
+    rate = statistics.median([mm_big["median"], mm_after["median"]])  # the machine's fp32 matmul GFLOP/s, this run
+    rows = {}
+    for mode in modes:
+        wall, cpu = statistics.median(mode.walls), statistics.median(mode.cpus)
+        total, by_op = flops[mode.name]
+        rows[mode.name] = {"steps_per_s": 1 / wall, "wall_s": wall, "cpu_s": cpu, "samples_per_s": args.batch / wall,
+                           "gflop_per_step": total / 1e9, "achieved_gflops": total / 1e9 / wall,
+                           "fraction_of_matmul_rate": total / 1e9 / wall / rate,
+                           "fraction_of_matmul_rate_cpu_time": total / 1e9 / cpu / mm_big["cpu"] if args.threads == 1 else None,
+                           "gflop_by_op": {op: f / 1e9 for op, f in by_op.items()}, "walls": mode.walls}
+    speedup = {stage: rows[f"stage {stage}, images"]["wall_s"] / rows[f"stage {stage}, feature cache"]["wall_s"] for stage in (1, 2)}
+    return {"machine": {**machine(), "load_after": os.getloadavg()}, "args": vars(args), "matmul_gflops": {
+                "2048^3_before": mm_big, "2048^3_after": mm_after, f"{args.batch * 64}x192x768": mm_qformer, "reference": rate},
+            "cache_build_images_per_s": cache_rate, "modes": rows, "speedup": speedup, "phases_s": phases}
+
+
+def print_report(result: dict[str, Any]) -> None:
+    m, mm = result["machine"], result["matmul_gflops"]
+    print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s), {m['capability']}, torch {m['torch']}; "
+          f"load {m['load_before'][0]:.2f} -> {m['load_after'][0]:.2f}")
+    print(f"fp32 torch.mm 2048^3: {mm['reference']:.1f} GFLOP/s (median wall; best {mm['2048^3_before']['best']:.1f}); "
+          f"Q-Former shape: {list(mm.values())[2]['median']:.1f}")
+    print(f"cache build: {result['cache_build_images_per_s']:.1f} images/s")
+    print("| mode | steps/s | samples/s | wall s/step | CPU s/step | GFLOP/step | GFLOP/s | of matmul rate |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in result["modes"].items():
+        print(f"| {name} | {row['steps_per_s']:.3f} | {row['samples_per_s']:.2f} | {row['wall_s']:.3f} | {row['cpu_s']:.3f} | "
+              f"{row['gflop_per_step']:.1f} | {row['achieved_gflops']:.1f} | {100 * row['fraction_of_matmul_rate']:.0f}% |")
+    print("speedup from the cache: " + ", ".join(f"stage {s}: {v:.2f}x" for s, v in result["speedup"].items()))
+    for name, parts in result["phases_s"].items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition (default 3)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="cache storage (default fp16)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(args)
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLBRIDGE_LOAD_PLUGINS", "")
+    sys.exit(main())
