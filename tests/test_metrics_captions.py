@@ -270,3 +270,22 @@ def test_metrics_import_no_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_without_pycocoevalcap_or_java_the_fallbacks_are_named(monkeypatch):
+    import importlib
+
+    meteor_module = importlib.import_module("vlbridge.metrics.meteor")  # the package's `meteor` is the function
+    tokenize_module = importlib.import_module("vlbridge.metrics.tokenize")
+
+    monkeypatch.setattr(tokenize_module, "ptb_jar", lambda: None)
+    assert tokenize_module.resolve_tokenizer("auto") == "python-ptb-approx"
+    with pytest.raises(VLBridgeError, match="needs pycocoevalcap"):
+        tokenize_module.resolve_tokenizer("java-ptb")
+    monkeypatch.setattr(tokenize_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(meteor_module, "java_available", lambda: False)
+    result = score_captions({1: "A dog."}, {1: ["A dog.", "A puppy."]})
+    assert result["tokenizer"] == "python-ptb-approx" and result["METEOR"] is None
+    assert result["notes"] in ([meteor_module.UNAVAILABLE_NO_JAVA], [meteor_module.UNAVAILABLE_NO_PACKAGE])
+    # one image: CIDEr-D's IDF is log(1) = 0, so even a perfect caption scores 0; BLEU/ROUGE-L are 1
+    assert result["CIDEr"] == 0.0 and result["ROUGE_L"] == pytest.approx(1.0)
