@@ -7,10 +7,10 @@ import os
 import sys
 import traceback
 
-from vlbridge.cli import cache, convert, evaluate, listing, run, train, validate, world
+from vlbridge.cli import cache, convert, demo, evaluate, listing, run, train, validate, world
 from vlbridge.errors import VLBridgeError
 
-SUBCOMMAND_MODULES = (listing, validate, run, convert, train, cache, world, evaluate)
+SUBCOMMAND_MODULES = (demo, listing, validate, run, convert, train, cache, world, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

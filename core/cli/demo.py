@@ -1,0 +1,53 @@
+"""`vlbridge demo` (the main job) and `vlbridge compare CONFIG.yaml`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from vlbridge.errors import VLBridgeError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="run the miniature BLIP-2 experiment offline and write a report")
+    d.add_argument("--out", default="vlbridge-demo", help="output folder (default ./vlbridge-demo); reused and resumed if it exists")
+    d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (seconds; for tests)")
+    d.add_argument("--seeds", type=int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
+    d.add_argument("--queries", type=int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
+    d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot")
+    c.add_argument("config", metavar="CONFIG.yaml")
+    c.set_defaults(func=cmd_compare)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlbridge.demo import run_demo
+
+    results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, say=_say)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/report.md, results.json and report.png ({len(results['runs'])} runs)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vlbridge.compare import CompareConfig
+    from vlbridge.compare.runner import run_compare
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise VLBridgeError(f"comparison config not found: {path}")
+    try:
+        config = CompareConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise VLBridgeError(f"comparison config {path} is invalid: {exc}") from None
+    run_compare(config, _say)
+    print((Path(config.output_dir) / "report.md").read_text(encoding="utf-8"))
+    return 0

@@ -1,0 +1,65 @@
+"""The comparison config: which assemblies, what data, what budget, which evaluations (no torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSpec(Strict):
+    """One contestant: an assembly and how its connector is trained."""
+
+    name: str = Field(min_length=1, description="label in the table")
+    assembly: str | dict[str, Any] = Field(description="preset name, assembly YAML path or inline mapping")
+    connector_options: dict[str, Any] = Field(default_factory=dict, description="merged into the assembly's connector options (e.g. num_query_tokens)")
+    stage1_steps: int = Field(0, ge=0, description="stage-1 optimizer steps (0: no stage 1, e.g. projectors or the 'without stage 1' ablation)")
+    stage2_steps: int = Field(ge=1, description="stage-2 optimizer steps")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; default: the comparison's")
+
+
+class EvalSet(Strict):
+    """One evaluation split: captions (also used for retrieval) and/or VQA questions."""
+
+    name: str = Field(min_length=1)
+    captions: str | None = Field(None, description="COCO/Karpathy-style caption JSON")
+    questions: str | None = Field(None, description="VQAv2-style questions JSON")
+    annotations: str | None = Field(None, description="VQAv2-style annotations JSON")
+    images: str | None = Field(None, description="image root directory")
+    image_pattern: str | None = Field(None, description="VQA image file pattern under images")
+    scenes: str | None = Field(None, description="world scenes JSON: retrieval counts a caption of an identical scene as right")
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many images / questions")
+    tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"], description="subset of caption, vqa, retrieval")
+
+
+class CompareConfig(Strict):
+    """N assemblies, one dataset, one budget and seed policy."""
+
+    name: str = "comparison"
+    runs: list[RunSpec] = Field(min_length=1)
+    stage1_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 1 (captions)")
+    stage2_data: dict[str, Any] = Field(description="DataConfig for stage 2 (captions, QA texts)")
+    evals: list[EvalSet] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="every run is repeated per seed; tables give mean and spread")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    features: bool = Field(True, description="train from a frozen-feature cache (encoders are frozen; no augmentation then)")
+    caption_prompt: str = Field("", description="prompt before generated captions (match how stage 2 was trained)")
+    vqa_prompt: str = Field("Question: {} Short answer:", description="VQA prompt template")
+    generation: dict[str, Any] = Field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 12})
+    output_dir: str = Field(min_length=1)
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "CompareConfig":
+        names = [r.name for r in self.runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run names must be unique, got {names}")
+        if any(r.stage1_steps for r in self.runs) and self.stage1_data is None:
+            raise ValueError("a run has stage1_steps but stage1_data is not given")
+        return self

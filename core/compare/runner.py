@@ -1,0 +1,142 @@
+"""Running a comparison: feature caches, training per run and seed, evaluation, timing, results.
+
+Every step writes under `output_dir` and is reused when found, so an interrupted comparison
+resumes where it stopped (training itself resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vlbridge.assembly import load_assembly
+from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+from vlbridge.resources import presets
+
+Say = Callable[[str], None]
+
+
+def resolve_assembly(run: RunSpec) -> dict[str, Any]:
+    """The run's assembly as a mapping, with its connector option overrides applied."""
+    if isinstance(run.assembly, dict):
+        raw = copy.deepcopy(run.assembly)
+    elif run.assembly in presets():
+        raw = copy.deepcopy(presets()[run.assembly])
+    else:
+        raw = copy.deepcopy(load_assembly(run.assembly).config.model_dump(mode="json"))
+    raw["name"] = run.name
+    connector = raw.setdefault("connector", {})
+    connector["options"] = {**connector.get("options", {}), **run.connector_options}
+    return raw
+
+
+def _encoder_key(assembly: dict[str, Any]) -> str:
+    text = json.dumps(load_assembly(assembly).plan.encoder.options, sort_keys=True) + assembly["encoder"]["use"]
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def feature_cache(config: CompareConfig, assembly: dict[str, Any], say: Say) -> str | None:
+    """A frozen-feature cache of the training images for this assembly's encoder (built once)."""
+    if not config.features:
+        return None
+    from vlbridge.train.cache import read_manifest
+    from vlbridge.train.cache_build import build_cache
+
+    directory = Path(config.output_dir) / "features" / _encoder_key(assembly)
+    try:
+        read_manifest(directory)
+        return str(directory)
+    except Exception:
+        pass
+    say(f"caching frozen encoder features -> {directory}")
+    sources = [config.stage2_data] + ([config.stage1_data] if config.stage1_data else [])
+    build_cache(assembly, sources, directory)
+    return str(directory)
+
+
+def _train_config(config: CompareConfig, run: RunSpec, assembly: dict, stage: int, steps: int, seed: int,
+                  out: Path, init_from: str | None, features: str | None) -> dict[str, Any]:
+    data = config.stage1_data if stage == 1 else config.stage2_data
+    return {
+        "assembly": assembly, "stage": stage, "init_from": init_from, "steps": steps, "seed": seed,
+        "data": {"train": data, "features": features}, "batch_size": config.batch_size,
+        "optimizer": {"lr": run.lr or config.lr}, "schedule": {"warmup_steps": min(config.warmup_steps, steps - 1)},
+        "output_dir": str(out), "log_every": max(1, steps // 10), "device": config.device, "tensorboard": False,
+        **({"prompt": ""} if stage == 2 else {}),
+    }
+
+
+def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say) -> tuple[Path, dict[str, Any]]:
+    """Stage 1 (if any) then stage 2, resumable; returns the final checkpoint and the training summary."""
+    from vlbridge.train.checkpointing import latest_checkpoint
+    from vlbridge.train.trainer import run as train
+
+    assembly = resolve_assembly(run)
+    features = feature_cache(config, assembly, say)
+    root = Path(config.output_dir) / "runs" / run.name / f"seed-{seed}"
+    summary: dict[str, Any] = {}
+    init_from = None
+    start = time.perf_counter()
+    for stage, steps in ((1, run.stage1_steps), (2, run.stage2_steps)):
+        if not steps:
+            continue
+        out = root / f"stage{stage}"
+        say(f"{run.name} (seed {seed}): stage {stage}, {steps} steps")
+        result = train(_train_config(config, run, assembly, stage, steps, seed, out, init_from, features), resume=True)
+        summary[f"stage{stage}"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
+        init_from = str(out)
+    summary["train_seconds"] = time.perf_counter() - start
+    checkpoint = latest_checkpoint(root / "stage2")
+    return checkpoint, summary
+
+
+@torch.no_grad()
+def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 5) -> dict[str, float]:
+    """Visual tokens fed to the LLM and the LLM's forward time on them plus a short text (ms, median)."""
+    plan = model.plan
+    visual = torch.zeros(batch, plan.connector_out.num_tokens, plan.connector_out.width, device=model.device)
+    ids = torch.full((batch, text_tokens), model.llm.tokenizer.pad_token_id or 0, device=model.device)
+    mask = torch.ones_like(ids)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        kwargs = {"labels": ids} if model.llm.is_encoder_decoder else {}
+        model.llm(visual, ids, mask, **kwargs)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    return {"visual_tokens": plan.connector_out.num_tokens, "llm_forward_ms": 1000 * times[len(times) // 2]}
+
+
+def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say) -> dict[str, Any]:
+    from vlbridge.compare.evaluation import evaluate_set
+
+    return {e.name: evaluate_set(config, model, e, say) for e in evals}
+
+
+def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate every run for every seed, then write results.json, report.md, report.png."""
+    import vlbridge
+    from vlbridge.compare.report import write_report
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[str, list[dict[str, Any]]] = {run.name: [] for run in config.runs}
+    total, done = len(config.runs) * len(config.seeds), 0
+    for seed in config.seeds:
+        for run in config.runs:
+            done += 1
+            say(f"[{done}/{total}] {run.name}, seed {seed}")
+            checkpoint, summary = train_run(config, run, seed, say)
+            model = vlbridge.load(checkpoint, device=None if config.device == "auto" else config.device)
+            result = {"seed": seed, "train": summary, "cost": llm_cost(model), "plan": {
+                "trainable_params": model.plan.trainable_params, "visual_tokens": model.plan.connector_out.num_tokens}}
+            result["eval"] = evaluate_run(config, model, config.evals, say)
+            per_seed[run.name].append(result)
+            del model
+    return write_report(out, config.model_dump(mode="json"), per_seed, notes or [])

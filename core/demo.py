@@ -1,0 +1,105 @@
+"""`vlbridge demo`: BLIP-2's argument as a miniature experiment that runs offline.
+
+Keep a pretrained image encoder and a pretrained LLM frozen (here: the world's own, trained by
+`vlbridge.world.train_parts` and shipped), train only a bridge in two stages, and compare it with
+bridges that skip stage 1 or pass raw patch tokens (LLaVA's linear and MLP projectors), and with
+fewer queries. Every connector gets the same encoder, LLM, data and number of optimizer steps (the
+Q-Former splits its steps between stage 1 and stage 2).
+
+Stage 2 trains on the world's captions and question-answer texts ("Caption: ..." and
+"Question: ... Short answer: ..."), so at test time "Caption:" asks for a caption and the VQA prompt
+for an answer: the frozen LLM is steered by the soft visual prompt, as in BLIP-2's instructed use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+
+CAPTION_PROMPT = "Caption:"
+VQA_PROMPT = "Question: {} Short answer:"
+FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (300, 300), "limit": 300, "batch": 32}
+QUICK = {"world": {"train": 96, "val": 8, "test": 24, "comp": 16}, "steps": (6, 6), "limit": 24, "batch": 16}
+
+
+def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict[str, Any]:
+    """Generate the world, or reuse one already there with the same configuration."""
+    from vlbridge.world import WorldConfig, generate_world
+
+    config = WorldConfig(seed=seed, **sizes)
+    manifest_file = directory / "manifest.json"
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if manifest.get("config") == config.model_dump(mode="json"):
+            say(f"reusing the world in {directory}")
+            return manifest
+    say(f"generating the world in {directory}")
+    return generate_world(directory, config)
+
+
+def stage2_texts(world: Path) -> Path:
+    """JSONL of the training images with "Caption: ..." and "Question: ... Short answer: ..." texts."""
+    out = world / "stage2_train.jsonl"
+    if out.is_file():
+        return out
+    captions = json.loads((world / "captions_train.json").read_text(encoding="utf-8"))
+    questions = json.loads((world / "questions_train.json").read_text(encoding="utf-8"))["questions"]
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in
+               json.loads((world / "annotations_train.json").read_text(encoding="utf-8"))["annotations"]}
+    image_of = {c["image_id"]: c["image"] for c in captions}
+    lines = []
+    for record in captions:
+        texts = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
+        lines += [{"image": record["image"], "image_id": record["image_id"], "text": f"{CAPTION_PROMPT} {t}"} for t in texts]
+    for q in questions:
+        text = f"{VQA_PROMPT.format(q['question'])} {answers[q['question_id']]}"
+        lines.append({"image": image_of[q["image_id"]], "image_id": q["image_id"], "text": text})
+    out.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    return out
+
+
+def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int]) -> tuple[CompareConfig, dict]:
+    """The comparison the demo runs (see the module docstring)."""
+    plan = QUICK if quick else FULL
+    world = out / "world"
+    s1, s2 = plan["steps"]
+    runs = [RunSpec(name="qformer-32q", assembly="world-qformer-opt", stage1_steps=s1, stage2_steps=s2),
+            RunSpec(name="qformer-32q-no-stage1", assembly="world-qformer-opt", stage2_steps=s1 + s2)]
+    runs += [RunSpec(name=f"qformer-{q}q", assembly="world-qformer-opt", connector_options={"num_query_tokens": q},
+                     stage1_steps=s1, stage2_steps=s2) for q in queries if q != 32]
+    runs += [RunSpec(name="linear", assembly="world-linear-opt", stage2_steps=s1 + s2),
+             RunSpec(name="mlp", assembly="world-mlp-opt", stage2_steps=s1 + s2)]
+    evals = [EvalSet(name=split, captions=str(world / f"captions_{split}.json"), questions=str(world / f"questions_{split}.json"),
+                     annotations=str(world / f"annotations_{split}.json"), images=str(world), image_pattern="images/world_{split}_{image_id:07d}.png",
+                     scenes=str(world / f"scenes_{split}.json"), limit=plan["limit"],
+                     tasks=["caption", "vqa", "retrieval"] if split == "test" else ["vqa"])
+             for split in ("test", "comp")]
+    config = CompareConfig(
+        name="vlbridge demo: a miniature BLIP-2 experiment" + (" (quick)" if quick else ""), runs=runs,
+        stage1_data={"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world)},
+        stage2_data={"format": "jsonl", "paths": [str(world / "stage2_train.jsonl")], "image_root": str(world), "clean_text": False},
+        evals=evals, seeds=seeds, batch_size=plan["batch"], lr=1e-3, warmup_steps=max(1, s1 // 10), features=True,
+        caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT, output_dir=str(out), device="cpu",
+    )
+    return config, plan
+
+
+def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None, say=print) -> dict[str, Any]:
+    from vlbridge.compare.runner import run_compare
+
+    out = Path(out)
+    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32])
+    ensure_world(out / "world", plan["world"], 0, say)
+    stage2_texts(out / "world")
+    notes = [
+        "Frozen parts: the world's EVA-style ViT (trained contrastively on the world's captions), OPT (trained on the world's text only), BERT init for the Q-Former; shipped with vlbridge.",
+        f"Budget: every connector gets {sum(plan['steps'])} optimizer steps of batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2.",
+        "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation.",
+        "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
+        "Retrieval (Q-Former only): ITM re-ranked R@1; a caption of an identical scene counts as right.",
+        "CIDEr-D/BLEU-4 on the test split; generation is greedy.",
+    ]
+    return run_compare(config, say, notes)
