@@ -69,9 +69,11 @@ def options(value: EvalOptions | dict[str, Any] | None = None, **overrides: Any)
 
 
 # -- reading the evaluation sets --------------------------------------------------------------------
-def load_caption_groups(data: str | Path, images: str | Path | None = None, limit: int | None = None) -> list[CaptionGroup]:
-    """A COCO/Flickr30k caption file (LAVIS, official COCO or Karpathy layout) as one group per image."""
-    groups = group_captions(read_coco_captions(data, image_root=images))
+def load_caption_groups(data: str | Path, images: str | Path | None = None, limit: int | None = None,
+                        split: str | None = None) -> list[CaptionGroup]:
+    """A COCO/Flickr30k caption file (LAVIS, official COCO or Karpathy layout) as one group per image;
+    `split` picks the images of Karpathy's all-splits files (dataset_coco.json: "test")."""
+    groups = group_captions(read_coco_captions(data, image_root=images, split=split))
     return _limited(groups, limit, "images")
 
 

@@ -135,6 +135,16 @@ def test_api_errors(files, tmp_path):
     assert len(evaluate.load_caption_groups(files["captions"], files["images"], limit=2)) == 2
 
 
+def test_karpathy_all_splits_file_with_split(files, tmp_path):
+    images = [{"filepath": "val2014", "filename": _name(i), "cocoid": i, "split": "test" if i < 3 else "train",
+               "sentences": [{"raw": r} for r in refs]} for i, refs in REFERENCES.items()]
+    data = tmp_path / "dataset_coco.json"
+    data.write_text(json.dumps({"dataset": "coco", "images": images}))
+    groups = evaluate.load_caption_groups(data, files["images"], split="test")
+    assert [g.image_id for g in groups] == [1, 2] and groups[1].captions == REFERENCES[2]
+    assert len(evaluate.load_caption_groups(data, files["images"])) == 4  # no split: every image in the file
+
+
 # -- tiny random models, end to end ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_opt():
@@ -216,6 +226,7 @@ def test_cli_bad_input_exits_2(capsys, files, tmp_path):
         (["--task", "caption", "--data", str(files["captions"]), "--limit", "0"], "--limit must be at least 1"),
         (["--task", "vqa", "--data", str(files["questions"]), "--images", str(tmp_path / "missing")], "is not a directory"),
         (["--task", "vqa", "--data", str(files["annotations"])], "expected an object with a 'questions' list"),
+        (["--task", "vqa", "--data", str(files["questions"]), "--split", "test"], "--split is for caption and retrieval"),
     ]
     bad = tmp_path / "bad.json"
     bad.write_text("[{")

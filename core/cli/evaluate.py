@@ -27,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, metavar="FILE", help="caption JSON, or VQA questions JSON")
     p.add_argument("--images", metavar="DIR", help="folder the data's image paths are relative to (default: the data file's folder)")
+    p.add_argument("--split", help="with Karpathy's dataset_{coco,flickr30k}.json (all splits in one file): which one, e.g. test")
     p.add_argument("--annotations", metavar="FILE", help="VQAv2 annotations JSON (vqa only; omit for a test split)")
     p.add_argument("--image-pattern", metavar="PATTERN", help="VQA image file name, default COCO_{split}_{image_id:012d}.jpg")
     p.add_argument("--out", metavar="DIR", help="write predictions.json and metrics.json here")
@@ -50,6 +51,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.annotations and args.task != "vqa":
         raise VLBridgeError(f"--annotations is for --task vqa; a {args.task} file carries its own captions")
+    if args.split and args.task == "vqa":
+        raise VLBridgeError("--split is for caption and retrieval data in Karpathy's all-splits layout; a VQAv2 file holds one split")
     if args.image_pattern and args.task != "vqa":
         raise VLBridgeError("--image-pattern is for --task vqa (official VQAv2 files name no image path)")
     if args.images and not Path(args.images).expanduser().is_dir():
@@ -68,7 +71,7 @@ def _read_data(args: argparse.Namespace) -> list:
     if args.task == "vqa":
         extra = {"image_pattern": args.image_pattern} if args.image_pattern else {}
         return evaluate.load_vqa_records(args.data, args.annotations, args.images, args.limit, **extra)
-    return evaluate.load_caption_groups(args.data, args.images, args.limit)
+    return evaluate.load_caption_groups(args.data, args.images, args.limit, split=args.split)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = {"caption": evaluate.run_captions, "vqa": evaluate.run_vqa, "retrieval": evaluate.run_retrieval}[args.task]
     result = run(model, records, opts, progress=_progress(args.quiet))
     settings = {"run": {"assembly": args.assembly, "checkpoint": args.checkpoint, "weights": args.weights, "data": args.data,
-                        "annotations": args.annotations, "images": args.images, "limit": args.limit,
+                        "split": args.split, "annotations": args.annotations, "images": args.images, "limit": args.limit,
                         "options": opts.model_dump(), "seconds": round(time.monotonic() - started, 2),
                         "vlbridge_version": vlbridge.__version__}}
     if args.limit and args.task == "caption":
