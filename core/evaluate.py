@@ -123,7 +123,12 @@ def _image_inputs(refs: Sequence[ImageRef]) -> list[Any]:
 def _in_batches(items: Sequence[Any], batch_size: int, run: Callable[[Sequence[Any]], list], progress: Progress | None) -> list:
     out: list = []
     for start in range(0, len(items), batch_size):
-        out.extend(run(items[start:start + batch_size]))
+        chunk = items[start:start + batch_size]
+        results = run(chunk)
+        if len(results) != len(chunk):
+            raise VLBridgeError(f"the model returned {len(results)} outputs for {len(chunk)} inputs; evaluation needs "
+                                "exactly one per input (leave num_return_sequences at 1)")
+        out.extend(results)
         if progress is not None:
             progress(len(out), len(items))
     return out
