@@ -96,3 +96,11 @@ def test_an_existing_run_needs_resume(capsys, tmp_path, data):
     (step.parent / "latest").write_text("step-3\n")
     code, _, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out"))
     assert_user_error(code, err, "already holds checkpoints (latest: step-3); pass --resume")
+
+
+def test_one_run_per_output_dir(capsys, tmp_path, data):
+    from vlbridge.train.checkpointing import exclusive
+
+    with exclusive(tmp_path / "out"):  # as a run in progress holds it
+        code, _, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out"))
+    assert_user_error(code, err, "is in use by another run (pid ")

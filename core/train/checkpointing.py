@@ -10,13 +10,14 @@ place, so a killed run leaves either a whole checkpoint or none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -29,8 +30,39 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "train.yaml"
+LOCK_FILE = ".lock"
 STATE_FORMAT = "vlbridge-trainer-state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# -- one run per output_dir ----------------------------------------------------------------------
+@contextlib.contextmanager
+def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
+    """Hold output_dir/.lock for the run, so a second run on the same directory fails at once
+    instead of interleaving checkpoints. The OS releases it when the process dies, even by SIGKILL."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        hold = False
+    if not hold:
+        yield
+        return
+    path = Path(output_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise VLBridgeError(f"output_dir {output_dir} is in use by another run (pid {handle.read().strip() or '?'}); "
+                                "wait for it to end or choose another output_dir") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -- random number generators ------------------------------------------------------------------

@@ -96,8 +96,7 @@ class MetricsLog:
         """On resume: forget lines a killed run wrote after the checkpoint it resumes from."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, record: dict[str, Any], prefix: str = "train") -> None:
@@ -111,6 +110,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+
+
+def _step_of(line: str) -> float:
+    """The step a metrics line is about; a line cut short by a kill counts as after any step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _summary_writer(path: Path) -> Any:

@@ -100,8 +100,8 @@ class ObjectiveStep(nn.Module):
 
 def wrap(model: nn.Module, objective: Any, run: Runtime, find_unused_parameters: bool) -> nn.Module:
     """ObjectiveStep, in DDP when there are several processes. DDP is told to ignore the frozen
-    encoder and LLM (no start-up broadcast of billions of frozen weights, no gradient buckets) and
-    not to re-broadcast buffers each step: every rank builds the frozen parts identically."""
+    encoder and LLM and every buffer: no start-up broadcast of billions of frozen weights, no
+    gradient buckets for them, no buffer sync each step (every rank builds the frozen parts alike)."""
     step = ObjectiveStep(model, objective)
     if run.world_size == 1:
         return step
@@ -109,8 +109,7 @@ def wrap(model: nn.Module, objective: Any, run: Runtime, find_unused_parameters:
     frozen += [f"model.{name}" for name, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
     device_ids = [run.device.index] if run.device.type == "cuda" else None
-    return DistributedDataParallel(step, device_ids=device_ids, broadcast_buffers=False,
-                                   find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def no_sync(step: nn.Module, sync: bool) -> ContextManager[Any]:

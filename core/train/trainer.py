@@ -26,6 +26,7 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.factory import load_connector_weights
 from vlbridge.model import VLBridgeModel
 from vlbridge.train import checkpointing as ckpt
+from vlbridge.train import distributed
 from vlbridge.train import runtime as rt
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
@@ -60,9 +61,10 @@ def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = 
 
 def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, objective: Objective | None = None) -> TrainResult:
     """`run` for a config already validated by `check_config` (which returned `assembly`)."""
-    if not resume:
-        refuse_existing_run(Path(config.output_dir).expanduser())  # before any weight loads
-    with rt.runtime(config.device) as where:
+    output_dir = Path(config.output_dir).expanduser()
+    with rt.runtime(config.device) as where, ckpt.exclusive(output_dir, hold=where.main):
+        if not resume:
+            refuse_existing_run(output_dir)  # before any weight loads
         trainer = Trainer(config, assembly, where, objective)
         try:
             return trainer.fit(resume)
@@ -89,7 +91,6 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, lr=config.optimizer.lr, total_steps=self.total_steps, schedule=config.schedule)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step, self.nonfinite, self.nonfinite_in_row, self.skipped_before = 0, 0, 0, 0
-        self.window = Window()
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] | None = None
         self.bar: Any = Silent()
@@ -101,15 +102,17 @@ class Trainer:
         self.batches = BatchStream(self.train_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
                                    world_size=self.where.world_size, num_workers=self.config.data.train.num_workers,
                                    drop_last=self.config.drop_last, progress=self.progress)
-        self.forward = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters)
+        self.objective_step = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters)
         self.model.train()
         if rng_state is not None:
             ckpt.restore_rng(rng_state)  # last: nothing above may draw from the restored generators
         self.announce()
         saved_at = evaluated_at = self.step if resume else -1
+        self.window = Window()
         while self.step < self.total_steps:
             self.train_step()
             self.step += 1
+            self.bar.update(self.step)
             if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                 self.log()
             if self.config.eval_every and self.step % self.config.eval_every == 0:
@@ -134,8 +137,8 @@ class Trainer:
             if not self.usable(batch):
                 continue
             self.window.images += batch_length(batch)
-            with rt.no_sync(self.forward, sync=i == accum - 1), rt.autocast(self.device, self.config.precision):
-                losses = self.forward(to_device(batch, self.device))
+            with rt.no_sync(self.objective_step, sync=i == accum - 1), rt.autocast(self.device, self.config.precision):
+                losses = self.objective_step(to_device(batch, self.device))
             loss = losses["loss"].float()
             finite = finite * torch.isfinite(loss.detach())
             self.backward(loss / accum)
@@ -243,7 +246,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self) -> int:
         """Every rank hands in its RNG states and data position; rank 0 writes step-N and `latest`."""
-        ranks = rt.distributed.all_gather_object({"rng": ckpt.capture_rng(), "data": self.progress.state_dict(),
+        ranks = distributed.all_gather_object({"rng": ckpt.capture_rng(), "data": self.progress.state_dict(),
                                                   "skipped": self.progress.skipped_count + self.skipped_before})
         if self.where.main:
             state = {"format": ckpt.STATE_FORMAT, "version": 1, "step": self.step, "epoch": self.progress.epoch,
