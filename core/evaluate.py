@@ -111,13 +111,16 @@ def check_images(refs: Sequence[ImageRef]) -> None:
                             "Point --images (image_root) at the folder the annotation paths are relative to.")
 
 
-def _image_inputs(refs: Sequence[ImageRef]) -> list[Any]:
-    """Paths as they are; in-memory bytes (tar members) decoded with PIL."""
+def image_inputs(refs: Sequence[ImageRef]) -> list[Any]:
+    """What model.caption / answer / retrieve take: paths as they are, in-memory bytes (tar members) decoded with PIL."""
     if all(ref.path is not None for ref in refs):
         return [ref.path for ref in refs]
     from PIL import Image
 
     return [ref.path if ref.path is not None else Image.open(io.BytesIO(ref.data)).convert("RGB") for ref in refs]
+
+
+_image_inputs = image_inputs  # the earlier private name, which vlbridge.compare imports
 
 
 def _in_batches(items: Sequence[Any], batch_size: int, run: Callable[[Sequence[Any]], list], progress: Progress | None) -> list:
@@ -141,7 +144,7 @@ def run_captions(model, records: Sequence[CaptionGroup] | Sequence[ImageText], o
     opts = options(opts, **overrides)
     groups = _as_groups(records)
     check_images([g.image for g in groups])
-    images = _image_inputs([g.image for g in groups])
+    images = image_inputs([g.image for g in groups])
     captions = _in_batches(images, opts.batch_size, lambda chunk: model.caption(
         list(chunk), prompt=opts.prompt, batch_size=opts.batch_size, **opts.generation), progress)
     predictions = [{"image_id": g.image_id, "caption": c} for g, c in zip(groups, captions)]
@@ -176,7 +179,7 @@ def run_vqa(model, records: Sequence[ImageQuestion], opts: EvalOptions | dict | 
         raise VLBridgeError("no VQA questions to evaluate")
     check_images([r.image for r in records])
     prompt = {"prompt": opts.prompt} if opts.prompt is not None else {}
-    pairs = list(zip(_image_inputs([r.image for r in records]), [r.question for r in records]))
+    pairs = list(zip(image_inputs([r.image for r in records]), [r.question for r in records]))
     answers = _in_batches(pairs, opts.batch_size, lambda chunk: model.answer(
         [p[0] for p in chunk], [p[1] for p in chunk], batch_size=opts.batch_size, **prompt, **opts.generation), progress)
     predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
@@ -218,7 +221,7 @@ def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], 
     groups = _as_groups(records)
     check_images([g.image for g in groups])
     flat = flatten_groups(groups)
-    result = model.retrieve(_image_inputs([g.image for g in groups]), flat.texts, k=opts.k, batch_size=opts.batch_size)
+    result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=opts.k, batch_size=opts.batch_size)
     if progress is not None:
         progress(len(groups), len(groups))
     itc = retrieval_recall(result.itc, flat.img2txt, flat.txt2img, with_ranks=True)
