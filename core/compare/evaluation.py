@@ -53,7 +53,7 @@ def _scene_keys(groups: list, scenes_file: str | None) -> list[Any]:
 def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 128) -> dict[str, Any]:
     """Recall@1/5/10 both ways from ITC and from ITM re-ranking, with scene-level correctness."""
     from vlbridge.data import flatten_groups
-    from vlbridge.evaluate import _image_inputs
+    from vlbridge.evaluate import image_inputs
     from vlbridge.metrics.retrieval import query_ranks, recall_at_k
 
     flat = flatten_groups(groups)
@@ -63,7 +63,7 @@ def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 128) 
         same.setdefault(key, []).append(i)
     image_pos = [sorted(t for j in same[keys[i]] for t in flat.img2txt[j]) for i in range(len(groups))]
     text_pos = [same[keys[flat.txt2img[t]]] for t in range(len(flat.texts))]
-    result = model.retrieve(_image_inputs([g.image for g in groups]), flat.texts, k=k)
+    result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=k)
     out: dict[str, Any] = {"num_images": len(groups), "num_texts": len(flat.texts), "distinct_scenes": len(same),
                            "notes": ["percent; a caption of an identical scene counts as right"]}
     for name, i2t, t2i in (("itc", result.itc, result.itc.t()), ("itm", result.i2t, result.t2i)):
