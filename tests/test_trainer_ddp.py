@@ -38,7 +38,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     data = write_caption_data(tmp_path / "data")
     (tmp_path / "grads2").mkdir()
     (tmp_path / "grads1").mkdir()
-    common = dict(steps=STEPS, log_every=1, save_every=STEPS)
+    common = dict(steps=STEPS, log_every=1, save_every=STEPS, with_eval=True)
     two = write_config(tmp_path / "two.yaml", config(data, tmp_path / "two", batch_size=2, **common))
     workers = launch(two, tmp_path / "grads2")
     try:
@@ -55,11 +55,12 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
         assert worker.returncode == 0, err
 
     one, two_ranks = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(two_ranks) == STEPS  # rank 0 alone writes metrics
-    for a, b in zip(one, two_ranks):
+    assert len(two_ranks) == STEPS + 1  # rank 0 alone writes metrics: a line per step, then the evaluation
+    for a, b in zip(one[:STEPS], two_ranks):
         for name in ("loss", "itc", "itm", "itg"):
             assert b[name] == pytest.approx(a[name], rel=1e-5), (a["step"], name)
         assert a["lr"] == b["lr"]
+    assert two_ranks[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)  # each rank evaluates its share
 
     for step in range(1, STEPS + 1):
         reference = torch.load(tmp_path / "grads1" / f"rank0-step{step}.pt", weights_only=True)

@@ -84,6 +84,14 @@ def test_grad_accum_equals_the_larger_batch(tmp_path, data):
     assert train_losses(tmp_path / "big") == pytest.approx(train_losses(tmp_path / "acc"), rel=1e-5)
 
 
+def test_epochs_and_bf16(tmp_path, data):
+    result = vlbridge.train.run(linear_config(data, tmp_path / "out", steps=None, epochs=2, grad_accum=3, precision="bf16"),
+                                objective=mse_objective)
+    assert result.step == 2  # 2 epochs x 4 batches of 4 = 8 batches = 2 steps of 3 (the rest unused)
+    assert all(t.dtype == torch.float32 for t in load_file(result.checkpoint / "connector.safetensors").values())
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in train_losses(tmp_path / "out"))
+
+
 def test_stage1_then_stage2_from_its_checkpoint(tmp_path, data):
     stage1 = vlbridge.train.run(config(data, tmp_path / "s1", with_eval=True, steps=16, log_every=4))
     losses = train_losses(tmp_path / "s1")

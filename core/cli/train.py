@@ -7,6 +7,7 @@ Under `torchrun --nproc_per_node N` the same command runs data-parallel. The con
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -32,5 +33,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlbridge.train.trainer import train
 
     result = train(config, assembly, resume=args.resume)
-    print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     return 0
