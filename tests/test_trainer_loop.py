@@ -3,6 +3,8 @@ stage 1 then stage 2 from its checkpoint, and the projectors trained by the same
 
 from __future__ import annotations
 
+import importlib.util
+import io
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 import vlbridge
 import vlbridge.train
 from tests.test_trainer_samples import Recording, config, mse_objective, read_metrics, train_losses, write_caption_data
+from vlbridge.train.progress import ProgressBar
 from vlbridge.train.trainer import NonFiniteLossError
 
 
@@ -57,7 +60,7 @@ def test_max_nonfinite_in_a_row_stops_the_run(tmp_path, data):
 
 def test_checkpoint_contents(tmp_path, data):
     out = tmp_path / "out"
-    vlbridge.train.run(linear_config(data, out, steps=4, save_every=2, keep_last=1, grad_clip=1.0), objective=mse_objective)
+    vlbridge.train.run(linear_config(data, out, steps=4, save_every=2, keep_last=1, grad_clip=1.0, tensorboard=True), objective=mse_objective)
     steps = out / "checkpoints"
     assert (steps / "latest").read_text().strip() == "step-4"
     assert sorted(p.name for p in steps.iterdir()) == ["latest", "step-4"]  # keep_last: 1
@@ -73,6 +76,22 @@ def test_checkpoint_contents(tmp_path, data):
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [2, 4]
     assert {"epoch", "loss", "mse", "lr", "grad_norm", "images_per_s", "skipped", "nonfinite"} <= set(metrics[0])
+    assert (out / "tensorboard").is_dir() == (importlib.util.find_spec("tensorboard") is not None)  # optional
+
+
+def test_progress_bar_redraws_one_line_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    bar = ProgressBar(total=10, stream=stream)
+    bar.update(5, loss=2.5, lr=1e-4, img_s=12.0)
+    bar.write("evaluated")
+    bar.close()
+    text = stream.getvalue()
+    assert "\r\x1b[2K[############............] 5/10 loss 2.5 lr 1.00e-04 img_s 12 eta" in text
+    assert "evaluated\n" in text and text.endswith("\n")
 
 
 def test_grad_accum_equals_the_larger_batch(tmp_path, data):

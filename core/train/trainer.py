@@ -3,6 +3,11 @@
 It reads top to bottom as a run does: set up (model, objective, optimizer, schedule, data), resume
 if asked, then repeat step -> log -> evaluate -> checkpoint until the last step. One optimizer step
 is `grad_accum` forward/backward passes; a non-finite loss on any rank skips the whole step.
+
+A resumed run continues bit for bit (weights, metrics) when the data is read in the main process
+(num_workers: 0) on the same hardware, thread count and number of processes: the checkpoint holds
+every generator state and each rank's data position. Evaluation runs on a forked RNG, so it does
+not move the training run's random stream.
 """
 
 from __future__ import annotations
@@ -286,6 +291,9 @@ class Trainer:
         self.progress, self.skipped_before = DataProgress.from_state(mine["data"]), int(mine["skipped"])
         self.metrics.truncate_after(self.step)
         self.say(f"resuming from {latest}")
+        if self.config.data.train.num_workers > 0 and self.config.data.features is None:
+            self.say("data.train.num_workers > 0: the sample order resumes exactly, but the random crops and flips drawn "
+                     "in worker processes restart with the epoch's worker seeds (num_workers: 0 resumes bit for bit)")
         return mine["rng"]
 
     def compare_config(self, checkpoint: Path) -> None:
