@@ -104,3 +104,13 @@ def test_one_run_per_output_dir(capsys, tmp_path, data):
     with exclusive(tmp_path / "out"):  # as a run in progress holds it
         code, _, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out"))
     assert_user_error(code, err, "is in use by another run (pid ")
+
+
+@pytest.mark.parametrize("name", ["train-stage1-tiny.yaml", "train-stage2-tiny.yaml"])
+def test_examples_validate(capsys, repo, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # their paths are relative to where they run
+    (tmp_path / "runs" / "stage1-tiny").mkdir(parents=True)  # stage 2's init_from
+    code = main(["train", str(repo / "examples" / name), "--check"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip().endswith("valid")
