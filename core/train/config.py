@@ -70,7 +70,8 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    """One training run: which model, which stage, which data, how to optimise, where to write."""
+    """One training run: which model, which stage, which data, how to optimise, where to write.
+    Relative paths (assembly, data, init_from, output_dir) are taken from the working directory."""
 
     assembly: Any = Field(description="the model: a preset name, an assembly YAML path, or an inline assembly mapping")
     stage: Literal[1, 2] = Field(description="1: representation learning (ITC, ITM, ITG); 2: generative learning through the frozen LLM")
