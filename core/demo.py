@@ -66,8 +66,9 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int]) ->
     plan = QUICK if quick else FULL
     world = out / "world"
     s1, s2 = plan["steps"]
-    runs = [RunSpec(name="qformer-32q", assembly="world-qformer-opt", stage1_steps=s1, stage2_steps=s2),
-            RunSpec(name="qformer-32q-no-stage1", assembly="world-qformer-opt", stage2_steps=s1 + s2)]
+    q32 = {"num_query_tokens": 32}
+    runs = [RunSpec(name="qformer-32q", assembly="world-qformer-opt", connector_options=q32, stage1_steps=s1, stage2_steps=s2),
+            RunSpec(name="qformer-32q-no-stage1", assembly="world-qformer-opt", connector_options=q32, stage2_steps=s1 + s2)]
     runs += [RunSpec(name=f"qformer-{q}q", assembly="world-qformer-opt", connector_options={"num_query_tokens": q},
                      stage1_steps=s1, stage2_steps=s2) for q in queries if q != 32]
     runs += [RunSpec(name="linear", assembly="world-linear-opt", stage2_steps=s1 + s2),
