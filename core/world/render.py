@@ -1,7 +1,7 @@
 """Drawing a `Scene` with PIL: flat shapes on a dark background, antialiased by 4x supersampling.
 
 Deterministic: the same scene and size give the same pixels (PIL's rasteriser has no randomness).
-Sizes are fractions of a grid cell, so any image size works; 64 px gives ~9 px small and ~16 px
+Sizes are fractions of a grid cell, so any image size works; 64 px gives ~12 px small and ~18 px
 large shapes, each inside its own 21 px cell.
 """
 
@@ -15,7 +15,7 @@ from vlbridge.world.scene import COLOURS, GRID, Scene, WorldObject
 
 BACKGROUND = (28, 28, 32)
 SUPERSAMPLE = 4
-RADIUS = {"small": 0.22, "large": 0.38}  # of a cell's side: the shape's circumscribed radius
+RADIUS = {"small": 0.28, "large": 0.42}  # of a cell's side: the shape's circumscribed radius
 MARGIN = 0.06  # of a cell's side: the least gap between a shape and its cell's border
 
 

@@ -14,11 +14,13 @@ from vlbridge.specs import ConnectorSpec, Options, TokenShape
 ARCH: dict[str, dict[str, int]] = {
     "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "vocab_size": 30523, "max_text_positions": 512},
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "vocab_size": 1024, "max_text_positions": 64},
+    # The synthetic world's (vlbridge.world): initialised from its shipped BERT, trained on the world's text.
+    "world": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 256, "vocab_size": 256, "max_text_positions": 64},
 }
 
 
 class QFormerOptions(Options):
-    variant: Literal["base", "tiny"] = Field("base", description="size preset: BERT-base layout, or a tiny one for tests; the fields below override it")
+    variant: Literal["base", "tiny", "world"] = Field("base", description="size preset: BERT-base layout, a tiny one for tests, or the synthetic world's (initialised from its shipped BERT unless bert is given); the fields below override it")
     num_query_tokens: int = Field(32, ge=1, description="learned query tokens, i.e. visual tokens given to the LLM")
     hidden_size: int | None = Field(None, ge=1, description="width of the Q-Former (768 for base)")
     num_layers: int | None = Field(None, ge=1, description="transformer layers (12 for base)")

@@ -13,11 +13,13 @@ from vlbridge.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision,
 ARCH: dict[str, dict[str, int]] = {
     "g": {"width": 1408, "depth": 40, "heads": 16, "mlp_hidden": 6144, "patch": 14, "blocks": 39, "image_size": 224},
     "tiny": {"width": 64, "depth": 2, "heads": 4, "mlp_hidden": 256, "patch": 14, "blocks": 2, "image_size": 56},
+    # The synthetic world's encoder (vlbridge.world): trained contrastively on it, shipped, loaded by default.
+    "world": {"width": 128, "depth": 4, "heads": 4, "mlp_hidden": 512, "patch": 8, "blocks": 4, "image_size": 64},
 }
 
 
 class EvaVitGOptions(Options):
-    variant: Literal["g", "tiny"] = Field("g", description="'g' is BLIP-2's ViT-g/14; 'tiny' is a small random-weight stand-in for tests")
+    variant: Literal["g", "tiny", "world"] = Field("g", description="'g' is BLIP-2's ViT-g/14; 'tiny' is a small random-weight stand-in for tests; 'world' is the shipped encoder of the synthetic world (vlbridge.world), loaded unless pretrained is given")
     image_size: int | None = Field(None, ge=14, description="input resolution in pixels, a multiple of 14 (default 224; 364 for BLIP-2 captioning); position embeddings are interpolated")
     num_blocks: int | None = Field(None, ge=1, description="transformer blocks kept; BLIP-2 keeps 39 of 40 (default)")
     width: int | None = Field(None, ge=1, description="override the variant's width (e.g. for a converted checkpoint of another size)")

@@ -185,7 +185,12 @@ def build(opts: EvaVitGOptions) -> EvaViTG:
     With weights to load, the model is built on the meta device so that ~1B parameters are not
     randomly initialised only to be overwritten.
     """
-    model = EvaViTG(opts, device="meta" if opts.pretrained else None)
-    if opts.pretrained:
-        model.load_pretrained(opts.pretrained)
+    pretrained = opts.pretrained
+    if pretrained is None and opts.variant == "world":  # the world's shipped encoder; tiny stays random
+        from vlbridge.world.assets import encoder_weights
+
+        pretrained = str(encoder_weights())
+    model = EvaViTG(opts, device="meta" if pretrained else None)
+    if pretrained:
+        model.load_pretrained(pretrained)
     return model.to(torch_dtype(opts.dtype)).freeze()

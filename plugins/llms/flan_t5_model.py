@@ -84,6 +84,10 @@ def build(opts: FlanT5Options) -> FlanT5LLM:
         model = tiny_model(tokenizer).to(dtype)
     else:
         source = source_of(opts.model, f"google/flan-t5-{opts.variant}")
+        if opts.model is None and opts.variant == "world":  # the world's shipped FlanT5; tiny stays random
+            from vlbridge.world.assets import part_dir
+
+            source = str(part_dir("flan-t5"))
         tokenizer = load_tokenizer("flan-t5", source)
         model = load_model("flan-t5", T5ForConditionalGeneration, source, dtype)
         check_vocab("flan-t5", tokenizer, model.get_input_embeddings().num_embeddings)

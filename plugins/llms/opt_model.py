@@ -79,6 +79,10 @@ def build(opts: OPTOptions) -> OPTLLM:
         model = OPTForCausalLM(tiny_config(tokenizer)).to(dtype)
     else:
         source = source_of(opts.model, f"facebook/opt-{opts.variant}")
+        if opts.model is None and opts.variant == "world":  # the world's shipped OPT; tiny stays random
+            from vlbridge.world.assets import part_dir
+
+            source = str(part_dir("opt"))
         tokenizer = load_tokenizer("opt", source)
         model = load_model("opt", OPTForCausalLM, source, dtype)
         check_vocab("opt", tokenizer, model.get_input_embeddings().num_embeddings)

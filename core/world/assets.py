@@ -1,0 +1,48 @@
+"""Where the world's shipped frozen parts live (`vlbridge/plugins/world/`), torch-free.
+
+The `world` variants of eva-vit-g, opt, flan-t5 and qformer load these when no weights are
+given; `python -m vlbridge.world.train_parts --out DIR` writes the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlbridge.errors import WeightsError
+
+PARTS: tuple[str, ...] = ("eva-vit-g", "opt", "flan-t5", "bert")
+MANIFEST = "manifest.json"
+ENCODER_FILE = "model.safetensors"  # inside the eva-vit-g folder; the others are transformers folders
+
+
+def world_dir() -> Path:
+    """The shipped folder (next to the plugin modules, so an installed package has it too)."""
+    import vlbridge.plugins
+
+    return Path(vlbridge.plugins.__file__).resolve().parent / "world"
+
+
+def part_dir(part: str, root: str | Path | None = None) -> Path:
+    """The folder of one part ("eva-vit-g", "opt", "flan-t5" or "bert"); an error names what is missing."""
+    if part not in PARTS:
+        raise WeightsError(f"no world part {part!r}; the parts are {PARTS}")
+    path = (Path(root) if root is not None else world_dir()) / part
+    if not path.is_dir() or not any(path.iterdir()):
+        raise WeightsError(f"the world's {part} weights are missing at {path}; regenerate them with "
+                           f"python -m vlbridge.world.train_parts --out {path.parent}")
+    return path
+
+
+def encoder_weights(root: str | Path | None = None) -> Path:
+    """The world encoder's safetensors file (EVA names, as eva-vit-g's `pretrained` reads them)."""
+    return part_dir("eva-vit-g", root) / ENCODER_FILE
+
+
+def read_parts_manifest(root: str | Path | None = None) -> dict[str, Any]:
+    """What was trained how: sizes, data seed, script version, times and verification numbers."""
+    path = (Path(root) if root is not None else world_dir()) / MANIFEST
+    if not path.is_file():
+        raise WeightsError(f"no world parts manifest at {path}; regenerate with python -m vlbridge.world.train_parts")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,226 @@
+"""Train the world's frozen "pretrained" parts and write them where the `world` variants load them.
+
+    python -m vlbridge.world.train_parts --out vlbridge/plugins/world    # the shipped files
+    python -m vlbridge.world.train_parts --out /tmp/parts --quick       # seconds, for tests
+
+Writes OUT/eva-vit-g/model.safetensors, OUT/{opt,flan-t5,bert}/ (transformers folders with their
+tokenizers), all fp16, and OUT/manifest.json (sizes, data seed, script version, times and the
+verification numbers). Deterministic for a seed: one CPU thread (on a busy 2-core machine it is
+also several times faster than two), seeded generators, data drawn from the world by index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vlbridge.world.assets import ENCODER_FILE, MANIFEST, PARTS
+from vlbridge.world.config import WorldConfig
+from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
+
+SCRIPT_VERSION = 1
+EVAL_IMAGES = {"full": 300, "quick": 8}
+Log = Callable[[str], None]
+
+
+def _recipes(quick: bool) -> dict[str, Any]:
+    from vlbridge.world.train_encoder import EncoderRecipe
+    from vlbridge.world.train_text import TextRecipe
+
+    if quick:
+        return {"eva-vit-g": EncoderRecipe(steps=2, batch=8, warmup=1), "opt": TextRecipe(steps=2, batch=2, warmup=1),
+                "flan-t5": TextRecipe(steps=2, batch=4, warmup=1), "bert": TextRecipe(steps=2, batch=8, warmup=1)}
+    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=150, batch=8, lr=3e-3),
+            "flan-t5": TextRecipe(steps=150, batch=32, lr=3e-3), "bert": TextRecipe(steps=150, batch=64, lr=2e-3)}
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def train_encoder_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
+    """CLIP-train the encoder; verify by zero-shot retrieval on val and on the held-out split."""
+    from safetensors.torch import save_file
+
+    from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
+    from vlbridge.world.train_encoder import attribute_probe, retrieval, train_encoder
+
+    encoder, clip, vocab = train_encoder(EvaVitGOptions(variant="world"), world, recipe, seed, log)
+    folder = out / "eva-vit-g"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in encoder.state_dict().items()}, str(folder / ENCODER_FILE))
+    checks = {split: retrieval(clip, vocab, world, split, eval_images) for split in ("val", "comp")}
+    probe = attribute_probe(clip, vocab, world, "val", eval_images)
+    return {"params": _params(encoder), "steps": recipe.steps, "batch": recipe.batch, "retrieval_zero_shot": checks,
+            "caption_vs_edited_caption_val": probe}
+
+
+def _save_hf(model: Any, tokenizer: Any, folder: Path) -> None:
+    model.half().save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from vlbridge.world.train_text import build_opt, fit, opt_blocks, opt_stream, padded_lm_batches, perplexity
+
+    folder = out / "opt"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    model = build_opt(tokenizer)
+    val = padded_lm_batches(tokenizer, documents(world, "val", 0, eval_images))
+    before = perplexity(model, val)
+    block = model.config.max_position_embeddings
+    stream = opt_stream(tokenizer, documents(world, "pretrain", 30_000_000, max(4, recipe.steps * recipe.batch * block // 140)))
+    loss = fit(model, opt_blocks(stream, block, recipe.batch), recipe, "opt", log)
+    after = perplexity(model, val)
+    _save_hf(model, tokenizer, folder)
+    return {"params": _params(model), "steps": recipe.steps, "batch_tokens": recipe.batch * block, "final_loss": round(loss, 4),
+            "val_perplexity": {"before": before, "after": after}}
+
+
+def train_t5_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from vlbridge.world.train_text import build_t5, fit, perplexity, t5_batches, t5_pairs
+
+    folder = out / "flan-t5"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = build_t5(tokenizer)
+    val_pairs = t5_pairs(captions_of(world, "val", 0, eval_images), qa_pairs(world, "val", 0, eval_images), [], random.Random(0), 0)
+    val = t5_batches(tokenizer, val_pairs, min(32, len(val_pairs)))
+    before = perplexity(model, val)
+    images = max(2, recipe.steps * recipe.batch // 10)
+    captions = captions_of(world, "pretrain", 40_000_000, images)
+    pairs = t5_pairs(captions, qa_pairs(world, "pretrain", 40_000_000, images), documents(world, "pretrain", 45_000_000, 200), rng, 6)
+    batches = t5_batches(tokenizer, pairs, recipe.batch)
+    loss = fit(model, lambda step: batches[step % len(batches)], recipe, "flan-t5", log)
+    after = perplexity(model, val)
+    _save_hf(model, tokenizer, folder)
+    return {"params": _params(model), "steps": recipe.steps, "batch": recipe.batch, "final_loss": round(loss, 4),
+            "val_perplexity": {"before": before, "after": after}}
+
+
+def train_bert_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from vlbridge.world.train_text import build_bert, fit, mlm_batch, perplexity
+
+    folder = out / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    model = build_bert(tokenizer)
+    length = model.config.max_position_embeddings
+    val_docs = [d.removeprefix("Question: ").replace(" Short answer:", "") for d in documents(world, "val", 0, eval_images)]
+    fixed = torch.Generator().manual_seed(0)
+    val = [mlm_batch(tokenizer, val_docs[at: at + 64], fixed, length) for at in range(0, len(val_docs), 64)]
+    before = perplexity(model, val)
+    docs = [d.removeprefix("Question: ").replace(" Short answer:", "") for d in documents(world, "pretrain", 50_000_000, max(2, recipe.steps * recipe.batch // 10))]
+    generator = torch.Generator().manual_seed(seed)
+    loss = fit(model, lambda step: mlm_batch(tokenizer, [docs[(step * recipe.batch + k) % len(docs)] for k in range(recipe.batch)], generator, length),
+               recipe, "bert", log)
+    after = perplexity(model, val)
+    _save_hf(model, tokenizer, folder)
+    return {"params": _params(model), "steps": recipe.steps, "batch": recipe.batch, "final_loss": round(loss, 4),
+            "val_masked_perplexity": {"before": before, "after": after}}
+
+
+TRAINERS = {"eva-vit-g": train_encoder_part, "opt": train_opt_part, "flan-t5": train_t5_part, "bert": train_bert_part}
+
+
+GROUPS: tuple[tuple[str, ...], ...] = (("eva-vit-g",), ("opt", "flan-t5", "bert"))  # one process each
+
+
+def _train_group(out: Path, seed: int, quick: bool, parts: tuple[str, ...], log: Log = print) -> dict[str, Any]:
+    """Train some parts in this process, one thread; tokenizers first for the text parts."""
+    torch.set_num_threads(1)
+    world = WorldConfig(seed=seed)
+    recipes, eval_images = _recipes(quick), EVAL_IMAGES["quick" if quick else "full"]
+    text_parts = [kind for kind in ("opt", "flan-t5", "bert") if kind in parts]
+    lines = tokenizer_lines(world)[: 300 if quick else None] if text_parts else []
+    for kind in text_parts:
+        make_tokenizer(kind, lines, out / kind)
+    report: dict[str, Any] = {}
+    for part in parts:
+        began = time.perf_counter()
+        report[part] = TRAINERS[part](out, world, recipes[part], seed, eval_images, log)
+        report[part]["train_seconds"] = round(time.perf_counter() - began, 1)
+        report[part]["bytes"] = _folder_bytes(out / part)
+        log(f"{part}: {json.dumps(report[part])}")
+    return report
+
+
+def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tuple[str, ...] = PARTS,
+                jobs: int = 2, log: Log = print) -> dict[str, Any]:
+    """Train `parts` into `out` and write its manifest; return the manifest. With `jobs` 2 the
+    encoder trains in a second process while this one trains the text parts (two cores, one
+    thread each); every part's result is the same either way."""
+    out = Path(out)
+    start = time.perf_counter()
+    groups = [g for g in (tuple(p for p in group if p in parts) for group in GROUPS) if g]
+    if jobs > 1 and len(groups) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_train_group, out, seed, quick, group) for group in groups]
+            results = [future.result() for future in futures]
+    else:
+        results = [_train_group(out, seed, quick, group, log) for group in groups]
+    report = {part: numbers for result in results for part, numbers in result.items()}
+    previous = out / MANIFEST  # parts trained in an earlier run keep their entries
+    if set(parts) != set(PARTS) and previous.is_file():
+        report = {**json.loads(previous.read_text(encoding="utf-8")).get("parts", {}), **report}
+    manifest = {
+        "script": "vlbridge.world.train_parts", "script_version": SCRIPT_VERSION, "quick": quick, "seed": seed,
+        "world": WorldConfig(seed=seed).model_dump(mode="json"),
+        "data": "the world's 'pretrain' stream (no split image, no held-out pair)", "dtype": "fp16",
+        "threads_per_process": 1, "processes": min(jobs, len(groups)), "torch": torch.__version__,
+        "transformers": _transformers_version(), "wall_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(sum(p["train_seconds"] for p in report.values()), 1), "parts": report,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlbridge.world.train_parts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write the parts to (vlbridge/plugins/world ships them)")
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed and the training seed")
+    parser.add_argument("--quick", action="store_true", help="a few steps each: checks the script end to end in seconds")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=None, help="processes: 2 trains the encoder beside the text parts (default; 1 with --quick)")
+    args = parser.parse_args(argv)
+    parts = tuple(p for p in args.parts.split(",") if p)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"train_parts: error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
+        return 2
+    jobs = args.jobs or (1 if args.quick else 2)
+    manifest = train_parts(args.out, args.seed, args.quick, parts, jobs)
+    print(f"wrote {', '.join(parts)} to {args.out} in {manifest['wall_seconds']} s ({manifest['cpu_seconds']} s of training)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
