@@ -1,6 +1,7 @@
 """Training steps/s with and without the frozen-feature cache, on this CPU, side by side in one run.
 
-    python bench/bench_train.py [--batch 16] [--steps 3] [--reps 5] [--threads 1] [--json out.json]
+    python bench/bench_train.py [--batch 16] [--steps 3] [--reps 5] [--threads 1] [--encoder-blocks 12]
+                                [--dropout 0.1] [--json out.json]
 
 The model is BLIP-2 scaled down so that the encoder dominates as EVA ViT-g does: every width of
 ViT-g (1408, MLP 6144) and of the Q-Former (768, FFN 3072) divided by 4, the Q-Former's 12 layers by
@@ -16,8 +17,9 @@ workers: 0, so every cost is counted on the same cores. Reps interleave the mode
 medians of wall time and of process CPU time (with one thread, CPU time is immune to other load).
 
 FLOPs per step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
-attention; forward and backward), and set against this machine's fp32 torch.mm rate measured in the
-same run (2048^3) and at a Q-Former-sized shape.
+attention; forward and backward), and set against this machine's fp32 torch.mm rate (2048^3, and a
+Q-Former-sized shape for comparison), timed in every repetition between the training steps so that
+both see the same load. `--dropout 0` turns the Q-Former's dropout off, to show what it costs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import vlbridge
-from vlbridge.assembly import load_assembly
 from vlbridge.data.build import build_dataset, make_loader
 from vlbridge.train.cache import feature_dataset
 from vlbridge.train.cache_build import BuildSettings, build_cache
@@ -58,8 +59,9 @@ CPU_ATTENTION = {  # torch's FLOP counter knows the CUDA attention kernels only;
 WORDS = "a man woman dog cat red blue green small large riding sitting near on under the park street table field".split()
 
 
-def assembly(stage: int) -> dict[str, Any]:
-    base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": ENCODER, "connector": QFORMER}
+def assembly(stage: int, blocks: int = 12) -> dict[str, Any]:
+    encoder = {"use": ENCODER["use"], "options": {**ENCODER["options"], "depth": blocks + 1}}  # eva-vit-g keeps depth - 1
+    base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": encoder, "connector": QFORMER}
     return {**base, "llm": LLM} if stage == 2 else base
 
 
@@ -112,18 +114,18 @@ def time_steps(step: Callable[[], Any], count: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
 
 
-def matmul_rate(m: int, k: int, n: int, seconds: float = 1.5) -> dict[str, float]:
-    """fp32 torch.mm GFLOP/s at one shape: best wall, median wall and median CPU-time rates."""
+def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0) -> tuple[float, float]:
+    """fp32 torch.mm GFLOP/s at one shape over about `seconds`: (median wall rate, median CPU-time rate)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     torch.mm(a, b)
     walls, cpus, started = [], [], time.perf_counter()
-    while time.perf_counter() - started < seconds or len(walls) < 5:
+    while time.perf_counter() - started < seconds or len(walls) < 3:
         w, c = time.perf_counter(), time.process_time()
         torch.mm(a, b)
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     flops = 2 * m * k * n / 1e9
-    return {"best": flops / min(walls), "median": flops / statistics.median(walls), "cpu": flops / max(statistics.median(cpus), 1e-9)}
+    return flops / statistics.median(walls), flops / max(statistics.median(cpus), 1e-9)
 
 
 class Mode:
@@ -145,15 +147,25 @@ class Mode:
         return train_step(self.model, self.objective, self.optimizer, next(self.batches))
 
 
-def build_modes(data: Path, cache: Path, batch: int) -> list[Mode]:
+def build_modes(data: Path, cache: Path, args: argparse.Namespace) -> list[Mode]:
     config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
     modes = []
     for stage in (1, 2):
-        model = vlbridge.build(assembly(stage), stage=stage).train()
+        model = vlbridge.build(assembly(stage, args.encoder_blocks), stage=stage).train()
+        set_dropout(model.connector, args.dropout)
         images = build_dataset(config, model.plan.preprocess, train=True)
         cached = feature_dataset(config, cache, train=True, encoder=model.encoder, assembly=model.assembly)
-        modes += [Mode(stage, "images", model, images, batch), Mode(stage, "feature cache", model, cached, batch)]
+        modes += [Mode(stage, "images", model, images, args.batch), Mode(stage, "feature cache", model, cached, args.batch)]
     return modes
+
+
+def set_dropout(connector: torch.nn.Module, p: float) -> None:
+    """The Q-Former's hidden and attention dropout (BERT's 0.1 unless changed for a diagnosis)."""
+    for module in connector.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout = p
 
 
 def phase_split(mode: Mode, steps: int) -> dict[str, float]:
@@ -175,76 +187,87 @@ def phase_split(mode: Mode, steps: int) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in parts.items()}
 
 
-def measure(modes: list[Mode], steps: int, reps: int) -> None:
+def measure(modes: list[Mode], args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    """Interleaved repetitions of every mode's steps and of two matmuls; returns the matmul rates."""
     for mode in modes:  # warm-up: first-call allocations, tokenizer caches
         mode.step()
-    for _ in range(reps):
+    rates: dict[str, list[tuple[float, float]]] = {"2048x2048x2048": [], f"{args.batch * 64}x192x768": []}
+    for _ in range(args.reps):
         for mode in modes:
-            wall, cpu = time_steps(mode.step, steps)
+            wall, cpu = time_steps(mode.step, args.steps)
             mode.walls.append(wall)
             mode.cpus.append(cpu)
+        rates["2048x2048x2048"].append(matmul_rate(2048, 2048, 2048))
+        rates[f"{args.batch * 64}x192x768"].append(matmul_rate(args.batch * 64, 192, 768))
+    return rates
 
 
 def machine() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "load_before": os.getloadavg()}
+            "capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_data(root, args.batch * (args.steps + 2))
         started = time.perf_counter()
-        manifest = build_cache(assembly(1), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}], root / "cache",
-                               BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0))
-        cache_seconds = time.perf_counter() - started
-        modes = build_modes(data, root / "cache", args.batch)
-        mm_big = matmul_rate(2048, 2048, 2048)
-        mm_qformer = matmul_rate(args.batch * 64, 192, 768)
+        manifest = build_cache(assembly(1, args.encoder_blocks), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}],
+                               root / "cache", BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0))
+        cache_rate = manifest.rows / (time.perf_counter() - started)
+        modes = build_modes(data, root / "cache", args)
         flops = {mode.name: step_flops(mode.model, mode.objective, next(mode.batches)) for mode in modes}
-        measure(modes, args.steps, args.reps)
+        rates = measure(modes, args)
         phases = {mode.name: phase_split(mode, args.steps) for mode in modes[:2]}
-        mm_after = matmul_rate(2048, 2048, 2048)
-    return report(args, modes, flops, phases, mm_big, mm_after, mm_qformer, manifest.rows / cache_seconds)
+        params = {"encoder": sum(p.numel() for p in modes[0].model.encoder.parameters()),
+                  "qformer_stage1": sum(p.numel() for p in modes[0].model.trainable_parameters())}
+    result = report(args, modes, flops, rates)
+    result.update(machine={**machine(), "load_before": load, "load_after": os.getloadavg()}, phases_s=phases,
+                  cache_build_images_per_s=cache_rate, params=params)
+    return result
 
 
-def report(args: argparse.Namespace, modes: list[Mode], flops: dict[str, Any], phases: dict[str, Any], mm_big: dict[str, float],
-           mm_after: dict[str, float], mm_qformer: dict[str, float], cache_rate: float) -> dict[str, Any]:
-    rate = statistics.median([mm_big["median"], mm_after["median"]])  # the machine's fp32 matmul GFLOP/s, this run
+def report(args: argparse.Namespace, modes: list[Mode], flops: dict[str, Any], rates: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """Medians per mode, FLOP rates, and fractions of the 2048^3 matmul rate (by wall and by CPU time)."""
+    mm_wall = statistics.median(w for w, _ in rates["2048x2048x2048"])
+    mm_cpu = statistics.median(c for _, c in rates["2048x2048x2048"])
     rows = {}
     for mode in modes:
         wall, cpu = statistics.median(mode.walls), statistics.median(mode.cpus)
         total, by_op = flops[mode.name]
+        gflop = total / 1e9
         rows[mode.name] = {"steps_per_s": 1 / wall, "wall_s": wall, "cpu_s": cpu, "samples_per_s": args.batch / wall,
-                           "gflop_per_step": total / 1e9, "achieved_gflops": total / 1e9 / wall,
-                           "fraction_of_matmul_rate": total / 1e9 / wall / rate,
-                           "fraction_of_matmul_rate_cpu_time": total / 1e9 / cpu / mm_big["cpu"] if args.threads == 1 else None,
-                           "gflop_by_op": {op: f / 1e9 for op, f in by_op.items()}, "walls": mode.walls}
-    speedup = {stage: rows[f"stage {stage}, images"]["wall_s"] / rows[f"stage {stage}, feature cache"]["wall_s"] for stage in (1, 2)}
-    return {"machine": {**machine(), "load_after": os.getloadavg()}, "args": vars(args), "matmul_gflops": {
-                "2048^3_before": mm_big, "2048^3_after": mm_after, f"{args.batch * 64}x192x768": mm_qformer, "reference": rate},
-            "cache_build_images_per_s": cache_rate, "modes": rows, "speedup": speedup, "phases_s": phases}
+                           "gflop_per_step": gflop, "gflops_wall": gflop / wall, "fraction_wall": gflop / wall / mm_wall,
+                           "gflops_cpu": gflop / cpu, "fraction_cpu": gflop / cpu / mm_cpu,
+                           "gflop_by_op": {op: f / 1e9 for op, f in by_op.items()}, "walls": mode.walls, "cpus": mode.cpus}
+    speedup = {f"stage {stage}": {kind: rows[f"stage {stage}, images"][f"{kind}_s"] / rows[f"stage {stage}, feature cache"][f"{kind}_s"]
+                                  for kind in ("wall", "cpu")} for stage in (1, 2)}
+    matmul = {shape: {"wall": statistics.median(w for w, _ in values), "cpu": statistics.median(c for _, c in values),
+                      "all": values} for shape, values in rates.items()}
+    return {"args": vars(args), "matmul_gflops": matmul, "modes": rows, "speedup": speedup}
 
 
 def print_report(result: dict[str, Any]) -> None:
-    m, mm = result["machine"], result["matmul_gflops"]
+    m, p = result["machine"], result["params"]
     print(f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s), {m['capability']}, torch {m['torch']}; "
-          f"load {m['load_before'][0]:.2f} -> {m['load_after'][0]:.2f}")
-    print(f"fp32 torch.mm 2048^3: {mm['reference']:.1f} GFLOP/s (median wall; best {mm['2048^3_before']['best']:.1f}); "
-          f"Q-Former shape: {list(mm.values())[2]['median']:.1f}")
-    print(f"cache build: {result['cache_build_images_per_s']:.1f} images/s")
-    print("| mode | steps/s | samples/s | wall s/step | CPU s/step | GFLOP/step | GFLOP/s | of matmul rate |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, row in result["modes"].items():
-        print(f"| {name} | {row['steps_per_s']:.3f} | {row['samples_per_s']:.2f} | {row['wall_s']:.3f} | {row['cpu_s']:.3f} | "
-              f"{row['gflop_per_step']:.1f} | {row['achieved_gflops']:.1f} | {100 * row['fraction_of_matmul_rate']:.0f}% |")
-    print("speedup from the cache: " + ", ".join(f"stage {s}: {v:.2f}x" for s, v in result["speedup"].items()))
+          f"load average {m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after")
+    print(f"encoder {p['encoder'] / 1e6:.1f}M parameters, Q-Former (stage 1) {p['qformer_stage1'] / 1e6:.1f}M; "
+          f"cache build {result['cache_build_images_per_s']:.1f} images/s")
+    print("fp32 torch.mm GFLOP/s (median; wall / CPU time): " + ", ".join(
+        f"{shape}: {v['wall']:.1f} / {v['cpu']:.1f}" for shape, v in result["matmul_gflops"].items()))
+    print("| mode | steps/s | samples/s | s/step wall | s/step CPU | GFLOP/step | GFLOP/s wall | of 2048^3 mm, wall | of mm, CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in result["modes"].items():
+        print(f"| {name} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.2f} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} | "
+              f"{r['gflop_per_step']:.1f} | {r['gflops_wall']:.1f} | {100 * r['fraction_wall']:.0f}% | {100 * r['fraction_cpu']:.0f}% |")
+    print("speedup from the cache (wall / CPU time): " + ", ".join(
+        f"{stage}: {v['wall']:.2f}x / {v['cpu']:.2f}x" for stage, v in result["speedup"].items()))
     for name, parts in result["phases_s"].items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
+        print(f"{name}, median wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="cache storage (default fp16)")
+    parser.add_argument("--encoder-blocks", type=int, default=12, help="encoder depth (default 12: 68%% of stage-1 FLOPs, as ViT-g)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="Q-Former dropout (default BLIP-2's 0.1; 0 to measure its cost)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
