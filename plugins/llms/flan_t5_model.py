@@ -17,7 +17,7 @@ from torch import nn
 from vlbridge.errors import VLBridgeError
 from vlbridge.freeze import torch_dtype
 from vlbridge.plugins.llms.flan_t5 import ARCH, FlanT5Options
-from vlbridge.plugins.llms.loading import check_vocab, load_model, load_tokenizer, source_of, tiny_tokenizer
+from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.soft_prompt import SoftPromptLLM, ignore_padding
 
 
@@ -83,12 +83,5 @@ def build(opts: FlanT5Options) -> FlanT5LLM:
         tokenizer = tiny_tokenizer("flan-t5")
         model = tiny_model(tokenizer).to(dtype)
     else:
-        source = source_of(opts.model, f"google/flan-t5-{opts.variant}")
-        if opts.model is None and opts.variant == "world":  # the world's shipped FlanT5; tiny stays random
-            from vlbridge.world.assets import part_dir
-
-            source = str(part_dir("flan-t5"))
-        tokenizer = load_tokenizer("flan-t5", source)
-        model = load_model("flan-t5", T5ForConditionalGeneration, source, dtype)
-        check_vocab("flan-t5", tokenizer, model.get_input_embeddings().num_embeddings)
+        model, tokenizer = load_pretrained("flan-t5", T5ForConditionalGeneration, opts.model, opts.variant, f"google/flan-t5-{opts.variant}", dtype)
     return FlanT5LLM(model, tokenizer)

@@ -71,3 +71,18 @@ def tiny_tokenizer(kind: str) -> Any:
     from vlbridge.plugins.tiny_assets import tokenizer_dir
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir(kind)), local_files_only=True)
+
+
+def load_pretrained(family: str, model_class: Any, model: str | None, variant: str, default_hub_id: str,
+                    dtype: torch.dtype) -> tuple[Any, Any]:
+    """(model, tokenizer) from `model` (a local dir or hub id), the world's shipped part for the
+    `world` variant, or the default hub id; the vocabulary must cover the tokenizer."""
+    source = source_of(model, default_hub_id)
+    if model is None and variant == "world":  # the world's shipped part; tiny stays random
+        from vlbridge.world.assets import part_dir
+
+        source = str(part_dir(family))
+    tokenizer = load_tokenizer(family, source)
+    loaded = load_model(family, model_class, source, dtype)
+    check_vocab(family, tokenizer, loaded.get_input_embeddings().num_embeddings)
+    return loaded, tokenizer

@@ -13,7 +13,7 @@ import torch
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.freeze import torch_dtype
-from vlbridge.plugins.llms.loading import check_vocab, load_model, load_tokenizer, source_of, tiny_tokenizer
+from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.opt import ARCH, OPTOptions
 from vlbridge.plugins.llms.soft_prompt import IGNORE_INDEX, SoftPromptLLM, ignore_padding
 
@@ -78,12 +78,5 @@ def build(opts: OPTOptions) -> OPTLLM:
         tokenizer = tiny_tokenizer("opt")
         model = OPTForCausalLM(tiny_config(tokenizer)).to(dtype)
     else:
-        source = source_of(opts.model, f"facebook/opt-{opts.variant}")
-        if opts.model is None and opts.variant == "world":  # the world's shipped OPT; tiny stays random
-            from vlbridge.world.assets import part_dir
-
-            source = str(part_dir("opt"))
-        tokenizer = load_tokenizer("opt", source)
-        model = load_model("opt", OPTForCausalLM, source, dtype)
-        check_vocab("opt", tokenizer, model.get_input_embeddings().num_embeddings)
+        model, tokenizer = load_pretrained("opt", OPTForCausalLM, opts.model, opts.variant, f"facebook/opt-{opts.variant}", dtype)
     return OPTLLM(model, tokenizer)
