@@ -145,3 +145,16 @@ def test_cli_generate_and_its_errors(tmp_path, capsys):
     (tmp_path / "other" / "keep.txt").write_text("mine")
     assert main(["world", "generate", "--out", str(tmp_path / "other")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "other" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"held_out": [("pink", "circle")]}, "not a colour"),
+    ({"held_out": [(c, "star") for c in COLOURS]}, "never appear in training"),
+    ({"min_objects": 3, "max_objects": 2}, "min_objects 3 > max_objects 2"),
+    ({"colour": "red"}, "Extra inputs"),
+])
+def test_bad_world_configs_say_why(bad, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        WorldConfig(**bad)

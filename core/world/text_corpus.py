@@ -58,7 +58,7 @@ def _save(tokenizer, out: Path, template: str, specials: dict[str, str]) -> None
 
 def make_tokenizer(kind: str, lines: list[str], out: Path) -> None:
     """Fit the `kind` tokenizer ("opt", "flan-t5" or "bert") on `lines` and save it to `out`."""
-    from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+    from tokenizers import ByteLevelBPETokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     size = TOKENIZER_VOCAB[kind]
@@ -74,9 +74,28 @@ def make_tokenizer(kind: str, lines: list[str], out: Path) -> None:
         metaspace.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size, min_frequency=1, special_tokens=["<pad>", "</s>", "<unk>"]))
         _save(metaspace, out, "$A </s>", {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
     elif kind == "bert":  # uncased WordPiece, [PAD]=0 as the Q-Former's padding_idx expects
-        wordpiece = BertWordPieceTokenizer(lowercase=True)
-        wordpiece.train_from_iterator(lines, vocab_size=size, min_frequency=1, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-        _save(wordpiece._tokenizer, out, "[CLS] $A [SEP]",
+        _save(bert_wordpiece(lines, size), out, "[CLS] $A [SEP]",
               {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"})
     else:
         raise ValueError(f"no world tokenizer {kind!r}")
+
+
+def bert_wordpiece(lines: list[str], size: int):
+    """An uncased WordPiece vocabulary built by rule, not trained: the special tokens, every
+    character alone and as "##" continuation, then the most frequent words (ties alphabetical).
+    The `tokenizers` WordPiece trainer numbers its pieces in hash order, so its files differ
+    from run to run; the world's words are few enough to be whole tokens anyway."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for line in lines for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    ranked = [w for w, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])) if w not in vocab]
+    vocab += ranked[: max(0, size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, splitter, decoders.WordPiece()
+    return tokenizer

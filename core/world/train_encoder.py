@@ -63,10 +63,10 @@ class WordVocab:
         return len(self.ids) + 3
 
     def encode(self, texts: list[str], length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) ids, [CLS] first, and a (B, L) bool mask of real tokens."""
-        ids = torch.zeros(len(texts), length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            row = [self.CLS, *(self.ids.get(w, self.UNKNOWN) for w in text.replace(",", " ,").split())][:length]
+        """(B, L) ids, [CLS] first, padded to the longest text (at most `length`), and the mask of real tokens."""
+        rows = [[self.CLS, *(self.ids.get(w, self.UNKNOWN) for w in text.replace(",", " ,").split())][:length] for text in texts]
+        ids = torch.zeros(len(texts), max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
         return ids, ids != self.PAD
 
@@ -152,7 +152,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, captions: list[list[str]]
     give the text side more to learn from per image, which is the costly side here."""
     texts = [t for group in captions for t in group]
     logits = logit_scale.exp().clamp(max=100) * image @ text.T  # (B, T)
-    positive = torch.tensor([[t in set(group) for t in texts] for group in captions], dtype=torch.float32)
+    positive = torch.tensor([[t in group for t in texts] for group in map(set, captions)], dtype=torch.float32)
     image_loss = F.cross_entropy(logits, positive / positive.sum(1, keepdim=True))
     text_loss = F.cross_entropy(logits.T, positive.T / positive.T.sum(1, keepdim=True))
     return (image_loss + text_loss) / 2

@@ -1,0 +1,188 @@
+"""The world's shipped frozen parts: the `world` variants load them (not random weights), the
+presets validate and build offline, the encoder tells scenes apart, and the training script runs
+end to end in its quick mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlbridge
+from vlbridge.errors import WeightsError
+from vlbridge.world.assets import PARTS, encoder_weights, part_dir, read_parts_manifest
+
+PRESETS = ("world-qformer-opt", "world-qformer-flan-t5", "world-linear-opt", "world-mlp-opt")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_world_presets_validate(preset):
+    plan = vlbridge.load_assembly(preset).plan
+    assert plan.encoder_out.num_tokens == 65 and plan.encoder_out.width == 128
+    assert plan.total_tokens <= 128
+
+
+def test_the_world_encoder_is_the_shipped_one():
+    from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions, num_params
+    from vlbridge.plugins.encoders.eva_vit_g_model import build
+
+    encoder = build(EvaVitGOptions(variant="world"))
+    shipped = load_file(str(encoder_weights()))
+    ours = encoder.state_dict()
+    assert ours.keys() == shipped.keys()
+    assert all(torch.equal(ours[k], shipped[k].float()) for k in shipped)
+    assert sum(p.numel() for p in encoder.parameters()) == num_params(EvaVitGOptions(variant="world"))
+    torch.manual_seed(1)
+    first = build(EvaVitGOptions(variant="tiny"))
+    torch.manual_seed(2)
+    assert not torch.equal(first.pos_embed, build(EvaVitGOptions(variant="tiny")).pos_embed)  # tiny stays random
+
+
+@pytest.mark.parametrize("family", ["opt", "flan-t5"])
+def test_the_world_llms_are_the_shipped_ones_and_match_their_spec(family):
+    from vlbridge.plugins.llms import flan_t5, flan_t5_model, opt, opt_model
+
+    module = {"opt": opt, "flan-t5": flan_t5}[family]
+    opts = module.OPTOptions(variant="world") if family == "opt" else module.FlanT5Options(variant="world")
+    llm = (opt_model if family == "opt" else flan_t5_model).build(opts)
+    shipped = load_file(str(part_dir(family) / "model.safetensors"))
+    params = dict(llm.model.named_parameters())
+    assert set(params) <= set(shipped)  # every parameter comes from the file (tied ones once)
+    assert all(torch.equal(params[k], shipped[k].float()) for k in params)
+    assert sum(p.numel() for p in llm.model.parameters()) == module.num_params(opts)
+    assert len(llm.tokenizer) <= module.ARCH["world"]["vocab"]
+    config = json.loads((part_dir(family) / "config.json").read_text())
+    assert config["vocab_size"] == module.ARCH["world"]["vocab"]
+    if family == "flan-t5":
+        assert not torch.equal(llm.model.lm_head.weight, llm.model.shared.weight)  # untied, as FlanT5
+
+
+def test_the_world_qformer_starts_from_the_shipped_bert():
+    from vlbridge.plugins.connectors.qformer import ARCH, QFormerOptions
+    from vlbridge.plugins.connectors.qformer_model import build
+    from vlbridge.specs import TokenShape
+
+    qformer = build(QFormerOptions(variant="world", num_query_tokens=4), TokenShape(65, 128), 128)
+    bert = load_file(str(part_dir("bert") / "model.safetensors"))
+    words = bert["bert.embeddings.word_embeddings.weight"].float()
+    assert torch.equal(qformer.embeddings.word.weight[: len(words)], words)
+    assert torch.equal(qformer.layers[1].ffn_query.fc1.weight, qformer.layers[1].ffn_text.fc1.weight)
+    assert not bert["bert.embeddings.token_type_embeddings.weight"].any()  # kept at zero: nothing lost in the copy
+    tokenizer = qformer.tokenizer
+    assert tokenizer.bos_token == "[DEC]" and len(tokenizer) <= ARCH["world"]["vocab_size"]
+    assert tokenizer.tokenize("a large red circle above a small blue star") == "a large red circle above a small blue star".split()
+
+
+def test_the_manifest_says_how_the_parts_were_made_and_that_they_learned():
+    manifest = read_parts_manifest()
+    assert set(manifest["parts"]) == set(PARTS) and not manifest["quick"]
+    assert sum(p["bytes"] for p in manifest["parts"].values()) < 8_000_000
+    retrieval = manifest["parts"]["eva-vit-g"]["retrieval_zero_shot"]["val"]
+    assert retrieval["image_to_text_r1"] > 10 / retrieval["candidates"]
+    for part, key in (("opt", "val_perplexity"), ("flan-t5", "val_perplexity"), ("bert", "val_masked_perplexity")):
+        numbers = manifest["parts"][part][key]
+        assert numbers["after"] < numbers["before"] / 10, part
+
+
+def test_the_shipped_encoder_tells_a_changed_object_from_a_moved_one():
+    """Anchor scene; the same objects jittered inside their cells (same meaning, every object's
+    pixels moved); one object recoloured or reshaped in place (other meaning, one object's pixels
+    changed). Chance is 0.5; a random-weight encoder of the same layout is the baseline to beat."""
+    from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
+    from vlbridge.plugins.encoders.eva_vit_g_model import EvaViTG, build
+    from vlbridge.world import WorldConfig
+    from vlbridge.world.generate import make_image
+    from vlbridge.world.train_encoder import normalise, to_pixels, twin
+    from vlbridge.world.render import render_scene
+    from vlbridge.world.scene import Scene
+
+    world, rng = WorldConfig(), random.Random(0)
+    anchors = [make_image(world, "test", i).scene for i in range(48)]
+    moved = [Scene(s.image_id, s.split, tuple(dataclasses.replace(o, dx=rng.uniform(-1, 1), dy=rng.uniform(-1, 1)) for o in s.objects))
+             for s in anchors]
+    edited = [twin(s, rng, world.allowed("test"), ("colour", "shape")[i % 2]) for i, s in enumerate(anchors)]
+
+    def closer_to_moved(encoder) -> float:
+        with torch.no_grad():
+            a, m, e = (encoder(normalise(to_pixels([render_scene(s) for s in group], 64))).mean(1) for group in (anchors, moved, edited))
+        cos = torch.nn.functional.cosine_similarity
+        return (cos(a, m) > cos(a, e)).float().mean().item()
+
+    torch.manual_seed(0)
+    trained, random_init = closer_to_moved(build(EvaVitGOptions(variant="world"))), closer_to_moved(EvaViTG(EvaVitGOptions(variant="world")))
+    assert trained > 0.75 and trained > random_init + 0.1, (trained, random_init)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_world_presets_build_offline_and_run(preset):
+    from vlbridge.world import WorldConfig
+    from vlbridge.world.generate import make_image
+    from vlbridge.world.render import render_scene
+
+    model = vlbridge.build(preset)
+    assert model.encoder.opts.variant == "world" and model.num_parameters(trainable=True) > 0
+    assert torch.equal(model.encoder.pos_embed, load_file(str(encoder_weights()))["pos_embed"].float())
+    image = render_scene(make_image(WorldConfig(), "val", 0).scene)
+    (answer,) = model.answer([image], "what color is the circle?", num_beams=1, max_new_tokens=3)
+    assert isinstance(answer, str)
+
+
+def test_missing_parts_say_how_to_make_them(tmp_path):
+    with pytest.raises(WeightsError, match="train_parts --out"):
+        part_dir("opt", tmp_path)
+    with pytest.raises(WeightsError, match="no world part"):
+        part_dir("clip", tmp_path)
+
+
+def test_train_parts_quick_end_to_end(tmp_path):
+    from vlbridge.plugins.connectors.qformer_model import build as build_qformer
+    from vlbridge.plugins.connectors.qformer import QFormerOptions
+    from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
+    from vlbridge.plugins.encoders.eva_vit_g_model import build as build_encoder
+    from vlbridge.plugins.llms.flan_t5 import FlanT5Options
+    from vlbridge.plugins.llms.flan_t5_model import build as build_t5
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build as build_opt
+    from vlbridge.specs import TokenShape
+    from vlbridge.world.train_parts import main
+
+    assert main(["--out", str(tmp_path), "--quick", "--parts", "opt,nope"]) == 2
+    assert main(["--out", str(tmp_path), "--quick"]) == 0
+    manifest = read_parts_manifest(tmp_path)
+    assert manifest["quick"] and set(manifest["parts"]) == set(PARTS)
+    encoder = build_encoder(EvaVitGOptions(variant="world", pretrained=str(encoder_weights(tmp_path))))
+    assert not torch.equal(encoder.pos_embed, build_encoder(EvaVitGOptions(variant="world")).pos_embed)  # not the shipped one
+    assert build_opt(OPTOptions(variant="world", model=str(tmp_path / "opt"))).newline_token_id is not None
+    assert build_t5(FlanT5Options(variant="world", model=str(tmp_path / "flan-t5"))).is_encoder_decoder
+    build_qformer(QFormerOptions(variant="world", bert=str(tmp_path / "bert")), TokenShape(65, 128), 128)
+
+
+def test_pip_install_ships_every_world_file(repo):
+    import fnmatch
+    import tomllib
+
+    from vlbridge.world.assets import world_dir
+
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vlbridge.plugins"]
+    files = [str(p.relative_to(world_dir().parent)) for p in world_dir().rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    assert [f for f in files if not any(fnmatch.fnmatchcase(f, g) for g in globs)] == []
+
+
+def test_world_tokenizers_are_reproducible(tmp_path):
+    from transformers import AutoTokenizer
+
+    from vlbridge.world import WorldConfig
+    from vlbridge.world.text_corpus import make_tokenizer, tokenizer_lines
+
+    lines = tokenizer_lines(WorldConfig())
+    for kind in ("opt", "flan-t5", "bert"):
+        for run in ("a", "b"):
+            make_tokenizer(kind, lines, tmp_path / run / kind)
+        assert (tmp_path / "a" / kind / "tokenizer.json").read_bytes() == (tmp_path / "b" / kind / "tokenizer.json").read_bytes(), kind
+        fresh, shipped = (AutoTokenizer.from_pretrained(str(path)) for path in (tmp_path / "a" / kind, part_dir(kind)))
+        assert fresh.get_vocab() == shipped.get_vocab(), kind  # the shipped file was saved again with its model
