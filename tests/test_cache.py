@@ -188,6 +188,18 @@ def test_missing_or_corrupt_files_are_named(cache: Path, tmp_path: Path, damage:
         FeatureStore(copy)
 
 
+def test_changed_bytes_are_caught_by_the_checksums(cache: Path, tmp_path: Path):
+    copy = damaged_copy(cache, tmp_path)
+    shard = copy / "features-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # inside the last row: header and size unchanged
+    shard.write_bytes(bytes(raw))
+    store = FeatureStore(copy)  # opening checks sizes and headers only
+    with pytest.raises(CacheError, match="features-00001.safetensors does not match its sha256"):
+        store.verify_checksums()
+    FeatureStore(cache).verify_checksums()
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 

@@ -96,6 +96,16 @@ class FeatureStore:
         self.skipped = {skip.image_id: skip for skip in self.manifest.skipped}
         self._handles: dict[int, Any] = {}
 
+    def verify_checksums(self) -> None:
+        """Re-hash every shard against the manifest's sha256 (reads the whole cache; opening checks
+        only sizes and headers): catches bytes changed in place, e.g. by a bad disk or copy."""
+        from vlbridge.train.cache_build import file_sha256
+
+        for entry in self.manifest.shards:
+            if file_sha256(self.directory / entry.file) != entry.sha256:
+                raise CacheError(f"feature cache {str(self.directory)!r}: shard {entry.file} does not match its sha256 in the "
+                                 "manifest: its contents changed; rebuild the cache (--overwrite)")
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}
 
