@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlbridge.attention import attention
+from vlbridge.dropout import Dropout
 from vlbridge.errors import VLBridgeError
 
 
@@ -26,7 +27,7 @@ class Attention(nn.Module):
         self.value = nn.Linear(context_width, width)
         self.dense = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.attn_dropout = dropout
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
@@ -96,7 +97,7 @@ class Embeddings(nn.Module):
         self.word: nn.Embedding | None = nn.Embedding(vocab, width, padding_idx=0)
         self.position: nn.Embedding | None = nn.Embedding(max_positions, width)
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
         parts = [] if queries is None else [queries]
