@@ -147,17 +147,28 @@ def attention(
 
 
 def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """The reference: explicit scores, softmax in fp32, fully masked rows set to zero like SDPA."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Lq, Lk)
+    """The reference: explicit scores, softmax in fp32, fully masked rows set to zero like SDPA.
+
+    On CPU it is also the training path (attention dropout), where each pass over the (B, H, Lq, Lk)
+    scores counts: the scale goes onto q (Lk / Dh times smaller; exact for power-of-two head dims),
+    the mask fills the fresh scores in place, and rows are zeroed only if some row sees no key.
+    """
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32)
-    if mask is not None:
+    if mask is not None and _has_blind_rows(mask):
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     probs = probs.to(q.dtype)
     if dropout_p > 0.0:
         probs = dropout(probs, dropout_p)
     return probs @ v
+
+
+def _has_blind_rows(mask: torch.Tensor) -> bool:
+    """Whether some query row sees no key (its softmax is NaN and must become zeros). Checked on the
+    small boolean mask on CPU; assumed elsewhere, where the check would synchronise."""
+    return mask.device.type != "cpu" or not bool(mask.any(dim=-1).all())
 
 
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 torch's CPU dropout draws one Bernoulli sample per element through its generator (~16 ns each on a
 2-vCPU EPYC); in a cached stage-1 step those draws were a quarter of the Q-Former's forward. Here
-the mask comes from 32-bit words of `random_()` split into two 15-bit draws each, compared with
-`round(p * 2**15)`: one generator call per two elements, the rest vectorised integer ops. The drop
+the mask comes from 64-bit words of `random_()` (63 random bits) split into four 15-bit draws each,
+compared with `round(p * 2**15)`: one generator loop step per four elements (int64 `random_` costs
+a third of int32's per element, the loop, not the Mersenne Twister, being the cost), the rest
+vectorised integer ops. The drop
 probability is therefore `p` rounded to a multiple of 1/32768 (0.1 -> 0.100006) and the kept values
 are scaled by the exact inverse of the keep rate, so expectations are preserved exactly. Draws use
 torch's default CPU generator, so `torch.manual_seed` and the trainer's saved RNG state make runs
@@ -36,9 +38,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype 
     """A CPU tensor of `shape`: 0 where dropped, 1/keep_rate where kept (the scale folded in)."""
     threshold = drop_threshold(p)
     count = math.prod(shape)
-    words = torch.empty((count + 1) // 2, dtype=torch.int32).random_(generator=generator)  # 31 random bits
-    draws = words.view(torch.int16)[:count].bitwise_and(0x7FFF)  # both halves: 15 uniform bits
-    keep = draws.sub_(threshold).ge_(0)  # int16 1 = keep; in place on the fresh `draws`
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(generator=generator)  # 63 random bits
+    draws = words.view(torch.int16)[:count].bitwise_and_(0x7FFF)  # all four quarters: 15 uniform bits
+    keep = draws.ge_(threshold)  # int16 1 = keep; in place on the fresh words
     return keep.to(dtype).mul_(_LEVELS / (_LEVELS - threshold)).view(shape)
 
 
