@@ -101,12 +101,13 @@ def test_stage1_texts_itg_ids_and_itm_pairs(monkeypatch: pytest.MonkeyPatch):
             return result
         return wrapper
 
-    monkeypatch.setattr(qformer, "itg_logits", spy("itg", qformer.itg_logits))
+    monkeypatch.setattr(qformer, "itg_logits_from_queries", spy("itg", qformer.itg_logits_from_queries))
     monkeypatch.setattr(qformer, "itm_logits", spy("itm", qformer.itm_logits))
     monkeypatch.setattr(objectives_module, "sample_hard_negatives", spy("neg", objectives_module.sample_hard_negatives))
     Stage1Objective(max_text_tokens=32)(model, make_batch(model, captions))
     expected = qformer.tokenizer(captions, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-    (decoder_ids, mask, _), _ = seen["itg"]
+    (query_kv, decoder_ids, mask), _ = seen["itg"]
+    assert len(query_kv) == len(qformer.layers) and query_kv[0][0].shape[2] == qformer.num_queries  # the ITC pass's K/V
     assert decoder_ids.shape == (4, 32) and (decoder_ids[:, 0] == qformer.tokenizer.bos_token_id).all()  # [DEC]
     assert torch.equal(decoder_ids[:, 1:], expected["input_ids"][:, 1:]) and torch.equal(mask, expected["attention_mask"])
     assert decoder_ids[3, -1] == qformer.tokenizer.sep_token_id  # truncated on the right, [SEP] kept
@@ -117,7 +118,11 @@ def test_stage1_texts_itg_ids_and_itm_pairs(monkeypatch: pytest.MonkeyPatch):
     assert logits.shape == (12, 2)
     assert torch.equal(pair_ids, torch.cat([ids, ids, ids[negatives.texts]]))
     embeds = model.encode_images(make_batch(model, captions)["pixel_values"])
-    assert torch.allclose(pair_images, torch.cat([embeds, embeds[negatives.images], embeds]))
+    wanted = qformer.image_context(torch.cat([embeds, embeds[negatives.images], embeds]))  # K/V of the pairs' images
+    for got, want in zip(pair_images.layers, wanted.layers):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)
 
 
 def test_stage1_with_a_single_image_still_trains_itc_and_itg():

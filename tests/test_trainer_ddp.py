@@ -67,7 +67,10 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
         rank0, rank1 = (torch.load(tmp_path / "grads2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
         assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))  # all-reduced: identical on every rank
         for a, b in zip(reference, rank0):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+            # The temperature's gradient (the only scalar) sums every similarity's ~1/temp term and
+            # nearly cancels: after an Adam step it differs between 1 and 2 processes by ~1e-6
+            # absolute from rounding alone (ratio to this tolerance 0.2-3 with no change in the math).
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 if a.dim() == 0 else 1e-6)
 
     state = torch.load(tmp_path / "two" / "checkpoints" / f"step-{STEPS}" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad
+from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, itg_loss, itm_loss, prefix_lm_split,
                                    sample_hard_negatives)
 
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from vlbridge.model import VLBridgeModel
 
 Losses = dict[str, torch.Tensor]
-STAGE1_INTERFACE = ("tokenizer", "image_features", "text_features", "itm_logits", "itg_logits", "temp")
+STAGE1_INTERFACE = ("tokenizer", "image_context", "query_outputs", "image_features_of", "text_features", "itm_logits",
+                    "itg_logits_from_queries", "temp")
 
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -136,9 +137,10 @@ class Stage1Objective(Objective):
     """BLIP-2 stage 1: ITC + ITM (hard negatives) + ITG on the Q-Former alone; loss = their sum.
 
     Image ids come from `batch["image_index"]`. Texts are padded to `max_text_tokens` (as LAVIS), so
-    every rank's token tensors have the same shape for the gather. ITG re-runs the query pass under
-    the multimodal-causal mask (`itg_logits`) instead of reusing the ITC pass's cached keys/values:
-    the same numbers up to dropout, one extra query pass per step.
+    every rank's token tensors have the same shape for the gather. As in LAVIS, ITG's text reads the
+    ITC query pass's self-attention keys/values (no second query pass). ln_vision and the
+    cross-attention K/V of the batch's images are computed once (`image_context`) and indexed by
+    ITC, ITM and ITG; only other ranks' hard-negative images get their own.
     """
 
     name = "stage1"
@@ -165,9 +167,11 @@ class Stage1Objective(Objective):
             raise VLBridgeError(f"stage 1 needs one text per image: {image_embeds.shape[0]} images, {len(texts)} texts")
         image_ids = batch_image_ids(batch, len(texts), model.device)  # (B,)
         ids, mask = self.tokenize(qformer, texts, model.device)  # (B, T)
-        itc, sim_i2t, sim_t2i = self.itc(qformer, image_embeds, ids, mask, image_ids)
-        itm = self.itm(qformer, image_embeds, ids, mask, image_ids, sim_i2t, sim_t2i)
-        itg = self.itg(qformer, image_embeds, ids, mask)
+        image = qformer.image_context(image_embeds)  # cross-attention K/V, shared by the three losses
+        query_out, query_kv = qformer.query_outputs(image, return_layer_kv=True)  # (B, Q, W), per-layer K/V for ITG
+        itc, sim_i2t, sim_t2i = self.itc(qformer, query_out, ids, mask, image_ids)
+        itm = self.itm(qformer, image_embeds, image, ids, mask, image_ids, sim_i2t, sim_t2i)
+        itg = self.itg(qformer, query_kv, ids, mask)
         return total(itc=itc, itm=itm, itg=itg)
 
     def tokenize(self, qformer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,32 +180,41 @@ class Stage1Objective(Objective):
                                     max_length=self.options.max_text_tokens, return_tensors="pt")
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
-    def itc(self, qformer: Any, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+    def itc(self, qformer: Any, query_out: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
             image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image_feats = qformer.image_features(image_embeds)  # (B, Q, E)
+        image_feats = qformer.image_features_of(query_out)  # (B, Q, E)
         text_feats = qformer.text_features(ids, mask)  # (B, E)
         return itc_loss(image_feats, text_feats, qformer.temp, image_ids, self.options.label_smoothing, self.options.temp_range)
 
-    def itm(self, qformer: Any, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor,
-            sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> torch.Tensor:
+    def itm(self, qformer: Any, image_embeds: torch.Tensor, image: Any, ids: torch.Tensor, mask: torch.Tensor,
+            image_ids: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> torch.Tensor:
         """3B pairs: (img, txt) positive, (hard-negative img, txt), (img, hard-negative txt)."""
         batch = ids.shape[0]
-        all_images = all_gather_with_grad(image_embeds)  # (N, Nv, W)
         all_ids, all_mask = all_gather_no_grad(ids), all_gather_no_grad(mask)  # (N, T)
         negatives = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, all_gather_no_grad(image_ids), self.generator)
-        neg_images = all_images[negatives.images.clamp_min(0)]  # rows without a negative are placeholders, ignored below
+        neg_rows = negatives.images.clamp_min(0)  # rows without a negative are placeholders, ignored below
         neg_texts = negatives.texts.clamp_min(0)
         pair_ids = torch.cat([ids, ids, all_ids[neg_texts]])  # (3B, T)
         pair_mask = torch.cat([mask, mask, all_mask[neg_texts]])
-        pair_images = torch.cat([image_embeds, neg_images, image_embeds])  # (3B, Nv, W)
-        logits = qformer.itm_logits(pair_ids, pair_mask, pair_images)  # (3B, 2)
+        logits = qformer.itm_logits(pair_ids, pair_mask, self.pair_images(qformer, image_embeds, image, neg_rows))  # (3B, 2)
         return itm_loss(logits, batch, torch.cat([negatives.has_image, negatives.has_text]))
 
-    def itg(self, qformer: Any, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Captioning from the queries: [CLS] becomes [DEC], each token predicts the next."""
+    @staticmethod
+    def pair_images(qformer: Any, image_embeds: torch.Tensor, image: Any, neg_rows: torch.Tensor) -> Any:
+        """The ITM pairs' images [img ; negative img ; img] as indexed K/V of the local images; under
+        DDP, negatives index all ranks' images, so only those B get K/V of their own."""
+        local = torch.arange(image_embeds.shape[0], device=neg_rows.device)
+        if not is_distributed():
+            return image.select(torch.cat([local, neg_rows, local]))
+        neg_images = qformer.image_context(all_gather_with_grad(image_embeds)[neg_rows])  # (B, Nv, W) -> K/V
+        return type(image).cat([image, neg_images, image])
+
+    def itg(self, qformer: Any, query_kv: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Captioning from the queries: [CLS] becomes [DEC], each token predicts the next; the
+        text reads the ITC query pass's K/V in every layer (LAVIS's past_key_values)."""
         decoder_ids = ids.clone()
         decoder_ids[:, 0] = qformer.tokenizer.bos_token_id  # [DEC]
-        logits = qformer.itg_logits(decoder_ids, mask, image_embeds)  # (B, T, V)
+        logits = qformer.itg_logits_from_queries(query_kv, decoder_ids, mask)  # (B, T, V)
         return itg_loss(logits, decoder_ids, mask, self.options.label_smoothing)
 
 

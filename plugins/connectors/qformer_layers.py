@@ -16,6 +16,9 @@ from vlbridge.dropout import Dropout
 from vlbridge.errors import VLBridgeError
 
 
+KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, Dh)
+
+
 class Attention(nn.Module):
     """Multi-head attention with BERT's output block: LN(x + dropout(dense(attn(x, context))))."""
 
@@ -34,19 +37,22 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, -1).transpose(1, 2)  # (B, L, W) -> (B, H, L, Dh)
 
-    def _attend(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def key_values(self, source: torch.Tensor) -> KV:
+        """(B, L, C) -> this block's keys and values of `source`: what a pass may compute once and reuse."""
+        return self._split_heads(self.key(source)), self._split_heads(self.value(source))
+
+    def attend(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None) -> torch.Tensor:
+        """The block on `x` (B, L, W) reading the given keys and values."""
         q = self._split_heads(self.query(x))
-        k = self._split_heads(self.key(source))
-        v = self._split_heads(self.value(source))
-        out = attention(q, k, v, mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        out = attention(q, kv[0], kv[1], mask, dropout_p=self.attn_dropout if self.training else 0.0)
         batch, _, length, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, L, Dh) -> (B, L, W)
+        out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, L, Dh) -> (B, L, W)
+        return self.norm(x + self.dropout(self.dense(out)))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # q, k, v die when _attend returns: cross-attention K/V (B, N, W) are the largest
-        # activations of an inference pass and must not live on through the output block.
-        out = self._attend(x, x if context is None else context, mask)
-        return self.norm(x + self.dropout(self.dense(out)))
+        # K/V are computed here and die when attend returns: cross-attention K/V (B, N, W) are the
+        # largest activations of an inference pass and must not live on through later layers.
+        return self.attend(x, self.key_values(x if context is None else context), mask)
 
 
 class FeedForward(nn.Module):
@@ -73,19 +79,33 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FeedForward(width, hidden, eps, dropout)
         self.ffn_text: FeedForward | None = FeedForward(width, hidden, eps, dropout)  # None once the text side is dropped
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | None) -> torch.Tensor:
-        x = self.self_attn(x, mask=mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | KV | None,
+                prefix: KV | None = None, keep: list[KV] | None = None) -> torch.Tensor:
+        """`image`: ln_vision'd tokens, or this layer's cross-attention K/V of them computed once
+        for several passes. `prefix`: K/V put in front of the self-attention's own (ITG's text
+        reading a query pass's). `keep`: a list this layer's self-attention K/V are appended to."""
+        kv = self.self_attn.key_values(x)
+        if keep is not None:
+            keep.append(kv)
+        if prefix is not None:
+            kv = (torch.cat([prefix[0], kv[0]], dim=2), torch.cat([prefix[1], kv[1]], dim=2))
+        x = self.self_attn.attend(x, kv, mask)
         if num_queries == 0:
             return self.ffn_text(x)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if self.cross_attn is not None:
-            if image is None:
-                raise VLBridgeError("a Q-Former pass with queries needs image_embeds for its cross-attention layers")
-            queries = self.cross_attn(queries, context=image)
+            queries = self._cross(queries, image)
         queries = self.ffn_query(queries)
         if text.shape[1] == 0:
             return queries
         return torch.cat([queries, self.ffn_text(text)], dim=1)
+
+    def _cross(self, queries: torch.Tensor, image: torch.Tensor | KV | None) -> torch.Tensor:
+        if image is None:
+            raise VLBridgeError("a Q-Former pass with queries needs image_embeds for its cross-attention layers")
+        if isinstance(image, torch.Tensor):
+            return self.cross_attn(queries, context=image)
+        return self.cross_attn.attend(queries, image, None)
 
 
 class Embeddings(nn.Module):

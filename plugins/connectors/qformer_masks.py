@@ -7,6 +7,7 @@ padded text keys are never visible. They feed `vlbridge.attention.attention` dir
 - unimodal (ITC): queries see queries, text sees text.
 - bidirectional (ITM): everyone sees everyone.
 - multimodal-causal (ITG): queries see queries; text sees all queries and itself and earlier text.
+  `text_after_queries_mask` is its text rows alone, for a text pass reading a query pass's K/V.
 """
 
 from __future__ import annotations
@@ -47,3 +48,9 @@ def multimodal_causal_mask(num_queries: int, text_mask: torch.Tensor) -> torch.T
     not_later = pos[None, :] <= pos[:, None]  # (L, L): key j at or before row i; queries precede text
     allowed = torch.where(is_query[:, None], is_query[None, :], not_later)
     return allowed & _visible_keys(num_queries, text_mask)
+
+
+def text_after_queries_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, Q+T): the text rows of the multimodal-causal mask, for ITG's text pass whose keys
+    are [a query pass's K/V ; its own] (LAVIS's past_key_values)."""
+    return multimodal_causal_mask(num_queries, text_mask)[:, :, num_queries:]
