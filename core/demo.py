@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+from vlbridge.atomic import atomic_write_text
+from vlbridge.errors import VLBridgeError
 
 CAPTION_PROMPT = "Caption:"
 VQA_PROMPT = "Question: {} Short answer:"
-FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (300, 300), "limit": 300, "batch": 32}
-QUICK = {"world": {"train": 96, "val": 8, "test": 24, "comp": 16}, "steps": (6, 6), "limit": 24, "batch": 16}
+FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (300, 300), "limit": 300, "batch": 32, "text_tokens": 24}
+QUICK = {"world": {"train": 96, "val": 8, "test": 24, "comp": 16}, "steps": (6, 6), "limit": 24, "batch": 16, "text_tokens": 24}
 
 
 def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict[str, Any]:
@@ -43,8 +45,6 @@ def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict
 def stage2_texts(world: Path) -> Path:
     """JSONL of the training images with "Caption: ..." and "Question: ... Short answer: ..." texts."""
     out = world / "stage2_train.jsonl"
-    if out.is_file():
-        return out
     captions = json.loads((world / "captions_train.json").read_text(encoding="utf-8"))
     questions = json.loads((world / "questions_train.json").read_text(encoding="utf-8"))["questions"]
     answers = {a["question_id"]: a["multiple_choice_answer"] for a in
@@ -57,11 +57,13 @@ def stage2_texts(world: Path) -> Path:
     for q in questions:
         text = f"{VQA_PROMPT.format(q['question'])} {answers[q['question_id']]}"
         lines.append({"image": image_of[q["image_id"]], "image_id": q["image_id"], "text": text})
-    out.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:  # unchanged: keep its mtime (results key on it)
+        atomic_write_text(out, text)
     return out
 
 
-def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int]) -> tuple[CompareConfig, dict]:
+def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], only: list[str] | None = None) -> tuple[CompareConfig, dict]:
     """The comparison the demo runs (see the module docstring)."""
     plan = QUICK if quick else FULL
     world = out / "world"
@@ -73,6 +75,11 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int]) ->
                      stage1_steps=s1, stage2_steps=s2) for q in queries if q != 32]
     runs += [RunSpec(name="linear", assembly="world-linear-opt", stage2_steps=s1 + s2),
              RunSpec(name="mlp", assembly="world-mlp-opt", stage2_steps=s1 + s2)]
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            raise VLBridgeError(f"unknown demo run(s) {unknown}; choose from {[r.name for r in runs]}")
+        runs = [r for r in runs if r.name in only]
     evals = [EvalSet(name=split, captions=str(world / f"captions_{split}.json"), questions=str(world / f"questions_{split}.json"),
                      annotations=str(world / f"annotations_{split}.json"), images=str(world), image_pattern="images/world_{split}_{image_id:07d}.png",
                      scenes=str(world / f"scenes_{split}.json"), limit=plan["limit"],
@@ -82,17 +89,19 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int]) ->
         name="vlbridge demo: a miniature BLIP-2 experiment" + (" (quick)" if quick else ""), runs=runs,
         stage1_data={"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world)},
         stage2_data={"format": "jsonl", "paths": [str(world / "stage2_train.jsonl")], "image_root": str(world), "clean_text": False},
-        evals=evals, seeds=seeds, batch_size=plan["batch"], lr=1e-3, warmup_steps=max(1, s1 // 10), features=True,
+        evals=evals, seeds=seeds, batch_size=plan["batch"], stage1_objective={"max_text_tokens": plan["text_tokens"]}, lr=1e-3, warmup_steps=max(1, s1 // 10), features=True,
         caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT, output_dir=str(out), device="cpu",
     )
     return config, plan
 
 
-def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None, say=print) -> dict[str, Any]:
+def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None,
+             only: list[str] | None = None, say=print) -> dict[str, Any]:
+    from vlbridge.compare.baselines import blind_row
     from vlbridge.compare.runner import run_compare
 
     out = Path(out)
-    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32])
+    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only)
     ensure_world(out / "world", plan["world"], 0, say)
     stage2_texts(out / "world")
     notes = [
@@ -102,5 +111,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
         "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
         "Retrieval (Q-Former only): ITM re-ranked R@1; a caption of an identical scene counts as right.",
         "CIDEr-D/BLEU-4 on the test split; generation is greedy.",
+        "blind prior: answers every question with the commonest training answer of its type and ranks at random; it never sees the image (the floor to beat).",
     ]
-    return run_compare(config, say, notes)
+    blind = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals)}
+    return run_compare(config, say, notes, progress_label="demo", reference_rows=blind)

@@ -18,6 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (seconds; for tests)")
     d.add_argument("--seeds", type=int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
     d.add_argument("--queries", type=int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
+    d.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (e.g. qformer-32q linear); default: all")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot")
     c.add_argument("config", metavar="CONFIG.yaml")
@@ -31,7 +32,7 @@ def _say(message: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlbridge.demo import run_demo
 
-    results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, say=_say)
+    results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}/report.md, results.json and report.png ({len(results['runs'])} runs)")
     return 0

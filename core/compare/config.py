@@ -34,6 +34,7 @@ class EvalSet(Strict):
     scenes: str | None = Field(None, description="world scenes JSON: retrieval counts a caption of an identical scene as right")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many images / questions")
     tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"], description="subset of caption, vqa, retrieval")
+    retrieval_k: int = Field(16, ge=1, description="ITM re-ranks each query's top k ITC candidates (BLIP-2 on COCO: 128)")
 
 
 class CompareConfig(Strict):
@@ -48,6 +49,8 @@ class CompareConfig(Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    stage1_objective: dict[str, Any] = Field(default_factory=dict, description="stage-1 objective options (e.g. max_text_tokens)")
+    stage2_objective: dict[str, Any] = Field(default_factory=dict, description="stage-2 objective options")
     features: bool = Field(True, description="train from a frozen-feature cache (encoders are frozen; no augmentation then)")
     caption_prompt: str = Field("", description="prompt before generated captions (match how stage 2 was trained)")
     vqa_prompt: str = Field("Question: {} Short answer:", description="VQA prompt template")

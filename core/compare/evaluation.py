@@ -34,7 +34,7 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say) -> dict[
     if spec.captions and "retrieval" in spec.tasks and hasattr(model.connector, "multimodal_outputs"):
         say(f"  {spec.name}: retrieval")
         groups = ev.load_caption_groups(spec.captions, spec.images, spec.limit)
-        out["retrieval"] = scene_retrieval(model, groups, spec.scenes)
+        out["retrieval"] = scene_retrieval(model, groups, spec.scenes, k=spec.retrieval_k)
     return out
 
 
@@ -50,7 +50,7 @@ def _scene_keys(groups: list, scenes_file: str | None) -> list[Any]:
     return keys
 
 
-def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 128) -> dict[str, Any]:
+def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -> dict[str, Any]:
     """Recall@1/5/10 both ways from ITC and from ITM re-ranking, with scene-level correctness."""
     from vlbridge.data import flatten_groups
     from vlbridge.evaluate import image_inputs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,9 @@ from typing import Any, Callable
 import torch
 
 from vlbridge.assembly import load_assembly
+from vlbridge.atomic import atomic_write_text
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+from vlbridge.compare.progress import PhaseProgress, phase_plan
 from vlbridge.resources import presets
 
 Say = Callable[[str], None]
@@ -36,8 +39,21 @@ def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     return raw
 
 
-def _encoder_key(assembly: dict[str, Any]) -> str:
-    text = json.dumps(load_assembly(assembly).plan.encoder.options, sort_keys=True) + assembly["encoder"]["use"]
+def data_fingerprint(config: CompareConfig) -> list[list[Any]]:
+    """(path, size, mtime) of every data and evaluation file: a regenerated dataset changes it."""
+    paths = [p for data in (config.stage1_data, config.stage2_data) if data for p in data.get("paths", [])]
+    paths += [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
+    rows = []
+    for path in sorted({str(p) for p in paths if p}):
+        stat = Path(path).stat() if Path(path).exists() else None
+        rows.append([path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    return rows
+
+
+def _encoder_key(assembly: dict[str, Any], config: CompareConfig) -> str:
+    """The cache folder's name: the encoder (name, options) and the training data it was run on."""
+    text = json.dumps([assembly["encoder"]["use"], load_assembly(assembly).plan.encoder.options, data_fingerprint(config)],
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -48,7 +64,7 @@ def feature_cache(config: CompareConfig, assembly: dict[str, Any], say: Say) -> 
     from vlbridge.train.cache import read_manifest
     from vlbridge.train.cache_build import build_cache
 
-    directory = Path(config.output_dir) / "features" / _encoder_key(assembly)
+    directory = Path(config.output_dir) / "features" / _encoder_key(assembly, config)
     try:
         read_manifest(directory)
         return str(directory)
@@ -68,11 +84,12 @@ def _train_config(config: CompareConfig, run: RunSpec, assembly: dict, stage: in
         "data": {"train": data, "features": features}, "batch_size": config.batch_size,
         "optimizer": {"lr": run.lr or config.lr}, "schedule": {"warmup_steps": min(config.warmup_steps, steps - 1)},
         "output_dir": str(out), "log_every": max(1, steps // 10), "device": config.device, "tensorboard": False,
+        "objective": config.stage1_objective if stage == 1 else config.stage2_objective,
         **({"prompt": ""} if stage == 2 else {}),
     }
 
 
-def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say) -> tuple[Path, dict[str, Any]]:
+def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress: PhaseProgress | None = None) -> tuple[Path, dict[str, Any]]:
     """Stage 1 (if any) then stage 2, resumable; returns the final checkpoint and the training summary."""
     from vlbridge.train.checkpointing import latest_checkpoint
     from vlbridge.train.trainer import run as train
@@ -87,6 +104,8 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say) -> tuple
         if not steps:
             continue
         out = root / f"stage{stage}"
+        if progress is not None:
+            progress.start(f"{run.name} seed {seed}: stage {stage}")
         say(f"{run.name} (seed {seed}): stage {stage}, {steps} steps")
         result = train(_train_config(config, run, assembly, stage, steps, seed, out, init_from, features), resume=True)
         summary[f"stage{stage}"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
@@ -97,8 +116,9 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say) -> tuple
 
 
 @torch.no_grad()
-def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 5) -> dict[str, float]:
-    """Visual tokens fed to the LLM and the LLM's forward time on them plus a short text (ms, median)."""
+def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 10) -> dict[str, float]:
+    """Visual tokens fed to the LLM and the LLM's forward time on them plus a short text (ms; the
+    fastest of `reps` after a warm-up: the least disturbed by other work on the machine)."""
     plan = model.plan
     visual = torch.zeros(batch, plan.connector_out.num_tokens, plan.connector_out.width, device=model.device)
     ids = torch.full((batch, text_tokens), model.llm.tokenizer.pad_token_id or 0, device=model.device)
@@ -109,8 +129,7 @@ def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 5) -> dic
         kwargs = {"labels": ids} if model.llm.is_encoder_decoder else {}
         model.llm(visual, ids, mask, **kwargs)
         times.append(time.perf_counter() - start)
-    times = sorted(times[1:])
-    return {"visual_tokens": plan.connector_out.num_tokens, "llm_forward_ms": 1000 * times[len(times) // 2]}
+    return {"visual_tokens": plan.connector_out.num_tokens, "llm_forward_ms": 1000 * min(times[1:])}
 
 
 def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say) -> dict[str, Any]:
@@ -119,8 +138,45 @@ def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say) -
     return {e.name: evaluate_set(config, model, e, say) for e in evals}
 
 
-def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None) -> dict[str, Any]:
-    """Train and evaluate every run for every seed, then write results.json, report.md, report.png."""
+RESULT_FILE = "result.json"
+
+
+def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
+    """What a run's stored result depends on: the run, its seed, and everything shared that shapes
+    training or evaluation (not the other runs, the output folder or the title)."""
+    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir"})
+    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(config)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored_result(path: Path, key: str) -> dict[str, Any] | None:
+    """The result a finished run stored, if it was made under the same key."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stored.get("result") if isinstance(stored, dict) and stored.get("key") == key else None
+
+
+def _claim_run_folder(folder: Path, key: str, say: Say) -> None:
+    """Checkpoints in `folder` resume a run only if made for the same key; stale ones are removed."""
+    key_file = folder / "key.txt"
+    if folder.exists() and (not key_file.is_file() or key_file.read_text(encoding="utf-8").strip() != key):
+        say(f"{folder} holds a run made with other settings or data; starting it afresh")
+        shutil.rmtree(folder)
+    if not key_file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(key_file, key + "\n")
+
+
+def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
+                reference_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
+
+    `reference_rows` (e.g. a blind answer prior) join the table as extra rows, results in the shape
+    of one seed's.
+    """
     import vlbridge
     from vlbridge.compare.report import write_report
 
@@ -128,15 +184,31 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     out.mkdir(parents=True, exist_ok=True)
     per_seed: dict[str, list[dict[str, Any]]] = {run.name: [] for run in config.runs}
     total, done = len(config.runs) * len(config.seeds), 0
+    progress = PhaseProgress(phase_plan(config), say, label=progress_label)
     for seed in config.seeds:
         for run in config.runs:
             done += 1
+            result_file = out / "runs" / run.name / f"seed-{seed}" / RESULT_FILE
+            key = run_key(config, run, seed)
+            stored = _stored_result(result_file, key)
+            if stored is not None:
+                say(f"[{done}/{total}] {run.name}, seed {seed}: reusing its results ({result_file})")
+                progress.skip(run.name, seed)
+                per_seed[run.name].append(stored)
+                continue
             say(f"[{done}/{total}] {run.name}, seed {seed}")
-            checkpoint, summary = train_run(config, run, seed, say)
+            _claim_run_folder(result_file.parent, key, say)
+            checkpoint, summary = train_run(config, run, seed, say, progress)
+            progress.start(f"{run.name} seed {seed}: evaluate")
             model = vlbridge.load(checkpoint, device=None if config.device == "auto" else config.device)
             result = {"seed": seed, "train": summary, "cost": llm_cost(model), "plan": {
                 "trainable_params": model.plan.trainable_params, "visual_tokens": model.plan.connector_out.num_tokens}}
             result["eval"] = evaluate_run(config, model, config.evals, say)
+            atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
             del model
+    progress.finish()
+    say(progress.line("done"))
+    for name, row in (reference_rows or {}).items():
+        per_seed[name] = [row]
     return write_report(out, config.model_dump(mode="json"), per_seed, notes or [])
