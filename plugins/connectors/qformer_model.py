@@ -2,7 +2,9 @@
 
 Built by the `qformer` spec's factory. Stage 2 uses `forward` (queries -> LLM embedding space);
 stage 1 trains the whole module with ITC (`image_features`, `text_features`), ITM
-(`itm_logits`) and ITG (`itg_logits`), each over the self-attention mask of its task.
+(`itm_logits`) and ITG (`itg_logits`), each over the self-attention mask of its task. The stage-1
+objective shares their common work: `image_context` (the images' cross-attention K/V, once per
+step) and `itg_logits_from_queries` (ITG's text reading the ITC query pass's K/V, as LAVIS does).
 """
 
 from __future__ import annotations
