@@ -43,7 +43,9 @@ def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict
 
 
 def stage2_texts(world: Path) -> Path:
-    """JSONL of the training images with "Caption: ..." and "Question: ... Short answer: ..." texts."""
+    """JSONL of the training images with explicit (input, target) pairs: ("Caption:", caption) and
+    ("Question: ... Short answer:", answer). Stage 2 learns only the target, as in instruction
+    tuning; `text` holds the whole string for readers that ignore the pair."""
     out = world / "stage2_train.jsonl"
     captions = json.loads((world / "captions_train.json").read_text(encoding="utf-8"))
     questions = json.loads((world / "questions_train.json").read_text(encoding="utf-8"))["questions"]
@@ -53,14 +55,17 @@ def stage2_texts(world: Path) -> Path:
     lines = []
     for record in captions:
         texts = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
-        lines += [{"image": record["image"], "image_id": record["image_id"], "text": f"{CAPTION_PROMPT} {t}"} for t in texts]
+        lines += [_pair(record["image"], record["image_id"], CAPTION_PROMPT, t) for t in texts]
     for q in questions:
-        text = f"{VQA_PROMPT.format(q['question'])} {answers[q['question_id']]}"
-        lines.append({"image": image_of[q["image_id"]], "image_id": q["image_id"], "text": text})
+        lines.append(_pair(image_of[q["image_id"]], q["image_id"], VQA_PROMPT.format(q["question"]), answers[q["question_id"]]))
     text = "\n".join(json.dumps(line) for line in lines) + "\n"
     if not out.is_file() or out.read_text(encoding="utf-8") != text:  # unchanged: keep its mtime (results key on it)
         atomic_write_text(out, text)
     return out
+
+
+def _pair(image: str, image_id: int, prompt: str, target: str) -> dict[str, Any]:
+    return {"image": image, "image_id": image_id, "text": f"{prompt} {target}", "text_input": prompt, "text_output": target}
 
 
 def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], only: list[str] | None = None) -> tuple[CompareConfig, dict]:
@@ -109,7 +114,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
         f"Budget: every connector gets {sum(plan['steps'])} optimizer steps of batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2.",
         "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation.",
         "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
-        "Retrieval (Q-Former only): ITM re-ranked R@1; a caption of an identical scene counts as right.",
+        "Retrieval: the run's stage-1 model (BLIP-2's retrieval model), R@1 by ITC and re-ranked by ITM (top 16); a caption of an identical scene counts as right. Runs without stage 1 have no trained ITC/ITM heads: not scored.",
         "CIDEr-D/BLEU-4 on the test split; generation is greedy.",
         "blind prior: answers every question with the commonest training answer of its type and ranks at random; it never sees the image (the floor to beat).",
     ]

@@ -243,3 +243,14 @@ def test_truncated_image_in_a_jsonl_set_with_workers(tmp_path):
     batches = _epoch(make_loader(dataset, 2, num_workers=2), progress)
     assert [len(b["index"]) for b in batches] == [1, 1, 1] and progress.skipped_count == 3
     assert {s.name for s in progress.skipped} == {str(tmp_path / "cut.jpg")} and "image file is truncated" in progress.skipped[0].reason
+
+
+def test_jsonl_explicit_pairs_reach_the_batch(tmp_path):
+    """text_input / text_output lines (instruction data) arrive as lists beside `text`."""
+    write_image(tmp_path / "a.jpg", 1)
+    rows = ['{"image": "a.jpg", "text": "Question: q? Short answer: yes", "text_input": "Question: q? Short answer:", "text_output": "yes"}',
+            '{"image": "a.jpg", "text": "Caption: a dog", "text_input": "Caption:", "text_output": "a dog"}']
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    dataset = build_dataset({"format": "jsonl", "paths": str(tmp_path / "pairs.jsonl"), "shuffle": False}, PRE, train=True)
+    (batch,) = list(make_loader(dataset, 2))
+    assert batch["text_input"] == ["Question: q? Short answer:", "Caption:"] and batch["text_output"] == ["yes", "a dog"]

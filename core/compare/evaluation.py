@@ -16,7 +16,9 @@ from vlbridge.compare.config import CompareConfig, EvalSet
 Say = Callable[[str], None]
 
 
-def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say) -> dict[str, Any]:
+def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, retrieval_model=None) -> dict[str, Any]:
+    """Captioning and VQA with the trained (stage-2) model; retrieval with `retrieval_model`, the
+    run's stage-1 model, when it has one."""
     from vlbridge import evaluate as ev
 
     out: dict[str, Any] = {}
@@ -31,10 +33,10 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say) -> dict[
         records = ev.load_vqa_records(spec.questions, spec.annotations, spec.images, spec.limit, **pattern)
         generation = {**config.generation, "max_new_tokens": 5}
         out["vqa"] = ev.evaluate_vqa(model, records, {"prompt": config.vqa_prompt, "generation": generation})
-    if spec.captions and "retrieval" in spec.tasks and hasattr(model.connector, "multimodal_outputs"):
-        say(f"  {spec.name}: retrieval")
+    if spec.captions and "retrieval" in spec.tasks and retrieval_model is not None:
+        say(f"  {spec.name}: retrieval (stage-1 model)")
         groups = ev.load_caption_groups(spec.captions, spec.images, spec.limit)
-        out["retrieval"] = scene_retrieval(model, groups, spec.scenes, k=spec.retrieval_k)
+        out["retrieval"] = scene_retrieval(retrieval_model, groups, spec.scenes, k=spec.retrieval_k)
     return out
 
 

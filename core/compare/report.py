@@ -20,6 +20,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("VQA comp %", "eval.comp.vqa.overall", "{:.1f}"),
     ("R@1 i2t", "eval.test.retrieval.itm.i2t_r1", "{:.1f}"),
     ("R@1 t2i", "eval.test.retrieval.itm.t2i_r1", "{:.1f}"),
+    ("R@1 i2t ITC", "eval.test.retrieval.itc.i2t_r1", "{:.1f}"),
+    ("R@1 t2i ITC", "eval.test.retrieval.itc.t2i_r1", "{:.1f}"),
     ("CIDEr", "eval.test.caption.CIDEr", "{:.3f}"),
     ("BLEU-4", "eval.test.caption.Bleu_4", "{:.3f}"),
     ("train s", "train.train_seconds", "{:.0f}"),

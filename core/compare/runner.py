@@ -132,10 +132,11 @@ def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 10) -> di
     return {"visual_tokens": plan.connector_out.num_tokens, "llm_forward_ms": 1000 * min(times[1:])}
 
 
-def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say) -> dict[str, Any]:
+def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say, retrieval_model=None) -> dict[str, Any]:
+    """Every evaluation split; retrieval only with a stage-1 model (None: the run has no stage 1)."""
     from vlbridge.compare.evaluation import evaluate_set
 
-    return {e.name: evaluate_set(config, model, e, say) for e in evals}
+    return {e.name: evaluate_set(config, model, e, say, retrieval_model) for e in evals}
 
 
 RESULT_FILE = "result.json"
@@ -179,6 +180,7 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     """
     import vlbridge
     from vlbridge.compare.report import write_report
+    from vlbridge.train.checkpointing import latest_checkpoint
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,13 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
             model = vlbridge.load(checkpoint, device=None if config.device == "auto" else config.device)
             result = {"seed": seed, "train": summary, "cost": llm_cost(model), "plan": {
                 "trainable_params": model.plan.trainable_params, "visual_tokens": model.plan.connector_out.num_tokens}}
-            result["eval"] = evaluate_run(config, model, config.evals, say)
+            retrieval_model = None
+            if run.stage1_steps and any("retrieval" in e.tasks for e in config.evals):
+                # retrieval is the stage-1 model's job (ITC/ITM heads and the text side, which stage 2 neither trains nor saves)
+                retrieval_model = vlbridge.load(latest_checkpoint(checkpoint.parents[2] / "stage1"), stage=1,
+                                                device=None if config.device == "auto" else config.device)
+            result["eval"] = evaluate_run(config, model, config.evals, say, retrieval_model)
+            del retrieval_model
             atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
             del model

@@ -54,6 +54,9 @@ def load_pixels(ref: ImageRef, transform: Transform, strict: bool, index: int) -
         return Skipped(name=ref.path or ref.name, reason=f"{type(exc).__name__}: {exc}", kind="unreadable image", index=index)
 
 
+PAIR_KEYS = ("text_input", "text_output")
+
+
 def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOptions) -> dict[str, Any]:
     """The item dict for one decoded record."""
     item: dict[str, Any] = {
@@ -62,6 +65,9 @@ def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOption
     }
     if isinstance(record, ImageText):
         item["text"] = text.caption(record.text)
+        pair = {key: record.extra.get(key) for key in PAIR_KEYS}
+        if all(isinstance(value, str) for value in pair.values()):  # an explicit (input, target) pair for stage 2
+            item.update(pair)
     elif isinstance(record, CaptionGroup):
         item["captions"] = [text.caption(c) for c in record.captions]
     else:

@@ -1,5 +1,8 @@
 """Plain JSONL pairs: one {"image": path, "text": str, "image_id"?: int | str} object per line.
 
+A line may add "text_input" and "text_output" (both strings): stage 2 then reads prompt +
+text_input as the LLM's input and learns only text_output (VQA-style instruction data).
+
 The simplest way to bring your own data. Relative image paths resolve against the image root, or
 else the JSONL file's folder, so a folder of images with its JSONL can be moved as a whole.
 """
