@@ -23,8 +23,10 @@ from vlbridge.errors import VLBridgeError
 
 CAPTION_PROMPT = "Caption:"
 VQA_PROMPT = "Question: {} Short answer:"
-FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (300, 300), "limit": 300, "batch": 32, "text_tokens": 24}
-QUICK = {"world": {"train": 96, "val": 8, "test": 24, "comp": 16}, "steps": (6, 6), "limit": 24, "batch": 16, "text_tokens": 24}
+FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (150, 150), "limit": 300, "retrieval": 100,
+        "k": 8, "batch": 32, "text_tokens": 24}
+QUICK = {"world": {"train": 256, "val": 8, "test": 32, "comp": 16}, "steps": (30, 30), "limit": 32, "retrieval": 32,
+         "k": 8, "batch": 16, "text_tokens": 24}
 
 
 def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict[str, Any]:
@@ -88,6 +90,7 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
     evals = [EvalSet(name=split, captions=str(world / f"captions_{split}.json"), questions=str(world / f"questions_{split}.json"),
                      annotations=str(world / f"annotations_{split}.json"), images=str(world), image_pattern="images/world_{split}_{image_id:07d}.png",
                      scenes=str(world / f"scenes_{split}.json"), limit=plan["limit"],
+                     retrieval_limit=plan["retrieval"], retrieval_k=plan["k"],
                      tasks=["caption", "vqa", "retrieval"] if split == "test" else ["vqa"])
              for split in ("test", "comp")]
     config = CompareConfig(
@@ -114,9 +117,9 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
         f"Budget: every connector gets {sum(plan['steps'])} optimizer steps of batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2.",
         "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation.",
         "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
-        "Retrieval: the run's stage-1 model (BLIP-2's retrieval model), R@1 by ITC and re-ranked by ITM (top 16); a caption of an identical scene counts as right. Runs without stage 1 have no trained ITC/ITM heads: not scored.",
+        f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model), R@1 among {plan['retrieval']} test images by ITC and re-ranked by ITM (top {plan['k']}); a caption of an identical scene counts as right. Runs without stage 1 have no trained ITC/ITM heads: not scored.",
         "CIDEr-D/BLEU-4 on the test split; generation is greedy.",
-        "blind prior: answers every question with the commonest training answer of its type and ranks at random; it never sees the image (the floor to beat).",
+        "blind prior: answers every question with the commonest training answer of its type, gives every image the commonest training caption, and ranks at random; it never sees the image (the floor to beat).",
     ]
-    blind = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals)}
+    blind = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json")}
     return run_compare(config, say, notes, progress_label="demo", reference_rows=blind)

@@ -46,8 +46,9 @@ def test_question_type_prior_is_the_commonest_training_answer(files):
 def test_blind_row_scores_the_prior_and_chance(files):
     spec = EvalSet(name="test", captions=str(files["captions"]), questions=str(files["q"]), annotations=str(files["ann"]),
                    images=str(files["q"].parent), image_pattern="{image_id}.png", scenes=str(files["scenes"]))
-    row = blind_row(files["train"], [spec])
+    row = blind_row(files["train"], [spec], files["captions"])
     assert row["eval"]["test"]["vqa"]["overall"] == pytest.approx(50.0)  # right on questions 11 and 14
+    assert row["eval"]["test"]["caption"]["Bleu_1"] > 0  # "one" (the first of the tied commonest) matches image 5 exactly
     retrieval = row["eval"]["test"]["retrieval"]["itm"]
     # i2t: images 5 and 7 share a scene with captions {one, two, four} (3 of 4), image 6 owns 1 of 4
     assert retrieval["i2t_r1"] == pytest.approx(100 * (3 / 4 + 1 / 4 + 3 / 4) / 3)

@@ -34,6 +34,7 @@ class EvalSet(Strict):
     scenes: str | None = Field(None, description="world scenes JSON: retrieval counts a caption of an identical scene as right")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many images / questions")
     tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"], description="subset of caption, vqa, retrieval")
+    retrieval_limit: int | None = Field(None, ge=2, description="retrieve among at most this many images (default: limit); ITM re-ranking costs k forward passes per query")
     retrieval_k: int = Field(16, ge=1, description="ITM re-ranks each query's top k ITC candidates (BLIP-2 on COCO: 128)")
 
 

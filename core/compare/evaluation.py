@@ -35,7 +35,7 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, retrieva
         out["vqa"] = ev.evaluate_vqa(model, records, {"prompt": config.vqa_prompt, "generation": generation})
     if spec.captions and "retrieval" in spec.tasks and retrieval_model is not None:
         say(f"  {spec.name}: retrieval (stage-1 model)")
-        groups = ev.load_caption_groups(spec.captions, spec.images, spec.limit)
+        groups = ev.load_caption_groups(spec.captions, spec.images, spec.retrieval_limit or spec.limit)
         out["retrieval"] = scene_retrieval(retrieval_model, groups, spec.scenes, k=spec.retrieval_k)
     return out
 

@@ -26,7 +26,8 @@ from vlbridge.world.assets import ENCODER_FILE, MANIFEST, PARTS
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
 
-SCRIPT_VERSION = 1
+SCRIPT_VERSION = 2  # 2: OPT pretrained 10x longer, then reading rounds until it answers from its context
+READING_ROUNDS = (1500, 3000)
 EVAL_IMAGES = {"full": 300, "quick": 8}
 Log = Callable[[str], None]
 
@@ -38,7 +39,7 @@ def _recipes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"eva-vit-g": EncoderRecipe(steps=2, batch=8, warmup=1), "opt": TextRecipe(steps=2, batch=2, warmup=1),
                 "flan-t5": TextRecipe(steps=2, batch=4, warmup=1), "bert": TextRecipe(steps=2, batch=8, warmup=1)}
-    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=150, batch=8, lr=3e-3),
+    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=1500, batch=8, lr=3e-3, warmup=50),
             "flan-t5": TextRecipe(steps=150, batch=32, lr=3e-3), "bert": TextRecipe(steps=150, batch=64, lr=2e-3)}
 
 
@@ -75,7 +76,9 @@ def _save_hf(model: Any, tokenizer: Any, folder: Path) -> None:
 def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from vlbridge.world.train_text import build_opt, fit, opt_blocks, opt_stream, padded_lm_batches, perplexity
+    from vlbridge.world.generate import make_image
+    from vlbridge.world.train_text import (build_opt, context_qa_accuracy, fit, fit_reading, opt_blocks, opt_stream, padded_lm_batches,
+                                           perplexity)
 
     folder = out / "opt"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -87,9 +90,23 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     stream = opt_stream(tokenizer, documents(world, "pretrain", 30_000_000, max(4, recipe.steps * recipe.batch * block // 140)))
     loss = fit(model, opt_blocks(stream, block, recipe.batch), recipe, "opt", log)
     after = perplexity(model, val)
+    probe = [make_image(world, "val", i) for i in range(max(1, eval_images // 3))]
+    reading_before = context_qa_accuracy(model, tokenizer, probe, True)
+    reading_losses = []
+    for steps in recipe_reading(recipe):  # rounds, each with its own schedule, weights rounded to fp16 between them
+        reading_losses.append(round(fit_reading(model, tokenizer, world, steps, 16, 1e-3, log), 4))
+        model.half().float()
+    reading = {"with_captions_before_reading_rounds": reading_before, "with_captions": context_qa_accuracy(model, tokenizer, probe, True),
+               "without_context": context_qa_accuracy(model, tokenizer, probe, False), "images": len(probe)}
     _save_hf(model, tokenizer, folder)
     return {"params": _params(model), "steps": recipe.steps, "batch_tokens": recipe.batch * block, "final_loss": round(loss, 4),
-            "val_perplexity": {"before": before, "after": after}}
+            "val_perplexity": {"before": before, "after": after}, "reading_rounds": list(recipe_reading(recipe)),
+            "reading_final_losses": reading_losses, "val_qa_accuracy": reading}
+
+
+def recipe_reading(recipe: Any) -> tuple[int, ...]:
+    """Steps of each reading round (batch 16, lr 1e-3): what the shipped OPT went through."""
+    return (2, 2) if recipe.steps <= 2 else READING_ROUNDS
 
 
 def train_t5_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from vlbridge.plugins.connectors.qformer import ARCH as QFORMER_ARCH
 from vlbridge.plugins.llms.flan_t5 import ARCH as T5_ARCH
 from vlbridge.plugins.llms.opt import ARCH as OPT_ARCH
+from vlbridge.world.text_corpus import VQA_PROMPT
 
 Batch = dict[str, torch.Tensor]
 
@@ -72,6 +73,72 @@ def perplexity(model: Any, batches: list[Batch]) -> float:
 
 
 # -- OPT ----------------------------------------------------------------------------------------
+
+
+READING_START = 40_000_000  # pretrain-stream images the reading rounds draw from (after the LM's documents)
+
+
+def reading_example(tokenizer: Any, world: Any, index: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """One reading-comprehension sample: 1-5 shuffled captions of a pretrain-stream image, then one
+    of its (10) questions; labels only on the answer and its newline."""
+    from vlbridge.world.generate import make_image
+
+    image = make_image(world, "pretrain", READING_START + index)
+    captions = list(image.captions)
+    rng.shuffle(captions)
+    captions = captions[: rng.randint(1, len(captions))]
+    context = [t for c in captions for t in tokenizer(c + "\n")["input_ids"]]
+    qa = rng.choice(image.qas)
+    question = tokenizer(VQA_PROMPT.format(qa.question))["input_ids"]
+    answer = tokenizer(" " + qa.answer + "\n", add_special_tokens=False)["input_ids"]
+    return context + question + answer, [-100] * (len(context) + len(question)) + answer
+
+
+def fit_reading(model: Any, tokenizer: Any, world: Any, steps: int, batch: int, lr: float, log: Callable[[str], None]) -> float:
+    """Instruction-tune the LM to answer from its context (as FlanT5 was tuned on reading tasks):
+    AdamW, 50 warm-up steps, cosine decay, loss on answers only. Text only: no image is seen."""
+    world = world.model_copy(update={"questions_per_image": 10})
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    start, loss, seen = time.perf_counter(), torch.tensor(float("nan")), 0
+    for step in range(steps):
+        samples = [reading_example(tokenizer, world, seen + j, rng) for j in range(batch)]
+        seen += batch
+        length = max(len(ids) for ids, _ in samples)
+        ids = torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i, _ in samples])
+        labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in samples])
+        mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in samples])
+        scale = min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"opt reading step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    return float(loss.item())
+
+
+@torch.no_grad()
+def context_qa_accuracy(model: Any, tokenizer: Any, images: list[Any], with_context: bool) -> float:
+    """Exact-match accuracy of greedy answers to each image's questions, after its captions (as
+    the stream shows them) or with no context. The gap between the two is what a soft visual
+    prompt can hope to use: an LLM that does not read its context ignores any bridge."""
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    right = total = 0
+    for image in images:
+        context = [t for c in image.captions for t in tokenizer(c + "\n")["input_ids"]] if with_context else []
+        for qa in image.qas:
+            ids = torch.tensor([context + tokenizer(VQA_PROMPT.format(qa.question))["input_ids"]])
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id)
+            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            right += answer == qa.answer
+            total += 1
+    return round(right / max(1, total), 4)
 
 
 def build_opt(tokenizer: Any) -> Any:
