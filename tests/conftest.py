@@ -26,6 +26,21 @@ def _fresh_registry():
     invalidate()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is faster than thread hand-offs, immune to other processes on a busy
+    2-core machine, and gives numbers that do not depend on the thread count. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -37,12 +37,7 @@ CAPTIONS = ["a red cat on a mat", "a dog in the park", "two birds on a wire", "a
 IMAGE_OF = [0, 1, 2, 3, 4, 5, 1, 0]  # captions 6 and 7 share images 1 and 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

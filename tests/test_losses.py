@@ -19,13 +19,7 @@ from vlbridge.train.losses import (itc_loss, itg_loss, itm_loss, negative_weight
                                    prefix_lm_split, sample_hard_negatives, soft_targets, split_point)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to other processes on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def log_softmax_row(row: list[float]) -> list[float]:

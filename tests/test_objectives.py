@@ -19,13 +19,7 @@ CAPTIONS = ["a cat sits on a red mat", "a dog runs in the green park", "two bird
 IMAGE_INDEX = torch.tensor([0, 1, 2, 0])  # captions 0 and 3 describe the same image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to other processes on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name: str, stage: int) -> Any:

@@ -4,7 +4,6 @@ stage-1 losses and gradients equal those of separate passes (eval mode: no dropo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,15 +20,7 @@ from vlbridge.train.objectives import Stage1Objective, batch_image_embeds, batch
 Q, N, E, D = 4, 6, 48, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models: one thread is faster, and immune to other processes on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
