@@ -154,6 +154,9 @@ def test_train_parts_quick_end_to_end(tmp_path):
     assert main(["--out", str(tmp_path), "--quick"]) == 0
     manifest = read_parts_manifest(tmp_path)
     assert manifest["quick"] and set(manifest["parts"]) == set(PARTS)
+    opt = manifest["parts"]["opt"]  # pretraining, then the reading rounds, and the in-context QA check
+    assert opt["reading_rounds"] == [2, 2] and len(opt["reading_final_losses"]) == 2
+    assert {"with_captions", "without_context", "with_captions_before_reading_rounds"} <= set(opt["val_qa_accuracy"])
     encoder = build_encoder(EvaVitGOptions(variant="world", pretrained=str(encoder_weights(tmp_path))))
     assert not torch.equal(encoder.pos_embed, build_encoder(EvaVitGOptions(variant="world")).pos_embed)  # not the shipped one
     assert build_opt(OPTOptions(variant="world", model=str(tmp_path / "opt"))).newline_token_id is not None

@@ -36,11 +36,11 @@ def prior_vqa(prior: dict[str, str], spec: EvalSet) -> dict[str, Any]:
 
 def chance_retrieval(spec: EvalSet) -> dict[str, Any]:
     """Expected R@1 (percent) of a random ranking, with a caption of an identical scene counted right."""
-    from vlbridge.compare.evaluation import _scene_keys
+    from vlbridge.compare.evaluation import scene_keys
     from vlbridge.evaluate import load_caption_groups
 
     groups = load_caption_groups(spec.captions, spec.images, spec.retrieval_limit or spec.limit)
-    keys = _scene_keys(groups, spec.scenes)
+    keys = scene_keys(groups, spec.scenes)
     captions = [len(g.captions) for g in groups]
     per_key_images, per_key_texts = Counter(keys), Counter()
     for key, count in zip(keys, captions):

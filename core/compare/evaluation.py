@@ -40,7 +40,7 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, retrieva
     return out
 
 
-def _scene_keys(groups: list, scenes_file: str | None) -> list[Any]:
+def scene_keys(groups: list, scenes_file: str | None) -> list[Any]:
     """One key per image: identical scenes share it; without scenes, every image is its own."""
     if not scenes_file:
         return [g.image_id for g in groups]
@@ -59,7 +59,7 @@ def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -
     from vlbridge.metrics.retrieval import query_ranks, recall_at_k
 
     flat = flatten_groups(groups)
-    keys = _scene_keys(groups, scenes_file)
+    keys = scene_keys(groups, scenes_file)
     same = {}
     for i, key in enumerate(keys):
         same.setdefault(key, []).append(i)

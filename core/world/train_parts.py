@@ -77,8 +77,8 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     from transformers import AutoTokenizer
 
     from vlbridge.world.generate import make_image
-    from vlbridge.world.train_text import (build_opt, context_qa_accuracy, fit, fit_reading, opt_blocks, opt_stream, padded_lm_batches,
-                                           perplexity)
+    from vlbridge.world.train_text import (build_opt, context_qa_accuracy, fit, opt_blocks, opt_stream, padded_lm_batches,
+                                           perplexity, reading_batches, TextRecipe)
 
     folder = out / "opt"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -94,7 +94,9 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     reading_before = context_qa_accuracy(model, tokenizer, probe, True)
     reading_losses = []
     for steps in recipe_reading(recipe):  # rounds, each with its own schedule, weights rounded to fp16 between them
-        reading_losses.append(round(fit_reading(model, tokenizer, world, steps, 16, 1e-3, log), 4))
+        # instruction-tune the LM to answer from its context (as FlanT5 was tuned on reading tasks); text only
+        round_recipe = TextRecipe(steps=steps, batch=16, lr=1e-3, warmup=min(50, steps - 1))
+        reading_losses.append(round(fit(model, reading_batches(tokenizer, world, 16), round_recipe, "opt reading", log), 4))
         model.half().float()
     reading = {"with_captions_before_reading_rounds": reading_before, "with_captions": context_qa_accuracy(model, tokenizer, probe, True),
                "without_context": context_qa_accuracy(model, tokenizer, probe, False), "images": len(probe)}

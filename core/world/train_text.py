@@ -94,33 +94,19 @@ def reading_example(tokenizer: Any, world: Any, index: int, rng: random.Random) 
     return context + question + answer, [-100] * (len(context) + len(question)) + answer
 
 
-def fit_reading(model: Any, tokenizer: Any, world: Any, steps: int, batch: int, lr: float, log: Callable[[str], None]) -> float:
-    """Instruction-tune the LM to answer from its context (as FlanT5 was tuned on reading tasks):
-    AdamW, 50 warm-up steps, cosine decay, loss on answers only. Text only: no image is seen."""
+def reading_batches(tokenizer: Any, world: Any, batch: int) -> Callable[[int], Batch]:
+    """`fit`'s batch `step`: reading samples (see reading_example), right-padded, answers labelled."""
     world = world.model_copy(update={"questions_per_image": 10})
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    start, loss, seen = time.perf_counter(), torch.tensor(float("nan")), 0
-    for step in range(steps):
-        samples = [reading_example(tokenizer, world, seen + j, rng) for j in range(batch)]
-        seen += batch
+    rng = random.Random(0)  # steps are asked for in order, so the draws follow the step number
+
+    def make(step: int) -> Batch:
+        samples = [reading_example(tokenizer, world, step * batch + j, rng) for j in range(batch)]
         length = max(len(ids) for ids, _ in samples)
-        ids = torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i, _ in samples])
-        labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in samples])
-        mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in samples])
-        scale = min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"opt reading step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
-    model.eval()
-    return float(loss.item())
+        return {"input_ids": torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i, _ in samples]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in samples]),
+                "labels": torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in samples])}
+
+    return make
 
 
 @torch.no_grad()
