@@ -47,6 +47,24 @@ def test_data_cross_field_errors_keep_the_yaml_path(tmp_path, data):
         read_config(values)
 
 
+def test_a_dumped_config_loads_again(tmp_path, data):
+    """The train.yaml a run writes (every default filled in) is a valid config for `vlbridge train`,
+    also for a format that does not use some of the written-out defaults (image_pattern, shuffle_buffer)."""
+    import yaml
+
+    from vlbridge.train.config import dump_config
+
+    values = config(data, tmp_path / "out")
+    values["data"]["train"]["format"] = "jsonl"
+    values["data"]["train"]["paths"] = [str(tmp_path / "pairs.jsonl")]
+    first, _ = read_config(values)
+    again, _ = read_config(yaml.safe_load(dump_config(first)))
+    assert again == first
+    values["data"]["train"]["shuffle_buffer"] = 10
+    with pytest.raises(TrainConfigError, match=r"data\.train\.shuffle_buffer: only used by format 'webdataset'"):
+        read_config(values)
+
+
 def test_semantic_errors_come_together(capsys, tmp_path, data):
     llm_free = {"name": "no-llm", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
                 "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8}}}

@@ -59,13 +59,14 @@ class DataConfig(BaseModel):
             found.append(("vqa_annotations", f"give one annotations file per questions file ({len(self.paths)}), got {len(self.vqa_annotations)}"))
         if self.split is not None and self.format not in ("coco", "vqa"):
             found.append(("split", f"only used by formats coco and vqa, not {self.format!r}"))
-        if "image_pattern" in given and self.format != "vqa":
+        # A default value is not a conflict: a dumped config (every default written out) must load again.
+        if "image_pattern" in given and self.image_pattern != DEFAULT_IMAGE_PATTERN and self.format != "vqa":
             found.append(("image_pattern", f"only used by format 'vqa', not {self.format!r}"))
         if self.format == "webdataset" and self.image_root is not None:
             found.append(("image_root", "not used by format 'webdataset' (the images are inside the shards)"))
         if self.format == "webdataset" and self.limit is not None:
             found.append(("limit", "not supported for webdataset; list fewer shards instead"))
-        if self.format != "webdataset" and "shuffle_buffer" in given:
+        if self.format != "webdataset" and "shuffle_buffer" in given and self.shuffle_buffer != DataConfig.model_fields["shuffle_buffer"].default:
             found.append(("shuffle_buffer", f"only used by format 'webdataset', not {self.format!r}"))
         return found
 
