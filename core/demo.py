@@ -4,7 +4,8 @@ Keep a pretrained image encoder and a pretrained LLM frozen (here: the world's o
 `vlbridge.world.train_parts` and shipped), train only a bridge in two stages, and compare it with
 bridges that skip stage 1 or pass raw patch tokens (LLaVA's linear and MLP projectors), and with
 fewer queries. Every connector gets the same encoder, LLM, data and number of optimizer steps (the
-Q-Former splits its steps between stage 1 and stage 2).
+Q-Former splits its steps between stage 1 and stage 2). The no-stage-1 ablation is BLIP-2's: the
+same stage 2 as the Q-Former's, from the BERT init instead of the stage-1 weights.
 
 Stage 2 trains on the world's captions and question-answer texts ("Caption: ..." and
 "Question: ... Short answer: ..."), so at test time "Caption:" asks for a caption and the VQA prompt
@@ -23,7 +24,7 @@ from vlbridge.errors import VLBridgeError
 
 CAPTION_PROMPT = "Caption:"
 VQA_PROMPT = "Question: {} Short answer:"
-FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (150, 150), "limit": 300, "retrieval": 100,
+FULL = {"world": {"train": 3000, "val": 100, "test": 300, "comp": 200}, "steps": (130, 250), "limit": 300, "retrieval": 100,
         "k": 8, "batch": 32, "text_tokens": 24}
 QUICK = {"world": {"train": 256, "val": 8, "test": 32, "comp": 16}, "steps": (30, 30), "limit": 32, "retrieval": 32,
          "k": 8, "batch": 16, "text_tokens": 24}
@@ -77,7 +78,7 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
     s1, s2 = plan["steps"]
     q32 = {"num_query_tokens": 32}
     runs = [RunSpec(name="qformer-32q", assembly="world-qformer-opt", connector_options=q32, stage1_steps=s1, stage2_steps=s2),
-            RunSpec(name="qformer-32q-no-stage1", assembly="world-qformer-opt", connector_options=q32, stage2_steps=s1 + s2)]
+            RunSpec(name="qformer-32q-no-stage1", assembly="world-qformer-opt", connector_options=q32, stage2_steps=s2)]
     runs += [RunSpec(name=f"qformer-{q}q", assembly="world-qformer-opt", connector_options={"num_query_tokens": q},
                      stage1_steps=s1, stage2_steps=s2) for q in queries if q != 32]
     runs += [RunSpec(name="linear", assembly="world-linear-opt", stage2_steps=s1 + s2),
@@ -114,7 +115,8 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
     stage2_texts(out / "world")
     notes = [
         "Frozen parts: the world's EVA-style ViT (trained contrastively on the world's captions), OPT (trained on the world's text only), BERT init for the Q-Former; shipped with vlbridge.",
-        f"Budget: every connector gets {sum(plan['steps'])} optimizer steps of batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2.",
+        f"Budget: batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} optimizer steps in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2; "
+        f"the linear and MLP projectors get the same {sum(plan['steps'])} steps, all in stage 2; the no-stage-1 ablation gets the same {plan['steps'][1]} stage-2 steps and starts from the BERT init (BLIP-2's ablation: stage 1 is the only difference).",
         "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation.",
         "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
         f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model), R@1 among {plan['retrieval']} test images by ITC and re-ranked by ITM (top {plan['k']}); a caption of an identical scene counts as right. Runs without stage 1 have no trained ITC/ITM heads: not scored.",

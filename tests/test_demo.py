@@ -72,5 +72,10 @@ def test_unknown_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_full_plan_is_the_documented_budget():
     config, plan = demo_config(Path("out"), quick=False, seeds=[0], queries=[8, 32])
     assert [r.name for r in config.runs] == RUNS
-    steps = {r.name: r.stage1_steps + r.stage2_steps for r in config.runs}
-    assert len(set(steps.values())) == 1  # every connector gets the same optimizer steps
+    runs = {r.name: r for r in config.runs}
+    total = plan["steps"][0] + plan["steps"][1]
+    for name in ("qformer-32q", "qformer-8q", "linear", "mlp"):  # every connector gets the same optimizer steps
+        assert runs[name].stage1_steps + runs[name].stage2_steps == total, name
+    ablation = runs["qformer-32q-no-stage1"]  # BLIP-2's ablation: the same stage 2, no stage 1
+    assert (ablation.stage1_steps, ablation.stage2_steps) == (0, runs["qformer-32q"].stage2_steps)
+    assert ablation.connector_options == runs["qformer-32q"].connector_options

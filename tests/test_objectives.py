@@ -182,6 +182,27 @@ def test_stage2_flan_t5_prefix_lm_and_explicit_pairs(monkeypatch: pytest.MonkeyP
     assert torch.equal(seen["labels"], llm.tokenize(["yes", "no", "2", "red"])[0])
 
 
+@pytest.mark.parametrize("preset", ["tiny-linear-opt", "tiny-qformer-flan-t5"])
+def test_stage2_loss_averaged_per_sample(preset: str):
+    """loss_average=samples is the mean of each sample's own token-mean loss (what one sample alone
+    gives); with equally many target tokens per sample it equals BLIP-2's token mean."""
+    model = vlbridge.build(preset, stage=2).eval()  # no dropout: batch and single-sample passes agree
+    batch = {**make_batch(model), "text_input": ["what is it?", "what colour?", "how many?", "caption:"],
+             "text_output": ["a cat", "red", "two", "a cat sleeping on a red mat in the sun"]}
+    per_sample = Stage2Objective(loss_average="samples")(model, batch)["lm"]
+    alone = []
+    for i in range(4):
+        one = {"image_embeds": model.encode_images(batch["pixel_values"][i:i + 1]), "text_input": batch["text_input"][i:i + 1],
+               "text_output": batch["text_output"][i:i + 1], "text": batch["text"][i:i + 1], "image_index": batch["image_index"][i:i + 1]}
+        alone.append(Stage2Objective()(model, one)["lm"])
+    assert per_sample.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5)
+    by_token = Stage2Objective()(model, batch)["lm"]
+    assert abs(by_token.item() - per_sample.item()) > 1e-3  # the long caption weighs more in the token mean
+    same_length = {**batch, "text_output": ["red"] * 4}  # equally many target tokens in every sample
+    assert Stage2Objective(loss_average="samples")(model, same_length)["lm"].item() == pytest.approx(
+        Stage2Objective()(model, same_length)["lm"].item(), rel=1e-5)
+
+
 @pytest.mark.parametrize(("preset", "stage"), [("tiny-qformer-opt", 1), ("tiny-qformer-flan-t5", 2), ("tiny-mlp-opt", 2)])
 def test_cached_image_embeds_give_the_same_losses_as_pixels(preset: str, stage: int):
     model = build(preset, stage)

@@ -206,6 +206,26 @@ def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torc
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
 
+# -- LM loss averaged per sample (stage 2) --------------------------------------------------------
+
+def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of each sample's mean CE over its labelled tokens (labels aligned with the
+    logits, -100 skipped); samples without a labelled token are left out of the mean.
+
+    The token mean (BLIP-2's) lets a long caption outweigh a one-word answer in a mixed batch; this
+    weighs every sample the same."""
+    if logits.shape[:2] != labels.shape:
+        raise VLBridgeError(f"per_sample_lm_loss: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    counts = labels.ne(IGNORE_INDEX).sum(dim=1)  # (B,)
+    has_target = counts > 0
+    if not has_target.any():
+        raise VLBridgeError("per_sample_lm_loss: no labelled token in the batch")
+    per_sample = token_loss.sum(dim=1)[has_target] / counts[has_target]
+    return per_sample.mean()
+
+
 # -- prefix LM (stage 2, encoder-decoder) ---------------------------------------------------------
 
 Unit = TypeVar("Unit")

@@ -13,15 +13,15 @@ index on every rank), and `pixel_values` or, from the frozen-feature cache, `ima
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
-from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, itg_loss, itm_loss, prefix_lm_split,
-                                   sample_hard_negatives)
+from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, itg_loss, itm_loss, per_sample_lm_loss,
+                                   prefix_lm_split, sample_hard_negatives)
 
 if TYPE_CHECKING:
     from vlbridge.model import VLBridgeModel
@@ -223,6 +223,9 @@ class Stage1Objective(Objective):
 class Stage2Options(ObjectiveOptions):
     prompt: str = Field("", description="text before every caption (e.g. 'a photo of'); never a target")
     max_text_tokens: int = Field(32, ge=2, description="LLM text length (BLIP-2: 32), special tokens included")
+    loss_average: Literal["tokens", "samples"] = Field("tokens", description=(
+        "tokens: the mean over every target token of the batch (BLIP-2/LAVIS); samples: each sample's mean, "
+        "then the mean over samples, so a one-word answer weighs as much as a long caption in a mixed batch"))
 
 
 class Stage2Objective(Objective):
@@ -257,11 +260,11 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"stage 2 needs one text per image: {visual.shape[0]} images, {len(texts)} texts")
         if model.llm.is_encoder_decoder:
             inputs, targets = pairs if pairs is not None else self.prefix_pairs(texts)
-            output = self.encoder_decoder_lm(model.llm, visual, inputs, targets)
+            loss = self.encoder_decoder_lm(model.llm, visual, inputs, targets)
         else:
             inputs = pairs[0] if pairs is not None else [self.options.prompt] * len(texts)
-            output = self.decoder_only_lm(model.llm, visual, inputs, texts)
-        return total(lm=output.loss)
+            loss = self.decoder_only_lm(model.llm, visual, inputs, texts)
+        return total(lm=loss)
 
     def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
         """(prompt + text_input, text_output) when the batch gives both, else None."""
@@ -277,7 +280,7 @@ class Stage2Objective(Objective):
         split = prefix_lm_split(captions, self.generator)
         return [join_text(self.options.prompt, prefix) for prefix, _ in split], [rest for _, rest in split]
 
-    def decoder_only_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> Any:
+    def decoder_only_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> torch.Tensor:
         """[visual; BOS input target suffix]: labels only on target and suffix (pads and input are -100)."""
         texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
         ids, mask = llm.tokenize(texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
@@ -288,13 +291,23 @@ class Stage2Objective(Objective):
         if not labels.ne(IGNORE_INDEX).any():
             raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
                                 "raise max_text_tokens or shorten the prompt")
-        return llm(visual, ids, mask, labels=labels)
+        output = llm(visual, ids, mask, labels=labels)
+        if self.options.loss_average == "tokens":
+            return output.loss
+        labels = labels.to(output.logits.device).masked_fill(mask.to(output.logits.device).eq(0), IGNORE_INDEX)
+        visual_labels = labels.new_full((labels.shape[0], visual.shape[1]), IGNORE_INDEX)  # the visual prefix never counts
+        full = torch.cat([visual_labels, labels], dim=1)  # aligned with the logits over [visual; text]
+        return per_sample_lm_loss(output.logits[:, :-1], full[:, 1:])  # position t predicts token t + 1
 
-    def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> Any:
+    def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> torch.Tensor:
         """Encoder: [visual; input </s>]; decoder: target </s> (padded targets masked by the wrapper)."""
         ids, mask = llm.tokenize(inputs, max_length=self.options.max_text_tokens, padding_side="right")
         target_ids, target_mask = llm.tokenize(targets, max_length=self.options.max_text_tokens, padding_side="right")
-        return llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
+        output = llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
+        if self.options.loss_average == "tokens":
+            return output.loss
+        labels = target_ids.to(output.logits.device).masked_fill(target_mask.to(output.logits.device).eq(0), IGNORE_INDEX)
+        return per_sample_lm_loss(output.logits, labels)  # the decoder's logit t predicts label t
 
 
 # -- lookup ---------------------------------------------------------------------------------------
