@@ -98,7 +98,8 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
         name="vlbridge demo: a miniature BLIP-2 experiment" + (" (quick)" if quick else ""), runs=runs,
         stage1_data={"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world)},
         stage2_data={"format": "jsonl", "paths": [str(world / "stage2_train.jsonl")], "image_root": str(world), "clean_text": False},
-        evals=evals, seeds=seeds, batch_size=plan["batch"], stage1_objective={"max_text_tokens": plan["text_tokens"]}, lr=1e-3, warmup_steps=max(1, s1 // 10), features=True,
+        evals=evals, seeds=seeds, batch_size=plan["batch"], stage1_objective={"max_text_tokens": plan["text_tokens"]},
+        stage2_objective={"loss_average": "samples"}, lr=2e-3, warmup_steps=max(1, s1 // 10), features=True,
         caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT, output_dir=str(out), device="cpu",
     )
     return config, plan
@@ -117,7 +118,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
         "Frozen parts: the world's EVA-style ViT (trained contrastively on the world's captions), OPT (trained on the world's text only), BERT init for the Q-Former; shipped with vlbridge.",
         f"Budget: batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} optimizer steps in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2; "
         f"the linear and MLP projectors get the same {sum(plan['steps'])} steps, all in stage 2; the no-stage-1 ablation gets the same {plan['steps'][1]} stage-2 steps and starts from the BERT init (BLIP-2's ablation: stage 1 is the only difference).",
-        "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation.",
+        "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation. Peak lr 2e-3 for every run; stage 2 averages its loss per sample, so one-word answers weigh as much as captions.",
         "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
         f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model), R@1 among {plan['retrieval']} test images by ITC and re-ranked by ITM (top {plan['k']}); a caption of an identical scene counts as right. Runs without stage 1 have no trained ITC/ITM heads: not scored.",
         "CIDEr-D/BLEU-4 on the test split; generation is greedy.",
