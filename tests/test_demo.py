@@ -5,6 +5,7 @@ bridges must beat a model that never looks at the image."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,28 @@ def test_report_is_complete(demo_out: Path, capsys: pytest.CaptureFixture[str]):
         assert image.format == "PNG" and image.width > 300 and image.height > 200
 
 
+def chance_recall(num_images: int, num_texts: int) -> float:
+    """Mean of R@1/5/10 in both directions (percent) for a random ranking, every image with
+    num_texts / num_images captions of its own (the world's scenes are distinct)."""
+    own = num_texts // num_images
+    i2t = [100 * (1 - math.comb(num_texts - own, k) / math.comb(num_texts, k)) for k in (1, 5, 10)]
+    t2i = [100 * k / num_images for k in (1, 5, 10)]
+    return sum(i2t + t2i) / 6
+
+
 def test_trained_bridges_beat_a_blind_model(demo_out: Path):
-    """Stage-1 retrieval well above chance; the trained bridges' VQA above the blind answer prior.
-    The quick run trains for seconds, so the margins are modest (the full demo is the experiment)."""
-    summary = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))["summary"]
-    chance_r1 = summary["blind prior"]["R@1 i2t ITC"]["mean"]
-    assert summary["qformer-32q"]["R@1 i2t ITC"]["mean"] >= 2 * chance_r1, (summary["qformer-32q"]["R@1 i2t ITC"], chance_r1)
+    """Stage-1 retrieval above chance; the trained bridges' VQA above the blind answer prior.
+    The quick run trains for seconds on 32 test images, where one R@1 hit is 3 points: retrieval is
+    judged on R@1/5/10 in both directions together (ITC, both Q-Former runs), against the exact
+    chance value. The margins are modest; the full demo is the experiment."""
+    results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
+    for name in STAGE1_RUNS:
+        retrieval = results["runs"][name][0]["eval"]["test"]["retrieval"]
+        assert retrieval["distinct_scenes"] == retrieval["num_images"]
+        recall = sum(retrieval["itc"][f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)) / 6
+        chance = chance_recall(retrieval["num_images"], retrieval["num_texts"])
+        assert recall >= 1.4 * chance, (name, retrieval["itc"], chance)
+    summary = results["summary"]
     trained_vqa = [summary[name]["VQA %"]["mean"] for name in RUNS]
     assert sum(trained_vqa) / len(trained_vqa) > summary["blind prior"]["VQA %"]["mean"] + 3, (trained_vqa, summary["blind prior"]["VQA %"])
 
