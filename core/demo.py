@@ -15,6 +15,7 @@ for an answer: the frozen LLM is steered by the soft visual prompt, as in BLIP-2
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,10 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
         f"Budget: batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} optimizer steps in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2; "
         f"the linear and MLP projectors get the same {sum(plan['steps'])} steps, all in stage 2; the no-stage-1 ablation gets the same {plan['steps'][1]} stage-2 steps and starts from the BERT init (BLIP-2's ablation: stage 1 is the only difference).",
         "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation. Peak lr 2e-3 for every run; stage 2 averages its loss per sample, so one-word answers weigh as much as captions.",
-        "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training).",
+        "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training). "
+        f"Each split scores at most {plan['limit']} questions: one score's standard error is about {50 / math.sqrt(plan['limit']):.1f} points "
+        f"(at 50% accuracy), so a difference under about {100 * math.sqrt(2) / math.sqrt(plan['limit']):.0f} points between two rows is within noise; "
+        "the per-type columns are noisier still.",
         f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model), R@1 among {plan['retrieval']} test images by ITC and re-ranked by ITM (top {plan['k']}); a caption of an identical scene counts as right. Runs without stage 1 have no trained ITC/ITM heads: not scored.",
         "CIDEr-D/BLEU-4 on the test split; generation is greedy.",
         "blind prior: answers every question with the commonest training answer of its type, gives every image the commonest training caption, and ranks at random; it never sees the image (the floor to beat).",
