@@ -119,7 +119,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
         "Frozen parts: the world's EVA-style ViT (trained contrastively on the world's captions), OPT (trained on the world's text only), BERT init for the Q-Former; shipped with vlbridge.",
         f"Budget: batch {plan['batch']}; the Q-Former spends {plan['steps'][0]} optimizer steps in stage 1 (ITC+ITM+ITG) and {plan['steps'][1]} in stage 2; "
         f"the linear and MLP projectors get the same {sum(plan['steps'])} steps, all in stage 2; the no-stage-1 ablation gets the same {plan['steps'][1]} stage-2 steps and starts from the BERT init (BLIP-2's ablation: stage 1 is the only difference).",
-        "Training reads a frozen-feature cache (the encoder is frozen): no image augmentation. Peak lr 2e-3 for every run; stage 2 averages its loss per sample, so one-word answers weigh as much as captions.",
+        f"Training reads a frozen-feature cache (the encoder is frozen): no image augmentation. Peak lr {config.lr:g} for every run; stage 2 averages its loss per sample, so one-word answers weigh as much as captions.",
         "VQA: official VQAv2 accuracy; comp = compositional split (colour+shape pairs never seen in training). "
         f"Each split scores at most {plan['limit']} questions: one score's standard error is about {50 / math.sqrt(plan['limit']):.1f} points "
         f"(at 50% accuracy), so a difference under about {100 * math.sqrt(2) / math.sqrt(plan['limit']):.0f} points between two rows is within noise; "

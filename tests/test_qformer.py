@@ -30,14 +30,19 @@ def model():
     return build(_opts(), ENC, D).eval()
 
 
+def image_text_inputs(mask_rows: list[list[int]], tokens: int = N, width: int = E) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded (image tokens, text ids starting with [CLS] id 2, text mask) for one sample per mask row."""
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.tensor(mask_rows)
+    image = torch.randn(mask.shape[0], tokens, width, generator=gen)
+    ids = torch.randint(5, 200, tuple(mask.shape), generator=gen)
+    ids[:, 0] = 2
+    return image, ids, mask
+
+
 @pytest.fixture
 def inputs():
-    gen = torch.Generator().manual_seed(1)
-    image = torch.randn(2, N, E, generator=gen)
-    ids = torch.randint(5, 200, (2, 5), generator=gen)
-    ids[:, 0] = 2
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    return image, ids, mask
+    return image_text_inputs([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
 
 
 # -- masks: who sees whom ------------------------------------------------------------------

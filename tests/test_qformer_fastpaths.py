@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vlbridge
+from tests.test_qformer import image_text_inputs
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_model import ImageContext, build
 from vlbridge.specs import TokenShape
@@ -31,12 +32,7 @@ def qformer():
 
 @pytest.fixture
 def inputs():
-    gen = torch.Generator().manual_seed(1)
-    image = torch.randn(3, N, E, generator=gen)
-    ids = torch.randint(5, 200, (3, 6), generator=gen)
-    ids[:, 0] = 2
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
-    return image, ids, mask
+    return image_text_inputs([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], N, E)
 
 
 def test_itg_from_the_query_pass_equals_the_joint_pass_with_its_gradients(qformer, inputs):

@@ -39,10 +39,13 @@ def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     return raw
 
 
-def data_fingerprint(config: CompareConfig) -> list[list[Any]]:
-    """(path, size, mtime) of every data and evaluation file: a regenerated dataset changes it."""
-    paths = [p for data in (config.stage1_data, config.stage2_data) if data for p in data.get("paths", [])]
-    paths += [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
+def training_paths(config: CompareConfig) -> list[str]:
+    """The training data files (what the feature cache encodes)."""
+    return [p for data in (config.stage1_data, config.stage2_data) if data for p in data.get("paths", [])]
+
+
+def data_fingerprint(paths: list[str]) -> list[list[Any]]:
+    """(path, size, mtime) of each file: a regenerated dataset changes it."""
     rows = []
     for path in sorted({str(p) for p in paths if p}):
         stat = Path(path).stat() if Path(path).exists() else None
@@ -52,8 +55,8 @@ def data_fingerprint(config: CompareConfig) -> list[list[Any]]:
 
 def _encoder_key(assembly: dict[str, Any], config: CompareConfig) -> str:
     """The cache folder's name: the encoder (name, options) and the training data it was run on."""
-    text = json.dumps([assembly["encoder"]["use"], load_assembly(assembly).plan.encoder.options, data_fingerprint(config)],
-                      sort_keys=True, default=str)
+    text = json.dumps([assembly["encoder"]["use"], load_assembly(assembly).plan.encoder.options,
+                       data_fingerprint(training_paths(config))], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -146,8 +149,9 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     """What a run's stored result depends on: the run, its seed, and everything shared that shapes
     training or evaluation (not the other runs, the output folder or the title)."""
     shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir"})
-    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(config)},
-                      sort_keys=True)
+    evaluated = [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
+    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
+                       "data": data_fingerprint(training_paths(config) + evaluated)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -202,14 +206,14 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
             _claim_run_folder(result_file.parent, key, say)
             checkpoint, summary = train_run(config, run, seed, say, progress)
             progress.start(f"{run.name} seed {seed}: evaluate")
-            model = vlbridge.load(checkpoint, device=None if config.device == "auto" else config.device)
+            device = None if config.device == "auto" else config.device
+            model = vlbridge.load(checkpoint, device=device)
             result = {"seed": seed, "train": summary, "cost": llm_cost(model), "plan": {
                 "trainable_params": model.plan.trainable_params, "visual_tokens": model.plan.connector_out.num_tokens}}
             retrieval_model = None
             if run.stage1_steps and any("retrieval" in e.tasks for e in config.evals):
                 # retrieval is the stage-1 model's job (ITC/ITM heads and the text side, which stage 2 neither trains nor saves)
-                retrieval_model = vlbridge.load(latest_checkpoint(checkpoint.parents[2] / "stage1"), stage=1,
-                                                device=None if config.device == "auto" else config.device)
+                retrieval_model = vlbridge.load(latest_checkpoint(checkpoint.parents[2] / "stage1"), stage=1, device=device)
             result["eval"] = evaluate_run(config, model, config.evals, say, retrieval_model)
             del retrieval_model
             atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))

@@ -49,24 +49,27 @@ class DataConfig(BaseModel):
             raise ValueError("\n".join(f"{field}: {message}" for field, message in conflicts))
         return self
 
+    def _chosen(self, field: str) -> bool:
+        """Set to something other than its default: a written-out default (a dumped config, every
+        default filled in) is no choice and conflicts with nothing."""
+        return getattr(self, field) != type(self).model_fields[field].default
+
     def conflicts(self) -> list[tuple[str, str]]:
         """(field, why) for each option that the format does not use or that contradicts another."""
         found = []
-        given = self.model_fields_set
         if self.vqa_annotations is not None and self.format != "vqa":
             found.append(("vqa_annotations", f"only read with format 'vqa', not {self.format!r}"))
         if self.vqa_annotations is not None and self.format == "vqa" and len(self.vqa_annotations) != len(self.paths):
             found.append(("vqa_annotations", f"give one annotations file per questions file ({len(self.paths)}), got {len(self.vqa_annotations)}"))
         if self.split is not None and self.format not in ("coco", "vqa"):
             found.append(("split", f"only used by formats coco and vqa, not {self.format!r}"))
-        # A default value is not a conflict: a dumped config (every default written out) must load again.
-        if "image_pattern" in given and self.image_pattern != DEFAULT_IMAGE_PATTERN and self.format != "vqa":
+        if self._chosen("image_pattern") and self.format != "vqa":
             found.append(("image_pattern", f"only used by format 'vqa', not {self.format!r}"))
         if self.format == "webdataset" and self.image_root is not None:
             found.append(("image_root", "not used by format 'webdataset' (the images are inside the shards)"))
         if self.format == "webdataset" and self.limit is not None:
             found.append(("limit", "not supported for webdataset; list fewer shards instead"))
-        if self.format != "webdataset" and "shuffle_buffer" in given and self.shuffle_buffer != DataConfig.model_fields["shuffle_buffer"].default:
+        if self.format != "webdataset" and self._chosen("shuffle_buffer"):
             found.append(("shuffle_buffer", f"only used by format 'webdataset', not {self.format!r}"))
         return found
 

@@ -294,7 +294,7 @@ class Stage2Objective(Objective):
         output = llm(visual, ids, mask, labels=labels)
         if self.options.loss_average == "tokens":
             return output.loss
-        labels = labels.to(output.logits.device).masked_fill(mask.to(output.logits.device).eq(0), IGNORE_INDEX)
+        labels = labels.to(output.logits.device)  # padding and input are -100 already
         visual_labels = labels.new_full((labels.shape[0], visual.shape[1]), IGNORE_INDEX)  # the visual prefix never counts
         full = torch.cat([visual_labels, labels], dim=1)  # aligned with the logits over [visual; text]
         return per_sample_lm_loss(output.logits[:, :-1], full[:, 1:])  # position t predicts token t + 1

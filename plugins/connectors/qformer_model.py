@@ -83,7 +83,6 @@ class ImageContext:
                                   for kvs in zip(*(part.layers for part in parts))))
 
 
-
 class QFormer(nn.Module):
     """(B, N, encoder_width) image tokens -> (B, num_query_tokens, llm_width) visual tokens."""
 
