@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +18,39 @@ FIXTURES = REPO / "tests" / "fixtures" / "plugins"
 PACKAGES = [REPO, REPO / "examples" / "vlbridge-resampler", *(FIXTURES / n for n in ("vlbridge-broken", "vlbridge-typo", "vlbridge-dup"))]
 
 
+def outer_site_dirs() -> list[str]:
+    """The site-packages of the interpreter running the tests: a venv's, a conda env's or the base
+    interpreter's. (`venv --system-site-packages` run from inside a venv would expose the *base*
+    interpreter's instead, which may lack torch and a new enough setuptools.)"""
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def make_venv(root: Path) -> Path:
+    """An empty venv that also sees the outer interpreter's packages, after its own. The outer
+    directories are plain path lines in a .pth file, so their own .pth hooks (an editable install
+    of vlbridge among them) do not run and the copy installed here is the one imported."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    Path(own, "_vlbridge_outer_env.pth").write_text("".join(d + "\n" for d in outer_site_dirs()), encoding="utf-8")
+    return python
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root)], check=True)
-    python = root / "bin" / "python"
+    python = make_venv(root)
     build = tmp_path_factory.mktemp("build")
     # --without-pip, --no-deps, --no-build-isolation: pip, setuptools and the dependencies come from
     # the outer environment, so nothing is downloaded.
     for package in PACKAGES:  # install from copies so the source tree gets no build/ or egg-info litter
         copy = build / package.name
         subprocess.run(["cp", "-r", str(package), str(copy)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--disable-pip-version-check", str(copy)], check=True, capture_output=True)
+        installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                                    "--no-index", "--disable-pip-version-check", str(copy)], capture_output=True, text=True)
+        assert installed.returncode == 0, f"pip install {package.name} failed:\n{installed.stderr[-3000:]}"
     return root
 
 
