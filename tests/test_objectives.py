@@ -13,7 +13,7 @@ import vlbridge
 from vlbridge.errors import VLBridgeError
 from vlbridge.train import objectives as objectives_module
 from vlbridge.train.losses import IGNORE_INDEX, prefix_lm_split
-from vlbridge.train.objectives import Stage1Objective, Stage2Objective, build_objective, objective_for
+from vlbridge.train.objectives import LOSS_ITEMS, Stage1Objective, Stage2Objective, build_objective, objective_for
 
 CAPTIONS = ["a cat sits on a red mat", "a dog runs in the green park", "two birds on a wire", "a cat sleeping on a mat"]
 IMAGE_INDEX = torch.tensor([0, 1, 2, 0])  # captions 0 and 3 describe the same image
@@ -48,7 +48,9 @@ CASES = [
 def test_losses_are_finite_and_gradients_reach_exactly_the_trainable_connector(preset: str, stage: int, parts: set[str]):
     model = build(preset, stage)
     out = objective_for(model)(model, make_batch(model))
+    items = out.pop(LOSS_ITEMS, None)
     assert set(out) == {"loss"} | parts
+    assert (items is None) == (stage == 1) and (items is None or items.item() >= len(CAPTIONS))  # stage 2: target tokens
     assert all(math.isfinite(value.item()) for value in out.values())
     assert out["loss"].requires_grad and not any(out[p].requires_grad for p in parts)
     assert out["loss"].item() == pytest.approx(sum(out[p].item() for p in parts), rel=1e-5)

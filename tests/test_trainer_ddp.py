@@ -1,6 +1,8 @@
 """Two gloo processes (the environment torchrun sets up) train like one process on the same global
 batch: the same losses and, after DDP's all-reduce, the same gradients, with the real stage-1
-objective (ITC gathered across ranks, ITM on gathered negatives, ITG). Only rank 0 writes."""
+objective (ITC gathered across ranks, ITM on gathered negatives, ITG) and the real stage-2 LM loss on
+captions of unequal lengths (the token mean is over the global batch, not a mean of rank means).
+Gradient accumulation likewise trains as one big batch. Only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_trainer_samples import config, deterministic_stage1, exact_stage1, read_metrics, subprocess_env, write_caption_data, write_config
+from tests.test_trainer_samples import (config, deterministic_stage1, exact_stage1, read_metrics, recording_gradients, subprocess_env,
+                                       write_caption_data, write_config)
 
 STEPS = 3
 
@@ -23,13 +26,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config_path: Path, grads: Path, world_size: int = 2) -> list[subprocess.Popen]:
+def launch(config_path: Path, grads: Path, world_size: int = 2, *extra: str) -> list[subprocess.Popen]:
     """What `torchrun --nproc_per_node 2` does for each worker: env:// rendezvous variables."""
     port, workers = str(free_port()), []
     for rank in range(world_size):
         env = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-        workers.append(subprocess.Popen([sys.executable, "-m", "tests.test_trainer_samples", str(config_path), str(grads)],
+        workers.append(subprocess.Popen([sys.executable, "-m", "tests.test_trainer_samples", str(config_path), str(grads), *extra],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return workers
 
@@ -76,3 +79,57 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert state["world_size"] == 2
     assert [r["data"]["samples"] for r in state["ranks"]] == [STEPS * 2, STEPS * 2]  # each rank's own position
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # seeded per rank
+
+
+def stage2_config(data: Path, output_dir: Path, **overrides) -> dict:
+    """Stage 2 of an MLP projector on tiny OPT: no dropout anywhere, solid images (crops and flips
+    change nothing), so 1 and 2 processes compute the same numbers."""
+    return config(data, output_dir, assembly="tiny-mlp-opt", stage=2, steps=STEPS, log_every=1, save_every=STEPS, **overrides)
+
+
+def assert_same_run(one: Path, other: Path, grads_one: Path, grads_other: Path, names=("loss", "lm")) -> None:
+    """Equal logged losses and equal applied gradients at every step."""
+    a_metrics, b_metrics = read_metrics(one), read_metrics(other)
+    assert len(a_metrics) == len(b_metrics) >= STEPS
+    for a, b in zip(a_metrics, b_metrics):
+        for name in names:
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), (a["step"], name, a[name], b[name])
+    for step in range(1, STEPS + 1):
+        reference = torch.load(grads_one / f"rank0-step{step}.pt", weights_only=True)
+        for a, b in zip(reference, torch.load(grads_other / f"rank0-step{step}.pt", weights_only=True)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_stage2_two_processes_match_one_on_captions_of_unequal_lengths(tmp_path):
+    data = write_caption_data(tmp_path / "data", uneven=True)
+    for name in ("grads1", "grads2"):
+        (tmp_path / name).mkdir()
+    two = write_config(tmp_path / "two.yaml", stage2_config(data, tmp_path / "two", batch_size=4, with_eval=True))
+    workers = launch(two, tmp_path / "grads2", 2, "stage2")
+    try:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        import vlbridge.train
+
+        with recording_gradients(tmp_path / "grads1"):
+            vlbridge.train.run(stage2_config(data, tmp_path / "one", batch_size=8, with_eval=True))
+        torch.set_num_threads(before)
+    finally:
+        outputs = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err
+    assert_same_run(tmp_path / "one", tmp_path / "two", tmp_path / "grads1", tmp_path / "grads2", names=("loss", "lm", "eval_loss"))
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "samples"])
+def test_stage2_gradient_accumulation_matches_one_big_batch(tmp_path, loss_average, one_torch_thread):
+    import vlbridge.train
+
+    data = write_caption_data(tmp_path / "data", uneven=True)
+    runs = {"big": dict(batch_size=8, grad_accum=1), "accum": dict(batch_size=2, grad_accum=4)}
+    for name, sizes in runs.items():
+        (tmp_path / f"grads-{name}").mkdir()
+        with recording_gradients(tmp_path / f"grads-{name}"):
+            vlbridge.train.run(stage2_config(data, tmp_path / name, objective={"loss_average": loss_average}, **sizes))
+    assert_same_run(tmp_path / "big", tmp_path / "accum", tmp_path / "grads-big", tmp_path / "grads-accum")

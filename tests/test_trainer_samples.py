@@ -21,8 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20), "yellow": (230, 230, 20)}
 
 
-def write_caption_data(root: Path, images: int = 16) -> Path:
-    """root/images/{i}.png (16 x 16 px, solid) with train.jsonl and val.jsonl naming each colour."""
+UNEVEN_TAILS = ["", " on a table", " next to a small round blue ball", " in the corner of a big empty room with two windows"]
+
+
+def write_caption_data(root: Path, images: int = 16, uneven: bool = False) -> Path:
+    """root/images/{i}.png (16 x 16 px, solid) with train.jsonl and val.jsonl naming each colour;
+    `uneven` gives the captions lengths from 3 to 14 words (ranks then hold unequal token counts)."""
     names = list(COLOURS)
     rows = []
     for i in range(images):
@@ -30,7 +34,8 @@ def write_caption_data(root: Path, images: int = 16) -> Path:
         path = root / "images" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 16), COLOURS[name]).save(path)
-        rows.append({"image": f"images/{i}.png", "text": f"a {name} square", "image_id": i})
+        tail = UNEVEN_TAILS[(i * 3 // len(names)) % len(UNEVEN_TAILS)] if uneven else ""
+        rows.append({"image": f"images/{i}.png", "text": f"a {name} square{tail}", "image_id": i})
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[: len(names)]), encoding="utf-8")
     return root
@@ -134,21 +139,12 @@ def deterministic_stage1(model: Any, batch: Mapping[str, Any]) -> dict[str, torc
 
 
 @contextlib.contextmanager
-def exact_stage1(grads_dir: Path) -> Iterator[None]:
-    """Make stage 1 computable alike in 1 and N processes, and record each step's gradients.
+def recording_gradients(grads_dir: Path) -> Iterator[None]:
+    """Each optimizer step saves the gradients it applies (after DDP's all-reduce) to
+    grads_dir/rank{R}-step{N}.pt."""
+    from vlbridge.train import distributed
 
-    ITM takes the hardest negative instead of sampling one. ITC gathers the other ranks' features
-    with their gradient: BLIP-2 gathers them without (each rank's loss trains its own features
-    only), so its DDP gradient is by design not a single process's. Each optimizer step saves the
-    gradients it applies (after DDP's all-reduce) to grads_dir/rank{R}-step{N}.pt.
-    """
-    from vlbridge.train import distributed, losses, objectives
-
-    saved = (objectives.sample_hard_negatives, losses.all_gather_no_grad, torch.optim.AdamW.step)
-    no_grad_gather, adamw_step, steps = saved[1], saved[2], [0]
-
-    def gather(tensor: torch.Tensor, keep_local: bool = False) -> torch.Tensor:
-        return distributed.all_gather_with_grad(tensor) if keep_local else no_grad_gather(tensor)
+    adamw_step, steps = torch.optim.AdamW.step, [0]
 
     def recording_step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         grads = [p.grad.clone() for group in optimizer.param_groups for p in group["params"]]
@@ -156,19 +152,49 @@ def exact_stage1(grads_dir: Path) -> Iterator[None]:
         torch.save(grads, Path(grads_dir) / f"rank{distributed.rank()}-step{steps[0]}.pt")
         return adamw_step(optimizer, *args, **kwargs)
 
-    objectives.sample_hard_negatives, losses.all_gather_no_grad, torch.optim.AdamW.step = hardest_negatives, gather, recording_step
+    torch.optim.AdamW.step = recording_step
     try:
         yield
     finally:
-        objectives.sample_hard_negatives, losses.all_gather_no_grad, torch.optim.AdamW.step = saved
+        torch.optim.AdamW.step = adamw_step
+
+
+@contextlib.contextmanager
+def exact_stage1(grads_dir: Path) -> Iterator[None]:
+    """Make stage 1 computable alike in 1 and N processes, and record each step's gradients.
+
+    ITM takes the hardest negative instead of sampling one. ITC gathers the other ranks' features
+    with their gradient: BLIP-2 gathers them without (each rank's loss trains its own features
+    only), so its DDP gradient is by design not a single process's. Gradients are recorded as
+    `recording_gradients` does.
+    """
+    from vlbridge.train import distributed, losses, objectives
+
+    saved = (objectives.sample_hard_negatives, losses.all_gather_no_grad)
+    no_grad_gather = saved[1]
+
+    def gather(tensor: torch.Tensor, keep_local: bool = False) -> torch.Tensor:
+        return distributed.all_gather_with_grad(tensor) if keep_local else no_grad_gather(tensor)
+
+    objectives.sample_hard_negatives, losses.all_gather_no_grad = hardest_negatives, gather
+    try:
+        with recording_gradients(grads_dir):
+            yield
+    finally:
+        objectives.sample_hard_negatives, losses.all_gather_no_grad = saved
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.test_trainer_samples CONFIG.yaml GRADS_DIR`: train with `exact_stage1`
-    (the DDP test runs this under torchrun)."""
+    """`python -m tests.test_trainer_samples CONFIG.yaml GRADS_DIR [stage2]`: train with `exact_stage1`,
+    or with the config's own (stage-2) objective, recording gradients (the DDP tests run this under
+    torchrun)."""
     import vlbridge.train
 
     torch.set_num_threads(1)
+    if argv[2:] == ["stage2"]:
+        with recording_gradients(Path(argv[1])):
+            vlbridge.train.run(argv[0])
+        return 0
     with exact_stage1(Path(argv[1])):
         vlbridge.train.run(argv[0], objective=deterministic_stage1)
     return 0

@@ -77,6 +77,16 @@ def total(**parts: torch.Tensor) -> Losses:
     return {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
 
 
+LOSS_ITEMS = "loss_items"  # optional key: how many items (tokens or samples) "loss" is the mean of
+
+
+def mean_over_items(losses: Losses, items: torch.Tensor) -> Losses:
+    """Mark `losses` as means over `items` items, so that the trainer can weigh micro-batches and
+    ranks by their item counts: a global batch split over processes or accumulation steps then
+    trains exactly as one batch would (the mean over all its items, not a mean of means)."""
+    return {**losses, LOSS_ITEMS: items.detach().to(torch.float32)}
+
+
 def batch_texts(batch: Mapping[str, Any], key: str = "text") -> list[str]:
     texts = batch.get(key)
     if texts is None:
@@ -260,11 +270,11 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"stage 2 needs one text per image: {visual.shape[0]} images, {len(texts)} texts")
         if model.llm.is_encoder_decoder:
             inputs, targets = pairs if pairs is not None else self.prefix_pairs(texts)
-            loss = self.encoder_decoder_lm(model.llm, visual, inputs, targets)
+            loss, items = self.encoder_decoder_lm(model.llm, visual, inputs, targets)
         else:
             inputs = pairs[0] if pairs is not None else [self.options.prompt] * len(texts)
-            loss = self.decoder_only_lm(model.llm, visual, inputs, texts)
-        return total(lm=loss)
+            loss, items = self.decoder_only_lm(model.llm, visual, inputs, texts)
+        return mean_over_items(total(lm=loss), items)
 
     def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
         """(prompt + text_input, text_output) when the batch gives both, else None."""
@@ -280,8 +290,9 @@ class Stage2Objective(Objective):
         split = prefix_lm_split(captions, self.generator)
         return [join_text(self.options.prompt, prefix) for prefix, _ in split], [rest for _, rest in split]
 
-    def decoder_only_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> torch.Tensor:
-        """[visual; BOS input target suffix]: labels only on target and suffix (pads and input are -100)."""
+    def decoder_only_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[visual; BOS input target suffix]: labels only on target and suffix (pads and input are -100).
+        Returns the loss and how many items it averages (target tokens, or samples)."""
         texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
         ids, mask = llm.tokenize(texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
         labels = ids.masked_fill(mask.eq(0), IGNORE_INDEX)
@@ -292,22 +303,28 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
                                 "raise max_text_tokens or shorten the prompt")
         output = llm(visual, ids, mask, labels=labels)
-        if self.options.loss_average == "tokens":
-            return output.loss
         labels = labels.to(output.logits.device)  # padding and input are -100 already
         visual_labels = labels.new_full((labels.shape[0], visual.shape[1]), IGNORE_INDEX)  # the visual prefix never counts
-        full = torch.cat([visual_labels, labels], dim=1)  # aligned with the logits over [visual; text]
-        return per_sample_lm_loss(output.logits[:, :-1], full[:, 1:])  # position t predicts token t + 1
+        shifted = torch.cat([visual_labels, labels], dim=1)[:, 1:]  # position t of [visual; text] predicts token t + 1
+        if self.options.loss_average == "tokens":
+            return output.loss, shifted.ne(IGNORE_INDEX).sum()
+        return per_sample_lm_loss(output.logits[:, :-1], shifted), samples_with_targets(shifted)
 
-    def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> torch.Tensor:
-        """Encoder: [visual; input </s>]; decoder: target </s> (padded targets masked by the wrapper)."""
+    def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder: [visual; input </s>]; decoder: target </s> (padded targets masked by the wrapper).
+        Returns the loss and how many items it averages (target tokens, or samples)."""
         ids, mask = llm.tokenize(inputs, max_length=self.options.max_text_tokens, padding_side="right")
         target_ids, target_mask = llm.tokenize(targets, max_length=self.options.max_text_tokens, padding_side="right")
         output = llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
-        if self.options.loss_average == "tokens":
-            return output.loss
         labels = target_ids.to(output.logits.device).masked_fill(target_mask.to(output.logits.device).eq(0), IGNORE_INDEX)
-        return per_sample_lm_loss(output.logits, labels)  # the decoder's logit t predicts label t
+        if self.options.loss_average == "tokens":
+            return output.loss, labels.ne(IGNORE_INDEX).sum()
+        return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
+
+
+def samples_with_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many rows of (B, T) labels have a labelled token (what per_sample_lm_loss averages over)."""
+    return labels.ne(IGNORE_INDEX).any(dim=1).sum()
 
 
 # -- lookup ---------------------------------------------------------------------------------------

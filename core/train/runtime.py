@@ -136,6 +136,15 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return total
 
 
+def sum_tensor_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over the ranks (itself in one process)."""
+    if not distributed.is_distributed():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def barrier() -> None:
     if distributed.is_distributed():
         dist.barrier()

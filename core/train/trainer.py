@@ -4,6 +4,12 @@ It reads top to bottom as a run does: set up (model, objective, optimizer, sched
 if asked, then repeat step -> log -> evaluate -> checkpoint until the last step. One optimizer step
 is `grad_accum` forward/backward passes; a non-finite loss on any rank skips the whole step.
 
+An objective whose losses are means over items (stage 2's target tokens or samples; it says so
+with a `loss_items` count) is weighed by those counts across micro-batches and ranks: the loss is
+the sum over the whole global batch divided by its item count (all-reduced), as transformers'
+Trainer does with `average_tokens_across_devices`, so N processes or N accumulation steps train
+exactly as one batch would. Other objectives (stage 1) average the micro-batch means.
+
 A resumed run continues bit for bit (weights, metrics) when the data is read in the main process
 (num_workers: 0) on the same hardware, thread count and number of processes: the checkpoint holds
 every generator state and each rank's data position. Evaluation runs on a forked RNG, so it does
@@ -35,6 +41,7 @@ from vlbridge.train import distributed
 from vlbridge.train import runtime as rt
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
+from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
 
@@ -137,18 +144,26 @@ class Trainer:
         accum = self.config.grad_accum
         finite = torch.ones((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
+        items: torch.Tensor | None = None  # the step's item count on this rank, for objectives that give one
         for i in range(accum):
             batch = next(self.batches)
             if not self.usable(batch):
                 continue
             self.window.images += batch_length(batch)
             with rt.no_sync(self.objective_step, sync=i == accum - 1), rt.autocast(self.device, self.config.precision):
-                losses = self.objective_step(to_device(batch, self.device))
+                losses = dict(self.objective_step(to_device(batch, self.device)))
+            weight = losses.pop(LOSS_ITEMS, None)
             loss = losses["loss"].float()
             finite = finite * torch.isfinite(loss.detach())
-            self.backward(loss / accum)
+            if weight is None:
+                weight = torch.tensor(1.0 / accum, device=self.device)  # the mean of the micro-batch means
+            else:
+                items = weight if items is None else items + weight  # sums now; divided by the global count below
+            self.backward(loss * weight)
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
+        if items is not None:
+            sums = self.mean_over_global_items(items, sums)
         if rt.all_finite(finite):
             self.optimizer_step()
             self.window.add(sums)
@@ -156,6 +171,18 @@ class Trainer:
         else:
             self.skip_step(sums)
         self.scheduler.step()
+
+    def mean_over_global_items(self, items: torch.Tensor, sums: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn the step's item-weighted sums into means over every rank's items: the gradients (which
+        DDP averaged over the ranks) are scaled by world_size / N, and the logged losses become the
+        global means (the same on every rank)."""
+        totals = rt.sum_tensor_over_ranks(torch.stack([items.float(), *(value.float() for value in sums.values())]))
+        count = totals[0].clamp_min(1.0)
+        scale = self.where.world_size / count
+        for param in self.model.trainable_parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        return {name: total / count for name, total in zip(sums, totals[1:])}
 
     def usable(self, batch: Mapping[str, Any]) -> bool:
         """A batch whose every sample was skipped trains nothing; under DDP that would stall the others."""
@@ -214,7 +241,8 @@ class Trainer:
         self.last_train, self.window = record, Window()
 
     def evaluate(self) -> int:
-        """Mean validation loss (per sample, over every rank's share), logged; RNG and mode restored."""
+        """Mean validation loss over every rank's share (per item where the objective counts items,
+        else per sample), logged; RNG and mode restored."""
         if self.eval_set is None:
             return self.step
         self.model.eval()
@@ -223,10 +251,11 @@ class Trainer:
                              world_size=self.where.world_size, num_workers=self.config.data.eval.num_workers)
         with torch.no_grad(), rt.isolated_rng(self.device), rt.autocast(self.device, self.config.precision):
             for batch in loader:
-                n = batch_length(batch)
-                if n == 0:
+                if batch_length(batch) == 0:
                     continue
-                for name, value in self.objective(self.model, to_device(batch, self.device)).items():
+                losses = dict(self.objective(self.model, to_device(batch, self.device)))
+                n = float(losses.pop(LOSS_ITEMS, batch_length(batch)))
+                for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * n
                 sums["samples"] += n
         self.model.train()
