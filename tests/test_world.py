@@ -98,7 +98,7 @@ def _answer(scene: Scene, question: str) -> str:
         colour, noun = m[1], m[2]
         shape = {v: k for k, v in PLURALS.items()}.get(noun)
         return str(sum((colour in (None, o.colour)) and (shape in (None, o.shape)) for o in scene.objects))
-    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
+    if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
         return yes_no[any(m[1] in (o.colour, o.size) and o.shape == m[2] for o in scene.objects)]
     if m := re.fullmatch(r"is (the .+?) at the (.+)\?", question):
         return yes_no[_resolve(scene, m[1]).cell == m[2]]
@@ -119,6 +119,36 @@ def test_every_answer_follows_from_the_scene(world, split):
         assert _answer(scenes[q.image_id], q.question) == q.extra["multiple_choice_answer"], q.question
         kinds.add(json.dumps(q.question_type))
     assert len(kinds) == 5
+
+
+def _all_text(world: Path) -> list[str]:
+    texts = []
+    for split in SPLITS:
+        texts += [c for record in json.loads((world / f"captions_{split}.json").read_text()) for c in record["caption"]]
+        texts += [q["question"] for q in json.loads((world / f"questions_{split}.json").read_text())["questions"]]
+    return texts
+
+
+def test_the_indefinite_article_agrees(world):
+    texts = _all_text(world)
+    assert any(" an orange " in f" {t} " for t in texts)  # the one colour with a vowel sound
+    wrong = [t for t in texts if re.search(r"\ba [aeiou]", t) or re.search(r"\ban [^aeiou\s]", t)]
+    assert not wrong, wrong[:5]
+
+
+SCENE_OBJECT = re.compile(r"an? (small|large) (\w+) (\w+) at the ((?:top|middle|bottom) (?:left|center|right)|center)")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_the_scene_caption_states_every_object_and_nothing_else(world, split):
+    """Parsed back, the first caption of each image is its scene: every object with its size,
+    colour, shape and cell, in reading order, so it is true of that scene alone (up to jitter)."""
+    records = {r["image_id"]: r for r in json.loads((world / f"captions_{split}.json").read_text())}
+    for scene in _scenes(world, split):
+        text = records[scene.image_id]["caption"][0]
+        parsed = [m.groups() for m in SCENE_OBJECT.finditer(text)]
+        assert parsed == [(o.size, o.colour, o.shape, o.cell) for o in scene.objects], text
+        assert SCENE_OBJECT.sub("X", text).replace(", ", " ").replace(" and ", " ").split() == ["X"] * len(scene.objects)
 
 
 def test_pixels_show_the_scene(world):

@@ -15,6 +15,7 @@ from vlbridge.errors import WeightsError
 PARTS: tuple[str, ...] = ("eva-vit-g", "opt", "flan-t5", "bert")
 MANIFEST = "manifest.json"
 ENCODER_FILE = "model.safetensors"  # inside the eva-vit-g folder; the others are transformers folders
+ENCODER_MODEL_TYPE = "eva-vit"  # the encoder folder's config.json: this model_type and eva-vit-g's option names
 
 
 def world_dir() -> Path:

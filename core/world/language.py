@@ -11,10 +11,13 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from vlbridge.world.scene import CELLS, COLOURS, PLURALS, RELATIONS, SHAPES, SIZES, Allowed, Scene, WorldObject
+from vlbridge.world.scene import CELLS, COLOURS, PLURALS, RELATIONS, SHAPES, SIZES, Allowed, Scene, WorldObject, with_article
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CAPTION_KINDS = ("inventory", "counts", "relation", "location", "total")
+# "scene" states every object with its size, colour, shape and cell: it is true of its scene alone
+# (up to the jitter inside a cell), so retrieval can be scored exactly, and a reader given it can
+# answer every question. The other kinds each say part of the scene, as real captions do.
+CAPTION_KINDS = ("scene", "inventory", "counts", "relation", "location", "total")
 QUESTION_KINDS = ("colour", "shape", "count", "spatial", "exist")
 _REFERENCES = (("shape",), ("size", "shape"), ("colour", "shape"), ("size", "colour", "shape"), ("colour",), ("size", "colour"))
 
@@ -41,12 +44,14 @@ def join(phrases: list[str]) -> str:
 
 def counted(count: int, colour: str, shape: str) -> str:
     """"a red circle" or "two red circles"."""
-    return f"a {colour} {shape}" if count == 1 else f"{NUMBER_WORDS[count]} {colour} {PLURALS[shape]}"
+    return with_article(f"{colour} {shape}") if count == 1 else f"{NUMBER_WORDS[count]} {colour} {PLURALS[shape]}"
 
 
 def caption(scene: Scene, kind: str, rng: random.Random) -> str:
     """One caption of the given kind (see CAPTION_KINDS)."""
     objects = scene.objects
+    if kind == "scene":
+        return join([f"{o.phrase()} at the {o.cell}" for o in objects])
     if kind == "inventory":
         return join([o.phrase() for o in objects])
     if kind == "counts":
@@ -68,7 +73,7 @@ def caption(scene: Scene, kind: str, rng: random.Random) -> str:
 
 
 def captions(scene: Scene, count: int, rng: random.Random) -> list[str]:
-    """`count` captions of distinct kinds (all five for 5), in CAPTION_KINDS order."""
+    """`count` captions of distinct kinds (all of them for len(CAPTION_KINDS)), in CAPTION_KINDS order."""
     kinds = CAPTION_KINDS if count >= len(CAPTION_KINDS) else sorted(rng.sample(CAPTION_KINDS, count), key=CAPTION_KINDS.index)
     return [caption(scene, kind, rng) for kind in kinds]
 
@@ -146,7 +151,7 @@ def _exist_question(scene: Scene, rng: random.Random, allowed: Allowed) -> QA:
         absent = [(a, s) for a in (SIZES if by_size else COLOURS) for s in SHAPES
                   if (a, s) not in present and (by_size or allowed(a, s))]
         first, shape = rng.choice(absent)
-    return QA(f"is there a {first} {shape}?", _yes_no(yes), "exist", "yes/no", "is there a")
+    return QA(f"is there {with_article(f'{first} {shape}')}?", _yes_no(yes), "exist", "yes/no", "is there a")
 
 
 QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, Allowed], QA]] = {

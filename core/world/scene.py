@@ -33,6 +33,12 @@ Pair = tuple[str, str]  # (colour, shape)
 Allowed = Callable[[str, str], bool]
 
 
+def with_article(noun_phrase: str) -> str:
+    """"a red circle", "an orange star": the indefinite article agrees with the next word's sound
+    (every word of the world that starts with a vowel letter starts with a vowel sound)."""
+    return f"{'an' if noun_phrase[:1] in 'aeiou' else 'a'} {noun_phrase}"
+
+
 def cell_name(row: int, col: int) -> str:
     """A grid cell's name: "top left", "middle right", "center" (the middle of the middle row)."""
     return "center" if (row, col) == (1, 1) else f"{ROWS[row]} {COLUMNS[col]}"
@@ -62,9 +68,9 @@ class WorldObject:
         return cell_name(self.row, self.col)
 
     def phrase(self, size: bool = True) -> str:
-        """"a large red circle" (or "a red circle" without the size)."""
+        """"a large red circle", "an orange star" (or "a red circle" without the size)."""
         words = [self.size] if size else []
-        return " ".join(["a", *words, self.colour, self.shape])
+        return with_article(" ".join([*words, self.colour, self.shape]))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from vlbridge.world.assets import ENCODER_FILE, MANIFEST, PARTS
+from vlbridge.world import architectures
+from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PARTS
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
 
@@ -58,10 +59,12 @@ def train_encoder_part(out: Path, world: WorldConfig, recipe: Any, seed: int, ev
     from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
     from vlbridge.world.train_encoder import attribute_probe, retrieval, train_encoder
 
-    encoder, clip, vocab = train_encoder(EvaVitGOptions(variant="world"), world, recipe, seed, log)
+    encoder, clip, vocab = train_encoder(EvaVitGOptions(variant="tiny", **architectures.ENCODER), world, recipe, seed, log)
     folder = out / "eva-vit-g"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in encoder.state_dict().items()}, str(folder / ENCODER_FILE))
+    config = {"model_type": ENCODER_MODEL_TYPE, **architectures.ENCODER}  # eva-vit-g reads its architecture from here
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
     checks = {split: retrieval(clip, vocab, world, split, eval_images) for split in ("val", "comp")}
     probe = attribute_probe(clip, vocab, world, "val", eval_images)
     return {"params": _params(encoder), "steps": recipe.steps, "batch": recipe.batch, "retrieval_zero_shot": checks,

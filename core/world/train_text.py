@@ -6,7 +6,8 @@
 - BERT: masked-LM (15%: 80% [MASK], 10% random, 10% kept), the Q-Former's initialisation. Its
   token-type embedding stays zero and frozen: the Q-Former has none, so nothing is lost in the copy.
 
-Sizes come from the `world` rows of the specs' ARCH tables, so the result loads as those variants.
+Sizes come from `vlbridge.world.architectures`; each part is saved as a transformers directory that
+says its own architecture, so the model plugins load it as any local model.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from vlbridge.plugins.connectors.qformer import ARCH as QFORMER_ARCH
-from vlbridge.plugins.llms.flan_t5 import ARCH as T5_ARCH
-from vlbridge.plugins.llms.opt import ARCH as OPT_ARCH
+from vlbridge.world import architectures
 from vlbridge.world.text_corpus import VQA_PROMPT
 
 Batch = dict[str, torch.Tensor]
@@ -130,11 +129,8 @@ def context_qa_accuracy(model: Any, tokenizer: Any, images: list[Any], with_cont
 def build_opt(tokenizer: Any) -> Any:
     from transformers import OPTConfig, OPTForCausalLM
 
-    a = OPT_ARCH["world"]
     config = OPTConfig(
-        vocab_size=a["vocab"], hidden_size=a["hidden"], num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
-        ffn_dim=a["ffn"], word_embed_proj_dim=a["embed"], max_position_embeddings=a["positions"],
-        do_layer_norm_before=bool(a["pre_norm"]), dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
+        **architectures.OPT, do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     return OPTForCausalLM(config)
@@ -176,10 +172,9 @@ def build_t5(tokenizer: Any) -> Any:
     from torch import nn
     from transformers import T5Config, T5ForConditionalGeneration
 
-    a = T5_ARCH["world"]
+    a = architectures.T5
     config = T5Config(
-        vocab_size=a["vocab"], d_model=a["d_model"], d_ff=a["d_ff"], num_heads=a["heads"], d_kv=a["d_kv"],
-        num_layers=a["layers"], num_decoder_layers=a["layers"], feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        **a, num_decoder_layers=a["num_layers"], feed_forward_proj="gated-gelu", dropout_rate=0.0,
         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
@@ -226,11 +221,8 @@ def build_bert(tokenizer: Any) -> Any:
     """BertForMaskedLM shaped like the `world` Q-Former (width, layers, heads, FFN, positions)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    q = QFORMER_ARCH["world"]
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=q["hidden_size"], num_hidden_layers=q["num_layers"],
-        num_attention_heads=q["num_heads"], intermediate_size=q["intermediate_size"],
-        max_position_embeddings=q["max_text_positions"], type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), **architectures.BERT, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
         layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     model = BertForMaskedLM(config)
