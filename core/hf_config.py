@@ -3,10 +3,12 @@ so an LLM's dimensions can be validated from its weights' own config before anyt
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from vlbridge.errors import InputFileError, WeightsError
+from vlbridge.userfiles import read_json
 
 
 def looks_local(model: str) -> bool:
@@ -16,7 +18,16 @@ def looks_local(model: str) -> bool:
 
 @lru_cache(maxsize=32)
 def _read(path: str, mtime: float) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return read_json(path, "model config", top=dict)  # an InputFileError is a ValueError: an option error
+
+
+def read_local_json(directory: str, name: str) -> dict[str, Any] | None:
+    """DIRECTORY/NAME parsed, when `directory` is an existing local directory holding that file;
+    None otherwise (a hub id, a file path, or no such file)."""
+    path = Path(directory).expanduser() / name
+    if not looks_local(directory) or not path.is_file():
+        return None
+    return _read(str(path.resolve()), path.stat().st_mtime)
 
 
 def local_config(model: str | None) -> dict[str, Any] | None:
@@ -33,3 +44,25 @@ def local_config(model: str | None) -> dict[str, Any] | None:
     if not config.is_file():
         raise ValueError(f"{model} has no config.json; give a directory written by save_pretrained")
     return _read(str(config.resolve()), config.stat().st_mtime)
+
+
+def unreadable_file(directory: str | Path) -> str | None:
+    """Why the first unreadable JSON or safetensors file of a save_pretrained directory is so, or None.
+
+    transformers' errors for a broken file (a JSONDecodeError, a SafetensorError, a tokenizers
+    Exception) rarely say which file; this finds it, once a load has failed.
+    """
+    from vlbridge.weights import tensor_keys  # torch, only when a load has already failed
+
+    directory = Path(directory).expanduser()
+    for path in sorted(directory.glob("*.json")):
+        try:
+            read_json(path, "file")
+        except InputFileError as exc:
+            return str(exc)
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            tensor_keys(path)
+        except WeightsError as exc:
+            return str(exc)
+    return None

@@ -82,7 +82,7 @@ def test_option_errors_carry_their_yaml_path():
 
 def test_bad_literal_names_the_choices():
     (problem,) = problems_of(assembly(llm={"use": "opt", "options": {"variant": "13b"}}))
-    assert problem.startswith("llm.options.variant: Input should be '125m', '350m', '1.3b', '2.7b', '6.7b', 'tiny' or 'world'")
+    assert problem.startswith("llm.options.variant: Input should be '125m', '350m', '1.3b', '2.7b', '6.7b' or 'tiny'")
 
 
 def test_width_mismatch_names_both_parts_and_numbers():

@@ -192,6 +192,23 @@ def test_own_safetensors_round_trip_and_spec_agreement(tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == eva_vit_g.num_params(opts)
 
 
+def test_encoder_directory_states_its_architecture(tmp_path):
+    """A vlbridge encoder directory (config.json + model.safetensors) decides the architecture, read
+    before any weight loads, and loads strictly; explicit options still override it."""
+    arch = {"width": 32, "depth": 3, "heads": 2, "mlp_hidden": 64, "patch_size": 8, "num_blocks": 3, "image_size": 32}
+    source = EvaViTG(EvaVitGOptions(variant="tiny", **arch))
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "eva-vit", **arch}))
+    opts = EvaVitGOptions(pretrained=str(tmp_path))
+    assert eva_vit_g.output(opts) == eva_vit_g.TokenShape(17, 32) and opts.resolved_blocks == 3
+    loaded = build(opts)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+    assert eva_vit_g.output(EvaVitGOptions(pretrained=str(tmp_path), image_size=48)).num_tokens == 37  # positions interpolated
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "eva-vit", "width": 32}))
+    with pytest.raises(ValueError, match=r"lacks integer fields \['depth'"):
+        EvaVitGOptions(pretrained=str(tmp_path))
+
+
 def test_pos_embed_interpolation_224_to_364_equals_transformers(tmp_path):
     from transformers import Blip2VisionModel
 

@@ -12,7 +12,7 @@ from vlbridge.cli.main import main
 for argv in (["plugins", "--json"], ["components", "--json"], ["presets"], ["validate", "blip2-opt-2.7b"],
              ["validate", "llava-mlp-opt-2.7b", "--json"], ["validate", "no-such-preset"]):
     main(argv)
-for preset in ("blip2-flan-t5-xxl", "tiny-qformer-opt"):
+for preset in ("blip2-flan-t5-xxl", "tiny-qformer-opt", "world-qformer-opt", "world-qformer-flan-t5"):
     vlbridge.load_assembly(preset)
 heavy = sorted(m for m in ("torch", "transformers", "open_clip", "xformers", "numpy") if m in sys.modules)
 print("HEAVY", heavy, file=sys.stderr)

@@ -1,12 +1,14 @@
-"""The world's shipped frozen parts: the `world` variants load them (not random weights), the
-presets validate and build offline, the encoder tells scenes apart, and the training script runs
-end to end in its quick mode."""
+"""The world's shipped frozen parts: ordinary checkpoint directories that the plugins load as any
+local model (no plugin imports vlbridge.world; the presets point at the folders), the presets
+validate and build offline, the encoder tells scenes apart, and the training script runs end to end
+in its quick mode."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -30,12 +32,13 @@ def test_the_world_encoder_is_the_shipped_one():
     from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions, num_params
     from vlbridge.plugins.encoders.eva_vit_g_model import build
 
-    encoder = build(EvaVitGOptions(variant="world"))
+    opts = EvaVitGOptions(pretrained=str(part_dir("eva-vit-g")))  # its config.json decides the architecture
+    encoder = build(opts)
     shipped = load_file(str(encoder_weights()))
     ours = encoder.state_dict()
     assert ours.keys() == shipped.keys()
     assert all(torch.equal(ours[k], shipped[k].float()) for k in shipped)
-    assert sum(p.numel() for p in encoder.parameters()) == num_params(EvaVitGOptions(variant="world"))
+    assert sum(p.numel() for p in encoder.parameters()) == num_params(opts)
     torch.manual_seed(1)
     first = build(EvaVitGOptions(variant="tiny"))
     torch.manual_seed(2)
@@ -47,33 +50,33 @@ def test_the_world_llms_are_the_shipped_ones_and_match_their_spec(family):
     from vlbridge.plugins.llms import flan_t5, flan_t5_model, opt, opt_model
 
     module = {"opt": opt, "flan-t5": flan_t5}[family]
-    opts = module.OPTOptions(variant="world") if family == "opt" else module.FlanT5Options(variant="world")
+    opts = (module.OPTOptions if family == "opt" else module.FlanT5Options)(model=str(part_dir(family)))
     llm = (opt_model if family == "opt" else flan_t5_model).build(opts)
     shipped = load_file(str(part_dir(family) / "model.safetensors"))
     params = dict(llm.model.named_parameters())
     assert set(params) <= set(shipped)  # every parameter comes from the file (tied ones once)
     assert all(torch.equal(params[k], shipped[k].float()) for k in params)
     assert sum(p.numel() for p in llm.model.parameters()) == module.num_params(opts)
-    assert len(llm.tokenizer) <= module.ARCH["world"]["vocab"]
     config = json.loads((part_dir(family) / "config.json").read_text())
-    assert config["vocab_size"] == module.ARCH["world"]["vocab"]
+    assert len(llm.tokenizer) <= config["vocab_size"] == opts.arch["vocab"]
     if family == "flan-t5":
         assert not torch.equal(llm.model.lm_head.weight, llm.model.shared.weight)  # untied, as FlanT5
 
 
 def test_the_world_qformer_starts_from_the_shipped_bert():
-    from vlbridge.plugins.connectors.qformer import ARCH, QFormerOptions
+    from vlbridge.plugins.connectors.qformer import QFormerOptions
     from vlbridge.plugins.connectors.qformer_model import build
     from vlbridge.specs import TokenShape
 
-    qformer = build(QFormerOptions(variant="world", num_query_tokens=4), TokenShape(65, 128), 128)
+    opts = QFormerOptions(bert=str(part_dir("bert")), num_query_tokens=4)  # the BERT's config.json decides the sizes
+    qformer = build(opts, TokenShape(65, 128), 128)
     bert = load_file(str(part_dir("bert") / "model.safetensors"))
     words = bert["bert.embeddings.word_embeddings.weight"].float()
     assert torch.equal(qformer.embeddings.word.weight[: len(words)], words)
     assert torch.equal(qformer.layers[1].ffn_query.fc1.weight, qformer.layers[1].ffn_text.fc1.weight)
     assert not bert["bert.embeddings.token_type_embeddings.weight"].any()  # kept at zero: nothing lost in the copy
     tokenizer = qformer.tokenizer
-    assert tokenizer.bos_token == "[DEC]" and len(tokenizer) <= ARCH["world"]["vocab_size"]
+    assert tokenizer.bos_token == "[DEC]" and len(tokenizer) <= opts.size("vocab_size")
     assert tokenizer.tokenize("a large red circle above a small blue star") == "a large red circle above a small blue star".split()
 
 
@@ -113,7 +116,8 @@ def test_the_shipped_encoder_tells_a_changed_object_from_a_moved_one():
         return (cos(a, m) > cos(a, e)).float().mean().item()
 
     torch.manual_seed(0)
-    trained, random_init = closer_to_moved(build(EvaVitGOptions(variant="world"))), closer_to_moved(EvaViTG(EvaVitGOptions(variant="world")))
+    opts = EvaVitGOptions(pretrained=str(part_dir("eva-vit-g")))
+    trained, random_init = closer_to_moved(build(opts)), closer_to_moved(EvaViTG(opts))
     assert trained > 0.75 and trained > random_init + 0.1, (trained, random_init)
 
 
@@ -124,11 +128,30 @@ def test_world_presets_build_offline_and_run(preset):
     from vlbridge.world.render import render_scene
 
     model = vlbridge.build(preset)
-    assert model.encoder.opts.variant == "world" and model.num_parameters(trainable=True) > 0
+    assert model.encoder.opts.pretrained == str(part_dir("eva-vit-g")) and model.num_parameters(trainable=True) > 0
     assert torch.equal(model.encoder.pos_embed, load_file(str(encoder_weights()))["pos_embed"].float())
     image = render_scene(make_image(WorldConfig(), "val", 0).scene)
     (answer,) = model.answer([image], "what color is the circle?", num_beams=1, max_new_tokens=3)
     assert isinstance(answer, str)
+
+
+def test_the_model_plugins_never_import_the_world(repo):
+    """The world's parts are ordinary checkpoints: built-in plugins know nothing of vlbridge.world."""
+    offenders = [str(path.relative_to(repo)) for folder in ("encoders", "llms", "connectors")
+                 for path in (repo / "plugins" / folder).glob("*.py")
+                 if re.search(r"^\s*(from|import) vlbridge\.world\b", path.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert offenders == []
+
+
+def test_presets_point_at_the_shipped_folders():
+    from vlbridge.world.assets import world_dir
+
+    raw = vlbridge.resources.read_registry()["presets"]["world-qformer-opt"]
+    assert raw["llm"]["options"]["model"] == "{world}/opt"
+    assembly = vlbridge.load_assembly("world-qformer-opt").config
+    assert assembly.llm.options["model"] == str(world_dir() / "opt")
+    assert assembly.encoder.options["pretrained"] == str(world_dir() / "eva-vit-g")
+    assert assembly.connector.options["bert"] == str(world_dir() / "bert")
 
 
 def test_missing_parts_say_how_to_make_them(tmp_path):
@@ -157,11 +180,11 @@ def test_train_parts_quick_end_to_end(tmp_path):
     opt = manifest["parts"]["opt"]  # pretraining, then the reading rounds, and the in-context QA check
     assert opt["reading_rounds"] == [2, 2] and len(opt["reading_final_losses"]) == 2
     assert {"with_captions", "without_context", "with_captions_before_reading_rounds"} <= set(opt["val_qa_accuracy"])
-    encoder = build_encoder(EvaVitGOptions(variant="world", pretrained=str(encoder_weights(tmp_path))))
-    assert not torch.equal(encoder.pos_embed, build_encoder(EvaVitGOptions(variant="world")).pos_embed)  # not the shipped one
-    assert build_opt(OPTOptions(variant="world", model=str(tmp_path / "opt"))).newline_token_id is not None
-    assert build_t5(FlanT5Options(variant="world", model=str(tmp_path / "flan-t5"))).is_encoder_decoder
-    build_qformer(QFormerOptions(variant="world", bert=str(tmp_path / "bert")), TokenShape(65, 128), 128)
+    encoder = build_encoder(EvaVitGOptions(pretrained=str(tmp_path / "eva-vit-g")))  # the directory, as the presets give it
+    assert not torch.equal(encoder.pos_embed, build_encoder(EvaVitGOptions(pretrained=str(part_dir("eva-vit-g")))).pos_embed)  # not the shipped one
+    assert build_opt(OPTOptions(model=str(tmp_path / "opt"))).newline_token_id is not None
+    assert build_t5(FlanT5Options(model=str(tmp_path / "flan-t5"))).is_encoder_decoder
+    build_qformer(QFormerOptions(bert=str(tmp_path / "bert")), encoder.output_shape, 128)
 
 
 def test_pip_install_ships_every_world_file(repo):

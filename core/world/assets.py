@@ -1,7 +1,8 @@
 """Where the world's shipped frozen parts live (`vlbridge/plugins/world/`), torch-free.
 
-The `world` variants of eva-vit-g, opt, flan-t5 and qformer load these when no weights are
-given; `python -m vlbridge.world.train_parts --out DIR` writes the same layout.
+Each part is an ordinary checkpoint directory that states its own architecture (config.json); the
+`world-*` presets point eva-vit-g's `pretrained`, the Q-Former's `bert` and the LLMs' `model` at
+them ("{world}/opt", ...). `python -m vlbridge.world.train_parts --out DIR` writes the same layout.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ one object changed (colour alone tells most random scenes apart, so shape, size 
 otherwise be learnt late). FLIP-style patch dropping was tried and left out: objects here span a
 few patches, and dropping half of them often drops an object its caption names.
 
-The result is an `eva-vit-g` encoder (`variant: world`): the frozen image encoder of the world.
+The result is an `eva-vit-g` encoder directory (config.json + model.safetensors, given to eva-vit-g's
+`pretrained`): the frozen image encoder of the world.
 """
 
 from __future__ import annotations

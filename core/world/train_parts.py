@@ -1,4 +1,4 @@
-"""Train the world's frozen "pretrained" parts and write them where the `world` variants load them.
+"""Train the world's frozen "pretrained" parts into checkpoint directories (the `world-*` presets load them).
 
     python -m vlbridge.world.train_parts --out plugins/world     # in the repository: the shipped files
     python -m vlbridge.world.train_parts --out /tmp/parts --quick  # seconds, for tests

@@ -8,19 +8,34 @@ from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
 from vlbridge.errors import IncompatibleError
+from vlbridge.hf_config import read_local_json
 from vlbridge.specs import ConnectorSpec, Options, TokenShape
 
 # BERT-base layout (bert-base-uncased + the [DEC] token); 'tiny' for tests and the offline demo.
 ARCH: dict[str, dict[str, int]] = {
     "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "vocab_size": 30523, "max_text_positions": 512},
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "vocab_size": 1024, "max_text_positions": 64},
-    # The synthetic world's (vlbridge.world): initialised from its shipped BERT, trained on the world's text.
-    "world": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 256, "vocab_size": 256, "max_text_positions": 64},
 }
+# Our size names -> a transformers BertConfig's: a local `bert` directory states the Q-Former's shape.
+BERT_FIELDS: dict[str, str] = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                               "intermediate_size": "intermediate_size", "max_text_positions": "max_position_embeddings"}
+
+
+def bert_arch(bert: str | None) -> dict[str, int] | None:
+    """The sizes a local BERT directory's config.json gives the Q-Former it initialises (vocab + 1
+    for [DEC], as BLIP-2's 30523 = bert-base-uncased's 30522 + 1); None for a hub id or no BERT.
+    Read without torch, so an assembly validates before anything loads."""
+    config = read_local_json(bert, "config.json") if bert else None
+    if config is None:
+        return None
+    missing = [name for name in (*BERT_FIELDS.values(), "vocab_size") if not isinstance(config.get(name), int)]
+    if missing:
+        raise ValueError(f"{bert}/config.json is not a BERT config: it lacks {missing}")
+    return {**{ours: config[theirs] for ours, theirs in BERT_FIELDS.items()}, "vocab_size": config["vocab_size"] + 1}
 
 
 class QFormerOptions(Options):
-    variant: Literal["base", "tiny", "world"] = Field("base", description="size preset: BERT-base layout, a tiny one for tests, or the synthetic world's (initialised from its shipped BERT unless bert is given); the fields below override it")
+    variant: Literal["base", "tiny"] = Field("base", description="size preset: BERT-base layout or a tiny one for tests; a local bert directory's config.json replaces it; the fields below override either")
     num_query_tokens: int = Field(32, ge=1, description="learned query tokens, i.e. visual tokens given to the LLM")
     hidden_size: int | None = Field(None, ge=1, description="width of the Q-Former (768 for base)")
     num_layers: int | None = Field(None, ge=1, description="transformer layers (12 for base)")
@@ -43,9 +58,9 @@ class QFormerOptions(Options):
         return self
 
     def size(self, key: str) -> int:
-        """An architecture number: the explicit option if given, else the variant's."""
+        """An architecture number: the explicit option if given, else the bert directory's, else the variant's."""
         value = getattr(self, key)
-        return ARCH[self.variant][key] if value is None else value
+        return (bert_arch(self.bert) or ARCH[self.variant])[key] if value is None else value
 
 
 def _check_encoder(opts: QFormerOptions, encoder_out: TokenShape) -> None:

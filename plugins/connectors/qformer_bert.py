@@ -40,10 +40,6 @@ def load_tokenizer(opts: QFormerOptions) -> "PreTrainedTokenizerBase":
         from vlbridge.plugins.tiny_assets import tokenizer_dir
 
         source = str(tokenizer_dir("bert"))
-    elif opts.variant == "world":
-        from vlbridge.world.assets import part_dir
-
-        source = str(part_dir("bert"))
     else:
         source = HUB_BERT
     try:

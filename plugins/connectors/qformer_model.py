@@ -300,8 +300,4 @@ def build(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) -> QFor
     model = QFormer(opts, encoder_out, llm_width)
     if opts.bert:
         init_from_bert(model, opts.bert)
-    elif opts.variant == "world":  # the world's shipped BERT, as BLIP-2 starts from bert-base; tiny stays random
-        from vlbridge.world.assets import part_dir
-
-        init_from_bert(model, part_dir("bert"))
     return model

@@ -7,19 +7,36 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
+from vlbridge.hf_config import read_local_json
 from vlbridge.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 # Architecture per variant. EVA-CLIP-g has 40 blocks; BLIP-2 keeps the first 39 (output of block 39).
 ARCH: dict[str, dict[str, int]] = {
     "g": {"width": 1408, "depth": 40, "heads": 16, "mlp_hidden": 6144, "patch": 14, "blocks": 39, "image_size": 224},
     "tiny": {"width": 64, "depth": 2, "heads": 4, "mlp_hidden": 256, "patch": 14, "blocks": 2, "image_size": 56},
-    # The synthetic world's encoder (vlbridge.world): trained contrastively on it, shipped, loaded by default.
-    "world": {"width": 128, "depth": 4, "heads": 4, "mlp_hidden": 512, "patch": 8, "blocks": 4, "image_size": 64},
 }
+# A vlbridge encoder directory: config.json (this model_type and the option names below) beside
+# model.safetensors, as `python -m vlbridge.world.train_parts` writes the world's encoder.
+DIRECTORY_MODEL_TYPE = "eva-vit"
+DIRECTORY_FIELDS: dict[str, str] = {"width": "width", "depth": "depth", "heads": "heads", "mlp_hidden": "mlp_hidden",
+                                    "patch_size": "patch", "num_blocks": "blocks", "image_size": "image_size"}
+
+
+def directory_arch(pretrained: str | None) -> dict[str, int] | None:
+    """The architecture a vlbridge encoder directory declares in its config.json (None for any other
+    source); read without torch, so an assembly using it validates before anything loads."""
+    config = read_local_json(pretrained, "config.json") if pretrained else None
+    if config is None or config.get("model_type") != DIRECTORY_MODEL_TYPE:
+        return None
+    missing = [name for name in DIRECTORY_FIELDS if not isinstance(config.get(name), int)]
+    if missing:
+        raise ValueError(f"{pretrained}/config.json lacks integer fields {missing} (an '{DIRECTORY_MODEL_TYPE}' encoder "
+                         f"directory states {list(DIRECTORY_FIELDS)})")
+    return {ours: config[name] for name, ours in DIRECTORY_FIELDS.items()}
 
 
 class EvaVitGOptions(Options):
-    variant: Literal["g", "tiny", "world"] = Field("g", description="'g' is BLIP-2's ViT-g/14; 'tiny' is a small random-weight stand-in for tests; 'world' is the shipped encoder of the synthetic world (vlbridge.world), loaded unless pretrained is given")
+    variant: Literal["g", "tiny"] = Field("g", description="'g' is BLIP-2's ViT-g/14; 'tiny' is a small random-weight stand-in for tests (a pretrained encoder directory's config.json replaces either)")
     image_size: int | None = Field(None, ge=14, description="input resolution in pixels, a multiple of 14 (default 224; 364 for BLIP-2 captioning); position embeddings are interpolated")
     num_blocks: int | None = Field(None, ge=1, description="transformer blocks kept; BLIP-2 keeps 39 of 40 (default)")
     width: int | None = Field(None, ge=1, description="override the variant's width (e.g. for a converted checkpoint of another size)")
@@ -28,7 +45,7 @@ class EvaVitGOptions(Options):
     mlp_hidden: int | None = Field(None, ge=1, description="override the variant's MLP width")
     patch_size: int | None = Field(None, ge=1, description="override the variant's patch size")
     layer_norm_eps: float = Field(1e-6, gt=0, description="LayerNorm epsilon inside the blocks")
-    pretrained: str | None = Field(None, description="local weights: a transformers BLIP-2 directory, a LAVIS/EVA-CLIP .pth, or an OpenCLIP/timm EVA checkpoint; none = random init")
+    pretrained: str | None = Field(None, description="local weights: a vlbridge encoder directory (config.json with model_type 'eva-vit' + model.safetensors; its config decides the architecture), a transformers BLIP-2 directory, a LAVIS/EVA-CLIP .pth, or an OpenCLIP/timm EVA checkpoint; none = random init")
     dtype: Precision = Field("fp32", description="compute dtype of the frozen encoder")
 
     @model_validator(mode="after")
@@ -43,12 +60,17 @@ class EvaVitGOptions(Options):
         return self
 
     @property
+    def base_arch(self) -> dict[str, int]:
+        """What the weights' own directory declares, else the variant's."""
+        return directory_arch(self.pretrained) or ARCH[self.variant]
+
+    @property
     def arch(self) -> dict[str, int]:
-        """The variant's architecture with any explicit overrides applied."""
+        """The base architecture with any explicit overrides applied."""
+        base = self.base_arch
         overrides = {"width": self.width, "depth": self.depth, "heads": self.heads, "mlp_hidden": self.mlp_hidden, "patch": self.patch_size}
-        arch = {**ARCH[self.variant], **{k: v for k, v in overrides.items() if v is not None}}
-        if self.depth is not None:  # keep the variant's habit: g drops its last block, tiny keeps all
-            base = ARCH[self.variant]
+        arch = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+        if self.depth is not None:  # keep the base's habit: g drops its last block, tiny keeps all
             arch["blocks"] = max(1, self.depth - (base["depth"] - base["blocks"]))
         return arch
 

@@ -9,12 +9,12 @@ key it does not know through unchanged, so the strict load lists it as unexpecte
 Formats: (a) a transformers BLIP-2 directory (`config.json` + safetensors or `pytorch_model.bin`,
 sharded or not), `vision_model.*` keys or, for a saved `Blip2VisionModel`, bare ones;
 (b) a LAVIS / EVA-CLIP `.pth` (`visual_encoder.*` or bare keys); (c) an OpenCLIP / timm EVA
-checkpoint (timm `Eva` keys, possibly under `visual.trunk.`); (d) our own `.safetensors`.
+checkpoint (timm `Eva` keys, possibly under `visual.trunk.`); (d) our own `.safetensors`, alone or in
+a vlbridge encoder directory (`config.json` with model_type "eva-vit" beside `model.safetensors`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +22,12 @@ from pathlib import Path
 import torch
 
 from vlbridge.errors import WeightsError
+from vlbridge.userfiles import read_json
+from vlbridge.plugins.encoders.eva_vit_g import directory_arch
 from vlbridge.weights import StateDict, read_hf_directory, read_tensors, require_path, tensor_keys
 
 HF_MODEL_TYPES = ("blip-2", "blip_2_vision_model")
+VLBRIDGE_WEIGHTS = "model.safetensors"  # beside config.json (model_type "eva-vit") in a vlbridge encoder directory
 # The EVA-CLIP / timm image head after the blocks (final norm, pooling norm, projection): BLIP-2
 # takes the blocks' tokens without it, so these keys are skipped on purpose.
 EVA_HEAD_PREFIXES = ("norm.", "fc_norm.", "head.")
@@ -128,6 +131,8 @@ def _drop_head(state: StateDict) -> StateDict:
 def read_eva_checkpoint(path: str | Path) -> tuple[StateDict, str]:
     """Read any supported EVA ViT-g checkpoint; return its state dict in our names and its format."""
     path = require_path(path, "EVA ViT-g weights")
+    if path.is_dir() and directory_arch(str(path)) is not None:
+        return convert_timm_eva_state_dict(read_tensors(require_path(path / VLBRIDGE_WEIGHTS, "EVA ViT-g weights"))), "vlbridge encoder directory"
     if path.is_dir():
         return convert_hf_blip2_vision_state_dict(read_hf_blip2_vision(path)), "transformers BLIP-2 directory"
     keys = tensor_keys(path)
@@ -162,7 +167,7 @@ def read_hf_blip2_vision(directory: Path) -> StateDict:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{str(directory)!r} is not a transformers BLIP-2 directory: it has no config.json")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    model_type = read_json(config_path, "transformers config", top=dict).get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise WeightsError(f"{config_path} has model_type {model_type!r}; expected one of {list(HF_MODEL_TYPES)}")
     keep = (lambda k: k.startswith("vision_model.")) if model_type == "blip-2" else (lambda k: True)

@@ -186,10 +186,6 @@ def build(opts: EvaVitGOptions) -> EvaViTG:
     randomly initialised only to be overwritten.
     """
     pretrained = opts.pretrained
-    if pretrained is None and opts.variant == "world":  # the world's shipped encoder; tiny stays random
-        from vlbridge.world.assets import encoder_weights
-
-        pretrained = str(encoder_weights())
     model = EvaViTG(opts, device="meta" if pretrained else None)
     if pretrained:
         model.load_pretrained(pretrained)

@@ -18,15 +18,13 @@ ARCH: dict[str, dict[str, int]] = {
     "xl": {"d_model": 2048, "d_ff": 5120, "heads": 32, "d_kv": 64, "layers": 24, "vocab": 32128},
     "xxl": {"d_model": 4096, "d_ff": 10240, "heads": 64, "d_kv": 64, "layers": 24, "vocab": 32128},
     "tiny": {"d_model": 64, "d_ff": 128, "heads": 4, "d_kv": 16, "layers": 2, "vocab": 1024},
-    # The synthetic world's FlanT5 (vlbridge.world): trained on the world's text, shipped, loaded by default.
-    "world": {"d_model": 128, "d_ff": 256, "heads": 4, "d_kv": 32, "layers": 2, "vocab": 256},
 }
 CONTEXT = 512  # the length T5 was trained on; relative positions make it a soft limit
 RELATIVE_BUCKETS = 32
 
 
 class FlanT5Options(Options):
-    variant: Literal["small", "base", "large", "xl", "xxl", "tiny", "world"] = Field("xl", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download); 'world' is the shipped FlanT5 of the synthetic world (vlbridge.world), loaded unless model is given")
+    variant: Literal["small", "base", "large", "xl", "xxl", "tiny"] = Field("xl", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download); a local model directory's config.json replaces it")
     model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default google/flan-t5-<variant>. A local directory's config.json decides the architecture")
     dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses bf16; never fp16 for T5)")
 

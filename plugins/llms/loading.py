@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.hf_config import looks_local
+from vlbridge.hf_config import looks_local, unreadable_file
 
 _FIX = ("give options.model a local directory written by save_pretrained (config.json, the weights and the "
         "tokenizer files), or run where the Hugging Face hub is reachable; variant: tiny needs neither")
@@ -40,8 +40,8 @@ def load_tokenizer(family: str, source: str) -> Any:
     kwargs = _local_kwargs(family, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise VLBridgeError(f"{family}: could not load the tokenizer from {source!r} ({exc}); {_FIX}") from exc
+    except Exception as exc:  # transformers and tokenizers raise many types for a broken file
+        raise _load_error(family, "the tokenizer", source, exc, kwargs) from exc
     if tokenizer.pad_token_id is None or len(tokenizer) < 3:
         raise VLBridgeError(f"{family}: {source!r} has no usable tokenizer (no vocabulary or no pad token); save the "
                             "model's tokenizer next to the weights with tokenizer.save_pretrained(<dir>)")
@@ -53,8 +53,17 @@ def load_model(family: str, model_class: Any, source: str, dtype: torch.dtype) -
     kwargs = _local_kwargs(family, source)
     try:
         return model_class.from_pretrained(str(Path(source).expanduser()) if kwargs else source, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise VLBridgeError(f"{family}: could not load {model_class.__name__} weights from {source!r} ({exc}); {_FIX}") from exc
+    except Exception as exc:  # e.g. a SafetensorError for a corrupt weights file
+        raise _load_error(family, f"{model_class.__name__} weights", source, exc, kwargs) from exc
+
+
+def _load_error(family: str, what: str, source: str, exc: Exception, local: dict[str, Any]) -> VLBridgeError:
+    """The error for a failed from_pretrained: in a local directory, the broken file if one is found."""
+    broken = unreadable_file(source) if local else None
+    if broken:
+        return VLBridgeError(f"{family}: could not load {what} from {source!r}: {broken}; re-save the model and "
+                             "tokenizer there with save_pretrained(<dir>)")
+    return VLBridgeError(f"{family}: could not load {what} from {source!r} ({type(exc).__name__}: {exc}); {_FIX}")
 
 
 def check_vocab(family: str, tokenizer: Any, vocab_size: int) -> None:
@@ -75,13 +84,9 @@ def tiny_tokenizer(kind: str) -> Any:
 
 def load_pretrained(family: str, model_class: Any, model: str | None, variant: str, default_hub_id: str,
                     dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, tokenizer) from `model` (a local dir or hub id), the world's shipped part for the
-    `world` variant, or the default hub id; the vocabulary must cover the tokenizer."""
+    """(model, tokenizer) from `model` (a local dir or hub id) or the default hub id; the vocabulary
+    must cover the tokenizer."""
     source = source_of(model, default_hub_id)
-    if model is None and variant == "world":  # the world's shipped part; tiny stays random
-        from vlbridge.world.assets import part_dir
-
-        source = str(part_dir(family))
     tokenizer = load_tokenizer(family, source)
     loaded = load_model(family, model_class, source, dtype)
     check_vocab(family, tokenizer, loaded.get_input_embeddings().num_embeddings)

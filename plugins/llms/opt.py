@@ -19,13 +19,11 @@ ARCH: dict[str, dict[str, int]] = {
     "2.7b": {"hidden": 2560, "layers": 32, "heads": 32, "ffn": 10240, "embed": 2560, "vocab": 50272, "positions": 2048, "pre_norm": 1},
     "6.7b": {"hidden": 4096, "layers": 32, "heads": 32, "ffn": 16384, "embed": 4096, "vocab": 50272, "positions": 2048, "pre_norm": 1},
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256, "embed": 64, "vocab": 1024, "positions": 128, "pre_norm": 1},
-    # The synthetic world's OPT (vlbridge.world): trained on the world's text, shipped, loaded by default.
-    "world": {"hidden": 128, "layers": 2, "heads": 4, "ffn": 512, "embed": 128, "vocab": 512, "positions": 128, "pre_norm": 1},
 }
 
 
 class OPTOptions(Options):
-    variant: Literal["125m", "350m", "1.3b", "2.7b", "6.7b", "tiny", "world"] = Field("2.7b", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download); 'world' is the shipped OPT of the synthetic world (vlbridge.world), loaded unless model is given")
+    variant: Literal["125m", "350m", "1.3b", "2.7b", "6.7b", "tiny"] = Field("2.7b", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download); a local model directory's config.json replaces it")
     model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default facebook/opt-<variant>. A local directory's config.json decides the architecture")
     dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses fp16)")
 
