@@ -108,3 +108,25 @@ def test_not_a_blip2_directory(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "opt"}')
     with pytest.raises(WeightsError, match="expected 'blip-2'"):
         vlbridge.import_hf_blip2(tmp_path, tmp_path / "out")
+
+
+def test_stage2_trains_exactly_the_part_transformers_blip2_trains(imported):
+    """Stage 2 trains the query path, ln_vision and the projection: in transformers' names, exactly
+    the bridge tensors (query tokens, Q-Former, language projection, and the vision model's
+    post-layernorm, LAVIS's ln_vision) that an LM loss reaches in Blip2ForConditionalGeneration."""
+    from vlbridge.plugins.connectors.qformer_convert import to_transformers
+
+    llm, reference, model, _ = imported
+    pixels = hf_tiny.pixels()
+    text = model.llm.tokenizer(["a red", "two blue circles on the"], padding=True, return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    labels = {"labels": model.llm.tokenizer(["red circle", "blue"], padding=True, return_tensors="pt").input_ids} if llm == "t5" \
+        else {"labels": ids.masked_fill(mask == 0, -100)}
+    reference.zero_grad(set_to_none=True)
+    reference(pixel_values=pixels, input_ids=ids, attention_mask=mask, **labels).loss.backward()
+    bridge = ("query_tokens", "qformer.", "language_projection.", "vision_model.post_layernorm.")
+    reached = {n for n, p in reference.named_parameters() if n.startswith(bridge) and p.grad is not None and p.grad.abs().sum() > 0}
+    model.set_stage(2)
+    ours = {n: p for n, p in model.connector.named_parameters() if p.requires_grad}
+    assert set(to_transformers(ours)) == reached
+    assert all(not p.requires_grad for p in [*model.encoder.parameters(), *model.llm.parameters()])
