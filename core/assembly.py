@@ -9,15 +9,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlbridge.errors import AssemblyError, IncompatibleError, UnknownComponentError
+from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, UnknownComponentError
 from vlbridge.plan import ComponentPlan, Plan
 from vlbridge.registry import Registry, get_registry
 from vlbridge.resources import presets
 from vlbridge.specs import ConnectorSpec, EncoderSpec, Kind, Options, Spec
+from vlbridge.userfiles import read_yaml
 
 SLOTS: tuple[Kind, ...] = ("encoder", "connector", "llm")
 
@@ -76,9 +76,9 @@ def read_source(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     known = presets()
     if path.is_file():
         try:
-            return str(path), yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise AssemblyError(str(path), [f"malformed YAML: {' '.join(str(exc).split())}"]) from exc
+            return str(path), read_yaml(path, "assembly file")
+        except InputFileError as exc:
+            raise AssemblyError(str(path), [exc.problem]) from None
     if path.is_dir():
         raise AssemblyError(text, [f"{text} is a directory; give an assembly YAML file or a preset name"])
     if text in known:

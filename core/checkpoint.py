@@ -19,6 +19,7 @@ from torch import nn
 
 from vlbridge.atomic import atomic_write, atomic_write_text
 from vlbridge.errors import WeightsError
+from vlbridge.userfiles import read_json
 from vlbridge.weights import StateDict, read_tensors, require_path, unwrap_state_dict
 
 ASSEMBLY_FILE = "assembly.yaml"
@@ -55,10 +56,16 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint directory, checked to be an object with the stage it was saved in."""
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
         raise WeightsError(f"{ckpt_dir} is not a vlbridge checkpoint (no {META_FILE}); expected a directory written by save()")
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json(path, "checkpoint metadata", top=dict)
+    stage = meta.get("stage")
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise WeightsError(f"checkpoint metadata {str(path)!r}: 'stage' must be the training stage (1 or 2), found {stage!r}; "
+                           "expected the checkpoint.json that save() writes")
+    return meta
 
 
 def read_connector_weights(path: str | Path) -> StateDict:

@@ -8,7 +8,8 @@ class VLBridgeError(Exception):
 
 
 class PluginError(VLBridgeError):
-    """A plugin failed to load or returned something it should not (fatal only in strict mode)."""
+    """A plugin failed to load or returned something it should not (fatal at load only in strict
+    mode), or a component it built fails what vlbridge calls it for (named in the message)."""
 
 
 class UnknownComponentError(VLBridgeError, KeyError):
@@ -31,6 +32,23 @@ class AssemblyError(VLBridgeError):
         listed = "\n".join(f"  - {p}" for p in self.problems)
         count = len(self.problems)
         super().__init__(f"assembly {source} is invalid ({count} problem{'s' if count != 1 else ''}):\n{listed}")
+
+
+class InputFileError(VLBridgeError, ValueError):
+    """A user's file that is missing, binary, not UTF-8, empty or not the JSON/YAML it should be.
+
+    Also a ValueError, so an option validator that reads a file (a model's config.json) reports it
+    as that option's problem. `problem` is the message without the file's name, for errors that
+    list problems under the file already (AssemblyError, TrainConfigError).
+    """
+
+    def __init__(self, message: str, path: str, problem: str):
+        super().__init__(message, path, problem)  # all in args, so the error pickles across workers
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class WeightsError(VLBridgeError):

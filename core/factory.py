@@ -12,10 +12,11 @@ import torch
 
 from vlbridge.assembly import Assembly, load_assembly
 from vlbridge.checkpoint import ASSEMBLY_FILE, WEIGHTS_FILE, read_connector_weights, read_meta
+from vlbridge.connector_protocol import trainable_names
+from vlbridge.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.weights import load_subset
 from vlbridge.errors import VLBridgeError
 from vlbridge.model import VLBridgeModel
-from vlbridge.specs import TokenShape
 
 
 def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None = None, weights: str | Path | None = None,
@@ -36,10 +37,10 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
         raise VLBridgeError(f"connector {plan.connector.name!r} supports stages {list(plan.stages)}, not stage {stage}")
     encoder = _build_frozen(assembly.encoder)
     llm_width = plan.llm_dims.embed_width if plan.llm_dims is not None else 0  # 0: an LLM-free (stage-1) assembly
-    connector = assembly.connector.spec.load_factory()(assembly.connector.options, plan.encoder_out, llm_width)
+    connector = build_component(assembly.connector.spec, assembly.connector.options, plan.encoder_out, llm_width)
     llm = _build_frozen(assembly.llm) if stage == 2 and assembly.llm is not None else None
-    if llm is not None and llm.embed_width != plan.llm_dims.embed_width:
-        raise VLBridgeError(f"llm {plan.llm.name!r} declared embedding width {plan.llm_dims.embed_width} but the built model embeds at {llm.embed_width}")
+    if llm is not None:
+        check_llm(llm, plan.llm_dims, describe(plan.llm))
     model = VLBridgeModel(assembly, encoder, connector, llm, stage)
     if device is not None:
         model.to(device)
@@ -56,33 +57,34 @@ FROZEN_INIT_SEED = 0
 def _build_frozen(part) -> torch.nn.Module:
     """Build a frozen part under a fixed seed: one without pretrained weights is random but the same
     on every build, so a connector trained against it still fits when the checkpoint is reloaded.
-    The caller's random state is left untouched."""
+    The caller's random state is left untouched. Gradients are turned off here, so a plugin's plain
+    nn.Module is frozen too (a FrozenPart also stays in eval mode when the model trains)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FROZEN_INIT_SEED)
-        return part.spec.load_factory()(part.options)
+        module = build_component(part.spec, part.options)
+    return module.requires_grad_(False).eval()
 
 
 def check_real_shapes(model: VLBridgeModel) -> None:
-    """Push one blank image through encoder and connector: a spec that lies is caught here."""
+    """Push one blank image through the encoder and two copies of its tokens through the connector:
+    a spec that lies, or a forward that fails or loses the batch, is caught here, naming the plugin."""
     plan = model.plan
     size = plan.preprocess.image_size
     pixels = torch.zeros(1, 3, size, size, device=model.device)
+    encoder, connector = describe(plan.encoder), describe(plan.connector)
     with torch.no_grad():
-        image_embeds = model.encode_images(pixels)
-        _expect(f"encoder {plan.encoder.name!r}", plan.encoder_out, image_embeds)
+        image_embeds = plugin_call(encoder, f"forward on a blank {tuple(pixels.shape)} image", model.encoder, pixels)
+        image_embeds = check_tokens(encoder, plan.encoder_out, image_embeds, batch=1).float()
         if plan.connector_out is None:
             return  # no LLM joint to check
+        pair = image_embeds.repeat(2, 1, 1)
         was_training = model.connector.training
         model.connector.eval()
-        tokens = model.connector(image_embeds)
-        model.connector.train(was_training)
-    _expect(f"connector {plan.connector.name!r}", plan.connector_out, tokens)
-
-
-def _expect(who: str, declared: TokenShape, tensor: torch.Tensor) -> None:
-    real = tuple(tensor.shape[1:])
-    if real != (declared.num_tokens, declared.width):
-        raise VLBridgeError(f"{who} declared {declared} but produces {real[0]} tokens x {real[1]} (tensor shape {tuple(tensor.shape)}); its plugin's shape function is wrong")
+        try:
+            tokens = plugin_call(connector, f"forward on image tokens of shape {tuple(pair.shape)}", model.connector, pair)
+        finally:
+            model.connector.train(was_training)
+    check_tokens(connector, plan.connector_out, tokens, batch=2)
 
 
 def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[str]:
@@ -97,11 +99,8 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
     else:
         stage = model.stage
     tensors = read_connector_weights(path)
-    previous = model.stage
-    model.connector.set_stage(stage)
-    expected = {n for n, p in model.connector.named_parameters()
-                if p.requires_grad and not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
-    model.connector.set_stage(previous)
+    trained = trainable_names(model.connector, stage, model.stage, describe(model.plan.connector))
+    expected = {n for n in trained if not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
     return load_subset(model.connector, tensors, str(path), expected)
 
 

@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 from vlbridge.atomic import atomic_write, atomic_write_text
 from vlbridge.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.hf_config import load_failure
+from vlbridge.userfiles import read_json
 from vlbridge.weights import read_hf_directory
 
 GENERATION = "Blip2ForConditionalGeneration"
@@ -32,7 +34,7 @@ def _read_config(src: Path) -> dict[str, Any]:
     path = src / "config.json"
     if not path.is_file():
         raise WeightsError(f"{src} is not a transformers directory: it has no config.json")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path, "transformers config", top=dict)
     if config.get("model_type") != "blip-2":
         raise WeightsError(f"{path} has model_type {config.get('model_type')!r}; expected 'blip-2' (a transformers BLIP-2 model)")
     return config
@@ -94,8 +96,8 @@ def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
-    except Exception as exc:
-        raise WeightsError(f"{src} has no tokenizer for {what} ({type(exc).__name__}: {exc}); save the processor or tokenizer into it") from exc
+    except Exception as exc:  # transformers and tokenizers raise many types for a missing or broken file
+        raise load_failure(f"the tokenizer for {what}", src, exc, "save the processor or tokenizer into it") from exc
     tokenizer.save_pretrained(str(dst))
 
 

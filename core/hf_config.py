@@ -1,5 +1,6 @@
-"""Read a transformers `config.json` from a local directory, without importing transformers or torch,
-so an LLM's dimensions can be validated from its weights' own config before anything loads."""
+"""Local transformers directories: read a `config.json` without importing transformers or torch, so an
+LLM's dimensions can be validated from its weights' own config before anything loads; and, when a
+load from such a directory fails, name the file in it that is broken."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlbridge.errors import InputFileError, WeightsError
+from vlbridge.errors import InputFileError, VLBridgeError, WeightsError
 from vlbridge.userfiles import read_json
 
 
@@ -66,3 +67,13 @@ def unreadable_file(directory: str | Path) -> str | None:
         except WeightsError as exc:
             return str(exc)
     return None
+
+
+def load_failure(what: str, source: str | Path, exc: Exception, fix: str) -> VLBridgeError:
+    """The error for a failed from_pretrained of `what`: for a local directory, naming its broken file
+    when one is found; else transformers' own message and `fix`."""
+    directory = Path(source).expanduser()
+    broken = unreadable_file(directory) if looks_local(str(source)) and directory.is_dir() else None
+    if broken:
+        return VLBridgeError(f"could not load {what} from {str(source)!r}: {broken}; re-save it there with save_pretrained(<dir>)")
+    return VLBridgeError(f"could not load {what} from {str(source)!r} ({type(exc).__name__}: {exc}); {fix}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
@@ -36,8 +36,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")  # convert() loads the pixels, so truncated files fail here
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise VLBridgeError(f"cannot read image file {str(path)!r}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what corrupt or hostile files raise
+        raise VLBridgeError(f"cannot read image file {str(path)!r}: {exc}; expected an image Pillow reads "
+                            "(JPEG, PNG, WebP, ...)") from exc
 
 
 def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:

@@ -7,6 +7,7 @@ exposed here as thin methods, so this file stays the map of the model.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from vlbridge.assembly import Assembly
+from vlbridge.connector_protocol import set_connector_stage
+from vlbridge.contract import describe
 from vlbridge.errors import VLBridgeError
 from vlbridge.images import to_pixel_batch
 
@@ -39,15 +42,19 @@ class VLBridgeModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.connector.parameters()).device
+        """Where the connector lives (a parameter-free connector: wherever the rest of the model is)."""
+        tensors = itertools.chain(self.connector.parameters(), self.connector.buffers(), self.parameters(), self.buffers())
+        first = next(tensors, None)
+        return first.device if first is not None else torch.device("cpu")
 
     def set_stage(self, stage: int) -> None:
-        """Choose which connector parameters train; encoder and LLM stay frozen whatever the stage."""
+        """Choose which connector parameters train (the connector's `set_stage`, or all of them in
+        stage 2 for a connector without one); encoder and LLM stay frozen whatever the stage."""
         if stage not in self.plan.stages:
             raise VLBridgeError(f"connector {self.plan.connector.name!r} supports stages {list(self.plan.stages)}, not stage {stage}")
         if stage == 2 and self.llm is None:
             raise VLBridgeError("stage 2 needs the LLM; build the model with stage=2")
-        self.connector.set_stage(stage)
+        set_connector_stage(self.connector, stage, describe(self.plan.connector))
         self.stage = stage
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -58,8 +65,9 @@ class VLBridgeModel(nn.Module):
 
     # -- the forward path -------------------------------------------------------------------------
     def pixel_values(self, images: Any) -> torch.Tensor:
-        """Images (PIL, paths or tensors) -> a normalised batch on the model's device."""
-        return to_pixel_batch(images, self.encoder.preprocess, device=self.device)
+        """Images (PIL, paths or tensors) -> a normalised batch on the model's device, prepared as
+        the encoder's spec declares (as training and the feature cache do)."""
+        return to_pixel_batch(images, self.plan.preprocess, device=self.device)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, W) frozen encoder tokens, in fp32 for the connector."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from vlbridge.contract import describe, missing
 from vlbridge.errors import VLBridgeError
 from vlbridge.images import as_image_list
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 
 MAX_TEXT_TOKENS = 35  # LAVIS tokenises retrieval texts to 35 tokens
 FEATURE_MODES = ("image", "text", "multimodal")
+# What features and retrieval call on the connector (the Q-Former's; docs/writing-plugins.md, section 5).
+RETRIEVAL_INTERFACE = ("tokenizer", "query_tokens", "query_outputs", "vision_proj", "text_outputs", "text_proj",
+                       "multimodal_outputs", "itm_head")
 
 
 @dataclass
@@ -48,8 +52,10 @@ class RetrievalResult:
 
 def _qformer(model: "VLBridgeModel"):
     connector = model.connector
-    if not hasattr(connector, "multimodal_outputs"):
-        raise VLBridgeError(f"features and retrieval need a Q-Former connector; this assembly uses {model.plan.connector.name!r}")
+    absent = missing(connector, RETRIEVAL_INTERFACE)
+    if absent:
+        raise VLBridgeError(f"features and retrieval need a Q-Former connector; this assembly uses {describe(model.plan.connector)}, "
+                            f"whose module lacks {', '.join(absent)}")
     return connector
 
 

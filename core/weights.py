@@ -9,7 +9,6 @@ on purpose (an unused last block, a head) before calling `strict_load`, so skipp
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,8 +18,10 @@ from safetensors import safe_open
 from torch import nn
 
 from vlbridge.errors import WeightsError
+from vlbridge.userfiles import read_json
 
 StateDict = dict[str, torch.Tensor]
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; its legacy format, a pickle (protocol 2+)
 _WRAPPERS = ("state_dict", "model", "module")  # training checkpoints nest the weights under one of these
 
 
@@ -39,7 +40,7 @@ def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> 
             with safe_open(str(path), framework="pt", device="cpu") as file:
                 return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
         except Exception as exc:  # safetensors raises its own error types
-            raise WeightsError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+            raise _unreadable_safetensors(path, exc) from exc
     state = unwrap_state_dict(torch_load(path), str(path))
     return {key: value for key, value in state.items() if keep(key)}
 
@@ -52,11 +53,17 @@ def tensor_keys(path: Path) -> list[str] | None:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             return list(file.keys())
     except Exception as exc:
-        raise WeightsError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+        raise _unreadable_safetensors(path, exc) from exc
+
+
+def _unreadable_safetensors(path: Path, exc: Exception) -> WeightsError:
+    return WeightsError(f"cannot read safetensors file {str(path)!r} ({exc}): it is truncated or not a safetensors "
+                        "file; expected one written by safetensors' save_file (or model.save)")
 
 
 def torch_load(path: Path) -> object:
     """`torch.load` with `weights_only=True`; a file needing arbitrary unpickling is refused."""
+    _check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -66,6 +73,20 @@ def torch_load(path: Path) -> object:
         ) from exc
     except (RuntimeError, OSError, EOFError) as exc:
         raise WeightsError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file that is neither of torch.save's formats, which torch.load would misreport as
+    a pickle needing more than weights_only."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise WeightsError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    if not head.startswith(_TORCH_MAGIC):
+        found = "it is empty" if not head else f"it starts with bytes {head.hex(' ')}"
+        raise WeightsError(f"{str(path)!r} is not a PyTorch checkpoint ({found}, neither a zip archive nor a pickle); "
+                           "expected a .pth/.bin written by torch.save, or a .safetensors file")
 
 
 def unwrap_state_dict(obj: object, source: str) -> StateDict:
@@ -134,7 +155,11 @@ def read_hf_directory(directory: Path, keep: Callable[[str], bool] = lambda key:
         raise WeightsError(f"{str(directory)!r} has no weights: expected one of {list(HF_WEIGHT_FILES)}")
     if not weights.name.endswith(".index.json"):
         return read_tensors(weights, keep)
-    weight_map: dict[str, str] = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
+    index = read_json(weights, "weights index", top=dict)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"weights index {str(weights)!r} has no 'weight_map' object (tensor name -> shard file); "
+                           "expected the index that save_pretrained writes")
     state: StateDict = {}
     for shard in sorted({file for key, file in weight_map.items() if keep(key)}):
         state.update(read_tensors(require_path(directory / shard, "weights shard"), keep))

@@ -132,7 +132,7 @@ def test_objective_losses_equal_with_cache_and_pixels(data: Path, cache: Path, s
     for batch in (pixels, features):
         torch.manual_seed(0)  # the Q-Former's dropout
         results.append(objective_type(generator=torch.Generator().manual_seed(1))(model, batch))
-    assert set(results[0]) == set(results[1]) and len(results[0]) == (4 if stage == 1 else 2)
+    assert set(results[0]) == set(results[1]) and len(results[0]) == (4 if stage == 1 else 3)  # stage 2: loss, lm, loss_items
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-5)
     model.eval()
@@ -260,7 +260,7 @@ def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli(["cache-features", "-a", PRESET, "--format", "jsonl", "--out", str(out)]) == 2
     assert "needs --paths" in capsys.readouterr().err
     assert cli(["cache-features", "-a", PRESET, "--data", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert cli(["cache-features", "-a", "no-such-preset", "--data", str(data / "data.yaml"), "--out", str(out)]) == 2
     assert "no assembly file or preset named 'no-such-preset'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:

@@ -136,7 +136,7 @@ def test_a_lying_spec_is_caught_at_build_time():
     assembly = vlbridge.load_assembly({"name": "liar", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
                                        "connector": {"use": "liar"}, "llm": {"use": "opt", "options": {"variant": "tiny"}}},
                                       registry=registry_with({"vlbridge-liar": plugin}))
-    with pytest.raises(VLBridgeError, match="connector 'liar' declared 5 tokens x 64 but produces 17 tokens x 64"):
+    with pytest.raises(VLBridgeError, match=r"connector 'liar' \(plugin vlbridge-liar\) declared 5 tokens x 64 but produces 17 tokens x 64"):
         vlbridge.build(assembly)
 
 

@@ -264,14 +264,17 @@ def test_init_from_bert_model_without_head_and_from_bin(tmp_path):
 
 
 def test_init_from_bert_is_strict(tmp_path):
+    """A local BERT's config.json sizes the Q-Former; sizes given explicitly that disagree with the
+    weights are refused tensor by tensor, never half-loaded."""
     (tmp_path / "wide").mkdir()
     _save_bert(tmp_path / "wide", "BertModel", hidden_size=32)
+    assert build(_opts(bert=str(tmp_path / "wide")), ENC, D).query_tokens.shape[-1] == 32  # the directory's own width
     with pytest.raises(WeightsError, match=r"tensor embeddings\.\S+ has shape \((1023, )?32,?\) but the Q-Former needs \((1024, )?64,?\)"):
-        build(_opts(bert=str(tmp_path / "wide")), ENC, D)
+        build(_opts(bert=str(tmp_path / "wide"), hidden_size=64), ENC, D)
     (tmp_path / "deep").mkdir()
     _save_bert(tmp_path / "deep", "BertModel", num_hidden_layers=3)
     with pytest.raises(WeightsError, match="unexpected.*layers.2"):
-        build(_opts(bert=str(tmp_path / "deep")), ENC, D)
+        build(_opts(bert=str(tmp_path / "deep"), num_layers=2), ENC, D)
     with pytest.raises(WeightsError, match="BERT weights not found"):
         build(_opts(bert=str(tmp_path / "missing")), ENC, D)
 

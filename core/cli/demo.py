@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.userfiles import read_yaml
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -41,14 +41,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlbridge.compare import CompareConfig
     from vlbridge.compare.runner import run_compare
+    from vlbridge.train.config import pydantic_problems
 
     path = Path(args.config)
-    if not path.is_file():
+    if not path.exists():
         raise VLBridgeError(f"comparison config not found: {path}")
     try:
-        config = CompareConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (ValidationError, yaml.YAMLError) as exc:
-        raise VLBridgeError(f"comparison config {path} is invalid: {exc}") from None
+        config = CompareConfig.model_validate(read_yaml(path, "comparison config", top=dict))
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {p}" for p in pydantic_problems(exc, CompareConfig))
+        raise VLBridgeError(f"comparison config {path} is invalid:\n{problems}") from None
     run_compare(config, _say)
     print((Path(config.output_dir) / "report.md").read_text(encoding="utf-8"))
     return 0

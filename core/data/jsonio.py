@@ -4,39 +4,45 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from vlbridge import userfiles
 from vlbridge.data.records import DataError
+from vlbridge.errors import InputFileError
+
+
+@contextmanager
+def _as_data_error() -> Iterator[None]:
+    """A file problem found by vlbridge.userfiles, raised as the data layer's DataError."""
+    try:
+        yield
+    except InputFileError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def check_file(path: str | os.PathLike, what: str) -> Path:
     """The path, if it is an existing file; else a DataError saying what was expected there."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise DataError(f"{what} {str(path)!r} is a directory; give the file itself")
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r} does not exist")
-    return path
+    with _as_data_error():
+        return userfiles.check_file(path, what)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
     """Parse a whole JSON file; malformed JSON is reported with its line and column."""
-    path = check_file(path, what)
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{what} {str(path)!r}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{what} {str(path)!r}: not UTF-8 text (byte {exc.start}); is it a JSON file?") from exc
+    with _as_data_error():
+        return userfiles.read_json(path, what)
 
 
 def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; every line must be one JSON object."""
     path = check_file(path, what)
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with path.open("rb") as handle:  # bytes, so a bad encoding is reported by line and byte offset
+        for number, raw in enumerate(handle, start=1):
+            with _as_data_error():
+                line = userfiles.decode(raw, path, what, "JSONL", offset, f"line {number}")
+            offset += len(raw)
             if not line.strip():
                 continue
             try:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import InputFileError, VLBridgeError
+from vlbridge.userfiles import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -180,9 +181,9 @@ def read_manifest(directory: str | Path) -> Manifest:
                "vlbridge cache-features command to resume it") if partial else f"it has no {MANIFEST_FILE}"
         raise CacheError(f"{str(directory)!r} is not a complete feature cache: {why}")
     try:
-        return Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheError(f"{path} is not valid JSON ({exc}); rebuild the cache with vlbridge cache-features --overwrite") from None
+        return Manifest.model_validate(read_json(path, "feature-cache manifest", top=dict))
+    except InputFileError as exc:
+        raise CacheError(f"{path} is not valid JSON ({exc.problem}); rebuild the cache with vlbridge cache-features --overwrite") from None
     except ValidationError as exc:
         first = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
         raise CacheError(f"{path} is not a vlbridge feature-cache manifest ({first}); rebuild it with vlbridge cache-features --overwrite") from None

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -38,6 +37,7 @@ from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENS
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, manifest_json, read_manifest, weights_sha256)
 from vlbridge.train.cache_dataset import iter_samples, portable_name
+from vlbridge.userfiles import read_yaml
 
 Log = Callable[[str], None]
 
@@ -61,7 +61,7 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
     for i, source in enumerate(sources):
         file = None
         if isinstance(source, (str, Path)):
-            file, source = str(source), _read_yaml(Path(source).expanduser())
+            file, source = str(source), read_yaml(source, "data config", top=dict)
         config = load_data_config(source, where=file or f"data[{i}]")
         loaded.append((config, Source(file=file, config=config.model_dump(mode="json", exclude_defaults=True))))
     if not loaded:
@@ -69,23 +69,18 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
     return loaded
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise CacheError(f"data config {str(path)!r} not found")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise CacheError(f"data config {str(path)!r}: malformed YAML: {' '.join(str(exc).split())}") from None
 
 
 def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[ImageText]:
     """Each distinct image once (first-seen order), keyed by image id; an id naming two images is an error."""
     seen: dict[Any, str] = {}
+    skipped, first_skipped = 0, None
     for config, source in sources:
         where = source.file or "data"
         for sample in iter_samples(config, where, keep_bytes=True):
             if isinstance(sample, Skipped):
-                continue  # a tar sample without image or caption: nothing to encode
+                skipped, first_skipped = skipped + 1, first_skipped or sample  # no image or caption: nothing to encode
+                continue
             name = portable_name(sample.image)
             known = seen.get(sample.image_id)
             if known is None:
@@ -94,6 +89,9 @@ def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[Imag
             elif known != name:
                 raise DataError(f"{where}: image id {sample.image_id!r} names two images, {known!r} and {name!r}; "
                                 "the cache finds features by image id, so each id must belong to one image")
+    if first_skipped is not None and not seen:  # say why, rather than only that there is no image to cache
+        raise DataError(f"every sample was skipped ({skipped}), so there is no image to cache; the first: "
+                        f"{first_skipped.name}: {first_skipped.reason}")
 
 
 def chunked(items: Iterable[ImageText], size: int) -> Iterator[list[ImageText]]:

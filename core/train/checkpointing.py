@@ -25,6 +25,8 @@ import torch
 from vlbridge.atomic import atomic_write, atomic_write_text
 from vlbridge.checkpoint import META_FILE, write_checkpoint
 from vlbridge.errors import VLBridgeError
+from vlbridge.userfiles import read_text
+from vlbridge.weights import torch_load
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -165,7 +167,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     pointer = Path(output_dir) / CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    path = pointer.parent / read_text(pointer, "checkpoint pointer").strip()
     if not (path / TRAINER_STATE).is_file():
         raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove {pointer} to start over")
     return path
@@ -174,7 +176,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     """The resume state of a step directory (weights_only: tensors and plain values only)."""
     path = Path(ckpt_dir) / TRAINER_STATE
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise VLBridgeError(f"{path} is not a vlbridge trainer state (format {STATE_FORMAT!r})")
     return state

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlbridge.assembly import Assembly, load_assembly
 from vlbridge.data.config import DataConfig
-from vlbridge.errors import AssemblyError, VLBridgeError
+from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
+from vlbridge.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _YAML_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*:")  # an assembly problem that starts with its own path
@@ -126,12 +127,12 @@ def _read_raw(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     if isinstance(source, dict):
         return "<dict>", source
     path = Path(source).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise TrainConfigError(str(source), [f"file not found: {source}"])
     try:
-        return str(path), yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TrainConfigError(str(path), [f"malformed YAML: {' '.join(str(exc).split())}"]) from None
+        return str(path), read_yaml(path, "training config")
+    except InputFileError as exc:
+        raise TrainConfigError(str(path), [exc.problem]) from None
 
 
 def pydantic_problems(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:

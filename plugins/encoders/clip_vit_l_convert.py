@@ -9,13 +9,13 @@ way) are converted by `convert_hf_clip_vision_state_dict`. Keys of other parts (
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from vlbridge.errors import WeightsError
+from vlbridge.userfiles import read_json
 from vlbridge.weights import StateDict, read_hf_directory, read_tensors, require_path
 
 
@@ -87,7 +87,7 @@ def read_hf_config(path: Path) -> dict | None:
     config_path = path / "config.json"
     if not (path.is_dir() and config_path.is_file()):
         return None
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path, "transformers config", top=dict)
     return config.get("vision_config", config)
 
 

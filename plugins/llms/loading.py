@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.hf_config import looks_local, unreadable_file
+from vlbridge.hf_config import load_failure, looks_local
 
 _FIX = ("give options.model a local directory written by save_pretrained (config.json, the weights and the "
         "tokenizer files), or run where the Hugging Face hub is reachable; variant: tiny needs neither")
@@ -41,7 +41,7 @@ def load_tokenizer(family: str, source: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, **kwargs)
     except Exception as exc:  # transformers and tokenizers raise many types for a broken file
-        raise _load_error(family, "the tokenizer", source, exc, kwargs) from exc
+        raise load_failure(f"the {family} tokenizer", source, exc, _FIX) from exc
     if tokenizer.pad_token_id is None or len(tokenizer) < 3:
         raise VLBridgeError(f"{family}: {source!r} has no usable tokenizer (no vocabulary or no pad token); save the "
                             "model's tokenizer next to the weights with tokenizer.save_pretrained(<dir>)")
@@ -54,16 +54,7 @@ def load_model(family: str, model_class: Any, source: str, dtype: torch.dtype) -
     try:
         return model_class.from_pretrained(str(Path(source).expanduser()) if kwargs else source, dtype=dtype, **kwargs)
     except Exception as exc:  # e.g. a SafetensorError for a corrupt weights file
-        raise _load_error(family, f"{model_class.__name__} weights", source, exc, kwargs) from exc
-
-
-def _load_error(family: str, what: str, source: str, exc: Exception, local: dict[str, Any]) -> VLBridgeError:
-    """The error for a failed from_pretrained: in a local directory, the broken file if one is found."""
-    broken = unreadable_file(source) if local else None
-    if broken:
-        return VLBridgeError(f"{family}: could not load {what} from {source!r}: {broken}; re-save the model and "
-                             "tokenizer there with save_pretrained(<dir>)")
-    return VLBridgeError(f"{family}: could not load {what} from {source!r} ({type(exc).__name__}: {exc}); {_FIX}")
+        raise load_failure(f"{model_class.__name__} weights", source, exc, _FIX) from exc
 
 
 def check_vocab(family: str, tokenizer: Any, vocab_size: int) -> None:

@@ -1,0 +1,101 @@
+"""Reading the files users hand us: configs, annotations, manifests, a model directory's JSON.
+
+Every way such a file can be unusable (missing, a directory, binary, not UTF-8, empty, malformed,
+the wrong kind of value at the top) becomes one InputFileError naming the file, what is wrong and
+what was expected, so no reader leaks a UnicodeDecodeError or a parser's traceback to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlbridge.errors import InputFileError
+
+_SNIFF = 8192  # a NUL byte this early means binary data, as git and grep judge it
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Windows tools write for "Unicode" text
+_NAMES = {dict: ("a mapping", "an object"), list: ("a list", "an array"), str: ("a string",) * 2,  # (YAML, JSON)
+          int: ("a number",) * 2, float: ("a number",) * 2, bool: ("true or false",) * 2, type(None): ("null",) * 2}
+
+
+def fail(path: str | os.PathLike, what: str, problem: str, joiner: str = ": ") -> InputFileError:
+    """The error for `problem` in the file at `path` (the caller raises it)."""
+    return InputFileError(f"{what} {str(path)!r}{joiner}{problem}", str(path), problem)
+
+
+def check_file(path: str | os.PathLike, what: str) -> Path:
+    """The path, if it names an existing file; else an InputFileError saying what is there instead."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise fail(path, what, "is a directory; give the file itself", " ")
+    if not path.is_file():
+        raise fail(path, what, "does not exist", " ")
+    return path
+
+
+def decode(data: bytes, path: str | os.PathLike, what: str, kind: str, offset: int = 0, where: str = "") -> str:
+    """`data` (the bytes at `offset` of the file) as UTF-8 text, or why it is not `kind` text.
+
+    `where` ("line 3") places the problem inside the file when the file is read piece by piece.
+    """
+    at = f"{where}: " if where else ""
+    if offset == 0 and data.startswith(_UTF16_BOMS):
+        raise fail(path, what, f"{at}UTF-16 text, not UTF-8; save it as UTF-8 {kind}")
+    nul = data.find(b"\0", 0, _SNIFF)
+    if nul >= 0:
+        raise fail(path, what, f"{at}binary data (a NUL byte at byte offset {offset + nul}), not {kind} text; "
+                               f"give a UTF-8 {kind} file")
+    try:
+        return data.decode("utf-8-sig" if offset == 0 else "utf-8")  # a leading BOM (Notepad) is harmless
+    except UnicodeDecodeError as exc:
+        byte = data[exc.start]
+        raise fail(path, what, f"{at}not UTF-8 (byte 0x{byte:02x} at byte offset {offset + exc.start}); "
+                               f"save it as UTF-8 {kind}") from None
+
+
+def read_text(path: str | os.PathLike, what: str, kind: str = "text") -> str:
+    """The whole file as UTF-8 text; `kind` ("YAML", "JSON") says what the text should be."""
+    path = check_file(path, what)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise fail(path, what, f"cannot be read ({exc.strerror or exc})", " ") from None
+    return decode(data, path, what, kind)
+
+
+def read_json(path: str | os.PathLike, what: str, top: type | None = None) -> Any:
+    """A whole JSON file; malformed JSON is reported by line and column, `top` checks the outer value."""
+    text = read_text(path, what, "JSON")
+    if not text.strip():
+        raise fail(path, what, "empty; expected JSON")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(path, what, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return check_top(value, top, path, what, "JSON")
+
+
+def read_yaml(path: str | os.PathLike, what: str, top: type | None = None) -> Any:
+    """A whole YAML file; a file without a document (empty, or only comments) is an error too."""
+    text = read_text(path, what, "YAML")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise fail(path, what, f"malformed YAML: {' '.join(str(exc).split())}") from None
+    if value is None:
+        raise fail(path, what, "empty (no YAML document in it, only blank lines or comments); write the settings into it")
+    return check_top(value, top, path, what, "YAML")
+
+
+def check_top(value: Any, top: type | None, path: str | os.PathLike, what: str, kind: str) -> Any:
+    """`value` if it is a `top` (or no type was asked for); else an error naming both kinds."""
+    if top is None or isinstance(value, top):
+        return value
+    column = 1 if kind == "JSON" else 0
+    wanted = _NAMES.get(top, (top.__name__,) * 2)[column]
+    found = _NAMES.get(type(value), (type(value).__name__,) * 2)[column]
+    raise fail(path, what, f"expected {wanted} at the top level, found {found}")

@@ -1,0 +1,146 @@
+"""In-process fake plugins for tests: a connector written the way docs/writing-plugins.md describes
+(a plain nn.Module, no set_stage), and plugins broken in each way a third-party one can be.
+
+Factories are named by "tests.fake_plugins:NAME" strings, as a real plugin's are.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+import vlbridge
+from vlbridge import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, TokenShape
+from vlbridge.specs import Preprocess
+from vlbridge.testing import registry_with
+
+NUM_TOKENS = 4  # the pool connector's visual tokens
+
+
+class MeanPool(nn.Module):
+    """(B, N, W) -> (B, NUM_TOKENS, D): average-pool the tokens, then a linear map. No set_stage."""
+
+    def __init__(self, encoder_width: int, llm_width: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool1d(NUM_TOKENS)
+        self.proj = nn.Linear(encoder_width, llm_width)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(image_embeds.transpose(1, 2)).transpose(1, 2))
+
+
+class WithSetStage(MeanPool):
+    """Declares stage 1 and has set_stage, but none of the stage-1 interface."""
+
+    def set_stage(self, stage: int) -> None:
+        self.requires_grad_(True)
+
+
+class ForwardRaises(MeanPool):
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        raise ValueError("pooling exploded")
+
+
+class LosesBatch(MeanPool):
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return super().forward(image_embeds)[:1]
+
+
+class UnusedParameter(MeanPool):
+    def __init__(self, encoder_width: int, llm_width: int):
+        super().__init__(encoder_width, llm_width)
+        self.spare = nn.Linear(2, 2)
+
+
+def build_pool(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return MeanPool(encoder_out.width, llm_width)
+
+
+def build_with_set_stage(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return WithSetStage(encoder_out.width, llm_width)
+
+
+def build_raises(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    raise RuntimeError("cannot find my weights")
+
+
+def build_not_a_module(opts: Any, encoder_out: TokenShape, llm_width: int) -> dict:
+    return {"proj": None}
+
+
+def build_forward_raises(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return ForwardRaises(encoder_out.width, llm_width)
+
+
+def build_loses_batch(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return LosesBatch(encoder_out.width, llm_width)
+
+
+def build_unused_parameter(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return UnusedParameter(encoder_out.width, llm_width)
+
+
+def build_plain_encoder(opts: Any) -> nn.Module:
+    """A bare encoder: (B, 3, 28, 28) -> (B, 16, 8) by 7x7 patches, no preprocess attribute."""
+    return nn.Sequential(nn.Conv2d(3, 8, kernel_size=7, stride=7), nn.Flatten(2), Transpose())
+
+
+def build_bare_llm(opts: Any) -> nn.Module:
+    return nn.Linear(64, 64)  # none of the LLM interface
+
+
+class Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+def pool_output(opts: Any, encoder_out: TokenShape, llm_width: int) -> TokenShape:
+    return TokenShape(NUM_TOKENS, llm_width)
+
+
+def pool_params(opts: Any, encoder_out: TokenShape, llm_width: int) -> dict[int, int]:
+    return {2: encoder_out.width * llm_width + llm_width}
+
+
+def plugin(name: str = "pool", **hooks: list) -> types.ModuleType:
+    """A plugin module whose hooks return the given specs (by hook kind: connectors, encoders, llms)."""
+    module = types.ModuleType(f"fake_{name}")
+    for kind, specs in hooks.items():
+        def hook(specs=specs):
+            return specs
+
+        hook.__name__ = f"vlbridge_register_{kind}"
+        setattr(module, hook.__name__, vlbridge.hookimpl(hook))
+    return module
+
+
+def connector_plugin(factory: str = "build_pool", name: str = "pool", stages: tuple[int, ...] = (2,),
+                     output: Any = pool_output, num_params: Any = pool_params) -> types.ModuleType:
+    spec = ConnectorSpec(name=name, factory=f"tests.fake_plugins:{factory}", options=Options, output=output,
+                         num_params=num_params, stages=stages)
+    return plugin(name, connectors=[spec])
+
+
+def plain_encoder_spec(factory: str = "build_plain_encoder", width: int = 8) -> EncoderSpec:
+    return EncoderSpec(name="patches", factory=f"tests.fake_plugins:{factory}", output=lambda o: TokenShape(16, width),
+                       preprocess=lambda o: Preprocess(28, (0.5,) * 3, (0.5,) * 3))
+
+
+def bare_llm_spec() -> LLMSpec:
+    return LLMSpec(name="bare", factory="tests.fake_plugins:build_bare_llm", dims=lambda o: LLMDims(64, 128, False))
+
+
+def registry(**plugins: types.ModuleType):
+    """The built-ins plus `plugins`, each registered as distribution 'vlbridge-NAME'."""
+    return registry_with({f"vlbridge-{name}": module for name, module in plugins.items()})
+
+
+def assembly(connector: str = "pool", encoder: str = "eva-vit-g", llm: str = "opt") -> dict[str, Any]:
+    """A tiny assembly around the given components (built-ins get their tiny variants)."""
+    def ref(use: str) -> dict[str, Any]:
+        return {"use": use, "options": {"variant": "tiny"}} if use in ("eva-vit-g", "clip-vit-l", "opt", "flan-t5") else {"use": use}
+
+    return {"name": f"tiny-{connector}", "encoder": ref(encoder), "connector": ref(connector), "llm": ref(llm)}

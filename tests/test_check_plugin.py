@@ -1,0 +1,87 @@
+"""vlbridge.testing.check_plugin builds each component and calls what vlbridge will call, so a
+plugin's author learns about a missing piece from their own test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests import fake_plugins as fake
+from vlbridge import IncompatibleError, PluginError, TokenShape, VLBridgeError
+from vlbridge.testing import check_plugin
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BUILTINS = {
+    "vlbridge.plugins.encoders.eva_vit_g": {"eva-vit-g": {"variant": "tiny"}},
+    "vlbridge.plugins.encoders.clip_vit_l": {"clip-vit-l": {"variant": "tiny"}},
+    "vlbridge.plugins.connectors.projectors": {},
+    "vlbridge.plugins.connectors.qformer": {"qformer": {"variant": "tiny"}},  # stage 1 runs the real objective
+    "vlbridge.plugins.llms.opt": {"opt": {"variant": "tiny"}},
+    "vlbridge.plugins.llms.flan_t5": {"flan-t5": {"variant": "tiny"}},
+}
+
+
+@pytest.mark.parametrize("module", BUILTINS)
+def test_builtins_pass_with_building(module):
+    assert check_plugin(module, options=BUILTINS[module])
+
+
+def test_a_plain_connector_passes():
+    assert [s.name for s in check_plugin(fake.connector_plugin())] == ["pool"]
+
+
+@pytest.mark.parametrize("plugin, expected", [
+    (fake.connector_plugin(stages=(1, 2), num_params=None), "cannot train in stage 1: its module (MeanPool) lacks set_stage, tokenizer"),
+    (fake.connector_plugin("build_with_set_stage", stages=(1, 2), num_params=None), "(WithSetStage) lacks tokenizer, image_context"),
+    (fake.connector_plugin(num_params=lambda o, e, w: {2: 7}),
+     "num_params() declares 7 trainable parameters in stage 2 but the module trains 2,112"),
+    (fake.connector_plugin(output=lambda o, e, w: TokenShape(5, w)), "declared 5 tokens x 64 but produces 4 tokens x 64"),
+    (fake.connector_plugin("build_loses_batch"), "forward returned shape (1, 4, 64) for a batch of 2"),
+    (fake.connector_plugin("build_forward_raises"), "raised ValueError: pooling exploded"),
+    (fake.connector_plugin("build_not_a_module"), "returned a dict; it must return a torch.nn.Module"),
+    (fake.connector_plugin("build_unused_parameter", num_params=None),
+     "2 trainable parameter(s) get no gradient through forward (spare.weight, spare.bias)"),
+    (fake.plugin("patches", encoders=[fake.plain_encoder_spec(width=12)]), "declared 16 tokens x 12 but produces 16 tokens x 8"),
+    (fake.plugin("bare", llms=[fake.bare_llm_spec()]), "its module (Linear) lacks embed_width, is_encoder_decoder, caption_suffix"),
+])
+def test_missing_pieces_fail_the_plugins_own_test(plugin, expected):
+    with pytest.raises(PluginError) as err:
+        check_plugin(plugin)
+    assert expected in str(err.value) and plugin.__name__ in str(err.value)  # names the plugin module
+
+
+def test_build_false_checks_declarations_only():
+    broken = fake.connector_plugin("no_such_factory")
+    assert check_plugin(broken, build=False)
+    with pytest.raises(PluginError, match="importing its factory 'tests.fake_plugins:no_such_factory' raised AttributeError"):
+        check_plugin(broken)
+
+
+def test_options_and_probe_arguments():
+    with pytest.raises(VLBridgeError, match=r"names \['nope'\], which the plugin does not declare"):
+        check_plugin(fake.connector_plugin(), options={"nope": {}})
+    with pytest.raises(VLBridgeError, match="bad options for connector 'pool'"):
+        check_plugin(fake.connector_plugin(), options={"pool": {"unknown": 1}})
+    assert check_plugin(fake.connector_plugin(), probe=(TokenShape(3, 5), 7))
+
+
+def test_a_connector_declining_every_probe_says_how_to_choose_one():
+    def picky(opts, encoder_out, llm_width):
+        if encoder_out.width != 99:
+            raise IncompatibleError("needs 99-wide encoder tokens")
+        return TokenShape(4, llm_width)
+
+    with pytest.raises(PluginError, match="declined every probe input.*needs 99-wide.*probe=") as err:
+        check_plugin(fake.connector_plugin(output=picky))
+    assert check_plugin(fake.connector_plugin(output=picky), probe=(TokenShape(8, 99), 16))
+    assert "probe=" in str(err.value)
+
+
+def test_check_plugin_without_build_imports_no_torch():
+    code = ("import sys; from vlbridge.testing import check_plugin; "
+            "check_plugin('vlbridge.plugins.connectors.projectors', build=False); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
