@@ -63,21 +63,26 @@ def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list
 
 @torch.no_grad()
 def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str] | None, options: GenerationOptions,
-                     batch_size: int = 16) -> list[str]:
-    """Run the LLM on [visual prompt; text prompt] for each image; returns num_return_sequences texts per image."""
+                     batch_size: int = 16, image_embeds: torch.Tensor | None = None) -> list[str]:
+    """Run the LLM on [visual prompt; text prompt] for each image; returns num_return_sequences texts per image.
+    `image_embeds` (N, T, W): the frozen encoder's outputs for the N images, computed before (then
+    `images` is ignored), so an evaluation that asks several questions per image encodes it once."""
     if model.llm is None:
         raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2 to generate text")
-    items = as_image_list(images)
-    texts = _per_image(prompts, len(items), "prompts")
+    count = len(image_embeds) if image_embeds is not None else None
+    items = as_image_list(images) if image_embeds is None else None
+    texts = _per_image(prompts, count if items is None else len(items), "prompts")
     if options.num_return_sequences > options.num_beams and not options.do_sample:
         raise VLBridgeError(f"num_return_sequences {options.num_return_sequences} exceeds num_beams {options.num_beams}")
     was_training = model.training
     model.eval()
     outputs: list[str] = []
     try:
-        for start in range(0, len(items), batch_size):
-            pixels = model.pixel_values(items[start:start + batch_size])
-            visual = model.visual_tokens(pixels)
+        for start in range(0, len(texts), batch_size):
+            if items is not None:
+                visual = model.visual_tokens(model.pixel_values(items[start:start + batch_size]))
+            else:
+                visual = model.visual_tokens(image_embeds=image_embeds[start:start + batch_size].to(model.device))
             ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
             outputs.extend(model.llm.decode(new_tokens))
@@ -95,7 +100,12 @@ def generate(model: "VLBridgeModel", images: Any, prompt: str | Sequence[str] | 
 def caption(model: "VLBridgeModel", images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
     """Describe each image (BLIP-2 defaults: 5 beams, up to 30 new tokens)."""
     batch_size = generation.pop("batch_size", 16)
-    return generate_batched(model, images, prompt, _options(generation), batch_size)
+    return generate_batched(model, images, prompt, caption_options(generation), batch_size)
+
+
+def caption_options(generation: dict[str, Any]) -> GenerationOptions:
+    """Captioning's decoding settings: BLIP-2's defaults under `generation`."""
+    return _options(generation)
 
 
 def answer(model: "VLBridgeModel", images: Any, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
@@ -106,6 +116,10 @@ def answer(model: "VLBridgeModel", images: Any, questions: str | Sequence[str], 
     batch_size = generation.pop("batch_size", 16)
     count = len(as_image_list(images))
     formatted = [prompt.format(q) for q in _per_image(questions, count, "questions")]
+    return generate_batched(model, images, formatted, answer_options(model, generation), batch_size)
+
+
+def answer_options(model: "VLBridgeModel", generation: dict[str, Any]) -> GenerationOptions:
+    """VQA's decoding settings: BLIP-2's defaults (length penalty by LLM kind) under `generation`."""
     encoder_decoder = model.llm is not None and model.llm.is_encoder_decoder
-    defaults = {"max_new_tokens": 10, "length_penalty": -1.0 if encoder_decoder else 0.0}
-    return generate_batched(model, images, formatted, _options(generation, **defaults), batch_size)
+    return _options(generation, max_new_tokens=10, length_penalty=-1.0 if encoder_decoder else 0.0)

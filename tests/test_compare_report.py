@@ -1,4 +1,5 @@
-"""The comparison's config checks and its report (aggregation over seeds, markdown, PNG), on made-up results."""
+"""The comparison's config checks and its report (tables with intervals per group, significance,
+the matplotlib figure), on made-up results with per-item scores."""
 
 from __future__ import annotations
 
@@ -9,37 +10,78 @@ from PIL import Image
 from pydantic import ValidationError
 
 from vlbridge.compare import CompareConfig, RunSpec
-from vlbridge.compare.report import aggregate, write_report
-from vlbridge.compare.runner import resolve_assembly
+from vlbridge.compare.report import write_report
+from vlbridge.compare.runner import resolve_assembly, stage1_key, stage1_trainers
+from vlbridge.compare.table import HEADLINE, cell, summarise
+
+IMAGES = 60
 
 
-def _result(seed: int, vqa: float, r1: float | None) -> dict:
-    test = {"vqa": {"overall": vqa, "per_question_type": {"what color is the": vqa + 5, "how many": vqa - 5}},
-            "caption": {"CIDEr": vqa / 100, "Bleu_4": 0.1}}
-    if r1 is not None:
-        test["retrieval"] = {"itm": {"i2t_r1": r1, "t2i_r1": r1 - 1}}
+def _vqa(right_every: int, offset: int = 0) -> dict:
+    """Two questions per image; a question is right when its index is not a multiple of `right_every`."""
+    ids = list(range(2 * IMAGES))
+    accuracy = [0.0 if (q + offset) % right_every == 0 else 1.0 for q in ids]
+    items = {"question_id": ids, "image_id": [q // 2 for q in ids], "question_type": ["how many", "what color is the"] * IMAGES,
+             "category": ["count", "colour"] * IMAGES, "answer": ["x"] * len(ids), "accuracy": accuracy}
+    return {"overall": 100 * sum(accuracy) / len(ids), "items": items}
+
+
+def _result(seed: int, right_every: int, retrieval: bool) -> dict:
+    test = {"vqa": _vqa(right_every, seed),
+            "caption": {"CIDEr": 0.5, "items": {"image_id": list(range(IMAGES)), "CIDEr": [0.5] * IMAGES, "caption": ["c"] * IMAGES}}}
+    if retrieval:
+        hits = [1] * (IMAGES // 2) + [0] * (IMAGES // 2)
+        test["retrieval"] = {"items": {"i2t": {"image_id": list(range(IMAGES)), "itm_hit1": hits, "itc_hit1": hits},
+                                       "t2i": {"text_key": [f"{i}:0" for i in range(IMAGES)], "image_id": list(range(IMAGES)),
+                                               "itm_hit1": hits, "itc_hit1": hits}}}
     return {"seed": seed, "train": {"train_seconds": 10.0}, "cost": {"visual_tokens": 32, "llm_forward_ms": 5.0},
-            "eval": {"test": test, "comp": {"vqa": {"overall": vqa - 10}}}}
+            "eval": {"test": test, "comp": {"vqa": _vqa(right_every)}}}
 
 
-def test_aggregate_means_and_spread():
-    table = aggregate({"q": [_result(0, 60.0, 80.0), _result(1, 70.0, 90.0)], "lin": [_result(0, 50.0, None)]})
-    assert table["q"]["VQA %"] == {"mean": 65.0, "std": 5.0, "n": 2}
-    assert table["q"]["R@1 i2t"]["mean"] == 85.0
+def _rows() -> dict:
+    return {"q": [_result(0, 3, True), _result(1, 3, True)], "q-sup": [_result(0, 10, True)], "lin": [_result(0, 2, False)]}
+
+
+def test_cells_have_intervals_and_seed_means():
+    rows = _rows()
+    vqa = cell(rows["q"], HEADLINE[0])
+    assert vqa["mean"] == pytest.approx(200 / 3) and vqa["low"] < 200 / 3 < vqa["high"] and vqa["n_items"] == 2 * IMAGES
+    assert vqa["n_seeds"] == 2
+    cider = cell(rows["q"], HEADLINE[2])
+    assert (cider["mean"], cider["low"], cider["high"]) == (0.5, 0.5, 0.5)  # a constant: no spread
+    table = summarise(rows, HEADLINE)
     assert table["lin"]["R@1 i2t"]["mean"] is None  # projectors have no retrieval
-    assert table["q"]["VQA how many"]["mean"] == 60.0
+    assert table["q"]["R@1 t2i"]["mean"] == pytest.approx(50.0)
+    legacy = cell([{"eval": {"test": {"vqa": {"overall": 61.0}}}}], HEADLINE[0])  # results stored before items were kept
+    assert legacy["mean"] == 61.0 and legacy["low"] is None
 
 
 def test_report_files(tmp_path):
-    results = write_report(tmp_path, {"name": "t"}, {"q": [_result(0, 60.0, 80.0), _result(1, 70.0, 90.0)],
-                                                     "lin": [_result(0, 50.0, None)]}, ["a note"])
+    prior = {"seed": None, "eval": {"test": {"vqa": _vqa(1)}, "comp": {"vqa": _vqa(1)}}}  # always wrong
+    results = write_report(tmp_path, {"name": "t"}, _rows(), ["a note"], groups={"q": "zero-shot", "lin": "zero-shot", "q-sup": "supervised"},
+                           references={"prior": prior}, key_pairs=[("q", "lin"), ("q", "prior")], titles={"supervised": "Supervised mix"})
     report = (tmp_path / "report.md").read_text()
-    assert "65.0 ± 5.0" in report and "85.0 ± 5.0" in report
-    assert "| lin |" in report and "–" in report and "- a note" in report
-    assert "VQA how many" in report
-    assert json.loads((tmp_path / "results.json").read_text())["summary"]["q"]["VQA %"]["mean"] == 65.0
-    assert Image.open(tmp_path / "report.png").size[0] > 200
-    assert results["notes"] == ["a note"]
+    assert "## zero-shot" in report and "## Supervised mix" in report
+    assert report.index("| q |") < report.index("| q-sup |")
+    assert "66.7 [" in report and "| prior |" in report and "- a note" in report
+    assert "per question type" in report and "VQA how many" in report
+    assert "### Key comparisons" in report and "| q − lin | VQA % | +16.7 [" in report
+    assert "**significant**" in report and "not significant" in report  # q vs lin on CIDEr: identical
+    assert "Marks compare a row with **q**" in report
+    lin = next(line for line in report.splitlines() if line.startswith("| lin |"))
+    assert "] ▼ |" in lin and "0.500 [0.500, 0.500] ≈" in lin  # lower VQA than q; the same CIDEr
+    saved_marks = json.loads((tmp_path / "results.json").read_text())["significance"]["vs_first_row"]["zero-shot"]
+    assert set(saved_marks) == {"lin", "prior"} and saved_marks["lin"]["VQA %"]["diff"] < 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["groups"] == {"zero-shot": ["q", "lin", "prior"], "supervised": ["q-sup", "prior"]}
+    key = {(d["a"], d["b"], d["metric"]): d for d in saved["significance"]["key"]}
+    assert key[("q", "lin", "VQA %")]["significant"] and not key[("q", "lin", "CIDEr")]["significant"]
+    assert key[("q", "prior", "VQA %")]["diff"] == pytest.approx(200 / 3)
+    assert any(d["a"] == "q" and d["b"] == "lin" for d in saved["significance"]["pairs"]["zero-shot"])
+    assert results["notes"][0] == "a note"
+    with Image.open(tmp_path / "report.png") as image:
+        assert image.format == "PNG" and image.width > 800 and image.height > 300
+        assert image.info.get("Software", "").startswith("Matplotlib")
 
 
 def test_config_checks():
@@ -50,6 +92,21 @@ def test_config_checks():
         CompareConfig(runs=[{**run, "stage1_steps": 2}], stage2_data={}, output_dir="x")
     with pytest.raises(ValidationError, match="extra"):
         CompareConfig(runs=[run], stage2_data={}, output_dir="x", colour="red")
+
+
+def test_runs_with_the_same_stage1_share_it():
+    data = {"format": "coco", "paths": ["c.json"]}
+    runs = [{"name": "zs", "assembly": "tiny-qformer-opt", "stage1_steps": 3, "stage2_steps": 2},
+            {"name": "sup", "assembly": "tiny-qformer-opt", "stage1_steps": 3, "stage2_steps": 2, "group": "supervised",
+             "stage2_data": {"format": "jsonl", "paths": ["mix.jsonl"]}},
+            {"name": "q4", "assembly": "tiny-qformer-opt", "stage1_steps": 3, "stage2_steps": 2, "connector_options": {"num_query_tokens": 4}}]
+    config = CompareConfig(runs=runs, stage1_data=data, stage2_data=data, output_dir="x", seeds=[0, 1])
+    zs, sup, q4 = config.runs
+    assert stage1_key(config, zs, 0) == stage1_key(config, sup, 0) != stage1_key(config, q4, 0)
+    assert stage1_key(config, zs, 0) != stage1_key(config, zs, 1)
+    assert stage1_trainers(config) == {("zs", 0), ("q4", 0), ("zs", 1), ("q4", 1)}
+    assert config.stage2_data_of(sup)["format"] == "jsonl" and config.stage2_data_of(zs) == data
+    assert config.groups() == ["results", "supervised"]
 
 
 def test_resolve_assembly_overrides_connector_options():

@@ -20,6 +20,8 @@ class RunSpec(Strict):
     stage1_steps: int = Field(0, ge=0, description="stage-1 optimizer steps (0: no stage 1, e.g. projectors or the 'without stage 1' ablation)")
     stage2_steps: int = Field(ge=1, description="stage-2 optimizer steps")
     lr: float | None = Field(None, gt=0, description="peak learning rate; default: the comparison's")
+    group: str = Field("results", min_length=1, description="the report's table this run is a row of (e.g. zero-shot, supervised)")
+    stage2_data: dict[str, Any] | None = Field(None, description="DataConfig for this run's stage 2; default: the comparison's stage2_data")
 
 
 class EvalSet(Strict):
@@ -36,6 +38,9 @@ class EvalSet(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"], description="subset of caption, vqa, retrieval")
     retrieval_limit: int | None = Field(None, ge=2, description="retrieve among at most this many images (default: limit); ITM re-ranking costs k forward passes per query")
     retrieval_k: int = Field(16, ge=1, description="ITM re-ranks each query's top k ITC candidates (BLIP-2 on COCO: 128)")
+    retrieval_captions: list[int] | None = Field(None, description=(
+        "retrieve only these captions of each image, by position (e.g. [0]: the world's 'scene' caption, "
+        "true of its scene alone); default: all"))
 
 
 class CompareConfig(Strict):
@@ -58,6 +63,9 @@ class CompareConfig(Strict):
     generation: dict[str, Any] = Field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 12})
     output_dir: str = Field(min_length=1)
     device: str = "auto"
+    threads: int | None = Field(None, ge=1, description=(
+        "torch CPU threads for the whole comparison (null: torch's default); small models on a busy machine often run "
+        "several times faster with 1, as idle threads spin waiting for a core"))
 
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":
@@ -67,3 +75,11 @@ class CompareConfig(Strict):
         if any(r.stage1_steps for r in self.runs) and self.stage1_data is None:
             raise ValueError("a run has stage1_steps but stage1_data is not given")
         return self
+
+    def stage2_data_of(self, run: RunSpec) -> dict[str, Any]:
+        """The data a run's stage 2 trains on: its own, else the comparison's."""
+        return run.stage2_data if run.stage2_data is not None else self.stage2_data
+
+    def groups(self) -> list[str]:
+        """The report's tables, in the order their first run appears."""
+        return list(dict.fromkeys(r.group for r in self.runs))

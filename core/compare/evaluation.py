@@ -1,75 +1,217 @@
-"""Evaluating one trained model on one EvalSet: captions, VQA and (Q-Former) retrieval.
+"""Evaluating one trained model on one EvalSet: captions, VQA and (Q-Former) retrieval, each with
+its per-item scores, which the report's confidence intervals and significance tests resample.
 
-Retrieval on the world counts a retrieved caption as right when it was written for an image of the
-identical scene (same objects, attributes and places): duplicate scenes are indistinguishable, so
-their captions are equally correct.
+Per-item scores (columns of equal length under "items"):
+- VQA: each question's VQAv2 accuracy in [0, 1], with its image, question type and category;
+- captions: each image's CIDEr-D; the split's CIDEr-D is their mean (the document frequencies come
+  from the whole split, so an item's score depends on the others' references, not on their captions);
+- retrieval: hit@1 (1 or 0) of each image query (i2t) and each text query (t2i), by ITC and by ITM.
+
+Retrieval on the world counts a retrieved caption as right when it is true of the query image:
+written for it, or for an image of an identical scene (the same objects with the same sizes,
+colours, shapes and grid cells; only the jitter inside a cell differs, which no caption states).
+With `retrieval_captions: [0]` only the "scene" caption of each image is retrieved; it states every
+object with its size, colour, shape and cell, so it is true of exactly those images and the rule
+is exact. Other caption kinds can be true of other scenes too, which the rule does not credit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from vlbridge.compare.config import CompareConfig, EvalSet
+from vlbridge.errors import VLBridgeError
+from vlbridge.userfiles import read_json
 
 Say = Callable[[str], None]
+SCENE_RULE = ("a retrieved caption counts as right when it is true of the query image: written for it or for an image "
+              "of an identical scene (same objects, sizes, colours, shapes and cells; only the jitter inside a cell differs)")
+JITTER_FIELDS = ("dx", "dy")  # an object's offset inside its cell: no caption states it
 
 
-def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, retrieval_model=None) -> dict[str, Any]:
-    """Captioning and VQA with the trained (stage-2) model; retrieval with `retrieval_model`, the
-    run's stage-1 model, when it has one."""
+class EncodedImages:
+    """Frozen-encoder outputs of evaluation images, computed once and shared by every question about
+    an image and by every run with the same encoder (it is frozen: its outputs do not depend on the run)."""
+
+    def __init__(self, batch_size: int = 32):
+        self.batch_size = batch_size
+        self.store: dict[str, Any] = {}
+
+    def __call__(self, model, refs: Sequence) -> Any:
+        """(len(refs), T, W) encoder outputs on the CPU, in the order of `refs`."""
+        import torch
+
+        from vlbridge.evaluate import image_inputs
+
+        names = [ref.path or ref.name for ref in refs]
+        todo = {name: ref for name, ref in zip(names, refs) if name not in self.store}
+        pending = list(todo.items())
+        for start in range(0, len(pending), self.batch_size):
+            chunk = pending[start:start + self.batch_size]
+            embeds = model.encode_images(model.pixel_values(image_inputs([ref for _, ref in chunk]))).cpu()
+            self.store.update({name: embeds[i] for i, (name, _) in enumerate(chunk)})
+        return torch.stack([self.store[name] for name in names])
+
+
+def _generate(model, encoded: EncodedImages, refs: Sequence, prompts: list[str], options, batch_size: int = 16, chunk: int = 256) -> list[str]:
+    """One generation per (image, prompt), from cached encoder outputs, a chunk of embeddings at a time."""
+    from vlbridge.inference import generate_batched
+
+    out: list[str] = []
+    for start in range(0, len(prompts), chunk):
+        embeds = encoded(model, refs[start:start + chunk])
+        out += generate_batched(model, None, prompts[start:start + chunk], options, batch_size, image_embeds=embeds)
+    return out
+
+
+def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded: EncodedImages | None = None) -> dict[str, Any]:
+    """Captioning and VQA with the trained (stage-2) model (retrieval is the stage-1 model's: see
+    `retrieval_set`). `encoded` holds encoder outputs other runs computed already."""
     from vlbridge import evaluate as ev
+    from vlbridge.inference import answer_options, caption_options
 
+    encoded = encoded if encoded is not None else EncodedImages()
     out: dict[str, Any] = {}
     if spec.captions and "caption" in spec.tasks:
         say(f"  {spec.name}: captioning")
         groups = ev.load_caption_groups(spec.captions, spec.images, spec.limit)
-        out["caption"] = ev.evaluate_captions(model, groups, {"prompt": config.caption_prompt or None, "generation": config.generation,
-                                                              "meteor": False})
+        refs = [g.image for g in groups]
+        ev.check_images(refs)
+        captions = _generate(model, encoded, refs, [config.caption_prompt] * len(refs), caption_options(dict(config.generation)))
+        out["caption"] = caption_scores([{"image_id": g.image_id, "caption": c} for g, c in zip(groups, captions)], groups)
     if spec.questions and "vqa" in spec.tasks:
         say(f"  {spec.name}: VQA")
-        pattern = {"image_pattern": spec.image_pattern} if spec.image_pattern else {}
-        records = ev.load_vqa_records(spec.questions, spec.annotations, spec.images, spec.limit, **pattern)
-        generation = {**config.generation, "max_new_tokens": 5}
-        out["vqa"] = ev.evaluate_vqa(model, records, {"prompt": config.vqa_prompt, "generation": generation})
-    if spec.captions and "retrieval" in spec.tasks and retrieval_model is not None:
-        say(f"  {spec.name}: retrieval (stage-1 model)")
-        groups = ev.load_caption_groups(spec.captions, spec.images, spec.retrieval_limit or spec.limit)
-        out["retrieval"] = scene_retrieval(retrieval_model, groups, spec.scenes, k=spec.retrieval_k)
+        records = vqa_records(spec)
+        refs = [r.image for r in records]
+        ev.check_images(refs)
+        if "{}" not in config.vqa_prompt:
+            raise VLBridgeError(f"the VQA prompt must contain '{{}}' where the question goes; got {config.vqa_prompt!r}")
+        options = answer_options(model, {**config.generation, "max_new_tokens": 5})
+        answers = _generate(model, encoded, refs, [config.vqa_prompt.format(r.question) for r in records], options)
+        predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
+        out["vqa"] = vqa_scores(predictions, records, question_categories(spec.annotations))
     return out
 
 
+def retrieval_set(model, spec: EvalSet, say: Say) -> dict[str, Any]:
+    """Retrieval with a stage-1 model (BLIP-2's retrieval model: ITC/ITM heads and the text side)."""
+    say(f"  {spec.name}: retrieval (stage-1 model)")
+    return scene_retrieval(model, retrieval_groups(spec), spec.scenes, k=spec.retrieval_k)
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def vqa_records(spec: EvalSet) -> list:
+    from vlbridge.evaluate import load_vqa_records
+
+    pattern = {"image_pattern": spec.image_pattern} if spec.image_pattern else {}
+    return load_vqa_records(spec.questions, spec.annotations, spec.images, spec.limit, **pattern)
+
+
+def question_categories(annotations: str | None) -> dict[Any, str]:
+    """question_id -> the annotation's "category" (the world's question kind), where it has one."""
+    if not annotations:
+        return {}
+    data = read_json(annotations, "VQA annotations file", top=dict)
+    return {a["question_id"]: a["category"] for a in data.get("annotations", []) if isinstance(a, dict) and "category" in a}
+
+
+def retrieval_groups(spec: EvalSet) -> list:
+    """The split's images with the captions retrieval uses (all, or those at `retrieval_captions`)."""
+    from vlbridge.evaluate import load_caption_groups
+
+    groups = load_caption_groups(spec.captions, spec.images, spec.retrieval_limit or spec.limit)
+    if spec.retrieval_captions is None:
+        return groups
+    chosen = []
+    for g in groups:
+        captions = [g.captions[p] for p in spec.retrieval_captions if p < len(g.captions)]
+        if not captions:
+            raise VLBridgeError(f"{spec.name}: image {g.image_id!r} has {len(g.captions)} captions, none at positions {spec.retrieval_captions}")
+        chosen.append(dataclasses.replace(g, captions=captions))
+    return chosen
+
+
+# -- scoring with per-item columns ------------------------------------------------------------------
+def caption_scores(predictions: Sequence[dict], groups: Sequence) -> dict[str, Any]:
+    """Caption metrics (METEOR off: needs Java) and each image's CIDEr-D under "items"."""
+    from vlbridge.metrics.captions import score_captions
+
+    by_id = {p["image_id"]: p["caption"] for p in predictions}
+    metrics = score_captions(by_id, {g.image_id: list(g.captions) for g in groups}, meteor=False, per_image=True)
+    per_image = metrics.pop("per_image")
+    ids = list(per_image)
+    metrics["items"] = {"image_id": ids, "CIDEr": [per_image[i]["CIDEr"] for i in ids], "caption": [by_id[i] for i in ids]}
+    return {"task": "caption", **metrics}
+
+
+def vqa_scores(predictions: Sequence[dict], records: Sequence, categories: dict[Any, str]) -> dict[str, Any]:
+    """VQAv2 accuracy (official normalisation) and each question's accuracy under "items"."""
+    from vlbridge.metrics.vqa import VQAItem, vqa_accuracy
+
+    answers = {p["question_id"]: p["answer"] for p in predictions}
+    missing = [r.question_id for r in records if r.question_id not in answers]
+    if missing:
+        raise VLBridgeError(f"no answer for {len(missing)} questions (e.g. {missing[:3]})")
+    items = [VQAItem(r.question_id, answers[r.question_id], r.answers, r.answer_type, r.question_type) for r in records]
+    metrics = vqa_accuracy(items, "official", per_question=True)
+    accuracy = metrics.pop("per_question")
+    metrics["items"] = {
+        "question_id": [r.question_id for r in records], "image_id": [r.image_id for r in records],
+        "question_type": [r.question_type for r in records], "category": [categories.get(r.question_id) for r in records],
+        "answer": [answers[r.question_id] for r in records], "accuracy": [accuracy[r.question_id] for r in records],
+    }
+    return {"task": "vqa", **metrics}
+
+
 def scene_keys(groups: list, scenes_file: str | None) -> list[Any]:
-    """One key per image: identical scenes share it; without scenes, every image is its own."""
+    """One key per image: identical scenes share it (jitter inside a cell ignored: no caption can
+    tell it); without scenes, every image is its own."""
     if not scenes_file:
         return [g.image_id for g in groups]
-    scenes = {s["image_id"]: s for s in json.loads(Path(scenes_file).read_text(encoding="utf-8"))}
-    keys = []
-    for g in groups:
-        objects = scenes[g.image_id]["objects"]
-        keys.append(tuple(sorted(json.dumps(o, sort_keys=True) for o in objects)))
-    return keys
+    scenes = {s["image_id"]: s for s in read_json(scenes_file, "scenes file", top=list)}
+    missing = [g.image_id for g in groups if g.image_id not in scenes]
+    if missing:
+        raise VLBridgeError(f"{scenes_file}: no scene for {len(missing)} evaluated image(s), e.g. {missing[:3]}")
+    return [tuple(sorted(_described(o) for o in scenes[g.image_id]["objects"])) for g in groups]
+
+
+def _described(obj: dict[str, Any]) -> str:
+    """An object as captions can describe it (size, colour, shape, cell): its fields but the jitter."""
+    return json.dumps({k: v for k, v in obj.items() if k not in JITTER_FIELDS}, sort_keys=True)
+
+
+def text_keys(groups: list) -> list[str]:
+    """"image_id:j" of every retrieved text (its j-th retrieved caption), in flatten_groups order."""
+    return [f"{g.image_id}:{j}" for g in groups for j in range(len(g.captions))]
 
 
 def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -> dict[str, Any]:
-    """Recall@1/5/10 both ways from ITC and from ITM re-ranking, with scene-level correctness."""
+    """Recall@1/5/10 both ways from ITC and from ITM re-ranking, with scene-level correctness, and
+    each query's hit@1 under "items"."""
     from vlbridge.data import flatten_groups
     from vlbridge.evaluate import image_inputs
     from vlbridge.metrics.retrieval import query_ranks, recall_at_k
 
     flat = flatten_groups(groups)
     keys = scene_keys(groups, scenes_file)
-    same = {}
+    same: dict[Any, list[int]] = {}
     for i, key in enumerate(keys):
         same.setdefault(key, []).append(i)
     image_pos = [sorted(t for j in same[keys[i]] for t in flat.img2txt[j]) for i in range(len(groups))]
     text_pos = [same[keys[flat.txt2img[t]]] for t in range(len(flat.texts))]
     result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=k)
     out: dict[str, Any] = {"num_images": len(groups), "num_texts": len(flat.texts), "distinct_scenes": len(same),
-                           "notes": ["percent; a caption of an identical scene counts as right"]}
+                           "rule": SCENE_RULE, "notes": [f"percent; {SCENE_RULE}"]}
+    i2t_items: dict[str, list] = {"image_id": [g.image_id for g in groups]}
+    t2i_items: dict[str, list] = {"text_key": text_keys(groups), "image_id": [groups[i].image_id for i in flat.txt2img]}
     for name, i2t, t2i in (("itc", result.itc, result.itc.t()), ("itm", result.i2t, result.t2i)):
-        i2t_r = recall_at_k(query_ranks(i2t.float().cpu().numpy(), image_pos))
-        t2i_r = recall_at_k(query_ranks(t2i.float().cpu().numpy(), text_pos))
+        i2t_ranks = query_ranks(i2t.float().cpu().numpy(), image_pos)
+        t2i_ranks = query_ranks(t2i.float().cpu().numpy(), text_pos)
+        i2t_r, t2i_r = recall_at_k(i2t_ranks), recall_at_k(t2i_ranks)
         out[name] = {**{f"i2t_r{k_}": v for k_, v in i2t_r.items()}, **{f"t2i_r{k_}": v for k_, v in t2i_r.items()}}
+        i2t_items[f"{name}_hit1"] = [int(r == 0) for r in i2t_ranks]
+        t2i_items[f"{name}_hit1"] = [int(r == 0) for r in t2i_ranks]
+    out["items"] = {"i2t": i2t_items, "t2i": t2i_items}
     return out

@@ -16,12 +16,13 @@ STAGE1_STEP_WEIGHT = 3.0
 EVAL_WEIGHT = 40.0  # per evaluation split: captioning, VQA and retrieval of a few hundred images
 
 
-def phase_plan(config: CompareConfig) -> list[tuple[str, float]]:
-    """Every phase the comparison will go through, in order, with its weight."""
+def phase_plan(config: CompareConfig, stage1_trainers: set[tuple[str, int]] | None = None) -> list[tuple[str, float]]:
+    """Every phase the comparison will go through, in order, with its weight; a stage 1 that runs
+    share counts once, for the (run, seed) in `stage1_trainers` (default: every run with one)."""
     phases = []
     for seed in config.seeds:
         for run in config.runs:
-            if run.stage1_steps:
+            if run.stage1_steps and (stage1_trainers is None or (run.name, seed) in stage1_trainers):
                 phases.append((f"{run.name} seed {seed}: stage 1", STAGE1_STEP_WEIGHT * run.stage1_steps))
             phases.append((f"{run.name} seed {seed}: stage 2", float(run.stage2_steps)))
             phases.append((f"{run.name} seed {seed}: evaluate", EVAL_WEIGHT * max(1, len(config.evals))))

@@ -1,127 +1,147 @@
-"""Aggregating a comparison over seeds and writing results.json, report.md and report.png.
+"""Writing a comparison's results.json, report.md and report.png.
 
-The plot is drawn with Pillow (already a dependency) rather than adding matplotlib for one chart.
+report.md: one table per group of runs (e.g. zero-shot, supervised), each cell "mean [95% CI]"
+marked against the table's first row (▲/▼ significantly higher/lower, ≈ no significant
+difference: paired bootstrap over images, 5% level), the reference rows (e.g. the blind prior)
+under every table; then VQA per question type; then the key comparisons and every pair.
+results.json holds every seed's results (with per-item scores), the tables and every test.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.compare.stats import RESAMPLES
+from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, summarise
 
-# (label, path into one seed's result, format)
-COLUMNS: list[tuple[str, str, str]] = [
-    ("visual tokens", "cost.visual_tokens", "{:.0f}"),
-    ("LLM fwd ms", "cost.llm_forward_ms", "{:.1f}"),
-    ("VQA %", "eval.test.vqa.overall", "{:.1f}"),
-    ("VQA comp %", "eval.comp.vqa.overall", "{:.1f}"),
-    ("R@1 i2t", "eval.test.retrieval.itm.i2t_r1", "{:.1f}"),
-    ("R@1 t2i", "eval.test.retrieval.itm.t2i_r1", "{:.1f}"),
-    ("R@1 i2t ITC", "eval.test.retrieval.itc.i2t_r1", "{:.1f}"),
-    ("R@1 t2i ITC", "eval.test.retrieval.itc.t2i_r1", "{:.1f}"),
-    ("CIDEr", "eval.test.caption.CIDEr", "{:.3f}"),
-    ("BLEU-4", "eval.test.caption.Bleu_4", "{:.3f}"),
-    ("train s", "train.train_seconds", "{:.0f}"),
-]
-PLOTTED = [("VQA %", 100.0), ("R@1 i2t", 100.0), ("CIDEr", None)]
+Rows = dict[str, list[dict[str, Any]]]
+STATS_NOTE = (f"Intervals: 95% percentile bootstrap over test images ({RESAMPLES} resamples, fixed seed): an image is drawn with all "
+              "its questions or texts, since they are not independent; with several seeds, each item's score is averaged over "
+              "seeds first. Differences: the same bootstrap, paired (both rows resampled with the same images); p is two-sided; "
+              "'significant' means p < 0.05, i.e. the difference's 95% interval excludes 0. Tests are not corrected for "
+              "multiple comparisons: among many pairs, about 1 in 20 true ties will read 'significant'.")
 
 
-def lookup(result: dict[str, Any], path: str) -> float | None:
-    value: Any = result
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return float(value) if isinstance(value, (int, float)) else None
+def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: list[str], groups: dict[str, str] | None = None,
+                 references: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
+                 titles: dict[str, str] | None = None) -> dict[str, Any]:
+    """results.json (everything), report.md (tables, significance, notes) and report.png.
 
+    `groups` maps each run to its table (default: one table); `references` are rows in the shape
+    of one seed's result that join every table; `key_pairs` are the comparisons listed first;
+    `titles` give a table a heading other than its group name.
+    """
+    from vlbridge.compare.plot import draw_report
 
-def aggregate(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """run -> column -> {mean, std, n} over seeds (std 0 with one seed)."""
-    table: dict[str, dict[str, dict[str, float | None]]] = {}
-    for run, results in per_seed.items():
-        table[run] = {}
-        for label, path, _ in COLUMNS + _question_type_columns(results):
-            values = [v for v in (lookup(r, path) for r in results) if v is not None]
-            table[run][label] = {"mean": statistics.fmean(values) if values else None,
-                                 "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-    return table
-
-
-def _question_type_columns(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    types = sorted({t for r in results for t in (lookup_dict(r, "eval.test.vqa.per_question_type") or {})})
-    return [(f"VQA {t}", f"eval.test.vqa.per_question_type.{t}", "{:.1f}") for t in types]
-
-
-def lookup_dict(result: dict[str, Any], path: str) -> dict[str, Any] | None:
-    value: Any = result
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value if isinstance(value, dict) else None
-
-
-def markdown_table(table: dict[str, dict[str, dict[str, float | None]]], columns: list[str]) -> str:
-    fmt = {label: f for label, _, f in COLUMNS}
-    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for run, cells in table.items():
-        row = []
-        for column in columns:
-            cell = cells.get(column, {"mean": None})
-            if cell["mean"] is None:
-                row.append("–")
-                continue
-            text = fmt.get(column, "{:.1f}").format(cell["mean"])
-            row.append(text + (f" ± {fmt.get(column, '{:.1f}').format(cell['std'])}" if cell.get("n", 0) > 1 else ""))
-        lines.append(f"| {run} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def write_report(out_dir: Path, config: dict[str, Any], per_seed: dict[str, list[dict[str, Any]]], notes: list[str]) -> dict[str, Any]:
-    """results.json (everything), report.md (tables and how to read them) and report.png."""
-    table = aggregate(per_seed)
-    main_columns = [label for label, _, _ in COLUMNS if any(c[label]["mean"] is not None for c in table.values())]
-    fixed = {label for label, _, _ in COLUMNS}
-    type_columns = sorted({label for cells in table.values() for label in cells if label.startswith("VQA ") and label not in fixed})
-    results = {"config": config, "runs": per_seed, "summary": table, "notes": notes}
+    groups = groups or {name: "results" for name in per_seed}
+    references = references or {}
+    rows: Rows = {**per_seed, **{name: [row] for name, row in references.items()}}
+    tables = {g: [n for n in per_seed if groups.get(n, "results") == g] + list(references) for g in dict.fromkeys(groups.values())}
+    types = question_type_metrics(rows)
+    summary = summarise(rows, HEADLINE)
+    per_type = summarise(rows, types)
+    significance = {
+        "key": [found for a, b in (key_pairs or []) if a in rows and b in rows
+                for metric in HEADLINE if (found := compare_rows(rows, a, b, metric)) is not None],
+        "vs_first_row": {g: versus_first(rows, names, HEADLINE) for g, names in tables.items()},
+        "pairs": {g: all_pairs(rows, names, HEADLINE) for g, names in tables.items()},
+    }
+    notes = notes + retrieval_rules(rows)
+    results = {"config": config, "runs": rows, "groups": tables, "references": list(references), "summary": summary,
+               "per_question_type": per_type, "significance": significance, "notes": notes + [STATS_NOTE]}
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=str))
-    text = [f"# {config.get('name', 'comparison')}", "", markdown_table(table, main_columns), ""]
-    if type_columns:
-        text += ["VQA accuracy (%) per question type, test split:", "", markdown_table(table, type_columns), ""]
-    text += [f"- {n}" for n in notes]
-    atomic_write_text(out_dir / "report.md", "\n".join(text) + "\n")
-    atomic_write(out_dir / "report.png", lambda tmp: draw_bars(table, tmp))
+    text = markdown(config.get("name", "comparison"), tables, summary, per_type, types, significance, titles or {}, notes)
+    atomic_write_text(out_dir / "report.md", text)
+    atomic_write(out_dir / "report.png", lambda tmp: draw_report(summary, tables, list(references), HEADLINE, tmp))
     return results
 
 
-def draw_bars(table: dict[str, dict[str, dict[str, float | None]]], path: Path) -> None:
-    """Grouped bars: one panel per plotted metric, one bar per run (mean, with a spread tick)."""
-    from PIL import Image, ImageDraw
+def versus_first(rows: Rows, names: list[str], metrics: list[Metric]) -> dict[str, dict[str, dict[str, Any]]]:
+    """row -> metric -> its paired difference from the table's first row (which is left out)."""
+    if not names:
+        return {}
+    first = names[0]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in names[1:]:
+        found = {m.label: d for m in metrics if (d := compare_rows(rows, name, first, m)) is not None}
+        if found:
+            out[name] = found
+    return out
 
-    runs = list(table)
-    panel_w, panel_h, margin = 60 + 46 * len(runs), 260, 40
-    image = Image.new("RGB", (margin + len(PLOTTED) * (panel_w + margin), panel_h + 150), "white")
-    draw = ImageDraw.Draw(image)
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-    for p, (metric, ceiling) in enumerate(PLOTTED):
-        x0, y0 = margin + p * (panel_w + margin), 30
-        values = [table[r].get(metric, {}).get("mean") for r in runs]
-        top = ceiling or max([v for v in values if v is not None] + [1e-9]) * 1.15
-        draw.text((x0, 8), metric, fill="black")
-        draw.line([(x0, y0), (x0, y0 + panel_h), (x0 + panel_w, y0 + panel_h)], fill="black")
-        draw.text((x0 - 34, y0 - 4), f"{top:.3g}", fill="gray")
-        for i, (run, value) in enumerate(zip(runs, values)):
-            if value is None:
-                continue
-            left = x0 + 10 + i * 46
-            height = int(panel_h * min(value / top, 1.0))
-            draw.rectangle([left, y0 + panel_h - height, left + 30, y0 + panel_h], fill=palette[i % len(palette)])
-            draw.text((left, y0 + panel_h - height - 12), f"{value:.3g}", fill="black")
-    for i, run in enumerate(runs):
-        y = panel_h + 50 + 14 * i
-        draw.rectangle([margin, y, margin + 10, y + 10], fill=palette[i % len(palette)])
-        draw.text((margin + 16, y - 1), run, fill="black")
-    image.save(path, format="PNG")
+
+def retrieval_rules(rows: Rows) -> list[str]:
+    """The rule each scored retrieval used to count a caption right, stated once."""
+    rules = {task["rule"] for results in rows.values() for r in results for split in r.get("eval", {}).values()
+             if isinstance(task := split.get("retrieval"), dict) and task.get("rule")}
+    return [f"Retrieval rule: {rule}." for rule in sorted(rules)]
+
+
+def mark(difference: dict[str, Any] | None) -> str:
+    """▲ / ▼ significantly above / below the first row; ≈ not significantly different."""
+    if difference is None:
+        return ""
+    if not difference["significant"]:
+        return " ≈"
+    return " ▲" if difference["diff"] > 0 else " ▼"
+
+
+def format_cell(cell: dict[str, Any] | None, fmt: str, difference: dict[str, Any] | None = None) -> str:
+    if not cell or cell.get("mean") is None:
+        return "–"
+    text = fmt.format(cell["mean"])
+    if cell.get("low") is not None:
+        text += f" [{fmt.format(cell['low'])}, {fmt.format(cell['high'])}]"
+    return text + mark(difference)
+
+
+def markdown_table(names: list[str], summary: dict[str, dict[str, Any]], columns: list[tuple[str, str]],
+                   versus: dict[str, dict[str, dict[str, Any]]] | None = None) -> str:
+    """| row | column... | with "mean [low, high]" cells, marked by `versus` (row -> label -> difference
+    from the first row); columns without any value are left out."""
+    versus = versus or {}
+    shown = [(label, fmt) for label, fmt in columns if any(summary[n].get(label, {}).get("mean") is not None for n in names)]
+    lines = ["| run | " + " | ".join(label for label, _ in shown) + " |", "|---|" + "---|" * len(shown)]
+    for name in names:
+        cells = [format_cell(summary[name].get(label), fmt, versus.get(name, {}).get(label)) for label, fmt in shown]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def significance_table(found: list[dict[str, Any]], formats: dict[str, str]) -> str:
+    lines = ["| comparison | metric | difference [95% CI] | p | at 5% |", "|---|---|---|---|---|"]
+    for d in found:
+        fmt = formats.get(d["metric"], "{:.1f}")
+        sign = "+" if d["diff"] > 0 else ""
+        lines.append(f"| {d['a']} − {d['b']} | {d['metric']} | {sign}{fmt.format(d['diff'])} [{fmt.format(d['low'])}, "
+                     f"{fmt.format(d['high'])}] | {d['p']:.3f} | {'**significant**' if d['significant'] else 'not significant'} |")
+    return "\n".join(lines)
+
+
+def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: dict, types: list[Metric], significance: dict,
+             titles: dict[str, str], notes: list[str]) -> str:
+    columns = [("visual tokens", "{:.0f}")] + [(m.label, m.fmt) for m in HEADLINE]
+    formats = {m.label: m.fmt for m in HEADLINE + types}
+    text = [f"# {name}", ""]
+    for group, names in tables.items():
+        versus = significance["vs_first_row"].get(group, {})
+        text += [f"## {titles.get(group, group)}", "", markdown_table(names, summary, columns, versus), ""]
+        if versus:
+            text += [f"Each cell: mean [95% CI]. Marks compare a row with **{names[0]}** on the same test images (paired "
+                     "bootstrap, 5% level): ▲ significantly higher, ▼ significantly lower, ≈ no significant difference.", ""]
+    if types:
+        for group, names in tables.items():
+            text += [f"### VQA accuracy (%) per question type, test split: {titles.get(group, group)}", "",
+                     markdown_table(names, per_type, [(m.label, m.fmt) for m in types]), ""]
+    text += ["## Significance", "", "Differences between rows (row − row) on the same test items, with 95% intervals and "
+             "two-sided p-values from a paired bootstrap over images; 'significant' at the 5% level.", ""]
+    if significance["key"]:
+        text += ["### Key comparisons", "", significance_table(significance["key"], formats), ""]
+    for group, found in significance["pairs"].items():
+        if found:
+            text += [f"<details><summary>All pairwise differences: {titles.get(group, group)}</summary>", "",
+                     significance_table(found, formats), "", "</details>", ""]
+    text += ["## Notes", ""] + [f"- {n}" for n in notes + [STATS_NOTE]]
+    return "\n".join(text) + "\n"

@@ -1,7 +1,9 @@
 """Running a comparison: feature caches, training per run and seed, evaluation, timing, results.
 
 Every step writes under `output_dir` and is reused when found, so an interrupted comparison
-resumes where it stopped (training itself resumes from its last checkpoint).
+resumes where it stopped (training itself resumes from its last checkpoint). Runs whose stage 1
+would be trained identically (same assembly, connector options, steps, lr, seed, data, objective)
+share one: it lives under `output_dir/stage1/<key>`, with the retrieval scores of its model.
 """
 
 from __future__ import annotations
@@ -39,9 +41,20 @@ def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     return raw
 
 
+def data_sources(config: CompareConfig) -> list[dict[str, Any]]:
+    """Every distinct DataConfig the comparison trains on (stage 1, and each run's stage 2)."""
+    sources = [config.stage2_data] + [r.stage2_data for r in config.runs if r.stage2_data] + ([config.stage1_data] if config.stage1_data else [])
+    unique = {json.dumps(s, sort_keys=True, default=str): s for s in sources}
+    return list(unique.values())
+
+
 def training_paths(config: CompareConfig) -> list[str]:
     """The training data files (what the feature cache encodes)."""
-    return [p for data in (config.stage1_data, config.stage2_data) if data for p in data.get("paths", [])]
+    return [p for data in data_sources(config) for p in data.get("paths", [])]
+
+
+def _paths(*datas: dict[str, Any] | None) -> list[str]:
+    return [p for data in datas if data for p in data.get("paths", [])]
 
 
 def data_fingerprint(paths: list[str]) -> list[list[Any]]:
@@ -74,14 +87,13 @@ def feature_cache(config: CompareConfig, assembly: dict[str, Any], say: Say) -> 
     except Exception:
         pass
     say(f"caching frozen encoder features -> {directory}")
-    sources = [config.stage2_data] + ([config.stage1_data] if config.stage1_data else [])
-    build_cache(assembly, sources, directory)
+    build_cache(assembly, data_sources(config), directory)
     return str(directory)
 
 
 def _train_config(config: CompareConfig, run: RunSpec, assembly: dict, stage: int, steps: int, seed: int,
                   out: Path, init_from: str | None, features: str | None) -> dict[str, Any]:
-    data = config.stage1_data if stage == 1 else config.stage2_data
+    data = config.stage1_data if stage == 1 else config.stage2_data_of(run)
     return {
         "assembly": assembly, "stage": stage, "init_from": init_from, "steps": steps, "seed": seed,
         "data": {"train": data, "features": features}, "batch_size": config.batch_size,
@@ -92,8 +104,59 @@ def _train_config(config: CompareConfig, run: RunSpec, assembly: dict, stage: in
     }
 
 
+def stage1_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
+    """What a stage-1 training depends on; runs with the same key share one stage 1."""
+    assembly = resolve_assembly(run)
+    assembly.pop("name", None)
+    text = json.dumps({"assembly": assembly, "steps": run.stage1_steps, "lr": run.lr or config.lr, "seed": seed,
+                       "data": config.stage1_data, "objective": config.stage1_objective, "batch_size": config.batch_size,
+                       "warmup_steps": config.warmup_steps, "features": config.features, "device": config.device,
+                       "fingerprint": data_fingerprint(_paths(config.stage1_data))}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stage1_folder(config: CompareConfig, run: RunSpec, seed: int) -> Path:
+    return Path(config.output_dir) / "stage1" / stage1_key(config, run, seed)[:16]
+
+
+def stage1_trainers(config: CompareConfig) -> set[tuple[str, int]]:
+    """(run, seed) pairs that train a stage 1 themselves: the first of each shared key."""
+    seen, owners = set(), set()
+    for seed in config.seeds:
+        for run in config.runs:
+            if run.stage1_steps and (key := stage1_key(config, run, seed)) not in seen:
+                seen.add(key)
+                owners.add((run.name, seed))
+    return owners
+
+
+STAGE1_SUMMARY = "summary.json"
+
+
+def train_stage1(config: CompareConfig, run: RunSpec, seed: int, assembly: dict, features: str | None, say: Say,
+                 progress: PhaseProgress | None = None) -> tuple[Path, dict[str, Any]]:
+    """The run's stage 1, trained once per key (a finished one is reused, a partial one resumed)."""
+    from vlbridge.train.trainer import run as train
+
+    folder = stage1_folder(config, run, seed)
+    done = folder / STAGE1_SUMMARY
+    if done.is_file():
+        say(f"{run.name} (seed {seed}): stage 1 done before, reusing {folder}")
+        return folder, {**json.loads(done.read_text(encoding="utf-8")), "reused": True}
+    _claim_run_folder(folder, stage1_key(config, run, seed), say)
+    if progress is not None:
+        progress.start(f"{run.name} seed {seed}: stage 1")
+    say(f"{run.name} (seed {seed}): stage 1, {run.stage1_steps} steps -> {folder}")
+    start = time.perf_counter()
+    result = train(_train_config(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=True)
+    summary = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite,
+               "seconds": time.perf_counter() - start, "folder": str(folder)}
+    atomic_write_text(done, json.dumps(summary, indent=1, default=str))
+    return folder, {**summary, "reused": False}
+
+
 def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress: PhaseProgress | None = None) -> tuple[Path, dict[str, Any]]:
-    """Stage 1 (if any) then stage 2, resumable; returns the final checkpoint and the training summary."""
+    """Stage 1 (if any, shared) then stage 2, resumable; returns the final checkpoint and the training summary."""
     from vlbridge.train.checkpointing import latest_checkpoint
     from vlbridge.train.trainer import run as train
 
@@ -103,19 +166,17 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
     summary: dict[str, Any] = {}
     init_from = None
     start = time.perf_counter()
-    for stage, steps in ((1, run.stage1_steps), (2, run.stage2_steps)):
-        if not steps:
-            continue
-        out = root / f"stage{stage}"
-        if progress is not None:
-            progress.start(f"{run.name} seed {seed}: stage {stage}")
-        say(f"{run.name} (seed {seed}): stage {stage}, {steps} steps")
-        result = train(_train_config(config, run, assembly, stage, steps, seed, out, init_from, features), resume=True)
-        summary[f"stage{stage}"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
-        init_from = str(out)
+    if run.stage1_steps:
+        folder, summary["stage1"] = train_stage1(config, run, seed, assembly, features, say, progress)
+        init_from = str(folder)
+    out = root / "stage2"
+    if progress is not None:
+        progress.start(f"{run.name} seed {seed}: stage 2")
+    say(f"{run.name} (seed {seed}): stage 2, {run.stage2_steps} steps")
+    result = train(_train_config(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=True)
+    summary["stage2"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
     summary["train_seconds"] = time.perf_counter() - start
-    checkpoint = latest_checkpoint(root / "stage2")
-    return checkpoint, summary
+    return latest_checkpoint(out), summary
 
 
 @torch.no_grad()
@@ -135,11 +196,32 @@ def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 10) -> di
     return {"visual_tokens": plan.connector_out.num_tokens, "llm_forward_ms": 1000 * min(times[1:])}
 
 
-def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say, retrieval_model=None) -> dict[str, Any]:
-    """Every evaluation split; retrieval only with a stage-1 model (None: the run has no stage 1)."""
+def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say, encoded=None) -> dict[str, Any]:
+    """Captioning and VQA on every evaluation split with the trained (stage-2) model; `encoded`
+    (an EncodedImages) reuses encoder outputs of earlier runs with the same encoder."""
     from vlbridge.compare.evaluation import evaluate_set
 
-    return {e.name: evaluate_set(config, model, e, say, retrieval_model) for e in evals}
+    return {e.name: evaluate_set(config, model, e, say, encoded) for e in evals}
+
+
+def shared_retrieval(config: CompareConfig, folder: Path, spec: EvalSet, say: Say) -> dict[str, Any]:
+    """Retrieval by the stage-1 model in `folder`, computed once per stage 1 and evaluation split
+    (runs sharing a stage 1 share its retrieval scores)."""
+    from vlbridge.compare.evaluation import retrieval_set
+    from vlbridge.train.checkpointing import latest_checkpoint
+
+    spec_text = json.dumps([spec.model_dump(mode="json"), data_fingerprint([spec.captions, spec.scenes])], sort_keys=True)
+    stored = folder / f"retrieval-{spec.name}-{hashlib.sha256(spec_text.encode()).hexdigest()[:12]}.json"
+    if stored.is_file():
+        say(f"  {spec.name}: retrieval scored before by this stage 1 ({stored.name})")
+        return json.loads(stored.read_text(encoding="utf-8"))
+    import vlbridge
+
+    # retrieval is the stage-1 model's job (ITC/ITM heads and the text side, which stage 2 neither trains nor saves)
+    model = vlbridge.load(latest_checkpoint(folder), stage=1, device=None if config.device == "auto" else config.device)
+    result = retrieval_set(model, spec, say)
+    atomic_write_text(stored, json.dumps(result, default=str))
+    return result
 
 
 RESULT_FILE = "result.json"
@@ -150,8 +232,9 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     training or evaluation (not the other runs, the output folder or the title)."""
     shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir"})
     evaluated = [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
+    trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run))
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
-                       "data": data_fingerprint(training_paths(config) + evaluated)}, sort_keys=True)
+                       "data": data_fingerprint(trained + evaluated)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -176,21 +259,26 @@ def _claim_run_folder(folder: Path, key: str, say: Say) -> None:
 
 
 def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
-                reference_rows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                reference_rows: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
+                titles: dict[str, str] | None = None) -> dict[str, Any]:
     """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
 
-    `reference_rows` (e.g. a blind answer prior) join the table as extra rows, results in the shape
-    of one seed's.
+    `reference_rows` (e.g. a blind answer prior) join every table as extra rows, results in the
+    shape of one seed's. `key_pairs` (row, row) are the comparisons the report shows first;
+    `titles` head the tables (group -> title).
     """
     import vlbridge
+    from vlbridge.compare.evaluation import EncodedImages
     from vlbridge.compare.report import write_report
-    from vlbridge.train.checkpointing import latest_checkpoint
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     per_seed: dict[str, list[dict[str, Any]]] = {run.name: [] for run in config.runs}
     total, done = len(config.runs) * len(config.seeds), 0
-    progress = PhaseProgress(phase_plan(config), say, label=progress_label)
+    progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
+    encoded: dict[str, Any] = {}  # encoder key -> EncodedImages of the evaluation images
     for seed in config.seeds:
         for run in config.runs:
             done += 1
@@ -208,19 +296,18 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
             progress.start(f"{run.name} seed {seed}: evaluate")
             device = None if config.device == "auto" else config.device
             model = vlbridge.load(checkpoint, device=device)
-            result = {"seed": seed, "train": summary, "cost": llm_cost(model), "plan": {
+            result = {"seed": seed, "group": run.group, "train": summary, "cost": llm_cost(model), "plan": {
                 "trainable_params": model.plan.trainable_params, "visual_tokens": model.plan.connector_out.num_tokens}}
-            retrieval_model = None
-            if run.stage1_steps and any("retrieval" in e.tasks for e in config.evals):
-                # retrieval is the stage-1 model's job (ITC/ITM heads and the text side, which stage 2 neither trains nor saves)
-                retrieval_model = vlbridge.load(latest_checkpoint(checkpoint.parents[2] / "stage1"), stage=1, device=device)
-            result["eval"] = evaluate_run(config, model, config.evals, say, retrieval_model)
-            del retrieval_model
+            encoder = _encoder_key(resolve_assembly(run), config)
+            result["eval"] = evaluate_run(config, model, config.evals, say, encoded.setdefault(encoder, EncodedImages()))
+            del model
+            if run.stage1_steps:  # projectors and the no-stage-1 ablation have no trained ITC/ITM heads
+                for spec in (e for e in config.evals if e.captions and "retrieval" in e.tasks):
+                    result["eval"][spec.name]["retrieval"] = shared_retrieval(config, stage1_folder(config, run, seed), spec, say)
             atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
-            del model
     progress.finish()
     say(progress.line("done"))
-    for name, row in (reference_rows or {}).items():
-        per_seed[name] = [row]
-    return write_report(out, config.model_dump(mode="json"), per_seed, notes or [])
+    groups = {run.name: run.group for run in config.runs}
+    return write_report(out, config.model_dump(mode="json"), per_seed, notes or [], groups=groups,
+                        references=reference_rows or {}, key_pairs=key_pairs or [], titles=titles)
