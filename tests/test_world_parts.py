@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import vlbridge
 from vlbridge.errors import WeightsError
 from vlbridge.world.assets import PARTS, encoder_weights, part_dir, read_parts_manifest
+from vlbridge.world.language import QUESTION_KINDS
 
 PRESETS = ("world-qformer-opt", "world-qformer-flan-t5", "world-linear-opt", "world-mlp-opt")
 
@@ -83,12 +84,27 @@ def test_the_world_qformer_starts_from_the_shipped_bert():
 def test_the_manifest_says_how_the_parts_were_made_and_that_they_learned():
     manifest = read_parts_manifest()
     assert set(manifest["parts"]) == set(PARTS) and not manifest["quick"]
-    assert sum(p["bytes"] for p in manifest["parts"].values()) < 8_000_000
+    assert sum(p["bytes"] for p in manifest["parts"].values()) < 25_000_000  # issue 11: every world part together
     retrieval = manifest["parts"]["eva-vit-g"]["retrieval_zero_shot"]["val"]
     assert retrieval["image_to_text_r1"] > 10 / retrieval["candidates"]
     for part, key in (("opt", "val_perplexity"), ("flan-t5", "val_perplexity"), ("bert", "val_masked_perplexity")):
         numbers = manifest["parts"][part][key]
         assert numbers["after"] < numbers["before"] / 10, part
+
+
+# What the shipped readers measured with every caption in front (vlbridge.world.reading, 1500 val
+# questions): the floor they must keep. Issue 11 asks for 0.95 overall and 0.90 per category.
+READING_FLOORS = {"opt": (0.66, 0.48), "flan-t5": (0.58, 0.48)}
+
+
+@pytest.mark.parametrize("reader", sorted(READING_FLOORS))
+def test_the_manifest_says_the_readers_use_the_captions(reader):
+    accuracy = read_parts_manifest()["parts"][reader]["val_qa_accuracy"]
+    overall, per_kind = READING_FLOORS[reader]
+    read, blind = accuracy["with_captions"], accuracy["without_context"]
+    assert read["questions"] == blind["questions"] == 1500
+    assert read["overall"] >= overall and read["overall"] > blind["overall"] + 0.15, (read, blind)
+    assert min(read[kind] for kind in QUESTION_KINDS) >= per_kind, read
 
 
 def test_the_shipped_encoder_tells_a_changed_object_from_a_moved_one():
@@ -111,7 +127,7 @@ def test_the_shipped_encoder_tells_a_changed_object_from_a_moved_one():
 
     def closer_to_moved(encoder) -> float:
         with torch.no_grad():
-            a, m, e = (encoder(normalise(to_pixels([render_scene(s) for s in group], 64))).mean(1) for group in (anchors, moved, edited))
+            a, m, e = (encoder(normalise(to_pixels([render_scene(s, world.image_size) for s in group], world.image_size))).mean(1) for group in (anchors, moved, edited))
         cos = torch.nn.functional.cosine_similarity
         return (cos(a, m) > cos(a, e)).float().mean().item()
 
@@ -130,7 +146,7 @@ def test_world_presets_build_offline_and_run(preset):
     model = vlbridge.build(preset)
     assert model.encoder.opts.pretrained == str(part_dir("eva-vit-g")) and model.num_parameters(trainable=True) > 0
     assert torch.equal(model.encoder.pos_embed, load_file(str(encoder_weights()))["pos_embed"].float())
-    image = render_scene(make_image(WorldConfig(), "val", 0).scene)
+    image = render_scene(make_image(WorldConfig(), "val", 0).scene, WorldConfig().image_size)
     (answer,) = model.answer([image], "what color is the circle?", num_beams=1, max_new_tokens=3)
     assert isinstance(answer, str)
 
@@ -177,9 +193,9 @@ def test_train_parts_quick_end_to_end(tmp_path):
     assert main(["--out", str(tmp_path), "--quick"]) == 0
     manifest = read_parts_manifest(tmp_path)
     assert manifest["quick"] and set(manifest["parts"]) == set(PARTS)
-    opt = manifest["parts"]["opt"]  # pretraining, then the reading rounds, and the in-context QA check
-    assert opt["reading_rounds"] == [2, 2] and len(opt["reading_final_losses"]) == 2
-    assert {"with_captions", "without_context", "with_captions_before_reading_rounds"} <= set(opt["val_qa_accuracy"])
+    for reader in ("opt", "flan-t5"):  # trained to read captions, checked with them, without them, and along the way
+        numbers = manifest["parts"][reader]
+        assert {"with_captions", "without_context"} <= set(numbers["val_qa_accuracy"]) and numbers["val_qa_accuracy_with_captions_by_step"]
     encoder = build_encoder(EvaVitGOptions(pretrained=str(tmp_path / "eva-vit-g")))  # the directory, as the presets give it
     assert not torch.equal(encoder.pos_embed, build_encoder(EvaVitGOptions(pretrained=str(part_dir("eva-vit-g")))).pos_embed)  # not the shipped one
     assert build_opt(OPTOptions(model=str(tmp_path / "opt"))).newline_token_id is not None

@@ -25,7 +25,7 @@ class WorldConfig(BaseModel):
     val: int = Field(300, ge=0, description="validation images")
     test: int = Field(300, ge=0, description="test images (same distribution as train)")
     comp: int = Field(300, ge=0, description="compositional test images (each with a held-out colour+shape pair)")
-    image_size: int = Field(64, ge=16, le=1024, description="image side in pixels")
+    image_size: int = Field(64, ge=16, le=1024, description="image side in pixels (the shipped world encoder reads 64 px)")
     min_objects: int = Field(1, ge=1, le=GRID * GRID)
     max_objects: int = Field(4, ge=1, le=GRID * GRID)
     captions_per_image: int = Field(6, ge=1, le=6, description="captions per image, each from another template (6: one of each kind)")

@@ -13,6 +13,7 @@ drawn from the world by index; the encoder trains in a second process beside the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -27,9 +28,9 @@ from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PA
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
 
-SCRIPT_VERSION = 2  # 2: OPT pretrained 10x longer, then reading rounds until it answers from its context
-READING_ROUNDS = (1500, 3000)
+SCRIPT_VERSION = 4  # 4: the readers train on every caption in order (the probed form); OPT's answers weigh half its loss
 EVAL_IMAGES = {"full": 300, "quick": 8}
+MONITOR = {"images": 40, "every": 200}  # the readers' QA accuracy with captions, on val images, as training goes
 Log = Callable[[str], None]
 
 
@@ -40,8 +41,8 @@ def _recipes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"eva-vit-g": EncoderRecipe(steps=2, batch=8, warmup=1), "opt": TextRecipe(steps=2, batch=2, warmup=1),
                 "flan-t5": TextRecipe(steps=2, batch=4, warmup=1), "bert": TextRecipe(steps=2, batch=8, warmup=1)}
-    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=1500, batch=8, lr=3e-3, warmup=50),
-            "flan-t5": TextRecipe(steps=150, batch=32, lr=3e-3), "bert": TextRecipe(steps=150, batch=64, lr=2e-3)}
+    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=1300, batch=32, lr=2e-3, warmup=100),
+            "flan-t5": TextRecipe(steps=1400, batch=32, lr=2e-3, warmup=50), "bert": TextRecipe(steps=150, batch=64, lr=2e-3)}
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -53,10 +54,12 @@ def _folder_bytes(path: Path) -> int:
 
 
 def train_encoder_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
-    """CLIP-train the encoder; verify by zero-shot retrieval on val and on the held-out split."""
+    """CLIP-train the encoder; verify by zero-shot retrieval on val and on the held-out split, and
+    by linear probes of each object's attributes (fit on train images, scored on test images)."""
     from safetensors.torch import save_file
 
     from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
+    from vlbridge.world.encoder_probe import probe_encoder
     from vlbridge.world.train_encoder import attribute_probe, retrieval, train_encoder
 
     encoder, clip, vocab = train_encoder(EvaVitGOptions(variant="tiny", **architectures.ENCODER), world, recipe, seed, log)
@@ -65,10 +68,13 @@ def train_encoder_part(out: Path, world: WorldConfig, recipe: Any, seed: int, ev
     save_file({k: v.half().contiguous() for k, v in encoder.state_dict().items()}, str(folder / ENCODER_FILE))
     config = {"model_type": ENCODER_MODEL_TYPE, **architectures.ENCODER}  # eva-vit-g reads its architecture from here
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    encoder.half().float()  # measured as shipped
+    linear = probe_encoder(encoder, world, train=10 * eval_images, test=eval_images)
     checks = {split: retrieval(clip, vocab, world, split, eval_images) for split in ("val", "comp")}
     probe = attribute_probe(clip, vocab, world, "val", eval_images)
-    return {"params": _params(encoder), "steps": recipe.steps, "batch": recipe.batch, "retrieval_zero_shot": checks,
-            "caption_vs_edited_caption_val": probe}
+    return {"params": _params(encoder), "recipe": dataclasses.asdict(recipe), "tokens": encoder.num_tokens,
+            "image_size": world.image_size, "retrieval_zero_shot": checks, "caption_vs_edited_caption_val": probe,
+            "linear_probe_test": linear}
 
 
 def _save_hf(model: Any, tokenizer: Any, folder: Path) -> None:
@@ -76,12 +82,28 @@ def _save_hf(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def _reader_checks(model: Any, tokenizer: Any, world: WorldConfig, eval_images: int) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """A monitor for `fit` (overall accuracy with captions on a few val images) and the final
+    numbers: every question of `eval_images` val images, with all captions and with none."""
+    from vlbridge.world.generate import make_image
+    from vlbridge.world.reading import qa_accuracy
+
+    few = [make_image(world, "val", i) for i in range(min(MONITOR["images"], eval_images))]
+    monitor = lambda: qa_accuracy(model, tokenizer, few, True)["overall"]  # noqa: E731
+
+    def final() -> dict[str, Any]:
+        images = [make_image(world, "val", i) for i in range(eval_images)]
+        return {"with_captions": qa_accuracy(model, tokenizer, images, True), "without_context": qa_accuracy(model, tokenizer, images, False),
+                "images": len(images), "questions_per_image": world.questions_per_image}
+
+    return monitor, final
+
+
 def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
+    """Language modelling and reading at once: documents of captions then answered questions."""
     from transformers import AutoTokenizer
 
-    from vlbridge.world.generate import make_image
-    from vlbridge.world.train_text import (build_opt, context_qa_accuracy, fit, opt_blocks, opt_stream, padded_lm_batches,
-                                           perplexity, reading_batches, TextRecipe)
+    from vlbridge.world.train_text import BLIND, LM_SHARE, build_opt, fit, padded_lm_batches, perplexity, reading_batches, reading_loss
 
     folder = out / "opt"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -89,35 +111,25 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     model = build_opt(tokenizer)
     val = padded_lm_batches(tokenizer, documents(world, "val", 0, eval_images))
     before = perplexity(model, val)
-    block = model.config.max_position_embeddings
-    stream = opt_stream(tokenizer, documents(world, "pretrain", 30_000_000, max(4, recipe.steps * recipe.batch * block // 140)))
-    loss = fit(model, opt_blocks(stream, block, recipe.batch), recipe, "opt", log)
+    monitor, final = _reader_checks(model, tokenizer, world, eval_images)
+    loss, curve = fit(model, reading_batches(tokenizer, world, recipe.batch), recipe, "opt", log, reading_loss, monitor, MONITOR["every"])
     after = perplexity(model, val)
-    probe = [make_image(world, "val", i) for i in range(max(1, eval_images // 3))]
-    reading_before = context_qa_accuracy(model, tokenizer, probe, True)
-    reading_losses = []
-    for steps in recipe_reading(recipe):  # rounds, each with its own schedule, weights rounded to fp16 between them
-        # instruction-tune the LM to answer from its context (as FlanT5 was tuned on reading tasks); text only
-        round_recipe = TextRecipe(steps=steps, batch=16, lr=1e-3, warmup=min(50, steps - 1))
-        reading_losses.append(round(fit(model, reading_batches(tokenizer, world, 16), round_recipe, "opt reading", log), 4))
-        model.half().float()
-    reading = {"with_captions_before_reading_rounds": reading_before, "with_captions": context_qa_accuracy(model, tokenizer, probe, True),
-               "without_context": context_qa_accuracy(model, tokenizer, probe, False), "images": len(probe)}
+    model.half().float()  # measured as shipped
+    accuracy = final()
     _save_hf(model, tokenizer, folder)
-    return {"params": _params(model), "steps": recipe.steps, "batch_tokens": recipe.batch * block, "final_loss": round(loss, 4),
-            "val_perplexity": {"before": before, "after": after}, "reading_rounds": list(recipe_reading(recipe)),
-            "reading_final_losses": reading_losses, "val_qa_accuracy": reading}
-
-
-def recipe_reading(recipe: Any) -> tuple[int, ...]:
-    """Steps of each reading round (batch 16, lr 1e-3): what the shipped OPT went through."""
-    return (2, 2) if recipe.steps <= 2 else READING_ROUNDS
+    return {"params": _params(model), "recipe": dataclasses.asdict(recipe), "final_loss": round(loss, 4),
+            "data": f"reading documents: all captions in order (none for {BLIND:.0%}), then 1-5 answered questions; "
+                    f"loss: mean on answer tokens + {LM_SHARE} x mean on the other tokens (language modelling)",
+            "val_perplexity": {"before": before, "after": after}, "val_qa_accuracy_with_captions_by_step": curve,
+            "val_qa_accuracy": accuracy}
 
 
 def train_t5_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
+    """Reading (captions + question -> answer) for three quarters of the batches; question answering
+    and caption completion (prefix-LM), some led by unrelated documents, for the rest."""
     from transformers import AutoTokenizer
 
-    from vlbridge.world.train_text import build_t5, fit, perplexity, t5_batches, t5_pairs
+    from vlbridge.world.train_text import build_t5, fit, perplexity, t5_batches, t5_pairs, t5_reading_pairs, READING_START
 
     folder = out / "flan-t5"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -127,15 +139,23 @@ def train_t5_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_im
     val_pairs = t5_pairs(captions_of(world, "val", 0, eval_images), qa_pairs(world, "val", 0, eval_images), [], random.Random(0), 0)
     val = t5_batches(tokenizer, val_pairs, min(32, len(val_pairs)))
     before = perplexity(model, val)
-    images = max(2, recipe.steps * recipe.batch // 10)
-    captions = captions_of(world, "pretrain", 40_000_000, images)
-    pairs = t5_pairs(captions, qa_pairs(world, "pretrain", 40_000_000, images), documents(world, "pretrain", 45_000_000, 200), rng, 6)
-    batches = t5_batches(tokenizer, pairs, recipe.batch)
-    loss = fit(model, lambda step: batches[step % len(batches)], recipe, "flan-t5", log)
+    samples = recipe.steps * recipe.batch
+    reading = t5_reading_pairs(world, READING_START, max(2, samples * 3 // 8), rng)  # two per image
+    images = max(2, samples // 44)  # 11 pairs per image
+    captions = captions_of(world, "pretrain", 45_000_000, images)
+    pairs = t5_pairs(captions, qa_pairs(world, "pretrain", 45_000_000, images), documents(world, "pretrain", 46_000_000, 200), rng, 6)
+    batches = t5_batches(tokenizer, reading, recipe.batch) + t5_batches(tokenizer, pairs, recipe.batch)  # alike lengths: little padding
+    rng.shuffle(batches)
+    monitor, final = _reader_checks(model, tokenizer, world, eval_images)
+    loss, curve = fit(model, lambda step: batches[step % len(batches)], recipe, "flan-t5", log, monitor=monitor, every=MONITOR["every"])
     after = perplexity(model, val)
+    model.half().float()  # measured as shipped
+    accuracy = final()
     _save_hf(model, tokenizer, folder)
-    return {"params": _params(model), "steps": recipe.steps, "batch": recipe.batch, "final_loss": round(loss, 4),
-            "val_perplexity": {"before": before, "after": after}}
+    return {"params": _params(model), "recipe": dataclasses.asdict(recipe), "final_loss": round(loss, 4),
+            "data": f"{len(reading)} reading pairs, {len(pairs)} question-answering and caption-completion pairs, in batches of one kind",
+            "val_perplexity": {"before": before, "after": after}, "val_qa_accuracy_with_captions_by_step": curve,
+            "val_qa_accuracy": accuracy}
 
 
 def train_bert_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
@@ -154,7 +174,7 @@ def train_bert_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_
     before = perplexity(model, val)
     docs = [d.removeprefix("Question: ").replace(" Short answer:", "") for d in documents(world, "pretrain", 50_000_000, max(2, recipe.steps * recipe.batch // 10))]
     generator = torch.Generator().manual_seed(seed)
-    loss = fit(model, lambda step: mlm_batch(tokenizer, [docs[(step * recipe.batch + k) % len(docs)] for k in range(recipe.batch)], generator, length),
+    loss, _ = fit(model, lambda step: mlm_batch(tokenizer, [docs[(step * recipe.batch + k) % len(docs)] for k in range(recipe.batch)], generator, length),
                recipe, "bert", log)
     after = perplexity(model, val)
     _save_hf(model, tokenizer, folder)

@@ -37,26 +37,38 @@ class TextRecipe:
     weight_decay: float = 0.01
 
 
-def fit(model: Any, make_batch: Callable[[int], Batch], recipe: TextRecipe, name: str, log: Callable[[str], None]) -> float:
-    """Train `model` on `make_batch(step)` for the recipe's steps; return the final loss."""
+def model_loss(model: Any, batch: Batch) -> torch.Tensor:
+    """The model's own loss on the batch (mean cross-entropy over its labels)."""
+    return model(**batch).loss
+
+
+def fit(model: Any, make_batch: Callable[[int], Batch], recipe: TextRecipe, name: str, log: Callable[[str], None],
+        loss_of: Callable[[Any, Batch], torch.Tensor] = model_loss, monitor: Callable[[], Any] | None = None,
+        every: int = 0) -> tuple[float, dict[int, Any]]:
+    """Train `model` on `make_batch(step)` for the recipe's steps; return the final loss and what
+    `monitor()` said every `every` steps and at the end (how a skill grows with the steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     model.train()
-    start, loss = time.perf_counter(), torch.tensor(float("nan"))
+    start, loss, seen = time.perf_counter(), torch.tensor(float("nan")), {}
     for step in range(recipe.steps):
         progress = max(0, step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
         scale = (step + 1) / recipe.warmup if step < recipe.warmup else 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * scale
-        loss = model(**make_batch(step)).loss
+        loss = loss_of(model, make_batch(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 50 == 0 or step == recipe.steps - 1:
             log(f"{name} step {step}/{recipe.steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+        if monitor is not None and ((every and (step + 1) % every == 0) or step == recipe.steps - 1):
+            seen[step + 1] = monitor()
+            log(f"{name} after {step + 1} steps: {seen[step + 1]}")
+            model.train()
     model.eval()
-    return float(loss.item())
+    return float(loss.item()), seen
 
 
 @torch.no_grad()
@@ -74,56 +86,51 @@ def perplexity(model: Any, batches: list[Batch]) -> float:
 # -- OPT ----------------------------------------------------------------------------------------
 
 
-READING_START = 40_000_000  # pretrain-stream images the reading rounds draw from (after the LM's documents)
+READING_START = 40_000_000  # pretrain-stream images the reading documents draw from
+LM_SHARE = 0.5  # the caption-and-question language loss's weight against the answers' loss (1)
+BLIND = 0.05  # share of OPT documents with no captions: question answering alone, the blind prior
 
 
-def reading_example(tokenizer: Any, world: Any, index: int, rng: random.Random) -> tuple[list[int], list[int]]:
-    """One reading-comprehension sample: 1-5 shuffled captions of a pretrain-stream image, then one
-    of its (10) questions; labels only on the answer and its newline."""
+def reading_document(tokenizer: Any, image: Any, rng: random.Random, questions: int) -> tuple[list[int], list[bool]]:
+    """One OPT sequence: every caption in order as probed (none for a BLIND share), then
+    1..`questions` of the image's questions, each answered; the mask marks the answer tokens."""
+    from vlbridge.world.reading import opt_answer, opt_context, opt_question
+
+    ids = opt_context(tokenizer, [] if rng.random() < BLIND else image.captions)
+    answers = [False] * len(ids)
+    for qa in rng.sample(image.qas, rng.randint(1, questions)):
+        question, answer = opt_question(tokenizer, qa.question), opt_answer(tokenizer, qa.answer)
+        ids += question + answer
+        answers += [False] * len(question) + [True] * len(answer)
+    return ids, answers
+
+
+def reading_batches(tokenizer: Any, world: Any, batch: int, questions: int = 5) -> Callable[[int], Batch]:
+    """`fit`'s batch `step`: reading documents of pretrain-stream images (10 questions each to
+    choose from), right-padded; "answers" marks the answer tokens."""
     from vlbridge.world.generate import make_image
 
-    image = make_image(world, "pretrain", READING_START + index)
-    captions = list(image.captions)
-    rng.shuffle(captions)
-    captions = captions[: rng.randint(1, len(captions))]
-    context = [t for c in captions for t in tokenizer(c + "\n")["input_ids"]]
-    qa = rng.choice(image.qas)
-    question = tokenizer(VQA_PROMPT.format(qa.question))["input_ids"]
-    answer = tokenizer(" " + qa.answer + "\n", add_special_tokens=False)["input_ids"]
-    return context + question + answer, [-100] * (len(context) + len(question)) + answer
-
-
-def reading_batches(tokenizer: Any, world: Any, batch: int) -> Callable[[int], Batch]:
-    """`fit`'s batch `step`: reading samples (see reading_example), right-padded, answers labelled."""
     world = world.model_copy(update={"questions_per_image": 10})
     rng = random.Random(0)  # steps are asked for in order, so the draws follow the step number
 
     def make(step: int) -> Batch:
-        samples = [reading_example(tokenizer, world, step * batch + j, rng) for j in range(batch)]
+        samples = [reading_document(tokenizer, make_image(world, "pretrain", READING_START + step * batch + j), rng, questions)
+                   for j in range(batch)]
         length = max(len(ids) for ids, _ in samples)
         return {"input_ids": torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i, _ in samples]),
                 "attention_mask": torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in samples]),
-                "labels": torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in samples])}
+                "answers": torch.tensor([a + [False] * (length - len(a)) for _, a in samples])}
 
     return make
 
 
-@torch.no_grad()
-def context_qa_accuracy(model: Any, tokenizer: Any, images: list[Any], with_context: bool) -> float:
-    """Exact-match accuracy of greedy answers to each image's questions, after its captions (as
-    the stream shows them) or with no context. The gap between the two is what a soft visual
-    prompt can hope to use: an LLM that does not read its context ignores any bridge."""
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
-    right = total = 0
-    for image in images:
-        context = [t for c in image.captions for t in tokenizer(c + "\n")["input_ids"]] if with_context else []
-        for qa in image.qas:
-            ids = torch.tensor([context + tokenizer(VQA_PROMPT.format(qa.question))["input_ids"]])
-            out = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=newline, pad_token_id=tokenizer.pad_token_id)
-            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-            right += answer == qa.answer
-            total += 1
-    return round(right / max(1, total), 4)
+def reading_loss(model: Any, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy on the answer tokens, plus LM_SHARE times the mean on every
+    other real token: answers are a few tokens among a hundred, and would drown in one mean."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten(), reduction="none")
+    answers, real = batch["answers"][:, 1:].flatten(), batch["attention_mask"][:, 1:].flatten().bool()
+    return loss[answers].mean() + LM_SHARE * loss[real & ~answers].mean()
 
 
 def build_opt(tokenizer: Any) -> Any:
@@ -134,24 +141,6 @@ def build_opt(tokenizer: Any) -> Any:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     return OPTForCausalLM(config)
-
-
-def opt_stream(tokenizer: Any, docs: list[str]) -> list[int]:
-    """Every document as OPT sees one ("</s>" + text + "\\n"), concatenated."""
-    ids = tokenizer([d + "\n" for d in docs])["input_ids"]
-    return [token for row in ids for token in row]
-
-
-def opt_blocks(stream: list[int], block: int, batch: int) -> Callable[[int], Batch]:
-    """Batch `step`: consecutive `block`-token windows of the stream (wrapping around)."""
-    blocks = len(stream) // block
-
-    def make(step: int) -> Batch:
-        rows = [stream[((step * batch + k) % blocks) * block:][:block] for k in range(batch)]
-        ids = torch.tensor(rows)
-        return {"input_ids": ids, "labels": ids.clone()}
-
-    return make
 
 
 def padded_lm_batches(tokenizer: Any, docs: list[str], size: int = 64) -> list[Batch]:
@@ -201,6 +190,20 @@ def t5_pairs(captions: list[str], qa: list[tuple[str, str]], context: list[str],
         lead = rng.sample(context, rng.randint(1, max_context)) if rng.random() < 0.5 else []
         led.append((" ".join([*lead, source]), target))
     return led
+
+
+def t5_reading_pairs(world: Any, first: int, count: int, rng: random.Random, questions: int = 2) -> list[tuple[str, str]]:
+    """(captions + question, answer) pairs: FlanT5's reading rounds, `questions` per image of
+    `count` pretrain-stream images, each led by all the image's captions in order (as probed)."""
+    from vlbridge.world.generate import make_image
+    from vlbridge.world.reading import t5_source
+
+    world = world.model_copy(update={"questions_per_image": 10})
+    pairs = []
+    for index in range(first, first + count):
+        image = make_image(world, "pretrain", index)
+        pairs += [(t5_source(image.captions, qa.question), qa.answer) for qa in rng.sample(image.qas, questions)]
+    return pairs
 
 
 def t5_batches(tokenizer: Any, pairs: list[tuple[str, str]], size: int) -> list[Batch]:
