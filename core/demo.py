@@ -136,8 +136,16 @@ def demo_evals(world: Path, plan: DemoPlan) -> list[EvalSet]:
             for split in ("test", "comp")]
 
 
+def default_jobs() -> int:
+    """Worker processes for the demo: one per core this process may use, at most 2 (the budget's machine)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
 def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], only: list[str] | None = None,
-                llm: str = "opt") -> tuple[CompareConfig, DemoPlan]:
+                llm: str = "opt", jobs: int | None = None) -> tuple[CompareConfig, DemoPlan]:
     """The comparison the demo runs (see the module docstring)."""
     plan = QUICK if quick else FULL
     world = out / "world"
@@ -154,7 +162,7 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
         stage1_data=captions, stage2_data=captions, evals=demo_evals(world, plan), seeds=seeds, batch_size=plan.batch,
         stage1_objective={"max_text_tokens": plan.text_tokens}, stage2_objective={"loss_average": "samples"}, lr=2e-3,
         warmup_steps=max(1, plan.stage1_steps // 10), features=True, caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT,
-        generation=GENERATION, output_dir=str(out), device="cpu", threads=1,
+        generation=GENERATION, output_dir=str(out), device="cpu", threads=1, jobs=jobs or default_jobs(),
     )
     return config, plan
 
@@ -192,13 +200,14 @@ def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: 
 
 
 def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None,
-             only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt") -> dict[str, Any]:
-    """Generate (or reuse) the world of `world_seed`, train and score every run, write the report."""
+             only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt", jobs: int | None = None) -> dict[str, Any]:
+    """Generate (or reuse) the world of `world_seed`, train and score every run (in `jobs` processes,
+    default: one per core up to 2), write the report."""
     from vlbridge.compare.baselines import blind_row
     from vlbridge.compare.runner import run_compare
 
     out = Path(out)
-    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm)
+    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs)
     ensure_world(out / "world", plan.world, world_seed, say)
     supervised_texts(out / "world")
     blind = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json")}

@@ -26,7 +26,7 @@ TOKENS = {"qformer-32q": 32, "qformer-32q-no-stage1": 32, "qformer-8q": 8, "line
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--jobs", "2"]) == 0  # two worker processes (see the last tests)
     return out
 
 
@@ -95,6 +95,26 @@ def test_rerun_reuses_everything(demo_out: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "reusing the world" in err and "reusing its results" in err
     assert "caching frozen encoder features" not in err and "stage 2, " not in err  # nothing trained again
+
+
+def test_two_workers_give_what_one_process_gives(demo_out: Path, capsys: pytest.CaptureFixture[str]):
+    """The fixture ran in two worker processes; the linear run, done again in this process alone,
+    must give the same training loss and the same answers."""
+    import shutil
+
+    results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
+    capsys.readouterr()
+    assert results["config"]["jobs"] == 2
+    shutil.rmtree(demo_out / "runs" / "linear")
+    assert main(["demo", "--quick", "--out", str(demo_out), "--runs", "linear", "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "linear (seed 0): stage 2, " in err and "[worker" not in err  # trained again, here
+    again = json.loads((demo_out / "runs" / "linear" / "seed-0" / "result.json").read_text(encoding="utf-8"))["result"]
+    (before,) = results["runs"]["linear"]
+    assert again["train"]["stage2"]["loss"] == pytest.approx(before["train"]["stage2"]["loss"], rel=1e-6)
+    for split in ("test", "comp"):
+        assert again["eval"][split]["vqa"]["items"] == before["eval"][split]["vqa"]["items"]
+    assert again["eval"]["test"]["caption"]["CIDEr"] == pytest.approx(before["eval"]["test"]["caption"]["CIDEr"])
 
 
 def test_unknown_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -23,6 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="generate and use another world (same frozen parts; default 0): do the effects hold there too?")
     d.add_argument("--llm", choices=["opt", "flan-t5"], default="opt",
                    help="the frozen world LLM every run bridges to: OPT (decoder-only, default) or FlanT5 (encoder-decoder)")
+    d.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes training runs side by side (default: one per core, at most 2); results do not depend on it")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot")
     c.add_argument("config", metavar="CONFIG.yaml")
@@ -36,8 +38,10 @@ def _say(message: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlbridge.demo import run_demo
 
+    if args.jobs is not None and not 1 <= args.jobs <= 64:
+        raise VLBridgeError(f"--jobs must be between 1 and 64 worker processes, got {args.jobs}")
     results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
-                       world_seed=args.world_seed, llm=args.llm)
+                       world_seed=args.world_seed, llm=args.llm, jobs=args.jobs)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     trained = [name for name in results["runs"] if name not in results["references"]]
     print(f"wrote {args.out}/report.md, results.json and report.png ({len(trained)} runs)")

@@ -66,6 +66,9 @@ class CompareConfig(Strict):
     threads: int | None = Field(None, ge=1, description=(
         "torch CPU threads for the whole comparison (null: torch's default); small models on a busy machine often run "
         "several times faster with 1, as idle threads spin waiting for a core"))
+    jobs: int = Field(1, ge=1, le=64, description=(
+        "worker processes training and evaluating runs side by side, each with `threads` threads (runs that share a "
+        "stage 1 go to the same worker); results do not depend on it"))
 
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":

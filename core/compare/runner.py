@@ -230,7 +230,7 @@ RESULT_FILE = "result.json"
 def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     """What a run's stored result depends on: the run, its seed, and everything shared that shapes
     training or evaluation (not the other runs, the output folder or the title)."""
-    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir"})
+    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs"})
     evaluated = [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
     trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run))
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
@@ -258,18 +258,12 @@ def _claim_run_folder(folder: Path, key: str, say: Say) -> None:
         atomic_write_text(key_file, key + "\n")
 
 
-def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
-                reference_rows: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
-                titles: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
-
-    `reference_rows` (e.g. a blind answer prior) join every table as extra rows, results in the
-    shape of one seed's. `key_pairs` (row, row) are the comparisons the report shows first;
-    `titles` head the tables (group -> title).
-    """
+def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseProgress | None = None,
+                       only: set[tuple[str, int]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Train and evaluate every run for every seed in this process (a stored result is reused), or
+    only the (run, seed) pairs of `only`; returns run name -> one result per seed done."""
     import vlbridge
     from vlbridge.compare.evaluation import EncodedImages
-    from vlbridge.compare.report import write_report
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,23 +271,28 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
         torch.set_num_threads(config.threads)
     per_seed: dict[str, list[dict[str, Any]]] = {run.name: [] for run in config.runs}
     total, done = len(config.runs) * len(config.seeds), 0
-    progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
     encoded: dict[str, Any] = {}  # encoder key -> EncodedImages of the evaluation images
+    if only is not None:
+        total = len(only)
     for seed in config.seeds:
         for run in config.runs:
+            if only is not None and (run.name, seed) not in only:
+                continue
             done += 1
             result_file = out / "runs" / run.name / f"seed-{seed}" / RESULT_FILE
             key = run_key(config, run, seed)
             stored = _stored_result(result_file, key)
             if stored is not None:
                 say(f"[{done}/{total}] {run.name}, seed {seed}: reusing its results ({result_file})")
-                progress.skip(run.name, seed)
+                if progress is not None:
+                    progress.skip(run.name, seed)
                 per_seed[run.name].append(stored)
                 continue
             say(f"[{done}/{total}] {run.name}, seed {seed}")
             _claim_run_folder(result_file.parent, key, say)
             checkpoint, summary = train_run(config, run, seed, say, progress)
-            progress.start(f"{run.name} seed {seed}: evaluate")
+            if progress is not None:
+                progress.start(f"{run.name} seed {seed}: evaluate")
             device = None if config.device == "auto" else config.device
             model = vlbridge.load(checkpoint, device=device)
             result = {"seed": seed, "group": run.group, "train": summary, "cost": llm_cost(model), "plan": {
@@ -306,6 +305,27 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
                     result["eval"][spec.name]["retrieval"] = shared_retrieval(config, stage1_folder(config, run, seed), spec, say)
             atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
+    return per_seed
+
+
+def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
+                reference_rows: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
+                titles: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
+
+    With `config.jobs` > 1 the runs are shared out to worker processes first (each stores its
+    results; this process then reads them back). `reference_rows` (e.g. a blind answer prior) join
+    every table as extra rows, results in the shape of one seed's. `key_pairs` (row, row) are the
+    comparisons the report shows first; `titles` head the tables (group -> title).
+    """
+    from vlbridge.compare.report import write_report
+    from vlbridge.compare.workers import run_in_workers
+
+    out = Path(config.output_dir)
+    if config.jobs > 1:
+        run_in_workers(config, say)
+    progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
+    per_seed = train_and_evaluate(config, say, progress)
     progress.finish()
     say(progress.line("done"))
     groups = {run.name: run.group for run in config.runs}
