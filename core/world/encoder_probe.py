@@ -84,7 +84,7 @@ def world_tokens(encoder: nn.Module, world: WorldConfig, split: str, count: int)
     return encode(encoder, [render_scene(s, world.image_size) for s in scenes], scenes)
 
 
-def probe_encoder(encoder: nn.Module, world: WorldConfig, train: int = 3000, test: int = 300, steps: int = 300,
+def probe_encoder(encoder: nn.Module, world: WorldConfig, train: int = 3000, test: int = 300, steps: int = 3000,
                   seed: int = 0) -> dict[str, float]:
     """Fit the linear probes on the train split's tokens and score them on the test split's."""
     return fit_probe(world_tokens(encoder, world, "train", train), world_tokens(encoder, world, "test", test), steps, seed)

@@ -41,7 +41,7 @@ def _recipes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"eva-vit-g": EncoderRecipe(steps=2, batch=8, warmup=1), "opt": TextRecipe(steps=2, batch=2, warmup=1),
                 "flan-t5": TextRecipe(steps=2, batch=4, warmup=1), "bert": TextRecipe(steps=2, batch=8, warmup=1)}
-    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=1300, batch=32, lr=2e-3, warmup=100),
+    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=3000, batch=32, lr=2e-3, warmup=100),
             "flan-t5": TextRecipe(steps=1400, batch=32, lr=2e-3, warmup=50), "bert": TextRecipe(steps=150, batch=64, lr=2e-3)}
 
 
