@@ -39,7 +39,7 @@ def folder_tokens(encoder: torch.nn.Module, world: Path, split: str, count: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", type=Path, default=None, help="encoder directory (default: the shipped world encoder)")
-    parser.add_argument("--world", type=Path, default=None, help="a generated world folder (scenes_*.json, images/); default: draw from WorldConfig()")
+    parser.add_argument("--world", type=Path, default=None, help="a generated world folder (scenes_*.json, images/); default: draw from WorldConfig() at the encoder's image size")
     parser.add_argument("--train", type=int, default=3000, help="training images of the probe")
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--steps", type=int, default=3000, help="full-batch steps of each linear probe (3000: converged; 300 reads shape 8 points low)")
@@ -51,7 +51,7 @@ def main() -> None:
     folder = args.encoder or part_dir("eva-vit-g")
     encoder = build(EvaVitGOptions(pretrained=str(folder)))  # its config.json decides the architecture
     if args.world is None:
-        world = WorldConfig()
+        world = WorldConfig(image_size=encoder.opts.resolved_image_size)  # drawn at the size the encoder reads
         train, test = (world_tokens(encoder, world, split, n) for split, n in (("train", args.train), ("test", args.test)))
     else:
         train, test = (folder_tokens(encoder, args.world, split, n) for split, n in (("train", args.train), ("test", args.test)))
