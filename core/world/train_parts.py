@@ -28,7 +28,7 @@ from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PA
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
 
-SCRIPT_VERSION = 4  # 4: the readers train on every caption in order (the probed form); OPT's answers weigh half its loss
+SCRIPT_VERSION = 5  # 5: OPT's reading documents come in two styles (train_text.READING_STYLES); "lm" ships
 EVAL_IMAGES = {"full": 300, "quick": 8}
 MONITOR = {"images": 40, "every": 200}  # the readers' QA accuracy with captions, on val images, as training goes
 Log = Callable[[str], None]
@@ -41,7 +41,7 @@ def _recipes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"eva-vit-g": EncoderRecipe(steps=2, batch=8, warmup=1), "opt": TextRecipe(steps=2, batch=2, warmup=1),
                 "flan-t5": TextRecipe(steps=2, batch=4, warmup=1), "bert": TextRecipe(steps=2, batch=8, warmup=1)}
-    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=3000, batch=32, lr=2e-3, warmup=100),
+    return {"eva-vit-g": EncoderRecipe(), "opt": TextRecipe(steps=1400, batch=32, lr=2e-3, warmup=100, reading="lm"),
             "flan-t5": TextRecipe(steps=1400, batch=32, lr=2e-3, warmup=50), "bert": TextRecipe(steps=150, batch=64, lr=2e-3)}
 
 
@@ -103,7 +103,8 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     """Language modelling and reading at once: documents of captions then answered questions."""
     from transformers import AutoTokenizer
 
-    from vlbridge.world.train_text import BLIND, LM_SHARE, build_opt, fit, padded_lm_batches, perplexity, reading_batches, reading_loss
+    from vlbridge.world.train_text import (ANSWER_WEIGHT, LM_SHARE, READING_STYLES, build_opt, fit, padded_lm_batches, perplexity,
+                                           reading_batches, reading_loss)
 
     folder = out / "opt"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -112,16 +113,24 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     val = padded_lm_batches(tokenizer, documents(world, "val", 0, eval_images))
     before = perplexity(model, val)
     monitor, final = _reader_checks(model, tokenizer, world, eval_images)
-    loss, curve = fit(model, reading_batches(tokenizer, world, recipe.batch), recipe, "opt", log, reading_loss, monitor, MONITOR["every"])
+    loss_of = lambda m, b: reading_loss(m, b, recipe.reading)  # noqa: E731
+    loss, curve = fit(model, reading_batches(tokenizer, world, recipe.batch, recipe.reading), recipe, "opt", log, loss_of, monitor, MONITOR["every"])
     after = perplexity(model, val)
     model.half().float()  # measured as shipped
     accuracy = final()
     _save_hf(model, tokenizer, folder)
     return {"params": _params(model), "recipe": dataclasses.asdict(recipe), "final_loss": round(loss, 4),
-            "data": f"reading documents: all captions in order (none for {BLIND:.0%}), then 1-5 answered questions; "
-                    f"loss: mean on answer tokens + {LM_SHARE} x mean on the other tokens (language modelling)",
+            "data": _reading_data(recipe.reading, READING_STYLES[recipe.reading], ANSWER_WEIGHT, LM_SHARE),
             "val_perplexity": {"before": before, "after": after}, "val_qa_accuracy_with_captions_by_step": curve,
             "val_qa_accuracy": accuracy}
+
+
+def _reading_data(style: str, form: dict[str, Any], answer_weight: float, lm_share: float) -> str:
+    """The manifest's words for OPT's reading documents and loss."""
+    order = "all captions in order, or the scene caption first and the rest shuffled" if form["shuffle"] else "all captions in order"
+    loss = (f"every token is LM loss, answer tokens weigh {answer_weight}" if style == "lm" else
+            f"mean on answer tokens + {lm_share} x mean on the other tokens (language modelling)")
+    return f"reading documents ({style!r}): {order} (none for {form['blind']:.0%}), then 1-{form['questions']} answered questions; loss: {loss}"
 
 
 def train_t5_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_images: int, log: Log) -> dict[str, Any]:
