@@ -56,9 +56,10 @@ class DemoPlan(BaseModel):
 # FULL, measured in CPU seconds on one thread: evaluating a run on every test and compositional
 # image (300 each, 1,500 questions each: the intervals' width) costs about 25 s, retrieval 12 s more
 # per stage 1; a batch-32 step about 0.8 s in stage 1, 0.45 s in stage 2 (0.5 s for the projectors'
-# 65 tokens). Evaluation is the floor; the optimizer steps fill the rest of 8 minutes.
+# 65 tokens). Evaluation is the floor; the optimizer steps fill the rest of 8 minutes on 2 cores,
+# where two worker processes share the runs (about 6 CPU minutes each).
 FULL = DemoPlan(world={"train": 1000, "val": 8, "test": 300, "comp": 300, "questions_per_image": 5},
-                stage1_steps=40, stage2_steps=60, batch=32, retrieval_k=4, supervised=("qformer-32q",))
+                stage1_steps=80, stage2_steps=120, batch=32, retrieval_k=4, supervised=("qformer-32q",))
 QUICK = DemoPlan(world={"train": 192, "val": 8, "test": 32, "comp": 16, "questions_per_image": 5},
                  stage1_steps=24, stage2_steps=24, batch=16, retrieval_k=4, supervised=("qformer-32q",))
 GENERATION = {"num_beams": 1, "max_new_tokens": 30}  # greedy; 30 tokens hold a four-object scene caption (VQA: 5)
@@ -202,7 +203,8 @@ def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: 
 def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None,
              only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt", jobs: int | None = None) -> dict[str, Any]:
     """Generate (or reuse) the world of `world_seed`, train and score every run (in `jobs` processes,
-    default: one per core up to 2), write the report."""
+    default: one per core up to 2), write the report. Worker processes are spawned: a script that
+    calls this with `jobs` > 1 needs Python's `if __name__ == "__main__":` guard."""
     from vlbridge.compare.baselines import blind_row
     from vlbridge.compare.runner import run_compare
 
