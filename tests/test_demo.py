@@ -122,6 +122,11 @@ def test_unknown_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "unknown demo run" in capsys.readouterr().err
 
 
+def test_jobs_out_of_range_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "0"]) == 2
+    assert "--jobs must be between 1 and 64" in capsys.readouterr().err
+
+
 def test_full_plan_is_the_documented_protocol_and_power():
     config, plan = demo_config(Path("out"), quick=False, seeds=[0], queries=[8, 32])
     assert [r.name for r in config.runs] == ZERO_SHOT + ["qformer-32q-sup"]

@@ -36,10 +36,11 @@ def _say(message: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from vlbridge.compare.config import MAX_JOBS
     from vlbridge.demo import run_demo
 
-    if args.jobs is not None and not 1 <= args.jobs <= 64:
-        raise VLBridgeError(f"--jobs must be between 1 and 64 worker processes, got {args.jobs}")
+    if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
+        raise VLBridgeError(f"--jobs must be between 1 and {MAX_JOBS} worker processes, got {args.jobs}")
     results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
                        world_seed=args.world_seed, llm=args.llm, jobs=args.jobs)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))

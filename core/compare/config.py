@@ -43,6 +43,9 @@ class EvalSet(Strict):
         "true of its scene alone); default: all"))
 
 
+MAX_JOBS = 64  # worker processes at most (`jobs`)
+
+
 class CompareConfig(Strict):
     """N assemblies, one dataset, one budget and seed policy."""
 
@@ -66,7 +69,7 @@ class CompareConfig(Strict):
     threads: int | None = Field(None, ge=1, description=(
         "torch CPU threads for the whole comparison (null: torch's default); small models on a busy machine often run "
         "several times faster with 1, as idle threads spin waiting for a core"))
-    jobs: int = Field(1, ge=1, le=64, description=(
+    jobs: int = Field(1, ge=1, le=MAX_JOBS, description=(
         "worker processes training and evaluating runs side by side, each with `threads` threads (runs that share a "
         "stage 1 go to the same worker); results do not depend on it"))
 

@@ -103,8 +103,7 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     """Language modelling and reading at once: documents of captions then answered questions."""
     from transformers import AutoTokenizer
 
-    from vlbridge.world.train_text import (ANSWER_WEIGHT, LM_SHARE, READING_STYLES, build_opt, fit, padded_lm_batches, perplexity,
-                                           reading_batches, reading_loss)
+    from vlbridge.world.train_text import build_opt, fit, padded_lm_batches, perplexity, reading_batches, reading_loss
 
     folder = out / "opt"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -120,16 +119,19 @@ def train_opt_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_i
     accuracy = final()
     _save_hf(model, tokenizer, folder)
     return {"params": _params(model), "recipe": dataclasses.asdict(recipe), "final_loss": round(loss, 4),
-            "data": _reading_data(recipe.reading, READING_STYLES[recipe.reading], ANSWER_WEIGHT, LM_SHARE),
+            "data": _reading_data(recipe.reading),
             "val_perplexity": {"before": before, "after": after}, "val_qa_accuracy_with_captions_by_step": curve,
             "val_qa_accuracy": accuracy}
 
 
-def _reading_data(style: str, form: dict[str, Any], answer_weight: float, lm_share: float) -> str:
-    """The manifest's words for OPT's reading documents and loss."""
+def _reading_data(style: str) -> str:
+    """The manifest's words for OPT's reading documents and loss in `style`."""
+    from vlbridge.world.train_text import ANSWER_WEIGHT, LM_SHARE, READING_STYLES
+
+    form = READING_STYLES[style]
     order = "all captions in order, or the scene caption first and the rest shuffled" if form["shuffle"] else "all captions in order"
-    loss = (f"every token is LM loss, answer tokens weigh {answer_weight}" if style == "lm" else
-            f"mean on answer tokens + {lm_share} x mean on the other tokens (language modelling)")
+    loss = (f"every token is LM loss, answer tokens weigh {ANSWER_WEIGHT}" if style == "lm" else
+            f"mean on answer tokens + {LM_SHARE} x mean on the other tokens (language modelling)")
     return f"reading documents ({style!r}): {order} (none for {form['blind']:.0%}), then 1-{form['questions']} answered questions; loss: {loss}"
 
 

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -35,7 +35,7 @@ class TextRecipe:
     lr: float = 3e-3
     warmup: int = 15
     weight_decay: float = 0.01
-    reading: str = "lm"  # OPT's reading documents (READING_STYLES): "lm" or "answers"
+    reading: Literal["lm", "answers"] = "lm"  # OPT's reading documents: READING_STYLES
 
 
 def model_loss(model: Any, batch: Batch) -> torch.Tensor:
@@ -102,6 +102,11 @@ ANSWER_WEIGHT = 4.0  # "lm": an answer token's weight in the LM loss
 LM_SHARE = 0.5  # "answers": the caption-and-question language loss's weight against the answers' loss (1)
 
 
+def _check_style(style: str) -> None:
+    if style not in READING_STYLES:
+        raise ValueError(f"unknown reading style {style!r}; choose from {sorted(READING_STYLES)}")
+
+
 def reading_document(tokenizer: Any, image: Any, rng: random.Random, style: str = "lm") -> tuple[list[int], list[bool]]:
     """One OPT sequence in a READING_STYLES style: the image's captions (none for a blind share;
     in order, or the scene caption first and the rest shuffled), then some of its questions, each
@@ -128,8 +133,7 @@ def reading_batches(tokenizer: Any, world: Any, batch: int, style: str = "lm") -
     choose from), right-padded; "answers" marks the answer tokens."""
     from vlbridge.world.generate import make_image
 
-    if style not in READING_STYLES:
-        raise ValueError(f"unknown reading style {style!r}; choose from {sorted(READING_STYLES)}")
+    _check_style(style)
     world = world.model_copy(update={"questions_per_image": 10})
     rng = random.Random(0)  # steps are asked for in order, so the draws follow the step number
 
@@ -148,6 +152,7 @@ def reading_loss(model: Any, batch: Batch, style: str = "lm") -> torch.Tensor:
     """Next-token cross-entropy over the real tokens. "lm": one weighted mean, answer tokens
     weighing ANSWER_WEIGHT. "answers": the mean on the answer tokens plus LM_SHARE times the mean on
     the rest (answers are a few tokens among a hundred, and would drown in one mean)."""
+    _check_style(style)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten(), reduction="none")
     answers, real = batch["answers"][:, 1:].flatten(), batch["attention_mask"][:, 1:].flatten().bool()
