@@ -77,3 +77,46 @@ def load_failure(what: str, source: str | Path, exc: Exception, fix: str) -> VLB
     if broken:
         return VLBridgeError(f"could not load {what} from {str(source)!r}: {broken}; re-save it there with save_pretrained(<dir>)")
     return VLBridgeError(f"could not load {what} from {str(source)!r} ({type(exc).__name__}: {exc}); {fix}")
+
+
+HUB_CONFIGS = Path(__file__).resolve().parent / "hub_configs.json"
+
+
+@lru_cache(maxsize=1)
+def _known_hub_configs() -> dict[str, Any]:
+    table = read_json(HUB_CONFIGS, "vlbridge's table of hub configs", top=dict)
+    return {key: value for key, value in table.items() if not key.startswith("_")}
+
+
+def cached_hub_config(repo_id: str) -> dict[str, Any] | None:
+    """The config.json of a hub model as the local Hugging Face cache holds it (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache  # torch-free
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed repo id: not a hub model we can read
+        return None
+    if isinstance(found, str) and Path(found).is_file():
+        return _read(found, Path(found).stat().st_mtime)
+    return None
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """The config.json of a model, read without torch and without the network: a local directory's,
+    else the Hugging Face cache's copy of a hub id's, else vlbridge's small table of popular hub
+    models (`hub_configs.json`). Raises ValueError (an option error) saying how to make it readable."""
+    local = local_config(model)
+    if local is not None:
+        return local
+    cached = cached_hub_config(model)
+    if cached is not None:
+        return cached
+    known = _known_hub_configs().get(model)
+    if known is not None:
+        return known
+    raise ValueError(f"cannot read the config.json of {model!r} offline: it is not a local directory, the Hugging Face "
+                     "cache has no copy of it, and vlbridge's table of hub configs does not list it; give a local "
+                     f"directory written by save_pretrained, or fetch it once where the hub is reachable "
+                     f"(`huggingface-cli download {model} config.json`)")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.images import as_image_list
+from vlbridge.train.objectives import format_prompts
 
 if TYPE_CHECKING:
     from vlbridge.model import VLBridgeModel
@@ -71,7 +72,7 @@ def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str]
         raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2 to generate text")
     count = len(image_embeds) if image_embeds is not None else None
     items = as_image_list(images) if image_embeds is None else None
-    texts = _per_image(prompts, count if items is None else len(items), "prompts")
+    texts = format_prompts(model.llm, _per_image(prompts, count if items is None else len(items), "prompts"))
     if options.num_return_sequences > options.num_beams and not options.do_sample:
         raise VLBridgeError(f"num_return_sequences {options.num_return_sequences} exceeds num_beams {options.num_beams}")
     was_training = model.training

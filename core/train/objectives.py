@@ -270,10 +270,10 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"stage 2 needs one text per image: {visual.shape[0]} images, {len(texts)} texts")
         if model.llm.is_encoder_decoder:
             inputs, targets = pairs if pairs is not None else self.prefix_pairs(texts)
-            loss, items = self.encoder_decoder_lm(model.llm, visual, inputs, targets)
+            loss, items = self.encoder_decoder_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
         else:
             inputs = pairs[0] if pairs is not None else [self.options.prompt] * len(texts)
-            loss, items = self.decoder_only_lm(model.llm, visual, inputs, texts)
+            loss, items = self.decoder_only_lm(model.llm, visual, format_prompts(model.llm, inputs), texts)
         return mean_over_items(total(lm=loss), items)
 
     def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
@@ -303,9 +303,12 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
                                 "raise max_text_tokens or shorten the prompt")
         output = llm(visual, ids, mask, labels=labels)
-        labels = labels.to(output.logits.device)  # padding and input are -100 already
-        visual_labels = labels.new_full((labels.shape[0], visual.shape[1]), IGNORE_INDEX)  # the visual prefix never counts
-        shifted = torch.cat([visual_labels, labels], dim=1)[:, 1:]  # position t of [visual; text] predicts token t + 1
+        if "labels" in output:  # the LLM placed the visual tokens itself and says how labels align with its logits
+            aligned = output["labels"].to(output.logits.device)
+        else:  # [visual; text]: the visual prefix never counts; padding and input are -100 already
+            labels = labels.to(output.logits.device)
+            aligned = torch.cat([labels.new_full((labels.shape[0], visual.shape[1]), IGNORE_INDEX), labels], dim=1)
+        shifted = aligned[:, 1:]  # position t of the prompt predicts token t + 1
         if self.options.loss_average == "tokens":
             return output.loss, shifted.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits[:, :-1], shifted), samples_with_targets(shifted)
@@ -320,6 +323,13 @@ class Stage2Objective(Objective):
         if self.options.loss_average == "tokens":
             return output.loss, labels.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
+
+
+def format_prompts(llm: Any, prompts: Sequence[str]) -> list[str]:
+    """Task prompts as the LLM reads them (its template or chat format); unchanged for an LLM
+    without `format_prompt`."""
+    fmt = getattr(llm, "format_prompt", None)
+    return [fmt(prompt) for prompt in prompts] if fmt is not None else list(prompts)
 
 
 def samples_with_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -18,38 +18,13 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.freeze import torch_dtype
 from vlbridge.plugins.llms.flan_t5 import ARCH, FlanT5Options
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
-from vlbridge.plugins.llms.soft_prompt import SoftPromptLLM, ignore_padding
+from vlbridge.plugins.llms.hf_seq2seq_model import Seq2SeqLM
 
 
-class FlanT5LLM(SoftPromptLLM):
+class FlanT5LLM(Seq2SeqLM):
     """Frozen `T5ForConditionalGeneration` whose encoder reads a soft visual prompt before the text."""
 
-    caption_suffix = ""  # the tokenizer appends </s> itself
-    is_encoder_decoder = True
     family = "flan-t5"
-    generate_pad_side = "right"
-
-    def forward(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None) -> Any:
-        """Decoder logits for `labels` given `[visual; text]`, and the mean CE over the labelled tokens.
-
-        `labels` are the target ids (the decoder's inputs are them shifted right); where
-        `decoder_attention_mask` is 0 they are set to -100 here, so padded targets never count.
-        """
-        if labels is None:
-            raise VLBridgeError("flan-t5 is encoder-decoder: forward needs labels (the target ids the decoder reads, "
-                                "shifted right) and their decoder_attention_mask")
-        embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask, pad_side="right")
-        labels = labels.to(self.device)
-        if decoder_attention_mask is not None:
-            decoder_attention_mask = decoder_attention_mask.to(self.device)
-        labels = ignore_padding(labels, decoder_attention_mask)
-        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
-                          decoder_attention_mask=decoder_attention_mask)
-
-    def new_tokens(self, sequences: torch.Tensor) -> torch.Tensor:
-        """Drop the decoder start token that transformers puts first in every encoder-decoder output."""
-        return sequences[:, 1:]
 
 
 def tiny_model(tokenizer: Any) -> Any:

@@ -33,8 +33,10 @@ def _local_kwargs(family: str, source: str) -> dict[str, Any]:
     return {"local_files_only": True}
 
 
-def load_tokenizer(family: str, source: str) -> Any:
-    """The tokenizer saved with the weights; refuses an empty one (a directory without tokenizer files)."""
+def load_tokenizer(family: str, source: str, pad_from_eos: bool = False) -> Any:
+    """The tokenizer saved with the weights; refuses an empty one (a directory without tokenizer files).
+    `pad_from_eos`: a tokenizer without a pad token (Llama's, GPT-2's) pads with its end token, which
+    is safe here because padding is always masked."""
     from transformers import AutoTokenizer
 
     kwargs = _local_kwargs(family, source)
@@ -42,6 +44,8 @@ def load_tokenizer(family: str, source: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, **kwargs)
     except Exception as exc:  # transformers and tokenizers raise many types for a broken file
         raise load_failure(f"the {family} tokenizer", source, exc, _FIX) from exc
+    if pad_from_eos and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None or len(tokenizer) < 3:
         raise VLBridgeError(f"{family}: {source!r} has no usable tokenizer (no vocabulary or no pad token); save the "
                             "model's tokenizer next to the weights with tokenizer.save_pretrained(<dir>)")
@@ -74,11 +78,27 @@ def tiny_tokenizer(kind: str) -> Any:
 
 
 def load_pretrained(family: str, model_class: Any, model: str | None, variant: str, default_hub_id: str,
-                    dtype: torch.dtype) -> tuple[Any, Any]:
+                    dtype: torch.dtype, pad_from_eos: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) from `model` (a local dir or hub id) or the default hub id; the vocabulary
     must cover the tokenizer."""
     source = source_of(model, default_hub_id)
-    tokenizer = load_tokenizer(family, source)
+    tokenizer = load_tokenizer(family, source, pad_from_eos)
     loaded = load_model(family, model_class, source, dtype)
     check_vocab(family, tokenizer, loaded.get_input_embeddings().num_embeddings)
     return loaded, tokenizer
+
+
+def image_token_id(family: str, tokenizer: Any, image_token: str | None) -> int | None:
+    """The id of the image placeholder, added to the tokenizer as a special token if it lacks it (the
+    id may then lie past the embedding table: the placeholder is replaced, never embedded)."""
+    if image_token is None:
+        return None
+    if image_token not in tokenizer.get_vocab():
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    ids = tokenizer(image_token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise VLBridgeError(f"{family}: the image token {image_token!r} tokenizes to {len(ids)} tokens {ids}; it must be one "
+                            "token (choose another image_token, or null to put the visual tokens first)")
+    return ids[0]

@@ -15,44 +15,23 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.freeze import torch_dtype
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.opt import ARCH, OPTOptions
-from vlbridge.plugins.llms.soft_prompt import IGNORE_INDEX, SoftPromptLLM, ignore_padding
+from vlbridge.plugins.llms.hf_causal_lm_model import CausalLM
 
 
-class OPTLLM(SoftPromptLLM):
-    """Frozen `OPTForCausalLM` with a soft visual prompt before the text."""
+class OPTLLM(CausalLM):
+    """Frozen `OPTForCausalLM` with a soft visual prompt before the text (BLIP-2's layout: no placeholder)."""
 
-    caption_suffix = "\n"
-    is_encoder_decoder = False
     family = "opt"
-    generate_pad_side = "left"
+    train_pad_side = None  # OPT counts positions from the mask: the caller's padding order stays
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        super().__init__(model, tokenizer)
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         if len(newline) != 1:
             raise VLBridgeError(f"opt: the tokenizer splits '\\n' into {len(newline)} tokens {newline}; BLIP-2 ends "
                                 "captions with a single '\\n' token, so use OPT's own tokenizer")
+        super().__init__(model, tokenizer, end_token_id=newline[0], caption_suffix="\n")
         self.newline_token_id: int = newline[0]
-
-    def forward(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None) -> Any:
-        """Logits over `[visual; text]`, and with `labels` (aligned with `input_ids`) the mean shifted CE.
-
-        Labels at padded positions (attention_mask 0) are set to -100 here; the caller sets -100 on any
-        prompt it does not want to train on. The visual positions never count.
-        """
-        if decoder_attention_mask is not None:
-            raise VLBridgeError("opt is decoder-only: it has no decoder_attention_mask; pass the text mask as attention_mask")
-        embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask)
-        if labels is not None:
-            labels = ignore_padding(labels.to(self.device), attention_mask.to(self.device))
-            prefix = labels.new_full((labels.shape[0], visual_embeds.shape[1]), IGNORE_INDEX)
-            labels = torch.cat([prefix, labels], dim=1)
-        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-
-    def generation_defaults(self) -> dict[str, Any]:
-        """BLIP-2 stops OPT at the end of a line: "\\n" is the end token unless the caller gives one."""
-        return {**super().generation_defaults(), "eos_token_id": self.newline_token_id}
+        self.explicit_positions = False  # OPT derives its learned positions from the mask itself
 
 
 def tiny_config(tokenizer: Any) -> Any:

@@ -3,8 +3,13 @@
 BLIP-2 never feeds the connector's output through the LLM's vocabulary: the visual tokens are
 vectors in the LLM's input-embedding space, concatenated before the embedded text. This module
 holds that concatenation, the padding rules around it, the generation defaults and the wrapper
-base class; `opt_model` and `flan_t5_model` add what differs between decoder-only and
-encoder-decoder models.
+base class; `hf_causal_lm_model` and `hf_seq2seq_model` add what differs between decoder-only and
+encoder-decoder models (`opt_model` and `flan_t5_model` specialise those two).
+
+Where the visual prompt goes. By default (BLIP-2) it comes first: `[visual; text]`. A text may
+instead hold the image placeholder token (`<image>`, LLaVA's) once: the visual tokens then replace
+it in place, so `<s> USER: <image>\n...` becomes `<s> USER: [visual]\n...` as in LLaVA-1.5. Every
+row of a batch must agree (all hold it once, or none does).
 
 Padding rules. A decoder-only model generates after the last position, so for generation every row
 is packed with its padding on the left: `[pad..., visual, text]`, whatever side the caller padded
@@ -12,7 +17,8 @@ the text on. T5's relative position bias measures distances, so pads between the
 the text would change the encoder's output: its rows are packed with padding on the right,
 `[visual, text, pad...]`, for training and generation. OPT's training forward keeps the caller's
 order (labels stay aligned with logits); OPT derives positions from the attention mask, so pads in
-the middle change nothing.
+the middle change nothing; models that count positions from 0 whatever the mask (Llama and most
+others) get explicit `position_ids` wherever a prompt is padded on the left.
 """
 
 from __future__ import annotations
@@ -39,13 +45,41 @@ def prepend_visual(visual: torch.Tensor, text_embeds: torch.Tensor, attention_ma
     return torch.cat([visual, text_embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
 
 
+def splice_visual(visual: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each row's text with its placeholder at `slots[row]` replaced by the visual tokens (attended,
+    labelled IGNORE_INDEX); every row grows by `visual tokens - 1`."""
+    visual = visual.to(device=text_embeds.device, dtype=text_embeds.dtype)
+    count = visual.shape[1]
+    rows_e, rows_m, rows_l = [], [], []
+    for row, slot in enumerate(slots.tolist()):
+        rows_e.append(torch.cat([text_embeds[row, :slot], visual[row], text_embeds[row, slot + 1:]]))
+        ones = attention_mask.new_ones(count)
+        rows_m.append(torch.cat([attention_mask[row, :slot], ones, attention_mask[row, slot + 1:]]))
+        if labels is not None:
+            ignored = labels.new_full((count,), IGNORE_INDEX)
+            rows_l.append(torch.cat([labels[row, :slot], ignored, labels[row, slot + 1:]]))
+    return torch.stack(rows_e), torch.stack(rows_m), torch.stack(rows_l) if labels is not None else None
+
+
+def padding_order(attention_mask: torch.Tensor, side: PadSide) -> torch.Tensor:
+    """Per row, the permutation that moves padded positions to one side, real ones kept in order."""
+    keys = attention_mask.ne(0).long()
+    return torch.sort(keys, dim=1, descending=(side == "right"), stable=True).indices
+
+
 def pack_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, side: PadSide
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move every row's padded positions to one side, keeping the order of the real positions."""
-    keys = attention_mask.ne(0).long()
-    order = torch.sort(keys, dim=1, descending=(side == "right"), stable=True).indices
+    order = padding_order(attention_mask, side)
     gathered = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
     return gathered, torch.gather(attention_mask, 1, order)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2... over the attended positions of each row (0 on padding), as transformers' generate counts them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask.eq(0), 0)
 
 
 def ignore_padding(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,18 +117,37 @@ def merge_generation_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> 
 
 
 class SoftPromptLLM(FrozenPart):
-    """A frozen transformers LLM that takes a soft visual prompt before its text (base class)."""
+    """A frozen transformers LLM that takes a soft visual prompt before its text (base class).
 
-    caption_suffix: ClassVar[str] = ""
+    `prompt_template` ("{}" = the prompt as given) and `chat` (render through the tokenizer's chat
+    template, one user turn) decide how `format_prompt` turns a task prompt into the LLM's text;
+    `image_token_id` is the placeholder token that marks where the visual prompt goes (None: first).
+    """
+
+    caption_suffix: str = ""
     is_encoder_decoder: ClassVar[bool] = False
     family: ClassVar[str] = "llm"  # the component name, for messages
     generate_pad_side: ClassVar[PadSide] = "left"
+    explicit_positions: ClassVar[bool] = False  # pass position_ids counted from the mask (models that do not)
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, prompt_template: str = "{}", chat: bool = False,
+                 image_token_id: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.chat = chat
+        self.image_token_id = image_token_id
         self.freeze()
+
+    def format_prompt(self, text: str) -> str:
+        """A task prompt ("", "Question: ... Short answer:") as this LLM reads it: through the
+        prompt template, then (chat) the tokenizer's chat template with the generation prompt."""
+        text = self.prompt_template.format(text)
+        if not self.chat:
+            return text
+        messages = [{"role": "user", "content": text}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @property
     def embed_width(self) -> int:
@@ -106,17 +159,23 @@ class SoftPromptLLM(FrozenPart):
         return self.model.get_input_embeddings().weight.device
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> input embeddings, exactly what the model computes from ids itself."""
-        return self.model.get_input_embeddings()(input_ids.to(self.device))
+        """Token ids -> input embeddings, exactly what the model computes from ids itself (the image
+        placeholder, which may lie outside the vocabulary, embeds as padding: it is replaced anyway)."""
+        input_ids = input_ids.to(self.device)
+        if self.image_token_id is not None:
+            input_ids = input_ids.masked_fill(input_ids.eq(self.image_token_id), self.tokenizer.pad_token_id or 0)
+        return self.model.get_input_embeddings()(input_ids)
 
     def tokenize(self, texts: str | Sequence[str], *, max_length: int | None = None, padding_side: PadSide = "right",
                  add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> (input_ids, attention_mask) padded to the longest, truncated to max_length if given."""
+        """Texts -> (input_ids, attention_mask) padded to the longest, truncated to max_length if given.
+        Chat-formatted texts carry their special tokens already, so none are added to them."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         if padding_side not in ("left", "right"):
             raise VLBridgeError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         encoded = self.tokenizer(batch, padding="longest", truncation=max_length is not None, max_length=max_length,
-                                 padding_side=padding_side, add_special_tokens=add_special_tokens, return_tensors="pt")
+                                 padding_side=padding_side, add_special_tokens=add_special_tokens and not self.chat,
+                                 return_tensors="pt")
         return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
 
     def decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
@@ -126,10 +185,46 @@ class SoftPromptLLM(FrozenPart):
 
     def visual_prompt(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pad_side: PadSide | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[visual; embed(ids)]` and its mask, optionally packed so padding sits on one side."""
+        """`[visual; embed(ids)]` (or the visual tokens in place of the placeholder) and its mask,
+        optionally packed so padding sits on one side."""
+        embeds, mask, _ = self.place_visual(visual_embeds, input_ids, attention_mask, pad_side=pad_side)
+        return embeds, mask
+
+    def place_visual(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor | None = None, pad_side: PadSide | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Embeddings, mask and (if given, aligned with `input_ids`) labels of the whole prompt: the
+        visual tokens first or at the placeholder, never labelled; optionally packed to one side."""
         self._check_visual(visual_embeds, input_ids)
-        embeds, mask = prepend_visual(visual_embeds, self.embed_tokens(input_ids), attention_mask.to(self.device))
-        return (embeds, mask) if pad_side is None else pack_padding(embeds, mask, pad_side)
+        attention_mask = attention_mask.to(self.device)
+        labels = labels.to(self.device) if labels is not None else None
+        text = self.embed_tokens(input_ids)
+        slots = self._placeholder_slots(input_ids.to(self.device), attention_mask)
+        if slots is None:
+            embeds, mask = prepend_visual(visual_embeds, text, attention_mask)
+            if labels is not None:
+                labels = torch.cat([labels.new_full(visual_embeds.shape[:2], IGNORE_INDEX), labels], dim=1)
+        else:
+            embeds, mask, labels = splice_visual(visual_embeds, text, attention_mask, slots, labels)
+        if pad_side is None:
+            return embeds, mask, labels
+        order = padding_order(mask, pad_side)
+        embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
+        labels = torch.gather(labels, 1, order) if labels is not None else None
+        return embeds, torch.gather(mask, 1, order), labels
+
+    def _placeholder_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Where each row's image placeholder stands, or None when no row has one."""
+        if self.image_token_id is None:
+            return None
+        hits = input_ids.eq(self.image_token_id) & attention_mask.ne(0)
+        counts = hits.sum(dim=1)
+        if not counts.any():
+            return None
+        if not counts.eq(1).all():
+            raise VLBridgeError(f"{self.family}: each text must hold the image placeholder (token id {self.image_token_id}) "
+                                f"exactly once, or no text of the batch may hold it; got counts {counts.tolist()}")
+        return hits.long().argmax(dim=1)
 
     def generation_defaults(self) -> dict[str, Any]:
         """Settings used where the caller gives none (subclasses add their end token)."""
@@ -161,7 +256,8 @@ class SoftPromptLLM(FrozenPart):
         """Run the prompt (all but its last position) once per image and copy its key/value cache to
         every beam. transformers would run the whole prompt once per beam: with a 32-token visual
         prompt and 5 beams that is 5x the prefill work for the same numbers (outputs are identical)."""
-        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        extra = {"position_ids": positions_from_mask(mask[:, :-1])} if self.explicit_positions else {}
+        out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **extra)
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.batch_repeat_interleave(expand)
         return cache

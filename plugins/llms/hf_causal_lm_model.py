@@ -1,0 +1,113 @@
+"""Any transformers causal LM as the frozen LLM: the visual prompt enters through `inputs_embeds`.
+
+Captions end with the tokenizer's end token (the `eos_token` option overrides it), which also stops
+generation. Training rows are packed with padding on the right and get explicit `position_ids`, so
+models that number positions 0, 1, 2... whatever the mask (Llama, Qwen, Gemma, GPT-2) see the same
+positions as for an unpadded prompt; generation pads on the left and transformers' generate derives
+positions from the mask, as does the shared-prefix cache here. OPT (`opt_model`) specialises this.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.freeze import torch_dtype
+from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
+from vlbridge.plugins.llms.loading import check_vocab, image_token_id, load_pretrained, tiny_tokenizer
+from vlbridge.plugins.llms.soft_prompt import PadSide, SoftPromptLLM, ignore_padding, positions_from_mask
+
+
+def takes_position_ids(model: Any) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+class CausalLM(SoftPromptLLM):
+    """A frozen decoder-only transformers model with a soft visual prompt (first, or at the placeholder)."""
+
+    is_encoder_decoder = False
+    family = "hf-causal-lm"
+    generate_pad_side = "left"
+    train_pad_side: PadSide | None = "right"  # where training rows put their padding (None: as the caller did)
+
+    def __init__(self, model: Any, tokenizer: Any, *, end_token_id: int | None, caption_suffix: str, **prompting: Any) -> None:
+        super().__init__(model, tokenizer, **prompting)
+        self.caption_suffix = caption_suffix
+        self.end_token_id = end_token_id
+        self.explicit_positions = takes_position_ids(model)
+
+    def forward(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None) -> Any:
+        """Logits over the whole prompt, and with `labels` (aligned with `input_ids`) the mean shifted CE.
+
+        Labels at padded positions are set to -100 here; the caller sets -100 on any prompt it does not
+        want to train on; the visual positions never count. The output's `labels` are the labels as
+        aligned with its logits (visual positions and packing included).
+        """
+        if decoder_attention_mask is not None:
+            raise VLBridgeError(f"{self.family} is decoder-only: it has no decoder_attention_mask; pass the text mask as attention_mask")
+        if labels is not None:
+            labels = ignore_padding(labels.to(self.device), attention_mask.to(self.device))
+        embeds, mask, labels = self.place_visual(visual_embeds, input_ids, attention_mask, labels, pad_side=self.train_pad_side)
+        extra = {"position_ids": positions_from_mask(mask)} if self.explicit_positions else {}
+        output = self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **extra)
+        if labels is not None:
+            output["labels"] = labels
+        return output
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """Generation stops at the caption's end token unless the caller gives one."""
+        defaults = super().generation_defaults()
+        return {**defaults, "eos_token_id": self.end_token_id} if self.end_token_id is not None else defaults
+
+
+def end_token(family: str, tokenizer: Any, override: str | None) -> tuple[str, int]:
+    """(text, id) of the token that ends a caption: the override, else the tokenizer's eos_token."""
+    text = override if override is not None else tokenizer.eos_token
+    if not text:
+        raise VLBridgeError(f"{family}: the tokenizer has no eos_token, so a caption has no end; set options.eos_token "
+                            "to the token that ends a text for this model")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise VLBridgeError(f"{family}: the end token {text!r} tokenizes to {len(ids)} tokens {ids}; give options.eos_token "
+                            "a single token of this tokenizer")
+    return text, ids[0]
+
+
+def tiny_model(tokenizer: Any) -> Any:
+    """A random model of the `tiny` config (a small Llama) for tests; the shipped tokenizer fits its vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlbridge.plugins.llms.hf_causal_lm import TINY_CONFIG
+
+    fields = {key: value for key, value in TINY_CONFIG.items() if key != "model_type"}
+    config = AutoConfig.for_model(TINY_CONFIG["model_type"], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **fields)
+    check_vocab("hf-causal-lm", tokenizer, config.vocab_size)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load(opts: HFCausalLMOptions) -> tuple[Any, Any]:
+    """(model, tokenizer): the options' local directory or hub id, or the tiny random model."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(opts.dtype)
+    if opts.model is None:
+        tokenizer = tiny_tokenizer("opt")
+        return tiny_model(tokenizer).to(dtype), tokenizer
+    return load_pretrained("hf-causal-lm", AutoModelForCausalLM, opts.model, "", opts.model, dtype, pad_from_eos=True)
+
+
+def build(opts: HFCausalLMOptions) -> CausalLM:
+    """The frozen causal LM of the options, its tokenizer ready for visual placeholders and chat prompts."""
+    model, tokenizer = load(opts)
+    if opts.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise VLBridgeError(f"hf-causal-lm: prompt_format 'chat' needs a tokenizer with a chat template, and {opts.model!r}'s "
+                            "has none; use prompt_format: plain with a prompt_template (e.g. LLaVA-1.5's "
+                            "'USER: <image>\\n{} ASSISTANT:')")
+    suffix, end_id = end_token("hf-causal-lm", tokenizer, opts.eos_token)
+    return CausalLM(model, tokenizer, end_token_id=end_id, caption_suffix=suffix, prompt_template=opts.resolved_template,
+                    chat=opts.prompt_format == "chat", image_token_id=image_token_id("hf-causal-lm", tokenizer, opts.image_token))

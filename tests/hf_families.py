@@ -1,0 +1,74 @@
+"""Tiny random transformers LLMs of several families, saved with save_pretrained next to a shipped
+tokenizer, for the generic `hf-causal-lm` / `hf-seq2seq` tests. No download: the tokenizers are
+vlbridge's tiny ones (their ids fit every config's vocabulary of 1024)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlbridge.plugins.tiny_assets import tokenizer_dir
+
+VOCAB = 1024
+# A Llama-style chat template (enough for tests: role markers, then the generation prompt).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+CAUSAL: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=128),
+    "phi": dict(model_type="phi", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128),
+}
+SEQ2SEQ: dict[str, dict[str, Any]] = {
+    "t5": dict(model_type="t5", d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=1,
+               feed_forward_proj="gated-gelu", decoder_start_token_id=0),
+}
+
+
+def _tokenizer(kind: str, chat: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(kind)), local_files_only=True)
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def redraw(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> None:
+    """Wider random weights than transformers' init, so that greedy and beam outputs differ by input."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("ln_f.weight") or ".ln_" in name:
+                continue
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def make_llm_dir(directory: Path, family: str, *, chat: bool = False, seed: int = 0, pad: bool = True) -> Any:
+    """A tiny random LLM of `family` (a key of CAUSAL or SEQ2SEQ) saved with a tokenizer; returns the model.
+    `pad=False` saves a tokenizer without a pad token, as Llama's and GPT-2's are."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = family in SEQ2SEQ
+    fields = dict((SEQ2SEQ if seq2seq else CAUSAL)[family])
+    tokenizer = _tokenizer("flan-t5" if seq2seq else "opt", chat)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if not seq2seq:
+        special["bos_token_id"] = tokenizer.bos_token_id
+    config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=VOCAB, **special, **fields)
+    torch.manual_seed(seed)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config).eval()
+    redraw(model, seed=seed)
+    model.save_pretrained(directory)
+    if not pad:
+        tokenizer.pad_token = None
+    tokenizer.save_pretrained(directory)
+    return model

@@ -1,0 +1,216 @@
+"""The generic LLM plugins (`hf-causal-lm`, `hf-seq2seq`) on tiny random Llama, Qwen2, GPT-2, Gemma,
+Phi and T5 directories: torch-free declarations equal the built models, soft-prompt generation
+equals transformers' own `generate(inputs_embeds=...)`, the image placeholder and chat prompts put
+the visual tokens where they belong, and a Q-Former or an MLP trains through each in stage 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlbridge
+from tests.hf_families import CAUSAL, SEQ2SEQ, make_llm_dir
+from vlbridge.errors import VLBridgeError
+from vlbridge.plugins.llms import hf_dims
+from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
+from vlbridge.plugins.llms.hf_causal_lm_model import build as build_causal
+from vlbridge.plugins.llms.hf_seq2seq import HFSeq2SeqOptions
+from vlbridge.plugins.llms.hf_seq2seq_model import build as build_seq2seq
+from vlbridge.plugins.llms.soft_prompt import IGNORE_INDEX
+from vlbridge.train.objectives import Stage2Objective
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+FAMILIES = [*CAUSAL, *SEQ2SEQ]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llms")
+    dirs = {}
+    for family in FAMILIES:
+        dirs[family] = root / family
+        make_llm_dir(dirs[family], family, pad=family not in ("llama", "gpt2"))  # Llama's and GPT-2's have no pad token
+    dirs["llama-chat"] = root / "llama-chat"
+    make_llm_dir(dirs["llama-chat"], "llama", chat=True)
+    return dirs
+
+
+def options(family: str, directory, **extra):
+    return (HFSeq2SeqOptions if family in SEQ2SEQ else HFCausalLMOptions)(model=str(directory), **extra)
+
+
+def build_llm(family: str, directory, **extra):
+    opts = options(family, directory, **extra)
+    return (build_seq2seq if family in SEQ2SEQ else build_causal)(opts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_declared_shape_and_size_equal_the_built_model(family, family_dirs):
+    opts = options(family, family_dirs[family])
+    llm = build_llm(family, family_dirs[family])
+    dims = hf_dims.dims(opts.config)
+    assert dims.embed_width == llm.embed_width == llm.model.get_input_embeddings().embedding_dim
+    assert dims.encoder_decoder == llm.is_encoder_decoder == (family in SEQ2SEQ)
+    assert hf_dims.num_params(opts.config) == sum(p.numel() for p in llm.model.parameters())
+    assert all(not p.requires_grad for p in llm.parameters())
+
+
+def _reference_generate(llm, visual, ids, **settings):
+    """transformers' own generate on [visual; embedded text], new tokens only."""
+    embeds = torch.cat([visual, llm.model.get_input_embeddings()(ids)], dim=1)
+    out = llm.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **settings)
+    return out[:, 1:] if llm.is_encoder_decoder else out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("beams", [1, 3])
+def test_soft_prompt_generation_equals_transformers(family, beams, family_dirs):
+    llm = build_llm(family, family_dirs[family])
+    torch.manual_seed(1)
+    visual = torch.randn(1, 3, llm.embed_width)
+    ids, mask = llm.tokenize(["a red ball on the left"])
+    settings = dict(max_new_tokens=6, num_beams=beams, do_sample=False, pad_token_id=llm.tokenizer.pad_token_id,
+                    eos_token_id=llm.tokenizer.eos_token_id)
+    ours = llm.generate(visual, ids, mask, **settings)
+    expected = _reference_generate(llm, visual, ids, **settings)
+    assert ours.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_padded_generation_equals_one_prompt_at_a_time(family, family_dirs):
+    """Rows padded to a common length generate what they generate alone (positions follow the mask)."""
+    llm = build_llm(family, family_dirs[family])
+    torch.manual_seed(2)
+    visual = torch.randn(2, 3, llm.embed_width)
+    texts = ["a", "two blue squares and a small red circle"]
+    settings = dict(max_new_tokens=5, num_beams=2, min_new_tokens=5)
+    ids, mask = llm.tokenize(texts, padding_side="left")
+    batched = llm.generate(visual, ids, mask, **settings)
+    for row, text in enumerate(texts):
+        alone = llm.generate(visual[row:row + 1], *llm.tokenize([text]), **settings)
+        assert batched[row, :alone.shape[1]].tolist() == alone[0].tolist()
+
+
+@pytest.mark.parametrize("family", list(CAUSAL))
+def test_training_logits_of_padded_rows_equal_unpadded(family, family_dirs):
+    llm = build_llm(family, family_dirs[family])
+    torch.manual_seed(3)
+    visual = torch.randn(2, 3, llm.embed_width)
+    texts = ["a", "two blue squares and a small red circle"]
+    ids, mask = llm.tokenize(texts, padding_side="right")
+    out = llm(visual, ids, mask, labels=ids)
+    for row, text in enumerate(texts):
+        one_ids, one_mask = llm.tokenize([text])
+        alone = llm(visual[row:row + 1], one_ids, one_mask)
+        length = alone.logits.shape[1]
+        torch.testing.assert_close(out.logits[row, :length], alone.logits[0], atol=1e-4, rtol=1e-4)
+        assert out["labels"][row, :3].eq(IGNORE_INDEX).all()  # the visual positions never count
+
+
+def test_placeholder_puts_the_visual_tokens_in_place(family_dirs):
+    llm = build_llm("llama", family_dirs["llama"], prompt_template="USER: <image>\n{} ASSISTANT:")
+    prompt = llm.format_prompt("what is it?")
+    assert prompt == "USER: <image>\nwhat is it? ASSISTANT:"
+    ids, mask = llm.tokenize([prompt, llm.format_prompt("a much longer question about the picture?")])
+    slots = [row.index(llm.image_token_id) for row in ids.tolist()]
+    assert slots[0] == slots[1] > 0  # after BOS and "USER:"
+    visual = torch.randn(2, 4, llm.embed_width)
+    embeds, placed_mask, labels = llm.place_visual(visual, ids, mask, labels=ids)
+    slot = slots[0]
+    assert embeds.shape[1] == ids.shape[1] + 3
+    torch.testing.assert_close(embeds[:, slot:slot + 4], visual)
+    torch.testing.assert_close(embeds[:, :slot], llm.embed_tokens(ids[:, :slot]))
+    torch.testing.assert_close(embeds[:, slot + 4:], llm.embed_tokens(ids[:, slot + 1:]))
+    assert labels[:, slot:slot + 4].eq(IGNORE_INDEX).all() and placed_mask[:, slot:slot + 4].eq(1).all()
+    # the forward is transformers' own forward on those embeddings
+    out = llm(visual[:1], ids[:1], mask[:1])
+    real = int(placed_mask[0].sum())  # row 0 is the shorter: compare its real positions
+    reference = llm.model(inputs_embeds=embeds[:1, :real])
+    torch.testing.assert_close(out.logits[:, :real], reference.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_placeholder_must_appear_once_in_every_row_or_in_none(family_dirs):
+    llm = build_llm("llama", family_dirs["llama"])
+    ids, mask = llm.tokenize(["<image> a", "no placeholder here"])
+    with pytest.raises(VLBridgeError, match="exactly once"):
+        llm.place_visual(torch.zeros(2, 2, llm.embed_width), ids, mask)
+
+
+def test_chat_format_puts_the_visual_tokens_in_the_user_turn(family_dirs):
+    llm = build_llm("llama", family_dirs["llama-chat"], prompt_format="chat")
+    prompt = llm.format_prompt("Question: what colour? Short answer:")
+    assert prompt.startswith("</s>USER: <image>\nQuestion: what colour? Short answer:") and prompt.endswith("ASSISTANT:")
+    ids, _ = llm.tokenize([prompt])
+    assert ids[0].tolist().count(llm.tokenizer.bos_token_id) == 1  # the template's BOS, none added twice
+    assert ids[0].tolist().count(llm.image_token_id) == 1
+
+
+def test_chat_format_needs_a_chat_template(family_dirs):
+    with pytest.raises(VLBridgeError, match="chat template"):
+        build_llm("llama", family_dirs["llama"], prompt_format="chat")
+
+
+def test_option_errors_name_the_fix(family_dirs):
+    with pytest.raises(ValueError, match="use the hf-seq2seq LLM"):
+        HFCausalLMOptions(model=str(family_dirs["t5"]))
+    with pytest.raises(ValueError, match="use the hf-causal-lm LLM"):
+        HFSeq2SeqOptions(model=str(family_dirs["llama"]))
+    with pytest.raises(ValueError, match="exactly once"):
+        HFCausalLMOptions(prompt_template="no slot")
+    with pytest.raises(ValueError, match="cannot read the config.json of 'nobody/no-such-model' offline"):
+        HFCausalLMOptions(model="nobody/no-such-model").config
+
+
+def test_a_tokenizer_without_pad_pads_with_its_end_token(family_dirs):
+    llm = build_llm("llama", family_dirs["llama"])
+    assert llm.tokenizer.pad_token == llm.tokenizer.eos_token == llm.caption_suffix
+
+
+def test_known_hub_configs_validate_offline():
+    opts = HFCausalLMOptions(model="Qwen/Qwen2.5-1.5B-Instruct", prompt_format="chat")
+    dims = hf_dims.dims(opts.config)
+    assert (dims.embed_width, dims.context_length) == (1536, 32768)
+    assert hf_dims.num_params(opts.config) == pytest.approx(1.54e9, rel=0.01)  # Qwen's published 1.54B
+    assert hf_dims.num_params(HFCausalLMOptions(model="lmsys/vicuna-7b-v1.5").config) == pytest.approx(6.74e9, rel=0.01)
+
+
+def _assembly(family: str, directory, connector: str, **llm_options) -> dict:
+    llm = "hf-seq2seq" if family in SEQ2SEQ else "hf-causal-lm"
+    con = {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 4}} if connector == "qformer" else {"use": connector}
+    return {"name": f"tiny-{connector}-{family}", "encoder": {"use": "clip-vit-l", "options": {"variant": "tiny", "include_cls": False}}, "connector": con,
+            "llm": {"use": llm, "options": {"model": str(directory), **llm_options}}, "max_text_tokens": 24}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("connector", ["qformer", "mlp"])
+def test_stage2_trains_with_a_falling_loss_and_generates(family, connector, family_dirs):
+    assembly = vlbridge.load_assembly(_assembly(family, family_dirs[family], connector))
+    assert assembly.plan.llm.name == ("hf-seq2seq" if family in SEQ2SEQ else "hf-causal-lm")
+    torch.manual_seed(0)
+    model = vlbridge.build(assembly, stage=2)
+    images = torch.randint(0, 255, (4, 3, 56, 56), dtype=torch.uint8)
+    embeds = model.encode_images(model.pixel_values(images))
+    batch = {"text": ["a red ball", "two blue squares", "a green star on the left", "one cube"], "image_embeds": embeds}
+    objective = Stage2Objective(prompt="a photo of")
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = objective(model, batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    captions = model.caption(images[:2], max_new_tokens=4, num_beams=2)
+    assert len(captions) == 2 and all(isinstance(text, str) for text in captions)
+    answers = model.answer(images[:2], ["what is it?", "how many?"], max_new_tokens=3)
+    assert len(answers) == 2
+
+
+def test_chat_prompts_train_and_generate(family_dirs):
+    model = vlbridge.build(_assembly("llama", family_dirs["llama-chat"], "mlp", prompt_format="chat"), stage=2)
+    images = torch.randint(0, 255, (2, 3, 56, 56), dtype=torch.uint8)
+    batch = {"text": ["a red ball", "two blue squares"], "image_embeds": model.encode_images(model.pixel_values(images))}
+    losses = Stage2Objective(loss_average="samples")(model, batch)
+    assert torch.isfinite(losses["loss"])
+    assert len(model.answer(images, "what is it?", max_new_tokens=3)) == 2
