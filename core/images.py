@@ -1,11 +1,12 @@
 """Images in, an encoder's normalised `(B, 3, S, S)` pixel batch out.
 
-The eval transform is BLIP-2's (and CLIP's at a square size): resize to `(S, S)` with the
-encoder's interpolation, scale to [0, 1], normalise with its mean and std. Inputs may be PIL
-images, file paths, uint8 tensors (raw pixels, `(3, H, W)`) or float tensors. A float tensor
-is taken as **already normalised** for this encoder, so it must already be `(3, S, S)` or
-`(B, 3, S, S)`: raw floats cannot be told apart from normalised ones, and guessing would
-silently normalise twice.
+The eval transform is BLIP-2's by default: resize to `(S, S)` with the encoder's interpolation,
+scale to [0, 1], normalise with its mean and std. An encoder whose `Preprocess` asks for it gets
+CLIP's (and DINOv2's) instead: resize the shorter side, keeping the aspect ratio, then centre-crop
+`(S, S)`. Inputs may be PIL images, file paths, uint8 tensors (raw pixels, `(3, H, W)`) or float
+tensors. A float tensor is taken as **already normalised** for this encoder, so it must already be
+`(3, S, S)` or `(B, 3, S, S)`: raw floats cannot be told apart from normalised ones, and guessing
+would silently normalise twice.
 """
 
 from __future__ import annotations
@@ -45,13 +46,28 @@ def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tens
     """PIL image or uint8 `(3, H, W)` tensor -> normalised float `(3, S, S)`."""
     if preprocess.interpolation not in _INTERPOLATION:
         raise VLBridgeError(f"unknown interpolation {preprocess.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
-    size = preprocess.image_size
     return T.Compose([  # resize first: a PIL image is then resized by PIL, as in BLIP-2's and HF's processors
-        T.Resize((size, size), interpolation=_INTERPOLATION[preprocess.interpolation], antialias=True),
+        *_resize_and_crop(preprocess),
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
     ])
+
+
+def _resize_and_crop(preprocess: Preprocess) -> list[Callable]:
+    """'squash': resize to (R, R); 'shortest': shorter side to R. Then centre-crop (S, S) unless already so."""
+    size, mode = preprocess.image_size, preprocess.resize_mode
+    target = preprocess.resize_size or size
+    interpolation = _INTERPOLATION[preprocess.interpolation]
+    if mode == "squash":
+        steps: list[Callable] = [T.Resize((target, target), interpolation=interpolation, antialias=True)]
+    elif mode == "shortest":
+        steps = [T.Resize(target, interpolation=interpolation, antialias=True)]
+    else:
+        raise VLBridgeError(f"unknown resize_mode {mode!r}; use 'squash' or 'shortest'")
+    if mode == "shortest" or target != size:
+        steps.append(T.CenterCrop(size))
+    return steps
 
 
 def to_pixel_batch(

@@ -60,7 +60,7 @@ class Plan:
         p = self.preprocess
         lines = [
             f"assembly {self.name}",
-            f"  image      {p.image_size} px, mean {p.mean}, std {p.std}, {p.interpolation}",
+            f"  image      {p.image_size} px{_crop(p)}, mean {p.mean}, std {p.std}, {p.interpolation}",
             f"  encoder    {self.encoder.use:<12} -> {self.encoder_out}   ({_count(self.encoder.params)} frozen)",
         ]
         if self.llm is None or self.llm_dims is None or self.connector_out is None:
@@ -77,6 +77,13 @@ class Plan:
             lines.append(f"  stage {stage}    {_count(self.trainable_params.get(stage))} trainable")
         lines.extend(f"  warning    {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _crop(p: Preprocess) -> str:
+    """How the eval transform gets to S x S, when it is not a plain squash."""
+    if p.resize_mode == "shortest":
+        return f" (shorter side to {p.resize_size or p.image_size}, centre crop)"
+    return f" (squashed to {p.resize_size}, centre crop)" if p.resize_size not in (None, p.image_size) else ""
 
 
 def _count(n: int | None) -> str:

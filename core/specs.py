@@ -41,12 +41,25 @@ class TokenShape:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How images must be prepared for an encoder; travels with the encoder's weights."""
+    """How images must be prepared for an encoder; travels with the encoder's weights.
+
+    The eval transform resizes, then centre-crops to `image_size` x `image_size`. `resize_mode`
+    'squash' resizes both sides to `resize_size` whatever the aspect ratio (BLIP-2's and SigLIP's
+    way); 'shortest' resizes the shorter side to `resize_size`, keeping the aspect ratio (CLIP's and
+    DINOv2's). `resize_size` None means `image_size`, so the default squashes to S x S, no crop.
+    """
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    resize_mode: Literal["squash", "shortest"] = "squash"
+    resize_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
+                             "the centre crop would have to pad")
 
 
 @dataclass(frozen=True)

@@ -274,3 +274,20 @@ def test_training_from_the_cache_end_to_end(data: Path, cache: Path, tmp_path: P
               "output_dir": str(tmp_path / "run"), "data": {"train": data_config(data).model_dump(exclude_defaults=True), "features": str(cache)}}
     result = train.run(config)
     assert result.step == 2 and torch.isfinite(torch.tensor(result.train["loss"]))
+
+
+def test_the_resize_mode_is_part_of_the_encoder_identity():
+    """A cache of squashed images is stale for an encoder that centre-crops; old manifests read as squash."""
+    from vlbridge.train.cache import EncoderIdentity, PreprocessInfo, identity_problems
+
+    base = {"image_size": 28, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+    old = PreprocessInfo.model_validate(base)  # a manifest written before resize_mode existed
+    assert (old.resize_mode, old.resize_size) == ("squash", None)
+
+    def identity(preprocess: PreprocessInfo) -> EncoderIdentity:
+        return EncoderIdentity(name="e", plugin="p", options={}, num_tokens=4, width=8, preprocess=preprocess, weights_sha256="0")
+
+    cropped = PreprocessInfo(**base, resize_mode="shortest", resize_size=32)
+    assert identity_problems(identity(old), identity(cropped)) == [
+        "preprocessing resize_mode: squash in the cache, shortest now", "preprocessing resize_size: None in the cache, 32 now"]
+    assert identity_problems(identity(old), identity(PreprocessInfo(**base, resize_mode="squash"))) == []

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BUILTINS = {
     "vlbridge.plugins.encoders.eva_vit_g": {"eva-vit-g": {"variant": "tiny"}},
     "vlbridge.plugins.encoders.clip_vit_l": {"clip-vit-l": {"variant": "tiny"}},
+    "vlbridge.plugins.encoders.open_clip_tower": {"open-clip": {"arch": "tiny"}},
+    "vlbridge.plugins.encoders.hf_vision": {"hf-vision": {"variant": "tiny"}},
     "vlbridge.plugins.connectors.projectors": {},
     "vlbridge.plugins.connectors.qformer": {"qformer": {"variant": "tiny"}},  # stage 1 runs the real objective
     "vlbridge.plugins.llms.opt": {"opt": {"variant": "tiny"}},

@@ -100,3 +100,35 @@ def test_empty_and_unknown_inputs():
         to_pixel_batch([], PRE)
     with pytest.raises(VLBridgeError, match="image 0: expected a PIL image, a file path or a tensor, got int"):
         to_pixel_batch([3], PRE)
+
+
+def _torchvision_reference(image, pre: Preprocess, resize) -> torch.Tensor:
+    """Resize + CenterCrop + normalise written with torchvision's classic transforms (PIL resizes)."""
+    from torchvision import transforms as V
+
+    return V.Compose([V.Resize(resize, interpolation=V.InterpolationMode.BICUBIC), V.CenterCrop(pre.image_size),
+                      V.ToTensor(), V.Normalize(pre.mean, pre.std)])(image)
+
+
+@pytest.mark.parametrize("size", [(50, 30), (20, 45), (28, 28)])  # wide, tall, already square
+def test_shortest_side_resize_then_centre_crop(size):
+    """CLIP's eval transform (Resize(S) + CenterCrop(S)): the aspect ratio is kept, the middle is cut out."""
+    image = _image(9, size=size)
+    shortest = Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest")
+    torch.testing.assert_close(to_pixel_batch(image, shortest)[0], _torchvision_reference(image, shortest, 28), atol=1e-5, rtol=0)
+    larger = Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", resize_size=32)  # DINOv2's: resize 256, crop 224
+    torch.testing.assert_close(to_pixel_batch(image, larger)[0], _torchvision_reference(image, larger, 32), atol=1e-5, rtol=0)
+    squash_crop = Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "squash", resize_size=32)
+    torch.testing.assert_close(to_pixel_batch(image, squash_crop)[0], _torchvision_reference(image, squash_crop, (32, 32)),
+                               atol=1e-5, rtol=0)
+
+
+def test_the_default_stays_a_plain_squash_and_bad_settings_are_refused():
+    assert (PRE.resize_mode, PRE.resize_size) == ("squash", None)
+    image = _image(10, size=(50, 30))
+    torch.testing.assert_close(to_pixel_batch(image, Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "squash", 28))[0],
+                               _expected(image), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="resize_size 20 is smaller than image_size 28"):
+        Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", 20)
+    with pytest.raises(VLBridgeError, match="unknown resize_mode 'longest'"):
+        to_pixel_batch(image, Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "longest"))  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Image transforms from an encoder's declared `Preprocess`, and decoding an `ImageRef` to pixels.
 
-Eval is `vlbridge.images.eval_transform` itself (resize to (S, S), normalise), so training-time
+Eval is `vlbridge.images.eval_transform` itself (resize to (S, S) or centre-crop, normalise), so training-time
 evaluation and `vlbridge.images` can never disagree. Train is BLIP-2's `blip2_image_train`:
 RandomResizedCrop(S, scale=(0.5, 1.0)) with the encoder's interpolation, a random horizontal flip,
 then the same scaling and normalisation. Randomness comes from torch's generator (seed it).

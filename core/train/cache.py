@@ -1,9 +1,10 @@
 """The frozen-feature cache: the encoder is frozen, so its outputs can be computed once and reused.
 
 `vlbridge cache-features` (see `cache_build.build_cache`) runs the encoder over a dataset with the
-**eval transform** (resize to S x S, normalise: no random crop, no flip) and stores the `(N, tokens,
-width)` outputs as sharded safetensors files plus a `manifest.json` that binds them to the encoder:
-plugin, validated options, output shape, preprocessing and a sha256 of its weights. Training then
+**eval transform** (resize to S x S, or shorter side then centre crop for encoders that ask;
+normalise: no random crop, no flip) and stores the `(N, tokens, width)` outputs as sharded
+safetensors files plus a `manifest.json` that binds them to the encoder: plugin, validated
+options, output shape, preprocessing and a sha256 of its weights. Training then
 reads the cache (`cache_dataset.FeatureDataset`) and batches carry `image_embeds` instead of
 `pixel_values`, so the objectives skip the encoder.
 
@@ -62,7 +63,10 @@ class PreprocessInfo(Strict):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
-    transform: Literal["eval"] = Field("eval", description="resize to image_size x image_size and normalise; no augmentation")
+    resize_mode: str = "squash"  # absent from manifests written before centre-cropping encoders existed
+    resize_size: int | None = None
+    transform: Literal["eval"] = Field("eval", description="resize (squash, or shortest side then centre-crop) to "
+                                       "image_size x image_size and normalise; no augmentation")
 
 
 class EncoderIdentity(Strict):
@@ -147,7 +151,8 @@ def encoder_identity(assembly: "Assembly", weights: str) -> EncoderIdentity:
     return EncoderIdentity(
         name=plan.encoder.name, plugin=plan.encoder.plugin, options=dict(plan.encoder.options),
         num_tokens=plan.encoder_out.num_tokens, width=plan.encoder_out.width,
-        preprocess=PreprocessInfo(image_size=p.image_size, mean=p.mean, std=p.std, interpolation=p.interpolation),
+        preprocess=PreprocessInfo(image_size=p.image_size, mean=p.mean, std=p.std, interpolation=p.interpolation,
+                                  resize_mode=p.resize_mode, resize_size=p.resize_size),
         weights_sha256=weights,
     )
 
@@ -198,7 +203,7 @@ def identity_problems(cached: EncoderIdentity, current: EncoderIdentity, *, weig
                 for key in sorted({*cached.options, *current.options}) if cached.options.get(key) != current.options.get(key)]
     if (cached.num_tokens, cached.width) != (current.num_tokens, current.width):
         problems.append(f"encoder output: {cached.num_tokens} tokens x {cached.width} in the cache, {current.num_tokens} x {current.width} now")
-    for field in ("image_size", "mean", "std", "interpolation"):
+    for field in ("image_size", "mean", "std", "interpolation", "resize_mode", "resize_size"):
         was, now = getattr(cached.preprocess, field), getattr(current.preprocess, field)
         if was != now:
             problems.append(f"preprocessing {field}: {was} in the cache, {now} now")

@@ -1,0 +1,249 @@
+"""The `hf-vision` encoder on tiny random transformers towers saved with save_pretrained: tokens equal
+to the library's own hidden_states (CLIP, SigLIP, DINOv2 with and without registers, ViT, and a
+DeiT through `prefix_tokens`), declared shapes equal to built ones, preprocessing read from the
+directory, strict loading, clear errors, and a stage-1 Q-Former that trains on its tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from tests.generic_encoders import heavy_modules_after, randomise, registry_for, stage1_losses  # noqa: E402
+from vlbridge.errors import VLBridgeError, WeightsError  # noqa: E402
+from vlbridge.plugins.encoders import hf_vision  # noqa: E402
+from vlbridge.plugins.encoders.hf_vision import HFVisionOptions  # noqa: E402
+from vlbridge.plugins.encoders.hf_vision_model import build  # noqa: E402
+from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
+from vlbridge.testing import using_registry  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BLOCK = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99, max_position_embeddings=16)
+
+
+def _towers() -> dict[str, tuple[object, object, int]]:
+    """name -> (model to save, model class that loads it back for the reference, image size)."""
+    t = transformers
+    clip_vision = dict(BLOCK, image_size=28, patch_size=14)
+    siglip_vision = dict(BLOCK, image_size=32, patch_size=16)
+    return {
+        "clip": (t.CLIPVisionModel(t.CLIPVisionConfig(**clip_vision)), t.CLIPVisionModel, 28),
+        "clip-full": (t.CLIPModel(t.CLIPConfig(vision_config=clip_vision, text_config=TEXT, projection_dim=16)), t.CLIPVisionModel, 28),
+        "siglip": (t.SiglipVisionModel(t.SiglipVisionConfig(**siglip_vision)), t.SiglipVisionModel, 32),
+        "siglip-full": (t.SiglipModel(t.SiglipConfig(vision_config=siglip_vision, text_config=TEXT)), t.SiglipVisionModel, 32),
+        "dinov2": (t.Dinov2Model(t.Dinov2Config(**BLOCK, image_size=28, patch_size=14)), t.Dinov2Model, 28),
+        "dinov2-reg": (t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**BLOCK, image_size=28, patch_size=14, num_register_tokens=2)),
+                       t.Dinov2WithRegistersModel, 28),
+        "vit": (t.ViTModel(t.ViTConfig(**BLOCK, image_size=28, patch_size=14)), t.ViTModel, 28),
+        "deit": (t.DeiTModel(t.DeiTConfig(**BLOCK, image_size=28, patch_size=14)), t.DeiTModel, 28),
+    }
+
+
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory) -> dict[str, tuple[str, object, int]]:
+    """name -> (directory, the reference model loaded back by transformers, image size)."""
+    root = tmp_path_factory.mktemp("hf_vision")
+    out = {}
+    for seed, (name, (model, loader, size)) in enumerate(_towers().items()):
+        randomise(model, seed)
+        model.save_pretrained(root / name)
+        out[name] = (str(root / name), loader.from_pretrained(root / name).eval(), size)
+    (root / "deit" / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"height": 28, "width": 28}, "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    return out
+
+
+def _pixels(size: int) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _hidden(reference, pixels: torch.Tensor, **kwargs):
+    with torch.no_grad():
+        return reference(pixel_values=pixels, output_hidden_states=True, **kwargs)
+
+
+@pytest.mark.parametrize("name, options, select", [
+    ("clip", {}, slice(None)),  # default: hidden_states[-2], [CLS] kept
+    ("clip", {"layer": 0}, slice(None)),  # the embedding output
+    ("clip", {"layer": 3, "include_cls": False}, slice(1, None)),
+    ("clip-full", {"layer": -1, "include_cls": False}, slice(1, None)),
+    ("siglip", {}, slice(None)),  # no [CLS]: include_cls changes nothing
+    ("siglip-full", {"include_cls": False, "layer": 1}, slice(None)),
+    ("dinov2", {"include_cls": False}, slice(1, None)),
+    ("dinov2-reg", {"layer": -1}, [0, *range(3, 7)]),  # [CLS] + patches; the 2 registers dropped by default
+    ("dinov2-reg", {"include_registers": True, "include_cls": False}, slice(1, None)),
+    ("vit", {"layer": 2}, slice(None)),
+    ("deit", {"prefix_tokens": 2, "include_cls": False}, slice(2, None)),  # [CLS] + distillation token
+])
+def test_tokens_equal_transformers_hidden_states(towers, name, options, select):
+    directory, reference, size = towers[name]
+    opts = HFVisionOptions(model=directory, **options)
+    encoder = build(opts)
+    pixels = _pixels(size)
+    with torch.no_grad():
+        got = encoder(pixels)
+    expected = _hidden(reference, pixels).hidden_states[opts.layer][:, select]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert tuple(got.shape[1:]) == (hf_vision.output(opts).num_tokens, 32) and encoder.output_shape == hf_vision.output(opts)
+
+
+@pytest.mark.parametrize("name", ["siglip", "dinov2"])
+def test_final_norm_on_the_last_layer_equals_last_hidden_state(towers, name):
+    directory, reference, size = towers[name]
+    encoder = build(HFVisionOptions(model=directory, layer=-1, final_norm=True))
+    pixels = _pixels(size)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels), _hidden(reference, pixels).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_later_blocks_and_heads_are_removed(towers):
+    encoder = build(HFVisionOptions(model=towers["siglip-full"][0], layer=1))
+    assert len(encoder.vision.encoder.layers) == 1 and not hasattr(encoder.vision, "head")
+    assert not any("text_model" in name for name, _ in encoder.named_parameters())
+    whole = build(HFVisionOptions(model=towers["siglip-full"][0], layer=1, keep_all_layers=True))
+    assert len(whole.vision.encoder.layers) == 3 and hasattr(whole.vision, "head")
+    pixels = _pixels(32)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(pixels), encoder(pixels), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["clip", "dinov2"])
+def test_another_resolution_interpolates_position_embeddings(towers, name):
+    directory, reference, _ = towers[name]
+    opts = HFVisionOptions(model=directory, image_size=42)
+    assert hf_vision.output(opts) == TokenShape(10, 32) and hf_vision.preprocess(opts).image_size == 42
+    pixels = _pixels(42)
+    kwargs = {"interpolate_pos_encoding": True} if name == "clip" else {}
+    with torch.no_grad():
+        torch.testing.assert_close(build(opts)(pixels), _hidden(reference, pixels, **kwargs).hidden_states[-2], atol=1e-5, rtol=0)
+
+
+def test_preprocessing_from_the_directory_or_the_family(towers, tmp_path):
+    clip, siglip, dinov2 = (HFVisionOptions(model=towers[name][0]) for name in ("clip", "siglip", "dinov2"))
+    assert hf_vision.preprocess(clip) == Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest")
+    assert hf_vision.preprocess(siglip) == Preprocess(32, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
+    assert hf_vision.preprocess(dinov2) == Preprocess(28, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", "shortest", 32)
+    # What transformers' own image processors write, read back.
+    directory = Path(towers["dinov2"][0])
+    copy = tmp_path / "dinov2"
+    copy.mkdir()
+    (copy / "config.json").write_text((directory / "config.json").read_text())
+    transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=2,
+                                   image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.2, 0.1]).save_pretrained(copy)
+    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, (0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bilinear", "shortest", 32)
+    transformers.SiglipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(copy)
+    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
+    (copy / "preprocessor_config.json").write_text(json.dumps(  # the old CLIPFeatureExtractor format: bare ints
+        {"size": 28, "crop_size": 28, "do_center_crop": True, "resample": 3, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
+    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest")
+    (copy / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}, "resample": 1}))
+    with pytest.raises(ValueError, match=r"resample=1 is not supported; vlbridge resizes bilinear \(2\) or bicubic \(3\)"):
+        HFVisionOptions(model=str(copy))
+
+
+@pytest.mark.parametrize("processor", [
+    lambda t: t.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}),
+    lambda t: t.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),  # DINOv2's
+    lambda t: t.SiglipImageProcessor(size={"height": 56, "width": 56}),
+])
+def test_the_eval_transform_matches_the_image_processor(processor):
+    """vlbridge's eval transform from the processor's own config gives its pixels (up to uint8 rounding)."""
+    import numpy as np
+    from PIL import Image
+
+    from vlbridge.images import to_pixel_batch
+    from vlbridge.plugins.encoders.hf_vision_configs import processor_preprocess
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    built = processor(transformers)
+    ours = to_pixel_batch(image, processor_preprocess(built.to_dict(), "processor"))[0]
+    theirs = torch.as_tensor(np.asarray(built(image, return_tensors="np")["pixel_values"][0]))
+    assert ours.shape == theirs.shape == (3, 56, 56)
+    assert (ours - theirs).abs().mean() < 1e-3 and (ours - theirs).abs().max() < 0.03
+
+
+def test_known_towers_validate_offline():
+    assert hf_vision.output(HFVisionOptions()) == TokenShape(577, 1024)  # LLaVA-1.5's CLIP ViT-L/14-336
+    assert hf_vision.output(HFVisionOptions(variant="siglip-so400m")) == TokenShape(729, 1152)  # 384 px, 27 x 27 patches
+    dinov2 = HFVisionOptions(variant="dinov2-large", include_cls=False)
+    assert hf_vision.output(dinov2) == TokenShape(256, 1024)
+    assert hf_vision.preprocess(dinov2) == Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", "shortest", 256)
+
+
+def test_option_errors(towers, tmp_path):
+    with pytest.raises(ValueError, match="model directory not found"):
+        HFVisionOptions(model=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="cannot read the config.json of 'someone/some-tower' offline"):
+        HFVisionOptions(model="someone/some-tower")
+    with pytest.raises(ValueError, match=r"layer 4 is out of range for hidden_states .* which has 3 blocks \(use -4..3; 0 is the embedding output\)"):
+        HFVisionOptions(model=towers["clip"][0], layer=4)
+    with pytest.raises(ValueError, match="image_size 30 is not a multiple of the patch size 14"):
+        HFVisionOptions(model=towers["dinov2"][0], image_size=30)
+    transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(tmp_path / "opt")
+    with pytest.raises(ValueError, match="holds a 'opt' model; hf-vision knows the vision towers clip, siglip, clip_vision_model"):
+        HFVisionOptions(model=str(tmp_path / "opt"))
+    (tmp_path / "no_processor").mkdir()
+    (tmp_path / "no_processor" / "config.json").write_text((Path(towers["deit"][0]) / "config.json").read_text())
+    with pytest.raises(ValueError, match="has no preprocessor_config.json, and hf-vision has no default preprocessing for 'deit'"):
+        HFVisionOptions(model=str(tmp_path / "no_processor"), prefix_tokens=2)
+
+
+def _copy_with(directory: str, target: Path, change) -> str:
+    target.mkdir()
+    for path in Path(directory).iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    state = load_file(target / "model.safetensors")
+    change(state)
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    return str(target)
+
+
+def test_strict_loading(towers, tmp_path):
+    clip = towers["clip"][0]
+    keys = list(load_file(Path(clip) / "model.safetensors"))
+    prefix = next(k for k in keys if k.endswith("pre_layrnorm.bias")).removesuffix("pre_layrnorm.bias")  # transformers 4 wrote vision_model.
+    missing = _copy_with(clip, tmp_path / "missing", lambda s: s.pop(f"{prefix}pre_layrnorm.bias"))
+    with pytest.raises(WeightsError, match=r"1 missing: (vision_model\.)?pre_layrnorm\.bias"):
+        build(HFVisionOptions(model=missing))
+    extra = _copy_with(clip, tmp_path / "extra", lambda s: s.update({f"{prefix}encoder.layers.0.extra": torch.zeros(2)}))
+    with pytest.raises(WeightsError, match=r"CLIPVisionModel weights .* do not match the model: 1 unexpected: (vision_model\.)?encoder\.layers\.0\.extra"):
+        build(HFVisionOptions(model=extra))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text((Path(clip) / "config.json").read_text())
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(VLBridgeError, match="could not load the CLIPVisionModel tower from .*broken"):
+        build(HFVisionOptions(model=str(tmp_path / "broken")))
+
+
+def test_frozen_in_bf16_and_pixel_check(towers):
+    directory, _, size = towers["clip"]
+    encoder = build(HFVisionOptions(model=directory, dtype="bf16"))
+    assert encoder.frozen and not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training and encoder(_pixels(size)).dtype == torch.bfloat16
+    with pytest.raises(VLBridgeError, match=r"expects pixels shaped \(B, 3, 28, 28\)"):
+        encoder(torch.zeros(1, 3, 56, 56))
+
+
+def test_a_stage1_qformer_trains_on_it(towers):
+    with using_registry(registry_for(hf_vision, "hf-vision")):
+        before, after = stage1_losses({"use": "hf-vision", "options": {"model": towers["siglip"][0]}})
+    assert before - after > 0.05, (before, after)
+
+
+def test_declaring_imports_no_torch(towers):
+    script = ("from vlbridge.plugins.encoders import hf_vision as m\n"
+              f"for kw in ({{}}, {{'variant': 'tiny'}}, {{'variant': 'siglip-so400m'}}, {{'model': {towers['dinov2-reg'][0]!r}}}):\n"
+              "    o = m.HFVisionOptions(**kw); m.output(o); m.preprocess(o)\n"
+              "m.vlbridge_register_encoders()[0].check()")
+    assert heavy_modules_after(script) == []
