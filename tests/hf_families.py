@@ -30,6 +30,9 @@ CAUSAL: dict[str, dict[str, Any]] = {
 SEQ2SEQ: dict[str, dict[str, Any]] = {
     "t5": dict(model_type="t5", d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=1,
                feed_forward_proj="gated-gelu", decoder_start_token_id=0),
+    "bart": dict(model_type="bart", d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                 decoder_start_token_id=1, forced_bos_token_id=None, forced_eos_token_id=None),
 }
 
 

@@ -39,8 +39,8 @@ def hook_returning(value):
 
 def test_builtins_register_through_the_hooks():
     registry = get_registry()
-    assert registry.names("encoder") == ["clip-vit-l", "eva-vit-g"]
-    assert registry.names("llm") == ["flan-t5", "opt"]
+    assert registry.names("encoder") == ["clip-vit-l", "eva-vit-g", "hf-vision", "open-clip"]
+    assert registry.names("llm") == ["flan-t5", "hf-causal-lm", "hf-seq2seq", "opt"]
     assert registry.names("connector") == ["linear", "mlp", "qformer"]
     records = registry.plugins.records
     assert all(r.builtin and r.status == "loaded" for r in records.values())
@@ -102,7 +102,7 @@ def test_import_error_of_entry_point_is_recorded(monkeypatch):
     plugins = load_plugin_set()
     record = plugins.records["vlbridge-missing"]
     assert record.status == "error" and "No module named 'some_dependency'" in record.errors[0]
-    assert Registry.collect(plugins).names("encoder") == ["clip-vit-l", "eva-vit-g"]
+    assert Registry.collect(plugins).names("encoder") == ["clip-vit-l", "eva-vit-g", "hf-vision", "open-clip"]
 
 
 def test_allow_and_block_lists_skip_before_import(monkeypatch):

@@ -1,4 +1,5 @@
-"""`vlbridge import hf-blip2 DIR OUT_DIR` and `vlbridge export hf-blip2 CHECKPOINT OUT_DIR`."""
+"""`vlbridge import hf-blip2|hf-llava DIR OUT_DIR`, `vlbridge import lavis ...` and
+`vlbridge export hf-blip2|hf-llava CHECKPOINT OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("source", metavar="DIR")
     hf.add_argument("out", metavar="OUT_DIR")
     hf.set_defaults(func=cmd_import_hf)
+    llava = imp_sub.add_parser("hf-llava", help="a transformers LlavaForConditionalGeneration directory (e.g. llava-hf/llava-1.5-7b-hf)")
+    llava.add_argument("source", metavar="DIR")
+    llava.add_argument("out", metavar="OUT_DIR")
+    llava.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
+                       help="how prompts are worded, '{}' for the prompt and '<image>' for the visual tokens "
+                            "(default LLaVA-1.5's 'USER: <image>\\n{} ASSISTANT:')")
+    llava.set_defaults(func=cmd_import_llava)
     lavis = imp_sub.add_parser("lavis", help="a LAVIS BLIP-2 .pth state dict, into an assembly of your choice")
     lavis.add_argument("source", metavar="PTH")
     lavis.add_argument("out", metavar="OUT_DIR")
@@ -23,12 +31,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hf_out.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
     hf_out.add_argument("out", metavar="OUT_DIR")
     hf_out.set_defaults(func=cmd_export_hf)
+    llava_out = exp_sub.add_parser("hf-llava", help="a transformers LlavaForConditionalGeneration directory")
+    llava_out.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    llava_out.add_argument("out", metavar="OUT_DIR")
+    llava_out.set_defaults(func=cmd_export_llava)
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from vlbridge.hf_blip2 import import_hf_blip2
 
     out = import_hf_blip2(args.source, args.out)
+    print(f"wrote vlbridge checkpoint {out}; use it with --checkpoint {out} or vlbridge.load({str(out)!r})")
+    return 0
+
+
+def cmd_import_llava(args: argparse.Namespace) -> int:
+    from vlbridge.hf_llava import LLAVA_15_TEMPLATE, import_hf_llava
+
+    template = args.prompt_template if args.prompt_template is not None else LLAVA_15_TEMPLATE
+    out = import_hf_llava(args.source, args.out, prompt_template=template)
     print(f"wrote vlbridge checkpoint {out}; use it with --checkpoint {out} or vlbridge.load({str(out)!r})")
     return 0
 
@@ -47,4 +68,13 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     out = export_hf_blip2(vlbridge.load(args.checkpoint), args.out)
     print(f"wrote transformers BLIP-2 directory {out}")
+    return 0
+
+
+def cmd_export_llava(args: argparse.Namespace) -> int:
+    import vlbridge
+    from vlbridge.hf_llava import export_hf_llava
+
+    out = export_hf_llava(vlbridge.load(args.checkpoint), args.out)
+    print(f"wrote transformers LLaVA directory {out}")
     return 0

@@ -15,13 +15,31 @@ class RunSpec(Strict):
     """One contestant: an assembly and how its connector is trained."""
 
     name: str = Field(min_length=1, description="label in the table")
-    assembly: str | dict[str, Any] = Field(description="preset name, assembly YAML path or inline mapping")
+    assembly: str | dict[str, Any] | None = Field(None, description="preset name, assembly YAML path or inline mapping (not with checkpoint)")
+    checkpoint: str | None = Field(None, description=(
+        "evaluate this vlbridge checkpoint as it is, untrained here (e.g. an imported LLaVA-1.5 or BLIP-2: "
+        "`vlbridge import hf-llava|hf-blip2`); its assembly is the checkpoint's own"))
     connector_options: dict[str, Any] = Field(default_factory=dict, description="merged into the assembly's connector options (e.g. num_query_tokens)")
     stage1_steps: int = Field(0, ge=0, description="stage-1 optimizer steps (0: no stage 1, e.g. projectors or the 'without stage 1' ablation)")
-    stage2_steps: int = Field(ge=1, description="stage-2 optimizer steps")
+    stage2_steps: int = Field(0, ge=0, description="stage-2 optimizer steps (at least 1 unless the run is a checkpoint)")
     lr: float | None = Field(None, gt=0, description="peak learning rate; default: the comparison's")
     group: str = Field("results", min_length=1, description="the report's table this run is a row of (e.g. zero-shot, supervised)")
     stage2_data: dict[str, Any] | None = Field(None, description="DataConfig for this run's stage 2; default: the comparison's stage2_data")
+
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunSpec":
+        if self.checkpoint is not None:
+            trains = [name for name in ("assembly", "stage1_steps", "stage2_steps", "lr", "stage2_data")
+                      if getattr(self, name)] + (["connector_options"] if self.connector_options else [])
+            if trains:
+                raise ValueError(f"run {self.name!r} evaluates checkpoint {self.checkpoint!r} as it is; drop {', '.join(trains)} "
+                                 "(or drop checkpoint to train this run)")
+        elif self.assembly is None:
+            raise ValueError(f"run {self.name!r} needs an assembly to train, or a checkpoint to evaluate")
+        elif self.stage2_steps < 1:
+            raise ValueError(f"run {self.name!r} trains its connector: stage2_steps must be at least 1")
+        return self
 
 
 class EvalSet(Strict):
@@ -52,7 +70,7 @@ class CompareConfig(Strict):
     name: str = "comparison"
     runs: list[RunSpec] = Field(min_length=1)
     stage1_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 1 (captions)")
-    stage2_data: dict[str, Any] = Field(description="DataConfig for stage 2 (captions, QA texts)")
+    stage2_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 2 (captions, QA texts); needed by every run that trains without its own")
     evals: list[EvalSet] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="every run is repeated per seed; tables give mean and spread")
     batch_size: int = Field(32, ge=1)
@@ -80,9 +98,12 @@ class CompareConfig(Strict):
             raise ValueError(f"run names must be unique, got {names}")
         if any(r.stage1_steps for r in self.runs) and self.stage1_data is None:
             raise ValueError("a run has stage1_steps but stage1_data is not given")
+        untrained = [r.name for r in self.runs if r.checkpoint is None and r.stage2_data is None]
+        if untrained and self.stage2_data is None:
+            raise ValueError(f"runs {untrained} train a stage 2 but neither they nor the comparison give stage2_data")
         return self
 
-    def stage2_data_of(self, run: RunSpec) -> dict[str, Any]:
+    def stage2_data_of(self, run: RunSpec) -> dict[str, Any] | None:
         """The data a run's stage 2 trains on: its own, else the comparison's."""
         return run.stage2_data if run.stage2_data is not None else self.stage2_data
 

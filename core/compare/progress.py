@@ -24,7 +24,8 @@ def phase_plan(config: CompareConfig, stage1_trainers: set[tuple[str, int]] | No
         for run in config.runs:
             if run.stage1_steps and (stage1_trainers is None or (run.name, seed) in stage1_trainers):
                 phases.append((f"{run.name} seed {seed}: stage 1", STAGE1_STEP_WEIGHT * run.stage1_steps))
-            phases.append((f"{run.name} seed {seed}: stage 2", float(run.stage2_steps)))
+            if run.stage2_steps:
+                phases.append((f"{run.name} seed {seed}: stage 2", float(run.stage2_steps)))
             phases.append((f"{run.name} seed {seed}: evaluate", EVAL_WEIGHT * max(1, len(config.evals))))
     return phases
 

@@ -29,6 +29,10 @@ Say = Callable[[str], None]
 
 def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     """The run's assembly as a mapping, with its connector option overrides applied."""
+    if run.checkpoint is not None:
+        from vlbridge.checkpoint import ASSEMBLY_FILE
+
+        return load_assembly(str(Path(run.checkpoint) / ASSEMBLY_FILE)).config.model_dump(mode="json")
     if isinstance(run.assembly, dict):
         raw = copy.deepcopy(run.assembly)
     elif run.assembly in presets():
@@ -43,7 +47,8 @@ def resolve_assembly(run: RunSpec) -> dict[str, Any]:
 
 def data_sources(config: CompareConfig) -> list[dict[str, Any]]:
     """Every distinct DataConfig the comparison trains on (stage 1, and each run's stage 2)."""
-    sources = [config.stage2_data] + [r.stage2_data for r in config.runs if r.stage2_data] + ([config.stage1_data] if config.stage1_data else [])
+    sources = ([config.stage2_data] if config.stage2_data else []) + [r.stage2_data for r in config.runs if r.stage2_data] + \
+        ([config.stage1_data] if config.stage1_data else [])
     unique = {json.dumps(s, sort_keys=True, default=str): s for s in sources}
     return list(unique.values())
 
@@ -160,6 +165,9 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
     from vlbridge.train.checkpointing import latest_checkpoint
     from vlbridge.train.trainer import run as train
 
+    if run.checkpoint is not None:
+        say(f"{run.name} (seed {seed}): evaluating checkpoint {run.checkpoint} as it is")
+        return Path(run.checkpoint), {"checkpoint": run.checkpoint}
     assembly = resolve_assembly(run)
     features = feature_cache(config, assembly, say)
     root = Path(config.output_dir) / "runs" / run.name / f"seed-{seed}"
@@ -232,7 +240,9 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     training or evaluation (not the other runs, the output folder or the title)."""
     shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs"})
     evaluated = [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
-    trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run))
+    trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run) if run.checkpoint is None else None)
+    if run.checkpoint is not None:  # the weights it evaluates: a re-imported checkpoint is evaluated afresh
+        trained += [str(path) for path in sorted(Path(run.checkpoint).glob("*")) if path.is_file()]
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
                        "data": data_fingerprint(trained + evaluated)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -78,7 +78,8 @@ def _build_feature_caches(config: CompareConfig, say: Say) -> None:
     from vlbridge.compare.runner import feature_cache, resolve_assembly
 
     for run in config.runs:
-        feature_cache(config, resolve_assembly(run), say)
+        if run.checkpoint is None:  # a checkpoint run is evaluated, never trained: no cache
+            feature_cache(config, resolve_assembly(run), say)
 
 
 def run_in_workers(config: CompareConfig, say: Say = print) -> None:

@@ -1,0 +1,158 @@
+"""LLaVA checkpoints in and out: a tiny random transformers `LlavaForConditionalGeneration` (CLIP tower,
+mlp2x_gelu projector, Llama LLM) imported as hf-vision + mlp + hf-causal-lm gives transformers' logits
+and generated tokens (greedy and beam search), and exports back to an equal LLaVA directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlbridge
+from tests.hf_families import redraw
+from vlbridge.cli.main import main
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.plugins.tiny_assets import tokenizer_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+IMAGE, PATCH = 28, 14
+PROMPTS = ["what is it?", "how many red things are there in the picture?"]
+
+
+def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int = 0):
+    """A tiny LLaVA-1.5 layout saved with its tokenizer (carrying '<image>') and image processor."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir("opt")), local_files_only=True)
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=IMAGE, patch_size=PATCH, hidden_act="quick_gelu")
+    text = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1024, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokens = (IMAGE // PATCH) ** 2 + (strategy == "full")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=tokens,
+                         vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    redraw(model, std=0.2, seed=seed)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(str(directory))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    hf, tokenizer = make_llava(root / "hf")
+    out = vlbridge.import_hf_llava(root / "hf", root / "imported")
+    return hf, tokenizer, vlbridge.load(out).eval(), root
+
+
+def hf_inputs(tokenizer, hf, prompts):
+    """What LLaVA's processor feeds transformers: the prompt with `image_seq_length` image ids, padded on the left."""
+    image_id, count = hf.config.image_token_index, hf.config.image_seq_length
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(f"USER: <image>\n{prompt} ASSISTANT:")["input_ids"]
+        slot = ids.index(image_id)
+        rows.append(ids[:slot] + [image_id] * count + ids[slot + 1:])
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def pixels(count: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(count, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_import_writes_the_three_part_assembly(llava):
+    _, _, model, _ = llava
+    assert (model.plan.encoder.name, model.plan.connector.name, model.plan.llm.name) == ("hf-vision", "mlp", "hf-causal-lm")
+    assert model.plan.encoder_out.num_tokens == (IMAGE // PATCH) ** 2  # "default": [CLS] dropped
+    assert model.llm.format_prompt("hi") == "USER: <image>\nhi ASSISTANT:"
+
+
+def test_logits_equal_transformers(llava):
+    hf, tokenizer, model, _ = llava
+    px = pixels(2)
+    ids, mask = hf_inputs(tokenizer, hf, PROMPTS)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        prompts = [model.llm.format_prompt(p) for p in PROMPTS]
+        ours_ids, ours_mask = model.llm.tokenize(prompts, padding_side="left")
+        ours = model(px, ours_ids, ours_mask).logits
+    assert ours.shape == expected.shape
+    for row, length in enumerate(mask.sum(dim=1).tolist()):  # ours packs padding right, transformers' is left
+        torch.testing.assert_close(ours[row, :length], expected[row, -length:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_equals_transformers(llava, beams):
+    hf, tokenizer, model, _ = llava
+    px = pixels(2, seed=beams)
+    ids, mask = hf_inputs(tokenizer, hf, PROMPTS)
+    settings = dict(max_new_tokens=6, num_beams=beams, do_sample=False, min_new_tokens=6)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, pad_token_id=tokenizer.pad_token_id, **settings)
+    expected_text = [t.strip() for t in tokenizer.batch_decode(expected[:, ids.shape[1]:], skip_special_tokens=True)]
+    ours = model.generate(px, PROMPTS, **settings)
+    assert ours == expected_text
+    assert len(set(expected_text)) > 1  # the two images/prompts do not collapse to one output
+
+
+def test_export_round_trip_gives_the_same_llava(llava):
+    from transformers import LlavaForConditionalGeneration
+
+    hf, tokenizer, model, root = llava
+    out = vlbridge.export_hf_llava(model, root / "exported")
+    again = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    original, exported = hf.state_dict(), again.state_dict()
+    assert set(original) == set(exported)
+    for key, value in original.items():
+        torch.testing.assert_close(exported[key], value, msg=key)
+    for name in ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy", "image_seq_length"):
+        assert getattr(again.config, name) == getattr(hf.config, name), name
+    px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, pixel_values=px, attention_mask=mask).logits,
+                                   hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits)
+
+
+def test_full_strategy_keeps_cls_and_the_layer_is_honoured(tmp_path):
+    hf, tokenizer = make_llava(tmp_path / "hf", layer=1, strategy="full", seed=1)
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")).eval()
+    assert model.plan.encoder_out.num_tokens == (IMAGE // PATCH) ** 2 + 1
+    px = pixels(1)
+    ids, mask = hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        ours = model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_import_and_export(llava, tmp_path, capsys):
+    _, _, _, root = llava
+    assert main(["import", "hf-llava", str(root / "hf"), str(tmp_path / "ckpt")]) == 0
+    assert main(["export", "hf-llava", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "config.json").is_file()
+    assert main(["import", "hf-llava", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_import_refuses_what_it_cannot_map(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_feature_layer": [-2, -5]}')
+    with pytest.raises(VLBridgeError, match="concatenates several layers"):
+        vlbridge.import_hf_llava(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text('{"model_type": "blip-2"}')
+    with pytest.raises(WeightsError, match="expected 'llava'"):
+        vlbridge.import_hf_llava(tmp_path, tmp_path / "out")
+
+
+def test_export_refuses_other_layouts():
+    model = vlbridge.build("tiny-mlp-opt", stage=2)
+    with pytest.raises(VLBridgeError, match="only hf-vision \\+ mlp \\+ hf-causal-lm"):
+        vlbridge.export_hf_llava(model, "/nonexistent")
