@@ -40,6 +40,8 @@ _LAZY: dict[str, str] = {
     "export_hf_blip2": "vlbridge.hf_blip2:export_hf_blip2",
     "import_lavis": "vlbridge.lavis:import_lavis",
     "import_hf_llava": "vlbridge.hf_llava:import_hf_llava",
+    "import_hf_instructblip": "vlbridge.hf_instructblip:import_hf_instructblip",
+    "export_hf_instructblip": "vlbridge.hf_instructblip:export_hf_instructblip",
     "export_hf_llava": "vlbridge.hf_llava:export_hf_llava",
 }
 

@@ -145,7 +145,7 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
         raise PluginError(f"{who}: caption_suffix must be a string (\"\" if the tokenizer ends texts itself), got {llm.caption_suffix!r}")
     visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
     model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(encoder_out=TokenShape(4, dims.embed_width)),
-                            visual_tokens=lambda image_embeds: visual)
+                            visual_tokens=lambda image_embeds, instructions=None: visual)
     losses = plugin_call(who, "the stage-2 objective", Stage2Objective(), model, {"text": PROBE_TEXTS, "image_embeds": visual.detach()})
     _backward(who, losses["loss"], "the stage-2 LM loss")
     if visual.grad is None:

@@ -81,7 +81,8 @@ def check_real_shapes(model: VLBridgeModel) -> None:
         was_training = model.connector.training
         model.connector.eval()
         try:
-            tokens = plugin_call(connector, f"forward on image tokens of shape {tuple(pair.shape)}", model.connector, pair)
+            tokens = plugin_call(connector, f"forward on image tokens of shape {tuple(pair.shape)}", model.visual_tokens,
+                                 image_embeds=pair)
         finally:
             model.connector.train(was_training)
     check_tokens(connector, plan.connector_out, tokens, batch=2)

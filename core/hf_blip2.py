@@ -75,20 +75,33 @@ def connector_options(config: dict[str, Any], tokenizer: str | None) -> dict[str
     return options
 
 
+def _llm_plugin(text: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(plugin, transformers class name, extra options) for a BLIP-2-style model's language model:
+    opt / flan-t5 where they fit, else the generic plugins with the visual prompt always first."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = text.get("model_type")
+    seq2seq = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if model_type in LLM_PLUGINS:
+        return LLM_PLUGINS[model_type], seq2seq if model_type == "t5" else causal, {}
+    if seq2seq or causal:
+        return ("hf-seq2seq" if seq2seq else "hf-causal-lm"), seq2seq or causal, {"image_token": None}
+    raise VLBridgeError(f"a {model_type!r} language model is neither a transformers causal nor seq2seq LM; vlbridge cannot load it")
+
+
 def _write_llm(src: Path, config: dict[str, Any], state: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
     """The language model as a plain transformers directory our LLM plugins load with from_pretrained."""
     text = dict(config.get("text_config") or {})
-    model_type = text.get("model_type")
-    if model_type not in LLM_PLUGINS:
-        raise VLBridgeError(f"BLIP-2 with a {model_type!r} language model has no vlbridge LLM plugin; supported: {sorted(LLM_PLUGINS)}")
-    text["architectures"] = ["OPTForCausalLM" if model_type == "opt" else "T5ForConditionalGeneration"]
+    plugin, architecture, options = _llm_plugin(text)
+    text["architectures"] = [architecture]
     llm_dir = out / "llm"
     llm_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k.removeprefix("language_model."): v.contiguous() for k, v in state.items() if k.startswith("language_model.")}
     atomic_write(llm_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(llm_dir / "config.json", json.dumps(text, indent=2))
     _copy_tokenizer(src, llm_dir, "the language model")
-    return {"use": LLM_PLUGINS[model_type], "options": {"model": str(llm_dir.resolve())}}
+    return {"use": plugin, "options": {"model": str(llm_dir.resolve()), **options}}
 
 
 def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:

@@ -72,7 +72,8 @@ def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str]
         raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2 to generate text")
     count = len(image_embeds) if image_embeds is not None else None
     items = as_image_list(images) if image_embeds is None else None
-    texts = format_prompts(model.llm, _per_image(prompts, count if items is None else len(items), "prompts"))
+    instructions = _per_image(prompts, count if items is None else len(items), "prompts")  # what a connector may read
+    texts = format_prompts(model.llm, instructions)  # what the LLM reads
     if options.num_return_sequences > options.num_beams and not options.do_sample:
         raise VLBridgeError(f"num_return_sequences {options.num_return_sequences} exceeds num_beams {options.num_beams}")
     was_training = model.training
@@ -81,9 +82,11 @@ def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str]
     try:
         for start in range(0, len(texts), batch_size):
             if items is not None:
-                visual = model.visual_tokens(model.pixel_values(items[start:start + batch_size]))
+                visual = model.visual_tokens(model.pixel_values(items[start:start + batch_size]),
+                                             instructions=instructions[start:start + batch_size])
             else:
-                visual = model.visual_tokens(image_embeds=image_embeds[start:start + batch_size].to(model.device))
+                visual = model.visual_tokens(image_embeds=image_embeds[start:start + batch_size].to(model.device),
+                                             instructions=instructions[start:start + batch_size])
             ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
             outputs.extend(model.llm.decode(new_tokens))

@@ -74,20 +74,30 @@ class VLBridgeModel(nn.Module):
         with torch.no_grad():
             return self.encoder(pixel_values).float()
 
-    def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, M, D) soft visual prompt; pass cached encoder outputs as `image_embeds` to skip the encoder."""
+    def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                      instructions: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, M, D) soft visual prompt; pass cached encoder outputs as `image_embeds` to skip the encoder.
+        An instruction-aware connector (InstructBLIP's Q-Former) also reads each image's instruction
+        (the task prompt; none = empty); other connectors never see it."""
         if image_embeds is None:
             if pixel_values is None:
                 raise VLBridgeError("visual_tokens needs pixel_values or image_embeds")
             image_embeds = self.encode_images(pixel_values)
+        if getattr(self.connector, "instruction_aware", False):
+            texts = [""] * image_embeds.shape[0] if instructions is None else list(instructions)
+            if len(texts) != image_embeds.shape[0]:
+                raise VLBridgeError(f"{len(texts)} instructions for {image_embeds.shape[0]} images; give one per image")
+            return self.connector(image_embeds, instructions=texts)
         return self.connector(image_embeds)
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None, **llm_kwargs: Any):
-        """Stage-2 forward: the LLM's output (loss when labels are given) conditioned on the images."""
+                labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                instructions: Sequence[str] | None = None, **llm_kwargs: Any):
+        """Stage-2 forward: the LLM's output (loss when labels are given) conditioned on the images
+        (and, for an instruction-aware connector, on each image's instruction)."""
         if self.llm is None:
             raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2")
-        visual = self.visual_tokens(pixel_values, image_embeds)
+        visual = self.visual_tokens(pixel_values, image_embeds, instructions)
         return self.llm(visual, input_ids, attention_mask, labels=labels, **llm_kwargs)
 
     # -- inference and retrieval (implemented in vlbridge.inference / vlbridge.retrieval) ----------

@@ -1,5 +1,5 @@
-"""`vlbridge import hf-blip2|hf-llava DIR OUT_DIR`, `vlbridge import lavis ...` and
-`vlbridge export hf-blip2|hf-llava CHECKPOINT OUT_DIR`."""
+"""`vlbridge import hf-blip2|hf-instructblip|hf-llava DIR OUT_DIR`, `vlbridge import lavis ...` and
+`vlbridge export hf-blip2|hf-instructblip|hf-llava CHECKPOINT OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("source", metavar="DIR")
     hf.add_argument("out", metavar="OUT_DIR")
     hf.set_defaults(func=cmd_import_hf)
+    instruct = imp_sub.add_parser("hf-instructblip", help="a transformers InstructBLIP directory with its processor (qformer_tokenizer/)")
+    instruct.add_argument("source", metavar="DIR")
+    instruct.add_argument("out", metavar="OUT_DIR")
+    instruct.set_defaults(func=cmd_import_instructblip)
     llava = imp_sub.add_parser("hf-llava", help="a transformers LlavaForConditionalGeneration directory (e.g. llava-hf/llava-1.5-7b-hf)")
     llava.add_argument("source", metavar="DIR")
     llava.add_argument("out", metavar="OUT_DIR")
@@ -31,6 +35,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hf_out.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
     hf_out.add_argument("out", metavar="OUT_DIR")
     hf_out.set_defaults(func=cmd_export_hf)
+    instruct_out = exp_sub.add_parser("hf-instructblip", help="a transformers InstructBlipForConditionalGeneration directory")
+    instruct_out.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    instruct_out.add_argument("out", metavar="OUT_DIR")
+    instruct_out.set_defaults(func=cmd_export_instructblip)
     llava_out = exp_sub.add_parser("hf-llava", help="a transformers LlavaForConditionalGeneration directory")
     llava_out.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
     llava_out.add_argument("out", metavar="OUT_DIR")
@@ -41,6 +49,14 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from vlbridge.hf_blip2 import import_hf_blip2
 
     out = import_hf_blip2(args.source, args.out)
+    print(f"wrote vlbridge checkpoint {out}; use it with --checkpoint {out} or vlbridge.load({str(out)!r})")
+    return 0
+
+
+def cmd_import_instructblip(args: argparse.Namespace) -> int:
+    from vlbridge.hf_instructblip import import_hf_instructblip
+
+    out = import_hf_instructblip(args.source, args.out)
     print(f"wrote vlbridge checkpoint {out}; use it with --checkpoint {out} or vlbridge.load({str(out)!r})")
     return 0
 
@@ -77,4 +93,13 @@ def cmd_export_llava(args: argparse.Namespace) -> int:
 
     out = export_hf_llava(vlbridge.load(args.checkpoint), args.out)
     print(f"wrote transformers LLaVA directory {out}")
+    return 0
+
+
+def cmd_export_instructblip(args: argparse.Namespace) -> int:
+    import vlbridge
+    from vlbridge.hf_instructblip import export_hf_instructblip
+
+    out = export_hf_instructblip(vlbridge.load(args.checkpoint), args.out)
+    print(f"wrote transformers InstructBLIP directory {out}")
     return 0

@@ -265,15 +265,19 @@ class Stage2Objective(Objective):
         self.check(model)
         pairs = self.explicit_pairs(batch)
         texts = batch_texts(batch) if pairs is None else pairs[1]
-        visual = model.visual_tokens(image_embeds=batch_image_embeds(model, batch))  # (B, M, D)
-        if visual.shape[0] != len(texts):
-            raise VLBridgeError(f"stage 2 needs one text per image: {visual.shape[0]} images, {len(texts)} texts")
+        image_embeds = batch_image_embeds(model, batch)
+        if image_embeds.shape[0] != len(texts):
+            raise VLBridgeError(f"stage 2 needs one text per image: {image_embeds.shape[0]} images, {len(texts)} texts")
         if model.llm.is_encoder_decoder:
             inputs, targets = pairs if pairs is not None else self.prefix_pairs(texts)
+        else:
+            inputs, targets = (pairs[0] if pairs is not None else [self.options.prompt] * len(texts)), texts
+        # an instruction-aware connector reads the LLM's input text (InstructBLIP's instruction) too
+        visual = model.visual_tokens(image_embeds=image_embeds, instructions=inputs)  # (B, M, D)
+        if model.llm.is_encoder_decoder:
             loss, items = self.encoder_decoder_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
         else:
-            inputs = pairs[0] if pairs is not None else [self.options.prompt] * len(texts)
-            loss, items = self.decoder_only_lm(model.llm, visual, format_prompts(model.llm, inputs), texts)
+            loss, items = self.decoder_only_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
         return mean_over_items(total(lm=loss), items)
 
     def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:

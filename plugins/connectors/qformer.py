@@ -50,6 +50,8 @@ class QFormerOptions(Options):
     ln_vision_eps: float = Field(1e-5, gt=0, description="epsilon of the LayerNorm on the encoder features (LAVIS 1e-5; transformers' BLIP-2 1e-6)")
     tokenizer: str | None = Field(None, description="local directory of the BERT tokenizer; none = the bert directory's, the shipped tiny one, or bert-base-uncased")
     bert: str | None = Field(None, description="local BERT directory (transformers format) to initialise from; none = random init")
+    instruction_aware: bool = Field(False, description="InstructBLIP: in stage 2 and at inference the task prompt (instruction) joins the queries in self-attention, so they extract what it asks about; the text side then trains in stage 2 too")
+    max_instruction_tokens: int = Field(128, ge=2, description="the instruction's Q-Former tokens at most, [CLS] and [SEP] included (InstructBLIP: 128)")
 
     @model_validator(mode="after")
     def _check(self) -> "QFormerOptions":
@@ -75,7 +77,8 @@ def output(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) -> Tok
 
 def num_params(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) -> dict[int, int]:
     """Trainable parameters per stage (stage 1: the whole Q-Former with its text side and heads;
-    stage 2: the query path, ln_vision and the projection to the LLM)."""
+    stage 2: the query path, ln_vision and the projection to the LLM, and for an instruction-aware
+    Q-Former the text embeddings and FFNs that read the instruction)."""
     h, i, e = opts.size("hidden_size"), opts.size("intermediate_size"), encoder_out.width
     layers, vocab = opts.size("num_layers"), opts.size("vocab_size")
     n_cross = len(range(0, layers, opts.cross_attention_freq))
@@ -86,9 +89,10 @@ def num_params(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) ->
     ln_vision = 2 * e
     text_side = layers * ffn + vocab * h + opts.size("max_text_positions") * h + (h * h + 3 * h) + vocab
     heads = 2 * (h * opts.embed_dim + opts.embed_dim) + (2 * h + 2) + 1  # ITC projections, ITM head, temperature
+    instruction = layers * ffn + vocab * h + opts.size("max_text_positions") * h if opts.instruction_aware else 0
     return {
         1: core + ln_vision + text_side + heads,
-        2: core + ln_vision + h * llm_width + llm_width,
+        2: core + ln_vision + h * llm_width + llm_width + instruction,  # + the instruction's embeddings and text FFNs
     }
 
 

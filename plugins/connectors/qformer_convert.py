@@ -46,6 +46,9 @@ _HF_TOP: dict[str, str] = {
     "vision_projection.": "vision_proj.",
     "text_projection.": "text_proj.",
     "itm_head.": "itm_head.",
+    "qformer.embeddings.layernorm.": "embeddings.norm.",  # InstructBLIP's Q-Former embeds its instruction text
+    "qformer.embeddings.word_embeddings.": "embeddings.word.",
+    "qformer.embeddings.position_embeddings.": "embeddings.position.",
 }
 _HF_LAYER = re.compile(r"^qformer\.encoder\.layer\.(\d+)\.(.+)$")
 _HF_OTHER_PARTS = ("vision_model.", "language_model.")
@@ -150,7 +153,9 @@ def to_transformers(state_dict: StateDict) -> StateDict:
 
     `temp` and the ITG head (`lm_head.*`) are dropped: transformers has no place for them.
     """
-    inverse_top = {ours: theirs for theirs, ours in _HF_TOP.items()}
+    inverse_top: dict[str, str] = {}
+    for theirs, ours in _HF_TOP.items():  # BLIP-2's names win over InstructBLIP's where both map to ours
+        inverse_top.setdefault(ours, theirs)
     out: StateDict = {}
     for key, value in state_dict.items():
         if key == "temp" or key.startswith("lm_head."):

@@ -39,6 +39,8 @@ FROZEN_IN_STAGE: dict[int, tuple[str, ...]] = {
         "vision_proj.*", "text_proj.*", "itm_head.*", "temp"),
 }
 TEXT_SIDE = FROZEN_IN_STAGE[2]  # what a stage-2 checkpoint (LAVIS, transformers' generation model) lacks
+# An instruction-aware Q-Former reads its instruction through the text embeddings and FFNs in stage 2.
+INSTRUCTION_FROZEN_IN_STAGE2 = ("lm_head.*", "vision_proj.*", "text_proj.*", "itm_head.*", "temp")
 
 
 class _TakeRows(torch.autograd.Function):
@@ -166,11 +168,36 @@ class QFormer(nn.Module):
         out = self._run(x, None, self.num_queries, self._image(image_embeds), keep=keep)
         return (out, keep) if return_layer_kv else out
 
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, N, E) -> (B, Q, llm_width): the visual tokens given to the LLM."""
+    @property
+    def instruction_aware(self) -> bool:
+        """Whether the model must pass each image's instruction to `forward` (InstructBLIP)."""
+        return self.opts.instruction_aware
+
+    def forward(self, image_embeds: torch.Tensor, instructions: list[str] | None = None) -> torch.Tensor:
+        """(B, N, E) -> (B, Q, llm_width): the visual tokens given to the LLM. An instruction-aware
+        Q-Former reads each image's instruction next to the queries (both see each other; only the
+        queries read the image) and gives the query positions' outputs, as InstructBLIP does."""
         if self.proj is None:
             raise VLBridgeError("this Q-Former was built without an LLM (stage 1 / retrieval): it has no projection to an LLM's width")
-        return self.proj(self.query_outputs(image_embeds))
+        if not self.instruction_aware:
+            if instructions is not None:
+                raise VLBridgeError("this Q-Former is not instruction-aware; set the qformer option instruction_aware: true "
+                                    "to let it read instructions, or pass none")
+            return self.proj(self.query_outputs(image_embeds))
+        if instructions is None or len(instructions) != image_embeds.shape[0]:
+            raise VLBridgeError(f"this Q-Former is instruction-aware: give one instruction (the task prompt, may be '') per image; "
+                                f"got {None if instructions is None else len(instructions)} for {image_embeds.shape[0]} images")
+        ids, mask = self.tokenize_instructions(instructions)
+        hidden = self.multimodal_outputs(ids, mask, image_embeds)
+        return self.proj(hidden[:, : self.num_queries])
+
+    def tokenize_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instructions -> the Q-Former's (input_ids, attention_mask), [CLS] ... [SEP], right-padded."""
+        self._require_text_side("reading an instruction")
+        encoded = self.tokenizer(list(instructions), padding="longest", truncation=True, max_length=self.opts.max_instruction_tokens,
+                                 return_tensors="pt")
+        device = self.query_tokens.device
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
     def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, W): text alone, bidirectional over real tokens, text FFN only."""
@@ -230,12 +257,13 @@ class QFormer(nn.Module):
     # -- training and weights ---------------------------------------------------------------
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: everything but `proj` trains. Stage 2: the query path, ln_vision and `proj`."""
+        """Stage 1: everything but `proj` trains. Stage 2: the query path, ln_vision and `proj` (and,
+        instruction-aware, the text embeddings and FFNs that read the instruction)."""
         if stage not in FROZEN_IN_STAGE:
             raise VLBridgeError(f"the Q-Former has stages 1 and 2, not {stage!r}")
         if stage == 1:
             self._require_text_side("set_stage(1)")
-        frozen = FROZEN_IN_STAGE[stage]
+        frozen = INSTRUCTION_FROZEN_IN_STAGE2 if stage == 2 and self.instruction_aware else FROZEN_IN_STAGE[stage]
         for name, param in self.named_parameters():
             param.requires_grad_(not any(fnmatch.fnmatchcase(name, p) for p in frozen))
 

@@ -1,0 +1,187 @@
+"""InstructBLIP parity on tiny random transformers models (OPT, Llama and FlanT5 language models):
+the imported instruction-aware Q-Former gives transformers' logits and generated tokens for the same
+image, Q-Former instruction and prompt; export round-trips; and the `instruction_aware` option
+trains in stage 2 with the instruction reaching the queries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlbridge
+from tests import hf_tiny
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.plugins.tiny_assets import tokenizer_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+Q = hf_tiny.NUM_QUERIES
+INSTRUCTIONS = ["what is it?", "how many red circles are there on the left?"]
+
+
+def _text_config(llm: str) -> dict:
+    if llm == "llama":
+        return dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=128, eos_token_id=2, pad_token_id=1, bos_token_id=2)
+    return hf_tiny._text(llm)
+
+
+def make_instructblip(directory, llm: str, seed: int = 0):
+    """A tiny InstructBlipForConditionalGeneration saved with its LLM tokenizer and the Q-Former's BERT
+    tokenizer in qformer_tokenizer/, as InstructBlipProcessor saves them."""
+    from transformers import AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    config = InstructBlipConfig(vision_config=hf_tiny._vision(), qformer_config=hf_tiny._qformer(), text_config=_text_config(llm),
+                                num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    hf_tiny.redraw(model, seed=seed)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_dir("flan-t5" if llm == "t5" else "opt")).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_dir("bert")).save_pretrained(directory / "qformer_tokenizer")
+    return model
+
+
+@pytest.fixture(scope="module", params=["opt", "llama", "t5"])
+def imported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"instructblip-{request.param}")
+    reference = make_instructblip(root / "hf", request.param)
+    model = vlbridge.load(vlbridge.import_hf_instructblip(root / "hf", root / "ours")).eval()
+    return request.param, reference, model, root
+
+
+def _qformer_inputs(model, texts):
+    encoded = model.connector.tokenizer(texts, padding=True, return_tensors="pt")
+    return {"qformer_input_ids": encoded.input_ids, "qformer_attention_mask": encoded.attention_mask}
+
+
+def _with_image_tokens(ids, mask):
+    batch = ids.shape[0]
+    return (torch.cat([torch.full((batch, Q), hf_tiny.IMAGE_TOKEN), ids], 1), torch.cat([torch.ones(batch, Q, dtype=mask.dtype), mask], 1))
+
+
+def test_import_names_the_generic_llm_where_needed(imported):
+    llm, _, model, _ = imported
+    assert model.plan.llm.name == {"opt": "opt", "llama": "hf-causal-lm", "t5": "flan-t5"}[llm]
+    assert model.assembly.connector.options.instruction_aware
+
+
+def test_import_gives_the_same_logits(imported):
+    llm, reference, model, _ = imported
+    pixels = hf_tiny.pixels()
+    text = model.llm.tokenizer(["a red", "two blue circles on the"], padding=True, padding_side="right", return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    extra = {}
+    if llm == "t5":
+        labels = model.llm.tokenizer(["red circle", "blue"], padding=True, return_tensors="pt")
+        extra = {"labels": labels.input_ids, "decoder_attention_mask": labels.attention_mask}
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask, **_qformer_inputs(model, INSTRUCTIONS), **extra).logits
+        ours = model(pixels, text.input_ids, text.attention_mask, instructions=INSTRUCTIONS, **extra).logits
+    assert ours.shape == expected.shape
+    real = (extra["decoder_attention_mask"] if llm == "t5" else mask).bool()
+    torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_import_generates_the_same_tokens(imported, num_beams):
+    llm, reference, model, _ = imported
+    pixels = hf_tiny.pixels()
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": num_beams}
+    side = "right" if llm == "t5" else "left"
+    prompt = model.llm.tokenizer(INSTRUCTIONS, padding=True, padding_side=side, return_tensors="pt")
+    ids, mask = _with_image_tokens(prompt.input_ids, prompt.attention_mask)
+    with torch.no_grad():
+        expected = reference.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **_qformer_inputs(model, INSTRUCTIONS),
+                                      **settings)[:, -6:]  # the generated tokens, without the prompt or start token
+    ours = model.generate(pixels, INSTRUCTIONS, **settings)  # the prompt is the instruction, as InstructBLIP
+    assert ours == model.llm.decode(expected)
+    # the instruction matters: another one changes the queries' output
+    with torch.no_grad():
+        assert not torch.allclose(model.visual_tokens(pixels, instructions=INSTRUCTIONS),
+                                  model.visual_tokens(pixels, instructions=["describe it", "describe it"]))
+
+
+def test_export_round_trips_to_transformers(imported):
+    from transformers import InstructBlipForConditionalGeneration
+
+    _, reference, model, root = imported
+    out = vlbridge.export_hf_instructblip(model, root / "back")
+    again = InstructBlipForConditionalGeneration.from_pretrained(str(out)).eval()
+    original, exported = reference.state_dict(), again.state_dict()
+    assert set(original) == set(exported)
+    for key, value in original.items():
+        if key.endswith("self_attn.qkv.bias"):  # the key bias cannot change attention, so EVA keeps none: q and v must match
+            third = value.shape[0] // 3
+            value, exported[key] = torch.cat([value[:third], value[2 * third:]]), torch.cat([exported[key][:third], exported[key][2 * third:]])
+        torch.testing.assert_close(exported[key], value, msg=key)
+    assert (out / "qformer_tokenizer" / "tokenizer_config.json").is_file()
+    pixels = hf_tiny.pixels()
+    text = model.llm.tokenizer(["a red"], return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    extra = {"labels": text.input_ids} if model.llm.is_encoder_decoder else {}
+    inputs = dict(pixel_values=pixels[:1], attention_mask=mask, **_qformer_inputs(model, INSTRUCTIONS[:1]), **extra)
+    again_ids = ids.masked_fill(ids.eq(hf_tiny.IMAGE_TOKEN), again.config.image_token_index)  # the exported tokenizer's <image>
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=again_ids, **inputs).logits, reference(input_ids=ids, **inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_import_refuses_a_directory_without_the_qformer_tokenizer(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "instructblip"}')
+    with pytest.raises(WeightsError, match="qformer_tokenizer"):
+        vlbridge.import_hf_instructblip(tmp_path, tmp_path / "out")
+    (tmp_path / "config.json").write_text('{"model_type": "blip-2"}')
+    with pytest.raises(WeightsError, match="expected 'instructblip'"):
+        vlbridge.import_hf_instructblip(tmp_path, tmp_path / "out")
+
+
+def _aware(**qformer):
+    return {"name": "aware", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+            "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 4, **qformer}},
+            "llm": {"use": "opt", "options": {"variant": "tiny"}}}
+
+
+def test_instruction_aware_stage2_trains_the_text_side_and_counts_it():
+    from vlbridge.train.objectives import Stage2Objective
+
+    plain, aware = vlbridge.load_assembly(_aware()), vlbridge.load_assembly(_aware(instruction_aware=True))
+    assert aware.plan.trainable_params[2] > plain.plan.trainable_params[2]
+    torch.manual_seed(0)
+    model = vlbridge.build(_aware(instruction_aware=True), stage=2)
+    assert model.num_parameters(trainable=True) == aware.plan.trainable_params[2]
+    images = torch.randint(0, 255, (4, 3, 56, 56), dtype=torch.uint8)
+    batch = {"text_output": ["red", "blue", "two", "yes"], "image_embeds": model.encode_images(model.pixel_values(images)),
+             "text_input": ["what colour?", "what colour?", "how many?", "is there a star?"]}
+    word = model.connector.embeddings.word.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = Stage2Objective()(model, batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert not torch.equal(word, model.connector.embeddings.word.weight)  # the instruction's embeddings trained
+    assert len(model.answer(images[:2], ["what colour?", "how many?"], max_new_tokens=3)) == 2
+
+
+def test_a_plain_qformer_refuses_instructions():
+    model = vlbridge.build(_aware(), stage=2)
+    with pytest.raises(VLBridgeError, match="not instruction-aware"):
+        model.connector(torch.zeros(1, 5, model.plan.encoder_out.width), instructions=["x"])
+
+
+def test_cli_import_ask_and_export(tmp_path, capsys):
+    from vlbridge.cli.main import main
+
+    make_instructblip(tmp_path / "hf", "opt")
+    assert main(["import", "hf-instructblip", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    capsys.readouterr()
+    assert main(["ask", "--checkpoint", str(tmp_path / "ckpt"), "-q", "what colour is it?", str(image)]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["export", "hf-instructblip", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
+    assert main(["import", "hf-instructblip", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
