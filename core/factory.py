@@ -107,7 +107,12 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
 
 def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | torch.device | None = None) -> VLBridgeModel:
     """Rebuild a model saved with `model.save(dir)`: the frozen parts from their sources, the
-    connector from the checkpoint."""
+    connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too."""
+    from vlbridge.tuning import restore_tuned
+
     directory = Path(checkpoint_dir)
-    read_meta(directory)
-    return build(directory / ASSEMBLY_FILE, stage=stage, weights=directory, device=device)
+    meta = read_meta(directory)
+    model = build(directory / ASSEMBLY_FILE, stage=stage, weights=directory, device=device)
+    if restore_tuned(model, directory, meta) and device is not None:
+        model.to(device)  # the adapters were injected after the move
+    return model.eval()

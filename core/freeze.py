@@ -4,7 +4,9 @@ BLIP-2 freezes its ViT and LLM by turning off gradients, switching to eval mode 
 `train` with a no-op. Here the same guarantee comes from a base class: while a `FrozenPart` is
 frozen, `train(True)` (also when a parent module calls it) keeps it in eval mode, so dropout and
 similar layers never switch on behind the user's back. `unfreeze()` lifts the guarantee for
-fine-tuning runs that do want to train the part.
+fine-tuning runs that do want to train the part; `train_along(modules)` keeps a frozen part in eval
+mode except for the listed submodules (the unfrozen last blocks of an encoder, LoRA's dropout on an
+LLM), which follow the model's train/eval mode.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class FrozenPart(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._frozen = False
+        self._train_along: list[nn.Module] = []
 
     @property
     def frozen(self) -> bool:
@@ -56,8 +59,19 @@ class FrozenPart(nn.Module):
         return self
 
     def train(self: _Part, mode: bool = True) -> _Part:
-        """Like `nn.Module.train`, except that a frozen part stays in eval mode."""
-        return super().train(mode and not self._frozen)
+        """Like `nn.Module.train`, except that a frozen part stays in eval mode (but for the
+        submodules given to `train_along`, which follow `mode`)."""
+        super().train(mode and not self._frozen)
+        for module in getattr(self, "_train_along", ()):
+            module.train(mode)
+        return self
+
+    def train_along(self, modules: "list[nn.Module]") -> None:
+        """Submodules that follow train/eval mode although the part is frozen: the parts of it that
+        train (fine-tuning), whose dropout should act as in training. Replaces the previous list."""
+        self._train_along = list(modules)
+        for module in self._train_along:
+            module.train(self.training)
 
     def requires_grad_(self: _Part, requires_grad: bool = True) -> _Part:
         """Refuse to turn gradients on while frozen: that is what `unfreeze()` is for."""

@@ -166,6 +166,18 @@ def _blip2_config(model, image_token_index: int):
                        image_token_index=image_token_index)
 
 
+def tokenizer_with_image_token(model) -> tuple[Any, int]:
+    """A copy of the LLM's tokenizer with an `<image>` token (the live model's stays as it is) and its
+    id, which must lie inside the LLM's vocabulary: transformers' BLIP-2 family embeds it."""
+    tokenizer = copy.deepcopy(model.llm.tokenizer)
+    vocab = model.llm.model.config.vocab_size
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    index = tokenizer.convert_tokens_to_ids("<image>")
+    if index >= vocab:
+        raise VLBridgeError(f"no free id for the <image> token: the tokenizer has {len(tokenizer)} tokens and the LLM's vocabulary {vocab}")
+    return tokenizer, index
+
+
 def export_hf_blip2(model, out_dir: str | Path) -> Path:
     """Write a built eva-vit-g + qformer + opt/flan-t5 model as a transformers
     Blip2ForConditionalGeneration directory (weights, config, tokenizer with an `<image>` token)."""
@@ -181,15 +193,10 @@ def export_hf_blip2(model, out_dir: str | Path) -> Path:
     if model.assembly.connector.options.ln_vision_eps != model.assembly.encoder.options.layer_norm_eps:
         raise VLBridgeError("transformers' BLIP-2 uses the vision layer_norm_eps for ln_vision (post_layernorm); set the "
                             f"qformer option ln_vision_eps to {model.assembly.encoder.options.layer_norm_eps} to export exactly")
-    tokenizer = copy.deepcopy(model.llm.tokenizer)  # the <image> token must not leak into the live model
-    vocab = model.llm.model.config.vocab_size
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    if image_token_index >= vocab:
-        raise VLBridgeError(f"no free id for the <image> token: the tokenizer has {len(tokenizer)} tokens and the LLM's vocabulary {vocab}")
+    tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
     state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
-    state.update({f"language_model.{k}": v for k, v in model.llm.model.state_dict().items()})
+    state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
     hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index))
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}

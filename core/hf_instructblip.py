@@ -13,7 +13,6 @@ instruction-aware qformer + any of those LLMs.
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path) -> Path:
     `<image>` token, and the Q-Former's tokenizer in `qformer_tokenizer/`)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from vlbridge.hf_blip2 import _blip2_config
+    from vlbridge.hf_blip2 import _blip2_config, tokenizer_with_image_token
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
@@ -96,12 +95,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path) -> Path:
                             f"InstructBLIP; this one is {plan.encoder.name} + {plan.connector.name}"
                             f"{'' if getattr(options, 'instruction_aware', False) else ' (not instruction-aware)'} + "
                             f"{plan.llm.name if plan.llm else 'no LLM'}")
-    tokenizer = copy.deepcopy(model.llm.tokenizer)  # the <image> token must not leak into the live model
-    vocab = model.llm.model.config.vocab_size
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    if image_token_index >= vocab:
-        raise VLBridgeError(f"no free id for the <image> token: the tokenizer has {len(tokenizer)} tokens and the LLM's vocabulary {vocab}")
+    tokenizer, image_token_index = tokenizer_with_image_token(model)
     blip2 = _blip2_config(model, image_token_index)
     config = InstructBlipConfig(vision_config=blip2.vision_config.to_dict(), qformer_config=blip2.qformer_config.to_dict(),
                                 text_config=blip2.text_config.to_dict(), num_query_tokens=blip2.num_query_tokens,
@@ -115,7 +109,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path) -> Path:
         elif key.startswith("embeddings."):
             key = "qformer." + key
         state[key] = value
-    state.update({f"language_model.{k}": v for k, v in model.llm.model.state_dict().items()})
+    state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
     hf = InstructBlipForConditionalGeneration(config)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}

@@ -150,8 +150,8 @@ def export_hf_llava(model: Any, out_dir: str | Path) -> Path:
     hf.model.multi_modal_projector.load_state_dict(
         {"linear_1.weight": layers[0].weight, "linear_1.bias": layers[0].bias,
          "linear_2.weight": layers[2].weight, "linear_2.bias": layers[2].bias}, strict=True, assign=True)
-    hf.model.language_model.load_state_dict(llm.model.model.state_dict(), strict=True, assign=True)
-    hf.lm_head.load_state_dict(llm.model.lm_head.state_dict(), strict=True, assign=True)
+    hf.model.language_model.load_state_dict((merged := model.merged_llm_model()).model.state_dict(), strict=True, assign=True)
+    hf.lm_head.load_state_dict(merged.lm_head.state_dict(), strict=True, assign=True)  # LoRA merged into both
     hf.tie_weights()
     out = Path(out_dir)
     hf.save_pretrained(str(out))
@@ -160,8 +160,8 @@ def export_hf_llava(model: Any, out_dir: str | Path) -> Path:
 
 
 def _full_tower_state(tower: torch.nn.Module, opts: Any) -> dict[str, torch.Tensor]:
-    """The vision model's whole state. hf-vision drops the layers after `layer` (never run); LLaVA
-    stores them, so they are read back from the encoder's own directory (frozen: unchanged)."""
+    """The vision model's whole state. hf-vision drops the layers after `layer` (never run, so never
+    trained); LLaVA stores them, so they are read back from the encoder's own directory."""
     expected = getattr(tower.config, "num_hidden_layers", None)
     layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
     present = len(layers.layers) if layers is not None and hasattr(layers, "layers") else expected
@@ -171,4 +171,4 @@ def _full_tower_state(tower: torch.nn.Module, opts: Any) -> dict[str, torch.Tens
         raise VLBridgeError(f"the hf-vision encoder runs {present} of its {expected} layers and has no `model` directory to read "
                             "the rest from; build it with keep_all_layers: true to export")
     full = type(tower).from_pretrained(str(Path(opts.model).expanduser()), local_files_only=True, dtype=next(tower.parameters()).dtype)
-    return full.state_dict()
+    return {**full.state_dict(), **tower.state_dict()}  # the live tensors win: a fine-tuned block is exported as trained

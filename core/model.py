@@ -1,4 +1,5 @@
-"""VLBridgeModel: one nn.Module holding a frozen encoder, a trainable connector and a frozen LLM.
+"""VLBridgeModel: one nn.Module holding a frozen encoder, a trainable connector and a frozen LLM
+(fine-tuning runs may also train the encoder and LoRA adapters on the LLM: `model.tuned`).
 
 It knows how to run the three in a row (`visual_tokens`, `forward`) and which parameters train in
 which stage. Inference (caption/answer/generate) and retrieval live in their own modules and are
@@ -19,6 +20,7 @@ from vlbridge.connector_protocol import set_connector_stage
 from vlbridge.contract import describe
 from vlbridge.errors import VLBridgeError
 from vlbridge.images import to_pixel_batch
+from vlbridge.tuning import Tuned
 
 DEFAULT_VQA_PROMPT = "Question: {} Short answer:"
 
@@ -33,6 +35,7 @@ class VLBridgeModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.stage = stage
+        self.tuned = Tuned()  # fine-tuned encoder tensors and LoRA adapters, if any (vlbridge.tuning)
         self.set_stage(stage)
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -69,9 +72,15 @@ class VLBridgeModel(nn.Module):
         the encoder's spec declares (as training and the feature cache do)."""
         return to_pixel_batch(images, self.plan.preprocess, device=self.device)
 
+    @property
+    def encoder_trains(self) -> bool:
+        """Whether some encoder parameter trains (a fine-tuning run, vlbridge.encoder_tuning)."""
+        return any(param.requires_grad for param in self.encoder.parameters())
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, W) frozen encoder tokens, in fp32 for the connector."""
-        with torch.no_grad():
+        """(B, 3, S, S) -> (B, N, W) encoder tokens, in fp32 for the connector. Without gradients for a
+        frozen encoder; with them (where grad mode is on) when the encoder is being fine-tuned."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains):
             return self.encoder(pixel_values).float()
 
     def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
@@ -126,9 +135,19 @@ class VLBridgeModel(nn.Module):
 
         return retrieve(self, images, texts, k=k, batch_size=batch_size)
 
+    def merged_llm_model(self) -> nn.Module:
+        """The LLM's transformers model with any LoRA adapters merged into its weights (a copy of the
+        adapted layers; the live model is unchanged), for export formats without adapters."""
+        from vlbridge.lora import merged_llm_model
+
+        return merged_llm_model(self)
+
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
-        """Write the trainable weights (safetensors) and the assembly YAML; frozen parts are not copied."""
+        """Write the trainable weights (safetensors) and the assembly YAML; frozen parts are not copied,
+        fine-tuned ones (encoder tensors, LoRA adapters) are written beside the connector."""
         from vlbridge.checkpoint import save_checkpoint
+        from vlbridge.tuning import tuned_parts
 
-        return save_checkpoint(out_dir, self.assembly.config.model_dump(mode="json"), self.connector, self.stage)
+        return save_checkpoint(out_dir, self.assembly.config.model_dump(mode="json"), self.connector, self.stage,
+                               parts=tuned_parts(self))

@@ -58,10 +58,28 @@ def cmd_components(args: argparse.Namespace) -> int:
         return 0
     for spec in specs:
         print(f"{spec.kind} {spec.name}  ({spec.distribution})\n  {spec.description}")
-        for field_name, info in spec.options.model_fields.items():
-            print(f"    {field_name} = {info.default!r}: {info.description or ''}")
+        _print_fields(spec.options)
         print()
+    if not args.kind:
+        _print_recipes()
     return 0
+
+
+def _print_fields(model: Any) -> None:
+    for field_name, info in model.model_fields.items():
+        default = info.default_factory() if info.default_factory is not None else info.default
+        print(f"    {field_name} = {default!r}: {info.description or ''}")
+
+
+def _print_recipes() -> None:
+    """The trainer's fine-tuning recipes (a training config's `finetune:` section, docs/fine-tuning.md):
+    not components, but what users look for next to the connector's options."""
+    from vlbridge.train.finetune_config import EncoderTuning, LoraTuning
+
+    for name, section in (("finetune.encoder", EncoderTuning), ("finetune.lora", LoraTuning)):
+        print(f"recipe {name}  (training config)\n  {(section.__doc__ or '').strip().splitlines()[0]}")
+        _print_fields(section)
+        print()
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(assembly.plan.describe())
         length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"
         print(f"stage {config.stage}; {length}; batch {config.batch_size} x grad_accum {config.grad_accum}; output_dir {config.output_dir}")
+        print(f"fine-tuning: {config.finetune.describe()} (parameter counts: vlbridge validate --train {args.config})")
         print("valid")
         return 0
     from vlbridge.train.trainer import train

@@ -1,8 +1,9 @@
 """Training checkpoints: `output_dir/checkpoints/step-N/` plus a `latest` pointer written last.
 
 A step directory is a vlbridge checkpoint (`vlbridge.load(dir)` works on it: connector.safetensors,
-assembly.yaml, checkpoint.json) plus what resuming needs: `trainer_state.pt` (optimizer, scheduler,
-GradScaler, every rank's RNG states and data position, counters) and `train.yaml` (the config).
+assembly.yaml, checkpoint.json, and encoder.safetensors / lora.safetensors when fine-tuning trains
+them) plus what resuming needs: `trainer_state.pt` (optimizer, scheduler, GradScaler, every rank's
+RNG states and data position, counters) and `train.yaml` (the config).
 The trainer state holds only tensors and plain Python values, so it loads with
 `torch.load(weights_only=True)`. A directory is built under a temporary name and renamed into
 place, so a killed run leaves either a whole checkpoint or none.
@@ -17,13 +18,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from vlbridge.atomic import atomic_write, atomic_write_text
-from vlbridge.checkpoint import META_FILE, write_checkpoint
+from vlbridge.checkpoint import META_FILE, ExtraPart, write_checkpoint
 from vlbridge.errors import VLBridgeError
 from vlbridge.userfiles import read_text
 from vlbridge.weights import torch_load
@@ -99,14 +100,14 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 def save_training_checkpoint(
     output_dir: str | Path, step: int, *, assembly: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
-    trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None = None,
+    trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None = None, parts: Sequence[ExtraPart] = (),
 ) -> Path:
     """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`."""
     final = checkpoint_dir(output_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        write_checkpoint(staging, assembly, tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")})
+        write_checkpoint(staging, assembly, tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")}, parts=parts)
         atomic_write(staging / TRAINER_STATE, lambda tmp: torch.save(trainer_state, tmp))
         atomic_write_text(staging / CONFIG_FILE, config_yaml)
         if final.exists():  # left by a run that died before moving `latest` past it

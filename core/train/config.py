@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlbridge.assembly import Assembly, load_assembly
 from vlbridge.data.config import DataConfig
 from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
+from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -94,6 +95,9 @@ class TrainConfig(Section):
     keep_last: int | None = Field(None, ge=1, description="keep only this many newest checkpoints (null: keep all)")
     output_dir: str = Field(min_length=1, description="checkpoints/, metrics.jsonl and tensorboard/ go here")
     prompt: str | None = Field(None, description="stage 2: text put before every caption; its tokens are not trained on")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description=(
+        "what trains besides the connector: finetune.encoder (unfreeze all or the last N blocks, lr, layer_decay, "
+        "grad_checkpointing) and finetune.lora (LoRA on the LLM: r, alpha, dropout, target_modules, lr); see docs/fine-tuning.md"))
     objective: dict[str, Any] = Field(default_factory=dict, description=(
         "options of the stage's objective: stage 1 max_text_tokens, label_smoothing, temp_range; stage 2 max_text_tokens"))
     max_nonfinite: int = Field(10, ge=1, description="stop after this many non-finite losses in a row (each one skips its step)")
@@ -209,6 +213,7 @@ def _field_problems(config: TrainConfig) -> list[str]:
         problems.append(f"init_from: {config.init_from!r} is not a directory; give a checkpoint dir or a run's output_dir")
     if config.data.features is not None and not Path(config.data.features).expanduser().exists():
         problems.append(f"data.features: {config.data.features!r} does not exist")
+    problems.extend(finetune_problems(config.finetune, stage=config.stage, features=config.data.features))
     return problems
 
 

@@ -1,5 +1,9 @@
 """AdamW over the trainable parameters only, in BLIP-2's two groups, and the warm-up + cosine schedule.
 
+Fine-tuning recipes add groups of their own learning rate (the encoder, per layer under layer
+decay; LoRA adapters): each such group carries an `lr_scale`, its peak over optimizer.lr, and the
+schedule sets its lr to the scheduled lr times that scale, so every group follows the same curve.
+
 The schedule is a pure function of the optimizer step, so a resumed run needs only the step to be
 back on the same curve; it still has a state_dict, like any torch scheduler, for the checkpoint.
 """
@@ -7,7 +11,7 @@ back on the same curve; it still has a state_dict, like any torch scheduler, for
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -16,23 +20,34 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.train.config import OptimizerConfig, ScheduleConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     lr_groups: Mapping[int, tuple[str, float]] | None = None) -> list[dict[str, Any]]:
     """Trainable parameters split as BLIP-2 does: matrices and embeddings decay; biases, norm
-    weights, scalars (the ITC temperature) and other tensors of rank < 2 do not."""
-    decay, no_decay = [], []
+    weights, scalars (the ITC temperature) and other tensors of rank < 2 do not. `lr_groups` maps a
+    parameter's id to (label, lr scale) for parameters at their own learning rate; they get groups
+    `label.decay` / `label.no_decay` after the two base groups, in the model's parameter order."""
+    lr_groups = lr_groups or {}
+    groups: dict[tuple[str, bool], dict[str, Any]] = {
+        ("", True): {"params": [], "weight_decay": weight_decay, "name": "decay"},
+        ("", False): {"params": [], "weight_decay": 0.0, "name": "no_decay"},
+    }
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue  # frozen encoder / LLM: never handed to the optimizer
-        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+        decays = not (param.ndim < 2 or name.endswith(".bias"))
+        label, scale = lr_groups.get(id(param), ("", 1.0))
+        group = groups.get((label, decays))
+        if group is None:
+            group = groups[(label, decays)] = {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                               "name": f"{label}.{'decay' if decays else 'no_decay'}", "lr_scale": scale}
+        group["params"].append(param)
+    return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: OptimizerConfig,
+                    lr_groups: Mapping[int, tuple[str, float]] | None = None) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters; empty groups are dropped (a connector of only matrices)."""
-    groups = [g for g in parameter_groups(model, config.weight_decay) if g["params"]]
+    groups = [g for g in parameter_groups(model, config.weight_decay, lr_groups) if g["params"]]
     if not groups:
         raise VLBridgeError("the model has no trainable parameters; check the stage and the connector")
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
@@ -40,7 +55,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
 
 class WarmupCosine:
     """Sets every group's lr each step: linear from `warmup_lr` to `lr` over `warmup_steps`, then a
-    cosine from `lr` down to `min_lr` at `total_steps` (held there beyond). Step s is the s-th update."""
+    cosine from `lr` down to `min_lr` at `total_steps` (held there beyond), times the group's
+    `lr_scale` where it has one. Step s is the s-th update."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, lr: float, total_steps: int, schedule: ScheduleConfig):
         self.optimizer, self.peak, self.total = optimizer, lr, total_steps
@@ -67,7 +83,7 @@ class WarmupCosine:
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "peak": self.peak, "total": self.total,

@@ -30,7 +30,7 @@ from torch import nn
 
 import vlbridge
 from vlbridge.assembly import Assembly
-from vlbridge.checkpoint import trainable_state_dict
+from vlbridge.checkpoint import read_meta, trainable_state_dict
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
@@ -40,13 +40,16 @@ from vlbridge.train import checkpointing as ckpt
 from vlbridge.train import distributed
 from vlbridge.train import runtime as rt
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
+from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable
+from vlbridge.train.finetune_config import FinetuneConfig
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
+from vlbridge.tuning import restore_tuned, tuned_parts
 
 Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
-RESUME_MUST_MATCH = ("assembly", "stage")  # a checkpoint of another model or stage cannot continue
+RESUME_MUST_MATCH = ("assembly", "stage", "finetune")  # another model, stage or recipe cannot continue a checkpoint
 
 
 class NonFiniteLossError(VLBridgeError):
@@ -91,10 +94,10 @@ class Trainer:
         self.config, self.where, self.device = config, where, where.device
         self.output_dir = Path(config.output_dir).expanduser()
         rt.seed_everything(config.seed)  # the same initial weights on every rank
-        self.model = build_model(config, assembly, self.device)
+        self.model, self.recipe = build_model(config, assembly, self.device)
         rt.seed_everything(config.seed + where.rank)  # augmentation, dropout and negatives differ per rank
         self.objective = objective or default_objective(config, self.model)
-        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.optimizer = build_optimizer(self.model, config.optimizer, self.recipe.lr_groups)
         self.train_set = build_dataset_for(config.data.train, self.model, train=True, features=config.data.features, where="data.train")
         self.eval_set = None if config.data.eval is None else build_dataset_for(
             config.data.eval, self.model, train=False, features=config.data.features, where="data.eval")
@@ -273,7 +276,7 @@ class Trainer:
         self.bar = ProgressBar(self.total_steps, start=self.step)
         c, plan = self.config, self.model.plan
         batch = c.batch_size * c.grad_accum * self.where.world_size
-        self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {self.model.num_parameters(trainable=True):,} trainable parameters; "
+        self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {describe_trainable(self.model, self.recipe.notes)}; "
                        f"{self.total_steps} steps of {batch} samples on {self.where.world_size} x {self.device} ({c.precision}) "
                        f"from step {self.step} -> {self.output_dir}")
 
@@ -290,7 +293,7 @@ class Trainer:
             ckpt.save_training_checkpoint(
                 self.output_dir, self.step, assembly=self.model.assembly.config.model_dump(mode="json"),
                 tensors=trainable_state_dict(self.model.connector), stage=self.config.stage, trainer_state=state,
-                config_yaml=dump_config(self.config), keep_last=self.config.keep_last)
+                config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=tuned_parts(self.model))
         rt.barrier()
         return self.step
 
@@ -310,6 +313,7 @@ class Trainer:
         rt.require_single_or_same(int(state["world_size"]), self.where)
         self.compare_config(latest)
         load_connector_weights(self.model, latest)
+        restore_tuned(self.model, latest, read_meta(latest))  # the trained encoder tensors and adapters, into the same parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -326,8 +330,9 @@ class Trainer:
         return mine["rng"]
 
     def compare_config(self, checkpoint: Path) -> None:
-        """Refuse a checkpoint of another model or stage; warn about other changed settings."""
+        """Refuse a checkpoint of another model, stage or fine-tuning recipe; warn about other changed settings."""
         saved = yaml.safe_load((checkpoint / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+        saved.setdefault("finetune", FinetuneConfig().model_dump(mode="json"))  # written before fine-tuning recipes existed
         now = self.config.model_dump(mode="json")
         changed = [key for key in now if saved.get(key) != now[key]]
         fatal = [key for key in changed if key in RESUME_MUST_MATCH]
@@ -388,13 +393,18 @@ def refuse_existing_run(output_dir: Path) -> None:
                             "pass --resume to continue that run, or choose another output_dir")
 
 
-def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -> VLBridgeModel:
-    """The assembly's model for this stage, starting from init_from's connector weights if given."""
+def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -> tuple[VLBridgeModel, Recipe]:
+    """The assembly's model for this stage, starting from init_from's connector weights (and the
+    encoder tensors and LoRA adapters it fine-tuned, if any), with the config's fine-tuning recipes applied."""
     weights = ckpt.resolve_weights(config.init_from) if config.init_from is not None else None
     try:
-        return vlbridge.build(assembly, stage=config.stage, weights=weights, device=device)
+        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device)
+        if weights is not None:
+            restore_tuned(model, weights, read_meta(weights))
     except WeightsError as exc:
         raise VLBridgeError(f"init_from: {exc}") from exc
+    recipe = apply_finetune(model, config.finetune, config.optimizer.lr)
+    return model.to(device), recipe
 
 
 def default_objective(config: TrainConfig, model: VLBridgeModel) -> Objective:

@@ -80,6 +80,11 @@ class ClipVisionEncoder(FrozenPart):
         """What `forward` really returns per image: tokens x width (checked against the spec)."""
         return TokenShape(self.num_tokens, self.width)
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        """The blocks that run (0..layer), in forward order, for partial unfreezing, layer decay and
+        gradient checkpointing (vlbridge.encoder_tuning)."""
+        return list(self.tower.transformer.resblocks)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:

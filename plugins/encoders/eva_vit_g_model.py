@@ -125,6 +125,11 @@ class EvaViTG(FrozenPart):
         """What `forward` really returns per image: tokens x width (checked against the spec)."""
         return TokenShape(self.num_tokens, self.width)
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        """The blocks in forward order, for partial unfreezing, layer decay and gradient checkpointing
+        (vlbridge.encoder_tuning)."""
+        return list(self.blocks)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:

@@ -63,6 +63,7 @@ class HFVisionEncoder(FrozenPart):
         self.norm_path = self._find_norm() if opts.final_norm else None
         self.call_kwargs = self._resolution_kwargs()
         index = opts.layer % (facts.layers + 1)
+        self.layers_path = self._find_layers()  # where the blocks are (None: an unfamiliar layout)
         self.index = index if opts.keep_all_layers else self._cut(index)
 
     @property
@@ -100,12 +101,25 @@ class HFVisionEncoder(FrozenPart):
             del vision.head
         if getattr(self.tower, "pooler", None) is not None and self.facts.model_type == "vit":
             self.tower.pooler = None
-        layers = next((found for path in _LAYER_LISTS if isinstance(found := _attr(self.tower, path), nn.ModuleList)
-                       and len(found) == self.facts.layers), None)
-        if layers is None:
+        if self.layers_path is None:
             return index  # an unfamiliar layout: every block runs
+        layers = _attr(self.tower, self.layers_path)
         del layers[max(index, 1):]  # one block stays: transformers collects hidden_states while blocks run
         return -1 if index > 0 else 0
+
+    def _find_layers(self) -> str | None:
+        """The attribute path of the tower's ModuleList of blocks (all `facts.layers` of them)."""
+        return next((path for path in _LAYER_LISTS if isinstance(found := _attr(self.tower, path), nn.ModuleList)
+                     and len(found) == self.facts.layers), None)
+
+    def finetune_blocks(self) -> list[nn.Module] | None:
+        """The blocks whose output reaches `hidden_states[layer]`, in forward order, for partial
+        unfreezing, layer decay and gradient checkpointing (vlbridge.encoder_tuning); None for an
+        unfamiliar layout."""
+        if self.layers_path is None:
+            return None
+        layers = list(_attr(self.tower, self.layers_path))
+        return layers if self.index < 0 else layers[: self.index]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)

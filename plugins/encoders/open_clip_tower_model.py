@@ -70,6 +70,11 @@ class OpenClipTower(FrozenPart):
         """What `forward` really returns per image: tokens x width (checked against the spec)."""
         return open_clip_tower.output(self.opts)
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        """The blocks that run (0..layer once `finish` pruned the rest), in forward order, for partial
+        unfreezing, layer decay and gradient checkpointing (vlbridge.encoder_tuning)."""
+        return list(self._blocks())[: self.index + 1]
+
     def load_pretrained(self, path: str | Path) -> None:
         """Strictly load an open_clip checkpoint (a full CLIP with `visual.*` keys, or the tower alone)."""
         source = require_path(path, "open_clip weights")
