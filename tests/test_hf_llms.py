@@ -1,5 +1,5 @@
-"""The generic LLM plugins (`hf-causal-lm`, `hf-seq2seq`) on tiny random Llama, Qwen2, GPT-2, Gemma,
-Phi and T5 directories: torch-free declarations equal the built models, soft-prompt generation
+"""The generic LLM plugins (`hf-causal-lm`, `hf-seq2seq`) on tiny random Llama, Qwen2/3, Mistral,
+GPT-2, Gemma, OPT, Phi, T5 and BART directories: torch-free declarations equal the built models, soft-prompt generation
 equals transformers' own `generate(inputs_embeds=...)`, the image placeholder and chat prompts put
 the visual tokens where they belong, and a Q-Former or an MLP trains through each in stage 2."""
 

@@ -93,8 +93,14 @@ def _t5(c: dict[str, Any]) -> int:
     return vocab * d + encoder + decoder + head
 
 
+def _opt(c: dict[str, Any]) -> int:
+    from vlbridge.plugins.llms.opt import arch_of, count_params
+
+    return count_params(arch_of(c))
+
+
 _COUNTS: dict[str, Callable[[dict[str, Any]], int]] = {
-    **{kind: _llama_like for kind in LLAMA_LIKE}, "gpt2": _gpt2, "phi": _phi, **{kind: _t5 for kind in ("t5", "mt5")},
+    **{kind: _llama_like for kind in LLAMA_LIKE}, "gpt2": _gpt2, "phi": _phi, "opt": _opt, **{kind: _t5 for kind in ("t5", "mt5")},
 }
 
 

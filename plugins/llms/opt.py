@@ -37,15 +37,18 @@ class OPTOptions(Options):
     @property
     def arch(self) -> dict[str, int]:
         config = local_config(self.model)
-        if config is None:
-            return ARCH[self.variant]
-        hidden = config["hidden_size"]
-        return {
-            "hidden": hidden, "layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
-            "ffn": config["ffn_dim"], "embed": config.get("word_embed_proj_dim") or hidden,
-            "vocab": config["vocab_size"], "positions": config["max_position_embeddings"],
-            "pre_norm": int(config.get("do_layer_norm_before", True)),
-        }
+        return ARCH[self.variant] if config is None else arch_of(config)
+
+
+def arch_of(config: dict) -> dict[str, int]:
+    """The architecture numbers of an OPT config.json (also what `hf-causal-lm` counts an OPT by)."""
+    hidden = config["hidden_size"]
+    return {
+        "hidden": hidden, "layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
+        "ffn": config["ffn_dim"], "embed": config.get("word_embed_proj_dim") or hidden,
+        "vocab": config["vocab_size"], "positions": config["max_position_embeddings"],
+        "pre_norm": int(config.get("do_layer_norm_before", True)),
+    }
 
 
 def dims(opts: OPTOptions) -> LLMDims:
@@ -53,7 +56,11 @@ def dims(opts: OPTOptions) -> LLMDims:
 
 
 def num_params(opts: OPTOptions) -> int:
-    a = opts.arch
+    return count_params(opts.arch)
+
+
+def count_params(a: dict[str, int]) -> int:
+    """OPT's parameters from its architecture numbers (checked against the built modules in tests)."""
     h, f, e = a["hidden"], a["ffn"], a["embed"]
     embeddings = a["vocab"] * e + (a["positions"] + 2) * h  # OPT offsets learned positions by 2
     projections = 2 * e * h if e != h else 0  # project_in / project_out, no bias
