@@ -127,9 +127,9 @@ def read_arch(arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
     path = folder / f"{arch}.json"
     if not path.is_file():
         close = difflib.get_close_matches(arch, known_archs(), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"{arch!r} is not an open_clip architecture (no {arch}.json in {folder}){hint} "
-                         "Or give the path of a model config JSON file")
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"{arch!r} is not an open_clip architecture (no {arch}.json in {folder}){hint}; give one of "
+                         "open_clip's names (open_clip.list_models()) or the path of a model config JSON file")
     return read_json_config(path), {}
 
 

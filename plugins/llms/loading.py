@@ -15,6 +15,7 @@ import torch
 from vlbridge.errors import VLBridgeError
 from vlbridge.hf_config import load_failure, looks_local
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 _FIX = ("give options.model a local directory written by save_pretrained (config.json, the weights and the "
         "tokenizer files), or run where the Hugging Face hub is reachable; variant: tiny needs neither")
 
@@ -40,6 +41,10 @@ def load_tokenizer(family: str, source: str, pad_from_eos: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     kwargs = _local_kwargs(family, source)
+    directory = Path(source).expanduser()
+    if kwargs and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise VLBridgeError(f"{family}: {source} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+                            "tokenizer next to its weights with tokenizer.save_pretrained(<dir>)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, **kwargs)
     except Exception as exc:  # transformers and tokenizers raise many types for a broken file
