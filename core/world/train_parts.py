@@ -28,7 +28,8 @@ from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PA
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
 
-SCRIPT_VERSION = 5  # 5: OPT's reading documents come in two styles (train_text.READING_STYLES); "lm" ships
+SCRIPT_VERSION = 6  # 5: OPT's reading documents come in two styles (train_text.READING_STYLES); "lm" ships
+# 6: FlanT5's reading rounds add one caption completion per image, led by the image's other captions
 EVAL_IMAGES = {"full": 300, "quick": 8}
 MONITOR = {"images": 40, "every": 200}  # the readers' QA accuracy with captions, on val images, as training goes
 Log = Callable[[str], None]
@@ -151,7 +152,7 @@ def train_t5_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_im
     val = t5_batches(tokenizer, val_pairs, min(32, len(val_pairs)))
     before = perplexity(model, val)
     samples = recipe.steps * recipe.batch
-    reading = t5_reading_pairs(world, READING_START, max(2, samples * 3 // 8), rng)  # two per image
+    reading = t5_reading_pairs(world, READING_START, max(2, samples // 4), rng, continuations=1)  # two questions, one completion per image
     images = max(2, samples // 44)  # 11 pairs per image
     captions = captions_of(world, "pretrain", 45_000_000, images)
     pairs = t5_pairs(captions, qa_pairs(world, "pretrain", 45_000_000, images), documents(world, "pretrain", 46_000_000, 200), rng, 6)

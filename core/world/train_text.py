@@ -221,9 +221,13 @@ def t5_pairs(captions: list[str], qa: list[tuple[str, str]], context: list[str],
     return led
 
 
-def t5_reading_pairs(world: Any, first: int, count: int, rng: random.Random, questions: int = 2) -> list[tuple[str, str]]:
+def t5_reading_pairs(world: Any, first: int, count: int, rng: random.Random, questions: int = 2,
+                     continuations: int = 0) -> list[tuple[str, str]]:
     """(captions + question, answer) pairs: FlanT5's reading rounds, `questions` per image of
-    `count` pretrain-stream images, each led by all the image's captions in order (as probed)."""
+    `count` pretrain-stream images, each led by all the image's captions in order (as probed).
+    `continuations` per image: (the image's other captions + a caption's first words, the rest), so
+    that completing a caption also learns to read what the encoder holds before it (BLIP-2's
+    stage-2 task for FlanT5 is exactly that, with the image in place of the other captions)."""
     from vlbridge.world.generate import make_image
     from vlbridge.world.reading import t5_source
 
@@ -232,6 +236,11 @@ def t5_reading_pairs(world: Any, first: int, count: int, rng: random.Random, que
     for index in range(first, first + count):
         image = make_image(world, "pretrain", index)
         pairs += [(t5_source(image.captions, qa.question), qa.answer) for qa in rng.sample(image.qas, questions)]
+        for caption in rng.sample(image.captions, continuations):
+            others = [c for c in image.captions if c != caption]
+            words = caption.split()
+            cut = rng.randint(1, len(words) - 1) if len(words) > 1 else 1
+            pairs.append((" ".join([*others, " ".join(words[:cut])]), " ".join(words[cut:]) or words[-1]))
     return pairs
 
 
