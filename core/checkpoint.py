@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlbridge.atomic import atomic_write, atomic_write_text

@@ -67,11 +67,3 @@ def heavy_modules_after(script: str) -> list[str]:
     return eval(result.stdout.strip().splitlines()[-1])  # a printed list of names
 
 
-def randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    """Draw every weight (norm scales around 1) so that no layer is close to an identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.1
-            is_scale = param.dim() == 1 and any(n in name for n in ("ln", "norm", "layrnorm")) and name.endswith("weight")
-            param.copy_(1 + noise if is_scale else noise)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from tests.hf_tiny import redraw
 from vlbridge.plugins.tiny_assets import tokenizer_dir
 
 VOCAB = 1024
@@ -49,16 +50,6 @@ def _tokenizer(kind: str, chat: bool) -> Any:
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def redraw(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> None:
-    """Wider random weights than transformers' init, so that greedy and beam outputs differ by input."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("ln_f.weight") or ".ln_" in name:
-                continue
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def make_llm_dir(directory: Path, family: str, *, chat: bool = False, seed: int = 0, pad: bool = True) -> Any:

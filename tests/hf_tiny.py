@@ -33,13 +33,18 @@ def _text(llm: str) -> dict:
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).to_dict()
 
 
+NORM_NAMES = ("norm", "ln_", "ln.", "layrnorm", "ln_f")  # LayerNorm / RMSNorm parameters across the families
+
+
 def redraw(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> None:
-    """Wider random weights: transformers' tiny inits make every output token the same."""
+    """Wider random weights: transformers' tiny inits make every output token the same. Norm scales
+    stay near 1 (1 + noise / 10, and their biases small), so no layer is close to an identity or dead."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * std
-            param.copy_(1.0 + noise * 0.1 if "layernorm" in name.lower() or "layer_norm" in name.lower() else noise)
+            is_norm = any(n in name.lower() for n in NORM_NAMES)
+            param.copy_((1.0 if name.endswith("weight") else 0.0) + noise * 0.1 if is_norm else noise)
 
 
 def make_generation_model(directory: Path, llm: str = "opt", seed: int = 0):
@@ -72,3 +77,16 @@ def make_retrieval_model(directory: Path, seed: int = 0):
 
 def pixels(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_weights(expected: dict, actual: dict) -> None:
+    """Two transformers state dicts hold the same keys and tensors. A BLIP-2-style `qkv.bias` is
+    compared on its query and value thirds only: the key bias cannot change attention, so the EVA
+    encoder keeps none and exports zeros there."""
+    assert set(expected) == set(actual)
+    for key, value in expected.items():
+        got = actual[key]
+        if key.endswith("self_attn.qkv.bias"):
+            third = value.shape[0] // 3
+            value, got = torch.cat([value[:third], value[2 * third:]]), torch.cat([got[:third], got[2 * third:]])
+        torch.testing.assert_close(got, value, msg=key)

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.generic_encoders import heavy_modules_after, randomise, registry_for, stage1_losses  # noqa: E402
+from tests.generic_encoders import heavy_modules_after, registry_for, stage1_losses  # noqa: E402
+from tests.hf_tiny import redraw  # noqa: E402
 from vlbridge.errors import VLBridgeError, WeightsError  # noqa: E402
 from vlbridge.plugins.encoders import hf_vision  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision import HFVisionOptions  # noqa: E402
@@ -54,7 +55,7 @@ def towers(tmp_path_factory) -> dict[str, tuple[str, object, int]]:
     root = tmp_path_factory.mktemp("hf_vision")
     out = {}
     for seed, (name, (model, loader, size)) in enumerate(_towers().items()):
-        randomise(model, seed)
+        redraw(model, std=0.1, seed=seed)
         model.save_pretrained(root / name)
         out[name] = (str(root / name), loader.from_pretrained(root / name).eval(), size)
     (root / "deit" / "preprocessor_config.json").write_text(json.dumps(

@@ -280,8 +280,9 @@ def test_wrong_visual_prompts_are_refused(tiny_opt):
 def test_pack_padding_moves_pads_and_keeps_order():
     embeds = torch.arange(5.0).view(1, 5, 1)
     mask = torch.tensor([[1, 0, 1, 0, 1]])
-    left, left_mask = pack_padding(embeds, mask, "left")
-    right, right_mask = pack_padding(embeds, mask, "right")
+    left, left_mask, _ = pack_padding(embeds, mask, "left")
+    right, right_mask, moved = pack_padding(embeds, mask, "right", labels=torch.arange(5).view(1, 5))
+    assert moved.tolist() == [[0, 2, 4, 1, 3]]
     assert left.flatten().tolist() == [1, 3, 0, 2, 4] and left_mask.tolist() == [[0, 0, 1, 1, 1]]
     assert right.flatten().tolist() == [0, 2, 4, 1, 3] and right_mask.tolist() == [[1, 1, 1, 0, 0]]
 

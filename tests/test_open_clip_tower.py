@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402
 
-from tests.generic_encoders import heavy_modules_after, randomise, registry_for, stage1_losses  # noqa: E402
+from tests.generic_encoders import heavy_modules_after, registry_for, stage1_losses  # noqa: E402
+from tests.hf_tiny import redraw  # noqa: E402
 from vlbridge.errors import VLBridgeError, WeightsError  # noqa: E402
 from vlbridge.plugins.encoders import open_clip_tower  # noqa: E402
 from vlbridge.plugins.encoders.open_clip_tower import OpenClipOptions  # noqa: E402
@@ -64,7 +65,7 @@ def tiny(tmp_path_factory):
     out = {}
     for name in CONFIGS:
         model = open_clip.create_model(name, pretrained=None).eval()
-        randomise(model, seed=len(out))
+        redraw(model, std=0.1, seed=len(out))
         weights = folder / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
         out[name] = (str(folder / f"{name}.json"), str(weights), model)

@@ -17,7 +17,7 @@ import torch
 from vlbridge.errors import VLBridgeError
 from vlbridge.freeze import torch_dtype
 from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
-from vlbridge.plugins.llms.loading import check_vocab, image_token_id, load_pretrained, tiny_tokenizer
+from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, prompting, tiny_tokenizer
 from vlbridge.plugins.llms.soft_prompt import PadSide, SoftPromptLLM, ignore_padding, positions_from_mask
 
 
@@ -104,10 +104,5 @@ def load(opts: HFCausalLMOptions) -> tuple[Any, Any]:
 def build(opts: HFCausalLMOptions) -> CausalLM:
     """The frozen causal LM of the options, its tokenizer ready for visual placeholders and chat prompts."""
     model, tokenizer = load(opts)
-    if opts.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise VLBridgeError(f"hf-causal-lm: prompt_format 'chat' needs a tokenizer with a chat template, and {opts.model!r}'s "
-                            "has none; use prompt_format: plain with a prompt_template (e.g. LLaVA-1.5's "
-                            "'USER: <image>\\n{} ASSISTANT:')")
     suffix, end_id = end_token("hf-causal-lm", tokenizer, opts.eos_token)
-    return CausalLM(model, tokenizer, end_token_id=end_id, caption_suffix=suffix, prompt_template=opts.resolved_template,
-                    chat=opts.prompt_format == "chat", image_token_id=image_token_id("hf-causal-lm", tokenizer, opts.image_token))
+    return CausalLM(model, tokenizer, end_token_id=end_id, caption_suffix=suffix, **prompting("hf-causal-lm", tokenizer, opts))

@@ -14,7 +14,7 @@ import torch
 from vlbridge.errors import VLBridgeError
 from vlbridge.freeze import torch_dtype
 from vlbridge.plugins.llms.hf_seq2seq import HFSeq2SeqOptions
-from vlbridge.plugins.llms.loading import image_token_id, load_pretrained, tiny_tokenizer
+from vlbridge.plugins.llms.loading import load_pretrained, prompting, tiny_tokenizer
 from vlbridge.plugins.llms.soft_prompt import SoftPromptLLM, ignore_padding
 
 
@@ -61,8 +61,4 @@ def build(opts: HFSeq2SeqOptions) -> Seq2SeqLM:
         model = tiny_model(tokenizer).to(dtype)
     else:
         model, tokenizer = load_pretrained("hf-seq2seq", AutoModelForSeq2SeqLM, opts.model, "", opts.model, dtype, pad_from_eos=True)
-    if opts.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise VLBridgeError(f"hf-seq2seq: prompt_format 'chat' needs a tokenizer with a chat template, and {opts.model!r}'s has none; "
-                            "use prompt_format: plain (with a prompt_template if the model expects one)")
-    return Seq2SeqLM(model, tokenizer, prompt_template=opts.resolved_template, chat=opts.prompt_format == "chat",
-                     image_token_id=image_token_id("hf-seq2seq", tokenizer, opts.image_token))
+    return Seq2SeqLM(model, tokenizer, **prompting("hf-seq2seq", tokenizer, opts))

@@ -107,3 +107,13 @@ def image_token_id(family: str, tokenizer: Any, image_token: str | None) -> int 
         raise VLBridgeError(f"{family}: the image token {image_token!r} tokenizes to {len(ids)} tokens {ids}; it must be one "
                             "token (choose another image_token, or null to put the visual tokens first)")
     return ids[0]
+
+
+def prompting(family: str, tokenizer: Any, opts: Any) -> dict[str, Any]:
+    """The wrapper's prompt settings from generic-LLM options (`HFLLMOptions`): the template, chat or
+    plain, and the image placeholder's id (added to the tokenizer if needed). Chat needs a template."""
+    chat = opts.prompt_format == "chat"
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise VLBridgeError(f"{family}: prompt_format 'chat' needs a tokenizer with a chat template, and {opts.model!r}'s has none; "
+                            "use prompt_format: plain with a prompt_template (e.g. LLaVA-1.5's 'USER: <image>\\n{} ASSISTANT:')")
+    return {"prompt_template": opts.resolved_template, "chat": chat, "image_token_id": image_token_id(family, tokenizer, opts.image_token)}

@@ -62,18 +62,14 @@ def splice_visual(visual: torch.Tensor, text_embeds: torch.Tensor, attention_mas
     return torch.stack(rows_e), torch.stack(rows_m), torch.stack(rows_l) if labels is not None else None
 
 
-def padding_order(attention_mask: torch.Tensor, side: PadSide) -> torch.Tensor:
-    """Per row, the permutation that moves padded positions to one side, real ones kept in order."""
-    keys = attention_mask.ne(0).long()
-    return torch.sort(keys, dim=1, descending=(side == "right"), stable=True).indices
-
-
-def pack_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, side: PadSide
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move every row's padded positions to one side, keeping the order of the real positions."""
-    order = padding_order(attention_mask, side)
+def pack_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, side: PadSide, labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Move every row's padded positions to one side, keeping the order of the real positions (and
+    moving the labels, if given, with them)."""
+    order = torch.sort(attention_mask.ne(0).long(), dim=1, descending=(side == "right"), stable=True).indices
     gathered = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
-    return gathered, torch.gather(attention_mask, 1, order)
+    moved = torch.gather(labels, 1, order) if labels is not None else None
+    return gathered, torch.gather(attention_mask, 1, order), moved
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,7 +124,7 @@ class SoftPromptLLM(FrozenPart):
     is_encoder_decoder: ClassVar[bool] = False
     family: ClassVar[str] = "llm"  # the component name, for messages
     generate_pad_side: ClassVar[PadSide] = "left"
-    explicit_positions: ClassVar[bool] = False  # pass position_ids counted from the mask (models that do not)
+    explicit_positions: bool = False  # pass position_ids counted from the mask (for models that count from 0 regardless)
 
     def __init__(self, model: Any, tokenizer: Any, *, prompt_template: str = "{}", chat: bool = False,
                  image_token_id: int | None = None) -> None:
@@ -206,12 +202,7 @@ class SoftPromptLLM(FrozenPart):
                 labels = torch.cat([labels.new_full(visual_embeds.shape[:2], IGNORE_INDEX), labels], dim=1)
         else:
             embeds, mask, labels = splice_visual(visual_embeds, text, attention_mask, slots, labels)
-        if pad_side is None:
-            return embeds, mask, labels
-        order = padding_order(mask, pad_side)
-        embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
-        labels = torch.gather(labels, 1, order) if labels is not None else None
-        return embeds, torch.gather(mask, 1, order), labels
+        return (embeds, mask, labels) if pad_side is None else pack_padding(embeds, mask, pad_side, labels)
 
     def _placeholder_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Where each row's image placeholder stands, or None when no row has one."""
