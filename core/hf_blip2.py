@@ -21,23 +21,12 @@ from safetensors.torch import save_file
 from vlbridge.atomic import atomic_write, atomic_write_text
 from vlbridge.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.hf_config import load_failure
-from vlbridge.userfiles import read_json
+from vlbridge.hf_config import load_failure, transformers_config
 from vlbridge.weights import read_hf_directory
 
 GENERATION = "Blip2ForConditionalGeneration"
 RETRIEVAL = "Blip2ForImageTextRetrieval"
 LLM_PLUGINS = {"opt": "opt", "t5": "flan-t5"}
-
-
-def _read_config(src: Path) -> dict[str, Any]:
-    path = src / "config.json"
-    if not path.is_file():
-        raise WeightsError(f"{src} is not a transformers directory: it has no config.json")
-    config = read_json(path, "transformers config", top=dict)
-    if config.get("model_type") != "blip-2":
-        raise WeightsError(f"{path} has model_type {config.get('model_type')!r}; expected 'blip-2' (a transformers BLIP-2 model)")
-    return config
 
 
 def _architecture(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
@@ -122,7 +111,7 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise WeightsError(f"not a directory: {src}")
-    config = _read_config(src)
+    config = transformers_config(src, "blip-2", "Blip2ForConditionalGeneration")
     state = read_hf_directory(src)
     architecture = _architecture(config, state)
     out.mkdir(parents=True, exist_ok=True)

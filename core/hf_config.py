@@ -120,3 +120,16 @@ def model_config(model: str) -> dict[str, Any]:
                      "cache has no copy of it, and vlbridge's table of hub configs does not list it; give a local "
                      f"directory written by save_pretrained, or fetch it once where the hub is reachable "
                      f"(`huggingface-cli download {model} config.json`)")
+
+
+def transformers_config(src: Path, model_type: str, model_class: str) -> dict[str, Any]:
+    """The config.json of a transformers directory that must hold a `model_type` model (a converter's
+    input); WeightsError naming what is missing or what the directory holds instead."""
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{src} is not a transformers directory: it has no config.json; give a directory written by "
+                           f"{model_class}.save_pretrained")
+    config = read_json(path, "transformers config", top=dict)
+    if config.get("model_type") != model_type:
+        raise WeightsError(f"{path} has model_type {config.get('model_type')!r}; expected {model_type!r} ({model_class})")
+    return config

@@ -23,7 +23,7 @@ from vlbridge.atomic import atomic_write
 from vlbridge.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.hf_blip2 import _write_llm, connector_options, encoder_options
-from vlbridge.userfiles import read_json
+from vlbridge.hf_config import transformers_config
 from vlbridge.weights import read_hf_directory
 
 QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the BERT tokenizer
@@ -32,25 +32,13 @@ STAGE1_HEADS = ("lm_head.*", "vision_proj.*", "text_proj.*", "itm_head.*", "temp
 _NO_PLACE = ("vision_projection.", "text_projection.", "itm_head.")  # their transformers names
 
 
-def _read_config(src: Path) -> dict[str, Any]:
-    path = src / "config.json"
-    if not src.is_dir() or not path.is_file():
-        raise WeightsError(f"{src} is not a transformers directory (no config.json); give a directory written by "
-                           "InstructBlipForConditionalGeneration.save_pretrained, with its processor")
-    config = read_json(path, "transformers config", top=dict)
-    if config.get("model_type") != "instructblip":
-        raise WeightsError(f"{path} has model_type {config.get('model_type')!r}; expected 'instructblip' "
-                           "(InstructBlipForConditionalGeneration)")
-    return config
-
-
 def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
     """Convert a transformers InstructBLIP directory into a vlbridge checkpoint directory; returns it."""
     from vlbridge.plugins.connectors.qformer_convert import from_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import convert_hf_blip2_vision_state_dict
 
     src, out = Path(src_dir).expanduser(), Path(out_dir)
-    config = _read_config(src)
+    config = transformers_config(src, "instructblip", "InstructBlipForConditionalGeneration")
     tokenizer_src = src / QFORMER_TOKENIZER
     if not (tokenizer_src / "tokenizer_config.json").is_file():
         raise WeightsError(f"{src} has no {QFORMER_TOKENIZER}/ folder (the Q-Former's BERT tokenizer, which reads the "

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from vlbridge.checkpoint import write_checkpoint
-from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.hf_config import load_failure
-from vlbridge.userfiles import read_json
+from vlbridge.errors import VLBridgeError
+from vlbridge.hf_config import load_failure, transformers_config
 
 LLAVA_15_TEMPLATE = "USER: <image>\n{} ASSISTANT:"  # LLaVA-1.5's conversation format (llava-hf's chat template renders it)
 SELECT_STRATEGIES = {"default": False, "full": True}  # -> include_cls
@@ -30,12 +29,8 @@ _FIX = "give a directory written by LlavaForConditionalGeneration.save_pretraine
 
 
 def read_llava_config(src: Path) -> dict[str, Any]:
+    config = transformers_config(src, "llava", "LlavaForConditionalGeneration")
     path = src / "config.json"
-    if not src.is_dir() or not path.is_file():
-        raise WeightsError(f"{src} is not a transformers directory (no config.json); {_FIX}")
-    config = read_json(path, "transformers config", top=dict)
-    if config.get("model_type") != "llava":
-        raise WeightsError(f"{path} has model_type {config.get('model_type')!r}; expected 'llava' (LlavaForConditionalGeneration)")
     layer = config.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise VLBridgeError(f"{path}: vision_feature_layer {layer!r} concatenates several layers; vlbridge's hf-vision encoder "
@@ -83,14 +78,11 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
                     prompt_template: str = LLAVA_15_TEMPLATE) -> Path:
     """Convert a transformers LLaVA directory into a vlbridge checkpoint directory (hf-vision + mlp +
     hf-causal-lm); returns it. `prompt_template` is how prompts are worded (LLaVA-1.5's by default)."""
-    from transformers import AutoTokenizer
+    from vlbridge.plugins.llms.loading import load_tokenizer
 
     src, out = Path(src_dir).expanduser(), Path(out_dir)
     config = read_llava_config(src)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-    except Exception as exc:
-        raise load_failure("the LLaVA tokenizer", src, exc, _FIX) from exc
+    tokenizer = load_tokenizer("hf-llava", str(src))
     image_token = _image_token(tokenizer, config.get("image_token_index", 32000))
     hf = _load_llava(src)
     out.mkdir(parents=True, exist_ok=True)
