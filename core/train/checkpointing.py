@@ -16,14 +16,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.atomic import atomic_write, atomic_write_text, staging_dir
 from vlbridge.checkpoint import META_FILE, ExtraPart, write_checkpoint
 from vlbridge.errors import VLBridgeError
 from vlbridge.userfiles import read_text
@@ -105,7 +104,7 @@ def save_training_checkpoint(
     """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`."""
     final = checkpoint_dir(output_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    staging = staging_dir(final.parent, prefix=f".{final.name}.")
     try:
         write_checkpoint(staging, assembly, tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")}, parts=parts)
         atomic_write(staging / TRAINER_STATE, lambda tmp: torch.save(trainer_state, tmp))
