@@ -167,8 +167,8 @@ def test_cli_generate_and_its_errors(tmp_path, capsys):
     assert main(["world", "generate", "--out", str(tmp_path / "w"), "--train", "3", "--val", "1", "--test", "1", "--comp", "1", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["stats"]["train"]["images"] == 3 and (tmp_path / "w" / "manifest.json").is_file()
-    assert main(["world", "generate", "--out", str(tmp_path / "w"), "--train", "2", "--val", "0", "--test", "0", "--comp", "0"]) == 0
-    assert len(list((tmp_path / "w" / "images").iterdir())) == 2  # a world written before is replaced
+    assert main(["world", "generate", "--out", str(tmp_path / "w"), "--train", "2", "--val", "2", "--test", "1", "--comp", "1"]) == 0
+    assert len(list((tmp_path / "w" / "images").iterdir())) == 6  # a world written before is replaced
     assert main(["world", "generate", "--out", str(tmp_path / "w"), "--image-size", "8"]) == 2
     assert "--image-size" in capsys.readouterr().err
     (tmp_path / "other").mkdir()

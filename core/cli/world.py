@@ -15,13 +15,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen = world_sub.add_parser("generate", help="write the world's splits (train, val, test, comp) under a folder",
                                description="Render scenes of coloured shapes with captions and VQAv2-style questions; "
                                            "the same seed writes the same files.")
-    gen.add_argument("--out", required=True, metavar="DIR", help="an empty or new folder (or a world written before)")
-    gen.add_argument("--seed", type=int, default=None, help="default 0")
+    gen.add_argument("--out", required=True, metavar="DIR", help="an empty or new folder, or a world written before (its splits "
+                     "are replaced, except those given size 0, which are kept)")
+    gen.add_argument("--seed", type=int, default=None, help=f"default {_default('seed')}")
     for split, what in (("train", "training"), ("val", "validation"), ("test", "test"), ("comp", "compositional test")):
-        gen.add_argument(f"--{split}", type=int, default=None, metavar="N", help=f"{what} images")
-    gen.add_argument("--image-size", type=int, default=None, metavar="PX", help="image side in pixels (default 64)")
+        gen.add_argument(f"--{split}", type=int, default=None, metavar="N",
+                         help=f"{what} images (default {_default(split)}; 0: none, or keep this split of the world in DIR)")
+    gen.add_argument("--image-size", type=int, default=None, metavar="PX", help=f"image side in pixels (default {_default('image_size')})")
     gen.add_argument("--json", action="store_true", help="print the manifest as JSON")
     gen.set_defaults(func=cmd_generate)
+
+
+def _default(field: str) -> object:
+    """WorldConfig's own default, so the help cannot drift from it."""
+    from vlbridge.world.config import WorldConfig
+
+    return WorldConfig.model_fields[field].default
 
 
 def _config(args: argparse.Namespace):
@@ -53,4 +62,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for split, s in manifest["stats"].items()]
     print_table(rows, ["split", "images", "captions", "questions", "held-out objects"])
     print(f"wrote the world (seed {config.seed}, {config.image_size} px) to {args.out} in {seconds:.1f} s")
+    if manifest["kept"]:
+        kept = manifest["kept"]
+        names = kept[0] if len(kept) == 1 else f"{', '.join(kept[:-1])} and {kept[-1]}"
+        print(f"kept the {names} split{'s' if len(kept) > 1 else ''} of the world already there (given size 0); "
+              "give them a size to regenerate them")
     return 0

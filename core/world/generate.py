@@ -14,13 +14,14 @@ OUT/annotations_val.json, image_pattern=IMAGE_PATTERN)` read it back.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlbridge.atomic import atomic_write_text
 from vlbridge.errors import VLBridgeError
+from vlbridge.userfiles import read_json
 from vlbridge.world.config import ID_OFFSETS, SPLITS, WorldConfig
 from vlbridge.world.language import QA, captions, questions
 from vlbridge.world.render import render_scene
@@ -60,12 +61,20 @@ def make_image(config: WorldConfig, split: str, index: int) -> WorldImage:
 def generate_world(out: str | Path, config: WorldConfig | None = None) -> dict[str, Any]:
     """Write every split of the world under `out`; return the manifest (also in OUT/manifest.json).
 
-    `out` must be empty, missing, or a world written before (whose files are replaced).
+    `out` must be empty, missing, or a world written before. There a split sized 0 that the old
+    world has images of is kept as it is (its scenes depend only on the seed, split and index, so
+    it still belongs to the same world); every other split is replaced. The manifest's "kept" names
+    the kept splits, and its config and stats describe the whole folder.
     """
     config = config or WorldConfig()
-    out = _prepare(Path(out))
-    stats: dict[str, Any] = {}
-    for split in SPLITS:
+    out = Path(out)
+    previous = _previous_world(out)
+    kept = _kept_splits(out, config, previous)
+    config = config.model_copy(update={split: previous["config"][split] for split in kept})
+    regenerated = [split for split in SPLITS if split not in kept]
+    _prepare(out, regenerated)
+    stats: dict[str, Any] = {split: previous["stats"][split] for split in kept}
+    for split in regenerated:
         images = [make_image(config, split, i) for i in range(config.size(split))]
         for image in images:
             render_scene(image.scene, config.image_size).save(out / image.file_name, format="PNG")
@@ -73,9 +82,9 @@ def generate_world(out: str | Path, config: WorldConfig | None = None) -> dict[s
         stats[split] = split_stats(images, config)
     manifest = {
         "format_version": FORMAT_VERSION, "config": config.model_dump(mode="json"), "image_pattern": IMAGE_PATTERN,
-        "files": {split: split_files(split) for split in SPLITS}, "stats": stats,
+        "files": {split: split_files(split) for split in SPLITS}, "stats": {split: stats[split] for split in SPLITS}, "kept": kept,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -84,19 +93,47 @@ def split_files(split: str) -> dict[str, str]:
     return {kind: f"{kind}_{split}.json" for kind in ("captions", "questions", "annotations", "scenes")}
 
 
-def _prepare(out: Path) -> Path:
-    """Create `out`, or clear a previous world there; refuse a folder holding anything else."""
+def _previous_world(out: Path) -> dict[str, Any] | None:
+    """The manifest of the world already in `out`; None for a new or empty folder; refuse anything else."""
     if out.exists() and not out.is_dir():
         raise VLBridgeError(f"world output {str(out)!r} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise VLBridgeError(f"world output {str(out)!r} is not empty and holds no world ({MANIFEST}); give an empty or new folder")
-        shutil.rmtree(out / "images", ignore_errors=True)
-        for split in SPLITS:
-            for name in split_files(split).values():
-                (out / name).unlink(missing_ok=True)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    manifest_file = out / MANIFEST
+    if not manifest_file.is_file():
+        raise VLBridgeError(f"world output {str(out)!r} is not empty and holds no world ({MANIFEST}); give an empty or new folder")
+    manifest = read_json(manifest_file, "world manifest", top=dict)
+    if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("stats"), dict):
+        raise VLBridgeError(f"{manifest_file} is not a world manifest (no config and stats); give an empty or new folder")
+    return manifest
+
+
+def _kept_splits(out: Path, config: WorldConfig, previous: dict[str, Any] | None) -> list[str]:
+    """Splits sized 0 now whose images the previous world holds; refused where its other settings differ."""
+    if previous is None:
+        return []
+    old = previous["config"]
+    kept = [split for split in SPLITS if not config.size(split) and old.get(split) and split in previous["stats"]]
+    new = config.model_dump(mode="json")
+    changed = [key for key in new if key not in SPLITS and old.get(key) != new[key]]
+    if kept and changed:
+        settings = ", ".join(f"{key} {old.get(key)} -> {key} {new[key]}" for key in changed)
+        counts = ", ".join(f"{split} {old[split]}" for split in kept)
+        raise VLBridgeError(
+            f"{str(out)!r} holds a world whose {', '.join(kept)} splits ({counts} images) this call would not regenerate (size 0), "
+            f"but its settings differ ({settings}): kept, they would belong to another world. Give every split a size to "
+            f"replace the whole world (e.g. --{kept[0]} {old[kept[0]]}), or write to another folder")
+    return kept
+
+
+def _prepare(out: Path, splits: list[str]) -> None:
+    """Create `out` and remove the files of the splits about to be written (a previous world's)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    return out
+    for split in splits:
+        for image in (out / "images").glob(f"world_{split}_*.png"):
+            image.unlink()
+        for name in split_files(split).values():
+            (out / name).unlink(missing_ok=True)
 
 
 def _write_split(out: Path, split: str, images: list[WorldImage], config: WorldConfig) -> None:
@@ -113,7 +150,7 @@ def _write_split(out: Path, split: str, images: list[WorldImage], config: WorldC
     annotations_file = {"info": questions_file["info"], "data_type": "world", "data_subtype": split, "annotations": annotation_records}
     scenes_file = [im.scene.to_dict() for im in images]
     for kind, data in (("captions", caption_records), ("questions", questions_file), ("annotations", annotations_file), ("scenes", scenes_file)):
-        (out / files[kind]).write_text(json.dumps(data), encoding="utf-8")
+        atomic_write_text(out / files[kind], json.dumps(data))
 
 
 def vqa_annotation(qa: QA, question_id: int, image_id: int, synonyms: int) -> dict[str, Any]:
@@ -136,7 +173,8 @@ def split_stats(images: list[WorldImage], config: WorldConfig) -> dict[str, Any]
     held = set(config.held_out)
     return {
         "images": len(images), "captions": sum(len(im.captions) for im in images), "questions": len(qas),
-        "objects_per_image": dict(sorted(Counter(len(im.scene.objects) for im in images).items())),
+        # str keys: the manifest returned equals the one read back from JSON (kept splits come from there)
+        "objects_per_image": {str(n): k for n, k in sorted(Counter(len(im.scene.objects) for im in images).items())},
         "question_kinds": dict(sorted(Counter(qa.category for qa in qas).items())),
         "answer_types": dict(sorted(Counter(qa.answer_type for qa in qas).items())),
         "yes_share": round(sum(qa.answer == "yes" for qa in yes_no) / len(yes_no), 3) if yes_no else None,
