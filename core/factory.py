@@ -17,8 +17,10 @@ from vlbridge.contract import build_component, check_llm, check_tokens, describe
 from vlbridge.weights import load_subset
 from vlbridge.errors import VLBridgeError
 from vlbridge.model import VLBridgeModel
+from vlbridge.hf_quiet import quiet_hf
 
 
+@quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
 def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None = None, weights: str | Path | None = None,
           device: str | torch.device | None = None, check_shapes: bool = True) -> VLBridgeModel:
     """Build the model an assembly describes.
@@ -105,6 +107,7 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
     return load_subset(model.connector, tensors, str(path), expected)
 
 
+@quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
 def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | torch.device | None = None) -> VLBridgeModel:
     """Rebuild a model saved with `model.save(dir)`: the frozen parts from their sources, the
     connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too."""

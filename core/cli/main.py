@@ -9,6 +9,7 @@ import traceback
 
 from vlbridge.cli import cache, convert, demo, evaluate, listing, run, train, validate, world
 from vlbridge.errors import VLBridgeError
+from vlbridge.hf_quiet import quiet_hf
 
 SUBCOMMAND_MODULES = (demo, listing, validate, run, convert, train, cache, world, evaluate)
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        with quiet_hf():  # vlbridge's output is vlbridge's: no transformers / hub progress bars
+            return int(args.func(args) or 0)
     except VLBridgeError as exc:
         print(f"vlbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
