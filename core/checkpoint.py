@@ -9,6 +9,7 @@ side after stage 2), instead of a silent partial load.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,13 @@ from torch import nn
 
 from vlbridge.atomic import atomic_write, atomic_write_text
 from vlbridge.errors import WeightsError
-from vlbridge.userfiles import read_json
+from vlbridge.userfiles import read_json, read_yaml
 from vlbridge.weights import StateDict, read_tensors, require_path, unwrap_state_dict
 
 ASSEMBLY_FILE = "assembly.yaml"
 WEIGHTS_FILE = "connector.safetensors"
 META_FILE = "checkpoint.json"
+RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,50 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    assembly_dict, relative = relative_paths(assembly_dict, out)
     atomic_write_text(out / ASSEMBLY_FILE, yaml.safe_dump(assembly_dict, sort_keys=False))
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"stage": str(stage)}))
     for part in parts:
         part_tensors = {name: t.detach().contiguous().cpu() for name, t in part.tensors.items()}
         atomic_write(out / part.file, lambda tmp, t=part_tensors: save_file(t, str(tmp), metadata={"part": part.key}))
-    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors), **(extra or {}),
+    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors),
+            **({RELATIVE_PATHS: relative} if relative else {}), **(extra or {}),
             **{part.key: part.meta for part in parts}}
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
     return out
+
+
+def relative_paths(assembly_dict: dict[str, Any], out: Path) -> tuple[dict[str, Any], list[str]]:
+    """The assembly with every option naming a path inside `out` rewritten relative to it ("./llm"),
+    and where those options are ("llm.options.model"): a checkpoint stays loadable when moved."""
+    assembly_dict, root, moved = copy.deepcopy(assembly_dict), out.resolve(), []
+    for slot in ("encoder", "connector", "llm"):
+        options = (assembly_dict.get(slot) or {}).get("options") or {}
+        for key, value in options.items():
+            path = Path(value).expanduser() if isinstance(value, str) else None
+            if path is None or not path.is_absolute() or not path.resolve().is_relative_to(root):
+                continue
+            options[key] = "./" + path.resolve().relative_to(root).as_posix()
+            moved.append(f"{slot}.options.{key}")
+    return assembly_dict, moved
+
+
+def checkpoint_assembly(ckpt_dir: str | Path) -> Path | dict[str, Any]:
+    """What `build` takes for a checkpoint's assembly: the YAML file itself, or, where checkpoint.json
+    lists options holding paths relative to the checkpoint, the mapping with those resolved against it."""
+    directory = Path(ckpt_dir)
+    relative = read_meta(directory).get(RELATIVE_PATHS) or []
+    if not relative:
+        return directory / ASSEMBLY_FILE
+    raw = read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly")
+    for where in relative:
+        slot, _, key = str(where).partition(".options.")
+        options = (raw.get(slot) or {}).get("options") if isinstance(raw, dict) else None
+        if not isinstance(options, dict) or not isinstance(options.get(key), str):
+            raise WeightsError(f"{directory / META_FILE} lists {where!r} among its relative paths, but {directory / ASSEMBLY_FILE} "
+                               "has no such path option; the two files do not belong together (re-save or re-import the checkpoint)")
+        options[key] = str((directory / options[key]).resolve())
+    return raw
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from vlbridge.assembly import Assembly, load_assembly
-from vlbridge.checkpoint import ASSEMBLY_FILE, WEIGHTS_FILE, read_connector_weights, read_meta
+from vlbridge.checkpoint import WEIGHTS_FILE, checkpoint_assembly, read_connector_weights, read_meta
 from vlbridge.connector_protocol import trainable_names
 from vlbridge.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.weights import load_subset
@@ -115,7 +115,7 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
 
     directory = Path(checkpoint_dir)
     meta = read_meta(directory)
-    model = build(directory / ASSEMBLY_FILE, stage=stage, weights=directory, device=device)
+    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device)
     if restore_tuned(model, directory, meta) and device is not None:
         model.to(device)  # the adapters were injected after the move
     return model.eval()
