@@ -31,39 +31,46 @@ def phase_plan(config: CompareConfig, stage1_trainers: set[tuple[str, int]] | No
 
 
 class PhaseProgress:
-    """Prints `[demo ####......  34%] 2:10 spent, ~4:12 left · <phase>` as each phase starts."""
+    """Prints `[demo ####......  34%] 2:10 spent, ~4:12 left · <phase>` as each phase starts.
+
+    Worker processes run phases side by side: each is a `lane` with its own current phase."""
 
     def __init__(self, phases: list[tuple[str, float]], say: Callable[[str], None], label: str = "progress", width: int = 24):
         self.weights = dict(phases)
         self.total = sum(self.weights.values()) or 1.0
         self.done = 0.0
-        self.current: str | None = None
+        self.current: dict[int, str] = {}
         self.say, self.label, self.width = say, label, width
         self.started = time.monotonic()
 
-    def start(self, phase: str) -> None:
-        """Close the running phase (its weight counts as done) and announce `phase`."""
-        self.finish()
-        self.current = phase
+    def start(self, phase: str, lane: int = 0) -> None:
+        """Close the lane's running phase (its weight counts as done) and announce `phase`."""
+        self.finish(lane)
+        self.current[lane] = phase
         self.say(self.line(phase))
 
-    def skip(self, run: str, seed: int) -> None:
+    def skip(self, run: str, seed: int, lane: int = 0) -> None:
         """A run whose results were stored earlier: its phases are done already."""
-        self.finish()
+        self.finish(lane)
         prefix = f"{run} seed {seed}: "
         self.done += sum(w for name, w in self.weights.items() if name.startswith(prefix))
 
-    def finish(self) -> None:
-        if self.current is not None:
-            self.done += self.weights.get(self.current, 0.0)
-            self.current = None
+    def finish(self, lane: int | None = None) -> None:
+        """Count the lane's running phase (every lane's, without one) as done."""
+        for key in list(self.current) if lane is None else [lane]:
+            phase = self.current.pop(key, None)
+            if phase is not None:
+                self.done += self.weights.get(phase, 0.0)
 
     def line(self, phase: str) -> str:
         share = min(1.0, self.done / self.total)
         spent = time.monotonic() - self.started
-        left = f"~{_clock(spent * (1 - share) / share)} left" if share > 0.02 else "estimating time left"
+        if share >= 1.0:
+            left = ""
+        else:
+            left = f", ~{_clock(spent * (1 - share) / share)} left" if share > 0.02 else ", estimating time left"
         bar = "#" * int(share * self.width) + "." * (self.width - int(share * self.width))
-        return f"[{self.label} {bar} {100 * share:3.0f}%] {_clock(spent)} spent, {left} · {phase}"
+        return f"[{self.label} {bar} {100 * share:3.0f}%] {_clock(spent)} spent{left} · {phase}"
 
 
 def _clock(seconds: float) -> str:

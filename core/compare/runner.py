@@ -30,9 +30,9 @@ Say = Callable[[str], None]
 def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     """The run's assembly as a mapping, with its connector option overrides applied."""
     if run.checkpoint is not None:
-        from vlbridge.checkpoint import checkpoint_assembly
+        from vlbridge.checkpoint import ASSEMBLY_FILE
 
-        return load_assembly(checkpoint_assembly(run.checkpoint)).config.model_dump(mode="json")
+        return load_assembly(str(Path(run.checkpoint) / ASSEMBLY_FILE)).config.model_dump(mode="json")
     if isinstance(run.assembly, dict):
         raw = copy.deepcopy(run.assembly)
     elif run.assembly in presets():
@@ -153,7 +153,7 @@ def train_stage1(config: CompareConfig, run: RunSpec, seed: int, assembly: dict,
         progress.start(f"{run.name} seed {seed}: stage 1")
     say(f"{run.name} (seed {seed}): stage 1, {run.stage1_steps} steps -> {folder}")
     start = time.perf_counter()
-    result = train(_train_config(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=True)
+    result = train(_train_config(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=_resumable(folder))
     summary = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite,
                "seconds": time.perf_counter() - start, "folder": str(folder)}
     atomic_write_text(done, json.dumps(summary, indent=1, default=str))
@@ -181,10 +181,17 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
     if progress is not None:
         progress.start(f"{run.name} seed {seed}: stage 2")
     say(f"{run.name} (seed {seed}): stage 2, {run.stage2_steps} steps")
-    result = train(_train_config(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=True)
+    result = train(_train_config(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=_resumable(out))
     summary["stage2"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
     summary["train_seconds"] = time.perf_counter() - start
     return latest_checkpoint(out), summary
+
+
+def _resumable(folder: Path) -> bool:
+    """Resume only a training that left a checkpoint (a fresh one would say "no checkpoint yet" for nothing)."""
+    from vlbridge.train.checkpointing import latest_checkpoint
+
+    return latest_checkpoint(folder) is not None
 
 
 @torch.no_grad()
@@ -269,9 +276,11 @@ def _claim_run_folder(folder: Path, key: str, say: Say) -> None:
 
 
 def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseProgress | None = None,
-                       only: set[tuple[str, int]] | None = None) -> dict[str, list[dict[str, Any]]]:
+                       only: set[tuple[str, int]] | None = None, collected: frozenset[tuple[str, int]] = frozenset()) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every run for every seed in this process (a stored result is reused), or
-    only the (run, seed) pairs of `only`; returns run name -> one result per seed done."""
+    only the (run, seed) pairs of `only`; returns run name -> one result per seed done. The pairs of
+    `collected` were just stored by worker processes (whose phases `progress` followed): reading them
+    back is not announced as reuse."""
     import vlbridge
     from vlbridge.compare.evaluation import EncodedImages
 
@@ -292,6 +301,9 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
             result_file = out / "runs" / run.name / f"seed-{seed}" / RESULT_FILE
             key = run_key(config, run, seed)
             stored = _stored_result(result_file, key)
+            if stored is not None and (run.name, seed) in collected:
+                per_seed[run.name].append(stored)
+                continue
             if stored is not None:
                 say(f"[{done}/{total}] {run.name}, seed {seed}: reusing its results ({result_file})")
                 if progress is not None:
@@ -332,10 +344,9 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     from vlbridge.compare.workers import run_in_workers
 
     out = Path(config.output_dir)
-    if config.jobs > 1:
-        run_in_workers(config, say)
     progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
-    per_seed = train_and_evaluate(config, say, progress)
+    collected = run_in_workers(config, say, progress) if config.jobs > 1 else frozenset()
+    per_seed = train_and_evaluate(config, say, progress, collected=collected)
     progress.finish()
     say(progress.line("done"))
     groups = {run.name: run.group for run in config.runs}

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vlbridge.compare.config import CompareConfig
-from vlbridge.compare.progress import EVAL_WEIGHT, STAGE1_STEP_WEIGHT
+from vlbridge.compare.progress import EVAL_WEIGHT, STAGE1_STEP_WEIGHT, PhaseProgress
 from vlbridge.errors import VLBridgeError
+from vlbridge.hf_quiet import quiet_hf
 
 Say = Callable[[str], None]
 Group = tuple[int, list[str]]  # (seed, run names) that one worker runs in order
@@ -56,6 +57,22 @@ def share_out(groups: list[tuple[float, Group]], jobs: int) -> list[list[Group]]
     return shares
 
 
+class RelayedProgress:
+    """A worker's PhaseProgress: sends each phase to the parent, whose progress line covers all workers."""
+
+    def __init__(self, messages: Any, index: int) -> None:
+        self.messages, self.index = messages, index
+
+    def start(self, phase: str) -> None:
+        self.messages.put(("phase", self.index, phase))
+
+    def skip(self, run: str, seed: int) -> None:
+        self.messages.put(("skip", self.index, f"{seed} {run}"))
+
+    def finish(self) -> None:
+        """The parent closes a worker's last phase when all are done."""
+
+
 def _worker(config_json: str, share: list[Group], index: int, messages: Any) -> None:
     """One worker: its groups in order, each as a one-seed comparison of those runs."""
     from vlbridge.compare.runner import train_and_evaluate
@@ -65,8 +82,10 @@ def _worker(config_json: str, share: list[Group], index: int, messages: Any) -> 
 
     try:
         config = CompareConfig.model_validate_json(config_json)
+        progress = RelayedProgress(messages, index)
         for seed, names in share:  # the whole config (caches key on all of its data), these runs only
-            train_and_evaluate(config, say, only={(name, seed) for name in names})
+            with quiet_hf():  # a worker is no CLI process: transformers' bars would reach the user's terminal
+                train_and_evaluate(config, say, progress, only={(name, seed) for name in names})
         messages.put(("done", index, ""))
     except VLBridgeError as error:
         messages.put(("user-error", index, str(error)))
@@ -82,12 +101,13 @@ def _build_feature_caches(config: CompareConfig, say: Say) -> None:
             feature_cache(config, resolve_assembly(run), say)
 
 
-def run_in_workers(config: CompareConfig, say: Say = print) -> None:
-    """Train and evaluate every run not yet stored in `config.jobs` processes; return when all are
-    stored. A failure in one worker stops the others (what they stored is kept; a rerun resumes)."""
+def run_in_workers(config: CompareConfig, say: Say = print, progress: PhaseProgress | None = None) -> frozenset[tuple[str, int]]:
+    """Train and evaluate every run not yet stored in `config.jobs` processes; return the (run, seed)
+    pairs they stored, when all are. Their phases reach `progress`, one lane per worker. A failure
+    in one worker stops the others (what they stored is kept; a rerun resumes)."""
     shares = share_out(work_groups(config), config.jobs)
     if not shares:
-        return
+        return frozenset()
     _build_feature_caches(config, say)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     messages = context.Queue()
@@ -114,6 +134,8 @@ def run_in_workers(config: CompareConfig, say: Say = print) -> None:
                 continue
             if kind == "say":
                 say(f"[worker {index + 1}] {text}")
+            elif kind in ("phase", "skip"):
+                _relay(progress, kind, index, text)
             elif kind == "done":
                 running.discard(index)
                 workers[index].join()
@@ -126,3 +148,15 @@ def run_in_workers(config: CompareConfig, say: Say = print) -> None:
             if worker.is_alive():
                 worker.terminate()
             worker.join()
+    return frozenset((name, seed) for share in shares for seed, names in share for name in names)
+
+
+def _relay(progress: PhaseProgress | None, kind: str, index: int, text: str) -> None:
+    """A worker's phase started (or a stored run skipped) on the parent's progress line."""
+    if progress is None:
+        return
+    if kind == "phase":
+        progress.start(text, lane=index)
+    else:
+        seed, run = text.split(" ", 1)
+        progress.skip(run, int(seed), lane=index)

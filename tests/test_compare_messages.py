@@ -1,0 +1,51 @@
+"""What a comparison tells its user while it runs: no "reusing its results" for runs just trained
+by worker processes, no "no checkpoint yet" for every fresh run, and an overall progress line that
+follows the workers' phases (a non-TTY log has nothing else) and ends with the real time spent."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+from vlbridge.compare.runner import run_compare
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _config(tmp_path: Path, jobs: int) -> CompareConfig:
+    from vlbridge.world import WorldConfig, generate_world
+
+    world = tmp_path / "world"
+    if not world.exists():
+        generate_world(world, WorldConfig(train=8, val=0, test=3, comp=0, questions_per_image=2, image_size=32))
+    data = {"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world)}
+    evals = [EvalSet(name="test", captions=str(world / "captions_test.json"), questions=str(world / "questions_test.json"),
+                     annotations=str(world / "annotations_test.json"), images=str(world),
+                     image_pattern="images/world_test_{image_id:07d}.png", tasks=["vqa"])]
+    runs = [RunSpec(name="mlp", assembly="tiny-mlp-opt", stage2_steps=2), RunSpec(name="linear", assembly="tiny-linear-opt", stage2_steps=2)]
+    return CompareConfig(name="messages", runs=runs, stage2_data=data, evals=evals, batch_size=4, output_dir=str(tmp_path / "out"),
+                         generation={"num_beams": 1, "max_new_tokens": 2}, jobs=jobs, threads=1, device="cpu")
+
+
+def test_fresh_runs_say_no_resume_or_reuse(tmp_path, capsys):
+    said: list[str] = []
+    run_compare(_config(tmp_path, jobs=1), say=said.append)
+    text = "\n".join(said) + capsys.readouterr().err
+    assert "no checkpoint under" not in text and "reusing its results" not in text
+    said.clear()
+    run_compare(_config(tmp_path, jobs=1), say=said.append)  # now stored: reused, and said so
+    assert sum("reusing its results" in line for line in said) == 2
+
+
+def test_worker_runs_feed_the_overall_progress(tmp_path, capsys):
+    said: list[str] = []
+    run_compare(_config(tmp_path, jobs=2), say=said.append)
+    text = "\n".join(said) + capsys.readouterr().err
+    assert "reusing its results" not in text and "no checkpoint under" not in text
+    progress = [line for line in said if line.startswith("[compare ")]
+    assert any(line.endswith("· mlp seed 0: stage 2") for line in progress), progress
+    assert any(line.endswith("· linear seed 0: evaluate") for line in progress), progress
+    assert re.fullmatch(r"\[compare #+ 100%\] \d+:\d\d spent · done", progress[-1]), progress[-1]
