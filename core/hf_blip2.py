@@ -21,7 +21,9 @@ from safetensors.torch import save_file
 from vlbridge.atomic import atomic_write, atomic_write_text
 from vlbridge.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.export_fidelity import PROBE_PROMPT, max_logit_difference, probe_pixels, settle
 from vlbridge.hf_config import load_failure, transformers_config
+from vlbridge.hf_processor import blip_image_processor, save_processor
 from vlbridge.weights import read_hf_directory
 
 GENERATION = "Blip2ForConditionalGeneration"
@@ -167,10 +169,12 @@ def tokenizer_with_image_token(model) -> tuple[Any, int]:
     return tokenizer, index
 
 
-def export_hf_blip2(model, out_dir: str | Path) -> Path:
+def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False) -> Path:
     """Write a built eva-vit-g + qformer + opt/flan-t5 model as a transformers
-    Blip2ForConditionalGeneration directory (weights, config, tokenizer with an `<image>` token)."""
-    from transformers import Blip2ForConditionalGeneration
+    Blip2ForConditionalGeneration directory (weights, config, and the Blip2Processor: tokenizer with
+    an `<image>` token, image processor). A model transformers cannot hold exactly is refused unless
+    `allow_approximate` (vlbridge.export_fidelity)."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
@@ -179,19 +183,51 @@ def export_hf_blip2(model, out_dir: str | Path) -> Path:
     if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or plan.llm.name not in LLM_PLUGINS.values():
         raise VLBridgeError("only eva-vit-g + qformer + opt/flan-t5 models (built for stage 2) map onto transformers' BLIP-2; "
                             f"this one is {plan.encoder.name} + {plan.connector.name} + {plan.llm.name if plan.llm else 'no LLM'}")
-    if model.assembly.connector.options.ln_vision_eps != model.assembly.encoder.options.layer_norm_eps:
-        raise VLBridgeError("transformers' BLIP-2 uses the vision layer_norm_eps for ln_vision (post_layernorm); set the "
-                            f"qformer option ln_vision_eps to {model.assembly.encoder.options.layer_norm_eps} to export exactly")
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
     state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
     state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
-    hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index))
+    hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
     if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
         raise WeightsError(f"export does not fit Blip2ForConditionalGeneration: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    settle("transformers' BLIP-2", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
     out = Path(out_dir)
     hf.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_processor(Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
+                                  num_query_tokens=model.assembly.connector.options.num_query_tokens), out)
     return out
+
+
+def blip2_differences(assembly) -> list[str]:
+    """What transformers' BLIP-2 (and InstructBLIP) would change in an eva-vit-g + qformer assembly."""
+    con_eps, vision_eps = assembly.connector.options.ln_vision_eps, assembly.encoder.options.layer_norm_eps
+    if con_eps == vision_eps:
+        return []
+    return [f"its ln_vision epsilon {con_eps:g} becomes {vision_eps:g}, because transformers runs ln_vision (the vision "
+            f"post_layernorm) with the vision layer_norm_eps; set the qformer option ln_vision_eps to {vision_eps:g} to export exactly"]
+
+
+def probe_difference(model, hf, image_token_index: int) -> float:
+    """Max abs difference of the logits of `model` and its transformers export `hf` (BLIP-2 or
+    InstructBLIP) on one probe image and prompt; the prompt is also the instruction where one is read."""
+    pixels, tokenizer = probe_pixels(model), model.llm.tokenizer
+    text = tokenizer([PROBE_PROMPT], return_tensors="pt")
+    queries = model.assembly.connector.options.num_query_tokens
+    ids = torch.cat([torch.full((1, queries), image_token_index), text.input_ids], 1)
+    mask = torch.cat([torch.ones(1, queries, dtype=text.attention_mask.dtype), text.attention_mask], 1)
+    labels = {"labels": text.input_ids} if model.llm.is_encoder_decoder else {}
+    ours_extra, hf_extra = dict(labels), dict(labels)
+    if getattr(model.connector, "instruction_aware", False):
+        instruction = model.connector.tokenizer([PROBE_PROMPT], return_tensors="pt")
+        ours_extra["instructions"] = [PROBE_PROMPT]
+        hf_extra.update(qformer_input_ids=instruction.input_ids, qformer_attention_mask=instruction.attention_mask)
+    device, was_training = model.device, model.training
+    model.eval()
+    try:
+        ours = model(pixels.to(device), text.input_ids.to(device), text.attention_mask.to(device),
+                     **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ours_extra.items()}).logits
+    finally:
+        model.train(was_training)
+    return max_logit_difference(ours, hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, **hf_extra).logits)

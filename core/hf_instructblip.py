@@ -23,7 +23,9 @@ from vlbridge.atomic import atomic_write
 from vlbridge.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.hf_blip2 import _write_llm, connector_options, encoder_options
+from vlbridge.export_fidelity import settle
 from vlbridge.hf_config import transformers_config
+from vlbridge.hf_processor import blip_image_processor, save_processor
 from vlbridge.weights import read_hf_directory
 
 QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the BERT tokenizer
@@ -66,13 +68,15 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
                             {"source": "transformers InstructBlipForConditionalGeneration", "allow_missing": list(STAGE1_HEADS)})
 
 
-def export_hf_instructblip(model: Any, out_dir: str | Path) -> Path:
+def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: bool = False) -> Path:
     """Write a built eva-vit-g + instruction-aware qformer + LLM model as a transformers
-    InstructBlipForConditionalGeneration directory (weights, config, LLM tokenizer with an
-    `<image>` token, and the Q-Former's tokenizer in `qformer_tokenizer/`)."""
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+    InstructBlipForConditionalGeneration directory (weights, config, and the InstructBlipProcessor:
+    LLM tokenizer with an `<image>` token, image processor, the Q-Former's tokenizer in
+    `qformer_tokenizer/`). A model transformers cannot hold exactly is refused unless
+    `allow_approximate`, as for BLIP-2 (the same ln_vision rule)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
-    from vlbridge.hf_blip2 import _blip2_config, tokenizer_with_image_token
+    from vlbridge.hf_blip2 import _blip2_config, blip2_differences, probe_difference, tokenizer_with_image_token
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
@@ -98,14 +102,16 @@ def export_hf_instructblip(model: Any, out_dir: str | Path) -> Path:
             key = "qformer." + key
         state[key] = value
     state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
-    hf = InstructBlipForConditionalGeneration(config)
+    hf = InstructBlipForConditionalGeneration(config).eval()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
     if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
         raise WeightsError(f"export does not fit InstructBlipForConditionalGeneration: missing {sorted(missing)[:8]}, "
                            f"unexpected {sorted(unexpected)[:8]}")
+    settle("transformers' InstructBLIP", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index),
+           allow_approximate)
     out = Path(out_dir)
     hf.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    model.connector.tokenizer.save_pretrained(out / QFORMER_TOKENIZER)
+    save_processor(InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, model.connector.tokenizer,
+                                         num_query_tokens=blip2.num_query_tokens), out)  # writes qformer_tokenizer/ too
     return out

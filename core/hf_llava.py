@@ -12,6 +12,7 @@ transformers' logits and generations. Export goes back from such a model.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import torch
 
 from vlbridge.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError
+from vlbridge.export_fidelity import PROBE_PROMPT, max_logit_difference, probe_pixels, settle
 from vlbridge.hf_config import load_failure, transformers_config
+from vlbridge.hf_processor import clip_image_processor, save_processor
 
 LLAVA_15_TEMPLATE = "USER: <image>\n{} ASSISTANT:"  # LLaVA-1.5's conversation format (llava-hf's chat template renders it)
 SELECT_STRATEGIES = {"default": False, "full": True}  # -> include_cls
@@ -110,10 +113,12 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     return write_checkpoint(out, assembly, tensors, 2, {"source": "transformers LlavaForConditionalGeneration"})
 
 
-def export_hf_llava(model: Any, out_dir: str | Path) -> Path:
+def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = False) -> Path:
     """Write a built hf-vision + mlp (depth 2, GELU) + hf-causal-lm model as a transformers
-    LlavaForConditionalGeneration directory (weights, config, tokenizer with its image token)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    LlavaForConditionalGeneration directory (weights, config, and the LlavaProcessor: tokenizer with
+    its image token, image processor). A model LLaVA cannot hold exactly is refused unless
+    `allow_approximate` (vlbridge.export_fidelity)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     plan = model.plan
     connector = model.assembly.connector.options
@@ -135,7 +140,8 @@ def export_hf_llava(model: Any, out_dir: str | Path) -> Path:
                          vision_feature_select_strategy="full" if encoder_opts.include_cls else "default",
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
                          multimodal_projector_bias=True, tie_word_embeddings=llm.model.config.tie_word_embeddings)
-    with torch.device("meta"):
+    differences = llava_differences(model.assembly)
+    with torch.device("meta") if not differences else contextlib.nullcontext():  # a probe needs real buffers (rotary, positions)
         hf = LlavaForConditionalGeneration(config)
     hf.model.vision_tower.load_state_dict(_full_tower_state(tower, encoder_opts), strict=True, assign=True)
     layers = model.connector.layers
@@ -145,10 +151,44 @@ def export_hf_llava(model: Any, out_dir: str | Path) -> Path:
     hf.model.language_model.load_state_dict((merged := model.merged_llm_model()).model.state_dict(), strict=True, assign=True)
     hf.lm_head.load_state_dict(merged.lm_head.state_dict(), strict=True, assign=True)  # LoRA merged into both
     hf.tie_weights()
+    hf.eval()
+    settle("transformers' LLaVA", differences, lambda: _probe_difference(model, hf), allow_approximate)
     out = Path(out_dir)
     hf.save_pretrained(str(out))
-    llm.tokenizer.save_pretrained(str(out))
+    patches = (plan.preprocess.image_size // tower.config.patch_size) ** 2
+    default = not encoder_opts.include_cls  # the "default" strategy drops the first token
+    processor = LlavaProcessor(clip_image_processor(plan.preprocess), llm.tokenizer, patch_size=tower.config.patch_size,
+                               vision_feature_select_strategy="default" if default else "full",
+                               image_token=model.assembly.llm.options.image_token,
+                               num_additional_image_tokens=plan.encoder_out.num_tokens - patches + default)
+    save_processor(processor, out)
     return out
+
+
+def llava_differences(assembly: Any) -> list[str]:
+    """What transformers' LLaVA would change in an hf-vision + mlp + hf-causal-lm assembly."""
+    if assembly.encoder.options.final_norm:
+        return ["the hf-vision encoder's final_norm is dropped, because LLaVA feeds the projector the chosen hidden state "
+                "without the tower's final norm; build with final_norm: false (and retrain the projector) to export exactly"]
+    return []
+
+
+def _probe_difference(model: Any, hf: Any) -> float:
+    """Max abs difference of the logits of `model` and its LLaVA export `hf` on one probe image and
+    prompt (vlbridge's placeholder expanded to image_seq_length image tokens, as LlavaProcessor does)."""
+    pixels, llm = probe_pixels(model), model.llm
+    ids, mask = llm.tokenize([llm.format_prompt(PROBE_PROMPT)])
+    row = ids[0][mask[0].bool()].tolist()
+    slot = row.index(llm.image_token_id)
+    expanded = torch.tensor([row[:slot] + [llm.image_token_id] * hf.config.image_seq_length + row[slot + 1:]])
+    was_training = model.training
+    model.eval()
+    try:
+        ours = model(pixels.to(model.device), ids.to(model.device), mask.to(model.device)).logits
+    finally:
+        model.train(was_training)
+    theirs = hf(input_ids=expanded, pixel_values=pixels, attention_mask=torch.ones_like(expanded)).logits
+    return max_logit_difference(ours, theirs)
 
 
 def _full_tower_state(tower: torch.nn.Module, opts: Any) -> dict[str, torch.Tensor]:

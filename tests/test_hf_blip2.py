@@ -130,3 +130,29 @@ def test_stage2_trains_exactly_the_part_transformers_blip2_trains(imported):
     ours = {n: p for n, p in model.connector.named_parameters() if p.requires_grad}
     assert set(to_transformers(ours)) == reached
     assert all(not p.requires_grad for p in [*model.encoder.parameters(), *model.llm.parameters()])
+
+
+def test_export_ships_a_processor_that_prepares_and_generates_like_vlbridge(imported):
+    from transformers import AutoImageProcessor, Blip2ForConditionalGeneration, Blip2Processor
+
+    from tests.processor_check import assert_processor_matches
+
+    _, _, model, root = imported
+    out = vlbridge.export_hf_blip2(model, root / "with-processor")
+    processor = Blip2Processor.from_pretrained(str(out))
+    assert processor.num_query_tokens == Q and AutoImageProcessor.from_pretrained(str(out)).size == {"height": 28, "width": 28}
+    assert_processor_matches(model, processor, Blip2ForConditionalGeneration.from_pretrained(str(out)).eval(), "a photo of")
+
+
+def test_an_imported_checkpoint_loads_after_a_move(imported, tmp_path):
+    import shutil
+
+    _, _, model, root = imported
+    moved = tmp_path / "elsewhere"
+    shutil.move(vlbridge.import_hf_blip2(root / "hf", tmp_path / "ours"), moved)
+    assert str(tmp_path / "ours") not in (moved / "assembly.yaml").read_text()  # paths inside a checkpoint are relative to it
+    again = vlbridge.load(moved)
+    pixels = hf_tiny.pixels()
+    with torch.no_grad():
+        assert torch.equal(again.visual_tokens(pixels), model.visual_tokens(pixels))
+    assert again.caption(pixels, max_new_tokens=4) == model.caption(pixels, max_new_tokens=4)

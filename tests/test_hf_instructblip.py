@@ -175,3 +175,15 @@ def test_cli_import_ask_and_export(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     assert main(["export", "hf-instructblip", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
     assert main(["import", "hf-instructblip", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+
+
+def test_export_ships_a_processor_that_prepares_and_generates_like_vlbridge(imported):
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from tests.processor_check import assert_processor_matches
+
+    _, _, model, root = imported
+    out = vlbridge.export_hf_instructblip(model, root / "with-processor")
+    processor = InstructBlipProcessor.from_pretrained(str(out))
+    assert processor.num_query_tokens == Q and (out / "preprocessor_config.json").is_file()
+    assert_processor_matches(model, processor, InstructBlipForConditionalGeneration.from_pretrained(str(out)).eval(), "what is it?")

@@ -154,3 +154,37 @@ def test_export_refuses_other_layouts():
     model = vlbridge.build("tiny-mlp-opt", stage=2)
     with pytest.raises(VLBridgeError, match="only hf-vision \\+ mlp \\+ hf-causal-lm"):
         vlbridge.export_hf_llava(model, "/nonexistent")
+
+
+def test_export_ships_a_processor_that_prepares_and_generates_like_vlbridge(llava):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from tests.processor_check import assert_processor_matches
+
+    _, _, model, root = llava
+    out = vlbridge.export_hf_llava(model, root / "with-processor")
+    processor = LlavaProcessor.from_pretrained(str(out))
+    assert (out / "preprocessor_config.json").is_file()
+    assert_processor_matches(model, processor, LlavaForConditionalGeneration.from_pretrained(str(out)).eval(), PROMPTS[0],
+                             hf_prompt=model.llm.format_prompt(PROMPTS[0]))
+
+
+def test_an_imported_llava_loads_after_a_move(llava, tmp_path):
+    import shutil
+
+    _, _, model, root = llava
+    shutil.move(vlbridge.import_hf_llava(root / "hf", tmp_path / "a"), tmp_path / "b")
+    again = vlbridge.load(tmp_path / "b")
+    assert again.generate(pixels(1), PROMPTS[0], max_new_tokens=4) == model.generate(pixels(1), PROMPTS[0], max_new_tokens=4)
+
+
+def test_a_final_norm_the_export_would_drop_is_refused_with_its_size(llava, tmp_path):
+    from vlbridge.checkpoint import checkpoint_assembly
+    from vlbridge.export_fidelity import ApproximateExportError
+
+    _, _, _, root = llava
+    raw = checkpoint_assembly(root / "imported")
+    raw["encoder"]["options"]["final_norm"] = True
+    normed = vlbridge.build(raw, stage=2)
+    with pytest.raises(ApproximateExportError, match="final_norm is dropped.*by up to"):
+        vlbridge.export_hf_llava(normed, tmp_path / "out")

@@ -48,6 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         parser = exp_sub.add_parser(fmt, help=f"a {what} directory")
         parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
         parser.add_argument("out", metavar="OUT_DIR")
+        parser.add_argument("--allow-approximate", action="store_true",
+                            help="export even where the format cannot hold the model exactly (the command prints the "
+                                 "measured max abs difference of the logits on a probe input); refused without it")
         parser.set_defaults(func=cmd_export_transformers)
 
 
@@ -67,8 +70,18 @@ def cmd_import_lavis(args: argparse.Namespace) -> int:
 
 
 def cmd_export_transformers(args: argparse.Namespace) -> int:
-    import vlbridge
+    import warnings
 
-    out = _converter(args.format, 1)(vlbridge.load(args.checkpoint), args.out)
+    import vlbridge
+    from vlbridge.export_fidelity import ApproximateExportWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ApproximateExportWarning)
+        out = _converter(args.format, 1)(vlbridge.load(args.checkpoint), args.out, allow_approximate=args.allow_approximate)
+    for warning in caught:
+        if issubclass(warning.category, ApproximateExportWarning):
+            print(f"approximate export: {warning.message}")
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(f"wrote {TRANSFORMERS_FORMATS[args.format][3]} directory {out}")
     return 0

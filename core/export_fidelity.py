@@ -1,0 +1,60 @@
+"""How exactly an export reproduces the model it came from.
+
+A transformers format may have no place for one of vlbridge's settings (BLIP-2 runs ln_vision with the
+vision tower's LayerNorm epsilon; LLaVA applies no final norm to the tower's features). Each exporter
+lists such differences; an export with none is exact and costs nothing more. With some, the exported
+model is built in memory and both models run on one probe input, so the refusal (or, with
+`allow_approximate`, the warning) states the measured max abs difference of the logits instead of a
+guess. Nothing is ever exported approximately without the caller asking for it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from vlbridge.errors import VLBridgeError
+
+PROBE_SEED = 0  # the probe image is drawn from its own generator: the caller's RNG is left alone
+PROBE_PROMPT = "a photo of"
+
+
+class ApproximateExportError(VLBridgeError):
+    """An export that would change the model's outputs, refused because approximation was not allowed."""
+
+
+class ApproximateExportWarning(UserWarning):
+    """An export that changes the model's outputs by the stated amount, made because it was allowed."""
+
+
+def probe_pixels(model) -> torch.Tensor:
+    """One normalised-looking random image at the encoder's input size, on CPU."""
+    size = model.plan.preprocess.image_size
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
+def max_logit_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max |ours - theirs| over the logits both models give (compared on CPU in fp32)."""
+    ours, theirs = ours.detach().float().cpu(), theirs.detach().float().cpu()
+    if ours.shape != theirs.shape:
+        raise VLBridgeError(f"the probe gave logits of shape {tuple(ours.shape)} in vlbridge but {tuple(theirs.shape)} "
+                            "in the exported model; this is a bug in the exporter")
+    return float((ours - theirs).abs().max())
+
+
+def settle(fmt: str, differences: Sequence[str], measure: Callable[[], float], allow_approximate: bool) -> float | None:
+    """None when the export is exact; else the measured difference, if `allow_approximate` (with an
+    ApproximateExportWarning saying what changed), or ApproximateExportError naming the way out."""
+    if not differences:
+        return None
+    with torch.no_grad():
+        difference = measure()
+    what = (f"{fmt} cannot hold this model exactly: {'; '.join(differences)}. On a probe input the exported model's "
+            f"logits differ from vlbridge's by up to {difference:.3g} (max abs)")
+    if not allow_approximate:
+        raise ApproximateExportError(f"{what}; fix the difference, or pass --allow-approximate (Python: "
+                                     "allow_approximate=True) to export anyway")
+    warnings.warn(f"{what}; exported anyway (allow_approximate)", ApproximateExportWarning, stacklevel=3)
+    return difference

@@ -1,0 +1,87 @@
+"""Exports are exact or say what they change: every BLIP-2-layout preset and example exports to
+transformers exactly; a real difference is refused with the measured logit difference, naming
+--allow-approximate, which exports anyway and prints it (BLIP-2 and InstructBLIP alike)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vlbridge
+from vlbridge.cli.main import main
+from vlbridge.export_fidelity import ApproximateExportError, ApproximateExportWarning
+from vlbridge.hf_blip2 import blip2_differences, probe_difference
+from vlbridge.resources import presets
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _blip2_layout(assembly) -> bool:
+    return (assembly.plan.encoder.name, assembly.plan.connector.name) == ("eva-vit-g", "qformer")
+
+
+def _example_assemblies() -> list[str]:
+    found = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        found += [config["assembly"]] if "assembly" in config else [run["assembly"] for run in config.get("runs", [])]
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(presets()) + _example_assemblies())
+def test_blip2_layout_presets_and_examples_export_exactly(name):
+    assembly = vlbridge.load_assembly(name)
+    if _blip2_layout(assembly):
+        assert blip2_differences(assembly) == []
+
+
+def test_the_examples_that_export_are_checked():
+    assert "tiny-qformer-opt" in _example_assemblies() and "world-qformer-opt" in _example_assemblies()
+
+
+def _tiny(**connector) -> dict:
+    raw = {**presets()["tiny-qformer-opt"], "name": "tiny"}
+    raw["connector"] = {"use": "qformer", "options": {**raw["connector"]["options"], **connector}}
+    return raw
+
+
+def test_a_tiny_checkpoint_exports_with_the_cli(tmp_path, capsys):
+    from transformers import Blip2ForConditionalGeneration
+
+    model = vlbridge.build("tiny-qformer-opt", stage=2)
+    model.save(tmp_path / "ck")
+    assert main(["export", "hf-blip2", str(tmp_path / "ck"), str(tmp_path / "out")]) == 0
+    assert "approximate" not in capsys.readouterr().out
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert probe_difference(model, hf, hf.config.image_token_index) < 1e-5
+
+
+def test_a_real_difference_is_refused_with_its_size_and_allowed_on_request(tmp_path, capsys):
+    model = vlbridge.build(_tiny(ln_vision_eps=1.0), stage=2)  # a large epsilon: a difference one can see
+    with pytest.raises(ApproximateExportError, match=r"ln_vision epsilon 1 becomes 1e-06.*differ .* by up to .*--allow-approximate"):
+        vlbridge.export_hf_blip2(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    model.save(tmp_path / "ck")
+    assert main(["export", "hf-blip2", str(tmp_path / "ck"), str(tmp_path / "no")]) == 2
+    assert "--allow-approximate" in capsys.readouterr().err
+    assert main(["export", "hf-blip2", str(tmp_path / "ck"), str(tmp_path / "out"), "--allow-approximate"]) == 0
+    printed = capsys.readouterr().out
+    measured = float(re.search(r"by up to (\S+) \(max abs\)", printed).group(1))
+    assert measured > 1e-3 and "wrote transformers BLIP-2 directory" in printed
+    with pytest.warns(ApproximateExportWarning, match="exported anyway"):
+        vlbridge.export_hf_blip2(model, tmp_path / "api", allow_approximate=True)
+
+
+def test_instructblip_export_follows_the_same_rule(tmp_path):
+    aware = vlbridge.build(_tiny(ln_vision_eps=1.0, instruction_aware=True), stage=2)
+    with pytest.raises(ApproximateExportError, match="InstructBLIP cannot hold this model exactly"):
+        vlbridge.export_hf_instructblip(aware, tmp_path / "out")
+    with pytest.warns(ApproximateExportWarning):
+        vlbridge.export_hf_instructblip(aware, tmp_path / "out", allow_approximate=True)
+    assert (tmp_path / "out" / "config.json").is_file()
