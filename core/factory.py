@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -19,10 +19,14 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.model import VLBridgeModel
 from vlbridge.hf_quiet import quiet_hf
 
+_Built = TypeVar("_Built")
+FROZEN_INIT_SEED = 0  # frozen parts without pretrained weights: the same random part on every build
+INIT_SEED = 0  # the connector's, unless build(init_seed=...) says otherwise (the trainer passes its seed)
+
 
 @quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
 def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None = None, weights: str | Path | None = None,
-          device: str | torch.device | None = None, check_shapes: bool = True) -> VLBridgeModel:
+          device: str | torch.device | None = None, check_shapes: bool = True, init_seed: int = INIT_SEED) -> VLBridgeModel:
     """Build the model an assembly describes.
 
     :param assembly: an Assembly, a YAML path, a preset name or a dict.
@@ -30,6 +34,9 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     :param weights: connector weights: a vlbridge checkpoint directory or a safetensors file.
     :param device: where to put the model (default CPU).
     :param check_shapes: run one dummy image through encoder and connector and compare with the plan.
+    :param init_seed: seeds the connector's random initialisation (before any weights load), so the
+        same assembly builds the same model every time; the caller's random state is left untouched.
+        Frozen parts without pretrained weights always use FROZEN_INIT_SEED instead.
     """
     if not isinstance(assembly, Assembly):
         assembly = load_assembly(assembly)
@@ -39,7 +46,7 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
         raise VLBridgeError(f"connector {plan.connector.name!r} supports stages {list(plan.stages)}, not stage {stage}")
     encoder = _build_frozen(assembly.encoder)
     llm_width = plan.llm_dims.embed_width if plan.llm_dims is not None else 0  # 0: an LLM-free (stage-1) assembly
-    connector = build_component(assembly.connector.spec, assembly.connector.options, plan.encoder_out, llm_width)
+    connector = seeded(init_seed, build_component, assembly.connector.spec, assembly.connector.options, plan.encoder_out, llm_width)
     llm = _build_frozen(assembly.llm) if stage == 2 and assembly.llm is not None else None
     if llm is not None:
         check_llm(llm, plan.llm_dims, describe(plan.llm))
@@ -53,17 +60,21 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     return model.eval()  # like transformers' from_pretrained: call .train() to train
 
 
-FROZEN_INIT_SEED = 0
+def seeded(seed: int, make: Callable[..., _Built], *args: Any) -> _Built:
+    """`make(*args)` with the CPU generator seeded, so its random init is a function of `seed`; the
+    caller's generator state comes back afterwards. Parts are built on the CPU, and only its
+    generator is seeded: torch.manual_seed would also reseed (and move) the caller's CUDA generators."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return make(*args)
 
 
 def _build_frozen(part) -> torch.nn.Module:
     """Build a frozen part under a fixed seed: one without pretrained weights is random but the same
     on every build, so a connector trained against it still fits when the checkpoint is reloaded.
-    The caller's random state is left untouched. Gradients are turned off here, so a plugin's plain
-    nn.Module is frozen too (a FrozenPart also stays in eval mode when the model trains)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(FROZEN_INIT_SEED)
-        module = build_component(part.spec, part.options)
+    Gradients are turned off here, so a plugin's plain nn.Module is frozen too (a FrozenPart also
+    stays in eval mode when the model trains)."""
+    module = seeded(FROZEN_INIT_SEED, build_component, part.spec, part.options)
     return module.requires_grad_(False).eval()
 
 

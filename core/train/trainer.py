@@ -398,7 +398,7 @@ def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -
     encoder tensors and LoRA adapters it fine-tuned, if any), with the config's fine-tuning recipes applied."""
     weights = ckpt.resolve_weights(config.init_from) if config.init_from is not None else None
     try:
-        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device)
+        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device, init_seed=config.seed)
         if weights is not None:
             restore_tuned(model, weights, read_meta(weights))
     except WeightsError as exc:
