@@ -49,7 +49,8 @@ def _panel(ax, metric: Metric, runs: list[tuple[str, str]], summary: dict, refer
     for y, (name, group) in zip(positions, runs):
         cell = summary[name].get(metric.label) or {}
         if cell.get("mean") is None:
-            ax.text(0, y, "  not scored", va="center", fontsize=7, color="grey")
+            # x in axes fractions: inside the panel, clear of the axis line, whatever the metric's scale
+            ax.text(0.02, y, "not scored", transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="grey")
             continue
         error = None
         if cell.get("low") is not None:

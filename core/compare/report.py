@@ -18,6 +18,7 @@ from vlbridge.compare.stats import RESAMPLES
 from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, summarise
 
 Rows = dict[str, list[dict[str, Any]]]
+DEFAULT_GROUP = "results"  # RunSpec.group's default: a comparison that names no groups
 STATS_NOTE = (f"Intervals: 95% percentile bootstrap over test images ({RESAMPLES} resamples, fixed seed): an image is drawn with all "
               "its questions or texts, since they are not independent; with several seeds, each item's score is averaged over "
               "seeds first. Differences: the same bootstrap, paired (both rows resampled with the same images); p is two-sided; "
@@ -36,10 +37,10 @@ def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: l
     """
     from vlbridge.compare.plot import draw_report
 
-    groups = groups or {name: "results" for name in per_seed}
+    groups = groups or {name: DEFAULT_GROUP for name in per_seed}
     references = references or {}
     rows: Rows = {**per_seed, **{name: [row] for name, row in references.items()}}
-    tables = {g: [n for n in per_seed if groups.get(n, "results") == g] + list(references) for g in dict.fromkeys(groups.values())}
+    tables = {g: [n for n in per_seed if groups.get(n, DEFAULT_GROUP) == g] + list(references) for g in dict.fromkeys(groups.values())}
     types = question_type_metrics(rows)
     summary = summarise(rows, HEADLINE)
     per_type = summarise(rows, types)
@@ -89,11 +90,14 @@ def mark(difference: dict[str, Any] | None) -> str:
 
 
 def format_cell(cell: dict[str, Any] | None, fmt: str, difference: dict[str, Any] | None = None) -> str:
+    """"mean [low, high]", the seed spread where several seeds ran, and the mark against the first row."""
     if not cell or cell.get("mean") is None:
         return "–"
     text = fmt.format(cell["mean"])
     if cell.get("low") is not None:
         text += f" [{fmt.format(cell['low'])}, {fmt.format(cell['high'])}]"
+    if cell.get("seed_std") is not None:
+        text += f", sd {fmt.format(cell['seed_std'])} over {cell['n_seeds']} seeds"
     return text + mark(difference)
 
 
@@ -110,6 +114,12 @@ def markdown_table(names: list[str], summary: dict[str, dict[str, Any]], columns
     return "\n".join(lines)
 
 
+def table_headings(tables: dict[str, list[str]], titles: dict[str, str]) -> dict[str, str]:
+    """group -> its heading: its title, else its name; "" for the one unnamed table (the default
+    group), which reads "Results" rather than "results: results"."""
+    return {group: titles.get(group, "" if group == DEFAULT_GROUP and len(tables) == 1 else group) for group in tables}
+
+
 def significance_table(found: list[dict[str, Any]], formats: dict[str, str]) -> str:
     lines = ["| comparison | metric | difference [95% CI] | p | at 5% |", "|---|---|---|---|---|"]
     for d in found:
@@ -124,16 +134,21 @@ def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: d
              titles: dict[str, str], notes: list[str]) -> str:
     columns = [("visual tokens", "{:.0f}")] + [(m.label, m.fmt) for m in HEADLINE]
     formats = {m.label: m.fmt for m in HEADLINE + types}
+    headings = table_headings(tables, titles)
     text = [f"# {name}", ""]
     for group, names in tables.items():
         versus = significance["vs_first_row"].get(group, {})
-        text += [f"## {titles.get(group, group)}", "", markdown_table(names, summary, columns, versus), ""]
+        text += [f"## {headings[group] or 'Results'}", "", markdown_table(names, summary, columns, versus), ""]
         if versus:
             text += [f"Each cell: mean [95% CI]. Marks compare a row with **{names[0]}** on the same test images (paired "
                      "bootstrap, 5% level): ▲ significantly higher, ▼ significantly lower, ≈ no significant difference.", ""]
+        if any(summary[n].get(label, {}).get("seed_std") is not None for n in names for label, _ in columns):
+            text += ["sd: standard deviation of the per-seed means (how much a rerun with another seed moves the number); "
+                     "the interval is over test images, with each item averaged over the seeds.", ""]
     if types:
         for group, names in tables.items():
-            text += [f"### VQA accuracy (%) per question type, test split: {titles.get(group, group)}", "",
+            suffix = f": {headings[group]}" if headings[group] else ""
+            text += [f"### VQA accuracy (%) per question type, test split{suffix}", "",
                      markdown_table(names, per_type, [(m.label, m.fmt) for m in types]), ""]
     text += ["## Significance", "", "Differences between rows (row − row) on the same test items, with 95% intervals and "
              "two-sided p-values from a paired bootstrap over images; 'significant' at the 5% level.", ""]
@@ -141,7 +156,8 @@ def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: d
         text += ["### Key comparisons", "", significance_table(significance["key"], formats), ""]
     for group, found in significance["pairs"].items():
         if found:
-            text += [f"<details><summary>All pairwise differences: {titles.get(group, group)}</summary>", "",
+            suffix = f": {headings[group]}" if headings[group] else ""
+            text += [f"<details><summary>All pairwise differences{suffix}</summary>", "",
                      significance_table(found, formats), "", "</details>", ""]
     text += ["## Notes", ""] + [f"- {n}" for n in notes + [STATS_NOTE]]
     return "\n".join(text) + "\n"

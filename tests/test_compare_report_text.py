@@ -1,0 +1,47 @@
+"""What a comparison's report shows its reader: the seed spread it promises, plain headings for a
+single table, and "not scored" clear of the plot's axis."""
+
+from __future__ import annotations
+
+import re
+
+from tests.test_compare_report import _result
+from vlbridge.compare.plot import _panel
+from vlbridge.compare.report import write_report
+from vlbridge.compare.table import HEADLINE, summarise
+
+
+def test_cells_show_the_seed_spread(tmp_path):
+    rows = {"q": [_result(0, 3, True), _result(1, 2, True)], "lin": [_result(0, 2, False)]}  # seed means 66.7 and 50
+    write_report(tmp_path, {"name": "t"}, rows, [])
+    report = (tmp_path / "report.md").read_text()
+    q = next(line for line in report.splitlines() if line.startswith("| q |"))
+    lin = next(line for line in report.splitlines() if line.startswith("| lin |"))
+    std = summarise(rows, HEADLINE)["q"]["VQA %"]["seed_std"]
+    assert std > 0 and "58.3 [" in q and f"sd {std:.1f} over 2 seeds" in q
+    assert "over 2 seeds" not in lin  # one seed: no spread to show
+    assert "sd: standard deviation of the per-seed means" in report
+
+
+def test_one_table_without_groups_has_plain_headings(tmp_path):
+    write_report(tmp_path, {"name": "t"}, {"q": [_result(0, 3, True)], "lin": [_result(0, 2, False)]}, [])
+    report = (tmp_path / "report.md").read_text()
+    headings = re.findall(r"^#+ .*$", report, re.MULTILINE)
+    assert "## Results" in headings and not any("results" in h for h in headings), headings
+    assert "### VQA accuracy (%) per question type, test split\n" in report
+
+
+def test_not_scored_is_drawn_clear_of_the_axis():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = {"q": [_result(0, 3, True)], "lin": [_result(0, 2, False)]}
+    summary = summarise(rows, HEADLINE)
+    fig = Figure(figsize=(4, 3))
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    _panel(ax, HEADLINE[3], [("q", "g"), ("lin", "g")], summary, [], {"g": (0.1, 0.2, 0.5)})  # lin has no retrieval
+    canvas.draw()
+    [label] = [t for t in ax.texts if "not scored" in t.get_text()]
+    renderer = canvas.get_renderer()
+    assert label.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x0 + 3  # not over the spine
