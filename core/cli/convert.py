@@ -29,9 +29,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import", help="convert a foreign checkpoint into a vlbridge checkpoint")
     imp_sub = imp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     for fmt, help_text in IMPORT_HELP.items():
-        parser = imp_sub.add_parser(fmt, help=help_text)
-        parser.add_argument("source", metavar="DIR")
-        parser.add_argument("out", metavar="OUT_DIR")
+        parser = imp_sub.add_parser(fmt, help=help_text, description=f"Convert {help_text} into a vlbridge checkpoint.")
+        parser.add_argument("source", metavar="DIR", help="the folder save_pretrained wrote (config.json, the weights, the "
+                            "tokenizer and processor files); a local copy of a hub repository works too")
+        parser.add_argument("out", metavar="OUT_DIR", help="where the vlbridge checkpoint is written (a new or empty folder); "
+                            "load it with vlbridge.load(OUT_DIR) or --checkpoint OUT_DIR")
         parser.set_defaults(func=cmd_import_transformers)
         if fmt == "hf-llava":
             parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
@@ -45,9 +47,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="convert a vlbridge checkpoint into a foreign format")
     exp_sub = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     for fmt, (_, _, _, what) in TRANSFORMERS_FORMATS.items():
-        parser = exp_sub.add_parser(fmt, help=f"a {what} directory")
-        parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
-        parser.add_argument("out", metavar="OUT_DIR")
+        parser = exp_sub.add_parser(fmt, help=f"a {what} directory",
+                                    description=f"Convert a vlbridge checkpoint into a {what} directory.")
+        parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a vlbridge checkpoint: model.save(DIR), a training "
+                            "run's checkpoints/step-N, or what `vlbridge import` wrote")
+        parser.add_argument("out", metavar="OUT_DIR", help=f"where the {what} directory is written, for transformers' "
+                            "from_pretrained(OUT_DIR) (config.json, model.safetensors, tokenizer and processor files)")
         parser.add_argument("--allow-approximate", action="store_true",
                             help="export even where the format cannot hold the model exactly (the command prints the "
                                  "measured max abs difference of the logits on a probe input); refused without it")

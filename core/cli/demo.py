@@ -13,7 +13,12 @@ from vlbridge.userfiles import read_yaml
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("demo", help="run the miniature BLIP-2 experiment offline and write a report")
+    d = sub.add_parser("demo", help="run the miniature BLIP-2 experiment offline and write a report", description=(
+        "BLIP-2's argument as a miniature experiment that runs offline: keep the synthetic world's image encoder and "
+        "LLM frozen, train only a bridge (a Q-Former in two stages, the same without stage 1, fewer queries, LLaVA's "
+        "linear and MLP projectors) on the same data and steps, and score each on zero-shot VQA, captioning and "
+        "retrieval against a blind prior, with 95% intervals and significance. Writes OUT/report.md, results.json "
+        "and report.png, and prints the report on stdout; progress goes to stderr. Rerun to resume."))
     d.add_argument("--out", default="vlbridge-demo", help="output folder (default ./vlbridge-demo); reused and resumed if it exists")
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (under 2 minutes on 2 idle cores; what the tests run)")
     d.add_argument("--seeds", type=int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
@@ -26,8 +31,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="worker processes training runs side by side (default: one per core, at most 2); results do not depend on it")
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot")
-    c.add_argument("config", metavar="CONFIG.yaml")
+    c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot", description=(
+        "Train and evaluate several assemblies on the same data and budget; write OUTPUT_DIR/report.md, results.json "
+        "and report.png and print the report on stdout (progress on stderr). Rerun to resume. CONFIG.yaml keys: "
+        "name; runs (each: name, assembly (preset, YAML or mapping) or checkpoint, stage1_steps, stage2_steps, "
+        "connector_options, lr, group, stage2_data); stage1_data and stage2_data (training data configs: format "
+        "coco/jsonl/..., paths, image_root); evals (each: name, captions, questions, annotations, images, "
+        "image_pattern, tasks, limit); seeds; batch_size; lr; output_dir; jobs; and the prompts and generation "
+        "settings. Example: examples/compare-world.yaml."))
+    c.add_argument("config", metavar="CONFIG.yaml", help="the comparison config (keys above); relative paths are read from "
+                   "the working directory")
     c.set_defaults(func=cmd_compare)
 
 

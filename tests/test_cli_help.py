@@ -1,0 +1,38 @@
+"""Every command's --help tells a new user what it does and what its arguments are."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlbridge.cli.main import main
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_demo_help_describes_the_experiment(capsys):
+    text = _help(capsys, "demo")
+    assert "Q-Former" in text and "report.md" in text and "stdout" in text
+
+
+def test_compare_help_describes_its_config(capsys):
+    text = _help(capsys, "compare")
+    for key in ("runs", "evals", "stage1_data", "stage2_data", "seeds", "output_dir", "examples/compare-world.yaml"):
+        assert key in text, key
+
+
+@pytest.mark.parametrize("fmt", ["hf-blip2", "hf-instructblip", "hf-llava"])
+def test_import_and_export_help_explain_their_folders(capsys, fmt):
+    text = _help(capsys, "import", fmt)
+    assert "DIR " in text and "OUT_DIR " in text and "save_pretrained" in text and "vlbridge checkpoint" in text
+    text = _help(capsys, "export", fmt)
+    assert "CHECKPOINT_DIR " in text and "OUT_DIR " in text and "from_pretrained" in text
+
+
+def test_world_generate_help_shows_defaults(capsys):
+    text = _help(capsys, "world", "generate")
+    assert "default 3000" in text and "default 64" in text and "default 0" in text
