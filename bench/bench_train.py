@@ -154,7 +154,7 @@ def build_modes(data: Path, cache: Path, args: argparse.Namespace) -> list[Mode]
     config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
     modes = []
     for stage in (1, 2):
-        model = vlbridge.build(assembly(stage, args.encoder_blocks), stage=stage).train()
+        model = vlbridge.build(assembly(stage, args.encoder_blocks), stage=stage, random_weights=True).train()  # a random mini ViT on purpose
         set_dropout(model.connector, args.dropout)
         images = build_dataset(config, model.plan.preprocess, train=True)
         cached = feature_dataset(config, cache, train=True, encoder=model.encoder, assembly=model.assembly)
@@ -281,7 +281,7 @@ def profile(args: argparse.Namespace) -> None:
         config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
         build_cache(assembly(1, args.encoder_blocks), [config], root / "cache",
                     BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0))
-        model = vlbridge.build(assembly(1, args.encoder_blocks), stage=1).train()
+        model = vlbridge.build(assembly(1, args.encoder_blocks), stage=1, random_weights=True).train()
         set_dropout(model.connector, args.dropout)
         cached = feature_dataset(config, root / "cache", train=True, encoder=model.encoder, assembly=model.assembly)
         mode = Mode(1, "feature cache", model, cached, args.batch)

@@ -11,13 +11,15 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from vlbridge.assembly import Assembly, load_assembly
-from vlbridge.checkpoint import WEIGHTS_FILE, checkpoint_assembly, read_connector_weights, read_meta
-from vlbridge.connector_protocol import trainable_names
+from vlbridge.checkpoint import WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
+from vlbridge.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.weights import load_subset
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.model import VLBridgeModel
 from vlbridge.hf_quiet import quiet_hf
+from vlbridge.devices import resolve_device
+from vlbridge.reachability import check_reachable
 
 _Built = TypeVar("_Built")
 FROZEN_INIT_SEED = 0  # frozen parts without pretrained weights: the same random part on every build
@@ -26,7 +28,8 @@ INIT_SEED = 0  # the connector's, unless build(init_seed=...) says otherwise (th
 
 @quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
 def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None = None, weights: str | Path | None = None,
-          device: str | torch.device | None = None, check_shapes: bool = True, init_seed: int = INIT_SEED) -> VLBridgeModel:
+          device: str | torch.device | None = None, check_shapes: bool = True, random_weights: bool = False,
+          init_seed: int = INIT_SEED) -> VLBridgeModel:
     """Build the model an assembly describes.
 
     :param assembly: an Assembly, a YAML path, a preset name or a dict.
@@ -34,6 +37,8 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     :param weights: connector weights: a vlbridge checkpoint directory or a safetensors file.
     :param device: where to put the model (default CPU).
     :param check_shapes: run one dummy image through encoder and connector and compare with the plan.
+    :param random_weights: allow a real-size frozen part without pretrained weights (random on
+        purpose, e.g. for benchmarks); without it that is refused before anything is built.
     :param init_seed: seeds the connector's random initialisation (before any weights load), so the
         same assembly builds the same model every time; the caller's random state is left untouched.
         Frozen parts without pretrained weights always use FROZEN_INIT_SEED instead.
@@ -44,6 +49,9 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     stage = max(plan.stages) if stage is None else stage
     if stage not in plan.stages:
         raise VLBridgeError(f"connector {plan.connector.name!r} supports stages {list(plan.stages)}, not stage {stage}")
+    check_reachable(assembly, stage, random_weights=random_weights)  # every part's weights, before anything loads
+    if isinstance(device, str):
+        device = resolve_device(device, option="device")  # a missing CUDA is a user error, found before building
     encoder = _build_frozen(assembly.encoder)
     llm_width = plan.llm_dims.embed_width if plan.llm_dims is not None else 0  # 0: an LLM-free (stage-1) assembly
     connector = seeded(init_seed, build_component, assembly.connector.spec, assembly.connector.options, plan.encoder_out, llm_width)
@@ -103,30 +111,42 @@ def check_real_shapes(model: VLBridgeModel) -> None:
 
 def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[str]:
     """Load a vlbridge checkpoint (directory or connector.safetensors) into the connector, strictly
-    for the parameters of the stage it was saved in. Returns the names left as initialised."""
-    path = Path(weights)
+    for the parameters of the stage it was saved in except those its manifest lists as absent or
+    `allow_missing` excuses. Whatever the file lacks is marked absent (what needs it refuses to
+    run, vlbridge.connector_protocol); returns those names."""
+    path, source = Path(weights), str(weights)
     allow_missing: list[str] = []
+    absent: list[str] = []
     if path.is_dir():
         meta = read_meta(path)
-        stage, allow_missing = int(meta["stage"]), list(meta.get("allow_missing", []))
+        stage, allow_missing, absent = int(meta["stage"]), list(meta.get("allow_missing", [])), listed_absent(meta, path)
         path = path / WEIGHTS_FILE
     else:
         stage = model.stage
     tensors = read_connector_weights(path)
-    trained = trainable_names(model.connector, stage, model.stage, describe(model.plan.connector))
-    expected = {n for n in trained if not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
-    return load_subset(model.connector, tensors, str(path), expected)
+    contradicted = sorted(set(absent) & set(tensors))
+    if contradicted:
+        raise WeightsError(f"{source}: checkpoint.json lists {', '.join(contradicted)} as absent, but {path.name} holds it; "
+                           "the two files do not belong together (save the model again)")
+    who = describe(model.plan.connector)
+    trained = trainable_names(model.connector, stage, model.stage, who)
+    expected = {n for n in trained - set(absent) if not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
+    left = load_subset(model.connector, tensors, str(path), expected)
+    stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
+    set_absent(model.connector, {name: Absence(source, stages[name]) for name in left}, who)
+    return left
 
 
 @quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
-def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | torch.device | None = None) -> VLBridgeModel:
+def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | torch.device | None = None,
+         random_weights: bool = False) -> VLBridgeModel:
     """Rebuild a model saved with `model.save(dir)`: the frozen parts from their sources, the
     connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too."""
     from vlbridge.tuning import restore_tuned
 
     directory = Path(checkpoint_dir)
     meta = read_meta(directory)
-    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device)
+    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
     if restore_tuned(model, directory, meta) and device is not None:
         model.to(device)  # the adapters were injected after the move
     return model.eval()

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vlbridge.devices import resolve_device
 from vlbridge.errors import VLBridgeError
 from vlbridge.train import distributed
 
@@ -39,20 +40,11 @@ class Runtime:
         return self.rank == 0
 
 
-def resolve_device(setting: str, local_rank: int) -> torch.device:
-    """auto -> this process's CUDA device when there is one, else CPU; cuda -> cuda:LOCAL_RANK."""
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(setting)
-
-
 @contextlib.contextmanager
 def runtime(device_setting: str) -> Iterator[Runtime]:
     """Join the process group torchrun describes (if any) for the length of the run."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_setting, local_rank)
+    device = resolve_device(device_setting, local_rank=local_rank, option="device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started = False
