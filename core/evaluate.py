@@ -34,6 +34,7 @@ from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
 TASKS = ("caption", "vqa", "retrieval")
 PREDICTIONS_FILE, METRICS_FILE = "predictions.json", "metrics.json"
 TOP_SHOWN = 10  # retrieval predictions keep each query's best 10
+LAYOUT_MANIFEST = "manifest.json"  # a generated world's (vlbridge.world.generate.MANIFEST)
 Progress = Callable[[int, int], None]
 
 
@@ -102,13 +103,31 @@ def _as_groups(records: Sequence[CaptionGroup] | Sequence[ImageText]) -> list[Ca
     return list(records)
 
 
-def check_images(refs: Sequence[ImageRef]) -> None:
-    """Fail before running the model when image files are missing."""
+def check_images(refs: Sequence[ImageRef], hint: str | None = None) -> None:
+    """Fail before running the model when image files are missing; `hint` says what to change."""
     missing = sorted({ref.path for ref in refs if ref.path is not None and not Path(ref.path).is_file()})
     if missing:
         shown = "\n  ".join(missing[:5])
         raise VLBridgeError(f"{len(missing)} image file(s) not found, e.g.\n  {shown}\n"
-                            "Point --images (image_root) at the folder the annotation paths are relative to.")
+                            + (hint or "Point --images (image_root) at the folder the annotation paths are relative to."))
+
+
+def layout_image_pattern(data: str | Path, images: str | Path | None = None) -> str | None:
+    """The VQA image file pattern a dataset's own manifest.json declares (as `vlbridge world generate`
+    writes it beside its questions), looked for beside `data` and in `images`; None when there is none.
+    Official VQAv2 files name no image path, so without this a generated world's images are looked
+    for under COCO's names."""
+    for folder in (Path(data).expanduser().parent, *([Path(images).expanduser()] if images else [])):
+        manifest = folder / LAYOUT_MANIFEST
+        if not manifest.is_file():
+            continue
+        try:
+            pattern = json.loads(manifest.read_text(encoding="utf-8")).get("image_pattern")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue  # not a layout manifest (e.g. another tool's file): the default applies
+        if isinstance(pattern, str) and "{image_id" in pattern:
+            return pattern
+    return None
 
 
 def image_inputs(refs: Sequence[ImageRef]) -> list[Any]:

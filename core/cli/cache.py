@@ -7,6 +7,8 @@ import argparse
 import sys
 import time
 
+from vlbridge.assembly import load_assembly
+from vlbridge.cli.model_source import add_random_weights_argument
 from vlbridge.cli.output import print_json
 from vlbridge.errors import VLBridgeError
 
@@ -32,6 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="the cache directory")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default 64)")
     p.add_argument("--device", default="cpu", help="torch device for the encoder (default cpu)")
+    add_random_weights_argument(p)
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage precision (default fp16: half the disk)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2)")
@@ -54,24 +57,29 @@ def _sources(args: argparse.Namespace) -> list:
 
 
 def _settings(args: argparse.Namespace):
+    from vlbridge.devices import resolve_device
     from vlbridge.train.cache_build import BuildSettings
 
+    device = str(resolve_device(args.device))  # the rule every command shares
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
         if value < 1:
             raise VLBridgeError(f"{flag} must be at least 1, got {value}")
     if args.num_workers < 0:
         raise VLBridgeError(f"--num-workers must be 0 or more, got {args.num_workers}")
-    return BuildSettings(batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+    return BuildSettings(batch_size=args.batch_size, device=device, dtype=args.dtype,
                          shard_size=args.shard_size, num_workers=args.num_workers)
 
 
 def cmd_cache_features(args: argparse.Namespace) -> int:
+    assembly = load_assembly(args.assembly)  # torch-free: a misspelt preset is reported before torch loads
+    from vlbridge.reachability import check_reachable
     from vlbridge.train.cache_build import build_cache
 
     sources, settings = _sources(args), _settings(args)
+    check_reachable(assembly, 1, random_weights=args.random_weights, only=("encoder",))  # the encoder alone is built
     started = time.monotonic()
     log = None if args.json else (lambda message: print(f"vlbridge cache-features: {message}", file=sys.stderr, flush=True))
-    manifest = build_cache(args.assembly, sources, args.out, settings, overwrite=args.overwrite, log=log)
+    manifest = build_cache(assembly, sources, args.out, settings, overwrite=args.overwrite, log=log)
     seconds = time.monotonic() - started
     size = sum(shard.bytes for shard in manifest.shards)
     summary = {"out": args.out, "images": manifest.rows, "skipped": len(manifest.skipped), "shards": len(manifest.shards),

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlbridge.cli.model_source import add_random_weights_argument, check_model_source, open_model
 from vlbridge.cli.output import print_json, print_table
 from vlbridge.errors import VLBridgeError
 
@@ -24,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", "-c", metavar="DIR", help="a vlbridge checkpoint directory")
     p.add_argument("--weights", metavar="PATH", help="connector weights for --assembly (checkpoint dir or .safetensors)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_random_weights_argument(p)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, metavar="FILE", help="caption JSON, or VQA questions JSON")
     p.add_argument("--images", metavar="DIR", help="folder the data's image paths are relative to (default: the data file's folder)")
@@ -69,9 +71,22 @@ def _read_data(args: argparse.Namespace) -> list:
     from vlbridge import evaluate
 
     if args.task == "vqa":
-        extra = {"image_pattern": args.image_pattern} if args.image_pattern else {}
-        return evaluate.load_vqa_records(args.data, args.annotations, args.images, args.limit, **extra)
+        pattern = args.image_pattern or evaluate.layout_image_pattern(args.data, args.images)
+        if pattern and not args.image_pattern:
+            print(f"vlbridge eval: image file names from the manifest.json beside the data: {pattern}", file=sys.stderr)
+        return evaluate.load_vqa_records(args.data, args.annotations, args.images, args.limit,
+                                         image_pattern=pattern or evaluate.DEFAULT_IMAGE_PATTERN)
     return evaluate.load_caption_groups(args.data, args.images, args.limit, split=args.split)
+
+
+def _image_hint(args: argparse.Namespace) -> str | None:
+    """For VQA, the option that names the image files (official VQAv2 files only give image ids)."""
+    if args.task != "vqa":
+        return None
+    from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
+
+    return (f"VQAv2 questions give image ids only: point --images at the image folder and --image-pattern at the file "
+            f"names in it (now {args.image_pattern or DEFAULT_IMAGE_PATTERN!r}, COCO's; a generated world's is in its manifest.json).")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,15 +104,16 @@ def _progress(quiet: bool):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import vlbridge
-    from vlbridge import evaluate
 
     _check_arguments(args)
+    source = check_model_source(args)  # the assembly name before torch, then checkpoint and device
+    from vlbridge import evaluate
+
     opts = evaluate.options(_options(args))  # bad options fail before the data and the model load
     records = _read_data(args)
-    evaluate.check_images([r.image for r in records])
+    evaluate.check_images([r.image for r in records], hint=_image_hint(args))
     started = time.monotonic()
-    model = vlbridge.load(args.checkpoint, device=args.device) if args.checkpoint else \
-        vlbridge.build(args.assembly, weights=args.weights, device=args.device)
+    model = open_model(source)
     run = {"caption": evaluate.run_captions, "vqa": evaluate.run_vqa, "retrieval": evaluate.run_retrieval}[args.task]
     result = run(model, records, opts, progress=_progress(args.quiet))
     settings = {"run": {"assembly": args.assembly, "checkpoint": args.checkpoint, "weights": args.weights, "data": args.data,

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from vlbridge.cli.model_source import add_random_weights_argument, check_model_source, open_model
 from vlbridge.cli.output import print_json, print_table
 from vlbridge.errors import VLBridgeError
 
@@ -16,6 +17,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", "-c", metavar="DIR", help="a vlbridge checkpoint directory (model.save / vlbridge import)")
     p.add_argument("--weights", metavar="PATH", help="connector weights (checkpoint dir or .safetensors) for --assembly")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_random_weights_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -51,16 +53,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    import vlbridge
-
+    if args.checkpoint and args.weights:
+        raise VLBridgeError("--weights goes with --assembly; a --checkpoint already holds its weights")
+    source = check_model_source(args)  # the assembly name before torch, then checkpoint and device
     for image in args.images:
         if not Path(image).is_file():
             raise VLBridgeError(f"image not found: {image}")
-    if args.checkpoint:
-        if args.weights:
-            raise VLBridgeError("--weights goes with --assembly; a --checkpoint already holds its weights")
-        return vlbridge.load(args.checkpoint, device=args.device)
-    return vlbridge.build(args.assembly, weights=args.weights, device=args.device)
+    return open_model(source)
 
 
 def _generation(args: argparse.Namespace) -> dict:
