@@ -126,8 +126,12 @@ def test_one_run_per_output_dir(capsys, tmp_path, data):
 
 @pytest.mark.parametrize("name", ["train-stage1-tiny.yaml", "train-stage2-tiny.yaml"])
 def test_examples_validate(capsys, repo, tmp_path, monkeypatch, name):
+    from vlbridge.world.config import WorldConfig
+    from vlbridge.world.generate import generate_world
+
     monkeypatch.chdir(tmp_path)  # their paths are relative to where they run
     (tmp_path / "runs" / "stage1-tiny").mkdir(parents=True)  # stage 2's init_from
+    generate_world(tmp_path / "world", WorldConfig(train=1, val=1, test=0, comp=0, image_size=16))  # --check reads the data's files
     code = main(["train", str(repo / "examples" / name), "--check"])
     out, err = capsys.readouterr()
     assert code == 0, err

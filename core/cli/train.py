@@ -35,5 +35,5 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config, assembly, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
-        print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+        print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}")
     return 0

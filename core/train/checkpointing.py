@@ -1,6 +1,7 @@
 """Training checkpoints: `output_dir/checkpoints/step-N/` plus a `latest` pointer written last.
 
-A step directory is a vlbridge checkpoint (`vlbridge.load(dir)` works on it: connector.safetensors,
+A step directory is a vlbridge checkpoint (`vlbridge.load(dir)` works on it: connector.safetensors
+with the connector's whole state, trained in this stage or not,
 assembly.yaml, checkpoint.json, and encoder.safetensors / lora.safetensors when fine-tuning trains
 them) plus what resuming needs: `trainer_state.pt` (optimizer, scheduler, GradScaler, every rank's
 RNG states and data position, counters) and `train.yaml` (the config).
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from vlbridge.atomic import atomic_write, atomic_write_text, staging_dir
-from vlbridge.checkpoint import META_FILE, ExtraPart, write_checkpoint
+from vlbridge.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
 from vlbridge.errors import VLBridgeError
 from vlbridge.userfiles import read_text
 from vlbridge.weights import torch_load
@@ -50,10 +51,13 @@ def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
         yield
         return
     path = Path(output_dir) / LOCK_FILE
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _same_file(handle, path):  # the run before removed it between our open and our lock
+                raise BlockingIOError
         except BlockingIOError:
             handle.seek(0)
             raise VLBridgeError(f"output_dir {output_dir} is in use by another run (pid {handle.read().strip() or '?'}); "
@@ -63,8 +67,20 @@ def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
         handle.flush()
         try:
             yield
-        finally:
+        finally:  # on every way out: remove the lock file while still holding it, then release it
+            path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
+            if created:  # a run that failed before writing anything leaves no empty output_dir behind
+                with contextlib.suppress(OSError):  # not empty: it keeps what the run wrote
+                    path.parent.rmdir()
+
+
+def _same_file(handle, path: Path) -> bool:
+    """The open lock file is still the one at `path` (not unlinked by a finishing run)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 # -- random number generators ------------------------------------------------------------------
@@ -98,7 +114,7 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def save_training_checkpoint(
-    output_dir: str | Path, step: int, *, assembly: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
+    output_dir: str | Path, step: int, *, assembly: dict[str, Any], connector: ConnectorState, stage: int,
     trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None = None, parts: Sequence[ExtraPart] = (),
 ) -> Path:
     """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`."""
@@ -106,7 +122,8 @@ def save_training_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(final.parent, prefix=f".{final.name}.")
     try:
-        write_checkpoint(staging, assembly, tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")}, parts=parts)
+        write_checkpoint(staging, assembly, connector.tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")},
+                         parts=parts, absent=connector.absent)
         atomic_write(staging / TRAINER_STATE, lambda tmp: torch.save(trainer_state, tmp))
         atomic_write_text(staging / CONFIG_FILE, config_yaml)
         if final.exists():  # left by a run that died before moving `latest` past it

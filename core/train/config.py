@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlbridge.assembly import Assembly, load_assembly
 from vlbridge.data.config import DataConfig
 from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
+from vlbridge.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.userfiles import read_yaml
 
@@ -104,6 +105,9 @@ class TrainConfig(Section):
     drop_last: bool = Field(True, description="drop the last incomplete batch of each epoch (as LAVIS)")
     find_unused_parameters: bool = Field(False, description="DDP: set when some trainable parameters get no gradient (e.g. a loss turned off)")
     tensorboard: bool = Field(True, description="also write TensorBoard events when torch.utils.tensorboard imports")
+    random_weights: bool = Field(False, description=(
+        "allow real-size frozen parts without pretrained weights (random on purpose, e.g. to time training); "
+        "otherwise such an assembly is refused before anything loads"))
 
     @field_validator("assembly")
     @classmethod
@@ -186,6 +190,7 @@ def check_config(config: TrainConfig, label: str = "<config>", *, device_check: 
         problems.extend(f"{where}.{p}" if _YAML_PATH.match(p) else f"{where}: {p}" for p in exc.problems)
     if assembly is not None:
         problems.extend(_assembly_problems(config, assembly))
+        problems.extend(reachability_problems(assembly, config.stage, random_weights=config.random_weights))
     problems.extend(objective_problems(config))
     if device_check:
         problems.extend(device_problems(config.device, config.precision))
@@ -213,7 +218,32 @@ def _field_problems(config: TrainConfig) -> list[str]:
         problems.append(f"init_from: {config.init_from!r} is not a directory; give a checkpoint dir or a run's output_dir")
     if config.data.features is not None and not Path(config.data.features).expanduser().exists():
         problems.append(f"data.features: {config.data.features!r} does not exist")
+    problems.extend(data_file_problems(config.data.train, "data.train"))
+    if config.data.eval is not None:
+        problems.extend(data_file_problems(config.data.eval, "data.eval"))
     problems.extend(finetune_problems(config.finetune, stage=config.stage, features=config.data.features))
+    return problems
+
+
+def data_file_problems(data: DataConfig, where: str) -> list[str]:
+    """Every annotation file, shard and image folder the data section names exists (a run would
+    otherwise fail after the model loaded)."""
+    from vlbridge.data.shards import expand_shards
+
+    problems = []
+    for i, path in enumerate(data.paths):
+        if data.format == "webdataset":
+            try:
+                expand_shards(path)
+            except VLBridgeError as exc:
+                problems.append(f"{where}.paths[{i}]: {exc}")
+        elif not Path(path).expanduser().is_file():
+            problems.append(f"{where}.paths[{i}]: file not found: {path}")
+    for i, path in enumerate(data.vqa_annotations or []):
+        if not Path(path).expanduser().is_file():
+            problems.append(f"{where}.vqa_annotations[{i}]: file not found: {path}")
+    if data.image_root is not None and not Path(data.image_root).expanduser().is_dir():
+        problems.append(f"{where}.image_root: {data.image_root!r} is not a directory")
     return problems
 
 
@@ -241,16 +271,14 @@ def objective_problems(config: TrainConfig) -> list[str]:
 
 
 def device_problems(device: str, precision: str) -> list[str]:
-    """The device exists and supports the precision (imports torch)."""
-    import torch
+    """The device exists (the rule every command shares, vlbridge.devices) and supports the precision (imports torch)."""
+    from vlbridge.devices import DeviceError, resolve_device
 
-    kind = device.split(":")[0]
-    if kind not in ("auto", "cpu", "cuda"):
-        return [f"device: {device!r} is not one of auto, cpu, cuda, cuda:N"]
-    cuda = torch.cuda.is_available()
-    if kind == "cuda" and not cuda:
-        return [f"device: {device!r} asked for, but torch sees no CUDA device"]
-    if precision == "fp16" and (kind == "cpu" or not cuda):
+    try:
+        resolved = resolve_device(device, option="device")
+    except DeviceError as exc:
+        return [str(exc)]
+    if precision == "fp16" and resolved.type != "cuda":
         return ["precision: fp16 needs a CUDA device (its GradScaler is CUDA-only); on CPU use bf16 or fp32"]
     return []
 

@@ -30,7 +30,9 @@ from torch import nn
 
 import vlbridge
 from vlbridge.assembly import Assembly
-from vlbridge.checkpoint import read_meta, trainable_state_dict
+from vlbridge.checkpoint import connector_state, read_meta
+from vlbridge.connector_protocol import mark_trained
+from vlbridge.checkpoint_source import resolve_checkpoint
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
@@ -65,6 +67,7 @@ class TrainResult:
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] | None = None
     nonfinite: int = 0
+    data: str = ""  # what the data loader read and skipped (DataProgress.summary)
 
 
 def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None) -> TrainResult:
@@ -139,8 +142,7 @@ class Trainer:
         if saved_at != self.step:
             self.save()
         final = ckpt.checkpoint_dir(self.output_dir, self.step)
-        self.bar.write(f"done at step {self.step}; checkpoint: {final}; data: {self.progress.summary()}")
-        return TrainResult(self.step, final, self.last_train, self.last_eval, self.nonfinite)
+        return TrainResult(self.step, final, self.last_train, self.last_eval, self.nonfinite, self.progress.summary())
 
     def train_step(self) -> None:
         """One optimizer step over grad_accum micro-batches, or a skipped one if any loss is non-finite."""
@@ -276,9 +278,10 @@ class Trainer:
         self.bar = ProgressBar(self.total_steps, start=self.step)
         c, plan = self.config, self.model.plan
         batch = c.batch_size * c.grad_accum * self.where.world_size
+        start = f"from {resolve_checkpoint(c.init_from, 'init_from').directory}" if c.init_from else "from scratch"
         self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {describe_trainable(self.model, self.recipe.notes)}; "
                        f"{self.total_steps} steps of {batch} samples on {self.where.world_size} x {self.device} ({c.precision}) "
-                       f"from step {self.step} -> {self.output_dir}")
+                       f"from step {self.step} -> {self.output_dir}; connector {start}")
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self) -> int:
@@ -292,7 +295,7 @@ class Trainer:
                      "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks}
             ckpt.save_training_checkpoint(
                 self.output_dir, self.step, assembly=self.model.assembly.config.model_dump(mode="json"),
-                tensors=trainable_state_dict(self.model.connector), stage=self.config.stage, trainer_state=state,
+                connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
                 config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=tuned_parts(self.model))
         rt.barrier()
         return self.step
@@ -396,14 +399,16 @@ def refuse_existing_run(output_dir: Path) -> None:
 def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -> tuple[VLBridgeModel, Recipe]:
     """The assembly's model for this stage, starting from init_from's connector weights (and the
     encoder tensors and LoRA adapters it fine-tuned, if any), with the config's fine-tuning recipes applied."""
-    weights = ckpt.resolve_weights(config.init_from) if config.init_from is not None else None
+    weights = resolve_checkpoint(config.init_from, "init_from").directory if config.init_from is not None else None
     try:
-        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device, init_seed=config.seed)
+        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device, random_weights=config.random_weights,
+                               init_seed=config.seed)
         if weights is not None:
             restore_tuned(model, weights, read_meta(weights))
     except WeightsError as exc:
         raise VLBridgeError(f"init_from: {exc}") from exc
     recipe = apply_finetune(model, config.finetune, config.optimizer.lr)
+    mark_trained(model.connector)  # what init_from lacked but this run trains
     return model.to(device), recipe
 
 

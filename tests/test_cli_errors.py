@@ -1,0 +1,149 @@
+"""Issue 18's errors: `train --check` checks the data files, a run leaves no `.lock` on any way out,
+`train` prints its last line once and names init_from, `eval` reads a generated world with its
+defaults, and a misspelt preset is reported before torch is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_trainer_samples import config, write_caption_data, write_config
+from vlbridge.cli.main import main
+from vlbridge.train import checkpointing
+from vlbridge.train.config import check_config, read_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_caption_data(tmp_path_factory.mktemp("data"), images=4)
+
+
+def train_cli(capsys, tmp_path: Path, values: dict, *flags: str) -> tuple[int, str, str]:
+    code = main(["train", str(write_config(tmp_path / f"train-{values['stage']}.yaml", values)), *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- item 8: train --check and the lock ------------------------------------------------------------
+def test_check_reports_missing_data_files(capsys, tmp_path, data):
+    values = config(data, tmp_path / "out", with_eval=True)
+    values["data"]["train"]["paths"] = [str(tmp_path / "missing.jsonl")]
+    values["data"]["eval"]["image_root"] = str(tmp_path / "no-images")
+    code, out, err = train_cli(capsys, tmp_path, values, "--check")
+    assert code == 2 and "valid" not in out, out
+    assert f"data.train.paths[0]: file not found: {tmp_path / 'missing.jsonl'}" in err
+    assert f"data.eval.image_root: '{tmp_path / 'no-images'}' is not a directory" in err
+
+
+def test_missing_webdataset_shards_are_reported(tmp_path, data):
+    values = config(data, tmp_path / "out", steps=2)
+    values["data"]["train"] = {"format": "webdataset", "paths": [str(tmp_path / "shard-{0000..0001}.tar")]}
+    with pytest.raises(Exception, match=r"data.train.paths\[0\]: 2 shard files not found"):
+        check_config(*read_config(values))
+
+
+def test_a_failed_run_leaves_no_lock_and_no_empty_output_dir(tmp_path, data):
+    from vlbridge.errors import VLBridgeError
+    from vlbridge.train.trainer import train
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n", encoding="utf-8")
+    values = config(data, tmp_path / "out", steps=2)
+    values["data"]["train"]["paths"] = [str(broken)]
+    checked, label = read_config(values)
+    with pytest.raises(VLBridgeError):
+        train(checked, check_config(checked, label))
+    assert not (tmp_path / "out" / checkpointing.LOCK_FILE).exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_lock_is_released_and_removed_on_every_way_out(tmp_path):
+    from vlbridge.errors import VLBridgeError
+
+    with checkpointing.exclusive(tmp_path):
+        assert (tmp_path / checkpointing.LOCK_FILE).is_file()
+        with pytest.raises(VLBridgeError, match="in use by another run"):
+            with checkpointing.exclusive(tmp_path):
+                pass
+    assert not (tmp_path / checkpointing.LOCK_FILE).exists()
+    with pytest.raises(KeyboardInterrupt):
+        with checkpointing.exclusive(tmp_path):
+            raise KeyboardInterrupt
+    assert not (tmp_path / checkpointing.LOCK_FILE).exists() and tmp_path.is_dir()  # it was there before: kept
+    with checkpointing.exclusive(tmp_path):  # and the directory can be locked again
+        pass
+
+
+# -- item 17: one final line; stage 2 says where its connector starts --------------------------------
+def test_train_prints_its_last_line_once_and_stage2_names_init_from(capsys, tmp_path, data):
+    first = tmp_path / "stage1"
+    code, out, err = train_cli(capsys, tmp_path, config(data, first, steps=1, log_every=1, schedule={"warmup_steps": 0}))
+    assert code == 0, err
+    assert (out + err).count("trained to step 1") == 1 and "done at step" not in out + err
+    assert "connector from scratch" in err and not (first / checkpointing.LOCK_FILE).exists()
+    code, out, err = train_cli(capsys, tmp_path, config(data, tmp_path / "stage2", stage=2, steps=1, init_from=str(first), schedule={"warmup_steps": 0}))
+    assert code == 0, err
+    assert f"connector from {first / 'checkpoints' / 'step-1'}" in err
+    assert (out + err).count("trained to step 1") == 1
+
+
+# -- item 11: a generated world evaluates with the defaults ------------------------------------------
+def test_vqa_eval_on_a_generated_world_finds_its_images(capsys, tmp_path):
+    from vlbridge.world.config import WorldConfig
+    from vlbridge.world.generate import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, WorldConfig(train=0, val=0, test=2, comp=0, image_size=32))
+    code = main(["eval", "-a", "tiny-qformer-opt", "--task", "vqa", "--data", str(world / "questions_test.json"),
+                 "--annotations", str(world / "annotations_test.json"), "--limit", "2", "--num-beams", "1",
+                 "--max-new-tokens", "2", "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "image file names from the manifest.json beside the data: images/world_{split}_{image_id:07d}.png" in err
+    assert '"num_questions": 2' in out
+
+
+def test_vqa_images_not_found_names_image_pattern(capsys, tmp_path):
+    from vlbridge.world.config import WorldConfig
+    from vlbridge.world.generate import generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, WorldConfig(train=0, val=0, test=1, comp=0, image_size=32))
+    (world / "manifest.json").unlink()  # e.g. the questions copied elsewhere without it
+    code = main(["eval", "-a", "tiny-qformer-opt", "--task", "vqa", "--data", str(world / "questions_test.json"),
+                 "--annotations", str(world / "annotations_test.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "world/COCO_test_" in err and "--image-pattern at the file names" in err, err
+
+
+# -- item 17: a misspelt preset, before torch ------------------------------------------------------------
+SCRIPT = """
+import sys
+from vlbridge.cli.main import main
+codes = [main(argv) for argv in (["caption", "-a", "blip2-opt-2.7bb", "x.png"], ["ask", "-a", "tiny-qformer-op", "-q", "q", "x.png"],
+                                 ["retrieve", "-a", "nope", "-t", "t", "x.png"],
+                                 ["eval", "-a", "nope", "--task", "caption", "--data", "c.json"],
+                                 ["cache-features", "-a", "nope", "--format", "coco", "--paths", "c.json", "--out", "o"])]
+print("CODES", codes, "TORCH", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_a_misspelt_preset_is_reported_before_torch_loads():
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=False)
+    assert "CODES [2, 2, 2, 2, 2] TORCH False" in result.stderr, result.stderr[-3000:]
+    assert "Did you mean 'blip2-opt-2.7b'" in result.stderr or "blip2-opt-2.7b" in result.stderr
+
+
+def test_an_unreachable_preset_is_refused_before_torch_loads(tmp_path):
+    """Item 10 measured: `caption -a blip2-opt-2.7b` offline spent 42 s building a random ViT-g first."""
+    script = ("import sys\nfrom vlbridge.cli.main import main\n"
+              "code = main(['caption', '-a', 'blip2-opt-2.7b', 'x.png'])\n"
+              "print('CODE', code, 'TORCH', 'torch' in sys.modules, file=sys.stderr)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env)
+    assert "CODE 2 TORCH False" in result.stderr, result.stderr[-3000:]
+    assert "facebook/opt-2.7b" in result.stderr and "encoder.options.pretrained is not set" in result.stderr
