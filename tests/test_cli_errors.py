@@ -52,11 +52,12 @@ def test_a_failed_run_leaves_no_lock_and_no_empty_output_dir(tmp_path, data):
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text("not json\n", encoding="utf-8")
-    values = config(data, tmp_path / "out", steps=2)
+    values = config(data, tmp_path / "out", steps=2, schedule={"warmup_steps": 0})
     values["data"]["train"]["paths"] = [str(broken)]
     checked, label = read_config(values)
-    with pytest.raises(VLBridgeError):
-        train(checked, check_config(checked, label))
+    assembly = check_config(checked, label)  # the file exists: the config is valid, the run fails on reading it
+    with pytest.raises(VLBridgeError, match="broken.jsonl"):
+        train(checked, assembly)
     assert not (tmp_path / "out" / checkpointing.LOCK_FILE).exists()
     assert not (tmp_path / "out").exists()
 
