@@ -3,8 +3,15 @@
 Frozen parts are not copied: loading re-assembles them from the sources the assembly names (local
 weights or hub ids). What a fine-tuning run changed beyond the connector (an unfrozen encoder's
 tensors, LoRA adapters on the LLM) is written beside it as extra parts (see `vlbridge.tuning`). A connector checkpoint records the stage it was trained in; loading it is strict
-about that stage's parameters and names the ones it leaves as initialised (e.g. the Q-Former's text
-side after stage 2), instead of a silent partial load.
+about that stage's parameters.
+
+connector.safetensors holds the connector's whole state, trained in this stage or not (a stage-2
+checkpoint keeps the Q-Former's stage-1 text side and heads), so `load` computes what the saved
+model computed. Tensors the saved model itself lacked (it was loaded from an older or imported
+checkpoint without them) are listed in checkpoint.json's manifest, `connector.absent`, instead:
+loading marks them absent again and whatever needs them refuses to run (vlbridge.connector_protocol).
+Checkpoints without the manifest (older ones, imports) are read the same way: what the file lacks
+is absent.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.connector_protocol import absent_tensors
 from vlbridge.errors import WeightsError
 from vlbridge.userfiles import read_json, read_yaml
 from vlbridge.weights import StateDict, read_tensors, require_path, unwrap_state_dict
@@ -42,21 +50,38 @@ class ExtraPart:
     meta: dict[str, Any]
 
 
-def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that currently require gradients, detached and contiguous (safetensors needs it)."""
-    return {name: p.detach().contiguous().cpu() for name, p in module.named_parameters() if p.requires_grad}
+@dataclass(frozen=True)
+class ConnectorState:
+    """What a checkpoint keeps of a connector: every tensor it has values for, and the names of
+    those it lacks (absent since it was loaded from a checkpoint without them)."""
+
+    tensors: dict[str, torch.Tensor]
+    absent: list[str]
+
+
+def connector_state(connector: nn.Module) -> ConnectorState:
+    """The connector's whole state dict (parameters and buffers, whatever trains now), less its
+    absent tensors, which are listed instead: written, their random values would pass for trained."""
+    absent = absent_tensors(connector)
+    tensors = {name: t.detach() for name, t in connector.state_dict().items() if name not in absent}
+    return ConnectorState(tensors, sorted(absent))
 
 
 def save_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], connector: nn.Module, stage: int,
                     extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = ()) -> Path:
-    """Checkpoint a connector's trainable weights for `stage` beside its assembly (and any extra parts)."""
-    return write_checkpoint(out_dir, assembly_dict, trainable_state_dict(connector), stage, extra, parts)
+    """Checkpoint a connector's whole state, as trained in `stage`, beside its assembly (and any extra parts)."""
+    state = connector_state(connector)
+    return write_checkpoint(out_dir, assembly_dict, state.tensors, stage, extra, parts, absent=state.absent)
 
 
 def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
-                     extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = ()) -> Path:
+                     extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = (),
+                     absent: Sequence[str] | None = None) -> Path:
     """Write assembly.yaml, connector.safetensors, each extra part's file, and checkpoint.json (last,
     so its presence means done).
+
+    `absent`: the connector tensors the saved model lacked, for a whole-state checkpoint (written as
+    the `connector.absent` manifest); None for tensors of another origin (an import: no manifest).
 
     `extra["allow_missing"]` lists fnmatch patterns of stage-`stage` parameters the file lacks on
     purpose (e.g. an imported model without an ITG head); loading names them instead of failing.
@@ -70,7 +95,8 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
     for part in parts:
         part_tensors = {name: t.detach().contiguous().cpu() for name, t in part.tensors.items()}
         atomic_write(out / part.file, lambda tmp, t=part_tensors: save_file(t, str(tmp), metadata={"part": part.key}))
-    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors),
+    manifest = {} if absent is None else {"connector": {"absent": sorted(absent)}}
+    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors), **manifest,
             **({RELATIVE_PATHS: relative} if relative else {}), **(extra or {}),
             **{part.key: part.meta for part in parts}}
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
@@ -121,6 +147,16 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         raise WeightsError(f"checkpoint metadata {str(path)!r}: 'stage' must be the training stage (1 or 2), found {stage!r}; "
                            "expected the checkpoint.json that save() writes")
     return meta
+
+
+def listed_absent(meta: dict[str, Any], ckpt_dir: str | Path) -> list[str]:
+    """The manifest's absent connector tensors (none for a checkpoint without the manifest)."""
+    manifest = meta.get("connector", {"absent": []})
+    absent = manifest.get("absent") if isinstance(manifest, dict) else None
+    if not isinstance(absent, list) or not all(isinstance(name, str) for name in absent):
+        raise WeightsError(f"{Path(ckpt_dir) / META_FILE}: 'connector' must be an object whose 'absent' lists tensor names, "
+                           f"found {manifest!r}; expected the manifest that save() writes")
+    return absent
 
 
 def read_connector_weights(path: str | Path) -> StateDict:

@@ -53,3 +53,8 @@ class InputFileError(VLBridgeError, ValueError):
 
 class WeightsError(VLBridgeError):
     """Weights that cannot be loaded as asked: missing file, wrong shape, missing or unexpected keys."""
+
+
+class MissingWeightsError(WeightsError):
+    """A part of the model that its checkpoint lacked (it was never saved, or the source had none)
+    is used: refused rather than run with the random values it was built with."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vlbridge.atomic import atomic_write, atomic_write_text, current_umask, staging_dir
+from vlbridge.checkpoint import ConnectorState
 from vlbridge.train.checkpointing import save_training_checkpoint
 
 
@@ -44,7 +45,7 @@ def test_staging_folders_follow_the_umask(tmp_path, umask):
 
 
 def test_training_checkpoint_is_readable_by_the_group(tmp_path, umask):
-    final = save_training_checkpoint(tmp_path, 3, assembly={"name": "x"}, tensors={"w": torch.zeros(2)}, stage=2,
+    final = save_training_checkpoint(tmp_path, 3, assembly={"name": "x"}, connector=ConnectorState({"w": torch.zeros(2)}, []), stage=2,
                                      trainer_state={"epoch": 0}, config_yaml="steps: 3\n")
     assert _mode(final) == 0o777 & ~umask
     assert {p.name: _mode(p) for p in final.iterdir()} == {p.name: 0o666 & ~umask for p in final.iterdir()}
