@@ -144,8 +144,9 @@ class VLBridgeModel(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
-        """Write the trainable weights (safetensors) and the assembly YAML; frozen parts are not copied,
-        fine-tuned ones (encoder tensors, LoRA adapters) are written beside the connector."""
+        """Write the connector's whole state (safetensors; what it lacks is listed, not written) and the
+        assembly YAML, so `vlbridge.load` gives the same outputs for every method; frozen parts are not
+        copied, fine-tuned ones (encoder tensors, LoRA adapters) are written beside the connector."""
         from vlbridge.checkpoint import save_checkpoint
         from vlbridge.tuning import tuned_parts
 
