@@ -30,9 +30,9 @@ Say = Callable[[str], None]
 def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     """The run's assembly as a mapping, with its connector option overrides applied."""
     if run.checkpoint is not None:
-        from vlbridge.checkpoint import ASSEMBLY_FILE
+        from vlbridge.checkpoint import checkpoint_assembly
 
-        return load_assembly(str(Path(run.checkpoint) / ASSEMBLY_FILE)).config.model_dump(mode="json")
+        return load_assembly(checkpoint_assembly(run.checkpoint)).config.model_dump(mode="json")
     if isinstance(run.assembly, dict):
         raw = copy.deepcopy(run.assembly)
     elif run.assembly in presets():
