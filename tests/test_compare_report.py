@@ -111,4 +111,4 @@ def test_runs_with_the_same_stage1_share_it():
 
 def test_resolve_assembly_overrides_connector_options():
     raw = resolve_assembly(RunSpec(name="q8", assembly="tiny-qformer-opt", connector_options={"num_query_tokens": 4}, stage2_steps=1))
-    assert raw["name"] == "q8" and raw["connector"]["options"] == {"variant": "tiny", "num_query_tokens": 4}
+    assert raw["name"] == "q8" and raw["connector"]["options"] == {"variant": "tiny", "num_query_tokens": 4, "ln_vision_eps": 1.0e-6}
