@@ -1,16 +1,22 @@
 """Shared by the tests of the generic encoders (`open-clip`, `hf-vision`): a registry that holds an
-encoder plugin whether or not registry.yaml lists it yet, and a short stage-1 Q-Former run on it."""
+encoder plugin whether or not registry.yaml lists it yet, a short stage-1 Q-Former run on it, and the
+encoder line `vlbridge validate` prints."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+import yaml
 
 import vlbridge
+from vlbridge.cli.main import main
 from vlbridge.registry import Registry, get_registry
 from vlbridge.testing import registry_with
 from vlbridge.train.objectives import objective_for
@@ -67,3 +73,14 @@ def heavy_modules_after(script: str) -> list[str]:
     return eval(result.stdout.strip().splitlines()[-1])  # a printed list of names
 
 
+
+
+def validated_encoder_line(encoder: dict[str, Any], tmp_path: Path) -> str:
+    """The encoder line `vlbridge validate` prints for `encoder` joined to a tiny Q-Former (stage 1)."""
+    path = tmp_path / "assembly.yaml"
+    path.write_text(yaml.safe_dump({"name": "generic-encoder-validate", "encoder": encoder,
+                                    "connector": {"use": "qformer", "options": {"variant": "tiny"}}}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["validate", str(path)]) == 0
+    return next(line for line in out.getvalue().splitlines() if line.strip().startswith("encoder"))

@@ -14,12 +14,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.generic_encoders import heavy_modules_after, registry_for, stage1_losses  # noqa: E402
+from tests.generic_encoders import heavy_modules_after, registry_for, stage1_losses, validated_encoder_line  # noqa: E402
 from tests.hf_tiny import redraw  # noqa: E402
 from vlbridge.errors import VLBridgeError, WeightsError  # noqa: E402
 from vlbridge.plugins.encoders import hf_vision  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision import HFVisionOptions  # noqa: E402
-from vlbridge.plugins.encoders.hf_vision_model import build  # noqa: E402
+from vlbridge.plugins.encoders.hf_vision_configs import KNOWN_TOWERS  # noqa: E402
+from vlbridge.plugins.encoders.hf_vision_model import HFVisionEncoder, build  # noqa: E402
 from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
 from vlbridge.testing import using_registry  # noqa: E402
 
@@ -247,4 +248,89 @@ def test_declaring_imports_no_torch(towers):
               f"for kw in ({{}}, {{'variant': 'tiny'}}, {{'variant': 'siglip-so400m'}}, {{'model': {towers['dinov2-reg'][0]!r}}}):\n"
               "    o = m.HFVisionOptions(**kw); m.output(o); m.preprocess(o)\n"
               "m.vlbridge_register_encoders()[0].check()")
+    assert heavy_modules_after(script) == []
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("options", [{}, {"layer": 0}, {"layer": 1, "final_norm": True}, {"keep_all_layers": True}])
+@pytest.mark.parametrize("name", ["clip", "clip-full", "siglip", "siglip-full", "dinov2", "dinov2-reg", "vit", "deit"])
+def test_declared_params_equal_the_built_tower(towers, name, options):
+    opts = HFVisionOptions(model=towers[name][0], **options, **({"prefix_tokens": 2} if name == "deit" else {}))
+    assert hf_vision.num_params(opts) == _numel(build(opts))
+
+
+@pytest.mark.parametrize("model_class, config", [
+    ("Dinov2Model", dict(use_swiglu_ffn=True, qkv_bias=False, use_mask_token=False, mlp_ratio=3)),
+    ("Dinov2WithRegistersModel", dict(use_swiglu_ffn=True, num_register_tokens=3)),
+    ("SiglipVisionModel", dict(vision_use_head=False, num_channels=1)),
+    ("ViTModel", dict(qkv_bias=False, pooler_output_size=24, num_channels=4)),
+    ("DeiTModel", dict(qkv_bias=False, pooler_output_size=24)),
+])
+@pytest.mark.parametrize("keep_all_layers", [False, True])
+def test_declared_params_follow_the_config_fields(tmp_path, model_class, config, keep_all_layers):
+    """The fields that change what a tower holds (SwiGLU, q/k/v bias, mask token, registers, head, pooler, channels)."""
+    model = getattr(transformers, model_class)(getattr(transformers, model_class.replace("Model", "Config"))(
+        **BLOCK, image_size=28, patch_size=14, **config))
+    model.config.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}, "resample": 3,
+                                                                   "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    opts = HFVisionOptions(model=str(tmp_path), keep_all_layers=keep_all_layers, **({"prefix_tokens": 2} if "DeiT" in model_class else {}))
+    assert hf_vision.num_params(opts) == _numel(HFVisionEncoder(model, opts))
+
+
+@pytest.mark.parametrize("model_type, model_class", [
+    ("clip_vision_model", "CLIPVisionModel"), ("siglip_vision_model", "SiglipVisionModel"), ("dinov2", "Dinov2Model"),
+    ("dinov2_with_registers", "Dinov2WithRegistersModel"), ("vit", "ViTModel"),
+])
+def test_a_config_that_omits_fields_counts_transformers_defaults(tmp_path, model_type, model_class):
+    """transformers fills an omitted field from its config class; so must the count (and the token layout)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    opts = HFVisionOptions(model=str(tmp_path), keep_all_layers=True)
+    with torch.device("meta"):
+        model = getattr(transformers, model_class)(getattr(transformers, model_class.replace("Model", "Config"))())
+    encoder = HFVisionEncoder(model, opts)
+    assert hf_vision.num_params(opts) == _numel(encoder)
+    assert encoder.facts.patch == model.config.patch_size and encoder.facts.registers == getattr(model.config, "num_register_tokens", 0)
+
+
+@pytest.mark.parametrize("variant, published", [("clip-l-336", 303.5e6), ("siglip-so400m", 428.2e6), ("dinov2-large", 304.4e6)])
+def test_known_towers_declare_their_built_size(variant, published):
+    """The offline table's towers, built on the meta device from the same fields: whole and cut after `layer`."""
+    vision = dict(KNOWN_TOWERS[variant].config)
+    vision = {k: v for k, v in vision.get("vision_config", vision).items() if k != "model_type"}
+    model_class = {"clip-l-336": "CLIPVisionModel", "siglip-so400m": "SiglipVisionModel", "dinov2-large": "Dinov2Model"}[variant]
+    for keep_all_layers in (True, False):
+        opts = HFVisionOptions(variant=variant, keep_all_layers=keep_all_layers)
+        with torch.device("meta"):
+            model = getattr(transformers, model_class)(getattr(transformers, model_class.replace("Model", "Config"))(**vision))
+        assert hf_vision.num_params(opts) == _numel(HFVisionEncoder(model, opts))
+    assert hf_vision.num_params(HFVisionOptions(variant=variant, keep_all_layers=True)) == pytest.approx(published, rel=1e-3)
+
+
+def test_unknown_families_declare_no_count(towers, tmp_path):
+    directory = tmp_path / "beit"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "beit", "hidden_size": 32, "num_hidden_layers": 2,
+                                                       "image_size": 28, "patch_size": 14}))
+    (directory / "preprocessor_config.json").write_text((Path(towers["deit"][0]) / "preprocessor_config.json").read_text())
+    assert hf_vision.num_params(HFVisionOptions(model=str(directory), prefix_tokens=1)) is None
+
+
+def test_validate_prints_the_encoder_size(towers, tmp_path):
+    opts = HFVisionOptions(model=towers["dinov2-reg"][0])
+    with using_registry(registry_for(hf_vision, "hf-vision")):
+        line = validated_encoder_line({"use": "hf-vision", "options": {"model": towers["dinov2-reg"][0]}}, tmp_path)
+    assert f"({hf_vision.num_params(opts):,}) frozen" in line and "?" not in line
+
+
+def test_counting_imports_no_torch(towers, tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nencoder: {use: hf-vision, options: {variant: siglip-so400m}}\nconnector: {use: qformer}\n")
+    script = ("from vlbridge.plugins.encoders import hf_vision as m\n"
+              f"for kw in ({{}}, {{'variant': 'dinov2-large'}}, {{'model': {towers['deit'][0]!r}, 'prefix_tokens': 2}}):\n"
+              "    assert m.num_params(m.HFVisionOptions(**kw)) > 0\n"
+              "from vlbridge.cli.main import main\n"
+              f"assert main(['validate', {str(tmp_path / 'a.yaml')!r}]) == 0")
     assert heavy_modules_after(script) == []

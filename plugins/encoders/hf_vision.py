@@ -25,8 +25,9 @@ from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
 from vlbridge.plugins.encoders.hf_vision_configs import (
-    KNOWN_TOWERS, TINY_CONFIG, TowerFacts, describe_tower, family_preprocess, processor_preprocess, read_source, rescaled,
+    KNOWN_TOWERS, TINY_CONFIG, TowerFacts, describe_tower, family_preprocess, processor_preprocess, read_source, rescaled, vision_values,
 )
+from vlbridge.plugins.encoders.hf_vision_params import count_params
 from vlbridge.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 Variant = Literal["clip-l-336", "siglip-so400m", "dinov2-large", "tiny"]
@@ -110,6 +111,20 @@ def preprocess(opts: HFVisionOptions) -> Preprocess:
     return rescaled(native_preprocess(opts), opts.resolved_image_size)
 
 
+def kept_blocks(opts: HFVisionOptions) -> int:
+    """Blocks the built tower holds: all with keep_all_layers, else up to hidden_states[layer] (at least
+    one: transformers collects hidden_states while blocks run; see hf_vision_model)."""
+    layers = opts.tower.layers
+    return layers if opts.keep_all_layers else max(opts.layer % (layers + 1), 1)
+
+
+def num_params(opts: HFVisionOptions) -> int | None:
+    """Parameters of the built tower (position embeddings at the config's resolution: an image_size
+    override interpolates them at run time); None for a family without a formula."""
+    model_type, _, values = vision_values(opts.files[0])
+    return count_params(model_type, values, kept_blocks(opts), head=opts.keep_all_layers)
+
+
 @hookimpl
 def vlbridge_register_encoders() -> list[EncoderSpec]:
     return [
@@ -120,5 +135,6 @@ def vlbridge_register_encoders() -> list[EncoderSpec]:
             options=HFVisionOptions,
             output=output,
             preprocess=preprocess,
+            num_params=num_params,
         )
     ]

@@ -33,7 +33,7 @@ class Family:
 
     cls_tokens: int  # class tokens before the patches (registers are counted from the config)
     final_norm: str  # attribute of the vision module applied to last_hidden_state (or the pooled token)
-    defaults: dict[str, Any]  # config.json defaults for keys an old config may omit
+    defaults: dict[str, Any]  # config.json defaults for keys an old config may omit: the config class's own
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
@@ -41,14 +41,21 @@ class Family:
     crop_fraction: float = 1.0  # image_size / resized shorter side, without a preprocessor_config.json
 
 
-_VIT_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16}
+# transformers' config class defaults (CLIPVisionConfig, SiglipVisionConfig, Dinov2Config, ...): the
+# shape keys, and those the parameter counts read (hf_vision_params); tests compare them with the classes.
+_VIT_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16, "num_channels": 3}
+_MLP_DEFAULTS = {"intermediate_size": 3072}
+_DINOV2_DEFAULTS = {**_VIT_DEFAULTS, "mlp_ratio": 4, "qkv_bias": True, "use_swiglu_ffn": False}
 FAMILIES: dict[str, Family] = {
-    "clip_vision_model": Family(1, "post_layernorm", {**_VIT_DEFAULTS, "patch_size": 32}, CLIP_MEAN, CLIP_STD, "bicubic", "shortest"),
-    "siglip_vision_model": Family(0, "post_layernorm", _VIT_DEFAULTS, HALF, HALF, "bicubic", "squash"),
-    "dinov2": Family(1, "layernorm", {**_VIT_DEFAULTS, "patch_size": 14}, IMAGENET_MEAN, IMAGENET_STD, "bicubic", "shortest", 224 / 256),
-    "dinov2_with_registers": Family(1, "layernorm", {**_VIT_DEFAULTS, "patch_size": 14, "num_register_tokens": 4},
+    "clip_vision_model": Family(1, "post_layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "patch_size": 32}, CLIP_MEAN, CLIP_STD,
+                                "bicubic", "shortest"),
+    "siglip_vision_model": Family(0, "post_layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "vision_use_head": True}, HALF, HALF,
+                                  "bicubic", "squash"),
+    "dinov2": Family(1, "layernorm", {**_DINOV2_DEFAULTS, "patch_size": 14, "use_mask_token": True}, IMAGENET_MEAN, IMAGENET_STD,
+                     "bicubic", "shortest", 224 / 256),
+    "dinov2_with_registers": Family(1, "layernorm", {**_DINOV2_DEFAULTS, "num_register_tokens": 4},
                                     IMAGENET_MEAN, IMAGENET_STD, "bicubic", "shortest", 224 / 256),
-    "vit": Family(1, "layernorm", _VIT_DEFAULTS, HALF, HALF, "bilinear", "squash"),
+    "vit": Family(1, "layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "qkv_bias": True}, HALF, HALF, "bilinear", "squash"),
 }
 
 
@@ -63,13 +70,16 @@ class KnownTower:
 
 KNOWN_TOWERS: dict[str, KnownTower] = {
     "clip-l-336": KnownTower("openai/clip-vit-large-patch14-336", {
-        "model_type": "clip", "vision_config": {"hidden_size": 1024, "num_hidden_layers": 24, "image_size": 336, "patch_size": 14}},
+        "model_type": "clip", "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                                "num_attention_heads": 16, "image_size": 336, "patch_size": 14}},
         {"size": 336, "crop_size": 336, "do_center_crop": True, "resample": 3, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}),
     "siglip-so400m": KnownTower("google/siglip-so400m-patch14-384", {
-        "model_type": "siglip", "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27, "image_size": 384, "patch_size": 14}},
+        "model_type": "siglip", "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                                                  "num_attention_heads": 16, "image_size": 384, "patch_size": 14}},
         {"size": {"height": 384, "width": 384}, "resample": 3, "image_mean": list(HALF), "image_std": list(HALF)}),
     "dinov2-large": KnownTower("facebook/dinov2-large", {
-        "model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24, "image_size": 518, "patch_size": 14},
+        "model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 518, "patch_size": 14,
+        "mlp_ratio": 4, "qkv_bias": True, "use_swiglu_ffn": False},
         {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "resample": 3,
          "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}),
 }
@@ -131,8 +141,9 @@ def read_source(model: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
                      f"(`huggingface-cli download {model} config.json preprocessor_config.json`)")
 
 
-def describe_tower(config: dict[str, Any], where: str, prefix_tokens: int | None) -> TowerFacts:
-    """The vision tower's layout; ValueError for a model that is not a vision tower vlbridge can read."""
+def vision_values(config: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """(vision model_type, dual?, the vision tower's config with its family's defaults filled in), as
+    transformers fills them: a dual-tower config's vision half is its `vision_config`."""
     model_type = config.get("model_type")
     dual = model_type in DUAL_TOWERS
     if dual:
@@ -140,11 +151,17 @@ def describe_tower(config: dict[str, Any], where: str, prefix_tokens: int | None
         model_type = vision.get("model_type", DUAL_TOWERS[str(config["model_type"])])
         config = vision
     family = FAMILIES.get(str(model_type))
+    return str(model_type), dual, {**(family.defaults if family else {}), **config}
+
+
+def describe_tower(config: dict[str, Any], where: str, prefix_tokens: int | None) -> TowerFacts:
+    """The vision tower's layout; ValueError for a model that is not a vision tower vlbridge can read."""
+    model_type, dual, values = vision_values(config)
+    family = FAMILIES.get(model_type)
     if family is None and prefix_tokens is None:
         raise ValueError(f"{where} holds a {model_type!r} model; hf-vision knows the vision towers "
                          f"{', '.join([*DUAL_TOWERS, *FAMILIES])}. For another ViT-like tower whose forward returns "
                          "hidden_states, set prefix_tokens (how many tokens come before the patch tokens)")
-    values = {**(family.defaults if family else {}), **config}
     missing = [key for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size")
                if not isinstance(values.get(key), int) or isinstance(values.get(key), bool)]
     if missing:
