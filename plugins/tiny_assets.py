@@ -13,8 +13,17 @@ import shutil
 from pathlib import Path
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
-VOCAB_SIZE = 1024  # matches the 'tiny' vocab in the opt, flan-t5 and qformer specs
+VOCAB_SIZE = 1024  # the trainers' target (the qformer spec's tiny vocab); the small corpus yields fewer tokens
 KINDS = ("opt", "flan-t5", "bert")
+# len() of each shipped tokenizer, for torch-free specs (tests/test_tiny_generation.py checks the files).
+TOKENIZER_LENGTHS = {"opt": 529, "flan-t5": 212, "bert": 265}
+
+
+def tiny_llm_vocab(kind: str) -> int:
+    """A tiny LLM's vocabulary: its tokenizer's ids and one spare row, for the `<image>` token that
+    transformers' BLIP-2 and LLaVA embed on export. No more: a random head picks ids uniformly, and
+    an id the tokenizer lacks decodes to nothing (1024 rows made most tiny generations empty)."""
+    return TOKENIZER_LENGTHS[kind] + 1
 
 _COLOURS = "red green blue yellow purple orange black white gray brown pink cyan".split()
 _SHAPES = "circle square triangle star cross ring diamond heart cube ball box cat dog car tree house".split()

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
 from vlbridge.hf_config import local_config
+from vlbridge.plugins.tiny_assets import tiny_llm_vocab
 from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
 
 # From the released google/flan-t5-* config.json files (gated-GELU FFN, untied LM head).
@@ -17,7 +18,7 @@ ARCH: dict[str, dict[str, int]] = {
     "large": {"d_model": 1024, "d_ff": 2816, "heads": 16, "d_kv": 64, "layers": 24, "vocab": 32128},
     "xl": {"d_model": 2048, "d_ff": 5120, "heads": 32, "d_kv": 64, "layers": 24, "vocab": 32128},
     "xxl": {"d_model": 4096, "d_ff": 10240, "heads": 64, "d_kv": 64, "layers": 24, "vocab": 32128},
-    "tiny": {"d_model": 64, "d_ff": 128, "heads": 4, "d_kv": 16, "layers": 2, "vocab": 1024},
+    "tiny": {"d_model": 64, "d_ff": 128, "heads": 4, "d_kv": 16, "layers": 2, "vocab": tiny_llm_vocab("flan-t5")},
 }
 CONTEXT = 512  # the length T5 was trained on; relative positions make it a soft limit
 RELATIVE_BUCKETS = 32

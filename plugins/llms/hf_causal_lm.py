@@ -13,12 +13,13 @@ from pydantic import Field
 from vlbridge import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.hf_options import HFLLMOptions
+from vlbridge.plugins.tiny_assets import tiny_llm_vocab
 from vlbridge.specs import LLMDims, LLMSpec
 
 # The model built when no `model` is given: a tiny random Llama, tokenized by the shipped tiny tokenizer.
 TINY_CONFIG: dict[str, Any] = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 256, "tie_word_embeddings": False,
+    "num_key_value_heads": 2, "vocab_size": tiny_llm_vocab("opt"), "max_position_embeddings": 256, "tie_word_embeddings": False,
 }
 
 

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
 from vlbridge.hf_config import local_config
+from vlbridge.plugins.tiny_assets import tiny_llm_vocab
 from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
 
 # From the released config.json files. OPT-350m embeds tokens at 512 and projects in/out of 1024,
@@ -18,7 +19,7 @@ ARCH: dict[str, dict[str, int]] = {
     "1.3b": {"hidden": 2048, "layers": 24, "heads": 32, "ffn": 8192, "embed": 2048, "vocab": 50272, "positions": 2048, "pre_norm": 1},
     "2.7b": {"hidden": 2560, "layers": 32, "heads": 32, "ffn": 10240, "embed": 2560, "vocab": 50272, "positions": 2048, "pre_norm": 1},
     "6.7b": {"hidden": 4096, "layers": 32, "heads": 32, "ffn": 16384, "embed": 4096, "vocab": 50272, "positions": 2048, "pre_norm": 1},
-    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256, "embed": 64, "vocab": 1024, "positions": 128, "pre_norm": 1},
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256, "embed": 64, "vocab": tiny_llm_vocab("opt"), "positions": 128, "pre_norm": 1},
 }
 
 
