@@ -13,10 +13,11 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402
 
-from tests.generic_encoders import heavy_modules_after, registry_for, stage1_losses  # noqa: E402
+from tests.generic_encoders import heavy_modules_after, registry_for, stage1_losses, validated_encoder_line  # noqa: E402
 from tests.hf_tiny import redraw  # noqa: E402
 from vlbridge.errors import VLBridgeError, WeightsError  # noqa: E402
 from vlbridge.plugins.encoders import open_clip_tower  # noqa: E402
+from vlbridge.plugins.encoders.open_clip_params import NATIVE_DEFAULTS  # noqa: E402
 from vlbridge.plugins.encoders.open_clip_tower import OpenClipOptions  # noqa: E402
 from vlbridge.plugins.encoders.open_clip_tower_model import OpenClipTower, _check_tag_preprocessing, build  # noqa: E402
 from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
@@ -266,4 +267,87 @@ def test_declaring_imports_no_torch():
               "for arch in ('ViT-B-16', 'ViT-SO400M-14-SigLIP', 'tiny'):\n"
               "    o = m.OpenClipOptions(arch=arch); m.output(o); m.preprocess(o)\n"
               "m.vlbridge_register_encoders()[0].check()")
+    assert heavy_modules_after(script) == []
+
+
+TINY_CONFIG_VISION = {"image_size": 56, "layers": 3, "width": 64, "head_width": 16, "patch_size": 14}
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("options", [
+    {"arch": "ViT-B-32"}, {"arch": "ViT-L-14-336", "layer": 0}, {"arch": "ViT-B-16", "image_size": 256},
+    {"arch": "ViT-H-14-CLIPA-336"},  # no ln_pre
+    {"arch": "coca_ViT-B-32", "layer": -1},  # attentional pooler (pruned)
+    {"arch": "ViT-M-16-alt"},  # layer scale
+    {"arch": "ViT-bigG-14", "layer": 3},  # mlp_ratio 4.9231, head_width 104
+    {"arch": "ViT-SO400M-14-SigLIP-384", "layer": -1},  # timm trunks: so400m's MLP ratio, no class token
+    {"arch": "ViT-B-16-SigLIP", "image_size": 256},  # position embeddings resampled by set_input_size
+    {"arch": "ViT-L-16-SigLIP-384"}, {"arch": "ViT-gopt-16-SigLIP2-256", "layer": 1},
+])
+def test_declared_params_equal_the_built_tower_on_meta(options):
+    opts = OpenClipOptions(**options)
+    assert open_clip_tower.num_params(opts) == _numel(OpenClipTower(opts, device="meta").finish())
+
+
+@pytest.mark.parametrize("extra", [
+    {"ls_init_value": 0.1, "no_ln_pre": True, "mlp_ratio": 3.5, "head_width": 32},
+    {"qk_norm": True, "scale_heads": True, "scale_attn_inner": True, "scale_attn": True, "scale_fc": True},
+    {"scaled_cosine_attn": True, "norm_kwargs": {"eps": 1e-6}},
+])
+@pytest.mark.parametrize("layer", [0, -1])
+def test_declared_params_follow_the_vision_cfg(tmp_path, extra, layer):
+    """open_clip's own ViT with the options that change what a block holds, built and loaded for real."""
+    config = {"embed_dim": 32, "vision_cfg": {**TINY_CONFIG_VISION, **extra}}
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(config))
+    opts = OpenClipOptions(arch=str(path), layer=layer)
+    assert open_clip_tower.num_params(opts) == _numel(build(opts))
+
+
+
+def test_declared_params_of_the_tiny_and_loaded_towers(tiny):
+    assert open_clip_tower.num_params(OpenClipOptions(arch="tiny")) == _numel(build(OpenClipOptions(arch="tiny")))
+    arch, weights, _ = tiny["vlbridge-test-vit"]
+    opts = OpenClipOptions(arch=arch, pretrained=weights, image_size=84)
+    assert open_clip_tower.num_params(opts) == _numel(build(opts))
+
+
+def test_native_defaults_are_open_clips(tmp_path):
+    from open_clip.model import CLIPVisionCfg
+
+    defaults = CLIPVisionCfg()
+    assert NATIVE_DEFAULTS == {key: getattr(defaults, key) for key in NATIVE_DEFAULTS}
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps({"vision_cfg": {"image_size": 224}}))  # every counted key left to open_clip's defaults
+    opts = OpenClipOptions(arch=str(path))
+    assert open_clip_tower.num_params(opts) == _numel(OpenClipTower(opts, device="meta").finish())
+
+
+@pytest.mark.parametrize("vision_cfg", [
+    {"timm_model_name": "eva02_base_patch16_clip_224", "image_size": 224},  # EVA02: SwiGLU, rope: layout not known from its name
+    {"timm_model_name": "vit_large_patch14_clip_224", "image_size": 224},  # a pre_norm ViT: not counted
+    {**TINY_CONFIG_VISION, "norm_kwargs": {"elementwise_affine": False}},  # norms without weights
+    {**TINY_CONFIG_VISION, "some_future_key": 1},
+])
+def test_unknown_layouts_declare_no_count(tmp_path, vision_cfg):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"vision_cfg": vision_cfg}))
+    assert open_clip_tower.num_params(OpenClipOptions(arch=str(path))) is None
+
+
+def test_validate_prints_the_encoder_size(tmp_path):
+    with using_registry(registry_for(open_clip_tower, "open-clip")):
+        line = validated_encoder_line({"use": "open-clip", "options": {"arch": "ViT-B-16", "layer": -1}}, tmp_path)
+    assert f"({open_clip_tower.num_params(OpenClipOptions(arch='ViT-B-16', layer=-1)):,}) frozen" in line and "?" not in line
+
+
+def test_counting_imports_no_torch():
+    script = ("from vlbridge.plugins.encoders import open_clip_tower as m\n"
+              "for arch in ('ViT-B-16', 'ViT-SO400M-14-SigLIP', 'coca_ViT-B-32', 'tiny'):\n"
+              "    assert m.num_params(m.OpenClipOptions(arch=arch)) > 0\n"
+              "from vlbridge.cli.main import main\n"
+              "assert main(['validate', 'qwen2.5-1.5b-siglip-qformer']) == 0")
     assert heavy_modules_after(script) == []

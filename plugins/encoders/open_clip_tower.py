@@ -18,7 +18,10 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
-from vlbridge.plugins.encoders.open_clip_configs import TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch
+from vlbridge.plugins.encoders.open_clip_configs import (
+    TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch, vision_cfg_of,
+)
+from vlbridge.plugins.encoders.open_clip_params import native_params, timm_params
 from vlbridge.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 
@@ -76,6 +79,16 @@ def preprocess(opts: OpenClipOptions) -> Preprocess:
     return Preprocess(opts.resolved_image_size, chosen["mean"], chosen["std"], chosen["interpolation"], chosen["resize_mode"])
 
 
+def num_params(opts: OpenClipOptions) -> int | None:
+    """Parameters of the built tower: blocks 0..layer and what precedes them (finish() prunes the rest);
+    None where the trunk's layout is not known from its config (see open_clip_params)."""
+    facts = opts.tower
+    blocks = opts.layer % facts.depth + 1
+    if facts.trunk == "timm":
+        return timm_params(facts, opts.resolved_image_size, blocks)
+    return native_params(vision_cfg_of(opts.arch_config, opts.arch), opts.resolved_image_size, blocks)
+
+
 @hookimpl
 def vlbridge_register_encoders() -> list[EncoderSpec]:
     return [
@@ -86,5 +99,6 @@ def vlbridge_register_encoders() -> list[EncoderSpec]:
             options=OpenClipOptions,
             output=output,
             preprocess=preprocess,
+            num_params=num_params,
         )
     ]
