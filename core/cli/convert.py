@@ -7,6 +7,9 @@ import argparse
 import importlib
 from typing import Any, Callable
 
+from vlbridge.assembly import load_assembly
+from vlbridge.cli.model_source import resolved_directory
+
 # format -> (module, importer, exporter, what the foreign directory is); the converters are imported on use
 TRANSFORMERS_FORMATS: dict[str, tuple[str, str, str, str]] = {
     "hf-blip2": ("vlbridge.hf_blip2", "import_hf_blip2", "export_hf_blip2", "transformers BLIP-2"),
@@ -50,7 +53,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         parser = exp_sub.add_parser(fmt, help=f"a {what} directory",
                                     description=f"Convert a vlbridge checkpoint into a {what} directory.")
         parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a vlbridge checkpoint: model.save(DIR), a training "
-                            "run's checkpoints/step-N, or what `vlbridge import` wrote")
+                            "run's checkpoints/step-N (or its output_dir: the latest step), or what `vlbridge import` wrote")
         parser.add_argument("out", metavar="OUT_DIR", help=f"where the {what} directory is written, for transformers' "
                             "from_pretrained(OUT_DIR) (config.json, model.safetensors, tokenizer and processor files)")
         parser.add_argument("--allow-approximate", action="store_true",
@@ -67,9 +70,10 @@ def cmd_import_transformers(args: argparse.Namespace) -> int:
 
 
 def cmd_import_lavis(args: argparse.Namespace) -> int:
+    assembly = load_assembly(args.assembly)  # torch-free: a misspelt preset is reported before torch loads
     from vlbridge.lavis import import_lavis
 
-    out = import_lavis(args.source, args.assembly, args.out)
+    out = import_lavis(args.source, assembly, args.out)
     print(f"wrote vlbridge checkpoint {out}")
     return 0
 
@@ -80,9 +84,10 @@ def cmd_export_transformers(args: argparse.Namespace) -> int:
     import vlbridge
     from vlbridge.export_fidelity import ApproximateExportWarning
 
+    checkpoint = resolved_directory(args, "checkpoint", "CHECKPOINT_DIR")  # the messages -c gives, before the model loads
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ApproximateExportWarning)
-        out = _converter(args.format, 1)(vlbridge.load(args.checkpoint), args.out, allow_approximate=args.allow_approximate)
+        out = _converter(args.format, 1)(vlbridge.load(checkpoint), args.out, allow_approximate=args.allow_approximate)
     for warning in caught:
         if issubclass(warning.category, ApproximateExportWarning):
             print(f"approximate export: {warning.message}")

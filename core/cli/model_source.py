@@ -43,14 +43,15 @@ def check_model_source(args: argparse.Namespace) -> ModelSource:
         check_reachable(assembly, max(assembly.plan.stages), random_weights=random_weights)
     from vlbridge.devices import resolve_device
 
-    checkpoint = _resolved(args, "checkpoint", "--checkpoint")
-    weights = _resolved(args, "weights", "--weights")
+    checkpoint = resolved_directory(args, "checkpoint", "--checkpoint")
+    weights = resolved_directory(args, "weights", "--weights")
     device = resolve_device(args.device)
     return ModelSource(assembly, checkpoint, weights, device, random_weights)
 
 
-def _resolved(args: argparse.Namespace, name: str, option: str) -> Any:
-    """A checkpoint directory option resolved (a run's output_dir -> its latest step); a weights file as it is."""
+def resolved_directory(args: argparse.Namespace, name: str, option: str) -> Any:
+    """A checkpoint directory argument resolved (a run's output_dir -> its latest step, said on stderr);
+    a weights file as it is. `option` is how messages name it (--checkpoint, CHECKPOINT_DIR)."""
     from vlbridge.checkpoint_source import resolve_checkpoint
 
     given = getattr(args, name, None)
