@@ -293,3 +293,14 @@ def test_a_marked_block_carries_its_reason(tmp_path: Path):
     (tmp_path / "page.md").write_text("text\n<!-- docs-test: skip (needs the hub) -->\n```yaml\na: 1\n```\n", encoding="utf-8")
     assert [(b.source, b.lang, b.skip) for b in markdown_blocks(tmp_path / "page.md", tmp_path)] == [
         ("page.md:3", "yaml", "needs the hub")]
+
+
+def test_commands_are_parsed_by_vlbridges_own_parser_and_run_plain():
+    """A flag that vlbridge no longer takes fails even in a command that runs elsewhere."""
+    assert commands_of('vlbridge ask -q "what is this?" a.png && vlbridge plugins   # two\n') == [
+        ["vlbridge", "ask", "-q", "what is this?", "a.png"], ["vlbridge", "plugins"]]
+    check_arguments(["torchrun", "--nproc_per_node", "2", "-m", "vlbridge", "train", "config.yaml"])
+    with pytest.raises(pytest.fail.Exception, match="parser refuses it"):
+        check_arguments(["vlbridge", "demo", "--no-such-flag"])
+    with pytest.raises(AssertionError, match="plain commands"):
+        commands_of("vlbridge presets | head")
