@@ -116,7 +116,7 @@ class EncoderSpec(_SpecBase):
 
     output: Callable[[Any], TokenShape]
     preprocess: Callable[[Any], Preprocess]
-    num_params: Callable[[Any], int] | None = None
+    num_params: Callable[[Any], int | None] | None = None  # a count of None: not known from these options
 
     kind: ClassVar[Kind] = "encoder"
 

@@ -100,8 +100,9 @@ def _probe_shapes(spec: Spec, opts: Any, who: str) -> None:
         if not (isinstance(out, TokenShape) and out.num_tokens > 0 and out.width > 0):
             raise PluginError(f"{who}: output() must return a positive TokenShape, got {out!r}")
         spec.preprocess(opts)
-        if spec.num_params is not None and spec.num_params(opts) <= 0:
-            raise PluginError(f"{who}: num_params() must be positive")
+        count = spec.num_params(opts) if spec.num_params is not None else None
+        if count is not None and count <= 0:  # None: the size is not known from the options (validate prints "?")
+            raise PluginError(f"{who}: num_params() must be positive or None, got {count}")
     elif isinstance(spec, LLMSpec):
         dims = spec.dims(opts)
         if dims.embed_width <= 0 or dims.context_length <= 0:

@@ -87,3 +87,9 @@ def test_check_plugin_without_build_imports_no_torch():
             "check_plugin('vlbridge.plugins.connectors.projectors', build=False); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_an_encoder_may_declare_an_unknown_size():
+    """num_params() returning None means 'not known from the config' (validate prints '?'), not a fault."""
+    specs = check_plugin("vlbridge.plugins.encoders.open_clip_tower", build=False, options={"open-clip": {"arch": "EVA02-B-16"}})
+    assert [spec.name for spec in specs] == ["open-clip"]
