@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = write_data(root, args.batch * (args.steps + 2))
         started = time.perf_counter()
         manifest = build_cache(assembly(1, args.encoder_blocks), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}],
-                               root / "cache", BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0))
+                               root / "cache", BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0),
+                               random_weights=True)  # the random mini ViT, on purpose
         cache_rate = manifest.rows / (time.perf_counter() - started)
         modes = build_modes(data, root / "cache", args)
         flops = {mode.name: step_flops(mode.model, mode.objective, next(mode.batches)) for mode in modes}
@@ -280,7 +281,7 @@ def profile(args: argparse.Namespace) -> None:
         data = write_data(root, args.batch * (args.profile + 3))
         config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
         build_cache(assembly(1, args.encoder_blocks), [config], root / "cache",
-                    BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0))
+                    BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0), random_weights=True)
         model = vlbridge.build(assembly(1, args.encoder_blocks), stage=1, random_weights=True).train()
         set_dropout(model.connector, args.dropout)
         cached = feature_dataset(config, root / "cache", train=True, encoder=model.encoder, assembly=model.assembly)

@@ -291,3 +291,25 @@ def test_the_resize_mode_is_part_of_the_encoder_identity():
     assert identity_problems(identity(old), identity(cropped)) == [
         "preprocessing resize_mode: squash in the cache, shortest now", "preprocessing resize_size: None in the cache, 32 now"]
     assert identity_problems(identity(old), identity(PreprocessInfo(**base, resize_mode="squash"))) == []
+
+
+def _missing_encoder_weights(tmp_path: Path) -> dict[str, Any]:
+    """tiny-qformer-opt with its encoder pointed at weights that do not exist."""
+    return {"name": "missing-encoder", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny", "pretrained": str(tmp_path / "no-vit")}},
+            "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8}}}
+
+
+def test_build_cache_from_python_checks_the_encoders_weights_before_building_it(data: Path, tmp_path: Path, monkeypatch):
+    """Issue 18: build_cache built the encoder directly, so the reachability check of vlbridge.build was skipped."""
+    from vlbridge import reachability
+
+    with pytest.raises(reachability.UnreachableWeightsError, match=r"encoder eva-vit-g \(weights\): encoder.options.pretrained .*no-vit"):
+        build_cache(_missing_encoder_weights(tmp_path), [data / "data.yaml"], tmp_path / "out", FP32)
+    assert not (tmp_path / "out").exists()  # refused before the output directory is made
+    calls = []
+    counted = reachability.reachability_problems
+    monkeypatch.setattr(reachability, "reachability_problems", lambda *a, **k: calls.append(k) or counted(*a, **k))
+    build_cache(PRESET, [data / "data.yaml"], tmp_path / "python", FP32)
+    assert cli(["cache-features", "-a", PRESET, "--data", str(data / "data.yaml"), "--out", str(tmp_path / "cli"),
+                "--num-workers", "0", "--random-weights", "--json"]) == 0
+    assert [call["random_weights"] for call in calls] == [False, True]  # once per build, the CLI's flag passed on

@@ -72,14 +72,13 @@ def _settings(args: argparse.Namespace):
 
 def cmd_cache_features(args: argparse.Namespace) -> int:
     assembly = load_assembly(args.assembly)  # torch-free: a misspelt preset is reported before torch loads
-    from vlbridge.reachability import check_reachable
     from vlbridge.train.cache_build import build_cache
 
     sources, settings = _sources(args), _settings(args)
-    check_reachable(assembly, 1, random_weights=args.random_weights, only=("encoder",))  # the encoder alone is built
     started = time.monotonic()
     log = None if args.json else (lambda message: print(f"vlbridge cache-features: {message}", file=sys.stderr, flush=True))
-    manifest = build_cache(assembly, sources, args.out, settings, overwrite=args.overwrite, log=log)
+    manifest = build_cache(assembly, sources, args.out, settings, overwrite=args.overwrite, log=log,
+                           random_weights=args.random_weights)  # checks the encoder's weights first
     seconds = time.monotonic() - started
     size = sum(shard.bytes for shard in manifest.shards)
     summary = {"out": args.out, "images": manifest.rows, "skipped": len(manifest.skipped), "shards": len(manifest.shards),

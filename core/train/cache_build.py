@@ -33,6 +33,7 @@ from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, ImageText, Skipped
 from vlbridge.data.transforms import eval_transform
 from vlbridge.freeze import torch_dtype
+from vlbridge.reachability import check_reachable
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, manifest_json, read_manifest, weights_sha256)
@@ -202,11 +203,13 @@ def planned_keys(chunk: list[ImageText]) -> list[list[Any]]:
 # -- the build ------------------------------------------------------------------------------------
 def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Sequence[DataConfig | Mapping[str, Any] | str | Path],
                 out: str | Path, settings: BuildSettings = BuildSettings(), *, overwrite: bool = False,
-                log: Log | None = None) -> Manifest:
+                log: Log | None = None, random_weights: bool = False) -> Manifest:
     """Cache the assembly's encoder outputs for every distinct image of `sources` under `out`
-    (resuming an interrupted build there); returns the manifest, written last."""
+    (resuming an interrupted build there); returns the manifest, written last. The encoder's weights
+    are checked as vlbridge.build checks them (`random_weights` as there) before `out` is touched."""
     assembly = assembly if isinstance(assembly, Assembly) else load_assembly(assembly)
     loaded = load_sources(sources)
+    check_reachable(assembly, 1, random_weights=random_weights, only=("encoder",))  # the encoder alone is built
     out = Path(out).expanduser()
     prepare_directory(out, overwrite)
     encoder = build_encoder(assembly, settings.device)
