@@ -25,6 +25,7 @@ def tiny_llm_vocab(kind: str) -> int:
     an id the tokenizer lacks decodes to nothing (1024 rows made most tiny generations empty)."""
     return TOKENIZER_LENGTHS[kind] + 1
 
+
 _COLOURS = "red green blue yellow purple orange black white gray brown pink cyan".split()
 _SHAPES = "circle square triangle star cross ring diamond heart cube ball box cat dog car tree house".split()
 _SIZES = "small large big tiny huge little".split()
