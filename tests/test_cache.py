@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 import vlbridge
-from vlbridge.assembly import load_assembly
+from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.main import main as cli
 from vlbridge.data.build import make_loader, read_records
 from vlbridge.data.config import DataConfig
 from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, Skipped
 from vlbridge.data.transforms import eval_transform
-from vlbridge.images import load_image
+from vlbridge.parts.images import load_image
 from vlbridge.train.cache import CacheError, build_encoder, feature_dataset, read_manifest, verify_cache, weights_sha256
 from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.cache_dataset import FeatureStore

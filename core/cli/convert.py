@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 # format -> (module, importer, exporter, what the foreign directory is); the converters are imported on use
 TRANSFORMERS_FORMATS: dict[str, tuple[str, str, str, str]] = {
-    "hf-blip2": ("vlbridge.hf_blip2", "import_hf_blip2", "export_hf_blip2", "transformers BLIP-2"),
-    "hf-instructblip": ("vlbridge.hf_instructblip", "import_hf_instructblip", "export_hf_instructblip", "transformers InstructBLIP"),
-    "hf-llava": ("vlbridge.hf_llava", "import_hf_llava", "export_hf_llava", "transformers LLaVA"),
+    "hf-blip2": ("vlbridge.interop.hf_blip2", "import_hf_blip2", "export_hf_blip2", "transformers BLIP-2"),
+    "hf-instructblip": ("vlbridge.interop.hf_instructblip", "import_hf_instructblip", "export_hf_instructblip", "transformers InstructBLIP"),
+    "hf-llava": ("vlbridge.interop.hf_llava", "import_hf_llava", "export_hf_llava", "transformers LLaVA"),
 }
 IMPORT_HELP = {
     "hf-blip2": "a transformers BLIP-2 directory (save_pretrained / a local hub copy)",
@@ -59,7 +59,7 @@ def cmd_import_transformers(args: argparse.Namespace) -> int:
 
 
 def cmd_import_lavis(args: argparse.Namespace) -> int:
-    from vlbridge.lavis import import_lavis
+    from vlbridge.interop.lavis import import_lavis
 
     out = import_lavis(args.source, args.assembly, args.out)
     print(f"wrote vlbridge checkpoint {out}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.userfiles import read_yaml
+from vlbridge.files.userfiles import read_yaml
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def _say(message: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlbridge.compare.config import MAX_JOBS
-    from vlbridge.demo import run_demo
+    from vlbridge.compare.demo import run_demo
 
     if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
         raise VLBridgeError(f"--jobs must be between 1 and {MAX_JOBS} worker processes, got {args.jobs}")

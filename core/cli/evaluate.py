@@ -66,7 +66,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _read_data(args: argparse.Namespace) -> list:
-    from vlbridge import evaluate
+    from vlbridge.evaluation import tasks as evaluate
 
     if args.task == "vqa":
         extra = {"image_pattern": args.image_pattern} if args.image_pattern else {}
@@ -89,7 +89,7 @@ def _progress(quiet: bool):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import vlbridge
-    from vlbridge import evaluate
+    from vlbridge.evaluation import tasks as evaluate
 
     _check_arguments(args)
     opts = evaluate.options(_options(args))  # bad options fail before the data and the model load

@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import torch
 
-from vlbridge.assembly import load_assembly
-from vlbridge.atomic import atomic_write_text
+from vlbridge.assemblies.assembly import load_assembly
+from vlbridge.files.atomic import atomic_write_text
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
 from vlbridge.compare.progress import PhaseProgress, phase_plan
-from vlbridge.resources import presets
+from vlbridge.plugin.resources import presets
 
 Say = Callable[[str], None]
 
@@ -30,7 +30,7 @@ Say = Callable[[str], None]
 def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     """The run's assembly as a mapping, with its connector option overrides applied."""
     if run.checkpoint is not None:
-        from vlbridge.checkpoint import ASSEMBLY_FILE
+        from vlbridge.files.checkpoint import ASSEMBLY_FILE
 
         return load_assembly(str(Path(run.checkpoint) / ASSEMBLY_FILE)).config.model_dump(mode="json")
     if isinstance(run.assembly, dict):

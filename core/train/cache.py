@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlbridge.errors import InputFileError, VLBridgeError
-from vlbridge.userfiles import read_json
+from vlbridge.files.userfiles import read_json
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
-    from vlbridge.assembly import Assembly
+    from vlbridge.assemblies.assembly import Assembly
     from vlbridge.data.config import DataConfig
 
 MANIFEST_FILE = "manifest.json"
@@ -159,7 +159,7 @@ def encoder_identity(assembly: "Assembly", weights: str) -> EncoderIdentity:
 
 def build_encoder(assembly: "Assembly", device: "str | torch.device | None" = None) -> "torch.nn.Module":
     """The assembly's frozen encoder alone, built exactly as `vlbridge.build` builds it (same seed)."""
-    from vlbridge.factory import _build_frozen  # the one place frozen parts are built (fixed init seed)
+    from vlbridge.modeling.factory import _build_frozen  # the one place frozen parts are built (fixed init seed)
 
     encoder = _build_frozen(assembly.encoder)
     return encoder.to(device) if device is not None else encoder

@@ -25,19 +25,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlbridge.assembly import Assembly, load_assembly
-from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.assemblies.assembly import Assembly, load_assembly
+from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.data.build import make_loader
 from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, ImageText, Skipped
 from vlbridge.data.transforms import eval_transform
-from vlbridge.freeze import torch_dtype
+from vlbridge.parts.freeze import torch_dtype
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, manifest_json, read_manifest, weights_sha256)
 from vlbridge.train.cache_dataset import iter_samples, portable_name
-from vlbridge.userfiles import read_yaml
+from vlbridge.files.userfiles import read_yaml
 
 Log = Callable[[str], None]
 

@@ -24,7 +24,7 @@ from vlbridge.data.shards import expand_shards, iter_shard
 from vlbridge.train.cache import TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, read_manifest, verify_cache
 
 if TYPE_CHECKING:
-    from vlbridge.assembly import Assembly
+    from vlbridge.assemblies.assembly import Assembly
 
 _SAFETENSORS_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 

@@ -15,11 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vlbridge.assembly import Assembly, load_assembly
+from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.data.config import DataConfig
 from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
-from vlbridge.userfiles import read_yaml
+from vlbridge.files.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _YAML_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*:")  # an assembly problem that starts with its own path

@@ -18,7 +18,7 @@ from vlbridge.data.build import build_dataset, make_loader, read_records
 from vlbridge.data.datasets import RecordDataset, TextOptions
 from vlbridge.data.transforms import eval_transform
 from vlbridge.errors import VLBridgeError
-from vlbridge.model import VLBridgeModel
+from vlbridge.modeling.model import VLBridgeModel
 
 
 def build_dataset_for(data: DataConfig, model: VLBridgeModel, *, train: bool, features: str | None, where: str) -> Dataset:

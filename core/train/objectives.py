@@ -24,7 +24,7 @@ from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, i
                                    prefix_lm_split, sample_hard_negatives)
 
 if TYPE_CHECKING:
-    from vlbridge.model import VLBridgeModel
+    from vlbridge.modeling.model import VLBridgeModel
 
 Losses = dict[str, torch.Tensor]
 STAGE1_INTERFACE = ("tokenizer", "image_context", "query_outputs", "image_features_of", "text_features", "itm_logits",

@@ -29,13 +29,13 @@ import yaml
 from torch import nn
 
 import vlbridge
-from vlbridge.assembly import Assembly
-from vlbridge.checkpoint import read_meta, trainable_state_dict
+from vlbridge.assemblies.assembly import Assembly
+from vlbridge.files.checkpoint import read_meta, trainable_state_dict
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.factory import load_connector_weights
-from vlbridge.model import VLBridgeModel
+from vlbridge.modeling.factory import load_connector_weights
+from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.train import checkpointing as ckpt
 from vlbridge.train import distributed
 from vlbridge.train import runtime as rt
@@ -46,7 +46,7 @@ from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, 
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
-from vlbridge.tuning import restore_tuned, tuned_parts
+from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 
 Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
 RESUME_MUST_MATCH = ("assembly", "stage", "finetune")  # another model, stage or recipe cannot continue a checkpoint

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from vlbridge import hookimpl
 from vlbridge.errors import IncompatibleError
-from vlbridge.specs import ConnectorSpec, Options, TokenShape
+from vlbridge.plugin.specs import ConnectorSpec, Options, TokenShape
 
 
 class LinearOptions(Options):

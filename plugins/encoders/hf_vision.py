@@ -27,7 +27,7 @@ from vlbridge import hookimpl
 from vlbridge.plugins.encoders.hf_vision_configs import (
     KNOWN_TOWERS, TINY_CONFIG, TowerFacts, describe_tower, family_preprocess, processor_preprocess, read_source, rescaled,
 )
-from vlbridge.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 Variant = Literal["clip-l-336", "siglip-so400m", "dinov2-large", "tiny"]
 

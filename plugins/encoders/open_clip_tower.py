@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
 from vlbridge.plugins.encoders.open_clip_configs import TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch
-from vlbridge.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 
 class OpenClipOptions(Options):

@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge import hookimpl
-from vlbridge.hf_config import local_config
-from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
+from vlbridge.files.hf_config import local_config
+from vlbridge.plugin.specs import LLMDims, LLMSpec, Options, Precision
 
 # From the released google/flan-t5-* config.json files (gated-GELU FFN, untied LM head).
 ARCH: dict[str, dict[str, int]] = {

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import torch_dtype
+from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.flan_t5 import ARCH, FlanT5Options
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.hf_seq2seq_model import Seq2SeqLM

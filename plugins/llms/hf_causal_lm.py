@@ -13,7 +13,7 @@ from pydantic import Field
 from vlbridge import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.hf_options import HFLLMOptions
-from vlbridge.specs import LLMDims, LLMSpec
+from vlbridge.plugin.specs import LLMDims, LLMSpec
 
 # The model built when no `model` is given: a tiny random Llama, tokenized by the shipped tiny tokenizer.
 TINY_CONFIG: dict[str, Any] = {

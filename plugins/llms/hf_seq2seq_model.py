@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import torch_dtype
+from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.hf_seq2seq import HFSeq2SeqOptions
 from vlbridge.plugins.llms.loading import load_pretrained, prompting, tiny_tokenizer
 from vlbridge.plugins.llms.soft_prompt import SoftPromptLLM, ignore_padding
