@@ -63,7 +63,7 @@ def test_the_smallest_connector_works(guide_package):
 def test_every_interface_vlbridge_calls_is_documented(repo):
     from vlbridge.plugin.contract import INTERFACES
     from vlbridge.modeling.retrieval import RETRIEVAL_INTERFACE
-    from vlbridge.train.objectives import STAGE1_INTERFACE
+    from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
 
     guide = (repo / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
     names = {*STAGE1_INTERFACE, *RETRIEVAL_INTERFACE, *INTERFACES["llm"], "set_stage", "forward"}

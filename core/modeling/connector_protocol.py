@@ -15,18 +15,17 @@ from vlbridge.plugin.contract import defines, missing, plugin_call
 from vlbridge.errors import PluginError
 
 
-def stage1_interface() -> tuple[str, ...]:
-    """The attributes the stage-1 objective calls on a connector (it owns the list)."""
-    from vlbridge.train.objectives import STAGE1_INTERFACE
-
-    return tuple(STAGE1_INTERFACE)
+# What the stage-1 objective calls on a connector (BLIP-2's ITC, ITM and ITG): part of the
+# connector protocol, so the model and the plugin checks read it without importing training.
+STAGE1_INTERFACE = ("tokenizer", "image_context", "query_outputs", "image_features_of", "text_features", "itm_logits",
+                    "itg_logits_from_queries", "temp")
 
 
 def set_connector_stage(connector: nn.Module, stage: int, who: str) -> None:
     """Choose which of the connector's parameters train in `stage` (the caller checked that the
     spec declares the stage); `who` names the component in errors."""
     if stage == 1:
-        absent = missing(connector, ("set_stage", *stage1_interface()))
+        absent = missing(connector, ("set_stage", *STAGE1_INTERFACE))
         if absent:
             raise PluginError(f"{who} cannot train in stage 1: its module ({type(connector).__name__}) lacks {', '.join(absent)}. "
                               "Stage 1 needs set_stage(stage) and the stage-1 interface (docs/writing-plugins.md, section 5); "

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.parts.images import as_image_list
-from vlbridge.train.objectives import format_prompts
+from vlbridge.modeling.prompts import format_prompts
 
 if TYPE_CHECKING:
     from vlbridge.modeling.model import VLBridgeModel
