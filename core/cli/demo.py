@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlbridge.compare import CompareConfig
-    from vlbridge.compare.runner import run_compare
+    from vlbridge.compare.run import run_compare
     from vlbridge.train.config import pydantic_problems
 
     path = Path(args.config)

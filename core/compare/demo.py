@@ -206,7 +206,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
     default: one per core up to 2), write the report. Worker processes are spawned: a script that
     calls this with `jobs` > 1 needs Python's `if __name__ == "__main__":` guard."""
     from vlbridge.compare.baselines import blind_row
-    from vlbridge.compare.runner import run_compare
+    from vlbridge.compare.run import run_compare
 
     out = Path(out)
     config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs)

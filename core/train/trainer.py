@@ -28,12 +28,12 @@ import torch
 import yaml
 from torch import nn
 
-import vlbridge
 from vlbridge.assemblies.assembly import Assembly
 from vlbridge.files.checkpoint import read_meta, trainable_state_dict
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.modeling import factory
 from vlbridge.modeling.factory import load_connector_weights
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.train import checkpointing as ckpt
@@ -398,7 +398,7 @@ def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -
     encoder tensors and LoRA adapters it fine-tuned, if any), with the config's fine-tuning recipes applied."""
     weights = ckpt.resolve_weights(config.init_from) if config.init_from is not None else None
     try:
-        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device)
+        model = factory.build(assembly, stage=config.stage, weights=weights, device=device)
         if weights is not None:
             restore_tuned(model, weights, read_meta(weights))
     except WeightsError as exc:
