@@ -23,7 +23,8 @@ from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, Skipped
 from vlbridge.data.transforms import eval_transform
 from vlbridge.parts.images import load_image
-from vlbridge.train.cache import CacheError, build_encoder, feature_dataset, read_manifest, verify_cache, weights_sha256
+from vlbridge.train.cache import CacheError, build_encoder, read_manifest, verify_cache, weights_sha256
+from vlbridge.train.cache_dataset import feature_dataset
 from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.cache_dataset import FeatureStore
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective

@@ -33,10 +33,8 @@ from vlbridge.files.userfiles import read_json
 
 if TYPE_CHECKING:
     import torch
-    from torch.utils.data import Dataset
 
     from vlbridge.assemblies.assembly import Assembly
-    from vlbridge.data.config import DataConfig
 
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "features-{:05d}.safetensors"
@@ -240,12 +238,10 @@ def assembly_label(assembly: "Assembly") -> str:
     return assembly.source.removeprefix("preset ").strip("'")
 
 
-# -- the trainer's seam (vlbridge.train.inputs) ---------------------------------------------------
-def feature_dataset(data: "DataConfig", features: str | Path, *, train: bool, where: str = "data",
-                    encoder: "torch.nn.Module | None" = None, assembly: "Assembly | None" = None) -> "Dataset":
-    """The dataset of `data`'s samples with cached encoder outputs as `image_embeds` (see
-    `cache_dataset.FeatureDataset`). With `assembly` (and its built `encoder`), the cache is first
-    verified against it; the trainer should pass both."""
-    from vlbridge.train.cache_dataset import open_feature_dataset
-
-    return open_feature_dataset(data, features, train=train, where=where, encoder=encoder, assembly=assembly)
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (a shard): written into the manifest by the builder, checked by readers."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
