@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.errors import IncompatibleError
 from vlbridge.files.hf_config import read_local_json
 from vlbridge.plugin.specs import ConnectorSpec, Options, TokenShape

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.encoders.open_clip_configs import TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch
 from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 

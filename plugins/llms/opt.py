@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.files.hf_config import local_config
 from vlbridge.plugin.specs import LLMDims, LLMSpec, Options, Precision
 
