@@ -46,7 +46,7 @@ def build_pair(side: str) -> nn.Module:
     """One side, with the seeded weights: 'ours' (vlbridge) or 'transformers'."""
     from vlbridge.plugins.connectors.qformer import QFormerOptions
     from vlbridge.plugins.connectors.qformer_model import build
-    from vlbridge.specs import TokenShape
+    from vlbridge.plugin.specs import TokenShape
 
     torch.manual_seed(SEED)
     ours = build(QFormerOptions(ln_vision_eps=1e-6), TokenShape(ENCODER_TOKENS, ENCODER_WIDTH), LLM_WIDTH)

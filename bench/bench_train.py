@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import vlbridge
 from vlbridge.data.build import build_dataset, make_loader
-from vlbridge.train.cache import feature_dataset
+from vlbridge.train.cache_dataset import feature_dataset
 from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective
 

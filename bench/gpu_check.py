@@ -31,7 +31,7 @@ REL_TOLERANCE = 5e-2  # bf16: differences relative to the largest SDPA value
 def build_model(variant: str, device: str) -> torch.nn.Module:
     from vlbridge.plugins.connectors.qformer import QFormerOptions
     from vlbridge.plugins.connectors.qformer_model import build
-    from vlbridge.specs import TokenShape
+    from vlbridge.plugin.specs import TokenShape
 
     torch.manual_seed(0)
     model = build(QFormerOptions(variant=variant), TokenShape(ENCODER_TOKENS, ENCODER_WIDTH), LLM_WIDTH)
@@ -63,7 +63,7 @@ def outputs_and_grads(model, inputs, which: str) -> tuple[torch.Tensor, torch.Te
 
 
 def compare(model, inputs, backend: str, reference: dict) -> dict[str, float]:
-    from vlbridge.attention import set_attention_backend
+    from vlbridge.parts.attention import set_attention_backend
 
     set_attention_backend(backend)
     result = {}
@@ -111,7 +111,7 @@ def timings(model, image: torch.Tensor, reps: int) -> dict[str, float]:
 
 
 def run(batch: int, reps: int, variant: str, device: str) -> dict:
-    from vlbridge.attention import set_attention_backend
+    from vlbridge.parts.attention import set_attention_backend
 
     model = build_model(variant, device)
     inputs = make_inputs(batch, model.opts.size("vocab_size"), device)

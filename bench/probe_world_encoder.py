@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vlbridge.images import load_image
+from vlbridge.parts.images import load_image
 from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
 from vlbridge.plugins.encoders.eva_vit_g_model import build
 from vlbridge.world import WorldConfig

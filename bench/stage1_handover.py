@@ -47,7 +47,7 @@ PARTS: Path | None = None  # --parts: another folder of world parts instead of t
 
 def assembly() -> dict[str, Any]:
     """The demo's Q-Former assembly (32 queries), on --parts when given."""
-    from vlbridge.resources import shipped_folders
+    from vlbridge.plugin.resources import shipped_folders
 
     text = json.dumps(vlbridge.load_assembly(PRESET).config.model_dump(mode="json"))
     if PARTS is not None:
@@ -116,7 +116,7 @@ def caption_loss(model, features: torch.Tensor, captions: list[str]) -> float:
 
 def held_out(world: Path, assembly_body: dict[str, Any], count: int) -> tuple[torch.Tensor, list[str]]:
     """Encoder tokens and the first caption of `count` test images."""
-    from vlbridge.images import load_image
+    from vlbridge.parts.images import load_image
 
     records = json.loads((world / "captions_test.json").read_text(encoding="utf-8"))[:count]
     encoder_model = vlbridge.build(assembly_body, stage=1)

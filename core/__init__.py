@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlbridge.assembly import Assembly, load_assembly
+from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.errors import (
     AssemblyError,
     IncompatibleError,
@@ -18,10 +18,10 @@ from vlbridge.errors import (
     VLBridgeError,
     WeightsError,
 )
-from vlbridge.hookspecs import hookimpl
-from vlbridge.plan import Plan
-from vlbridge.registry import get_registry
-from vlbridge.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, Preprocess, TokenShape
+from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.assemblies.plan import Plan
+from vlbridge.plugin.registry import get_registry
+from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, Preprocess, TokenShape
 
 __version__ = "0.1.0"
 
@@ -33,16 +33,16 @@ __all__ = [
 
 # Torch-backed API, imported lazily so that listing and validation stay light: name -> "module:attr".
 _LAZY: dict[str, str] = {
-    "build": "vlbridge.factory:build",
-    "load": "vlbridge.factory:load",
-    "VLBridgeModel": "vlbridge.model:VLBridgeModel",
-    "import_hf_blip2": "vlbridge.hf_blip2:import_hf_blip2",
-    "export_hf_blip2": "vlbridge.hf_blip2:export_hf_blip2",
-    "import_lavis": "vlbridge.lavis:import_lavis",
-    "import_hf_llava": "vlbridge.hf_llava:import_hf_llava",
-    "import_hf_instructblip": "vlbridge.hf_instructblip:import_hf_instructblip",
-    "export_hf_instructblip": "vlbridge.hf_instructblip:export_hf_instructblip",
-    "export_hf_llava": "vlbridge.hf_llava:export_hf_llava",
+    "build": "vlbridge.modeling.factory:build",
+    "load": "vlbridge.modeling.factory:load",
+    "VLBridgeModel": "vlbridge.modeling.model:VLBridgeModel",
+    "import_hf_blip2": "vlbridge.interop.hf_blip2:import_hf_blip2",
+    "export_hf_blip2": "vlbridge.interop.hf_blip2:export_hf_blip2",
+    "import_lavis": "vlbridge.interop.lavis:import_lavis",
+    "import_hf_llava": "vlbridge.interop.hf_llava:import_hf_llava",
+    "import_hf_instructblip": "vlbridge.interop.hf_instructblip:import_hf_instructblip",
+    "export_hf_instructblip": "vlbridge.interop.hf_instructblip:export_hf_instructblip",
+    "export_hf_llava": "vlbridge.interop.hf_llava:export_hf_llava",
 }
 
 

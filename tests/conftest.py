@@ -19,7 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_registry():
-    from vlbridge.registry import invalidate
+    from vlbridge.plugin.registry import invalidate
 
     invalidate()
     yield

@@ -14,8 +14,8 @@ from torch import nn
 
 import vlbridge
 from vlbridge import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, TokenShape
-from vlbridge.specs import Preprocess
-from vlbridge.testing import registry_with
+from vlbridge.plugin.specs import Preprocess
+from vlbridge.plugintest.check import registry_with
 
 NUM_TOKENS = 4  # the pool connector's visual tokens
 

@@ -17,8 +17,8 @@ import yaml
 
 import vlbridge
 from vlbridge.cli.main import main
-from vlbridge.registry import Registry, get_registry
-from vlbridge.testing import registry_with
+from vlbridge.plugin.registry import Registry, get_registry
+from vlbridge.plugintest.check import registry_with
 from vlbridge.train.objectives import objective_for
 
 CAPTIONS = ["a cat sits on a red mat", "a dog runs in the green park", "two birds on a wire", "a cat sleeping on a mat"]

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from vlbridge import AssemblyError, load_assembly
-from vlbridge.resources import presets
+from vlbridge.plugin.resources import presets
 
 
 def assembly(**overrides):
@@ -97,7 +97,7 @@ def test_third_party_connector_width_mismatch_with_llm(monkeypatch):
 
     import vlbridge
     from vlbridge import ConnectorSpec, TokenShape
-    from vlbridge.testing import registry_with
+    from vlbridge.plugintest.check import registry_with
 
     @vlbridge.hookimpl
     def vlbridge_register_connectors():

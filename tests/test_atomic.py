@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlbridge.atomic import atomic_write, atomic_write_text, current_umask, staging_dir
-from vlbridge.checkpoint import ConnectorState
+from vlbridge.files.atomic import atomic_write, atomic_write_text, current_umask, staging_dir
+from vlbridge.files.checkpoint import ConnectorState
 from vlbridge.train.checkpointing import save_training_checkpoint
 
 

@@ -1,4 +1,4 @@
-"""vlbridge.attention: every backend agrees with the eager reference (outputs and gradients), with
+"""vlbridge.parts.attention: every backend agrees with the eager reference (outputs and gradients), with
 no mask, padding masks and the Q-Former's three masks; forcing and naming backends."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlbridge import attention as attn
+from vlbridge.parts import attention as attn
 from vlbridge.errors import VLBridgeError
 from vlbridge.plugins.connectors.qformer_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 

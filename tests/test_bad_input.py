@@ -19,7 +19,7 @@ from vlbridge.data.jsonl import read_jsonl
 from vlbridge.data.records import DataError
 from vlbridge.data.vqa import read_vqa
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.weights import read_tensors
+from vlbridge.files.weights import read_tensors
 
 # name -> (file bytes, a phrase the reason must contain)
 UNREADABLE = {

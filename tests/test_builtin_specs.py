@@ -8,7 +8,7 @@ import pytest
 from vlbridge.plugins.connectors import projectors, qformer
 from vlbridge.plugins.encoders import clip_vit_l, eva_vit_g
 from vlbridge.plugins.llms import flan_t5, opt
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 
 
 @pytest.mark.parametrize("image_size, tokens", [(224, 257), (364, 677), (None, 257)])

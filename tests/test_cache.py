@@ -15,15 +15,16 @@ import torch
 from PIL import Image
 
 import vlbridge
-from vlbridge.assembly import load_assembly
+from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.main import main as cli
 from vlbridge.data.build import make_loader, read_records
 from vlbridge.data.config import DataConfig
 from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, Skipped
 from vlbridge.data.transforms import eval_transform
-from vlbridge.images import load_image
-from vlbridge.train.cache import CacheError, build_encoder, feature_dataset, read_manifest, verify_cache, weights_sha256
+from vlbridge.parts.images import load_image
+from vlbridge.train.cache import CacheError, build_encoder, read_manifest, verify_cache, weights_sha256
+from vlbridge.train.cache_dataset import feature_dataset
 from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.cache_dataset import FeatureStore
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective
@@ -301,7 +302,7 @@ def _missing_encoder_weights(tmp_path: Path) -> dict[str, Any]:
 
 def test_build_cache_from_python_checks_the_encoders_weights_before_building_it(data: Path, tmp_path: Path, monkeypatch):
     """Issue 18: build_cache built the encoder directly, so the reachability check of vlbridge.build was skipped."""
-    from vlbridge import reachability
+    from vlbridge.assemblies import reachability
 
     with pytest.raises(reachability.UnreachableWeightsError, match=r"encoder eva-vit-g \(weights\): encoder.options.pretrained .*no-vit"):
         build_cache(_missing_encoder_weights(tmp_path), [data / "data.yaml"], tmp_path / "out", FP32)

@@ -1,4 +1,4 @@
-"""vlbridge.testing.check_plugin builds each component and calls what vlbridge will call, so a
+"""vlbridge.plugintest.check.check_plugin builds each component and calls what vlbridge will call, so a
 plugin's author learns about a missing piece from their own test."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from tests import fake_plugins as fake
 from vlbridge import IncompatibleError, PluginError, TokenShape, VLBridgeError
-from vlbridge.testing import check_plugin
+from vlbridge.plugintest.check import check_plugin
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,7 +83,7 @@ def test_a_connector_declining_every_probe_says_how_to_choose_one():
 
 
 def test_check_plugin_without_build_imports_no_torch():
-    code = ("import sys; from vlbridge.testing import check_plugin; "
+    code = ("import sys; from vlbridge.plugintest.check import check_plugin; "
             "check_plugin('vlbridge.plugins.connectors.projectors', build=False); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

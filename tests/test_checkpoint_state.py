@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 import vlbridge
 import vlbridge.train
 from tests.test_trainer_samples import config, write_caption_data
-from vlbridge.checkpoint import write_checkpoint
+from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import MissingWeightsError
-from vlbridge.model import VLBridgeModel
+from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.plugins.connectors.qformer_model import FROZEN_IN_STAGE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

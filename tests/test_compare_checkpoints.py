@@ -12,7 +12,7 @@ import vlbridge
 from tests.hf_tiny import make_generation_model
 from tests.test_hf_llava import make_llava
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
-from vlbridge.compare.runner import run_compare
+from vlbridge.compare.run import run_compare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
-from vlbridge.compare.runner import run_compare
+from vlbridge.compare.run import run_compare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -24,8 +24,8 @@ from vlbridge.data import (  # noqa: E402
     stable_image_index,
     train_transform,
 )
-from vlbridge.images import to_pixel_batch  # noqa: E402
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
+from vlbridge.parts.images import to_pixel_batch  # noqa: E402
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
 
 PRE = Preprocess(16, CLIP_MEAN, CLIP_STD, "bicubic")
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vlbridge.cli.main import main
-from vlbridge.demo import demo_config
+from vlbridge.compare.demo import demo_config
 from vlbridge.errors import VLBridgeError
 
 ZERO_SHOT = ["qformer-32q", "qformer-32q-no-stage1", "qformer-8q", "linear", "mlp"]
@@ -162,7 +162,7 @@ def test_flan_t5_plan_bridges_every_run_to_the_world_flan_t5(capsys: pytest.Capt
 
 def test_demo_cli_passes_world_seed_and_llm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The options reach run_demo (which generates the world of that seed; see the next test)."""
-    import vlbridge.demo as demo
+    import vlbridge.compare.demo as demo
 
     seen = {}
 
@@ -179,7 +179,7 @@ def test_demo_cli_passes_world_seed_and_llm(tmp_path: Path, monkeypatch: pytest.
 
 def test_another_world_seed_gives_another_world(tmp_path: Path):
     """ensure_world generates the seed's world, and regenerates when the seed changes."""
-    from vlbridge.demo import ensure_world
+    from vlbridge.compare.demo import ensure_world
 
     sizes = {"train": 4, "val": 2, "test": 4, "comp": 2, "questions_per_image": 2}
     said: list[str] = []

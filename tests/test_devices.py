@@ -1,4 +1,4 @@
-"""One device rule (vlbridge.devices) for every command that takes --device and for the trainer:
+"""One device rule (vlbridge.parts.devices) for every command that takes --device and for the trainer:
 a CUDA request without CUDA, or a misspelt device, is a user error (exit 2) everywhere."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vlbridge.cli.main import main
-from vlbridge.devices import DeviceError, resolve_device
+from vlbridge.parts.devices import DeviceError, resolve_device
 from vlbridge.train.config import TrainConfigError, check_config, read_config
 
 from tests.test_trainer_samples import config, write_caption_data

@@ -1,4 +1,4 @@
-"""vlbridge.dropout: the cheaper CPU dropout mask is a real dropout (rate, scale, gradient, seeding),
+"""vlbridge.parts.dropout: the cheaper CPU dropout mask is a real dropout (rate, scale, gradient, seeding),
 and the Q-Former's attention-probability dropout on CPU uses it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlbridge.attention import attention
-from vlbridge.dropout import Dropout, drop_threshold, dropout, keep_mask
+from vlbridge.parts.attention import attention
+from vlbridge.parts.dropout import Dropout, drop_threshold, dropout, keep_mask
 from vlbridge.errors import VLBridgeError
 
 

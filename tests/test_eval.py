@@ -1,4 +1,4 @@
-"""vlbridge.evaluate and `vlbridge eval`: caption, VQA and retrieval runs on files the tests write
+"""vlbridge.evaluation.tasks and `vlbridge eval`: caption, VQA and retrieval runs on files the tests write
 (COCO Karpathy-style caption JSON, VQAv2 questions + annotations, a few PIL images).
 
 Stand-in models with known outputs check the numbers; tiny random presets check the whole path
@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlbridge import evaluate
+from vlbridge.evaluation import tasks as evaluate
 from vlbridge.cli.main import main
 from vlbridge.metrics import question_accuracy, score_captions
-from vlbridge.retrieval import RetrievalResult
+from vlbridge.modeling.retrieval import RetrievalResult
 
 COLOURS = {1: (220, 20, 20), 2: (20, 200, 20), 3: (20, 20, 220), 4: (230, 230, 30)}
 REFERENCES = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from vlbridge.assembly import load_assembly
+from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.compare import CompareConfig
 from vlbridge.world import WorldConfig, generate_world
 

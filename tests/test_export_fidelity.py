@@ -13,9 +13,9 @@ import yaml
 
 import vlbridge
 from vlbridge.cli.main import main
-from vlbridge.export_fidelity import ApproximateExportError, ApproximateExportWarning
-from vlbridge.hf_blip2 import blip2_differences, probe_difference
-from vlbridge.resources import presets
+from vlbridge.interop.export_fidelity import ApproximateExportError, ApproximateExportWarning
+from vlbridge.interop.hf_blip2 import blip2_differences, probe_difference
+from vlbridge.plugin.resources import presets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

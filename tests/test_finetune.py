@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import vlbridge
 from tests.finetune_helpers import ENCODER_ALL, ENCODER_LAST, LORA, changed, is_lora, logits, run_trainer, stage2
 from tests.test_trainer_samples import read_metrics, train_losses, write_caption_data
-from vlbridge.encoder_tuning import layer_ids, unfreeze_encoder
+from vlbridge.finetune.encoder_tuning import layer_ids, unfreeze_encoder
 from vlbridge.train.checkpointing import checkpoint_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,7 +69,7 @@ def test_layer_ids_follow_the_blocks():
 
 
 def test_checkpointing_gives_the_same_gradients():
-    from vlbridge.encoder_tuning import disable_grad_checkpointing, enable_grad_checkpointing
+    from vlbridge.finetune.encoder_tuning import disable_grad_checkpointing, enable_grad_checkpointing
 
     model = vlbridge.build("tiny-qformer-opt", stage=1).train()
     unfrozen = unfreeze_encoder(model.encoder, "all", who="eva-vit-g")
@@ -180,7 +180,7 @@ def test_other_families_round_trip(tmp_path, data, assembly, finetune):
 ])
 def test_builtin_encoders_list_their_blocks(encoder, blocks):
     """Each built-in encoder names the blocks that run; the last one alone trains, checkpointed, and gets gradients."""
-    from vlbridge.encoder_tuning import enable_grad_checkpointing, encoder_blocks
+    from vlbridge.finetune.encoder_tuning import enable_grad_checkpointing, encoder_blocks
 
     model = vlbridge.build({"name": "x", "encoder": encoder, "connector": {"use": "qformer", "options": {"variant": "tiny"}}}, stage=1)
     listed = encoder_blocks(model.encoder)

@@ -11,7 +11,7 @@ import vlbridge
 from tests import hf_tiny
 from tests.test_hf_blip2 import _with_image_tokens
 from tests.test_hf_llava import PROMPTS, hf_inputs, make_llava, pixels
-from vlbridge.lora import add_lora, has_lora, lora_parameters, merged_llm_model
+from vlbridge.finetune.lora import add_lora, has_lora, lora_parameters, merged_llm_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from vlbridge.errors import VLBridgeError  # noqa: E402
-from vlbridge.freeze import FrozenPart, torch_dtype  # noqa: E402
+from vlbridge.parts.freeze import FrozenPart, torch_dtype  # noqa: E402
 
 
 class Part(FrozenPart):

@@ -179,8 +179,8 @@ def test_an_imported_llava_loads_after_a_move(llava, tmp_path):
 
 
 def test_a_final_norm_the_export_would_drop_is_refused_with_its_size(llava, tmp_path):
-    from vlbridge.checkpoint import checkpoint_assembly
-    from vlbridge.export_fidelity import ApproximateExportError
+    from vlbridge.files.checkpoint import checkpoint_assembly
+    from vlbridge.interop.export_fidelity import ApproximateExportError
 
     _, _, _, root = llava
     raw = checkpoint_assembly(root / "imported")

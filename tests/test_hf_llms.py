@@ -219,7 +219,7 @@ def test_chat_prompts_train_and_generate(family_dirs):
 
 @pytest.mark.parametrize("module, family", [("vlbridge.plugins.llms.hf_causal_lm", None), ("vlbridge.plugins.llms.hf_seq2seq", "bart")])
 def test_the_generic_plugins_pass_check_plugin(module, family, family_dirs):
-    from vlbridge.testing import check_plugin
+    from vlbridge.plugintest.check import check_plugin
 
     name = module.rsplit(".", 1)[1].replace("_", "-")
     given = {name.replace("seq2seq", "seq2seq"): {"model": str(family_dirs[family])}} if family else None

@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 
-from vlbridge.hf_quiet import quiet_hf
+from vlbridge.parts.hf_quiet import quiet_hf
 
 BARS = ("Loading weights", "Writing model shards", "it/s]")
 SCRIPT = """

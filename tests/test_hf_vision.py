@@ -21,8 +21,8 @@ from vlbridge.plugins.encoders import hf_vision  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision import HFVisionOptions  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision_configs import KNOWN_TOWERS  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision_model import HFVisionEncoder, build  # noqa: E402
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
-from vlbridge.testing import using_registry  # noqa: E402
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
+from vlbridge.plugintest.check import using_registry  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,7 +163,7 @@ def test_the_eval_transform_matches_the_image_processor(processor):
     import numpy as np
     from PIL import Image
 
-    from vlbridge.images import to_pixel_batch
+    from vlbridge.parts.images import to_pixel_batch
     from vlbridge.plugins.encoders.hf_vision_configs import processor_preprocess
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8))

@@ -9,8 +9,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlbridge.errors import VLBridgeError  # noqa: E402
-from vlbridge.images import load_image, to_pixel_batch  # noqa: E402
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
+from vlbridge.parts.images import load_image, to_pixel_batch  # noqa: E402
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
 
 PRE = Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic")
 

@@ -62,7 +62,7 @@ def vlbridge(venv: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_installed_copy_is_used_and_finds_registry_yaml(venv):
-    code = ("import vlbridge, vlbridge.resources as r; print(vlbridge.__file__); "
+    code = ("import vlbridge, vlbridge.plugin.resources as r; print(vlbridge.__file__); "
             "print(r.REGISTRY_FILE.is_file() and not r.REGISTRY_FILE.is_symlink())")
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=venv, check=True).stdout
     path, regular_file = out.split()

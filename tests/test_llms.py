@@ -14,11 +14,11 @@ transformers = pytest.importorskip("transformers")
 import torch.nn.functional as F  # noqa: E402
 
 from vlbridge.errors import VLBridgeError  # noqa: E402
-from vlbridge.freeze import FrozenPart  # noqa: E402
+from vlbridge.parts.freeze import FrozenPart  # noqa: E402
 from vlbridge.plugins.llms import flan_t5, opt  # noqa: E402
 from vlbridge.plugins.llms.soft_prompt import IGNORE_INDEX, pack_padding  # noqa: E402
 from vlbridge.plugins.tiny_assets import tokenizer_dir  # noqa: E402
-from vlbridge.registry import get_registry  # noqa: E402
+from vlbridge.plugin.registry import get_registry  # noqa: E402
 
 SPECS = {"opt": (opt, opt.OPTOptions), "flan-t5": (flan_t5, flan_t5.FlanT5Options)}
 PROMPTS = ["a red circle", "Question: what colour is the big star on the left? Short answer:"]

@@ -13,7 +13,7 @@ from PIL import Image
 import vlbridge
 from vlbridge import ConnectorSpec, TokenShape, VLBridgeError, WeightsError
 from vlbridge.plugins.connectors.projectors import LinearOptions
-from vlbridge.testing import registry_with
+from vlbridge.plugintest.check import registry_with
 from tests.test_qformer_convert import _lavis_name
 
 RED, BLUE = Image.new("RGB", (64, 48), (220, 20, 20)), Image.new("RGB", (40, 40), (20, 20, 220))

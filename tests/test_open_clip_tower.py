@@ -20,8 +20,8 @@ from vlbridge.plugins.encoders import open_clip_tower  # noqa: E402
 from vlbridge.plugins.encoders.open_clip_params import NATIVE_DEFAULTS  # noqa: E402
 from vlbridge.plugins.encoders.open_clip_tower import OpenClipOptions  # noqa: E402
 from vlbridge.plugins.encoders.open_clip_tower_model import OpenClipTower, _check_tag_preprocessing, build  # noqa: E402
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
-from vlbridge.testing import using_registry  # noqa: E402
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
+from vlbridge.plugintest.check import using_registry  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -253,7 +253,7 @@ def test_a_stage1_qformer_trains_on_it():
 
 
 def test_the_feature_cache_identity_carries_the_centre_crop():
-    from vlbridge.assembly import load_assembly
+    from vlbridge.assemblies.assembly import load_assembly
     from vlbridge.train.cache import encoder_identity
 
     with using_registry(registry_for(open_clip_tower, "open-clip")):

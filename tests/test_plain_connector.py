@@ -17,7 +17,7 @@ from tests import fake_plugins as fake
 from tests.test_trainer_samples import config, train_losses, write_caption_data
 from vlbridge import PluginError, VLBridgeError
 from vlbridge.cli.main import main
-from vlbridge.testing import using_registry
+from vlbridge.plugintest.check import using_registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RED = Image.new("RGB", (32, 32), (220, 20, 20))

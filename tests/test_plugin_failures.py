@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests import fake_plugins as fake
 from vlbridge.cli.main import main
-from vlbridge.testing import using_registry
+from vlbridge.plugintest.check import using_registry
 
 CONNECTOR_FAULTS = {
     "factory raises": ("build_raises", "its factory 'tests.fake_plugins:build_raises' raised RuntimeError: cannot find my weights"),

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import vlbridge
-from vlbridge.testing import check_plugin, registry_with
+from vlbridge.plugintest.check import check_plugin, registry_with
 from vlbridge.train.objectives import Stage2Objective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,9 +61,9 @@ def test_the_smallest_connector_works(guide_package):
 
 
 def test_every_interface_vlbridge_calls_is_documented(repo):
-    from vlbridge.contract import INTERFACES
-    from vlbridge.retrieval import RETRIEVAL_INTERFACE
-    from vlbridge.train.objectives import STAGE1_INTERFACE
+    from vlbridge.plugin.contract import INTERFACES
+    from vlbridge.modeling.retrieval import RETRIEVAL_INTERFACE
+    from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
 
     guide = (repo / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
     names = {*STAGE1_INTERFACE, *RETRIEVAL_INTERFACE, *INTERFACES["llm"], "set_stage", "forward"}

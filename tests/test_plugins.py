@@ -9,10 +9,10 @@ import pytest
 
 import vlbridge
 from vlbridge import ConnectorSpec, EncoderSpec, PluginError, TokenShape, UnknownComponentError
-from vlbridge.plugin_loader import load_plugin_set
-from vlbridge.registry import Registry, get_registry
-from vlbridge.specs import Preprocess
-from vlbridge.testing import check_plugin, registry_with
+from vlbridge.plugin.loader import load_plugin_set
+from vlbridge.plugin.registry import Registry, get_registry
+from vlbridge.plugin.specs import Preprocess
+from vlbridge.plugintest.check import check_plugin, registry_with
 
 
 def module(name: str, **attrs) -> types.ModuleType:
@@ -98,7 +98,7 @@ def test_import_error_of_entry_point_is_recorded(monkeypatch):
             raise ModuleNotFoundError("No module named 'some_dependency'")
 
     monkeypatch.delenv("VLBRIDGE_LOAD_PLUGINS")
-    monkeypatch.setattr("vlbridge.plugin_loader.metadata.entry_points", lambda group: [FakeEntryPoint()])
+    monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: [FakeEntryPoint()])
     plugins = load_plugin_set()
     record = plugins.records["vlbridge-missing"]
     assert record.status == "error" and "No module named 'some_dependency'" in record.errors[0]
@@ -117,7 +117,7 @@ def test_allow_and_block_lists_skip_before_import(monkeypatch):
             return module(self.name)
 
     eps = [FakeEntryPoint("vlbridge-a"), FakeEntryPoint("vlbridge-b"), FakeEntryPoint("vlbridge-c")]
-    monkeypatch.setattr("vlbridge.plugin_loader.metadata.entry_points", lambda group: eps)
+    monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: eps)
     monkeypatch.setenv("VLBRIDGE_LOAD_PLUGINS", "vlbridge-a, vlbridge_b")
     monkeypatch.setenv("VLBRIDGE_DISABLE_PLUGINS", "vlbridge-b")
     records = load_plugin_set().records
@@ -178,7 +178,7 @@ def test_check_plugin_accepts_builtins_and_rejects_mistakes():
 
 def test_hookspecs_are_documented(repo):
     """Every hook appears, by name, in the plugin author's guide (datasette's meta-test)."""
-    from vlbridge.hookspecs import HOOK_KINDS
+    from vlbridge.plugin.hookspecs import HOOK_KINDS
 
     guide = (repo / "docs" / "writing-plugins.md").read_text()
     for hook in HOOK_KINDS:

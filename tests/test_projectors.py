@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from vlbridge.errors import IncompatibleError, VLBridgeError
 from vlbridge.plugins.connectors.projectors import LinearOptions, MLPOptions, linear_params, mlp_params
 from vlbridge.plugins.connectors.projectors_model import build_linear, build_mlp
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 
 ENC = TokenShape(7, 24)
 D = 40

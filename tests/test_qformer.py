@@ -14,7 +14,7 @@ from vlbridge.plugins.connectors.qformer_bert import read_weights
 from vlbridge.plugins.connectors.qformer_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from vlbridge.plugins.connectors.qformer_model import TEXT_SIDE, build
 from vlbridge.plugins.tiny_assets import tokenizer_dir
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 
 Q, N, E, D = 4, 6, 48, 40
 ENC = TokenShape(N, E)

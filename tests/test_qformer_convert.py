@@ -10,7 +10,7 @@ from vlbridge.errors import WeightsError
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_convert import from_lavis, from_transformers, to_transformers
 from vlbridge.plugins.connectors.qformer_model import TEXT_SIDE, build
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 
 transformers = pytest.importorskip("transformers")
 

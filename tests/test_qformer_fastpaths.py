@@ -13,7 +13,7 @@ import vlbridge
 from tests.test_qformer import image_text_inputs
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_model import ImageContext, build
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 from vlbridge.train import objectives as objectives_module
 from vlbridge.train.losses import itc_loss, itg_loss, itm_loss, sample_hard_negatives
 from vlbridge.train.objectives import Stage1Objective, batch_image_embeds, batch_image_ids

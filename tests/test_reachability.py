@@ -1,4 +1,4 @@
-"""Every part's weights are checked before anything is built (vlbridge.reachability): a missing
+"""Every part's weights are checked before anything is built (vlbridge.assemblies.reachability): a missing
 part is named with the option that supplies it, and a real-size frozen part never becomes random
 silently. No test touches the network: HF_HUB_OFFLINE=1 and an empty HF cache, or a refused probe."""
 
@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 import vlbridge
-from vlbridge import factory, reachability
+from vlbridge.modeling import factory
+from vlbridge.assemblies import reachability
 from vlbridge.cli.main import main
-from vlbridge.reachability import UnreachableWeightsError, check_reachable
+from vlbridge.assemblies.reachability import UnreachableWeightsError, check_reachable
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import vlbridge  # noqa: E402
 from vlbridge.plugins.llms.loading import tiny_tokenizer  # noqa: E402
 from vlbridge.plugins.tiny_assets import KINDS, TOKENIZER_LENGTHS  # noqa: E402
-from vlbridge.registry import get_registry  # noqa: E402
+from vlbridge.plugin.registry import get_registry  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

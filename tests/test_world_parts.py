@@ -67,7 +67,7 @@ def test_the_world_llms_are_the_shipped_ones_and_match_their_spec(family):
 def test_the_world_qformer_starts_from_the_shipped_bert():
     from vlbridge.plugins.connectors.qformer import QFormerOptions
     from vlbridge.plugins.connectors.qformer_model import build
-    from vlbridge.specs import TokenShape
+    from vlbridge.plugin.specs import TokenShape
 
     opts = QFormerOptions(bert=str(part_dir("bert")), num_query_tokens=4)  # the BERT's config.json decides the sizes
     qformer = build(opts, TokenShape(65, 128), 128)
@@ -164,7 +164,7 @@ def test_the_model_plugins_never_import_the_world(repo):
 def test_presets_point_at_the_shipped_folders():
     from vlbridge.world.assets import world_dir
 
-    raw = vlbridge.resources.read_registry()["presets"]["world-qformer-opt"]
+    raw = vlbridge.plugin.resources.read_registry()["presets"]["world-qformer-opt"]
     assert raw["llm"]["options"]["model"] == "{world}/opt"
     assembly = vlbridge.load_assembly("world-qformer-opt").config
     assert assembly.llm.options["model"] == str(world_dir() / "opt")
@@ -188,7 +188,7 @@ def test_train_parts_quick_end_to_end(tmp_path):
     from vlbridge.plugins.llms.flan_t5_model import build as build_t5
     from vlbridge.plugins.llms.opt import OPTOptions
     from vlbridge.plugins.llms.opt_model import build as build_opt
-    from vlbridge.specs import TokenShape
+    from vlbridge.plugin.specs import TokenShape
     from vlbridge.world.train_parts import main
 
     assert main(["--out", str(tmp_path), "--quick", "--parts", "opt,nope"]) == 2

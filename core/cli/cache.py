@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from vlbridge.assembly import load_assembly
+from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.model_source import add_random_weights_argument
 from vlbridge.cli.output import print_json
 from vlbridge.errors import VLBridgeError
@@ -57,7 +57,7 @@ def _sources(args: argparse.Namespace) -> list:
 
 
 def _settings(args: argparse.Namespace):
-    from vlbridge.devices import resolve_device
+    from vlbridge.parts.devices import resolve_device
     from vlbridge.train.cache_build import BuildSettings
 
     device = str(resolve_device(args.device))  # the rule every command shares

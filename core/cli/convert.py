@@ -7,14 +7,14 @@ import argparse
 import importlib
 from typing import Any, Callable
 
-from vlbridge.assembly import load_assembly
+from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.model_source import resolved_directory
 
 # format -> (module, importer, exporter, what the foreign directory is); the converters are imported on use
 TRANSFORMERS_FORMATS: dict[str, tuple[str, str, str, str]] = {
-    "hf-blip2": ("vlbridge.hf_blip2", "import_hf_blip2", "export_hf_blip2", "transformers BLIP-2"),
-    "hf-instructblip": ("vlbridge.hf_instructblip", "import_hf_instructblip", "export_hf_instructblip", "transformers InstructBLIP"),
-    "hf-llava": ("vlbridge.hf_llava", "import_hf_llava", "export_hf_llava", "transformers LLaVA"),
+    "hf-blip2": ("vlbridge.interop.hf_blip2", "import_hf_blip2", "export_hf_blip2", "transformers BLIP-2"),
+    "hf-instructblip": ("vlbridge.interop.hf_instructblip", "import_hf_instructblip", "export_hf_instructblip", "transformers InstructBLIP"),
+    "hf-llava": ("vlbridge.interop.hf_llava", "import_hf_llava", "export_hf_llava", "transformers LLaVA"),
 }
 IMPORT_HELP = {
     "hf-blip2": "a transformers BLIP-2 directory (save_pretrained / a local hub copy)",
@@ -71,7 +71,7 @@ def cmd_import_transformers(args: argparse.Namespace) -> int:
 
 def cmd_import_lavis(args: argparse.Namespace) -> int:
     assembly = load_assembly(args.assembly)  # torch-free: a misspelt preset is reported before torch loads
-    from vlbridge.lavis import import_lavis
+    from vlbridge.interop.lavis import import_lavis
 
     out = import_lavis(args.source, assembly, args.out)
     print(f"wrote vlbridge checkpoint {out}")
@@ -82,7 +82,7 @@ def cmd_export_transformers(args: argparse.Namespace) -> int:
     import warnings
 
     import vlbridge
-    from vlbridge.export_fidelity import ApproximateExportWarning
+    from vlbridge.interop.export_fidelity import ApproximateExportWarning
 
     checkpoint = resolved_directory(args, "checkpoint", "CHECKPOINT_DIR")  # the messages -c gives, before the model loads
     with warnings.catch_warnings(record=True) as caught:

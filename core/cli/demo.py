@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.userfiles import read_yaml
+from vlbridge.files.userfiles import read_yaml
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def _say(message: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlbridge.compare.config import MAX_JOBS
-    from vlbridge.demo import run_demo
+    from vlbridge.compare.demo import run_demo
 
     if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
         raise VLBridgeError(f"--jobs must be between 1 and {MAX_JOBS} worker processes, got {args.jobs}")
@@ -64,7 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from vlbridge.compare import CompareConfig
-    from vlbridge.compare.runner import run_compare
+    from vlbridge.compare.run import run_compare
     from vlbridge.train.config import pydantic_problems
 
     path = Path(args.config)

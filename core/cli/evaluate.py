@@ -68,7 +68,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _read_data(args: argparse.Namespace) -> list:
-    from vlbridge import evaluate
+    from vlbridge.evaluation import tasks as evaluate
 
     if args.task == "vqa":
         pattern = args.image_pattern or evaluate.layout_image_pattern(args.data, args.images)
@@ -107,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_arguments(args)
     source = check_model_source(args)  # the assembly name before torch, then checkpoint and device
-    from vlbridge import evaluate
+    from vlbridge.evaluation import tasks as evaluate
 
     opts = evaluate.options(_options(args))  # bad options fail before the data and the model load
     records = _read_data(args)

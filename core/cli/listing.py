@@ -6,9 +6,9 @@ import argparse
 from typing import Any
 
 from vlbridge.cli.output import print_json, print_table
-from vlbridge.registry import get_registry
-from vlbridge.resources import presets
-from vlbridge.specs import KINDS
+from vlbridge.plugin.registry import get_registry
+from vlbridge.plugin.resources import presets
+from vlbridge.plugin.specs import KINDS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ import traceback
 
 from vlbridge.cli import cache, convert, demo, evaluate, listing, run, train, validate, world
 from vlbridge.errors import VLBridgeError
-from vlbridge.hf_quiet import quiet_hf
+from vlbridge.parts.hf_quiet import quiet_hf
 
 SUBCOMMAND_MODULES = (demo, listing, validate, run, convert, train, cache, world, evaluate)
 

@@ -1,7 +1,7 @@
 """Where the model of `caption`, `ask`, `retrieve`, `eval` and `cache-features` comes from, checked
 in the order that makes a mistake cheapest to hear about: the assembly name torch-free first (a
 misspelt preset is reported in a fraction of a second), then the checkpoint directory, the device
-(one rule for every command, vlbridge.devices), and only then any weights."""
+(one rule for every command, vlbridge.parts.devices), and only then any weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlbridge.assembly import Assembly, load_assembly
+from vlbridge.assemblies.assembly import Assembly, load_assembly
 
 RANDOM_WEIGHTS_HELP = ("allow real-size frozen parts without pretrained weights (random on purpose, e.g. to time a "
                        "model); without it such an assembly is refused before anything loads")
@@ -38,10 +38,10 @@ def check_model_source(args: argparse.Namespace) -> ModelSource:
     assembly = load_assembly(args.assembly) if getattr(args, "assembly", None) else None  # before torch
     random_weights = bool(getattr(args, "random_weights", False))
     if assembly is not None:  # build() checks again; here it is said before torch and torchvision import
-        from vlbridge.reachability import check_reachable
+        from vlbridge.assemblies.reachability import check_reachable
 
         check_reachable(assembly, max(assembly.plan.stages), random_weights=random_weights)
-    from vlbridge.devices import resolve_device
+    from vlbridge.parts.devices import resolve_device
 
     checkpoint = resolved_directory(args, "checkpoint", "--checkpoint")
     weights = resolved_directory(args, "weights", "--weights")
@@ -52,7 +52,7 @@ def check_model_source(args: argparse.Namespace) -> ModelSource:
 def resolved_directory(args: argparse.Namespace, name: str, option: str) -> Any:
     """A checkpoint directory argument resolved (a run's output_dir -> its latest step, said on stderr);
     a weights file as it is. `option` is how messages name it (--checkpoint, CHECKPOINT_DIR)."""
-    from vlbridge.checkpoint_source import resolve_checkpoint
+    from vlbridge.train.checkpoint_source import resolve_checkpoint
 
     given = getattr(args, name, None)
     if not given or (name == "weights" and Path(given).expanduser().is_file()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlbridge.assembly import load_assembly
+from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.output import print_json
 from vlbridge.errors import AssemblyError, VLBridgeError
 

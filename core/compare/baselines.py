@@ -13,7 +13,7 @@ from typing import Any
 
 from vlbridge.compare.config import EvalSet
 from vlbridge.data.jsonio import require_list
-from vlbridge.userfiles import read_json
+from vlbridge.files.userfiles import read_json
 
 
 def question_type_prior(train_annotations: str | Path) -> dict[str, str]:
@@ -69,7 +69,7 @@ def commonest_caption(train_captions: str | Path) -> str:
 def prior_captions(caption: str, spec: EvalSet) -> dict[str, Any]:
     """Caption metrics (per-image items) of giving every image of a split the same caption."""
     from vlbridge.compare.evaluation import caption_scores
-    from vlbridge.evaluate import load_caption_groups
+    from vlbridge.evaluation.tasks import load_caption_groups
 
     groups = load_caption_groups(spec.captions, spec.images, spec.limit)
     return caption_scores([{"image_id": g.image_id, "caption": caption} for g in groups], groups)

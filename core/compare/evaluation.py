@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from vlbridge.compare.config import CompareConfig, EvalSet
 from vlbridge.errors import VLBridgeError
-from vlbridge.userfiles import read_json
+from vlbridge.files.userfiles import read_json
 
 Say = Callable[[str], None]
 SCENE_RULE = ("a retrieved caption counts as right when it is true of the query image: written for it or for an image "
@@ -43,7 +43,7 @@ class EncodedImages:
         """(len(refs), T, W) encoder outputs on the CPU, in the order of `refs`."""
         import torch
 
-        from vlbridge.evaluate import image_inputs
+        from vlbridge.evaluation.tasks import image_inputs
 
         names = [ref.path or ref.name for ref in refs]
         todo = {name: ref for name, ref in zip(names, refs) if name not in self.store}
@@ -57,7 +57,7 @@ class EncodedImages:
 
 def _generate(model, encoded: EncodedImages, refs: Sequence, prompts: list[str], options, batch_size: int = 16, chunk: int = 256) -> list[str]:
     """One generation per (image, prompt), from cached encoder outputs, a chunk of embeddings at a time."""
-    from vlbridge.inference import generate_batched
+    from vlbridge.modeling.inference import generate_batched
 
     out: list[str] = []
     for start in range(0, len(prompts), chunk):
@@ -69,8 +69,8 @@ def _generate(model, encoded: EncodedImages, refs: Sequence, prompts: list[str],
 def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded: EncodedImages | None = None) -> dict[str, Any]:
     """Captioning and VQA with the trained (stage-2) model (retrieval is the stage-1 model's: see
     `retrieval_set`). `encoded` holds encoder outputs other runs computed already."""
-    from vlbridge import evaluate as ev
-    from vlbridge.inference import answer_options, caption_options
+    from vlbridge.evaluation import tasks as ev
+    from vlbridge.modeling.inference import answer_options, caption_options
 
     encoded = encoded if encoded is not None else EncodedImages()
     out: dict[str, Any] = {}
@@ -103,7 +103,7 @@ def retrieval_set(model, spec: EvalSet, say: Say) -> dict[str, Any]:
 
 # -- reading -----------------------------------------------------------------------------------------
 def vqa_records(spec: EvalSet) -> list:
-    from vlbridge.evaluate import load_vqa_records
+    from vlbridge.evaluation.tasks import load_vqa_records
 
     pattern = {"image_pattern": spec.image_pattern} if spec.image_pattern else {}
     return load_vqa_records(spec.questions, spec.annotations, spec.images, spec.limit, **pattern)
@@ -119,7 +119,7 @@ def question_categories(annotations: str | None) -> dict[Any, str]:
 
 def retrieval_groups(spec: EvalSet) -> list:
     """The split's images with the captions retrieval uses (all, or those at `retrieval_captions`)."""
-    from vlbridge.evaluate import load_caption_groups
+    from vlbridge.evaluation.tasks import load_caption_groups
 
     groups = load_caption_groups(spec.captions, spec.images, spec.retrieval_limit or spec.limit)
     if spec.retrieval_captions is None:
@@ -191,7 +191,7 @@ def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -
     """Recall@1/5/10 both ways from ITC and from ITM re-ranking, with scene-level correctness, and
     each query's hit@1 under "items"."""
     from vlbridge.data import flatten_groups
-    from vlbridge.evaluate import image_inputs
+    from vlbridge.evaluation.tasks import image_inputs
     from vlbridge.metrics.retrieval import query_ranks, recall_at_k
 
     flat = flatten_groups(groups)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.compare.stats import RESAMPLES
 from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, summarise
 

@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import torch
 
-from vlbridge.assembly import load_assembly
-from vlbridge.atomic import atomic_write_text
+from vlbridge.assemblies.assembly import load_assembly
+from vlbridge.files.atomic import atomic_write_text
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
-from vlbridge.compare.progress import PhaseProgress, phase_plan
-from vlbridge.resources import presets
+from vlbridge.compare.progress import PhaseProgress
+from vlbridge.plugin.resources import presets
 
 Say = Callable[[str], None]
 
@@ -30,7 +30,7 @@ Say = Callable[[str], None]
 def resolve_assembly(run: RunSpec) -> dict[str, Any]:
     """The run's assembly as a mapping, with its connector option overrides applied."""
     if run.checkpoint is not None:
-        from vlbridge.checkpoint import checkpoint_assembly
+        from vlbridge.files.checkpoint import checkpoint_assembly
 
         return load_assembly(checkpoint_assembly(run.checkpoint)).config.model_dump(mode="json")
     if isinstance(run.assembly, dict):
@@ -230,10 +230,10 @@ def shared_retrieval(config: CompareConfig, folder: Path, spec: EvalSet, say: Sa
     if stored.is_file():
         say(f"  {spec.name}: retrieval scored before by this stage 1 ({stored.name})")
         return json.loads(stored.read_text(encoding="utf-8"))
-    import vlbridge
+    from vlbridge.modeling import factory
 
     # retrieval is the stage-1 model's job (ITC/ITM heads and the text side, which stage 2 neither trains nor saves)
-    model = vlbridge.load(latest_checkpoint(folder), stage=1, device=None if config.device == "auto" else config.device)
+    model = factory.load(latest_checkpoint(folder), stage=1, device=None if config.device == "auto" else config.device)
     result = retrieval_set(model, spec, say)
     atomic_write_text(stored, json.dumps(result, default=str))
     return result
@@ -281,7 +281,7 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
     only the (run, seed) pairs of `only`; returns run name -> one result per seed done. The pairs of
     `collected` were just stored by worker processes (whose phases `progress` followed): reading them
     back is not announced as reuse."""
-    import vlbridge
+    from vlbridge.modeling import factory
     from vlbridge.compare.evaluation import EncodedImages
 
     out = Path(config.output_dir)
@@ -316,7 +316,7 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
             if progress is not None:
                 progress.start(f"{run.name} seed {seed}: evaluate")
             device = None if config.device == "auto" else config.device
-            model = vlbridge.load(checkpoint, device=device)
+            model = factory.load(checkpoint, device=device)
             result = {"seed": seed, "group": run.group, "train": summary, "cost": llm_cost(model), "plan": {
                 "trainable_params": model.plan.trainable_params, "visual_tokens": model.plan.connector_out.num_tokens}}
             encoder = _encoder_key(resolve_assembly(run), config)
@@ -328,27 +328,3 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
             atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
     return per_seed
-
-
-def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
-                reference_rows: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
-                titles: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
-
-    With `config.jobs` > 1 the runs are shared out to worker processes first (each stores its
-    results; this process then reads them back). `reference_rows` (e.g. a blind answer prior) join
-    every table as extra rows, results in the shape of one seed's. `key_pairs` (row, row) are the
-    comparisons the report shows first; `titles` head the tables (group -> title).
-    """
-    from vlbridge.compare.report import write_report
-    from vlbridge.compare.workers import run_in_workers
-
-    out = Path(config.output_dir)
-    progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
-    collected = run_in_workers(config, say, progress) if config.jobs > 1 else frozenset()
-    per_seed = train_and_evaluate(config, say, progress, collected=collected)
-    progress.finish()
-    say(progress.line("done"))
-    groups = {run.name: run.group for run in config.runs}
-    return write_report(out, config.model_dump(mode="json"), per_seed, notes or [], groups=groups,
-                        references=reference_rows or {}, key_pairs=key_pairs or [], titles=titles)

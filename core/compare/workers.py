@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 from vlbridge.compare.config import CompareConfig
 from vlbridge.compare.progress import EVAL_WEIGHT, STAGE1_STEP_WEIGHT, PhaseProgress
+from vlbridge.compare.runner import (RESULT_FILE, _stored_result, feature_cache, resolve_assembly, run_key, stage1_key,
+                                     train_and_evaluate)
 from vlbridge.errors import VLBridgeError
-from vlbridge.hf_quiet import quiet_hf
+from vlbridge.parts.hf_quiet import quiet_hf
 
 Say = Callable[[str], None]
 Group = tuple[int, list[str]]  # (seed, run names) that one worker runs in order
@@ -28,8 +30,6 @@ Group = tuple[int, list[str]]  # (seed, run names) that one worker runs in order
 def work_groups(config: CompareConfig) -> list[tuple[float, Group]]:
     """The (run, seed) pairs still to do, grouped so that runs sharing a stage 1 stay together
     (the first of them trains it), each group with its rough cost in stage-2 steps."""
-    from vlbridge.compare.runner import RESULT_FILE, _stored_result, run_key, stage1_key
-
     out = Path(config.output_dir)
     groups: dict[tuple[int, str], list[str]] = {}
     costs: dict[tuple[int, str], float] = {}
@@ -75,8 +75,6 @@ class RelayedProgress:
 
 def _worker(config_json: str, share: list[Group], index: int, messages: Any) -> None:
     """One worker: its groups in order, each as a one-seed comparison of those runs."""
-    from vlbridge.compare.runner import train_and_evaluate
-
     def say(text: str) -> None:
         messages.put(("say", index, text))
 
@@ -94,8 +92,6 @@ def _worker(config_json: str, share: list[Group], index: int, messages: Any) -> 
 
 
 def _build_feature_caches(config: CompareConfig, say: Say) -> None:
-    from vlbridge.compare.runner import feature_cache, resolve_assembly
-
     for run in config.runs:
         if run.checkpoint is None:  # a checkpoint run is evaluated, never trained: no cache
             feature_cache(config, resolve_assembly(run), say)

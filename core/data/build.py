@@ -19,7 +19,7 @@ from vlbridge.data.records import DataError, group_captions
 from vlbridge.data.shards import expand_shards
 from vlbridge.data.transforms import eval_transform, train_transform
 from vlbridge.data.vqa import read_vqa
-from vlbridge.specs import Preprocess
+from vlbridge.plugin.specs import Preprocess
 
 
 def build_dataset(

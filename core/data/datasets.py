@@ -47,7 +47,7 @@ def load_pixels(ref: ImageRef, transform: Transform, strict: bool, index: int) -
     try:
         return transform(open_image(ref))
     except Exception as exc:  # corrupt files raise many types (OSError, SyntaxError, struct.error...)
-        if strict and isinstance(exc, VLBridgeError):  # already names the file (vlbridge.images, open_image)
+        if strict and isinstance(exc, VLBridgeError):  # already names the file (vlbridge.parts.images, open_image)
             raise exc if isinstance(exc, DataError) else DataError(str(exc)) from exc
         if strict:
             raise DataError(f"image {ref.name!r} (sample {index}) cannot be used: {type(exc).__name__}: {exc}") from exc

@@ -8,14 +8,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlbridge import userfiles
+from vlbridge.files import userfiles
 from vlbridge.data.records import DataError
 from vlbridge.errors import InputFileError
 
 
 @contextmanager
 def _as_data_error() -> Iterator[None]:
-    """A file problem found by vlbridge.userfiles, raised as the data layer's DataError."""
+    """A file problem found by vlbridge.files.userfiles, raised as the data layer's DataError."""
     try:
         yield
     except InputFileError as exc:

@@ -1,7 +1,7 @@
 """Image transforms from an encoder's declared `Preprocess`, and decoding an `ImageRef` to pixels.
 
-Eval is `vlbridge.images.eval_transform` itself (resize to (S, S) or centre-crop, normalise), so training-time
-evaluation and `vlbridge.images` can never disagree. Train is BLIP-2's `blip2_image_train`:
+Eval is `vlbridge.parts.images.eval_transform` itself (resize to (S, S) or centre-crop, normalise), so training-time
+evaluation and `vlbridge.parts.images` can never disagree. Train is BLIP-2's `blip2_image_train`:
 RandomResizedCrop(S, scale=(0.5, 1.0)) with the encoder's interpolation, a random horizontal flip,
 then the same scaling and normalisation. Randomness comes from torch's generator (seed it).
 """
@@ -17,8 +17,8 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.data.records import DataError, ImageRef
-from vlbridge.images import eval_transform, load_image
-from vlbridge.specs import Preprocess
+from vlbridge.parts.images import eval_transform, load_image
+from vlbridge.plugin.specs import Preprocess
 
 __all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
 

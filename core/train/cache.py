@@ -29,14 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlbridge.errors import InputFileError, VLBridgeError
-from vlbridge.userfiles import read_json
+from vlbridge.files.userfiles import read_json
 
 if TYPE_CHECKING:
     import torch
-    from torch.utils.data import Dataset
 
-    from vlbridge.assembly import Assembly
-    from vlbridge.data.config import DataConfig
+    from vlbridge.assemblies.assembly import Assembly
 
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = "features-{:05d}.safetensors"
@@ -159,7 +157,7 @@ def encoder_identity(assembly: "Assembly", weights: str) -> EncoderIdentity:
 
 def build_encoder(assembly: "Assembly", device: "str | torch.device | None" = None) -> "torch.nn.Module":
     """The assembly's frozen encoder alone, built exactly as `vlbridge.build` builds it (same seed)."""
-    from vlbridge.factory import _build_frozen  # the one place frozen parts are built (fixed init seed)
+    from vlbridge.modeling.factory import _build_frozen  # the one place frozen parts are built (fixed init seed)
 
     encoder = _build_frozen(assembly.encoder)
     return encoder.to(device) if device is not None else encoder
@@ -240,12 +238,10 @@ def assembly_label(assembly: "Assembly") -> str:
     return assembly.source.removeprefix("preset ").strip("'")
 
 
-# -- the trainer's seam (vlbridge.train.inputs) ---------------------------------------------------
-def feature_dataset(data: "DataConfig", features: str | Path, *, train: bool, where: str = "data",
-                    encoder: "torch.nn.Module | None" = None, assembly: "Assembly | None" = None) -> "Dataset":
-    """The dataset of `data`'s samples with cached encoder outputs as `image_embeds` (see
-    `cache_dataset.FeatureDataset`). With `assembly` (and its built `encoder`), the cache is first
-    verified against it; the trainer should pass both."""
-    from vlbridge.train.cache_dataset import open_feature_dataset
-
-    return open_feature_dataset(data, features, train=train, where=where, encoder=encoder, assembly=assembly)
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (a shard): written into the manifest by the builder, checked by readers."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -25,20 +25,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlbridge.assembly import Assembly, load_assembly
-from vlbridge.atomic import atomic_write, atomic_write_text
+from vlbridge.assemblies.assembly import Assembly, load_assembly
+from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.data.build import make_loader
 from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, ImageText, Skipped
 from vlbridge.data.transforms import eval_transform
-from vlbridge.freeze import torch_dtype
-from vlbridge.reachability import check_reachable
+from vlbridge.parts.freeze import torch_dtype
+from vlbridge.assemblies.reachability import check_reachable
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
-                                  encoder_identity, manifest_json, read_manifest, weights_sha256)
+                                  encoder_identity, file_sha256, manifest_json, read_manifest, weights_sha256)
 from vlbridge.train.cache_dataset import iter_samples, portable_name
-from vlbridge.userfiles import read_yaml
+from vlbridge.files.userfiles import read_yaml
 
 Log = Callable[[str], None]
 
@@ -125,14 +125,6 @@ def prepare_directory(out: Path, overwrite: bool) -> None:
 def fingerprint(identity: EncoderIdentity, settings: BuildSettings) -> str:
     payload = {"encoder": identity.model_dump(mode="json"), "dtype": settings.dtype, "shard_size": settings.shard_size}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- shards ---------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import Record, TextOptions, make_item
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard
-from vlbridge.train.cache import TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, read_manifest, verify_cache
+from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, read_manifest,
+                                  verify_cache)
 
 if TYPE_CHECKING:
-    from vlbridge.assembly import Assembly
+    from vlbridge.assemblies.assembly import Assembly
 
 _SAFETENSORS_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
@@ -99,8 +100,6 @@ class FeatureStore:
     def verify_checksums(self) -> None:
         """Re-hash every shard against the manifest's sha256 (reads the whole cache; opening checks
         only sizes and headers): catches bytes changed in place, e.g. by a bad disk or copy."""
-        from vlbridge.train.cache_build import file_sha256
-
         for entry in self.manifest.shards:
             if file_sha256(self.directory / entry.file) != entry.sha256:
                 raise CacheError(f"feature cache {str(self.directory)!r}: shard {entry.file} does not match its sha256 in the "
@@ -169,9 +168,10 @@ class FeatureDataset(Dataset):
         return item
 
 
-def open_feature_dataset(data: DataConfig | dict[str, Any], features: str | Path, *, train: bool, where: str = "data",
-                         encoder: torch.nn.Module | None = None, assembly: "Assembly | None" = None) -> FeatureDataset:
-    """`data`'s samples over the cache at `features`, verified against `assembly` when given."""
+def feature_dataset(data: DataConfig | dict[str, Any], features: str | Path, *, train: bool, where: str = "data",
+                    encoder: torch.nn.Module | None = None, assembly: "Assembly | None" = None) -> FeatureDataset:
+    """`data`'s samples over the cache at `features` (the trainer's seam, vlbridge.train.inputs). With
+    `assembly` (and its built `encoder`), the cache is first verified against it; the trainer passes both."""
     config = load_data_config(data, where)
     store = FeatureStore(features)
     if assembly is not None:

@@ -23,11 +23,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from vlbridge.atomic import atomic_write, atomic_write_text, staging_dir
-from vlbridge.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
+from vlbridge.files.atomic import atomic_write, atomic_write_text, staging_dir
+from vlbridge.files.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
 from vlbridge.errors import VLBridgeError
-from vlbridge.userfiles import read_text
-from vlbridge.weights import torch_load
+from vlbridge.files.userfiles import read_text
+from vlbridge.files.weights import torch_load
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

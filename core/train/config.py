@@ -15,12 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from vlbridge.assembly import Assembly, load_assembly
+from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.data.config import DataConfig
 from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
-from vlbridge.reachability import reachability_problems
+from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
-from vlbridge.userfiles import read_yaml
+from vlbridge.files.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _YAML_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*:")  # an assembly problem that starts with its own path
@@ -271,8 +271,8 @@ def objective_problems(config: TrainConfig) -> list[str]:
 
 
 def device_problems(device: str, precision: str) -> list[str]:
-    """The device exists (the rule every command shares, vlbridge.devices) and supports the precision (imports torch)."""
-    from vlbridge.devices import DeviceError, resolve_device
+    """The device exists (the rule every command shares, vlbridge.parts.devices) and supports the precision (imports torch)."""
+    from vlbridge.parts.devices import DeviceError, resolve_device
 
     try:
         resolved = resolve_device(device, option="device")

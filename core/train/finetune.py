@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from vlbridge.contract import describe
-from vlbridge.encoder_tuning import enable_grad_checkpointing, unfreeze_encoder
+from vlbridge.plugin.contract import describe
+from vlbridge.finetune.encoder_tuning import enable_grad_checkpointing, unfreeze_encoder
 from vlbridge.errors import VLBridgeError
-from vlbridge.lora import add_lora, lora_parameters, resolve_settings
+from vlbridge.finetune.lora import add_lora, lora_parameters, resolve_settings
 from vlbridge.train.finetune_config import FinetuneConfig
-from vlbridge.tuning import dtype_name
+from vlbridge.finetune.tuning import dtype_name
 
 HALF = (torch.float16, torch.bfloat16)
 

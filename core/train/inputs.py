@@ -18,7 +18,7 @@ from vlbridge.data.build import build_dataset, make_loader, read_records
 from vlbridge.data.datasets import RecordDataset, TextOptions
 from vlbridge.data.transforms import eval_transform
 from vlbridge.errors import VLBridgeError
-from vlbridge.model import VLBridgeModel
+from vlbridge.modeling.model import VLBridgeModel
 
 
 def build_dataset_for(data: DataConfig, model: VLBridgeModel, *, train: bool, features: str | None, where: str) -> Dataset:
@@ -40,10 +40,10 @@ def build_dataset_for(data: DataConfig, model: VLBridgeModel, *, train: bool, fe
 def _feature_dataset(data: DataConfig, features: str, model: VLBridgeModel, *, train: bool, where: str) -> Dataset:
     """Cached encoder outputs instead of images, checked against this model's encoder."""
     try:
-        from vlbridge.train import cache
+        from vlbridge.train import cache_dataset
     except ImportError:
         raise VLBridgeError("data.features: this vlbridge has no frozen-feature cache (vlbridge.train.cache); set features: null") from None
-    return cache.feature_dataset(data, features, train=train, where=where, encoder=model.encoder, assembly=model.assembly)
+    return cache_dataset.feature_dataset(data, features, train=train, where=where, encoder=model.encoder, assembly=model.assembly)
 
 
 class BatchStream:

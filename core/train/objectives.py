@@ -19,16 +19,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
+from vlbridge.modeling.prompts import format_prompts
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, itg_loss, itm_loss, per_sample_lm_loss,
                                    prefix_lm_split, sample_hard_negatives)
 
 if TYPE_CHECKING:
-    from vlbridge.model import VLBridgeModel
+    from vlbridge.modeling.model import VLBridgeModel
 
 Losses = dict[str, torch.Tensor]
-STAGE1_INTERFACE = ("tokenizer", "image_context", "query_outputs", "image_features_of", "text_features", "itm_logits",
-                    "itg_logits_from_queries", "temp")
 
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -327,13 +327,6 @@ class Stage2Objective(Objective):
         if self.options.loss_average == "tokens":
             return output.loss, labels.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
-
-
-def format_prompts(llm: Any, prompts: Sequence[str]) -> list[str]:
-    """Task prompts as the LLM reads them (its template or chat format); unchanged for an LLM
-    without `format_prompt`."""
-    fmt = getattr(llm, "format_prompt", None)
-    return [fmt(prompt) for prompt in prompts] if fmt is not None else list(prompts)
 
 
 def samples_with_targets(labels: torch.Tensor) -> torch.Tensor:

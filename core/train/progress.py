@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from vlbridge.atomic import atomic_write_text
+from vlbridge.files.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 

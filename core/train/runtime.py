@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlbridge.devices import resolve_device
+from vlbridge.parts.devices import resolve_device
 from vlbridge.errors import VLBridgeError
 from vlbridge.train import distributed
 

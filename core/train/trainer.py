@@ -28,16 +28,16 @@ import torch
 import yaml
 from torch import nn
 
-import vlbridge
-from vlbridge.assembly import Assembly
-from vlbridge.checkpoint import connector_state, read_meta
-from vlbridge.connector_protocol import mark_trained
-from vlbridge.checkpoint_source import resolve_checkpoint
+from vlbridge.assemblies.assembly import Assembly
+from vlbridge.files.checkpoint import read_meta
+from vlbridge.modeling.connector_protocol import connector_state, mark_trained
+from vlbridge.train.checkpoint_source import resolve_checkpoint
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.factory import load_connector_weights
-from vlbridge.model import VLBridgeModel
+from vlbridge.modeling import factory
+from vlbridge.modeling.factory import load_connector_weights
+from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.train import checkpointing as ckpt
 from vlbridge.train import distributed
 from vlbridge.train import runtime as rt
@@ -48,7 +48,7 @@ from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, 
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
-from vlbridge.tuning import restore_tuned, tuned_parts
+from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 
 Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
 RESUME_MUST_MATCH = ("assembly", "stage", "finetune")  # another model, stage or recipe cannot continue a checkpoint
@@ -401,7 +401,7 @@ def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -
     encoder tensors and LoRA adapters it fine-tuned, if any), with the config's fine-tuning recipes applied."""
     weights = resolve_checkpoint(config.init_from, "init_from").directory if config.init_from is not None else None
     try:
-        model = vlbridge.build(assembly, stage=config.stage, weights=weights, device=device, random_weights=config.random_weights,
+        model = factory.build(assembly, stage=config.stage, weights=weights, device=device, random_weights=config.random_weights,
                                init_seed=config.seed)
         if weights is not None:
             restore_tuned(model, weights, read_meta(weights))

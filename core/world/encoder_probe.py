@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlbridge.images import to_pixel_batch
+from vlbridge.parts.images import to_pixel_batch
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.generate import make_image
 from vlbridge.world.render import render_scene

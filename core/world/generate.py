@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlbridge.atomic import atomic_write_text
+from vlbridge.files.atomic import atomic_write_text
 from vlbridge.errors import VLBridgeError
-from vlbridge.userfiles import read_json
+from vlbridge.files.userfiles import read_json
 from vlbridge.world.config import ID_OFFSETS, SPLITS, WorldConfig
 from vlbridge.world.language import QA, captions, questions
 from vlbridge.world.render import render_scene

@@ -14,7 +14,7 @@ from pathlib import Path
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.generate import make_image
 
-VQA_PROMPT = "Question: {} Short answer:"  # vlbridge.model.DEFAULT_VQA_PROMPT, BLIP-2's
+VQA_PROMPT = "Question: {} Short answer:"  # vlbridge.modeling.model.DEFAULT_VQA_PROMPT, BLIP-2's
 TOKENIZER_VOCAB: dict[str, int] = {"opt": 512, "flan-t5": 256, "bert": 255}  # the bert one + [DEC] = 256
 _ALPHABET = " ".join("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"()-")
 

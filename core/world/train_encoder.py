@@ -37,7 +37,7 @@ from torch import nn
 
 from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
 from vlbridge.plugins.encoders.eva_vit_g_model import EvaViTG
-from vlbridge.specs import CLIP_MEAN, CLIP_STD
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.encoder_probe import cell_labels, cell_pool
 from vlbridge.world.generate import make_image

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.errors import IncompatibleError
-from vlbridge.specs import ConnectorSpec, Options, TokenShape
+from vlbridge.plugin.specs import ConnectorSpec, Options, TokenShape
 
 
 class LinearOptions(Options):

@@ -13,7 +13,7 @@ from torch import nn
 from vlbridge.errors import VLBridgeError
 from vlbridge.plugins.connectors import projectors as spec
 from vlbridge.plugins.connectors.projectors import LinearOptions, MLPOptions
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 
 
 class Projector(nn.Module):

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.errors import IncompatibleError
-from vlbridge.hf_config import read_local_json
-from vlbridge.specs import ConnectorSpec, Options, TokenShape
+from vlbridge.files.hf_config import read_local_json
+from vlbridge.plugin.specs import ConnectorSpec, Options, TokenShape
 
 # BERT-base layout (bert-base-uncased + the [DEC] token); 'tiny' for tests and the offline demo.
 ARCH: dict[str, dict[str, int]] = {

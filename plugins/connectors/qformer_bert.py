@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vlbridge.weights import read_hf_directory, read_tensors, require_path, unwrap_state_dict
+from vlbridge.files.weights import read_hf_directory, read_tensors, require_path, unwrap_state_dict
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_convert import from_bert

@@ -2,7 +2,7 @@
 
 A layer runs self-attention over `[queries ; text]`, then (queries only) cross-attention to the
 image in every `cross_attention_freq`-th layer, then a separate FFN for queries and for text.
-All attention goes through `vlbridge.attention.attention`.
+All attention goes through `vlbridge.parts.attention.attention`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlbridge.attention import attention
-from vlbridge.dropout import Dropout
+from vlbridge.parts.attention import attention
+from vlbridge.parts.dropout import Dropout
 from vlbridge.errors import VLBridgeError
 
 

@@ -2,7 +2,7 @@
 
 The sequence is `[queries (Q) ; text (T)]`. Each function takes the text padding mask `(B, T)`
 (1/True = real token) and returns `(B, 1, Q+T, Q+T)`, True where row i may attend to column j;
-padded text keys are never visible. They feed `vlbridge.attention.attention` directly.
+padded text keys are never visible. They feed `vlbridge.parts.attention.attention` directly.
 
 - unimodal (ITC): queries see queries, text sees text.
 - bidirectional (ITM): everyone sees everyone.

@@ -25,7 +25,7 @@ from vlbridge.plugins.connectors.qformer_bert import init_from_bert, load_tokeni
 from vlbridge.plugins.connectors.qformer_layers import KV, Embeddings, FP32LayerNorm, LMHead, QFormerLayer
 from vlbridge.plugins.connectors.qformer_masks import (bidirectional_mask, multimodal_causal_mask, text_after_queries_mask,
                                                       unimodal_mask)
-from vlbridge.specs import TokenShape
+from vlbridge.plugin.specs import TokenShape
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 ARCH: dict[str, dict[str, int]] = {
     "l": {"width": 1024, "layers": 24, "heads": 16, "patch": 14, "embed_dim": 768, "image_size": 224},

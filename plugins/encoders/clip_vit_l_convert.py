@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from vlbridge.errors import WeightsError
-from vlbridge.userfiles import read_json
-from vlbridge.weights import StateDict, read_hf_directory, read_tensors, require_path
+from vlbridge.files.userfiles import read_json
+from vlbridge.files.weights import StateDict, read_hf_directory, read_tensors, require_path
 
 
 # transformers CLIP vision name (after `vision_model.`) -> open_clip's; q/k/v are fused apart.

@@ -23,12 +23,12 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.freeze import FrozenPart, torch_dtype
+from vlbridge.parts.freeze import FrozenPart, torch_dtype
 from vlbridge.plugins.encoders import clip_vit_l
-from vlbridge.weights import StateDict, strict_load
+from vlbridge.files.weights import StateDict, strict_load
 from vlbridge.plugins.encoders.clip_vit_l import ClipVitLOptions
 from vlbridge.plugins.encoders.clip_vit_l_convert import read_clip_checkpoint, read_hf_config
-from vlbridge.specs import Preprocess, TokenShape
+from vlbridge.plugin.specs import Preprocess, TokenShape
 
 OPEN_CLIP_NAMES = {224: "ViT-L-14", 336: "ViT-L-14-336"}  # open_clip model configs of variant "l"
 _BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.")
@@ -82,7 +82,7 @@ class ClipVisionEncoder(FrozenPart):
 
     def finetune_blocks(self) -> list[nn.Module]:
         """The blocks that run (0..layer), in forward order, for partial unfreezing, layer decay and
-        gradient checkpointing (vlbridge.encoder_tuning)."""
+        gradient checkpointing (vlbridge.finetune.encoder_tuning)."""
         return list(self.tower.transformer.resblocks)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
-from vlbridge.hf_config import read_local_json
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.files.hf_config import read_local_json
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 # Architecture per variant. EVA-CLIP-g has 40 blocks; BLIP-2 keeps the first 39 (output of block 39).
 ARCH: dict[str, dict[str, int]] = {

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from vlbridge.errors import WeightsError
-from vlbridge.userfiles import read_json
+from vlbridge.files.userfiles import read_json
 from vlbridge.plugins.encoders.eva_vit_g import directory_arch
-from vlbridge.weights import StateDict, read_hf_directory, read_tensors, require_path, tensor_keys
+from vlbridge.files.weights import StateDict, read_hf_directory, read_tensors, require_path, tensor_keys
 
 HF_MODEL_TYPES = ("blip-2", "blip_2_vision_model")
 VLBRIDGE_WEIGHTS = "model.safetensors"  # beside config.json (model_type "eva-vit") in a vlbridge encoder directory

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlbridge.attention import attention
+from vlbridge.parts.attention import attention
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.freeze import FrozenPart, torch_dtype
+from vlbridge.parts.freeze import FrozenPart, torch_dtype
 from vlbridge.plugins.encoders import eva_vit_g
-from vlbridge.weights import StateDict, strict_load
+from vlbridge.files.weights import StateDict, strict_load
 from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
 from vlbridge.plugins.encoders.eva_vit_g_convert import read_eva_checkpoint
-from vlbridge.specs import Preprocess, TokenShape
+from vlbridge.plugin.specs import Preprocess, TokenShape
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -127,7 +127,7 @@ class EvaViTG(FrozenPart):
 
     def finetune_blocks(self) -> list[nn.Module]:
         """The blocks in forward order, for partial unfreezing, layer decay and gradient checkpointing
-        (vlbridge.encoder_tuning)."""
+        (vlbridge.finetune.encoder_tuning)."""
         return list(self.blocks)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.encoders.hf_vision_configs import (
     KNOWN_TOWERS, TINY_CONFIG, TowerFacts, describe_tower, family_preprocess, processor_preprocess, read_source, rescaled, vision_values,
 )
 from vlbridge.plugins.encoders.hf_vision_params import count_params
-from vlbridge.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 Variant = Literal["clip-l-336", "siglip-so400m", "dinov2-large", "tiny"]
 

@@ -16,9 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlbridge.hf_config import local_config, looks_local, read_local_json
-from vlbridge.specs import CLIP_MEAN, CLIP_STD, Preprocess
-from vlbridge.userfiles import read_json
+from vlbridge.files.hf_config import local_config, looks_local, read_local_json
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess
+from vlbridge.files.userfiles import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -24,12 +24,12 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.freeze import FrozenPart, torch_dtype
-from vlbridge.hf_config import load_failure, looks_local
+from vlbridge.parts.freeze import FrozenPart, torch_dtype
+from vlbridge.files.hf_config import load_failure, looks_local
 from vlbridge.plugins.encoders import hf_vision
 from vlbridge.plugins.encoders.hf_vision import HFVisionOptions
 from vlbridge.plugins.encoders.hf_vision_configs import FAMILIES, TINY_CONFIG, TowerFacts
-from vlbridge.specs import Preprocess, TokenShape
+from vlbridge.plugin.specs import Preprocess, TokenShape
 
 _FIX = ("give options.model a local directory written by save_pretrained (config.json and the weights), or run where the "
         "Hugging Face hub is reachable; variant: tiny needs neither")
@@ -114,7 +114,7 @@ class HFVisionEncoder(FrozenPart):
 
     def finetune_blocks(self) -> list[nn.Module] | None:
         """The blocks whose output reaches `hidden_states[layer]`, in forward order, for partial
-        unfreezing, layer decay and gradient checkpointing (vlbridge.encoder_tuning); None for an
+        unfreezing, layer decay and gradient checkpointing (vlbridge.finetune.encoder_tuning); None for an
         unfamiliar layout."""
         if self.layers_path is None:
             return None

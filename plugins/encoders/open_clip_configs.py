@@ -27,8 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlbridge.specs import CLIP_MEAN, CLIP_STD
-from vlbridge.userfiles import read_json
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD
+from vlbridge.files.userfiles import read_json
 
 # timm ViT size word -> (width, depth), as timm's model definitions have them.
 TIMM_VIT_SIZES: dict[str, tuple[int, int]] = {

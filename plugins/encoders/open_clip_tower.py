@@ -17,12 +17,12 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.encoders.open_clip_configs import (
     TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch, vision_cfg_of,
 )
 from vlbridge.plugins.encoders.open_clip_params import native_params, timm_params
-from vlbridge.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 
 class OpenClipOptions(Options):

@@ -21,13 +21,13 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower, resize_pos_embed
 from torch import nn
 
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.freeze import FrozenPart, torch_dtype
+from vlbridge.parts.freeze import FrozenPart, torch_dtype
 from vlbridge.plugins.encoders import open_clip_tower
 from vlbridge.plugins.encoders.clip_vit_l_convert import convert_open_clip_vision_state_dict
 from vlbridge.plugins.encoders.open_clip_configs import is_config_file, vision_cfg_of
 from vlbridge.plugins.encoders.open_clip_tower import OpenClipOptions
-from vlbridge.specs import Preprocess, TokenShape
-from vlbridge.weights import read_tensors, require_path, strict_load
+from vlbridge.plugin.specs import Preprocess, TokenShape
+from vlbridge.files.weights import read_tensors, require_path, strict_load
 
 
 def _vision_cfg(opts: OpenClipOptions, facts: Any) -> CLIPVisionCfg:
@@ -72,7 +72,7 @@ class OpenClipTower(FrozenPart):
 
     def finetune_blocks(self) -> list[nn.Module]:
         """The blocks that run (0..layer once `finish` pruned the rest), in forward order, for partial
-        unfreezing, layer decay and gradient checkpointing (vlbridge.encoder_tuning)."""
+        unfreezing, layer decay and gradient checkpointing (vlbridge.finetune.encoder_tuning)."""
         return list(self._blocks())[: self.index + 1]
 
     def load_pretrained(self, path: str | Path) -> None:

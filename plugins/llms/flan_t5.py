@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge import hookimpl
-from vlbridge.hf_config import local_config
+from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.files.hf_config import local_config
 from vlbridge.plugins.tiny_assets import tiny_llm_vocab
-from vlbridge.specs import LLMDims, LLMSpec, Options, Precision
+from vlbridge.plugin.specs import LLMDims, LLMSpec, Options, Precision
 
 # From the released google/flan-t5-* config.json files (gated-GELU FFN, untied LM head).
 ARCH: dict[str, dict[str, int]] = {

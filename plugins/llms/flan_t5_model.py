@@ -9,15 +9,11 @@ checkpoints that store both matrices load untied.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import nn
-
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import torch_dtype
-from vlbridge.plugins.llms.flan_t5 import ARCH, FlanT5Options
-from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
+from vlbridge.parts.freeze import torch_dtype
+from vlbridge.plugins.llms.flan_t5 import FlanT5Options
+from vlbridge.plugins.llms.flan_t5_tiny import tiny_model
+from vlbridge.plugins.llms.loading import load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.hf_seq2seq_model import Seq2SeqLM
 
 
@@ -25,25 +21,6 @@ class FlanT5LLM(Seq2SeqLM):
     """Frozen `T5ForConditionalGeneration` whose encoder reads a soft visual prompt before the text."""
 
     family = "flan-t5"
-
-
-def tiny_model(tokenizer: Any) -> Any:
-    """A random `tiny` FlanT5 from the spec's ARCH numbers: gated-GELU FFN, untied LM head."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    a = ARCH["tiny"]
-    check_vocab("flan-t5", tokenizer, a["vocab"])
-    config = T5Config(
-        vocab_size=a["vocab"], d_model=a["d_model"], d_ff=a["d_ff"], num_heads=a["heads"], d_kv=a["d_kv"],
-        num_layers=a["layers"], num_decoder_layers=a["layers"], feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    model = T5ForConditionalGeneration(config)
-    head = torch.empty_like(model.lm_head.weight).normal_(0.0, config.initializer_factor)  # T5's untied-head init
-    model.lm_head.weight = nn.Parameter(head)
-    model.config.tie_word_embeddings = False  # so tie_weights() and save_pretrained keep it untied
-    return model
 
 
 def build(opts: FlanT5Options) -> FlanT5LLM:

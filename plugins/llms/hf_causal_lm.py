@@ -10,11 +10,11 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.hf_options import HFLLMOptions
 from vlbridge.plugins.tiny_assets import tiny_llm_vocab
-from vlbridge.specs import LLMDims, LLMSpec
+from vlbridge.plugin.specs import LLMDims, LLMSpec
 
 # The model built when no `model` is given: a tiny random Llama, tokenized by the shipped tiny tokenizer.
 TINY_CONFIG: dict[str, Any] = {

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import torch_dtype
+from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, prompting, tiny_tokenizer
 from vlbridge.plugins.llms.soft_prompt import PadSide, SoftPromptLLM, ignore_padding, positions_from_mask

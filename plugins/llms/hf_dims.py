@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vlbridge.specs import LLMDims
+from vlbridge.plugin.specs import LLMDims
 
 WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")

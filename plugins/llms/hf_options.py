@@ -6,8 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from vlbridge.hf_config import model_config
-from vlbridge.specs import Options, Precision
+from vlbridge.files.hf_config import model_config
+from vlbridge.plugin.specs import Options, Precision
 
 MULTIMODAL = {"llava": "vlbridge import hf-llava", "blip-2": "vlbridge import hf-blip2"}
 

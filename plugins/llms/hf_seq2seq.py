@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vlbridge import hookimpl
+from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.flan_t5 import ARCH as T5_ARCH
 from vlbridge.plugins.llms.hf_options import HFLLMOptions
-from vlbridge.specs import LLMDims, LLMSpec
+from vlbridge.plugin.specs import LLMDims, LLMSpec
 
 _T5 = T5_ARCH["tiny"]
 # The model built when no `model` is given: the tiny FlanT5 layout, tokenized by its shipped tokenizer.

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import torch_dtype
+from vlbridge.parts.freeze import torch_dtype
+from vlbridge.plugins.llms.flan_t5_tiny import tiny_model
 from vlbridge.plugins.llms.hf_seq2seq import HFSeq2SeqOptions
 from vlbridge.plugins.llms.loading import load_pretrained, prompting, tiny_tokenizer
 from vlbridge.plugins.llms.soft_prompt import SoftPromptLLM, ignore_padding
@@ -55,8 +56,6 @@ def build(opts: HFSeq2SeqOptions) -> Seq2SeqLM:
 
     dtype = torch_dtype(opts.dtype)
     if opts.model is None:
-        from vlbridge.plugins.llms.flan_t5_model import tiny_model
-
         tokenizer = tiny_tokenizer("flan-t5")
         model = tiny_model(tokenizer).to(dtype)
     else:

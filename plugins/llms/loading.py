@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.hf_config import load_failure, looks_local
+from vlbridge.files.hf_config import load_failure, looks_local
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 _FIX = ("give options.model a local directory written by save_pretrained (config.json, the weights and the "

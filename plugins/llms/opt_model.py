@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import torch_dtype
+from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.opt import ARCH, OPTOptions
 from vlbridge.plugins.llms.hf_causal_lm_model import CausalLM

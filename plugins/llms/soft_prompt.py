@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.freeze import FrozenPart
+from vlbridge.parts.freeze import FrozenPart
 
 IGNORE_INDEX = -100  # the label value transformers' cross-entropy skips
 DEFAULT_MAX_NEW_TOKENS = 30  # BLIP-2's caption length

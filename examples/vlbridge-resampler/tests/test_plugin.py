@@ -3,7 +3,7 @@
 from PIL import Image
 
 import vlbridge
-from vlbridge.testing import check_plugin
+from vlbridge.plugintest.check import check_plugin
 
 
 def test_plugin_declarations_are_valid():

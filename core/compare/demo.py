@@ -1,0 +1,220 @@
+"""`vlbridge demo`: BLIP-2's argument as a miniature experiment that runs offline.
+
+Keep a pretrained image encoder and a pretrained LLM frozen (here: the world's own, trained by
+`vlbridge.world.train_parts` and shipped), train only a bridge in two stages, and compare it with
+bridges that skip stage 1 or pass raw patch tokens (LLaVA's linear and MLP projectors), and with
+fewer queries. Every connector gets the same encoder, LLM, data and number of optimizer steps (the
+Q-Former splits its steps between stage 1 and stage 2). The no-stage-1 ablation is BLIP-2's: the
+same stage 2 as the Q-Former's, from the BERT init instead of the stage-1 weights.
+
+The headline table follows the paper's protocol: stage 2 trains on image-caption pairs only (the
+bare caption after the soft visual prompt, as the world's OPT read captions), so VQA is zero-shot:
+the question goes through the frozen LLM's prompt "Question: {} Short answer:", and the LLM must
+read the scene from the visual prompt as it learned to read captions. A second table repeats some
+runs with a supervised mix in stage 2 (the same captions plus the training questions' answers):
+not BLIP-2's zero-shot setting, and labelled as such. Runs that differ only in stage 2 share one
+stage 1 (trained once).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlbridge.files.atomic import atomic_write_text
+from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+from vlbridge.errors import VLBridgeError
+
+CAPTION_PROMPT = ""  # stage 2 learns the bare caption, so captioning asks with no prompt
+VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's, and the form the world's OPT learned QA in
+ZERO_SHOT, SUPERVISED = "zero-shot", "supervised"
+TITLES = {
+    ZERO_SHOT: "Zero-shot (the paper's protocol): stage 2 on image-caption pairs only; VQA asked through the frozen LLM's prompt",
+    SUPERVISED: "Supervised mix (not zero-shot): stage 2 on captions plus the training questions' answers",
+}
+SUPERVISED_SUFFIX = "-sup"
+REFERENCE = "qformer-32q"  # the key comparisons set every zero-shot row against it
+LLMS = ("opt", "flan-t5")  # the world's frozen LLMs: BLIP-2's two families (decoder-only, encoder-decoder)
+
+
+class DemoPlan(BaseModel):
+    """What one demo costs: the world's size, the optimizer steps, and the evaluation's work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    world: dict[str, int] = Field(description="WorldConfig sizes (train, val, test, comp, questions_per_image)")
+    stage1_steps: int = Field(ge=1, description="the Q-Former's stage-1 steps (projectors get them in stage 2)")
+    stage2_steps: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    retrieval_k: int = Field(ge=1, description="ITM re-ranks each query's top k ITC candidates")
+    text_tokens: int = Field(24, ge=8, description="stage 1's text length (the scene caption needs about 24)")
+    supervised: tuple[str, ...] = Field(description="zero-shot runs repeated with the supervised mix in stage 2")
+
+
+# FULL, measured in CPU seconds on one thread: evaluating a run on every test and compositional
+# image (300 each, 1,500 questions each: the intervals' width) costs about 25 s, retrieval 12 s more
+# per stage 1; a batch-32 step about 0.8 s in stage 1, 0.45 s in stage 2 (0.5 s for the projectors'
+# 65 tokens). Evaluation is the floor; the optimizer steps fill the rest of 8 minutes on 2 cores,
+# where two worker processes share the runs (about 6 CPU minutes each).
+FULL = DemoPlan(world={"train": 1000, "val": 8, "test": 300, "comp": 300, "questions_per_image": 5},
+                stage1_steps=80, stage2_steps=120, batch=32, retrieval_k=4, supervised=("qformer-32q",))
+QUICK = DemoPlan(world={"train": 192, "val": 8, "test": 32, "comp": 16, "questions_per_image": 5},
+                 stage1_steps=24, stage2_steps=24, batch=16, retrieval_k=4, supervised=("qformer-32q",))
+GENERATION = {"num_beams": 1, "max_new_tokens": 30}  # greedy; 30 tokens hold a four-object scene caption (VQA: 5)
+
+
+def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict[str, Any]:
+    """Generate the world, or reuse one already there with the same configuration."""
+    from vlbridge.world import WorldConfig, generate_world
+
+    config = WorldConfig(seed=seed, **sizes)
+    manifest_file = directory / "manifest.json"
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if manifest.get("config") == config.model_dump(mode="json"):
+            say(f"reusing the world in {directory}")
+            return manifest
+    say(f"generating the world in {directory}")
+    return generate_world(directory, config)
+
+
+def supervised_texts(world: Path) -> Path:
+    """JSONL of the training images with explicit (input, target) pairs: ("", caption), as the
+    zero-shot runs learn captions, and ("Question: ... Short answer:", answer). Stage 2 learns only
+    the target, as in instruction tuning; `text` holds the whole string for readers that ignore the pair."""
+    out = world / "stage2_supervised.jsonl"
+    captions = json.loads((world / "captions_train.json").read_text(encoding="utf-8"))
+    questions = json.loads((world / "questions_train.json").read_text(encoding="utf-8"))["questions"]
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in
+               json.loads((world / "annotations_train.json").read_text(encoding="utf-8"))["annotations"]}
+    image_of = {c["image_id"]: c["image"] for c in captions}
+    lines = []
+    for record in captions:
+        texts = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
+        lines += [_pair(record["image"], record["image_id"], CAPTION_PROMPT, t) for t in texts]
+    for q in questions:
+        lines.append(_pair(image_of[q["image_id"]], q["image_id"], VQA_PROMPT.format(q["question"]), answers[q["question_id"]]))
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:  # unchanged: keep its mtime (results key on it)
+        atomic_write_text(out, text)
+    return out
+
+
+def _pair(image: str, image_id: int, prompt: str, target: str) -> dict[str, Any]:
+    return {"image": image, "image_id": image_id, "text": f"{prompt} {target}".strip(), "text_input": prompt, "text_output": target}
+
+
+def demo_runs(plan: DemoPlan, queries: list[int], supervised_data: dict[str, Any], llm: str = "opt") -> list[RunSpec]:
+    """The zero-shot runs, then the supervised repeats (same stage 1, other stage-2 data); every
+    run bridges the same frozen `llm` (the `world-<connector>-<llm>` presets)."""
+    if llm not in LLMS:
+        raise VLBridgeError(f"unknown demo LLM {llm!r}; choose from {list(LLMS)}")
+    s1, s2 = plan.stage1_steps, plan.stage2_steps
+    q32 = {"num_query_tokens": 32}
+    qformer = f"world-qformer-{llm}"
+    runs = [RunSpec(name="qformer-32q", assembly=qformer, connector_options=q32, stage1_steps=s1, stage2_steps=s2),
+            RunSpec(name="qformer-32q-no-stage1", assembly=qformer, connector_options=q32, stage2_steps=s2)]
+    runs += [RunSpec(name=f"qformer-{q}q", assembly=qformer, connector_options={"num_query_tokens": q},
+                     stage1_steps=s1, stage2_steps=s2) for q in queries if q != 32]
+    runs += [RunSpec(name="linear", assembly=f"world-linear-{llm}", stage2_steps=s1 + s2),
+             RunSpec(name="mlp", assembly=f"world-mlp-{llm}", stage2_steps=s1 + s2)]
+    runs = [r.model_copy(update={"group": ZERO_SHOT}) for r in runs]
+    by_name = {r.name: r for r in runs}
+    runs += [by_name[name].model_copy(update={"name": name + SUPERVISED_SUFFIX, "group": SUPERVISED, "stage2_data": supervised_data})
+             for name in plan.supervised if name in by_name]
+    return runs
+
+
+def demo_evals(world: Path, plan: DemoPlan) -> list[EvalSet]:
+    """Every image and question of the test and compositional splits; retrieval by the scene caption."""
+    return [EvalSet(name=split, captions=str(world / f"captions_{split}.json"), questions=str(world / f"questions_{split}.json"),
+                    annotations=str(world / f"annotations_{split}.json"), images=str(world),
+                    image_pattern="images/world_{split}_{image_id:07d}.png", scenes=str(world / f"scenes_{split}.json"),
+                    retrieval_k=plan.retrieval_k, retrieval_captions=[0],
+                    tasks=["caption", "vqa", "retrieval"] if split == "test" else ["vqa"])
+            for split in ("test", "comp")]
+
+
+def default_jobs() -> int:
+    """Worker processes for the demo: one per core this process may use, at most 2 (the budget's machine)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
+def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], only: list[str] | None = None,
+                llm: str = "opt", jobs: int | None = None) -> tuple[CompareConfig, DemoPlan]:
+    """The comparison the demo runs (see the module docstring)."""
+    plan = QUICK if quick else FULL
+    world = out / "world"
+    captions = {"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world)}
+    supervised = {"format": "jsonl", "paths": [str(world / "stage2_supervised.jsonl")], "image_root": str(world), "clean_text": False}
+    runs = demo_runs(plan, queries, supervised, llm)
+    if only:
+        unknown = sorted(set(only) - {r.name for r in runs})
+        if unknown:
+            raise VLBridgeError(f"unknown demo run(s) {unknown}; choose from {[r.name for r in runs]}")
+        runs = [r for r in runs if r.name in only]
+    config = CompareConfig(
+        name="vlbridge demo: a miniature BLIP-2 experiment" + (" (quick)" if quick else ""), runs=runs,
+        stage1_data=captions, stage2_data=captions, evals=demo_evals(world, plan), seeds=seeds, batch_size=plan.batch,
+        stage1_objective={"max_text_tokens": plan.text_tokens}, stage2_objective={"loss_average": "samples"}, lr=2e-3,
+        warmup_steps=max(1, plan.stage1_steps // 10), features=True, caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT,
+        generation=GENERATION, output_dir=str(out), device="cpu", threads=1, jobs=jobs or default_jobs(),
+    )
+    return config, plan
+
+
+def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: str = "opt") -> list[str]:
+    """What the reader needs to judge the tables: parts, protocol, budget, metrics, statistics."""
+    s1, s2 = plan.stage1_steps, plan.stage2_steps
+    world = plan.world
+    reader = "OPT" if llm == "opt" else "FlanT5 (encoder-decoder; the visual prompt and the question go to its encoder)"
+    return [
+        f"Frozen parts: the world's EVA-style ViT (trained contrastively on the world's captions); its {reader}, trained on "
+        "the world's text only (captions as documents, then answered questions); a BERT init for the Q-Former; shipped with vlbridge "
+        "(the world's parts may still change, and with them these numbers).",
+        f"World: seed {world_seed} (`--world-seed`). The frozen parts are the same for every seed: they were trained on "
+        "seed 0's pretrain stream, never on a split image, and never on a held-out colour+shape pair.",
+        f"Protocol: stage 1 (ITC+ITM+ITG) and the zero-shot stage 2 train on the {world['train']} training images' captions; "
+        f"VQA asks '{VQA_PROMPT}' after the visual prompt, never trained on in the zero-shot table. The supervised table's "
+        "stage 2 adds the training questions with their answers (its runs share the zero-shot runs' stage 1).",
+        f"Budget: batch {plan.batch}; the Q-Former spends {s1} optimizer steps in stage 1 and {s2} in stage 2; the linear and "
+        f"MLP projectors get the same {s1 + s2} steps, all in stage 2; the no-stage-1 ablation gets the same {s2} stage-2 steps "
+        "from the BERT init (BLIP-2's ablation: stage 1 is the only difference). Training reads a frozen-feature cache (no "
+        f"image augmentation); peak lr {config.lr:g} for every run; stage 2 averages its loss per sample.",
+        f"Evaluation: every test image ({world['test']}, {world['questions_per_image']} questions each) and every compositional "
+        f"image ({world['comp']}: colour+shape pairs never seen in training). VQA: official VQAv2 accuracy, greedy, at most 5 "
+        "new tokens. Captioning: CIDEr-D (pycocoevalcap's scale: 1.0 is not 1%) against the 6 references per test image, "
+        "greedy, at most 30 new tokens, no prompt. One torch thread: on a shared 2-core machine, small models run faster so.",
+        f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model) ranks the {world['test']} test images and their "
+        f"'scene' captions (each states every object with its size, colour, shape and cell); R@1 by ITC, and by ITM re-ranking "
+        f"ITC's top {plan.retrieval_k} (the rule for a right caption: below). Runs without stage 1 have no trained "
+        "ITC/ITM heads: not scored.",
+        "blind prior: answers every question with the commonest training answer of its type, gives every image the commonest "
+        "training caption, and ranks at random (its retrieval value is the exact expectation, so it has no interval and no "
+        "marks); it never sees the image: the floor to beat.",
+    ]
+
+
+def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None,
+             only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt", jobs: int | None = None) -> dict[str, Any]:
+    """Generate (or reuse) the world of `world_seed`, train and score every run (in `jobs` processes,
+    default: one per core up to 2), write the report. Worker processes are spawned: a script that
+    calls this with `jobs` > 1 needs Python's `if __name__ == "__main__":` guard."""
+    from vlbridge.compare.baselines import blind_row
+    from vlbridge.compare.run import run_compare
+
+    out = Path(out)
+    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs)
+    ensure_world(out / "world", plan.world, world_seed, say)
+    supervised_texts(out / "world")
+    blind = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json")}
+    names = [r.name for r in config.runs]
+    key_pairs = [(REFERENCE, other) for other in names + ["blind prior"] if other != REFERENCE and not other.endswith(SUPERVISED_SUFFIX)]
+    key_pairs += [(name, name.removesuffix(SUPERVISED_SUFFIX)) for name in names if name.endswith(SUPERVISED_SUFFIX)]
+    return run_compare(config, say, demo_notes(config, plan, world_seed, llm), progress_label="demo", reference_rows=blind,
+                       key_pairs=key_pairs, titles=TITLES)

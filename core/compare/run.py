@@ -1,0 +1,35 @@
+"""A whole comparison: share the runs out to worker processes (if asked), train and evaluate them
+(`runner`), then write the report. It sits above both `runner` and `workers`, so the workers can
+call the runner without the runner knowing about workers (one direction, no loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlbridge.compare.config import CompareConfig
+from vlbridge.compare.progress import PhaseProgress, phase_plan
+from vlbridge.compare.report import write_report
+from vlbridge.compare.runner import Say, stage1_trainers, train_and_evaluate
+from vlbridge.compare.workers import run_in_workers
+
+
+def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
+                reference_rows: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
+                titles: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
+
+    With `config.jobs` > 1 the runs are shared out to worker processes first (each stores its
+    results; this process then reads them back). `reference_rows` (e.g. a blind answer prior) join
+    every table as extra rows, results in the shape of one seed's. `key_pairs` (row, row) are the
+    comparisons the report shows first; `titles` head the tables (group -> title).
+    """
+    out = Path(config.output_dir)
+    progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
+    collected = run_in_workers(config, say, progress) if config.jobs > 1 else frozenset()
+    per_seed = train_and_evaluate(config, say, progress, collected=collected)
+    progress.finish()
+    say(progress.line("done"))
+    groups = {run.name: run.group for run in config.runs}
+    return write_report(out, config.model_dump(mode="json"), per_seed, notes or [], groups=groups,
+                        references=reference_rows or {}, key_pairs=key_pairs or [], titles=titles)

@@ -1,0 +1,288 @@
+"""vlbridge.evaluation.tasks: run a model over an evaluation set and score it with vlbridge.metrics.
+
+Three tasks, each as `run_*` (predictions and metrics) and `evaluate_*` (the metrics dict only):
+
+- captions: one caption per image, scored against all its references (BLEU, METEOR, ROUGE-L, CIDEr-D);
+  predictions in the COCO results format, [{"image_id", "caption"}];
+- VQA: one answer per question, VQAv2 accuracy; predictions in the VQA results format,
+  [{"question_id", "answer"}];
+- retrieval: every image against every caption (Q-Former assemblies), Recall@1/5/10 both ways, from
+  the ITC scores and from the ITM re-ranked ones.
+
+All predictions are gathered first and scored once: CIDEr-D's IDF depends on the whole set.
+`load_caption_groups` / `load_vqa_records` read the files; `write_results` saves both JSON files
+atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlbridge.files.atomic import atomic_write_text
+from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, group_captions, read_coco_captions, read_vqa
+from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
+from vlbridge.errors import VLBridgeError
+from vlbridge.metrics.captions import score_captions
+from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
+
+TASKS = ("caption", "vqa", "retrieval")
+PREDICTIONS_FILE, METRICS_FILE = "predictions.json", "metrics.json"
+TOP_SHOWN = 10  # retrieval predictions keep each query's best 10
+LAYOUT_MANIFEST = "manifest.json"  # a generated world's (vlbridge.world.generate.MANIFEST)
+Progress = Callable[[int, int], None]
+
+
+class EvalOptions(BaseModel):
+    """How to run and score an evaluation; generation settings go to model.caption / model.answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(16, ge=1, description="images per forward pass")
+    prompt: str | None = Field(None, description="caption prompt (e.g. 'a photo of'), or the VQA template with {}")
+    generation: dict[str, Any] = Field(default_factory=dict, description="num_beams, max_new_tokens, ...")
+    tokenizer: str = Field("auto", description="caption tokenizer: auto, java-ptb, python-ptb-approx, none")
+    meteor: bool = Field(True, description="compute METEOR when pycocoevalcap and Java are present")
+    vqa_normalization: str = Field("official", description="official, lavis or simple")
+    k: int = Field(128, ge=1, description="retrieval: ITC shortlist re-ranked by ITM, per query")
+
+
+@dataclass
+class Evaluation:
+    """What a run produced: the predictions file's content and the metrics."""
+
+    task: str
+    predictions: Any
+    metrics: dict[str, Any]
+
+
+def options(value: EvalOptions | dict[str, Any] | None = None, **overrides: Any) -> EvalOptions:
+    """EvalOptions from an instance, a dict and/or keywords; bad values are a VLBridgeError."""
+    base = value.model_dump() if isinstance(value, EvalOptions) else dict(value or {})
+    try:
+        return EvalOptions(**{**base, **overrides})
+    except Exception as exc:
+        raise VLBridgeError(f"bad evaluation options: {exc}") from exc
+
+
+# -- reading the evaluation sets --------------------------------------------------------------------
+def load_caption_groups(data: str | Path, images: str | Path | None = None, limit: int | None = None,
+                        split: str | None = None) -> list[CaptionGroup]:
+    """A COCO/Flickr30k caption file (LAVIS, official COCO or Karpathy layout) as one group per image;
+    `split` picks the images of Karpathy's all-splits files (dataset_coco.json: "test")."""
+    groups = group_captions(read_coco_captions(data, image_root=images, split=split))
+    return _limited(groups, limit, "images")
+
+
+def load_vqa_records(data: str | Path, annotations: str | Path | None = None, images: str | Path | None = None,
+                     limit: int | None = None, image_pattern: str = DEFAULT_IMAGE_PATTERN) -> list[ImageQuestion]:
+    """VQAv2 questions (+ annotations), or LAVIS's list with answers inline, one record per question."""
+    records = read_vqa(data, annotations, image_root=images, image_pattern=image_pattern)
+    return _limited(records, limit, "questions")
+
+
+def _limited(items: list, limit: int | None, what: str) -> list:
+    if limit is not None and limit < 1:
+        raise VLBridgeError(f"limit must be at least 1, got {limit}")
+    if not items:
+        raise VLBridgeError(f"the evaluation set holds no {what}")
+    return items[:limit] if limit is not None else items
+
+
+def _as_groups(records: Sequence[CaptionGroup] | Sequence[ImageText]) -> list[CaptionGroup]:
+    if records and all(isinstance(r, ImageText) for r in records):
+        return group_captions(records)
+    if not all(isinstance(r, CaptionGroup) for r in records):
+        raise VLBridgeError("give caption records as vlbridge.data ImageText pairs or CaptionGroups")
+    if not records:
+        raise VLBridgeError("no caption records to evaluate")
+    return list(records)
+
+
+def check_images(refs: Sequence[ImageRef], hint: str | None = None) -> None:
+    """Fail before running the model when image files are missing; `hint` says what to change."""
+    missing = sorted({ref.path for ref in refs if ref.path is not None and not Path(ref.path).is_file()})
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        raise VLBridgeError(f"{len(missing)} image file(s) not found, e.g.\n  {shown}\n"
+                            + (hint or "Point --images (image_root) at the folder the annotation paths are relative to."))
+
+
+def layout_image_pattern(data: str | Path, images: str | Path | None = None) -> str | None:
+    """The VQA image file pattern a dataset's own manifest.json declares (as `vlbridge world generate`
+    writes it beside its questions), looked for beside `data` and in `images`; None when there is none.
+    Official VQAv2 files name no image path, so without this a generated world's images are looked
+    for under COCO's names."""
+    for folder in (Path(data).expanduser().parent, *([Path(images).expanduser()] if images else [])):
+        manifest = folder / LAYOUT_MANIFEST
+        if not manifest.is_file():
+            continue
+        try:
+            pattern = json.loads(manifest.read_text(encoding="utf-8")).get("image_pattern")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue  # not a layout manifest (e.g. another tool's file): the default applies
+        if isinstance(pattern, str) and "{image_id" in pattern:
+            return pattern
+    return None
+
+
+def image_inputs(refs: Sequence[ImageRef]) -> list[Any]:
+    """What model.caption / answer / retrieve take: paths as they are, in-memory bytes (tar members) decoded with PIL."""
+    if all(ref.path is not None for ref in refs):
+        return [ref.path for ref in refs]
+    from PIL import Image
+
+    return [ref.path if ref.path is not None else Image.open(io.BytesIO(ref.data)).convert("RGB") for ref in refs]
+
+
+_image_inputs = image_inputs  # the earlier private name, which vlbridge.compare imports
+
+
+def _in_batches(items: Sequence[Any], batch_size: int, run: Callable[[Sequence[Any]], list], progress: Progress | None) -> list:
+    out: list = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        results = run(chunk)
+        if len(results) != len(chunk):
+            raise VLBridgeError(f"the model returned {len(results)} outputs for {len(chunk)} inputs; evaluation needs "
+                                "exactly one per input (leave num_return_sequences at 1)")
+        out.extend(results)
+        if progress is not None:
+            progress(len(out), len(items))
+    return out
+
+
+# -- captions --------------------------------------------------------------------------------------
+def run_captions(model, records: Sequence[CaptionGroup] | Sequence[ImageText], opts: EvalOptions | dict | None = None,
+                 progress: Progress | None = None, **overrides: Any) -> Evaluation:
+    """Caption every image, then score against its references; predictions in COCO results format."""
+    opts = options(opts, **overrides)
+    groups = _as_groups(records)
+    check_images([g.image for g in groups])
+    images = image_inputs([g.image for g in groups])
+    captions = _in_batches(images, opts.batch_size, lambda chunk: model.caption(
+        list(chunk), prompt=opts.prompt, batch_size=opts.batch_size, **opts.generation), progress)
+    predictions = [{"image_id": g.image_id, "caption": c} for g, c in zip(groups, captions)]
+    metrics = score_caption_predictions(predictions, groups, tokenizer=opts.tokenizer, meteor=opts.meteor)
+    return Evaluation("caption", predictions, metrics)
+
+
+def score_caption_predictions(predictions: Sequence[dict], groups: Sequence[CaptionGroup], *, tokenizer: str = "auto",
+                              meteor: bool = True) -> dict[str, Any]:
+    """Caption metrics of COCO-format predictions against the groups' references."""
+    by_id: dict[Hashable, str] = {}
+    for p in predictions:
+        if p["image_id"] in by_id:
+            raise VLBridgeError(f"two predictions for image_id {p['image_id']!r}; give one caption per image")
+        by_id[p["image_id"]] = p["caption"]
+    references = {g.image_id: list(g.captions) for g in groups}
+    return {"task": "caption", **score_captions(by_id, references, tokenizer=tokenizer, meteor=meteor)}
+
+
+def evaluate_captions(model, records, opts: EvalOptions | dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """The caption metrics dict (see `run_captions`)."""
+    return run_captions(model, records, opts, **overrides).metrics
+
+
+# -- VQA -------------------------------------------------------------------------------------------
+def run_vqa(model, records: Sequence[ImageQuestion], opts: EvalOptions | dict | None = None,
+            progress: Progress | None = None, **overrides: Any) -> Evaluation:
+    """Answer every question, then VQAv2 accuracy; predictions in VQA results format."""
+    opts = options(opts, **overrides)
+    check_variant(opts.vqa_normalization)
+    if not records:
+        raise VLBridgeError("no VQA questions to evaluate")
+    check_images([r.image for r in records])
+    prompt = {"prompt": opts.prompt} if opts.prompt is not None else {}
+    pairs = list(zip(image_inputs([r.image for r in records]), [r.question for r in records]))
+    answers = _in_batches(pairs, opts.batch_size, lambda chunk: model.answer(
+        [p[0] for p in chunk], [p[1] for p in chunk], batch_size=opts.batch_size, **prompt, **opts.generation), progress)
+    predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
+    return Evaluation("vqa", predictions, score_vqa_predictions(predictions, records, opts.vqa_normalization))
+
+
+def score_vqa_predictions(predictions: Sequence[dict], records: Sequence[ImageQuestion], variant: str = "official") -> dict[str, Any]:
+    """VQA accuracy of results-format predictions; without human answers (a test split), counts only."""
+    answered = [r for r in records if r.answers]
+    if not answered:
+        return {"task": "vqa", "overall": None, "num_questions": len(records), "normalization": variant,
+                "notes": ["no human answers in the data (a test split?): predictions only"]}
+    if len(answered) != len(records):
+        raise VLBridgeError(f"{len(records) - len(answered)} of {len(records)} questions have no human answers; "
+                            "score a split whose questions all have answers")
+    by_id = {p["question_id"]: p["answer"] for p in predictions}
+    missing = [r.question_id for r in records if r.question_id not in by_id]
+    if missing or len(by_id) != len(predictions):
+        raise VLBridgeError(f"predictions must hold one answer per question: {len(missing)} missing (e.g. {missing[:3]}), "
+                            f"{len(predictions) - len(by_id)} duplicated")
+    items = [VQAItem(r.question_id, by_id[r.question_id], r.answers, r.answer_type, r.question_type) for r in records]
+    return {"task": "vqa", **vqa_accuracy(items, variant)}
+
+
+def evaluate_vqa(model, records, opts: EvalOptions | dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """The VQA metrics dict (see `run_vqa`)."""
+    return run_vqa(model, records, opts, **overrides).metrics
+
+
+# -- retrieval -------------------------------------------------------------------------------------
+def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], opts: EvalOptions | dict | None = None,
+                  progress: Progress | None = None, **overrides: Any) -> Evaluation:
+    """Score every image against every caption (ITC, then ITM re-ranking of the top k) and report R@K
+    for both score sets; predictions hold each query's rank and best 10."""
+    from vlbridge.data import flatten_groups
+    from vlbridge.metrics.retrieval import retrieval_recall
+
+    opts = options(opts, **overrides)
+    groups = _as_groups(records)
+    check_images([g.image for g in groups])
+    flat = flatten_groups(groups)
+    result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=opts.k, batch_size=opts.batch_size)
+    if progress is not None:
+        progress(len(groups), len(groups))
+    itc = retrieval_recall(result.itc, flat.img2txt, flat.txt2img, with_ranks=True)
+    itm = retrieval_recall(result.i2t, flat.img2txt, flat.txt2img, t2i=result.t2i, with_ranks=True)
+    predictions = _retrieval_predictions(groups, flat, result, itc, itm)
+    metrics = {"task": "retrieval", "itc": _public(itc), "itm": _public(itm), "k": opts.k,
+               "num_images": len(groups), "num_texts": len(flat.texts),
+               "notes": ["percent; i2t = image->text (LAVIS txt_r), t2i = text->image (LAVIS img_r); "
+                         "itm = ITM + ITC on each query's ITC top k, as BLIP-2 reports"]}
+    return Evaluation("retrieval", predictions, metrics)
+
+
+def _public(recall: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recall.items() if not k.endswith("_ranks")}
+
+
+def _top(row, count: int) -> list[int]:
+    """The best `count` columns, highest first; equal scores keep index order (deterministic)."""
+    return [int(i) for i in row.float().argsort(descending=True, stable=True)[:count].tolist()]
+
+
+def _retrieval_predictions(groups, flat, result, itc: dict, itm: dict) -> dict[str, list[dict]]:
+    image_rows = [{"image_id": g.image_id, "texts": flat.img2txt[i], "rank": itm["i2t_ranks"][i], "rank_itc": itc["i2t_ranks"][i],
+                   "top": _top(result.i2t[i], TOP_SHOWN)} for i, g in enumerate(groups)]
+    text_rows = [{"text": t, "text_index": j, "image_id": groups[flat.txt2img[j]].image_id, "rank": itm["t2i_ranks"][j],
+                  "rank_itc": itc["t2i_ranks"][j], "top": [groups[i].image_id for i in _top(result.t2i[j], TOP_SHOWN)]}
+                 for j, t in enumerate(flat.texts)]
+    return {"image_to_text": image_rows, "text_to_image": text_rows}
+
+
+def evaluate_retrieval(model, records, opts: EvalOptions | dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """The retrieval metrics dict (see `run_retrieval`)."""
+    return run_retrieval(model, records, opts, **overrides).metrics
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def write_results(out_dir: str | Path, evaluation: Evaluation, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """predictions.json and metrics.json (the metrics plus `extra`, e.g. the run's settings), each atomically."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise VLBridgeError(f"output {str(out)!r} exists and is not a directory")
+    metrics = {**evaluation.metrics, **(extra or {})}
+    predictions = atomic_write_text(out / PREDICTIONS_FILE, json.dumps(evaluation.predictions, indent=1, default=str) + "\n")
+    metrics_path = atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2, default=str) + "\n")
+    return predictions, metrics_path

@@ -1,0 +1,155 @@
+"""vlbridge checkpoints: the trainable weights only, as safetensors, beside the assembly YAML.
+
+Frozen parts are not copied: loading re-assembles them from the sources the assembly names (local
+weights or hub ids). What a fine-tuning run changed beyond the connector (an unfrozen encoder's
+tensors, LoRA adapters on the LLM) is written beside it as extra parts (see `vlbridge.finetune.tuning`). A connector checkpoint records the stage it was trained in; loading it is strict
+about that stage's parameters.
+
+connector.safetensors holds the connector's whole state, trained in this stage or not (a stage-2
+checkpoint keeps the Q-Former's stage-1 text side and heads), so `load` computes what the saved
+model computed. Tensors the saved model itself lacked (it was loaded from an older or imported
+checkpoint without them) are listed in checkpoint.json's manifest, `connector.absent`, instead:
+loading marks them absent again and whatever needs them refuses to run (vlbridge.modeling.connector_protocol).
+Checkpoints without the manifest (older ones, imports) are read the same way: what the file lacks
+is absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from vlbridge.files.atomic import atomic_write, atomic_write_text
+from vlbridge.errors import WeightsError
+from vlbridge.files.userfiles import read_json, read_yaml
+from vlbridge.files.weights import StateDict, read_tensors, require_path, unwrap_state_dict
+
+ASSEMBLY_FILE = "assembly.yaml"
+WEIGHTS_FILE = "connector.safetensors"
+META_FILE = "checkpoint.json"
+RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
+
+
+@dataclass(frozen=True)
+class ExtraPart:
+    """Tensors written beside the connector's: `file` in the checkpoint directory, `meta` under
+    `key` in checkpoint.json (what rebuilding the part needs)."""
+
+    key: str
+    file: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ConnectorState:
+    """What a checkpoint keeps of a connector: every tensor it has values for, and the names of
+    those it lacks (absent since it was loaded from a checkpoint without them)."""
+
+    tensors: dict[str, torch.Tensor]
+    absent: list[str]
+
+
+def save_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], state: ConnectorState, stage: int,
+                    extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = ()) -> Path:
+    """Checkpoint a connector's whole state (vlbridge.modeling.connector_protocol.connector_state), as
+    trained in `stage`, beside its assembly (and any extra parts)."""
+    return write_checkpoint(out_dir, assembly_dict, state.tensors, stage, extra, parts, absent=state.absent)
+
+
+def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
+                     extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = (),
+                     absent: Sequence[str] | None = None) -> Path:
+    """Write assembly.yaml, connector.safetensors, each extra part's file, and checkpoint.json (last,
+    so its presence means done).
+
+    `absent`: the connector tensors the saved model lacked, for a whole-state checkpoint (written as
+    the `connector.absent` manifest); None for tensors of another origin (an import: no manifest).
+
+    `extra["allow_missing"]` lists fnmatch patterns of stage-`stage` parameters the file lacks on
+    purpose (e.g. an imported model without an ITG head); loading names them instead of failing.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    assembly_dict, relative = relative_paths(assembly_dict, out)
+    atomic_write_text(out / ASSEMBLY_FILE, yaml.safe_dump(assembly_dict, sort_keys=False))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"stage": str(stage)}))
+    for part in parts:
+        part_tensors = {name: t.detach().contiguous().cpu() for name, t in part.tensors.items()}
+        atomic_write(out / part.file, lambda tmp, t=part_tensors: save_file(t, str(tmp), metadata={"part": part.key}))
+    manifest = {} if absent is None else {"connector": {"absent": sorted(absent)}}
+    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors), **manifest,
+            **({RELATIVE_PATHS: relative} if relative else {}), **(extra or {}),
+            **{part.key: part.meta for part in parts}}
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
+    return out
+
+
+def relative_paths(assembly_dict: dict[str, Any], out: Path) -> tuple[dict[str, Any], list[str]]:
+    """The assembly with every option naming a path inside `out` rewritten relative to it ("./llm"),
+    and where those options are ("llm.options.model"): a checkpoint stays loadable when moved."""
+    assembly_dict, root, moved = copy.deepcopy(assembly_dict), out.resolve(), []
+    for slot in ("encoder", "connector", "llm"):
+        options = (assembly_dict.get(slot) or {}).get("options") or {}
+        for key, value in options.items():
+            path = Path(value).expanduser() if isinstance(value, str) else None
+            if path is None or not path.is_absolute() or not path.resolve().is_relative_to(root):
+                continue
+            options[key] = "./" + path.resolve().relative_to(root).as_posix()
+            moved.append(f"{slot}.options.{key}")
+    return assembly_dict, moved
+
+
+def checkpoint_assembly(ckpt_dir: str | Path) -> Path | dict[str, Any]:
+    """What `build` takes for a checkpoint's assembly: the YAML file itself, or, where checkpoint.json
+    lists options holding paths relative to the checkpoint, the mapping with those resolved against it."""
+    directory = Path(ckpt_dir)
+    relative = read_meta(directory).get(RELATIVE_PATHS) or []
+    if not relative:
+        return directory / ASSEMBLY_FILE
+    raw = read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly")
+    for where in relative:
+        slot, _, key = str(where).partition(".options.")
+        options = (raw.get(slot) or {}).get("options") if isinstance(raw, dict) else None
+        if not isinstance(options, dict) or not isinstance(options.get(key), str):
+            raise WeightsError(f"{directory / META_FILE} lists {where!r} among its relative paths, but {directory / ASSEMBLY_FILE} "
+                               "has no such path option; the two files do not belong together (re-save or re-import the checkpoint)")
+        options[key] = str((directory / options[key]).resolve())
+    return raw
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint directory, checked to be an object with the stage it was saved in."""
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise WeightsError(f"{ckpt_dir} is not a vlbridge checkpoint (no {META_FILE}); expected a directory written by save()")
+    meta = read_json(path, "checkpoint metadata", top=dict)
+    stage = meta.get("stage")
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise WeightsError(f"checkpoint metadata {str(path)!r}: 'stage' must be the training stage (1 or 2), found {stage!r}; "
+                           "expected the checkpoint.json that save() writes")
+    return meta
+
+
+def listed_absent(meta: dict[str, Any], ckpt_dir: str | Path) -> list[str]:
+    """The manifest's absent connector tensors (none for a checkpoint without the manifest)."""
+    manifest = meta.get("connector", {"absent": []})
+    absent = manifest.get("absent") if isinstance(manifest, dict) else None
+    if not isinstance(absent, list) or not all(isinstance(name, str) for name in absent):
+        raise WeightsError(f"{Path(ckpt_dir) / META_FILE}: 'connector' must be an object whose 'absent' lists tensor names, "
+                           f"found {manifest!r}; expected the manifest that save() writes")
+    return absent
+
+
+def read_connector_weights(path: str | Path) -> StateDict:
+    """A connector's tensors from our safetensors or a weights-only .pth/.bin (LAVIS wraps it in 'model')."""
+    path = require_path(path, "connector weights")
+    return unwrap_state_dict(read_tensors(path), str(path))

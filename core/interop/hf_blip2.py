@@ -1,0 +1,233 @@
+"""Import from, and export to, transformers' BLIP-2 format (`save_pretrained` directories such as a
+local copy of Salesforce/blip2-opt-2.7b, blip2-flan-t5-xl or blip2-itm-vit-g).
+
+Import writes a self-contained vlbridge checkpoint: the encoder's weights (ours, safetensors), the
+LLM as its own transformers directory (with the tokenizer), the Q-Former as the connector's
+weights, and the assembly YAML that binds them. `vlbridge.load(out_dir)` then gives the same
+outputs as transformers' model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from vlbridge.files.atomic import atomic_write, atomic_write_text
+from vlbridge.files.checkpoint import write_checkpoint
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.interop.export_fidelity import PROBE_PROMPT, max_logit_difference, probe_pixels, settle
+from vlbridge.files.hf_config import load_failure, transformers_config
+from vlbridge.interop.hf_processor import blip_image_processor, save_processor
+from vlbridge.files.weights import read_hf_directory
+
+GENERATION = "Blip2ForConditionalGeneration"
+RETRIEVAL = "Blip2ForImageTextRetrieval"
+LLM_PLUGINS = {"opt": "opt", "t5": "flan-t5"}
+
+
+def _architecture(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    named = (config.get("architectures") or [None])[0]
+    if named in (GENERATION, RETRIEVAL):
+        return named
+    return GENERATION if any(k.startswith("language_model.") for k in state) else RETRIEVAL
+
+
+def encoder_options(vision: dict[str, Any], pretrained: str) -> dict[str, Any]:
+    """eva-vit-g options reproducing a transformers Blip2VisionConfig exactly (all layers kept)."""
+    layers = vision.get("num_hidden_layers", 39)
+    return {
+        "variant": "g", "width": vision.get("hidden_size", 1408), "depth": layers, "num_blocks": layers,
+        "heads": vision.get("num_attention_heads", 16), "mlp_hidden": vision.get("intermediate_size", 6144),
+        "patch_size": vision.get("patch_size", 14), "image_size": vision.get("image_size", 224),
+        "layer_norm_eps": vision.get("layer_norm_eps", 1e-6), "pretrained": pretrained,
+    }
+
+
+def connector_options(config: dict[str, Any], tokenizer: str | None) -> dict[str, Any]:
+    """qformer options reproducing a transformers Blip2QFormerConfig (+ ln_vision = post_layernorm)."""
+    qf, vision = config.get("qformer_config", {}), config.get("vision_config", {})
+    options = {
+        "variant": "base", "num_query_tokens": config.get("num_query_tokens", 32),
+        "hidden_size": qf.get("hidden_size", 768), "num_layers": qf.get("num_hidden_layers", 12),
+        "num_heads": qf.get("num_attention_heads", 12), "intermediate_size": qf.get("intermediate_size", 3072),
+        "cross_attention_freq": qf.get("cross_attention_frequency", 2), "vocab_size": qf.get("vocab_size", 30522),
+        "max_text_positions": qf.get("max_position_embeddings", 512), "embed_dim": config.get("image_text_hidden_size", 256),
+        "layer_norm_eps": qf.get("layer_norm_eps", 1e-12), "ln_vision_eps": vision.get("layer_norm_eps", 1e-6),
+        "encoder_width": vision.get("hidden_size", 1408),
+    }
+    if tokenizer is not None:
+        options["tokenizer"] = tokenizer
+    return options
+
+
+def _llm_plugin(text: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(plugin, transformers class name, extra options) for a BLIP-2-style model's language model:
+    opt / flan-t5 where they fit, else the generic plugins with the visual prompt always first."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = text.get("model_type")
+    seq2seq = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if model_type in LLM_PLUGINS:
+        return LLM_PLUGINS[model_type], seq2seq if model_type == "t5" else causal, {}
+    if seq2seq or causal:
+        return ("hf-seq2seq" if seq2seq else "hf-causal-lm"), seq2seq or causal, {"image_token": None}
+    raise VLBridgeError(f"a {model_type!r} language model is neither a transformers causal nor seq2seq LM; vlbridge cannot load it")
+
+
+def _write_llm(src: Path, config: dict[str, Any], state: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
+    """The language model as a plain transformers directory our LLM plugins load with from_pretrained."""
+    text = dict(config.get("text_config") or {})
+    plugin, architecture, options = _llm_plugin(text)
+    text["architectures"] = [architecture]
+    llm_dir = out / "llm"
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k.removeprefix("language_model."): v.contiguous() for k, v in state.items() if k.startswith("language_model.")}
+    atomic_write(llm_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(llm_dir / "config.json", json.dumps(text, indent=2))
+    _copy_tokenizer(src, llm_dir, "the language model")
+    return {"use": plugin, "options": {"model": str(llm_dir.resolve()), **options}}
+
+
+def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception as exc:  # transformers and tokenizers raise many types for a missing or broken file
+        raise load_failure(f"the tokenizer for {what}", src, exc, "save the processor or tokenizer into it") from exc
+    tokenizer.save_pretrained(str(dst))
+
+
+def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
+    """Convert a transformers BLIP-2 directory into a vlbridge checkpoint directory; returns it."""
+    from vlbridge.plugins.connectors.qformer_convert import from_transformers
+    from vlbridge.plugins.encoders.eva_vit_g_convert import convert_hf_blip2_vision_state_dict
+
+    src, out = Path(src_dir), Path(out_dir)
+    if not src.is_dir():
+        raise WeightsError(f"not a directory: {src}")
+    config = transformers_config(src, "blip-2", "Blip2ForConditionalGeneration")
+    state = read_hf_directory(src)
+    architecture = _architecture(config, state)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder_file = out / "encoder.safetensors"
+    vision = {k: v.contiguous() for k, v in convert_hf_blip2_vision_state_dict({k: v for k, v in state.items() if k.startswith("vision_model.")}).items()}
+    atomic_write(encoder_file, lambda tmp: save_file(vision, str(tmp)))
+    assembly: dict[str, Any] = {"name": name or src.name, "description": f"imported from transformers {architecture} at {src}",
+                                "encoder": {"use": "eva-vit-g", "options": encoder_options(config.get("vision_config", {}), str(encoder_file.resolve()))}}
+    connector = from_transformers(state)
+    if architecture == RETRIEVAL:
+        tokenizer_dir = out / "qformer-tokenizer"
+        _copy_tokenizer(src, tokenizer_dir, "the Q-Former (a BERT tokenizer)")
+        assembly["connector"] = {"use": "qformer", "options": connector_options(config, str(tokenizer_dir.resolve()))}
+        stage, allow_missing = 1, ["lm_head.*", "temp"]  # transformers keeps no ITG head and no temperature
+    else:
+        assembly["connector"] = {"use": "qformer", "options": connector_options(config, None)}
+        assembly["llm"] = _write_llm(src, config, state, out)
+        stage, allow_missing = 2, []
+    return write_checkpoint(out, assembly, connector, stage, {"source": f"transformers {architecture}", "allow_missing": allow_missing})
+
+
+# -- export ---------------------------------------------------------------------------------------
+_TEXT_SIDE_HF = re.compile(r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+
+
+def _blip2_config(model, image_token_index: int):
+    from transformers import Blip2Config
+
+    enc, con = model.assembly.encoder.options, model.assembly.connector.options
+    arch = enc.arch
+    vision = {"hidden_size": arch["width"], "intermediate_size": arch["mlp_hidden"], "num_hidden_layers": enc.resolved_blocks,
+              "num_attention_heads": arch["heads"], "image_size": enc.resolved_image_size, "patch_size": arch["patch"],
+              "layer_norm_eps": enc.layer_norm_eps, "qkv_bias": True}
+    qformer = {"hidden_size": con.size("hidden_size"), "num_hidden_layers": con.size("num_layers"),
+               "num_attention_heads": con.size("num_heads"), "intermediate_size": con.size("intermediate_size"),
+               "cross_attention_frequency": con.cross_attention_freq, "vocab_size": con.size("vocab_size"),
+               "max_position_embeddings": con.size("max_text_positions"), "layer_norm_eps": con.layer_norm_eps,
+               "encoder_hidden_size": model.plan.encoder_out.width}
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=model.llm.model.config.to_dict(),
+                       num_query_tokens=con.num_query_tokens, image_text_hidden_size=con.embed_dim,
+                       image_token_index=image_token_index)
+
+
+def tokenizer_with_image_token(model) -> tuple[Any, int]:
+    """A copy of the LLM's tokenizer with an `<image>` token (the live model's stays as it is) and its
+    id, which must lie inside the LLM's vocabulary: transformers' BLIP-2 family embeds it."""
+    tokenizer = copy.deepcopy(model.llm.tokenizer)
+    vocab = model.llm.model.config.vocab_size
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    index = tokenizer.convert_tokens_to_ids("<image>")
+    if index >= vocab:
+        raise VLBridgeError(f"no free id for the <image> token: the tokenizer has {len(tokenizer)} tokens and the LLM's vocabulary {vocab}")
+    return tokenizer, index
+
+
+def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False) -> Path:
+    """Write a built eva-vit-g + qformer + opt/flan-t5 model as a transformers
+    Blip2ForConditionalGeneration directory (weights, config, and the Blip2Processor: tokenizer with
+    an `<image>` token, image processor). A model transformers cannot hold exactly is refused unless
+    `allow_approximate` (vlbridge.interop.export_fidelity)."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from vlbridge.plugins.connectors.qformer_convert import to_transformers
+    from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
+
+    plan = model.plan
+    if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or plan.llm.name not in LLM_PLUGINS.values():
+        raise VLBridgeError("only eva-vit-g + qformer + opt/flan-t5 models (built for stage 2) map onto transformers' BLIP-2; "
+                            f"this one is {plan.encoder.name} + {plan.connector.name} + {plan.llm.name if plan.llm else 'no LLM'}")
+    tokenizer, image_token_index = tokenizer_with_image_token(model)
+    state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
+    state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
+    state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
+    hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
+    if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
+        raise WeightsError(f"export does not fit Blip2ForConditionalGeneration: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    settle("transformers' BLIP-2", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
+    out = Path(out_dir)
+    hf.save_pretrained(out)
+    save_processor(Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
+                                  num_query_tokens=model.assembly.connector.options.num_query_tokens), out)
+    return out
+
+
+def blip2_differences(assembly) -> list[str]:
+    """What transformers' BLIP-2 (and InstructBLIP) would change in an eva-vit-g + qformer assembly."""
+    con_eps, vision_eps = assembly.connector.options.ln_vision_eps, assembly.encoder.options.layer_norm_eps
+    if con_eps == vision_eps:
+        return []
+    return [f"its ln_vision epsilon {con_eps:g} becomes {vision_eps:g}, because transformers runs ln_vision (the vision "
+            f"post_layernorm) with the vision layer_norm_eps; set the qformer option ln_vision_eps to {vision_eps:g} to export exactly"]
+
+
+def probe_difference(model, hf, image_token_index: int) -> float:
+    """Max abs difference of the logits of `model` and its transformers export `hf` (BLIP-2 or
+    InstructBLIP) on one probe image and prompt; the prompt is also the instruction where one is read."""
+    pixels, tokenizer = probe_pixels(model), model.llm.tokenizer
+    text = tokenizer([PROBE_PROMPT], return_tensors="pt")
+    queries = model.assembly.connector.options.num_query_tokens
+    ids = torch.cat([torch.full((1, queries), image_token_index), text.input_ids], 1)
+    mask = torch.cat([torch.ones(1, queries, dtype=text.attention_mask.dtype), text.attention_mask], 1)
+    labels = {"labels": text.input_ids} if model.llm.is_encoder_decoder else {}
+    ours_extra, hf_extra = dict(labels), dict(labels)
+    if getattr(model.connector, "instruction_aware", False):
+        instruction = model.connector.tokenizer([PROBE_PROMPT], return_tensors="pt")
+        ours_extra["instructions"] = [PROBE_PROMPT]
+        hf_extra.update(qformer_input_ids=instruction.input_ids, qformer_attention_mask=instruction.attention_mask)
+    device, was_training = model.device, model.training
+    model.eval()
+    try:
+        ours = model(pixels.to(device), text.input_ids.to(device), text.attention_mask.to(device),
+                     **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ours_extra.items()}).logits
+    finally:
+        model.train(was_training)
+    return max_logit_difference(ours, hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, **hf_extra).logits)

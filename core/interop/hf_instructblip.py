@@ -1,0 +1,117 @@
+"""Import from, and export to, transformers' InstructBLIP (`InstructBlipForConditionalGeneration`
+save_pretrained directories such as a local copy of Salesforce/instructblip-vicuna-7b or
+instructblip-flan-t5-xl).
+
+InstructBLIP is BLIP-2 with an instruction-aware Q-Former: the instruction, in the Q-Former's own
+BERT tokenizer (the `qformer_tokenizer` folder of the processor), joins the queries in
+self-attention. Import writes the same checkpoint layout as the BLIP-2 import (encoder weights,
+the LLM as its own transformers directory, the Q-Former as the connector with
+`instruction_aware: true`); the LLM is `opt` / `flan-t5` where they fit and the generic
+`hf-causal-lm` / `hf-seq2seq` otherwise (Vicuna/Llama). Export goes back for eva-vit-g + an
+instruction-aware qformer + any of those LLMs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from vlbridge.files.atomic import atomic_write
+from vlbridge.files.checkpoint import write_checkpoint
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options
+from vlbridge.interop.export_fidelity import settle
+from vlbridge.files.hf_config import transformers_config
+from vlbridge.interop.hf_processor import blip_image_processor, save_processor
+from vlbridge.files.weights import read_hf_directory
+
+QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the BERT tokenizer
+# What transformers' InstructBLIP has no place for: the Q-Former's stage-1 heads.
+STAGE1_HEADS = ("lm_head.*", "vision_proj.*", "text_proj.*", "itm_head.*", "temp")
+_NO_PLACE = ("vision_projection.", "text_projection.", "itm_head.")  # their transformers names
+
+
+def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
+    """Convert a transformers InstructBLIP directory into a vlbridge checkpoint directory; returns it."""
+    from vlbridge.plugins.connectors.qformer_convert import from_transformers
+    from vlbridge.plugins.encoders.eva_vit_g_convert import convert_hf_blip2_vision_state_dict
+
+    src, out = Path(src_dir).expanduser(), Path(out_dir)
+    config = transformers_config(src, "instructblip", "InstructBlipForConditionalGeneration")
+    tokenizer_src = src / QFORMER_TOKENIZER
+    if not (tokenizer_src / "tokenizer_config.json").is_file():
+        raise WeightsError(f"{src} has no {QFORMER_TOKENIZER}/ folder (the Q-Former's BERT tokenizer, which reads the "
+                           "instruction); save the InstructBlipProcessor into the directory too")
+    state = read_hf_directory(src)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder_file = out / "encoder.safetensors"
+    vision = {k: v.contiguous() for k, v in convert_hf_blip2_vision_state_dict(
+        {k: v for k, v in state.items() if k.startswith("vision_model.")}).items()}
+    atomic_write(encoder_file, lambda tmp: save_file(vision, str(tmp)))
+    tokenizer_dir = out / "qformer-tokenizer"
+    if tokenizer_dir.exists():
+        shutil.rmtree(tokenizer_dir)
+    shutil.copytree(tokenizer_src, tokenizer_dir)
+    connector = connector_options(config, str(tokenizer_dir.resolve()))
+    connector["instruction_aware"] = True
+    assembly = {
+        "name": name or src.name,
+        "description": f"imported from transformers InstructBlipForConditionalGeneration at {src}",
+        "encoder": {"use": "eva-vit-g", "options": encoder_options(config.get("vision_config", {}), str(encoder_file.resolve()))},
+        "connector": {"use": "qformer", "options": connector},
+        "llm": _write_llm(src, config, state, out),
+    }
+    return write_checkpoint(out, assembly, from_transformers(state), 2,
+                            {"source": "transformers InstructBlipForConditionalGeneration", "allow_missing": list(STAGE1_HEADS)})
+
+
+def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: bool = False) -> Path:
+    """Write a built eva-vit-g + instruction-aware qformer + LLM model as a transformers
+    InstructBlipForConditionalGeneration directory (weights, config, and the InstructBlipProcessor:
+    LLM tokenizer with an `<image>` token, image processor, the Q-Former's tokenizer in
+    `qformer_tokenizer/`). A model transformers cannot hold exactly is refused unless
+    `allow_approximate`, as for BLIP-2 (the same ln_vision rule)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from vlbridge.interop.hf_blip2 import _blip2_config, blip2_differences, probe_difference, tokenizer_with_image_token
+    from vlbridge.plugins.connectors.qformer_convert import to_transformers
+    from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
+
+    plan = model.plan
+    options = model.assembly.connector.options
+    if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or not options.instruction_aware:
+        raise VLBridgeError("only eva-vit-g + an instruction-aware qformer + an LLM (built for stage 2) map onto transformers' "
+                            f"InstructBLIP; this one is {plan.encoder.name} + {plan.connector.name}"
+                            f"{'' if getattr(options, 'instruction_aware', False) else ' (not instruction-aware)'} + "
+                            f"{plan.llm.name if plan.llm else 'no LLM'}")
+    tokenizer, image_token_index = tokenizer_with_image_token(model)
+    blip2 = _blip2_config(model, image_token_index)
+    config = InstructBlipConfig(vision_config=blip2.vision_config.to_dict(), qformer_config=blip2.qformer_config.to_dict(),
+                                text_config=blip2.text_config.to_dict(), num_query_tokens=blip2.num_query_tokens,
+                                image_token_index=image_token_index)
+    state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
+    for key, value in to_transformers(model.connector.state_dict()).items():  # BLIP-2's names -> InstructBLIP's
+        if key.startswith(_NO_PLACE):
+            continue
+        if key.startswith("qformer.layernorm."):
+            key = key.replace("qformer.layernorm.", "qformer.embeddings.layernorm.")
+        elif key.startswith("embeddings."):
+            key = "qformer." + key
+        state[key] = value
+    state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
+    hf = InstructBlipForConditionalGeneration(config).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
+    if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
+        raise WeightsError(f"export does not fit InstructBlipForConditionalGeneration: missing {sorted(missing)[:8]}, "
+                           f"unexpected {sorted(unexpected)[:8]}")
+    settle("transformers' InstructBLIP", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index),
+           allow_approximate)
+    out = Path(out_dir)
+    hf.save_pretrained(out)
+    save_processor(InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, model.connector.tokenizer,
+                                         num_query_tokens=blip2.num_query_tokens), out)  # writes qformer_tokenizer/ too
+    return out

@@ -1,0 +1,47 @@
+"""The transformers processor an export ships, so `XProcessor.from_pretrained(out)` is the user's
+next line and works: an image processor that prepares images as the encoder's Preprocess does,
+the LLM's tokenizer, and the processor's own settings (BLIP-2's num_query_tokens, LLaVA's image
+token count). `preprocessor_config.json` is written too, for AutoImageProcessor and for
+transformers versions that keep the image processor there rather than in processor_config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.plugin.specs import Preprocess
+
+RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's codes, which transformers' image processors store
+
+
+def blip_image_processor(preprocess: Preprocess) -> Any:
+    """BLIP-2's image processor (resize straight to S x S, no crop) for `preprocess`."""
+    from transformers import BlipImageProcessor
+
+    if preprocess.resize_mode != "squash" or preprocess.resize_size is not None:
+        raise VLBridgeError(f"BLIP-2's image processor resizes straight to {preprocess.image_size} x {preprocess.image_size}; "
+                            f"this encoder resizes ({preprocess.resize_mode}, to {preprocess.resize_size}) and centre-crops, "
+                            "which it cannot express")
+    return BlipImageProcessor(size={"height": preprocess.image_size, "width": preprocess.image_size},
+                              resample=RESAMPLE[preprocess.interpolation], image_mean=list(preprocess.mean),
+                              image_std=list(preprocess.std), do_convert_rgb=True)
+
+
+def clip_image_processor(preprocess: Preprocess) -> Any:
+    """CLIP's image processor (LLaVA's) for `preprocess`: the shorter side or both sides resized, then
+    a centre crop to S x S."""
+    from transformers import CLIPImageProcessor
+
+    size, target = preprocess.image_size, preprocess.resize_size or preprocess.image_size
+    resize = {"shortest_edge": target} if preprocess.resize_mode == "shortest" else {"height": target, "width": target}
+    return CLIPImageProcessor(size=resize, crop_size={"height": size, "width": size}, do_center_crop=True,
+                              resample=RESAMPLE[preprocess.interpolation], image_mean=list(preprocess.mean),
+                              image_std=list(preprocess.std), do_convert_rgb=True)
+
+
+def save_processor(processor: Any, out: Path) -> None:
+    """processor_config.json, the tokenizer(s) and preprocessor_config.json into `out`."""
+    processor.save_pretrained(str(out))
+    processor.image_processor.save_pretrained(str(out))

@@ -1,0 +1,152 @@
+"""`vlbridge.build` (this module is vlbridge.modeling.factory): the one constructor. A short pipeline of named steps: validate the assembly,
+build each part from its spec's factory, check the real shapes against the plan, compose, and load
+connector weights if given."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from vlbridge.assemblies.assembly import Assembly, load_assembly
+from vlbridge.files.checkpoint import WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
+from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
+from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
+from vlbridge.files.weights import load_subset
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.modeling.model import VLBridgeModel
+from vlbridge.parts.hf_quiet import quiet_hf
+from vlbridge.parts.devices import resolve_device
+from vlbridge.assemblies.reachability import check_reachable
+
+_Built = TypeVar("_Built")
+FROZEN_INIT_SEED = 0  # frozen parts without pretrained weights: the same random part on every build
+INIT_SEED = 0  # the connector's, unless build(init_seed=...) says otherwise (the trainer passes its seed)
+
+
+@quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
+def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None = None, weights: str | Path | None = None,
+          device: str | torch.device | None = None, check_shapes: bool = True, random_weights: bool = False,
+          init_seed: int = INIT_SEED) -> VLBridgeModel:
+    """Build the model an assembly describes.
+
+    :param assembly: an Assembly, a YAML path, a preset name or a dict.
+    :param stage: 1 (encoder + connector, no LLM) or 2 (all three); default: the connector's last stage.
+    :param weights: connector weights: a vlbridge checkpoint directory or a safetensors file.
+    :param device: where to put the model (default CPU).
+    :param check_shapes: run one dummy image through encoder and connector and compare with the plan.
+    :param random_weights: allow a real-size frozen part without pretrained weights (random on
+        purpose, e.g. for benchmarks); without it that is refused before anything is built.
+    :param init_seed: seeds the connector's random initialisation (before any weights load), so the
+        same assembly builds the same model every time; the caller's random state is left untouched.
+        Frozen parts without pretrained weights always use FROZEN_INIT_SEED instead.
+    """
+    if not isinstance(assembly, Assembly):
+        assembly = load_assembly(assembly)
+    plan = assembly.plan
+    stage = max(plan.stages) if stage is None else stage
+    if stage not in plan.stages:
+        raise VLBridgeError(f"connector {plan.connector.name!r} supports stages {list(plan.stages)}, not stage {stage}")
+    check_reachable(assembly, stage, random_weights=random_weights)  # every part's weights, before anything loads
+    if isinstance(device, str):
+        device = resolve_device(device, option="device")  # a missing CUDA is a user error, found before building
+    encoder = _build_frozen(assembly.encoder)
+    llm_width = plan.llm_dims.embed_width if plan.llm_dims is not None else 0  # 0: an LLM-free (stage-1) assembly
+    connector = seeded(init_seed, build_component, assembly.connector.spec, assembly.connector.options, plan.encoder_out, llm_width)
+    llm = _build_frozen(assembly.llm) if stage == 2 and assembly.llm is not None else None
+    if llm is not None:
+        check_llm(llm, plan.llm_dims, describe(plan.llm))
+    model = VLBridgeModel(assembly, encoder, connector, llm, stage)
+    if device is not None:
+        model.to(device)
+    if check_shapes:
+        check_real_shapes(model)
+    if weights is not None:
+        load_connector_weights(model, weights)
+    return model.eval()  # like transformers' from_pretrained: call .train() to train
+
+
+def seeded(seed: int, make: Callable[..., _Built], *args: Any) -> _Built:
+    """`make(*args)` with the CPU generator seeded, so its random init is a function of `seed`; the
+    caller's generator state comes back afterwards. Parts are built on the CPU, and only its
+    generator is seeded: torch.manual_seed would also reseed (and move) the caller's CUDA generators."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return make(*args)
+
+
+def _build_frozen(part) -> torch.nn.Module:
+    """Build a frozen part under a fixed seed: one without pretrained weights is random but the same
+    on every build, so a connector trained against it still fits when the checkpoint is reloaded.
+    Gradients are turned off here, so a plugin's plain nn.Module is frozen too (a FrozenPart also
+    stays in eval mode when the model trains)."""
+    module = seeded(FROZEN_INIT_SEED, build_component, part.spec, part.options)
+    return module.requires_grad_(False).eval()
+
+
+def check_real_shapes(model: VLBridgeModel) -> None:
+    """Push one blank image through the encoder and two copies of its tokens through the connector:
+    a spec that lies, or a forward that fails or loses the batch, is caught here, naming the plugin."""
+    plan = model.plan
+    size = plan.preprocess.image_size
+    pixels = torch.zeros(1, 3, size, size, device=model.device)
+    encoder, connector = describe(plan.encoder), describe(plan.connector)
+    with torch.no_grad():
+        image_embeds = plugin_call(encoder, f"forward on a blank {tuple(pixels.shape)} image", model.encoder, pixels)
+        image_embeds = check_tokens(encoder, plan.encoder_out, image_embeds, batch=1).float()
+        if plan.connector_out is None:
+            return  # no LLM joint to check
+        pair = image_embeds.repeat(2, 1, 1)
+        was_training = model.connector.training
+        model.connector.eval()
+        try:
+            tokens = plugin_call(connector, f"forward on image tokens of shape {tuple(pair.shape)}", model.visual_tokens,
+                                 image_embeds=pair)
+        finally:
+            model.connector.train(was_training)
+    check_tokens(connector, plan.connector_out, tokens, batch=2)
+
+
+def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[str]:
+    """Load a vlbridge checkpoint (directory or connector.safetensors) into the connector, strictly
+    for the parameters of the stage it was saved in except those its manifest lists as absent or
+    `allow_missing` excuses. Whatever the file lacks is marked absent (what needs it refuses to
+    run, vlbridge.modeling.connector_protocol); returns those names."""
+    path, source = Path(weights), str(weights)
+    allow_missing: list[str] = []
+    absent: list[str] = []
+    if path.is_dir():
+        meta = read_meta(path)
+        stage, allow_missing, absent = int(meta["stage"]), list(meta.get("allow_missing", [])), listed_absent(meta, path)
+        path = path / WEIGHTS_FILE
+    else:
+        stage = model.stage
+    tensors = read_connector_weights(path)
+    contradicted = sorted(set(absent) & set(tensors))
+    if contradicted:
+        raise WeightsError(f"{source}: checkpoint.json lists {', '.join(contradicted)} as absent, but {path.name} holds it; "
+                           "the two files do not belong together (save the model again)")
+    who = describe(model.plan.connector)
+    trained = trainable_names(model.connector, stage, model.stage, who)
+    expected = {n for n in trained - set(absent) if not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
+    left = load_subset(model.connector, tensors, str(path), expected)
+    stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
+    set_absent(model.connector, {name: Absence(source, stages[name]) for name in left}, who)
+    return left
+
+
+@quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
+def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | torch.device | None = None,
+         random_weights: bool = False) -> VLBridgeModel:
+    """Rebuild a model saved with `model.save(dir)`: the frozen parts from their sources, the
+    connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too."""
+    from vlbridge.finetune.tuning import restore_tuned
+
+    directory = Path(checkpoint_dir)
+    meta = read_meta(directory)
+    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
+    if restore_tuned(model, directory, meta) and device is not None:
+        model.to(device)  # the adapters were injected after the move
+    return model.eval()

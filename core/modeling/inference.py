@@ -1,0 +1,129 @@
+"""Captioning, question answering and free generation with a built model, batched.
+
+Defaults follow BLIP-2's evaluation settings: captions with 5 beams and up to 30 new tokens; VQA
+with 5 beams, up to 10 new tokens, length penalty 0 (OPT) or -1 (FlanT5), prompt
+"Question: {} Short answer:".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.parts.images import as_image_list
+from vlbridge.modeling.prompts import format_prompts
+
+if TYPE_CHECKING:
+    from vlbridge.modeling.model import VLBridgeModel
+
+
+class GenerationOptions(BaseModel):
+    """Decoding settings; unknown names are an error rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(30, ge=1, description="most tokens to generate after the prompt")
+    min_new_tokens: int = Field(1, ge=0, description="fewest tokens to generate before the end token may win")
+    num_beams: int = Field(5, ge=1, description="beam width; 1 = greedy or sampling")
+    do_sample: bool = Field(False, description="sample instead of searching")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass (sampling only)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (sampling only)")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeats")
+    length_penalty: float = Field(1.0, description="beam-score length exponent; < 0 favours short outputs")
+    num_return_sequences: int = Field(1, ge=1, description="outputs per image (<= num_beams when searching)")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        kwargs = self.model_dump()
+        if not self.do_sample:
+            kwargs.pop("top_p")
+            kwargs.pop("temperature")
+        if self.num_beams == 1:
+            kwargs.pop("length_penalty")
+        return kwargs
+
+
+def _options(overrides: dict[str, Any], **defaults: Any) -> GenerationOptions:
+    try:
+        return GenerationOptions(**{**defaults, **overrides})
+    except Exception as exc:
+        raise VLBridgeError(f"bad generation settings: {exc}") from exc
+
+
+def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[str]:
+    if value is None:
+        return [""] * count
+    if isinstance(value, str):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise VLBridgeError(f"got {len(values)} {what} for {count} images; give one per image or a single one")
+    return values
+
+
+@torch.no_grad()
+def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str] | None, options: GenerationOptions,
+                     batch_size: int = 16, image_embeds: torch.Tensor | None = None) -> list[str]:
+    """Run the LLM on [visual prompt; text prompt] for each image; returns num_return_sequences texts per image.
+    `image_embeds` (N, T, W): the frozen encoder's outputs for the N images, computed before (then
+    `images` is ignored), so an evaluation that asks several questions per image encodes it once."""
+    if model.llm is None:
+        raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2 to generate text")
+    count = len(image_embeds) if image_embeds is not None else None
+    items = as_image_list(images) if image_embeds is None else None
+    instructions = _per_image(prompts, count if items is None else len(items), "prompts")  # what a connector may read
+    texts = format_prompts(model.llm, instructions)  # what the LLM reads
+    if options.num_return_sequences > options.num_beams and not options.do_sample:
+        raise VLBridgeError(f"num_return_sequences {options.num_return_sequences} exceeds num_beams {options.num_beams}")
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            if items is not None:
+                visual = model.visual_tokens(model.pixel_values(items[start:start + batch_size]),
+                                             instructions=instructions[start:start + batch_size])
+            else:
+                visual = model.visual_tokens(image_embeds=image_embeds[start:start + batch_size].to(model.device),
+                                             instructions=instructions[start:start + batch_size])
+            ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
+            new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
+            outputs.extend(model.llm.decode(new_tokens))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def generate(model: "VLBridgeModel", images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
+    """Free generation with explicit settings (defaults: greedy, 30 new tokens)."""
+    batch_size = generation.pop("batch_size", 16)
+    return generate_batched(model, images, prompt, _options(generation, num_beams=1), batch_size)
+
+
+def caption(model: "VLBridgeModel", images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
+    """Describe each image (BLIP-2 defaults: 5 beams, up to 30 new tokens)."""
+    batch_size = generation.pop("batch_size", 16)
+    return generate_batched(model, images, prompt, caption_options(generation), batch_size)
+
+
+def caption_options(generation: dict[str, Any]) -> GenerationOptions:
+    """Captioning's decoding settings: BLIP-2's defaults under `generation`."""
+    return _options(generation)
+
+
+def answer(model: "VLBridgeModel", images: Any, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
+           **generation: Any) -> list[str]:
+    """Zero-shot VQA: one question per image, formatted into the prompt."""
+    if "{}" not in prompt:
+        raise VLBridgeError(f"the VQA prompt must contain '{{}}' where the question goes; got {prompt!r}")
+    batch_size = generation.pop("batch_size", 16)
+    count = len(as_image_list(images))
+    formatted = [prompt.format(q) for q in _per_image(questions, count, "questions")]
+    return generate_batched(model, images, formatted, answer_options(model, generation), batch_size)
+
+
+def answer_options(model: "VLBridgeModel", generation: dict[str, Any]) -> GenerationOptions:
+    """VQA's decoding settings: BLIP-2's defaults (length penalty by LLM kind) under `generation`."""
+    encoder_decoder = model.llm is not None and model.llm.is_encoder_decoder
+    return _options(generation, max_new_tokens=10, length_penalty=-1.0 if encoder_decoder else 0.0)

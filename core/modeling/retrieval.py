@@ -1,0 +1,139 @@
+"""Features and image-text retrieval for Q-Former assemblies, as in BLIP-2: ITC similarity (the best
+of the query tokens) shortlists the top k, then the ITM head re-ranks them, in both directions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlbridge.plugin.contract import describe, missing
+from vlbridge.errors import VLBridgeError
+from vlbridge.parts.images import as_image_list
+
+if TYPE_CHECKING:
+    from vlbridge.modeling.model import VLBridgeModel
+
+MAX_TEXT_TOKENS = 35  # LAVIS tokenises retrieval texts to 35 tokens
+FEATURE_MODES = ("image", "text", "multimodal")
+# What features and retrieval call on the connector (the Q-Former's; docs/writing-plugins.md, section 5).
+RETRIEVAL_INTERFACE = ("tokenizer", "query_tokens", "query_outputs", "vision_proj", "text_outputs", "text_proj",
+                       "multimodal_outputs", "itm_head")
+
+
+@dataclass
+class Features:
+    """What `model.features` returns; fields not computed for the mode are None."""
+
+    image_embeds: torch.Tensor | None = None  # (B, Q, H) query outputs
+    image_embeds_proj: torch.Tensor | None = None  # (B, Q, E) normalised ITC features
+    text_embeds: torch.Tensor | None = None  # (B, T, H)
+    text_embeds_proj: torch.Tensor | None = None  # (B, T, E) normalised; [:, 0] is the [CLS] feature
+    multimodal_embeds: torch.Tensor | None = None  # (B, Q, H) queries after attending to the text
+
+
+@dataclass
+class RetrievalResult:
+    """Scores between every image and every text. `itc` is the raw cosine (no temperature); `i2t` and
+    `t2i` are ITM + ITC for the top-k shortlist and -100 elsewhere, as in LAVIS."""
+
+    itc: torch.Tensor  # (Ni, Nt)
+    i2t: torch.Tensor  # (Ni, Nt)
+    t2i: torch.Tensor  # (Nt, Ni)
+
+    def texts_for_image(self, i: int, top: int = 5) -> list[int]:
+        return self.i2t[i].topk(min(top, self.i2t.shape[1])).indices.tolist()
+
+    def images_for_text(self, t: int, top: int = 5) -> list[int]:
+        return self.t2i[t].topk(min(top, self.t2i.shape[1])).indices.tolist()
+
+
+def _qformer(model: "VLBridgeModel"):
+    connector = model.connector
+    absent = missing(connector, RETRIEVAL_INTERFACE)
+    if absent:
+        raise VLBridgeError(f"features and retrieval need a Q-Former connector; this assembly uses {describe(model.plan.connector)}, "
+                            f"whose module lacks {', '.join(absent)}")
+    return connector
+
+
+def tokenize_texts(model: "VLBridgeModel", texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = _qformer(model).tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+    return encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
+
+
+@torch.no_grad()
+def features(model: "VLBridgeModel", images: Any = None, texts: Sequence[str] | None = None, mode: str = "image") -> Features:
+    """BLIP-2's feature extractor: image (query outputs), text, or multimodal (queries that saw the text)."""
+    if mode not in FEATURE_MODES:
+        raise VLBridgeError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
+    qformer = _qformer(model)
+    out = Features()
+    if mode in ("image", "multimodal"):
+        if images is None:
+            raise VLBridgeError(f"mode {mode!r} needs images")
+        image_embeds = model.encode_images(model.pixel_values(images))
+    if mode in ("text", "multimodal") and texts is None:
+        raise VLBridgeError(f"mode {mode!r} needs texts")
+    if mode == "image":
+        out.image_embeds = qformer.query_outputs(image_embeds)
+        out.image_embeds_proj = F.normalize(qformer.vision_proj(out.image_embeds), dim=-1)
+    elif mode == "text":
+        ids, mask = tokenize_texts(model, texts)
+        out.text_embeds = qformer.text_outputs(ids, mask)
+        out.text_embeds_proj = F.normalize(qformer.text_proj(out.text_embeds), dim=-1)
+    else:
+        ids, mask = tokenize_texts(model, texts)
+        if ids.shape[0] != image_embeds.shape[0]:
+            raise VLBridgeError(f"multimodal features pair images and texts one to one; got {image_embeds.shape[0]} images and {ids.shape[0]} texts")
+        num_queries = qformer.query_tokens.shape[1]
+        out.multimodal_embeds = qformer.multimodal_outputs(ids, mask, image_embeds)[:, :num_queries]
+    return out
+
+
+def itm_scores(model: "VLBridgeModel", image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Positive-class ITM logit, averaged over the queries, for aligned (image, text) pairs."""
+    qformer = _qformer(model)
+    num_queries = qformer.query_tokens.shape[1]
+    joint = qformer.multimodal_outputs(ids, mask, image_embeds)[:, :num_queries]  # (B, Q, H)
+    return qformer.itm_head(joint).mean(dim=1)[:, 1]
+
+
+@torch.no_grad()
+def retrieve(model: "VLBridgeModel", images: Any, texts: Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
+    """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image."""
+    if k < 1:
+        raise VLBridgeError(f"k must be at least 1, got {k}")
+    qformer = _qformer(model)
+    was_training = model.training
+    model.eval()
+    try:
+        items = as_image_list(images)
+        image_embeds = torch.cat([model.encode_images(model.pixel_values(items[i:i + batch_size]))
+                                  for i in range(0, len(items), batch_size)])
+        image_proj = F.normalize(qformer.vision_proj(qformer.query_outputs(image_embeds)), dim=-1)  # (Ni, Q, E)
+        ids, mask = tokenize_texts(model, texts)
+        text_proj = F.normalize(qformer.text_proj(qformer.text_outputs(ids, mask)[:, 0]), dim=-1)  # (Nt, E)
+        itc = torch.einsum("iqe,te->iqt", image_proj, text_proj).max(dim=1).values  # (Ni, Nt)
+        i2t = _rerank(model, itc, image_embeds, ids, mask, k, batch_size, images_are_rows=True)
+        t2i = _rerank(model, itc.t(), image_embeds, ids, mask, k, batch_size, images_are_rows=False)
+    finally:
+        model.train(was_training)
+    return RetrievalResult(itc=itc, i2t=i2t, t2i=t2i)
+
+
+def _rerank(model, sims: torch.Tensor, image_embeds, ids, mask, k: int, batch_size: int, images_are_rows: bool) -> torch.Tensor:
+    scores = torch.full_like(sims, -100.0)
+    top = min(k, sims.shape[1])
+    for row in range(sims.shape[0]):
+        top_sims, cols = sims[row].topk(top)
+        for start in range(0, top, batch_size):
+            chunk = cols[start:start + batch_size]
+            if images_are_rows:
+                pair_images, pair_ids, pair_mask = image_embeds[row].expand(len(chunk), -1, -1), ids[chunk], mask[chunk]
+            else:
+                pair_images, pair_ids, pair_mask = image_embeds[chunk], ids[row].expand(len(chunk), -1), mask[row].expand(len(chunk), -1)
+            scores[row, chunk] = itm_scores(model, pair_images, pair_ids, pair_mask) + top_sims[start:start + batch_size]
+    return scores

@@ -1,0 +1,131 @@
+"""Images in, an encoder's normalised `(B, 3, S, S)` pixel batch out.
+
+The eval transform is BLIP-2's by default: resize to `(S, S)` with the encoder's interpolation,
+scale to [0, 1], normalise with its mean and std. An encoder whose `Preprocess` asks for it gets
+CLIP's (and DINOv2's) instead: resize the shorter side, keeping the aspect ratio, then centre-crop
+`(S, S)`. Inputs may be PIL images, file paths, uint8 tensors (raw pixels, `(3, H, W)`) or float
+tensors. A float tensor is taken as **already normalised** for this encoder, so it must already be
+`(3, S, S)` or `(B, 3, S, S)`: raw floats cannot be told apart from normalised ones, and guessing
+would silently normalise twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+from torchvision.transforms.functional import InterpolationMode
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.plugin.specs import Preprocess
+
+ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor]
+
+_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() loads the pixels, so truncated files fail here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what corrupt or hostile files raise
+        raise VLBridgeError(f"cannot read image file {str(path)!r}: {exc}; expected an image Pillow reads "
+                            "(JPEG, PNG, WebP, ...)") from exc
+
+
+def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """PIL image or uint8 `(3, H, W)` tensor -> normalised float `(3, S, S)`."""
+    if preprocess.interpolation not in _INTERPOLATION:
+        raise VLBridgeError(f"unknown interpolation {preprocess.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
+    return T.Compose([  # resize first: a PIL image is then resized by PIL, as in BLIP-2's and HF's processors
+        *_resize_and_crop(preprocess),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
+    ])
+
+
+def _resize_and_crop(preprocess: Preprocess) -> list[Callable]:
+    """'squash': resize to (R, R); 'shortest': shorter side to R. Then centre-crop (S, S) unless already so."""
+    size, mode = preprocess.image_size, preprocess.resize_mode
+    target = preprocess.resize_size or size
+    interpolation = _INTERPOLATION[preprocess.interpolation]
+    if mode == "squash":
+        steps: list[Callable] = [T.Resize((target, target), interpolation=interpolation, antialias=True)]
+    elif mode == "shortest":
+        steps = [T.Resize(target, interpolation=interpolation, antialias=True)]
+    else:
+        raise VLBridgeError(f"unknown resize_mode {mode!r}; use 'squash' or 'shortest'")
+    if mode == "shortest" or target != size:
+        steps.append(T.CenterCrop(size))
+    return steps
+
+
+def to_pixel_batch(
+    images: ImageInput | Sequence[ImageInput],
+    preprocess: Preprocess,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Turn one image or a sequence of images into the encoder's normalised `(B, 3, S, S)` batch."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
+        batch = _check_normalised(images, preprocess, "the batch", dims=4)
+    else:
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            items: list[ImageInput] = list(images.unbind(0))  # a uint8 (B, 3, H, W) batch of raw images
+        else:
+            items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type,list-item]
+        if not items:
+            raise VLBridgeError("no images given; pass at least one PIL image, path or tensor")
+        transform = eval_transform(preprocess)
+        batch = torch.stack([_one(item, preprocess, transform, f"image {i}") for i, item in enumerate(items)])
+    return batch.to(device=device, dtype=dtype or batch.dtype)
+
+
+def _is_single(images: object) -> bool:
+    return isinstance(images, (Image.Image, str, os.PathLike, torch.Tensor))
+
+
+def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: str) -> torch.Tensor:
+    """One input -> normalised `(3, S, S)`."""
+    if isinstance(item, (str, os.PathLike)):
+        return transform(load_image(item))
+    if isinstance(item, Image.Image):
+        return transform(item.convert("RGB"))
+    if isinstance(item, torch.Tensor):
+        if item.dtype == torch.uint8:
+            if item.dim() != 3 or item.shape[0] != 3:
+                raise VLBridgeError(f"{where}: a uint8 tensor must be raw RGB pixels shaped (3, H, W), got {tuple(item.shape)}")
+            return transform(item)
+        return _check_normalised(item, preprocess, where, dims=3)
+    raise VLBridgeError(f"{where}: expected a PIL image, a file path or a tensor, got {type(item).__name__}")
+
+
+def _check_normalised(tensor: torch.Tensor, preprocess: Preprocess, where: str, dims: int) -> torch.Tensor:
+    """A float tensor is used as it is, so it must already have the encoder's shape."""
+    size = preprocess.image_size
+    expected = f"(3, {size}, {size})" if dims == 3 else f"(B, 3, {size}, {size})"
+    if not tensor.is_floating_point() or tuple(tensor.shape[-3:]) != (3, size, size) or tensor.dim() != dims:
+        raise VLBridgeError(
+            f"{where}: a float tensor is taken as already normalised and must be shaped "
+            f"{expected}; got {str(tensor.dtype).removeprefix('torch.')} "
+            f"{tuple(tensor.shape)} (pass PIL images, paths or uint8 (3, H, W) tensors to have them resized and normalised)"
+        )
+    return tensor
+
+
+def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One item per image, whatever the caller passed: a single image, a list, or a (B, 3, H, W) batch."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images.unbind(0))
+    return [images] if _is_single(images) else list(images)  # type: ignore[arg-type,list-item]

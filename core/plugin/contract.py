@@ -1,0 +1,121 @@
+"""What vlbridge calls on the modules that plugins' factories build, and errors that blame the plugin.
+
+A factory and the module it returns are third-party code. Whatever goes wrong in them (an import
+that fails, a factory that raises, a return value that is not a module, a missing method, an
+output of the wrong shape) is reported as a PluginError naming the component, the distribution it
+came from and what is wrong, never as vlbridge's internal error. `docs/writing-plugins.md`
+documents each interface listed here; `vlbridge.plugintest.check.check_plugin` calls all of it. Importing
+this module does not import torch (check_plugin(build=False) and validation stay light).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
+
+from vlbridge.errors import PluginError, VLBridgeError
+from vlbridge.plugin.specs import TokenShape
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# What vlbridge reads or calls on each kind of built module besides `forward`. An encoder needs
+# nothing more (its preprocessing is the spec's); a connector's `set_stage` and stage-1 interface
+# are optional (vlbridge.modeling.connector_protocol).
+INTERFACES: dict[str, tuple[str, ...]] = {
+    "encoder": (),
+    "connector": (),
+    "llm": ("embed_width", "is_encoder_decoder", "caption_suffix", "tokenize", "decode", "generate"),
+}
+
+_Result = TypeVar("_Result")
+
+
+class Component(Protocol):
+    """A spec or a ComponentPlan: both know their kind, name and distribution."""
+
+    kind: str
+    name: str
+    distribution: str | None
+
+
+def describe(part: Component) -> str:
+    """How every message names a component: "connector 'pool' (plugin vlbridge-pool)"."""
+    origin = f" (plugin {part.distribution})" if part.distribution else ""
+    return f"{part.kind} {part.name!r}{origin}"
+
+
+def defines(obj: object, name: str) -> bool:
+    """Whether `obj` has the attribute, without running it: a property (a tokenizer that loads on
+    first use) is not evaluated, and an nn.Module's parameters, buffers and submodules count."""
+    try:
+        inspect.getattr_static(obj, name)
+        return True
+    except AttributeError:
+        pass
+    tables = (vars(obj).get(table) for table in ("_parameters", "_buffers", "_modules")) if hasattr(obj, "__dict__") else ()
+    return any(isinstance(table, dict) and name in table for table in tables)  # an nn.Module's registered members
+
+
+def missing(obj: object, names: tuple[str, ...] | list[str]) -> list[str]:
+    return [name for name in names if not defines(obj, name)]
+
+
+def require(obj: object, names: tuple[str, ...] | list[str], who: str, why: str) -> None:
+    """Raise PluginError listing the attributes of `names` that `obj` lacks, and why they are needed."""
+    absent = missing(obj, names)
+    if absent:
+        raise PluginError(f"{who}: its module ({type(obj).__name__}) lacks {', '.join(absent)}; {why}")
+
+
+def plugin_call(who: str, what: str, fn: Callable[..., _Result], *args: Any, **kwargs: Any) -> _Result:
+    """Run plugin code; an exception that is not already a VLBridgeError becomes a PluginError that
+    names the component and the call (the cause stays chained for VLBRIDGE_DEBUG=1)."""
+    try:
+        return fn(*args, **kwargs)
+    except VLBridgeError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{who}: {what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def build_component(spec: Any, options: Any, *shape_args: Any) -> "nn.Module":
+    """Import the spec's factory, call it, and check that it built an nn.Module with its kind's interface."""
+    from torch import nn
+
+    who = describe(spec)
+    factory = plugin_call(who, f"importing its factory {spec.factory!r}", spec.load_factory)
+    module = plugin_call(who, f"its factory {spec.factory!r}", factory, options, *shape_args)
+    if not isinstance(module, nn.Module):
+        raise PluginError(f"{who}: its factory {spec.factory!r} returned a {type(module).__name__}; "
+                          "it must return a torch.nn.Module")
+    require(module, INTERFACES[spec.kind], who, f"vlbridge calls these on every {spec.kind} (see docs/writing-plugins.md)")
+    return module
+
+
+def check_llm(llm: Any, dims: Any, who: str) -> None:
+    """The built LLM agrees with what its spec's dims() declared."""
+    width = plugin_call(who, "embed_width", getattr, llm, "embed_width")
+    if width != dims.embed_width:
+        raise PluginError(f"{who} declared embedding width {dims.embed_width} but the built model embeds at {width}")
+    if bool(llm.is_encoder_decoder) != dims.encoder_decoder:
+        raise PluginError(f"{who} declared encoder_decoder={dims.encoder_decoder} but the built model's "
+                          f"is_encoder_decoder is {llm.is_encoder_decoder}")
+
+
+def check_tokens(who: str, declared: TokenShape, output: object, batch: int) -> "torch.Tensor":
+    """`output` must be a (batch, tokens, width) tensor as the spec declared; returns it."""
+    import torch
+
+    if not isinstance(output, torch.Tensor):
+        raise PluginError(f"{who}: forward returned a {type(output).__name__}; it must return one tensor of shape "
+                          f"(batch, tokens, width) = ({batch}, {declared.num_tokens}, {declared.width})")
+    shape = tuple(output.shape)
+    if len(shape) != 3 or shape[0] != batch:
+        raise PluginError(f"{who}: forward returned shape {shape} for a batch of {batch}; it must return "
+                          f"(batch, tokens, width) = ({batch}, {declared.num_tokens}, {declared.width})")
+    if shape[1:] != (declared.num_tokens, declared.width):
+        raise PluginError(f"{who} declared {declared} but produces {shape[1]} tokens x {shape[2]} (tensor shape {shape}); "
+                          "its plugin's shape function is wrong")
+    return output

@@ -1,0 +1,155 @@
+"""Torch-free declarations of components: what a plugin returns from its registration hooks.
+
+A spec says how to build a part (a lazily imported "module:attr" factory), which options it takes
+(a pydantic model, unknown keys rejected, every field defaulted) and, through pure functions of the
+options, the shapes it produces. Validation runs these functions; no weight and no torch is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from vlbridge.errors import PluginError
+
+Kind = Literal["encoder", "llm", "connector"]
+KINDS: tuple[Kind, ...] = ("encoder", "connector", "llm")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+class Options(BaseModel):
+    """Base of every component's options: typos are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class TokenShape:
+    """A sequence of feature vectors: what flows across a joint of the assembly."""
+
+    num_tokens: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.num_tokens} tokens x {self.width}"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared for an encoder; travels with the encoder's weights.
+
+    The eval transform resizes, then centre-crops to `image_size` x `image_size`. `resize_mode`
+    'squash' resizes both sides to `resize_size` whatever the aspect ratio (BLIP-2's and SigLIP's
+    way); 'shortest' resizes the shorter side to `resize_size`, keeping the aspect ratio (CLIP's and
+    DINOv2's). `resize_size` None means `image_size`, so the default squashes to S x S, no crop.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    resize_mode: Literal["squash", "shortest"] = "squash"
+    resize_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
+                             "the centre crop would have to pad")
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    """What an LLM exposes to a connector: input-embedding width, context and architecture."""
+
+    embed_width: int
+    context_length: int
+    encoder_decoder: bool
+    context_is_hard: bool = True  # False where positions are relative (T5): overflow is a warning
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SpecBase:
+    name: str
+    factory: str
+    description: str = ""
+    options: type[Options] = Options
+    plugin: str | None = None  # set by the registry: the plugin that declared this spec
+    distribution: str | None = None  # set by the registry: the pip distribution it came from
+
+    def check(self) -> None:
+        """Raise PluginError if the declaration itself is malformed (not the options)."""
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise PluginError(f"component name {self.name!r} must be lowercase letters, digits, '-', '_' or '.'")
+        if not isinstance(self.factory, str) or not _FACTORY_RE.match(self.factory):
+            raise PluginError(f"{self.name}: factory {self.factory!r} must be a 'package.module:attr' string")
+        if not (isinstance(self.options, type) and issubclass(self.options, Options)):
+            raise PluginError(f"{self.name}: options must be a subclass of vlbridge.Options")
+        try:
+            self.options()
+        except Exception as exc:  # every field must have a default
+            raise PluginError(f"{self.name}: options model must build with no arguments ({exc})") from exc
+
+    def load_factory(self) -> Callable[..., Any]:
+        """Import the factory; the only place a component's heavy modules get imported."""
+        module_name, _, attr = self.factory.partition(":")
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+        return target
+
+    def with_origin(self, plugin: str, distribution: str) -> "_SpecBase":
+        return replace(self, plugin=plugin, distribution=distribution)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.distribution}:{self.name}" if self.distribution else self.name
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderSpec(_SpecBase):
+    """A frozen image encoder: its output tokens x width and its preprocessing, per options."""
+
+    output: Callable[[Any], TokenShape]
+    preprocess: Callable[[Any], Preprocess]
+    num_params: Callable[[Any], int | None] | None = None  # a count of None: not known from these options
+
+    kind: ClassVar[Kind] = "encoder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMSpec(_SpecBase):
+    """A frozen language model: embedding width, context length, decoder-only or encoder-decoder."""
+
+    dims: Callable[[Any], LLMDims]
+    num_params: Callable[[Any], int] | None = None
+
+    kind: ClassVar[Kind] = "llm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorSpec(_SpecBase):
+    """A trainable bridge: given the encoder's output and the LLM's width, the visual tokens it emits.
+
+    ``output(opts, encoder_out, llm_width)`` returns the TokenShape fed to the LLM or raises
+    IncompatibleError saying why the pair cannot be joined. ``num_params(opts, encoder_out,
+    llm_width)`` returns ``{stage: trainable parameter count}`` for the stages it supports.
+    """
+
+    output: Callable[[Any, TokenShape, int], TokenShape]
+    num_params: Callable[[Any, TokenShape, int], dict[int, int]] | None = None
+    stages: tuple[int, ...] = (2,)
+
+    kind: ClassVar[Kind] = "connector"
+
+
+Spec = EncoderSpec | LLMSpec | ConnectorSpec
+SPEC_TYPES: dict[Kind, type] = {"encoder": EncoderSpec, "llm": LLMSpec, "connector": ConnectorSpec}
+
+Precision = Literal["fp32", "fp16", "bf16"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

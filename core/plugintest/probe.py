@@ -1,0 +1,169 @@
+"""Build a plugin's component on a dummy input and call on it what vlbridge will call.
+
+`vlbridge.plugintest.check.check_plugin` runs this for every spec of a plugin, so that a plugin's author
+learns about a missing method or a wrong shape from their own test, not from a user's traceback.
+Each check mirrors a use: `vlbridge.build`'s shape check, the stage setting, the stage-1 and
+stage-2 objectives (the real ones, on a stand-in for the model), and caption generation. Every
+failure is a PluginError naming the component and what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlbridge.assemblies.assembly import Resolved
+from vlbridge.modeling.connector_protocol import set_connector_stage
+from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
+from vlbridge.errors import IncompatibleError, PluginError
+from vlbridge.modeling.factory import _build_frozen  # the one place frozen parts are built
+from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
+
+PROBE_TEXTS = ["a red square", "a small blue circle on the left"]  # one per image of the dummy batch
+PROBE_SEED = 0
+
+
+def probe_component(spec: Spec, options: Any, pairs: Sequence[tuple[TokenShape, int]]) -> None:
+    """Build `spec`'s component with `options` and exercise it; a connector is built for the first
+    (encoder output, LLM width) of `pairs` that its output() accepts."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PROBE_SEED)
+        if isinstance(spec, EncoderSpec):
+            probe_encoder(spec, options)
+        elif isinstance(spec, LLMSpec):
+            probe_llm(spec, options)
+        elif isinstance(spec, ConnectorSpec):
+            probe_connector(spec, options, *accepted_pair(spec, options, pairs))
+
+
+# -- encoders -------------------------------------------------------------------------------------
+def probe_encoder(spec: EncoderSpec, options: Any) -> None:
+    """Two blank images of the declared size in, (2, N, W) as declared out."""
+    who = describe(spec)
+    encoder = _build_frozen(Resolved(spec, options))
+    size = spec.preprocess(options).image_size
+    pixels = torch.zeros(2, 3, size, size)
+    with torch.no_grad():
+        out = plugin_call(who, f"forward on pixels of shape {tuple(pixels.shape)}", encoder, pixels)
+    check_tokens(who, spec.output(options), out, batch=2)
+
+
+# -- connectors -----------------------------------------------------------------------------------
+def accepted_pair(spec: ConnectorSpec, options: Any, pairs: Sequence[tuple[TokenShape, int]]) -> tuple[TokenShape, int]:
+    """The first of `pairs` the spec's output() accepts."""
+    reasons = []
+    for encoder_out, llm_width in pairs:
+        try:
+            plugin_call(describe(spec), "output()", spec.output, options, encoder_out, llm_width)
+            return encoder_out, llm_width
+        except IncompatibleError as exc:
+            reasons.append(f"({encoder_out}, llm width {llm_width}): {exc}")
+    raise PluginError(f"{describe(spec)} declined every probe input, so it cannot be built here ({'; '.join(reasons)}); "
+                      "pass check_plugin(..., probe=(TokenShape(tokens, width), llm_width)) with inputs it accepts")
+
+
+def probe_connector(spec: ConnectorSpec, options: Any, encoder_out: TokenShape, llm_width: int) -> None:
+    """Each declared stage: its trainable count, then what that stage's training calls."""
+    who = describe(spec)
+    declared = spec.output(options, encoder_out, llm_width)
+    connector = build_component(spec, options, encoder_out, llm_width)
+    counts = spec.num_params(options, encoder_out, llm_width) if spec.num_params is not None else {}
+    for stage in spec.stages:
+        set_connector_stage(connector, stage, who)
+        trained = sum(p.numel() for p in connector.parameters() if p.requires_grad)
+        if trained == 0:
+            raise PluginError(f"{who} trains no parameter in stage {stage}: set_stage({stage}) left every requires_grad off")
+        if stage in counts and counts[stage] != trained:
+            raise PluginError(f"{who}: num_params() declares {counts[stage]:,} trainable parameters in stage {stage} but the module "
+                              f"trains {trained:,} (built for {encoder_out}, llm width {llm_width})")
+        if stage == 1:
+            _run_stage1(spec, connector, encoder_out)
+        else:
+            _run_forward(who, connector, encoder_out, declared)
+    connector.eval()
+    with torch.no_grad():
+        out = plugin_call(who, "forward in eval mode", connector, torch.randn(2, encoder_out.num_tokens, encoder_out.width))
+    check_tokens(who, declared, out, batch=2)
+
+
+def _run_forward(who: str, connector: nn.Module, encoder_out: TokenShape, declared: TokenShape) -> None:
+    """Stage 2 trains through forward alone: (2, N, W) -> (2, M, D), and a gradient for every trainable parameter."""
+    connector.train()
+    image_embeds = torch.randn(2, encoder_out.num_tokens, encoder_out.width)
+    out = check_tokens(who, declared, plugin_call(who, f"forward on shape {tuple(image_embeds.shape)}", connector, image_embeds), batch=2)
+    plugin_call(who, "backward through forward", out.float().square().mean().backward)
+    _require_gradients(who, connector, "forward")
+
+
+def _run_stage1(spec: ConnectorSpec, connector: nn.Module, encoder_out: TokenShape) -> None:
+    """The real stage-1 objective (ITC + ITM + ITG) on two dummy images and captions."""
+    from vlbridge.train.objectives import Stage1Objective
+
+    who = describe(spec)
+    model = SimpleNamespace(connector=connector, stage=1, device=torch.device("cpu"),
+                            plan=SimpleNamespace(stages=spec.stages, connector=spec, encoder_out=encoder_out))
+    batch = {"text": PROBE_TEXTS, "image_index": torch.arange(2),
+             "image_embeds": torch.randn(2, encoder_out.num_tokens, encoder_out.width)}
+    connector.train()
+    losses = plugin_call(who, "the stage-1 objective", Stage1Objective(), model, batch)
+    _backward(who, losses["loss"], "the stage-1 loss")
+    _require_gradients(who, connector, "the stage-1 objective")
+
+
+def _require_gradients(who: str, module: nn.Module, through: str) -> None:
+    """Every trainable parameter got a gradient (DDP and the optimizer assume so); clears them."""
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    unused = [name for name, p in trainable if p.grad is None]
+    module.zero_grad(set_to_none=True)
+    if unused:
+        shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
+        raise PluginError(f"{who}: {len(unused)} trainable parameter(s) get no gradient through {through} ({shown}); "
+                          "freeze what a stage does not use in set_stage(stage), and do not detach or use torch.no_grad in forward")
+
+
+def _backward(who: str, loss: object, what: str) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not torch.isfinite(loss):
+        raise PluginError(f"{who}: {what} is {loss!r}; it must be a finite scalar tensor")
+    plugin_call(who, f"backward through {what}", loss.backward)
+
+
+# -- LLMs -----------------------------------------------------------------------------------------
+def probe_llm(spec: LLMSpec, options: Any) -> None:
+    """The stage-2 objective's calls (tokenize, forward with labels, a gradient to the visual
+    prompt), then generation as `model.caption` runs it (tokenize left-padded, generate, decode)."""
+    from vlbridge.train.objectives import Stage2Objective
+
+    who = describe(spec)
+    dims = spec.dims(options)
+    llm = _build_frozen(Resolved(spec, options))
+    check_llm(llm, dims, who)
+    if not isinstance(llm.caption_suffix, str):
+        raise PluginError(f"{who}: caption_suffix must be a string (\"\" if the tokenizer ends texts itself), got {llm.caption_suffix!r}")
+    visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
+    model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(encoder_out=TokenShape(4, dims.embed_width)),
+                            visual_tokens=lambda image_embeds, instructions=None: visual)
+    losses = plugin_call(who, "the stage-2 objective", Stage2Objective(), model, {"text": PROBE_TEXTS, "image_embeds": visual.detach()})
+    _backward(who, losses["loss"], "the stage-2 LM loss")
+    if visual.grad is None:
+        raise PluginError(f"{who}: the LM loss does not reach the visual prompt; forward must use visual_embeds without detaching them")
+    _probe_generation(who, llm, visual.detach())
+
+
+def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
+    from vlbridge.modeling.inference import GenerationOptions
+
+    tokenized = plugin_call(who, "tokenize(texts, padding_side='left')", llm.tokenize, ["", PROBE_TEXTS[0]], padding_side="left")
+    if not (isinstance(tokenized, tuple) and len(tokenized) == 2 and all(isinstance(t, torch.Tensor) for t in tokenized)
+            and tokenized[0].shape == tokenized[1].shape and tokenized[0].dim() == 2 and tokenized[0].shape[0] == 2):
+        raise PluginError(f"{who}: tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got {tokenized!r}")
+    settings = GenerationOptions(max_new_tokens=3, num_beams=2).as_kwargs()
+    new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, ...)", llm.generate, visual, *tokenized, **settings)
+    if not (isinstance(new_tokens, torch.Tensor) and new_tokens.dim() == 2 and new_tokens.shape[0] == 2):
+        raise PluginError(f"{who}: generate must return the new token ids, a (batch, length) tensor; got {new_tokens!r}")
+    texts = plugin_call(who, "decode(token_ids)", llm.decode, new_tokens)
+    if not (isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)):
+        raise PluginError(f"{who}: decode(token_ids) must return one string per row, got {texts!r}")
