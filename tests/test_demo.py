@@ -5,6 +5,8 @@ a model that never looks at the image."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
@@ -26,8 +28,23 @@ TOKENS = {"qformer-32q": 32, "qformer-32q-no-stage1": 32, "qformer-8q": 8, "line
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--jobs", "2"]) == 0  # two worker processes (see the last tests)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main(["demo", "--quick", "--out", str(out), "--jobs", "2"]) == 0  # two worker processes (see the last tests)
+    (out / "stdout.txt").write_text(stdout.getvalue(), encoding="utf-8")
+    (out / "stderr.txt").write_text(stderr.getvalue(), encoding="utf-8")
     return out
+
+
+def test_the_table_goes_to_stdout_and_progress_to_stderr(demo_out: Path):
+    """A newcomer reads the results on stdout; the progress lines (and nothing of transformers') on stderr."""
+    stdout = (demo_out / "stdout.txt").read_text(encoding="utf-8")
+    stderr = (demo_out / "stderr.txt").read_text(encoding="utf-8")
+    assert (demo_out / "report.md").read_text(encoding="utf-8").strip() in stdout
+    assert "| qformer-32q |" in stdout and "wrote " in stdout
+    assert "| qformer-32q |" not in stderr and "spent" in stderr
+    for noise in ("Loading weights", "Writing model shards", "reusing its results", "starting at step 0"):
+        assert noise not in stdout + stderr, noise
 
 
 def test_results_are_complete(demo_out: Path):
