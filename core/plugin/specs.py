@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from vlbridge.errors import PluginError
+
+if TYPE_CHECKING:
+    from vlbridge.plugin.sources import WeightSource
 
 Kind = Literal["encoder", "llm", "connector"]
 KINDS: tuple[Kind, ...] = ("encoder", "connector", "llm")
@@ -78,6 +81,9 @@ class _SpecBase:
     factory: str
     description: str = ""
     options: type[Options] = Options
+    # (options, stage) -> what the part loads, checked before anything is built (vlbridge.plugin.sources);
+    # None: vlbridge cannot know, so nothing is checked for this component
+    weight_sources: Callable[[Any, int], list["WeightSource"]] | None = None
     plugin: str | None = None  # set by the registry: the plugin that declared this spec
     distribution: str | None = None  # set by the registry: the pip distribution it came from
 
@@ -89,6 +95,9 @@ class _SpecBase:
             raise PluginError(f"{self.name}: factory {self.factory!r} must be a 'package.module:attr' string")
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise PluginError(f"{self.name}: options must be a subclass of vlbridge.Options")
+        if self.weight_sources is not None and not callable(self.weight_sources):
+            raise PluginError(f"{self.name}: weight_sources must be a function (options, stage) -> list[WeightSource] "
+                              f"or None, got {type(self.weight_sources).__name__}")
         try:
             self.options()
         except Exception as exc:  # every field must have a default
