@@ -5,16 +5,21 @@ silently. No test touches the network: HF_HUB_OFFLINE=1 and an empty HF cache, o
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import huggingface_hub.constants
 import pytest
 from PIL import Image
+from pydantic import Field
 
 import vlbridge
 from vlbridge.modeling import factory
 from vlbridge.assemblies import reachability
 from vlbridge.cli.main import main
 from vlbridge.assemblies.reachability import UnreachableWeightsError, check_reachable
+from vlbridge.errors import PluginError
+from vlbridge.plugin import sources
+from tests import fake_plugins as fake
 
 
 @pytest.fixture
@@ -104,3 +109,47 @@ def test_cli_caption_offline_exits_2_before_building(capsys, offline, nothing_bu
     code = main(["caption", "-a", "blip2-opt-2.7b", str(image)])
     err = capsys.readouterr().err
     assert code == 2 and "cannot build blip2-opt-2.7b: nothing was loaded" in err and "internal error" not in err
+
+
+class PatchesOptions(vlbridge.Options):
+    checkpoint: str | None = Field(None, description="the patch encoder's weights file; none = random (it is small)")
+
+
+def patches_sources(opts: PatchesOptions, stage: int) -> list[sources.WeightSource]:
+    return sources.file_or_random("checkpoint", opts.checkpoint, "a .safetensors file of the patch encoder", random_by_design=True)
+
+
+def third_party_assembly(checkpoint: str, declared: bool = True) -> vlbridge.Assembly:
+    spec = replace(fake.plain_encoder_spec(), options=PatchesOptions, weight_sources=patches_sources if declared else None)
+    body = {"name": "patches", "encoder": {"use": "patches", "options": {"checkpoint": checkpoint}},
+            "connector": {"use": "linear"}, "llm": {"use": "opt", "options": {"variant": "tiny"}}}
+    return vlbridge.load_assembly(body, registry=fake.registry(patches=fake.plugin("patches", encoders=[spec])))
+
+
+def test_a_third_party_plugin_declaring_a_missing_file_is_refused_with_its_option(offline, tmp_path):
+    missing = str(tmp_path / "patches.safetensors")
+    with pytest.raises(UnreachableWeightsError) as caught:
+        check_reachable(third_party_assembly(missing), 2)
+    assert (f"encoder patches (weights): encoder.options.checkpoint {missing!r} does not exist; "
+            "set encoder.options.checkpoint to a .safetensors file of the patch encoder") in str(caught.value)
+    check_reachable(third_party_assembly(missing, declared=False), 2)  # declares nothing: nothing to check
+
+
+def test_a_third_party_plugins_malformed_declaration_blames_the_plugin(offline):
+    assembly = third_party_assembly("x")
+    broken = replace(assembly.encoder, spec=replace(assembly.encoder.spec, weight_sources=lambda opts, stage: ["x"]))
+    with pytest.raises(PluginError, match=r"encoder 'patches' \(plugin vlbridge-patches\): weight_sources\(\) returned a str"):
+        check_reachable(replace(assembly, encoder=broken), 2)
+
+
+def test_an_open_clip_tag_is_looked_for_in_its_hub_repository(offline):
+    def check(tag: str) -> str:
+        body = {"name": "tag", "encoder": {"use": "open-clip", "options": {"arch": "ViT-B-32", "pretrained": tag}},
+                "connector": {"use": "linear"}, "llm": {"use": "opt", "options": {"variant": "tiny"}}}
+        with pytest.raises(UnreachableWeightsError) as caught:
+            check_reachable(vlbridge.load_assembly(body), 2)
+        return str(caught.value)
+
+    assert ("encoder open-clip (weights): open_clip weights 'ViT-B-32/openai' (encoder.options.pretrained) is not in the "
+            "local Hugging Face cache and HF_HUB_OFFLINE is set") in check("openai")
+    assert "encoder.options.pretrained 'no-such-tag' does not exist; set encoder.options.pretrained to a local open_clip" in check("no-such-tag")

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, local_or_hub
 from vlbridge.errors import IncompatibleError
 from vlbridge.files.hf_config import read_local_json
 from vlbridge.plugin.specs import ConnectorSpec, Options, TokenShape
@@ -16,6 +17,7 @@ ARCH: dict[str, dict[str, int]] = {
     "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072, "vocab_size": 30523, "max_text_positions": 512},
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "vocab_size": 1024, "max_text_positions": 64},
 }
+HUB_BERT = "bert-base-uncased"  # BLIP-2's BERT: the tokenizer of a base Q-Former given no bert or tokenizer
 # Our size names -> a transformers BertConfig's: a local `bert` directory states the Q-Former's shape.
 BERT_FIELDS: dict[str, str] = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                                "intermediate_size": "intermediate_size", "max_text_positions": "max_position_embeddings"}
@@ -96,6 +98,16 @@ def num_params(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) ->
     }
 
 
+def weight_sources(opts: QFormerOptions, stage: int) -> list[WeightSource]:
+    """The BERT it starts from, and its tokenizer where building needs text (stage 1, instructions):
+    a stage-2 caption or answer never tokenizes Q-Former text, so it is not refused for a missing one."""
+    found = local_or_hub("bert", opts.bert)
+    needs_text = stage == 1 or opts.instruction_aware
+    if needs_text and (opts.tokenizer or (opts.variant != "tiny" and not opts.bert)):
+        found += local_or_hub("tokenizer", opts.tokenizer or HUB_BERT, what="tokenizer", default=not opts.tokenizer)
+    return found
+
+
 @hookimpl
 def vlbridge_register_connectors() -> list[ConnectorSpec]:
     return [
@@ -107,5 +119,6 @@ def vlbridge_register_connectors() -> list[ConnectorSpec]:
             output=output,
             num_params=num_params,
             stages=(1, 2),
+            weight_sources=weight_sources,
         )
     ]

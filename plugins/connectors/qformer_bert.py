@@ -15,13 +15,12 @@ from torch import nn
 
 from vlbridge.files.weights import read_hf_directory, read_tensors, require_path, unwrap_state_dict
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.plugins.connectors.qformer import QFormerOptions
+from vlbridge.plugins.connectors.qformer import HUB_BERT, QFormerOptions
 from vlbridge.plugins.connectors.qformer_convert import from_bert
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-HUB_BERT = "bert-base-uncased"
 DEC_TOKEN = "[DEC]"
 # What a BERT checkpoint may give the Q-Former; `lm_head.*` only comes with an MLM head.
 _FROM_BERT = ("embeddings.*", "layers.*.self_attn.*", "layers.*.ffn_text.*", "lm_head.*")

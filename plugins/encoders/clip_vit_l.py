@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, file_or_random
+from vlbridge.plugins.encoders.open_clip_configs import is_weights_file, tag_source
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
 
 ARCH: dict[str, dict[str, int]] = {
@@ -14,6 +16,8 @@ ARCH: dict[str, dict[str, int]] = {
     "tiny": {"width": 64, "layers": 2, "heads": 4, "patch": 14, "embed_dim": 32, "image_size": 56},
 }
 L_IMAGE_SIZES = (224, 336)  # the resolutions CLIP ViT-L/14 weights exist for
+OPEN_CLIP_NAMES = {224: "ViT-L-14", 336: "ViT-L-14-336"}  # open_clip model configs of variant "l"
+WEIGHTS_ACCEPTED = "a local open_clip checkpoint file (or a tag such as 'openai' where the hub is reachable)"
 
 
 class ClipVitLOptions(Options):
@@ -55,6 +59,19 @@ def preprocess(opts: ClipVitLOptions) -> Preprocess:
     return Preprocess(opts.resolved_image_size, CLIP_MEAN, CLIP_STD, "bicubic")
 
 
+def open_clip_name(opts: ClipVitLOptions) -> str | None:
+    """open_clip's model name for these options (None for the tiny variant, which has none)."""
+    return OPEN_CLIP_NAMES[opts.resolved_image_size] if opts.variant == "l" else None
+
+
+def weight_sources(opts: ClipVitLOptions, stage: int) -> list[WeightSource]:
+    """`pretrained`: an open_clip tag of ViT-L/14 (its hub repo), else a local file; unset, only tiny may be random."""
+    name = open_clip_name(opts)
+    if opts.pretrained and name is not None and not is_weights_file(opts.pretrained):
+        return [tag_source("pretrained", name, opts.pretrained, WEIGHTS_ACCEPTED)]
+    return file_or_random("pretrained", opts.pretrained, WEIGHTS_ACCEPTED, random_by_design=opts.variant == "tiny")
+
+
 def kept_blocks(opts: ClipVitLOptions) -> int:
     """Blocks up to and including `layer`; later ones (and ln_post, proj) are never run, so not built."""
     layers = opts.arch["layers"]
@@ -80,5 +97,6 @@ def vlbridge_register_encoders() -> list[EncoderSpec]:
             output=output,
             preprocess=preprocess,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

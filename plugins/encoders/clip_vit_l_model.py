@@ -26,18 +26,12 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.parts.freeze import FrozenPart, torch_dtype
 from vlbridge.plugins.encoders import clip_vit_l
 from vlbridge.files.weights import StateDict, strict_load
-from vlbridge.plugins.encoders.clip_vit_l import ClipVitLOptions
+from vlbridge.plugins.encoders.clip_vit_l import ClipVitLOptions, open_clip_name
 from vlbridge.plugins.encoders.clip_vit_l_convert import read_clip_checkpoint, read_hf_config
 from vlbridge.plugin.specs import Preprocess, TokenShape
 
-OPEN_CLIP_NAMES = {224: "ViT-L-14", 336: "ViT-L-14-336"}  # open_clip model configs of variant "l"
 _BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.")
 _HEAD_KEYS = re.compile(r"^(ln_post\.(weight|bias)|proj)$")
-
-
-def open_clip_name(opts: ClipVitLOptions) -> str | None:
-    """open_clip's model name for these options (None for the tiny variant, which has none)."""
-    return OPEN_CLIP_NAMES[opts.resolved_image_size] if opts.variant == "l" else None
 
 
 def vision_cfg(opts: ClipVitLOptions) -> tuple[int, CLIPVisionCfg]:

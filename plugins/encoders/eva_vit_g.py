@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, file_or_random
 from vlbridge.files.hf_config import read_local_json
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, EncoderSpec, Options, Precision, Preprocess, TokenShape
 
@@ -100,6 +101,12 @@ def num_params(opts: EvaVitGOptions) -> int:
     return patch_embed + w + tokens * w + opts.resolved_blocks * block
 
 
+def weight_sources(opts: EvaVitGOptions, stage: int) -> list[WeightSource]:
+    """The `pretrained` file or directory; unset, the tiny variant is random by design, ViT-g is not."""
+    return file_or_random("pretrained", opts.pretrained, "a vlbridge encoder directory, a transformers BLIP-2 directory "
+                          "or a LAVIS/EVA-CLIP .pth", random_by_design=opts.variant == "tiny")
+
+
 @hookimpl
 def vlbridge_register_encoders() -> list[EncoderSpec]:
     return [
@@ -111,5 +118,6 @@ def vlbridge_register_encoders() -> list[EncoderSpec]:
             output=output,
             preprocess=preprocess,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

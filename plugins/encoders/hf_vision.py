@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, local_or_hub
 from vlbridge.plugins.encoders.hf_vision_configs import (
     KNOWN_TOWERS, TINY_CONFIG, TowerFacts, describe_tower, family_preprocess, processor_preprocess, read_source, rescaled, vision_values,
 )
@@ -125,6 +126,11 @@ def num_params(opts: HFVisionOptions) -> int | None:
     return count_params(model_type, values, kept_blocks(opts), head=opts.keep_all_layers)
 
 
+def weight_sources(opts: HFVisionOptions, stage: int) -> list[WeightSource]:
+    """`model`, or the variant's hub id (a default, named as one); the tiny tower loads nothing."""
+    return local_or_hub("model", opts.source, default=not opts.model)
+
+
 @hookimpl
 def vlbridge_register_encoders() -> list[EncoderSpec]:
     return [
@@ -136,5 +142,6 @@ def vlbridge_register_encoders() -> list[EncoderSpec]:
             output=output,
             preprocess=preprocess,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

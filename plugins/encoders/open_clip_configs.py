@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from vlbridge.plugin.sources import WeightSource, hub, local
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD
 from vlbridge.files.userfiles import read_json
 
@@ -212,9 +213,23 @@ def preprocessing(arch: str, tag: str | None, overrides: dict[str, Any]) -> dict
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # what a tag's hub repo holds
 
 
 def is_weights_file(pretrained: str) -> bool:
     """A `pretrained` naming a local file rather than an open_clip tag such as 'openai'."""
     return (pretrained.endswith(WEIGHT_SUFFIXES) or "/" in pretrained or pretrained.startswith("~")
             or Path(pretrained).expanduser().exists())
+
+
+def tag_source(option: str, arch: str, tag: str, accepts: str) -> WeightSource:
+    """Where open_clip downloads ARCH's pretrained TAG from: its Hugging Face hub repository. A tag
+    open_clip does not know for `arch` is then only a path that does not exist, and said so.
+
+    Imports open_clip (and torch): only called just before such a tower is built, never to validate."""
+    import open_clip
+
+    repo = str((open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or "").rstrip("/")
+    if not repo:
+        return local(option, tag, accepts)
+    return hub(option, repo, accepts, files=OPEN_CLIP_FILES, label=f"open_clip weights {arch + '/' + tag!r}")

@@ -18,8 +18,9 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, file_or_random
 from vlbridge.plugins.encoders.open_clip_configs import (
-    TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch, vision_cfg_of,
+    TowerFacts, describe_tower, is_weights_file, preprocessing, read_arch, tag_source, vision_cfg_of,
 )
 from vlbridge.plugins.encoders.open_clip_params import native_params, timm_params
 from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
@@ -89,6 +90,14 @@ def num_params(opts: OpenClipOptions) -> int | None:
     return native_params(vision_cfg_of(opts.arch_config, opts.arch), opts.resolved_image_size, blocks)
 
 
+def weight_sources(opts: OpenClipOptions, stage: int) -> list[WeightSource]:
+    """`pretrained`: an open_clip tag (its hub repo) or a local file; unset, only the 'tiny' tower may be random."""
+    accepts = "a local open_clip checkpoint file (or a tag where the hub is reachable)"
+    if opts.tag is not None:
+        return [tag_source("pretrained", opts.arch, opts.tag, accepts)]
+    return file_or_random("pretrained", opts.pretrained, accepts, random_by_design=opts.arch == "tiny")
+
+
 @hookimpl
 def vlbridge_register_encoders() -> list[EncoderSpec]:
     return [
@@ -100,5 +109,6 @@ def vlbridge_register_encoders() -> list[EncoderSpec]:
             output=output,
             preprocess=preprocess,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, local_or_hub
 from vlbridge.files.hf_config import local_config
 from vlbridge.plugins.tiny_assets import tiny_llm_vocab
 from vlbridge.plugin.specs import LLMDims, LLMSpec, Options, Precision
@@ -61,6 +62,12 @@ def num_params(opts: FlanT5Options) -> int:
     return 2 * a["vocab"] * d + encoder + decoder  # shared embedding + untied lm_head
 
 
+def weight_sources(opts: FlanT5Options, stage: int) -> list[WeightSource]:
+    """`model`, by default google/flan-t5-<variant> from the hub; the tiny variant without one loads nothing."""
+    default = None if opts.variant == "tiny" else f"google/flan-t5-{opts.variant}"
+    return local_or_hub("model", opts.model or default, default=not opts.model)
+
+
 @hookimpl
 def vlbridge_register_llms() -> list[LLMSpec]:
     return [
@@ -71,5 +78,6 @@ def vlbridge_register_llms() -> list[LLMSpec]:
             options=FlanT5Options,
             dims=dims,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

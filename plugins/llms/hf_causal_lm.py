@@ -12,7 +12,7 @@ from pydantic import Field
 
 from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.llms import hf_dims
-from vlbridge.plugins.llms.hf_options import HFLLMOptions
+from vlbridge.plugins.llms.hf_options import HFLLMOptions, weight_sources
 from vlbridge.plugins.tiny_assets import tiny_llm_vocab
 from vlbridge.plugin.specs import LLMDims, LLMSpec
 
@@ -48,5 +48,6 @@ def vlbridge_register_llms() -> list[LLMSpec]:
             options=HFCausalLMOptions,
             dims=dims,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from vlbridge.files.hf_config import model_config
+from vlbridge.plugin.sources import WeightSource, local_or_hub
 from vlbridge.plugin.specs import Options, Precision
 
 MULTIMODAL = {"llava": "vlbridge import hf-llava", "blip-2": "vlbridge import hf-blip2"}
@@ -60,3 +61,8 @@ class HFLLMOptions(Options):
         if self.prompt_template is not None:
             return self.prompt_template
         return "{}" if self.prompt_format == "plain" or self.image_token is None else self.image_token + "\n{}"
+
+
+def weight_sources(opts: HFLLMOptions, stage: int) -> list[WeightSource]:
+    """`model`, a local directory or hub id; without one the tiny random model loads nothing."""
+    return local_or_hub("model", opts.model)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.flan_t5 import ARCH as T5_ARCH
-from vlbridge.plugins.llms.hf_options import HFLLMOptions
+from vlbridge.plugins.llms.hf_options import HFLLMOptions, weight_sources
 from vlbridge.plugin.specs import LLMDims, LLMSpec
 
 _T5 = T5_ARCH["tiny"]
@@ -47,5 +47,6 @@ def vlbridge_register_llms() -> list[LLMSpec]:
             options=HFSeq2SeqOptions,
             dims=dims,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vlbridge.plugin.hookspecs import hookimpl
+from vlbridge.plugin.sources import WeightSource, local_or_hub
 from vlbridge.files.hf_config import local_config
 from vlbridge.plugins.tiny_assets import tiny_llm_vocab
 from vlbridge.plugin.specs import LLMDims, LLMSpec, Options, Precision
@@ -69,6 +70,12 @@ def count_params(a: dict[str, int]) -> int:
     return embeddings + projections + a["layers"] * layer + (2 * h if a["pre_norm"] else 0)  # lm_head is tied
 
 
+def weight_sources(opts: OPTOptions, stage: int) -> list[WeightSource]:
+    """`model`, by default facebook/opt-<variant> from the hub; the tiny variant without one loads nothing."""
+    default = None if opts.variant == "tiny" else f"facebook/opt-{opts.variant}"
+    return local_or_hub("model", opts.model or default, default=not opts.model)
+
+
 @hookimpl
 def vlbridge_register_llms() -> list[LLMSpec]:
     return [
@@ -79,5 +86,6 @@ def vlbridge_register_llms() -> list[LLMSpec]:
             options=OPTOptions,
             dims=dims,
             num_params=num_params,
+            weight_sources=weight_sources,
         )
     ]
