@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from tests import fake_plugins as fake
 from vlbridge import IncompatibleError, PluginError, TokenShape, VLBridgeError
+from vlbridge.plugin.sources import WeightSource, local
 from vlbridge.plugintest.check import check_plugin
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,3 +95,33 @@ def test_an_encoder_may_declare_an_unknown_size():
     """num_params() returning None means 'not known from the config' (validate prints '?'), not a fault."""
     specs = check_plugin("vlbridge.plugins.encoders.open_clip_tower", build=False, options={"open-clip": {"arch": "EVA02-B-16"}})
     assert [spec.name for spec in specs] == ["open-clip"]
+
+
+@pytest.mark.parametrize("declared, expected", [
+    (lambda opts, stage: None, "weight_sources() must return a list of vlbridge.plugin.sources.WeightSource, got NoneType"),
+    (lambda opts, stage: ["/models/pool.safetensors"], "weight_sources() returned a str; expected WeightSource"),
+    (lambda opts, stage: [local("checkpoint", "/models/pool.safetensors", "a .safetensors file")],
+     "a WeightSource names option 'checkpoint', which its options do not have"),
+    (lambda opts, stage: [WeightSource("hub", "", "a hub id", "org/pool", files=("model.safetensors",))],
+     "a WeightSource names option ''"),
+    (lambda opts, stage: 1 / 0, "weight_sources() raised ZeroDivisionError"),
+])
+def test_declared_weight_sources_are_checked_without_building(declared, expected):
+    spec = fake.connector_plugin().vlbridge_register_connectors()[0]
+    plugin = fake.plugin("pool", connectors=[replace(spec, weight_sources=declared)])
+    with pytest.raises(PluginError) as err:
+        check_plugin(plugin, build=False)
+    assert expected in str(err.value) and "connector 'pool'" in str(err.value)
+
+
+def test_the_builtins_declare_their_weight_sources():
+    """Every built-in frozen part says what it loads; a checked declaration, not a table in vlbridge's core."""
+    modules = {**BUILTINS, "vlbridge.plugins.llms.hf_causal_lm": {}, "vlbridge.plugins.llms.hf_seq2seq": {}}
+    specs = [spec for module, options in modules.items() for spec in check_plugin(module, build=False, options=options)]
+    assert {spec.name for spec in specs if spec.weight_sources is None} == {"linear", "mlp"}  # projectors load nothing
+
+
+def test_weight_sources_must_be_a_function():
+    spec = replace(fake.connector_plugin().vlbridge_register_connectors()[0], weight_sources="/models/pool.safetensors")
+    with pytest.raises(PluginError, match=r"pool: weight_sources must be a function \(options, stage\) -> list\[WeightSource\] or None, got str"):
+        check_plugin(fake.plugin("pool", connectors=[spec]), build=False)

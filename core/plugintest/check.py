@@ -20,6 +20,7 @@ from vlbridge.plugin.contract import describe, plugin_call
 from vlbridge.errors import IncompatibleError, PluginError, VLBridgeError
 from vlbridge.plugin.hookspecs import HOOK_KINDS
 from vlbridge.plugin.loader import PluginSet, unknown_hooks
+from vlbridge.plugin.sources import checked_sources
 from vlbridge.plugin.specs import SPEC_TYPES, ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ def check_plugin(module: str | ModuleType, *, build: bool = True, options: Mappi
         labelled = spec.with_origin(name, name)  # errors then name the plugin module
         who = describe(labelled)
         plugin_call(who, "a shape function", _probe_shapes, spec, chosen[spec.name], who)
+        plugin_call(who, "weight_sources()", _probe_sources, spec, chosen[spec.name], who)
         if build:
             from vlbridge.plugintest.probe import probe_component
 
@@ -118,6 +120,16 @@ def _probe_shapes(spec: Spec, opts: Any, who: str) -> None:
             counts = spec.num_params(opts, _PROBE_ENCODER, _PROBE_LLM_WIDTH)
             if set(counts) != set(spec.stages):
                 raise PluginError(f"{who}: num_params() gives stages {sorted(counts)} but the spec declares {list(spec.stages)}")
+
+
+def _probe_sources(spec: Spec, opts: Any, who: str) -> None:
+    """Call the optional weight_sources for every stage that builds the part; each answer must be
+    a list of WeightSource naming one of the component's options (nothing is looked up)."""
+    if spec.weight_sources is None:
+        return
+    stages = spec.stages if isinstance(spec, ConnectorSpec) else (2,) if isinstance(spec, LLMSpec) else (1, 2)
+    for stage in stages:
+        checked_sources(spec.weight_sources(opts, stage), spec.options.model_fields, who)
 
 
 def registry_with(plugins: dict[str, object], builtins: bool = True) -> "Registry":
