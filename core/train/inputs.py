@@ -57,7 +57,8 @@ class BatchStream:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.num_workers, self.drop_last = rank, world_size, num_workers, drop_last
         self.progress = progress or DataProgress(epoch=0)
-        self._batches = self._iterate()
+        self._batches: Iterator[dict[str, Any]] | None = None  # started by the first next(), ended by close()
+        self._closed = False
 
     def loader(self, epoch: int, resume: DataProgress | None = None) -> DataLoader:
         return make_loader(self.dataset, self.batch_size, epoch=epoch, seed=self.seed, rank=self.rank,
@@ -69,7 +70,23 @@ class BatchStream:
         return len(self.loader(0))
 
     def __next__(self) -> dict[str, Any]:
+        if self._batches is None:
+            if self._closed:
+                raise VLBridgeError("this BatchStream was closed; to read on from where it stopped, make a new "
+                                    "BatchStream with progress=<the closed stream's progress>")
+            self._batches = self._iterate()
         return next(self._batches)
+
+    def close(self) -> None:
+        """Stop the current epoch's loader now, so its worker processes exit at this known point.
+
+        Left to the garbage collector (the stream and its generator form a cycle), the loader is
+        finalised after its queues were: the workers never get the stop signal and torch waits 5 s
+        per worker before killing them. `progress` keeps the position for a new stream to resume.
+        """
+        batches, self._batches, self._closed = self._batches, None, True
+        if batches is not None:
+            batches.close()  # GeneratorExit at the yield releases the epoch's loader iterator, which stops its workers
 
     def __iter__(self) -> "BatchStream":
         return self

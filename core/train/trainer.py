@@ -120,6 +120,13 @@ class Trainer:
         self.batches = BatchStream(self.train_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
                                    world_size=self.where.world_size, num_workers=self.config.data.train.num_workers,
                                    drop_last=self.config.drop_last, progress=self.progress)
+        try:
+            return self.run_steps(resume, rng_state)
+        finally:
+            self.batches.close()  # the loader's workers stop now, on success or error, not at a later garbage collection
+
+    def run_steps(self, resume: bool, rng_state: dict[str, Any] | None) -> TrainResult:
+        """The loop of `fit`, once the model state and the batch stream are in place."""
         self.objective_step = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters)
         self.model.train()
         if rng_state is not None:
