@@ -17,7 +17,7 @@ PACKAGE_DIRS = {"vlbridge": REPO / "core", "vlbridge.plugins": REPO / "plugins"}
 
 # Lowest first. A room may import itself, `vlbridge.errors` and any room before it, nothing after it.
 LAYERS = ("files", "plugin", "assemblies", "parts", "finetune", "modeling", "plugins", "interop", "data",
-          "metrics", "evaluation", "world", "train", "compare", "plugintest", "face", "cli")
+          "metrics", "evaluation", "world", "train", "lmms", "compare", "plugintest", "face", "cli")
 # Old root modules kept one release as deprecated aliases: for outside code only, never imported inside.
 SHIMS = {f"vlbridge.{name}" for name in ("specs", "hookspecs", "testing", "freeze", "attention", "images",
                                          "connector_protocol", "contract", "lora", "retrieval")}

@@ -1,0 +1,75 @@
+"""The log-probability of a continuation under the visual prompt, and whether greedy decoding would
+produce it: what lmms-eval's `loglikelihood` (and so every multiple-choice task) asks of a model.
+
+The text is built as generation builds it (the task prompt through the LLM's template, the
+instruction for an instruction-aware connector), so a choice is scored in the context the model
+answers in. Decoder-only: [visual; prompt + continuation], the continuation's tokens being those the
+whole text has after the prompt's (lm-eval's rule); encoder-decoder: the encoder reads [visual;
+prompt], the decoder the continuation (no end token).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.modeling.prompts import format_prompts
+
+IGNORE = -100
+
+
+@torch.no_grad()
+def continuation_scores(model: Any, images: Sequence[Any], instructions: Sequence[str], continuations: Sequence[str],
+                        batch_size: int = 8) -> list[tuple[float, bool]]:
+    """(sum of the continuation's token log-probabilities, greedy would produce it) per request."""
+    if model.llm is None:
+        raise VLBridgeError("this model was built for stage 1 and has no LLM; load it with stage=2 to score continuations")
+    out: list[tuple[float, bool]] = []
+    for start in range(0, len(instructions), batch_size):
+        chunk = slice(start, start + batch_size)
+        visual = model.visual_tokens(model.pixel_values(list(images[chunk])), instructions=list(instructions[chunk]))
+        prompts = format_prompts(model.llm, list(instructions[chunk]))
+        score = _encoder_decoder if model.llm.is_encoder_decoder else _decoder_only
+        logits, labels = score(model.llm, visual, prompts, list(continuations[chunk]))
+        out.extend(_sum_and_greedy(logits, labels))
+    return out
+
+
+def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels aligned (logit t predicts label t), labels only on the continuation."""
+    ids, mask = llm.tokenize([p + c for p, c in zip(prompts, continuations)], padding_side="right")
+    prompt_lengths = llm.tokenize(prompts, padding_side="right")[1].sum(dim=1).to(ids.device)
+    lengths = mask.sum(dim=1)
+    empty = [c for c, n, p in zip(continuations, lengths.tolist(), prompt_lengths.tolist()) if n <= p]
+    if empty:
+        raise VLBridgeError(f"continuation(s) {empty[:3]} add no token to their prompt; nothing to score")
+    positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    labels = ids.masked_fill(mask.eq(0) | (positions < prompt_lengths[:, None]), IGNORE)
+    output = llm(visual, ids, mask, labels=labels)
+    if "labels" in output:  # the LLM placed the visual tokens (maybe at a placeholder) and says how labels align
+        aligned = output["labels"].to(output.logits.device)
+    else:
+        labels = labels.to(output.logits.device)
+        aligned = torch.cat([labels.new_full((labels.shape[0], visual.shape[1]), IGNORE), labels], dim=1)
+    return output.logits[:, :-1], aligned[:, 1:]
+
+
+def _encoder_decoder(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = llm.tokenize(prompts, padding_side="right")
+    targets, target_mask = llm.tokenize(continuations, padding_side="right", add_special_tokens=False)
+    if target_mask.sum(dim=1).eq(0).any():
+        raise VLBridgeError(f"a continuation in {continuations[:3]} has no token; nothing to score")
+    output = llm(visual, ids, mask, labels=targets, decoder_attention_mask=target_mask)
+    labels = targets.to(output.logits.device).masked_fill(target_mask.to(output.logits.device).eq(0), IGNORE)
+    return output.logits, labels
+
+
+def _sum_and_greedy(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, bool]]:
+    scored = labels.ne(IGNORE)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    total = (token * scored).sum(dim=1)
+    greedy = (logits.argmax(dim=-1).eq(labels) | ~scored).all(dim=1)
+    return [(float(t), bool(g)) for t, g in zip(total.tolist(), greedy.tolist())]
