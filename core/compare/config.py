@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vlbridge.lmms.options import LmmsEvalSpec
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -59,6 +61,14 @@ class EvalSet(Strict):
     retrieval_captions: list[int] | None = Field(None, description=(
         "retrieve only these captions of each image, by position (e.g. [0]: the world's 'scene' caption, "
         "true of its scene alone); default: all"))
+    lmms_eval: LmmsEvalSpec | None = Field(None, description=(
+        "lmms-eval tasks every run is scored on by lmms-eval's own evaluator (needs the lmms-eval extra): "
+        "tasks, include_path (local task YAMLs), limit, prompt"))
+
+    def evaluated_files(self) -> list[str]:
+        """The files this split's scores depend on: a changed one re-scores the runs."""
+        files = [self.captions, self.questions, self.annotations, self.scenes]
+        return [f for f in files if f] + (self.lmms_eval.local_files() if self.lmms_eval else [])
 
 
 MAX_JOBS = 64  # worker processes at most (`jobs`)

@@ -67,8 +67,8 @@ def _generate(model, encoded: EncodedImages, refs: Sequence, prompts: list[str],
 
 
 def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded: EncodedImages | None = None) -> dict[str, Any]:
-    """Captioning and VQA with the trained (stage-2) model (retrieval is the stage-1 model's: see
-    `retrieval_set`). `encoded` holds encoder outputs other runs computed already."""
+    """Captioning, VQA and lmms-eval tasks ("lmms:<task>") with the trained (stage-2) model (retrieval
+    is the stage-1 model's: see `retrieval_set`). `encoded` holds encoder outputs other runs computed already."""
     from vlbridge.evaluation import tasks as ev
     from vlbridge.modeling.inference import answer_options, caption_options
 
@@ -92,6 +92,11 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded:
         answers = _generate(model, encoded, refs, [config.vqa_prompt.format(r.question) for r in records], options)
         predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
         out["vqa"] = vqa_scores(predictions, records, question_categories(spec.annotations))
+    if spec.lmms_eval is not None:
+        from vlbridge.lmms.tasks import score_tasks
+
+        say(f"  {spec.name}: lmms-eval tasks")
+        out.update(score_tasks(model, spec.lmms_eval, say))
     return out
 
 

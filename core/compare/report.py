@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text
+from vlbridge.compare.lmms_columns import fill_aggregates, lmms_metrics
 from vlbridge.compare.stats import RESAMPLES
 from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, summarise
 
@@ -42,21 +43,23 @@ def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: l
     rows: Rows = {**per_seed, **{name: [row] for name, row in references.items()}}
     tables = {g: [n for n in per_seed if groups.get(n, DEFAULT_GROUP) == g] + list(references) for g in dict.fromkeys(groups.values())}
     types = question_type_metrics(rows)
-    summary = summarise(rows, HEADLINE)
+    metrics = HEADLINE + lmms_metrics(rows)  # the headline columns, then each lmms-eval task's metrics
+    summary = summarise(rows, metrics)
+    notes = notes + fill_aggregates(summary, rows, metrics)
     per_type = summarise(rows, types)
     significance = {
         "key": [found for a, b in (key_pairs or []) if a in rows and b in rows
-                for metric in HEADLINE if (found := compare_rows(rows, a, b, metric)) is not None],
-        "vs_first_row": {g: versus_first(rows, names, HEADLINE) for g, names in tables.items()},
-        "pairs": {g: all_pairs(rows, names, HEADLINE) for g, names in tables.items()},
+                for metric in metrics if (found := compare_rows(rows, a, b, metric)) is not None],
+        "vs_first_row": {g: versus_first(rows, names, metrics) for g, names in tables.items()},
+        "pairs": {g: all_pairs(rows, names, metrics) for g, names in tables.items()},
     }
     notes = notes + retrieval_rules(rows)
     results = {"config": config, "runs": rows, "groups": tables, "references": list(references), "summary": summary,
                "per_question_type": per_type, "significance": significance, "notes": notes + [STATS_NOTE]}
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=str))
-    text = markdown(config.get("name", "comparison"), tables, summary, per_type, types, significance, titles or {}, notes)
+    text = markdown(config.get("name", "comparison"), tables, summary, per_type, types, significance, titles or {}, notes, metrics)
     atomic_write_text(out_dir / "report.md", text)
-    atomic_write(out_dir / "report.png", lambda tmp: draw_report(summary, tables, list(references), HEADLINE, tmp))
+    atomic_write(out_dir / "report.png", lambda tmp: draw_report(summary, tables, list(references), metrics, tmp))
     return results
 
 
@@ -131,9 +134,9 @@ def significance_table(found: list[dict[str, Any]], formats: dict[str, str]) -> 
 
 
 def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: dict, types: list[Metric], significance: dict,
-             titles: dict[str, str], notes: list[str]) -> str:
-    columns = [("visual tokens", "{:.0f}")] + [(m.label, m.fmt) for m in HEADLINE]
-    formats = {m.label: m.fmt for m in HEADLINE + types}
+             titles: dict[str, str], notes: list[str], metrics: list[Metric] = HEADLINE) -> str:
+    columns = [("visual tokens", "{:.0f}")] + [(m.label, m.fmt) for m in metrics]
+    formats = {m.label: m.fmt for m in metrics + types}
     headings = table_headings(tables, titles)
     text = [f"# {name}", ""]
     for group, names in tables.items():

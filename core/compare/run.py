@@ -24,6 +24,10 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     every table as extra rows, results in the shape of one seed's. `key_pairs` (row, row) are the
     comparisons the report shows first; `titles` head the tables (group -> title).
     """
+    if any(e.lmms_eval is not None for e in config.evals):
+        from vlbridge.lmms.tasks import require_lmms_eval
+
+        require_lmms_eval()  # said now, not after every run has trained
     out = Path(config.output_dir)
     progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
     collected = run_in_workers(config, say, progress) if config.jobs > 1 else frozenset()

@@ -246,7 +246,7 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     """What a run's stored result depends on: the run, its seed, and everything shared that shapes
     training or evaluation (not the other runs, the output folder or the title)."""
     shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs"})
-    evaluated = [getattr(e, field) for e in config.evals for field in ("captions", "questions", "annotations", "scenes")]
+    evaluated = [path for e in config.evals for path in e.evaluated_files()]
     trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run) if run.checkpoint is None else None)
     if run.checkpoint is not None:  # the weights it evaluates: a re-imported checkpoint is evaluated afresh
         trained += [str(path) for path in sorted(Path(run.checkpoint).glob("*")) if path.is_file()]
