@@ -127,10 +127,10 @@ class QFormer(nn.Module):
     # -- passes -------------------------------------------------------------------------------
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | ImageContext | None,
-             prefixes: list[KV] | None = None, keep: list[KV] | None = None) -> torch.Tensor:
+             prefixes: list[KV] | None = None, keep: list[KV] | None = None, fold: bool = False) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             layer_image = image.layers[i] if isinstance(image, ImageContext) else image
-            x = layer(x, mask, num_queries, layer_image, None if prefixes is None else prefixes[i], keep)
+            x = layer(x, mask, num_queries, layer_image, None if prefixes is None else prefixes[i], keep, fold)
         return x
 
     def _image(self, image_embeds: torch.Tensor | ImageContext) -> torch.Tensor | ImageContext:
@@ -150,22 +150,26 @@ class QFormer(nn.Module):
                                   for layer in self.layers))
 
     @overload
-    def query_outputs(self, image_embeds: torch.Tensor | ImageContext, return_layer_kv: Literal[False] = False) -> torch.Tensor: ...
+    def query_outputs(self, image_embeds: torch.Tensor | ImageContext, return_layer_kv: Literal[False] = False, *,
+                      fold: bool = False) -> torch.Tensor: ...
 
     @overload
-    def query_outputs(self, image_embeds: torch.Tensor | ImageContext, return_layer_kv: Literal[True]) -> tuple[torch.Tensor, list[KV]]: ...
+    def query_outputs(self, image_embeds: torch.Tensor | ImageContext, return_layer_kv: Literal[True], *,
+                      fold: bool = False) -> tuple[torch.Tensor, list[KV]]: ...
 
     def query_outputs(self, image_embeds: torch.Tensor | ImageContext,
-                      return_layer_kv: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
+                      return_layer_kv: bool = False, *, fold: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         """(B, N, E) image tokens -> (B, Q, W) query outputs (queries see queries and the image).
 
         `return_layer_kv`: also each layer's self-attention K/V of the queries, which ITG's text
         reads (`itg_logits_from_queries`) instead of running the queries again, as LAVIS does.
+        `fold`: raw image tokens are read through `Attention.attend_folded` where that is cheaper
+        (the stage-2 connector and inference, via `forward`); stage 1 shares projected K/V instead.
         """
         batch = image_embeds.batch if isinstance(image_embeds, ImageContext) else image_embeds.shape[0]
         x = self.embeddings(queries=self._queries(batch))
         keep: list[KV] | None = [] if return_layer_kv else None
-        out = self._run(x, None, self.num_queries, self._image(image_embeds), keep=keep)
+        out = self._run(x, None, self.num_queries, self._image(image_embeds), keep=keep, fold=fold)
         return (out, keep) if return_layer_kv else out
 
     @property
@@ -183,12 +187,12 @@ class QFormer(nn.Module):
             if instructions is not None:
                 raise VLBridgeError("this Q-Former is not instruction-aware; set the qformer option instruction_aware: true "
                                     "to let it read instructions, or pass none")
-            return self.proj(self.query_outputs(image_embeds))
+            return self.proj(self.query_outputs(image_embeds, fold=True))
         if instructions is None or len(instructions) != image_embeds.shape[0]:
             raise VLBridgeError(f"this Q-Former is instruction-aware: give one instruction (the task prompt, may be '') per image; "
                                 f"got {None if instructions is None else len(instructions)} for {image_embeds.shape[0]} images")
         ids, mask = self.tokenize_instructions(instructions)
-        hidden = self.multimodal_outputs(ids, mask, image_embeds)
+        hidden = self.multimodal_outputs(ids, mask, image_embeds, fold=True)
         return self.proj(hidden[:, : self.num_queries])
 
     def tokenize_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,11 +209,12 @@ class QFormer(nn.Module):
         return self._run(self.embeddings(input_ids), mask, 0, None)
 
     def multimodal_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                           image_embeds: torch.Tensor | ImageContext) -> torch.Tensor:
-        """(B, Q+T, W): queries and text see each other (ITM); queries cross-attend to the image."""
+                           image_embeds: torch.Tensor | ImageContext, *, fold: bool = False) -> torch.Tensor:
+        """(B, Q+T, W): queries and text see each other (ITM); queries cross-attend to the image
+        (`fold` as in `query_outputs`)."""
         mask = bidirectional_mask(self.num_queries, _text_mask(input_ids, attention_mask))
         x = self.embeddings(input_ids, self._queries(input_ids.shape[0]))
-        return self._run(x, mask, self.num_queries, self._image(image_embeds))
+        return self._run(x, mask, self.num_queries, self._image(image_embeds), fold=fold)
 
     def itg_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_embeds: torch.Tensor | ImageContext) -> torch.Tensor:
