@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,9 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        assert main(["demo", "--quick", "--out", str(out), "--jobs", "2"]) == 0  # two worker processes (see the last tests)
+        # --stage1 train: the path that trains both stages in the run (the default starts from the shipped
+        # stage-1 checkpoints: test_the_default_starts_stage2_from_the_shipped_stage1); two worker processes (see the last tests)
+        assert main(["demo", "--quick", "--stage1", "train", "--out", str(out), "--jobs", "2"]) == 0
     (out / "stdout.txt").write_text(stdout.getvalue(), encoding="utf-8")
     (out / "stderr.txt").write_text(stderr.getvalue(), encoding="utf-8")
     return out
@@ -106,9 +109,34 @@ def test_quick_run_learns_something_measurable(demo_out: Path):
     assert chance == pytest.approx(100 / 32) if distinct == 32 else chance > 100 / 32  # identical scenes raise chance
 
 
+def test_the_default_starts_stage2_from_the_shipped_stage1(demo_out: Path, capsys: pytest.CaptureFixture[str]):
+    """BLIP-2's users start from its pretrain checkpoints: by default the Q-Former's stage 2 starts
+    from the shipped stage-1 checkpoint (no stage 1 in the run), whose retrieval the report shows,
+    and the report says so."""
+    from vlbridge.world.assets import stage1_checkpoint
+
+    out = demo_out / "shipped"
+    shutil.copytree(demo_out / "world", out / "world")  # the same quick world, reused
+    assert main(["demo", "--quick", "--out", str(out), "--runs", "qformer-32q", "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "stage 1, " not in err and "qformer-32q (seed 0): stage 2, 48 steps" in err
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    (run,) = results["runs"]["qformer-32q"]
+    assert run["train"]["stage1"] == {"from_checkpoint": str(stage1_checkpoint(32))}
+    assert run["eval"]["test"]["retrieval"]["num_images"] == 32
+    assert "Stage 1: the shipped stage-1 Q-Former checkpoints" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_stage1_steps_need_stage1_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--stage1-steps", "10"]) == 2
+    assert "add --stage1 train" in capsys.readouterr().err
+    config, _ = demo_config(tmp_path, quick=True, seeds=[0], queries=[32], stage1="train", stage1_steps=10)
+    assert {r.stage1_steps for r in config.runs if r.name in ("qformer-32q", "qformer-32q-sup")} == {10}
+
+
 def test_rerun_reuses_everything(demo_out: Path, capsys: pytest.CaptureFixture[str]):
     """A second run finds the world, caches and checkpoints and only re-evaluates."""
-    assert main(["demo", "--quick", "--out", str(demo_out), "--runs", "linear"]) == 0
+    assert main(["demo", "--quick", "--stage1", "train", "--out", str(demo_out), "--runs", "linear"]) == 0
     err = capsys.readouterr().err
     assert "reusing the world" in err and "reusing its results" in err
     assert "caching frozen encoder features" not in err and "stage 2, " not in err  # nothing trained again
@@ -123,7 +151,7 @@ def test_two_workers_give_what_one_process_gives(demo_out: Path, capsys: pytest.
     capsys.readouterr()
     assert results["config"]["jobs"] == 2
     shutil.rmtree(demo_out / "runs" / "linear")
-    assert main(["demo", "--quick", "--out", str(demo_out), "--runs", "linear", "--jobs", "1"]) == 0
+    assert main(["demo", "--quick", "--stage1", "train", "--out", str(demo_out), "--runs", "linear", "--jobs", "1"]) == 0
     err = capsys.readouterr().err
     assert "linear (seed 0): stage 2, " in err and "[worker" not in err  # trained again, here
     again = json.loads((demo_out / "runs" / "linear" / "seed-0" / "result.json").read_text(encoding="utf-8"))["result"]
@@ -144,15 +172,20 @@ def test_jobs_out_of_range_is_a_usage_error(tmp_path: Path, capsys: pytest.Captu
     assert "--jobs must be between 1 and 64" in capsys.readouterr().err
 
 
-def test_full_plan_is_the_documented_protocol_and_power():
-    config, plan = demo_config(Path("out"), quick=False, seeds=[0], queries=[8, 32])
+@pytest.mark.parametrize("stage1", ["shipped", "train"])
+def test_full_plan_is_the_documented_protocol_and_power(stage1: str):
+    from vlbridge.world.assets import stage1_checkpoint
+
+    config, plan = demo_config(Path("out"), quick=False, seeds=[0], queries=[8, 32], stage1=stage1)
     assert [r.name for r in config.runs] == ZERO_SHOT + ["qformer-32q-sup"]
     runs = {r.name: r for r in config.runs}
-    total = plan.stage1_steps + plan.stage2_steps
+    total = plan.shipped_stage2_steps if stage1 == "shipped" else plan.stage1_steps + plan.stage2_steps
     for name in ("qformer-32q", "qformer-8q", "linear", "mlp"):  # every connector gets the same optimizer steps
         assert runs[name].stage1_steps + runs[name].stage2_steps == total, name
+    for name, queries in (("qformer-32q", 32), ("qformer-8q", 8), ("qformer-32q-sup", 32)):  # the shipped stage 1, or none
+        assert runs[name].init_from == (str(stage1_checkpoint(queries)) if stage1 == "shipped" else None)
     ablation = runs["qformer-32q-no-stage1"]  # BLIP-2's ablation: the same stage 2, no stage 1
-    assert (ablation.stage1_steps, ablation.stage2_steps) == (0, runs["qformer-32q"].stage2_steps)
+    assert (ablation.stage1_steps, ablation.init_from, ablation.stage2_steps) == (0, None, runs["qformer-32q"].stage2_steps)
     assert ablation.connector_options == runs["qformer-32q"].connector_options
     for name in ZERO_SHOT:  # zero-shot: stage 2 sees captions only, as stage 1
         assert runs[name].group == "zero-shot" and config.stage2_data_of(runs[name]) == config.stage1_data

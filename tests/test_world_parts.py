@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import vlbridge
 from vlbridge.errors import WeightsError
-from vlbridge.world.assets import PARTS, encoder_weights, part_dir, read_parts_manifest
+from vlbridge.world.assets import PARTS, STAGE1_QUERIES, encoder_weights, part_dir, read_parts_manifest
 from vlbridge.world.language import QUESTION_KINDS
 
 PRESETS = ("world-qformer-opt", "world-qformer-flan-t5", "world-linear-opt", "world-mlp-opt")
@@ -83,7 +83,8 @@ def test_the_world_qformer_starts_from_the_shipped_bert():
 
 def test_the_manifest_says_how_the_parts_were_made_and_that_they_learned():
     manifest = read_parts_manifest()
-    assert set(manifest["parts"]) == set(PARTS) and not manifest["quick"]
+    stage1 = {f"qformer-{q}q" for q in STAGE1_QUERIES}  # the stage-1 Q-Formers (tests/test_stage1_parts.py)
+    assert set(manifest["parts"]) == set(PARTS) | stage1 and not manifest["quick"] and not manifest["stage1_quick"]
     assert sum(p["bytes"] for p in manifest["parts"].values()) < 25_000_000  # issue 11: every world part together
     retrieval = manifest["parts"]["eva-vit-g"]["retrieval_zero_shot"]["val"]
     assert retrieval["image_to_text_r1"] > 10 / retrieval["candidates"]

@@ -28,6 +28,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="generate and use another world (same frozen parts; default 0): do the effects hold there too?")
     d.add_argument("--llm", choices=["opt", "flan-t5"], default="opt",
                    help="the frozen world LLM every run bridges to: OPT (decoder-only, default) or FlanT5 (encoder-decoder)")
+    d.add_argument("--stage1", choices=["shipped", "train"], default="shipped", help=(
+        "where the Q-Former's stage 1 comes from: the shipped stage-1 checkpoints (default; BLIP-2's users start from its "
+        "pretrain checkpoints) or a short stage 1 trained inside the run (train; see --stage1-steps)"))
+    d.add_argument("--stage1-steps", type=int, default=None, metavar="N",
+                   help="with --stage1 train: the stage-1 steps (default 80, 24 with --quick)")
     d.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="worker processes training runs side by side (default: one per core, at most 2); results do not depend on it")
     d.set_defaults(func=cmd_demo)
@@ -55,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
         raise VLBridgeError(f"--jobs must be between 1 and {MAX_JOBS} worker processes, got {args.jobs}")
     results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
-                       world_seed=args.world_seed, llm=args.llm, jobs=args.jobs)
+                       world_seed=args.world_seed, llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     trained = [name for name in results["runs"] if name not in results["references"]]
     print(f"wrote {args.out}/report.md, results.json and report.png ({len(trained)} runs)")

@@ -23,6 +23,9 @@ class RunSpec(Strict):
         "`vlbridge import hf-llava|hf-blip2`); its assembly is the checkpoint's own"))
     connector_options: dict[str, Any] = Field(default_factory=dict, description="merged into the assembly's connector options (e.g. num_query_tokens)")
     stage1_steps: int = Field(0, ge=0, description="stage-1 optimizer steps (0: no stage 1, e.g. projectors or the 'without stage 1' ablation)")
+    init_from: str | None = Field(None, description=(
+        "a stage-1 checkpoint directory stage 2 starts from instead of training a stage 1 here (BLIP-2's released "
+        "pretrain checkpoints; the world's shipped ones); it also does the run's retrieval"))
     stage2_steps: int = Field(0, ge=0, description="stage-2 optimizer steps (at least 1 unless the run is a checkpoint)")
     lr: float | None = Field(None, gt=0, description="peak learning rate; default: the comparison's")
     group: str = Field("results", min_length=1, description="the report's table this run is a row of (e.g. zero-shot, supervised)")
@@ -32,7 +35,7 @@ class RunSpec(Strict):
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
         if self.checkpoint is not None:
-            trains = [name for name in ("assembly", "stage1_steps", "stage2_steps", "lr", "stage2_data")
+            trains = [name for name in ("assembly", "stage1_steps", "stage2_steps", "lr", "stage2_data", "init_from")
                       if getattr(self, name)] + (["connector_options"] if self.connector_options else [])
             if trains:
                 raise ValueError(f"run {self.name!r} evaluates checkpoint {self.checkpoint!r} as it is; drop {', '.join(trains)} "
@@ -41,6 +44,9 @@ class RunSpec(Strict):
             raise ValueError(f"run {self.name!r} needs an assembly to train, or a checkpoint to evaluate")
         elif self.stage2_steps < 1:
             raise ValueError(f"run {self.name!r} trains its connector: stage2_steps must be at least 1")
+        elif self.init_from is not None and self.stage1_steps:
+            raise ValueError(f"run {self.name!r} starts stage 2 from the stage-1 checkpoint {self.init_from!r} and also trains "
+                             f"{self.stage1_steps} stage-1 steps; give one: init_from, or stage1_steps")
         return self
 
 

@@ -3,9 +3,14 @@
 Keep a pretrained image encoder and a pretrained LLM frozen (here: the world's own, trained by
 `vlbridge.world.train_parts` and shipped), train only a bridge in two stages, and compare it with
 bridges that skip stage 1 or pass raw patch tokens (LLaVA's linear and MLP projectors), and with
-fewer queries. Every connector gets the same encoder, LLM, data and number of optimizer steps (the
-Q-Former splits its steps between stage 1 and stage 2). The no-stage-1 ablation is BLIP-2's: the
-same stage 2 as the Q-Former's, from the BERT init instead of the stage-1 weights.
+fewer queries. Every connector gets the same encoder, LLM, data and number of optimizer steps. The
+no-stage-1 ablation is BLIP-2's (its Fig. 5): the same stage 2 as the Q-Former's, from the BERT
+init instead of the stage-1 weights.
+
+Stage 1 comes, as BLIP-2's users get it, from pretrained checkpoints: the world's shipped stage-1
+Q-Formers (32 and 8 queries, `vlbridge.compare.stage1_parts`, thousands of steps), which also do
+the retrieval. `stage1="train"` trains a short stage 1 inside the run instead (the Q-Former then
+splits its steps between the stages), for a user who wants to watch both.
 
 The headline table follows the paper's protocol: stage 2 trains on image-caption pairs only (the
 bare caption after the soft visual prompt, as the world's OPT read captions), so VQA is zero-shot:
@@ -38,6 +43,8 @@ TITLES = {
 SUPERVISED_SUFFIX = "-sup"
 REFERENCE = "qformer-32q"  # the key comparisons set every zero-shot row against it
 LLMS = ("opt", "flan-t5")  # the world's frozen LLMs: BLIP-2's two families (decoder-only, encoder-decoder)
+SHIPPED, TRAIN = "shipped", "train"  # where the Q-Former's stage 1 comes from (`--stage1`)
+STAGE1_MODES = (SHIPPED, TRAIN)
 
 
 class DemoPlan(BaseModel):
@@ -46,7 +53,8 @@ class DemoPlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     world: dict[str, int] = Field(description="WorldConfig sizes (train, val, test, comp, questions_per_image)")
     stage1_steps: int = Field(ge=1, description="the Q-Former's stage-1 steps (projectors get them in stage 2)")
-    stage2_steps: int = Field(ge=1)
+    stage2_steps: int = Field(ge=1, description="stage-2 steps after a stage 1 trained in the run")
+    shipped_stage2_steps: int = Field(ge=1, description="every run's stage-2 steps when stage 1 comes from the shipped checkpoints")
     batch: int = Field(ge=1)
     retrieval_k: int = Field(ge=1, description="ITM re-ranks each query's top k ITC candidates")
     text_tokens: int = Field(24, ge=8, description="stage 1's text length (the scene caption needs about 24)")
@@ -59,9 +67,9 @@ class DemoPlan(BaseModel):
 # 65 tokens). Evaluation is the floor; the optimizer steps fill the rest of 8 minutes on 2 cores,
 # where two worker processes share the runs (about 6 CPU minutes each).
 FULL = DemoPlan(world={"train": 1000, "val": 8, "test": 300, "comp": 300, "questions_per_image": 5},
-                stage1_steps=80, stage2_steps=120, batch=32, retrieval_k=4, supervised=("qformer-32q",))
+                stage1_steps=80, stage2_steps=120, shipped_stage2_steps=200, batch=32, retrieval_k=4, supervised=("qformer-32q",))
 QUICK = DemoPlan(world={"train": 192, "val": 8, "test": 32, "comp": 16, "questions_per_image": 5},
-                 stage1_steps=24, stage2_steps=24, batch=16, retrieval_k=4, supervised=("qformer-32q",))
+                 stage1_steps=24, stage2_steps=24, shipped_stage2_steps=48, batch=16, retrieval_k=4, supervised=("qformer-32q",))
 GENERATION = {"num_beams": 1, "max_new_tokens": 30}  # greedy; 30 tokens hold a four-object scene caption (VQA: 5)
 
 
@@ -106,25 +114,42 @@ def _pair(image: str, image_id: int, prompt: str, target: str) -> dict[str, Any]
     return {"image": image, "image_id": image_id, "text": f"{prompt} {target}".strip(), "text_input": prompt, "text_output": target}
 
 
-def demo_runs(plan: DemoPlan, queries: list[int], supervised_data: dict[str, Any], llm: str = "opt") -> list[RunSpec]:
+def demo_runs(plan: DemoPlan, queries: list[int], supervised_data: dict[str, Any], llm: str = "opt", stage1: str = SHIPPED) -> list[RunSpec]:
     """The zero-shot runs, then the supervised repeats (same stage 1, other stage-2 data); every
-    run bridges the same frozen `llm` (the `world-<connector>-<llm>` presets)."""
+    run bridges the same frozen `llm` (the `world-<connector>-<llm>` presets). With `stage1`
+    "shipped" every run trains the same stage-2 steps and the Q-Formers start from the shipped
+    stage-1 checkpoints; with "train" the Q-Formers train `plan.stage1_steps` of stage 1 first."""
     if llm not in LLMS:
         raise VLBridgeError(f"unknown demo LLM {llm!r}; choose from {list(LLMS)}")
-    s1, s2 = plan.stage1_steps, plan.stage2_steps
-    q32 = {"num_query_tokens": 32}
+    if stage1 not in STAGE1_MODES:
+        raise VLBridgeError(f"unknown stage-1 source {stage1!r}; choose from {list(STAGE1_MODES)}")
     qformer = f"world-qformer-{llm}"
-    runs = [RunSpec(name="qformer-32q", assembly=qformer, connector_options=q32, stage1_steps=s1, stage2_steps=s2),
+    if stage1 == SHIPPED:
+        s2 = projector_steps = plan.shipped_stage2_steps
+    else:
+        s2, projector_steps = plan.stage2_steps, plan.stage1_steps + plan.stage2_steps
+    start = {q: _stage1_start(q, stage1, plan) for q in {32, *queries}}
+    q32 = {"num_query_tokens": 32}
+    runs = [RunSpec(name="qformer-32q", assembly=qformer, connector_options=q32, stage2_steps=s2, **start[32]),
             RunSpec(name="qformer-32q-no-stage1", assembly=qformer, connector_options=q32, stage2_steps=s2)]
-    runs += [RunSpec(name=f"qformer-{q}q", assembly=qformer, connector_options={"num_query_tokens": q},
-                     stage1_steps=s1, stage2_steps=s2) for q in queries if q != 32]
-    runs += [RunSpec(name="linear", assembly=f"world-linear-{llm}", stage2_steps=s1 + s2),
-             RunSpec(name="mlp", assembly=f"world-mlp-{llm}", stage2_steps=s1 + s2)]
+    runs += [RunSpec(name=f"qformer-{q}q", assembly=qformer, connector_options={"num_query_tokens": q}, stage2_steps=s2, **start[q])
+             for q in queries if q != 32]
+    runs += [RunSpec(name="linear", assembly=f"world-linear-{llm}", stage2_steps=projector_steps),
+             RunSpec(name="mlp", assembly=f"world-mlp-{llm}", stage2_steps=projector_steps)]
     runs = [r.model_copy(update={"group": ZERO_SHOT}) for r in runs]
     by_name = {r.name: r for r in runs}
     runs += [by_name[name].model_copy(update={"name": name + SUPERVISED_SUFFIX, "group": SUPERVISED, "stage2_data": supervised_data})
              for name in plan.supervised if name in by_name]
     return runs
+
+
+def _stage1_start(queries: int, stage1: str, plan: DemoPlan) -> dict[str, Any]:
+    """A Q-Former run's stage-1 fields: the shipped checkpoint to start from, or the steps to train."""
+    if stage1 == TRAIN:
+        return {"stage1_steps": plan.stage1_steps}
+    from vlbridge.world.assets import stage1_checkpoint
+
+    return {"init_from": str(stage1_checkpoint(queries))}
 
 
 def demo_evals(world: Path, plan: DemoPlan) -> list[EvalSet]:
@@ -146,13 +171,22 @@ def default_jobs() -> int:
 
 
 def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], only: list[str] | None = None,
-                llm: str = "opt", jobs: int | None = None) -> tuple[CompareConfig, DemoPlan]:
-    """The comparison the demo runs (see the module docstring)."""
+                llm: str = "opt", jobs: int | None = None, stage1: str = SHIPPED,
+                stage1_steps: int | None = None) -> tuple[CompareConfig, DemoPlan]:
+    """The comparison the demo runs (see the module docstring); `stage1_steps` (with `stage1`
+    "train" only) replaces the plan's stage-1 steps."""
     plan = QUICK if quick else FULL
+    if stage1_steps is not None:
+        if stage1 != TRAIN:
+            raise VLBridgeError(f"--stage1-steps {stage1_steps} sets the steps of a stage 1 trained in the run; add --stage1 train "
+                                "(the default, --stage1 shipped, starts stage 2 from the shipped stage-1 checkpoints)")
+        if stage1_steps < 1:
+            raise VLBridgeError(f"--stage1-steps must be at least 1, got {stage1_steps}")
+        plan = plan.model_copy(update={"stage1_steps": stage1_steps})
     world = out / "world"
     captions = {"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world)}
     supervised = {"format": "jsonl", "paths": [str(world / "stage2_supervised.jsonl")], "image_root": str(world), "clean_text": False}
-    runs = demo_runs(plan, queries, supervised, llm)
+    runs = demo_runs(plan, queries, supervised, llm, stage1)
     if only:
         unknown = sorted(set(only) - {r.name for r in runs})
         if unknown:
@@ -168,32 +202,51 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
     return config, plan
 
 
-def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: str = "opt") -> list[str]:
-    """What the reader needs to judge the tables: parts, protocol, budget, metrics, statistics."""
+def stage1_notes(plan: DemoPlan, stage1: str, world_test: int) -> list[str]:
+    """Where stage 1 came from, the budget it leaves, and whose retrieval the table shows."""
+    common = ("Training reads a frozen-feature cache (no image augmentation); stage 2 averages its loss per sample; "
+              "the no-stage-1 ablation trains the same stage 2 from the BERT init (BLIP-2's Fig. 5: stage 1 is the only difference).")
+    retrieval = (f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model) ranks the {world_test} test images and their "
+                 "'scene' captions (each states every object with its size, colour, shape and cell); R@1 by ITC, and by ITM "
+                 f"re-ranking ITC's top {plan.retrieval_k} (the rule for a right caption: below). Runs without stage 1 have no "
+                 "trained ITC/ITM heads: not scored.")
+    if stage1 == SHIPPED:
+        return [
+            "Stage 1: the shipped stage-1 Q-Former checkpoints (`--stage1 shipped`, the default; plugins/world/qformer-32q and "
+            "qformer-8q, trained by `python -m vlbridge.compare.stage1_parts` for thousands of steps on the world's pretrain "
+            "stream; recipe and curve in plugins/world/manifest.json), as BLIP-2's users start from its pretrain checkpoints. "
+            "The Q-Former rows' retrieval is theirs.",
+            f"Budget: batch {plan.batch}; every run trains the same {plan.shipped_stage2_steps} stage-2 steps (the Q-Formers from "
+            f"their stage-1 checkpoint, the ablation from the BERT init, the projectors from scratch). {common}", retrieval]
     s1, s2 = plan.stage1_steps, plan.stage2_steps
+    return [
+        f"Stage 1: trained inside this run (`--stage1 train`, {s1} steps, `--stage1-steps`), on the training images' captions.",
+        f"Budget: batch {plan.batch}; the Q-Former spends {s1} optimizer steps in stage 1 and {s2} in stage 2; the linear and "
+        f"MLP projectors get the same {s1 + s2} steps, all in stage 2; the ablation gets the same {s2} stage-2 steps. {common}",
+        retrieval]
+
+
+def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: str = "opt", stage1: str = SHIPPED) -> list[str]:
+    """What the reader needs to judge the tables: parts, protocol, budget, metrics, statistics."""
     world = plan.world
     reader = "OPT" if llm == "opt" else "FlanT5 (encoder-decoder; the visual prompt and the question go to its encoder)"
+    origin, budget, retrieval = stage1_notes(plan, stage1, world["test"])
     return [
         f"Frozen parts: the world's EVA-style ViT (trained contrastively on the world's captions); its {reader}, trained on "
         "the world's text only (captions as documents, then answered questions); a BERT init for the Q-Former; shipped with vlbridge "
         "(the world's parts may still change, and with them these numbers).",
         f"World: seed {world_seed} (`--world-seed`). The frozen parts are the same for every seed: they were trained on "
         "seed 0's pretrain stream, never on a split image, and never on a held-out colour+shape pair.",
-        f"Protocol: stage 1 (ITC+ITM+ITG) and the zero-shot stage 2 train on the {world['train']} training images' captions; "
-        f"VQA asks '{VQA_PROMPT}' after the visual prompt, never trained on in the zero-shot table. The supervised table's "
-        "stage 2 adds the training questions with their answers (its runs share the zero-shot runs' stage 1).",
-        f"Budget: batch {plan.batch}; the Q-Former spends {s1} optimizer steps in stage 1 and {s2} in stage 2; the linear and "
-        f"MLP projectors get the same {s1 + s2} steps, all in stage 2; the no-stage-1 ablation gets the same {s2} stage-2 steps "
-        "from the BERT init (BLIP-2's ablation: stage 1 is the only difference). Training reads a frozen-feature cache (no "
-        f"image augmentation); peak lr {config.lr:g} for every run; stage 2 averages its loss per sample.",
+        origin,
+        f"Protocol: the zero-shot stage 2 (and a stage 1 trained in the run) trains on the {world['train']} training images' "
+        f"captions; VQA asks '{VQA_PROMPT}' after the visual prompt, never trained on in the zero-shot table. The supervised "
+        "table's stage 2 adds the training questions with their answers (its runs share the zero-shot runs' stage 1).",
+        f"{budget} Peak lr {config.lr:g} for every run.",
         f"Evaluation: every test image ({world['test']}, {world['questions_per_image']} questions each) and every compositional "
         f"image ({world['comp']}: colour+shape pairs never seen in training). VQA: official VQAv2 accuracy, greedy, at most 5 "
         "new tokens. Captioning: CIDEr-D (pycocoevalcap's scale: 1.0 is not 1%) against the 6 references per test image, "
         "greedy, at most 30 new tokens, no prompt. One torch thread: on a shared 2-core machine, small models run faster so.",
-        f"Retrieval: the run's stage-1 model (BLIP-2's retrieval model) ranks the {world['test']} test images and their "
-        f"'scene' captions (each states every object with its size, colour, shape and cell); R@1 by ITC, and by ITM re-ranking "
-        f"ITC's top {plan.retrieval_k} (the rule for a right caption: below). Runs without stage 1 have no trained "
-        "ITC/ITM heads: not scored.",
+        retrieval,
         "blind prior: answers every question with the commonest training answer of its type, gives every image the commonest "
         "training caption, and ranks at random (its retrieval value is the exact expectation, so it has no interval and no "
         "marks); it never sees the image: the floor to beat.",
@@ -201,7 +254,8 @@ def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: 
 
 
 def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None,
-             only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt", jobs: int | None = None) -> dict[str, Any]:
+             only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt", jobs: int | None = None,
+             stage1: str = SHIPPED, stage1_steps: int | None = None) -> dict[str, Any]:
     """Generate (or reuse) the world of `world_seed`, train and score every run (in `jobs` processes,
     default: one per core up to 2), write the report. Worker processes are spawned: a script that
     calls this with `jobs` > 1 needs Python's `if __name__ == "__main__":` guard."""
@@ -209,12 +263,12 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
     from vlbridge.compare.run import run_compare
 
     out = Path(out)
-    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs)
+    config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs, stage1, stage1_steps)
     ensure_world(out / "world", plan.world, world_seed, say)
     supervised_texts(out / "world")
     blind = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json")}
     names = [r.name for r in config.runs]
     key_pairs = [(REFERENCE, other) for other in names + ["blind prior"] if other != REFERENCE and not other.endswith(SUPERVISED_SUFFIX)]
     key_pairs += [(name, name.removesuffix(SUPERVISED_SUFFIX)) for name in names if name.endswith(SUPERVISED_SUFFIX)]
-    return run_compare(config, say, demo_notes(config, plan, world_seed, llm), progress_label="demo", reference_rows=blind,
+    return run_compare(config, say, demo_notes(config, plan, world_seed, llm, stage1), progress_label="demo", reference_rows=blind,
                        key_pairs=key_pairs, titles=TITLES)

@@ -172,7 +172,9 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
     features = feature_cache(config, assembly, say)
     root = Path(config.output_dir) / "runs" / run.name / f"seed-{seed}"
     summary: dict[str, Any] = {}
-    init_from = None
+    init_from = run.init_from  # a stage-1 checkpoint trained elsewhere (e.g. the world's shipped ones), or None
+    if init_from is not None:
+        summary["stage1"] = {"from_checkpoint": init_from}
     start = time.perf_counter()
     if run.stage1_steps:
         folder, summary["stage1"] = train_stage1(config, run, seed, assembly, features, say, progress)
@@ -219,22 +221,36 @@ def evaluate_run(config: CompareConfig, model, evals: list[EvalSet], say: Say, e
     return {e.name: evaluate_set(config, model, e, say, encoded) for e in evals}
 
 
-def shared_retrieval(config: CompareConfig, folder: Path, spec: EvalSet, say: Say) -> dict[str, Any]:
-    """Retrieval by the stage-1 model in `folder`, computed once per stage 1 and evaluation split
-    (runs sharing a stage 1 share its retrieval scores)."""
-    from vlbridge.compare.evaluation import retrieval_set
+def stage1_source(config: CompareConfig, run: RunSpec, seed: int) -> tuple[Path, Path] | None:
+    """The run's stage-1 model (a checkpoint directory) and the folder its retrieval scores are
+    stored in; None for runs without one (projectors, the no-stage-1 ablation)."""
     from vlbridge.train.checkpointing import latest_checkpoint
 
+    if run.stage1_steps:
+        folder = stage1_folder(config, run, seed)
+        return latest_checkpoint(folder), folder
+    if run.init_from is not None:  # stored in the output folder: the checkpoint's may be read-only (an installed package)
+        text = json.dumps(data_fingerprint([str(p) for p in sorted(Path(run.init_from).glob("*")) if p.is_file()]))
+        return Path(run.init_from), Path(config.output_dir) / "stage1" / f"from-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    return None
+
+
+def shared_retrieval(config: CompareConfig, checkpoint: Path, store: Path, spec: EvalSet, say: Say) -> dict[str, Any]:
+    """Retrieval by the stage-1 model `checkpoint`, computed once per stage 1 and evaluation split
+    and kept in `store` (runs sharing a stage 1 share its retrieval scores)."""
+    from vlbridge.compare.evaluation import retrieval_set
+
     spec_text = json.dumps([spec.model_dump(mode="json"), data_fingerprint([spec.captions, spec.scenes])], sort_keys=True)
-    stored = folder / f"retrieval-{spec.name}-{hashlib.sha256(spec_text.encode()).hexdigest()[:12]}.json"
+    stored = store / f"retrieval-{spec.name}-{hashlib.sha256(spec_text.encode()).hexdigest()[:12]}.json"
     if stored.is_file():
         say(f"  {spec.name}: retrieval scored before by this stage 1 ({stored.name})")
         return json.loads(stored.read_text(encoding="utf-8"))
     from vlbridge.modeling import factory
 
     # retrieval is the stage-1 model's job (ITC/ITM heads and the text side, which stage 2 neither trains nor saves)
-    model = factory.load(latest_checkpoint(folder), stage=1, device=None if config.device == "auto" else config.device)
+    model = factory.load(checkpoint, stage=1, device=None if config.device == "auto" else config.device)
     result = retrieval_set(model, spec, say)
+    store.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stored, json.dumps(result, default=str))
     return result
 
@@ -248,8 +264,9 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs"})
     evaluated = [path for e in config.evals for path in e.evaluated_files()]
     trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run) if run.checkpoint is None else None)
-    if run.checkpoint is not None:  # the weights it evaluates: a re-imported checkpoint is evaluated afresh
-        trained += [str(path) for path in sorted(Path(run.checkpoint).glob("*")) if path.is_file()]
+    for weights in (run.checkpoint, run.init_from):  # the weights it evaluates or starts from: new ones are trained afresh
+        if weights is not None:
+            trained += [str(path) for path in sorted(Path(weights).glob("*")) if path.is_file()]
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
                        "data": data_fingerprint(trained + evaluated)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -322,9 +339,10 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
             encoder = _encoder_key(resolve_assembly(run), config)
             result["eval"] = evaluate_run(config, model, config.evals, say, encoded.setdefault(encoder, EncodedImages()))
             del model
-            if run.stage1_steps:  # projectors and the no-stage-1 ablation have no trained ITC/ITM heads
+            source = stage1_source(config, run, seed)  # projectors and the no-stage-1 ablation have no trained ITC/ITM heads
+            if source is not None:
                 for spec in (e for e in config.evals if e.captions and "retrieval" in e.tasks):
-                    result["eval"][spec.name]["retrieval"] = shared_retrieval(config, stage1_folder(config, run, seed), spec, say)
+                    result["eval"][spec.name]["retrieval"] = shared_retrieval(config, *source, spec, say)
             atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
     return per_seed

@@ -14,6 +14,8 @@ from typing import Any
 from vlbridge.errors import WeightsError
 
 PARTS: tuple[str, ...] = ("eva-vit-g", "opt", "flan-t5", "bert")
+STAGE1_QUERIES: tuple[int, ...] = (32, 8)  # the shipped stage-1 Q-Formers (vlbridge.compare.stage1_parts trains them)
+STAGE1_COMMAND = "python -m vlbridge.compare.stage1_parts --out"
 MANIFEST = "manifest.json"
 ENCODER_FILE = "model.safetensors"  # inside the eva-vit-g folder; the others are transformers folders
 ENCODER_MODEL_TYPE = "eva-vit"  # the encoder folder's config.json: this model_type and eva-vit-g's option names
@@ -48,3 +50,17 @@ def read_parts_manifest(root: str | Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"no world parts manifest at {path}; regenerate with python -m vlbridge.world.train_parts")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stage1_checkpoint(queries: int, root: str | Path | None = None) -> Path:
+    """The shipped stage-1 Q-Former checkpoint with `queries` queries ("qformer-32q"); an error says
+    which exist and how to make one."""
+    if queries not in STAGE1_QUERIES:
+        raise WeightsError(f"no shipped stage-1 Q-Former with {queries} queries; the shipped ones have {list(STAGE1_QUERIES)} "
+                           "(train a stage 1 in the run instead, e.g. `vlbridge demo --stage1 train`)")
+    base = Path(root) if root is not None else world_dir()
+    path = base / f"qformer-{queries}q"
+    if not (path / "checkpoint.json").is_file():
+        raise WeightsError(f"the world's stage-1 Q-Former ({queries} queries) is missing at {path}; regenerate it with "
+                           f"{STAGE1_COMMAND} {base}")
+    return path

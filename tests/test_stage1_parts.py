@@ -1,0 +1,96 @@
+"""The world's shipped stage-1 Q-Formers (BLIP-2's pretrain checkpoints in miniature): they load,
+they are what their manifest says, they retrieve, and one command makes them again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlbridge.errors import WeightsError
+from vlbridge.world.assets import STAGE1_QUERIES, read_parts_manifest, stage1_checkpoint
+
+# R@1 among 32 val images of world seed 0 (chance about 0.03), by ITM re-ranking ITC's top 4, both
+# directions: the floor the shipped checkpoints must keep. What they measured when shipped: in the
+# manifest ("val_retrieval", 300 images) and in docs/demo-findings.md section 10.
+RETRIEVAL_FLOOR = 0.25
+FLOOR_IMAGES = 32
+
+
+@pytest.fixture(scope="module")
+def val_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlbridge.world import WorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("val")
+    generate_world(out, WorldConfig(seed=0, train=0, val=FLOOR_IMAGES, test=0, comp=0))
+    return out
+
+
+@pytest.mark.parametrize("queries", STAGE1_QUERIES)
+def test_shipped_stage1_checkpoint_loads_and_matches_its_manifest(queries: int):
+    from vlbridge.files.checkpoint import read_meta
+    from vlbridge.modeling import factory
+
+    folder = stage1_checkpoint(queries)
+    entry = read_parts_manifest()["parts"][f"qformer-{queries}q"]
+    meta = read_meta(folder)
+    assert meta["stage"] == 1 and meta["step"] == entry["steps"] == entry["recipe"]["steps"] >= 1000
+    model = factory.load(folder, stage=1, device="cpu")
+    assert model.connector.query_tokens.shape[1] == queries == entry["recipe"]["queries"]
+    assert sum(p.numel() for p in model.connector.parameters()) == entry["params"]
+    assert entry["bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    curve = entry["by_step"]  # retrieval and image dependence as training went, and the losses falling
+    assert [p["step"] for p in curve][-1] == entry["steps"] and curve[-1]["loss"] < curve[0]["loss"]
+    assert {"itc_i2t_r1", "itm_t2i_r1"} <= set(curve[-1]["val"]) and curve[-1]["image_dependence"] > curve[0]["image_dependence"] / 2
+
+
+@pytest.mark.parametrize("queries", STAGE1_QUERIES)
+def test_shipped_stage1_checkpoint_retrieves_above_its_floor(queries: int, val_world: Path):
+    from vlbridge.compare.stage1_parts import val_scores
+    from vlbridge.modeling import factory
+
+    model = factory.load(stage1_checkpoint(queries), stage=1, device="cpu")
+    model.eval()
+    scores = val_scores(model, val_world, FLOOR_IMAGES, k=4)
+    assert scores["candidates"] == FLOOR_IMAGES
+    assert scores["itm_i2t_r1"] >= RETRIEVAL_FLOOR and scores["itm_t2i_r1"] >= RETRIEVAL_FLOOR, scores
+
+
+def test_the_shipped_checkpoint_names_its_frozen_parts_relative_to_itself(tmp_path: Path):
+    """Moved with the parts folder (an installed package), it still finds them."""
+    from vlbridge.files.checkpoint import checkpoint_assembly
+
+    moved = tmp_path / "qformer-32q"
+    shutil.copytree(stage1_checkpoint(32), moved)
+    assembly = checkpoint_assembly(moved)
+    assert assembly["connector"]["options"]["bert"] == str((tmp_path / "bert").resolve())
+
+
+def test_missing_or_unshipped_stage1_checkpoints_say_what_to_do(tmp_path: Path):
+    with pytest.raises(WeightsError, match="stage1_parts --out"):
+        stage1_checkpoint(32, tmp_path)
+    with pytest.raises(WeightsError, match="--stage1 train"):
+        stage1_checkpoint(16)
+
+
+def test_stage1_parts_quick_end_to_end(tmp_path: Path):
+    """One command makes them: trained by the Trainer, scored at each saved step, shipped in fp16,
+    added to the manifest beside the frozen parts it read."""
+    from safetensors import safe_open
+
+    from vlbridge.compare.stage1_parts import main
+    from vlbridge.world.assets import MANIFEST, PARTS, world_dir
+
+    for part in (*PARTS, MANIFEST):
+        (tmp_path / part).symlink_to(world_dir() / part)
+    (tmp_path / MANIFEST).unlink()
+    shutil.copy(world_dir() / MANIFEST, tmp_path / MANIFEST)
+    assert main(["--out", str(tmp_path), "--quick", "--queries", "8", "--jobs", "1"]) == 0
+    entry = read_parts_manifest(tmp_path)["parts"]["qformer-8q"]
+    assert entry["steps"] == 4 and [p["step"] for p in entry["by_step"]] == [2, 4] and entry["val_retrieval"]["candidates"] == 8
+    assert entry["train_config"]["stage"] == 1 and entry["train_config"]["assembly"]["connector"]["options"]["num_query_tokens"] == 8
+    with safe_open(str(tmp_path / "qformer-8q" / "connector.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys() if f.get_tensor(k).is_floating_point()} == {"torch.float16"}
+    assert json.loads((tmp_path / "qformer-8q" / "checkpoint.json").read_text())["relative_paths"]
