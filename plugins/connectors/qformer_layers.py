@@ -78,7 +78,8 @@ class Attention(nn.Module):
         q_keys = torch.bmm(q, self.key.weight.view(heads, head_dim, context_width))  # (H, B*L, C)
         q_keys = q_keys.view(heads, batch, length, context_width).transpose(0, 1).reshape(batch, heads * length, context_width)
         shift = torch.bmm(q, self.key.bias.view(heads, head_dim, 1)).view(heads, batch, length).transpose(0, 1)
-        return torch.baddbmm(shift.reshape(batch, heads * length, 1), q_keys, tokens.transpose(1, 2)).softmax(dim=-1)
+        scores = torch.baddbmm(shift.reshape(batch, heads * length, 1), q_keys, tokens.transpose(1, 2))
+        return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)  # fp32 softmax, as the eager reference
 
     def _folded_values(self, probs: torch.Tensor, tokens: torch.Tensor, length: int) -> torch.Tensor:
         """(P_h tokens) Wv_h^T for every head, as (B, L, H, Dh) (without the value bias)."""
