@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -89,7 +90,8 @@ def make_loader(
     if progress is not None and progress.epoch != epoch:
         raise DataError(f"the resume position is in epoch {progress.epoch}, not {epoch}; pass it only for the epoch it was saved in")
     generator = torch.Generator().manual_seed(int(rng_for(seed, epoch, rank).integers(2**62)))  # worker seeds
-    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last, generator=generator)
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+                  generator=generator, multiprocessing_context=_worker_start_method(num_workers))
     if isinstance(dataset, ShardDataset):
         streams, after = (progress.streams, progress.last_stream) if progress else (None, None)
         dataset.configure(epoch=epoch, seed=seed, rank=rank, world_size=world_size, resume=streams, after=after)
@@ -97,6 +99,16 @@ def make_loader(
     sampler = ResumableSampler(len(dataset), shuffle=dataset.shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
     sampler.set_epoch(epoch, start=progress.samples if progress else 0)
     return DataLoader(dataset, sampler=sampler, **common)
+
+
+def _worker_start_method(num_workers: int) -> str | None:
+    """How loader workers start: forked on Linux, whoever started this process.
+
+    A process that was itself spawned (`vlbridge compare`'s workers) spawns by default, and a spawned
+    loader worker imports torch and vlbridge and then exits a whole interpreter: seconds for every
+    epoch's loader. Elsewhere torch's default stands (macOS spawns, as fork is unsafe there).
+    """
+    return "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
 
 
 def _at(field: str, function: Any, *args: Any) -> Any:
