@@ -26,13 +26,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config_path: Path, grads: Path, world_size: int = 2, *extra: str) -> list[subprocess.Popen]:
-    """What `torchrun --nproc_per_node 2` does for each worker: env:// rendezvous variables."""
+def launch(config_path: Path, grads: Path, world_size: int = 2, *extra: str, module: str = "tests.test_trainer_samples") -> list[subprocess.Popen]:
+    """What `torchrun --nproc_per_node 2` does for each worker (running `module`): env:// rendezvous variables."""
     port, workers = str(free_port()), []
     for rank in range(world_size):
         env = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-        workers.append(subprocess.Popen([sys.executable, "-m", "tests.test_trainer_samples", str(config_path), str(grads), *extra],
+        workers.append(subprocess.Popen([sys.executable, "-m", module, str(config_path), str(grads), *extra],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return workers
 

@@ -23,6 +23,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="an assembly YAML file or a preset name (see `vlbridge presets`)")
     p.add_argument("--train", metavar="CONFIG.yaml", help="validate a training config instead, and print its trainable "
                                                           "parameters: connector + encoder (unfrozen part) + LoRA")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --train: processes of the memory plan (default 1)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="with --train: device memory (e.g. 40GiB); the plan says what to shard or "
+                                                      "shrink when it does not fit")
+    p.add_argument("--plan-only", action="store_true", help="with --train: print the memory plan from the declarations only "
+                                                          "(torch-free: no weights, no build, no reachability check)")
     p.add_argument("--json", action="store_true", help="print the plan (or the problems) as JSON")
     p.set_defaults(func=cmd_validate)
 
@@ -30,8 +36,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     if (args.assembly is None) == (args.train is None):
         raise VLBridgeError("give an assembly (FILE_OR_PRESET) or --train CONFIG.yaml, exactly one of them")
+    if args.train is None and (args.world_size is not None or args.gpu_memory or args.plan_only):
+        raise VLBridgeError("--world-size, --gpu-memory and --plan-only describe a training run; use them with --train CONFIG.yaml")
     if args.train is not None:
-        return validate_train(args.train, as_json=args.json)
+        sizing = _sizing(args)
+        if args.plan_only:
+            return print_memory_plan(args.train, sizing, as_json=args.json)
+        return validate_train(args.train, as_json=args.json, sizing=sizing)
     try:
         assembly = load_assembly(args.assembly)
     except AssemblyError as exc:
@@ -47,7 +58,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def validate_train(path: str, *, as_json: bool) -> int:
+def _sizing(args: argparse.Namespace) -> tuple[int, int | None]:
+    """(world size, device bytes or None) from the flags, refused with what is accepted."""
+    from vlbridge.train.memory_plan import parse_size
+
+    world = 1 if args.world_size is None else args.world_size
+    if world < 1:
+        raise VLBridgeError(f"--world-size: give a number of processes of 1 or more, got {world}")
+    try:
+        return world, None if args.gpu_memory is None else parse_size(args.gpu_memory)
+    except ValueError as exc:
+        raise VLBridgeError(f"--gpu-memory: {exc}") from None
+
+
+def print_memory_plan(path: str, sizing: tuple[int, int | None], *, as_json: bool) -> int:
+    """--plan-only: the structure checked, the assembly loaded from its declarations, the plan printed."""
+    from vlbridge.train.config import read_config
+    from vlbridge.train.memory_plan import plan_for_config
+
+    config, _ = read_config(path)
+    plan = plan_for_config(config, load_assembly(config.assembly).plan, sizing[0])
+    if as_json:
+        print_json({"memory": plan.to_dict(), **({"fits": plan.total <= sizing[1]} if sizing[1] else {})})
+        return 0
+    print(plan.describe())
+    if sizing[1] is not None:
+        print(f"  {plan.advice(sizing[1])}")
+    return 0
+
+
+def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] = (1, None)) -> int:
     """Check the config, build its model on the CPU with the recipes applied, and print the counts."""
     from vlbridge.train.config import TrainConfigError, check_config, read_config
 
@@ -72,6 +112,12 @@ def validate_train(path: str, *, as_json: bool) -> int:
     print(assembly.plan.describe())
     print(f"  training   stage {config.stage}; {config.finetune.describe()}")
     print(f"  trainable  {notes}")
+    from vlbridge.train.memory_plan import plan_for_config
+
+    memory = plan_for_config(config, assembly.plan, sizing[0])
+    print(memory.describe())
+    if sizing[1] is not None:
+        print(f"  {memory.advice(sizing[1])}")
     print("valid")
     return 0
 

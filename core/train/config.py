@@ -72,6 +72,34 @@ class ScheduleConfig(Section):
     min_lr: float = Field(0.0, ge=0, description="learning rate the cosine decay ends at (LAVIS: 1e-5)")
 
 
+class ParallelConfig(Section):
+    """How several processes share the work (torchrun). ddp: every rank holds the whole model and
+    gradients are all-reduced; fsdp: the frozen parts named in `shard` are split over the ranks per
+    transformer block (FSDP2), so a 7B LLM need not fit one GPU next to the rest."""
+
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (default): a whole model per rank; fsdp: shard the frozen parts in `shard`")
+    shard: list[Literal["llm", "encoder"]] | None = Field(None, description=(
+        "fsdp: the frozen parts to split over the ranks, block by block (null: every one the stage builds; "
+        "what trains stays whole on every rank)"))
+    reshard_after_forward: bool = Field(True, description=(
+        "fsdp: free a block's gathered weights after its forward pass (less memory; gathered again for the backward)"))
+    activation_checkpointing: bool = Field(False, description=(
+        "recompute the frozen LLM's block activations in the backward pass (stage 2 backpropagates through them)"))
+
+    @field_validator("shard")
+    @classmethod
+    def _distinct(cls, shard: list[str] | None) -> list[str] | None:
+        if shard is not None and len(set(shard)) != len(shard):
+            raise ValueError(f"list each part once, got {shard}")
+        return shard
+
+    def parts(self, stage: int) -> list[str]:
+        """The parts fsdp shards in this stage (stage 1 builds no LLM)."""
+        if self.strategy != "fsdp":
+            return []
+        return list(self.shard) if self.shard is not None else (["llm", "encoder"] if stage == 2 else ["encoder"])
+
+
 class TrainConfig(Section):
     """One training run: which model, which stage, which data, how to optimise, where to write.
     Relative paths (assembly, data, init_from, output_dir) are taken from the working directory."""
@@ -104,6 +132,9 @@ class TrainConfig(Section):
     max_nonfinite: int = Field(10, ge=1, description="stop after this many non-finite losses in a row (each one skips its step)")
     drop_last: bool = Field(True, description="drop the last incomplete batch of each epoch (as LAVIS)")
     find_unused_parameters: bool = Field(False, description="DDP: set when some trainable parameters get no gradient (e.g. a loss turned off)")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description=(
+        "several processes: strategy ddp (default) or fsdp (shard the frozen LLM / encoder per block), "
+        "reshard_after_forward, activation_checkpointing of the LLM's blocks"))
     tensorboard: bool = Field(True, description="also write TensorBoard events when torch.utils.tensorboard imports")
     random_weights: bool = Field(False, description=(
         "allow real-size frozen parts without pretrained weights (random on purpose, e.g. to time training); "
@@ -222,6 +253,19 @@ def _field_problems(config: TrainConfig) -> list[str]:
     if config.data.eval is not None:
         problems.extend(data_file_problems(config.data.eval, "data.eval"))
     problems.extend(finetune_problems(config.finetune, stage=config.stage, features=config.data.features))
+    problems.extend(parallel_problems(config))
+    return problems
+
+
+def parallel_problems(config: TrainConfig) -> list[str]:
+    """What the parallel section asks that this stage cannot do."""
+    par, problems = config.parallel, []
+    if par.strategy == "fsdp" and par.shard == []:
+        problems.append("parallel.shard: fsdp needs at least one part to shard (llm, encoder); or use strategy: ddp")
+    if par.strategy == "fsdp" and config.stage == 1 and "llm" in (par.shard or []):
+        problems.append("parallel.shard: stage 1 builds no LLM; shard [encoder] only")
+    if par.activation_checkpointing and config.stage == 1:
+        problems.append("parallel.activation_checkpointing: stage 1 runs no LLM; it checkpoints the LLM's blocks in stage 2")
     return problems
 
 

@@ -90,12 +90,13 @@ class ObjectiveStep(nn.Module):
         return self.objective(self.model, batch)
 
 
-def wrap(model: nn.Module, objective: Any, run: Runtime, find_unused_parameters: bool) -> nn.Module:
-    """ObjectiveStep, in DDP when there are several processes. DDP is told to ignore the frozen
+def wrap(model: nn.Module, objective: Any, run: Runtime, find_unused_parameters: bool, ddp: bool = True) -> nn.Module:
+    """ObjectiveStep, in DDP when there are several processes (and `ddp`; FSDP runs average their
+    gradients themselves). DDP is told to ignore the frozen
     encoder and LLM and every buffer: no start-up broadcast of billions of frozen weights, no
     gradient buckets for them, no buffer sync each step (every rank builds the frozen parts alike)."""
     step = ObjectiveStep(model, objective)
-    if run.world_size == 1:
+    if run.world_size == 1 or not ddp:
         return step
     frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]
     frozen += [f"model.{name}" for name, _ in model.named_buffers()]

@@ -40,10 +40,12 @@ from vlbridge.modeling.factory import load_connector_weights
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.train import checkpointing as ckpt
 from vlbridge.train import distributed
+from vlbridge.train import fsdp
 from vlbridge.train import runtime as rt
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable
 from vlbridge.train.finetune_config import FinetuneConfig
+from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer
@@ -127,7 +129,10 @@ class Trainer:
 
     def run_steps(self, resume: bool, rng_state: dict[str, Any] | None) -> TrainResult:
         """The loop of `fit`, once the model state and the batch stream are in place."""
-        self.objective_step = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters)
+        self.sharded = fsdp.apply_parallel(self.model, self.config.parallel, stage=self.config.stage,
+                                           precision=self.config.precision, world_size=self.where.world_size)
+        self.objective_step = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters,
+                                      ddp=self.sharded is None)
         self.model.train()
         if rng_state is not None:
             ckpt.restore_rng(rng_state)  # last: nothing above may draw from the restored generators
@@ -174,6 +179,8 @@ class Trainer:
             self.backward(loss * weight)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
+        if self.sharded is not None:
+            fsdp.average_gradients(self.model.trainable_parameters())  # what DDP's all-reduce does
         if items is not None:
             sums = self.mean_over_global_items(items, sums)
         if rt.all_finite(finite):
@@ -286,6 +293,7 @@ class Trainer:
         c, plan = self.config, self.model.plan
         batch = c.batch_size * c.grad_accum * self.where.world_size
         start = f"from {resolve_checkpoint(c.init_from, 'init_from').directory}" if c.init_from else "from scratch"
+        self.bar.write(plan_for_config(c, plan, self.where.world_size).describe())  # what each rank was planned to hold
         self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {describe_trainable(self.model, self.recipe.notes)}; "
                        f"{self.total_steps} steps of {batch} samples on {self.where.world_size} x {self.device} ({c.precision}) "
                        f"from step {self.step} -> {self.output_dir}; connector {start}")

@@ -1,0 +1,153 @@
+"""A memory plan before launch: what each rank will hold, from the assembly's declarations (no torch).
+
+Why an estimate from declarations: the point is to know *before* loading 7B weights whether a run
+fits, so nothing is built. Parameter bytes are exact where the plugins declare their counts; what
+is estimated (and says so) is the number of blocks (params / (12 x width^2), the transformer rule)
+and activations: a transformer block stored for backward keeps about 17 values per token and width
+(Korthikanti et al. 2022, without attention scores, which SDPA does not store); with activation
+checkpointing only each block's input is kept, plus one block recomputed at a time. The LLM's output
+logits (batch x tokens x vocabulary) are not counted: the vocabulary is not declared.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlbridge.assemblies.plan import Plan
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+VALUES_PER_TOKEN_WIDTH = 17  # stored activations per block, per token and unit of width
+GATHERED_BLOCKS = 2  # fsdp holds the block it runs and the one it prefetches
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+
+
+@dataclass(frozen=True)
+class Line:
+    """One part of a rank's memory: bytes, and what to do to shrink it."""
+
+    name: str
+    bytes: int | None  # None: not known from the declarations
+    note: str = ""
+    remedy: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-rank bytes for a strategy and world size."""
+
+    strategy: str
+    world_size: int
+    lines: list[Line] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(line.bytes or 0 for line in self.lines)
+
+    def describe(self) -> str:
+        head = (f"memory plan per rank ({self.strategy}, {self.world_size} processes):" if self.world_size > 1
+                else "memory plan (one process):")
+        rows = [f"  {line.name:<22} {_human(line.bytes):>10}  {line.note}".rstrip() for line in self.lines]
+        return "\n".join([head, *rows, f"  {'total':<22} {_human(self.total):>10}"])
+
+    def advice(self, device_bytes: int) -> str:
+        """Whether the plan fits a device of `device_bytes`, and if not, which parts to shard or shrink (largest first)."""
+        if self.total <= device_bytes:
+            return f"fits {_human(device_bytes)} per device ({_human(device_bytes - self.total)} to spare)"
+        over = [line for line in sorted(self.lines, key=lambda line: -(line.bytes or 0)) if line.remedy]
+        steps = "; ".join(f"{line.name} ({_human(line.bytes)}): {line.remedy}" for line in over[:3])
+        return f"does not fit {_human(device_bytes)} per device (needs {_human(self.total)}): {steps}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "world_size": self.world_size, "total": self.total,
+                "lines": [{"name": line.name, "bytes": line.bytes, "note": line.note} for line in self.lines]}
+
+
+def parse_size(text: str) -> int:
+    """'40GiB', '40 GB', '512MiB' or plain bytes -> bytes; anything else is a ValueError saying what is accepted."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write e.g. 40GiB, 80GB or 512MiB")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, world_size: int = 1, strategy: str = "ddp",
+                shard: list[str] | None = None, activation_checkpointing: bool = False) -> MemoryPlan:
+    """Each rank's bytes: frozen parts (sharded or whole), trained parameters, gradients, AdamW state, activations."""
+    shard = list(shard or []) if strategy == "fsdp" and world_size > 1 else []
+    lines = [_frozen("encoder", plan.encoder.params, plan.encoder.options, plan.encoder_out.width, shard, world_size)]
+    if stage == 2 and plan.llm is not None and plan.llm_dims is not None:
+        lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size))
+    trained = plan.trainable_params.get(stage)
+    fp32 = None if trained is None else trained * 4
+    lines += [
+        Line("trained parameters", fp32, f"connector, {_count(trained)} in fp32 (replicated)"),
+        Line("gradients", fp32, "fp32, replicated"),
+        Line("optimizer state", None if fp32 is None else 2 * fp32, "AdamW: two fp32 moments",
+             "lower the connector's size (fewer queries / layers)"),
+        _activations(plan, stage, batch_size, precision, activation_checkpointing),
+    ]
+    return MemoryPlan(strategy if world_size > 1 else "one process", world_size, lines)
+
+
+def plan_for_config(config: Any, plan: Plan, world_size: int) -> MemoryPlan:
+    """The memory plan of a TrainConfig (its stage, batch, precision and parallel section) at `world_size`."""
+    par = config.parallel
+    return memory_plan(plan, stage=config.stage, batch_size=config.batch_size, precision=config.precision,
+                       world_size=world_size, strategy=par.strategy, shard=par.parts(config.stage),
+                       activation_checkpointing=par.activation_checkpointing)
+
+
+def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, shard: list[str], world: int) -> Line:
+    dtype = str(options.get("dtype", "fp32"))
+    if params is None:
+        return Line(f"frozen {name}", None, "parameter count not declared")
+    full = params * DTYPE_BYTES.get(dtype, 4)
+    if name not in shard:
+        remedy = (f"shard it: parallel: {{strategy: fsdp, shard: [{name}]}} (1/{world} of it per rank)" if world > 1
+                  else "launch several processes with parallel.strategy: fsdp to shard it")
+        if dtype == "fp32":
+            remedy += f"; or set the {name}'s dtype option to bf16 (half)"
+        return Line(f"frozen {name}", full, f"{_count(params)} in {dtype}, whole on every rank", remedy)
+    blocks = max(1, round(params / (12 * width * width)))
+    gathered = GATHERED_BLOCKS * full // blocks
+    return Line(f"frozen {name}", full // world + gathered,
+                f"{_count(params)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
+                "more processes (a smaller shard)")
+
+
+def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool) -> Line:
+    elem = DTYPE_BYTES.get(precision, 4)
+    if stage == 2 and plan.llm is not None and plan.llm_dims is not None and plan.total_tokens is not None and plan.llm.params:
+        width, tokens = plan.llm_dims.embed_width, plan.total_tokens
+        blocks = max(1, round(plan.llm.params / (12 * width * width)))
+        per_block = batch * tokens * width * VALUES_PER_TOKEN_WIDTH * elem
+        stored = blocks * batch * tokens * width * elem + per_block if checkpointed else blocks * per_block
+        how = "block inputs + one block (checkpointed)" if checkpointed else f"~{blocks} LLM blocks stored for backward"
+        return Line("activations", stored, f"estimate: batch {batch} x {tokens} tokens x {width} wide, {precision}; {how}",
+                    "lower batch_size (raise grad_accum)" + ("" if checkpointed else "; or parallel.activation_checkpointing: true"))
+    width, tokens = plan.encoder_out.width, plan.encoder_out.num_tokens
+    stored = batch * tokens * width * VALUES_PER_TOKEN_WIDTH * elem
+    return Line("activations", stored, f"estimate: one encoder block's at batch {batch} x {tokens} tokens (the connector's are small)",
+                "lower batch_size (raise grad_accum)")
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "? params"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit} params"
+    return f"{n} params"
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,104 @@
+"""The memory plan (vlbridge.train.memory_plan): printed for every preset, torch-free, sharding
+divides the frozen parts, advice names what to shard or shrink, and its exact lines (parameters,
+gradients, optimizer state) equal what a tiny run really allocates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vlbridge.assemblies.assembly import load_assembly
+from vlbridge.plugin.resources import presets as registry_presets
+from vlbridge.train.memory_plan import memory_plan, parse_size
+
+
+def presets() -> list[str]:
+    return sorted(registry_presets())
+
+
+@pytest.mark.parametrize("name", presets())
+def test_the_plan_prints_for_every_preset(name):
+    plan = load_assembly(name).plan
+    for stage in plan.stages:
+        text = memory_plan(plan, stage=stage, batch_size=4, precision="bf16", world_size=8, strategy="fsdp",
+                           shard=["llm", "encoder"] if stage == 2 else ["encoder"]).describe()
+        assert text.startswith("memory plan per rank (fsdp, 8 processes):") and "total" in text
+
+
+def test_fsdp_divides_the_frozen_parts_and_the_advice_names_what_to_shard():
+    plan = load_assembly("blip2-opt-6.7b").plan
+    one = memory_plan(plan, stage=2, batch_size=8, precision="bf16")
+    eight = memory_plan(plan, stage=2, batch_size=8, precision="bf16", world_size=8, strategy="fsdp", shard=["llm", "encoder"])
+    llm_one, llm_eight = (next(line.bytes for line in p.lines if line.name == "frozen llm") for p in (one, eight))
+    assert llm_one == plan.llm.params * 2  # fp16 weights, whole
+    assert llm_one / 8 < llm_eight < llm_one / 4  # a shard plus the gathered blocks
+    ddp = memory_plan(plan, stage=2, batch_size=8, precision="bf16", world_size=8)
+    advice = ddp.advice(parse_size("16GiB"))
+    assert advice.startswith("does not fit 16.0 GiB") and "parallel: {strategy: fsdp, shard: [llm]}" in advice
+    assert eight.advice(parse_size("40GiB")).startswith("fits 40.0 GiB")
+
+
+def test_sizes_parse_or_say_what_is_accepted():
+    assert parse_size("40GiB") == 40 * 2**30 and parse_size("80 GB") == 80 * 10**9 and parse_size("1024") == 1024
+    with pytest.raises(ValueError, match="write e.g. 40GiB"):
+        parse_size("forty")
+
+
+def test_the_plan_imports_no_torch():
+    code = "import sys, vlbridge.train.memory_plan; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validate_prints_the_plan_and_refuses_bad_sizes(tmp_path, capsys):
+    from vlbridge.cli.main import main
+
+    path = tmp_path / "train.yaml"
+    path.write_text("assembly: blip2-opt-6.7b\nstage: 2\ndata: {train: {format: jsonl, paths: [t.jsonl]}}\nbatch_size: 8\n"
+                    "steps: 10\noutput_dir: out\nprecision: bf16\nparallel: {strategy: fsdp}\n", encoding="utf-8")
+    assert main(["validate", "--train", str(path), "--plan-only", "--world-size", "8", "--gpu-memory", "40GiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan per rank (fsdp, 8 processes):") and "fits 40.0 GiB per device" in out
+    assert main(["validate", "--train", str(path), "--plan-only", "--gpu-memory", "8GiB"]) == 0
+    assert "does not fit 8.0 GiB per device" in capsys.readouterr().out
+    assert main(["validate", "--train", str(path), "--plan-only", "--gpu-memory", "forty"]) == 2
+    assert "--gpu-memory: 'forty' is not a size; write e.g. 40GiB" in capsys.readouterr().err
+
+
+def test_exact_lines_equal_a_tiny_runs_tensors(tmp_path, one_torch_thread, capfd):
+    """Parameters, gradients and AdamW state after one step of tiny-mlp-opt stage 2 in one process,
+    against the plan: the trained lines are exact; the frozen lines are exact where the plugin's count is."""
+    import torch
+
+    from tests.test_trainer_samples import config, write_caption_data
+    from vlbridge.train.config import check_config, read_config
+    from vlbridge.train.trainer import build_model, train
+
+    data = write_caption_data(tmp_path / "data", images=8)
+    cfg, label = read_config(config(data, tmp_path / "out", assembly="tiny-mlp-opt", stage=2, steps=1,
+                                                          schedule={}, batch_size=4))
+    assembly = check_config(cfg, label)
+    captured = {}
+    step = torch.optim.AdamW.step
+
+    def capture(optimizer, *args, **kwargs):
+        out = step(optimizer, *args, **kwargs)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        captured["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        captured["state"] = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                                if torch.is_tensor(t) and t.dim() > 0)
+        return out
+
+    torch.optim.AdamW.step = capture
+    try:
+        train(cfg, assembly)
+    finally:
+        torch.optim.AdamW.step = step
+    assert "memory plan (one process):" in capfd.readouterr().err  # the trainer prints the plan first
+    planned = {line.name: line.bytes for line in memory_plan(assembly.plan, stage=2, batch_size=4, precision="fp32").lines}
+    assert planned["gradients"] == captured["grads"]
+    assert planned["optimizer state"] == captured["state"]
+    model, _ = build_model(cfg, assembly, torch.device("cpu"))
+    assert planned["frozen llm"] == sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    assert planned["frozen encoder"] == sum(p.numel() * p.element_size() for p in model.encoder.parameters())

@@ -1,0 +1,167 @@
+"""FSDP2 (parallel.strategy: fsdp) on CPU with gloo: two processes that shard the frozen LLM and
+encoder train exactly as one process on the same global batch (stage 2, OPT-like and T5-like), each
+rank holds about half of the LLM's parameter bytes, the checkpoints are one-process checkpoints
+both ways (init_from a one-process checkpoint; vlbridge.load of the FSDP one), and resuming under
+FSDP continues the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_trainer_ddp import launch
+from tests.test_trainer_samples import config, read_metrics, recording_gradients, write_caption_data, write_config
+
+STEPS = 4
+T5_ASSEMBLY = {"name": "tiny-mlp-t5", "encoder": {"use": "clip-vit-l", "options": {"variant": "tiny", "include_cls": False}},
+               "connector": {"use": "mlp"}, "llm": {"use": "flan-t5", "options": {"variant": "tiny"}}}
+FSDP = {"strategy": "fsdp", "shard": ["llm", "encoder"]}
+
+
+def stage2_config(data: Path, output_dir: Path, assembly, **overrides) -> dict:
+    """Stage 2 of an MLP projector (no dropout) on solid images: 1 and 2 processes compute the same numbers."""
+    return config(data, output_dir, **{"assembly": assembly, "stage": 2, "log_every": 1, **overrides})
+
+
+def fsdp_config(data: Path, output_dir: Path, assembly, **overrides) -> dict:
+    return stage2_config(data, output_dir, assembly, steps=STEPS, save_every=2, **overrides)
+
+
+def run_two(config_path: Path, grads: Path) -> None:
+    workers = launch(config_path, grads, 2, module="tests.test_trainer_fsdp")
+    outputs = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err
+
+
+def connector_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    import vlbridge
+
+    return {k: v.detach() for k, v in vlbridge.load(checkpoint).connector.state_dict().items()}
+
+
+@pytest.mark.parametrize("assembly", ["tiny-mlp-opt", T5_ASSEMBLY], ids=["opt", "t5"])
+def test_fsdp_two_processes_match_one_and_share_the_llm(tmp_path, assembly, one_torch_thread):
+    import vlbridge.train
+
+    # T5 trains as a prefix LM whose split point is drawn per rank: only 3-word captions (one possible
+    # split) give 1 and 2 processes the same targets; OPT gets captions of unequal lengths
+    data = write_caption_data(tmp_path / "data", uneven=assembly == "tiny-mlp-opt")
+    for name in ("grads1", "grads2"):
+        (tmp_path / name).mkdir()
+    # a one-process checkpoint to start both runs from: it must load under FSDP
+    start = vlbridge.train.run(stage2_config(data, tmp_path / "start", assembly, steps=1, batch_size=8, schedule={})).checkpoint
+    two = write_config(tmp_path / "two.yaml", fsdp_config(data, tmp_path / "two", assembly, batch_size=4, init_from=str(start),
+                                                          parallel=FSDP))
+    run_two(two, tmp_path / "grads2")
+    with recording_gradients(tmp_path / "grads1"):
+        vlbridge.train.run(fsdp_config(data, tmp_path / "one", assembly, batch_size=8, init_from=str(start)))
+
+    a_metrics, b_metrics = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a_metrics) == len(b_metrics) == STEPS
+    for a, b in zip(a_metrics, b_metrics):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    for step in range(1, STEPS + 1):
+        reference = torch.load(tmp_path / "grads1" / f"rank0-step{step}.pt", weights_only=True)
+        rank0, rank1 = (torch.load(tmp_path / "grads2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(x, y) for x, y in zip(rank0, rank1))  # averaged: the same on every rank
+        for x, y in zip(reference, rank0):  # fp32: a batch of 8 and two of 4 sum in another order
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    # the FSDP checkpoint is a one-process checkpoint: vlbridge.load reads it, with the same weights
+    one, fsdp = (connector_of(tmp_path / run / "checkpoints" / f"step-{STEPS}") for run in ("one", "two"))
+    assert one.keys() == fsdp.keys()
+    for key in one:
+        torch.testing.assert_close(fsdp[key], one[key], rtol=1e-4, atol=1e-5)
+
+    shares = [json.loads((tmp_path / "grads2" / f"rank{r}-shards.json").read_text()) for r in (0, 1)]
+    full = shares[0]["llm_full"]
+    for share in shares:
+        assert share["llm_local"] == pytest.approx(full / 2, rel=0.05), share  # each rank holds about half
+        assert share["blocks"]["llm"] > 1 and share["blocks"]["encoder"] >= 1  # sharded block by block (found, not whole)
+
+
+def test_fsdp_resume_continues_the_uninterrupted_run(tmp_path):
+    data = write_caption_data(tmp_path / "data", uneven=True)
+    (tmp_path / "grads").mkdir()
+    settings = dict(batch_size=4, parallel=FSDP)
+    run_two(write_config(tmp_path / "full.yaml", fsdp_config(data, tmp_path / "full", "tiny-mlp-opt", **settings)),
+            tmp_path / "grads")
+    # the same run killed after step 2: its output as it was then
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{STEPS}")
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-2\n")
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2))
+    run_two(write_config(tmp_path / "cut.yaml", fsdp_config(data, tmp_path / "cut", "tiny-mlp-opt", **settings)),
+            tmp_path / "grads")
+    assert without_speed(tmp_path / "cut") == without_speed(tmp_path / "full")
+    full, cut = (connector_of(tmp_path / run / "checkpoints" / f"step-{STEPS}") for run in ("full", "cut"))
+    for key in full:
+        assert torch.equal(cut[key], full[key]), key
+
+
+def without_speed(output_dir: Path) -> list[dict]:
+    """The metrics lines without the throughput each one measures."""
+    return [{k: v for k, v in m.items() if k != "images_per_s"} for m in read_metrics(output_dir)]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.test_trainer_fsdp CONFIG.yaml OUT_DIR [--resume]` (one rank): train with the
+    config's objective recording gradients, and write this rank's share of the LLM's bytes."""
+    import vlbridge.train
+    from vlbridge.train import distributed, fsdp
+
+    torch.set_num_threads(1)
+    shard_model, seen = fsdp.shard_model, {}
+
+    def recording_shard_model(model, parts, **kwargs):
+        seen["llm_full"] = fsdp.local_bytes(model.llm)
+        done = shard_model(model, parts, **kwargs)
+        seen["llm_local"] = fsdp.local_bytes(model.llm)
+        seen["blocks"] = {part.name: part.blocks for part in done}
+        seen["rank"] = distributed.rank()
+        return done
+
+    fsdp.shard_model = recording_shard_model
+    out = Path(argv[1])
+    with recording_gradients(out):
+        vlbridge.train.run(argv[0], resume=True)
+    if seen:  # fsdp sharded something
+        (out / f"rank{seen['rank']}-shards.json").write_text(json.dumps(seen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+def test_parallel_section_is_checked_with_its_yaml_path(tmp_path):
+    from vlbridge.train.config import TrainConfigError, check_config, read_config
+
+    data = write_caption_data(tmp_path / "data", images=4)
+    stage1 = config(data, tmp_path / "out", parallel={"strategy": "fsdp", "shard": ["llm"], "activation_checkpointing": True})
+    with pytest.raises(TrainConfigError) as caught:
+        check_config(*read_config(stage1))
+    assert caught.value.problems == ["parallel.shard: stage 1 builds no LLM; shard [encoder] only",
+                                     "parallel.activation_checkpointing: stage 1 runs no LLM; it checkpoints the LLM's blocks in stage 2"]
+    with pytest.raises(TrainConfigError, match="parallel.strategy"):
+        read_config(config(data, tmp_path / "out", parallel={"strategy": "zero3"}))
+    default, _ = read_config(config(data, tmp_path / "out"))
+    assert default.parallel.strategy == "ddp" and default.parallel.parts(1) == []
+    assert read_config(config(data, tmp_path / "out", parallel={"strategy": "fsdp"}))[0].parallel.parts(2) == ["llm", "encoder"]
+
+
+def test_blocks_are_found_generically_or_the_part_is_whole():
+    from torch import nn
+
+    from vlbridge.train import fsdp
+
+    assert fsdp.find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == ([], "whole")
+    encoder_like = nn.Module()
+    encoder_like.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    assert fsdp.find_blocks(encoder_like) == (list(encoder_like.blocks), "finetune_blocks")
