@@ -9,6 +9,8 @@ and compared with SDPA: max abs difference of outputs and of all parameter gradi
 to SDPA's largest gradient). Then the median time of a forward (no_grad) and of a forward+backward
 of the query path (train mode), and peak CUDA memory. Without CUDA it says so and exits 0.
 Exits 1 if xformers fails or differs from SDPA beyond bf16 tolerance.
+With 2 or more GPUs it also trains tiny-mlp-opt stage 2 under FSDP2 (parallel.strategy: fsdp, bf16,
+torchrun --nproc_per_node 2, NCCL) for 4 steps and exits 1 if that run fails or logs a non-finite loss.
 `--device cpu --variant tiny` dry-runs the script itself on a CPU (xformers then shows as failed).
 """
 
@@ -150,6 +152,29 @@ def xformers_ok(report: dict) -> bool:
     return "error" not in entry and bool(rel) and max(rel) < REL_TOLERANCE
 
 
+def fsdp_case() -> dict:
+    """Two GPUs, FSDP2 on the frozen LLM and encoder: the trainer end to end under torchrun (NCCL)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from tests.test_trainer_samples import config, read_metrics, write_caption_data
+
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU(s); FSDP needs 2"}
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_fsdp_"))
+    values = config(write_caption_data(root / "data"), root / "run", assembly="tiny-mlp-opt", stage=2, steps=4, log_every=1,
+                    schedule={}, precision="bf16", device="cuda", parallel={"strategy": "fsdp"})
+    (root / "train.yaml").write_text(yaml.safe_dump(values), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlbridge", "train",
+                           str(root / "train.yaml")], capture_output=True, text=True)
+    losses = [m["loss"] for m in read_metrics(root / "run")] if done.returncode == 0 else []
+    ok = done.returncode == 0 and len(losses) == 4 and all(loss == loss and abs(loss) != float("inf") for loss in losses)
+    return {"ok": ok, "losses": losses, **({} if ok else {"stderr": done.stderr[-2000:]})}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -163,12 +188,14 @@ def main() -> int:
         return 0
     report = run(args.batch, args.reps, args.variant, args.device)
     report["xformers_matches_sdpa"] = xformers_ok(report)
+    report["fsdp"] = fsdp_case()
     print_table(report)
     print(f"xformers matches SDPA within {REL_TOLERANCE:g} (relative): {report['xformers_matches_sdpa']}")
+    print(f"fsdp on 2 GPUs: {report['fsdp']}")
     if args.out:
         with open(args.out, "w") as out:
             json.dump(report, out, indent=2)
-    return 0 if report["xformers_matches_sdpa"] else 1
+    return 0 if report["xformers_matches_sdpa"] and report["fsdp"].get("ok", True) else 1
 
 
 if __name__ == "__main__":
