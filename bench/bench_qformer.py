@@ -6,7 +6,9 @@ Both sides run BLIP-2's stage-2 connector: ln_vision (transformers: vision_model
 a (B, 257, 1408) encoder output, the Q-Former over 32 learned queries (base: 768 wide, 12 layers,
 cross-attention every 2nd), and the projection to OPT-2.7b's width 2560 (language_projection).
 Weights come from one seeded vlbridge build, converted with `qformer_convert.to_transformers`;
-outputs are checked equal before timing. Our side runs as in stage 2, after `drop_text_side()`
+the largest output difference is printed before timing (2e-6 since our forward folds the
+cross-attention's key/value weights into the queries: the same math, summed in another order).
+Our side runs as in stage 2, after `drop_text_side()`
 (a full stage-1 Q-Former also holds the text side: about 80M more parameters).
 
 Time: `--reps` interleaved repetitions (after one warm-up) of a forward (eval, no_grad) and of a
@@ -190,6 +192,11 @@ def report(batch: int, reps: int, result: dict, memory: dict[str, dict[str, floa
         "|---|---|---|---|",
     ]
     lines += [f"| {name} | {a:.3f} | {b:.3f} | {a / b:.3f} |" for name, a, b in rows]
+    lines += ["", "Per-repetition ratios (each of ours over the transformers run right after it): median [min - max]", ""]
+    for mode in ("forward", "train_step"):
+        for key in ("cpu_s", "wall_s"):
+            ratios = sorted(a / b for a, b in zip(result[key][f"ours_{mode}"], result[key][f"transformers_{mode}"]))
+            lines.append(f"- {mode}, {key}: {statistics.median(ratios):.3f} [{ratios[0]:.3f} - {ratios[-1]:.3f}]")
     return "\n".join(lines)
 
 
