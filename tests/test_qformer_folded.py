@@ -35,6 +35,8 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def test_folding_pays_at_blip2_size_and_not_for_few_tokens():
     assert folding_pays(32, 257, 768, 12)  # BLIP-2: 32 queries over EVA's 257 tokens
     assert not folding_pays(8, 5, 64, 4)  # more queries than the tokens' projection costs
+    assert not folding_pays(8, 17, 64, 4)  # the tiny presets: 3% fewer multiply-adds do not pay for the extra kernels
+    assert folding_pays(8, 65, 128, 4)  # the world demo's 8-query Q-Former: 63% fewer
     assert folding_pays(L, N, W, HEADS)  # this file's shapes exercise the folded path
 
 
