@@ -5,7 +5,8 @@
 Q-Former base (768 wide, 12 layers, 32 queries) on a (B, 257, 1408) encoder output in bf16.
 For each backend (xformers, sdpa, eager): the query path (no mask, stage 2) and the ITG pass
 (multimodal-causal mask with text padding, the tensor-bias path of xformers) are run in eval mode
-and compared with SDPA: max abs difference of outputs and of all parameter gradients (also relative
+and compared with SDPA (the query path's cross-attention reads the image folded, `attend_folded`,
+with plain batched matmuls: there the backends differ in the self-attention only): max abs difference of outputs and of all parameter gradients (also relative
 to SDPA's largest gradient). Then the median time of a forward (no_grad) and of a forward+backward
 of the query path (train mode), and peak CUDA memory. Without CUDA it says so and exits 0.
 Exits 1 if xformers fails or differs from SDPA beyond bf16 tolerance.
