@@ -161,10 +161,11 @@ def fsdp_case() -> dict:
 
     import yaml
 
-    from tests.test_trainer_samples import config, read_metrics, write_caption_data
-
     if torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s); FSDP needs 2"}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, bench/ is on the path, not the root
+    from tests.test_trainer_samples import config, read_metrics, write_caption_data
+
     root = Path(tempfile.mkdtemp(prefix="gpu_check_fsdp_"))
     values = config(write_caption_data(root / "data"), root / "run", assembly="tiny-mlp-opt", stage=2, steps=4, log_every=1,
                     schedule={}, precision="bf16", device="cuda", parallel={"strategy": "fsdp"})
