@@ -94,3 +94,28 @@ def test_stage1_parts_quick_end_to_end(tmp_path: Path):
     with safe_open(str(tmp_path / "qformer-8q" / "connector.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys() if f.get_tensor(k).is_floating_point()} == {"torch.float16"}
     assert json.loads((tmp_path / "qformer-8q" / "checkpoint.json").read_text())["relative_paths"]
+
+
+def test_a_stage2_run_with_another_llm_starts_from_the_shipped_stage1():
+    """BLIP-2's FlanT5 rows start from the same stage-1 checkpoint as its OPT rows: the stage-1 tensors
+    load, the projection into the other LLM's width (never trained in stage 1) is this run's to train;
+    a tensor stage 1 did train must still match exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    import vlbridge
+    from vlbridge.assemblies.assembly import load_assembly
+    from vlbridge.modeling.connector_protocol import absent_tensors
+
+    raw = load_assembly("world-qformer-flan-t5").config.model_dump(mode="json")
+    raw["connector"]["options"]["num_query_tokens"] = 32
+    checkpoint = stage1_checkpoint(32)
+    model = vlbridge.build(raw, stage=2, weights=checkpoint)
+    saved = load_file(str(checkpoint / "connector.safetensors"))
+    assert saved["proj.weight"].shape != model.connector.proj.weight.shape  # OPT's width in the file
+    assert sorted(absent_tensors(model.connector)) == ["proj.bias", "proj.weight"]
+    own = model.connector.state_dict()
+    assert all(torch.equal(saved[name].to(own[name].dtype), own[name]) for name in saved if not name.startswith("proj."))
+    raw["connector"]["options"]["num_query_tokens"] = 16
+    with pytest.raises(WeightsError, match="query_tokens"):
+        vlbridge.build(raw, stage=2, weights=checkpoint)

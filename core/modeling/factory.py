@@ -14,7 +14,7 @@ from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.files.checkpoint import WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
-from vlbridge.files.weights import load_subset
+from vlbridge.files.weights import StateDict, load_subset
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.parts.hf_quiet import quiet_hf
@@ -131,10 +131,24 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
     who = describe(model.plan.connector)
     trained = trainable_names(model.connector, stage, model.stage, who)
     expected = {n for n in trained - set(absent) if not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
+    tensors = _without_untrained_misfits(model, tensors, trained)
     left = load_subset(model.connector, tensors, str(path), expected)
     stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
     set_absent(model.connector, {name: Absence(source, stages[name]) for name in left}, who)
     return left
+
+
+def _without_untrained_misfits(model: VLBridgeModel, tensors: StateDict, trained: set[str]) -> StateDict:
+    """Drop the tensors the checkpoint's own stage never trained whose shape differs from this model's.
+
+    A stage-1 checkpoint carries the connector's projection into its assembly's LLM as built (seeded,
+    never trained: stage 1 has no LLM). A stage-2 run that starts from it with another LLM (the demo's
+    --llm flan-t5 from the OPT-assembly stage-1 Q-Formers, BLIP-2's own FlanT5 rows from its pretrain
+    checkpoint) needs a projection of another width, trained from its own init; a tensor the
+    checkpoint's stage did train must still match exactly (load_subset says so)."""
+    own = model.connector.state_dict()
+    return {name: tensor for name, tensor in tensors.items()
+            if name in trained or name not in own or tuple(tensor.shape) == tuple(own[name].shape)}
 
 
 @quiet_hf()  # transformers' load bars are not vlbridge's output; the caller's settings come back
