@@ -79,3 +79,26 @@ def test_rng_states_round_trip_through_weights_only(tmp_path):
     restore_rng(torch.load(path, weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_lr_scales_give_a_name_prefix_its_own_peak(stage1_qformer):
+    """Issue 20: stage 2 may train the Q-Former body slower than the rest (keep stage 1's features)."""
+    config = OptimizerConfig(lr=1e-3, lr_scales={"connector.layers": 0.1, "connector.layers.0": 0.5})
+    optimizer = build_optimizer(stage1_qformer, config)
+    schedule = WarmupCosine(optimizer, lr=1e-3, total_steps=10, schedule=ScheduleConfig())
+    names = {id(p): n for n, p in stage1_qformer.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    body = [n for n in lr_of if n.startswith("connector.layers.") and not n.startswith("connector.layers.0.")]
+    assert body and all(lr_of[n] == pytest.approx(1e-4) for n in body)
+    assert all(lr_of[n] == pytest.approx(5e-4) for n in lr_of if n.startswith("connector.layers.0."))  # longest prefix
+    assert lr_of["connector.query_tokens"] == pytest.approx(1e-3)  # outside every prefix: the peak
+    assert len(lr_of) == len(stage1_qformer.trainable_parameters())
+    schedule.step()
+    assert schedule.lr > 0
+
+
+def test_lr_scales_name_what_is_wrong(stage1_qformer):
+    with pytest.raises(vlbridge.VLBridgeError, match=r"optimizer.lr_scales: 'connector.nothing' .*trainable"):
+        build_optimizer(stage1_qformer, OptimizerConfig(lr_scales={"connector.nothing": 0.1}))
+    with pytest.raises(ValueError, match="above 0"):
+        OptimizerConfig(lr_scales={"connector.layers": 0.0})

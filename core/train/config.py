@@ -55,6 +55,9 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas (BLIP-2 paper: 0.9, 0.98; LAVIS yaml: 0.9, 0.999)")
     weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay on matrices and embeddings (BLIP-2: 0.05)")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    lr_scales: dict[str, float] = Field(default_factory=dict, description=(
+        "peak-lr multipliers by trainable parameter name prefix, e.g. {connector.layers: 0.1} trains the Q-Former body "
+        "at a tenth of lr while its projection keeps lr (a stage-1 start kept, not overwritten); the longest prefix wins"))
 
     @field_validator("betas")
     @classmethod
@@ -62,6 +65,14 @@ class OptimizerConfig(Section):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
         return betas
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _scales_positive(cls, scales: dict[str, float]) -> dict[str, float]:
+        bad = {prefix: scale for prefix, scale in scales.items() if not scale > 0}
+        if bad:
+            raise ValueError(f"each lr scale must be above 0 (a frozen part is frozen by the stage, not by lr), got {bad}")
+        return scales
 
 
 class ScheduleConfig(Section):

@@ -44,9 +44,26 @@ def parameter_groups(model: nn.Module, weight_decay: float,
     return list(groups.values())
 
 
+def prefix_lr_groups(model: nn.Module, scales: Mapping[str, float]) -> dict[int, tuple[str, float]]:
+    """`optimizer.lr_scales` as parameter-id groups: each trainable parameter under a prefix (at a dot
+    boundary) gets the longest such prefix's scale. A prefix that matches nothing is a typo: an error."""
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    groups: dict[int, tuple[str, float]] = {}
+    for prefix in sorted(scales, key=len):  # longer prefixes later, so they win
+        matched = [param for name, param in trainable if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            tops = sorted({".".join(name.split(".")[:2]) for name, _ in trainable})
+            raise VLBridgeError(f"optimizer.lr_scales: {prefix!r} names no trainable parameter of this stage; "
+                                f"trainable ones start with {tops}")
+        groups.update({id(param): (prefix, scales[prefix]) for param in matched})
+    return groups
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig,
                     lr_groups: Mapping[int, tuple[str, float]] | None = None) -> torch.optim.AdamW:
-    """AdamW over `model`'s trainable parameters; empty groups are dropped (a connector of only matrices)."""
+    """AdamW over `model`'s trainable parameters; empty groups are dropped (a connector of only matrices).
+    `lr_groups` (fine-tuning recipes) win over `config.lr_scales` for the parameters they name."""
+    lr_groups = {**prefix_lr_groups(model, config.lr_scales), **(lr_groups or {})}
     groups = [g for g in parameter_groups(model, config.weight_decay, lr_groups) if g["params"]]
     if not groups:
         raise VLBridgeError("the model has no trainable parameters; check the stage and the connector")
