@@ -37,8 +37,11 @@ def build_dataset(
     text = TextOptions(clean=config.clean_text, max_words=config.max_words)
     shuffle = config.shuffle if config.shuffle is not None else train
     if config.format == "webdataset":
+        if config.resample and not train:
+            raise DataError(f"{where}.resample: a resampled stream never ends and repeats shards; evaluate with resample: false")
         shards = [shard for i, entry in enumerate(config.paths) for shard in _at(f"{where}.paths[{i}]", expand_shards, entry)]
-        return ShardDataset(shards, transform, text=text, strict=config.strict, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer)
+        return ShardDataset(shards, transform, text=text, strict=config.strict, shuffle=shuffle,
+                            shuffle_buffer=config.shuffle_buffer, resample=config.resample)
     records = read_records(config, train, where=where)
     return RecordDataset(records, transform, text=text, strict=config.strict, shuffle=shuffle)
 

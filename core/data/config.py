@@ -35,6 +35,10 @@ class DataConfig(BaseModel):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
     shuffle: bool | None = Field(None, description="shuffle each epoch (seeded); default: when training")
     shuffle_buffer: int = Field(1000, ge=0, description="webdataset: samples held to shuffle within shards (0: shards only)")
+    resample: bool = Field(False, description=(
+        "webdataset, training: draw shards with replacement, seeded per rank and worker, without end (the run stops on steps); "
+        "ranks are not given disjoint shards"
+    ))
     limit: int | None = Field(None, ge=1, description="use only the first N samples (images, when evaluating captions); not for webdataset")
 
     @field_validator("paths", "vqa_annotations", mode="before")
@@ -69,6 +73,8 @@ class DataConfig(BaseModel):
             found.append(("image_root", "not used by format 'webdataset' (the images are inside the shards)"))
         if self.format == "webdataset" and self.limit is not None:
             found.append(("limit", "not supported for webdataset; list fewer shards instead"))
+        if self.format != "webdataset" and self.resample:
+            found.append(("resample", f"only used by format 'webdataset', not {self.format!r}"))
         if self.format != "webdataset" and self._chosen("shuffle_buffer"):
             found.append(("shuffle_buffer", f"only used by format 'webdataset', not {self.format!r}"))
         return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -107,15 +108,19 @@ class ShardDataset(IterableDataset):
     `configure(resume={key: position}, after=key)` re-reads each stream, skips what was consumed
     before decoding, and rotates roles so that the stream after `after` comes first, as it would
     have in the interrupted run. The worker count must match the run that saved the positions.
+
+    `resample=True` replaces the split of the shard list by webdataset's `ResampledShards`: each
+    stream draws shards with replacement, without end, from an rng fixed by (seed, epoch, rank,
+    role), so a stream is still a function of those alone and resumes exactly the same way.
     """
 
     def __init__(
         self, shards: str | Sequence[str], transform: Transform, *, text: TextOptions = TextOptions(),
-        strict: bool = False, shuffle: bool = False, shuffle_buffer: int = 1000,
+        strict: bool = False, shuffle: bool = False, shuffle_buffer: int = 1000, resample: bool = False,
     ):
         self.shards = expand_shards(shards)
         self.transform, self.text, self.strict = transform, text, strict
-        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.shuffle, self.shuffle_buffer, self.resample = shuffle, shuffle_buffer, resample
         self.configure()
 
     def configure(
@@ -125,7 +130,7 @@ class ShardDataset(IterableDataset):
         """Set the epoch, seed, this process's rank and the resume point; call before iterating."""
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside 0 .. world_size - 1 = {world_size - 1}")
-        if len(self.shards) < world_size:  # found here, in the main process, rather than in a worker
+        if len(self.shards) < world_size and not self.resample:  # found here, in the main process, rather than in a worker
             raise DataError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs at least one shard")
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.resume, self.after = dict(resume or {}), after
@@ -135,7 +140,7 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         role = (worker + self._rotation(workers)) % workers
         key = stream_key(role, workers)
-        shards = assign_shards(
+        shards = resampled_shards(self.shards, rng_for(self.seed, self.epoch, self.rank, role)) if self.resample else assign_shards(
             self.shards, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
             rank=self.rank, world_size=self.world_size, worker=role, num_workers=workers,
         )
@@ -167,6 +172,19 @@ class ShardDataset(IterableDataset):
                 "resume with the same num_workers, or start the epoch over"
             )
         return (int(self.after.split("/")[0]) + 1) % workers if self.after else 0
+
+
+def resampled_shards(shards: Sequence[str], rng: np.random.Generator) -> Iterator[str]:
+    """An endless draw of shards with replacement (webdataset's ResampledShards), seeded by `rng` alone.
+
+    deterministic=True with a constant worker seed: the draw must not depend on the process id,
+    the clock, or torch's worker info, only on the (seed, epoch, rank, role) behind `rng`.
+    """
+    from webdataset import ResampledShards
+
+    seed = int(rng.integers(2**31))
+    for source in ResampledShards(list(shards), seed=seed, worker_seed=lambda: 0, deterministic=True):
+        yield source["url"]
 
 
 def stream_key(worker: int, num_workers: int) -> str:

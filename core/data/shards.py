@@ -1,9 +1,11 @@
 """WebDataset tar shards as img2dataset writes them: `KEY.jpg` + `KEY.txt` + `KEY.json` per sample.
 
-Shards are streamed with the standard library's `tarfile` (nothing is extracted to disk). A sample
-is the run of consecutive members sharing a key (the name up to its first dot, folders included);
-the caption is `KEY.txt`, else the "caption" of `KEY.json` (what LAVIS reads). Samples without an
-image or a caption, and shards that break off, come out as `Skipped` so they can be counted.
+Shards are read by the `webdataset` library (the field's reader: local paths, `pipe:` commands and
+URLs it can open; nothing is extracted to disk). A sample is the run of consecutive members sharing
+a key (the name up to its first dot, folders included); the caption is `KEY.txt`, else the "caption"
+of `KEY.json` (what LAVIS reads). Samples without an image or a caption, and shards that break off,
+come out as `Skipped` so they can be counted. `webdataset` imports torch, so it is imported only
+when a shard is read: listing and validating shards stays torch-free.
 """
 
 from __future__ import annotations
@@ -13,51 +15,51 @@ import json
 import os
 import re
 import tarfile
-import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
+
+from braceexpand import braceexpand
 
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_BRACE_RE = re.compile(r"\{([^{}]*)\}")
-_RANGE_RE = re.compile(r"(\d+)\.\.(\d+)")
-_MEMBER_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_BACKWARDS_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_URL_RE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]+://)")  # two letters at least: "C:/x.tar" is a path
 _GLOB_RE = re.compile(r"[*?\[]")
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`shard-{00000..00002}.tar` -> three names (the width of the first bound is kept); `{a,b}` -> two."""
-    match = _BRACE_RE.search(pattern)
-    if match is None:
-        return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
-    bounds = _RANGE_RE.fullmatch(body)
-    if bounds:
-        low, high = bounds.groups()
+    """`shard-{00000..00002}.tar` -> three names (zero-padded as written); `{a,b}` -> two (webdataset's braceexpand).
+
+    A backwards range is refused: braceexpand would count down, which a typo rarely means.
+    """
+    for low, high in _BACKWARDS_RE.findall(pattern):
         if int(high) < int(low):
-            raise DataError(f"shard pattern {pattern!r}: range {{{body}}} runs backwards; write {{{high}..{low}}}")
-        options = [str(n).zfill(len(low)) for n in range(int(low), int(high) + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise DataError(f"shard pattern {pattern!r}: {{{body}}} is neither a range {{00000..00009}} nor a list {{a,b}}")
-    return [name for option in options for name in expand_braces(head + option + tail)]
+            raise DataError(f"shard pattern {pattern!r}: range {{{low}..{high}}} runs backwards; write {{{high}..{low}}}")
+    return list(braceexpand(pattern))
+
+
+def is_url(name: str) -> bool:
+    """A `pipe:` command or a URL (http://, s3://...): webdataset opens it; it cannot be checked beforehand."""
+    return _URL_RE.match(name) is not None
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """A shard list from paths, globs and brace patterns (entries may also be joined with "::").
+    """A shard list from paths, globs, brace patterns and URLs (entries may also be joined with "::").
 
-    Globs must match something and every explicit or brace-expanded shard must exist.
+    Globs must match something and every explicit or brace-expanded local shard must exist; `pipe:`
+    commands and URLs are kept as written (brace-expanded) and fail, if they do, when read.
     """
     entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     shards: list[str] = []
     missing: list[str] = []
     for entry in entries:
         for part in str(entry).split("::"):
-            for name in expand_braces(os.path.expanduser(part)):
-                if _GLOB_RE.search(name):
+            for name in expand_braces(part if is_url(part) else os.path.expanduser(part)):
+                if is_url(name):
+                    shards.append(name)
+                elif _GLOB_RE.search(name):
                     matches = sorted(glob.glob(name))
                     if not matches:
                         raise DataError(f"shard glob {name!r} matches no file")
@@ -74,44 +76,55 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return shards
 
 
-def iter_shard(path: str) -> Iterator[ImageText | Skipped]:
-    """Stream one tar: an ImageText per complete sample, a Skipped per incomplete one or on a read error."""
-    members = 0
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            key: str | None = None
-            files: dict[str, bytes] = {}
-            for member in tar:
-                parts = _MEMBER_RE.match(member.name) if member.isfile() else None
-                if parts is None:
-                    continue  # folders, links and names without an extension belong to no sample
-                if parts.group(1) != key:
-                    if key is not None:
-                        yield make_sample(path, key, files)
-                    key, files = parts.group(1), {}
-                handle = tar.extractfile(member)
-                files[parts.group(2).lower()] = handle.read() if handle is not None else b""
-                members += 1
-            end = tar.offset
-            if key is not None:
-                yield make_sample(path, key, files)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        yield Skipped(name=path, reason=f"unreadable tar (stopped after {members} members): {exc}", kind="unreadable tar")
-        return
-    if not _ends_cleanly(path, end):
-        reason = f"no end-of-archive block after {members} members: the tar is truncated or corrupt there"
-        yield Skipped(name=path, reason=reason, kind="unreadable tar")
+def iter_shard(url: str) -> Iterator[ImageText | Skipped]:
+    """Stream one tar through webdataset: an ImageText per complete sample, a Skipped per incomplete
+    one, and a Skipped for the shard when it cannot be opened or breaks off (what was read before stays)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    errors: list[Exception] = []
+
+    def stop(exc: Exception) -> bool:  # webdataset's handler: remember the error, stop this shard
+        errors.append(exc)
+        return False
+
+    members = [0]
+    files = tar_file_expander(url_opener([{"url": url}], handler=stop), handler=stop)
+    for sample in group_by_keys(_counted(files, members), handler=stop):
+        yield make_sample(url, sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+    if errors:
+        reason = f"unreadable tar (stopped after {members[0]} members): {errors[0]}"
+        yield Skipped(name=url, reason=reason, kind="unreadable tar")
+    elif not _ends_cleanly(url):
+        reason = f"no end-of-archive block after {members[0]} members: the tar is truncated or corrupt there"
+        yield Skipped(name=url, reason=reason, kind="unreadable tar")
 
 
-def _ends_cleanly(path: str, offset: int) -> bool:
-    """Whether an uncompressed tar has its zero end block where tarfile stopped reading.
+def _counted(files: Iterable[dict[str, Any]], count: list[int]) -> Iterator[dict[str, Any]]:
+    """Pass webdataset's member dicts through, counting members (not its end-of-shard markers)."""
+    for member in files:
+        count[0] += bool(member)
+        yield member
 
-    tarfile ends a stream quietly at a cut or damaged header, so truncation would go unnoticed.
-    Compressed tars cannot be checked without decompressing them twice; they are trusted.
+
+def _ends_cleanly(url: str) -> bool:
+    """Whether a local uncompressed tar has its zero end block where its last member ends.
+
+    tarfile (under webdataset too) ends a stream quietly at a cut or damaged header, so truncation
+    would go unnoticed; the headers are walked again (seeks, no data read) to find that point.
+    Compressed tars and streams (`pipe:`, URLs) cannot be checked without reading them twice; they are trusted.
     """
+    path = url.removeprefix("file:")
+    if is_url(url) or not Path(path).is_file():
+        return True
     with open(path, "rb") as handle:
         if handle.read(6).startswith(_COMPRESSED_MAGIC):
             return True
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                tar.getmembers()
+                offset = tar.offset
+        except (tarfile.TarError, OSError):
+            return False
         handle.seek(offset)
         block = handle.read(tarfile.BLOCKSIZE)
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
