@@ -216,9 +216,13 @@ def check_yaml(block: Block, workspace: Workspace) -> None:
         from vlbridge.train.finetune_config import FinetuneConfig
 
         FinetuneConfig.model_validate(config["finetune"])
+    elif config.keys() == {"data"}:  # a training config's data section on its own
+        from vlbridge.train.config import DataSection
+
+        DataSection.model_validate(config["data"])
     else:
         pytest.fail(f"{block.source}: a yaml block the docs test cannot check (keys {sorted(config)}); "
-                    "make it an assembly, a training, comparison or finetune config, or mark it skipped with a reason")
+                    "make it an assembly, a training, comparison, finetune or data config, or mark it skipped with a reason")
 
 
 RUNNERS: dict[str, Callable[[Block, Workspace], None]] = {"bash": run_bash, "python": run_python, "yaml": check_yaml}
