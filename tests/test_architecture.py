@@ -2,7 +2,8 @@
 
 Reads the sources with ast (no torch, nothing imported). An import counts wherever it stands, at
 module level or inside a function: a lazy import that only dodges a loop is still a loop in the
-design. Only imports under `if TYPE_CHECKING:` are exempt (they never run). The rooms and their
+design, and so is one under `if TYPE_CHECKING:` (a type that needs a module above it says the
+dependency runs both ways; a structural type such as vlbridge.modeling.running avoids it). The rooms and their
 order are the folder map in docs/architecture.md; this test and that map must agree.
 """
 
@@ -47,24 +48,12 @@ def room_of(module: str) -> str:
     return parts[1]
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    """ids of the import nodes that only run under `if TYPE_CHECKING:`."""
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped |= {id(child) for stmt in node.body for child in ast.walk(stmt)}
-    return skipped
-
-
 def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
-    """The vlbridge modules `module` imports, module- and function-level (TYPE_CHECKING exempt)."""
+    """The vlbridge modules `module` imports: module-level, function-level and type-checking-only alike."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = _type_checking_nodes(tree)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "vlbridge"}
         elif isinstance(node, ast.ImportFrom):
@@ -151,12 +140,12 @@ def test_the_data_package_imports_nothing():
 
 
 def test_the_checker_sees_lazy_imports_and_loops(tmp_path):
-    """The checker itself: a function-level import counts, a TYPE_CHECKING one does not."""
+    """The checker itself: a function-level import counts, and so does a TYPE_CHECKING one."""
     path = tmp_path / "m.py"
     path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vlbridge.train import trainer\n"
                     "def f():\n    from vlbridge.train.objectives import Stage\n", encoding="utf-8")
     known = {"vlbridge.train.objectives", "vlbridge.train.trainer"}
-    assert imports_of("vlbridge.modeling.m", path, known) == {"vlbridge.train.objectives"}
+    assert imports_of("vlbridge.modeling.m", path, known) == {"vlbridge.train.objectives", "vlbridge.train.trainer"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     old_specs = "vlbridge." + "specs"  # spelled so that house_rewrite.py leaves it alone
     assert direction_problems({"vlbridge.modeling.m": {"vlbridge.train.objectives", old_specs}}) == [

@@ -7,17 +7,16 @@ with 5 beams, up to 10 new tokens, length penalty 0 (OPT) or -1 (FlanT5), prompt
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.modeling.running import RunningModel
 from vlbridge.parts.images import as_image_list
 from vlbridge.modeling.prompts import format_prompts
 
-if TYPE_CHECKING:
-    from vlbridge.modeling.model import VLBridgeModel
 
 
 class GenerationOptions(BaseModel):
@@ -63,7 +62,7 @@ def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list
 
 
 @torch.no_grad()
-def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str] | None, options: GenerationOptions,
+def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | None, options: GenerationOptions,
                      batch_size: int = 16, image_embeds: torch.Tensor | None = None) -> list[str]:
     """Run the LLM on [visual prompt; text prompt] for each image; returns num_return_sequences texts per image.
     `image_embeds` (N, T, W): the frozen encoder's outputs for the N images, computed before (then
@@ -95,13 +94,13 @@ def generate_batched(model: "VLBridgeModel", images: Any, prompts: Sequence[str]
     return outputs
 
 
-def generate(model: "VLBridgeModel", images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
+def generate(model: RunningModel, images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
     """Free generation with explicit settings (defaults: greedy, 30 new tokens)."""
     batch_size = generation.pop("batch_size", 16)
     return generate_batched(model, images, prompt, _options(generation, num_beams=1), batch_size)
 
 
-def caption(model: "VLBridgeModel", images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
+def caption(model: RunningModel, images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
     """Describe each image (BLIP-2 defaults: 5 beams, up to 30 new tokens)."""
     batch_size = generation.pop("batch_size", 16)
     return generate_batched(model, images, prompt, caption_options(generation), batch_size)
@@ -112,7 +111,7 @@ def caption_options(generation: dict[str, Any]) -> GenerationOptions:
     return _options(generation)
 
 
-def answer(model: "VLBridgeModel", images: Any, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
+def answer(model: RunningModel, images: Any, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
            **generation: Any) -> list[str]:
     """Zero-shot VQA: one question per image, formatted into the prompt."""
     if "{}" not in prompt:
@@ -123,7 +122,7 @@ def answer(model: "VLBridgeModel", images: Any, questions: str | Sequence[str], 
     return generate_batched(model, images, formatted, answer_options(model, generation), batch_size)
 
 
-def answer_options(model: "VLBridgeModel", generation: dict[str, Any]) -> GenerationOptions:
+def answer_options(model: RunningModel, generation: dict[str, Any]) -> GenerationOptions:
     """VQA's decoding settings: BLIP-2's defaults (length penalty by LLM kind) under `generation`."""
     encoder_decoder = model.llm is not None and model.llm.is_encoder_decoder
     return _options(generation, max_new_tokens=10, length_penalty=-1.0 if encoder_decoder else 0.0)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlbridge.assemblies.assembly import Assembly
+from vlbridge.modeling import inference, retrieval
 from vlbridge.modeling.connector_protocol import connector_state, set_connector_stage
 from vlbridge.plugin.contract import describe
 from vlbridge.errors import VLBridgeError
@@ -111,29 +112,19 @@ class VLBridgeModel(nn.Module):
 
     # -- inference and retrieval (implemented in vlbridge.modeling.inference / vlbridge.modeling.retrieval) ----------
     def generate(self, images, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
-        from vlbridge.modeling.inference import generate
-
-        return generate(self, images, prompt, **generation)
+        return inference.generate(self, images, prompt, **generation)
 
     def caption(self, images, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
-        from vlbridge.modeling.inference import caption
-
-        return caption(self, images, prompt, **generation)
+        return inference.caption(self, images, prompt, **generation)
 
     def answer(self, images, questions: str | Sequence[str], prompt: str = DEFAULT_VQA_PROMPT, **generation: Any) -> list[str]:
-        from vlbridge.modeling.inference import answer
-
-        return answer(self, images, questions, prompt, **generation)
+        return inference.answer(self, images, questions, prompt, **generation)
 
     def features(self, images=None, texts: Sequence[str] | None = None, mode: str = "image"):
-        from vlbridge.modeling.retrieval import features
-
-        return features(self, images=images, texts=texts, mode=mode)
+        return retrieval.features(self, images=images, texts=texts, mode=mode)
 
     def retrieve(self, images, texts: Sequence[str], k: int = 128, batch_size: int = 64):
-        from vlbridge.modeling.retrieval import retrieve
-
-        return retrieve(self, images, texts, k=k, batch_size=batch_size)
+        return retrieval.retrieve(self, images, texts, k=k, batch_size=batch_size)
 
     def merged_llm_model(self) -> nn.Module:
         """The LLM's transformers model with any LoRA adapters merged into its weights (a copy of the

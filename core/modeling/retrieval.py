@@ -4,17 +4,16 @@ of the query tokens) shortlists the top k, then the ITM head re-ranks them, in b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vlbridge.plugin.contract import describe, missing
 from vlbridge.errors import VLBridgeError
+from vlbridge.modeling.running import RunningModel
 from vlbridge.parts.images import as_image_list
 
-if TYPE_CHECKING:
-    from vlbridge.modeling.model import VLBridgeModel
 
 MAX_TEXT_TOKENS = 35  # LAVIS tokenises retrieval texts to 35 tokens
 FEATURE_MODES = ("image", "text", "multimodal")
@@ -50,7 +49,7 @@ class RetrievalResult:
         return self.t2i[t].topk(min(top, self.t2i.shape[1])).indices.tolist()
 
 
-def _qformer(model: "VLBridgeModel"):
+def _qformer(model: RunningModel):
     connector = model.connector
     absent = missing(connector, RETRIEVAL_INTERFACE)
     if absent:
@@ -59,13 +58,13 @@ def _qformer(model: "VLBridgeModel"):
     return connector
 
 
-def tokenize_texts(model: "VLBridgeModel", texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_texts(model: RunningModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = _qformer(model).tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
     return encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
 
 
 @torch.no_grad()
-def features(model: "VLBridgeModel", images: Any = None, texts: Sequence[str] | None = None, mode: str = "image") -> Features:
+def features(model: RunningModel, images: Any = None, texts: Sequence[str] | None = None, mode: str = "image") -> Features:
     """BLIP-2's feature extractor: image (query outputs), text, or multimodal (queries that saw the text)."""
     if mode not in FEATURE_MODES:
         raise VLBridgeError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
@@ -93,7 +92,7 @@ def features(model: "VLBridgeModel", images: Any = None, texts: Sequence[str] | 
     return out
 
 
-def itm_scores(model: "VLBridgeModel", image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def itm_scores(model: RunningModel, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Positive-class ITM logit, averaged over the queries, for aligned (image, text) pairs."""
     qformer = _qformer(model)
     num_queries = qformer.query_tokens.shape[1]
@@ -102,7 +101,7 @@ def itm_scores(model: "VLBridgeModel", image_embeds: torch.Tensor, ids: torch.Te
 
 
 @torch.no_grad()
-def retrieve(model: "VLBridgeModel", images: Any, texts: Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
+def retrieve(model: RunningModel, images: Any, texts: Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
     """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image."""
     if k < 1:
         raise VLBridgeError(f"k must be at least 1, got {k}")

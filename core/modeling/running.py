@@ -1,0 +1,38 @@
+"""What inference and retrieval need of a built model, as a structural type.
+
+`VLBridgeModel` calls `vlbridge.modeling.inference` and `vlbridge.modeling.retrieval` for its
+`generate`/`caption`/`answer`/`features`/`retrieve`; those functions read the model through this
+protocol instead of importing the model's module, so the imports run one way (model -> inference,
+retrieval -> running) even for type checkers."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import nn
+
+
+class RunningModel(Protocol):
+    """The members of `VLBridgeModel` that generation, features and retrieval use."""
+
+    connector: nn.Module
+    llm: Any  # the LLM part (None in a stage-1 model)
+    training: bool
+
+    @property
+    def plan(self) -> Any: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def pixel_values(self, images: Any) -> torch.Tensor: ...
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+    def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                      instructions: Sequence[str] | None = None) -> torch.Tensor: ...
