@@ -61,7 +61,7 @@ class Plan:
         lines = [
             f"assembly {self.name}",
             f"  image      {p.image_size} px{_crop(p)}, mean {p.mean}, std {p.std}, {p.interpolation}",
-            f"  encoder    {self.encoder.use:<12} -> {self.encoder_out}   ({_count(self.encoder.params)} frozen)",
+            f"  encoder    {self.encoder.use:<12} -> {self.encoder_out}   ({count_text(self.encoder.params)} frozen)",
         ]
         if self.llm is None or self.llm_dims is None or self.connector_out is None:
             lines.append(f"  connector  {self.connector.use:<12} (no LLM: stage 1, features and retrieval)")
@@ -70,11 +70,11 @@ class Plan:
                 f"  connector  {self.connector.use:<12} -> {self.connector_out}",
                 f"  llm        {self.llm.use:<12} embeds {self.llm_dims.embed_width} wide, "
                 f"{'encoder-decoder' if self.llm_dims.encoder_decoder else 'decoder-only'}, context {self.llm_dims.context_length}"
-                f"   ({_count(self.llm.params)} frozen)",
+                f"   ({count_text(self.llm.params)} frozen)",
                 f"  tokens     {self.connector_out.num_tokens} visual + {self.max_text_tokens} text = {self.total_tokens}",
             ]
         for stage in self.stages:
-            lines.append(f"  stage {stage}    {_count(self.trainable_params.get(stage))} trainable")
+            lines.append(f"  stage {stage}    {count_text(self.trainable_params.get(stage))} trainable")
         lines.extend(f"  warning    {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -86,10 +86,12 @@ def _crop(p: Preprocess) -> str:
     return f" (squashed to {p.resize_size}, centre crop)" if p.resize_size not in (None, p.image_size) else ""
 
 
-def _count(n: int | None) -> str:
+def count_text(n: int | None, exact: bool = True) -> str:
+    """A parameter count for people: '1.2M params (1,234,567)' ('?' when the size is not known);
+    `exact=False` drops the digits in parentheses, for lines that already carry a byte size."""
     if n is None:
         return "? params"
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
-            return f"{n / size:.1f}{unit} params ({n:,})"
+            return f"{n / size:.1f}{unit} params" + (f" ({n:,})" if exact else "")
     return f"{n} params"

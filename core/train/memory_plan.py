@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlbridge.assemblies.plan import Plan
+from vlbridge.assemblies.plan import Plan, count_text
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 VALUES_PER_TOKEN_WIDTH = 17  # stored activations per block, per token and unit of width
@@ -84,7 +84,7 @@ def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, worl
     trained = plan.trainable_params.get(stage)
     fp32 = None if trained is None else trained * 4
     lines += [
-        Line("trained parameters", fp32, f"connector, {_count(trained)} in fp32 (replicated)"),
+        Line("trained parameters", fp32, f"connector, {count_text(trained, exact=False)} in fp32 (replicated)"),
         Line("gradients", fp32, "fp32, replicated"),
         Line("optimizer state", None if fp32 is None else 2 * fp32, "AdamW: two fp32 moments",
              "lower the connector's size (fewer queries / layers)"),
@@ -111,11 +111,11 @@ def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, 
                   else "launch several processes with parallel.strategy: fsdp to shard it")
         if dtype == "fp32":
             remedy += f"; or set the {name}'s dtype option to bf16 (half)"
-        return Line(f"frozen {name}", full, f"{_count(params)} in {dtype}, whole on every rank", remedy)
+        return Line(f"frozen {name}", full, f"{count_text(params, exact=False)} in {dtype}, whole on every rank", remedy)
     blocks = max(1, round(params / (12 * width * width)))
     gathered = GATHERED_BLOCKS * full // blocks
     return Line(f"frozen {name}", full // world + gathered,
-                f"{_count(params)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
+                f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
                 "more processes (a smaller shard)")
 
 
@@ -135,15 +135,6 @@ def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointe
                 "lower batch_size (raise grad_accum)")
 
 
-def _count(n: int | None) -> str:
-    if n is None:
-        return "? params"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit} params"
-    return f"{n} params"
-
-
 def _human(n: int | None) -> str:
     if n is None:
         return "?"
@@ -151,3 +142,4 @@ def _human(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
