@@ -148,3 +148,11 @@ def test_an_unreachable_preset_is_refused_before_torch_loads(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env)
     assert "CODE 2 TORCH False" in result.stderr, result.stderr[-3000:]
     assert "facebook/opt-2.7b" in result.stderr and "encoder.options.pretrained is not set" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["caption", "img.png"], ["eval", "--task", "caption", "--data", "d.json"]])
+def test_weights_with_a_checkpoint_is_refused_by_every_model_command(capsys, tmp_path, command):
+    code = main([command[0], "-c", str(tmp_path), "--weights", str(tmp_path / "w.safetensors"), *command[1:]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--weights goes with --assembly; a --checkpoint already holds its weights" in err

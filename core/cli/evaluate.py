@@ -59,8 +59,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise VLBridgeError("--image-pattern is for --task vqa (official VQAv2 files name no image path)")
     if args.images and not Path(args.images).expanduser().is_dir():
         raise VLBridgeError(f"--images {args.images!r} is not a directory")
-    if args.checkpoint and args.weights:
-        raise VLBridgeError("--weights goes with --assembly; a --checkpoint already holds its weights")
     for name in ("limit", "batch_size", "num_beams", "max_new_tokens", "k"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
+from vlbridge.errors import VLBridgeError
 
 RANDOM_WEIGHTS_HELP = ("allow real-size frozen parts without pretrained weights (random on purpose, e.g. to time a "
                        "model); without it such an assembly is refused before anything loads")
@@ -35,6 +36,8 @@ class ModelSource:
 def check_model_source(args: argparse.Namespace) -> ModelSource:
     """Check -a/-c/--weights/--device without loading any weights; notes (which step of a run's
     output_dir is used) go to stderr."""
+    if getattr(args, "checkpoint", None) and getattr(args, "weights", None):
+        raise VLBridgeError("--weights goes with --assembly; a --checkpoint already holds its weights")
     assembly = load_assembly(args.assembly) if getattr(args, "assembly", None) else None  # before torch
     random_weights = bool(getattr(args, "random_weights", False))
     if assembly is not None:  # build() checks again; here it is said before torch and torchvision import

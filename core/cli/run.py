@@ -53,9 +53,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    if args.checkpoint and args.weights:
-        raise VLBridgeError("--weights goes with --assembly; a --checkpoint already holds its weights")
-    source = check_model_source(args)  # the assembly name before torch, then checkpoint and device
+    source = check_model_source(args)  # -a/-c/--weights, the assembly name before torch, then checkpoint and device
     for image in args.images:
         if not Path(image).is_file():
             raise VLBridgeError(f"image not found: {image}")
