@@ -62,6 +62,11 @@ def _paths(*datas: dict[str, Any] | None) -> list[str]:
     return [p for data in datas if data for p in data.get("paths", [])]
 
 
+def files_in(folder: str | Path) -> list[str]:
+    """The files directly in a checkpoint folder: what weights a run evaluates or starts from."""
+    return [str(path) for path in sorted(Path(folder).glob("*")) if path.is_file()]
+
+
 def data_fingerprint(paths: list[str]) -> list[list[Any]]:
     """(path, size, mtime) of each file: a regenerated dataset changes it."""
     rows = []
@@ -230,7 +235,7 @@ def stage1_source(config: CompareConfig, run: RunSpec, seed: int) -> tuple[Path,
         folder = stage1_folder(config, run, seed)
         return latest_checkpoint(folder), folder
     if run.init_from is not None:  # stored in the output folder: the checkpoint's may be read-only (an installed package)
-        text = json.dumps(data_fingerprint([str(p) for p in sorted(Path(run.init_from).glob("*")) if p.is_file()]))
+        text = json.dumps(data_fingerprint(files_in(run.init_from)))
         return Path(run.init_from), Path(config.output_dir) / "stage1" / f"from-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     return None
 
@@ -266,7 +271,7 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run) if run.checkpoint is None else None)
     for weights in (run.checkpoint, run.init_from):  # the weights it evaluates or starts from: new ones are trained afresh
         if weights is not None:
-            trained += [str(path) for path in sorted(Path(weights).glob("*")) if path.is_file()]
+            trained += files_in(weights)
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
                        "data": data_fingerprint(trained + evaluated)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
