@@ -12,8 +12,8 @@ import statistics
 from typing import Any
 
 from vlbridge.compare.table import Metric
+from vlbridge.lmms.tasks import KEY_PREFIX as PREFIX  # light: lmms-eval is imported only when tasks are scored
 
-PREFIX = "lmms:"  # vlbridge.lmms.tasks.KEY_PREFIX (not imported: that module imports lmms-eval on use)
 UNIT = "lmms-eval score"
 
 
