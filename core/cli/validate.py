@@ -9,10 +9,14 @@ adapted Linear), so this form builds the model on the CPU, loading its weights.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.output import print_json
 from vlbridge.errors import AssemblyError, VLBridgeError
+
+if TYPE_CHECKING:
+    from vlbridge.train.memory_plan import MemoryPlan
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -81,10 +85,15 @@ def print_memory_plan(path: str, sizing: tuple[int, int | None], *, as_json: boo
     if as_json:
         print_json({"memory": plan.to_dict(), **({"fits": plan.total <= sizing[1]} if sizing[1] else {})})
         return 0
-    print(plan.describe())
-    if sizing[1] is not None:
-        print(f"  {plan.advice(sizing[1])}")
+    _print_plan(plan, sizing[1])
     return 0
+
+
+def _print_plan(plan: "MemoryPlan", device_bytes: int | None) -> None:
+    """The plan's lines, and with --gpu-memory whether it fits and what to shrink."""
+    print(plan.describe())
+    if device_bytes is not None:
+        print(f"  {plan.advice(device_bytes)}")
 
 
 def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] = (1, None)) -> int:
@@ -114,10 +123,7 @@ def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] =
     print(f"  trainable  {notes}")
     from vlbridge.train.memory_plan import plan_for_config
 
-    memory = plan_for_config(config, assembly.plan, sizing[0])
-    print(memory.describe())
-    if sizing[1] is not None:
-        print(f"  {memory.advice(sizing[1])}")
+    _print_plan(plan_for_config(config, assembly.plan, sizing[0]), sizing[1])
     print("valid")
     return 0
 

@@ -112,18 +112,23 @@ def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, 
         if dtype == "fp32":
             remedy += f"; or set the {name}'s dtype option to bf16 (half)"
         return Line(f"frozen {name}", full, f"{count_text(params, exact=False)} in {dtype}, whole on every rank", remedy)
-    blocks = max(1, round(params / (12 * width * width)))
+    blocks = _blocks(params, width)
     gathered = GATHERED_BLOCKS * full // blocks
     return Line(f"frozen {name}", full // world + gathered,
                 f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
                 "more processes (a smaller shard)")
 
 
+def _blocks(params: int, width: int) -> int:
+    """The estimated number of transformer blocks: params / (12 x width^2), at least one."""
+    return max(1, round(params / (12 * width * width)))
+
+
 def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool) -> Line:
     elem = DTYPE_BYTES.get(precision, 4)
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None and plan.total_tokens is not None and plan.llm.params:
         width, tokens = plan.llm_dims.embed_width, plan.total_tokens
-        blocks = max(1, round(plan.llm.params / (12 * width * width)))
+        blocks = _blocks(plan.llm.params, width)
         per_block = batch * tokens * width * VALUES_PER_TOKEN_WIDTH * elem
         stored = blocks * batch * tokens * width * elem + per_block if checkpointed else blocks * per_block
         how = "block inputs + one block (checkpointed)" if checkpointed else f"~{blocks} LLM blocks stored for backward"
