@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.hf_config import cached_hub_file
 from vlbridge.plugin.contract import describe, plugin_call
 from vlbridge.plugin.sources import WeightSource, checked_sources
 
@@ -109,18 +110,7 @@ def source_problem(item: Found, random_weights: bool) -> str | None:
 
 def in_hf_cache(hub_id: str, files: tuple[str, ...]) -> bool:
     """The local HF cache holds `hub_id` with one of `files` (no network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    for name in files:
-        try:
-            found = try_to_load_from_cache(hub_id, name)
-        except Exception:  # a malformed repo id is not in any cache
-            return False
-        if isinstance(found, str) and Path(found).is_file():
-            return True
-    return False
+    return any(cached_hub_file(hub_id, name) is not None for name in files)
 
 
 def hub_unreachable() -> str | None:

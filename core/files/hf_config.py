@@ -88,19 +88,23 @@ def _known_hub_configs() -> dict[str, Any]:
     return {key: value for key, value in table.items() if not key.startswith("_")}
 
 
-def cached_hub_config(repo_id: str) -> dict[str, Any] | None:
-    """The config.json of a hub model as the local Hugging Face cache holds it (no network), or None."""
+def cached_hub_file(repo_id: str, name: str) -> Path | None:
+    """The path of a hub repository's file in the local Hugging Face cache (no network), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache  # torch-free
     except ImportError:
         return None
     try:
-        found = try_to_load_from_cache(repo_id, "config.json")
+        found = try_to_load_from_cache(repo_id, name)
     except Exception:  # a malformed repo id: not a hub model we can read
         return None
-    if isinstance(found, str) and Path(found).is_file():
-        return _read(found, Path(found).stat().st_mtime)
-    return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def cached_hub_config(repo_id: str) -> dict[str, Any] | None:
+    """The config.json of a hub model as the local Hugging Face cache holds it (no network), or None."""
+    found = cached_hub_file(repo_id, "config.json")
+    return None if found is None else _read(str(found), found.stat().st_mtime)
 
 
 def model_config(model: str) -> dict[str, Any]:

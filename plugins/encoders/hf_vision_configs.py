@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-from vlbridge.files.hf_config import local_config, looks_local, read_local_json
+from vlbridge.files.hf_config import cached_hub_file, local_config, looks_local, read_local_json
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess
 from vlbridge.files.userfiles import read_json
 
@@ -104,17 +103,8 @@ class TowerFacts:
 
 def _cached_hub_file(hub_id: str, name: str) -> dict[str, Any] | None:
     """The hub file as the Hugging Face cache holds it (no network), or None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache  # torch-free
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(hub_id, name)
-    except Exception:  # a malformed repo id
-        return None
-    if isinstance(found, str) and Path(found).is_file():
-        return _read(found, Path(found).stat().st_mtime)
-    return None
+    found = cached_hub_file(hub_id, name)
+    return None if found is None else _read(str(found), found.stat().st_mtime)
 
 
 @lru_cache(maxsize=32)
