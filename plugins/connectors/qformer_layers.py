@@ -57,12 +57,13 @@ class Attention(nn.Module):
         1 unless dropout dropped some); cheaper than projecting N tokens when
         L * (W + heads * N) < N * W (`folding_pays`)."""
         batch, length, width = x.shape
+        dropping = self.training and self.attn_dropout > 0.0
         probs = self._folded_probs(x, tokens)  # (B, H*L, N), rows ordered (h, l)
-        if self.training and self.attn_dropout > 0.0:
+        if dropping:
             probs = dropout(probs, self.attn_dropout)
         out = self._folded_values(probs, tokens, length)  # (B, L, H, Dh)
         value_bias = self.value.bias.view(self.heads, -1)
-        if self.training and self.attn_dropout > 0.0:  # dropped probabilities took their share of the bias with them
+        if dropping:  # dropped probabilities took their share of the bias with them
             mass = probs.sum(dim=-1).view(batch, self.heads, length).transpose(1, 2)  # (B, L, H)
             out = out + mass.unsqueeze(-1) * value_bias
         else:
