@@ -29,26 +29,26 @@ def _conv(c: dict[str, Any], bias: bool) -> int:
     return c["num_channels"] * c["patch_size"] ** 2 * w + (w if bias else 0)
 
 
-def _vit_block(c: dict[str, Any], mlp: int, qkv_bias: bool = True) -> int:
-    """Two LayerNorms, q/k/v (bias optional) and an output projection, then the MLP's `mlp` parameters."""
-    w = c["hidden_size"]
+def vit_block(w: int, mlp: int, qkv_bias: bool = True) -> int:
+    """A pre-norm ViT block of width `w`: two LayerNorms, q/k/v (bias optional) and an output projection,
+    then the MLP's `mlp` parameters (open_clip_params counts its blocks with it too)."""
     return 4 * w + 3 * _linear(w, w, qkv_bias) + _linear(w, w) + mlp
 
 
-def _two_layer_mlp(w: int, inner: int) -> int:
+def two_layer_mlp(w: int, inner: int) -> int:
     return _linear(w, inner) + _linear(inner, w)
 
 
 def _clip(c: dict[str, Any], blocks: int, head: bool) -> int:
     w = c["hidden_size"]
     stem = w + _conv(c, bias=False) + (_patches(c) + 1) * w + 2 * w  # class embedding, patches, positions, pre_layrnorm
-    return stem + blocks * _vit_block(c, _two_layer_mlp(w, c["intermediate_size"])) + 2 * w  # post_layernorm stays
+    return stem + blocks * vit_block(w, two_layer_mlp(w, c["intermediate_size"])) + 2 * w  # post_layernorm stays
 
 
 def _siglip(c: dict[str, Any], blocks: int, head: bool) -> int:
     w, inner = c["hidden_size"], c["intermediate_size"]
-    body = _conv(c, bias=True) + _patches(c) * w + blocks * _vit_block(c, _two_layer_mlp(w, inner)) + 2 * w
-    pooling = w + 3 * w * w + 3 * w + _linear(w, w) + 2 * w + _two_layer_mlp(w, inner)  # probe, attention, norm, MLP
+    body = _conv(c, bias=True) + _patches(c) * w + blocks * vit_block(w, two_layer_mlp(w, inner)) + 2 * w
+    pooling = w + 3 * w * w + 3 * w + _linear(w, w) + 2 * w + two_layer_mlp(w, inner)  # probe, attention, norm, MLP
     return body + (pooling if head and c["vision_use_head"] else 0)
 
 
@@ -56,7 +56,7 @@ def _dinov2_mlp(c: dict[str, Any]) -> int:
     w = c["hidden_size"]
     hidden = int(w * c["mlp_ratio"])
     if not c["use_swiglu_ffn"]:
-        return _two_layer_mlp(w, hidden)
+        return two_layer_mlp(w, hidden)
     hidden = (int(hidden * 2 / 3) + 7) // 8 * 8  # transformers' Dinov2SwiGLUFFN rounding
     return 2 * _linear(w, hidden) + _linear(hidden, w)
 
@@ -67,7 +67,7 @@ def _dinov2(c: dict[str, Any], blocks: int, head: bool) -> int:
     registers = c["num_register_tokens"] if with_registers else 0
     mask = 1 if with_registers or c["use_mask_token"] else 0  # the registers model always has a mask token
     stem = (1 + mask + registers) * w + _conv(c, bias=True) + (_patches(c) + 1) * w  # [CLS], mask, registers, positions
-    block = _vit_block(c, _dinov2_mlp(c), c["qkv_bias"]) + 2 * w  # + two layer scales
+    block = vit_block(w, _dinov2_mlp(c), c["qkv_bias"]) + 2 * w  # + two layer scales
     return stem + blocks * block + 2 * w
 
 
@@ -77,7 +77,7 @@ def _vit_like(prefix: int, pooler_always: bool) -> Counter:
     def count(c: dict[str, Any], blocks: int, head: bool) -> int:
         w = c["hidden_size"]
         stem = prefix * w + _conv(c, bias=True) + (_patches(c) + prefix) * w
-        body = stem + blocks * _vit_block(c, _two_layer_mlp(w, c["intermediate_size"]), c["qkv_bias"]) + 2 * w
+        body = stem + blocks * vit_block(w, two_layer_mlp(w, c["intermediate_size"]), c["qkv_bias"]) + 2 * w
         return body + (_linear(w, c.get("pooler_output_size") or w) if head or pooler_always else 0)
     return count
 

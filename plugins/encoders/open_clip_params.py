@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlbridge.plugins.encoders.hf_vision_params import two_layer_mlp, vit_block
 from vlbridge.plugins.encoders.open_clip_configs import TowerFacts
 
 # CLIPVisionCfg's defaults for the keys counted here (tests compare them with open_clip's dataclass).
@@ -37,9 +38,8 @@ TIMM_MLP_RATIO = 4.0
 
 
 def _block(width: int, mlp: int, layer_scale: bool) -> int:
-    """A pre-norm ViT block: 2 LayerNorms, fused q/k/v with bias, output projection, 2-layer MLP, layer scales."""
-    attention = 3 * width * width + 3 * width + width * width + width
-    return 4 * width + attention + (width * mlp + mlp) + (mlp * width + width) + (2 * width if layer_scale else 0)
+    """A pre-norm ViT block (q/k/v with bias, a 2-layer MLP of `mlp` hidden units) and its layer scales."""
+    return vit_block(width, two_layer_mlp(width, mlp)) + (2 * width if layer_scale else 0)
 
 
 def _custom_extras(c: dict[str, Any], width: int, mlp: int) -> int:
