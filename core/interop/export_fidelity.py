@@ -35,6 +35,17 @@ def probe_pixels(model) -> torch.Tensor:
     return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(PROBE_SEED))
 
 
+def eval_logits(model, *args, **kwargs) -> torch.Tensor:
+    """`model(...).logits` in eval mode (no dropout: the export is compared as it will run), the
+    model's training mode put back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(*args, **kwargs).logits
+    finally:
+        model.train(was_training)
+
+
 def max_logit_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """max |ours - theirs| over the logits both models give (compared on CPU in fp32)."""
     ours, theirs = ours.detach().float().cpu(), theirs.detach().float().cpu()

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.interop.export_fidelity import PROBE_PROMPT, max_logit_difference, probe_pixels, settle
+from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
 from vlbridge.files.weights import read_hf_directory
@@ -223,11 +223,7 @@ def probe_difference(model, hf, image_token_index: int) -> float:
         instruction = model.connector.tokenizer([PROBE_PROMPT], return_tensors="pt")
         ours_extra["instructions"] = [PROBE_PROMPT]
         hf_extra.update(qformer_input_ids=instruction.input_ids, qformer_attention_mask=instruction.attention_mask)
-    device, was_training = model.device, model.training
-    model.eval()
-    try:
-        ours = model(pixels.to(device), text.input_ids.to(device), text.attention_mask.to(device),
-                     **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ours_extra.items()}).logits
-    finally:
-        model.train(was_training)
+    device = model.device
+    ours = eval_logits(model, pixels.to(device), text.input_ids.to(device), text.attention_mask.to(device),
+                       **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ours_extra.items()})
     return max_logit_difference(ours, hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, **hf_extra).logits)

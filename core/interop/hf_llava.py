@@ -21,7 +21,7 @@ import torch
 
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError
-from vlbridge.interop.export_fidelity import PROBE_PROMPT, max_logit_difference, probe_pixels, settle
+from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import clip_image_processor, save_processor
 
@@ -181,12 +181,7 @@ def _probe_difference(model: Any, hf: Any) -> float:
     row = ids[0][mask[0].bool()].tolist()
     slot = row.index(llm.image_token_id)
     expanded = torch.tensor([row[:slot] + [llm.image_token_id] * hf.config.image_seq_length + row[slot + 1:]])
-    was_training = model.training
-    model.eval()
-    try:
-        ours = model(pixels.to(model.device), ids.to(model.device), mask.to(model.device)).logits
-    finally:
-        model.train(was_training)
+    ours = eval_logits(model, pixels.to(model.device), ids.to(model.device), mask.to(model.device))
     theirs = hf(input_ids=expanded, pixel_values=pixels, attention_mask=torch.ones_like(expanded)).logits
     return max_logit_difference(ours, theirs)
 
