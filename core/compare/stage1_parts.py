@@ -161,7 +161,7 @@ def ship(run_checkpoint: Path, folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from vlbridge.files.atomic import atomic_write_text
-    from vlbridge.files.checkpoint import ASSEMBLY_FILE, META_FILE, RELATIVE_PATHS, WEIGHTS_FILE
+    from vlbridge.files.checkpoint import ASSEMBLY_FILE, META_FILE, RELATIVE_PATHS, WEIGHTS_FILE, relative_paths
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -171,13 +171,7 @@ def ship(run_checkpoint: Path, folder: Path) -> None:
               metadata={"stage": "1"})
     raw = yaml.safe_load((run_checkpoint / ASSEMBLY_FILE).read_text(encoding="utf-8"))
     meta = json.loads((run_checkpoint / META_FILE).read_text(encoding="utf-8"))
-    parts, relative = folder.parent.resolve(), []
-    for slot in ("encoder", "connector", "llm"):
-        options = (raw.get(slot) or {}).get("options") or {}
-        for key, value in options.items():
-            if isinstance(value, str) and Path(value).is_absolute() and Path(value).parent.resolve() == parts:
-                options[key] = "../" + Path(value).name
-                relative.append(f"{slot}.options.{key}")
+    raw, relative = relative_paths(raw, folder, within=folder.parent)
     atomic_write_text(folder / ASSEMBLY_FILE, yaml.safe_dump(raw, sort_keys=False))
     atomic_write_text(folder / META_FILE, json.dumps({**meta, RELATIVE_PATHS: relative}, indent=2))
 

@@ -17,6 +17,7 @@ is absent.
 from __future__ import annotations
 
 import copy
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,19 +94,31 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
     return out
 
 
-def relative_paths(assembly_dict: dict[str, Any], out: Path) -> tuple[dict[str, Any], list[str]]:
-    """The assembly with every option naming a path inside `out` rewritten relative to it ("./llm"),
-    and where those options are ("llm.options.model"): a checkpoint stays loadable when moved."""
-    assembly_dict, root, moved = copy.deepcopy(assembly_dict), out.resolve(), []
+def relative_paths(assembly_dict: dict[str, Any], out: Path, within: Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The assembly with every option naming a path inside `within` (default: `out` itself) rewritten
+    relative to `out` ("./llm", or "../bert" for a sibling of `out`), and where those options are
+    ("llm.options.model"): a checkpoint stays loadable when moved (with `within`, when moved with it)."""
+    assembly_dict, moved = copy.deepcopy(assembly_dict), []
     for slot in ("encoder", "connector", "llm"):
         options = (assembly_dict.get(slot) or {}).get("options") or {}
         for key, value in options.items():
             path = Path(value).expanduser() if isinstance(value, str) else None
-            if path is None or not path.is_absolute() or not path.resolve().is_relative_to(root):
-                continue
-            options[key] = "./" + path.resolve().relative_to(root).as_posix()
-            moved.append(f"{slot}.options.{key}")
+            relative = _relative_inside(path, out, within or out) if path is not None and path.is_absolute() else None
+            if relative is not None:
+                options[key] = relative
+                moved.append(f"{slot}.options.{key}")
     return assembly_dict, moved
+
+
+def _relative_inside(path: Path, out: Path, root: Path) -> str | None:
+    """`path` relative to `out` ("./x", "../x") where it lies inside `root`, else None. Compared as
+    written (a part that is a symlink stays that link) and, failing that, with links resolved."""
+    for norm in (lambda p: Path(os.path.abspath(p)), Path.resolve):
+        target, inside = norm(path), norm(root)
+        if target.is_relative_to(inside):
+            relative = Path(os.path.relpath(target, norm(out))).as_posix()
+            return relative if relative.startswith("../") else "./" + relative
+    return None
 
 
 def checkpoint_assembly(ckpt_dir: str | Path) -> Path | dict[str, Any]:
