@@ -231,3 +231,27 @@ def test_world_tokenizers_are_reproducible(tmp_path):
         assert (tmp_path / "a" / kind / "tokenizer.json").read_bytes() == (tmp_path / "b" / kind / "tokenizer.json").read_bytes(), kind
         fresh, shipped = (AutoTokenizer.from_pretrained(str(path)) for path in (tmp_path / "a" / kind, part_dir(kind)))
         assert fresh.get_vocab() == shipped.get_vocab(), kind  # the shipped file was saved again with its model
+
+
+def test_retraining_the_encoder_or_bert_marks_kept_stage1_qformers_stale(tmp_path):
+    """train_parts keeps what stage1_parts wrote (entries and stage1_* keys), but a stage-1 Q-Former
+    trained on an encoder or BERT that this run replaced is marked stale and refused, not used."""
+    import json
+    import shutil
+
+    from vlbridge.world.assets import MANIFEST, stage1_checkpoint
+    from vlbridge.world.train_parts import main
+
+    shutil.copytree(stage1_checkpoint(8), tmp_path / "qformer-8q")
+    shipped = read_parts_manifest()
+    kept = {key: value for key, value in shipped.items() if key.startswith("stage1_")}
+    (tmp_path / MANIFEST).write_text(json.dumps({"parts": {"qformer-8q": shipped["parts"]["qformer-8q"]}, **kept}))
+    assert stage1_checkpoint(8, tmp_path) == tmp_path / "qformer-8q"
+    assert main(["--out", str(tmp_path), "--quick", "--parts", "opt"]) == 0  # stage 1 runs no LLM: still good
+    manifest = read_parts_manifest(tmp_path)
+    assert kept and {k: manifest[k] for k in kept} == kept and "stale" not in manifest["parts"]["qformer-8q"]
+    assert main(["--out", str(tmp_path), "--quick", "--parts", "bert"]) == 0
+    manifest = read_parts_manifest(tmp_path)
+    assert "bert" in manifest["parts"]["qformer-8q"]["stale"] and {k: manifest[k] for k in kept} == kept
+    with pytest.raises(WeightsError, match="no longer matches its frozen parts.*stage1_parts --out"):
+        stage1_checkpoint(8, tmp_path)

@@ -63,4 +63,8 @@ def stage1_checkpoint(queries: int, root: str | Path | None = None) -> Path:
     if not (path / "checkpoint.json").is_file():
         raise WeightsError(f"the world's stage-1 Q-Former ({queries} queries) is missing at {path}; regenerate it with "
                            f"{STAGE1_COMMAND} {base}")
+    listed = read_parts_manifest(base).get("parts", {}) if (base / MANIFEST).is_file() else {}
+    stale = listed.get(path.name, {}).get("stale")
+    if stale:
+        raise WeightsError(f"the world's stage-1 Q-Former at {path} no longer matches its frozen parts: {stale}")
     return path

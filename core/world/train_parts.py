@@ -239,8 +239,9 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
         results = [_train_group(out, seed, quick, group, log) for group in groups]
     report = {part: numbers for result in results for part, numbers in result.items()}
     previous = out / MANIFEST  # parts trained in an earlier run keep their entries, marked as such
-    earlier = json.loads(previous.read_text(encoding="utf-8")).get("parts", {}) if previous.is_file() else {}
+    earlier = _previous(previous).get("parts", {})
     earlier = {part: numbers for part, numbers in earlier.items() if part not in report}
+    earlier = mark_stale_stage1(earlier, retrained=set(report), out=out, log=log)
     report = {**earlier, **report}
     manifest = {
         "script": "vlbridge.world.train_parts", "script_version": SCRIPT_VERSION, "quick": quick, "seed": seed,
@@ -250,9 +251,34 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
         "transformers": _transformers_version(), "wall_seconds": round(time.perf_counter() - start, 1),
         "parts_from_earlier_runs": sorted(earlier),
         "cpu_seconds": round(sum(p.get("cpu_seconds", 0.0) for p in report.values()), 1), "parts": report,
+        # what vlbridge.compare.stage1_parts recorded about the stage-1 Q-Formers kept above
+        **{key: value for key, value in _previous(previous).items() if key.startswith("stage1_")},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
+
+
+STAGE1_READS = ("eva-vit-g", "bert")  # what a stage-1 Q-Former is trained on top of (stage 1 runs no LLM)
+
+
+def mark_stale_stage1(earlier: dict[str, Any], retrained: set[str], out: Path, log: Log) -> dict[str, Any]:
+    """Stage-1 Q-Formers kept from an earlier run stop matching an encoder or BERT retrained now:
+    their entries get a `stale` note (which `vlbridge.world.assets.stage1_checkpoint` refuses with)
+    instead of passing for checkpoints of the new parts."""
+    changed = sorted(retrained & set(STAGE1_READS))
+    if not changed:
+        return earlier
+    marked = dict(earlier)
+    for name in [n for n in earlier if n.startswith("qformer-")]:
+        note = (f"trained on the {' and '.join(changed)} this run replaced; retrain it with "
+                f"python -m vlbridge.compare.stage1_parts --out {out}")
+        marked[name] = {**earlier[name], "stale": note}
+        log(f"warning: {name} is stale: {note}")
+    return marked
+
+
+def _previous(manifest: Path) -> dict[str, Any]:
+    return json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
 
 
 def _transformers_version() -> str:
