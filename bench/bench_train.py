@@ -274,8 +274,71 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"{name}, median wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
 
+PASSES = {"image_context": "image K/V", "query_outputs": "ITC query pass", "text_features": "ITC text pass",
+          "itm_logits": "ITM pass", "itg_logits_from_queries": "ITG pass"}  # connector method -> range
+LOSSES = ("itc_loss", "itm_loss", "itg_loss", "sample_hard_negatives")  # objectives' module functions -> range "loss"
+
+
+def label_passes(qformer: torch.nn.Module) -> None:
+    """Wrap the stage-1 passes and losses in record_function ranges, so the profile says what each costs."""
+    from vlbridge.train import objectives
+
+    for method, label in PASSES.items():
+        setattr(qformer, method, _ranged(getattr(qformer, method), label))
+    for name in LOSSES:
+        setattr(objectives, name, _ranged(getattr(objectives, name), "loss"))
+
+
+def _ranged(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def ranged_step(mode: Mode) -> None:
+    """One training step with forward, backward and optimizer ranges (backward runs in this thread on CPU)."""
+    batch = next(mode.batches)
+    with torch.profiler.record_function("forward"):
+        loss = mode.objective(mode.model, batch)["loss"]
+    with torch.profiler.record_function("backward"):
+        loss.backward()
+    with torch.profiler.record_function("optimizer"):
+        mode.optimizer.step()
+        mode.optimizer.zero_grad(set_to_none=True)
+
+
+def profile_tables(prof: Any, steps: int, top: int = 20) -> str:
+    """Ops by self CPU time, the ranges by total CPU time, and the GEMMs by shape, per step."""
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranges = {"forward", "backward", "optimizer", "loss", *PASSES.values()}
+    ops = sorted((e for e in events if e.key not in ranges), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    lines = [f"profiled CPU time per step: {total / 1000 / steps:.0f} ms", "",
+             "| op (self CPU) | calls/step | ms/step | share |", "|---|---|---|---|"]
+    lines += [f"| `{e.key}` | {e.count / steps:g} | {e.self_cpu_time_total / 1000 / steps:.1f} | {e.self_cpu_time_total / total:.1%} |"
+              for e in ops]
+    lines += ["", "| range (total CPU) | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {e.key} | {e.cpu_time_total / 1000 / steps:.1f} | {e.cpu_time_total / total:.1%} |"
+              for e in sorted((e for e in events if e.key in ranges), key=lambda e: -e.cpu_time_total)]
+    gemms = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::bmm", "aten::addmm")),
+                   key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    lines += ["", "| GEMM | input shapes | calls/step | ms/step | GFLOP/s |", "|---|---|---|---|---|"]
+    lines += [f"| `{e.key}` | {e.input_shapes} | {e.count / steps:g} | {e.self_cpu_time_total / 1000 / steps:.1f} | "
+              f"{gemm_flops(e.key, e.input_shapes) * e.count / max(e.self_cpu_time_total, 1) / 1e3:.1f} |" for e in gemms]
+    return "\n".join(lines)
+
+
+def gemm_flops(op: str, shapes: list[list[int]]) -> int:
+    """FLOPs of one mm / bmm / addmm call from its input shapes (addmm's bias first)."""
+    a, b = shapes[1:3] if op == "aten::addmm" else shapes[:2]
+    batch = a[0] if op == "aten::bmm" else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
 def profile(args: argparse.Namespace) -> None:
-    """Where a cached stage-1 step's CPU time goes: torch.profiler over `args.profile` steps, by op."""
+    """Where a cached stage-1 step's CPU time goes: torch.profiler over `args.profile` steps, by op,
+    by pass (record_function ranges) and by GEMM shape."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_data(root, args.batch * (args.profile + 3))
@@ -286,11 +349,13 @@ def profile(args: argparse.Namespace) -> None:
         set_dropout(model.connector, args.dropout)
         cached = feature_dataset(config, root / "cache", train=True, encoder=model.encoder, assembly=model.assembly)
         mode = Mode(1, "feature cache", model, cached, args.batch)
-        mode.step()  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        label_passes(model.connector)
+        ranged_step(mode)  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(args.profile):
-                mode.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+                ranged_step(mode)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print(profile_tables(prof, args.profile))
 
 
 def main(argv: list[str] | None = None) -> int:
