@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlbridge.parts.attention import attention
+from vlbridge.parts.attention import attention, forced_backend
 from vlbridge.parts.dropout import Dropout, dropout
 from vlbridge.errors import VLBridgeError
+from vlbridge.plugins.connectors.qformer_attention import blocked_dropout_attention, sees_some_key
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, Dh)
@@ -44,10 +45,19 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None) -> torch.Tensor:
         """The block on `x` (B, L, W) reading the given keys and values."""
         q = self._split_heads(self.query(x))
-        out = attention(q, kv[0], kv[1], mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        if self._blocked(q, mask):
+            out = blocked_dropout_attention(q, kv[0], kv[1], mask, self.attn_dropout)
+        else:
+            out = attention(q, kv[0], kv[1], mask, dropout_p=self.attn_dropout if self.training else 0.0)
         batch, _, length, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, H, L, Dh) -> (B, L, W)
         return self.norm(x + self.dropout(self.dense(out)))
+
+    def _blocked(self, q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether training attention runs `blocked_dropout_attention`: fp32 with dropout on CPU, where
+        torch has no fused kernel, unless the eager reference is forced (VLBRIDGE_ATTENTION=eager)."""
+        return (self.training and self.attn_dropout > 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
+                and forced_backend() != "eager" and sees_some_key(mask))
 
     def attend_folded(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Unmasked cross-attention of `x` (B, L, W) to `tokens` (B, N, C) without projecting the
