@@ -78,9 +78,9 @@ def shard_part(name: str, part: nn.Module, *, precision: str, reshard_after_forw
                       "Define finetune_blocks() on it to shard it block by block", stacklevel=2)
     trained = {p for p in part.parameters() if p.requires_grad}
     policy = mixed_precision(precision)
+    if checkpoint_blocks:
+        recompute_in_backward(part, blocks)
     for block in blocks:
-        if checkpoint_blocks:
-            checkpoint(block)
         fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=policy,
                     ignored_params={p for p in block.parameters() if p in trained})
     fully_shard(part, reshard_after_forward=reshard_after_forward, mp_policy=policy, ignored_params=trained)
@@ -118,9 +118,22 @@ def checkpoint_llm_blocks(model: nn.Module) -> int:
     """Activation checkpointing of the LLM's blocks without sharding (ddp or one process); how many."""
     llm = getattr(model, "llm", None)
     blocks = find_blocks(llm)[0] if llm is not None else []
+    if blocks:
+        recompute_in_backward(llm, blocks)
+    return len(blocks)
+
+
+def recompute_in_backward(part: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Checkpoint each block (composable, non-reentrant: it composes with fully_shard) and turn the
+    part's KV cache off: a transformers block recomputed in the backward pass would append its keys
+    and values to the forward's cache a second time and attend over both copies (transformers turns
+    the cache off for its own gradient checkpointing too). Generation passes use_cache itself."""
+    for module in part.modules():
+        settings = getattr(module, "config", None)
+        if getattr(settings, "use_cache", False):
+            settings.use_cache = False
     for block in blocks:
         checkpoint(block)
-    return len(blocks)
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
