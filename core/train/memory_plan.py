@@ -2,11 +2,13 @@
 
 Why an estimate from declarations: the point is to know *before* loading 7B weights whether a run
 fits, so nothing is built. Parameter bytes are exact where the plugins declare their counts; what
-is estimated (and says so) is the number of blocks (params / (12 x width^2), the transformer rule)
-and activations: a transformer block stored for backward keeps about 17 values per token and width
-(Korthikanti et al. 2022, without attention scores, which SDPA does not store); with activation
-checkpointing only each block's input is kept, plus one block recomputed at a time. The LLM's output
-logits (batch x tokens x vocabulary) are not counted: the vocabulary is not declared.
+is estimated (and says so) is the number of blocks (params / (12 x width^2), the transformer rule;
+14 for an encoder-decoder, whose decoder blocks add cross-attention) and activations: what a block
+stores for backward per token and unit of width, measured on transformers' blocks (BLOCK_VALUES);
+with activation checkpointing only each block's input is kept, plus one block recomputed at a
+time. Not counted: the LLM's log-probabilities (batch x tokens x vocabulary in fp32; the vocabulary
+is not declared) and the connector's activations. Measured against a tiny and a small run in
+tests/test_memory_plan.py; the README states the error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ from typing import Any
 from vlbridge.assemblies.plan import Plan, count_text
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-VALUES_PER_TOKEN_WIDTH = 17  # stored activations per block, per token and unit of width
+# Values one LLM block stores for backward, per token and unit of width, by encoder_decoder. Measured on
+# CPU in fp32 (SDPA attention keeps no attention matrix; no dropout): decoder-only 8.6 (OPT: ReLU) to
+# 11.3 (Llama: SwiGLU); encoder-decoder 16.5 to 19.6 (T5: gated GELU, a position-bias mask per
+# attention, the decoder's cross-attention). Korthikanti et al. (2022) count 17 for a GPT block that
+# keeps GELU's input and dropout masks. Rounded towards the larger end: a plan should not promise room.
+BLOCK_VALUES = {False: 11, True: 18}
+ENCODER_BLOCK_VALUES = 17  # stage 1: the frozen encoder's one block in flight (a ViT block, Korthikanti's count)
+# bf16/fp16 autocast over fp32 LLM weights: the matmuls' outputs are half, while the residual stream,
+# norms and softmax stay fp32; measured 1.2x (T5) to 1.45x (OPT) the half-precision bytes: 3 a value
+MIXED_VALUE_BYTES = 3
+BLOCK_PARAMS = {False: 12, True: 14}  # a block's parameters / width^2 (attention 4, 4x MLP 8; + cross-attention 4 in half)
 GATHERED_BLOCKS = 2  # fsdp holds the block it runs and the one it prefetches
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
@@ -80,7 +92,8 @@ def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, worl
     shard = list(shard or []) if strategy == "fsdp" and world_size > 1 else []
     lines = [_frozen("encoder", plan.encoder.params, plan.encoder.options, plan.encoder_out.width, shard, world_size)]
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None:
-        lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size))
+        lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size,
+                             plan.llm_dims.encoder_decoder))
     trained = plan.trainable_params.get(stage)
     fp32 = None if trained is None else trained * 4
     lines += [
@@ -88,7 +101,7 @@ def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, worl
         Line("gradients", fp32, "fp32, replicated"),
         Line("optimizer state", None if fp32 is None else 2 * fp32, "AdamW: two fp32 moments",
              "lower the connector's size (fewer queries / layers)"),
-        _activations(plan, stage, batch_size, precision, activation_checkpointing),
+        _activations(plan, stage, batch_size, precision, activation_checkpointing, llm_in_half="llm" in shard),
     ]
     return MemoryPlan(strategy if world_size > 1 else "one process", world_size, lines)
 
@@ -101,7 +114,8 @@ def plan_for_config(config: Any, plan: Plan, world_size: int) -> MemoryPlan:
                        activation_checkpointing=par.activation_checkpointing)
 
 
-def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, shard: list[str], world: int) -> Line:
+def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, shard: list[str], world: int,
+            encoder_decoder: bool = False) -> Line:
     dtype = str(options.get("dtype", "fp32"))
     if params is None:
         return Line(f"frozen {name}", None, "parameter count not declared")
@@ -112,30 +126,34 @@ def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, 
         if dtype == "fp32":
             remedy += f"; or set the {name}'s dtype option to bf16 (half)"
         return Line(f"frozen {name}", full, f"{count_text(params, exact=False)} in {dtype}, whole on every rank", remedy)
-    blocks = _blocks(params, width)
+    blocks = _blocks(params, width, encoder_decoder)
     gathered = GATHERED_BLOCKS * full // blocks
     return Line(f"frozen {name}", full // world + gathered,
                 f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
                 "more processes (a smaller shard)")
 
 
-def _blocks(params: int, width: int) -> int:
-    """The estimated number of transformer blocks: params / (12 x width^2), at least one."""
-    return max(1, round(params / (12 * width * width)))
+def _blocks(params: int, width: int, encoder_decoder: bool = False) -> int:
+    """The estimated number of transformer blocks: params / (BLOCK_PARAMS x width^2), at least one."""
+    return max(1, round(params / (BLOCK_PARAMS[encoder_decoder] * width * width)))
 
 
-def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool) -> Line:
+def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool, llm_in_half: bool) -> Line:
     elem = DTYPE_BYTES.get(precision, 4)
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None and plan.total_tokens is not None and plan.llm.params:
-        width, tokens = plan.llm_dims.embed_width, plan.total_tokens
-        blocks = _blocks(plan.llm.params, width)
-        per_block = batch * tokens * width * VALUES_PER_TOKEN_WIDTH * elem
+        width, tokens, encoder_decoder = plan.llm_dims.embed_width, plan.total_tokens, plan.llm_dims.encoder_decoder
+        blocks = _blocks(plan.llm.params, width, encoder_decoder)
+        weights = str(plan.llm.options.get("dtype", "fp32"))
+        if elem == 2 and weights == "fp32" and not llm_in_half:
+            elem = MIXED_VALUE_BYTES  # autocast over fp32 weights (fsdp would gather them in half)
+        per_block = batch * tokens * width * BLOCK_VALUES[encoder_decoder] * elem
         stored = blocks * batch * tokens * width * elem + per_block if checkpointed else blocks * per_block
         how = "block inputs + one block (checkpointed)" if checkpointed else f"~{blocks} LLM blocks stored for backward"
-        return Line("activations", stored, f"estimate: batch {batch} x {tokens} tokens x {width} wide, {precision}; {how}",
+        mixed = f" over {weights} weights" if elem == MIXED_VALUE_BYTES else ""
+        return Line("activations", stored, f"estimate: batch {batch} x {tokens} tokens x {width} wide, {precision}{mixed}; {how}",
                     "lower batch_size (raise grad_accum)" + ("" if checkpointed else "; or parallel.activation_checkpointing: true"))
     width, tokens = plan.encoder_out.width, plan.encoder_out.num_tokens
-    stored = batch * tokens * width * VALUES_PER_TOKEN_WIDTH * elem
+    stored = batch * tokens * width * ENCODER_BLOCK_VALUES * elem
     return Line("activations", stored, f"estimate: one encoder block's at batch {batch} x {tokens} tokens (the connector's are small)",
                 "lower batch_size (raise grad_accum)")
 
