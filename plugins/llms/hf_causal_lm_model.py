@@ -9,7 +9,6 @@ positions from the mask, as does the shared-prefix cache here. OPT (`opt_model`)
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -18,11 +17,7 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, prompting, tiny_tokenizer
-from vlbridge.plugins.llms.soft_prompt import PadSide, SoftPromptLLM, ignore_padding, positions_from_mask
-
-
-def takes_position_ids(model: Any) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
+from vlbridge.plugins.llms.soft_prompt import PadSide, SoftPromptLLM, ignore_padding, positions_from_mask, takes_argument
 
 
 class CausalLM(SoftPromptLLM):
@@ -37,7 +32,7 @@ class CausalLM(SoftPromptLLM):
         super().__init__(model, tokenizer, **prompting)
         self.caption_suffix = caption_suffix
         self.end_token_id = end_token_id
-        self.explicit_positions = takes_position_ids(model)
+        self.explicit_positions = takes_argument(model, "position_ids")
 
     def forward(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None) -> Any:

@@ -23,6 +23,7 @@ others) get explicit `position_ids` wherever a prompt is padded on the left.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -85,6 +86,11 @@ def ignore_padding(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     if labels.shape != mask.shape:
         raise VLBridgeError(f"labels {tuple(labels.shape)} and their attention mask {tuple(mask.shape)} must have the same shape")
     return labels.masked_fill(mask.eq(0), IGNORE_INDEX)
+
+
+def takes_argument(model: Any, name: str) -> bool:
+    """Whether the model's forward has a parameter of this name (transformers' models differ)."""
+    return name in inspect.signature(model.forward).parameters
 
 
 def merge_generation_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +241,7 @@ class SoftPromptLLM(FrozenPart):
         if expand == 1 and kwargs.get("do_sample"):
             expand = kwargs.get("num_return_sequences") or 1
         if not self.is_encoder_decoder and expand > 1 and embeds.shape[1] > 1 and "cache" not in kwargs:
-            kwargs["cache"] = self._shared_prefix_cache(embeds, mask, expand)
+            kwargs["cache"] = self._shared_prefix_cache(embeds, mask, expand, room=kwargs["max_new_tokens"] + 1)
         with warnings.catch_warnings():
             # With only inputs_embeds the prompt has no ids to penalise: BLIP-2 behaves the same.
             warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`.*")
@@ -243,14 +249,21 @@ class SoftPromptLLM(FrozenPart):
         sequences = output.sequences if hasattr(output, "sequences") else output
         return self.new_tokens(sequences)
 
-    def _shared_prefix_cache(self, embeds: torch.Tensor, mask: torch.Tensor, expand: int) -> Any:
-        """Run the prompt (all but its last position) once per image and copy its key/value cache to
+    def _shared_prefix_cache(self, embeds: torch.Tensor, mask: torch.Tensor, expand: int, room: int) -> Any:
+        """Run the prompt (all but its last position) once per image and give its key/value cache to
         every beam. transformers would run the whole prompt once per beam: with a 32-token visual
-        prompt and 5 beams that is 5x the prefill work for the same numbers (outputs are identical)."""
+        prompt and 5 beams that is 5x the prefill work for the same numbers (outputs are identical).
+        Where the cache is a plain DynamicCache, the beams get buffers with `room` positions to grow
+        in place, whose reorders leave the shared prompt where it is (`beam_cache`)."""
+        from vlbridge.plugins.llms.beam_cache import share_prompt
+
         extra = {"position_ids": positions_from_mask(mask[:, :-1])} if self.explicit_positions else {}
+        if takes_argument(self.model, "logits_to_keep"):
+            extra["logits_to_keep"] = 1  # the prompt's logits are never read: skip the vocabulary projection
         out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **extra)
         cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(expand)
+        if not share_prompt(cache, expand, room):
+            cache.batch_repeat_interleave(expand)
         return cache
 
     def _check_visual(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor) -> None:
