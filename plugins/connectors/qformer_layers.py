@@ -141,16 +141,19 @@ class QFormerLayer(nn.Module):
         self.ffn_text: FeedForward | None = FeedForward(width, hidden, eps, dropout)  # None once the text side is dropped
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | KV | None,
-                prefix: KV | None = None, keep: list[KV] | None = None, fold: bool = False) -> torch.Tensor:
+                prefix: KV | None = None, keep: list[KV] | None = None, fold: bool = False, rows: int | None = None) -> torch.Tensor:
         """`image`: ln_vision'd tokens, or this layer's cross-attention K/V of them computed once
         for several passes. `prefix`: K/V put in front of the self-attention's own (ITG's text
         reading a query pass's). `keep`: a list this layer's self-attention K/V are appended to.
-        `fold`: read raw image tokens with `attend_folded` where `folding_pays`."""
+        `fold`: read raw image tokens with `attend_folded` where `folding_pays`. `rows`: only the
+        first positions' outputs (all positions are still keys and values)."""
         kv = self.self_attn.key_values(x)
         if keep is not None:
             keep.append(kv)
         if prefix is not None:
             kv = (torch.cat([prefix[0], kv[0]], dim=2), torch.cat([prefix[1], kv[1]], dim=2))
+        if rows is not None:
+            x, mask, num_queries = x[:, :rows], None if mask is None else mask[..., :rows, :], min(num_queries, rows)
         x = self.self_attn.attend(x, kv, mask)
         if num_queries == 0:
             return self.ffn_text(x)

@@ -127,10 +127,15 @@ class QFormer(nn.Module):
     # -- passes -------------------------------------------------------------------------------
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | ImageContext | None,
-             prefixes: list[KV] | None = None, keep: list[KV] | None = None, fold: bool = False) -> torch.Tensor:
+             prefixes: list[KV] | None = None, keep: list[KV] | None = None, fold: bool = False,
+             last_rows: int | None = None) -> torch.Tensor:
+        """The layers over `x`; `last_rows`: the caller reads only the first positions, so the last
+        layer computes only those rows (their numbers are unchanged: every row reads all keys)."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_image = image.layers[i] if isinstance(image, ImageContext) else image
-            x = layer(x, mask, num_queries, layer_image, None if prefixes is None else prefixes[i], keep, fold)
+            x = layer(x, mask, num_queries, layer_image, None if prefixes is None else prefixes[i], keep, fold,
+                      rows=last_rows if i == last else None)
         return x
 
     def _image(self, image_embeds: torch.Tensor | ImageContext) -> torch.Tensor | ImageContext:
@@ -203,18 +208,21 @@ class QFormer(nn.Module):
         device = self.query_tokens.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
-    def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, W): text alone, bidirectional over real tokens, text FFN only."""
+    def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                     last_rows: int | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, W): text alone, bidirectional over real tokens, text FFN only
+        (`last_rows`: only the first positions, as in `_run`)."""
         mask = unimodal_mask(0, _text_mask(input_ids, attention_mask))
-        return self._run(self.embeddings(input_ids), mask, 0, None)
+        return self._run(self.embeddings(input_ids), mask, 0, None, last_rows=last_rows)
 
     def multimodal_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                           image_embeds: torch.Tensor | ImageContext, *, fold: bool = False) -> torch.Tensor:
+                           image_embeds: torch.Tensor | ImageContext, *, fold: bool = False,
+                           last_rows: int | None = None) -> torch.Tensor:
         """(B, Q+T, W): queries and text see each other (ITM); queries cross-attend to the image
-        (`fold` as in `query_outputs`)."""
+        (`fold` as in `query_outputs`; `last_rows`: only the first positions, as in `_run`)."""
         mask = bidirectional_mask(self.num_queries, _text_mask(input_ids, attention_mask))
         x = self.embeddings(input_ids, self._queries(input_ids.shape[0]))
-        return self._run(x, mask, self.num_queries, self._image(image_embeds), fold=fold)
+        return self._run(x, mask, self.num_queries, self._image(image_embeds), fold=fold, last_rows=last_rows)
 
     def itg_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_embeds: torch.Tensor | ImageContext) -> torch.Tensor:
@@ -251,12 +259,12 @@ class QFormer(nn.Module):
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, embed_dim) L2-normalised ITC text features, from the first ([CLS]) token."""
-        return F.normalize(self.text_proj(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self.text_outputs(input_ids, attention_mask, last_rows=1)[:, 0]), dim=-1)
 
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_embeds: torch.Tensor | ImageContext) -> torch.Tensor:
         """(B, 2) match / no-match logits, averaged over the query positions (class 1 = match)."""
-        hidden = self.multimodal_outputs(input_ids, attention_mask, image_embeds)
+        hidden = self.multimodal_outputs(input_ids, attention_mask, image_embeds, last_rows=self.num_queries)
         return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
 
     # -- training and weights ---------------------------------------------------------------
