@@ -82,16 +82,17 @@ class _BlockedAttention(torch.autograd.Function):
         bias = None if mask is None else _additive(mask, q.dtype)
         rows = _rows_per_block(batch, heads, length, k.shape[2])
         words = torch.empty((rows * heads * length * k.shape[2] + 3) // 4, dtype=torch.int64)
+        scratch = q.new_empty(2, rows, heads, length, k.shape[2])  # reused by every block: stays in cache
         for start in range(0, batch, rows):
             stop = min(start + rows, batch)
             flat = slice(start * heads, stop * heads)
-            scores = probs[start:stop]
+            scores, dropped = scratch[0, : stop - start], scratch[1, : stop - start]
             torch.bmm(q_scaled[flat], k_flat[flat].transpose(1, 2), out=scores.view(-1, length, k.shape[2]))
             if bias is not None:
                 scores.add_(bias if bias.shape[0] == 1 else bias[start:stop])
-            torch._softmax(scores, -1, False, out=scores)
+            block_probs = torch._softmax(scores, -1, False, out=probs[start:stop])
             _draw_keep(scores.shape, threshold, words, keep[start:stop])
-            dropped = (scores * scale).mul_(keep[start:stop])
+            torch.mul(block_probs, scale, out=dropped).mul_(keep[start:stop])
             torch.bmm(dropped.view(-1, length, k.shape[2]), v_flat[flat], out=out[flat])
         ctx.save_for_backward(q_scaled, k_flat, v_flat, probs, keep)
         ctx.scales = (scale, 1.0 / math.sqrt(head_dim))
@@ -105,16 +106,18 @@ class _BlockedAttention(torch.autograd.Function):
         grad = _flat(grad)
         grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
         rows = _rows_per_block(batch, heads, length, keys)
+        scratch = probs.new_empty(3, rows * heads, length, keys)
         for start in range(0, batch, rows):
             stop = min(start + rows, batch)
             flat = slice(start * heads, stop * heads)
+            dropped, grad_dropped, grad_scores = scratch[:, : (stop - start) * heads]
             block_probs = probs[start:stop].view(-1, length, keys)
             block_keep = keep[start:stop].view(-1, length, keys)
-            dropped = (block_probs * scale).mul_(block_keep)
+            torch.mul(block_probs, scale, out=dropped).mul_(block_keep)
             torch.bmm(dropped.transpose(1, 2), grad[flat], out=grad_v[flat])
-            grad_dropped = torch.bmm(grad[flat], v[flat].transpose(1, 2))
+            torch.bmm(grad[flat], v[flat].transpose(1, 2), out=grad_dropped)
             grad_dropped.mul_(scale).mul_(block_keep)
-            grad_scores = torch._softmax_backward_data(grad_dropped, block_probs, -1, block_probs.dtype)
+            torch._softmax_backward_data(grad_dropped, block_probs, -1, block_probs.dtype, grad_input=grad_scores)
             torch.bmm(grad_scores, k[flat], out=grad_q[flat])
             torch.bmm(grad_scores.transpose(1, 2), q_scaled[flat], out=grad_k[flat])
         shape = (batch, heads, -1, q_scaled.shape[-1])
