@@ -177,13 +177,15 @@ def _build_plan(config: AssemblyConfig, enc: Resolved, con: Resolved, llm: Resol
     llm_width = dims.embed_width if dims is not None else 0
     counts = con.spec.num_params(con.options, enc_out, llm_width) if con.spec.num_params else {}
     trainable = {s: n for s, n in counts.items() if s in stages}
+    stored = con.spec.activations(con.options, enc_out, llm_width, config.max_text_tokens) if con.spec.activations else {}
     return Plan(
         name=config.name,
         encoder=_component_plan("encoder", config.encoder, enc, enc.spec.num_params(enc.options) if enc.spec.num_params else None),
         connector=_component_plan("connector", config.connector, con, trainable.get(max(stages))),
         llm=_component_plan("llm", config.llm, llm, llm.spec.num_params(llm.options) if llm.spec.num_params else None) if llm else None,
         preprocess=preprocess, encoder_out=enc_out, connector_out=con_out, llm_dims=dims,
-        max_text_tokens=config.max_text_tokens, stages=stages, trainable_params=trainable, warnings=tuple(warnings),
+        max_text_tokens=config.max_text_tokens, stages=stages, trainable_params=trainable,
+        connector_activations={s: n for s, n in stored.items() if s in stages}, warnings=tuple(warnings),
     )
 
 

@@ -35,6 +35,7 @@ class Plan:
     max_text_tokens: int
     stages: tuple[int, ...]
     trainable_params: dict[int, int] = field(default_factory=dict)  # stage -> connector parameters
+    connector_activations: dict[int, int] = field(default_factory=dict)  # stage -> values a sample stores for backward (declared)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -51,6 +52,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["trainable_params"] = {str(k): v for k, v in self.trainable_params.items()}
+        out["connector_activations"] = {str(k): v for k, v in self.connector_activations.items()}
         out["frozen_params"] = self.frozen_params
         out["warnings"] = list(self.warnings)
         return out

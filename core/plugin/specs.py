@@ -73,6 +73,7 @@ class LLMDims:
     context_length: int
     encoder_decoder: bool
     context_is_hard: bool = True  # False where positions are relative (T5): overflow is a warning
+    vocab_size: int | None = None  # rows of the logits; the memory plan counts their log-probabilities (None: not counted)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,10 +148,13 @@ class ConnectorSpec(_SpecBase):
     ``output(opts, encoder_out, llm_width)`` returns the TokenShape fed to the LLM or raises
     IncompatibleError saying why the pair cannot be joined. ``num_params(opts, encoder_out,
     llm_width)`` returns ``{stage: trainable parameter count}`` for the stages it supports.
+    ``activations(opts, encoder_out, llm_width, text_tokens)`` (optional, for the memory plan)
+    returns ``{stage: values one sample's forward stores for backward}``; None: not counted.
     """
 
     output: Callable[[Any, TokenShape, int], TokenShape]
     num_params: Callable[[Any, TokenShape, int], dict[int, int]] | None = None
+    activations: Callable[[Any, TokenShape, int, int], dict[int, int]] | None = None
     stages: tuple[int, ...] = (2,)
 
     kind: ClassVar[Kind] = "connector"

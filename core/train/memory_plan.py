@@ -6,9 +6,11 @@ is estimated (and says so) is the number of blocks (params / (12 x width^2), the
 14 for an encoder-decoder, whose decoder blocks add cross-attention) and activations: what a block
 stores for backward per token and unit of width, measured on transformers' blocks (BLOCK_VALUES);
 with activation checkpointing only each block's input is kept, plus one block recomputed at a
-time. Not counted: the LLM's log-probabilities (batch x tokens x vocabulary in fp32; the vocabulary
-is not declared) and the connector's activations. Measured against a tiny and a small run in
-tests/test_memory_plan.py; the README states the error.
+time. Counted where the plugins declare them (optional declarations; without them the line says
+`not counted: ...`): the LM loss's fp32 log-probabilities (batch x positions x LLMDims.vocab_size)
+and the connector's stored values (ConnectorSpec.activations: the Q-Former's query pass in stage 2,
+its ITC/ITM/ITG passes in stage 1). Measured against tiny runs in tests/test_memory_plan.py
+(measured / planned 0.63 to 1.11); the README states the error.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ ENCODER_BLOCK_VALUES = 17  # stage 1: the frozen encoder's one block in flight (
 # bf16/fp16 autocast over fp32 LLM weights: the matmuls' outputs are half, while the residual stream,
 # norms and softmax stay fp32; measured 1.2x (T5) to 1.45x (OPT) the half-precision bytes: 3 a value
 MIXED_VALUE_BYTES = 3
+# The connector's values are counted at 4 bytes: its weights train in fp32 and, under autocast, its
+# LayerNorm outputs and softmax stay fp32 (the tiny Q-Former keeps 3.8 bytes a value in bf16)
+CONNECTOR_VALUE_BYTES = 4
+LOGPROB_BYTES = 4  # the LM loss upcasts the logits: log_softmax keeps its fp32 output, in every precision
 BLOCK_PARAMS = {False: 12, True: 14}  # a block's parameters / width^2 (attention 4, 4x MLP 8; + cross-attention 4 in half)
 GATHERED_BLOCKS = 2  # fsdp holds the block it runs and the one it prefetches
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*$", re.IGNORECASE)
@@ -140,22 +146,42 @@ def _blocks(params: int, width: int, encoder_decoder: bool = False) -> int:
 
 def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool, llm_in_half: bool) -> Line:
     elem = DTYPE_BYTES.get(precision, 4)
+    values = plan.connector_activations.get(stage)
+    connector = None if values is None else batch * values * CONNECTOR_VALUE_BYTES
+    unknown = [] if values is not None else ["the connector's (not declared)"]
+    remedy = "lower batch_size (raise grad_accum)"
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None and plan.total_tokens is not None and plan.llm.params:
-        width, tokens, encoder_decoder = plan.llm_dims.embed_width, plan.total_tokens, plan.llm_dims.encoder_decoder
+        dims, tokens = plan.llm_dims, plan.total_tokens
+        width, encoder_decoder = dims.embed_width, dims.encoder_decoder
         blocks = _blocks(plan.llm.params, width, encoder_decoder)
         weights = str(plan.llm.options.get("dtype", "fp32"))
         if elem == 2 and weights == "fp32" and not llm_in_half:
             elem = MIXED_VALUE_BYTES  # autocast over fp32 weights (fsdp would gather them in half)
         per_block = batch * tokens * width * BLOCK_VALUES[encoder_decoder] * elem
         stored = blocks * batch * tokens * width * elem + per_block if checkpointed else blocks * per_block
-        how = "block inputs + one block (checkpointed)" if checkpointed else f"~{blocks} LLM blocks stored for backward"
+        how = ["block inputs + one block (checkpointed)" if checkpointed else f"~{blocks} LLM blocks"]
+        if dims.vocab_size is None:
+            unknown.append("the log-probabilities (vocabulary not declared)")
+        else:  # decoder-only: every position's logits (the loss shifts them); encoder-decoder: the decoder's
+            positions = plan.max_text_tokens if encoder_decoder else tokens
+            stored += batch * positions * dims.vocab_size * LOGPROB_BYTES
+            how.append(f"log-probabilities {positions} x {dims.vocab_size} fp32")
+        if connector is not None:
+            stored += connector
+            how.append("the connector's")
         mixed = f" over {weights} weights" if elem == MIXED_VALUE_BYTES else ""
-        return Line("activations", stored, f"estimate: batch {batch} x {tokens} tokens x {width} wide, {precision}{mixed}; {how}",
-                    "lower batch_size (raise grad_accum)" + ("" if checkpointed else "; or parallel.activation_checkpointing: true"))
+        note = f"estimate: batch {batch} x {tokens} tokens x {width} wide, {precision}{mixed}; {' + '.join(how)}"
+        return Line("activations", stored, note + _not_counted(unknown),
+                    remedy + ("" if checkpointed else "; or parallel.activation_checkpointing: true"))
     width, tokens = plan.encoder_out.width, plan.encoder_out.num_tokens
-    stored = batch * tokens * width * ENCODER_BLOCK_VALUES * elem
-    return Line("activations", stored, f"estimate: one encoder block's at batch {batch} x {tokens} tokens (the connector's are small)",
-                "lower batch_size (raise grad_accum)")
+    encoder = batch * tokens * width * ENCODER_BLOCK_VALUES * elem  # gone before the connector stores its own
+    if connector is not None and connector > encoder:
+        return Line("activations", connector, f"estimate: the connector's (declared) at batch {batch}", remedy)
+    return Line("activations", encoder, f"estimate: one encoder block's at batch {batch} x {tokens} tokens" + _not_counted(unknown), remedy)
+
+
+def _not_counted(parts: list[str]) -> str:
+    return f"; not counted: {', '.join(parts)}" if parts else ""
 
 
 def _human(n: int | None) -> str:

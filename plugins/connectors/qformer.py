@@ -19,6 +19,11 @@ ARCH: dict[str, dict[str, int]] = {
 }
 HUB_BERT = "bert-base-uncased"  # BLIP-2's BERT: the tokenizer of a base Q-Former given no bert or tokenizer
 # Our size names -> a transformers BertConfig's: a local `bert` directory states the Q-Former's shape.
+# Values a Q-Former stores for backward, measured with saved-tensor hooks on the tiny one in fp32
+# (tests/test_memory_plan.py): per position and layer, 11 of the width (attention inputs and heads,
+# output blocks, LayerNorm inputs, dropout) and 2 of the FFN's (GELU's input and output); per query in
+# a cross-attention layer, 5 of the width; per attention probability 1.5 (fp32 + an int16 dropout mask).
+TOKEN_VALUES, FFN_VALUES, CROSS_VALUES, PROB_VALUES = 11, 2, 5, 1.5
 BERT_FIELDS: dict[str, str] = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                                "intermediate_size": "intermediate_size", "max_text_positions": "max_position_embeddings"}
 
@@ -98,6 +103,25 @@ def num_params(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int) ->
     }
 
 
+def activations(opts: QFormerOptions, encoder_out: TokenShape, llm_width: int, text_tokens: int) -> dict[int, int]:
+    """Values one sample's forward stores for backward, per stage (for the memory plan). Stage 2: one
+    query pass (with the instruction, if instruction-aware). Stage 1: the query pass, ITC's text pass,
+    ITM's 3 pairs of [queries ; text] and ITG's text reading the queries, with ITG's fp32 log-probabilities."""
+    h, ffn, heads, layers = (opts.size(k) for k in ("hidden_size", "intermediate_size", "num_heads", "num_layers"))
+    n_cross = len(range(0, layers, opts.cross_attention_freq))
+    q, n, t = opts.num_query_tokens, encoder_out.num_tokens, text_tokens
+
+    def passes(length: int, keys: int) -> float:  # self-attention and FFN over `length` positions reading `keys`
+        return layers * (length * (TOKEN_VALUES * h + FFN_VALUES * ffn) + PROB_VALUES * heads * length * keys)
+
+    cross = n_cross * (CROSS_VALUES * q * h + PROB_VALUES * heads * q * n)  # the queries reading the image
+    image = 2 * n * encoder_out.width + n_cross * 2 * n * h  # ln_vision's input and output, cross-attention K/V
+    prompt = q + (opts.max_instruction_tokens if opts.instruction_aware else 0)
+    stage1 = (passes(q, q) + cross + passes(t, t) + 3 * (passes(q + t, q + t) + cross) + passes(t, q + t)
+              + t * opts.size("vocab_size"))
+    return {1: round(image + stage1), 2: round(image + passes(prompt, prompt) + cross)}
+
+
 def weight_sources(opts: QFormerOptions, stage: int) -> list[WeightSource]:
     """The BERT it starts from, and its tokenizer where building needs text (stage 1, instructions):
     a stage-2 caption or answer never tokenizes Q-Former text, so it is not refused for a missing one."""
@@ -118,6 +142,7 @@ def vlbridge_register_connectors() -> list[ConnectorSpec]:
             options=QFormerOptions,
             output=output,
             num_params=num_params,
+            activations=activations,
             stages=(1, 2),
             weight_sources=weight_sources,
         )

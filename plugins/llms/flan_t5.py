@@ -49,7 +49,8 @@ class FlanT5Options(Options):
 
 
 def dims(opts: FlanT5Options) -> LLMDims:
-    return LLMDims(embed_width=opts.arch["d_model"], context_length=CONTEXT, encoder_decoder=True, context_is_hard=False)
+    a = opts.arch
+    return LLMDims(embed_width=a["d_model"], context_length=CONTEXT, encoder_decoder=True, context_is_hard=False, vocab_size=a["vocab"])
 
 
 def num_params(opts: FlanT5Options) -> int:

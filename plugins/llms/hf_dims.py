@@ -44,9 +44,10 @@ def embed_width(config: dict[str, Any]) -> int:
 def dims(config: dict[str, Any]) -> LLMDims:
     config = text_config(config)
     encoder_decoder = bool(config.get("is_encoder_decoder", False))
+    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None  # None: the plan leaves the logits out
     if config.get("model_type") in RELATIVE_POSITIONS or not any(isinstance(config.get(k), int) for k in CONTEXT_KEYS):
-        return LLMDims(embed_width(config), T5_CONTEXT, encoder_decoder, context_is_hard=False)
-    return LLMDims(embed_width(config), _first(config, CONTEXT_KEYS, "context length"), encoder_decoder)
+        return LLMDims(embed_width(config), T5_CONTEXT, encoder_decoder, context_is_hard=False, vocab_size=vocab)
+    return LLMDims(embed_width(config), _first(config, CONTEXT_KEYS, "context length"), encoder_decoder, vocab_size=vocab)
 
 
 def _llama_like(c: dict[str, Any]) -> int:

@@ -54,7 +54,8 @@ def arch_of(config: dict) -> dict[str, int]:
 
 
 def dims(opts: OPTOptions) -> LLMDims:
-    return LLMDims(embed_width=opts.arch["embed"], context_length=opts.arch["positions"], encoder_decoder=False)
+    a = opts.arch
+    return LLMDims(embed_width=a["embed"], context_length=a["positions"], encoder_decoder=False, vocab_size=a["vocab"])
 
 
 def num_params(opts: OPTOptions) -> int:
