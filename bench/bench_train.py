@@ -22,7 +22,8 @@ FLOPs per step are counted with torch.utils.flop_counter.FlopCounterMode (matmul
 attention; forward and backward), and set against this machine's fp32 torch.mm rate (2048^3, and a
 Q-Former-sized shape for comparison), timed in every repetition between the training steps so that
 both see the same load. `--dropout 0` turns the Q-Former's dropout off, to show what it costs.
-`--profile 2` instead prints torch.profiler's op table (self CPU time) of two cached stage-1 steps.
+`--profile 2` instead profiles two cached stage-1 steps: ops by self CPU time, the passes (ITC, ITM,
+ITG, image K/V, loss; forward, backward, optimizer) as record_function ranges, and the GEMMs by shape.
 """
 
 from __future__ import annotations
