@@ -5,7 +5,8 @@ whole (B, H, Lq, Lk) probabilities: scores, softmax, the dropout mask (drawn, ca
 the masked probabilities, and in backward the same again, each a pass through main memory (ITM's
 cross-attention: 4.7M probabilities, 19 MB per tensor at BLIP-2's stage-1 batch here). This runs the
 same operations a few batch rows at a time, so that each block's scores, mask and products stay in
-the CPU cache, and keeps only the probabilities and a one-byte keep mask for backward.
+the CPU cache, and keeps only the probabilities and an int16 keep mask for backward. torch's
+`_softmax` / `_softmax_backward_data` are called for their out= forms (into the block's buffers).
 
 The numbers are those of `vlbridge.parts.attention`'s eager path with `vlbridge.parts.dropout`'s
 masks: the same per-row matmuls and softmax, and the same random words in the same order (drawn

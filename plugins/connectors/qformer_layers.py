@@ -2,7 +2,8 @@
 
 A layer runs self-attention over `[queries ; text]`, then (queries only) cross-attention to the
 image in every `cross_attention_freq`-th layer, then a separate FFN for queries and for text.
-All attention goes through `vlbridge.parts.attention.attention`.
+All attention goes through `vlbridge.parts.attention.attention`, except training attention with
+dropout on CPU, which runs `qformer_attention.blocked_dropout_attention` (the same numbers, faster).
 """
 
 from __future__ import annotations
