@@ -2,7 +2,7 @@
 this CPU, same weights (a random BLIP-2 saved with save_pretrained, imported with
 vlbridge.import_hf_blip2), same images, same beams and lengths.
 
-    python bench/bench_caption.py [--batch 4] [--beams 5] [--tokens 20] [--reps 3] [--json out.json]
+    python bench/bench_caption.py [--batch 4] [--beams 5] [--tokens 20] [--reps 3] [--threads 1] [--json out.json]
 
 The model is BLIP-2-shaped but small enough for a CPU: a 224 px, 257-token ViT (width 384, 6
 blocks), a 6-layer Q-Former (width 256, 32 queries), a 6-layer OPT (width 512). Both sides decode
@@ -10,8 +10,10 @@ exactly `--tokens` new tokens (min = max) so the work is equal; outputs are chec
 
 Time: median over `--reps` repetitions after a warm-up, as images/s, from the process's CPU time
 with torch on `--threads` threads (default 1): on a shared machine wall time swings with other
-jobs, CPU time of a one-thread process does not (wall time is reported too). Memory: each side runs
-in a fresh subprocess; peak RSS during generation above the RSS before it (MALLOC_MMAP_THRESHOLD_
+jobs, CPU time of a one-thread process much less (wall time is reported too, and the load average
+before and after). Each side runs in a fresh subprocess, both at the same time so both see the
+same load from other jobs (they also share the caches and memory bandwidth: the side that moves
+more memory loses more), or with --one-at-a-time one after the other. Memory: peak RSS during generation above the RSS before it (MALLOC_MMAP_THRESHOLD_
 fixed so freed buffers go back to the OS), as in bench_qformer.py.
 """
 
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -61,31 +64,42 @@ def peak_kb() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
 
 
-def run_side(side: str, root: Path, args: argparse.Namespace) -> dict:
-    """In this process: load one side, generate `reps` times, report times, tokens and memory."""
-    torch.set_num_threads(args.threads)
+def make_step(side: str, root: Path, args: argparse.Namespace) -> tuple[Any, Callable[[], list[str]]]:
+    """One side's model and a call that captions the bench's images with it (the texts, stripped)."""
     pixels = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     settings = dict(num_beams=args.beams, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     if side == "ours":
         import vlbridge
 
+        if getattr(args, "plain_cache", False):
+            from vlbridge.plugins.llms import beam_cache
+
+            beam_cache.share_prompt = lambda *given: False
+
         model = vlbridge.load(root / "ours")
 
         def step():
             return model.llm.decode(model.llm.generate(model.visual_tokens(pixels), *_bos(model, args.batch), **settings))
-    else:
-        from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+        return model, step
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
-        model = Blip2ForConditionalGeneration.from_pretrained(root / "hf").eval()
-        tokenizer = AutoTokenizer.from_pretrained(root / "hf")
-        ids = torch.tensor([[1000] * 32 + [tokenizer.bos_token_id]] * args.batch)
-        eos = tokenizer("\n", add_special_tokens=False).input_ids[0]
+    model = Blip2ForConditionalGeneration.from_pretrained(root / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    ids = torch.tensor([[1000] * 32 + [tokenizer.bos_token_id]] * args.batch)
+    eos = tokenizer("\n", add_special_tokens=False).input_ids[0]
 
-        def step():
-            out = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos, **settings)
-            return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    def step():
+        out = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=eos, **settings)
+        return [text.strip() for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    return model, step
+
+
+def run_side(side: str, root: Path, args: argparse.Namespace) -> dict:
+    """In this process: load one side, generate `reps` times, report times, tokens and memory."""
+    torch.set_num_threads(args.threads)
+    _, step = make_step(side, root, args)
     with torch.inference_mode():
-        texts = [t.strip() for t in step()]  # warm-up
+        texts = step()  # warm-up
         before = rss_kb()
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark
         times, walls = [], []
@@ -102,6 +116,13 @@ def _bos(model, batch: int):
     return ids, mask
 
 
+def _result(side: str, run: subprocess.Popen) -> dict:
+    out, err = run.communicate()
+    if run.returncode:
+        raise SystemExit(f"the {side} side failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -110,6 +131,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's own mmap threshold (the peak-memory "
+                        "figures are then not comparable: freed buffers may stay in the heap)")
+    parser.add_argument("--plain-cache", action="store_true", help="ours with the prompt's cache copied to every beam "
+                        "in a DynamicCache (the path before issue 21's shared-prompt cache)")
+    parser.add_argument("--one-at-a-time", action="store_true", help="run the sides one after the other, not side by side")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,23 +148,31 @@ def main() -> None:
         import vlbridge
 
         vlbridge.import_hf_blip2(root / "hf", root / "ours")
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        results = {}
-        for side in ("transformers", "ours"):
+        env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        load_before = os.getloadavg()[0]
+        runs = {}
+        for side in ("transformers", "ours"):  # side by side unless --one-at-a-time
             cmd = [sys.executable, __file__, "--side", side, "--root", str(root), "--batch", str(args.batch),
                    "--beams", str(args.beams), "--tokens", str(args.tokens), "--reps", str(args.reps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            results[side] = json.loads(out.strip().splitlines()[-1])
+            cmd += ["--plain-cache"] if args.plain_cache else []
+            runs[side] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            if args.one_at_a_time:
+                runs[side] = _result(side, runs[side])
+        results = {side: run if isinstance(run, dict) else _result(side, run) for side, run in runs.items()}
+        load_after = os.getloadavg()[0]
     same = results["ours"]["texts"] == results["transformers"]["texts"]
     med = {side: statistics.median(r["times"]) for side, r in results.items()}
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}",
-        "settings": {"batch": args.batch, "beams": args.beams, "new_tokens": args.tokens, "reps": args.reps},
+        "settings": {"batch": args.batch, "beams": args.beams, "new_tokens": args.tokens, "reps": args.reps,
+                     "side_by_side": not args.one_at_a_time, "fixed_mmap_threshold": not args.default_malloc,
+                     "ours_cache": "plain" if args.plain_cache else "shared prompt"},
         "identical_captions": same,
         "images_per_cpu_s": {side: args.batch / t for side, t in med.items()},
         "images_per_wall_s": {side: args.batch / statistics.median(r["walls"]) for side, r in results.items()},
         "throughput_ratio_ours_over_transformers": med["transformers"] / med["ours"],
         "peak_delta_mb": {side: r["peak_delta_mb"] for side, r in results.items()},
+        "load_average_1min": {"before": load_before, "after": load_after},
     }
     print(json.dumps(report, indent=2))
     if args.json:
