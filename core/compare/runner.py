@@ -158,7 +158,8 @@ def train_stage1(config: CompareConfig, run: RunSpec, seed: int, assembly: dict,
         progress.start(f"{run.name} seed {seed}: stage 1")
     say(f"{run.name} (seed {seed}): stage 1, {run.stage1_steps} steps -> {folder}")
     start = time.perf_counter()
-    result = train(_train_config(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=_resumable(folder))
+    result = train(_train_config(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=_resumable(folder),
+                   quiet=True)
     summary = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite,
                "seconds": time.perf_counter() - start, "folder": str(folder)}
     atomic_write_text(done, json.dumps(summary, indent=1, default=str))
@@ -188,7 +189,8 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
     if progress is not None:
         progress.start(f"{run.name} seed {seed}: stage 2")
     say(f"{run.name} (seed {seed}): stage 2, {run.stage2_steps} steps")
-    result = train(_train_config(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=_resumable(out))
+    result = train(_train_config(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=_resumable(out),
+                   quiet=True)  # the comparison's own progress line covers the trainer's
     summary["stage2"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
     summary["train_seconds"] = time.perf_counter() - start
     return latest_checkpoint(out), summary

@@ -72,20 +72,24 @@ class TrainResult:
     data: str = ""  # what the data loader read and skipped (DataProgress.summary)
 
 
-def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None) -> TrainResult:
+def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None,
+        quiet: bool = False) -> TrainResult:
     """Train as the config says. `resume` continues from output_dir's latest checkpoint (or starts
-    when there is none); `objective` replaces the stage's default (Stage1Objective / Stage2Objective)."""
+    when there is none); `objective` replaces the stage's default (Stage1Objective / Stage2Objective);
+    `quiet` prints no plan, header or progress lines (for a caller with its own progress line, such as
+    `vlbridge compare`); warnings (skipped non-finite steps, changed resume settings) still print."""
     config, label = read_config(dict(config) if isinstance(config, Mapping) else config)
-    return train(config, check_config(config, label), resume=resume, objective=objective)
+    return train(config, check_config(config, label), resume=resume, objective=objective, quiet=quiet)
 
 
-def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, objective: Objective | None = None) -> TrainResult:
+def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, objective: Objective | None = None,
+          quiet: bool = False) -> TrainResult:
     """`run` for a config already validated by `check_config` (which returned `assembly`)."""
     output_dir = Path(config.output_dir).expanduser()
     with rt.runtime(config.device) as where, ckpt.exclusive(output_dir, hold=where.main):
         if not resume:
             refuse_existing_run(output_dir)  # before any weight loads
-        trainer = Trainer(config, assembly, where, objective)
+        trainer = Trainer(config, assembly, where, objective, quiet=quiet)
         try:
             return trainer.fit(resume)
         finally:
@@ -95,8 +99,9 @@ def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, obje
 class Trainer:
     """One run's state: built in __init__, driven by `fit`."""
 
-    def __init__(self, config: TrainConfig, assembly: Assembly, where: rt.Runtime, objective: Objective | None = None):
-        self.config, self.where, self.device = config, where, where.device
+    def __init__(self, config: TrainConfig, assembly: Assembly, where: rt.Runtime, objective: Objective | None = None,
+                 quiet: bool = False):
+        self.config, self.where, self.device, self.quiet = config, where, where.device, quiet
         self.output_dir = Path(config.output_dir).expanduser()
         rt.seed_everything(config.seed)  # the same initial weights on every rank
         self.model, self.recipe = build_model(config, assembly, self.device)
@@ -235,7 +240,11 @@ class Trainer:
         self.nonfinite_in_row += 1
         parts = ", ".join(f"{name} {float(value):.4g}" for name, value in sums.items())
         limit = self.config.max_nonfinite
-        self.bar.write(f"step {self.step + 1}: non-finite loss ({parts}); step skipped ({self.nonfinite_in_row}/{limit} in a row)")
+        message = f"step {self.step + 1}: non-finite loss ({parts}); step skipped ({self.nonfinite_in_row}/{limit} in a row)"
+        if self.quiet:
+            self.say(message)
+        else:
+            self.bar.write(message)
         if self.nonfinite_in_row >= limit:
             latest = ckpt.latest_checkpoint(self.output_dir)
             raise NonFiniteLossError(
@@ -287,7 +296,7 @@ class Trainer:
         return self.step
 
     def announce(self) -> None:
-        if not self.where.main:
+        if not self.where.main or self.quiet:  # the bar stays Silent
             return
         self.bar = ProgressBar(self.total_steps, start=self.step)
         c, plan = self.config, self.model.plan
