@@ -45,7 +45,9 @@ class Stage1Recipe(BaseModel):
     lr: float = Field(2e-3, gt=0, description="peak lr (the demo's; docs/demo-findings.md section 3 measured retrieval under it)")
     warmup: int = Field(200, ge=0)
     min_lr: float = Field(1e-5, ge=0)
-    images: int = Field(6000, ge=2, description="pretrain-stream images, six captions each")
+    images: int = Field(6000, ge=2, description="pretrain-stream images")
+    captions_per_image: int = Field(6, ge=1, le=9, description="captions of each image (6: the describing kinds, as the shipped "
+                                    "checkpoints were trained before the world language gained 'above', 'left' and 'absent')")
     text_tokens: int = Field(24, ge=8, description="stage 1's text length (the demo's; the scene caption needs about 24)")
     every: int = Field(250, ge=1, description="steps between the checkpoints the curve scores")
     curve_images: int = Field(100, ge=2, description="val images each curve point retrieves among")
@@ -231,7 +233,7 @@ def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     began, began_cpu = time.perf_counter(), time.process_time()
-    entry = train_stage1_part(out, WorldConfig(seed=seed), recipe, seed, lambda m: print(m, flush=True))
+    entry = train_stage1_part(out, WorldConfig(seed=seed, captions_per_image=recipe.captions_per_image), recipe, seed, lambda m: print(m, flush=True))
     entry["train_seconds"] = round(time.perf_counter() - began, 1)
     entry["cpu_seconds"] = round(time.process_time() - began_cpu, 1)
     entry["bytes"] = sum(f.stat().st_size for f in (out / f"qformer-{recipe.queries}q").rglob("*") if f.is_file())

@@ -11,7 +11,7 @@ from __future__ import annotations
 ENCODER: dict[str, int] = {"width": 128, "depth": 4, "heads": 4, "mlp_hidden": 512, "patch_size": 8, "num_blocks": 4, "image_size": 64}  # 8x8 patches + [CLS]: 65 tokens
 # transformers OPTConfig fields.
 OPT: dict[str, int] = {"hidden_size": 160, "num_hidden_layers": 4, "num_attention_heads": 5, "ffn_dim": 640,
-                       "word_embed_proj_dim": 160, "vocab_size": 512, "max_position_embeddings": 256}
+                       "word_embed_proj_dim": 160, "vocab_size": 512, "max_position_embeddings": 384}
 # transformers T5Config fields (gated-GELU FlanT5 layout, untied head).
 T5: dict[str, int] = {"d_model": 128, "d_ff": 384, "num_heads": 4, "d_kv": 32, "num_layers": 3, "vocab_size": 256}
 # transformers BertConfig fields, the world Q-Former's shape (its initialisation).

@@ -28,7 +28,8 @@ class WorldConfig(BaseModel):
     image_size: int = Field(64, ge=16, le=1024, description="image side in pixels (the shipped world encoder reads 64 px)")
     min_objects: int = Field(1, ge=1, le=GRID * GRID)
     max_objects: int = Field(4, ge=1, le=GRID * GRID)
-    captions_per_image: int = Field(6, ge=1, le=6, description="captions per image, each from another template (6: one of each kind)")
+    captions_per_image: int = Field(9, ge=1, le=9, description="captions per image, each of another kind (9: every kind; 6: the six "
+                                    "describing kinds, the world before 'above', 'left' and 'absent'; below 6: a random few of those)")
     questions_per_image: int = Field(5, ge=1, le=10, description="questions per image (5: one of each kind)")
     duplicate_prob: float = Field(0.35, ge=0, le=1, description="chance an object repeats an earlier one's shape (for counting)")
     synonym_answers: int = Field(2, ge=0, le=9, description="of the 10 answers, how many give the synonym where one exists ('two' for '2')")

@@ -11,13 +11,21 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from vlbridge.world.scene import CELLS, COLOURS, PLURALS, RELATIONS, SHAPES, SIZES, Allowed, Scene, WorldObject, with_article
+from vlbridge.world.scene import CELLS, COLOURS, COLUMNS, PLURALS, RELATIONS, ROWS, SHAPES, SIZES, Allowed, Scene, WorldObject, with_article
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # "scene" states every object with its size, colour, shape and cell: it is true of its scene alone
 # (up to the jitter inside a cell), so retrieval can be scored exactly, and a reader given it can
 # answer every question. The other kinds each say part of the scene, as real captions do.
-CAPTION_KINDS = ("scene", "inventory", "counts", "relation", "location", "total")
+BASE_CAPTION_KINDS = ("scene", "inventory", "counts", "relation", "location", "total")
+# Kinds that state what the questions ask, so that a reader looks an answer up instead of inferring
+# it: "above" and "left" write out which nameable object is above (left of) which, in the names the
+# spatial questions use (a question about "below" or "right of" asks for the converse); "absent"
+# names the shapes and colours the scene lacks. They draw no random numbers, so a world's questions
+# are the same with them or without them, and they come after the describing kinds (a world of at
+# most six captions per image is the world before they existed). Each stays within BLIP's 50 words.
+STATING_CAPTION_KINDS = ("above", "left", "absent")
+CAPTION_KINDS = BASE_CAPTION_KINDS + STATING_CAPTION_KINDS
 QUESTION_KINDS = ("colour", "shape", "count", "spatial", "exist")
 _REFERENCES = (("shape",), ("size", "shape"), ("colour", "shape"), ("size", "colour", "shape"), ("colour",), ("size", "colour"))
 
@@ -40,6 +48,11 @@ class QA:
 def join(phrases: list[str]) -> str:
     """"x", "x and y", "x, y and z"."""
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def join_or(words: list[str]) -> str:
+    """"x", "x or y", "x, y or z"."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def counted(count: int, colour: str, shape: str) -> str:
@@ -69,13 +82,56 @@ def caption(scene: Scene, kind: str, rng: random.Random) -> str:
         if len(objects) == 1:
             return f"a picture of a single {objects[0].colour} {objects[0].shape}"
         return f"a picture of {NUMBER_WORDS[len(objects)]} shapes"
+    if kind == "above":
+        return ordering(scene, "row")
+    if kind == "left":
+        return ordering(scene, "col")
+    if kind == "absent":
+        return absent(scene)
     raise ValueError(f"unknown caption kind {kind!r}; choose from {CAPTION_KINDS}")
 
 
+def ordering(scene: Scene, axis: str) -> str:
+    """Which nameable object is "above" (axis "row") or "to the left of" (axis "col") which, one
+    statement per object that has any: "the red circle is above the star and the large square".
+    Objects are named as the spatial questions name them; pairs on one row (column) are left out,
+    and where every pair is, that is said. With one nameable object, its row (column), since the
+    questions then ask for its cell; with none (identical twins only), that."""
+    named = [(o, refer(scene, o, allow_cell=False)) for o in scene.objects]
+    named = [(o, ref) for o, ref in named if ref is not None]
+    if not named:
+        return "the shapes all look the same"
+    if len(named) == 1:
+        obj, ref = named[0]
+        return f"{ref} is in the {ROWS[obj.row]} row" if axis == "row" else f"{ref} is in the {COLUMNS[obj.col]} column"
+    word = "above" if axis == "row" else "to the left of"
+    order = sorted(named, key=lambda item: (getattr(item[0], axis), item[0].row, item[0].col))
+    statements = [f"{ref} is {word} {' and '.join(r for o, r in order if getattr(o, axis) > getattr(obj, axis))}"
+                  for obj, ref in order if any(getattr(o, axis) > getattr(obj, axis) for o, _ in order)]
+    return ", ".join(statements) or f"{join([ref for _, ref in named])} are in the same {'row' if axis == 'row' else 'column'}"
+
+
+def absent(scene: Scene) -> str:
+    """The shapes and colours the scene lacks: "there are no stars or crosses and nothing blue or white"
+    (with at most four objects some of each are always missing)."""
+    shapes = [PLURALS[s] for s in SHAPES if not scene.count(shape=s)]
+    colours = [c for c in COLOURS if not scene.count(colour=c)]
+    parts = ([f"no {join_or(shapes)}"] if shapes else []) + ([f"nothing {join_or(colours)}"] if colours else [])
+    return "there are " + " and ".join(parts) if parts else "every shape and every color is there"
+
+
+def caption_kinds(count: int, rng: random.Random) -> tuple[str, ...]:
+    """The kinds of an image's `count` captions: the base kinds (a random few, in order, below six),
+    then the stating kinds; a world of at most six captions is the world before they existed."""
+    base = len(BASE_CAPTION_KINDS)
+    if count >= base:
+        return BASE_CAPTION_KINDS + STATING_CAPTION_KINDS[: count - base]
+    return tuple(sorted(rng.sample(BASE_CAPTION_KINDS, count), key=BASE_CAPTION_KINDS.index))
+
+
 def captions(scene: Scene, count: int, rng: random.Random) -> list[str]:
-    """`count` captions of distinct kinds (all of them for len(CAPTION_KINDS)), in CAPTION_KINDS order."""
-    kinds = CAPTION_KINDS if count >= len(CAPTION_KINDS) else sorted(rng.sample(CAPTION_KINDS, count), key=CAPTION_KINDS.index)
-    return [caption(scene, kind, rng) for kind in kinds]
+    """`count` captions of distinct kinds (`caption_kinds`), in CAPTION_KINDS order."""
+    return [caption(scene, kind, rng) for kind in caption_kinds(count, rng)]
 
 
 # -- referring to one object ------------------------------------------------------------------

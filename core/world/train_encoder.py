@@ -41,7 +41,7 @@ from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.encoder_probe import cell_labels, cell_pool
 from vlbridge.world.generate import make_image
-from vlbridge.world.language import CAPTION_KINDS, caption
+from vlbridge.world.language import BASE_CAPTION_KINDS, caption
 from vlbridge.world.render import BACKGROUND, render_scene
 from vlbridge.world.scene import COLOURS, GRID, SHAPES, SIZES, Allowed, Scene
 
@@ -223,7 +223,7 @@ def batch_of(world: WorldConfig, step: int, recipe: EncoderRecipe, rng: random.R
     scenes = [make_image(world, "pretrain", step * half + k).scene for k in range(half)]
     allowed = world.allowed("pretrain")
     scenes += [twin(scene, rng, allowed) for scene in scenes]
-    captions = [[caption(scene, kind, rng) for kind in CAPTION_KINDS] for scene in scenes]
+    captions = [[caption(scene, kind, rng) for kind in BASE_CAPTION_KINDS] for scene in scenes]  # the kinds it shipped with
     return to_pixels([render_scene(scene, world.image_size) for scene in scenes], world.image_size), captions, scenes
 
 

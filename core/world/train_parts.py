@@ -7,7 +7,8 @@ Writes OUT/eva-vit-g/model.safetensors, OUT/{opt,flan-t5,bert}/ (transformers fo
 tokenizers), all fp16, and OUT/manifest.json (sizes, data seed, script version, times and the
 verification numbers). Deterministic for a seed: one CPU thread per process (on a busy 2-core
 machine that was ~10x faster than two threads fighting for the cores), seeded generators, data
-drawn from the world by index; the encoder trains in a second process beside the text parts.
+drawn from the world by index; with `--jobs 2` the parts train in two processes side by side
+(the encoder, OPT with BERT, and FlanT5 are three groups).
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PA
 from vlbridge.world.config import WorldConfig
 from vlbridge.world.text_corpus import captions_of, documents, make_tokenizer, qa_pairs, tokenizer_lines
 
-SCRIPT_VERSION = 6  # 5: OPT's reading documents come in two styles (train_text.READING_STYLES); "lm" ships
+SCRIPT_VERSION = 7  # 7: the readers learn the world language with "above", "left" and "absent" captions (9 per image)
+# 5: OPT's reading documents come in two styles (train_text.READING_STYLES); "lm" ships
 # 6: FlanT5's reading rounds add one caption completion per image, led by the image's other captions
 EVAL_IMAGES = {"full": 300, "quick": 8}
+# Captions per image of the world each part learns from. The readers (OPT, FlanT5) read the whole
+# language (9: with the "above", "left" and "absent" kinds that state what questions ask); the encoder and
+# BERT keep the six describing kinds they were trained on, so that a rerun reproduces them and the
+# stage-1 Q-Formers built on them (vlbridge.compare.stage1_parts) stay theirs.
+CAPTIONS_PER_IMAGE: dict[str, int] = {"eva-vit-g": 6, "bert": 6, "opt": 9, "flan-t5": 9}
 MONITOR = {"images": 40, "every": 200}  # the readers' QA accuracy with captions, on val images, as training goes
 Log = Callable[[str], None]
 
@@ -197,22 +204,20 @@ def train_bert_part(out: Path, world: WorldConfig, recipe: Any, seed: int, eval_
 TRAINERS = {"eva-vit-g": train_encoder_part, "opt": train_opt_part, "flan-t5": train_t5_part, "bert": train_bert_part}
 
 
-GROUPS: tuple[tuple[str, ...], ...] = (("eva-vit-g",), ("opt", "flan-t5", "bert"))  # one process each
+GROUPS: tuple[tuple[str, ...], ...] = (("eva-vit-g",), ("opt", "bert"), ("flan-t5",))  # a process each, `jobs` at a time
 
 
 def _train_group(out: Path, seed: int, quick: bool, parts: tuple[str, ...], log: Log = print) -> dict[str, Any]:
     """Train some parts in this process, one thread; tokenizers first for the text parts."""
     torch.set_num_threads(1)
-    world = WorldConfig(seed=seed)
     recipes, eval_images = _recipes(quick), EVAL_IMAGES["quick" if quick else "full"]
-    text_parts = [kind for kind in ("opt", "flan-t5", "bert") if kind in parts]
-    lines = tokenizer_lines(world)[: 300 if quick else None] if text_parts else []
-    for kind in text_parts:
-        make_tokenizer(kind, lines, out / kind)
+    for kind in [kind for kind in ("opt", "flan-t5", "bert") if kind in parts]:
+        make_tokenizer(kind, tokenizer_lines(part_world(kind, seed))[: 300 if quick else None], out / kind)
     report: dict[str, Any] = {}
     for part in parts:
         began, began_cpu = time.perf_counter(), time.process_time()
-        report[part] = TRAINERS[part](out, world, recipes[part], seed, eval_images, log)
+        report[part] = TRAINERS[part](out, part_world(part, seed), recipes[part], seed, eval_images, log)
+        report[part]["captions_per_image"] = CAPTIONS_PER_IMAGE[part]
         report[part]["train_seconds"] = round(time.perf_counter() - began, 1)  # wall clock: grows when the machine is shared
         report[part]["cpu_seconds"] = round(time.process_time() - began_cpu, 1)  # this process's CPU time (one thread)
         report[part]["bytes"] = _folder_bytes(out / part)
@@ -220,11 +225,16 @@ def _train_group(out: Path, seed: int, quick: bool, parts: tuple[str, ...], log:
     return report
 
 
+def part_world(part: str, seed: int) -> WorldConfig:
+    """The world a part learns from: the seed's, with the part's captions per image."""
+    return WorldConfig(seed=seed, captions_per_image=CAPTIONS_PER_IMAGE[part])
+
+
 def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tuple[str, ...] = PARTS,
                 jobs: int = 2, log: Log = print) -> dict[str, Any]:
     """Train `parts` into `out` and write its manifest; return the manifest. With `jobs` 2 the
-    encoder trains in a second process while this one trains the text parts (two cores, one
-    thread each); every part's result is the same either way."""
+    groups of GROUPS train in two worker processes (two cores, one thread each); every part's
+    result is the same either way."""
     out = Path(out)
     start = time.perf_counter()
     groups = [g for g in (tuple(p for p in group if p in parts) for group in GROUPS) if g]
@@ -232,7 +242,7 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
-        with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(jobs, len(groups)), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_train_group, out, seed, quick, group) for group in groups]
             results = [future.result() for future in futures]
     else:
@@ -293,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the world's seed and the training seed")
     parser.add_argument("--quick", action="store_true", help="a few steps each: checks the script end to end in seconds")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--jobs", type=int, choices=(1, 2), default=None, help="processes: 2 trains the encoder beside the text parts (default; 1 with --quick)")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=None, help="processes: 2 trains two groups of parts side by side (default; 1 with --quick)")
     args = parser.parse_args(argv)
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = [p for p in parts if p not in PARTS]
