@@ -17,12 +17,14 @@ from PIL import Image
 
 from vlbridge.cli.main import main
 from vlbridge.compare.demo import demo_config
+from vlbridge.compare.encoder_alone import ENCODER_ALONE
 from vlbridge.errors import VLBridgeError
 
 ZERO_SHOT = ["qformer-32q", "qformer-32q-no-stage1", "qformer-8q", "linear", "mlp"]
 SUPERVISED = ["qformer-32q-sup"]  # the quick plan repeats one run with the supervised mix
 RUNS = ZERO_SHOT + SUPERVISED
 STAGE1_RUNS = ["qformer-32q", "qformer-8q", "qformer-32q-sup"]
+REFERENCES = ["blind prior", ENCODER_ALONE]  # rows in every table
 TOKENS = {"qformer-32q": 32, "qformer-32q-no-stage1": 32, "qformer-8q": 8, "linear": 65, "mlp": 65, "qformer-32q-sup": 32}
 
 
@@ -54,8 +56,8 @@ def test_the_table_goes_to_stdout_and_progress_to_stderr(demo_out: Path):
 
 def test_results_are_complete(demo_out: Path):
     results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
-    assert list(results["runs"]) == RUNS + ["blind prior"]
-    assert results["groups"] == {"zero-shot": ZERO_SHOT + ["blind prior"], "supervised": SUPERVISED + ["blind prior"]}
+    assert list(results["runs"]) == RUNS + REFERENCES
+    assert results["groups"] == {"zero-shot": ZERO_SHOT + REFERENCES, "supervised": SUPERVISED + REFERENCES}
     for name in RUNS:
         (run,) = results["runs"][name]
         assert run["cost"]["visual_tokens"] == TOKENS[name] and run["cost"]["llm_forward_ms"] > 0
@@ -109,6 +111,32 @@ def test_quick_run_learns_something_measurable(demo_out: Path):
     chance = results["runs"]["blind prior"][0]["eval"]["test"]["retrieval"]["itc"]["i2t_r1"]
     distinct = results["runs"]["qformer-32q"][0]["eval"]["test"]["retrieval"]["distinct_scenes"]
     assert chance == pytest.approx(100 / 32) if distinct == 32 else chance > 100 / 32  # identical scenes raise chance
+
+
+def test_the_encoder_alone_row_retrieves_what_the_qformer_rows_retrieve(demo_out: Path):
+    """The reference row for BLIP-2's retrieval claim: the frozen encoder's own CLIP head ranks the same
+    test images and 'scene' captions by the same rule (ITC only), with intervals and a paired
+    comparison against qformer-32q; far above chance even on the quick world's 32 images."""
+    results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
+    (row,) = results["runs"][ENCODER_ALONE]
+    assert set(row["eval"]) == {"test", "comp"} and "retrieval" not in row["eval"]["comp"]  # comp scores no retrieval
+    ours, qformer = row["eval"]["test"]["retrieval"], results["runs"]["qformer-32q"][0]["eval"]["test"]["retrieval"]
+    assert "itm" not in ours and ours["rule"] == qformer["rule"] and ours["distinct_scenes"] == qformer["distinct_scenes"]
+    for direction in ("i2t", "t2i"):
+        assert {k: v for k, v in ours["items"][direction].items() if not k.endswith("_hit1")} == \
+            {k: v for k, v in qformer["items"][direction].items() if not k.endswith("_hit1")}  # the same queries
+    summary = results["summary"][ENCODER_ALONE]
+    chance = results["runs"]["blind prior"][0]["eval"]["test"]["retrieval"]["itc"]["i2t_r1"]
+    for label in ("R@1 i2t ITC", "R@1 t2i ITC"):
+        cell = summary[label]
+        assert cell["low"] <= cell["mean"] <= cell["high"] and cell["low"] > 5 * chance, (label, cell)
+    assert summary["R@1 i2t"]["mean"] is None and summary["VQA %"]["mean"] is None  # no ITM, no VQA
+    key = {(d["a"], d["b"], d["metric"]) for d in results["significance"]["key"]}
+    assert {("qformer-32q", ENCODER_ALONE, "R@1 i2t ITC"), ("qformer-32q", ENCODER_ALONE, "R@1 t2i ITC")} <= key
+    report = (demo_out / "report.md").read_text(encoding="utf-8")
+    assert re.search(rf"\| {ENCODER_ALONE} \|( – \|)+ \d+\.\d \[\d+\.\d, \d+\.\d\]", report)
+    assert report.count(f"| {ENCODER_ALONE} |") == len(results["groups"])  # in each table, not in the VQA-per-type ones
+    assert f"- {ENCODER_ALONE}: the frozen encoder retrieving by itself" in report
 
 
 def test_the_default_starts_stage2_from_the_shipped_stage1(demo_out: Path, capsys: pytest.CaptureFixture[str]):

@@ -197,6 +197,15 @@ def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -
     each query's hit@1 under "items"."""
     from vlbridge.data import flatten_groups
     from vlbridge.evaluation.tasks import image_inputs
+
+    result = model.retrieve(image_inputs([g.image for g in groups]), flatten_groups(groups).texts, k=k)
+    return score_retrieval(groups, scenes_file, {"itc": (result.itc, result.itc.t()), "itm": (result.i2t, result.t2i)})
+
+
+def score_retrieval(groups: list, scenes_file: str | None, heads: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """`scene_retrieval`'s scores from similarity matrices: per head ("itc", "itm"), (images x texts,
+    texts x images) in `flatten_groups` order; a model with one head (a CLIP model: ITC) gives one."""
+    from vlbridge.data import flatten_groups
     from vlbridge.metrics.retrieval import query_ranks, recall_at_k
 
     flat = flatten_groups(groups)
@@ -206,12 +215,11 @@ def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -
         same.setdefault(key, []).append(i)
     image_pos = [sorted(t for j in same[keys[i]] for t in flat.img2txt[j]) for i in range(len(groups))]
     text_pos = [same[keys[flat.txt2img[t]]] for t in range(len(flat.texts))]
-    result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=k)
     out: dict[str, Any] = {"num_images": len(groups), "num_texts": len(flat.texts), "distinct_scenes": len(same),
                            "rule": SCENE_RULE, "notes": [f"percent; {SCENE_RULE}"]}
     i2t_items: dict[str, list] = {"image_id": [g.image_id for g in groups]}
     t2i_items: dict[str, list] = {"text_key": text_keys(groups), "image_id": [groups[i].image_id for i in flat.txt2img]}
-    for name, i2t, t2i in (("itc", result.itc, result.itc.t()), ("itm", result.i2t, result.t2i)):
+    for name, (i2t, t2i) in heads.items():
         i2t_ranks = query_ranks(i2t.float().cpu().numpy(), image_pos)
         t2i_ranks = query_ranks(t2i.float().cpu().numpy(), text_pos)
         i2t_r, t2i_r = recall_at_k(i2t_ranks), recall_at_k(t2i_ranks)

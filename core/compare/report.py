@@ -151,8 +151,9 @@ def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: d
     if types:
         for group, names in tables.items():
             suffix = f": {headings[group]}" if headings[group] else ""
+            answered = [n for n in names if any(per_type[n].get(m.label, {}).get("mean") is not None for m in types)]  # not a retrieval-only row
             text += [f"### VQA accuracy (%) per question type, test split{suffix}", "",
-                     markdown_table(names, per_type, [(m.label, m.fmt) for m in types]), ""]
+                     markdown_table(answered, per_type, [(m.label, m.fmt) for m in types]), ""]
     text += ["## Significance", "", "Differences between rows (row − row) on the same test items, with 95% intervals and "
              "two-sided p-values from a paired bootstrap over images; 'significant' at the 5% level.", ""]
     if significance["key"]:

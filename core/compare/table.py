@@ -41,6 +41,8 @@ class Metric:
         if not isinstance(task, dict) or "items" not in task:
             return None
         columns = task["items"][self.direction] if self.direction else task["items"]
+        if self.value not in columns:  # a row without this score (a CLIP model retrieves by ITC alone, no ITM)
+            return None
         rows = zip(columns[self.key], columns["image_id"], columns[self.value])
         if self.question_type is not None:
             rows = ((k, i, v) for (k, i, v), t in zip(rows, columns["question_type"]) if t == self.question_type)

@@ -69,15 +69,23 @@ class WordVocab:
 
     PAD, UNKNOWN, CLS = 0, 1, 2
 
-    def __init__(self, texts: list[str]) -> None:
+    def __init__(self, texts: list[str], length: int = 32) -> None:
         words = sorted({w for t in texts for w in t.replace(",", " ,").split()})
         self.ids = {w: i + 3 for i, w in enumerate(words)}
+        self.length = length  # the text tower's positions: longer texts are cut
 
     def __len__(self) -> int:
         return len(self.ids) + 3
 
-    def encode(self, texts: list[str], length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) ids, [CLS] first, padded to the longest text (at most `length`), and the mask of real tokens."""
+    @property
+    def words(self) -> list[str]:
+        """The words in id order: `WordVocab(words)` rebuilds the same ids (what a saved vocabulary keeps)."""
+        return sorted(self.ids, key=self.ids.__getitem__)
+
+    def encode(self, texts: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) ids, [CLS] first, padded to the longest text (at most `length`, default the
+        vocabulary's), and the mask of real tokens."""
+        length = length or self.length
         rows = [[self.CLS, *(self.ids.get(w, self.UNKNOWN) for w in text.replace(",", " ,").split())][:length] for text in texts]
         ids = torch.zeros(len(texts), max(map(len, rows)), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -183,6 +191,15 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, captions: list[list[str]]
     return (image_loss + text_loss) / 2
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups over the trainable parameters: weight decay on matrices, none on
+    biases, norms, the logit scale and position tables (decay would pull positions together)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p.dim() >= 2 and "pos" not in n for n, p in named]  # "pos" also matches "position"
+    return [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": weight_decay},
+            {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}]
+
+
 def lr_at(step: int, recipe: EncoderRecipe) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
@@ -234,9 +251,7 @@ def train_encoder(opts: EvaVitGOptions, world: WorldConfig, recipe: EncoderRecip
     rng = random.Random(seed)
     vocab = WordVocab([c for i in range(1000) for c in make_image(world, "pretrain", 10_000_000 + i).captions])
     model = ClipTrainer(opts, len(vocab), recipe)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n and "position" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos" not in n and "position" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=recipe.lr)
+    optimizer = torch.optim.AdamW(decay_groups(model, recipe.weight_decay), lr=recipe.lr)
     start = time.perf_counter()
     for step in range(recipe.steps):
         pixels, captions, scenes = batch_of(world, step, recipe, rng)
@@ -260,7 +275,7 @@ def train_encoder(opts: EvaVitGOptions, world: WorldConfig, recipe: EncoderRecip
 
 @torch.no_grad()
 def retrieval(model: ClipTrainer, vocab: WordVocab, world: WorldConfig, split: str, count: int) -> dict[str, float]:
-    """Zero-shot R@1 between a split's images and their first ("inventory") captions, both ways;
+    """Zero-shot R@1 between a split's images and their first ("scene") captions, both ways;
     a caption that is the same string as the right one counts as right. Chance is 1/count."""
     images = [make_image(world, split, i) for i in range(count)]
     texts = [im.captions[0] for im in images]
