@@ -95,10 +95,12 @@ def test_the_manifest_says_how_the_parts_were_made_and_that_they_learned():
 
 
 # What the shipped readers measured with every caption in front (vlbridge.world.reading, 1500 val
-# questions): the floor they must keep. Issue 11 asks for 0.95 overall and 0.90 per category.
-# opt: 0.6447 shipped ("lm" style, see docs section 8); flan-t5: 0.574 (script v6, which also teaches it
-# to complete a caption from the captions before it, docs section 9; v5 read 0.589 but ignored them).
-READING_FLOORS = {"opt": (0.64, 0.48), "flan-t5": (0.57, 0.48)}
+# questions): the floor they must keep. Issue 11 asked for 0.95 overall and 0.90 per category, issue 20
+# for 0.90 and 0.85. Script v7 (nine captions per image: the "above", "left" and "absent" kinds
+# added): opt 0.6547 (lowest kind: spatial 0.4847), flan-t5 0.4967 (colour and count 0.3933). The v6
+# readers, trained on six captions, read the nine-caption world at 0.4047 (opt) and 0.2973 (flan-t5);
+# on their own six captions they read 0.6447 and 0.574 (docs/demo-findings.md section 11).
+READING_FLOORS = {"opt": (0.65, 0.48), "flan-t5": (0.49, 0.39)}
 
 
 @pytest.mark.parametrize("reader", sorted(READING_FLOORS))
