@@ -1,6 +1,6 @@
 """The world's stage-1 Q-Former checkpoints: BLIP-2's `pretrain` checkpoints, in miniature.
 
-    python -m vlbridge.compare.stage1_parts --out plugins/world            # the shipped ones (~20 min, 2 cores)
+    python -m vlbridge.compare.stage1_parts --out plugins/world            # the shipped ones (~40 min, 2 idle cores)
     python -m vlbridge.compare.stage1_parts --out /tmp/parts --quick       # seconds, for tests
 
 (A sibling of `vlbridge.world.train_parts`, which trains the frozen parts these read: it lives in
@@ -208,7 +208,7 @@ def train_stage1_part(out: Path, world: WorldConfig, recipe: Stage1Recipe, seed:
         recorded = {k: v for k, v in config.items() if k not in ("data", "output_dir", "device", "tensorboard")}
         return {"params": sum(p.numel() for p in model.connector.parameters()), "stage": read_meta(final_dir)["stage"],
                 "recipe": recipe.model_dump(), "train_config": {**recorded, "data": "the world's pretrain stream, indices "
-                                                                f"{PRETRAIN_START}..{PRETRAIN_START + recipe.images - 1}, six captions each"},
+                                                                f"{PRETRAIN_START}..{PRETRAIN_START + recipe.images - 1}, {world.captions_per_image} captions each"},
                 "steps": result.step, "final_losses": _losses(result.train),
                 "by_step": curve, "val_retrieval": final}
     finally:
@@ -216,7 +216,8 @@ def train_stage1_part(out: Path, world: WorldConfig, recipe: Stage1Recipe, seed:
 
 
 QUERIES = STAGE1_QUERIES  # the demo's query counts
-FULL_STEPS = 1500
+FULL_STEPS = 3000  # retrieval still climbed at 1,500 (docs/demo-findings.md section 10)
+FULL_IMAGES = 12_000  # about 1.3 passes over the image-caption pairs at 3,000 steps of 32
 
 
 def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None = None) -> list[Stage1Recipe]:
@@ -224,7 +225,7 @@ def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None =
     if quick:
         return [Stage1Recipe(queries=q, steps=steps or 4, batch=8, warmup=1, images=24, every=2, curve_images=8, final_images=8)
                 for q in queries]
-    return [Stage1Recipe(queries=q, steps=steps or FULL_STEPS) for q in queries]
+    return [Stage1Recipe(queries=q, steps=steps or FULL_STEPS, images=FULL_IMAGES) for q in queries]
 
 
 def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
@@ -248,7 +249,7 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
     from vlbridge.world.assets import MANIFEST, read_parts_manifest
 
     out = Path(out)
-    manifest = read_parts_manifest(out)
+    read_parts_manifest(out)  # fails early, before any training, when the frozen parts are missing
     plan = recipes(quick, queries, steps)
     if jobs > 1 and len(plan) > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -258,6 +259,7 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
             entries = list(pool.map(_train_one, [out] * len(plan), [seed] * len(plan), plan))
     else:
         entries = [_train_one(out, seed, recipe) for recipe in plan]
+    manifest = read_parts_manifest(out)  # re-read: another script may have added a part while these trained
     manifest.setdefault("parts", {}).update({f"qformer-{r.queries}q": e for r, e in zip(plan, entries)})
     manifest["stage1_script"] = "vlbridge.compare.stage1_parts"
     manifest["stage1_seed"] = seed
