@@ -85,6 +85,8 @@ def test_report_has_the_protocol_intervals_and_marks(demo_out: Path):
     assert "Marks compare a row with **qformer-32q**" in report and re.search(r"\] (≈|▲|▼) \|", report)
     assert "### Key comparisons" in report and ("**significant**" in report or "not significant" in report)
     assert "Retrieval rule: a retrieved caption counts as right when it is true of the query image" in report
+    captions = json.loads((demo_out / "world" / "captions_test.json").read_text(encoding="utf-8"))
+    assert f"against the {len(captions[0]['caption'])} references per test image" in report  # what CIDEr-D was scored on
     assert "per question type" in report and "VQA comp %" in report and "Question: {} Short answer:" in report
     with Image.open(demo_out / "report.png") as image:
         assert image.format == "PNG" and image.width > 800 and image.height > 300

@@ -30,3 +30,30 @@ def test_probe_reports_each_category_with_and_without_context(tmp_path: Path):
             for key in ("overall", *QUESTION_KINDS):
                 assert 0.0 <= scores[key] <= 1.0, (context, key)
     assert "with_captions" in done.stdout and "spatial" in done.stdout  # the table
+
+
+def test_probe_breaks_yes_no_questions_down_by_form_and_answer(tmp_path: Path):
+    """--by-answer: every yes/no question lands in one "form -> answer" cell (a reader that always
+    says "no" scores about half on these while reading nothing); --captions N keeps N captions."""
+    assert train_parts(["--out", str(tmp_path / "parts"), "--quick", "--parts", "opt"]) == 0
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_world_llm.py"), "--model", str(tmp_path / "parts" / "opt"),
+                           "--images", "8", "--questions", "10", "--batch", "8", "--captions", "6", "--by-answer",
+                           "--json", str(tmp_path / "probe.json")],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads((tmp_path / "probe.json").read_text())
+    assert result["captions"] == 6
+    cells = result["yes_no_by_answer"]
+    forms = {"is there", "cell", "to the left of", "to the right of", "above", "below"}
+    assert cells and all(key.rsplit(" -> ", 1)[0] in forms and key.endswith(("-> yes", "-> no")) for key in cells)
+    asked = sum(qa.category in ("spatial", "exist") for qa in _questions(8, 10))
+    assert sum(cell["questions"] for cell in cells.values()) == asked
+    assert all(0.0 <= cell["accuracy"] <= 1.0 for cell in cells.values()) and "-> " in done.stdout
+
+
+def _questions(images: int, per_image: int) -> list:
+    from vlbridge.world import WorldConfig
+    from vlbridge.world.generate import make_image
+
+    world = WorldConfig(seed=0, questions_per_image=per_image)
+    return [qa for i in range(images) for qa in make_image(world, "val", i).qas]

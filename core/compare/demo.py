@@ -235,6 +235,9 @@ def stage1_notes(plan: DemoPlan, stage1: str, world_test: int) -> list[str]:
 def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: str = "opt", stage1: str = SHIPPED) -> list[str]:
     """What the reader needs to judge the tables: parts, protocol, budget, metrics, statistics."""
     world = plan.world
+    from vlbridge.world import WorldConfig
+
+    references = WorldConfig(seed=world_seed, **world).captions_per_image  # the world make_world generates
     reader = "OPT" if llm == "opt" else "FlanT5 (encoder-decoder; the visual prompt and the question go to its encoder)"
     origin, budget, retrieval = stage1_notes(plan, stage1, world["test"])
     return [
@@ -250,7 +253,7 @@ def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: 
         f"{budget} Peak lr {config.lr:g} for every run.",
         f"Evaluation: every test image ({world['test']}, {world['questions_per_image']} questions each) and every compositional "
         f"image ({world['comp']}: colour+shape pairs never seen in training). VQA: official VQAv2 accuracy, greedy, at most 5 "
-        "new tokens. Captioning: CIDEr-D (pycocoevalcap's scale: 1.0 is not 1%) against the 6 references per test image, "
+        f"new tokens. Captioning: CIDEr-D (pycocoevalcap's scale: 1.0 is not 1%) against the {references} references per test image, "
         "greedy, at most 30 new tokens, no prompt. One torch thread: on a shared 2-core machine, small models run faster so.",
         retrieval,
         "blind prior: answers every question with the commonest training answer of its type, gives every image the commonest "
