@@ -76,15 +76,11 @@ def yes_no_by_answer(model: Any, tokenizer: Any, images: list[Any], batch: int) 
     by question form and right answer: {"above -> yes": {"questions": n, "accuracy": a}, ...}."""
     from collections import defaultdict
 
-    from vlbridge.world.reading import greedy_answers, opt_context, opt_question, t5_source
+    from vlbridge.world.reading import greedy_answers, reading_prompts
 
     items = [(image, qa) for image in images for qa in image.qas if qa.answer in ("yes", "no")]
-    if model.config.is_encoder_decoder:
-        prompts: list[Any] = [t5_source(image.captions, qa.question) for image, qa in items]
-    else:
-        prompts = [opt_context(tokenizer, image.captions) + opt_question(tokenizer, qa.question) for image, qa in items]
     right: dict[str, list[bool]] = defaultdict(list)
-    for (_, qa), answer in zip(items, greedy_answers(model, tokenizer, prompts, batch)):
+    for (_, qa), answer in zip(items, greedy_answers(model, tokenizer, reading_prompts(model, tokenizer, items), batch)):
         right[f"{question_form(qa.question)} -> {qa.answer}"].append(answer == qa.answer)
     return {key: {"questions": len(hits), "accuracy": round(sum(hits) / len(hits), 4)} for key, hits in sorted(right.items())}
 

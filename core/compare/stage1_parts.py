@@ -1,6 +1,6 @@
 """The world's stage-1 Q-Former checkpoints: BLIP-2's `pretrain` checkpoints, in miniature.
 
-    python -m vlbridge.compare.stage1_parts --out plugins/world            # the shipped ones (~40 min, 2 idle cores)
+    python -m vlbridge.compare.stage1_parts --out plugins/world            # the shipped ones (~20 min, 2 idle cores)
     python -m vlbridge.compare.stage1_parts --out /tmp/parts --quick       # seconds, for tests
 
 (A sibling of `vlbridge.world.train_parts`, which trains the frozen parts these read: it lives in

@@ -45,10 +45,9 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.plugins.encoders.eva_vit_g_model import EvaViTG
 from vlbridge.world.assets import ENCODER_FILE, MANIFEST, part_dir, world_dir
 from vlbridge.world.config import WorldConfig
-from vlbridge.world.generate import make_image
 from vlbridge.world.language import BASE_CAPTION_KINDS
 from vlbridge.world.train_encoder import (EMBED_DIM, ClipTrainer, EncoderRecipe, TextEncoder, WordVocab, augment, batch_of,
-                                          clip_loss, decay_groups, lr_at, normalise, retrieval)
+                                          build_vocab, clip_loss, decay_groups, lr_at, normalise, retrieval)
 
 PART = "eva-vit-g-clip"  # the folder beside eva-vit-g, and its manifest entry
 SCRIPT = "vlbridge.world.clip_head"
@@ -56,7 +55,6 @@ SCRIPT_VERSION = 1
 MODEL_TYPE = "world-clip-head"
 HEAD_FILE, VOCAB_FILE, CONFIG_FILE = "model.safetensors", "vocab.json", "config.json"
 TEXT_LENGTH = 48  # words + [CLS]: a four-object scene caption runs to 35 words (the encoder's tower cut at 32)
-VOCAB_IMAGES = 1000  # pretrain images whose captions make the vocabulary (as train_encoder's)
 RECIPE = EncoderRecipe(steps=1500, batch=64, lr=1e-3, warmup=150, attributes=0.0)  # the encoder's steps and batches; no cell heads
 QUICK = EncoderRecipe(steps=3, batch=8, warmup=1, attributes=0.0)
 EVAL_IMAGES = {"full": 300, "quick": 8}
@@ -100,11 +98,6 @@ def text_features(tower: TextEncoder, vocab: WordVocab, texts: list[str], chunk:
     return torch.cat(parts)[torch.tensor([where[t] for t in texts])]
 
 
-def build_vocab(world: WorldConfig) -> WordVocab:
-    captions = [c for i in range(VOCAB_IMAGES) for c in make_image(world, "pretrain", 10_000_000 + i).captions]
-    return WordVocab(captions, TEXT_LENGTH)
-
-
 def load_vision(root: str | Path | None = None) -> EvaViTG:
     """The eva-vit-g encoder of `root` (default: the shipped one), as the world presets load it."""
     from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
@@ -125,7 +118,7 @@ def train_clip_head(vision: EvaViTG, world: WorldConfig, recipe: EncoderRecipe, 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    vocab = build_vocab(world)
+    vocab = build_vocab(world, TEXT_LENGTH)
     model = LockedClip(vision, len(vocab), recipe.text_width, recipe.text_layers)
     optimizer = torch.optim.AdamW(decay_groups(model, recipe.weight_decay), lr=recipe.lr)
     trainable = [p for p in model.parameters() if p.requires_grad]

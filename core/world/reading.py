@@ -72,16 +72,20 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], batch: int = 
     return answers
 
 
+def reading_prompts(model: Any, tokenizer: Any, items: list[tuple[Any, Any]], with_context: bool = True) -> list[Any]:
+    """The reader's prompt for each (image, question) pair, with the image's captions in front or
+    none: id lists for OPT (each image's context tokenized once), strings for FlanT5."""
+    if model.config.is_encoder_decoder:
+        return [t5_source(image.captions if with_context else [], qa.question) for image, qa in items]
+    contexts = {id(image): opt_context(tokenizer, image.captions) if with_context else [] for image, _ in items}
+    return [contexts[id(image)] + opt_question(tokenizer, qa.question) for image, qa in items]
+
+
 def qa_accuracy(model: Any, tokenizer: Any, images: list[Any], with_context: bool, batch: int = 64) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers to every question of `images`, with all their captions
     (in order) in front or none: overall and per question category."""
     items = [(image, qa) for image in images for qa in image.qas]
-    if model.config.is_encoder_decoder:
-        prompts: list[Any] = [t5_source(image.captions if with_context else [], qa.question) for image, qa in items]
-    else:
-        contexts = {id(image): opt_context(tokenizer, image.captions) if with_context else [] for image in images}
-        prompts = [contexts[id(image)] + opt_question(tokenizer, qa.question) for image, qa in items]
-    answers = greedy_answers(model, tokenizer, prompts, batch)
+    answers = greedy_answers(model, tokenizer, reading_prompts(model, tokenizer, items, with_context), batch)
     right: dict[str, list[bool]] = defaultdict(list)
     for (_, qa), answer in zip(items, answers):
         right[qa.category].append(answer == qa.answer)

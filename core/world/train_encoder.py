@@ -200,6 +200,14 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}]
 
 
+VOCAB_IMAGES = 1000  # pretrain images whose captions make a text tower's vocabulary
+
+
+def build_vocab(world: WorldConfig, length: int = 32) -> WordVocab:
+    """The word vocabulary of a text tower: the captions of VOCAB_IMAGES pretrain-stream images."""
+    return WordVocab([c for i in range(VOCAB_IMAGES) for c in make_image(world, "pretrain", 10_000_000 + i).captions], length)
+
+
 def lr_at(step: int, recipe: EncoderRecipe) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
@@ -249,7 +257,7 @@ def train_encoder(opts: EvaVitGOptions, world: WorldConfig, recipe: EncoderRecip
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    vocab = WordVocab([c for i in range(1000) for c in make_image(world, "pretrain", 10_000_000 + i).captions])
+    vocab = build_vocab(world)
     model = ClipTrainer(opts, len(vocab), recipe)
     optimizer = torch.optim.AdamW(decay_groups(model, recipe.weight_decay), lr=recipe.lr)
     start = time.perf_counter()
