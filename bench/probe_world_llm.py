@@ -96,6 +96,12 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of captions, at least 1; got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", help="an OPT or FlanT5 directory (repeatable; default: the shipped two)")
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="val images; every question of each is asked")
     parser.add_argument("--questions", type=int, default=5, help="questions per image (5: one of each kind, as the demo)")
     parser.add_argument("--batch", type=int, default=64, help="prompts generated at once")
-    parser.add_argument("--captions", type=int, default=None, help="only each image's first N captions in front (default: all)")
+    parser.add_argument("--captions", type=_at_least_one, default=None, help="only each image's first N captions in front (default: all)")
     parser.add_argument("--by-answer", action="store_true", help="also the yes/no questions' accuracy by form and right answer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results to this file")

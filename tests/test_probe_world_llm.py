@@ -57,3 +57,9 @@ def _questions(images: int, per_image: int) -> list:
 
     world = WorldConfig(seed=0, questions_per_image=per_image)
     return [qa for i in range(images) for qa in make_image(world, "val", i).qas]
+
+
+def test_a_caption_count_below_one_is_a_usage_error():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_world_llm.py"), "--captions", "0"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "at least 1" in done.stderr and "Traceback" not in done.stderr
