@@ -9,7 +9,7 @@ import torch
 
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_convert import to_transformers
-from vlbridge.plugins.connectors.qformer_layers import Attention, folding_pays
+from vlbridge.plugins.connectors.qformer_layers import Attention, FP32LayerNorm, NormedTokens, folding_pays
 from vlbridge.plugins.connectors.qformer_model import build
 from vlbridge.plugin.specs import TokenShape
 
@@ -43,7 +43,7 @@ def test_folding_pays_at_blip2_size_and_not_for_few_tokens():
 def test_folded_equals_projected_with_gradients():
     block = _randomised_attention().eval()
     x, tokens = _inputs()
-    projected, folded = block(x, context=tokens), block.attend_folded(x, tokens)
+    projected, folded = block(x, context=tokens), block.attend_folded(x, NormedTokens(tokens, None, None))
     torch.testing.assert_close(folded, projected, atol=1e-5, rtol=1e-5)
     params = [x, tokens, block.query.weight, block.key.weight, block.value.weight, block.value.bias]
     grads_projected = torch.autograd.grad(projected.pow(2).sum(), params)
@@ -53,7 +53,7 @@ def test_folded_equals_projected_with_gradients():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     # The key bias shifts each score row by a constant, which softmax ignores: a gradient of ~0 on both
     # paths, but a gradient (optimizers skip parameters whose grad is None, weight decay included).
-    for out in (block(x, context=tokens), block.attend_folded(x, tokens)):
+    for out in (block(x, context=tokens), block.attend_folded(x, NormedTokens(tokens, None, None))):
         assert torch.autograd.grad(out.pow(2).sum(), block.key.bias)[0].abs().max() < 1e-4
 
 
@@ -63,11 +63,59 @@ def test_folded_equals_projected_under_the_same_dropout_draws():
     torch.manual_seed(5)
     projected = block(x, context=tokens)
     torch.manual_seed(5)
-    folded = block.attend_folded(x, tokens)
+    folded = block.attend_folded(x, NormedTokens(tokens, None, None))
     torch.manual_seed(6)
-    other = block.attend_folded(x, tokens)
+    other = block.attend_folded(x, NormedTokens(tokens, None, None))
     torch.testing.assert_close(folded, projected, atol=1e-5, rtol=1e-5)
     assert (other - folded).abs().max() > 1e-3  # dropout was on: other draws, other outputs
+
+
+def test_ln_vision_affine_folded_into_the_weights_gives_its_gradients():
+    """ln_vision's weight and bias folded into Wk and Wv: the same outputs and the same gradients for
+    the norm's affine, the block and the tokens as normalising first and projecting."""
+    block = _randomised_attention().eval()
+    x, raw = _inputs()
+    norm = FP32LayerNorm(C, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(C) + 0.5)
+        norm.bias.copy_(torch.randn(C) * 0.3)
+    projected = block(x, context=norm(raw))
+    folded = block.attend_folded(x, norm.normalised(raw))
+    torch.testing.assert_close(folded, projected, atol=1e-5, rtol=1e-5)
+    params = [norm.weight, norm.bias, raw, x, block.key.weight, block.value.weight, block.value.bias]
+    grads_projected = torch.autograd.grad(projected.pow(2).sum(), params)
+    grads_folded = torch.autograd.grad(folded.pow(2).sum(), params)
+    for name, a, b in zip(("ln weight", "ln bias", "tokens", "x", "key", "value", "value bias"), grads_projected, grads_folded):
+        assert a.abs().sum() > 0, name
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_frozen_tokens_get_no_token_sized_gradient_work():
+    """With frozen image tokens the folded backward never forms a (B, N, C) gradient: the products
+    over the tokens only differentiate toward the queries (what makes the training step cheaper)."""
+    block = _randomised_attention().train()
+    x, raw = _inputs()
+    raw = raw.detach()
+    norm = FP32LayerNorm(C, eps=1e-6)
+    shapes: list[tuple[int, ...]] = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and func._schema.returns[0].alias_info is None:
+                shapes.append(tuple(result.shape))  # fresh results only (views of the saved tokens are free)
+            return result
+
+    def fresh_shapes(out: torch.Tensor) -> list[tuple[int, ...]]:
+        shapes.clear()
+        with Shapes():
+            grads = torch.autograd.grad(out.pow(2).sum(), [norm.weight, norm.bias, x])
+        assert all(g.abs().sum() > 0 for g in grads)
+        return list(shapes)
+
+    assert tuple(raw.shape) in fresh_shapes(block(x, context=norm(raw)))  # projecting: the norm's gradient needs it
+    assert tuple(raw.shape) not in fresh_shapes(block.attend_folded(x, norm.normalised(raw)))
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ dropout on CPU, which runs `qformer_attention.blocked_dropout_attention` (the sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,28 @@ from vlbridge.plugins.connectors.qformer_attention import blocked_dropout_attent
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, Dh)
+
+
+@dataclass(frozen=True)
+class NormedTokens:
+    """Image tokens normalised by ln_vision without its affine, and that affine (None where the norm
+    has none): what `Attention.attend_folded` reads. Folding the affine into the key and value
+    weights (W diag(w), b + W b_ln) leaves the big products over the tokens without a gradient to
+    compute: with frozen image tokens, ln_vision's own gradient then comes from the small weight
+    products, not from the (B, N, C) token gradient that the unfolded layers need."""
+
+    tokens: torch.Tensor  # (B, N, C)
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def folded(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """`linear`'s (weight, bias) as applied to the affine-normalised tokens."""
+        weight, bias = linear.weight, linear.bias
+        if self.bias is not None:
+            bias = bias + weight @ self.bias.to(weight.dtype)
+        if self.weight is not None:
+            weight = weight * self.weight.to(weight.dtype)
+        return weight, bias
 
 
 class Attention(nn.Module):
@@ -39,8 +63,12 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, -1).transpose(1, 2)  # (B, L, W) -> (B, H, L, Dh)
 
-    def key_values(self, source: torch.Tensor) -> KV:
-        """(B, L, C) -> this block's keys and values of `source`: what a pass may compute once and reuse."""
+    def key_values(self, source: torch.Tensor | NormedTokens) -> KV:
+        """(B, L, C) -> this block's keys and values of `source`: what a pass may compute once and reuse
+        (`NormedTokens`: through the weights with the norm's affine folded in, the same K/V)."""
+        if isinstance(source, NormedTokens):
+            return (self._split_heads(F.linear(source.tokens, *source.folded(self.key))),
+                    self._split_heads(F.linear(source.tokens, *source.folded(self.value))))
         return self._split_heads(self.key(source)), self._split_heads(self.value(source))
 
     def attend(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,20 +88,21 @@ class Attention(nn.Module):
         return (self.training and self.attn_dropout > 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
                 and forced_backend() != "eager" and sees_some_key(mask))
 
-    def attend_folded(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Unmasked cross-attention of `x` (B, L, W) to `tokens` (B, N, C) without projecting the
-        tokens: scores are (q Wk_h) tokens^T and the output (P tokens) Wv_h, per head h. Exact in
-        real arithmetic (the key bias adds q . b_k to each score row, kept so that it gets the same
-        gradient as when projecting; the value bias is added times each row's probability mass,
-        1 unless dropout dropped some); cheaper than projecting N tokens when
-        L * (W + heads * N) < N * W (`folding_pays`)."""
+    def attend_folded(self, x: torch.Tensor, image: NormedTokens) -> torch.Tensor:
+        """Unmasked cross-attention of `x` (B, L, W) to the image tokens (B, N, C) without projecting
+        them: scores are (q Wk_h) tokens^T and the output (P tokens) Wv_h, per head h, with ln_vision's
+        affine folded into Wk and Wv (`NormedTokens`). Exact in real arithmetic (the key bias adds
+        q . b_k to each score row, kept so that it gets the same gradient as when projecting; the
+        value bias is added times each row's probability mass, 1 unless dropout dropped some);
+        cheaper than projecting N tokens when L * (W + heads * N) < N * W (`folding_pays`)."""
         batch, length, width = x.shape
+        key, value = image.folded(self.key), image.folded(self.value)
         dropping = self.training and self.attn_dropout > 0.0
-        probs = self._folded_probs(x, tokens)  # (B, H*L, N), rows ordered (h, l)
+        probs = self._folded_probs(x, image.tokens, *key)  # (B, H*L, N), rows ordered (h, l)
         if dropping:
             probs = dropout(probs, self.attn_dropout)
-        out = self._folded_values(probs, tokens, length)  # (B, L, H, Dh)
-        value_bias = self.value.bias.view(self.heads, -1)
+        out = self._folded_values(probs, image.tokens, length, value[0])  # (B, L, H, Dh)
+        value_bias = value[1].view(self.heads, -1)
         if dropping:  # dropped probabilities took their share of the bias with them
             mass = probs.sum(dim=-1).view(batch, self.heads, length).transpose(1, 2)  # (B, L, H)
             out = out + mass.unsqueeze(-1) * value_bias
@@ -81,22 +110,22 @@ class Attention(nn.Module):
             out = out + value_bias
         return self.norm(x + self.dropout(self.dense(out.reshape(batch, length, width))))
 
-    def _folded_probs(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _folded_probs(self, x: torch.Tensor, tokens: torch.Tensor, key_weight: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
         """softmax((q_h Wk_h) tokens^T + q_h . b_k) as (B, H*L, N); a function of its own so that
         the (B, H*L, C) query-keys are freed before the values are mixed."""
         batch, length, width = x.shape
         heads, head_dim, context_width = self.heads, width // self.heads, tokens.shape[-1]
         q = self.query(x).view(batch * length, heads, head_dim).transpose(0, 1) * head_dim ** -0.5  # (H, B*L, Dh)
-        q_keys = torch.bmm(q, self.key.weight.view(heads, head_dim, context_width))  # (H, B*L, C)
+        q_keys = torch.bmm(q, key_weight.view(heads, head_dim, context_width))  # (H, B*L, C)
         q_keys = q_keys.view(heads, batch, length, context_width).transpose(0, 1).reshape(batch, heads * length, context_width)
-        shift = torch.bmm(q, self.key.bias.view(heads, head_dim, 1)).view(heads, batch, length).transpose(0, 1)
+        shift = torch.bmm(q, key_bias.view(heads, head_dim, 1)).view(heads, batch, length).transpose(0, 1)
         scores = torch.baddbmm(shift.reshape(batch, heads * length, 1), q_keys, tokens.transpose(1, 2))
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)  # fp32 softmax, as the eager reference
 
-    def _folded_values(self, probs: torch.Tensor, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    def _folded_values(self, probs: torch.Tensor, tokens: torch.Tensor, length: int, value_weight: torch.Tensor) -> torch.Tensor:
         """(P_h tokens) Wv_h^T for every head, as (B, L, H, Dh) (without the value bias)."""
         batch, context_width = tokens.shape[0], tokens.shape[-1]
-        weight = self.value.weight.view(self.heads, -1, context_width).transpose(1, 2)  # (H, C, Dh)
+        weight = value_weight.view(self.heads, -1, context_width).transpose(1, 2)  # (H, C, Dh)
         mixed = torch.bmm(probs, tokens).view(batch, self.heads, length, context_width).transpose(0, 1).reshape(
             self.heads, batch * length, context_width)  # a copy in head order; the batch-order product dies here
         out = torch.bmm(mixed, weight)  # (H, B*L, Dh)
@@ -142,12 +171,12 @@ class QFormerLayer(nn.Module):
         self.ffn_text: FeedForward | None = FeedForward(width, hidden, eps, dropout)  # None once the text side is dropped
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | KV | None,
-                prefix: KV | None = None, keep: list[KV] | None = None, fold: bool = False, rows: int | None = None) -> torch.Tensor:
-        """`image`: ln_vision'd tokens, or this layer's cross-attention K/V of them computed once
-        for several passes. `prefix`: K/V put in front of the self-attention's own (ITG's text
-        reading a query pass's). `keep`: a list this layer's self-attention K/V are appended to.
-        `fold`: read raw image tokens with `attend_folded` where `folding_pays`. `rows`: only the
-        first positions' outputs (all positions are still keys and values)."""
+                prefix: KV | None = None, keep: list[KV] | None = None, rows: int | None = None) -> torch.Tensor:
+        """`image`: ln_vision'd tokens, this layer's cross-attention K/V of them computed once for
+        several passes, or `NormedTokens` to read with `attend_folded`. `prefix`: K/V put in front of
+        the self-attention's own (ITG's text reading a query pass's). `keep`: a list this layer's
+        self-attention K/V are appended to. `rows`: only the first positions' outputs (all positions
+        are still keys and values)."""
         kv = self.self_attn.key_values(x)
         if keep is not None:
             keep.append(kv)
@@ -160,18 +189,18 @@ class QFormerLayer(nn.Module):
             return self.ffn_text(x)
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if self.cross_attn is not None:
-            queries = self._cross(queries, image, fold)
+            queries = self._cross(queries, image)
         queries = self.ffn_query(queries)
         if text.shape[1] == 0:
             return queries
         return torch.cat([queries, self.ffn_text(text)], dim=1)
 
-    def _cross(self, queries: torch.Tensor, image: torch.Tensor | KV | None, fold: bool) -> torch.Tensor:
+    def _cross(self, queries: torch.Tensor, image: torch.Tensor | KV | NormedTokens | None) -> torch.Tensor:
         if image is None:
             raise VLBridgeError("a Q-Former pass with queries needs image_embeds for its cross-attention layers")
+        if isinstance(image, NormedTokens):
+            return self.cross_attn.attend_folded(queries, image)
         if isinstance(image, torch.Tensor):
-            if fold and folding_pays(queries.shape[1], image.shape[1], queries.shape[2], self.cross_attn.heads):
-                return self.cross_attn.attend_folded(queries, image)
             return self.cross_attn(queries, context=image)
         return self.cross_attn.attend(queries, image, None)
 
@@ -216,6 +245,10 @@ class LMHead(nn.Module):
 
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype (LAVIS's ln_vision), output cast back."""
+
+    def normalised(self, x: torch.Tensor) -> NormedTokens:
+        """`x` normalised without the affine, with the affine beside it (for `attend_folded`)."""
+        return NormedTokens(F.layer_norm(x.float(), self.normalized_shape, None, None, self.eps).to(x.dtype), self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()

@@ -22,7 +22,7 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.plugins.connectors import qformer as spec
 from vlbridge.plugins.connectors.qformer import QFormerOptions
 from vlbridge.plugins.connectors.qformer_bert import init_from_bert, load_tokenizer
-from vlbridge.plugins.connectors.qformer_layers import KV, Embeddings, FP32LayerNorm, LMHead, QFormerLayer
+from vlbridge.plugins.connectors.qformer_layers import KV, Embeddings, FP32LayerNorm, LMHead, NormedTokens, QFormerLayer, folding_pays
 from vlbridge.plugins.connectors.qformer_masks import (bidirectional_mask, multimodal_causal_mask, text_after_queries_mask,
                                                       unimodal_mask)
 from vlbridge.plugin.specs import TokenShape
@@ -127,21 +127,32 @@ class QFormer(nn.Module):
     # -- passes -------------------------------------------------------------------------------
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, num_queries: int, image: torch.Tensor | ImageContext | None,
-             prefixes: list[KV] | None = None, keep: list[KV] | None = None, fold: bool = False,
+             prefixes: list[KV] | None = None, keep: list[KV] | None = None,
              last_rows: int | None = None) -> torch.Tensor:
         """The layers over `x`; `last_rows`: the caller reads only the first positions, so the last
         layer computes only those rows (their numbers are unchanged: every row reads all keys)."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_image = image.layers[i] if isinstance(image, ImageContext) else image
-            x = layer(x, mask, num_queries, layer_image, None if prefixes is None else prefixes[i], keep, fold,
+            x = layer(x, mask, num_queries, layer_image, None if prefixes is None else prefixes[i], keep,
                       rows=last_rows if i == last else None)
         return x
 
-    def _image(self, image_embeds: torch.Tensor | ImageContext) -> torch.Tensor | ImageContext:
+    def _image(self, image_embeds: torch.Tensor | ImageContext, fold: bool = False) -> torch.Tensor | ImageContext | NormedTokens:
+        """What the cross-attention layers read: ln_vision'd tokens, shared K/V (stage 1), or with
+        `fold` where `folding_pays` at this shape, the normalised tokens for `attend_folded`."""
         if isinstance(image_embeds, ImageContext):
             return image_embeds
-        return self.ln_vision(image_embeds.to(self.query_tokens.dtype))
+        tokens = image_embeds.to(self.query_tokens.dtype)
+        if not (fold and self._folding_pays(tokens.shape[1])):
+            return self.ln_vision(tokens)
+        if self._affine_needs_grad(tokens):
+            return self.ln_vision.normalised(tokens)  # the affine goes into Wk, Wv: no (B, N, C) gradient to form
+        return NormedTokens(self.ln_vision(tokens), None, None)  # scale the tokens once, for every layer
+
+    def _folding_pays(self, tokens: int) -> bool:
+        cross = next((layer.cross_attn for layer in self.layers if layer.cross_attn is not None), None)
+        return cross is not None and folding_pays(self.num_queries, tokens, self.query_tokens.shape[-1], cross.heads)
 
     def _queries(self, batch: int) -> torch.Tensor:
         return self.query_tokens.expand(batch, -1, -1)  # (1, Q, W) -> (B, Q, W)
@@ -150,9 +161,17 @@ class QFormer(nn.Module):
         """(B, N, E) image tokens -> ln_vision once and every cross-attention layer's K/V of them,
         to be shared by several passes over the same images (stage 1). Passes given raw tokens
         compute K/V layer by layer instead, which keeps inference's peak memory low."""
-        image = self._image(image_embeds)
+        tokens = image_embeds.to(self.query_tokens.dtype)
+        image = self.ln_vision.normalised(tokens) if self._affine_needs_grad(tokens) else self.ln_vision(tokens)
         return ImageContext(tuple(None if layer.cross_attn is None else _contiguous(layer.cross_attn.key_values(image))
                                   for layer in self.layers))
+
+    def _affine_needs_grad(self, tokens: torch.Tensor) -> bool:
+        """Whether ln_vision's affine gets a gradient here while the tokens get none (a frozen
+        encoder): then folding the affine into the K/V weights (`NormedTokens`) spares backward the
+        (B, N, C) token gradient that only the affine would read."""
+        return (torch.is_grad_enabled() and not tokens.requires_grad
+                and any(p.requires_grad for p in self.ln_vision.parameters()))
 
     @overload
     def query_outputs(self, image_embeds: torch.Tensor | ImageContext, return_layer_kv: Literal[False] = False, *,
@@ -174,7 +193,7 @@ class QFormer(nn.Module):
         batch = image_embeds.batch if isinstance(image_embeds, ImageContext) else image_embeds.shape[0]
         x = self.embeddings(queries=self._queries(batch))
         keep: list[KV] | None = [] if return_layer_kv else None
-        out = self._run(x, None, self.num_queries, self._image(image_embeds), keep=keep, fold=fold)
+        out = self._run(x, None, self.num_queries, self._image(image_embeds, fold), keep=keep)
         return (out, keep) if return_layer_kv else out
 
     @property
@@ -222,7 +241,7 @@ class QFormer(nn.Module):
         (`fold` as in `query_outputs`; `last_rows`: only the first positions, as in `_run`)."""
         mask = bidirectional_mask(self.num_queries, _text_mask(input_ids, attention_mask))
         x = self.embeddings(input_ids, self._queries(input_ids.shape[0]))
-        return self._run(x, mask, self.num_queries, self._image(image_embeds), fold=fold, last_rows=last_rows)
+        return self._run(x, mask, self.num_queries, self._image(image_embeds, fold), last_rows=last_rows)
 
     def itg_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_embeds: torch.Tensor | ImageContext) -> torch.Tensor:
