@@ -119,3 +119,42 @@ def test_a_stage2_run_with_another_llm_starts_from_the_shipped_stage1():
     raw["connector"]["options"]["num_query_tokens"] = 16
     with pytest.raises(WeightsError, match="query_tokens"):
         vlbridge.build(raw, stage=2, weights=checkpoint)
+
+
+def test_a_twin_stream_puts_each_scene_and_its_twin_in_one_batch(tmp_path: Path):
+    """`write_twin_stream`: records in batch order, each batch half scenes and half their twins, a
+    twin one change away with its own image id, captioned by one kind whose captions differ."""
+    from vlbridge.compare.stage1_parts import TWIN_ID_OFFSET, write_twin_stream
+    from vlbridge.world import WorldConfig
+
+    steps, batch = 5, 8
+    path = write_twin_stream(tmp_path, WorldConfig(seed=0, captions_per_image=6), scenes=6, steps=steps, batch=batch, seed=0)
+    records = json.loads(path.read_text())
+    assert len(records) == steps * batch
+    scenes_seen = set()
+    for at in range(0, len(records), batch):
+        chunk = records[at: at + batch]
+        scenes, twins = chunk[: batch // 2], chunk[batch // 2:]
+        for scene, twin in zip(scenes, twins):
+            assert twin["image_id"] == scene["image_id"] + TWIN_ID_OFFSET
+            assert twin["image"] == scene["image"].replace(".png", "_twin.png")
+            assert twin["caption"] != scene["caption"]
+            assert (tmp_path / scene["image"]).is_file() and (tmp_path / twin["image"]).is_file()
+            scenes_seen.add(scene["image_id"])
+        assert len({r["image_id"] for r in chunk}) == batch  # no image twice in a batch
+    assert len(scenes_seen) == 6  # every scene is drawn (a pass over all of them before any repeats)
+    with pytest.raises(ValueError, match="even"):
+        write_twin_stream(tmp_path / "odd", WorldConfig(seed=0), scenes=2, steps=1, batch=7, seed=0)
+
+
+def test_stage1_parts_twins_quick_end_to_end(tmp_path: Path):
+    """`--twins` trains on the twin stream, read in its order, and the manifest says so."""
+    from vlbridge.compare.stage1_parts import main
+    from vlbridge.world.assets import MANIFEST, PARTS, world_dir
+
+    for part in PARTS:
+        (tmp_path / part).symlink_to(world_dir() / part)
+    shutil.copy(world_dir() / MANIFEST, tmp_path / MANIFEST)
+    assert main(["--out", str(tmp_path), "--quick", "--twins", "--queries", "8", "--jobs", "1"]) == 0
+    entry = read_parts_manifest(tmp_path)["parts"]["qformer-8q"]
+    assert entry["recipe"]["twins"] is True and "twin" in entry["train_config"]["data"] and entry["steps"] == 4

@@ -53,6 +53,8 @@ class Stage1Recipe(BaseModel):
     curve_images: int = Field(100, ge=2, description="val images each curve point retrieves among")
     final_images: int = Field(300, ge=2, description="val images the final retrieval ranks")
     retrieval_k: int = Field(4, ge=1, description="ITM re-ranks each query's top k ITC candidates (the demo's)")
+    twins: bool = Field(False, description="batches of scenes and their one-change twins (`write_twin_stream`): half as many "
+                        "scenes, each with a twin; the shipped checkpoints were trained without (docs/demo-findings.md section 12)")
 
 
 def write_pretrain_captions(folder: Path, world: WorldConfig, count: int, start: int = PRETRAIN_START) -> Path:
@@ -71,6 +73,70 @@ def write_pretrain_captions(folder: Path, world: WorldConfig, count: int, start:
     path = folder / "captions_pretrain.json"
     atomic_write_text(path, json.dumps(records))
     return path
+
+
+TWIN_ID_OFFSET = 1_000_000_000  # a twin's image_id: its scene's plus this (ITC and ITM tell images apart by id)
+
+
+def write_twin_stream(folder: Path, world: WorldConfig, scenes: int, steps: int, batch: int, seed: int,
+                      start: int = PRETRAIN_START) -> Path:
+    """Render `scenes` pretrain-stream scenes and a twin of each (one thing changed: an object's
+    shape, size or colour, or where two objects are), and write `steps` x `batch` (image, caption)
+    records in training order: each batch holds batch/2 scenes and their twins, captioned by the same
+    kind. Read with `shuffle: false`, every batch carries its own hard negatives, as the frozen
+    encoder and its CLIP head were trained (`train_encoder.batch_of`): in-batch ITC with random
+    negatives is solved by colours alone and never has to read shape or place."""
+    import random
+
+    from vlbridge.files.atomic import atomic_write_text
+    from vlbridge.world.generate import make_image
+    from vlbridge.world.render import render_scene
+    from vlbridge.world.train_encoder import twin
+
+    if batch % 2:
+        raise ValueError(f"a twin batch pairs each scene with its twin; batch must be even, got {batch}")
+    rng = random.Random(seed)
+    allowed = world.allowed("pretrain")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for index in range(start, start + scenes):
+        scene = make_image(world, "pretrain", index).scene
+        other = twin(scene, rng, allowed)
+        while other.objects == scene.objects:  # a place swap of two alike objects changes nothing: draw again
+            other = twin(scene, rng, allowed)
+        pair = []
+        for member, image_id, name in ((scene, scene.image_id, f"images/pretrain_{index:09d}.png"),
+                                       (other, scene.image_id + TWIN_ID_OFFSET, f"images/pretrain_{index:09d}_twin.png")):
+            render_scene(member, world.image_size).save(folder / name, format="PNG")
+            pair.append((member, image_id, name))
+        pairs.append(pair)
+    records: list[dict[str, Any]] = []
+    order: list[int] = []
+    half = batch // 2
+    for _ in range(steps):
+        if len(order) < half:
+            fresh = list(range(len(pairs)))
+            rng.shuffle(fresh)
+            order += fresh
+        chosen, order = order[:half], order[half:]
+        texts = [differing_captions(pairs[k][0][0], pairs[k][1][0], rng) for k in chosen]
+        for side in (0, 1):
+            records += [{"image": pairs[k][side][2], "caption": text[side], "image_id": pairs[k][side][1]}
+                        for k, text in zip(chosen, texts)]
+    path = folder / "captions_pretrain.json"
+    atomic_write_text(path, json.dumps(records))
+    return path
+
+
+def differing_captions(scene: Any, other: Any, rng: Any) -> tuple[str, str]:
+    """Captions of one describing kind, drawn among the kinds whose captions of the two scenes differ
+    (a "total" caption of a recoloured twin is the scene's: that pair would be a false negative)."""
+    from vlbridge.world.language import BASE_CAPTION_KINDS, caption
+
+    options = [(a, b) for a, b in ((caption(scene, kind, rng), caption(other, kind, rng)) for kind in BASE_CAPTION_KINDS) if a != b]
+    if not options:
+        raise ValueError(f"twin scenes with identical captions of every kind: {scene} / {other}")
+    return rng.choice(options)
 
 
 def assembly(queries: int, parts: Path) -> dict[str, Any]:
@@ -190,10 +256,14 @@ def train_stage1_part(out: Path, world: WorldConfig, recipe: Stage1Recipe, seed:
 
     scratch = Path(tempfile.mkdtemp(prefix=f"vlbridge-qformer-{recipe.queries}q-", dir=work))
     try:
-        captions = write_pretrain_captions(scratch / "pretrain", world, recipe.images)
+        if recipe.twins:
+            captions = write_twin_stream(scratch / "pretrain", world, recipe.images // 2, recipe.steps, recipe.batch, seed)
+        else:
+            captions = write_pretrain_captions(scratch / "pretrain", world, recipe.images)
         val = scratch / "val"
         generate_world(val, world.model_copy(update={"train": 0, "val": recipe.final_images, "test": 0, "comp": 0}))
-        data = {"format": "coco", "paths": [str(captions)], "image_root": str(scratch / "pretrain"), "num_workers": 0}
+        data = {"format": "coco", "paths": [str(captions)], "image_root": str(scratch / "pretrain"), "num_workers": 0,
+                **({"shuffle": False} if recipe.twins else {})}  # a twin stream is written in batch order
         features = scratch / "features"
         build_cache(assembly(recipe.queries, out), [data], features)
         config = train_config(recipe, data, str(features), scratch / "run", seed, out)
@@ -207,12 +277,20 @@ def train_stage1_part(out: Path, world: WorldConfig, recipe: Stage1Recipe, seed:
         final = val_scores(model, val, recipe.final_images, recipe.retrieval_k)
         recorded = {k: v for k, v in config.items() if k not in ("data", "output_dir", "device", "tensorboard")}
         return {"params": sum(p.numel() for p in model.connector.parameters()), "stage": read_meta(final_dir)["stage"],
-                "recipe": recipe.model_dump(), "train_config": {**recorded, "data": "the world's pretrain stream, indices "
-                                                                f"{PRETRAIN_START}..{PRETRAIN_START + recipe.images - 1}, {world.captions_per_image} captions each"},
+                "recipe": recipe.model_dump(), "train_config": {**recorded, "data": _data_line(recipe, world)},
                 "steps": result.step, "final_losses": _losses(result.train),
                 "by_step": curve, "val_retrieval": final}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _data_line(recipe: Stage1Recipe, world: WorldConfig) -> str:
+    """What the manifest says the Q-Former read."""
+    if recipe.twins:
+        return (f"the world's pretrain stream, indices {PRETRAIN_START}..{PRETRAIN_START + recipe.images // 2 - 1} and a "
+                f"one-change twin of each, in batches of {recipe.batch // 2} pairs, one describing caption per image and step")
+    return (f"the world's pretrain stream, indices {PRETRAIN_START}..{PRETRAIN_START + recipe.images - 1}, "
+            f"{world.captions_per_image} captions each")
 
 
 QUERIES = STAGE1_QUERIES  # the demo's query counts
@@ -220,12 +298,12 @@ FULL_STEPS = 3000  # retrieval still climbed at 1,500 (docs/demo-findings.md sec
 FULL_IMAGES = 12_000  # about 1.3 passes over the image-caption pairs at 3,000 steps of 32
 
 
-def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None = None) -> list[Stage1Recipe]:
+def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None = None, twins: bool = False) -> list[Stage1Recipe]:
     """The shipped recipes, or a few steps on a few images (`quick`: checks the path end to end)."""
     if quick:
-        return [Stage1Recipe(queries=q, steps=steps or 4, batch=8, warmup=1, images=24, every=2, curve_images=8, final_images=8)
-                for q in queries]
-    return [Stage1Recipe(queries=q, steps=steps or FULL_STEPS, images=FULL_IMAGES) for q in queries]
+        return [Stage1Recipe(queries=q, steps=steps or 4, batch=8, warmup=1, images=24, every=2, curve_images=8, final_images=8,
+                             twins=twins) for q in queries]
+    return [Stage1Recipe(queries=q, steps=steps or FULL_STEPS, images=FULL_IMAGES, twins=twins) for q in queries]
 
 
 def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
@@ -242,7 +320,7 @@ def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
 
 
 def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, queries: tuple[int, ...] = QUERIES,
-                       steps: int | None = None, jobs: int = 2) -> dict[str, Any]:
+                       steps: int | None = None, jobs: int = 2, twins: bool = False) -> dict[str, Any]:
     """Train the stage-1 Q-Formers into `out` (one process each, up to `jobs` side by side) and add
     them to its manifest.json (the frozen parts must be there: they are what stage 1 reads)."""
     from vlbridge.files.atomic import atomic_write_text
@@ -250,7 +328,7 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
 
     out = Path(out)
     read_parts_manifest(out)  # fails early, before any training, when the frozen parts are missing
-    plan = recipes(quick, queries, steps)
+    plan = recipes(quick, queries, steps, twins)
     if jobs > 1 and len(plan) > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
@@ -279,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, nargs="+", default=list(QUERIES), help="query counts to train (default 32 8)")
     parser.add_argument("--steps", type=int, default=None, help=f"stage-1 steps (default {FULL_STEPS}; 4 with --quick)")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=2, help="processes side by side, one thread each")
+    parser.add_argument("--twins", action="store_true", help="train on batches of scenes and their one-change twins (hard "
+                        "negatives, as the encoder's CLIP training drew them) instead of the plain stream")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         print(f"stage1_parts: error: --steps must be at least 1, got {args.steps}", file=sys.stderr)
         return 2
-    manifest = train_stage1_parts(args.out, args.seed, args.quick, tuple(args.queries), args.steps, args.jobs)
+    manifest = train_stage1_parts(args.out, args.seed, args.quick, tuple(args.queries), args.steps, args.jobs, args.twins)
     names = [f"qformer-{q}q" for q in args.queries]
     print(f"wrote {', '.join(names)} to {args.out}: " + "; ".join(
         f"{n} val R@1 ITM {manifest['parts'][n]['val_retrieval']['itm_i2t_r1']:.2f}/{manifest['parts'][n]['val_retrieval']['itm_t2i_r1']:.2f}"
