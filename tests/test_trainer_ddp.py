@@ -101,11 +101,15 @@ def assert_same_run(one: Path, other: Path, grads_one: Path, grads_other: Path, 
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def test_stage2_two_processes_match_one_on_captions_of_unequal_lengths(tmp_path):
+@pytest.mark.parametrize("soft_prompt_norm", ["init", "llm"])
+def test_stage2_two_processes_match_one_on_captions_of_unequal_lengths(tmp_path, soft_prompt_norm):
+    """`llm`: the soft prompt's scale is measured over both ranks' halves of the first batch (unequal
+    token counts), as one process measures it over the whole batch."""
     data = write_caption_data(tmp_path / "data", uneven=True)
     for name in ("grads1", "grads2"):
         (tmp_path / name).mkdir()
-    two = write_config(tmp_path / "two.yaml", stage2_config(data, tmp_path / "two", batch_size=4, with_eval=True))
+    objective = {"objective": {"soft_prompt_norm": soft_prompt_norm}}
+    two = write_config(tmp_path / "two.yaml", stage2_config(data, tmp_path / "two", batch_size=4, with_eval=True, **objective))
     workers = launch(two, tmp_path / "grads2", 2, "stage2")
     try:
         before = torch.get_num_threads()
@@ -113,7 +117,7 @@ def test_stage2_two_processes_match_one_on_captions_of_unequal_lengths(tmp_path)
         import vlbridge.train
 
         with recording_gradients(tmp_path / "grads1"):
-            vlbridge.train.run(stage2_config(data, tmp_path / "one", batch_size=8, with_eval=True))
+            vlbridge.train.run(stage2_config(data, tmp_path / "one", batch_size=8, with_eval=True, **objective))
         torch.set_num_threads(before)
     finally:
         outputs = [worker.communicate(timeout=240) for worker in workers]

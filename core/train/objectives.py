@@ -67,6 +67,16 @@ class Objective:
     def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
         raise NotImplementedError
 
+    @property
+    def starts(self) -> bool:
+        """Whether `start` has set-up to do (the Trainer reads a first batch for it only then)."""
+        return False
+
+    def start(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> str | None:
+        """Called once by the Trainer before a fresh run's first step (never on resume), with the
+        run's first batch, when `starts`: one-time set-up of the model; returns a line to log, or None."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
 
@@ -236,6 +246,10 @@ class Stage2Options(ObjectiveOptions):
     loss_average: Literal["tokens", "samples"] = Field("tokens", description=(
         "tokens: the mean over every target token of the batch (BLIP-2/LAVIS); samples: each sample's mean, "
         "then the mean over samples, so a one-word answer weighs as much as a long caption in a mixed batch"))
+    soft_prompt_norm: Literal["init", "llm"] = Field("init", description=(
+        "init: the connector's output layer as initialised (LAVIS); llm: before a fresh run's first step, scale that "
+        "layer so the soft prompt's mean token norm on the first batch equals the LLM's embeddings' for the batch's "
+        "text (vlbridge.train.soft_prompt_scale)"))
 
 
 class Stage2Objective(Objective):
@@ -263,6 +277,17 @@ class Stage2Objective(Objective):
 
     def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
         self.check(model)
+        image_embeds, inputs, targets = self.parts(model, batch)
+        # an instruction-aware connector reads the LLM's input text (InstructBLIP's instruction) too
+        visual = model.visual_tokens(image_embeds=image_embeds, instructions=inputs)  # (B, M, D)
+        if model.llm.is_encoder_decoder:
+            loss, items = self.encoder_decoder_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
+        else:
+            loss, items = self.decoder_only_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
+        return mean_over_items(total(lm=loss), items)
+
+    def parts(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], list[str]]:
+        """(image_embeds, LLM input texts, targets) of a batch."""
         pairs = self.explicit_pairs(batch)
         texts = batch_texts(batch) if pairs is None else pairs[1]
         image_embeds = batch_image_embeds(model, batch)
@@ -272,13 +297,25 @@ class Stage2Objective(Objective):
             inputs, targets = pairs if pairs is not None else self.prefix_pairs(texts)
         else:
             inputs, targets = (pairs[0] if pairs is not None else [self.options.prompt] * len(texts)), texts
-        # an instruction-aware connector reads the LLM's input text (InstructBLIP's instruction) too
-        visual = model.visual_tokens(image_embeds=image_embeds, instructions=inputs)  # (B, M, D)
-        if model.llm.is_encoder_decoder:
-            loss, items = self.encoder_decoder_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
-        else:
-            loss, items = self.decoder_only_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
-        return mean_over_items(total(lm=loss), items)
+        return image_embeds, inputs, targets
+
+    @property
+    def starts(self) -> bool:
+        return self.options.soft_prompt_norm == "llm"
+
+    def start(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> str | None:
+        """`soft_prompt_norm: llm`: scale the connector's output layer to the LLM's embedding norm."""
+        if self.options.soft_prompt_norm != "llm":
+            return None
+        from vlbridge.train.soft_prompt_scale import scale_soft_prompt
+
+        self.check(model)
+        state = None if self.generator is None else self.generator.get_state()
+        with torch.no_grad():
+            image_embeds, inputs, targets = self.parts(model, batch)  # a prefix-LM split draws from the generator:
+        if state is not None:
+            self.generator.set_state(state)  # given back, so the first step splits as it would have
+        return scale_soft_prompt(model, image_embeds, inputs, [" ".join(t for t in pair if t) for pair in zip(inputs, targets)]).line()
 
     def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
         """(prompt + text_input, text_output) when the batch gives both, else None."""

@@ -127,6 +127,8 @@ class Trainer:
         self.batches = BatchStream(self.train_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
                                    world_size=self.where.world_size, num_workers=self.config.data.train.num_workers,
                                    drop_last=self.config.drop_last, progress=self.progress)
+        if self.step == 0:  # a fresh run (a resumed one has its checkpoint's weights)
+            self.start_objective()
         try:
             return self.run_steps(resume, rng_state)
         finally:
@@ -323,6 +325,29 @@ class Trainer:
                 config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=tuned_parts(self.model))
         rt.barrier()
         return self.step
+
+    def start_objective(self) -> None:
+        """The objective's one-time set-up (`Objective.start`), on the run's first batch read once more
+        from its own loader, so that the stream's order and position, and torch's RNG, are untouched.
+        An objective that does not say it `starts` (any callable may be one) has nothing to set up."""
+        start = getattr(self.objective, "start", None)
+        if start is None or not getattr(self.objective, "starts", False):
+            return
+        # a loader draws its base seed from torch's RNG: forked, so the run's dropout draws stay as they were
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            loader = self.batches.loader(0)
+            first = next(iter(loader), None)
+            del loader
+            if first is None or not self.usable(first):
+                return
+            training = self.model.training
+            self.model.eval()  # measured without dropout
+            try:
+                line = start(self.model, to_device(first, self.device))
+            finally:
+                self.model.train(training)
+        if line:
+            self.say(line)
 
     def start(self) -> None:
         """A fresh run: output_dir gets the config it was started with."""

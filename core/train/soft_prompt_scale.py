@@ -1,0 +1,88 @@
+"""Start the soft prompt at the scale of the frozen LLM's own token embeddings.
+
+Why: a fresh output layer (BLIP-2's `llm_proj`, a LLaVA projector's last Linear) at torch's default
+init maps the connector's features to a soft prompt far from the norm of the embeddings the frozen
+LLM was trained on (about 11x for the world demo's Q-Former: docs/demo-findings.md section 7). Stage
+2 then spends its first steps, and large gradients through the connector's body, on that scale,
+which overwrites what stage 1 learnt (section 12). `soft_prompt_norm: llm` (a stage-2 objective
+option) measures both norms on the run's first batch and scales that output layer once, before the
+first step of a fresh run; a resumed run keeps its checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from vlbridge.errors import VLBridgeError
+from vlbridge.train.distributed import is_distributed
+
+if TYPE_CHECKING:
+    from vlbridge.modeling.model import VLBridgeModel
+
+
+@dataclass(frozen=True)
+class SoftPromptScale:
+    """What the calibration did: the layer it scaled and the norms before and after."""
+
+    layer: str
+    before: float  # the soft prompt's mean per-token L2 norm on the first batch, at init
+    target: float  # the LLM's embeddings' mean per-token L2 norm for the batch's text
+    factor: float
+
+    def line(self) -> str:
+        return (f"soft prompt scaled to the LLM's embedding norm: {self.before:.3g} -> {self.target:.3g} "
+                f"(connector output layer {self.layer!r} x {self.factor:.3g})")
+
+
+def output_linear(connector: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[str, nn.Linear, torch.Tensor]:
+    """The nn.Linear whose output the connector returns as it is, found by running it once; an error
+    when the connector's output comes from anything else (a norm, a sum, a plugin's own layer)."""
+    outputs: list[tuple[str, nn.Linear, torch.Tensor]] = []
+    hooks = [module.register_forward_hook(lambda mod, args, out, name=name: outputs.append((name, mod, out)))
+             for name, module in connector.named_modules() if isinstance(module, nn.Linear)]
+    try:
+        result = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, module, out in outputs:
+        if out is result:
+            return name or type(connector).__name__, module, result
+    raise VLBridgeError(
+        f"soft_prompt_norm: llm scales the connector's output layer, but {type(connector).__name__}'s output is not "
+        "the output of one of its torch.nn.Linear modules; use soft_prompt_norm: init with this connector")
+
+
+def mean_token_norm(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm of the last dimension's vectors, in fp32; when distributed, over every rank's
+    vectors (sums and counts all-reduced), so N processes scale as one process with their whole batch."""
+    norms = tokens.detach().float().norm(dim=-1).flatten()
+    total = torch.stack([norms.sum(), torch.tensor(float(norms.numel()), device=norms.device)])
+    if is_distributed():
+        torch.distributed.all_reduce(total)
+    return total[0] / total[1]
+
+
+@torch.no_grad()
+def scale_soft_prompt(model: "VLBridgeModel", image_embeds: torch.Tensor, instructions: list[str] | None,
+                      texts: list[str]) -> SoftPromptScale:
+    """Scale the connector's output layer so the soft prompt of these images has the mean token norm
+    of the LLM's embeddings of `texts` (the batch's text, as the LLM will read it)."""
+    name, layer, visual = output_linear(model.connector, lambda: model.visual_tokens(image_embeds=image_embeds, instructions=instructions))
+    ids = [i for row in model.llm.tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in row]
+    if not ids:
+        raise VLBridgeError("soft_prompt_norm: llm needs text in the first batch to measure the LLM's embedding norm; it had none")
+    target = mean_token_norm(model.llm.embed_tokens(torch.tensor(ids, device=model.llm.device)))
+    before = mean_token_norm(visual)
+    if not (torch.isfinite(before) and before > 0):
+        raise VLBridgeError(f"soft_prompt_norm: llm cannot scale a soft prompt of norm {before.item()}")
+    factor = (target / before).item()
+    layer.weight.mul_(factor)
+    if layer.bias is not None:
+        layer.bias.mul_(factor)
+    return SoftPromptScale(name, before.item(), target.item(), factor)
+
