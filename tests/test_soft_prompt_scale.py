@@ -65,6 +65,24 @@ def test_the_soft_prompt_starts_at_the_llms_embedding_norm(tmp_path, data, assem
     assert abs(init - target) > 0.05 * target  # the default init is elsewhere: the option did something
 
 
+def test_vocabulary_scales_to_the_mean_over_the_llms_vocabulary(tmp_path, data):
+    """`vocabulary`: the target is the mean norm of every token's embedding, read here off the table."""
+    probe = Probe(soft_prompt_norm="vocabulary")
+    seen: list[float] = []
+    original = Probe.start
+
+    def start(self, model, batch):
+        line = original(self, model, batch)
+        table = model.llm.model.get_input_embeddings().weight[: len(model.llm.tokenizer)]
+        seen.append(table.float().norm(dim=-1).mean().item())
+        return line
+
+    probe.start = start.__get__(probe)
+    vlbridge.train.run(stage2(data, tmp_path / "v", "tiny-mlp-opt", "vocabulary", steps=1), objective=probe)
+    (after, text_target), vocabulary = probe.seen[0], seen[0]
+    assert after == pytest.approx(vocabulary, rel=1e-4) and abs(vocabulary - text_target) > 1e-3
+
+
 def test_a_resumed_run_is_not_scaled_again(tmp_path, data):
     """A run stopped after its step-2 checkpoint and resumed ends with the uninterrupted run's weights,
     and its set-up ran once, at the start."""

@@ -246,10 +246,10 @@ class Stage2Options(ObjectiveOptions):
     loss_average: Literal["tokens", "samples"] = Field("tokens", description=(
         "tokens: the mean over every target token of the batch (BLIP-2/LAVIS); samples: each sample's mean, "
         "then the mean over samples, so a one-word answer weighs as much as a long caption in a mixed batch"))
-    soft_prompt_norm: Literal["init", "llm"] = Field("init", description=(
+    soft_prompt_norm: Literal["init", "llm", "vocabulary"] = Field("init", description=(
         "init: the connector's output layer as initialised (LAVIS); llm: before a fresh run's first step, scale that "
         "layer so the soft prompt's mean token norm on the first batch equals the LLM's embeddings' for the batch's "
-        "text (vlbridge.train.soft_prompt_scale)"))
+        "text; vocabulary: the same, to the mean over the LLM's whole vocabulary (vlbridge.train.soft_prompt_scale)"))
 
 
 class Stage2Objective(Objective):
@@ -301,11 +301,11 @@ class Stage2Objective(Objective):
 
     @property
     def starts(self) -> bool:
-        return self.options.soft_prompt_norm == "llm"
+        return self.options.soft_prompt_norm != "init"
 
     def start(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> str | None:
-        """`soft_prompt_norm: llm`: scale the connector's output layer to the LLM's embedding norm."""
-        if self.options.soft_prompt_norm != "llm":
+        """`soft_prompt_norm` llm / vocabulary: scale the connector's output layer to the LLM's embedding norm."""
+        if self.options.soft_prompt_norm == "init":
             return None
         from vlbridge.train.soft_prompt_scale import scale_soft_prompt
 
@@ -315,7 +315,8 @@ class Stage2Objective(Objective):
             image_embeds, inputs, targets = self.parts(model, batch)  # a prefix-LM split draws from the generator:
         if state is not None:
             self.generator.set_state(state)  # given back, so the first step splits as it would have
-        return scale_soft_prompt(model, image_embeds, inputs, [" ".join(t for t in pair if t) for pair in zip(inputs, targets)]).line()
+        texts = [" ".join(t for t in pair if t) for pair in zip(inputs, targets)]
+        return scale_soft_prompt(model, image_embeds, inputs, texts, self.options.soft_prompt_norm).line()
 
     def explicit_pairs(self, batch: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
         """(prompt + text_input, text_output) when the batch gives both, else None."""

@@ -5,8 +5,9 @@ init maps the connector's features to a soft prompt far from the norm of the emb
 LLM was trained on (about 11x for the world demo's Q-Former: docs/demo-findings.md section 7). Stage
 2 then spends its first steps, and large gradients through the connector's body, on that scale,
 which overwrites what stage 1 learnt (section 12). `soft_prompt_norm: llm` (a stage-2 objective
-option) measures both norms on the run's first batch and scales that output layer once, before the
-first step of a fresh run; a resumed run keeps its checkpoint's weights.
+option) measures both norms on the run's first batch (the LLM's: of that batch's text) and scales
+that output layer once, before the first step of a fresh run; `vocabulary` takes the LLM's norm as
+the mean over its whole vocabulary instead. A resumed run keeps its checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -67,20 +68,39 @@ def mean_token_norm(tokens: torch.Tensor) -> torch.Tensor:
     return total[0] / total[1]
 
 
-@torch.no_grad()
-def scale_soft_prompt(model: "VLBridgeModel", image_embeds: torch.Tensor, instructions: list[str] | None,
-                      texts: list[str]) -> SoftPromptScale:
-    """Scale the connector's output layer so the soft prompt of these images has the mean token norm
-    of the LLM's embeddings of `texts` (the batch's text, as the LLM will read it)."""
-    name, layer, visual = output_linear(model.connector, lambda: model.visual_tokens(image_embeds=image_embeds, instructions=instructions))
+VOCABULARY_CHUNK = 4096  # embedding rows measured at a time (a 50k x 2560 table need not be copied whole)
+
+
+def text_norm(model: "VLBridgeModel", texts: list[str]) -> torch.Tensor:
+    """Mean norm of the LLM's embeddings of the tokens of `texts` (what it will read)."""
     ids = [i for row in model.llm.tokenizer(list(texts), add_special_tokens=False)["input_ids"] for i in row]
     if not ids:
         raise VLBridgeError("soft_prompt_norm: llm needs text in the first batch to measure the LLM's embedding norm; it had none")
-    target = mean_token_norm(model.llm.embed_tokens(torch.tensor(ids, device=model.llm.device)))
+    return mean_token_norm(model.llm.embed_tokens(torch.tensor(ids, device=model.llm.device)))
+
+
+def vocabulary_norm(model: "VLBridgeModel") -> torch.Tensor:
+    """Mean norm of the LLM's embeddings of every token its tokenizer has (each token alike)."""
+    size = len(model.llm.tokenizer)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, size, VOCABULARY_CHUNK):
+        ids = torch.arange(start, min(start + VOCABULARY_CHUNK, size), device=model.llm.device)
+        total += model.llm.embed_tokens(ids).float().norm(dim=-1).sum().double().cpu()
+    return (total / size).float()
+
+
+@torch.no_grad()
+def scale_soft_prompt(model: "VLBridgeModel", image_embeds: torch.Tensor, instructions: list[str] | None,
+                      texts: list[str], target_of: str = "llm") -> SoftPromptScale:
+    """Scale the connector's output layer so the soft prompt of these images has the LLM's embedding
+    norm: of `texts` (the batch's text, as the LLM will read it; `target_of` "llm") or of its whole
+    vocabulary ("vocabulary")."""
+    name, layer, visual = output_linear(model.connector, lambda: model.visual_tokens(image_embeds=image_embeds, instructions=instructions))
+    target = vocabulary_norm(model) if target_of == "vocabulary" else text_norm(model, texts)
     before = mean_token_norm(visual)
     if not (torch.isfinite(before) and before > 0):
         raise VLBridgeError(f"soft_prompt_norm: llm cannot scale a soft prompt of norm {before.item()}")
-    factor = (target / before).item()
+    factor = (target.to(before.device) / before).item()
     layer.weight.mul_(factor)
     if layer.bias is not None:
         layer.bias.mul_(factor)
