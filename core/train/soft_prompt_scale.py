@@ -31,7 +31,7 @@ class SoftPromptScale:
 
     layer: str
     before: float  # the soft prompt's mean per-token L2 norm on the first batch, at init
-    target: float  # the LLM's embeddings' mean per-token L2 norm for the batch's text
+    target: float  # the LLM's embeddings' mean per-token L2 norm (of the batch's text, or of its vocabulary)
     factor: float
 
     def line(self) -> str:
@@ -54,7 +54,7 @@ def output_linear(connector: nn.Module, run: Callable[[], torch.Tensor]) -> tupl
         if out is result:
             return name or type(connector).__name__, module, result
     raise VLBridgeError(
-        f"soft_prompt_norm: llm scales the connector's output layer, but {type(connector).__name__}'s output is not "
+        f"soft_prompt_norm (llm, vocabulary) scales the connector's output layer, but {type(connector).__name__}'s output is not "
         "the output of one of its torch.nn.Linear modules; use soft_prompt_norm: init with this connector")
 
 
@@ -99,7 +99,7 @@ def scale_soft_prompt(model: "VLBridgeModel", image_embeds: torch.Tensor, instru
     target = vocabulary_norm(model) if target_of == "vocabulary" else text_norm(model, texts)
     before = mean_token_norm(visual)
     if not (torch.isfinite(before) and before > 0):
-        raise VLBridgeError(f"soft_prompt_norm: llm cannot scale a soft prompt of norm {before.item()}")
+        raise VLBridgeError(f"soft_prompt_norm: {target_of} cannot scale a soft prompt of norm {before.item()}")
     factor = (target.to(before.device) / before).item()
     layer.weight.mul_(factor)
     if layer.bias is not None:

@@ -146,9 +146,7 @@ class QFormer(nn.Module):
         tokens = image_embeds.to(self.query_tokens.dtype)
         if not (fold and self._folding_pays(tokens.shape[1])):
             return self.ln_vision(tokens)
-        if self._affine_needs_grad(tokens):
-            return self.ln_vision.normalised(tokens)  # the affine goes into Wk, Wv: no (B, N, C) gradient to form
-        return NormedTokens(self.ln_vision(tokens), None, None)  # scale the tokens once, for every layer
+        return self._normed(tokens)
 
     def _folding_pays(self, tokens: int) -> bool:
         cross = next((layer.cross_attn for layer in self.layers if layer.cross_attn is not None), None)
@@ -161,17 +159,18 @@ class QFormer(nn.Module):
         """(B, N, E) image tokens -> ln_vision once and every cross-attention layer's K/V of them,
         to be shared by several passes over the same images (stage 1). Passes given raw tokens
         compute K/V layer by layer instead, which keeps inference's peak memory low."""
-        tokens = image_embeds.to(self.query_tokens.dtype)
-        image = self.ln_vision.normalised(tokens) if self._affine_needs_grad(tokens) else self.ln_vision(tokens)
+        image = self._normed(image_embeds.to(self.query_tokens.dtype))
         return ImageContext(tuple(None if layer.cross_attn is None else _contiguous(layer.cross_attn.key_values(image))
                                   for layer in self.layers))
 
-    def _affine_needs_grad(self, tokens: torch.Tensor) -> bool:
-        """Whether ln_vision's affine gets a gradient here while the tokens get none (a frozen
-        encoder): then folding the affine into the K/V weights (`NormedTokens`) spares backward the
-        (B, N, C) token gradient that only the affine would read."""
-        return (torch.is_grad_enabled() and not tokens.requires_grad
-                and any(p.requires_grad for p in self.ln_vision.parameters()))
+    def _normed(self, tokens: torch.Tensor) -> NormedTokens:
+        """ln_vision for layers that take `NormedTokens`. Where its affine gets a gradient and the tokens
+        get none (a frozen encoder), the affine is left to be folded into the K/V weights, which spares
+        backward the (B, N, C) token gradient that only the affine would read; otherwise the tokens
+        are normalised with it once, for every layer."""
+        if torch.is_grad_enabled() and not tokens.requires_grad and any(p.requires_grad for p in self.ln_vision.parameters()):
+            return self.ln_vision.normalised(tokens)
+        return NormedTokens(self.ln_vision(tokens), None, None)
 
     @overload
     def query_outputs(self, image_embeds: torch.Tensor | ImageContext, return_layer_kv: Literal[False] = False, *,
