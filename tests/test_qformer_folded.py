@@ -142,3 +142,27 @@ def test_a_folding_qformer_equals_transformers(monkeypatch: pytest.MonkeyPatch):
     assert len(folded_calls) == 1  # the stage-2 forward folds its one cross-attention layer
     ours.query_outputs(image)
     assert len(folded_calls) == 1  # stage-1 passes project (their K/V are shared across passes)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fold", [True, False])
+def test_eval_runs_one_query_set_until_the_first_cross_attention(fold: bool):
+    """Without dropout every image's queries are equal until they read the image: layer 0's
+    self-attention runs once for the batch, and the outputs equal each image's own pass."""
+    torch.manual_seed(5)
+    model = build(QFormerOptions(variant="tiny", num_query_tokens=2), TokenShape(64, C), 16).eval()
+    for param in model.parameters():
+        param.add_(torch.randn(param.shape) * 0.1)
+    assert folding_pays(2, 64, 64, 4)
+    image = torch.randn(3, 64, C, generator=torch.Generator().manual_seed(6))
+    seen: list[int] = []
+    original = model.layers[0].self_attn.attend
+    model.layers[0].self_attn.attend = lambda x, *a: seen.append(x.shape[0]) or original(x, *a)
+    together = model.query_outputs(image, fold=fold)
+    assert seen == [1] and together.shape[0] == 3
+    alone = torch.cat([model.query_outputs(image[i:i + 1], fold=fold) for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # float rounding of other product shapes
+    model.train()
+    seen.clear()
+    model.query_outputs(image, fold=fold)
+    assert seen == [3]  # with dropout each image draws its own masks: no sharing

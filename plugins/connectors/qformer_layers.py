@@ -94,8 +94,10 @@ class Attention(nn.Module):
         affine folded into Wk and Wv (`NormedTokens`). Exact in real arithmetic (the key bias adds
         q . b_k to each score row, kept so that it gets the same gradient as when projecting; the
         value bias is added times each row's probability mass, 1 unless dropout dropped some);
-        cheaper than projecting N tokens when L * (W + heads * N) < N * W (`folding_pays`)."""
-        batch, length, width = x.shape
+        cheaper than projecting N tokens when L * (W + heads * N) < N * W (`folding_pays`). `x` of batch 1
+        is one query set read by every image: its query-keys are computed once and meet all images'
+        tokens in one product."""
+        batch, (_, length, width) = image.tokens.shape[0], x.shape  # x may be one query set for every image
         key, value = image.folded(self.key), image.folded(self.value)
         dropping = self.training and self.attn_dropout > 0.0
         probs = self._folded_probs(x, image.tokens, *key)  # (B, H*L, N), rows ordered (h, l)
@@ -114,12 +116,18 @@ class Attention(nn.Module):
         """softmax((q_h Wk_h) tokens^T + q_h . b_k) as (B, H*L, N); a function of its own so that
         the (B, H*L, C) query-keys are freed before the values are mixed."""
         batch, length, width = x.shape
-        heads, head_dim, context_width = self.heads, width // self.heads, tokens.shape[-1]
+        heads, head_dim, (images, count, context_width) = self.heads, width // self.heads, tokens.shape
         q = self.query(x).view(batch * length, heads, head_dim).transpose(0, 1) * head_dim ** -0.5  # (H, B*L, Dh)
         q_keys = torch.bmm(q, key_weight.view(heads, head_dim, context_width))  # (H, B*L, C)
-        q_keys = q_keys.view(heads, batch, length, context_width).transpose(0, 1).reshape(batch, heads * length, context_width)
-        shift = torch.bmm(q, key_bias.view(heads, head_dim, 1)).view(heads, batch, length).transpose(0, 1)
-        scores = torch.baddbmm(shift.reshape(batch, heads * length, 1), q_keys, tokens.transpose(1, 2))
+        shift = torch.bmm(q, key_bias.view(heads, head_dim, 1))  # (H, B*L, 1)
+        if batch == 1 < images:  # one query set: all images' scores in one product, (H*L, I*N) -> (I, H*L, N)
+            scores = torch.addmm(shift.view(heads * length, 1), q_keys.view(heads * length, context_width),
+                                 tokens.reshape(images * count, context_width).t())
+            scores = scores.view(heads * length, images, count).transpose(0, 1)
+        else:
+            q_keys = q_keys.view(heads, batch, length, context_width).transpose(0, 1).reshape(batch, heads * length, context_width)
+            shift = shift.view(heads, batch, length).transpose(0, 1).reshape(batch, heads * length, 1)
+            scores = torch.baddbmm(shift, q_keys, tokens.transpose(1, 2))
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)  # fp32 softmax, as the eager reference
 
     def _folded_values(self, probs: torch.Tensor, tokens: torch.Tensor, length: int, value_weight: torch.Tensor) -> torch.Tensor:
@@ -200,6 +208,7 @@ class QFormerLayer(nn.Module):
             raise VLBridgeError("a Q-Former pass with queries needs image_embeds for its cross-attention layers")
         if isinstance(image, NormedTokens):
             return self.cross_attn.attend_folded(queries, image)
+        queries = queries.expand((image if isinstance(image, torch.Tensor) else image[0]).shape[0], -1, -1)  # a shared query set
         if isinstance(image, torch.Tensor):
             return self.cross_attn(queries, context=image)
         return self.cross_attn.attend(queries, image, None)

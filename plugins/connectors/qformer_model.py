@@ -190,9 +190,12 @@ class QFormer(nn.Module):
         (the stage-2 connector and inference, via `forward`); stage 1 shares projected K/V instead.
         """
         batch = image_embeds.batch if isinstance(image_embeds, ImageContext) else image_embeds.shape[0]
-        x = self.embeddings(queries=self._queries(batch))
+        # Without dropout, every image's queries are the same until the first cross-attention: one set
+        # runs that far (layer 0's self-attention, and its query-keys where folded) for all images.
+        shared = not self.training and not return_layer_kv
+        x = self.embeddings(queries=self._queries(1 if shared else batch))
         keep: list[KV] | None = [] if return_layer_kv else None
-        out = self._run(x, None, self.num_queries, self._image(image_embeds, fold), keep=keep)
+        out = self._run(x, None, self.num_queries, self._image(image_embeds, fold), keep=keep).expand(batch, -1, -1)
         return (out, keep) if return_layer_kv else out
 
     @property
