@@ -57,6 +57,19 @@ def test_folded_equals_projected_with_gradients():
         assert torch.autograd.grad(out.pow(2).sum(), block.key.bias)[0].abs().max() < 1e-4
 
 
+@torch.no_grad()
+def test_folded_inference_equals_projected():
+    """Without autograd the folded block writes query-keys per image and drops the key bias (the
+    softmax cancels it): the same outputs, for a batch of images and for one query set read by all."""
+    block = _randomised_attention().eval()
+    x, tokens = _inputs()
+    torch.testing.assert_close(block.attend_folded(x, NormedTokens(tokens, None, None)), block(x, context=tokens),
+                               atol=1e-5, rtol=1e-5)
+    shared = x[:1]
+    torch.testing.assert_close(block.attend_folded(shared, NormedTokens(tokens, None, None)),
+                               block(shared.expand(2, -1, -1), context=tokens), atol=1e-5, rtol=1e-5)
+
+
 def test_folded_equals_projected_under_the_same_dropout_draws():
     block = _randomised_attention().train()
     x, tokens = _inputs()

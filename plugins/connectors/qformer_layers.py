@@ -118,6 +118,8 @@ class Attention(nn.Module):
         batch, length, width = x.shape
         heads, head_dim, (images, count, context_width) = self.heads, width // self.heads, tokens.shape
         q = self.query(x).view(batch * length, heads, head_dim).transpose(0, 1) * head_dim ** -0.5  # (H, B*L, Dh)
+        if batch > 1 and not torch.is_grad_enabled():
+            return self._inferred_probs(q.view(heads, batch, length, head_dim), tokens, key_weight)
         q_keys = torch.bmm(q, key_weight.view(heads, head_dim, context_width))  # (H, B*L, C)
         shift = torch.bmm(q, key_bias.view(heads, head_dim, 1))  # (H, B*L, 1)
         if batch == 1 < images:  # one query set: all images' scores in one product, (H*L, I*N) -> (I, H*L, N)
@@ -129,6 +131,19 @@ class Attention(nn.Module):
             shift = shift.view(heads, batch, length).transpose(0, 1).reshape(batch, heads * length, 1)
             scores = torch.baddbmm(shift, q_keys, tokens.transpose(1, 2))
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)  # fp32 softmax, as the eager reference
+
+    @staticmethod
+    def _inferred_probs(q: torch.Tensor, tokens: torch.Tensor, key_weight: torch.Tensor) -> torch.Tensor:
+        """`_folded_probs` without autograd, for (H, B, L, Dh) queries: each image's query-keys are
+        written in image order (no head-order copy of the (B, H*L, C) product), and the key bias is left
+        out: it adds the same q . b_k to every score of a row, which the softmax cancels exactly."""
+        heads, batch, length, head_dim = q.shape
+        weight = key_weight.view(heads, head_dim, -1)
+        q_keys = q.new_empty(batch, heads, length, weight.shape[-1])
+        for image in range(batch):
+            torch.bmm(q[:, image], weight, out=q_keys[image])
+        scores = torch.bmm(q_keys.view(batch, heads * length, -1), tokens.transpose(1, 2))
+        return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
 
     def _folded_values(self, probs: torch.Tensor, tokens: torch.Tensor, length: int, value_weight: torch.Tensor) -> torch.Tensor:
         """(P_h tokens) Wv_h^T for every head, as (B, L, H, Dh) (without the value bias)."""
