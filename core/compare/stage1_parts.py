@@ -41,15 +41,16 @@ class Stage1Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     queries: int = Field(ge=1, description="num_query_tokens (the demo's 32 and 8)")
     steps: int = Field(ge=1)
-    batch: int = Field(32, ge=2)
+    batch: int = Field(128, ge=2, description="samples per step, each an in-batch ITC negative of the others: 128 retrieves far "
+                       "better than 32 for the same samples (docs/demo-findings.md section 13)")
     lr: float = Field(2e-3, gt=0, description="peak lr (the demo's; docs/demo-findings.md section 3 measured retrieval under it)")
-    warmup: int = Field(200, ge=0)
+    warmup: int = Field(50, ge=0)
     min_lr: float = Field(1e-5, ge=0)
     images: int = Field(6000, ge=2, description="pretrain-stream images")
     captions_per_image: int = Field(6, ge=1, le=9, description="captions of each image (6: the describing kinds, as the shipped "
                                     "checkpoints were trained before the world language gained 'above', 'left' and 'absent')")
     text_tokens: int = Field(24, ge=8, description="stage 1's text length (the demo's; the scene caption needs about 24)")
-    every: int = Field(250, ge=1, description="steps between the checkpoints the curve scores")
+    every: int = Field(125, ge=1, description="steps between the checkpoints the curve scores")
     curve_images: int = Field(100, ge=2, description="val images each curve point retrieves among")
     final_images: int = Field(300, ge=2, description="val images the final retrieval ranks")
     retrieval_k: int = Field(4, ge=1, description="ITM re-ranks each query's top k ITC candidates (the demo's)")
@@ -294,8 +295,8 @@ def _data_line(recipe: Stage1Recipe, world: WorldConfig) -> str:
 
 
 QUERIES = STAGE1_QUERIES  # the demo's query counts
-FULL_STEPS = 3000  # retrieval still climbed at 1,500 (docs/demo-findings.md section 10)
-FULL_IMAGES = 12_000  # about 1.3 passes over the image-caption pairs at 3,000 steps of 32
+FULL_STEPS = 750  # of 128: the samples of the earlier 3,000 steps of 32, four times the negatives (findings section 13)
+FULL_IMAGES = 12_000  # about 1.3 passes over the image-caption pairs at 750 steps of 128
 
 
 def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None = None, twins: bool = False) -> list[Stage1Recipe]:

@@ -346,7 +346,7 @@ class Trainer:
                 line = start(self.model, to_device(first, self.device))
             finally:
                 self.model.train(training)
-        if line:
+        if line and not self.quiet:  # a quiet run's caller (the demo) keeps its own progress line
             self.say(line)
 
     def start(self) -> None:
