@@ -108,7 +108,8 @@ def test_feature_dataset_yields_the_image_datasets_items(data: Path, cache: Path
     for i in range(8):
         cached, decoded = features[i], images[i]
         assert set(cached) - {"image_embeds"} == set(decoded) - {"pixel_values"}
-        assert all(cached[k] == decoded[k] for k in ("text", "image_id", "image_index", "index"))
+        assert all(cached[k] == decoded[k] for k in ("text", "image_id", "image_index", "index", "image_captions"))
+        assert cached["text"] in cached["image_captions"]
         assert cached["image_embeds"].shape == (17, 64)
     assert isinstance(features[8], Skipped) and isinstance(images[8], Skipped)
     batch = next(iter(make_loader(features, 9)))

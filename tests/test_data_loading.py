@@ -113,6 +113,9 @@ def test_string_image_ids_become_shared_integer_indices(tmp_path):
     assert index.dtype == torch.long and index.tolist() == [stable_image_index(i) for i in batch["image_id"]]
     assert index[0] == index[1] and len(set(index.tolist())) == 3  # captions 0 and 1 share an image
     assert batch["index"].tolist() == [0, 1, 2, 3]
+    # every caption of its image (what stage 1's positives: caption reads), the same for both of image 0's pairs
+    assert batch["image_captions"][0] == batch["image_captions"][1] == tuple(batch["text"][:2])
+    assert batch["text"][2] in batch["image_captions"][2] and batch["text"][0] not in batch["image_captions"][2]
 
 
 def test_all_skipped_batch_is_empty_but_counted():

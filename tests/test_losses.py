@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.train import distributed
-from vlbridge.train.losses import (itc_loss, itg_loss, itm_loss, negative_weights, positive_mask,
-                                   prefix_lm_split, sample_hard_negatives, soft_targets, split_point)
+from vlbridge.train.losses import (NO_CAPTION, Positives, caption_positives, image_positives, itc_loss, itg_loss, itm_loss,
+                                   negative_weights, positive_mask, prefix_lm_split, sample_hard_negatives, soft_targets, split_point)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -310,6 +310,16 @@ def _gloo_worker(rank: int, store: str) -> None:
         assert sum(losses) / 2 == pytest.approx(whole.item(), rel=1e-5)
         neg = sample_hard_negatives(sim_i2t, sim_i2t, ids[half], generator=gen)
         assert (ids[neg.texts] != ids[half]).all() and neg.has_text.all()
+        from vlbridge.train.caption_keys import gathered_caption_keys
+
+        captions = [("x",), ("y", "x"), ("y", "z", "w"), ("w",)]  # rank 0's rows are 2 wide, rank 1's 3: padded to 3
+        texts_ = ["x", "y", "y", "w"]
+        keys, rows, all_keys, all_rows = gathered_caption_keys(texts_[half], captions[half], torch.device("cpu"))
+        assert rows.shape == (2, 3) and all_rows.shape == (4, 3) and all_keys.shape == (4,)
+        pos = caption_positives(ids[half], keys, rows, ids, all_keys, all_rows)
+        whole_keys, whole_rows, _, _ = gathered_caption_keys(texts_, captions, torch.device("cpu"))  # every rank the whole batch
+        whole_pos = caption_positives(ids, whole_keys, whole_rows, ids, whole_keys, whole_rows)
+        assert torch.equal(pos.i2t, whole_pos.i2t[half]) and torch.equal(pos.t2i, whole_pos.t2i[half])
     finally:
         dist.destroy_process_group()
 
@@ -322,3 +332,45 @@ def test_two_process_gloo_gathers(tmp_path: Path):
     # fork (as DataLoader workers do, one thread each): spawning would import torch twice more (seconds)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_gloo_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True, start_method=method)
+
+
+# -- caption positives --------------------------------------------------------------------------
+
+def test_caption_positives_mark_every_image_that_has_the_text():
+    from vlbridge.train.caption_keys import caption_key_rows, text_keys
+
+    texts = ["two shapes", "a red circle", "two shapes", "a blue star"]
+    captions = [("two shapes", "a red circle"), ("a red circle", "two shapes"), ("two shapes", "a green cross"), ("a blue star",)]
+    ids = torch.tensor([0, 0, 1, 2])  # samples 0 and 1 show the same image
+    keys, rows = text_keys(texts, torch.device("cpu")), caption_key_rows(captions, torch.device("cpu"))
+    assert rows.shape == (4, 2) and rows[3, 1] == NO_CAPTION and (keys >= 0).all()
+    pos = caption_positives(ids, keys, rows, ids, keys, rows)
+    # text n is true of image b when n is among b's captions (or b shows n's image)
+    assert pos.i2t.tolist() == [[True, True, True, False], [True, True, True, False], [True, False, True, False],
+                                [False, False, False, True]]
+    assert torch.equal(pos.t2i, pos.i2t.t())  # one batch on one rank: the same relation read the other way
+    same = image_positives(ids, ids)
+    assert torch.equal(same.i2t, positive_mask(ids, ids)) and (pos.i2t >= same.i2t).all()
+
+
+def test_itc_and_negatives_follow_the_positives_they_are_given():
+    gen = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(3, 2, 8, generator=gen), dim=-1)
+    texts = F.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    ids = torch.tensor([0, 1, 2])
+    plain, sim_i2t, sim_t2i = itc_loss(images, texts, 0.1, ids, label_smoothing=0.0)
+    same, _, _ = itc_loss(images, texts, 0.1, ids, label_smoothing=0.0, positives=image_positives(ids, ids))
+    assert same == plain
+    # text 2 is also true of image 0: row 0 of i2t and row 2 of t2i share their mass over two columns
+    i2t = torch.eye(3, dtype=torch.bool); i2t[0, 2] = True
+    wider, _, _ = itc_loss(images, texts, 0.1, ids, label_smoothing=0.0, positives=Positives(i2t, i2t.t().contiguous()))
+    log_i2t, log_t2i = F.log_softmax(sim_i2t, 1), F.log_softmax(sim_t2i, 1)
+    by_hand = -(log_i2t[0, [0, 2]].mean() + log_i2t[1, 1] + log_i2t[2, 2]) / 3 - (log_t2i[0, 0] + log_t2i[1, 1] + log_t2i[2, [0, 2]].mean()) / 3
+    assert wider.item() == pytest.approx(by_hand.item() / 2, rel=1e-5)
+    # image 0 has only text 1 left to be its negative; text 2 only image 1
+    for seed in range(20):
+        neg = sample_hard_negatives(sim_i2t, sim_t2i, ids, generator=torch.Generator().manual_seed(seed),
+                                    positives=Positives(i2t, i2t.t().contiguous()))
+        assert neg.texts[0] == 1 and neg.images[2] == 1
+    with pytest.raises(VLBridgeError, match=r"positives.i2t must be a \(3, 3\) bool mask"):
+        itc_loss(images, texts, 0.1, ids, positives=Positives(i2t.float(), i2t))

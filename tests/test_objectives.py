@@ -260,3 +260,28 @@ def test_build_objective_by_name_and_options():
     with pytest.raises(VLBridgeError, match="bad options"):
         Stage1Objective(max_text_tokens=1)
     assert isinstance(objective_for(build("tiny-linear-opt", 2)), Stage2Objective)
+
+
+def test_stage1_caption_positives_never_draw_an_image_that_has_the_text(monkeypatch: pytest.MonkeyPatch):
+    model, seen = build("tiny-qformer-opt", 1), {}
+    original = objectives_module.sample_hard_negatives
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen["neg"] = result = original(*args, **kwargs)
+        return result
+
+    monkeypatch.setattr(objectives_module, "sample_hard_negatives", spy)
+    captions = ["a picture of two shapes", "a red circle", "a picture of two shapes", "a blue star"]
+    batch = {**make_batch(model, captions, torch.tensor([0, 1, 2, 3])),
+             "image_captions": [("a picture of two shapes",), ("a red circle", "a picture of two shapes"),
+                                ("a picture of two shapes", "a green cross"), ("a blue star",)]}
+    for seed in range(8):
+        losses = Stage1Objective(torch.Generator().manual_seed(seed), positives="caption")(model, batch)
+        assert torch.isfinite(losses["loss"])
+        # texts 0 and 2 are true of images 0, 1 and 2: their only negative image is 3; image 1 has texts 0-2, so text 3
+        negatives = seen["neg"]
+        assert negatives.images[0] == 3 and negatives.images[2] == 3 and negatives.texts[1] == 3 and negatives.texts[0] in (1, 3)
+    with pytest.raises(VLBridgeError, match="needs batch\\['image_captions'\\]"):
+        Stage1Objective(positives="caption")(model, make_batch(model))
+    with pytest.raises(VLBridgeError, match="bad options"):
+        Stage1Objective(positives="scene")

@@ -21,7 +21,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +54,8 @@ class Stage1Recipe(BaseModel):
     curve_images: int = Field(100, ge=2, description="val images each curve point retrieves among")
     final_images: int = Field(300, ge=2, description="val images the final retrieval ranks")
     retrieval_k: int = Field(4, ge=1, description="ITM re-ranks each query's top k ITC candidates (the demo's)")
+    positives: Literal["image", "caption"] = Field("image", description="the stage-1 objective's `positives`: 'caption' "
+                                                    "never takes an image for a negative of a caption it also has")
     twins: bool = Field(False, description="batches of scenes and their one-change twins (`write_twin_stream`): half as many "
                         "scenes, each with a twin; the shipped checkpoints were trained without (docs/demo-findings.md section 12)")
 
@@ -156,7 +158,7 @@ def train_config(recipe: Stage1Recipe, data: dict[str, Any], features: str, out:
     """The `vlbridge train` config of one stage-1 Q-Former (what `manifest.json` records as its recipe)."""
     return {"assembly": assembly(recipe.queries, parts), "stage": 1, "steps": recipe.steps, "seed": seed, "batch_size": recipe.batch,
             "data": {"train": data, "features": features}, "optimizer": {"lr": recipe.lr},
-            "schedule": {"warmup_steps": recipe.warmup, "min_lr": recipe.min_lr}, "objective": {"max_text_tokens": recipe.text_tokens},
+            "schedule": {"warmup_steps": recipe.warmup, "min_lr": recipe.min_lr}, "objective": {"max_text_tokens": recipe.text_tokens, "positives": recipe.positives},
             "output_dir": str(out), "save_every": recipe.every, "log_every": recipe.every, "device": "cpu", "tensorboard": False}
 
 

@@ -2,7 +2,9 @@
 
 Items are dicts: `pixel_values` (transformed), `image_id` (as in the data, int or str),
 `image_index` (its stable int, see `stable_image_index`), `index`, and by record type `text`
-(a pair), `captions` (a per-image group) or `question` + `answers` + ids and types (VQA). An image
+(a pair, with `image_captions`: every caption the data gives its image, which stage 1's
+`positives: caption` reads; a tar stream knows only the pair's own), `captions` (a per-image
+group) or `question` + `answers` + ids and types (VQA). An image
 that cannot be decoded gives a `Skipped` instead, which `collate` drops and counts; with
 `strict=True` it is a DataError naming the file.
 """
@@ -58,14 +60,25 @@ def load_pixels(ref: ImageRef, transform: Transform, strict: bool, index: int) -
 PAIR_KEYS = ("text_input", "text_output")
 
 
-def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOptions) -> dict[str, Any]:
-    """The item dict for one decoded record."""
+def captions_by_image(records: Sequence[Any], text: TextOptions) -> dict[Any, tuple[str, ...]]:
+    """Every (cleaned, distinct) caption the pairs give each image id, in order of appearance."""
+    found: dict[Any, dict[str, None]] = {}
+    for record in records:
+        if isinstance(record, ImageText):
+            found.setdefault(record.image_id, {})[text.caption(record.text)] = None
+    return {image_id: tuple(captions) for image_id, captions in found.items()}
+
+
+def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOptions,
+              image_captions: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The item dict for one decoded record; a pair's `image_captions` default to its own text."""
     item: dict[str, Any] = {
         "pixel_values": pixels, "image_id": record.image_id,
         "image_index": stable_image_index(record.image_id), "index": index,
     }
     if isinstance(record, ImageText):
         item["text"] = text.caption(record.text)
+        item["image_captions"] = image_captions or (item["text"],)
         pair = {key: record.extra.get(key) for key in PAIR_KEYS}
         if all(isinstance(value, str) for value in pair.values()):  # an explicit (input, target) pair for stage 2
             item.update(pair)
@@ -91,6 +104,7 @@ class RecordDataset(Dataset):
         for record in self.records:
             stable_image_index(record.image_id)  # reject unusable ids now, not in a worker mid-epoch
         self.transform, self.text, self.strict, self.shuffle = transform, text, strict, shuffle
+        self.image_captions = captions_by_image(self.records, text)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,7 +112,9 @@ class RecordDataset(Dataset):
     def __getitem__(self, index: int) -> Item:
         record = self.records[index]
         pixels = load_pixels(record.image, self.transform, self.strict, index)
-        return pixels if isinstance(pixels, Skipped) else make_item(record, pixels, index, self.text)
+        if isinstance(pixels, Skipped):
+            return pixels
+        return make_item(record, pixels, index, self.text, self.image_captions.get(record.image_id))
 
 
 class ShardDataset(IterableDataset):

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from vlbridge.data.build import read_records
 from vlbridge.data.config import DataConfig, load_data_config
-from vlbridge.data.datasets import Record, TextOptions, make_item
+from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard
 from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, read_manifest,
@@ -150,6 +150,7 @@ class FeatureDataset(Dataset):
             raise DataError("no samples to build a feature dataset from; check the annotation files and the split")
         self.samples, self.store, self.text, self.strict, self.shuffle = samples, store, text, strict, shuffle
         self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image)) for s in samples]
+        self.image_captions = captions_by_image(samples, text)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -163,7 +164,7 @@ class FeatureDataset(Dataset):
             if self.strict:
                 raise DataError(f"image {sample.image.name!r} (sample {index}) could not be read when the cache was built: {reason}")
             return Skipped(name=sample.image.name, reason=f"unreadable when cached: {reason}", kind="unreadable image", index=index)
-        item = make_item(sample, self.store.row(*location), index, self.text)
+        item = make_item(sample, self.store.row(*location), index, self.text, self.image_captions.get(sample.image_id))
         item["image_embeds"] = item.pop("pixel_values")
         return item
 

@@ -71,6 +71,12 @@ def all_gather_no_grad(tensor: "torch.Tensor", keep_local: bool = False) -> "tor
     return torch.cat([gathered[:start], tensor, gathered[start + tensor.shape[0]:]])
 
 
+def max_over_ranks(value: int, device: "torch.device") -> int:
+    """The largest of every rank's `value` (a width to pad to before a gather); `value` in one process.
+    `device`: where the collective runs (the tensors' device: CPU for gloo, the rank's GPU for nccl)."""
+    return max(_gather_sizes(value, device)) if is_distributed() else value
+
+
 def all_gather_with_grad(tensor: "torch.Tensor") -> "torch.Tensor":
     """(n_r, ...) on each rank -> (sum n_r, ...) that backpropagates to every rank.
 

@@ -5,7 +5,9 @@ negatives (`sample_hard_negatives`, `itm_loss`) and image-grounded text generati
 Stage 2 for encoder-decoder LLMs: the prefix-LM split of a caption (`prefix_lm_split`).
 
 Image ids say which samples show the same image: captions of one image are positives of each
-other, never negatives, in ITC targets and in hard-negative sampling alike. ITC compares this
+other, never negatives, in ITC targets and in hard-negative sampling alike. `caption_positives`
+widens that to every image that has the text among its own captions (a caption true of several
+images); a `Positives` pair of masks carries either rule into both losses. ITC compares this
 rank's samples with everyone's (gathered without gradient for the other ranks' rows, as BLIP-2).
 Losses are computed in fp32 whatever the dtype of the inputs (autocast-safe).
 """
@@ -39,6 +41,46 @@ def check_image_ids(image_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 def positive_mask(image_ids: torch.Tensor, all_image_ids: torch.Tensor) -> torch.Tensor:
     """(B,) local ids, (N,) gathered ids -> (B, N) True where both samples show the same image."""
     return image_ids[:, None] == all_image_ids.to(image_ids.device)[None, :]
+
+
+class Positives(NamedTuple):
+    """Which pairs of the gathered batch match, (B, N) bool each: `i2t[b, n]` whether text n is
+    true of local image b, `t2i[b, n]` whether local text b is true of image n."""
+
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+
+
+def image_positives(image_ids: torch.Tensor, all_image_ids: torch.Tensor) -> Positives:
+    """BLIP-2's rule: a pair matches when both samples show the same image."""
+    same = positive_mask(image_ids, all_image_ids)
+    return Positives(same, same)
+
+
+NO_CAPTION = -1  # padding of a caption-key row (text keys are non-negative)
+
+
+def caption_positives(image_ids: torch.Tensor, text_keys: torch.Tensor, caption_keys: torch.Tensor, all_image_ids: torch.Tensor,
+                      all_text_keys: torch.Tensor, all_caption_keys: torch.Tensor) -> Positives:
+    """The same image, or a text that is one of the image's own captions.
+
+    text_keys (B,) and all_text_keys (N,): one non-negative key per sample's text; caption_keys
+    (B, K) and all_caption_keys (N, K'): the keys of every caption of the sample's image, padded
+    with NO_CAPTION. A caption written for several images ("a picture of two shapes", or the same
+    sentence for two photos) is then never drawn as their negative nor pushed away from them."""
+    same = positive_mask(image_ids, all_image_ids)
+    i2t = (all_text_keys.to(caption_keys.device)[None, :, None] == caption_keys[:, None, :]).any(dim=2)  # (B, N)
+    t2i = (text_keys[:, None, None] == all_caption_keys.to(text_keys.device)[None, :, :]).any(dim=2)  # (B, N)
+    return Positives(same | i2t, same | t2i)
+
+
+def check_positives(positives: Positives, rows: int, columns: int) -> Positives:
+    """Both masks must be (B, N) booleans."""
+    for name, mask in zip(("i2t", "t2i"), positives):
+        if mask.dtype != torch.bool or mask.shape != (rows, columns):
+            raise VLBridgeError(f"positives.{name} must be a ({rows}, {columns}) bool mask over the gathered batch, "
+                                f"got {mask.dtype} {tuple(mask.shape)}")
+    return positives
 
 
 def clamp_temperature(temp: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tensor:
@@ -79,13 +121,14 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor | float, image_ids: torch.Tensor,
              label_smoothing: float = 0.1, temp_range: tuple[float, float] | None = DEFAULT_TEMP_RANGE,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             positives: Positives | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BLIP-2's image-text contrastive loss over the batch of every rank.
 
     image_feats (B, Q, E) and text_feats (B, E) are L2-normalised; image_ids (B,) int. Returns the
     loss (mean of both directions) and the temperature-scaled similarities sim_i2t, sim_t2i (B, N),
     N = the gathered batch. Captions of the same image share the positive mass of a row; with all
     ids distinct this is exactly CE on the diagonal with label smoothing (BLIP-2's plain branch).
+    `positives` (default: `image_positives` of the ids) replaces which pairs share a row's mass.
     """
     image_ids = check_image_ids(image_ids, image_feats.shape[0]).to(image_feats.device)
     if text_feats.shape[0] != image_feats.shape[0]:
@@ -96,8 +139,9 @@ def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Te
     temp = clamp_temperature(torch.as_tensor(temp, device=image_feats.device), temp_range)
     sim_i2t, sim_t2i = itc_similarities(image_feats.float(), text_feats.float(), all_image_feats.float(), all_text_feats.float())
     sim_i2t, sim_t2i = sim_i2t / temp, sim_t2i / temp
-    targets = soft_targets(positive_mask(image_ids, all_ids), label_smoothing)
-    loss = (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
+    positives = check_positives(positives or image_positives(image_ids, all_ids), *sim_i2t.shape)
+    loss = (soft_cross_entropy(sim_i2t, soft_targets(positives.i2t, label_smoothing))
+            + soft_cross_entropy(sim_t2i, soft_targets(positives.t2i, label_smoothing))) / 2
     return loss, sim_i2t, sim_t2i
 
 
@@ -134,11 +178,13 @@ def negative_weights(sim: torch.Tensor, positives: torch.Tensor) -> tuple[torch.
 
 
 def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_ids: torch.Tensor,
-                          all_image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> HardNegatives:
+                          all_image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                          positives: Positives | None = None) -> HardNegatives:
     """Draw one hard negative per local sample from the softmaxed ITC similarities (BLIP-2's ITM).
 
     sim_i2t, sim_t2i: (B, N) from `itc_loss`; image_ids (B,); all_image_ids (N,) the gathered ids
-    (default: gathered here). Samples of the same image are never drawn. Never raises on inf/NaN
+    (default: gathered here). Samples of the same image (or, with `positives`, any matching pair)
+    are never drawn. Never raises on inf/NaN
     similarities (LAVIS #107); see `negative_weights` for the fallbacks.
     """
     image_ids = check_image_ids(image_ids, sim_i2t.shape[0]).to(sim_i2t.device)
@@ -147,10 +193,10 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_id
     if sim_i2t.shape != sim_t2i.shape or sim_i2t.shape[1] != all_image_ids.shape[0]:
         raise VLBridgeError(f"sample_hard_negatives: sim_i2t {tuple(sim_i2t.shape)}, sim_t2i {tuple(sim_t2i.shape)} "
                             f"and {all_image_ids.shape[0]} gathered image ids do not fit (B, N), (B, N), (N,)")
-    positives = positive_mask(image_ids, all_image_ids)  # (B, N)
+    positives = check_positives(positives or image_positives(image_ids, all_image_ids), *sim_i2t.shape)
     with torch.no_grad():
-        image_weights, has_image = negative_weights(sim_t2i, positives)  # each text's row over all images
-        text_weights, has_text = negative_weights(sim_i2t, positives)  # each image's row over all texts
+        image_weights, has_image = negative_weights(sim_t2i, positives.t2i)  # each text's row over all images
+        text_weights, has_text = negative_weights(sim_i2t, positives.i2t)  # each image's row over all texts
         images = draw(image_weights, generator)
         texts = draw(text_weights, generator)
     return HardNegatives(images.masked_fill(~has_image, -1), texts.masked_fill(~has_text, -1), has_image, has_text)

@@ -22,8 +22,8 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
 from vlbridge.modeling.prompts import format_prompts
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
-from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, itc_loss, itg_loss, itm_loss, per_sample_lm_loss,
-                                   prefix_lm_split, sample_hard_negatives)
+from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, Positives, caption_positives, itc_loss, itg_loss, itm_loss,
+                                   per_sample_lm_loss, prefix_lm_split, sample_hard_negatives)
 
 if TYPE_CHECKING:
     from vlbridge.modeling.model import VLBridgeModel
@@ -151,6 +151,11 @@ class Stage1Options(ObjectiveOptions):
     max_text_tokens: int = Field(32, ge=2, description="Q-Former text length (BLIP-2: 32), [CLS] and [SEP] included")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of ITC and ITG (BLIP-2: 0.1)")
     temp_range: tuple[float, float] | None = Field(DEFAULT_TEMP_RANGE, description="bounds on the ITC temperature's value (straight-through); none = unclamped, as BLIP-2")
+    positives: Literal["image", "caption"] = Field(
+        "image", description="which in-batch pairs match (ITC's targets, never an ITM negative): 'image' = captions of the same "
+        "image (BLIP-2); 'caption' = also every image that has the text among its own captions, so a caption written for "
+        "several images is not their negative (reads the batch's `image_captions`: JSON/JSONL datasets and feature caches "
+        "give every caption of the image, tar streams only the pair's own, so there it adds just identical captions)")
 
 
 class Stage1Objective(Objective):
@@ -186,11 +191,12 @@ class Stage1Objective(Objective):
         if image_embeds.shape[0] != len(texts):
             raise VLBridgeError(f"stage 1 needs one text per image: {image_embeds.shape[0]} images, {len(texts)} texts")
         image_ids = batch_image_ids(batch, len(texts), model.device)  # (B,)
+        positives = self.positives(batch, texts, image_ids)  # None: same image only
         ids, mask = self.tokenize(qformer, texts, model.device)  # (B, T)
         image = qformer.image_context(image_embeds)  # cross-attention K/V, shared by the three losses
         query_out, query_kv = qformer.query_outputs(image, return_layer_kv=True)  # (B, Q, W), per-layer K/V for ITG
-        itc, sim_i2t, sim_t2i = self.itc(qformer, query_out, ids, mask, image_ids)
-        itm = self.itm(qformer, image_embeds, image, ids, mask, image_ids, sim_i2t, sim_t2i)
+        itc, sim_i2t, sim_t2i = self.itc(qformer, query_out, ids, mask, image_ids, positives)
+        itm = self.itm(qformer, image_embeds, image, ids, mask, image_ids, sim_i2t, sim_t2i, positives)
         itg = self.itg(qformer, query_kv, ids, mask)
         return total(itc=itc, itm=itm, itg=itg)
 
@@ -200,18 +206,35 @@ class Stage1Objective(Objective):
                                     max_length=self.options.max_text_tokens, return_tensors="pt")
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
+    def positives(self, batch: Mapping[str, Any], texts: Sequence[str], image_ids: torch.Tensor) -> Positives | None:
+        """The matching pairs under `positives: caption` (from the batch's `image_captions`); None under 'image'."""
+        if self.options.positives == "image":
+            return None
+        captions = batch.get("image_captions")
+        if captions is None:
+            raise VLBridgeError("objective option positives: caption needs batch['image_captions'] (each sample's image's "
+                                "captions, as vlbridge's datasets give them); this batch has none: build it with "
+                                "vlbridge.data or use positives: image (BLIP-2's rule)")
+        if len(captions) != len(texts):
+            raise VLBridgeError(f"batch['image_captions'] has {len(captions)} rows for {len(texts)} texts")
+        from vlbridge.train.caption_keys import gathered_caption_keys
+
+        keys, rows, all_keys, all_rows = gathered_caption_keys(texts, captions, image_ids.device)
+        return caption_positives(image_ids, keys, rows, all_gather_no_grad(image_ids), all_keys, all_rows)
+
     def itc(self, qformer: Any, query_out: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-            image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            image_ids: torch.Tensor, positives: Positives | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image_feats = qformer.image_features_of(query_out)  # (B, Q, E)
         text_feats = qformer.text_features(ids, mask)  # (B, E)
-        return itc_loss(image_feats, text_feats, qformer.temp, image_ids, self.options.label_smoothing, self.options.temp_range)
+        return itc_loss(image_feats, text_feats, qformer.temp, image_ids, self.options.label_smoothing, self.options.temp_range,
+                        positives)
 
     def itm(self, qformer: Any, image_embeds: torch.Tensor, image: Any, ids: torch.Tensor, mask: torch.Tensor,
-            image_ids: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> torch.Tensor:
+            image_ids: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: Positives | None = None) -> torch.Tensor:
         """3B pairs: (img, txt) positive, (hard-negative img, txt), (img, hard-negative txt)."""
         batch = ids.shape[0]
         all_ids, all_mask = all_gather_no_grad(ids), all_gather_no_grad(mask)  # (N, T)
-        negatives = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, all_gather_no_grad(image_ids), self.generator)
+        negatives = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, all_gather_no_grad(image_ids), self.generator, positives)
         neg_rows = negatives.images.clamp_min(0)  # rows without a negative are placeholders, ignored below
         neg_texts = negatives.texts.clamp_min(0)
         pair_ids = torch.cat([ids, ids, all_ids[neg_texts]])  # (3B, T)
