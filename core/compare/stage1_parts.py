@@ -297,8 +297,10 @@ def _data_line(recipe: Stage1Recipe, world: WorldConfig) -> str:
 
 
 QUERIES = STAGE1_QUERIES  # the demo's query counts
-FULL_STEPS = 750  # of 128: the samples of the earlier 3,000 steps of 32, four times the negatives (findings section 13)
-FULL_IMAGES = 12_000  # about 1.3 passes over the image-caption pairs at 750 steps of 128
+FULL_RUNS: dict[int, tuple[int, int, int]] = {  # queries -> (steps of 128, pretrain images, curve every): about 1.3 passes over the pairs
+    32: (750, 12_000, 125),  # four times the negatives of the earlier 3,000 steps of 32, same samples (findings section 13)
+    8: (1_500, 24_000, 250),  # twice that: retrieves level with its encoder (findings section 14); 32 queries not yet retrained so
+}
 
 
 def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None = None, twins: bool = False) -> list[Stage1Recipe]:
@@ -306,7 +308,8 @@ def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None =
     if quick:
         return [Stage1Recipe(queries=q, steps=steps or 4, batch=8, warmup=1, images=24, every=2, curve_images=8, final_images=8,
                              twins=twins) for q in queries]
-    return [Stage1Recipe(queries=q, steps=steps or FULL_STEPS, images=FULL_IMAGES, twins=twins) for q in queries]
+    full = {q: FULL_RUNS.get(q, FULL_RUNS[32]) for q in queries}
+    return [Stage1Recipe(queries=q, steps=steps or full[q][0], images=full[q][1], every=full[q][2], twins=twins) for q in queries]
 
 
 def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the world's seed and the training seed")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path in seconds")
     parser.add_argument("--queries", type=int, nargs="+", default=list(QUERIES), help="query counts to train (default 32 8)")
-    parser.add_argument("--steps", type=int, default=None, help=f"stage-1 steps (default {FULL_STEPS}; 4 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: 750 for 32 queries, 1,500 for 8; 4 with --quick)")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=2, help="processes side by side, one thread each")
     parser.add_argument("--twins", action="store_true", help="train on batches of scenes and their one-change twins (hard "
                         "negatives, as the encoder's CLIP training drew them) instead of the plain stream")

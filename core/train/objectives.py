@@ -8,7 +8,8 @@ footing), and any connector with the Q-Former's stage-1 interface trains with `S
 
 Batches are the data layer's dicts: `text` (list[str]), `image_index` (int64, same image => same
 index on every rank), and `pixel_values` or, from the frozen-feature cache, `image_embeds`
-(B, N, W). Stage 2 also reads optional `text_input` / `text_output` pairs.
+(B, N, W). Stage 1 with `positives: caption` also reads `image_captions` (each sample's image's
+captions); stage 2 reads optional `text_input` / `text_output` pairs.
 """
 
 from __future__ import annotations
