@@ -113,15 +113,15 @@ class Recording:
 
 
 def hardest_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_ids: torch.Tensor,
-                      all_image_ids: torch.Tensor | None = None, generator: Any = None) -> Any:
+                      all_image_ids: torch.Tensor | None = None, generator: Any = None, positives: Any = None) -> Any:
     """ITM negatives without sampling (the most similar non-positive), for runs that must agree exactly."""
     from vlbridge.train import losses
 
     if all_image_ids is None:
         all_image_ids = losses.all_gather_no_grad(image_ids)
-    positives = losses.positive_mask(image_ids, all_image_ids)
-    image_w, has_image = losses.negative_weights(sim_t2i, positives)
-    text_w, has_text = losses.negative_weights(sim_i2t, positives)
+    positives = positives or losses.image_positives(image_ids, all_image_ids)
+    image_w, has_image = losses.negative_weights(sim_t2i, positives.t2i)
+    text_w, has_text = losses.negative_weights(sim_i2t, positives.i2t)
     images, texts = image_w.argmax(dim=1), text_w.argmax(dim=1)
     return losses.HardNegatives(images.masked_fill(~has_image, -1), texts.masked_fill(~has_text, -1), has_image, has_text)
 
