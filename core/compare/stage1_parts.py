@@ -158,7 +158,8 @@ def train_config(recipe: Stage1Recipe, data: dict[str, Any], features: str, out:
     """The `vlbridge train` config of one stage-1 Q-Former (what `manifest.json` records as its recipe)."""
     return {"assembly": assembly(recipe.queries, parts), "stage": 1, "steps": recipe.steps, "seed": seed, "batch_size": recipe.batch,
             "data": {"train": data, "features": features}, "optimizer": {"lr": recipe.lr},
-            "schedule": {"warmup_steps": recipe.warmup, "min_lr": recipe.min_lr}, "objective": {"max_text_tokens": recipe.text_tokens, "positives": recipe.positives},
+            "schedule": {"warmup_steps": recipe.warmup, "min_lr": recipe.min_lr}, "objective": {"max_text_tokens": recipe.text_tokens,
+                                                                               "positives": recipe.positives},
             "output_dir": str(out), "save_every": recipe.every, "log_every": recipe.every, "device": "cpu", "tensorboard": False}
 
 
@@ -299,7 +300,7 @@ def _data_line(recipe: Stage1Recipe, world: WorldConfig) -> str:
 QUERIES = STAGE1_QUERIES  # the demo's query counts
 FULL_RUNS: dict[int, tuple[int, int, int]] = {  # queries -> (steps of 128, pretrain images, curve every): about 1.3 passes over the pairs
     32: (750, 12_000, 125),  # four times the negatives of the earlier 3,000 steps of 32, same samples (findings section 13)
-    8: (1_500, 24_000, 250),  # twice that: retrieves level with its encoder (findings section 14); 32 queries not yet retrained so
+    8: (1_500, 24_000, 250),  # twice that: retrieves level with its encoder (findings section 14); 32 queries: next
 }
 
 
