@@ -17,6 +17,9 @@ from vlbridge.world.assets import STAGE1_QUERIES, read_parts_manifest, stage1_ch
 # manifest ("val_retrieval", 300 images) and in docs/demo-findings.md section 10.
 RETRIEVAL_FLOOR = 0.25
 FLOOR_IMAGES = 32
+# Spread of the query outputs across images over their spread across queries (findings section 2):
+# 0.03 at the BERT init, whose queries ignore the image; the shipped checkpoints end at 0.66-0.90.
+IMAGE_DEPENDENCE_FLOOR = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def test_shipped_stage1_checkpoint_loads_and_matches_its_manifest(queries: int):
     assert entry["bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     curve = entry["by_step"]  # retrieval and image dependence as training went, and the losses falling
     assert [p["step"] for p in curve][-1] == entry["steps"] and curve[-1]["loss"] < curve[0]["loss"]
-    assert {"itc_i2t_r1", "itm_t2i_r1"} <= set(curve[-1]["val"]) and curve[-1]["image_dependence"] > curve[0]["image_dependence"] / 2
+    assert {"itc_i2t_r1", "itm_t2i_r1"} <= set(curve[-1]["val"])
+    assert curve[-1]["image_dependence"] >= IMAGE_DEPENDENCE_FLOOR  # its queries read the image (an early spike may be higher)
 
 
 @pytest.mark.parametrize("queries", STAGE1_QUERIES)

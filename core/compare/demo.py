@@ -8,7 +8,7 @@ no-stage-1 ablation is BLIP-2's (its Fig. 5): the same stage 2 as the Q-Former's
 init instead of the stage-1 weights.
 
 Stage 1 comes, as BLIP-2's users get it, from pretrained checkpoints: the world's shipped stage-1
-Q-Formers (32 and 8 queries, `vlbridge.compare.stage1_parts`, 96,000 and 192,000 samples in batches of 128), which also do
+Q-Formers (32 and 8 queries, `vlbridge.compare.stage1_parts`, 192,000 samples each in batches of 128), which also do
 the retrieval. `stage1="train"` trains a short stage 1 inside the run instead (the Q-Former then
 splits its steps between the stages), for a user who wants to watch both.
 
@@ -219,7 +219,7 @@ def stage1_notes(plan: DemoPlan, stage1: str, world_test: int) -> list[str]:
     if stage1 == SHIPPED:
         return [
             "Stage 1: the shipped stage-1 Q-Former checkpoints (`--stage1 shipped`, the default; plugins/world/qformer-32q and "
-            "qformer-8q, trained by `python -m vlbridge.compare.stage1_parts` on 96,000 and 192,000 samples of the world's pretrain "
+            "qformer-8q, trained by `python -m vlbridge.compare.stage1_parts` on 192,000 samples each of the world's pretrain "
             "stream; recipe and curve in plugins/world/manifest.json), as BLIP-2's users start from its pretrain checkpoints. "
             "The Q-Former rows' retrieval is theirs.",
             f"Budget: batch {plan.batch}; every run trains the same {plan.shipped_stage2_steps} stage-2 steps (the Q-Formers from "
