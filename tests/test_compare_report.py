@@ -112,3 +112,21 @@ def test_runs_with_the_same_stage1_share_it():
 def test_resolve_assembly_overrides_connector_options():
     raw = resolve_assembly(RunSpec(name="q8", assembly="tiny-qformer-opt", connector_options={"num_query_tokens": 4}, stage2_steps=1))
     assert raw["name"] == "q8" and raw["connector"]["options"] == {"variant": "tiny", "num_query_tokens": 4, "ln_vision_eps": 1.0e-6}
+
+
+def test_retrieval_claim_sets_itm_against_a_clip_rows_itc(tmp_path):
+    """BLIP-2 claims its Q-Former (ITM re-ranking) retrieves better than the CLIP model under it (ITC
+    only): a key pair with such a reference row also compares a's ITM column with b's ITC column."""
+    clip_hits = [1] * (IMAGES // 4) + [0] * (IMAGES - IMAGES // 4)  # 25% against q's 50%
+    clip = {"seed": None, "eval": {"test": {"retrieval": {"items": {
+        "i2t": {"image_id": list(range(IMAGES)), "itc_hit1": clip_hits},
+        "t2i": {"text_key": [f"{i}:0" for i in range(IMAGES)], "image_id": list(range(IMAGES)), "itc_hit1": clip_hits}}}}}}
+    results = write_report(tmp_path, {"name": "t"}, _rows(), [], references={"clip": clip}, key_pairs=[("q", "clip"), ("q", "q-sup")])
+    key = {(d["a"], d["b"], d["metric"]): d for d in results["significance"]["key"]}
+    for direction in ("i2t", "t2i"):
+        claim = key[("q", "clip", f"R@1 {direction} vs R@1 {direction} ITC")]
+        assert claim["diff"] == pytest.approx(25.0) and claim["n_items"] == IMAGES
+        assert key[("q", "clip", f"R@1 {direction} ITC")]["diff"] == pytest.approx(25.0)  # the same column, as before
+        assert ("q", "clip", f"R@1 {direction}") not in key  # the CLIP row has no ITM column
+    assert not any(" vs " in metric for a, b, metric in key if b == "q-sup")  # both rows have ITM: no cross-column pair
+    assert "| q − clip | R@1 i2t vs R@1 i2t ITC | +25.0 [" in (tmp_path / "report.md").read_text()

@@ -138,6 +138,11 @@ def test_the_encoder_alone_row_retrieves_what_the_qformer_rows_retrieve(demo_out
     assert summary["R@1 i2t"]["mean"] is None and summary["VQA %"]["mean"] is None  # no ITM, no VQA
     key = {(d["a"], d["b"], d["metric"]) for d in results["significance"]["key"]}
     assert {("qformer-32q", ENCODER_ALONE, "R@1 i2t ITC"), ("qformer-32q", ENCODER_ALONE, "R@1 t2i ITC")} <= key
+    for direction in ("i2t", "t2i"):  # BLIP-2's claim as stated: the Q-Former's ITM re-ranking against the encoder's ITC
+        (claim,) = [d for d in results["significance"]["key"]
+                    if (d["a"], d["b"], d["metric"]) == ("qformer-32q", ENCODER_ALONE, f"R@1 {direction} vs R@1 {direction} ITC")]
+        itm = qformer["items"][direction]["itm_hit1"]
+        assert claim["diff"] == pytest.approx(100 * (sum(itm) - sum(ours["items"][direction]["itc_hit1"])) / len(itm))
     report = (demo_out / "report.md").read_text(encoding="utf-8")
     assert re.search(rf"\| {ENCODER_ALONE} \|( – \|)+ \d+\.\d \[\d+\.\d, \d+\.\d\]", report)
     assert report.count(f"| {ENCODER_ALONE} |") == len(results["groups"])  # in each table, not in the VQA-per-type ones

@@ -263,7 +263,8 @@ def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: 
         "(ITC only: the cosine of its [CLS] embedding and a caption's; no ITM), on the same test images, 'scene' captions and "
         "rule as the Q-Former rows; its CLIP head was trained LiT-style on the frozen, shipped vision tower "
         "(`python -m vlbridge.world.clip_head`; recipe and val R@1 in plugins/world/manifest.json). BLIP-2's claim: the "
-        "Q-Former retrieves better than it.",
+        "Q-Former retrieves better than it; the key comparisons 'R@1 i2t vs R@1 i2t ITC' (and t2i) test it as stated, "
+        "the Q-Former's ITM re-ranking against this row's ITC.",
     ]
 
 

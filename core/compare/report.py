@@ -16,7 +16,7 @@ from typing import Any
 from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.compare.lmms_columns import fill_aggregates, lmms_metrics
 from vlbridge.compare.stats import RESAMPLES
-from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, summarise
+from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, retrieval_claim, summarise
 
 Rows = dict[str, list[dict[str, Any]]]
 DEFAULT_GROUP = "results"  # RunSpec.group's default: a comparison that names no groups
@@ -49,7 +49,8 @@ def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: l
     per_type = summarise(rows, types)
     significance = {
         "key": [found for a, b in (key_pairs or []) if a in rows and b in rows
-                for metric in metrics if (found := compare_rows(rows, a, b, metric)) is not None],
+                for found in [compare_rows(rows, a, b, metric) for metric in metrics] + retrieval_claim(rows, a, b, metrics)
+                if found is not None],
         "vs_first_row": {g: versus_first(rows, names, metrics) for g, names in tables.items()},
         "pairs": {g: all_pairs(rows, names, metrics) for g, names in tables.items()},
     }

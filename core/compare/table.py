@@ -132,17 +132,33 @@ def summarise(rows: dict[str, list[Result]], metrics: list[Metric]) -> dict[str,
     return table
 
 
-def compare_rows(rows: dict[str, list[Result]], a: str, b: str, metric: Metric) -> dict[str, Any] | None:
-    """Row a minus row b on the items both scored (paired cluster bootstrap), in table units."""
-    first, second = row_items(rows[a], metric), row_items(rows[b], metric)
+def compare_rows(rows: dict[str, list[Result]], a: str, b: str, metric: Metric, b_metric: Metric | None = None) -> dict[str, Any] | None:
+    """Row a minus row b on the items both scored (paired cluster bootstrap), in table units; with
+    `b_metric`, b's scores come from that column (labelled "a's column vs b's column")."""
+    first, second = row_items(rows[a], metric), row_items(rows[b], b_metric or metric)
     if not first or not second:
         return None
     keys = [k for k in first if k in second]
     if not keys:
         return None
     d = paired_difference([first[k][1] for k in keys], [second[k][1] for k in keys], [first[k][0] for k in keys])
-    return {"metric": metric.label, "a": a, "b": b, "diff": d.diff * metric.scale, "low": d.low * metric.scale,
+    label = metric.label if b_metric is None else f"{metric.label} vs {b_metric.label}"
+    return {"metric": label, "a": a, "b": b, "diff": d.diff * metric.scale, "low": d.low * metric.scale,
             "high": d.high * metric.scale, "p": d.p, "significant": d.significant, "n_items": d.n_items}
+
+
+def retrieval_claim(rows: dict[str, list[Result]], a: str, b: str, metrics: list[Metric]) -> list[dict[str, Any]]:
+    """BLIP-2's retrieval claim as it states it: row a's ITM re-ranked recall against row b's ITC
+    recall, per direction, where b retrieves by ITC alone (a CLIP model has no ITM head, so the
+    same-column comparison cannot be made)."""
+    out = []
+    for itm in (m for m in metrics if m.task == "retrieval" and m.value == "itm_hit1"):
+        if row_items(rows[b], itm) is not None:
+            continue
+        for itc in (m for m in metrics if m.task == "retrieval" and m.value == "itc_hit1" and m.direction == itm.direction):
+            if (found := compare_rows(rows, a, b, itm, itc)) is not None:
+                out.append(found)
+    return out
 
 
 def all_pairs(rows: dict[str, list[Result]], names: list[str], metrics: list[Metric]) -> list[dict[str, Any]]:
