@@ -119,7 +119,8 @@ def hardest_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, image_ids: t
 
     if all_image_ids is None:
         all_image_ids = losses.all_gather_no_grad(image_ids)
-    positives = positives or losses.image_positives(image_ids, all_image_ids)
+    if positives is None:
+        positives = losses.image_positives(image_ids, all_image_ids)
     image_w, has_image = losses.negative_weights(sim_t2i, positives.t2i)
     text_w, has_text = losses.negative_weights(sim_i2t, positives.i2t)
     images, texts = image_w.argmax(dim=1), text_w.argmax(dim=1)

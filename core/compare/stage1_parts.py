@@ -158,8 +158,8 @@ def train_config(recipe: Stage1Recipe, data: dict[str, Any], features: str, out:
     """The `vlbridge train` config of one stage-1 Q-Former (what `manifest.json` records as its recipe)."""
     return {"assembly": assembly(recipe.queries, parts), "stage": 1, "steps": recipe.steps, "seed": seed, "batch_size": recipe.batch,
             "data": {"train": data, "features": features}, "optimizer": {"lr": recipe.lr},
-            "schedule": {"warmup_steps": recipe.warmup, "min_lr": recipe.min_lr}, "objective": {"max_text_tokens": recipe.text_tokens,
-                                                                               "positives": recipe.positives},
+            "schedule": {"warmup_steps": recipe.warmup, "min_lr": recipe.min_lr},
+            "objective": {"max_text_tokens": recipe.text_tokens, "positives": recipe.positives},
             "output_dir": str(out), "save_every": recipe.every, "log_every": recipe.every, "device": "cpu", "tensorboard": False}
 
 
@@ -298,10 +298,9 @@ def _data_line(recipe: Stage1Recipe, world: WorldConfig) -> str:
 
 
 QUERIES = STAGE1_QUERIES  # the demo's query counts
-FULL_RUNS: dict[int, tuple[int, int, int]] = {  # queries -> (steps of 128, pretrain images, curve every): about 1.3 passes over the pairs
-    32: (1_500, 24_000, 250),  # twice section 13's 750 steps on 12,000 (findings section 15)
-    8: (1_500, 24_000, 250),  # the same: it brought the 8-query one level with its encoder (findings section 14)
-}
+FULL_STEPS = 1_500  # of 128: twice section 13's 750, which left retrieval below the encoder (findings sections 14, 15)
+FULL_IMAGES = 24_000  # about 1.3 passes over the image-caption pairs at 1,500 steps of 128
+FULL_EVERY = 250  # steps between the curve's points
 
 
 def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None = None, twins: bool = False) -> list[Stage1Recipe]:
@@ -309,8 +308,7 @@ def recipes(quick: bool, queries: tuple[int, ...] = QUERIES, steps: int | None =
     if quick:
         return [Stage1Recipe(queries=q, steps=steps or 4, batch=8, warmup=1, images=24, every=2, curve_images=8, final_images=8,
                              twins=twins) for q in queries]
-    full = {q: FULL_RUNS.get(q, FULL_RUNS[32]) for q in queries}
-    return [Stage1Recipe(queries=q, steps=steps or full[q][0], images=full[q][1], every=full[q][2], twins=twins) for q in queries]
+    return [Stage1Recipe(queries=q, steps=steps or FULL_STEPS, images=FULL_IMAGES, every=FULL_EVERY, twins=twins) for q in queries]
 
 
 def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
@@ -362,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the world's seed and the training seed")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few images: checks the path in seconds")
     parser.add_argument("--queries", type=int, nargs="+", default=list(QUERIES), help="query counts to train (default 32 8)")
-    parser.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: 1,500; 4 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help=f"stage-1 steps (default {FULL_STEPS}; 4 with --quick)")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=2, help="processes side by side, one thread each")
     parser.add_argument("--twins", action="store_true", help="train on batches of scenes and their one-change twins (hard "
                         "negatives, as the encoder's CLIP training drew them) instead of the plain stream")
