@@ -151,7 +151,7 @@ def test_requires_checks_versions():
 
 def test_missing_slot_and_missing_name():
     problems = problems_of({"connector": {"use": "qformer"}, "llm": {"use": "opt"}})
-    assert "name: Field required" in problems
+    assert "name: Field required: a non-empty name for the model: it names its runs and saved checkpoints" in problems
     assert any(p.startswith("encoder: missing; give {use: NAME") and "eva-vit-g" in p for p in problems)
 
 

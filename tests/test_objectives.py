@@ -205,6 +205,24 @@ def test_stage2_loss_averaged_per_sample(preset: str):
         Stage2Objective()(model, same_length)["lm"].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_average", ["tokens", "samples"])
+def test_stage2_reads_any_llm_output_with_loss_and_logits_attributes(monkeypatch: pytest.MonkeyPatch, loss_average: str):
+    """docs/writing-plugins.md promises that forward may return any object with `loss` and `logits`
+    (and optionally `labels`), not only transformers' ModelOutput; one without logits is named."""
+    from types import SimpleNamespace
+
+    model = vlbridge.build("tiny-linear-opt", stage=2).eval()
+    batch = make_batch(model)
+    objective = Stage2Objective(loss_average=loss_average)
+    expected = objective(model, batch)["lm"]
+    real = model.llm.forward
+    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: SimpleNamespace(loss=real(*a, **k).loss, logits=real(*a, **k).logits))
+    assert objective(model, batch)["lm"].item() == pytest.approx(expected.item(), rel=1e-6)
+    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: {"loss": real(*a, **k).loss})
+    with pytest.raises(VLBridgeError, match="without a `logits` tensor attribute.*`loss` and `logits` attributes"):
+        objective(model, batch)
+
+
 @pytest.mark.parametrize(("preset", "stage"), [("tiny-qformer-opt", 1), ("tiny-qformer-flan-t5", 2), ("tiny-mlp-opt", 2)])
 def test_cached_image_embeds_give_the_same_losses_as_pixels(preset: str, stage: int):
     model = build(preset, stage)

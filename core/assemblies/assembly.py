@@ -35,7 +35,7 @@ class AssemblyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     schema_version: Literal[1] = 1
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="a non-empty name for the model: it names its runs and saved checkpoints")
     description: str = ""
     requires: list[str] = Field(default_factory=list, description="pip requirement strings that must be installed")
     max_text_tokens: int = Field(32, ge=1, description="longest text (prompt + answer) in tokens, for the context check")
@@ -102,6 +102,9 @@ def _pydantic_problems(exc: ValidationError, prefix: str, valid_fields: list[str
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and err["type"] not in ("missing", "value_error"):
                 msg += f" (got {err['input']!r})"
+            described = AssemblyConfig.model_fields.get(str(err["loc"][0])) if not prefix and len(err["loc"]) == 1 else None
+            if err["type"] == "missing" and described is not None and described.description:
+                msg += f": {described.description}"
         problems.append(f"{path or '<top>'}: {msg}")
     return problems
 

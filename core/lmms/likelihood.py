@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.modeling.llm_output import aligned_labels
 from vlbridge.modeling.prompts import format_prompts
 
 IGNORE = -100
@@ -48,11 +49,7 @@ def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuati
     positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
     labels = ids.masked_fill(mask.eq(0) | (positions < prompt_lengths[:, None]), IGNORE)
     output = llm(visual, ids, mask, labels=labels)
-    if "labels" in output:  # the LLM placed the visual tokens (maybe at a placeholder) and says how labels align
-        aligned = output["labels"].to(output.logits.device)
-    else:
-        labels = labels.to(output.logits.device)
-        aligned = torch.cat([labels.new_full((labels.shape[0], visual.shape[1]), IGNORE), labels], dim=1)
+    aligned = aligned_labels(output, labels, visual.shape[1], IGNORE)
     return output.logits[:, :-1], aligned[:, 1:]
 
 

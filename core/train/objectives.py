@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
+from vlbridge.modeling.llm_output import aligned_labels
 from vlbridge.modeling.prompts import format_prompts
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, Positives, caption_positives, itc_loss, itg_loss, itm_loss,
@@ -369,11 +370,7 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
                                 "raise max_text_tokens or shorten the prompt")
         output = llm(visual, ids, mask, labels=labels)
-        if "labels" in output:  # the LLM placed the visual tokens itself and says how labels align with its logits
-            aligned = output["labels"].to(output.logits.device)
-        else:  # [visual; text]: the visual prefix never counts; padding and input are -100 already
-            labels = labels.to(output.logits.device)
-            aligned = torch.cat([labels.new_full((labels.shape[0], visual.shape[1]), IGNORE_INDEX), labels], dim=1)
+        aligned = aligned_labels(output, labels, visual.shape[1], IGNORE_INDEX)  # padding and input are -100 already
         shifted = aligned[:, 1:]  # position t of the prompt predicts token t + 1
         if self.options.loss_average == "tokens":
             return output.loss, shifted.ne(IGNORE_INDEX).sum()

@@ -1,0 +1,27 @@
+"""Reading an LLM's forward output: one place for the stage-2 objective and lmms-eval's scoring, so
+both accept what docs/writing-plugins.md promises (an object with `loss` and `logits` attributes,
+and optionally `labels`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlbridge.errors import VLBridgeError
+
+
+def aligned_labels(output: Any, labels: torch.Tensor, visual_tokens: int, ignore_index: int) -> torch.Tensor:
+    """The labels that line up with `output.logits` of a decoder-only forward on `[visual; text]`:
+    the output's own `labels` where the LLM placed the visual tokens itself (at a placeholder),
+    else `labels` behind `visual_tokens` positions of `ignore_index`."""
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise VLBridgeError(f"the LLM's forward returned a {type(output).__name__} without a `logits` tensor attribute; "
+                            "it must return an object with `loss` and `logits` attributes, as transformers' ModelOutput "
+                            "(docs/writing-plugins.md, 5.4)")
+    placed = getattr(output, "labels", None)
+    if placed is not None:
+        return placed.to(logits.device)
+    labels = labels.to(logits.device)
+    return torch.cat([labels.new_full((labels.shape[0], visual_tokens), ignore_index), labels], dim=1)
