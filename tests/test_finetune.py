@@ -138,7 +138,7 @@ def test_resume_continues_exactly(tmp_path, data):
 
 def test_resume_refuses_another_recipe(tmp_path, data):
     run_trainer(stage2(data, tmp_path / "out", LORA, steps=2))
-    with pytest.raises(vlbridge.VLBridgeError, match="other finetune settings"):
+    with pytest.raises(vlbridge.VLBridgeError, match=r"other finetune settings than this config \(finetune\.lora"):
         run_trainer(stage2(data, tmp_path / "out", {"lora": {"r": 2}}, steps=4), resume=True)
 
 

@@ -70,7 +70,7 @@ def test_batched_captions_equal_one_by_one(qformer_opt):
 def test_answer_formats_questions(qformer_opt):
     answers = qformer_opt.answer([RED, BLUE], ["what colour is it?", "what shape?"], max_new_tokens=3)
     assert len(answers) == 2
-    with pytest.raises(VLBridgeError, match="must contain"):
+    with pytest.raises(VLBridgeError, match="must hold .{}. exactly once"):
         qformer_opt.answer(RED, "what?", prompt="no placeholder")
 
 

@@ -66,6 +66,13 @@ def reachability_problems(assembly: Any, stage: int, *, random_weights: bool = F
     return [problem for item in found if (problem := source_problem(item, random_weights))]
 
 
+def missing_local_sources(assembly: Any) -> list[str]:
+    """One line per local file or directory that some stage of `assembly` would load and that does
+    not exist: a mistake in the assembly itself, whatever the network or --random-weights say."""
+    found = [item for stage in assembly.plan.stages for item in sources(assembly, stage) if item.source.kind == "local"]
+    return list(dict.fromkeys(problem for item in found if (problem := source_problem(item, random_weights=False))))
+
+
 def sources(assembly: Any, stage: int) -> list[Found]:
     """What each part of the assembly declares it would load (stage 1 builds no LLM)."""
     slots = [("encoder", assembly.encoder), ("connector", assembly.connector)]

@@ -8,6 +8,7 @@ import sys
 import time
 
 from vlbridge.assemblies.assembly import load_assembly
+from vlbridge.cli.argtypes import non_negative_int, positive_int
 from vlbridge.cli.model_source import add_random_weights_argument
 from vlbridge.cli.output import print_json
 from vlbridge.errors import VLBridgeError
@@ -32,12 +33,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", metavar="DIR", help="folder relative image paths are under (with --format)")
     p.add_argument("--split", help="coco: the Karpathy split; vqa: the image subtype (with --format)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="the cache directory")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder forward (default 64)")
     p.add_argument("--device", default="cpu", help="torch device for the encoder (default cpu)")
     add_random_weights_argument(p)
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage precision (default fp16: half the disk)")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard file (default 1024)")
+    p.add_argument("--num-workers", type=non_negative_int, default=2, help="image-decoding worker processes (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished cache in DIR (rebuilt from scratch)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_cache_features)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from vlbridge.cli.argtypes import positive_int
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_yaml
 
@@ -22,7 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="vlbridge-demo", help="output folder (default ./vlbridge-demo); reused and resumed if it exists")
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (under 2 minutes on 2 idle cores; what the tests run)")
     d.add_argument("--seeds", type=int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
-    d.add_argument("--queries", type=int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
+    d.add_argument("--queries", type=positive_int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
     d.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (e.g. qformer-32q linear); default: all")
     d.add_argument("--world-seed", type=int, default=0, metavar="N",
                    help="generate and use another world (same frozen parts; default 0): do the effects hold there too?")
@@ -33,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "pretrain checkpoints) or a short stage 1 trained inside the run (train; see --stage1-steps)"))
     d.add_argument("--stage1-steps", type=int, default=None, metavar="N",
                    help="with --stage1 train: the stage-1 steps (default 80, 24 with --quick)")
-    d.add_argument("--jobs", type=int, default=None, metavar="N",
+    d.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="worker processes training runs side by side (default: one per core, at most 2); results do not depend on it")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot", description=(

@@ -32,6 +32,17 @@ def _version() -> str:
     return __version__
 
 
+def path_problem(exc: OSError) -> str:
+    """A file-system error about a user's path as one sentence that says what would be right."""
+    where = exc.filename if exc.filename is not None else "a path"
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return (f"cannot create a directory at or under {where!s}: a file stands in the way ({exc.strerror}); "
+                "give an output path that is a directory or does not exist yet")
+    if isinstance(exc, IsADirectoryError):
+        return f"{where!s} is a directory where a file is needed; give the path of a file"
+    return f"no permission to use {where!s} ({exc.strerror}); give a path you can write to"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path the user gave (or one under it) is of the wrong kind or not writable: theirs to fix
+        print(f"vlbridge {args.command}: error: {path_problem(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug, not a user error: say so, keep the traceback opt-in
         if os.environ.get("VLBRIDGE_DEBUG"):
             traceback.print_exc()

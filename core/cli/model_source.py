@@ -60,6 +60,9 @@ def resolved_directory(args: argparse.Namespace, name: str, option: str) -> Any:
     given = getattr(args, name, None)
     if not given or (name == "weights" and Path(given).expanduser().is_file()):
         return given
+    if name == "weights" and not Path(given).expanduser().exists():
+        raise VLBridgeError(f"{option} {given}: no such file or directory; expected a connector weights file (.safetensors, "
+                            "or a .pth/.bin of tensors), a vlbridge checkpoint directory, or a training run's output_dir")
     source = resolve_checkpoint(given, option)
     if source.note:
         print(f"vlbridge {args.command}: {source.note}", file=sys.stderr, flush=True)

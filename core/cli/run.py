@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from vlbridge.cli.argtypes import non_negative_int, positive_int
 from vlbridge.cli.model_source import add_random_weights_argument, check_model_source, open_model
 from vlbridge.cli.output import print_json, print_table
 from vlbridge.errors import VLBridgeError
@@ -22,9 +23,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--num-beams", type=int, default=5, help="beam width (default 5)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    p.add_argument("--min-new-tokens", type=int, default=1, help="default 1")
+    p.add_argument("--num-beams", type=positive_int, default=5, help="beam width (default 5)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--min-new-tokens", type=non_negative_int, default=1, help="default 1")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--sample", action="store_true", help="sample (top-p) instead of beam search")
 
@@ -46,8 +47,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("retrieve", help="rank texts for images and images for texts (ITC, then ITM re-rank)")
     _model_arguments(r)
     r.add_argument("--text", "-t", action="append", required=True, help="a candidate text (repeat)")
-    r.add_argument("--k", type=int, default=128, help="ITC shortlist re-ranked by ITM (default 128)")
-    r.add_argument("--top", type=int, default=3, help="results shown per query")
+    r.add_argument("--k", type=positive_int, default=128, help="ITC shortlist re-ranked by ITM (default 128)")
+    r.add_argument("--top", type=positive_int, default=3, help="results shown per query")
     r.add_argument("images", nargs="+", metavar="IMAGE")
     r.set_defaults(func=cmd_retrieve)
 
@@ -55,6 +56,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _load_model(args: argparse.Namespace):
     source = check_model_source(args)  # -a/-c/--weights, the assembly name before torch, then checkpoint and device
     for image in args.images:
+        if Path(image).is_dir():
+            raise VLBridgeError(f"{image} is a directory; give image files (a shell glob such as {Path(image) / '*.jpg'} lists them)")
         if not Path(image).is_file():
             raise VLBridgeError(f"image not found: {image}")
     return open_model(source)

@@ -12,6 +12,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from vlbridge.assemblies.assembly import load_assembly
+from vlbridge.assemblies.reachability import missing_local_sources
+from vlbridge.cli.argtypes import positive_int
 from vlbridge.cli.output import print_json
 from vlbridge.errors import AssemblyError, VLBridgeError
 
@@ -27,7 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="an assembly YAML file or a preset name (see `vlbridge presets`)")
     p.add_argument("--train", metavar="CONFIG.yaml", help="validate a training config instead, and print its trainable "
                                                           "parameters: connector + encoder (unfrozen part) + LoRA")
-    p.add_argument("--world-size", type=int, default=None, metavar="N",
+    p.add_argument("--world-size", type=positive_int, default=None, metavar="N",
                    help="with --train: processes of the memory plan (default 1)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="with --train: device memory (e.g. 40GiB); the plan says what to shard or "
                                                       "shrink when it does not fit")
@@ -49,6 +51,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return validate_train(args.train, as_json=args.json, sizing=sizing)
     try:
         assembly = load_assembly(args.assembly)
+        missing = missing_local_sources(assembly)  # a path that does not exist would stop every build
+        if missing:
+            raise AssemblyError(assembly.source, missing)
     except AssemblyError as exc:
         if not args.json:
             raise

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlbridge.lmms.options import LmmsEvalSpec
+from vlbridge.modeling.prompts import template_problem
 
 
 class Strict(BaseModel):
@@ -117,6 +118,9 @@ class CompareConfig(Strict):
         untrained = [r.name for r in self.runs if r.checkpoint is None and r.stage2_data is None]
         if untrained and self.stage2_data is None:
             raise ValueError(f"runs {untrained} train a stage 2 but neither they nor the comparison give stage2_data")
+        problem = template_problem(self.vqa_prompt, "vqa_prompt")
+        if problem:
+            raise ValueError(problem)
         return self
 
     def stage2_data_of(self, run: RunSpec) -> dict[str, Any] | None:

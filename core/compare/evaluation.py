@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from vlbridge.compare.config import CompareConfig, EvalSet
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_json
+from vlbridge.modeling.prompts import template_problem
 
 Say = Callable[[str], None]
 SCENE_RULE = ("a retrieved caption counts as right when it is true of the query image: written for it or for an image "
@@ -86,8 +87,9 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded:
         records = vqa_records(spec)
         refs = [r.image for r in records]
         ev.check_images(refs)
-        if "{}" not in config.vqa_prompt:
-            raise VLBridgeError(f"the VQA prompt must contain '{{}}' where the question goes; got {config.vqa_prompt!r}")
+        problem = template_problem(config.vqa_prompt, "vqa_prompt")
+        if problem:
+            raise VLBridgeError(problem)
         options = answer_options(model, {**config.generation, "max_new_tokens": 5})
         answers = _generate(model, encoded, refs, [config.vqa_prompt.format(r.question) for r in records], options)
         predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.errors import InputFileError, VLBridgeError, WeightsError
+from vlbridge.files.pickles import refused_pickle
 from vlbridge.files.userfiles import read_json
 
 
@@ -76,6 +77,10 @@ def load_failure(what: str, source: str | Path, exc: Exception, fix: str) -> VLB
     broken = unreadable_file(directory) if looks_local(str(source)) and directory.is_dir() else None
     if broken:
         return VLBridgeError(f"could not load {what} from {str(source)!r}: {broken}; re-save it there with save_pretrained(<dir>)")
+    refused = refused_pickle(exc)
+    if refused:
+        return VLBridgeError(f"could not load {what} from {str(source)!r}: its weights file is refused: {refused}; "
+                             "re-save the model with save_pretrained(<dir>) (safetensors)")
     return VLBridgeError(f"could not load {what} from {str(source)!r} ({type(exc).__name__}: {exc}); {fix}")
 
 

@@ -79,11 +79,31 @@ def read_json(path: str | os.PathLike, what: str, top: type | None = None) -> An
     return check_top(value, top, path, what, "JSON")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain
+    PyYAML keeps the last one, so a setting written twice would silently lose one of them."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (lines {seen[key]} and {line}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike, what: str, top: type | None = None) -> Any:
     """A whole YAML file; a file without a document (empty, or only comments) is an error too."""
     text = read_text(path, what, "YAML")
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise fail(path, what, f"malformed YAML: {' '.join(str(exc).split())}") from None
     if value is None:

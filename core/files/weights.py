@@ -10,6 +10,7 @@ on purpose (an unused last block, a head) before calling `strict_load`, so skipp
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vlbridge.errors import WeightsError
+from vlbridge.files.pickles import refused_pickle
 from vlbridge.files.userfiles import read_json
 
 StateDict = dict[str, torch.Tensor]
@@ -65,12 +67,12 @@ def torch_load(path: Path) -> object:
     """`torch.load` with `weights_only=True`; a file needing arbitrary unpickling is refused."""
     _check_torch_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: the refusal below says what matters
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{str(path)!r} holds objects other than tensors and is only read with weights_only=True; "
-            f"re-save its state_dict (e.g. as .safetensors). Details: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise WeightsError(f"{str(path)!r} is refused: {refused_pickle(exc)}; re-save its tensors alone "
+                           "(a state_dict, best as .safetensors)") from None
     except (RuntimeError, OSError, EOFError) as exc:
         raise WeightsError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
 

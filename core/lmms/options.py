@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vlbridge.modeling.prompts import template_problem
 from vlbridge.parts.devices import device_syntax_problem
 
 PROMPT_HELP = ("how the task's text reaches the LLM: '{}' is the text as the task wrote it; BLIP-2's VQA prompt is "
@@ -28,13 +29,9 @@ class PromptSettings(Strict):
     @field_validator("prompt")
     @classmethod
     def _one_slot(cls, prompt: str) -> str:
-        if prompt.count("{}") != 1:
-            raise ValueError(f"prompt must hold '{{}}' exactly once, where the task's text goes; got {prompt!r} "
-                             "(e.g. 'Question: {} Short answer:')")
-        try:
-            prompt.format("")
-        except (IndexError, KeyError, ValueError) as exc:
-            raise ValueError(f"prompt {prompt!r} has braces other than '{{}}' ({exc}); double them ('{{{{', '}}}}') to keep them") from None
+        problem = template_problem(prompt, "prompt")
+        if problem:
+            raise ValueError(problem)
         return prompt
 
 

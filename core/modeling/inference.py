@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.running import RunningModel
+from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
-from vlbridge.modeling.prompts import format_prompts
 
 
 
@@ -33,6 +33,13 @@ class GenerationOptions(BaseModel):
     length_penalty: float = Field(1.0, description="beam-score length exponent; < 0 favours short outputs")
     num_return_sequences: int = Field(1, ge=1, description="outputs per image (<= num_beams when searching)")
 
+    @model_validator(mode="after")
+    def _lengths(self) -> "GenerationOptions":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}; "
+                             "no output could satisfy both")
+        return self
+
     def as_kwargs(self) -> dict[str, Any]:
         kwargs = self.model_dump()
         if not self.do_sample:
@@ -46,8 +53,20 @@ class GenerationOptions(BaseModel):
 def _options(overrides: dict[str, Any], **defaults: Any) -> GenerationOptions:
     try:
         return GenerationOptions(**{**defaults, **overrides})
-    except Exception as exc:
-        raise VLBridgeError(f"bad generation settings: {exc}") from exc
+    except ValidationError as exc:
+        raise VLBridgeError(f"bad generation settings: {'; '.join(_setting_problem(err) for err in exc.errors())}") from None
+
+
+def _setting_problem(err: Any) -> str:
+    """One pydantic error as 'name (--flag): what is wrong (got value)', the CLI flag being the name's."""
+    name = ".".join(str(part) for part in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if not name:  # a check across settings (min against max)
+        return message
+    if err["type"] == "extra_forbidden":
+        return f"{name}: unknown setting; known: {', '.join(GenerationOptions.model_fields)}"
+    got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
+    return f"{name} (--{name.replace('_', '-')}): {message}{got}"
 
 
 def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[str]:
@@ -87,11 +106,25 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
                 visual = model.visual_tokens(image_embeds=image_embeds[start:start + batch_size].to(model.device),
                                              instructions=instructions[start:start + batch_size])
             ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
+            _check_context(model, visual.shape[1] + ids.shape[1], options.max_new_tokens)
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
             outputs.extend(model.llm.decode(new_tokens))
     finally:
         model.train(was_training)
     return outputs
+
+
+def _check_context(model: RunningModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a decoder-only generation that would run past the LLM's positions (absolute position
+    embeddings have no row for them: the forward would fail deep inside with an index error)."""
+    dims = model.plan.llm_dims
+    if dims is None or dims.encoder_decoder or not dims.context_is_hard:
+        return
+    if prompt_tokens + max_new_tokens > dims.context_length:
+        room = dims.context_length - prompt_tokens
+        fix = f"lower max_new_tokens (--max-new-tokens) to at most {room}" if room > 0 else "shorten the prompt"
+        raise VLBridgeError(f"the prompt ({prompt_tokens} tokens, visual tokens included) plus max_new_tokens {max_new_tokens} "
+                            f"exceeds the LLM's context of {dims.context_length} positions; {fix}")
 
 
 def generate(model: RunningModel, images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
@@ -114,8 +147,9 @@ def caption_options(generation: dict[str, Any]) -> GenerationOptions:
 def answer(model: RunningModel, images: Any, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
            **generation: Any) -> list[str]:
     """Zero-shot VQA: one question per image, formatted into the prompt."""
-    if "{}" not in prompt:
-        raise VLBridgeError(f"the VQA prompt must contain '{{}}' where the question goes; got {prompt!r}")
+    problem = template_problem(prompt, "the VQA prompt")
+    if problem:
+        raise VLBridgeError(problem)
     batch_size = generation.pop("batch_size", 16)
     count = len(as_image_list(images))
     formatted = [prompt.format(q) for q in _per_image(questions, count, "questions")]

@@ -11,3 +11,16 @@ def format_prompts(llm: Any, prompts: Sequence[str]) -> list[str]:
     without `format_prompt`."""
     fmt = getattr(llm, "format_prompt", None)
     return [fmt(prompt) for prompt in prompts] if fmt is not None else list(prompts)
+
+
+def template_problem(template: str, what: str, example: str = "Question: {} Short answer:") -> str | None:
+    """Why `template` is not a format string with exactly one `{}` (and only doubled literal braces),
+    or None when it is: one check for every template a user writes (VQA prompts, prompt templates)."""
+    if template.count("{}") != 1:
+        return f"{what} must hold '{{}}' exactly once, where the text goes; got {template!r} (e.g. {example!r})"
+    try:
+        template.format("")
+    except (IndexError, KeyError, ValueError) as exc:
+        return (f"{what} {template!r} has braces other than its one '{{}}' ({type(exc).__name__}: {exc}); "
+                "write literal braces doubled, '{{' and '}}'")
+    return None

@@ -14,6 +14,7 @@ recomputes only the rest. A directory with a manifest is a finished cache; it is
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import time
@@ -108,8 +109,14 @@ def chunked(items: Iterable[ImageText], size: int) -> Iterator[list[ImageText]]:
 
 # -- the directory --------------------------------------------------------------------------------
 def prepare_directory(out: Path, overwrite: bool) -> None:
-    """Refuse a finished cache unless overwriting (then delete it); drop temp files of a killed run."""
+    """Refuse a finished cache unless overwriting (then delete it); drop temp files of a killed run.
+    A directory holding anything a cache does not write (a world, a run, a cache of another kind) is
+    refused even with `overwrite`: overwriting deletes only a cache's own files."""
     out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if not _cache_file(p.name))
+    if foreign:
+        raise CacheError(f"{str(out)!r} holds files that a feature cache does not write ({', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}); give --out a new or empty directory (or an existing cache)")
     if (out / MANIFEST_FILE).is_file():
         if not overwrite:
             old = read_manifest(out)
@@ -120,6 +127,12 @@ def prepare_directory(out: Path, overwrite: bool) -> None:
             shard.unlink()
     for leftover in [*out.glob(".features-*.tmp"), *out.glob(f".{MANIFEST_FILE}.*.tmp")]:
         leftover.unlink(missing_ok=True)
+
+
+def _cache_file(name: str) -> bool:
+    """Whether a cache build writes a file of this name (manifest, shards, their temporary files)."""
+    return (name == MANIFEST_FILE or fnmatch.fnmatchcase(name, SHARD_GLOB) or fnmatch.fnmatchcase(name, ".features-*.tmp")
+            or fnmatch.fnmatchcase(name, f".{MANIFEST_FILE}.*.tmp"))
 
 
 def fingerprint(identity: EncoderIdentity, settings: BuildSettings) -> str:

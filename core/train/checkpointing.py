@@ -42,7 +42,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 @contextlib.contextmanager
 def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
     """Hold output_dir/.lock for the run, so a second run on the same directory fails at once
-    instead of interleaving checkpoints. The OS releases it when the process dies, even by SIGKILL."""
+    instead of interleaving checkpoints. The OS releases it when the process dies, even by SIGKILL;
+    the next holder removes the half-written checkpoint folders such a death leaves."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -65,6 +66,7 @@ def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
+        remove_staging(output_dir)  # ours now: what a killed run left half-written goes
         try:
             yield
         finally:  # on every way out: remove the lock file while still holding it, then release it
@@ -186,7 +188,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     path = pointer.parent / read_text(pointer, "checkpoint pointer").strip()
     if not (path / TRAINER_STATE).is_file():
-        raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove {pointer} to start over")
+        complete = [p for _, p in step_dirs(output_dir) if p != path]
+        fix = (f"to resume from the newest complete one, {complete[-1].name}, write that name into {pointer}; "
+               f"or remove {pointer} to start over") if complete else f"no complete checkpoint is left; remove {pointer} to start over"
+        raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {TRAINER_STATE}); {fix}")
     return path
 
 

@@ -56,6 +56,13 @@ Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]
 RESUME_MUST_MATCH = ("assembly", "stage", "finetune")  # another model, stage or recipe cannot continue a checkpoint
 
 
+def setting_differences(saved: Any, now: Any, path: str) -> list[str]:
+    """Where two config values differ, as 'a.b.c: X in the checkpoint, Y now', leaf by leaf."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for key in dict.fromkeys([*saved, *now]) for d in setting_differences(saved.get(key), now.get(key), f"{path}.{key}")]
+    return [] if saved == now else [f"{path}: {saved!r} in the checkpoint, {now!r} now"]
+
+
 class NonFiniteLossError(VLBridgeError):
     """Too many non-finite losses in a row: the run stops instead of burning compute."""
 
@@ -389,7 +396,10 @@ class Trainer:
         changed = [key for key in now if saved.get(key) != now[key]]
         fatal = [key for key in changed if key in RESUME_MUST_MATCH]
         if fatal:
-            raise VLBridgeError(f"cannot resume {checkpoint}: it was trained with other {', '.join(fatal)} settings than this config")
+            differences = [d for key in fatal for d in setting_differences(saved.get(key), now[key], key)]
+            shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+            raise VLBridgeError(f"cannot resume {checkpoint}: it was trained with other {', '.join(fatal)} settings than this "
+                                f"config ({shown}); use the config it was trained with, or another output_dir to start a new run")
         if changed:
             self.say(f"resuming with changed settings: {', '.join(changed)}")
 

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from vlbridge.files.hf_config import model_config
 from vlbridge.plugin.sources import WeightSource, local_or_hub
+from vlbridge.modeling.prompts import template_problem
 from vlbridge.plugin.specs import Options, Precision
 
 MULTIMODAL = {"llava": "vlbridge import hf-llava", "blip-2": "vlbridge import hf-blip2"}
@@ -29,13 +30,9 @@ class HFLLMOptions(Options):
     @model_validator(mode="after")
     def _check(self) -> "HFLLMOptions":
         if self.prompt_template is not None:
-            if self.prompt_template.count("{}") != 1:
-                raise ValueError(f"prompt_template {self.prompt_template!r} must hold '{{}}' exactly once, where the prompt goes")
-            try:
-                self.prompt_template.format("")
-            except (IndexError, KeyError, ValueError) as exc:
-                raise ValueError(f"prompt_template {self.prompt_template!r} is not a format string with one '{{}}' "
-                                 f"({exc}); write literal braces as '{{{{' and '}}}}'") from None
+            problem = template_problem(self.prompt_template, "prompt_template", "USER: <image>\n{} ASSISTANT:")
+            if problem:
+                raise ValueError(problem)
             if self.image_token is not None and self.prompt_template.count(self.image_token) > 1:
                 raise ValueError(f"prompt_template holds the image token {self.image_token!r} more than once; one image, one placeholder")
         if self.model is None:

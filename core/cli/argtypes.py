@@ -1,0 +1,26 @@
+"""argparse types for counts: a value out of range is a usage error (exit 2, with the flag named by
+argparse) before anything loads, not a failure deep inside a run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _count(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (a count of beams, tokens, results, images)."""
+    return _count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (a minimum, a number of worker processes)."""
+    return _count(text, 0)

@@ -1,0 +1,188 @@
+"""Mistakes an outside tester made on purpose, each a clear error (exit 2 from the CLI, what is wrong
+and what would be right) instead of an internal error, a silently dropped setting or advice that
+loses data: generation settings and prompt templates, output paths that are files, a cache written
+into a folder that is not one, half-written checkpoints after a kill, keys given twice in YAML,
+refused pickles, resuming from a damaged or different run, and paths `validate` can see are missing."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlbridge
+from tests.test_trainer_samples import config, write_caption_data, write_config
+from vlbridge.cli.main import main
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.files.userfiles import read_yaml
+from vlbridge.files.weights import torch_load
+from vlbridge.train import checkpointing
+
+RED = Path(__file__).resolve().parents[1] / "examples" / "images" / "red-circle.png"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def assert_user_error(code: int, err: str, *expected: str) -> None:
+    assert code == 2, err
+    assert "internal error" not in err and "Traceback" not in err
+    for phrase in expected:
+        assert phrase in err, (phrase, err)
+
+
+@pytest.fixture(scope="module")
+def linear_opt():
+    return vlbridge.build("tiny-linear-opt")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_caption_data(tmp_path_factory.mktemp("data"), images=4)
+
+
+# -- generation ------------------------------------------------------------------------------------
+def test_generation_settings_name_the_setting_and_its_flag(linear_opt):
+    with pytest.raises(VLBridgeError, match=r"num_beams \(--num-beams\): Input should be greater than or equal to 1 \(got 0\)$"):
+        linear_opt.caption(RED, num_beams=0)
+    with pytest.raises(VLBridgeError, match="min_new_tokens 20 exceeds max_new_tokens 5"):
+        linear_opt.caption(RED, min_new_tokens=20, max_new_tokens=5)
+    with pytest.raises(VLBridgeError, match="beams: unknown setting; known: max_new_tokens"):
+        linear_opt.caption(RED, beams=2)
+
+
+def test_generation_past_the_llms_positions_is_refused_with_the_room_left(linear_opt):
+    """The tiny OPT has 128 positions (absolute): a forward past them would fail with an index error."""
+    context = linear_opt.plan.llm_dims.context_length
+    with pytest.raises(VLBridgeError, match=rf"exceeds the LLM's context of {context} positions; lower max_new_tokens") as info:
+        linear_opt.caption(RED, num_beams=1, max_new_tokens=10_000)
+    room = int(re.search(r"at most (\d+)", str(info.value)).group(1))
+    assert len(linear_opt.caption(RED, num_beams=1, max_new_tokens=room, min_new_tokens=room)) == 1  # exactly the room fits
+    with pytest.raises(VLBridgeError, match="shorten the prompt"):
+        linear_opt.caption(RED, prompt="word " * context, num_beams=1, max_new_tokens=1)
+
+
+@pytest.mark.parametrize(("prompt", "message"), [("{} and {}", "exactly once"), ("{q} {}", "KeyError: 'q'"),
+                                                  ("no slot", "exactly once"), ("{} {oops", "braces other than")])
+def test_a_vqa_prompt_needs_exactly_one_slot(linear_opt, prompt, message):
+    with pytest.raises(VLBridgeError, match=re.escape(message)):
+        linear_opt.answer(RED, "what?", prompt=prompt)
+
+
+def test_cli_counts_below_their_least_are_usage_errors(capsys):
+    for argv, flag in ((["retrieve", "-a", "tiny-qformer-opt", "-t", "a", "--top", "0", str(RED)], "--top: 0 is less than 1"),
+                       (["caption", "-a", "tiny-qformer-opt", "--num-beams", "-1", str(RED)], "--num-beams: -1 is less than 1"),
+                       (["caption", "-a", "tiny-qformer-opt", "--min-new-tokens", "x", str(RED)], "'x' is not a whole number"),
+                       (["demo", "--quick", "--queries", "0"], "--queries: 0 is less than 1")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_images_and_weights_that_are_not_there_say_what_they_are(capsys, tmp_path):
+    code, err = cli(capsys, "caption", "-a", "tiny-linear-opt", str(tmp_path))
+    assert_user_error(code, err, f"{tmp_path} is a directory; give image files")
+    code, err = cli(capsys, "caption", "-a", "tiny-linear-opt", "--weights", str(tmp_path / "nope.safetensors"), str(RED))
+    assert_user_error(code, err, "no such file or directory; expected a connector weights file (.safetensors")
+
+
+# -- output paths, caches and checkpoints ----------------------------------------------------------
+def test_an_output_path_that_is_a_file_is_a_user_error(capsys, tmp_path, data):
+    taken = tmp_path / "taken.yaml"
+    taken.write_text("a file\n", encoding="utf-8")
+    code, err = cli(capsys, "cache-features", "-a", "tiny-qformer-opt", "--format", "jsonl", "--paths",
+                    str(data / "train.jsonl"), "--out", str(taken), "--num-workers", "0")
+    assert_user_error(code, err, f"cannot create a directory at or under {taken}: a file stands in the way")
+    code, err = cli(capsys, "train", str(write_config(tmp_path / "t.yaml", config(data, taken, steps=3))))
+    assert_user_error(code, err, "a file stands in the way", "give an output path that is a directory")
+    assert taken.read_text(encoding="utf-8") == "a file\n"
+
+
+def test_a_cache_is_never_written_over_a_folder_that_is_not_a_cache(capsys, tmp_path, data):
+    folder = tmp_path / "world"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"world": 1}', encoding="utf-8")
+    (folder / "captions_train.json").write_text("[]", encoding="utf-8")
+    for flags in ((), ("--overwrite",)):
+        code, err = cli(capsys, "cache-features", "-a", "tiny-qformer-opt", "--format", "jsonl", "--paths",
+                        str(data / "train.jsonl"), "--out", str(folder), "--num-workers", "0", *flags)
+        assert_user_error(code, err, "holds files that a feature cache does not write (captions_train.json)", "new or empty directory")
+    assert (folder / "manifest.json").read_text(encoding="utf-8") == '{"world": 1}'
+
+
+def test_the_next_run_removes_checkpoints_a_killed_save_left_half_written(tmp_path):
+    staging = tmp_path / checkpointing.CHECKPOINTS / ".step-41.y6gzv4ad.tmp"
+    staging.mkdir(parents=True)
+    (staging / ".connector.safetensors.abc.tmp").write_bytes(b"partial")
+    kept = tmp_path / checkpointing.CHECKPOINTS / "step-40"
+    kept.mkdir()
+    with checkpointing.exclusive(tmp_path):
+        assert not staging.exists() and kept.is_dir()
+
+
+def test_resume_from_a_damaged_latest_names_the_newest_complete_checkpoint(capsys, tmp_path, data):
+    values = config(data, tmp_path / "run", steps=4, save_every=2, keep_last=3)
+    path = write_config(tmp_path / "t.yaml", values)
+    assert main(["train", str(path)]) == 0
+    (tmp_path / "run" / checkpointing.CHECKPOINTS / "step-4" / checkpointing.TRAINER_STATE).unlink()
+    code, err = cli(capsys, "train", str(path), "--resume")
+    assert_user_error(code, err, "names step-4, which is not a complete checkpoint",
+                      "to resume from the newest complete one, step-2, write that name into")
+
+
+def test_resume_with_another_assembly_says_what_differs(capsys, tmp_path, data):
+    assert main(["train", str(write_config(tmp_path / "a.yaml", config(data, tmp_path / "run", steps=3)))]) == 0
+    other = write_config(tmp_path / "b.yaml", config(data, tmp_path / "run", steps=4, assembly="tiny-qformer-flan-t5"))
+    code, err = cli(capsys, "train", str(other), "--resume")
+    assert_user_error(code, err, "other assembly settings than this config (assembly: 'tiny-qformer-opt' in the checkpoint, "
+                                 "'tiny-qformer-flan-t5' now)")
+
+
+# -- files -----------------------------------------------------------------------------------------
+def test_a_key_given_twice_in_yaml_is_an_error_but_merge_keys_still_work(tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: x\nencoder: {use: eva-vit-g}\nencoder: {use: clip-vit-l}\nconnector: {use: linear}\n", encoding="utf-8")
+    code, err = cli(capsys, "validate", str(twice))
+    assert_user_error(code, err, "the key 'encoder' is given twice in one mapping (lines 2 and 3); keep one of them")
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {use: opt, options: {variant: tiny}}\nllm:\n  <<: *b\n  use: flan-t5\n", encoding="utf-8")
+    assert read_yaml(merged, "t") == {"base": {"use": "opt", "options": {"variant": "tiny"}},
+                                      "llm": {"use": "flan-t5", "options": {"variant": "tiny"}}}
+
+
+class Shout:
+    def __reduce__(self):
+        return (print, ("PWNED",))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_refused_pickle_is_one_plain_sentence_and_never_runs(tmp_path, capsys, zipped):
+    path = tmp_path / "evil.pth"
+    if zipped:
+        torch.save({"w": Shout()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"w": Shout()}, protocol=4))
+    with pytest.raises(WeightsError) as info:
+        torch_load(path)
+    message = str(info.value)
+    assert "\x1b[" not in message and "\n" not in message and "weights_only set to False" not in message
+    assert message.startswith(f"{str(path)!r} is refused: it holds ") and "re-save its tensors alone" in message
+    if zipped:
+        assert "a pickled 'builtins.print'" in message or "a pickled 'print'" in message
+    assert "PWNED" not in capsys.readouterr().out
+
+
+def test_validate_reports_a_local_weights_path_that_does_not_exist(tmp_path, capsys):
+    assembly = tmp_path / "a.yaml"
+    missing = tmp_path / "nowhere.pth"
+    assembly.write_text(f"name: x\nencoder: {{use: eva-vit-g, options: {{variant: tiny, pretrained: {missing}}}}}\n"
+                        "connector: {use: linear}\nllm: {use: opt, options: {variant: tiny}}\n", encoding="utf-8")
+    code, err = cli(capsys, "validate", str(assembly))
+    assert_user_error(code, err, f"encoder.options.pretrained '{missing}' does not exist")
