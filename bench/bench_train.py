@@ -21,7 +21,8 @@ medians of wall time and of process CPU time (with one thread, CPU time is immun
 FLOPs per step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
 attention; forward and backward), and set against this machine's fp32 torch.mm rate (2048^3, and a
 Q-Former-sized shape for comparison), timed in every repetition between the training steps so that
-both see the same load. `--dropout 0` turns the Q-Former's dropout off, to show what it costs.
+both see the same load. `--dropout 0` turns the Q-Former's dropout off, and `--heads 3` makes its heads
+64 wide (BLIP-2's head width; 16 at the default 12 heads), to show what each costs.
 `--profile 2` instead profiles two cached stage-1 steps: ops by self CPU time, the passes (ITC, ITM,
 ITG, image K/V, loss; forward, backward, optimizer) as record_function ranges, and the GEMMs by shape.
 """
@@ -63,9 +64,10 @@ CPU_ATTENTION = {  # torch's FLOP counter knows the CUDA attention kernels only;
 WORDS = "a man woman dog cat red blue green small large riding sitting near on under the park street table field".split()
 
 
-def assembly(stage: int, blocks: int = 12) -> dict[str, Any]:
+def assembly(stage: int, blocks: int = 12, heads: int = 12) -> dict[str, Any]:
     encoder = {"use": ENCODER["use"], "options": {**ENCODER["options"], "depth": blocks + 1}}  # eva-vit-g keeps depth - 1
-    base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": encoder, "connector": QFORMER}
+    connector = {"use": QFORMER["use"], "options": {**QFORMER["options"], "num_heads": heads}}
+    base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": encoder, "connector": connector}
     return {**base, "llm": LLM} if stage == 2 else base
 
 
@@ -155,7 +157,7 @@ def build_modes(data: Path, cache: Path, args: argparse.Namespace) -> list[Mode]
     config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
     modes = []
     for stage in (1, 2):
-        model = vlbridge.build(assembly(stage, args.encoder_blocks), stage=stage, random_weights=True).train()  # a random mini ViT on purpose
+        model = vlbridge.build(assembly(stage, args.encoder_blocks, args.heads), stage=stage, random_weights=True).train()  # a random mini ViT on purpose
         set_dropout(model.connector, args.dropout)
         images = build_dataset(config, model.plan.preprocess, train=True)
         cached = feature_dataset(config, cache, train=True, encoder=model.encoder, assembly=model.assembly)
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         data = write_data(root, args.batch * (args.steps + 2))
         started = time.perf_counter()
-        manifest = build_cache(assembly(1, args.encoder_blocks), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}],
+        manifest = build_cache(assembly(1, args.encoder_blocks, args.heads), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}],
                                root / "cache", BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0),
                                random_weights=True)  # the random mini ViT, on purpose
         cache_rate = manifest.rows / (time.perf_counter() - started)
@@ -344,9 +346,9 @@ def profile(args: argparse.Namespace) -> None:
         root = Path(tmp)
         data = write_data(root, args.batch * (args.profile + 3))
         config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
-        build_cache(assembly(1, args.encoder_blocks), [config], root / "cache",
+        build_cache(assembly(1, args.encoder_blocks, args.heads), [config], root / "cache",
                     BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0), random_weights=True)
-        model = vlbridge.build(assembly(1, args.encoder_blocks), stage=1, random_weights=True).train()
+        model = vlbridge.build(assembly(1, args.encoder_blocks, args.heads), stage=1, random_weights=True).train()
         set_dropout(model.connector, args.dropout)
         cached = feature_dataset(config, root / "cache", train=True, encoder=model.encoder, assembly=model.assembly)
         mode = Mode(1, "feature cache", model, cached, args.batch)
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="cache storage (default fp16)")
     parser.add_argument("--encoder-blocks", type=int, default=12, help="encoder depth (default 12: 68%% of stage-1 FLOPs, as ViT-g)")
+    parser.add_argument("--heads", type=int, default=12, help="Q-Former attention heads (default 12, BLIP-2's count, "
+                        "so 16 wide at this width; 3 gives BLIP-2's head width of 64: the same FLOPs in fewer, wider heads)")
     parser.add_argument("--dropout", type=float, default=0.1, help="Q-Former dropout (default BLIP-2's 0.1; 0 to measure its cost)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="only profile this many cached stage-1 steps")
