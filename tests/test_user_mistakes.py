@@ -186,3 +186,15 @@ def test_validate_reports_a_local_weights_path_that_does_not_exist(tmp_path, cap
                         "connector: {use: linear}\nllm: {use: opt, options: {variant: tiny}}\n", encoding="utf-8")
     code, err = cli(capsys, "validate", str(assembly))
     assert_user_error(code, err, f"encoder.options.pretrained '{missing}' does not exist")
+
+
+def test_a_caption_line_with_empty_text_is_named(tmp_path):
+    from vlbridge.data.jsonl import read_jsonl
+    from vlbridge.data.records import DataError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"image": "a.png", "text": "a red circle"}\n{"image": "b.png", "text": "  "}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2: field 'text' is empty; give the image's caption, or drop the line"):
+        read_jsonl(path)
+    path.write_text('{"image": "b.png", "text": "", "text_input": "what?", "text_output": "red"}\n', encoding="utf-8")
+    assert read_jsonl(path)[0].extra["text_output"] == "red"  # instruction data need no caption

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from vlbridge.data.jsonio import iter_jsonl, optional, require, resolve_image
-from vlbridge.data.records import ImageRef, ImageText
+from vlbridge.data.records import DataError, ImageRef, ImageText
 
 WHAT = "JSONL file"
 
@@ -26,6 +26,8 @@ def read_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = N
         where = f"{WHAT} {str(path)!r}, line {line}"
         image = require(item, "image", str, where)
         text = require(item, "text", str, where)
+        if not text.strip() and not isinstance(item.get("text_output"), str):
+            raise DataError(f"{where}: field 'text' is empty; give the image's caption, or drop the line")
         image_id = optional(item, "image_id", (int, str), where, default=image)
         extra = {k: v for k, v in item.items() if k not in ("image", "text", "image_id")}
         records.append(ImageText(ImageRef(name=image, path=resolve_image(image, image_root, base)), text, image_id, extra))
