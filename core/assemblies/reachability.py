@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.files.hf_config import cached_hub_file
+from vlbridge.files.hf_config import PATH_PREFIXES, cached_hub_file
 from vlbridge.plugin.contract import describe, plugin_call
 from vlbridge.plugin.sources import WeightSource, checked_sources
 
@@ -66,28 +66,52 @@ def reachability_problems(assembly: Any, stage: int, *, random_weights: bool = F
     return [problem for item in found if (problem := source_problem(item, random_weights))]
 
 
+def config_with_absolute_paths(assembly: Any) -> dict[str, Any]:
+    """The assembly's config as a dict, with each local file or directory its parts load (their
+    declared `weight_sources`) made absolute: a relative path was read against the current directory,
+    so a checkpoint that kept it would load only from there."""
+    config = assembly.config.model_dump(mode="json")
+    for item in (item for stage in assembly.plan.stages for item in sources(assembly, stage)):
+        options = (config.get(item.slot) or {}).get("options") or {}
+        value = options.get(item.source.option)
+        if item.source.kind == "local" and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            options[item.source.option] = os.path.abspath(Path(value).expanduser())
+    return config
+
+
 def missing_local_sources(assembly: Any) -> list[str]:
     """One line per local file or directory that some stage of `assembly` would load and that does
-    not exist: a mistake in the assembly itself, whatever the network or --random-weights say."""
-    found = [item for stage in assembly.plan.stages for item in sources(assembly, stage) if item.source.kind == "local"]
+    not exist: a mistake in the assembly itself, whatever the network or --random-weights say.
+
+    Torch-free, for `validate`: only parts with an option that names a path the way `looks_local`
+    reads one (absolute, ./, ../, ~) are asked for their sources, since a spec may resolve other
+    values (an open_clip pretrained tag) through its library. A bare relative name is checked at build."""
+    found = [item for stage in assembly.plan.stages for item in sources(assembly, stage, only_pathlike=True)
+             if item.source.kind == "local"]
     return list(dict.fromkeys(problem for item in found if (problem := source_problem(item, random_weights=False))))
 
 
-def sources(assembly: Any, stage: int) -> list[Found]:
-    """What each part of the assembly declares it would load (stage 1 builds no LLM)."""
+def sources(assembly: Any, stage: int, only_pathlike: bool = False) -> list[Found]:
+    """What each part of the assembly declares it would load (stage 1 builds no LLM); with
+    `only_pathlike`, only parts with an option value that looks like a local path are asked."""
     slots = [("encoder", assembly.encoder), ("connector", assembly.connector)]
     if stage == 2 and assembly.llm is not None:
         slots.append(("llm", assembly.llm))
     found: list[Found] = []
     for slot, part in slots:
         spec = part.spec
-        if spec.weight_sources is None:
+        if spec.weight_sources is None or (only_pathlike and not _names_a_path(part.options)):
             continue
         who = describe(spec)
         returned = plugin_call(who, "weight_sources()", spec.weight_sources, part.options, stage)
         declared = checked_sources(returned, spec.options.model_fields, who)
         found.extend(Found(slot, spec.name, source) for source in declared)
     return found
+
+
+def _names_a_path(options: Any) -> bool:
+    values = options.model_dump().values() if options is not None else ()
+    return any(isinstance(value, str) and value.startswith(PATH_PREFIXES) for value in values)
 
 
 def source_problem(item: Found, random_weights: bool) -> str | None:

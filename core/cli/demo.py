@@ -34,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "pretrain checkpoints) or a short stage 1 trained inside the run (train; see --stage1-steps)"))
     d.add_argument("--stage1-steps", type=int, default=None, metavar="N",
                    help="with --stage1 train: the stage-1 steps (default 80, 24 with --quick)")
-    d.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+    d.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="worker processes training runs side by side (default: one per core, at most 2); results do not depend on it")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot", description=(

@@ -13,9 +13,12 @@ from vlbridge.files.pickles import refused_pickle
 from vlbridge.files.userfiles import read_json
 
 
+PATH_PREFIXES = ("/", "./", "../", "~")  # how a value says it is a path, not a hub id ("org/name") or a tag
+
+
 def looks_local(model: str) -> bool:
     """A path rather than a hub id ("org/name"): absolute, relative with ./ or ../, ~, or existing."""
-    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+    return model.startswith(PATH_PREFIXES) or Path(model).expanduser().exists()
 
 
 @lru_cache(maxsize=32)
