@@ -47,17 +47,20 @@ def redraw(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> None:
             param.copy_((1.0 if name.endswith("weight") else 0.0) + noise * 0.1 if is_norm else noise)
 
 
-def make_generation_model(directory: Path, llm: str = "opt", seed: int = 0):
-    """A tiny Blip2ForConditionalGeneration (OPT or FlanT5) saved with its tokenizer; returns the model."""
+def make_generation_model(directory: Path, llm: str = "opt", seed: int = 0, *, tokenizer: bool = True, vision: dict | None = None,
+                          qformer: dict | None = None, text: dict | None = None):
+    """A tiny Blip2ForConditionalGeneration (OPT or FlanT5) saved with its tokenizer (unless
+    `tokenizer` is False); `vision`, `qformer`, `text` override settings of the three configs."""
     from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
 
-    config = Blip2Config(vision_config=_vision(), qformer_config=_qformer(), text_config=_text(llm),
-                         num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN)
+    config = Blip2Config(vision_config={**_vision(), **(vision or {})}, qformer_config={**_qformer(), **(qformer or {})},
+                         text_config={**_text(llm), **(text or {})}, num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     redraw(model, seed=seed)
     model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tokenizer_dir("opt" if llm == "opt" else "flan-t5")).save_pretrained(directory)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(tokenizer_dir("opt" if llm == "opt" else "flan-t5")).save_pretrained(directory)
     return model
 
 

@@ -4,6 +4,8 @@ and ITC scores, and export round-trips back to transformers."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -156,3 +158,33 @@ def test_an_imported_checkpoint_loads_after_a_move(imported, tmp_path):
     with torch.no_grad():
         assert torch.equal(again.visual_tokens(pixels), model.visual_tokens(pixels))
     assert again.caption(pixels, max_new_tokens=4) == model.caption(pixels, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"vision": {"hidden_act": "quick_gelu"}}, "vision_config.hidden_act is 'quick_gelu'"),
+    ({"qformer": {"hidden_act": "relu"}}, "qformer_config.hidden_act is 'relu'"),
+    ({"text": {"word_embed_proj_dim": 16}}, "text_config.word_embed_proj_dim 16 differs from its hidden_size 32"),
+])
+def test_settings_no_assembly_reproduces_are_refused_by_name(tmp_path, settings, message):
+    """Each would import and run, computing something else than transformers' model."""
+    hf_tiny.make_generation_model(tmp_path / "hf", **settings)
+    with pytest.raises(vlbridge.VLBridgeError, match=re.escape(message)):
+        vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def test_a_vision_tower_without_qkv_biases_imports_exactly(tmp_path):
+    reference = hf_tiny.make_generation_model(tmp_path / "hf", vision={"qkv_bias": False})
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    text = model.llm.tokenizer(["a red"], return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    pixels = hf_tiny.pixels(batch=1)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(model(pixels, text.input_ids, text.attention_mask).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_directory_without_the_llms_tokenizer_is_refused_at_import(tmp_path):
+    hf_tiny.make_generation_model(tmp_path / "hf", tokenizer=False)
+    with pytest.raises(vlbridge.WeightsError, match="holds no usable tokenizer for the language model"):
+        vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")

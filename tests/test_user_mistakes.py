@@ -198,3 +198,21 @@ def test_a_caption_line_with_empty_text_is_named(tmp_path):
         read_jsonl(path)
     path.write_text('{"image": "b.png", "text": "", "text_input": "what?", "text_output": "red"}\n', encoding="utf-8")
     assert read_jsonl(path)[0].extra["text_output"] == "red"  # instruction data need no caption
+
+
+def test_a_checkpoint_keeps_no_path_relative_to_where_it_was_written(tmp_path, monkeypatch):
+    """An assembly's relative paths are read against the current directory; a saved checkpoint that
+    kept them would load only from there."""
+    source = vlbridge.build("tiny-linear-opt")
+    (tmp_path / "work").mkdir()
+    source.llm.model.save_pretrained(tmp_path / "work" / "opt-dir")
+    source.llm.tokenizer.save_pretrained(tmp_path / "work" / "opt-dir")
+    monkeypatch.chdir(tmp_path / "work")
+    assembly = {"name": "rel", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}}, "connector": {"use": "linear"},
+                "llm": {"use": "opt", "options": {"variant": "tiny", "model": "./opt-dir"}}}
+    model = vlbridge.build(assembly)
+    saved = model.save(tmp_path / "ckpt")
+    assert read_yaml(saved / "assembly.yaml", "t")["llm"]["options"]["model"] == str(tmp_path / "work" / "opt-dir")
+    monkeypatch.chdir(tmp_path)
+    again = vlbridge.load(saved)
+    assert again.caption(RED, num_beams=1, max_new_tokens=3) == model.caption(RED, num_beams=1, max_new_tokens=3)

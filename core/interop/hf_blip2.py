@@ -38,6 +38,34 @@ def _architecture(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str
     return GENERATION if any(k.startswith("language_model.") for k in state) else RETRIEVAL
 
 
+def unsupported_settings(config: dict[str, Any], family: str) -> None:
+    """Refuse a BLIP-2 / InstructBLIP config that the eva-vit-g + qformer + LLM assembly would load
+    without error but compute differently: a silently wrong model is worse than a refusal."""
+    vision, qformer, text = (config.get(key) or {} for key in ("vision_config", "qformer_config", "text_config"))
+    problems = []
+    for where, part, reads in (("vision_config", vision, "eva-vit-g's MLPs"), ("qformer_config", qformer, "the qformer's FFNs")):
+        act = part.get("hidden_act", "gelu")
+        if act != "gelu":
+            problems.append(f"{where}.hidden_act is {act!r}, but {reads} use exact GELU ('gelu')")
+    if text.get("model_type") == "opt" and text.get("word_embed_proj_dim", text.get("hidden_size")) != text.get("hidden_size"):
+        problems.append(f"text_config.word_embed_proj_dim {text['word_embed_proj_dim']} differs from its hidden_size "
+                        f"{text['hidden_size']}: the OPT projects its input embeddings (project_in), which transformers' {family} "
+                        "bypasses for the visual tokens, so no assembly can reproduce it")
+    if problems:
+        raise VLBridgeError(f"cannot import this {family} checkpoint exactly: " + "; ".join(problems))
+
+
+def zero_qv_biases(vision: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A vision tower saved with qkv_bias=False has no q/v biases; eva-vit-g always has them, and zeros
+    compute the same attention exactly."""
+    if vision.get("qkv_bias", True):
+        return state
+    width = vision.get("hidden_size", 1408)
+    zeros = {f"blocks.{block}.attn.{name}": torch.zeros(width) for block in range(vision.get("num_hidden_layers", 39))
+             for name in ("q_bias", "v_bias")}
+    return {**zeros, **state}
+
+
 def encoder_options(vision: dict[str, Any], pretrained: str) -> dict[str, Any]:
     """eva-vit-g options reproducing a transformers Blip2VisionConfig exactly (all layers kept)."""
     layers = vision.get("num_hidden_layers", 39)
@@ -102,6 +130,9 @@ def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
     except Exception as exc:  # transformers and tokenizers raise many types for a missing or broken file
         raise load_failure(f"the tokenizer for {what}", src, exc, "save the processor or tokenizer into it") from exc
+    if not tokenizer("a photo").input_ids:  # transformers builds an empty tokenizer from config.json alone
+        raise WeightsError(f"{src} holds no usable tokenizer for {what} (no vocabulary file: tokenizer.json, vocab.json, "
+                           "spiece.model ...); save the processor or tokenizer into it (processor.save_pretrained(<dir>))")
     tokenizer.save_pretrained(str(dst))
 
 
@@ -114,11 +145,14 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
     if not src.is_dir():
         raise WeightsError(f"not a directory: {src}")
     config = transformers_config(src, "blip-2", "Blip2ForConditionalGeneration")
+    unsupported_settings(config, "BLIP-2")
     state = read_hf_directory(src)
     architecture = _architecture(config, state)
     out.mkdir(parents=True, exist_ok=True)
     encoder_file = out / "encoder.safetensors"
-    vision = {k: v.contiguous() for k, v in convert_hf_blip2_vision_state_dict({k: v for k, v in state.items() if k.startswith("vision_model.")}).items()}
+    vision = zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
+        {k: v for k, v in state.items() if k.startswith("vision_model.")}))
+    vision = {k: v.contiguous() for k, v in vision.items()}
     atomic_write(encoder_file, lambda tmp: save_file(vision, str(tmp)))
     assembly: dict[str, Any] = {"name": name or src.name, "description": f"imported from transformers {architecture} at {src}",
                                 "encoder": {"use": "eva-vit-g", "options": encoder_options(config.get("vision_config", {}), str(encoder_file.resolve()))}}

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from vlbridge.files.atomic import atomic_write
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options
+from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options, unsupported_settings, zero_qv_biases
 from vlbridge.interop.export_fidelity import settle
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
@@ -41,6 +41,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
 
     src, out = Path(src_dir).expanduser(), Path(out_dir)
     config = transformers_config(src, "instructblip", "InstructBlipForConditionalGeneration")
+    unsupported_settings(config, "InstructBLIP")
     tokenizer_src = src / QFORMER_TOKENIZER
     if not (tokenizer_src / "tokenizer_config.json").is_file():
         raise WeightsError(f"{src} has no {QFORMER_TOKENIZER}/ folder (the Q-Former's BERT tokenizer, which reads the "
@@ -48,8 +49,9 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     state = read_hf_directory(src)
     out.mkdir(parents=True, exist_ok=True)
     encoder_file = out / "encoder.safetensors"
-    vision = {k: v.contiguous() for k, v in convert_hf_blip2_vision_state_dict(
-        {k: v for k, v in state.items() if k.startswith("vision_model.")}).items()}
+    vision = zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
+        {k: v for k, v in state.items() if k.startswith("vision_model.")}))
+    vision = {k: v.contiguous() for k, v in vision.items()}
     atomic_write(encoder_file, lambda tmp: save_file(vision, str(tmp)))
     tokenizer_dir = out / "qformer-tokenizer"
     if tokenizer_dir.exists():

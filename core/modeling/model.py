@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from vlbridge.assemblies.assembly import Assembly
+from vlbridge.assemblies.reachability import config_with_absolute_paths
+from vlbridge.errors import VLBridgeError
+from vlbridge.finetune.tuning import Tuned
 from vlbridge.modeling import inference, retrieval
 from vlbridge.modeling.connector_protocol import connector_state, set_connector_stage
-from vlbridge.plugin.contract import describe
-from vlbridge.errors import VLBridgeError
 from vlbridge.parts.images import to_pixel_batch
-from vlbridge.finetune.tuning import Tuned
+from vlbridge.plugin.contract import describe
 
 DEFAULT_VQA_PROMPT = "Question: {} Short answer:"
 
@@ -141,5 +142,5 @@ class VLBridgeModel(nn.Module):
         from vlbridge.files.checkpoint import save_checkpoint
         from vlbridge.finetune.tuning import tuned_parts
 
-        return save_checkpoint(out_dir, self.assembly.config.model_dump(mode="json"), connector_state(self.connector), self.stage,
+        return save_checkpoint(out_dir, config_with_absolute_paths(self.assembly), connector_state(self.connector), self.stage,
                                parts=tuned_parts(self))

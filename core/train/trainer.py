@@ -29,28 +29,29 @@ import yaml
 from torch import nn
 
 from vlbridge.assemblies.assembly import Assembly
-from vlbridge.files.checkpoint import read_meta
-from vlbridge.modeling.connector_protocol import connector_state, mark_trained
-from vlbridge.train.checkpoint_source import resolve_checkpoint
+from vlbridge.assemblies.reachability import config_with_absolute_paths
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.files.checkpoint import read_meta
+from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 from vlbridge.modeling import factory
+from vlbridge.modeling.connector_protocol import connector_state, mark_trained
 from vlbridge.modeling.factory import load_connector_weights
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.train import checkpointing as ckpt
 from vlbridge.train import distributed
 from vlbridge.train import fsdp
 from vlbridge.train import runtime as rt
+from vlbridge.train.checkpoint_source import resolve_checkpoint
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable
 from vlbridge.train.finetune_config import FinetuneConfig
-from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
+from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
-from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 
 Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
 RESUME_MUST_MATCH = ("assembly", "stage", "finetune")  # another model, stage or recipe cannot continue a checkpoint
@@ -327,7 +328,7 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                      "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks}
             ckpt.save_training_checkpoint(
-                self.output_dir, self.step, assembly=self.model.assembly.config.model_dump(mode="json"),
+                self.output_dir, self.step, assembly=config_with_absolute_paths(self.model.assembly),
                 connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
                 config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=tuned_parts(self.model))
         rt.barrier()
