@@ -19,7 +19,7 @@ IMAGE, PATCH = 28, 14
 PROMPTS = ["what is it?", "how many red things are there in the picture?"]
 
 
-def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int = 0):
+def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int = 0, projector_bias: bool = True):
     """A tiny LLaVA-1.5 layout saved with its tokenizer (carrying '<image>') and image processor."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
@@ -34,7 +34,8 @@ def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int 
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     tokens = (IMAGE // PATCH) ** 2 + (strategy == "full")
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=tokens,
-                         vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+                         vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                         multimodal_projector_bias=projector_bias)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     redraw(model, std=0.2, seed=seed)
@@ -114,6 +115,20 @@ def test_export_round_trip_gives_the_same_llava(llava):
     assert_same_weights(hf.state_dict(), again.state_dict())
     for name in ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy", "image_seq_length"):
         assert getattr(again.config, name) == getattr(hf.config, name), name
+    px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, pixel_values=px, attention_mask=mask).logits,
+                                   hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits)
+
+
+def test_a_projector_without_biases_goes_out_as_it_came(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    hf, tokenizer = make_llava(tmp_path / "hf", projector_bias=False, seed=2)
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
+    assert again.config.multimodal_projector_bias is False
+    assert_same_weights(hf.state_dict(), again.state_dict())  # no bias tensors appear
     px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, pixel_values=px, attention_mask=mask).logits,

@@ -135,19 +135,22 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
                             f"vocabulary of {vocab}; resize the LLM's embeddings or pick an image_token the vocabulary holds")
     tower = model.encoder.tower  # hf-vision: the transformers vision model
     layer = encoder_opts.layer
+    layers = model.connector.layers
+    # A projector imported without biases holds zeros: written back without them, as it came (exact either way).
+    projector_bias = any(bool(layers[i].bias.detach().any()) for i in (0, 2))
     config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=llm.model.config.to_dict(),
                          image_token_index=llm.image_token_id, vision_feature_layer=layer,
                          vision_feature_select_strategy="full" if encoder_opts.include_cls else "default",
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
-                         multimodal_projector_bias=True, tie_word_embeddings=llm.model.config.tie_word_embeddings)
+                         multimodal_projector_bias=projector_bias, tie_word_embeddings=llm.model.config.tie_word_embeddings)
     differences = llava_differences(model.assembly)
     with torch.device("meta") if not differences else contextlib.nullcontext():  # a probe needs real buffers (rotary, positions)
         hf = LlavaForConditionalGeneration(config)
     hf.model.vision_tower.load_state_dict(_full_tower_state(tower, encoder_opts), strict=True, assign=True)
-    layers = model.connector.layers
-    hf.model.multi_modal_projector.load_state_dict(
-        {"linear_1.weight": layers[0].weight, "linear_1.bias": layers[0].bias,
-         "linear_2.weight": layers[2].weight, "linear_2.bias": layers[2].bias}, strict=True, assign=True)
+    projector = {"linear_1.weight": layers[0].weight, "linear_2.weight": layers[2].weight}
+    if projector_bias:
+        projector.update({"linear_1.bias": layers[0].bias, "linear_2.bias": layers[2].bias})
+    hf.model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
     hf.model.language_model.load_state_dict((merged := model.merged_llm_model()).model.state_dict(), strict=True, assign=True)
     hf.lm_head.load_state_dict(merged.lm_head.state_dict(), strict=True, assign=True)  # LoRA merged into both
     hf.tie_weights()
