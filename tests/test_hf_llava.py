@@ -193,6 +193,18 @@ def test_an_imported_llava_loads_after_a_move(llava, tmp_path):
     assert again.generate(pixels(1), PROMPTS[0], max_new_tokens=4) == model.generate(pixels(1), PROMPTS[0], max_new_tokens=4)
 
 
+
+def test_a_checkpoints_assembly_file_reads_its_paths_against_the_checkpoint(llava, tmp_path, monkeypatch):
+    from vlbridge.assemblies.assembly import load_assembly
+
+    _, _, _, root = llava
+    assert (root / "imported" / "assembly.yaml").read_text().count("./") >= 2  # the tower and the LLM lie inside it
+    monkeypatch.chdir(tmp_path)  # anywhere but the checkpoint, as `-a CKPT/assembly.yaml` is typed
+    config = load_assembly(root / "imported" / "assembly.yaml").config
+    assert config.llm.options["model"] == str((root / "imported" / "llm").resolve())
+    assert config.encoder.options["model"] == str((root / "imported" / "vision").resolve())
+
+
 def test_a_final_norm_the_export_would_drop_is_refused_with_its_size(llava, tmp_path):
     from vlbridge.files.checkpoint import checkpoint_assembly
     from vlbridge.interop.export_fidelity import ApproximateExportError

@@ -12,11 +12,12 @@ from typing import Any, Literal
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, UnknownComponentError
+from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, UnknownComponentError, WeightsError
 from vlbridge.assemblies.plan import ComponentPlan, Plan
 from vlbridge.plugin.registry import Registry, get_registry
 from vlbridge.plugin.resources import presets
 from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, Kind, Options, Spec
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, listed_relative_paths, resolve_relative_paths
 from vlbridge.files.userfiles import read_yaml
 
 SLOTS: tuple[Kind, ...] = ("encoder", "connector", "llm")
@@ -76,9 +77,14 @@ def read_source(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     known = presets()
     if path.is_file():
         try:
-            return str(path), read_yaml(path, "assembly file")
+            raw = read_yaml(path, "assembly file")
+            if path.name == ASSEMBLY_FILE and (listed := listed_relative_paths(path.parent)):
+                raw = resolve_relative_paths(raw, path.parent, listed)  # a checkpoint's own: paths relative to it
+            return str(path), raw
         except InputFileError as exc:
             raise AssemblyError(str(path), [exc.problem]) from None
+        except WeightsError as exc:
+            raise AssemblyError(str(path), [str(exc)]) from None
     if path.is_dir():
         raise AssemblyError(text, [f"{text} is a directory; give an assembly YAML file or a preset name"])
     if text in known:

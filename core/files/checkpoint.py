@@ -28,14 +28,12 @@ import yaml
 from safetensors.torch import save_file
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, META_FILE, RELATIVE_PATHS, resolve_relative_paths
 from vlbridge.errors import WeightsError
 from vlbridge.files.userfiles import read_json, read_yaml
 from vlbridge.files.weights import StateDict, read_tensors, require_path, unwrap_state_dict
 
-ASSEMBLY_FILE = "assembly.yaml"
 WEIGHTS_FILE = "connector.safetensors"
-META_FILE = "checkpoint.json"
-RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
 
 
 @dataclass(frozen=True)
@@ -128,15 +126,7 @@ def checkpoint_assembly(ckpt_dir: str | Path) -> Path | dict[str, Any]:
     relative = read_meta(directory).get(RELATIVE_PATHS) or []
     if not relative:
         return directory / ASSEMBLY_FILE
-    raw = read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly")
-    for where in relative:
-        slot, _, key = str(where).partition(".options.")
-        options = (raw.get(slot) or {}).get("options") if isinstance(raw, dict) else None
-        if not isinstance(options, dict) or not isinstance(options.get(key), str):
-            raise WeightsError(f"{directory / META_FILE} lists {where!r} among its relative paths, but {directory / ASSEMBLY_FILE} "
-                               "has no such path option; the two files do not belong together (re-save or re-import the checkpoint)")
-        options[key] = str((directory / options[key]).resolve())
-    return raw
+    return resolve_relative_paths(read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly"), directory, [str(w) for w in relative])
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""Where a checkpoint's assembly names paths relative to the checkpoint itself (torch-free).
+
+A checkpoint that carries parts of its own ("./llm", "../bert" beside it) writes those options
+relative to its directory and lists them in checkpoint.json, so that it loads after a move. The
+list is read wherever the checkpoint's assembly.yaml is read: loading the checkpoint, or naming
+its assembly.yaml as an assembly file (`-a CKPT/assembly.yaml`), from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlbridge.errors import WeightsError
+from vlbridge.files.userfiles import read_json
+
+ASSEMBLY_FILE = "assembly.yaml"
+META_FILE = "checkpoint.json"
+RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
+
+
+def listed_relative_paths(directory: Path) -> list[str]:
+    """The options checkpoint.json in `directory` lists as relative to it ([] without the file or the list)."""
+    path = directory / META_FILE
+    if not path.is_file():
+        return []
+    listed = read_json(path, "checkpoint metadata", top=dict).get(RELATIVE_PATHS) or []
+    if not isinstance(listed, list) or not all(isinstance(where, str) for where in listed):
+        raise WeightsError(f"{path}: {RELATIVE_PATHS!r} must list option names such as 'llm.options.model', found {listed!r}; "
+                           "expected the checkpoint.json that save() writes")
+    return listed
+
+
+def resolve_relative_paths(raw: Any, directory: Path, listed: list[str]) -> Any:
+    """`raw` (the parsed assembly.yaml of the checkpoint in `directory`) with each listed option made
+    absolute against `directory`."""
+    for where in listed:
+        slot, _, key = where.partition(".options.")
+        options = (raw.get(slot) or {}).get("options") if isinstance(raw, dict) else None
+        if not isinstance(options, dict) or not isinstance(options.get(key), str):
+            raise WeightsError(f"{directory / META_FILE} lists {where!r} among its relative paths, but {directory / ASSEMBLY_FILE} "
+                               "has no such path option; the two files do not belong together (re-save or re-import the checkpoint)")
+        options[key] = str((directory / options[key]).resolve())
+    return raw
