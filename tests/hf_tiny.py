@@ -26,6 +26,9 @@ def _qformer(text_input: bool = False) -> dict:
 def _text(llm: str) -> dict:
     from transformers import OPTConfig, T5Config
 
+    if llm == "llama":  # a generic causal LM (Vicuna's family): imported as hf-causal-lm
+        return dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=128, eos_token_id=2, pad_token_id=1, bos_token_id=2)
     if llm == "opt":
         return OPTConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
                          max_position_embeddings=64, word_embed_proj_dim=32, eos_token_id=2, pad_token_id=1, bos_token_id=2).to_dict()
@@ -49,7 +52,7 @@ def redraw(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> None:
 
 def make_generation_model(directory: Path, llm: str = "opt", seed: int = 0, *, tokenizer: bool = True, vision: dict | None = None,
                           qformer: dict | None = None, text: dict | None = None):
-    """A tiny Blip2ForConditionalGeneration (OPT or FlanT5) saved with its tokenizer (unless
+    """A tiny Blip2ForConditionalGeneration (OPT, Llama or FlanT5) saved with its tokenizer (unless
     `tokenizer` is False); `vision`, `qformer`, `text` override settings of the three configs."""
     from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
 
@@ -60,7 +63,7 @@ def make_generation_model(directory: Path, llm: str = "opt", seed: int = 0, *, t
     redraw(model, seed=seed)
     model.save_pretrained(directory)
     if tokenizer:
-        AutoTokenizer.from_pretrained(tokenizer_dir("opt" if llm == "opt" else "flan-t5")).save_pretrained(directory)
+        AutoTokenizer.from_pretrained(tokenizer_dir("flan-t5" if llm == "t5" else "opt")).save_pretrained(directory)
     return model
 
 

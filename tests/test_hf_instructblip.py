@@ -19,19 +19,12 @@ Q = hf_tiny.NUM_QUERIES
 INSTRUCTIONS = ["what is it?", "how many red circles are there on the left?"]
 
 
-def _text_config(llm: str) -> dict:
-    if llm == "llama":
-        return dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=128, eos_token_id=2, pad_token_id=1, bos_token_id=2)
-    return hf_tiny._text(llm)
-
-
 def make_instructblip(directory, llm: str, seed: int = 0):
     """A tiny InstructBlipForConditionalGeneration saved with its LLM tokenizer and the Q-Former's BERT
     tokenizer in qformer_tokenizer/, as InstructBlipProcessor saves them."""
     from transformers import AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    config = InstructBlipConfig(vision_config=hf_tiny._vision(), qformer_config=hf_tiny._qformer(), text_config=_text_config(llm),
+    config = InstructBlipConfig(vision_config=hf_tiny._vision(), qformer_config=hf_tiny._qformer(), text_config=hf_tiny._text(llm),
                                 num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config).eval()

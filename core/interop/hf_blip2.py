@@ -29,6 +29,7 @@ from vlbridge.files.weights import read_hf_directory
 GENERATION = "Blip2ForConditionalGeneration"
 RETRIEVAL = "Blip2ForImageTextRetrieval"
 LLM_PLUGINS = {"opt": "opt", "t5": "flan-t5"}
+EXPORTABLE_LLMS = (*LLM_PLUGINS.values(), "hf-causal-lm", "hf-seq2seq")  # transformers models BLIP-2's language_model can hold
 
 
 def _architecture(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
@@ -204,7 +205,7 @@ def tokenizer_with_image_token(model) -> tuple[Any, int]:
 
 
 def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False) -> Path:
-    """Write a built eva-vit-g + qformer + opt/flan-t5 model as a transformers
+    """Write a built eva-vit-g + qformer + transformers-LLM model as a transformers
     Blip2ForConditionalGeneration directory (weights, config, and the Blip2Processor: tokenizer with
     an `<image>` token, image processor). A model transformers cannot hold exactly is refused unless
     `allow_approximate` (vlbridge.interop.export_fidelity)."""
@@ -214,8 +215,9 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
     plan = model.plan
-    if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or plan.llm.name not in LLM_PLUGINS.values():
-        raise VLBridgeError("only eva-vit-g + qformer + opt/flan-t5 models (built for stage 2) map onto transformers' BLIP-2; "
+    if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or plan.llm.name not in EXPORTABLE_LLMS:
+        raise VLBridgeError("only eva-vit-g + qformer + a transformers LLM (opt, flan-t5, hf-causal-lm, hf-seq2seq; built for stage 2) "
+                            "map onto transformers' BLIP-2; "
                             f"this one is {plan.encoder.name} + {plan.connector.name} + {plan.llm.name if plan.llm else 'no LLM'}")
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
