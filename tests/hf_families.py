@@ -34,6 +34,13 @@ CAUSAL: dict[str, dict[str, Any]] = {
     "phi": dict(model_type="phi", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=128),
 }
+# Causal LMs whose cache is a recurrent state, wholly (Mamba) or in some layers (LFM2): beam search
+# cannot share their prompt's cache, and must still equal transformers' (tests/test_hf_llms.py).
+RECURRENT: dict[str, dict[str, Any]] = {
+    "mamba": dict(model_type="mamba", hidden_size=32, num_hidden_layers=2, state_size=4),
+    "lfm2": dict(model_type="lfm2", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, full_attn_idxs=[1], max_position_embeddings=128),
+}
 SEQ2SEQ: dict[str, dict[str, Any]] = {
     "t5": dict(model_type="t5", d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=1,
                feed_forward_proj="gated-gelu", decoder_start_token_id=0),
@@ -53,12 +60,12 @@ def _tokenizer(kind: str, chat: bool) -> Any:
 
 
 def make_llm_dir(directory: Path, family: str, *, chat: bool = False, seed: int = 0, pad: bool = True) -> Any:
-    """A tiny random LLM of `family` (a key of CAUSAL or SEQ2SEQ) saved with a tokenizer; returns the model.
+    """A tiny random LLM of `family` (a key of CAUSAL, RECURRENT or SEQ2SEQ) saved with a tokenizer; returns the model.
     `pad=False` saves a tokenizer without a pad token, as Llama's and GPT-2's are."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     seq2seq = family in SEQ2SEQ
-    fields = dict((SEQ2SEQ if seq2seq else CAUSAL)[family])
+    fields = dict((SEQ2SEQ if seq2seq else {**CAUSAL, **RECURRENT})[family])
     tokenizer = _tokenizer("flan-t5" if seq2seq else "opt", chat)
     special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if not seq2seq:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlbridge
-from tests.hf_families import CAUSAL, SEQ2SEQ, make_llm_dir
+from tests.hf_families import CAUSAL, RECURRENT, SEQ2SEQ, make_llm_dir
 from vlbridge.errors import VLBridgeError
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
@@ -75,6 +75,18 @@ def test_soft_prompt_generation_equals_transformers(family, beams, family_dirs):
     ours = llm.generate(visual, ids, mask, **settings)
     expected = _reference_generate(llm, visual, ids, **settings)
     assert ours.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("family", list(RECURRENT))
+def test_beam_search_over_a_recurrent_state_equals_transformers(family, tmp_path):
+    """No key/value cache to share between beams: transformers' own prompt-per-beam path runs."""
+    make_llm_dir(tmp_path / family, family)
+    llm = build_causal(HFCausalLMOptions(model=str(tmp_path / family)))
+    torch.manual_seed(1)
+    visual = torch.randn(1, 3, llm.embed_width)
+    ids, mask = llm.tokenize(["a red ball on the left"])
+    settings = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=llm.tokenizer.pad_token_id)
+    assert llm.generate(visual, ids, mask, **settings).tolist() == _reference_generate(llm, visual, ids, **settings).tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -241,7 +241,9 @@ class SoftPromptLLM(FrozenPart):
         if expand == 1 and kwargs.get("do_sample"):
             expand = kwargs.get("num_return_sequences") or 1
         if not self.is_encoder_decoder and expand > 1 and embeds.shape[1] > 1 and "cache" not in kwargs:
-            kwargs["cache"] = self._shared_prefix_cache(embeds, mask, expand, room=kwargs["max_new_tokens"] + 1)
+            cache = self._shared_prefix_cache(embeds, mask, expand, room=kwargs["max_new_tokens"] + 1)
+            if cache is not None:
+                kwargs["cache"] = cache
         with warnings.catch_warnings():
             # With only inputs_embeds the prompt has no ids to penalise: BLIP-2 behaves the same.
             warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`.*")
@@ -254,16 +256,22 @@ class SoftPromptLLM(FrozenPart):
         every beam. transformers would run the whole prompt once per beam: with a 32-token visual
         prompt and 5 beams that is 5x the prefill work for the same numbers (outputs are identical).
         Where the cache is a plain DynamicCache, the beams get buffers with `room` positions to grow
-        in place, whose reorders leave the shared prompt where it is (`beam_cache`)."""
+        in place, whose reorders leave the shared prompt where it is (`beam_cache`). None where the
+        model's cache cannot be handed over so (a recurrent state with no repeat, a model that returns
+        none: Mamba, RecurrentGemma): transformers' beam search then runs the prompt per beam itself."""
         from vlbridge.plugins.llms.beam_cache import share_prompt
 
         extra = {"position_ids": positions_from_mask(mask[:, :-1])} if self.explicit_positions else {}
         if takes_argument(self.model, "logits_to_keep"):
             extra["logits_to_keep"] = 1  # the prompt's logits are never read: skip the vocabulary projection
         out = self.model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **extra)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        if not share_prompt(cache, expand, room):
-            cache.batch_repeat_interleave(expand)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or share_prompt(cache, expand, room):
+            return cache
+        if not callable(getattr(cache, "batch_repeat_interleave", None)) or \
+                not all(callable(getattr(layer, "batch_repeat_interleave", None)) for layer in getattr(cache, "layers", ())):
+            return None
+        cache.batch_repeat_interleave(expand)
         return cache
 
     def _check_visual(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor) -> None:
