@@ -4,6 +4,8 @@ and generated tokens (greedy and beam search), and exports back to an equal LLaV
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -19,8 +21,10 @@ IMAGE, PATCH = 28, 14
 PROMPTS = ["what is it?", "how many red things are there in the picture?"]
 
 
-def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int = 0, projector_bias: bool = True):
-    """A tiny LLaVA-1.5 layout saved with its tokenizer (carrying '<image>') and image processor."""
+def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int = 0, projector_bias: bool = True,
+               vision_override: dict | None = None, text_override: dict | None = None):
+    """A tiny LLaVA-1.5 layout saved with its tokenizer (carrying '<image>') and image processor;
+    the overrides replace settings of the CLIP tower's and the Llama's configs (a SigLIP, a Gemma-2)."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
@@ -32,6 +36,7 @@ def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int 
     text = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision, text = {**vision, **(vision_override or {})}, {**text, **(text_override or {})}
     tokens = (IMAGE // PATCH) ** 2 + (strategy == "full")
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=tokens,
                          vision_feature_layer=layer, vision_feature_select_strategy=strategy,
@@ -215,3 +220,102 @@ def test_a_final_norm_the_export_would_drop_is_refused_with_its_size(llava, tmp_
     normed = vlbridge.build(raw, stage=2)
     with pytest.raises(ApproximateExportError, match="final_norm is dropped.*by up to"):
         vlbridge.export_hf_llava(normed, tmp_path / "out")
+
+
+SIGLIP = dict(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh")  # no [CLS]: "default" would drop a patch
+GEMMA2 = dict(model_type="gemma2", head_dim=12, final_logit_softcapping=3.0, attn_logit_softcapping=None, query_pre_attn_scalar=12)
+
+
+def test_a_default_selection_that_would_drop_a_patch_is_refused_before_loading(tmp_path):
+    make_llava(tmp_path / "hf", vision_override=SIGLIP)
+    with pytest.raises(VLBridgeError, match="'default' drops the first token .* is a patch"):
+        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_language_model_with_a_logit_soft_cap_imports_as_llava_computes_and_exports_exactly(tmp_path):
+    """LLaVA runs its bare lm_head: Gemma-2's final soft cap does not apply inside it."""
+    from transformers import LlavaForConditionalGeneration
+
+    hf, tokenizer = make_llava(tmp_path / "hf", text_override=GEMMA2, seed=3)
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        ours = model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits
+    assert expected.abs().max() > 3.0  # above the cap: a capped model could not have produced these
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, pixel_values=px, attention_mask=mask).logits, expected)
+
+
+def test_a_capped_language_model_is_refused_by_the_export(tmp_path):
+    from tests.hf_families import make_llm_dir
+    from vlbridge.interop.export_fidelity import ApproximateExportError
+
+    make_llm_dir(tmp_path / "gemma2", "gemma")
+    config = json.loads((tmp_path / "gemma2" / "config.json").read_text())
+    config.update(GEMMA2, head_dim=8, query_pre_attn_scalar=8, architectures=["Gemma2ForCausalLM"])
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps(config))
+    model = vlbridge.build(_llava_assembly(tmp_path / "clip", tmp_path / "gemma2"), stage=2).eval()
+    with pytest.raises(ApproximateExportError, match="final_logit_softcapping \\(3.0\\) is not applied"):
+        vlbridge.export_hf_llava(model, tmp_path / "out")
+
+
+def _llava_assembly(tower_dir, llm_dir, **encoder):
+    """hf-vision (a tiny CLIP tower saved there unless one is) + mlp + hf-causal-lm with LLaVA's prompt."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if not (tower_dir / "config.json").is_file():
+        CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                         image_size=IMAGE, patch_size=PATCH)).save_pretrained(str(tower_dir))
+    return {"name": "llava-like", "encoder": {"use": "hf-vision", "options": {"model": str(tower_dir), **encoder}},
+            "connector": {"use": "mlp", "options": {"depth": 2, "activation": "gelu"}},
+            "llm": {"use": "hf-causal-lm", "options": {"model": str(llm_dir), "prompt_template": "USER: <image>\n{} ASSISTANT:"}}}
+
+
+@pytest.mark.parametrize("tower, options, message", [
+    ("dinov2-registers", {"layer": -1}, "keeps 1 of its tower's 1 class tokens and 0 of its 2 register tokens"),
+    ("clip", {"image_size": 42}, "runs at 42 px .* build with image_size 28"),
+])
+def test_an_encoder_llava_cannot_hold_is_refused_by_name(tmp_path, tower, options, message):
+    from tests.hf_families import make_llm_dir
+
+    _save_tower(tmp_path / tower, tower)
+    make_llm_dir(tmp_path / "llama", "llama")
+    model = vlbridge.build(_llava_assembly(tmp_path / tower, tmp_path / "llama", **options), stage=2)
+    with pytest.raises(VLBridgeError, match=message):
+        vlbridge.export_hf_llava(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("tower, options", [
+    ("dinov2", {}),  # blocks cut at layer -2 from encoder.layer (not .layers): read back for the export
+    ("dinov2-registers", {"include_cls": False, "include_registers": True}),  # all but the first: "default"
+    ("siglip", {"layer": -1}),  # no [CLS], head dropped by hf-vision: "full", the head read back
+])
+def test_other_towers_export_exactly(tmp_path, tower, options):
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.hf_families import make_llm_dir
+    from vlbridge.interop.hf_llava import _probe_difference
+
+    _save_tower(tmp_path / tower, tower)
+    make_llm_dir(tmp_path / "llama", "llama")
+    model = vlbridge.build(_llava_assembly(tmp_path / tower, tmp_path / "llama", **options), stage=2).eval()
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "out"))).eval()
+    assert again.config.image_seq_length == model.plan.encoder_out.num_tokens
+    with torch.no_grad():
+        assert _probe_difference(model, again) < 1e-5
+
+
+def _save_tower(directory, kind: str) -> None:
+    import transformers as t
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
+    tower = {"clip": lambda: t.CLIPVisionModel(t.CLIPVisionConfig(**sizes)),
+             "siglip": lambda: t.SiglipVisionModel(t.SiglipVisionConfig(**sizes)),
+             "dinov2": lambda: t.Dinov2Model(t.Dinov2Config(**sizes)),
+             "dinov2-registers": lambda: t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**sizes, num_register_tokens=2))}[kind]()
+    redraw(tower, std=0.1, seed=4)
+    tower.save_pretrained(str(directory))

@@ -8,11 +8,19 @@ encoder (the layer `vision_feature_layer`, [CLS] dropped for the "default" selec
 writes the tower and the language model as their own transformers directories, the projector as
 the connector's weights and the assembly that binds them; `vlbridge.load(out)` then gives
 transformers' logits and generations. Export goes back from such a model.
+
+LLaVA keeps every token of the chosen hidden state ("full") or all but the first ("default"), and
+computes its logits with the bare lm_head: the language model's own logit settings (Gemma-2's
+final soft cap, Cohere's and Granite's scales) do not apply inside it. Import writes the language
+model with those settings neutral, so it computes what LLaVA computes; export refuses a model
+whose token selection or logit settings LLaVA cannot hold (or, for the logits, exports it
+approximately when asked).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,10 +49,33 @@ def read_llava_config(src: Path) -> dict[str, Any]:
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy not in SELECT_STRATEGIES:
         raise VLBridgeError(f"{path}: vision_feature_select_strategy {strategy!r} is unknown; expected one of {sorted(SELECT_STRATEGIES)}")
+    _import_selection(config, path)  # refuses a selection hf-vision cannot make, before any weight loads
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise VLBridgeError(f"{path}: projector_hidden_act {act!r}; vlbridge's mlp connector uses GELU (LLaVA-1.5's mlp2x_gelu)")
     return config
+
+
+def _import_selection(config: dict[str, Any], path: Path) -> dict[str, bool]:
+    """The hf-vision options that keep the tokens LLaVA's select strategy keeps: all of them ("full"),
+    or all but the first ("default"), which hf-vision can drop only where it is the tower's one [CLS]."""
+    from transformers import LlavaConfig
+
+    from vlbridge.plugins.encoders.hf_vision_configs import describe_tower
+
+    try:
+        facts = describe_tower(LlavaConfig.from_dict(config).vision_config.to_dict(), f"{path} vision_config", None)
+    except ValueError as exc:
+        raise VLBridgeError(f"{path}: {exc}") from None
+    registers = {"include_registers": True} if facts.registers else {}  # LLaVA keeps a tower's register tokens
+    if SELECT_STRATEGIES[config.get("vision_feature_select_strategy", "default")]:
+        return {"include_cls": True, **registers}
+    if facts.cls_tokens != 1:
+        raise VLBridgeError(f"{path}: vision_feature_select_strategy 'default' drops the first token of the hidden state, which "
+                            f"in a {facts.model_type} tower ({facts.cls_tokens} class tokens) is "
+                            f"{'a patch' if facts.cls_tokens == 0 else 'one of its class tokens'}; hf-vision keeps or drops "
+                            "whole groups of tokens, so this LLaVA cannot be imported exactly")
+    return {"include_cls": False, **registers}
 
 
 def _load_llava(src: Path) -> Any:
@@ -60,6 +91,9 @@ def _causal_lm(text_config: Any, language_model: torch.nn.Module, lm_head: torch
     """A standalone AutoModelForCausalLM holding LLaVA's language model and head (shared tensors, no copy)."""
     from transformers import AutoModelForCausalLM
 
+    text_config = copy.deepcopy(text_config)
+    for name in head_settings(text_config):  # LLaVA's logits are its bare lm_head's: leave them as LLaVA computes them
+        setattr(text_config, name, LM_HEAD_ONLY[name])
     with torch.device("meta"):
         causal = AutoModelForCausalLM.from_config(text_config)
     state = {f"model.{k}": v for k, v in language_model.state_dict().items()}
@@ -105,7 +139,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
         "name": name or src.name,
         "description": f"imported from transformers LlavaForConditionalGeneration at {src}",
         "encoder": {"use": "hf-vision", "options": {"model": str(vision_dir.resolve()), "layer": config.get("vision_feature_layer", -2),
-                                                    "include_cls": SELECT_STRATEGIES[config.get("vision_feature_select_strategy", "default")]}},
+                                                    **_import_selection(config, src / "config.json")}},
         "connector": {"use": "mlp", "options": {"depth": 2, "activation": "gelu"}},
         "llm": {"use": "hf-causal-lm", "options": {"model": str(llm_dir.resolve()), "prompt_template": prompt_template.replace("<image>", image_token),
                                                    "image_token": image_token}},
@@ -138,12 +172,13 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     layers = model.connector.layers
     # A projector imported without biases holds zeros: written back without them, as it came (exact either way).
     projector_bias = any(bool(layers[i].bias.detach().any()) for i in (0, 2))
+    strategy, prefix = _export_strategy(encoder_opts)
     config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=llm.model.config.to_dict(),
                          image_token_index=llm.image_token_id, vision_feature_layer=layer,
-                         vision_feature_select_strategy="full" if encoder_opts.include_cls else "default",
+                         vision_feature_select_strategy=strategy,
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
                          multimodal_projector_bias=projector_bias, tie_word_embeddings=llm.model.config.tie_word_embeddings)
-    differences = llava_differences(model.assembly)
+    differences = llava_differences(model.assembly, llm.model.config)
     with torch.device("meta") if not differences else contextlib.nullcontext():  # a probe needs real buffers (rotary, positions)
         hf = LlavaForConditionalGeneration(config)
     hf.model.vision_tower.load_state_dict(_full_tower_state(tower, encoder_opts), strict=True, assign=True)
@@ -158,22 +193,59 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     settle("transformers' LLaVA", differences, lambda: _probe_difference(model, hf), allow_approximate)
     out = Path(out_dir)
     hf.save_pretrained(str(out))
-    patches = (plan.preprocess.image_size // tower.config.patch_size) ** 2
-    default = not encoder_opts.include_cls  # the "default" strategy drops the first token
     processor = LlavaProcessor(clip_image_processor(plan.preprocess), llm.tokenizer, patch_size=tower.config.patch_size,
-                               vision_feature_select_strategy="default" if default else "full",
-                               image_token=model.assembly.llm.options.image_token,
-                               num_additional_image_tokens=plan.encoder_out.num_tokens - patches + default)
+                               vision_feature_select_strategy=strategy, image_token=model.assembly.llm.options.image_token,
+                               num_additional_image_tokens=prefix)  # the tower's tokens before its patches
     save_processor(processor, out)
     return out
 
 
-def llava_differences(assembly: Any) -> list[str]:
-    """What transformers' LLaVA would change in an hf-vision + mlp + hf-causal-lm assembly."""
+def llava_differences(assembly: Any, llm_config: Any = None) -> list[str]:
+    """What transformers' LLaVA would change in an hf-vision + mlp + hf-causal-lm assembly (and, given
+    the language model's config, in its logits: LLaVA applies its own lm_head and nothing after it)."""
+    found = []
     if assembly.encoder.options.final_norm:
-        return ["the hf-vision encoder's final_norm is dropped, because LLaVA feeds the projector the chosen hidden state "
-                "without the tower's final norm; build with final_norm: false (and retrain the projector) to export exactly"]
-    return []
+        found.append("the hf-vision encoder's final_norm is dropped, because LLaVA feeds the projector the chosen hidden state "
+                     "without the tower's final norm; build with final_norm: false (and retrain the projector) to export exactly")
+    for name, value in head_settings(llm_config).items():
+        found.append(f"the language model's {name} ({value!r}) is not applied, because LLaVA computes its logits with the "
+                     f"bare lm_head; an LLM with {name} {LM_HEAD_ONLY[name]!r} exports exactly")
+    return found
+
+
+# Settings a transformers *ForCausalLM applies to its logits after lm_head (Gemma-2/3's soft cap, Cohere's
+# and Granite's scales), with the value that leaves them as they are. LlavaForConditionalGeneration
+# runs the language model's body and its own lm_head, so none of them applies inside LLaVA.
+LM_HEAD_ONLY: dict[str, Any] = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def head_settings(config: Any) -> dict[str, Any]:
+    """The LM_HEAD_ONLY settings of a text config (object or dict) that change its logits."""
+    if config is None:
+        return {}
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    return {name: get(name) for name, neutral in LM_HEAD_ONLY.items() if get(name, neutral) != neutral}
+
+
+def _export_strategy(opts: Any) -> tuple[str, int]:
+    """(LLaVA's vision_feature_select_strategy, the tower's tokens before its patches) for what the
+    hf-vision encoder keeps: LLaVA keeps every token ("full") or all but the first ("default")."""
+    from vlbridge.plugins.encoders.hf_vision import kept_prefix
+
+    facts = opts.tower
+    if opts.resolved_image_size != facts.image_size:
+        raise VLBridgeError(f"the hf-vision encoder runs at {opts.resolved_image_size} px with position embeddings interpolated from "
+                            f"its tower's {facts.image_size}; LLaVA runs the tower at its config's size, so build with "
+                            f"image_size {facts.image_size} (or unset) to export")
+    cls, registers = kept_prefix(opts)
+    prefix = facts.cls_tokens + facts.registers
+    if cls + registers == prefix:
+        return "full", prefix
+    if facts.cls_tokens == 1 and cls == 0 and registers == facts.registers:
+        return "default", prefix
+    raise VLBridgeError(f"the hf-vision encoder keeps {cls} of its tower's {facts.cls_tokens} class tokens and {registers} of its "
+                        f"{facts.registers} register tokens; LLaVA keeps every token of the hidden state or all but the first, so set "
+                        "include_cls and include_registers to keep all of them, or all but a single leading [CLS], to export")
 
 
 def _probe_difference(model: Any, hf: Any) -> float:
@@ -190,15 +262,17 @@ def _probe_difference(model: Any, hf: Any) -> float:
 
 
 def _full_tower_state(tower: torch.nn.Module, opts: Any) -> dict[str, torch.Tensor]:
-    """The vision model's whole state. hf-vision drops the layers after `layer` (never run, so never
-    trained); LLaVA stores them, so they are read back from the encoder's own directory."""
-    expected = getattr(tower.config, "num_hidden_layers", None)
-    layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    present = len(layers.layers) if layers is not None and hasattr(layers, "layers") else expected
-    if present == expected:
-        return tower.state_dict()
+    """The vision model's whole state. hf-vision drops what it never runs (the blocks after `layer`,
+    SigLIP's pooling head, ViT's pooler), so never trains; LLaVA stores them, so whatever the live
+    tower lacks is read back from the encoder's own directory."""
+    live = tower.state_dict()
+    with torch.device("meta"):
+        whole = set(type(tower)(tower.config).state_dict())
+    lacking = sorted(whole - set(live))
+    if not lacking:
+        return live
     if not opts.model:
-        raise VLBridgeError(f"the hf-vision encoder runs {present} of its {expected} layers and has no `model` directory to read "
-                            "the rest from; build it with keep_all_layers: true to export")
+        raise VLBridgeError(f"the hf-vision encoder dropped {len(lacking)} tensors of its tower it never runs ({lacking[0]}, ...) and "
+                            "has no `model` directory to read them from; build it with keep_all_layers: true to export")
     full = type(tower).from_pretrained(str(Path(opts.model).expanduser()), local_files_only=True, dtype=next(tower.parameters()).dtype)
-    return {**full.state_dict(), **tower.state_dict()}  # the live tensors win: a fine-tuned block is exported as trained
+    return {**full.state_dict(), **live}  # the live tensors win: a fine-tuned block is exported as trained
