@@ -166,6 +166,7 @@ def test_an_imported_checkpoint_loads_after_a_move(imported, tmp_path):
     ({"vision": {"hidden_act": "quick_gelu"}}, "vision_config.hidden_act is 'quick_gelu'"),
     ({"qformer": {"hidden_act": "relu"}}, "qformer_config.hidden_act is 'relu'"),
     ({"text": {"word_embed_proj_dim": 16}}, "text_config.word_embed_proj_dim 16 differs from its hidden_size 32"),
+    ({"vision": {"image_size": 30}}, "vision_config.image_size 30 is not a multiple of its patch_size 14"),
 ])
 def test_settings_no_assembly_reproduces_are_refused_by_name(tmp_path, settings, message):
     """Each would import and run, computing something else than transformers' model."""

@@ -227,6 +227,21 @@ def test_strict_loading(towers, tmp_path):
         build(HFVisionOptions(model=str(tmp_path / "broken")))
 
 
+def test_a_tower_saved_with_its_projection_loads_as_the_tower(tmp_path):
+    """CLIPVisionModelWithProjection (an image_encoder folder): the projection is not on the hidden states' path."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    reference = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                               num_attention_heads=4, image_size=28, patch_size=14,
+                                                               projection_dim=16)).eval()
+    reference.save_pretrained(str(tmp_path / "image_encoder"))
+    encoder = build(HFVisionOptions(model=str(tmp_path / "image_encoder"), layer=-1)).eval()
+    pixels = _pixels(28)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(encoder(pixels), expected)
+
+
 def test_frozen_in_bf16_and_pixel_check(towers):
     directory, _, size = towers["clip"]
     encoder = build(HFVisionOptions(model=directory, dtype="bf16"))

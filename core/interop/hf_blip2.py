@@ -48,6 +48,10 @@ def unsupported_settings(config: dict[str, Any], family: str) -> None:
         act = part.get("hidden_act", "gelu")
         if act != "gelu":
             problems.append(f"{where}.hidden_act is {act!r}, but {reads} use exact GELU ('gelu')")
+    size, patch = vision.get("image_size", 224), vision.get("patch_size", 14)
+    if size % patch:
+        problems.append(f"vision_config.image_size {size} is not a multiple of its patch_size {patch}: transformers' patch "
+                        f"embedding drops the {size % patch}-pixel margin, and eva-vit-g takes whole patches only")
     if text.get("model_type") == "opt" and text.get("word_embed_proj_dim", text.get("hidden_size")) != text.get("hidden_size"):
         problems.append(f"text_config.word_embed_proj_dim {text['word_embed_proj_dim']} differs from its hidden_size "
                         f"{text['hidden_size']}: the OPT projects its input embeddings (project_in), which transformers' {family} "

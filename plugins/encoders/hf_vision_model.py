@@ -36,7 +36,9 @@ _FIX = ("give options.model a local directory written by save_pretrained (config
 _LAYER_LISTS = ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "layers", "vision_model.encoder.layer")
 _NORMS = ("layernorm", "post_layernorm", "norm", "final_layernorm")  # where other towers keep their final norm
 _OTHER_TOWER = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")  # of a dual model
-_SKIPPED = ("classifier.",)  # an image-classification checkpoint's head: not part of the tower
+# Heads on top of the tower that hidden_states never pass through: an image-classification checkpoint's
+# classifier, a CLIPVisionModelWithProjection's projection (Stable Diffusion's and IP-Adapter's image_encoder).
+_SKIPPED = ("classifier.", "visual_projection.")
 _REMOVED = {"vit": ("pooler.",), "siglip_vision_model": ("head.", "vision_model.head.")}  # removed after loading: may be absent
 
 
