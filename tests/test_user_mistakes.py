@@ -2,7 +2,8 @@
 and what would be right) instead of an internal error, a silently dropped setting or advice that
 loses data: generation settings and prompt templates, output paths that are files, a cache written
 into a folder that is not one, half-written checkpoints after a kill, keys given twice in YAML,
-refused pickles, resuming from a damaged or different run, and paths `validate` can see are missing."""
+refused pickles, resuming from a damaged or different run, paths `validate` can see are missing, data that
+would train nothing, and comparison and demo settings checked before anything runs."""
 
 from __future__ import annotations
 
@@ -216,3 +217,50 @@ def test_a_checkpoint_keeps_no_path_relative_to_where_it_was_written(tmp_path, m
     monkeypatch.chdir(tmp_path)
     again = vlbridge.load(saved)
     assert again.caption(RED, num_beams=1, max_new_tokens=3) == model.caption(RED, num_beams=1, max_new_tokens=3)
+
+
+# -- data that trains nothing, comparison configs checked before anything runs ---------------------
+def test_a_step_whose_every_image_is_unreadable_stops_the_run(tmp_path, capsys):
+    rows = "".join('{"image": "%s", "text": "a red square"}\n' % (tmp_path / f"missing{i}.png") for i in range(4))
+    (tmp_path / "broken.jsonl").write_text(rows, encoding="utf-8")
+    values = config(tmp_path, tmp_path / "run", steps=1, batch_size=2, schedule={"warmup_steps": 0})
+    values["data"] = {"train": {"format": "jsonl", "paths": [str(tmp_path / "broken.jsonl")], "num_workers": 0}}
+    path = write_config(tmp_path / "train.yaml", values)
+    code, err = cli(capsys, "train", str(path))
+    assert_user_error(code, err, "step 1: every sample drawn for it was skipped", "unreadable image: 2", "train on nothing")
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+
+
+def test_a_feature_cache_of_no_readable_image_is_refused(tmp_path, capsys):
+    (tmp_path / "broken.jsonl").write_text('{"image": "%s", "text": "a red square"}\n' % (tmp_path / "gone.png"), encoding="utf-8")
+    code, err = cli(capsys, "cache-features", "-a", "tiny-qformer-opt", "--format", "jsonl", "--paths", str(tmp_path / "broken.jsonl"),
+                    "--out", str(tmp_path / "cache"))
+    assert_user_error(code, err, "none of the data's 1 images could be read", "gone.png")
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"stage2_data": {"format": "coco", "paths": 5}}, "stage2_data: paths: Input should be a valid list (got 5)"),
+    ({"seeds": [0, 0]}, "seeds: each seed once"),
+    ({"seeds": [-1]}, "seeds.0: Input should be greater than or equal to 0"),
+    ({"lr": float("inf")}, "lr: Input should be a finite number"),
+    ({"evals": [{"name": "val", "captions": "c.json", "tasks": ["captions"]}]}, "evals.0.tasks.0: Input should be 'caption', 'vqa' or"),
+    ({"evals": [{"name": "val", "captions": "c.json", "tasks": []}]}, "evals.0.tasks: empty and no lmms_eval"),
+    ({"evals": [{"name": "val", "bogus": 1}]}, "evals.0.bogus: unknown key; valid keys are: name, captions"),
+])
+def test_comparison_configs_are_checked_before_anything_runs(tmp_path, capsys, change, expected):
+    base = {"runs": [{"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 1}], "output_dir": str(tmp_path / "out"),
+            "stage2_data": {"format": "jsonl", "paths": [str(tmp_path / "train.jsonl")]}}
+    path = write_config(tmp_path / "compare.yaml", {**base, **change})
+    code, err = cli(capsys, "compare", str(path))
+    assert_user_error(code, err, expected)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seeds, expected", [(["-1"], "--seeds: -1 is less than 0"), (["0", "0"], "--seeds: give each seed once")])
+def test_demo_seeds_are_checked_before_the_world_is_made(tmp_path, capsys, seeds, expected):
+    try:
+        code = main(["demo", "--out", str(tmp_path / "demo"), "--seeds", *seeds])
+    except SystemExit as exc:  # argparse's own check
+        code = exc.code
+    assert_user_error(code, capsys.readouterr().err, expected)
+    assert not (tmp_path / "demo").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from vlbridge.cli.argtypes import positive_int
+from vlbridge.cli.argtypes import non_negative_int, positive_int
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_yaml
 
@@ -22,7 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "and report.png, and prints the report on stdout; progress goes to stderr. Rerun to resume."))
     d.add_argument("--out", default="vlbridge-demo", help="output folder (default ./vlbridge-demo); reused and resumed if it exists")
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (under 2 minutes on 2 idle cores; what the tests run)")
-    d.add_argument("--seeds", type=int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
+    d.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
     d.add_argument("--queries", type=positive_int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
     d.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (e.g. qformer-32q linear); default: all")
     d.add_argument("--world-seed", type=int, default=0, metavar="N",
@@ -60,6 +60,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
         raise VLBridgeError(f"--jobs must be between 1 and {MAX_JOBS} worker processes, got {args.jobs}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise VLBridgeError(f"--seeds: give each seed once (a repeated seed trains the same run twice), got {args.seeds}")
     results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
                        world_seed=args.world_seed, llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from vlbridge.data.config import load_data_config
+from vlbridge.data.records import DataConfigError
 
 from vlbridge.lmms.options import LmmsEvalSpec
 from vlbridge.modeling.prompts import template_problem
 
 
+def checked_data(value: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """A data mapping checked as the DataConfig it becomes, so a mistake is named before anything trains."""
+    if value is not None:
+        try:
+            load_data_config(value, where)
+        except DataConfigError as exc:
+            raise ValueError("; ".join(p.removeprefix(f"{where}.") for p in exc.problems)) from None
+    return value
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 
 class RunSpec(Strict):
@@ -31,6 +44,11 @@ class RunSpec(Strict):
     lr: float | None = Field(None, gt=0, description="peak learning rate; default: the comparison's")
     group: str = Field("results", min_length=1, description="the report's table this run is a row of (e.g. zero-shot, supervised)")
     stage2_data: dict[str, Any] | None = Field(None, description="DataConfig for this run's stage 2; default: the comparison's stage2_data")
+
+    @field_validator("stage2_data")
+    @classmethod
+    def _data(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        return checked_data(value, str(info.field_name))
 
 
     @model_validator(mode="after")
@@ -62,7 +80,8 @@ class EvalSet(Strict):
     image_pattern: str | None = Field(None, description="VQA image file pattern under images")
     scenes: str | None = Field(None, description="world scenes JSON: retrieval counts a caption of an identical scene as right")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many images / questions")
-    tasks: list[str] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"], description="subset of caption, vqa, retrieval")
+    tasks: list[Literal["caption", "vqa", "retrieval"]] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"],
+                                                               description="subset of caption, vqa, retrieval")
     retrieval_limit: int | None = Field(None, ge=2, description="retrieve among at most this many images (default: limit); ITM re-ranking costs k forward passes per query")
     retrieval_k: int = Field(16, ge=1, description="ITM re-ranks each query's top k ITC candidates (BLIP-2 on COCO: 128)")
     retrieval_captions: list[int] | None = Field(None, description=(
@@ -71,6 +90,14 @@ class EvalSet(Strict):
     lmms_eval: LmmsEvalSpec | None = Field(None, description=(
         "lmms-eval tasks every run is scored on by lmms-eval's own evaluator (needs the lmms-eval extra): "
         "tasks, include_path (local task YAMLs), limit, prompt"))
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "EvalSet":
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: each task once, got {self.tasks}")
+        if not self.tasks and self.lmms_eval is None:
+            raise ValueError("tasks: empty and no lmms_eval: this split would score nothing; give caption, vqa and/or retrieval")
+        return self
 
     def evaluated_files(self) -> list[str]:
         """The files this split's scores depend on: a changed one re-scores the runs."""
@@ -89,7 +116,8 @@ class CompareConfig(Strict):
     stage1_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 1 (captions)")
     stage2_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 2 (captions, QA texts); needed by every run that trains without its own")
     evals: list[EvalSet] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="every run is repeated per seed; tables give mean and spread")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1,
+                                                     description="every run is repeated per seed; tables give mean and spread")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -107,6 +135,18 @@ class CompareConfig(Strict):
     jobs: int = Field(1, ge=1, le=MAX_JOBS, description=(
         "worker processes training and evaluating runs side by side, each with `threads` threads (runs that share a "
         "stage 1 go to the same worker); results do not depend on it"))
+
+    @field_validator("stage1_data", "stage2_data")
+    @classmethod
+    def _data(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        return checked_data(value, str(info.field_name))
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"each seed once (a repeated seed trains the same run twice), got {seeds}")
+        return seeds
 
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":

@@ -41,7 +41,7 @@ Progress = Callable[[int, int], None]
 class EvalOptions(BaseModel):
     """How to run and score an evaluation; generation settings go to model.caption / model.answer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
     batch_size: int = Field(16, ge=1, description="images per forward pass")
     prompt: str | None = Field(None, description="caption prompt (e.g. 'a photo of'), or the VQA template with {}")
     generation: dict[str, Any] = Field(default_factory=dict, description="num_beams, max_new_tokens, ...")

@@ -16,7 +16,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 
 class PromptSettings(Strict):

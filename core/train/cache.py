@@ -51,7 +51,7 @@ class CacheError(VLBridgeError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 
 class PreprocessInfo(Strict):

@@ -235,6 +235,10 @@ def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Seque
                f"{done} so far, {done / max(time.monotonic() - started, 1e-9):.1f} images/s")
     if not shards:
         raise CacheError("the data holds no image to cache")
+    if not any(s.rows for s in shards):
+        names = ", ".join(f"{item.name} ({item.reason})" for item in skipped[:3])
+        raise CacheError(f"none of the data's {len(skipped)} images could be read ({names}{', ...' if len(skipped) > 3 else ''}); "
+                         "a cache without features would train nothing: fix the image paths (image_root) or the files")
     for stale in out.glob(SHARD_GLOB):  # shards of an earlier, longer interrupted build
         if stale.name not in {s.file for s in shards}:
             stale.unlink()

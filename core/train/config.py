@@ -37,7 +37,7 @@ class TrainConfigError(VLBridgeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 
 class DataSection(Section):
@@ -207,11 +207,13 @@ def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | 
     """The config model class at a YAML path (None when the path leads to a plain value)."""
     model: Any = root
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (compare's evals.0): the item's model is the list's
+            continue
         field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return None
         annotation = field.annotation
-        candidates = getattr(annotation, "__args__", (annotation,))
+        candidates = [inner for arg in getattr(annotation, "__args__", (annotation,)) for inner in (arg, *getattr(arg, "__args__", ()))]
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 

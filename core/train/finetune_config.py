@@ -16,7 +16,7 @@ Unfreeze = Union[Literal["none", "all"], int]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 
 class EncoderTuning(_Section):

@@ -38,7 +38,7 @@ Losses = dict[str, torch.Tensor]
 class ObjectiveOptions(BaseModel):
     """Base of the objectives' options: unknown names are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 
 class Objective:

@@ -177,10 +177,12 @@ class Trainer:
         finite = torch.ones((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         items: torch.Tensor | None = None  # the step's item count on this rank, for objectives that give one
+        trained = False
         for i in range(accum):
             batch = next(self.batches)
             if not self.usable(batch):
                 continue
+            trained = True
             self.window.images += batch_length(batch)
             with rt.no_sync(self.objective_step, sync=i == accum - 1), rt.autocast(self.device, self.config.precision):
                 losses = dict(self.objective_step(to_device(batch, self.device)))
@@ -194,6 +196,10 @@ class Trainer:
             self.backward(loss * weight)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
+        if not trained:
+            raise VLBridgeError(f"step {self.step + 1}: every sample drawn for it was skipped ({self.progress.summary()}), so it "
+                                "would train on nothing and the run would end with an untrained checkpoint; fix or remove those "
+                                "samples (data.strict: true stops at the first), or raise batch_size")
         if self.sharded is not None:
             fsdp.average_gradients(self.model.trainable_parameters())  # what DDP's all-reduce does
         if items is not None:

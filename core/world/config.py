@@ -19,7 +19,7 @@ class WorldConfig(BaseModel):
     """The world's size and content. `comp` is the compositional test split: each of its images
     holds a (colour, shape) pair of `held_out`, which no other split (and no text there) contains."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     seed: int = Field(0, description="one seed for every split: scene i of a split depends only on (seed, split, i)")
     train: int = Field(3000, ge=0, description="training images")
     val: int = Field(300, ge=0, description="validation images")
