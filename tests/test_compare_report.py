@@ -84,14 +84,17 @@ def test_report_files(tmp_path):
         assert image.info.get("Software", "").startswith("Matplotlib")
 
 
+DATA = {"format": "jsonl", "paths": ["train.jsonl"]}  # checked as a DataConfig, not read
+
+
 def test_config_checks():
     run = {"name": "a", "assembly": "tiny-qformer-opt", "stage2_steps": 2}
     with pytest.raises(ValidationError, match="unique"):
-        CompareConfig(runs=[run, run], stage2_data={}, output_dir="x")
+        CompareConfig(runs=[run, run], stage2_data=DATA, output_dir="x")
     with pytest.raises(ValidationError, match="stage1_data"):
-        CompareConfig(runs=[{**run, "stage1_steps": 2}], stage2_data={}, output_dir="x")
+        CompareConfig(runs=[{**run, "stage1_steps": 2}], stage2_data=DATA, output_dir="x")
     with pytest.raises(ValidationError, match="extra"):
-        CompareConfig(runs=[run], stage2_data={}, output_dir="x", colour="red")
+        CompareConfig(runs=[run], stage2_data=DATA, output_dir="x", colour="red")
 
 
 def test_runs_with_the_same_stage1_share_it():

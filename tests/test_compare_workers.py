@@ -12,7 +12,7 @@ import pytest
 from vlbridge.compare.config import CompareConfig, RunSpec
 from vlbridge.compare.workers import share_out, work_groups
 
-DATA = {"format": "coco", "paths": [], "image_root": "."}
+DATA = {"format": "coco", "paths": ["captions.json"], "image_root": "."}  # checked as a DataConfig, never read here
 
 
 def _config(tmp_path: Path, jobs: int = 2) -> CompareConfig:

@@ -264,3 +264,29 @@ def test_demo_seeds_are_checked_before_the_world_is_made(tmp_path, capsys, seeds
         code = exc.code
     assert_user_error(code, capsys.readouterr().err, expected)
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"device": "banana"}, "runs.0 (mlp), stage 2: device: 'banana' is not a device"),
+    ({"stage2_objective": {"bogus": 1}}, "runs.0 (mlp), stage 2: objective.bogus: unknown key"),
+    ({"runs": [{"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 1, "init_from": "/nowhere"}]}, "init_from: '/nowhere' is not"),
+    ({"evals": [{"name": "val", "captions": "/nowhere.json"}]}, "evals.0.captions: file not found: /nowhere.json"),
+    ({"evals": [{"name": "val", "captions": "CAPTIONS", "tasks": ["caption", "vqa"]}]},
+     "evals.0.tasks: vqa reads questions and annotations, which the split does not give"),
+    ({"evals": [{"name": "val", "questions": "CAPTIONS", "image_pattern": "{bogus}.png"}]}, "evals.0.image_pattern: image_pattern '{bogus}.png' must use"),
+    ({"generation": {"num_beams": 0}}, "generation: num_beams"),
+])
+def test_a_comparison_names_what_its_runs_and_splits_would_refuse_before_training(tmp_path, capsys, data, change, expected):
+    base = {"runs": [{"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 1}], "output_dir": str(tmp_path / "out"),
+            "stage2_data": {"format": "jsonl", "paths": [str(data / "train.jsonl")], "image_root": str(data)}}
+    values = yaml_safe({**base, **change}).replace("CAPTIONS", str(data / "val.jsonl"))
+    (tmp_path / "compare.yaml").write_text(values, encoding="utf-8")
+    code, err = cli(capsys, "compare", str(tmp_path / "compare.yaml"))
+    assert_user_error(code, err, "the comparison cannot run as configured", expected)
+    assert not (tmp_path / "out" / "features").exists() and not list((tmp_path / "out").glob("runs/*"))
+
+
+def yaml_safe(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.compare.config import CompareConfig
+from vlbridge.compare.preflight import preflight
 from vlbridge.compare.progress import PhaseProgress, phase_plan
 from vlbridge.compare.report import write_report
 from vlbridge.compare.runner import Say, stage1_trainers, train_and_evaluate
@@ -28,6 +29,7 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
         from vlbridge.lmms.tasks import require_lmms_eval
 
         require_lmms_eval()  # said now, not after every run has trained
+    preflight(config)  # every run's and split's problems, before anything is cached or trained
     out = Path(config.output_dir)
     progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
     collected = run_in_workers(config, say, progress) if config.jobs > 1 else frozenset()

@@ -101,7 +101,7 @@ def feature_cache(config: CompareConfig, assembly: dict[str, Any], say: Say) -> 
     return str(directory)
 
 
-def _train_config(config: CompareConfig, run: RunSpec, assembly: dict, stage: int, steps: int, seed: int,
+def train_config_of(config: CompareConfig, run: RunSpec, assembly: dict, stage: int, steps: int, seed: int,
                   out: Path, init_from: str | None, features: str | None) -> dict[str, Any]:
     data = config.stage1_data if stage == 1 else config.stage2_data_of(run)
     return {
@@ -158,7 +158,7 @@ def train_stage1(config: CompareConfig, run: RunSpec, seed: int, assembly: dict,
         progress.start(f"{run.name} seed {seed}: stage 1")
     say(f"{run.name} (seed {seed}): stage 1, {run.stage1_steps} steps -> {folder}")
     start = time.perf_counter()
-    result = train(_train_config(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=_resumable(folder),
+    result = train(train_config_of(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=_resumable(folder),
                    quiet=True)
     summary = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite,
                "seconds": time.perf_counter() - start, "folder": str(folder)}
@@ -189,7 +189,7 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
     if progress is not None:
         progress.start(f"{run.name} seed {seed}: stage 2")
     say(f"{run.name} (seed {seed}): stage 2, {run.stage2_steps} steps")
-    result = train(_train_config(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=_resumable(out),
+    result = train(train_config_of(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=_resumable(out),
                    quiet=True)  # the comparison's own progress line covers the trainer's
     summary["stage2"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite}
     summary["train_seconds"] = time.perf_counter() - start

@@ -1,0 +1,93 @@
+"""Everything a comparison would refuse later, said before anything is cached or trained.
+
+A comparison trains each run through the ordinary trainer, whose config checks would otherwise
+speak only when that run's turn came, minutes into the comparison and naming a training config the
+user never wrote. Here every run's training configs (one per stage it trains) are checked as the
+trainer will check them, and every evaluation split's files against its tasks, all at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlbridge.compare.config import CompareConfig, EvalSet
+from vlbridge.data.records import DataError
+from vlbridge.data.vqa import check_pattern
+from vlbridge.errors import AssemblyError, VLBridgeError
+from vlbridge.files.checkpoint_paths import META_FILE
+
+# A training config's keys, as the comparison config spells them (for the messages).
+_KEYS = "(keys as a training config names them: optimizer.lr is lr, objective is stageN_objective, data.train is stageN_data)"
+
+
+def preflight(config: CompareConfig) -> None:
+    """Raise one VLBridgeError listing every problem of the runs and evaluation splits."""
+    problems = [p for run_index, run in enumerate(config.runs) for p in _run_problems(config, run_index)]
+    problems += [p for index, split in enumerate(config.evals) for p in eval_problems(split, f"evals.{index}")]
+    problems += generation_problems(config)
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise VLBridgeError(f"the comparison cannot run as configured ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{listed}")
+
+
+def _run_problems(config: CompareConfig, index: int) -> list[str]:
+    from vlbridge.compare.runner import resolve_assembly, train_config_of
+    from vlbridge.train.config import TrainConfigError, check_config, read_config
+
+    run = config.runs[index]
+    where = f"runs.{index} ({run.name})"
+    if run.checkpoint is not None:
+        if not (Path(run.checkpoint).expanduser() / META_FILE).is_file():
+            return [f"{where}.checkpoint: {run.checkpoint!r} is not a vlbridge checkpoint directory (no {META_FILE})"]
+        return []
+    try:
+        assembly = resolve_assembly(run)
+    except AssemblyError as exc:
+        return [f"{where}.assembly: {p}" for p in exc.problems]
+    problems = []
+    scratch = Path(config.output_dir) / "preflight"  # named, never written
+    for stage, steps in ((1, run.stage1_steps), (2, run.stage2_steps)):
+        if not steps:
+            continue
+        init_from = run.init_from if stage == 2 else None
+        raw = train_config_of(config, run, assembly, stage, steps, config.seeds[0], scratch, init_from, None)
+        try:
+            check_config(read_config(raw)[0], f"{where} stage {stage}")
+        except TrainConfigError as exc:
+            problems += [f"{where}, stage {stage}: {p} {_KEYS}" for p in exc.problems]
+    return problems
+
+
+def eval_problems(split: EvalSet, where: str) -> list[str]:
+    """The split's files exist, and each task it names has the files it reads."""
+    problems = []
+    for key in ("captions", "questions", "annotations", "scenes"):
+        value = getattr(split, key)
+        if value is not None and not Path(value).expanduser().is_file():
+            problems.append(f"{where}.{key}: file not found: {value}")
+    if split.images is not None and not Path(split.images).expanduser().is_dir():
+        problems.append(f"{where}.images: {split.images!r} is not a directory")
+    if split.image_pattern is not None:
+        try:
+            check_pattern(split.image_pattern, "split", f"{where}.questions")
+        except DataError as exc:
+            problems.append(f"{where}.image_pattern: {exc}")
+    needs = {"caption": ("captions",), "retrieval": ("captions",), "vqa": ("questions", "annotations")}
+    asked = split.tasks if "tasks" in split.model_fields_set else []  # by default, a task runs where its files are given
+    for task in asked:
+        missing = [key for key in needs[task] if getattr(split, key) is None]
+        if missing:
+            problems.append(f"{where}.tasks: {task} reads {' and '.join(missing)}, which the split does not give; add "
+                            f"{', '.join(missing)} or drop {task}")
+    return problems
+
+
+def generation_problems(config: CompareConfig) -> list[str]:
+    """The generation settings every caption and answer will use."""
+    from vlbridge.modeling.inference import caption_options
+
+    try:
+        caption_options(dict(config.generation))
+    except VLBridgeError as exc:
+        return [f"generation: {str(exc).removeprefix('bad generation settings: ')}"]
+    return []
