@@ -227,6 +227,11 @@ def test_cli_bad_input_exits_2(capsys, files, tmp_path):
         (["--task", "vqa", "--data", str(files["questions"]), "--images", str(tmp_path / "missing")], "is not a directory"),
         (["--task", "vqa", "--data", str(files["annotations"])], "expected an object with a 'questions' list"),
         (["--task", "vqa", "--data", str(files["questions"]), "--split", "test"], "--split is for caption and retrieval"),
+        (["--task", "retrieval", "--data", str(files["captions"]), "--num-beams", "3", "--prompt", "x"],
+         "--prompt, --num-beams do not apply to --task retrieval"),
+        (["--task", "caption", "--data", str(files["captions"]), "--k", "5"], "--k does not apply to --task caption"),
+        (["--task", "vqa", "--data", str(files["questions"]), "--tokenizer", "none"], "--tokenizer does not apply to --task vqa"),
+        (["--task", "retrieval", "--data", str(files["captions"]), "--limit", "1"], "retrieval among fewer than 2 images"),
     ]
     bad = tmp_path / "bad.json"
     bad.write_text("[{")

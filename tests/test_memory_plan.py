@@ -41,7 +41,10 @@ def test_fsdp_divides_the_frozen_parts_and_the_advice_names_what_to_shard():
 
 
 def test_sizes_parse_or_say_what_is_accepted():
-    assert parse_size("40GiB") == 40 * 2**30 and parse_size("80 GB") == 80 * 10**9 and parse_size("1024") == 1024
+    assert parse_size("40GiB") == 40 * 2**30 and parse_size("80 GB") == 80 * 10**9 and parse_size("512MiB") == 2**29
+    for meaningless in ("1024", "40", "0GiB"):  # a bare number (40 meant as GB) or nothing at all
+        with pytest.raises(ValueError, match="write e.g. 40GiB"):
+            parse_size(meaningless)
     with pytest.raises(ValueError, match="write e.g. 40GiB"):
         parse_size("forty")
 
@@ -63,7 +66,7 @@ def test_validate_prints_the_plan_and_refuses_bad_sizes(tmp_path, capsys):
     assert main(["validate", "--train", str(path), "--plan-only", "--gpu-memory", "8GiB"]) == 0
     assert "does not fit 8.0 GiB per device" in capsys.readouterr().out
     assert main(["validate", "--train", str(path), "--plan-only", "--gpu-memory", "forty"]) == 2
-    assert "--gpu-memory: 'forty' is not a size; write e.g. 40GiB" in capsys.readouterr().err
+    assert "--gpu-memory: 'forty' is not a size with its unit; write e.g. 40GiB" in capsys.readouterr().err
 
 
 def test_exact_lines_equal_a_tiny_runs_tensors(tmp_path, one_torch_thread, capfd):

@@ -290,3 +290,14 @@ def yaml_safe(values: dict) -> str:
     import yaml
 
     return yaml.safe_dump(values, sort_keys=False)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["caption", "-a", "tiny-qformer-opt", "--sample", "--num-beams", "3", str(RED)], "--sample draws one continuation"),
+    (["ask", "-a", "tiny-qformer-opt", "-q", " ", str(RED)], "--question/-q: question 1 is empty"),
+    (["retrieve", "-a", "tiny-qformer-opt", "-t", "a red circle", "-t", "", str(RED)], "--text/-t: text 2 is empty"),
+    (["validate", "--train", "x.yaml", "--plan-only", "--gpu-memory", "40"], "--gpu-memory: '40' is not a size with its unit"),
+])
+def test_flags_that_would_be_ignored_or_mean_nothing_are_refused(capsys, argv, expected):
+    code, err = cli(capsys, *argv)
+    assert_user_error(code, err, expected)

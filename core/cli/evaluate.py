@@ -63,6 +63,25 @@ def _check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise VLBridgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    unused = [flag for flag, tasks, given in _TASK_FLAGS if args.task not in tasks and given(args)]
+    if unused:
+        raise VLBridgeError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --task {args.task}; drop "
+                            f"{'it' if len(unused) == 1 else 'them'}")
+    if args.task == "retrieval" and args.limit is not None and args.limit < 2:
+        raise VLBridgeError(f"--limit {args.limit}: retrieval among fewer than 2 images always finds the right one; give 2 or more")
+
+
+# Flags that only some tasks read (flag, the tasks, whether the user gave it): given to another task they would be
+# ignored. --no-meteor is not among them: skipping a slow metric is a no-op where there is none.
+_TASK_FLAGS = (
+    ("--prompt", ("caption", "vqa"), lambda a: a.prompt is not None),
+    ("--num-beams", ("caption", "vqa"), lambda a: a.num_beams is not None),
+    ("--max-new-tokens", ("caption", "vqa"), lambda a: a.max_new_tokens is not None),
+    ("--min-new-tokens", ("caption", "vqa"), lambda a: a.min_new_tokens is not None),
+    ("--tokenizer", ("caption",), lambda a: a.tokenizer != "auto"),
+    ("--vqa-normalize", ("vqa",), lambda a: a.vqa_normalize != "official"),
+    ("--k", ("retrieval",), lambda a: a.k != 128),
+)
 
 
 def _read_data(args: argparse.Namespace) -> list:

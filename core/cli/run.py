@@ -22,8 +22,11 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+DEFAULT_BEAMS = 5  # BLIP-2's captioning beam width
+
+
 def _generation_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--num-beams", type=positive_int, default=5, help="beam width (default 5)")
+    p.add_argument("--num-beams", type=positive_int, default=None, help=f"beam width (default {DEFAULT_BEAMS}; not with --sample)")
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help=f"default {max_new_tokens}")
     p.add_argument("--min-new-tokens", type=non_negative_int, default=1, help="default 1")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -64,7 +67,11 @@ def _load_model(args: argparse.Namespace):
 
 
 def _generation(args: argparse.Namespace) -> dict:
-    return {"num_beams": 1 if args.sample else args.num_beams, "max_new_tokens": args.max_new_tokens,
+    if args.sample and args.num_beams not in (None, 1):
+        raise VLBridgeError(f"--sample draws one continuation instead of a beam search, so --num-beams {args.num_beams} would be "
+                            "ignored; give one of them")
+    beams = DEFAULT_BEAMS if args.num_beams is None else args.num_beams
+    return {"num_beams": 1 if args.sample else beams, "max_new_tokens": args.max_new_tokens,
             "min_new_tokens": args.min_new_tokens, "repetition_penalty": args.repetition_penalty, "do_sample": args.sample}
 
 
@@ -75,7 +82,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_blank(values: list[str], flag: str, what: str) -> None:
+    blank = [i + 1 for i, value in enumerate(values) if not value.strip()]
+    if blank:
+        raise VLBridgeError(f"{flag}: {what} {', '.join(map(str, blank))} is empty; give the text itself")
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    _no_blank(args.question, "--question/-q", "question")
     questions = args.question[0] if len(args.question) == 1 else args.question
     model = _load_model(args)
     answers = model.answer(args.images, questions, prompt=args.prompt, **_generation(args))
@@ -85,6 +99,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    _no_blank(args.text, "--text/-t", "text")
     model = _load_model(args)
     result = model.retrieve(args.images, args.text, k=args.k)
     rows = [{"image": image, "texts": [args.text[t] for t in result.texts_for_image(i, args.top)]} for i, image in enumerate(args.images)]

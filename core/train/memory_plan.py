@@ -38,8 +38,8 @@ CONNECTOR_VALUE_BYTES = 4
 LOGPROB_BYTES = 4  # the LM loss upcasts the logits: log_softmax keeps its fp32 output, in every precision
 BLOCK_PARAMS = {False: 12, True: 14}  # a block's parameters / width^2 (attention 4, 4x MLP 8; + cross-attention 4 in half)
 GATHERED_BLOCKS = 2  # fsdp holds the block it runs and the one it prefetches
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB|TiB|TB)\s*$", re.IGNORECASE)
+_UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,15 @@ class MemoryPlan:
 
 
 def parse_size(text: str) -> int:
-    """'40GiB', '40 GB', '512MiB' or plain bytes -> bytes; anything else is a ValueError saying what is accepted."""
+    """'40GiB', '40 GB', '512MiB' -> bytes; anything else (a bare number: 40 meant as GB would plan for 40
+    bytes; zero) is a ValueError saying what is accepted."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a size; write e.g. 40GiB, 80GB or 512MiB")
-    unit = match.group(2).lower() if match.group(2) else None
-    return int(float(match.group(1)) * _UNITS[unit])
+        raise ValueError(f"{text!r} is not a size with its unit; write e.g. 40GiB, 80GB or 512MiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"{text!r}: a device has more memory than that; write e.g. 40GiB, 80GB or 512MiB")
+    return size
 
 
 def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, world_size: int = 1, strategy: str = "ddp",
