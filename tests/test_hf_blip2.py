@@ -4,6 +4,7 @@ and ITC scores, and export round-trips back to transformers."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -191,3 +192,28 @@ def test_a_directory_without_the_llms_tokenizer_is_refused_at_import(tmp_path):
     hf_tiny.make_generation_model(tmp_path / "hf", tokenizer=False)
     with pytest.raises(vlbridge.WeightsError, match="holds no usable tokenizer for the language model"):
         vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")
+
+
+def test_a_setting_no_assembly_accepts_is_refused_at_import_not_at_load(tmp_path):
+    hf_tiny.make_generation_model(tmp_path / "hf", "opt")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["num_query_tokens"] = -5
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(vlbridge.VLBridgeError, match="holds settings no vlbridge assembly accepts.*num_query_tokens"):
+        vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoint.json").exists()
+
+
+def test_the_cli_writes_only_into_a_new_or_empty_folder(imported, tmp_path, capsys):
+    from vlbridge.cli.main import main
+
+    _, _, _, root = imported
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for argv in (["import", "hf-blip2", str(root / "hf"), str(tmp_path / "kept")],
+                 ["export", "hf-blip2", str(root / "ours"), str(tmp_path / "kept")]):
+        assert main(argv) == 2
+        assert "already holds files (notes.txt); give a new or empty folder" in capsys.readouterr().err
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "kept").iterdir())) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["import", "hf-blip2", str(root / "hf"), str(tmp_path / "empty")]) == 0

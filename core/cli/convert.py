@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 from typing import Any, Callable
 
 from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.model_source import resolved_directory
+from vlbridge.errors import VLBridgeError
 
 # format -> (module, importer, exporter, what the foreign directory is); the converters are imported on use
 TRANSFORMERS_FORMATS: dict[str, tuple[str, str, str, str]] = {
@@ -44,7 +46,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                      "(default LLaVA-1.5's 'USER: <image>\\n{} ASSISTANT:')")
     lavis = imp_sub.add_parser("lavis", help="a LAVIS BLIP-2 .pth state dict, into an assembly of your choice")
     lavis.add_argument("source", metavar="PTH")
-    lavis.add_argument("out", metavar="OUT_DIR")
+    lavis.add_argument("out", metavar="OUT_DIR", help="where the vlbridge checkpoint is written (a new or empty folder)")
     lavis.add_argument("--assembly", "-a", required=True, metavar="PRESET_OR_YAML", help="the assembly the Q-Former belongs to")
     lavis.set_defaults(func=cmd_import_lavis)
     exp = sub.add_parser("export", help="convert a vlbridge checkpoint into a foreign format")
@@ -54,15 +56,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                     description=f"Convert a vlbridge checkpoint into a {what} directory.")
         parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a vlbridge checkpoint: model.save(DIR), a training "
                             "run's checkpoints/step-N (or its output_dir: the latest step), or what `vlbridge import` wrote")
-        parser.add_argument("out", metavar="OUT_DIR", help=f"where the {what} directory is written, for transformers' "
-                            "from_pretrained(OUT_DIR) (config.json, model.safetensors, tokenizer and processor files)")
+        parser.add_argument("out", metavar="OUT_DIR", help=f"where the {what} directory is written (a new or empty folder), for "
+                            "transformers' from_pretrained(OUT_DIR) (config.json, model.safetensors, tokenizer and processor files)")
         parser.add_argument("--allow-approximate", action="store_true",
                             help="export even where the format cannot hold the model exactly (the command prints the "
                                  "measured max abs difference of the logits on a probe input); refused without it")
         parser.set_defaults(func=cmd_export_transformers)
 
 
+def fresh_folder(out: str, what: str) -> None:
+    """OUT_DIR is a new or empty folder: writing into one that holds files would mix two models' files
+    (or overwrite a checkpoint the user meant to keep)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise VLBridgeError(f"OUT_DIR {out!r} is a file; give a new or empty folder for the {what}")
+    held = sorted(child.name for child in path.iterdir()) if path.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise VLBridgeError(f"OUT_DIR {out!r} already holds files ({shown}); give a new or empty folder for the {what}, "
+                            "or remove that one first")
+
+
 def cmd_import_transformers(args: argparse.Namespace) -> int:
+    fresh_folder(args.out, "vlbridge checkpoint")
     extra = {"prompt_template": args.prompt_template} if getattr(args, "prompt_template", None) is not None else {}
     out = _converter(args.format, 0)(args.source, args.out, **extra)
     print(f"wrote vlbridge checkpoint {out}; use it with --checkpoint {out} or vlbridge.load({str(out)!r})")
@@ -70,6 +86,7 @@ def cmd_import_transformers(args: argparse.Namespace) -> int:
 
 
 def cmd_import_lavis(args: argparse.Namespace) -> int:
+    fresh_folder(args.out, "vlbridge checkpoint")
     assembly = load_assembly(args.assembly)  # torch-free: a misspelt preset is reported before torch loads
     from vlbridge.interop.lavis import import_lavis
 
@@ -85,6 +102,7 @@ def cmd_export_transformers(args: argparse.Namespace) -> int:
     from vlbridge.interop.export_fidelity import ApproximateExportWarning
 
     checkpoint = resolved_directory(args, "checkpoint", "CHECKPOINT_DIR")  # the messages -c gives, before the model loads
+    fresh_folder(args.out, f"{TRANSFORMERS_FORMATS[args.format][3]} directory")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ApproximateExportWarning)
         out = _converter(args.format, 1)(vlbridge.load(checkpoint), args.out, allow_approximate=args.allow_approximate)

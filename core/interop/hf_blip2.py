@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
@@ -171,6 +172,7 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
         assembly["connector"] = {"use": "qformer", "options": connector_options(config, None)}
         assembly["llm"] = _write_llm(src, config, state, out)
         stage, allow_missing = 2, []
+    check_imported_assembly(assembly, src, f"transformers {architecture}")
     return write_checkpoint(out, assembly, connector, stage, {"source": f"transformers {architecture}", "allow_missing": allow_missing})
 
 

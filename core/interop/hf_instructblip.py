@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from vlbridge.files.atomic import atomic_write
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options, unsupported_settings, zero_qv_biases
 from vlbridge.interop.export_fidelity import settle
 from vlbridge.files.hf_config import transformers_config
@@ -66,6 +67,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
         "connector": {"use": "qformer", "options": connector},
         "llm": _write_llm(src, config, state, out),
     }
+    check_imported_assembly(assembly, src, "transformers InstructBlipForConditionalGeneration")
     return write_checkpoint(out, assembly, from_transformers(state), 2,
                             {"source": "transformers InstructBlipForConditionalGeneration", "allow_missing": list(STAGE1_HEADS)})
 

@@ -29,6 +29,7 @@ import torch
 
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError
+from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import clip_image_processor, save_processor
@@ -144,6 +145,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
         "llm": {"use": "hf-causal-lm", "options": {"model": str(llm_dir.resolve()), "prompt_template": prompt_template.replace("<image>", image_token),
                                                    "image_token": image_token}},
     }
+    check_imported_assembly(assembly, src, "transformers LlavaForConditionalGeneration")
     return write_checkpoint(out, assembly, tensors, 2, {"source": "transformers LlavaForConditionalGeneration"})
 
 
