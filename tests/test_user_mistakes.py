@@ -301,3 +301,16 @@ def yaml_safe(values: dict) -> str:
 def test_flags_that_would_be_ignored_or_mean_nothing_are_refused(capsys, argv, expected):
     code, err = cli(capsys, *argv)
     assert_user_error(code, err, expected)
+
+
+def test_true_is_not_a_number_in_any_config(tmp_path, capsys):
+    from vlbridge.plugins.connectors.qformer import QFormerOptions
+
+    with pytest.raises(ValueError, match="expected a number, got True"):
+        QFormerOptions(num_query_tokens=True)
+    assert QFormerOptions(num_query_tokens=8).num_query_tokens == 8
+    assembly = tmp_path / "a.yaml"
+    assembly.write_text("name: x\nencoder: {use: eva-vit-g, options: {variant: tiny}}\n"
+                        "connector: {use: qformer, options: {variant: tiny, num_query_tokens: true}}\nllm: {use: opt, options: {variant: tiny}}\n")
+    code, err = cli(capsys, "validate", str(assembly))
+    assert_user_error(code, err, "connector.options.num_query_tokens: expected a number, got True")

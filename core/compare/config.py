@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from vlbridge.data.config import load_data_config
 from vlbridge.data.records import DataConfigError
 
 from vlbridge.lmms.options import LmmsEvalSpec
 from vlbridge.modeling.prompts import template_problem
+from vlbridge.files.config_fields import NoBoolNumbers
 
 
 def checked_data(value: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
@@ -23,7 +24,7 @@ def checked_data(value: dict[str, Any] | None, where: str) -> dict[str, Any] | N
     return value
 
 
-class Strict(BaseModel):
+class Strict(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 

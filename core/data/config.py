@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlbridge.data.records import DataConfigError
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
+from vlbridge.files.config_fields import NoBoolNumbers
 
 Format = Literal["coco", "vqa", "webdataset", "jsonl"]
 
 
-class DataConfig(BaseModel):
+class DataConfig(NoBoolNumbers):
     """Which files, in which format, and how samples are prepared."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from vlbridge.files.atomic import atomic_write_text
 from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, group_captions, read_coco_captions, read_vqa
@@ -30,6 +30,7 @@ from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
 from vlbridge.metrics.captions import score_captions
 from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
+from vlbridge.files.config_fields import NoBoolNumbers
 
 TASKS = ("caption", "vqa", "retrieval")
 PREDICTIONS_FILE, METRICS_FILE = "predictions.json", "metrics.json"
@@ -38,7 +39,7 @@ LAYOUT_MANIFEST = "manifest.json"  # a generated world's (vlbridge.world.generat
 Progress = Callable[[int, int], None]
 
 
-class EvalOptions(BaseModel):
+class EvalOptions(NoBoolNumbers):
     """How to run and score an evaluation; generation settings go to model.caption / model.answer."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake

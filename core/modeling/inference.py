@@ -10,16 +10,17 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.running import RunningModel
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
+from vlbridge.files.config_fields import NoBoolNumbers
 
 
 
-class GenerationOptions(BaseModel):
+class GenerationOptions(NoBoolNumbers):
     """Decoding settings; unknown names are an error rather than silently ignored."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake

@@ -21,6 +21,7 @@ from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.files.userfiles import read_yaml
+from vlbridge.files.config_fields import NoBoolNumbers
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _YAML_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*:")  # an assembly problem that starts with its own path
@@ -36,7 +37,7 @@ class TrainConfigError(VLBridgeError):
         super().__init__(f"training config {source} is invalid ({count} problem{'s' if count != 1 else ''}):\n{listed}")
 
 
-class Section(BaseModel):
+class Section(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
 
 

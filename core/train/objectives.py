@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.config_fields import NoBoolNumbers
 from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
 from vlbridge.modeling.llm_output import aligned_labels
 from vlbridge.modeling.prompts import format_prompts
@@ -35,7 +36,7 @@ Losses = dict[str, torch.Tensor]
 
 # -- shared pieces --------------------------------------------------------------------------------
 
-class ObjectiveOptions(BaseModel):
+class ObjectiveOptions(NoBoolNumbers):
     """Base of the objectives' options: unknown names are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake

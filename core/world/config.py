@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from vlbridge.world.scene import COLOURS, GRID, SHAPES, Allowed, Pair
+from vlbridge.files.config_fields import NoBoolNumbers
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "comp")
 # The held-out split and the frozen parts' own stream: their images never share an id with the splits'.
@@ -15,7 +16,7 @@ ID_OFFSETS: dict[str, int] = {"train": 0, "val": 1_000_000, "test": 2_000_000, "
 DEFAULT_HELD_OUT: tuple[Pair, ...] = (("red", "triangle"), ("blue", "star"), ("green", "cross"), ("yellow", "circle"), ("purple", "square"))
 
 
-class WorldConfig(BaseModel):
+class WorldConfig(NoBoolNumbers):
     """The world's size and content. `comp` is the compositional test split: each of its images
     holds a (colour, shape) pair of `held_out`, which no other split (and no text there) contains."""
 
