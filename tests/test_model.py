@@ -149,7 +149,10 @@ def test_lavis_stage1_checkpoint_imports(tmp_path):
     torch.save({"model": lavis}, tmp_path / "blip2_pretrained.pth")
     out = vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", "tiny-qformer-opt", tmp_path / "imported")
     model = vlbridge.load(out)
-    assert model.stage == 2  # built for inference; the stage-1 weights went in
+    assert model.stage == 1 and model.llm is None  # the checkpoint's stage: its projection into an LLM never trained
+    with pytest.raises(VLBridgeError, match="a stage-1 checkpoint never trained its projection into the LLM"):
+        model.caption(RED)
+    assert vlbridge.load(out, stage=2).stage == 2  # asked for: a stage-2 run starts so
     pixels = model.pixel_values([RED])
     torch.testing.assert_close(model.connector.query_outputs(model.encode_images(pixels)),
                                source.connector.query_outputs(source.encode_images(pixels)))

@@ -155,11 +155,15 @@ def _without_untrained_misfits(model: VLBridgeModel, tensors: StateDict, trained
 def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | torch.device | None = None,
          random_weights: bool = False) -> VLBridgeModel:
     """Rebuild a model saved with `model.save(dir)`: the frozen parts from their sources, the
-    connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too."""
+    connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too.
+    `stage` defaults to the checkpoint's own: a stage-1 checkpoint loads without an LLM (its
+    projection into one was never trained), so captioning from it is refused rather than run on
+    random weights; pass stage=2 to build the LLM side anyway (as a stage-2 run starting from it does)."""
     from vlbridge.finetune.tuning import restore_tuned
 
     directory = Path(checkpoint_dir)
     meta = read_meta(directory)
+    stage = int(meta["stage"]) if stage is None else stage
     model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
     if restore_tuned(model, directory, meta) and device is not None:
         model.to(device)  # the adapters were injected after the move

@@ -88,7 +88,9 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
     `image_embeds` (N, T, W): the frozen encoder's outputs for the N images, computed before (then
     `images` is ignored), so an evaluation that asks several questions per image encodes it once."""
     if model.llm is None:
-        raise VLBridgeError("this model was built for stage 1 and has no LLM; build it with stage=2 to generate text")
+        raise VLBridgeError("this model was built for stage 1 and has no LLM, so it cannot generate text; a stage-1 checkpoint "
+                            "never trained its projection into the LLM: train stage 2 from it (init_from), or build the "
+                            "assembly with stage=2")
     count = len(image_embeds) if image_embeds is not None else None
     items = as_image_list(images) if image_embeds is None else None
     instructions = _per_image(prompts, count if items is None else len(items), "prompts")  # what a connector may read
