@@ -130,7 +130,7 @@ def test_examples_validate(capsys, repo, tmp_path, monkeypatch, name):
     from vlbridge.world.generate import generate_world
 
     monkeypatch.chdir(tmp_path)  # their paths are relative to where they run
-    (tmp_path / "runs" / "stage1-tiny").mkdir(parents=True)  # stage 2's init_from
+    (tmp_path / "runs" / "stage1-tiny" / "checkpoints").mkdir(parents=True)  # stage 2's init_from: a run's output_dir
     generate_world(tmp_path / "world", WorldConfig(train=1, val=1, test=0, comp=0, image_size=16))  # --check reads the data's files
     code = main(["train", str(repo / "examples" / name), "--check"])
     out, err = capsys.readouterr()

@@ -102,7 +102,7 @@ def test_an_output_path_that_is_a_file_is_a_user_error(capsys, tmp_path, data):
                     str(data / "train.jsonl"), "--out", str(taken), "--num-workers", "0")
     assert_user_error(code, err, f"cannot create a directory at or under {taken}: a file stands in the way")
     code, err = cli(capsys, "train", str(write_config(tmp_path / "t.yaml", config(data, taken, steps=3))))
-    assert_user_error(code, err, "a file stands in the way", "give an output path that is a directory")
+    assert_user_error(code, err, "output_dir: ", "is a file; give a folder")  # said by the config check, before anything loads
     assert taken.read_text(encoding="utf-8") == "a file\n"
 
 
@@ -314,3 +314,12 @@ def test_true_is_not_a_number_in_any_config(tmp_path, capsys):
                         "connector: {use: qformer, options: {variant: tiny, num_query_tokens: true}}\nllm: {use: opt, options: {variant: tiny}}\n")
     code, err = cli(capsys, "validate", str(assembly))
     assert_user_error(code, err, "connector.options.num_query_tokens: expected a number, got True")
+
+
+def test_train_check_sees_an_empty_init_from_and_a_file_for_output_dir(tmp_path, capsys, data):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "taken").write_text("x")
+    values = config(data, tmp_path / "taken", init_from=str(tmp_path / "empty"))
+    code, err = cli(capsys, "train", "--check", str(write_config(tmp_path / "train.yaml", values)))
+    assert_user_error(code, err, "init_from: ", "holds no checkpoint (no checkpoint.json, no checkpoints/)",
+                      "output_dir: ", "is a file; give a folder")

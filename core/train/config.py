@@ -259,8 +259,14 @@ def _field_problems(config: TrainConfig) -> list[str]:
         problems.append(f"schedule.warmup_lr: {config.schedule.warmup_lr} is above optimizer.lr ({config.optimizer.lr})")
     if config.prompt is not None and config.stage != 2:
         problems.append("prompt: only used in stage 2 (the stage-1 objective conditions on no prompt)")
-    if config.init_from is not None and not Path(config.init_from).expanduser().is_dir():
+    init_from = Path(config.init_from).expanduser() if config.init_from is not None else None
+    if init_from is not None and not init_from.is_dir():
         problems.append(f"init_from: {config.init_from!r} is not a directory; give a checkpoint dir or a run's output_dir")
+    elif init_from is not None and not ((init_from / "checkpoint.json").is_file() or (init_from / "checkpoints").is_dir()):
+        problems.append(f"init_from: {config.init_from!r} holds no checkpoint (no checkpoint.json, no checkpoints/); give a "
+                        "checkpoint dir or a run's output_dir")
+    if Path(config.output_dir).expanduser().exists() and not Path(config.output_dir).expanduser().is_dir():
+        problems.append(f"output_dir: {config.output_dir!r} is a file; give a folder (new, or a run's to resume)")
     if config.data.features is not None and not Path(config.data.features).expanduser().exists():
         problems.append(f"data.features: {config.data.features!r} does not exist")
     problems.extend(data_file_problems(config.data.train, "data.train"))
