@@ -176,7 +176,7 @@ def damaged_copy(cache: Path, tmp_path: Path) -> Path:
     (lambda d: _truncate(d / "features-00001.safetensors"), "truncated or changed"),
     (lambda d: _scramble_header(d / "features-00000.safetensors"), "it is corrupt"),
     (lambda d: (d / "manifest.json").unlink(), "build was interrupted; rerun the same"),
-    (lambda d: (d / "manifest.json").write_text("{not json", encoding="utf-8"), "not valid JSON"),
+    (lambda d: (d / "manifest.json").write_text("{not json", encoding="utf-8"), "cannot be read as a manifest"),
 ])
 def test_missing_or_corrupt_files_are_named(cache: Path, tmp_path: Path, damage: Any, message: str):
     copy = damaged_copy(cache, tmp_path)

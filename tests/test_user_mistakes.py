@@ -323,3 +323,32 @@ def test_train_check_sees_an_empty_init_from_and_a_file_for_output_dir(tmp_path,
     code, err = cli(capsys, "train", "--check", str(write_config(tmp_path / "train.yaml", values)))
     assert_user_error(code, err, "init_from: ", "holds no checkpoint (no checkpoint.json, no checkpoints/)",
                       "output_dir: ", "is a file; give a folder")
+
+
+def test_checkpoint_files_that_are_not_what_they_claim_are_named(tmp_path, linear_opt):
+    import json
+
+    ckpt = linear_opt.save(tmp_path / "ckpt")
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    for change, message in (({"format": "pytorch"}, "'format' is 'pytorch', not 'vlbridge-checkpoint'"),
+                            ({"version": 99}, "version 99 is not one this vlbridge reads")):
+        (ckpt / "checkpoint.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(WeightsError, match=re.escape(message)):
+            vlbridge.load(ckpt)
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    (ckpt / "connector.safetensors").unlink()
+    (ckpt / "connector.safetensors").mkdir()
+    with pytest.raises(WeightsError, match="connector.safetensors is a directory; expected the weights file itself"):
+        vlbridge.load(ckpt)
+
+
+def test_a_file_named_as_a_feature_cache_is_called_a_file(tmp_path):
+    from vlbridge.train.cache import CacheError, read_manifest
+
+    (tmp_path / "fake.png").write_bytes(b"png")
+    with pytest.raises(CacheError, match="is a file; give the folder vlbridge cache-features --out wrote"):
+        read_manifest(tmp_path / "fake.png")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("[]")
+    with pytest.raises(CacheError, match="cannot be read as a manifest"):
+        read_manifest(tmp_path / "cache")

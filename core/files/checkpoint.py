@@ -34,6 +34,7 @@ from vlbridge.files.userfiles import read_json, read_yaml
 from vlbridge.files.weights import StateDict, read_tensors, require_path, unwrap_state_dict
 
 WEIGHTS_FILE = "connector.safetensors"
+FORMAT, VERSION = "vlbridge-checkpoint", 1  # checkpoint.json's "format", and the newest "version" this code reads
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
         part_tensors = {name: t.detach().contiguous().cpu() for name, t in part.tensors.items()}
         atomic_write(out / part.file, lambda tmp, t=part_tensors: save_file(t, str(tmp), metadata={"part": part.key}))
     manifest = {} if absent is None else {"connector": {"absent": sorted(absent)}}
-    meta = {"format": "vlbridge-checkpoint", "version": 1, "stage": stage, "tensors": len(tensors), **manifest,
+    meta = {"format": FORMAT, "version": VERSION, "stage": stage, "tensors": len(tensors), **manifest,
             **({RELATIVE_PATHS: relative} if relative else {}), **(extra or {}),
             **{part.key: part.meta for part in parts}}
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
@@ -135,6 +136,13 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"{ckpt_dir} is not a vlbridge checkpoint (no {META_FILE}); expected a directory written by save()")
     meta = read_json(path, "checkpoint metadata", top=dict)
+    fmt, version = meta.get("format", FORMAT), meta.get("version", VERSION)
+    if fmt != FORMAT:
+        raise WeightsError(f"checkpoint metadata {str(path)!r}: 'format' is {fmt!r}, not {FORMAT!r}; this folder holds "
+                           "another program's checkpoint (vlbridge import converts BLIP-2, InstructBLIP, LLaVA and LAVIS ones)")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+        raise WeightsError(f"checkpoint metadata {str(path)!r}: version {version!r} is not one this vlbridge reads (1 to "
+                           f"{VERSION}); a newer vlbridge wrote it, or the file was edited")
     stage = meta.get("stage")
     if not isinstance(stage, int) or isinstance(stage, bool):
         raise WeightsError(f"checkpoint metadata {str(path)!r}: 'stage' must be the training stage (1 or 2), found {stage!r}; "

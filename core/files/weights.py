@@ -37,6 +37,8 @@ def require_path(path: str | Path, what: str) -> Path:
 
 def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> StateDict:
     """Read the tensors of one file whose keys pass `keep` (safetensors reads only those)."""
+    if path.is_dir():
+        raise WeightsError(f"{path} is a directory; expected the weights file itself")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as file:

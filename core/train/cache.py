@@ -176,6 +176,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     """The manifest of a cache directory, or a CacheError saying what is there instead."""
     directory = Path(directory).expanduser()
     path = directory / MANIFEST_FILE
+    if directory.exists() and not directory.is_dir():
+        raise CacheError(f"feature cache {str(directory)!r} is a file; give the folder vlbridge cache-features --out wrote")
     if not directory.is_dir():
         raise CacheError(f"feature cache {str(directory)!r} does not exist; build it with vlbridge cache-features --out {directory}")
     if not path.is_file():
@@ -186,7 +188,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     try:
         return Manifest.model_validate(read_json(path, "feature-cache manifest", top=dict))
     except InputFileError as exc:
-        raise CacheError(f"{path} is not valid JSON ({exc.problem}); rebuild the cache with vlbridge cache-features --overwrite") from None
+        raise CacheError(f"{path} cannot be read as a manifest ({exc.problem}); rebuild the cache with vlbridge cache-features "
+                         "--overwrite") from None
     except ValidationError as exc:
         first = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
         raise CacheError(f"{path} is not a vlbridge feature-cache manifest ({first}); rebuild it with vlbridge cache-features --overwrite") from None
