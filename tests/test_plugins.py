@@ -3,6 +3,7 @@ breakage, strict mode, duplicates and the 'distribution:name' qualifier."""
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -127,6 +128,25 @@ def test_allow_and_block_lists_skip_before_import(monkeypatch):
     loaded.clear()
     assert [r.name for r in load_plugin_set().records.values() if not r.builtin] == ["vlbridge-a", "vlbridge-b", "vlbridge-c"]
     assert loaded == []
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("VLBRIDGE_STRICT_PLUGINS", "banana", "VLBRIDGE_STRICT_PLUGINS='banana' is neither on nor off"),
+    ("VLBRIDGE_LOAD_PLUGINS", "vlbridge-a, nope", "VLBRIDGE_LOAD_PLUGINS names nope, which no installed plugin distribution is"),
+])
+def test_plugin_environment_values_that_mean_nothing_are_refused(monkeypatch, name, value, message):
+    point = types.SimpleNamespace(name="vlbridge-a", dist=types.SimpleNamespace(name="vlbridge-a", version="1"),
+                                  load=lambda: module("vlbridge-a"))
+    monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: [point])
+    monkeypatch.delenv("VLBRIDGE_LOAD_PLUGINS")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(PluginError, match=re.escape(message)):
+        load_plugin_set()
+
+
+def test_a_block_list_naming_an_absent_plugin_blocks_nothing_else(monkeypatch):
+    monkeypatch.setenv("VLBRIDGE_DISABLE_PLUGINS", "vlbridge-not-here")  # "just in case" settings stay harmless
+    assert "eva-vit-g" in Registry.collect(load_plugin_set()).names("encoder")
 
 
 def _connector(name: str, tokens: int) -> ConnectorSpec:

@@ -50,8 +50,15 @@ class PluginRecord:
         }
 
 
+_ON, _OFF = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+
+
 def strict_mode() -> bool:
-    return os.environ.get("VLBRIDGE_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
+    value = os.environ.get("VLBRIDGE_STRICT_PLUGINS", "").strip().lower()
+    if value not in _ON | _OFF:
+        raise PluginError(f"VLBRIDGE_STRICT_PLUGINS={value!r} is neither on nor off; set it to 1 (a broken plugin stops "
+                          "vlbridge) or 0 / unset (it is recorded and skipped)")
+    return value in _ON
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -114,9 +121,16 @@ class PluginSet:
             self.register(module, module_name, BUILTIN_DISTRIBUTION, version, builtin=True)
 
     def load_entry_points(self) -> None:
+        strict_mode()  # a value that is neither on nor off is said now, not at the first broken plugin
         allow = _env_list("VLBRIDGE_LOAD_PLUGINS")
         block = _env_list("VLBRIDGE_DISABLE_PLUGINS") or set()
-        for ep in sorted(metadata.entry_points(group=hookspecs.PROJECT), key=lambda e: e.name):
+        points = sorted(metadata.entry_points(group=hookspecs.PROJECT), key=lambda e: e.name)
+        installed = {_normalise(ep.dist.name if ep.dist is not None else ep.name) for ep in points}
+        unknown = sorted((allow or set()) - installed)  # an allow-list entry that matches nothing loads nothing of it, silently
+        if unknown:
+            raise PluginError(f"VLBRIDGE_LOAD_PLUGINS names {', '.join(unknown)}, which no installed plugin distribution is "
+                              f"(installed: {', '.join(sorted(installed)) or 'none'}); name distributions as pip lists them")
+        for ep in points:
             dist = ep.dist.name if ep.dist is not None else ep.name
             version = ep.dist.version if ep.dist is not None else "?"
             if ep.name in self.records:
