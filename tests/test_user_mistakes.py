@@ -352,3 +352,15 @@ def test_a_file_named_as_a_feature_cache_is_called_a_file(tmp_path):
     (tmp_path / "cache" / "manifest.json").write_text("[]")
     with pytest.raises(CacheError, match="cannot be read as a manifest"):
         read_manifest(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["cache-features", "-a", "tiny-qformer-opt", "--format", "jsonl", "--paths", "x.jsonl", "--split", "train", "--out", "c"],
+     "--split picks a split of a coco (Karpathy) or vqa file; --format jsonl has none"),
+    (["world", "generate", "--out", "w", "--train", "10000000000000"], "--train: Input should be less than or equal to 1000000"),
+])
+def test_settings_named_by_the_flag_the_user_typed(tmp_path, monkeypatch, capsys, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, *argv)
+    assert_user_error(code, err, expected)
+    assert not (tmp_path / "w").exists()

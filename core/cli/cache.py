@@ -52,6 +52,8 @@ def _sources(args: argparse.Namespace) -> list:
         return list(args.data)
     if not args.paths:
         raise VLBridgeError(f"--format {args.format} needs --paths: the annotation files or tar shards to read")
+    if args.split and args.format not in ("coco", "vqa"):
+        raise VLBridgeError(f"--split picks a split of a coco (Karpathy) or vqa file; --format {args.format} has none, drop it")
     config = {"format": args.format, "paths": args.paths}
     config.update({key: value for key, value in (("image_root", args.image_root), ("split", args.split)) if value})
     return [config]

@@ -16,16 +16,19 @@ ID_OFFSETS: dict[str, int] = {"train": 0, "val": 1_000_000, "test": 2_000_000, "
 DEFAULT_HELD_OUT: tuple[Pair, ...] = (("red", "triangle"), ("blue", "star"), ("green", "cross"), ("yellow", "circle"), ("purple", "square"))
 
 
+MAX_IMAGES = 1_000_000  # per split: a few GB of PNGs; a typo of more zeros would fill the disk without a word
+
+
 class WorldConfig(NoBoolNumbers):
     """The world's size and content. `comp` is the compositional test split: each of its images
     holds a (colour, shape) pair of `held_out`, which no other split (and no text there) contains."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     seed: int = Field(0, description="one seed for every split: scene i of a split depends only on (seed, split, i)")
-    train: int = Field(3000, ge=0, description="training images")
-    val: int = Field(300, ge=0, description="validation images")
-    test: int = Field(300, ge=0, description="test images (same distribution as train)")
-    comp: int = Field(300, ge=0, description="compositional test images (each with a held-out colour+shape pair)")
+    train: int = Field(3000, ge=0, le=MAX_IMAGES, description="training images")
+    val: int = Field(300, ge=0, le=MAX_IMAGES, description="validation images")
+    test: int = Field(300, ge=0, le=MAX_IMAGES, description="test images (same distribution as train)")
+    comp: int = Field(300, ge=0, le=MAX_IMAGES, description="compositional test images (each with a held-out colour+shape pair)")
     image_size: int = Field(64, ge=16, le=1024, description="image side in pixels (the shipped world encoder reads 64 px)")
     min_objects: int = Field(1, ge=1, le=GRID * GRID)
     max_objects: int = Field(4, ge=1, le=GRID * GRID)
