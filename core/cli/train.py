@@ -15,7 +15,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Train the connector of an assembly as CONFIG.yaml describes; see examples/train-*.yaml.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the training config")
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint (starts fresh when there is none)")
-    p.add_argument("--check", action="store_true", help="validate the config and print the plan, then exit without training")
+    p.add_argument("--check", action="store_true", help="validate the config and print the plan, then exit without training (no "
+                   "weights load; `vlbridge validate --train CONFIG.yaml` also builds the model, which checks init_from's "
+                   "connector, the unfrozen blocks and LoRA's target modules)")
     p.set_defaults(func=cmd_train)
 
 
