@@ -364,3 +364,20 @@ def test_settings_named_by_the_flag_the_user_typed(tmp_path, monkeypatch, capsys
     code, err = cli(capsys, *argv)
     assert_user_error(code, err, expected)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_stage1_checkpoint_in_a_comparison_is_refused_for_text_tasks_before_anything_runs(tmp_path, data):
+    from vlbridge.compare.config import CompareConfig
+    from vlbridge.compare.preflight import preflight
+
+    stage1 = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "s1")
+    split = {"name": "val", "captions": str(data / "val.jsonl")}
+
+    def config(**tasks) -> CompareConfig:
+        return CompareConfig.model_validate({"runs": [{"name": "s1", "checkpoint": str(stage1)}], "output_dir": str(tmp_path / "out"),
+                                             "evals": [{**split, **tasks}]})
+
+    with pytest.raises(VLBridgeError, match="is a stage-1 checkpoint: it has no trained projection into an LLM, so it cannot be "
+                                            "scored on caption"):
+        preflight(config())  # by default the split's captions are captioned and retrieved
+    preflight(config(tasks=["retrieval"]))  # retrieval is what a stage-1 checkpoint does

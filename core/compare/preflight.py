@@ -8,6 +8,7 @@ trainer will check them, and every evaluation split's files against its tasks, a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vlbridge.compare.config import CompareConfig, EvalSet
@@ -37,8 +38,13 @@ def _run_problems(config: CompareConfig, index: int) -> list[str]:
     run = config.runs[index]
     where = f"runs.{index} ({run.name})"
     if run.checkpoint is not None:
-        if not (Path(run.checkpoint).expanduser() / META_FILE).is_file():
+        meta = Path(run.checkpoint).expanduser() / META_FILE
+        if not meta.is_file():
             return [f"{where}.checkpoint: {run.checkpoint!r} is not a vlbridge checkpoint directory (no {META_FILE})"]
+        texts = sorted({task for split in config.evals for task in _tasks_run(split)} & {"caption", "vqa", "lmms-eval"})
+        if json.loads(meta.read_text(encoding="utf-8")).get("stage") == 1 and texts:
+            return [f"{where}.checkpoint: {run.checkpoint!r} is a stage-1 checkpoint: it has no trained projection into an LLM, "
+                    f"so it cannot be scored on {' and '.join(texts)}; evaluate it on retrieval only, or train its stage 2"]
         return []
     try:
         assembly = resolve_assembly(run)
@@ -56,6 +62,12 @@ def _run_problems(config: CompareConfig, index: int) -> list[str]:
         except TrainConfigError as exc:
             problems += [f"{where}, stage {stage}: {p} {_KEYS}" for p in exc.problems]
     return problems
+
+
+def _tasks_run(split: EvalSet) -> list[str]:
+    """What a split scores: each of its tasks whose files it gives (as the evaluation decides), and lmms-eval."""
+    given = {"caption": split.captions, "retrieval": split.captions, "vqa": split.questions}
+    return [task for task in split.tasks if given[task]] + (["lmms-eval"] if split.lmms_eval is not None else [])
 
 
 def eval_problems(split: EvalSet, where: str) -> list[str]:
