@@ -39,12 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, help="beam width (default: the model's, 5)")
     p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for answers")
     p.add_argument("--min-new-tokens", type=int, help="default 1 (BLIP-2's COCO captions used 8)")
-    p.add_argument("--tokenizer", default="auto", choices=("auto", "java-ptb", "python-ptb-approx", "none"),
+    p.add_argument("--tokenizer", default=None, choices=("auto", "java-ptb", "python-ptb-approx", "none"),
                    help="caption tokenizer (default auto: Java PTB when pycocoevalcap and Java are present)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process: slow)")
-    p.add_argument("--vqa-normalize", default="official", choices=("official", "lavis", "simple"),
+    p.add_argument("--vqa-normalize", default=None, choices=("official", "lavis", "simple"),
                    help="VQA answer normalisation (default official; lavis = the pre-2021 tool BLIP-2 used)")
-    p.add_argument("--k", type=int, default=128, help="retrieval: ITC shortlist re-ranked by ITM (default 128)")
+    p.add_argument("--k", type=int, default=None, help="retrieval: ITC shortlist re-ranked by ITM (default 128)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_eval)
@@ -63,7 +63,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise VLBridgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    unused = [flag for flag, tasks, given in _TASK_FLAGS if args.task not in tasks and given(args)]
+    unused = [flag for flag, dest, tasks in _TASK_FLAGS if args.task not in tasks and getattr(args, dest) is not None]
     if unused:
         raise VLBridgeError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --task {args.task}; drop "
                             f"{'it' if len(unused) == 1 else 'them'}")
@@ -71,16 +71,17 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise VLBridgeError(f"--limit {args.limit}: retrieval among fewer than 2 images always finds the right one; give 2 or more")
 
 
-# Flags that only some tasks read (flag, the tasks, whether the user gave it): given to another task they would be
-# ignored. --no-meteor is not among them: skipping a slow metric is a no-op where there is none.
+# Flags that only some tasks read (flag, its dest, the tasks; None when not given: EvalOptions holds the defaults):
+# given to another task they would be ignored. --no-meteor is not among them: skipping a slow metric is a no-op
+# where there is none.
 _TASK_FLAGS = (
-    ("--prompt", ("caption", "vqa"), lambda a: a.prompt is not None),
-    ("--num-beams", ("caption", "vqa"), lambda a: a.num_beams is not None),
-    ("--max-new-tokens", ("caption", "vqa"), lambda a: a.max_new_tokens is not None),
-    ("--min-new-tokens", ("caption", "vqa"), lambda a: a.min_new_tokens is not None),
-    ("--tokenizer", ("caption",), lambda a: a.tokenizer != "auto"),
-    ("--vqa-normalize", ("vqa",), lambda a: a.vqa_normalize != "official"),
-    ("--k", ("retrieval",), lambda a: a.k != 128),
+    ("--prompt", "prompt", ("caption", "vqa")),
+    ("--num-beams", "num_beams", ("caption", "vqa")),
+    ("--max-new-tokens", "max_new_tokens", ("caption", "vqa")),
+    ("--min-new-tokens", "min_new_tokens", ("caption", "vqa")),
+    ("--tokenizer", "tokenizer", ("caption",)),
+    ("--vqa-normalize", "vqa_normalize", ("vqa",)),
+    ("--k", "k", ("retrieval",)),
 )
 
 
@@ -109,8 +110,9 @@ def _image_hint(args: argparse.Namespace) -> str | None:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens),
                                     ("min_new_tokens", args.min_new_tokens)) if v is not None}
-    return {"batch_size": args.batch_size, "prompt": args.prompt, "generation": generation, "tokenizer": args.tokenizer,
-            "meteor": not args.no_meteor, "vqa_normalization": args.vqa_normalize, "k": args.k}
+    given = {k: v for k, v in (("tokenizer", args.tokenizer), ("vqa_normalization", args.vqa_normalize), ("k", args.k))
+             if v is not None}  # unset: EvalOptions' defaults
+    return {"batch_size": args.batch_size, "prompt": args.prompt, "generation": generation, "meteor": not args.no_meteor, **given}
 
 
 def _progress(quiet: bool):

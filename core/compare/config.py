@@ -8,10 +8,9 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from vlbridge.data.config import load_data_config
 from vlbridge.data.records import DataConfigError
-
+from vlbridge.files.config_fields import StrictNumbers
 from vlbridge.lmms.options import LmmsEvalSpec
 from vlbridge.modeling.prompts import template_problem
-from vlbridge.files.config_fields import NoBoolNumbers
 
 
 def checked_data(value: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
@@ -24,8 +23,8 @@ def checked_data(value: dict[str, Any] | None, where: str) -> dict[str, Any] | N
     return value
 
 
-class Strict(NoBoolNumbers):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+class Strict(StrictNumbers):
+    model_config = ConfigDict(extra="forbid")
 
 
 class RunSpec(Strict):
@@ -50,7 +49,6 @@ class RunSpec(Strict):
     @classmethod
     def _data(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         return checked_data(value, str(info.field_name))
-
 
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":

@@ -8,14 +8,13 @@ trainer will check them, and every evaluation split's files against its tasks, a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlbridge.compare.config import CompareConfig, EvalSet
 from vlbridge.data.records import DataError
 from vlbridge.data.vqa import check_pattern
 from vlbridge.errors import AssemblyError, VLBridgeError
-from vlbridge.files.checkpoint_paths import META_FILE
+from vlbridge.files.checkpoint import read_meta
 
 # A training config's keys, as the comparison config spells them (for the messages).
 _KEYS = "(keys as a training config names them: optimizer.lr is lr, objective is stageN_objective, data.train is stageN_data)"
@@ -38,11 +37,12 @@ def _run_problems(config: CompareConfig, index: int) -> list[str]:
     run = config.runs[index]
     where = f"runs.{index} ({run.name})"
     if run.checkpoint is not None:
-        meta = Path(run.checkpoint).expanduser() / META_FILE
-        if not meta.is_file():
-            return [f"{where}.checkpoint: {run.checkpoint!r} is not a vlbridge checkpoint directory (no {META_FILE})"]
+        try:
+            stage = read_meta(Path(run.checkpoint).expanduser())["stage"]
+        except VLBridgeError as exc:
+            return [f"{where}.checkpoint: {exc}"]
         texts = sorted({task for split in config.evals for task in _tasks_run(split)} & {"caption", "vqa", "lmms-eval"})
-        if json.loads(meta.read_text(encoding="utf-8")).get("stage") == 1 and texts:
+        if stage == 1 and texts:
             return [f"{where}.checkpoint: {run.checkpoint!r} is a stage-1 checkpoint: it has no trained projection into an LLM, "
                     f"so it cannot be scored on {' and '.join(texts)}; evaluate it on retrieval only, or train its stage 2"]
         return []
@@ -64,10 +64,14 @@ def _run_problems(config: CompareConfig, index: int) -> list[str]:
     return problems
 
 
+# The files each task reads; the evaluation runs a task where the split gives the first of them.
+TASK_FILES = {"caption": ("captions",), "retrieval": ("captions",), "vqa": ("questions", "annotations")}
+
+
 def _tasks_run(split: EvalSet) -> list[str]:
     """What a split scores: each of its tasks whose files it gives (as the evaluation decides), and lmms-eval."""
-    given = {"caption": split.captions, "retrieval": split.captions, "vqa": split.questions}
-    return [task for task in split.tasks if given[task]] + (["lmms-eval"] if split.lmms_eval is not None else [])
+    ran = [task for task in split.tasks if getattr(split, TASK_FILES[task][0])]
+    return ran + (["lmms-eval"] if split.lmms_eval is not None else [])
 
 
 def eval_problems(split: EvalSet, where: str) -> list[str]:
@@ -84,10 +88,9 @@ def eval_problems(split: EvalSet, where: str) -> list[str]:
             check_pattern(split.image_pattern, "split", f"{where}.questions")
         except DataError as exc:
             problems.append(f"{where}.image_pattern: {exc}")
-    needs = {"caption": ("captions",), "retrieval": ("captions",), "vqa": ("questions", "annotations")}
     asked = split.tasks if "tasks" in split.model_fields_set else []  # by default, a task runs where its files are given
     for task in asked:
-        missing = [key for key in needs[task] if getattr(split, key) is None]
+        missing = [key for key in TASK_FILES[task] if getattr(split, key) is None]
         if missing:
             problems.append(f"{where}.tasks: {task} reads {' and '.join(missing)}, which the split does not give; add "
                             f"{', '.join(missing)} or drop {task}")

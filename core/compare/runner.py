@@ -102,7 +102,7 @@ def feature_cache(config: CompareConfig, assembly: dict[str, Any], say: Say) -> 
 
 
 def train_config_of(config: CompareConfig, run: RunSpec, assembly: dict, stage: int, steps: int, seed: int,
-                  out: Path, init_from: str | None, features: str | None) -> dict[str, Any]:
+                    out: Path, init_from: str | None, features: str | None) -> dict[str, Any]:
     data = config.stage1_data if stage == 1 else config.stage2_data_of(run)
     return {
         "assembly": assembly, "stage": stage, "init_from": init_from, "steps": steps, "seed": seed,

@@ -12,15 +12,15 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from vlbridge.data.records import DataConfigError
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 Format = Literal["coco", "vqa", "webdataset", "jsonl"]
 
 
-class DataConfig(NoBoolNumbers):
+class DataConfig(StrictNumbers):
     """Which files, in which format, and how samples are prepared."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+    model_config = ConfigDict(extra="forbid")
     format: Format = Field(description="coco (also Flickr30k; LAVIS, official COCO or Karpathy JSON), vqa (VQAv2), webdataset (tar shards), jsonl")
     paths: list[str] = Field(min_length=1, description="caption JSON, JSONL or VQA questions files; or tar shards (paths, globs, 'x-{0000..0009}.tar')")
     vqa_annotations: list[str] | None = Field(None, description="VQAv2 annotations (answers) files, one per questions file; omit for test splits")

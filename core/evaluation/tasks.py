@@ -30,7 +30,7 @@ from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
 from vlbridge.metrics.captions import score_captions
 from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 TASKS = ("caption", "vqa", "retrieval")
 PREDICTIONS_FILE, METRICS_FILE = "predictions.json", "metrics.json"
@@ -39,10 +39,10 @@ LAYOUT_MANIFEST = "manifest.json"  # a generated world's (vlbridge.world.generat
 Progress = Callable[[int, int], None]
 
 
-class EvalOptions(NoBoolNumbers):
+class EvalOptions(StrictNumbers):
     """How to run and score an evaluation; generation settings go to model.caption / model.answer."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+    model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(16, ge=1, description="images per forward pass")
     prompt: str | None = Field(None, description="caption prompt (e.g. 'a photo of'), or the VQA template with {}")
     generation: dict[str, Any] = Field(default_factory=dict, description="num_beams, max_new_tokens, ...")

@@ -16,6 +16,7 @@ from vlbridge.files.userfiles import read_json
 
 ASSEMBLY_FILE = "assembly.yaml"
 META_FILE = "checkpoint.json"
+RUN_CHECKPOINTS = "checkpoints"  # a training run's output_dir keeps its checkpoint steps here
 RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
 
 

@@ -1,6 +1,7 @@
 """Numbers in user configs are numbers: pydantic's lax mode reads `true` as 1 for an int field (and
-1.0 for a float), so `num_query_tokens: true` or `batch_size: yes` would be taken as a count. Every
-config model of vlbridge inherits this refusal; a field that accepts a bool says so in its type."""
+1.0 for a float), so `num_query_tokens: true` or `batch_size: yes` would be taken as a count, and
+`lr: .inf` as a learning rate. Every config model of vlbridge inherits both refusals from
+`StrictNumbers`; a field that accepts a bool says so in its type."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 def _accepts(annotation: Any) -> set[type]:
@@ -27,8 +28,11 @@ def _has_bool(value: Any) -> bool:
     return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value))
 
 
-class NoBoolNumbers(BaseModel):
-    """Refuse true/false given to a number field (int or float without bool in its type)."""
+class StrictNumbers(BaseModel):
+    """Refuse true/false given to a number field (int or float without bool in its type), and an
+    infinite or NaN float (subclasses' model_config merges with this one)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

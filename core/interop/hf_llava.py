@@ -50,7 +50,6 @@ def read_llava_config(src: Path) -> dict[str, Any]:
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy not in SELECT_STRATEGIES:
         raise VLBridgeError(f"{path}: vision_feature_select_strategy {strategy!r} is unknown; expected one of {sorted(SELECT_STRATEGIES)}")
-    _import_selection(config, path)  # refuses a selection hf-vision cannot make, before any weight loads
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise VLBridgeError(f"{path}: projector_hidden_act {act!r}; vlbridge's mlp connector uses GELU (LLaVA-1.5's mlp2x_gelu)")
@@ -120,6 +119,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
 
     src, out = Path(src_dir).expanduser(), Path(out_dir)
     config = read_llava_config(src)
+    selection = _import_selection(config, src / "config.json")  # refuses what hf-vision cannot select, before any weight loads
     tokenizer = load_tokenizer("hf-llava", str(src))
     image_token = _image_token(tokenizer, config.get("image_token_index", 32000))
     hf = _load_llava(src)
@@ -140,7 +140,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
         "name": name or src.name,
         "description": f"imported from transformers LlavaForConditionalGeneration at {src}",
         "encoder": {"use": "hf-vision", "options": {"model": str(vision_dir.resolve()), "layer": config.get("vision_feature_layer", -2),
-                                                    **_import_selection(config, src / "config.json")}},
+                                                    **selection}},
         "connector": {"use": "mlp", "options": {"depth": 2, "activation": "gelu"}},
         "llm": {"use": "hf-causal-lm", "options": {"model": str(llm_dir.resolve()), "prompt_template": prompt_template.replace("<image>", image_token),
                                                    "image_token": image_token}},

@@ -9,15 +9,15 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from vlbridge.modeling.prompts import template_problem
 from vlbridge.parts.devices import device_syntax_problem
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 PROMPT_HELP = ("how the task's text reaches the LLM: '{}' is the text as the task wrote it; BLIP-2's VQA prompt is "
                "'Question: {} Short answer:'. The LLM's own template (e.g. a chat format) is applied after it")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
-class Strict(NoBoolNumbers):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+class Strict(StrictNumbers):
+    model_config = ConfigDict(extra="forbid")
 
 
 class PromptSettings(Strict):

@@ -16,14 +16,14 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.running import RunningModel
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 
 
-class GenerationOptions(NoBoolNumbers):
+class GenerationOptions(StrictNumbers):
     """Decoding settings; unknown names are an error rather than silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+    model_config = ConfigDict(extra="forbid")
     max_new_tokens: int = Field(30, ge=1, description="most tokens to generate after the prompt")
     min_new_tokens: int = Field(1, ge=0, description="fewest tokens to generate before the end token may win")
     num_beams: int = Field(5, ge=1, description="beam width; 1 = greedy or sampling")

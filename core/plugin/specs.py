@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 from pydantic import ConfigDict
 
 from vlbridge.errors import PluginError
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 if TYPE_CHECKING:
     from vlbridge.plugin.sources import WeightSource
@@ -26,10 +26,10 @@ _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
-class Options(NoBoolNumbers):
+class Options(StrictNumbers):
     """Base of every component's options: typos are errors, values are immutable once validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
 @dataclass(frozen=True)

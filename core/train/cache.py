@@ -51,7 +51,7 @@ class CacheError(VLBridgeError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+    model_config = ConfigDict(extra="forbid")
 
 
 class PreprocessInfo(Strict):

@@ -25,11 +25,12 @@ import torch
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text, staging_dir
 from vlbridge.files.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
+from vlbridge.files.checkpoint_paths import RUN_CHECKPOINTS
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_text
 from vlbridge.files.weights import torch_load
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = RUN_CHECKPOINTS
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "train.yaml"

@@ -20,8 +20,9 @@ from vlbridge.data.config import DataConfig
 from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
+from vlbridge.files.checkpoint_paths import META_FILE, RUN_CHECKPOINTS
+from vlbridge.files.config_fields import StrictNumbers
 from vlbridge.files.userfiles import read_yaml
-from vlbridge.files.config_fields import NoBoolNumbers
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _YAML_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*:")  # an assembly problem that starts with its own path
@@ -37,8 +38,8 @@ class TrainConfigError(VLBridgeError):
         super().__init__(f"training config {source} is invalid ({count} problem{'s' if count != 1 else ''}):\n{listed}")
 
 
-class Section(NoBoolNumbers):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+class Section(StrictNumbers):
+    model_config = ConfigDict(extra="forbid")
 
 
 class DataSection(Section):
@@ -262,10 +263,11 @@ def _field_problems(config: TrainConfig) -> list[str]:
     init_from = Path(config.init_from).expanduser() if config.init_from is not None else None
     if init_from is not None and not init_from.is_dir():
         problems.append(f"init_from: {config.init_from!r} is not a directory; give a checkpoint dir or a run's output_dir")
-    elif init_from is not None and not ((init_from / "checkpoint.json").is_file() or (init_from / "checkpoints").is_dir()):
-        problems.append(f"init_from: {config.init_from!r} holds no checkpoint (no checkpoint.json, no checkpoints/); give a "
-                        "checkpoint dir or a run's output_dir")
-    if Path(config.output_dir).expanduser().exists() and not Path(config.output_dir).expanduser().is_dir():
+    elif init_from is not None and not ((init_from / META_FILE).is_file() or (init_from / RUN_CHECKPOINTS).is_dir()):
+        problems.append(f"init_from: {config.init_from!r} holds no checkpoint (no {META_FILE}, no {RUN_CHECKPOINTS}/); give a "
+                        "checkpoint dir or a run's output_dir")  # which step of a run: resolve_checkpoint, when training starts
+    output_dir = Path(config.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
         problems.append(f"output_dir: {config.output_dir!r} is a file; give a folder (new, or a run's to resume)")
     if config.data.features is not None and not Path(config.data.features).expanduser().exists():
         problems.append(f"data.features: {config.data.features!r} does not exist")

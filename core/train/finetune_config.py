@@ -12,13 +12,13 @@ from typing import Any, Literal, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 Unfreeze = Union[Literal["none", "all"], int]
 
 
-class _Section(NoBoolNumbers):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+class _Section(StrictNumbers):
+    model_config = ConfigDict(extra="forbid")
 
 
 class EncoderTuning(_Section):

@@ -20,7 +20,7 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
 from vlbridge.modeling.llm_output import aligned_labels
 from vlbridge.modeling.prompts import format_prompts
@@ -36,10 +36,10 @@ Losses = dict[str, torch.Tensor]
 
 # -- shared pieces --------------------------------------------------------------------------------
 
-class ObjectiveOptions(NoBoolNumbers):
+class ObjectiveOptions(StrictNumbers):
     """Base of the objectives' options: unknown names are errors."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite or NaN setting is always a mistake
+    model_config = ConfigDict(extra="forbid")
 
 
 class Objective:

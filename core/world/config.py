@@ -7,7 +7,7 @@ import random
 from pydantic import ConfigDict, Field, model_validator
 
 from vlbridge.world.scene import COLOURS, GRID, SHAPES, Allowed, Pair
-from vlbridge.files.config_fields import NoBoolNumbers
+from vlbridge.files.config_fields import StrictNumbers
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "comp")
 # The held-out split and the frozen parts' own stream: their images never share an id with the splits'.
@@ -19,11 +19,11 @@ DEFAULT_HELD_OUT: tuple[Pair, ...] = (("red", "triangle"), ("blue", "star"), ("g
 MAX_IMAGES = 1_000_000  # per split: a few GB of PNGs; a typo of more zeros would fill the disk without a word
 
 
-class WorldConfig(NoBoolNumbers):
+class WorldConfig(StrictNumbers):
     """The world's size and content. `comp` is the compositional test split: each of its images
     holds a (colour, shape) pair of `held_out`, which no other split (and no text there) contains."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int = Field(0, description="one seed for every split: scene i of a split depends only on (seed, split, i)")
     train: int = Field(3000, ge=0, le=MAX_IMAGES, description="training images")
     val: int = Field(300, ge=0, le=MAX_IMAGES, description="validation images")
