@@ -1,7 +1,7 @@
 """Training steps/s with and without the frozen-feature cache, on this CPU, side by side in one run.
 
     python bench/bench_train.py [--batch 16] [--steps 3] [--reps 5] [--threads 1] [--encoder-blocks 12]
-                                [--dropout 0.1] [--json out.json] [--profile STEPS]
+                                [--qformer mini|blip2] [--dropout 0.1] [--json out.json] [--profile STEPS]
 
 The model is BLIP-2 scaled down so that the encoder dominates as EVA ViT-g does: every width of
 ViT-g (1408, MLP 6144) and of the Q-Former (768, FFN 3072) divided by 4, the Q-Former's 12 layers by
@@ -21,7 +21,10 @@ medians of wall time and of process CPU time (with one thread, CPU time is immun
 FLOPs per step are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions,
 attention; forward and backward), and set against this machine's fp32 torch.mm rate (2048^3, and a
 Q-Former-sized shape for comparison), timed in every repetition between the training steps so that
-both see the same load. `--dropout 0` turns the Q-Former's dropout off, and `--heads 3` makes its heads
+both see the same load. `--qformer blip2` times the cached stage-1 step of BLIP-2's own Q-Former
+(768 wide, 12 layers, 12 heads of 64, FFN 3072, on 1408-wide cached features; vocabulary still 1024)
+instead of the scaled-down one: only that mode, since its one-block encoder only fills the cache.
+`--dropout 0` turns the Q-Former's dropout off, and `--heads 3` makes its heads
 64 wide (BLIP-2's head width; 16 at the default 12 heads), to show what each costs.
 `--profile 2` instead profiles two cached stage-1 steps: ops by self CPU time, the passes (ITC, ITM,
 ITG, image K/V, loss; forward, backward, optimizer) as record_function ranges, and the GEMMs by shape.
@@ -55,6 +58,10 @@ ENCODER = {"use": "eva-vit-g", "options": {"width": 352, "depth": 13, "heads": 1
 QFORMER = {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 32, "hidden_size": 192, "num_layers": 3,
                                          "num_heads": 12, "intermediate_size": 768, "max_text_positions": 64}}
 LLM = {"use": "opt", "options": {"variant": "tiny"}}
+# `--qformer blip2`: BLIP-2's own Q-Former (BERT-base: 768 wide, 12 layers, 12 heads of 64, FFN 3072) on
+# ViT-g-wide (1408) cached features; the encoder keeps one block, as it only fills the cache.
+BLIP2_QFORMER = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072}
+BLIP2_ENCODER = {"width": 1408, "heads": 16, "mlp_hidden": 6144}
 CPU_ATTENTION = {  # torch's FLOP counter knows the CUDA attention kernels only; these are the CPU ones
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
         lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
@@ -64,9 +71,12 @@ CPU_ATTENTION = {  # torch's FLOP counter knows the CUDA attention kernels only;
 WORDS = "a man woman dog cat red blue green small large riding sitting near on under the park street table field".split()
 
 
-def assembly(stage: int, blocks: int = 12, heads: int = 12) -> dict[str, Any]:
+def assembly(stage: int, blocks: int = 12, heads: int = 12, qformer: str = "mini") -> dict[str, Any]:
     encoder = {"use": ENCODER["use"], "options": {**ENCODER["options"], "depth": blocks + 1}}  # eva-vit-g keeps depth - 1
     connector = {"use": QFORMER["use"], "options": {**QFORMER["options"], "num_heads": heads}}
+    if qformer == "blip2":
+        encoder["options"].update(BLIP2_ENCODER, depth=2)
+        connector["options"].update(BLIP2_QFORMER)
     base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": encoder, "connector": connector}
     return {**base, "llm": LLM} if stage == 2 else base
 
@@ -156,12 +166,13 @@ class Mode:
 def build_modes(data: Path, cache: Path, args: argparse.Namespace) -> list[Mode]:
     config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
     modes = []
-    for stage in (1, 2):
-        model = vlbridge.build(assembly(stage, args.encoder_blocks, args.heads), stage=stage, random_weights=True).train()  # a random mini ViT on purpose
+    for stage in (1,) if args.qformer == "blip2" else (1, 2):
+        model = vlbridge.build(assembly(stage, args.encoder_blocks, args.heads, args.qformer), stage=stage, random_weights=True).train()  # a random mini ViT on purpose
         set_dropout(model.connector, args.dropout)
-        images = build_dataset(config, model.plan.preprocess, train=True)
         cached = feature_dataset(config, cache, train=True, encoder=model.encoder, assembly=model.assembly)
-        modes += [Mode(stage, "images", model, images, args.batch), Mode(stage, "feature cache", model, cached, args.batch)]
+        if args.qformer != "blip2":  # the one-block encoder there only fills the cache: no step from images
+            modes.append(Mode(stage, "images", model, build_dataset(config, model.plan.preprocess, train=True), args.batch))
+        modes.append(Mode(stage, "feature cache", model, cached, args.batch))
     return modes
 
 
@@ -197,14 +208,15 @@ def measure(modes: list[Mode], args: argparse.Namespace) -> dict[str, list[tuple
     """Interleaved repetitions of every mode's steps and of two matmuls; returns the matmul rates."""
     for mode in modes:  # warm-up: first-call allocations, tokenizer caches
         mode.step()
-    rates: dict[str, list[tuple[float, float]]] = {"2048x2048x2048": [], f"{args.batch * 64}x192x768": []}
+    width, ffn = (768, 3072) if args.qformer == "blip2" else (192, 768)
+    rates: dict[str, list[tuple[float, float]]] = {"2048x2048x2048": [], f"{args.batch * 64}x{width}x{ffn}": []}
     for _ in range(args.reps):
         for mode in modes:
             wall, cpu = time_steps(mode.step, args.steps)
             mode.walls.append(wall)
             mode.cpus.append(cpu)
         rates["2048x2048x2048"].append(matmul_rate(2048, 2048, 2048))
-        rates[f"{args.batch * 64}x192x768"].append(matmul_rate(args.batch * 64, 192, 768))
+        rates[f"{args.batch * 64}x{width}x{ffn}"].append(matmul_rate(args.batch * 64, width, ffn))
     return rates
 
 
@@ -222,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         data = write_data(root, args.batch * (args.steps + 2))
         started = time.perf_counter()
-        manifest = build_cache(assembly(1, args.encoder_blocks, args.heads), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}],
+        manifest = build_cache(assembly(1, args.encoder_blocks, args.heads, args.qformer), [{"format": "jsonl", "paths": [str(data)], "num_workers": 0}],
                                root / "cache", BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0),
                                random_weights=True)  # the random mini ViT, on purpose
         cache_rate = manifest.rows / (time.perf_counter() - started)
@@ -252,7 +264,7 @@ def report(args: argparse.Namespace, modes: list[Mode], flops: dict[str, Any], r
                            "gflops_cpu": gflop / cpu, "fraction_cpu": gflop / cpu / mm_cpu,
                            "gflop_by_op": {op: f / 1e9 for op, f in by_op.items()}, "walls": mode.walls, "cpus": mode.cpus}
     speedup = {f"stage {stage}": {kind: rows[f"stage {stage}, images"][f"{kind}_s"] / rows[f"stage {stage}, feature cache"][f"{kind}_s"]
-                                  for kind in ("wall", "cpu")} for stage in (1, 2)}
+                                  for kind in ("wall", "cpu")} for stage in (1, 2) if f"stage {stage}, images" in rows}
     matmul = {shape: {"wall": statistics.median(w for w, _ in values), "cpu": statistics.median(c for _, c in values),
                       "all": values} for shape, values in rates.items()}
     return {"args": vars(args), "matmul_gflops": matmul, "modes": rows, "speedup": speedup}
@@ -271,8 +283,9 @@ def print_report(result: dict[str, Any]) -> None:
     for name, r in result["modes"].items():
         print(f"| {name} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.2f} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} | "
               f"{r['gflop_per_step']:.1f} | {r['gflops_wall']:.1f} | {100 * r['fraction_wall']:.0f}% | {100 * r['fraction_cpu']:.0f}% |")
-    print("speedup from the cache (wall / CPU time): " + ", ".join(
-        f"{stage}: {v['wall']:.2f}x / {v['cpu']:.2f}x" for stage, v in result["speedup"].items()))
+    if result["speedup"]:
+        print("speedup from the cache (wall / CPU time): " + ", ".join(
+            f"{stage}: {v['wall']:.2f}x / {v['cpu']:.2f}x" for stage, v in result["speedup"].items()))
     for name, parts in result["phases_s"].items():
         print(f"{name}, median wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
@@ -346,9 +359,9 @@ def profile(args: argparse.Namespace) -> None:
         root = Path(tmp)
         data = write_data(root, args.batch * (args.profile + 3))
         config = {"format": "jsonl", "paths": [str(data)], "num_workers": 0}
-        build_cache(assembly(1, args.encoder_blocks, args.heads), [config], root / "cache",
+        build_cache(assembly(1, args.encoder_blocks, args.heads, args.qformer), [config], root / "cache",
                     BuildSettings(batch_size=args.batch, dtype=args.dtype, num_workers=0), random_weights=True)
-        model = vlbridge.build(assembly(1, args.encoder_blocks, args.heads), stage=1, random_weights=True).train()
+        model = vlbridge.build(assembly(1, args.encoder_blocks, args.heads, args.qformer), stage=1, random_weights=True).train()
         set_dropout(model.connector, args.dropout)
         cached = feature_dataset(config, root / "cache", train=True, encoder=model.encoder, assembly=model.assembly)
         mode = Mode(1, "feature cache", model, cached, args.batch)
@@ -371,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-blocks", type=int, default=12, help="encoder depth (default 12: 68%% of stage-1 FLOPs, as ViT-g)")
     parser.add_argument("--heads", type=int, default=12, help="Q-Former attention heads (default 12, BLIP-2's count, "
                         "so 16 wide at this width; 3 gives BLIP-2's head width of 64: the same FLOPs in fewer, wider heads)")
+    parser.add_argument("--qformer", choices=("mini", "blip2"), default="mini", help="Q-Former size: the bench's scaled-down "
+                        "one (default) or BLIP-2's own (768 wide, 12 layers, heads of 64) on 1408-wide cached features; "
+                        "blip2 times the cached stage-1 step only (its one-block encoder just fills the cache)")
     parser.add_argument("--dropout", type=float, default=0.1, help="Q-Former dropout (default BLIP-2's 0.1; 0 to measure its cost)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="only profile this many cached stage-1 steps")
