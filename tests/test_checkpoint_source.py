@@ -94,3 +94,21 @@ def test_cli_caption_from_a_run_output_dir(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"using its latest checkpoint {step} (step-3)" in err and json.loads(out)[0]["image"] == str(image)
+
+
+def test_python_load_takes_a_run_output_dir_as_the_cli_does(tmp_path):
+    """vlbridge.load("runs/stage2") (the README's lmms-eval example) loads the run's latest step."""
+    import torch
+
+    import vlbridge
+
+    run = tmp_path / "run"
+    model = vlbridge.build("tiny-linear-opt")
+    model.save(run / "checkpoints" / "step-3")
+    (run / "checkpoints" / "step-3" / "trainer_state.pt").write_bytes(b"")  # what makes a run's step complete
+    (run / "checkpoints" / "latest").write_text("step-3\n", encoding="utf-8")
+    loaded = vlbridge.load(run)
+    for key, value in model.connector.state_dict().items():
+        assert torch.equal(loaded.connector.state_dict()[key], value)
+    with pytest.raises(WeightsError, match=r"vlbridge.load: .* no such directory"):
+        vlbridge.load(tmp_path / "nowhere")

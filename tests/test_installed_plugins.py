@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "plugins"
@@ -125,3 +126,45 @@ def test_example_plugins_own_tests_pass(venv):
     result = subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "--rootdir", str(tests), str(tests)], capture_output=True, text=True, env=environ, check=False)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+SAVE_AND_LOAD = """
+import sys, yaml, vlbridge
+out = sys.argv[1]
+if sys.argv[2] == "save":
+    model = vlbridge.build({"name": "r", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+                            "connector": {"use": "resampler", "options": {"num_latents": 4}},
+                            "llm": {"use": "opt", "options": {"variant": "tiny"}}})
+    model.save(out)
+    print(yaml.safe_dump(yaml.safe_load(open(out + "/assembly.yaml"))))
+else:
+    print(vlbridge.load(out).plan.connector.distribution)
+"""
+
+
+def test_a_checkpoint_names_its_plugin_distribution_and_requires_it(venv, tmp_path):
+    """Saved while one plugin provides 'resampler', the checkpoint still loads once a second one
+    claims the name, and a machine where the plugin is not loaded is told which distribution it needs."""
+    script = tmp_path / "save_load.py"
+    script.write_text(SAVE_AND_LOAD, encoding="utf-8")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("VLBRIDGE_")}
+    python, checkpoint = str(venv / "bin" / "python"), str(tmp_path / "ckpt")
+    saved = subprocess.run([python, str(script), checkpoint, "save"], capture_output=True, text=True, cwd=venv,
+                           env={**environ, "VLBRIDGE_DISABLE_PLUGINS": "vlbridge-dup"}, check=False)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assembly = yaml.safe_load(saved.stdout)
+    assert assembly["connector"]["use"] == "vlbridge-resampler:resampler" and assembly["requires"] == ["vlbridge-resampler"]
+    loaded = subprocess.run([python, str(script), checkpoint, "load"], capture_output=True, text=True, cwd=venv, env=environ, check=False)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "vlbridge-resampler", loaded.stderr[-3000:]
+    refused = vlbridge(venv, "validate", str(tmp_path / "ckpt" / "assembly.yaml"), VLBRIDGE_DISABLE_PLUGINS="vlbridge-resampler")
+    assert refused.returncode == 2
+    assert "the plugin distribution 'vlbridge-resampler' is installed but was not loaded" in refused.stderr
+
+
+def test_trace_and_an_isolated_test_registry(venv):
+    traced = vlbridge(venv, "components", "--kind", "connector", VLBRIDGE_TRACE_PLUGINS="1")
+    assert traced.returncode == 0, traced.stderr
+    assert "vlbridge_register_connectors of vlbridge-resampler (vlbridge-resampler) returned [resampler]" in traced.stderr
+    code = "from vlbridge.plugintest.check import registry_with; print(sorted(registry_with({}).names('connector')))"
+    names = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=venv, check=True).stdout
+    assert "resampler" not in names and "qformer" in names  # built-ins only, whatever is installed

@@ -66,6 +66,16 @@ class Assembly:
     def name(self) -> str:
         return self.config.name
 
+    def stage_problem(self, stage: int) -> str | None:
+        """Why `stage` cannot be built from this assembly (None when it can)."""
+        if stage in self.plan.stages:
+            return None
+        declared = list(self.connector.spec.stages)
+        if stage == 2 and 2 in declared and self.llm is None:
+            return (f"stage 2 needs an LLM, and assembly {self.name!r} has no llm: slot (without one it builds for stage 1: "
+                    "training, retrieval and features); add an llm: to build stage 2")
+        return f"connector {self.plan.connector.name!r} supports stages {declared}, not stage {stage}"
+
 
 # -- reading ------------------------------------------------------------------------------------
 def read_source(source: str | Path | dict[str, Any]) -> tuple[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
-from vlbridge.assemblies.reachability import config_with_absolute_paths
+from vlbridge.assemblies.saved import checkpoint_config
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.checkpoint import read_connector_weights, write_checkpoint
 
@@ -44,7 +44,7 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
         raise VLBridgeError(f"the checkpoint is from stage {stage} but assembly {assembly.name!r} supports stages {list(assembly.plan.stages)} (stage 2 needs an llm)")
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
-    out = write_checkpoint(out_dir, config_with_absolute_paths(assembly), tensors, stage, meta)
+    out = write_checkpoint(out_dir, checkpoint_config(assembly), tensors, stage, meta)
     from vlbridge.modeling.factory import build  # verify now: a mismatch should fail the import, not a later load
 
     build(assembly, stage=stage, weights=out, check_shapes=False)

@@ -47,8 +47,9 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
         assembly = load_assembly(assembly)
     plan = assembly.plan
     stage = max(plan.stages) if stage is None else stage
-    if stage not in plan.stages:
-        raise VLBridgeError(f"connector {plan.connector.name!r} supports stages {list(plan.stages)}, not stage {stage}")
+    problem = assembly.stage_problem(stage)
+    if problem:
+        raise VLBridgeError(problem)
     check_reachable(assembly, stage, random_weights=random_weights)  # every part's weights, before anything loads
     if isinstance(device, str):
         device = resolve_device(device, option="device")  # a missing CUDA is a user error, found before building
@@ -156,12 +157,14 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
          random_weights: bool = False) -> VLBridgeModel:
     """Rebuild a model saved with `model.save(dir)`: the frozen parts from their sources, the
     connector from the checkpoint, and what fine-tuning changed (encoder tensors, LoRA adapters) too.
+    A training run's output_dir loads its latest checkpoint, as `--checkpoint` does on the CLI.
     `stage` defaults to the checkpoint's own: a stage-1 checkpoint loads without an LLM (its
     projection into one was never trained), so captioning from it is refused rather than run on
     random weights; pass stage=2 to build the LLM side anyway (as a stage-2 run starting from it does)."""
     from vlbridge.finetune.tuning import restore_tuned
+    from vlbridge.train.checkpoint_source import resolve_checkpoint
 
-    directory = Path(checkpoint_dir)
+    directory = resolve_checkpoint(checkpoint_dir, "vlbridge.load:").directory
     meta = read_meta(directory)
     stage = int(meta["stage"]) if stage is None else stage
     model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)

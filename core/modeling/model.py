@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from vlbridge.assemblies.assembly import Assembly
-from vlbridge.assemblies.reachability import config_with_absolute_paths
+from vlbridge.assemblies.saved import checkpoint_config
 from vlbridge.errors import VLBridgeError
 from vlbridge.finetune.tuning import Tuned
 from vlbridge.modeling import inference, retrieval
 from vlbridge.modeling.connector_protocol import connector_state, set_connector_stage
+from vlbridge.parts.freeze import FrozenPart
 from vlbridge.parts.images import to_pixel_batch
 from vlbridge.plugin.contract import describe
 
@@ -55,12 +56,23 @@ class VLBridgeModel(nn.Module):
     def set_stage(self, stage: int) -> None:
         """Choose which connector parameters train (the connector's `set_stage`, or all of them in
         stage 2 for a connector without one); encoder and LLM stay frozen whatever the stage."""
-        if stage not in self.plan.stages:
-            raise VLBridgeError(f"connector {self.plan.connector.name!r} supports stages {list(self.plan.stages)}, not stage {stage}")
+        problem = self.assembly.stage_problem(stage)
+        if problem:
+            raise VLBridgeError(problem)
         if stage == 2 and self.llm is None:
             raise VLBridgeError("stage 2 needs the LLM; build the model with stage=2")
         set_connector_stage(self.connector, stage, describe(self.plan.connector))
         self.stage = stage
+
+    def train(self, mode: bool = True) -> "VLBridgeModel":
+        """Like `nn.Module.train`, but a frozen part stays in eval mode: a `FrozenPart` keeps itself
+        there, and a plugin's plain nn.Module with no parameter that trains is put back (its dropout
+        would otherwise act while the connector trains against it)."""
+        super().train(mode)
+        for part in (self.encoder, self.llm):
+            if part is not None and not isinstance(part, FrozenPart) and not any(p.requires_grad for p in part.parameters()):
+                part.train(False)
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -142,5 +154,5 @@ class VLBridgeModel(nn.Module):
         from vlbridge.files.checkpoint import save_checkpoint
         from vlbridge.finetune.tuning import tuned_parts
 
-        return save_checkpoint(out_dir, config_with_absolute_paths(self.assembly), connector_state(self.connector), self.stage,
+        return save_checkpoint(out_dir, checkpoint_config(self.assembly), connector_state(self.connector), self.stage,
                                parts=tuned_parts(self))

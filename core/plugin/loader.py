@@ -153,13 +153,36 @@ class PluginSet:
         """Call every implementation of a hook separately so one failure cannot hide the others."""
         results: list[tuple[PluginRecord, Any]] = []
         caller = getattr(self.pm.hook, hook_name)
+        trace = tracing()
         for impl in caller.get_hookimpls():  # registration order
             record = self.records[impl.plugin_name]
             try:
-                results.append((record, impl.function()))
+                returned = impl.function()
             except Exception as exc:
+                if trace:
+                    print(f"vlbridge plugins: {hook_name} of {record.name} ({record.distribution}) raised {_short_error(exc)}",
+                          file=sys.stderr, flush=True)
                 self.fail(record, f"{hook_name} raised {_short_error(exc)}", exc)
+                continue
+            if trace:
+                print(f"vlbridge plugins: {hook_name} of {record.name} ({record.distribution}) returned {_summary(returned)}",
+                      file=sys.stderr, flush=True)
+            results.append((record, returned))
         return results
+
+
+def tracing() -> bool:
+    """VLBRIDGE_TRACE_PLUGINS: print every hook call (plugin, distribution, what it returned) to stderr.
+    The hooks are called one plugin at a time (`call_each`), not through pluggy's hook caller, so
+    pluggy's own tracing would see none of them."""
+    return os.environ.get("VLBRIDGE_TRACE_PLUGINS", "").strip().lower() not in _OFF
+
+
+def _summary(returned: Any) -> str:
+    """What a hook returned, briefly: the names of the specs in a list, else the value's type."""
+    if isinstance(returned, (list, tuple)):
+        return "[" + ", ".join(str(getattr(item, "name", type(item).__name__)) for item in returned) + "]"
+    return type(returned).__name__
 
 
 def unknown_hooks(plugin: object) -> list[str]:
@@ -190,8 +213,5 @@ def load_plugin_set() -> PluginSet:
     """Load built-ins then third-party plugins. Third-party first would let them shadow nothing."""
     plugins = PluginSet()
     plugins.load_builtins()
-    if os.environ.get("VLBRIDGE_TRACE_PLUGINS"):
-        plugins.pm.trace.root.setwriter(lambda msg: sys.stderr.write(str(msg)))
-        plugins.pm.enable_tracing()
     plugins.load_entry_points()
     return plugins

@@ -79,10 +79,10 @@ class Registry:
         if qualifier:
             chosen = [s for s in candidates if qualifier in (s.distribution, s.plugin)]
             if not chosen:
-                providers = ", ".join(str(s.distribution) for s in candidates) or "no plugin"
+                providers = ", ".join(str(s.distribution) for s in candidates) or "no loaded plugin"
                 raise UnknownComponentError(
-                    f"no {kind} named {name!r} comes from {qualifier!r} (it is provided by: {providers})"
-                    + self._installed_hint(kind, name)
+                    f"no {kind} named {name!r} comes from {qualifier!r} (it is provided by: {providers}); "
+                    + self._provider_state(qualifier) + self._installed_hint(kind, name)
                 )
             return Resolution(chosen[0])
         if not candidates:
@@ -95,6 +95,19 @@ class Registry:
         if len(builtins) == 1:
             return Resolution(builtins[0], f"{kind} {name!r} is provided by {', '.join(providers)}; using the built-in one (write {choices} to choose)")
         raise UnknownComponentError(f"{kind} {name!r} is provided by several plugins ({', '.join(providers)}); write {choices}")
+
+    def _provider_state(self, qualifier: str) -> str:
+        """Why a named provider gave nothing: skipped by the plugin variables, broken, or not installed."""
+        records = [r for r in self.plugins.records.values() if qualifier in (r.distribution, r.name)]
+        if any(r.status == "disabled" for r in records):
+            return (f"the plugin distribution {qualifier!r} is installed but was not loaded (VLBRIDGE_DISABLE_PLUGINS or "
+                    "VLBRIDGE_LOAD_PLUGINS leaves it out).")
+        broken = [error for r in records if r.status == "error" for error in r.errors]
+        if broken:
+            return f"the plugin {qualifier!r} failed to load: {broken[0]} (vlbridge plugins shows it)."
+        if records:
+            return f"the plugin {qualifier!r} is loaded but declares no such part."
+        return f"no installed plugin is called {qualifier!r}; install it (pip install {qualifier})."
 
     def _installed_hint(self, kind: Kind, name: str) -> str:
         installed = self.names(kind)

@@ -133,12 +133,15 @@ def _probe_sources(spec: Spec, opts: Any, who: str) -> None:
 
 
 def registry_with(plugins: dict[str, object], builtins: bool = True) -> "Registry":
-    """A fresh registry with the built-ins plus the given plugin objects (name -> module/object),
-    registered as third-party plugins; for tests that need a fake or broken plugin in-process."""
-    from vlbridge.plugin.loader import load_plugin_set
+    """A fresh registry with the built-ins (unless `builtins=False`) plus the given plugin objects
+    (name -> module/object), registered as third-party plugins; for tests that need a fake or broken
+    plugin in-process. Installed entry-point plugins are left out, so a test sees the same parts
+    whatever else is installed."""
     from vlbridge.plugin.registry import Registry
 
-    plugin_set = load_plugin_set() if builtins else PluginSet()
+    plugin_set = PluginSet()
+    if builtins:
+        plugin_set.load_builtins()
     for plugin_name, plugin in plugins.items():
         plugin_set.register(plugin, plugin_name, distribution=plugin_name, version="0", builtin=False)
     return Registry.collect(plugin_set)

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from vlbridge.assemblies.assembly import Assembly
-from vlbridge.assemblies.reachability import config_with_absolute_paths
+from vlbridge.assemblies.saved import checkpoint_config
 from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
@@ -334,7 +334,7 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                      "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks}
             ckpt.save_training_checkpoint(
-                self.output_dir, self.step, assembly=config_with_absolute_paths(self.model.assembly),
+                self.output_dir, self.step, assembly=checkpoint_config(self.model.assembly),
                 connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
                 config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=tuned_parts(self.model))
         rt.barrier()
