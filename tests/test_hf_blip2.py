@@ -217,3 +217,25 @@ def test_the_cli_writes_only_into_a_new_or_empty_folder(imported, tmp_path, caps
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "kept").iterdir())) == 1
     (tmp_path / "empty").mkdir()
     assert main(["import", "hf-blip2", str(root / "hf"), str(tmp_path / "empty")]) == 0
+
+
+@pytest.mark.parametrize("instruction_aware", [False, True])
+def test_an_untied_flan_t5_head_exports_as_its_own_matrix(tmp_path, instruction_aware):
+    """transformers 5 builds every T5 with its head tied to the input embeddings; FlanT5's is its own
+    matrix, and loading both into one tensor kept only the last (an export with other logits)."""
+    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+
+    from vlbridge.interop.hf_blip2 import probe_difference
+
+    config = vlbridge.load_assembly("tiny-qformer-flan-t5").config.model_dump(mode="json")
+    config["connector"]["options"]["instruction_aware"] = instruction_aware
+    model = vlbridge.build(config).eval()
+    lm = model.llm.model
+    assert lm.lm_head.weight is not lm.shared.weight and not torch.equal(lm.lm_head.weight, lm.shared.weight)
+    export, hf_class = ((vlbridge.export_hf_instructblip, InstructBlipForConditionalGeneration) if instruction_aware
+                        else (vlbridge.export_hf_blip2, Blip2ForConditionalGeneration))
+    again = hf_class.from_pretrained(str(export(model, tmp_path / "out"))).eval()
+    assert torch.equal(again.language_model.lm_head.weight, lm.lm_head.weight)
+    assert torch.equal(again.language_model.shared.weight, lm.shared.weight)
+    with torch.no_grad():
+        assert probe_difference(model, again, again.config.image_token_index) < 1e-5

@@ -22,6 +22,7 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
+from vlbridge.interop.export_state import load_export_state
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
@@ -228,12 +229,10 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
     state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
-    state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
+    llm_model = model.merged_llm_model()  # LoRA merged
+    state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
     hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
-    if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
-        raise WeightsError(f"export does not fit Blip2ForConditionalGeneration: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    load_export_state(hf, state, llm_model, "Blip2ForConditionalGeneration")
     settle("transformers' BLIP-2", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
     out = Path(out_dir)
     hf.save_pretrained(out)

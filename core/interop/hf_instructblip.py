@@ -24,6 +24,7 @@ from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options, unsupported_settings, zero_qv_biases
+from vlbridge.interop.export_state import load_export_state
 from vlbridge.interop.export_fidelity import settle
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
@@ -105,13 +106,10 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
         elif key.startswith("embeddings."):
             key = "qformer." + key
         state[key] = value
-    state.update({f"language_model.{k}": v for k, v in model.merged_llm_model().state_dict().items()})  # LoRA merged
+    llm_model = model.merged_llm_model()  # LoRA merged
+    state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
     hf = InstructBlipForConditionalGeneration(config).eval()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
-    if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
-        raise WeightsError(f"export does not fit InstructBlipForConditionalGeneration: missing {sorted(missing)[:8]}, "
-                           f"unexpected {sorted(unexpected)[:8]}")
+    load_export_state(hf, state, llm_model, "InstructBlipForConditionalGeneration")
     settle("transformers' InstructBLIP", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index),
            allow_approximate)
     out = Path(out_dir)
