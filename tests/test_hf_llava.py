@@ -319,3 +319,25 @@ def _save_tower(directory, kind: str) -> None:
              "dinov2-registers": lambda: t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**sizes, num_register_tokens=2))}[kind]()
     redraw(tower, std=0.1, seed=4)
     tower.save_pretrained(str(directory))
+
+
+def test_an_image_processor_kept_only_in_processor_config_is_read(tmp_path):
+    """transformers 5's LlavaProcessor.save_pretrained writes the image processor into
+    processor_config.json and no preprocessor_config.json; its mean and std were lost (family defaults)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    _, tokenizer = make_llava(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").unlink()
+    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    LlavaProcessor(processor, tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
+                   image_token="<image>").save_pretrained(str(tmp_path / "hf"))
+    if (tmp_path / "hf" / "preprocessor_config.json").is_file():
+        (tmp_path / "hf" / "preprocessor_config.json").unlink()  # as transformers 5 leaves it
+    assert "image_processor" in json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "ours"))
+    assert model.plan.preprocess.mean == (0.5, 0.5, 0.5) and model.plan.preprocess.std == (0.5, 0.5, 0.5)
+    image = Image.new("RGB", (IMAGE, IMAGE), (200, 40, 90))
+    theirs = LlavaProcessor.from_pretrained(str(tmp_path / "hf"))(images=[image], text=["<image>"], return_tensors="pt").pixel_values
+    torch.testing.assert_close(model.pixel_values([image]), theirs, atol=1e-5, rtol=0)

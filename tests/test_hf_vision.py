@@ -131,9 +131,9 @@ def test_another_resolution_interpolates_position_embeddings(towers, name):
 
 def test_preprocessing_from_the_directory_or_the_family(towers, tmp_path):
     clip, siglip, dinov2 = (HFVisionOptions(model=towers[name][0]) for name in ("clip", "siglip", "dinov2"))
-    assert hf_vision.preprocess(clip) == Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest")
-    assert hf_vision.preprocess(siglip) == Preprocess(32, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
-    assert hf_vision.preprocess(dinov2) == Preprocess(28, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", "shortest", 32)
+    assert hf_vision.preprocess(clip) == Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="floor")
+    assert hf_vision.preprocess(siglip) == Preprocess(32, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash", crop_offset="floor")
+    assert hf_vision.preprocess(dinov2) == Preprocess(28, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", "shortest", 32, "floor")
     # What transformers' own image processors write, read back.
     directory = Path(towers["dinov2"][0])
     copy = tmp_path / "dinov2"
@@ -141,12 +141,12 @@ def test_preprocessing_from_the_directory_or_the_family(towers, tmp_path):
     (copy / "config.json").write_text((directory / "config.json").read_text())
     transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=2,
                                    image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.2, 0.1]).save_pretrained(copy)
-    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, (0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bilinear", "shortest", 32)
+    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, (0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bilinear", "shortest", 32, "floor")
     transformers.SiglipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(copy)
-    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash")
+    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, (0.5,) * 3, (0.5,) * 3, "bicubic", "squash", crop_offset="floor")
     (copy / "preprocessor_config.json").write_text(json.dumps(  # the old CLIPFeatureExtractor format: bare ints
         {"size": 28, "crop_size": 28, "do_center_crop": True, "resample": 3, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
-    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest")
+    assert hf_vision.preprocess(HFVisionOptions(model=str(copy))) == Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="floor")
     (copy / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}, "resample": 1}))
     with pytest.raises(ValueError, match=r"resample=1 is not supported; vlbridge resizes bilinear \(2\) or bicubic \(3\)"):
         HFVisionOptions(model=str(copy))
@@ -158,15 +158,17 @@ def test_preprocessing_from_the_directory_or_the_family(towers, tmp_path):
                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),  # DINOv2's
     lambda t: t.SiglipImageProcessor(size={"height": 56, "width": 56}),
 ])
-def test_the_eval_transform_matches_the_image_processor(processor):
-    """vlbridge's eval transform from the processor's own config gives its pixels (up to uint8 rounding)."""
+@pytest.mark.parametrize("shape", [(90, 130), (90, 134)])  # 134 wide: an odd margin, where torchvision's crop rounds up
+def test_the_eval_transform_matches_the_image_processor(processor, shape):
+    """vlbridge's eval transform from the processor's own config gives its pixels (up to uint8 rounding),
+    the centre crop included (transformers floors its offset)."""
     import numpy as np
     from PIL import Image
 
     from vlbridge.parts.images import to_pixel_batch
     from vlbridge.plugins.encoders.hf_vision_configs import processor_preprocess
 
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8))
     built = processor(transformers)
     ours = to_pixel_batch(image, processor_preprocess(built.to_dict(), "processor"))[0]
     theirs = torch.as_tensor(np.asarray(built(image, return_tensors="np")["pixel_values"][0]))
@@ -179,7 +181,8 @@ def test_known_towers_validate_offline():
     assert hf_vision.output(HFVisionOptions(variant="siglip-so400m")) == TokenShape(729, 1152)  # 384 px, 27 x 27 patches
     dinov2 = HFVisionOptions(variant="dinov2-large", include_cls=False)
     assert hf_vision.output(dinov2) == TokenShape(256, 1024)
-    assert hf_vision.preprocess(dinov2) == Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", "shortest", 256)
+    assert hf_vision.preprocess(dinov2) == Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", "shortest", 256,
+                                                      crop_offset="floor")  # as its BitImageProcessor crops
 
 
 def test_option_errors(towers, tmp_path):
@@ -349,3 +352,14 @@ def test_counting_imports_no_torch(towers, tmp_path):
               "from vlbridge.cli.main import main\n"
               f"assert main(['validate', {str(tmp_path / 'a.yaml')!r}]) == 0")
     assert heavy_modules_after(script) == []
+
+
+def test_an_exported_clip_processor_refuses_a_torchvision_crop():
+    """CLIPImageProcessor can only floor the crop's offset; a 'round' crop would go out one pixel off."""
+    from vlbridge.errors import VLBridgeError
+    from vlbridge.interop.hf_processor import clip_image_processor
+
+    floor = clip_image_processor(Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="floor"))
+    assert floor.crop_size == {"height": 28, "width": 28}
+    with pytest.raises(VLBridgeError, match="one pixel apart"):
+        clip_image_processor(Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="round"))

@@ -35,6 +35,10 @@ def clip_image_processor(preprocess: Preprocess) -> Any:
     from transformers import CLIPImageProcessor
 
     size, target = preprocess.image_size, preprocess.resize_size or preprocess.image_size
+    if (preprocess.resize_mode == "shortest" or target != size) and preprocess.crop_offset != "floor":
+        raise VLBridgeError("transformers' CLIPImageProcessor centre-crops at ((H - S) // 2, (W - S) // 2); this encoder's "
+                            f"crop places an odd margin by {preprocess.crop_offset!r} (torchvision's), one pixel apart, "
+                            "which the processor cannot express")
     resize = {"shortest_edge": target} if preprocess.resize_mode == "shortest" else {"height": target, "width": target}
     return CLIPImageProcessor(size=resize, crop_size={"height": size, "width": size}, do_center_crop=True,
                               resample=RESAMPLE[preprocess.interpolation], image_mean=list(preprocess.mean),

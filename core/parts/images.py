@@ -19,6 +19,7 @@ from typing import Union
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.errors import VLBridgeError
@@ -66,8 +67,26 @@ def _resize_and_crop(preprocess: Preprocess) -> list[Callable]:
     else:
         raise VLBridgeError(f"unknown resize_mode {mode!r}; use 'squash' or 'shortest'")
     if mode == "shortest" or target != size:
-        steps.append(T.CenterCrop(size))
+        if preprocess.crop_offset == "round":
+            steps.append(T.CenterCrop(size))
+        elif preprocess.crop_offset == "floor":
+            steps.append(FloorCenterCrop(size))
+        else:
+            raise VLBridgeError(f"unknown crop_offset {preprocess.crop_offset!r}; use 'round' (torchvision) or 'floor' (transformers)")
     return steps
+
+
+class FloorCenterCrop:
+    """A centre crop to (S, S) whose offsets round down, as transformers' image processors place it
+    (torchvision's CenterCrop rounds half a pixel to even: a 503-wide image cropped to 336 starts at
+    84 there and at 83 in a CLIPImageProcessor)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        height, width = TF.get_size(image)  # never below the crop: resize_size >= image_size
+        return TF.crop(image, (height - self.size) // 2, (width - self.size) // 2, self.size, self.size)
 
 
 def to_pixel_batch(

@@ -51,6 +51,8 @@ class Preprocess:
     'squash' resizes both sides to `resize_size` whatever the aspect ratio (BLIP-2's and SigLIP's
     way); 'shortest' resizes the shorter side to `resize_size`, keeping the aspect ratio (CLIP's and
     DINOv2's). `resize_size` None means `image_size`, so the default squashes to S x S, no crop.
+    `crop_offset` places an odd margin's extra pixel: 'round' as torchvision's CenterCrop (open_clip,
+    LAVIS), 'floor' as transformers' image processors (top = (H - S) // 2); they differ by one pixel.
     """
 
     image_size: int
@@ -59,6 +61,7 @@ class Preprocess:
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     resize_mode: Literal["squash", "shortest"] = "squash"
     resize_size: int | None = None
+    crop_offset: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
         if self.resize_size is not None and self.resize_size < self.image_size:

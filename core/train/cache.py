@@ -63,6 +63,7 @@ class PreprocessInfo(Strict):
     interpolation: str
     resize_mode: str = "squash"  # absent from manifests written before centre-cropping encoders existed
     resize_size: int | None = None
+    crop_offset: str = "round"  # absent from manifests written before transformers' floor crop was followed
     transform: Literal["eval"] = Field("eval", description="resize (squash, or shortest side then centre-crop) to "
                                        "image_size x image_size and normalise; no augmentation")
 
@@ -150,7 +151,7 @@ def encoder_identity(assembly: "Assembly", weights: str) -> EncoderIdentity:
         name=plan.encoder.name, plugin=plan.encoder.plugin, options=dict(plan.encoder.options),
         num_tokens=plan.encoder_out.num_tokens, width=plan.encoder_out.width,
         preprocess=PreprocessInfo(image_size=p.image_size, mean=p.mean, std=p.std, interpolation=p.interpolation,
-                                  resize_mode=p.resize_mode, resize_size=p.resize_size),
+                                  resize_mode=p.resize_mode, resize_size=p.resize_size, crop_offset=p.crop_offset),
         weights_sha256=weights,
     )
 
@@ -204,7 +205,7 @@ def identity_problems(cached: EncoderIdentity, current: EncoderIdentity, *, weig
                 for key in sorted({*cached.options, *current.options}) if cached.options.get(key) != current.options.get(key)]
     if (cached.num_tokens, cached.width) != (current.num_tokens, current.width):
         problems.append(f"encoder output: {cached.num_tokens} tokens x {cached.width} in the cache, {current.num_tokens} x {current.width} now")
-    for field in ("image_size", "mean", "std", "interpolation", "resize_mode", "resize_size"):
+    for field in ("image_size", "mean", "std", "interpolation", "resize_mode", "resize_size", "crop_offset"):
         was, now = getattr(cached.preprocess, field), getattr(current.preprocess, field)
         if was != now:
             problems.append(f"preprocessing {field}: {was} in the cache, {now} now")

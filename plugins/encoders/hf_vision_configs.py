@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from vlbridge.files.hf_config import cached_hub_file, local_config, looks_local, read_local_json
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess
@@ -118,10 +118,10 @@ def read_source(model: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if looks_local(model):
         config = local_config(model)  # ValueError for a missing directory or config.json
         assert config is not None
-        return config, read_local_json(model, "preprocessor_config.json")
+        return config, image_processor_config(lambda name: read_local_json(model, name))
     config = _cached_hub_file(model, "config.json")
     if config is not None:
-        return config, _cached_hub_file(model, "preprocessor_config.json")
+        return config, image_processor_config(lambda name: _cached_hub_file(model, name))
     known = next((tower for tower in KNOWN_TOWERS.values() if tower.hub_id == model), None)
     if known is not None:
         return known.config, known.processor
@@ -129,6 +129,17 @@ def read_source(model: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
                      f"has no copy of it, and hf-vision knows only {', '.join(t.hub_id for t in KNOWN_TOWERS.values())}; "
                      "give a directory written by save_pretrained, or fetch the configs once where the hub is reachable "
                      f"(`huggingface-cli download {model} config.json preprocessor_config.json`)")
+
+
+def image_processor_config(read: Callable[[str], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The image processor's settings: preprocessor_config.json, else the `image_processor` entry of
+    processor_config.json (where a transformers 5 processor's save_pretrained keeps them, writing no
+    preprocessor_config.json); None when neither holds them."""
+    found = read("preprocessor_config.json")
+    if found is not None:
+        return found
+    nested = (read("processor_config.json") or {}).get("image_processor")
+    return nested if isinstance(nested, dict) else None
 
 
 def vision_values(config: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
@@ -180,7 +191,7 @@ def processor_preprocess(processor: dict[str, Any], where: str) -> Preprocess:
         mean, std = _rgb(processor.get("image_mean"), where, "image_mean"), _rgb(processor.get("image_std"), where, "image_std")
     if target < size:
         raise ValueError(f"{where}: the image processor resizes to {target} but crops {size}")
-    return Preprocess(size, mean, std, RESAMPLE[resample], mode, target if target != size else None)
+    return Preprocess(size, mean, std, RESAMPLE[resample], mode, target if target != size else None, crop_offset="floor")
 
 
 def _resize(size: Any, crop: bool, where: str) -> tuple[str, int]:
@@ -220,7 +231,8 @@ def family_preprocess(facts: TowerFacts, where: str) -> Preprocess:
                          f"{facts.model_type!r} towers; save the image processor next to the model (processor.save_pretrained)")
     size = facts.image_size
     target = round(size / family.crop_fraction) if family.resize_mode == "shortest" else size
-    return Preprocess(size, family.mean, family.std, family.interpolation, family.resize_mode, target if target != size else None)
+    return Preprocess(size, family.mean, family.std, family.interpolation, family.resize_mode, target if target != size else None,
+                      crop_offset="floor")  # transformers' processors
 
 
 def rescaled(preprocess: Preprocess, image_size: int) -> Preprocess:
@@ -229,4 +241,4 @@ def rescaled(preprocess: Preprocess, image_size: int) -> Preprocess:
         return preprocess
     target = None if preprocess.resize_size is None else round(preprocess.resize_size * image_size / preprocess.image_size)
     return Preprocess(image_size, preprocess.mean, preprocess.std, preprocess.interpolation, preprocess.resize_mode,
-                      target if target != image_size else None)
+                      target if target != image_size else None, crop_offset=preprocess.crop_offset)
