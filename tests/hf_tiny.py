@@ -67,12 +67,13 @@ def make_generation_model(directory: Path, llm: str = "opt", seed: int = 0, *, t
     return model
 
 
-def make_retrieval_model(directory: Path, seed: int = 0):
-    """A tiny Blip2ForImageTextRetrieval saved with a BERT tokenizer; returns the model."""
+def make_retrieval_model(directory: Path, seed: int = 0, text_positions: int | None = None):
+    """A tiny Blip2ForImageTextRetrieval saved with a BERT tokenizer (its Q-Former with `text_positions`
+    text positions where given); returns the model."""
     from transformers import AutoTokenizer, Blip2Config, Blip2ForImageTextRetrieval
 
-    config = Blip2Config(vision_config=_vision(), qformer_config=_qformer(text_input=True), num_query_tokens=NUM_QUERIES,
-                         image_text_hidden_size=16)
+    qformer = {**_qformer(text_input=True), **({"max_position_embeddings": text_positions} if text_positions else {})}
+    config = Blip2Config(vision_config=_vision(), qformer_config=qformer, num_query_tokens=NUM_QUERIES, image_text_hidden_size=16)
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(config).eval()
     redraw(model, seed=seed)

@@ -239,3 +239,42 @@ def test_an_untied_flan_t5_head_exports_as_its_own_matrix(tmp_path, instruction_
     assert torch.equal(again.language_model.shared.weight, lm.shared.weight)
     with torch.no_grad():
         assert probe_difference(model, again, again.config.image_token_index) < 1e-5
+
+
+def test_a_partial_blip2_class_is_refused_at_import_and_blip2model_imports(tmp_path):
+    """Blip2VisionModelWithProjection holds the tower and the Q-Former, but no ITM head or text side:
+    it was imported as a retrieval model that then failed to load. Blip2Model is the whole model."""
+    from transformers import AutoTokenizer, Blip2Config, Blip2Model, Blip2VisionModelWithProjection
+
+    from vlbridge.plugins.tiny_assets import tokenizer_dir
+
+    config = Blip2Config(vision_config=hf_tiny._vision(), qformer_config=hf_tiny._qformer(text_input=True),
+                         text_config=hf_tiny._text("opt"), num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
+    Blip2VisionModelWithProjection(config).save_pretrained(tmp_path / "partial")
+    AutoTokenizer.from_pretrained(tokenizer_dir("bert")).save_pretrained(tmp_path / "partial")
+    with pytest.raises(vlbridge.VLBridgeError, match="holds a transformers Blip2VisionModelWithProjection, which is not a whole BLIP-2"):
+        vlbridge.import_hf_blip2(tmp_path / "partial", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    torch.manual_seed(0)
+    whole = Blip2Model(config).eval()
+    whole.save_pretrained(tmp_path / "whole")
+    AutoTokenizer.from_pretrained(tokenizer_dir("opt")).save_pretrained(tmp_path / "whole")
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "whole", tmp_path / "ours"))
+    assert model.plan.llm.name == "opt" and model.stage == 2
+
+
+@pytest.mark.parametrize("export", ["export_hf_blip2", "export_hf_instructblip"])
+def test_a_stage1_model_is_refused_by_the_export_saying_why(tmp_path, export):
+    with pytest.raises(vlbridge.VLBridgeError, match="built or loaded for stage 1: it has no LLM, and its projection into one never trained"):
+        getattr(vlbridge, export)(vlbridge.build("tiny-qformer-opt", stage=1), tmp_path / "out")
+
+
+def test_retrieval_cuts_texts_to_a_short_qformers_positions(tmp_path):
+    """Retrieval cuts texts at LAVIS's 35 tokens, or at the Q-Former's positions where it has fewer."""
+    hf_tiny.make_retrieval_model(tmp_path / "hf", text_positions=16)
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    long = "a red circle on the left of a blue square " * 4
+    with torch.no_grad():
+        assert model.features(texts=[long], mode="text").text_embeds.shape[0] == 1
+        ranked = model.retrieve(hf_tiny.pixels(2), [long, "a dog"], k=2)
+    assert ranked.itc.shape == (2, 2) and ranked.i2t.shape == ranked.t2i.shape == (2, 2)

@@ -180,3 +180,21 @@ def test_export_ships_a_processor_that_prepares_and_generates_like_vlbridge(impo
     processor = InstructBlipProcessor.from_pretrained(str(out))
     assert processor.num_query_tokens == Q and (out / "preprocessor_config.json").is_file()
     assert_processor_matches(model, processor, InstructBlipForConditionalGeneration.from_pretrained(str(out)).eval(), "what is it?")
+
+
+def test_a_long_instruction_is_cut_to_the_qformers_positions(tmp_path):
+    """InstructBLIP's 128-token instruction limit, on a Q-Former with 24 positions: cut to 24, as
+    InstructBlipProcessor would need, not an error about vlbridge's own 128."""
+    from transformers import AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    config = InstructBlipConfig(vision_config=hf_tiny._vision(), qformer_config={**hf_tiny._qformer(), "max_position_embeddings": 24},
+                                text_config=hf_tiny._text("opt"), num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
+    torch.manual_seed(0)
+    InstructBlipForConditionalGeneration(config).eval().save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir("opt")).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir("bert")).save_pretrained(tmp_path / "hf" / "qformer_tokenizer")
+    model = vlbridge.load(vlbridge.import_hf_instructblip(tmp_path / "hf", tmp_path / "ours")).eval()
+    ids, mask = model.connector.tokenize_instructions(["describe " * 40])
+    assert ids.shape == (1, 24) and mask.all()
+    with torch.no_grad():
+        assert model.visual_tokens(hf_tiny.pixels(1), instructions=["describe " * 40]).shape[:2] == (1, Q)

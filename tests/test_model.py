@@ -158,3 +158,13 @@ def test_lavis_stage1_checkpoint_imports(tmp_path):
                                source.connector.query_outputs(source.encode_images(pixels)))
     with pytest.raises(VLBridgeError, match="holds a Q-Former"):
         vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", "tiny-mlp-opt", tmp_path / "x")
+
+
+def test_a_lavis_projection_into_the_other_llm_family_is_refused(tmp_path):
+    """A Blip2OPT file's opt_proj has the width of the tiny FlanT5 too, but was trained into an OPT."""
+    source = vlbridge.build("tiny-qformer-opt")
+    lavis = {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("lm_head.")}
+    torch.save({"model": lavis}, tmp_path / "blip2_opt.pth")
+    with pytest.raises(VLBridgeError, match="opt_proj comes from a LAVIS Blip2OPT, trained into a decoder-only LLM .* bridges to 'flan-t5'"):
+        vlbridge.import_lavis(tmp_path / "blip2_opt.pth", "tiny-qformer-flan-t5", tmp_path / "x")
+    assert vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_opt.pth", "tiny-qformer-opt", tmp_path / "y")).stage == 2

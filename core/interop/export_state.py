@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlbridge.errors import WeightsError
+from vlbridge.errors import VLBridgeError, WeightsError
 
 
 def load_export_state(hf: Any, state: dict[str, torch.Tensor], llm_model: Any, what: str) -> None:
@@ -51,3 +51,11 @@ def _untie(hf: Any) -> None:
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
     for config in (hf.config.text_config, language_model.config):
         config.tie_word_embeddings = False
+
+
+def require_stage2(model: Any, fmt: str) -> None:
+    """Refuse, saying why, a model built or loaded for stage 1: it has no LLM, and its projection
+    into the LLM never trained, so there is nothing to caption with in `fmt`."""
+    if model.llm is None and model.assembly.llm is not None:
+        raise VLBridgeError(f"{fmt} captions with an LLM, but this model was built or loaded for stage 1: it has no LLM, and "
+                            "its projection into one never trained; export a stage-2 checkpoint (train stage 2 from this one first)")

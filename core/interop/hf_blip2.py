@@ -22,7 +22,7 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
-from vlbridge.interop.export_state import load_export_state
+from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
@@ -34,11 +34,25 @@ LLM_PLUGINS = {"opt": "opt", "t5": "flan-t5"}
 EXPORTABLE_LLMS = (*LLM_PLUGINS.values(), "hf-causal-lm", "hf-seq2seq")  # transformers models BLIP-2's language_model can hold
 
 
+IMPORTED_AS = {GENERATION: GENERATION, "Blip2Model": GENERATION, RETRIEVAL: RETRIEVAL}  # config's class -> what it imports as
+NEEDED = {GENERATION: ("vision_model.", "query_tokens", "qformer.", "language_projection.", "language_model."),
+          RETRIEVAL: ("vision_model.", "query_tokens", "qformer.", "embeddings.", "vision_projection.", "text_projection.", "itm_head.")}
+
+
 def _architecture(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """GENERATION or RETRIEVAL: what the directory holds, named by its config or told by its tensors;
+    a BLIP-2 class that holds only part of the model (the vision tower, the Q-Former, one tower with
+    its projection) is refused by name, as is a file missing a part the import needs."""
     named = (config.get("architectures") or [None])[0]
-    if named in (GENERATION, RETRIEVAL):
-        return named
-    return GENERATION if any(k.startswith("language_model.") for k in state) else RETRIEVAL
+    if named is not None and named not in IMPORTED_AS:
+        raise VLBridgeError(f"the directory holds a transformers {named}, which is not a whole BLIP-2; vlbridge imports "
+                            f"{GENERATION} (or Blip2Model) as a captioning model and {RETRIEVAL} as a stage-1 one")
+    architecture = IMPORTED_AS.get(named) or (GENERATION if any(k.startswith("language_model.") for k in state) else RETRIEVAL)
+    missing = [prefix for prefix in NEEDED[architecture] if not any(k.startswith(prefix) for k in state)]
+    if missing:
+        raise VLBridgeError(f"the directory's weights have no {', '.join(repr(m) for m in missing)} tensors, which a "
+                            f"{architecture} holds; give the directory its save_pretrained wrote whole")
+    return architecture
 
 
 def unsupported_settings(config: dict[str, Any], family: str) -> None:
@@ -222,6 +236,7 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
     plan = model.plan
+    require_stage2(model, "transformers' BLIP-2")
     if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or plan.llm.name not in EXPORTABLE_LLMS:
         raise VLBridgeError("only eva-vit-g + qformer + a transformers LLM (opt, flan-t5, hf-causal-lm, hf-seq2seq; built for stage 2) "
                             "map onto transformers' BLIP-2; "

@@ -24,7 +24,7 @@ from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options, unsupported_settings, zero_qv_biases
-from vlbridge.interop.export_state import load_export_state
+from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import settle
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, save_processor
@@ -87,6 +87,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
 
     plan = model.plan
     options = model.assembly.connector.options
+    require_stage2(model, "transformers' InstructBLIP")
     if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or not options.instruction_aware:
         raise VLBridgeError("only eva-vit-g + an instruction-aware qformer + an LLM (built for stage 2) map onto transformers' "
                             f"InstructBLIP; this one is {plan.encoder.name} + {plan.connector.name}"

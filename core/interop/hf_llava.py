@@ -30,6 +30,7 @@ import torch
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.import_checks import check_imported_assembly
+from vlbridge.interop.export_state import require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import clip_image_processor, save_processor
@@ -158,6 +159,7 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
 
     plan = model.plan
     connector = model.assembly.connector.options
+    require_stage2(model, "transformers' LLaVA")
     if (plan.encoder.name, plan.connector.name) != ("hf-vision", "mlp") or model.llm is None or plan.llm.name != "hf-causal-lm":
         raise VLBridgeError("only hf-vision + mlp + hf-causal-lm models (built for stage 2) map onto transformers' LLaVA; this one is "
                             f"{plan.encoder.name} + {plan.connector.name} + {plan.llm.name if plan.llm else 'no LLM'}")

@@ -17,6 +17,7 @@ from vlbridge.files.checkpoint import read_connector_weights, write_checkpoint
 
 STAGE1_MARKERS = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")
 STAGE2_MARKERS = ("opt_proj.", "t5_proj.")
+PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
 
 def lavis_stage(keys: list[str]) -> int:
@@ -40,8 +41,10 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
         raise VLBridgeError(f"a LAVIS BLIP-2 checkpoint holds a Q-Former; assembly {assembly.name!r} uses {assembly.plan.connector.name!r}")
     lavis = read_connector_weights(pth_path)
     stage = lavis_stage(list(lavis))
-    if stage not in assembly.plan.stages:
-        raise VLBridgeError(f"the checkpoint is from stage {stage} but assembly {assembly.name!r} supports stages {list(assembly.plan.stages)} (stage 2 needs an llm)")
+    problem = assembly.stage_problem(stage)
+    if problem:
+        raise VLBridgeError(f"the checkpoint is from stage {stage}, but {problem}")
+    _check_projection_family(list(lavis), assembly)
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
     out = write_checkpoint(out_dir, checkpoint_config(assembly), tensors, stage, meta)
@@ -49,3 +52,16 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
 
     build(assembly, stage=stage, weights=out, check_shapes=False)
     return out
+
+
+def _check_projection_family(keys: list[str], assembly: Assembly) -> None:
+    """Refuse a projection trained into the other LLM family (a Blip2OPT file for a FlanT5 assembly, or
+    the reverse): the widths may agree, but it would feed an LLM it never saw."""
+    dims = assembly.plan.llm_dims
+    for marker, (source, encoder_decoder) in PROJECTION_INTO.items():
+        if dims is not None and any(k.startswith(marker) for k in keys) and dims.encoder_decoder != encoder_decoder:
+            kind = "an encoder-decoder (FlanT5)" if encoder_decoder else "a decoder-only LLM (OPT)"
+            raise VLBridgeError(f"the checkpoint's {marker.rstrip('.')} comes from a LAVIS {source}, trained into {kind}, but "
+                                f"assembly {assembly.name!r} bridges to {assembly.plan.llm.name!r}, "
+                                f"{'an encoder-decoder' if dims.encoder_decoder else 'a decoder-only LLM'}; "
+                                "import it into an assembly with the LLM it was trained with")

@@ -59,7 +59,9 @@ def _qformer(model: RunningModel):
 
 
 def tokenize_texts(model: RunningModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = _qformer(model).tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+    qformer = _qformer(model)
+    longest = min(MAX_TEXT_TOKENS, getattr(qformer, "max_text_positions", MAX_TEXT_TOKENS))  # a Q-Former with fewer positions
+    encoded = qformer.tokenizer(list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt")
     return encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
 
 

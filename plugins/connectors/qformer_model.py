@@ -221,11 +221,16 @@ class QFormer(nn.Module):
         hidden = self.multimodal_outputs(ids, mask, image_embeds, fold=True)
         return self.proj(hidden[:, : self.num_queries])
 
+    @property
+    def max_text_positions(self) -> int:
+        """The longest text (instruction or caption, [CLS] and [SEP] included) the embeddings place."""
+        return self.embeddings.position.num_embeddings
+
     def tokenize_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Instructions -> the Q-Former's (input_ids, attention_mask), [CLS] ... [SEP], right-padded."""
         self._require_text_side("reading an instruction")
-        encoded = self.tokenizer(list(instructions), padding="longest", truncation=True, max_length=self.opts.max_instruction_tokens,
-                                 return_tensors="pt")
+        longest = min(self.opts.max_instruction_tokens, self.max_text_positions)  # InstructBLIP's 128, within the positions
+        encoded = self.tokenizer(list(instructions), padding="longest", truncation=True, max_length=longest, return_tensors="pt")
         device = self.query_tokens.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
