@@ -14,6 +14,7 @@ from vlbridge.errors import (
     AssemblyError,
     IncompatibleError,
     PluginError,
+    PluginWarning,
     UnknownComponentError,
     VLBridgeError,
     WeightsError,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Assembly", "AssemblyError", "ConnectorSpec", "EncoderSpec", "IncompatibleError", "LLMDims", "LLMSpec",
-    "Options", "Plan", "PluginError", "Preprocess", "TokenShape", "UnknownComponentError", "VLBridgeError",
+    "Options", "Plan", "PluginError", "PluginWarning", "Preprocess", "TokenShape", "UnknownComponentError", "VLBridgeError",
     "WeightsError", "get_registry", "hookimpl", "load_assembly",
 ]
 

@@ -12,6 +12,11 @@ class PluginError(VLBridgeError):
     mode), or a component it built fails what vlbridge calls it for (named in the message)."""
 
 
+class PluginWarning(UserWarning):
+    """A plugin whose declarations disagree with what it builds, in a way that still runs (a
+    trainable-parameter count the plan then states wrongly); check_plugin treats it as an error."""
+
+
 class UnknownComponentError(VLBridgeError, KeyError):
     """A component name that no loaded plugin provides."""
 

@@ -92,6 +92,46 @@ def build_bare_llm(opts: Any) -> nn.Module:
     return nn.Linear(64, 64)  # none of the LLM interface
 
 
+def build_greedy_only_llm(opts: Any) -> nn.Module:
+    """The tiny OPT, refusing beam search the way the guide asks (a VLBridgeError naming num_beams)."""
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    llm = build(OPTOptions(variant="tiny"))
+    generate = llm.generate
+
+    def greedy_only(*args: Any, num_beams: int = 1, **kwargs: Any) -> torch.Tensor:
+        if num_beams > 1:
+            raise vlbridge.VLBridgeError(f"greedy-only: num_beams={num_beams} is not supported; use num_beams=1")
+        return generate(*args, num_beams=num_beams, **kwargs)
+
+    llm.generate = greedy_only
+    return llm
+
+
+def build_end_token_llm(opts: Any) -> nn.Module:
+    """The tiny OPT whose tokenize appends an end token to every text: the guide's pitfall."""
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    llm = build(OPTOptions(variant="tiny"))
+    tokenize = llm.tokenize
+
+    def with_end(texts: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return tokenize([text + "</s>" for text in texts], **kwargs)
+
+    llm.tokenize = with_end
+    return llm
+
+
+def tiny_opt_spec(factory: str, name: str) -> LLMSpec:
+    from vlbridge.plugins.llms.opt import OPTOptions
+
+    return LLMSpec(name=name, factory=f"tests.fake_plugins:{factory}", options=OPTOptions,
+                   dims=lambda o: LLMDims(64, 128, False, vocab_size=1024))
+
+
 class Transpose(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2)

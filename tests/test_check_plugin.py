@@ -50,6 +50,8 @@ def test_a_plain_connector_passes():
      "2 trainable parameter(s) get no gradient through forward (spare.weight, spare.bias)"),
     (fake.plugin("patches", encoders=[fake.plain_encoder_spec(width=12)]), "declared 16 tokens x 12 but produces 16 tokens x 8"),
     (fake.plugin("bare", llms=[fake.bare_llm_spec()]), "its module (Linear) lacks embed_width, is_encoder_decoder, caption_suffix"),
+    (fake.plugin("ends", llms=[fake.tiny_opt_spec("build_end_token_llm", "ends")]),
+     "does not begin tokenize(prompt + caption)"),
 ])
 def test_missing_pieces_fail_the_plugins_own_test(plugin, expected):
     with pytest.raises(PluginError) as err:
@@ -125,3 +127,20 @@ def test_weight_sources_must_be_a_function():
     spec = replace(fake.connector_plugin().vlbridge_register_connectors()[0], weight_sources="/models/pool.safetensors")
     with pytest.raises(PluginError, match=r"pool: weight_sources must be a function \(options, stage\) -> list\[WeightSource\] or None, got str"):
         check_plugin(fake.plugin("pool", connectors=[spec]), build=False)
+
+
+def test_an_llm_without_beam_search_passes_when_it_says_so():
+    """The guide's way to decline num_beams > 1 (a VLBridgeError naming it) passes; greedy must work."""
+    assert [s.name for s in check_plugin(fake.plugin("greedy", llms=[fake.tiny_opt_spec("build_greedy_only_llm", "greedy")]))] == ["greedy"]
+
+
+def test_a_hook_that_raises_is_named():
+    def vlbridge_register_connectors():
+        raise ValueError("no such config")
+
+    import vlbridge
+
+    plugin = fake.plugin("raising")
+    plugin.vlbridge_register_connectors = vlbridge.hookimpl(vlbridge_register_connectors)
+    with pytest.raises(PluginError, match=r"fake_raising.vlbridge_register_connectors: the hook raised ValueError: no such config"):
+        check_plugin(plugin)

@@ -64,3 +64,11 @@ def test_trace_prints_every_hook_call(monkeypatch, capsys):
     monkeypatch.setenv("VLBRIDGE_TRACE_PLUGINS", "0")
     registry_with({})
     assert capsys.readouterr().err == ""
+
+
+def test_a_wrong_declared_count_warns_at_build():
+    """check_plugin fails it; a build (what a user of the plugin runs) warns, naming both numbers."""
+    liar = fake.connector_plugin(name="counts", num_params=lambda o, e, w: {2: 7})
+    with using_registry(fake.registry(counts=liar)):
+        with pytest.warns(vlbridge.PluginWarning, match=r"num_params\(\) declares 7 trainable parameters in stage 2 but the module trains 4,160"):
+            vlbridge.build(fake.assembly("counts"))

@@ -5,6 +5,7 @@ connector weights if given."""
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -15,7 +16,7 @@ from vlbridge.files.checkpoint import WEIGHTS_FILE, checkpoint_assembly, listed_
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.files.weights import StateDict, load_subset
-from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.errors import PluginWarning, VLBridgeError, WeightsError
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.parts.hf_quiet import quiet_hf
 from vlbridge.parts.devices import resolve_device
@@ -60,6 +61,7 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     if llm is not None:
         check_llm(llm, plan.llm_dims, describe(plan.llm))
     model = VLBridgeModel(assembly, encoder, connector, llm, stage)
+    _check_declared_count(model, stage)
     if device is not None:
         model.to(device)
     if check_shapes:
@@ -67,6 +69,17 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     if weights is not None:
         load_connector_weights(model, weights)
     return model.eval()  # like transformers' from_pretrained: call .train() to train
+
+
+def _check_declared_count(model: VLBridgeModel, stage: int) -> None:
+    """Warn where the connector trains another number of parameters than its spec's num_params says:
+    validate's plan and memory estimate state the declared one."""
+    declared = model.plan.trainable_params.get(stage)
+    trained = sum(p.numel() for p in model.connector.parameters() if p.requires_grad)
+    if declared is not None and declared != trained:
+        warnings.warn(f"{describe(model.plan.connector)}: num_params() declares {declared:,} trainable parameters in stage {stage} "
+                      f"but the module trains {trained:,}; validate's plan and memory estimate use the declared number "
+                      "(check_plugin reports this as an error)", PluginWarning, stacklevel=3)
 
 
 def seeded(seed: int, make: Callable[..., _Built], *args: Any) -> _Built:

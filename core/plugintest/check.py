@@ -58,7 +58,7 @@ def check_plugin(module: str | ModuleType, *, build: bool = True, options: Mappi
         raise PluginError(f"{name}: implements no vlbridge hook (did you forget @vlbridge.hookimpl?)")
     specs: list[Spec] = []
     for hook_name in hooks:
-        returned = getattr(plugin, hook_name)()
+        returned = plugin_call(f"{name}.{hook_name}", "the hook", getattr(plugin, hook_name))
         expected = SPEC_TYPES[HOOK_KINDS[hook_name]]
         if not isinstance(returned, (list, tuple)):
             raise PluginError(f"{name}.{hook_name} must return a list of {expected.__name__}, got {type(returned).__name__}")

@@ -19,7 +19,7 @@ from torch import nn
 from vlbridge.assemblies.assembly import Resolved
 from vlbridge.modeling.connector_protocol import set_connector_stage
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
-from vlbridge.errors import IncompatibleError, PluginError
+from vlbridge.errors import IncompatibleError, PluginError, VLBridgeError
 from vlbridge.modeling.factory import _build_frozen  # the one place frozen parts are built
 from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
 
@@ -143,6 +143,8 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
     check_llm(llm, dims, who)
     if not isinstance(llm.caption_suffix, str):
         raise PluginError(f"{who}: caption_suffix must be a string (\"\" if the tokenizer ends texts itself), got {llm.caption_suffix!r}")
+    if not dims.encoder_decoder:
+        _probe_prompt_prefix(who, llm)
     visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
     model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(encoder_out=TokenShape(4, dims.embed_width)),
                             visual_tokens=lambda image_embeds, instructions=None: visual)
@@ -153,6 +155,20 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
     _probe_generation(who, llm, visual.detach())
 
 
+def _probe_prompt_prefix(who: str, llm: nn.Module) -> None:
+    """A decoder-only LLM's training labels mask the prompt by its length tokenized alone, so the
+    prompt's ids must begin the ids of prompt + caption: a tokenizer that appends an end token to
+    every text (the guide's pitfall) makes the prompt one token longer than its place."""
+    prompt = "Question: what is it? Short answer:"
+    alone, _ = plugin_call(who, "tokenize([prompt])", llm.tokenize, [prompt], padding_side="right")
+    whole, _ = plugin_call(who, "tokenize([prompt + caption])", llm.tokenize, [prompt + " " + PROBE_TEXTS[0]], padding_side="right")
+    alone, whole = alone[0].tolist(), whole[0].tolist()
+    if whole[:len(alone)] != alone:
+        raise PluginError(f"{who}: tokenize(prompt) gives {alone}, which does not begin tokenize(prompt + caption) = {whole}; "
+                          "the stage-2 labels mask the prompt by its own length, so every token tokenize adds must come "
+                          "first (a BOS), none after the text (an end token belongs in caption_suffix)")
+
+
 def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
     from vlbridge.modeling.inference import GenerationOptions
 
@@ -161,7 +177,16 @@ def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
             and tokenized[0].shape == tokenized[1].shape and tokenized[0].dim() == 2 and tokenized[0].shape[0] == 2):
         raise PluginError(f"{who}: tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got {tokenized!r}")
     settings = GenerationOptions(max_new_tokens=3, num_beams=2).as_kwargs()
-    new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, ...)", llm.generate, visual, *tokenized, **settings)
+    try:
+        new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, ...)", llm.generate, visual, *tokenized, **settings)
+    except PluginError:
+        raise
+    except VLBridgeError as exc:  # the guide's way to say "no beam search here": then greedy decoding must work
+        if "num_beams" not in str(exc):
+            raise
+        settings = GenerationOptions(max_new_tokens=3, num_beams=1).as_kwargs()
+        new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, num_beams=1, ...)", llm.generate,
+                                 visual, *tokenized, **settings)
     if not (isinstance(new_tokens, torch.Tensor) and new_tokens.dim() == 2 and new_tokens.shape[0] == 2):
         raise PluginError(f"{who}: generate must return the new token ids, a (batch, length) tensor; got {new_tokens!r}")
     texts = plugin_call(who, "decode(token_ids)", llm.decode, new_tokens)
