@@ -315,3 +315,21 @@ def test_build_cache_from_python_checks_the_encoders_weights_before_building_it(
     assert cli(["cache-features", "-a", PRESET, "--data", str(data / "data.yaml"), "--out", str(tmp_path / "cli"),
                 "--num-workers", "0", "--random-weights", "--json"]) == 0
     assert [call["random_weights"] for call in calls] == [False, True]  # once per build, the CLI's flag passed on
+
+
+def test_an_image_replaced_after_caching_is_refused(data: Path, tmp_path: Path):
+    """Same file name and id, another picture: the cache's features are of the old one (a regenerated
+    dataset trained silently against them)."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    config = {"format": "jsonl", "paths": [str(copy / "train.jsonl")], "image_root": str(copy), "num_workers": 0}
+    rows = [{"image": str(copy / "images" / f"{i}.jpg"), "text": "x", "image_id": i} for i in range(6)]
+    write_jsonl(copy / "train.jsonl", rows)
+    built = build_cache(PRESET, [config], tmp_path / "features", FP32)
+    assert all(stamp is not None for shard in built.shards for stamp in shard.stamps)
+    assert len(feature_dataset(config, tmp_path / "features", train=True)) == 6
+    write_image(copy / "images" / "3.jpg", seed=42)  # a new picture under the old name
+    with pytest.raises(CacheError, match=r"1 image file\(s\) changed since their features were computed .*3.jpg.*--overwrite"):
+        feature_dataset(config, tmp_path / "features", train=True)

@@ -132,3 +132,29 @@ def test_the_default_stays_a_plain_squash_and_bad_settings_are_refused():
         Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", 20)
     with pytest.raises(VLBridgeError, match="unknown resize_mode 'longest'"):
         to_pixel_batch(image, Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "longest"))  # type: ignore[arg-type]
+
+
+def test_16_bit_images_are_scaled_and_32_bit_ones_refused(tmp_path):
+    """Pillow's convert('RGB') clips 16-bit greys at 255: a dark 16-bit PNG came out white."""
+    import io
+
+    import numpy as np
+
+    from vlbridge.data.records import DataError, ImageRef
+    from vlbridge.data.transforms import open_image
+    from vlbridge.parts.images import load_image
+
+    ramp = np.array([[0, 1000, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    expected = [[[v] * 3 for v in (0, 4, 128, 255)]]
+    assert np.asarray(load_image(tmp_path / "g16.png")).tolist() == expected
+    data = (tmp_path / "g16.png").read_bytes()
+    assert np.asarray(open_image(ImageRef(name="s.tar:g16.png", data=data))).tolist() == expected
+    Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(VLBridgeError, match=r"f.tiff' has floating-point pixels \(Pillow mode 'F'\)"):
+        load_image(tmp_path / "f.tiff")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((2, 2), 7, dtype=np.int32)).save(buffer, format="TIFF")
+    with pytest.raises(DataError, match="32-bit integer pixels"):
+        open_image(ImageRef(name="s.tar:i.tiff", data=buffer.getvalue()))

@@ -17,7 +17,8 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.data.records import DataError, ImageRef
-from vlbridge.parts.images import eval_transform, load_image
+from vlbridge.errors import VLBridgeError
+from vlbridge.parts.images import eval_transform, load_image, to_rgb
 from vlbridge.plugin.specs import Preprocess
 
 __all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
@@ -46,6 +47,8 @@ def open_image(ref: ImageRef) -> Image.Image:
         return load_image(ref.path)  # its errors already name the file
     try:
         with Image.open(io.BytesIO(ref.data or b"")) as image:
-            return image.convert("RGB")  # convert() loads the pixels, so truncated data fails here
+            return to_rgb(image, f"image {ref.name!r}")  # loads the pixels, so truncated data fails here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {ref.name!r}: {exc}") from exc
+    except VLBridgeError as exc:
+        raise DataError(str(exc)) from exc

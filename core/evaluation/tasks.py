@@ -16,7 +16,6 @@ atomically.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,9 +134,9 @@ def image_inputs(refs: Sequence[ImageRef]) -> list[Any]:
     """What model.caption / answer / retrieve take: paths as they are, in-memory bytes (tar members) decoded with PIL."""
     if all(ref.path is not None for ref in refs):
         return [ref.path for ref in refs]
-    from PIL import Image
+    from vlbridge.data.transforms import open_image
 
-    return [ref.path if ref.path is not None else Image.open(io.BytesIO(ref.data)).convert("RGB") for ref in refs]
+    return [ref.path if ref.path is not None else open_image(ref) for ref in refs]
 
 
 _image_inputs = image_inputs  # the earlier private name, which vlbridge.compare imports

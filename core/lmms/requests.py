@@ -60,7 +60,11 @@ def one_image(task: str, doc_id: Any, visuals: Any) -> Any:
     if isinstance(image, dict) or not (isinstance(image, (str, Path)) or hasattr(image, "convert")):
         raise TaskRefused(f"lmms-eval task {task!r} (doc {doc_id}) gives a {type(image).__name__} as its visual; "
                           "expected a PIL image or an image file path")
-    return image.convert("RGB") if hasattr(image, "convert") else str(image)
+    if not hasattr(image, "convert"):
+        return str(image)
+    from vlbridge.parts.images import to_rgb  # torchvision: only where there is an image to convert
+
+    return to_rgb(image, f"the visual of lmms-eval task {task!r} (doc {doc_id})")
 
 
 def generation_settings(task: str, kwargs: dict[str, Any] | None, max_new_tokens: int) -> tuple[list[str], dict[str, Any], list[str]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
@@ -30,6 +31,23 @@ ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor]
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes for 16-bit greyscale (a 16-bit PNG opens so)
+
+
+def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
+    """An 8-bit RGB copy of `image`. Pillow's convert("RGB") clips 16-bit pixels at 255 (a dark 16-bit
+    scan becomes white), so 16-bit greyscale is scaled to 8 bits first (v / 257, 65535 -> 255);
+    32-bit integer and float pixels have no fixed range, so they are refused rather than guessed."""
+    if image.mode in SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise VLBridgeError(f"{name} has {kind} pixels (Pillow mode {image.mode!r}), which have no fixed range to read as "
+                            "colours; save it as an 8- or 16-bit image (PNG, JPEG, ...)")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it."""
     path = Path(path)
@@ -37,7 +55,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # convert() loads the pixels, so truncated files fail here
+            return to_rgb(image, f"image file {str(path)!r}")  # loads the pixels, so truncated files fail here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what corrupt or hostile files raise
         raise VLBridgeError(f"cannot read image file {str(path)!r}: {exc}; expected an image Pillow reads "
                             "(JPEG, PNG, WebP, ...)") from exc
@@ -120,7 +138,7 @@ def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: s
     if isinstance(item, (str, os.PathLike)):
         return transform(load_image(item))
     if isinstance(item, Image.Image):
-        return transform(item.convert("RGB"))
+        return transform(to_rgb(item, where))
     if isinstance(item, torch.Tensor):
         if item.dtype == torch.uint8:
             if item.dim() != 3 or item.shape[0] != 3:

@@ -90,6 +90,14 @@ class ShardEntry(Strict):
     sha256: str
     image_ids: list[ImageId]
     names: list[str]
+    stamps: list[list[int] | None] | None = None  # per row: [bytes, mtime_ns] of the image file (None: a tar member); None: not recorded
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """[size in bytes, modification time in ns] of an image file: what a cache records to notice that
+    an image was replaced after its features were computed (as make and HF datasets do)."""
+    found = Path(path).stat()
+    return [found.st_size, found.st_mtime_ns]
 
 
 class SkippedImage(Strict):

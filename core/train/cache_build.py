@@ -37,7 +37,7 @@ from vlbridge.parts.freeze import torch_dtype
 from vlbridge.assemblies.reachability import check_reachable
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
-                                  encoder_identity, file_sha256, manifest_json, read_manifest, weights_sha256)
+                                  encoder_identity, file_sha256, file_stamp, manifest_json, read_manifest, weights_sha256)
 from vlbridge.train.cache_dataset import iter_samples, portable_name
 from vlbridge.files.userfiles import read_yaml
 
@@ -152,12 +152,14 @@ def reuse_shard(path: Path, fingerprint_: str, planned: list[list[Any]]) -> tupl
         if meta.get("vlbridge_cache") != fingerprint_ or json.loads(meta["planned"]) != planned:
             return None
         ids, names = json.loads(meta["image_ids"]), json.loads(meta["names"])
+        stamps = json.loads(meta["stamps"]) if "stamps" in meta else None
         skipped = [SkippedImage(**s) for s in json.loads(meta["skipped"])]
     except Exception:  # a damaged or foreign file is simply rewritten
         return None
-    if rows != len(ids):
+    if rows != len(ids) or (stamps is not None and len(stamps) != rows):
         return None
-    entry = ShardEntry(file=path.name, rows=rows, bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names)
+    entry = ShardEntry(file=path.name, rows=rows, bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names,
+                       stamps=stamps)
     return entry, skipped
 
 
@@ -189,16 +191,32 @@ def encode_chunk(encoder: torch.nn.Module, chunk: list[ImageText], preprocess: A
 def write_shard(path: Path, encoder: torch.nn.Module, chunk: list[ImageText], preprocess: Any, identity: EncoderIdentity,
                 settings: BuildSettings, fingerprint_: str, strict: bool) -> tuple[ShardEntry, list[SkippedImage]]:
     """Encode a chunk and write its shard atomically, with the header that lets a rerun reuse it."""
+    stamps_before = chunk_stamps(chunk)
     features, positions, skipped = encode_chunk(encoder, chunk, preprocess, settings, strict)
     if features.numel() == 0:
         features = torch.empty(0, identity.num_tokens, identity.width, dtype=torch_dtype(settings.dtype))
     ids = [chunk[p].image_id for p in positions]
     names = [portable_name(chunk[p].image) for p in positions]
+    stamps = [stamps_before[p] for p in positions]
     meta = {"vlbridge_cache": fingerprint_, "planned": json.dumps(planned_keys(chunk)), "image_ids": json.dumps(ids),
-            "names": json.dumps(names), "skipped": json.dumps([s.model_dump(mode="json") for s in skipped])}
+            "names": json.dumps(names), "skipped": json.dumps([s.model_dump(mode="json") for s in skipped]),
+            "stamps": json.dumps(stamps)}
     atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=meta))
-    entry = ShardEntry(file=path.name, rows=len(ids), bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names)
+    entry = ShardEntry(file=path.name, rows=len(ids), bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names,
+                       stamps=stamps)
     return entry, skipped
+
+
+def chunk_stamps(chunk: list[ImageText]) -> list[list[int] | None]:
+    """Each image file's [size, mtime_ns], taken before it is read (None for a tar member or a file
+    that cannot be stat'ed: its read will fail and skip it)."""
+    stamps: list[list[int] | None] = []
+    for item in chunk:
+        try:
+            stamps.append(file_stamp(item.image.path) if item.image.path is not None else None)
+        except OSError:
+            stamps.append(None)
+    return stamps
 
 
 def planned_keys(chunk: list[ImageText]) -> list[list[Any]]:

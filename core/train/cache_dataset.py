@@ -21,7 +21,7 @@ from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard
-from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, read_manifest,
+from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, file_stamp, read_manifest,
                                   verify_cache)
 
 if TYPE_CHECKING:
@@ -119,6 +119,27 @@ class FeatureStore:
                 raise CacheError(f"feature cache {str(self.directory)!r}: cannot open {path.name}: {exc}") from None
         return handle.get_slice(TENSOR_NAME)[row]
 
+    def stamp(self, shard: int, row: int) -> list[int] | None:
+        """The [size, mtime_ns] the image file had when its features were computed (None: not recorded)."""
+        stamps = self.manifest.shards[shard].stamps
+        return stamps[row] if stamps is not None else None
+
+    def changed_images(self, samples: list[Record | Skipped], locations: list[tuple[int, int] | None]) -> list[str]:
+        """The images whose file now differs in size or modification time from when it was cached:
+        its features are another picture's. Files that are gone are not counted (the features stand)."""
+        changed, seen = [], set()
+        for sample, location in zip(samples, locations):
+            if location is None or isinstance(sample, Skipped) or sample.image.path is None or location in seen:
+                continue
+            seen.add(location)
+            recorded = self.stamp(*location)
+            try:
+                if recorded is not None and file_stamp(sample.image.path) != recorded:
+                    changed.append(sample.image.name)
+            except OSError:
+                continue
+        return changed
+
     def locate(self, image_id: ImageId, name: str) -> tuple[int, int] | None:
         """Where an image's features are; None if it was unreadable at build time; CacheError if absent."""
         found = self.rows.get(image_id)
@@ -150,6 +171,12 @@ class FeatureDataset(Dataset):
             raise DataError("no samples to build a feature dataset from; check the annotation files and the split")
         self.samples, self.store, self.text, self.strict, self.shuffle = samples, store, text, strict, shuffle
         self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image)) for s in samples]
+        changed = store.changed_images(samples, self.locations)
+        if changed:
+            raise CacheError(f"feature cache {str(store.directory)!r}: {len(changed)} image file(s) changed since their features "
+                             f"were computed (size or modification time differs), e.g. {', '.join(repr(n) for n in changed[:3])}; "
+                             "the cached features are of the old pictures. Rebuild the cache from the current images "
+                             "(vlbridge cache-features ... --overwrite); a copy that only changed the times needs it too")
         self.image_captions = captions_by_image(samples, text)
 
     def __len__(self) -> int:
