@@ -125,3 +125,25 @@ def test_projectors_train_with_the_stage2_objective(tmp_path, data, preset):
     losses = train_losses(tmp_path / "out")
     assert set(result.train) >= {"loss", "lm"} and losses[-1] < losses[0]
     assert vlbridge.load(result.checkpoint).plan.connector.name == preset.split("-")[1]
+
+
+def test_a_fresh_start_sets_an_earlier_runs_metrics_aside(tmp_path, data, capsys):
+    """A run stopped before its first checkpoint leaves metrics.jsonl but nothing to resume: the next
+    start (with or without --resume) used to append to it, so steps 1.. appeared twice."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n', encoding="utf-8")
+    vlbridge.train.run(linear_config(data, out, steps=4, save_every=2), resume=True, objective=mse_objective)
+    assert [m["step"] for m in read_metrics(out)] == [2, 4]
+    kept = list(out.glob("metrics.before-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text(encoding="utf-8").count("\n") == 2
+    assert f"they are kept in {kept[0].name}" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_its_connector_is_the_checkpoints(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    vlbridge.train.run(linear_config(data, out, steps=4, save_every=2), objective=mse_objective)
+    capsys.readouterr()
+    vlbridge.train.run(linear_config(data, out, steps=6, save_every=2), resume=True, objective=mse_objective)
+    err = capsys.readouterr().err
+    assert "from step 4" in err and "connector as saved at step 4" in err and "from scratch" not in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,16 @@ class MetricsLog:
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.board = _summary_writer(Path(output_dir) / "tensorboard") if tensorboard else None
+
+    def set_aside(self) -> Path | None:
+        """A fresh run's metrics start empty: lines an earlier run left here (one stopped before its
+        first checkpoint, so nothing resumes it) move to metrics.before-<time>.jsonl, never deleted;
+        returns where they went."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        kept = self.path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
+        os.replace(self.path, kept)
+        return kept
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget lines a killed run wrote after the checkpoint it resumes from."""

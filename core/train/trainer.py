@@ -317,7 +317,10 @@ class Trainer:
         self.bar = ProgressBar(self.total_steps, start=self.step)
         c, plan = self.config, self.model.plan
         batch = c.batch_size * c.grad_accum * self.where.world_size
-        start = f"from {resolve_checkpoint(c.init_from, 'init_from').directory}" if c.init_from else "from scratch"
+        if self.step > 0:
+            start = f"as saved at step {self.step}"  # resumed: the checkpoint's weights, whatever the run started from
+        else:
+            start = f"from {resolve_checkpoint(c.init_from, 'init_from').directory}" if c.init_from else "from scratch"
         self.bar.write(plan_for_config(c, plan, self.where.world_size).describe())  # what each rank was planned to hold
         self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {describe_trainable(self.model, self.recipe.notes)}; "
                        f"{self.total_steps} steps of {batch} samples on {self.where.world_size} x {self.device} ({c.precision}) "
@@ -368,6 +371,10 @@ class Trainer:
         if self.where.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / ckpt.CONFIG_FILE, dump_config(self.config))
+            earlier = self.metrics.set_aside()
+            if earlier is not None:
+                self.say(f"{self.metrics.path} held an earlier run's lines (it saved no checkpoint to resume "
+                         f"from); they are kept in {earlier.name}")
 
     def restore(self) -> dict[str, Any] | None:
         """Load the latest checkpoint into model, optimizer, schedule and counters; return this rank's RNG state."""
