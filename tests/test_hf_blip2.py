@@ -278,3 +278,26 @@ def test_retrieval_cuts_texts_to_a_short_qformers_positions(tmp_path):
         assert model.features(texts=[long], mode="text").text_embeds.shape[0] == 1
         ranked = model.retrieve(hf_tiny.pixels(2), [long, "a dog"], k=2)
     assert ranked.itc.shape == (2, 2) and ranked.i2t.shape == ranked.t2i.shape == (2, 2)
+
+
+def test_an_interrupted_export_leaves_nothing_and_a_full_folder_is_refused(tmp_path, monkeypatch):
+    """The export is staged beside OUT_DIR and renamed: a crash after the weights but before the
+    processor left a folder that loaded as a model and failed as a processor."""
+    from vlbridge.interop import hf_processor
+
+    model = vlbridge.build("tiny-qformer-opt")
+
+    def crash(processor, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_processor, "save_processor", crash)
+    with pytest.raises(KeyboardInterrupt):
+        vlbridge.export_hf_blip2(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither OUT_DIR nor its staging folder
+    monkeypatch.undo()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(vlbridge.VLBridgeError, match="already holds files \\(notes.txt\\); an export goes into a new or empty folder"):
+        vlbridge.export_hf_blip2(model, tmp_path / "full")
+    (tmp_path / "empty").mkdir()
+    assert (vlbridge.export_hf_blip2(model, tmp_path / "empty") / "processor_config.json").is_file()

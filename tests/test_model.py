@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,24 @@ def test_a_lavis_projection_into_the_other_llm_family_is_refused(tmp_path):
     with pytest.raises(VLBridgeError, match="opt_proj comes from a LAVIS Blip2OPT, trained into a decoder-only LLM .* bridges to 'flan-t5'"):
         vlbridge.import_lavis(tmp_path / "blip2_opt.pth", "tiny-qformer-flan-t5", tmp_path / "x")
     assert vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_opt.pth", "tiny-qformer-opt", tmp_path / "y")).stage == 2
+
+
+def test_a_save_interrupted_over_a_checkpoint_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """Saving a stage-2 model over a stage-1 checkpoint, killed before checkpoint.json: the old
+    metadata used to describe the new weights (it loaded 'as stage 1' with stage-2 tensors)."""
+    from vlbridge.files import checkpoint
+
+    vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "ckpt")
+    real = checkpoint.atomic_write_text
+
+    def crash_on_meta(path, text):
+        if Path(path).name == "checkpoint.json":
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", crash_on_meta)
+    with pytest.raises(KeyboardInterrupt):
+        vlbridge.build("tiny-qformer-opt", stage=2).save(tmp_path / "ckpt")
+    monkeypatch.undo()
+    with pytest.raises(WeightsError, match="not a vlbridge checkpoint"):
+        vlbridge.load(tmp_path / "ckpt")

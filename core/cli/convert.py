@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 from typing import Any, Callable
 
 from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.model_source import resolved_directory
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.atomic import held_files
 
 # format -> (module, importer, exporter, what the foreign directory is); the converters are imported on use
 TRANSFORMERS_FORMATS: dict[str, tuple[str, str, str, str]] = {
@@ -67,10 +67,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def fresh_folder(out: str, what: str) -> None:
     """OUT_DIR is a new or empty folder: writing into one that holds files would mix two models' files
     (or overwrite a checkpoint the user meant to keep)."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise VLBridgeError(f"OUT_DIR {out!r} is a file; give a new or empty folder for the {what}")
-    held = sorted(child.name for child in path.iterdir()) if path.is_dir() else []
+    try:
+        held = held_files(out)
+    except NotADirectoryError:
+        raise VLBridgeError(f"OUT_DIR {out!r} is a file; give a new or empty folder for the {what}") from None
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise VLBridgeError(f"OUT_DIR {out!r} already holds files ({shown}); give a new or empty folder for the {what}, "

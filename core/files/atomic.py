@@ -53,3 +53,31 @@ def current_umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def held_files(out: str | Path) -> list[str]:
+    """The names in folder `out` (empty when it does not exist); raises NotADirectoryError for a file."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(str(path))
+    return sorted(child.name for child in path.iterdir()) if path.is_dir() else []
+
+
+def into_new_folder(out: str | Path, fill: Callable[[Path], object]) -> Path:
+    """Call `fill(folder)` on a hidden staging folder beside `out`, then rename it to `out`, which must
+    be absent or empty: an interrupted export leaves nothing under the name the user gave (a folder
+    with weights but no processor loads in one class and fails in the other)."""
+    import shutil
+
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = staging_dir(out.parent, f".{out.name}.")
+    try:
+        fill(stage)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        os.rename(stage, out)  # refused by the OS when `out` holds files: nothing is overwritten
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out

@@ -68,7 +68,8 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
                      extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = (),
                      absent: Sequence[str] | None = None) -> Path:
     """Write assembly.yaml, connector.safetensors, each extra part's file, and checkpoint.json (last,
-    so its presence means done).
+    so its presence means done; an earlier checkpoint.json in `out_dir` goes first, so a save
+    interrupted over an old checkpoint leaves none rather than the old metadata over new weights).
 
     `absent`: the connector tensors the saved model lacked, for a whole-state checkpoint (written as
     the `connector.absent` manifest); None for tensors of another origin (an import: no manifest).
@@ -78,6 +79,7 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # saving over a checkpoint: until the new one is whole, there is none
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     assembly_dict, relative = relative_paths(assembly_dict, out)
     atomic_write_text(out / ASSEMBLY_FILE, yaml.safe_dump(assembly_dict, sort_keys=False))

@@ -25,7 +25,7 @@ from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
-from vlbridge.interop.hf_processor import blip_image_processor, save_processor
+from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.files.weights import read_hf_directory
 
 GENERATION = "Blip2ForConditionalGeneration"
@@ -249,11 +249,9 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()
     load_export_state(hf, state, llm_model, "Blip2ForConditionalGeneration")
     settle("transformers' BLIP-2", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
-    out = Path(out_dir)
-    hf.save_pretrained(out)
-    save_processor(Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
-                                  num_query_tokens=model.assembly.connector.options.num_query_tokens), out)
-    return out
+    processor = Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
+                               num_query_tokens=model.assembly.connector.options.num_query_tokens)
+    return write_export(out_dir, hf, processor)
 
 
 def blip2_differences(assembly) -> list[str]:

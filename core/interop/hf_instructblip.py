@@ -27,7 +27,7 @@ from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_opt
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import settle
 from vlbridge.files.hf_config import transformers_config
-from vlbridge.interop.hf_processor import blip_image_processor, save_processor
+from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.files.weights import read_hf_directory
 
 QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the BERT tokenizer
@@ -113,8 +113,6 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     load_export_state(hf, state, llm_model, "InstructBlipForConditionalGeneration")
     settle("transformers' InstructBLIP", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index),
            allow_approximate)
-    out = Path(out_dir)
-    hf.save_pretrained(out)
-    save_processor(InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, model.connector.tokenizer,
-                                         num_query_tokens=blip2.num_query_tokens), out)  # writes qformer_tokenizer/ too
-    return out
+    processor = InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, model.connector.tokenizer,
+                                      num_query_tokens=blip2.num_query_tokens)  # writes qformer_tokenizer/ too
+    return write_export(out_dir, hf, processor)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.atomic import held_files, into_new_folder
 from vlbridge.plugin.specs import Preprocess
 
 RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's codes, which transformers' image processors store
@@ -49,3 +50,28 @@ def save_processor(processor: Any, out: Path) -> None:
     """processor_config.json, the tokenizer(s) and preprocessor_config.json into `out`."""
     processor.save_pretrained(str(out))
     processor.image_processor.save_pretrained(str(out))
+
+
+def write_export(out_dir: str | Path, model: Any, processor: Any) -> Path:
+    """A transformers model and its processor, written into `out_dir` (new or empty) all at once:
+    staged beside it and renamed, so an interrupted export leaves no folder that loads as a model
+    without its processor."""
+    out = Path(out_dir).expanduser()
+    held = folder_contents(out, "export")
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        save_processor(processor, folder)
+
+    if held:
+        raise VLBridgeError(f"{out} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+                            "an export goes into a new or empty folder")
+    return into_new_folder(out, fill)
+
+
+def folder_contents(out: Path, what: str) -> list[str]:
+    """The names in `out`; a VLBridgeError when `out` is a file."""
+    try:
+        return held_files(out)
+    except NotADirectoryError:
+        raise VLBridgeError(f"{out} is a file; give a new or empty folder for the {what}") from None
