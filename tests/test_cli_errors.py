@@ -156,3 +156,33 @@ def test_weights_with_a_checkpoint_is_refused_by_every_model_command(capsys, tmp
     err = capsys.readouterr().err
     assert code == 2, err
     assert "--weights goes with --assembly; a --checkpoint already holds its weights" in err
+
+
+def test_a_lock_held_by_a_dead_runs_children_says_so(tmp_path):
+    """A run SIGKILLed a moment ago: its forked workers still hold the flock, and the message named
+    the dead pid as 'another run'."""
+    import multiprocessing
+    import subprocess
+
+    from vlbridge.errors import VLBridgeError
+
+    gone = subprocess.Popen(["true"])  # a pid that has surely ended
+    gone.wait()
+    ready, release = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
+
+    def child_holding_the_lock() -> None:  # as a forked data-loader worker holds the run's lock
+        with checkpointing.exclusive(tmp_path):
+            (tmp_path / checkpointing.LOCK_FILE).write_text(f"{gone.pid}\n")
+            ready.set()
+            release.wait(30)
+
+    worker = multiprocessing.get_context("fork").Process(target=child_holding_the_lock)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(VLBridgeError, match=f"still locked by the processes started by pid {gone.pid}, which has ended"):
+            with checkpointing.exclusive(tmp_path):
+                pass
+    finally:
+        release.set()
+        worker.join(30)

@@ -50,6 +50,15 @@ class RunSpec(Strict):
     def _data(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         return checked_data(value, str(info.field_name))
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        """The name is also the run's folder under output_dir/runs: one plain folder name."""
+        if "/" in value or "\\" in value or value.startswith(".") or any(ord(c) < 32 for c in value):
+            raise ValueError(f"{value!r} names the run's folder under output_dir/runs, so it may not contain '/' or '\\', "
+                             "start with '.', or hold control characters; e.g. 'qformer-32q'")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
         if self.checkpoint is not None:

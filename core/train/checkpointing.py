@@ -62,8 +62,7 @@ def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
                 raise BlockingIOError
         except BlockingIOError:
             handle.seek(0)
-            raise VLBridgeError(f"output_dir {output_dir} is in use by another run (pid {handle.read().strip() or '?'}); "
-                                "wait for it to end or choose another output_dir") from None
+            raise VLBridgeError(_held_message(output_dir, handle.read().strip())) from None
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
@@ -76,6 +75,25 @@ def exclusive(output_dir: str | Path, hold: bool = True) -> Iterator[None]:
             if created:  # a run that failed before writing anything leaves no empty output_dir behind
                 with contextlib.suppress(OSError):  # not empty: it keeps what the run wrote
                     path.parent.rmdir()
+
+
+def _held_message(output_dir: str | Path, pid: str) -> str:
+    """Who holds the lock. A run killed a moment ago can still hold it through the processes it
+    forked (data-loader or compare workers share its lock until they notice and exit)."""
+    if pid.isdigit() and not _alive(int(pid)):
+        return (f"output_dir {output_dir} is still locked by the processes started by pid {pid}, which has ended "
+                "(its data-loader or worker processes exit within seconds); retry in a moment")
+    return f"output_dir {output_dir} is in use by another run (pid {pid or '?'}); wait for it to end or choose another output_dir"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _same_file(handle, path: Path) -> bool:
