@@ -280,3 +280,23 @@ def test_another_world_seed_gives_another_world(tmp_path: Path):
     other = ensure_world(tmp_path / "world", sizes, 5, said.append)
     assert other["config"]["seed"] == 5 and said[-1].startswith("generating")
     assert (tmp_path / "world" / "scenes_test.json").read_text(encoding="utf-8") != scenes0
+
+
+def test_a_demo_on_another_world_gets_its_own_folder_and_never_replaces_runs(tmp_path: Path, monkeypatch, capsys):
+    """`vlbridge demo` then `vlbridge demo --world-seed 1` (as the README suggests) regenerated the
+    world in the same folder and restarted every run of the first."""
+    import vlbridge.compare.demo as demo
+    from vlbridge.cli.demo import default_demo_folder
+    from vlbridge.world import WorldConfig
+
+    assert default_demo_folder(False, 0) == "vlbridge-demo" and default_demo_folder(True, 0) == "vlbridge-demo-quick"
+    assert default_demo_folder(False, 3) == "vlbridge-demo-world3" and default_demo_folder(True, 3) == "vlbridge-demo-quick-world3"
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "manifest.json").write_text(json.dumps({"config": WorldConfig(seed=0, **demo.QUICK.world).model_dump(mode="json")}))
+    (tmp_path / "runs" / "linear" / "seed-0").mkdir(parents=True)
+    demo.refuse_other_world(tmp_path, demo.QUICK.world, 0)  # the same world: resumed
+    for sizes, seed, words in ((demo.QUICK.world, 1, "world seed 1 at the quick size"), (demo.FULL.world, 0, "world seed 0 at the full size")):
+        with pytest.raises(VLBridgeError, match=f"holds the runs of a demo on world seed 0 at the quick size; this demo, on {words}"):
+            demo.refuse_other_world(tmp_path, sizes, seed)
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--world-seed", "1"]) == 2
+    assert "would replace them" in capsys.readouterr().err and (tmp_path / "runs" / "linear" / "seed-0").is_dir()

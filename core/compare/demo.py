@@ -38,6 +38,7 @@ from vlbridge.files.atomic import atomic_write_text
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
 from vlbridge.compare.encoder_alone import ENCODER_ALONE
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.userfiles import read_json
 
 CAPTION_PROMPT = ""  # stage 2 learns the bare caption, so captioning asks with no prompt
 VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's, and the form the world's OPT learned QA in
@@ -92,6 +93,27 @@ def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict
             return manifest
     say(f"generating the world in {directory}")
     return generate_world(directory, config)
+
+
+def refuse_other_world(out: Path, sizes: dict[str, int], seed: int) -> None:
+    """A folder that holds trained runs on another world (another --world-seed, or --quick's sizes)
+    is not regenerated under them: every run would restart, and the earlier results would be gone."""
+    from vlbridge.world import WorldConfig
+
+    manifest_file, runs = out / "world" / "manifest.json", out / "runs"
+    if not manifest_file.is_file() or not runs.is_dir() or not any(runs.iterdir()):
+        return
+    held = read_json(manifest_file, "world manifest", top=dict).get("config") or {}
+    wanted = WorldConfig(seed=seed, **sizes).model_dump(mode="json")
+    if held != wanted:
+        raise VLBridgeError(f"{out} holds the runs of a demo on {_world_words(held)}; this demo, on {_world_words(wanted)}, "
+                            "would replace them. Give it its own folder with --out (by default each world gets one), "
+                            f"or remove {out} to start over")
+
+
+def _world_words(config: dict[str, Any]) -> str:
+    size = {QUICK.world["train"]: "the quick size", FULL.world["train"]: "the full size"}.get(config.get("train"), "another size")
+    return f"world seed {config.get('seed')} at {size}"
 
 
 def supervised_texts(world: Path) -> Path:
@@ -280,6 +302,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
 
     out = Path(out)
     config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs, stage1, stage1_steps)
+    refuse_other_world(out, plan.world, world_seed)
     ensure_world(out / "world", plan.world, world_seed, say)
     supervised_texts(out / "world")
     references = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json"),
