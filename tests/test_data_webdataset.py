@@ -71,3 +71,16 @@ def test_resample_is_for_training_webdataset_only(tmp_path):
         build_dataset({"format": "webdataset", "paths": str(tmp_path / "00000.tar"), "resample": True}, PRE, train=False, where="data.eval")
     with pytest.raises(DataConfigError, match="resample: only used by format 'webdataset', not 'jsonl'"):
         load_data_config({"format": "jsonl", "paths": "x.jsonl", "resample": True})
+
+
+def test_a_file_that_is_not_a_tar_is_refused_by_name(tmp_path):
+    """A JSON file named as a shard trained nothing and was reported as 'lower batch_size'."""
+    from vlbridge.data.records import DataError
+    from vlbridge.data.shards import expand_shards
+
+    (tmp_path / "captions.json").write_text('{"a": 1}\n')
+    shards(tmp_path)
+    good = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    assert expand_shards(good) == good
+    with pytest.raises(DataError, match=r"1 shard file is not a tar archive: '.*captions.json'; webdataset shards are .tar files"):
+        expand_shards([*good, str(tmp_path / "captions.json")])

@@ -73,7 +73,22 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         raise DataError(f"{len(missing)} shard file{'s' if len(missing) > 1 else ''} not found: {shown}{', ...' if len(missing) > 5 else ''}")
     if not shards:
         raise DataError("no shards given; list tar files, a glob or a pattern like 'shards/{00000..00009}.tar'")
+    not_tars = [name for name in shards if not is_url(name) and not _opens_as_tar(name)]
+    if not_tars:
+        shown = ", ".join(repr(n) for n in not_tars[:5])
+        raise DataError(f"{len(not_tars)} shard file{'s are' if len(not_tars) > 1 else ' is'} not a tar archive: {shown}"
+                        f"{', ...' if len(not_tars) > 5 else ''}; webdataset shards are .tar files (plain or compressed) "
+                        "of samples whose members share a key (e.g. 000001.jpg + 000001.txt)")
     return shards
+
+
+def _opens_as_tar(path: str) -> bool:
+    """Whether the file starts as a tar (tarfile reads its first header, through gzip, bz2 or xz);
+    a tar cut short later still opens, and is skipped and counted where it breaks off."""
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
 
 
 def iter_shard(url: str) -> Iterator[ImageText | Skipped]:
