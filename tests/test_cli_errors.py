@@ -186,3 +186,25 @@ def test_a_lock_held_by_a_dead_runs_children_says_so(tmp_path):
     finally:
         release.set()
         worker.join(30)
+
+
+def test_a_folder_as_annotation_file_and_an_interrupted_run_say_what_to_do(capsys, tmp_path, data, monkeypatch):
+    values = config(data, tmp_path / "out")
+    values["data"]["train"]["paths"] = [str(data)]
+    code, _, err = train_cli(capsys, tmp_path, values, "--check")
+    assert code == 2 and f"'{data}' is a folder; give the jsonl annotation file itself (a file)" in err
+    import vlbridge.train.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    code, _, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out"))
+    assert code == 130 and "interrupted; no checkpoint was saved yet, so a rerun starts over: vlbridge train " in err
+    from vlbridge.cli.train import resume_hint
+
+    step = tmp_path / "run" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "trainer_state.pt").write_bytes(b"")
+    (step.parent / "latest").write_text("step-3\n")
+    assert resume_hint(str(tmp_path / "run"), "t.yaml") == f"the last checkpoint is {step}; continue from it with: vlbridge train t.yaml --resume"

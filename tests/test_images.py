@@ -158,3 +158,10 @@ def test_16_bit_images_are_scaled_and_32_bit_ones_refused(tmp_path):
     Image.fromarray(np.full((2, 2), 7, dtype=np.int32)).save(buffer, format="TIFF")
     with pytest.raises(DataError, match="32-bit integer pixels"):
         open_image(ImageRef(name="s.tar:i.tiff", data=buffer.getvalue()))
+
+
+def test_an_image_over_pillows_pixel_limit_is_named_as_too_large(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit, Pillow refuses
+    with pytest.raises(VLBridgeError, match="is larger than Pillow reads by default .* downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "big.png")

@@ -331,7 +331,8 @@ def test_checkpoint_files_that_are_not_what_they_claim_are_named(tmp_path, linea
     ckpt = linear_opt.save(tmp_path / "ckpt")
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     for change, message in (({"format": "pytorch"}, "'format' is 'pytorch', not 'vlbridge-checkpoint'"),
-                            ({"version": 99}, "version 99 is not one this vlbridge reads")):
+                            ({"version": 99}, "version 99 is not one this vlbridge reads"),
+                            ({"stage": 7}, "checkpoint.json': 'stage' must be the training stage (1 or 2), found 7")):
         (ckpt / "checkpoint.json").write_text(json.dumps({**meta, **change}))
         with pytest.raises(WeightsError, match=re.escape(message)):
             vlbridge.load(ckpt)

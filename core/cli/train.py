@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+from vlbridge.errors import VLBridgeError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +38,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from vlbridge.train.trainer import train
 
-    result = train(config, assembly, resume=args.resume)
+    try:
+        result = train(config, assembly, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"vlbridge train: interrupted; {resume_hint(config.output_dir, args.config)}", file=sys.stderr, flush=True)
+        raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}")
     return 0
+
+
+def resume_hint(output_dir: str, config_file: str) -> str:
+    """What an interrupted run left to continue from, and the command that continues it."""
+    from vlbridge.train.checkpointing import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(output_dir)
+    except VLBridgeError:
+        latest = None
+    if latest is None:
+        return f"no checkpoint was saved yet, so a rerun starts over: vlbridge train {config_file}"
+    return f"the last checkpoint is {latest}; continue from it with: vlbridge train {config_file} --resume"

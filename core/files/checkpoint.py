@@ -146,7 +146,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         raise WeightsError(f"checkpoint metadata {str(path)!r}: version {version!r} is not one this vlbridge reads (1 to "
                            f"{VERSION}); a newer vlbridge wrote it, or the file was edited")
     stage = meta.get("stage")
-    if not isinstance(stage, int) or isinstance(stage, bool):
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (1, 2):
         raise WeightsError(f"checkpoint metadata {str(path)!r}: 'stage' must be the training stage (1 or 2), found {stage!r}; "
                            "expected the checkpoint.json that save() writes")
     return meta

@@ -56,7 +56,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             return to_rgb(image, f"image file {str(path)!r}")  # loads the pixels, so truncated files fail here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what corrupt or hostile files raise
+    except Image.DecompressionBombError as exc:
+        raise VLBridgeError(f"image file {str(path)!r} is larger than Pillow reads by default ({exc}); downscale it, or raise "
+                            "PIL.Image.MAX_IMAGE_PIXELS in your script if you trust the file") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # what corrupt files raise
         raise VLBridgeError(f"cannot read image file {str(path)!r}: {exc}; expected an image Pillow reads "
                             "(JPEG, PNG, WebP, ...)") from exc
 

@@ -304,10 +304,10 @@ def data_file_problems(data: DataConfig, where: str) -> list[str]:
             except VLBridgeError as exc:
                 problems.append(f"{where}.paths[{i}]: {exc}")
         elif not Path(path).expanduser().is_file():
-            problems.append(f"{where}.paths[{i}]: file not found: {path}")
+            problems.append(f"{where}.paths[{i}]: {missing_file(path, f'the {data.format} annotation file')}")
     for i, path in enumerate(data.vqa_annotations or []):
         if not Path(path).expanduser().is_file():
-            problems.append(f"{where}.vqa_annotations[{i}]: file not found: {path}")
+            problems.append(f"{where}.vqa_annotations[{i}]: {missing_file(path, 'the VQA annotations JSON')}")
     if data.image_root is not None and not Path(data.image_root).expanduser().is_dir():
         problems.append(f"{where}.image_root: {data.image_root!r} is not a directory")
     return problems
@@ -352,3 +352,13 @@ def device_problems(device: str, precision: str) -> list[str]:
 def dump_config(config: TrainConfig) -> str:
     """The config as YAML, as it was validated (defaults filled in)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def missing_file(path: str, expected: str) -> str:
+    """Why `path` is not the file expected: a folder where a file goes, or nothing there (named
+    against the working directory a relative path is read from)."""
+    found = Path(path).expanduser()
+    if found.is_dir():
+        return f"{path!r} is a folder; give {expected} itself (a file)"
+    where = "" if found.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+    return f"file not found: {path}{where}"
