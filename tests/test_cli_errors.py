@@ -208,3 +208,13 @@ def test_a_folder_as_annotation_file_and_an_interrupted_run_say_what_to_do(capsy
     (step / "trainer_state.pt").write_bytes(b"")
     (step.parent / "latest").write_text("step-3\n")
     assert resume_hint(str(tmp_path / "run"), "t.yaml") == f"the last checkpoint is {step}; continue from it with: vlbridge train t.yaml --resume"
+
+
+def test_check_reads_the_annotation_files(capsys, tmp_path, data):
+    """--check said 'valid' for a JSONL whose lines lack the caption field training reads."""
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "a red circle"}\n', encoding="utf-8")
+    values = config(data, tmp_path / "out")
+    values["data"]["train"]["paths"] = [str(tmp_path / "bad.jsonl")]
+    code, out, err = train_cli(capsys, tmp_path, values, "--check")
+    assert code == 2 and "valid" not in out
+    assert "line 1: missing required field 'text' (fields present: 'image', 'caption')" in err

@@ -30,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, label = read_config(args.config)  # structure first: no torch, no weights
     assembly = check_config(config, label)
     if args.check:
+        read_annotations(config)
         print(assembly.plan.describe())
         length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"
         print(f"stage {config.stage}; {length}; batch {config.batch_size} x grad_accum {config.grad_accum}; output_dir {config.output_dir}")
@@ -59,3 +60,14 @@ def resume_hint(output_dir: str, config_file: str) -> str:
     if latest is None:
         return f"no checkpoint was saved yet, so a rerun starts over: vlbridge train {config_file}"
     return f"the last checkpoint is {latest}; continue from it with: vlbridge train {config_file} --resume"
+
+
+def read_annotations(config) -> None:
+    """Read every annotation file of the training and eval data as training will (fields, types,
+    ids; no image is opened), so that --check finds a file of the wrong shape; webdataset shards are
+    read only when training streams them."""
+    from vlbridge.data.build import read_records
+
+    for where, data in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        if data is not None and data.format != "webdataset":
+            read_records(data, train=where == "data.train", where=where)
