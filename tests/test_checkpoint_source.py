@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlbridge.train.checkpoint_source import IMPORTABLE, resolve_checkpoint
+from vlbridge.files.checkpoint_source import IMPORTABLE, resolve_checkpoint
 from vlbridge.cli.convert import TRANSFORMERS_FORMATS
 from vlbridge.cli.main import main
 from vlbridge.errors import WeightsError

@@ -1,6 +1,6 @@
 """`vlbridge import lavis` and `vlbridge export FMT CHECKPOINT_DIR OUT` check what they are given the
 way caption's -a and -c are checked: a misspelt assembly before torch loads, and CHECKPOINT_DIR
-through vlbridge.train.checkpoint_source (issue 18)."""
+through vlbridge.files.checkpoint_source (issue 18)."""
 
 from __future__ import annotations
 

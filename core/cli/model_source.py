@@ -55,7 +55,7 @@ def check_model_source(args: argparse.Namespace) -> ModelSource:
 def resolved_directory(args: argparse.Namespace, name: str, option: str) -> Any:
     """A checkpoint directory argument resolved (a run's output_dir -> its latest step, said on stderr);
     a weights file as it is. `option` is how messages name it (--checkpoint, CHECKPOINT_DIR)."""
-    from vlbridge.train.checkpoint_source import resolve_checkpoint
+    from vlbridge.files.checkpoint_source import resolve_checkpoint
 
     given = getattr(args, name, None)
     if not given or (name == "weights" and Path(given).expanduser().is_file()):

@@ -8,15 +8,19 @@ its assembly.yaml as an assembly file (`-a CKPT/assembly.yaml`), from any workin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from vlbridge.errors import WeightsError
-from vlbridge.files.userfiles import read_json
+from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.files.userfiles import read_json, read_text
 
 ASSEMBLY_FILE = "assembly.yaml"
 META_FILE = "checkpoint.json"
 RUN_CHECKPOINTS = "checkpoints"  # a training run's output_dir keeps its checkpoint steps here
+LATEST = "latest"  # RUN_CHECKPOINTS/latest: a text file naming the newest complete step
+TRAINER_STATE = "trainer_state.pt"  # a run's step is complete once this is in it
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
 
 
@@ -43,3 +47,28 @@ def resolve_relative_paths(raw: Any, directory: Path, listed: list[str]) -> Any:
                                "has no such path option; the two files do not belong together (re-save or re-import the checkpoint)")
         options[key] = str((directory / options[key]).resolve())
     return raw
+
+
+def step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint of a training run, oldest first."""
+    root = Path(output_dir) / RUN_CHECKPOINTS
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = _STEP_DIR.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or None when the run has not saved one yet."""
+    pointer = Path(output_dir) / RUN_CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / read_text(pointer, "checkpoint pointer").strip()
+    if not (path / TRAINER_STATE).is_file():
+        complete = [p for _, p in step_dirs(output_dir) if p != path]
+        fix = (f"to resume from the newest complete one, {complete[-1].name}, write that name into {pointer}; "
+               f"or remove {pointer} to start over") if complete else f"no complete checkpoint is left; remove {pointer} to start over"
+        raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {TRAINER_STATE}); {fix}")
+    return path

@@ -43,7 +43,7 @@ def open_model(options: WrapperOptions, local_rank: int) -> Any:
     """The model the options name, on this process's device (cuda -> cuda:LOCAL_RANK under DDP)."""
     from vlbridge.modeling.factory import build, load
     from vlbridge.parts.devices import resolve_device
-    from vlbridge.train.checkpoint_source import resolve_checkpoint
+    from vlbridge.files.checkpoint_source import resolve_checkpoint
 
     device = resolve_device(options.device, local_rank=local_rank, option="device")
     if options.checkpoint is not None:

@@ -175,7 +175,7 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
     projection into one was never trained), so captioning from it is refused rather than run on
     random weights; pass stage=2 to build the LLM side anyway (as a stage-2 run starting from it does)."""
     from vlbridge.finetune.tuning import restore_tuned
-    from vlbridge.train.checkpoint_source import resolve_checkpoint
+    from vlbridge.files.checkpoint_source import resolve_checkpoint
 
     directory = resolve_checkpoint(checkpoint_dir, "vlbridge.load:").directory
     meta = read_meta(directory)

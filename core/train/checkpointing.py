@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,18 +24,14 @@ import torch
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text, staging_dir
 from vlbridge.files.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
-from vlbridge.files.checkpoint_paths import RUN_CHECKPOINTS
+from vlbridge.files.checkpoint_paths import LATEST, RUN_CHECKPOINTS, TRAINER_STATE, latest_checkpoint, step_dirs
 from vlbridge.errors import VLBridgeError
-from vlbridge.files.userfiles import read_text
 from vlbridge.files.weights import torch_load
 
 CHECKPOINTS = RUN_CHECKPOINTS
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "train.yaml"
 LOCK_FILE = ".lock"
 STATE_FORMAT = "vlbridge-trainer-state"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # -- one run per output_dir ----------------------------------------------------------------------
@@ -173,17 +168,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = []
-    for path in root.iterdir() if root.is_dir() else []:
-        match = _STEP_DIR.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
 def prune(output_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
     latest = latest_checkpoint(output_dir)
@@ -199,21 +183,7 @@ def remove_staging(output_dir: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# -- reading -----------------------------------------------------------------------------------
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names, or None when the run has not saved one yet."""
-    pointer = Path(output_dir) / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / read_text(pointer, "checkpoint pointer").strip()
-    if not (path / TRAINER_STATE).is_file():
-        complete = [p for _, p in step_dirs(output_dir) if p != path]
-        fix = (f"to resume from the newest complete one, {complete[-1].name}, write that name into {pointer}; "
-               f"or remove {pointer} to start over") if complete else f"no complete checkpoint is left; remove {pointer} to start over"
-        raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {TRAINER_STATE}); {fix}")
-    return path
-
-
+# -- reading (the run's layout itself, latest_checkpoint and step_dirs, is read in files.checkpoint_paths) ---------
 def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     """The resume state of a step directory (weights_only: tensors and plain values only)."""
     path = Path(ckpt_dir) / TRAINER_STATE

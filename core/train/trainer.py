@@ -43,7 +43,7 @@ from vlbridge.train import checkpointing as ckpt
 from vlbridge.train import distributed
 from vlbridge.train import fsdp
 from vlbridge.train import runtime as rt
-from vlbridge.train.checkpoint_source import resolve_checkpoint
+from vlbridge.files.checkpoint_source import resolve_checkpoint
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable
 from vlbridge.train.finetune_config import FinetuneConfig

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlbridge.errors import WeightsError
+from vlbridge.files.checkpoint_paths import LATEST, META_FILE, RUN_CHECKPOINTS, latest_checkpoint, step_dirs
 
 # A transformers directory vlbridge can import: config.json's model_type -> `vlbridge import` format.
 IMPORTABLE = {"blip-2": "hf-blip2", "instructblip": "hf-instructblip", "llava": "hf-llava"}
@@ -28,7 +29,6 @@ class CheckpointSource:
 def resolve_checkpoint(given: str | Path, option: str = "--checkpoint") -> CheckpointSource:
     """The vlbridge checkpoint `given` names (itself, or a run output_dir's latest step); otherwise a
     WeightsError that says what `given` is and what `option` needs instead."""
-    from vlbridge.files.checkpoint import META_FILE  # torch: imported on use, as the model load follows anyway
 
     path = Path(given).expanduser()
     if not path.exists():
@@ -50,9 +50,8 @@ def resolve_checkpoint(given: str | Path, option: str = "--checkpoint") -> Check
 def _latest_of_run(path: Path, option: str, given: str | Path) -> CheckpointSource | None:
     """A training run's output_dir: its `latest` step when it names one; several steps and no
     pointer is ambiguous, so that is an error listing them."""
-    from vlbridge.train.checkpointing import CHECKPOINTS, LATEST, latest_checkpoint, step_dirs
 
-    if not (path / CHECKPOINTS).is_dir():
+    if not (path / RUN_CHECKPOINTS).is_dir():
         return None
     latest = latest_checkpoint(path)
     if latest is not None:
@@ -61,8 +60,8 @@ def _latest_of_run(path: Path, option: str, given: str | Path) -> CheckpointSour
     steps = [str(step) for _, step in step_dirs(path)]
     if not steps:
         raise WeightsError(f"{option} {given} is a training run's output_dir without any saved checkpoint yet "
-                           f"(nothing under {path / CHECKPOINTS}); train until it saves one, or give a checkpoint directory")
-    raise WeightsError(f"{option} {given} is a training run's output_dir without a {CHECKPOINTS}/{LATEST} pointer; "
+                           f"(nothing under {path / RUN_CHECKPOINTS}); train until it saves one, or give a checkpoint directory")
+    raise WeightsError(f"{option} {given} is a training run's output_dir without a {RUN_CHECKPOINTS}/{LATEST} pointer; "
                        f"give one of its steps: {', '.join(steps)}")
 
 
