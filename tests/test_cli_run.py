@@ -66,3 +66,13 @@ def test_import_then_caption_then_export(capsys, images, tmp_path):
     assert (tmp_path / "back" / "config.json").is_file()
     code, _, err = run(capsys, "import", "hf-blip2", str(tmp_path / "missing"), str(tmp_path / "x"))
     assert code == 2 and "not a directory" in err
+
+
+def test_a_quoted_home_in_an_image_path_is_expanded(capsys, images, monkeypatch):
+    """`vlbridge caption '~/x.png'` (the shell leaves a quoted ~ alone) read as 'image not found'."""
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(Path(images[0]).parent))
+    code, out, err = run(capsys, "caption", "-a", "tiny-linear-opt", "--max-new-tokens", "2", "--num-beams", "1", "--json", "~/red.png")
+    assert code == 0, err
+    assert json.loads(out)[0]["image"] == images[0]

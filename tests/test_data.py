@@ -190,6 +190,9 @@ def test_jsonl_errors_name_the_line(tmp_path):
     path.write_text('["a.jpg", "x"]\n')
     with pytest.raises(DataError, match="line 1: expected a JSON object, got list"):
         read_jsonl(path)
+    path.write_text('{"image": "a.jpg", "text": "x"}\n{"image": "b.jpg", "text": "y", "text": "z"}\n')  # json keeps the last
+    with pytest.raises(DataError, match="line 2: the field 'text' appears twice"):
+        read_jsonl(path)
 
 
 # -- tar shards ---------------------------------------------------------------------------------

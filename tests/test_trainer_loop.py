@@ -147,3 +147,15 @@ def test_a_resumed_run_says_its_connector_is_the_checkpoints(tmp_path, data, cap
     vlbridge.train.run(linear_config(data, out, steps=6, save_every=2), resume=True, objective=mse_objective)
     err = capsys.readouterr().err
     assert "from step 4" in err and "connector as saved at step 4" in err and "from scratch" not in err
+
+
+def test_init_from_a_run_into_another_llm_is_noted(tmp_path, data, capsys):
+    first = tmp_path / "t5"
+    t5 = {"name": "linear-t5", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}}, "connector": {"use": "linear"},
+          "llm": {"use": "flan-t5", "options": {"variant": "tiny"}}}
+    vlbridge.train.run(config(data, first, assembly=t5, stage=2, steps=2, save_every=2, schedule={"warmup_steps": 0}),
+                       objective=mse_objective)
+    capsys.readouterr()
+    vlbridge.train.run(linear_config(data, tmp_path / "opt", steps=2, save_every=2, init_from=str(first), schedule={"warmup_steps": 0}),
+                       objective=mse_objective)
+    assert "trained its connector into the LLM 'flan-t5', and this run bridges to 'opt'" in capsys.readouterr().err

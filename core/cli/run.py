@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from vlbridge.cli.argtypes import non_negative_int, positive_int
@@ -58,6 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _load_model(args: argparse.Namespace):
     source = check_model_source(args)  # -a/-c/--weights, the assembly name before torch, then checkpoint and device
+    args.images = [os.path.expanduser(image) for image in args.images]  # a quoted '~/x.jpg', as --checkpoint reads it
     for image in args.images:
         if Path(image).is_dir():
             raise VLBridgeError(f"{image} is a directory; give image files (a shell glob such as {Path(image) / '*.jpg'} lists them)")

@@ -46,12 +46,28 @@ def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict[s
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{what} {str(path)!r}, line {number}: malformed JSON at column {exc.colno}: {exc.msg}") from exc
+            except _DuplicateKey as exc:
+                raise DataError(f"{what} {str(path)!r}, line {number}: the field {exc.args[0]!r} appears twice; JSON keeps only "
+                                "the last, so one of the two values would be lost: keep one") from None
             if not isinstance(value, dict):
                 raise DataError(f"{what} {str(path)!r}, line {number}: expected a JSON object, got {type(value).__name__}")
             yield number, value
+
+
+class _DuplicateKey(ValueError):
+    """A JSONL object naming one field twice (the standard parser silently keeps the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
 
 
 def require(record: Any, name: str, types: type | tuple[type, ...], where: str) -> Any:

@@ -50,7 +50,7 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
     try:
@@ -68,7 +68,7 @@ def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tens
     """PIL image or uint8 `(3, H, W)` tensor -> normalised float `(3, S, S)`."""
     if preprocess.interpolation not in _INTERPOLATION:
         raise VLBridgeError(f"unknown interpolation {preprocess.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
-    return T.Compose([  # resize first: a PIL image is then resized by PIL, as in BLIP-2's and HF's processors
+    return T.Compose([  # resize first: a PIL image is then resized by PIL, as BLIP-2 (LAVIS) does
         *_resize_and_crop(preprocess),
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),

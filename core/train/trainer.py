@@ -34,6 +34,8 @@ from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.files.checkpoint import read_meta
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE
+from vlbridge.files.userfiles import read_yaml
 from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 from vlbridge.modeling import factory
 from vlbridge.modeling.connector_protocol import connector_state, mark_trained
@@ -113,6 +115,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir).expanduser()
         rt.seed_everything(config.seed)  # the same initial weights on every rank
         self.model, self.recipe = build_model(config, assembly, self.device)
+        note = other_llm_note(config, assembly)
+        if note:
+            self.say(note)
         rt.seed_everything(config.seed + where.rank)  # augmentation, dropout and negatives differ per rank
         self.objective = objective or default_objective(config, self.model)
         self.optimizer = build_optimizer(self.model, config.optimizer, self.recipe.lr_groups)
@@ -483,6 +488,23 @@ def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -
     recipe = apply_finetune(model, config.finetune, config.optimizer.lr)
     mark_trained(model.connector)  # what init_from lacked but this run trains
     return model.to(device), recipe
+
+
+def other_llm_note(config: TrainConfig, assembly: Assembly) -> str | None:
+    """A note when init_from's connector was trained (stage 2) into another LLM than this run's:
+    its output layer starts from weights fitted to another embedding space, which is allowed (the
+    widths fit) but rarely meant."""
+    if config.init_from is None or config.stage != 2 or assembly.config.llm is None:
+        return None
+    directory = resolve_checkpoint(config.init_from, "init_from").directory
+    if int(read_meta(directory)["stage"]) != 2:
+        return None
+    theirs = str(((read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly") or {}).get("llm") or {}).get("use", ""))
+    ours = assembly.plan.llm.name if assembly.plan.llm is not None else ""
+    if theirs.rpartition(":")[2] in ("", ours):  # 'distribution:name' as a checkpoint pins a plugin part
+        return None
+    return (f"note: init_from {directory} trained its connector into the LLM {theirs!r}, and this run bridges to {ours!r}: "
+            "its projection starts from weights fitted to another LLM's embeddings")
 
 
 def default_objective(config: TrainConfig, model: VLBridgeModel) -> Objective:
