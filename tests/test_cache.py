@@ -333,3 +333,48 @@ def test_an_image_replaced_after_caching_is_refused(data: Path, tmp_path: Path):
     write_image(copy / "images" / "3.jpg", seed=42)  # a new picture under the old name
     with pytest.raises(CacheError, match=r"1 image file\(s\) changed since their features were computed .*3.jpg.*--overwrite"):
         feature_dataset(config, tmp_path / "features", train=True)
+
+
+def test_one_id_in_two_places_is_refused_and_a_replaced_shard_is_noticed(tmp_path: Path):
+    """The same key in two tar shards, or the same relative path under two folders (the path is the
+    id), were one image's features; a shard rewritten after caching trained on the old pictures."""
+    import os
+
+    members = [(f"s/{k}.{ext}", data) for k in range(2) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
+    write_tar(tmp_path / "a.tar", members)
+    write_tar(tmp_path / "b.tar", [(f"s/{k}.{ext}", data) for k in range(2) for ext, data in (("jpg", image_bytes(k + 5)), ("txt", b"x"))])
+    with pytest.raises(DataError, match="image id 's/0' names two images, '.*a.tar:s/0.jpg' and '.*b.tar:s/0.jpg'"):
+        build_cache(PRESET, [{"format": "webdataset", "paths": [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]}], tmp_path / "ab", FP32)
+    for folder in ("w0", "w1"):
+        write_image(tmp_path / folder / "images" / "0.jpg", seed=len(folder) + (folder == "w1"))
+        write_jsonl(tmp_path / folder / "t.jsonl", [{"image": "images/0.jpg", "text": "x"}])
+    with pytest.raises(DataError, match="image id 'images/0.jpg' names two images"):
+        build_cache(PRESET, [{"format": "jsonl", "paths": [str(tmp_path / f / "t.jsonl")]} for f in ("w0", "w1")], tmp_path / "w", FP32)
+    shard = {"format": "webdataset", "paths": [str(tmp_path / "a.tar")]}
+    built = build_cache(PRESET, [shard], tmp_path / "c", FP32)
+    assert all(stamp is not None for stamp in built.shards[0].stamps)
+    assert len(feature_dataset(shard, tmp_path / "c", train=False)) == 2
+    write_tar(tmp_path / "a.tar", [(name, image_bytes(9) if name.endswith(".jpg") else data) for name, data in members])
+    os.utime(tmp_path / "a.tar", ns=(1, 1))  # another time, whatever the clock's resolution
+    with pytest.raises(CacheError, match="changed since their features were computed"):
+        feature_dataset(shard, tmp_path / "c", train=False)
+
+
+def test_compare_recaches_images_that_changed(tmp_path: Path):
+    """compare's cache folder is keyed by the annotation files: a replaced image made every rerun
+    refuse the stale cache, with advice that did not apply to compare. It now caches them again."""
+    from vlbridge.compare.config import CompareConfig
+    from vlbridge.compare.runner import changed_images, feature_cache
+
+    for i in range(3):
+        write_image(tmp_path / "images" / f"{i}.jpg", seed=i)
+    write_jsonl(tmp_path / "t.jsonl", [{"image": f"images/{i}.jpg", "text": "x", "image_id": i} for i in range(3)])
+    data = {"format": "jsonl", "paths": [str(tmp_path / "t.jsonl")], "num_workers": 0}
+    config = CompareConfig(runs=[{"name": "a", "assembly": PRESET, "stage2_steps": 1}], stage2_data=data, output_dir=str(tmp_path / "out"))
+    assembly = vlbridge.load_assembly(PRESET).config.model_dump(mode="json")
+    said: list[str] = []
+    folder = Path(feature_cache(config, assembly, said.append))
+    assert changed_images(config, folder) == [] and len(said) == 1
+    write_image(tmp_path / "images" / "1.jpg", seed=77)
+    assert feature_cache(config, assembly, said.append) == str(folder)
+    assert "1 training image(s) changed since" in said[-1] and changed_images(config, folder) == []

@@ -93,12 +93,30 @@ def feature_cache(config: CompareConfig, assembly: dict[str, Any], say: Say) -> 
     directory = Path(config.output_dir) / "features" / _encoder_key(assembly, config)
     try:
         read_manifest(directory)
-        return str(directory)
     except Exception:
-        pass
-    say(f"caching frozen encoder features -> {directory}")
-    build_cache(assembly, data_sources(config), directory)
+        say(f"caching frozen encoder features -> {directory}")
+        build_cache(assembly, data_sources(config), directory)
+        return str(directory)
+    changed = changed_images(config, directory)
+    if changed:  # this folder is compare's own: rebuilt, not left for the user to delete
+        say(f"{len(changed)} training image(s) changed since {directory} was cached (e.g. {changed[0]}); caching them again")
+        build_cache(assembly, data_sources(config), directory, overwrite=True)
     return str(directory)
+
+
+def changed_images(config: CompareConfig, directory: Path) -> list[str]:
+    """The training images whose files differ from when the cache in `directory` encoded them."""
+    from vlbridge.data.config import load_data_config
+    from vlbridge.data.records import Skipped
+    from vlbridge.train.cache_dataset import FeatureStore, iter_samples
+
+    store = FeatureStore(directory)
+    changed: list[str] = []
+    for i, data in enumerate(data_sources(config)):
+        samples = [s for s in iter_samples(load_data_config(data, f"data[{i}]"), f"data[{i}]", keep_bytes=False)
+                   if not isinstance(s, Skipped) and s.image_id in store.rows]
+        changed += store.changed_images(samples, [store.rows[s.image_id][:2] for s in samples])
+    return changed
 
 
 def train_config_of(config: CompareConfig, run: RunSpec, assembly: dict, stage: int, steps: int, seed: int,

@@ -38,7 +38,7 @@ from vlbridge.assemblies.reachability import check_reachable
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, file_sha256, file_stamp, manifest_json, read_manifest, weights_sha256)
-from vlbridge.train.cache_dataset import iter_samples, portable_name
+from vlbridge.train.cache_dataset import image_place, iter_samples, portable_name, stamped_file
 from vlbridge.files.userfiles import read_yaml
 
 Log = Callable[[str], None]
@@ -74,7 +74,9 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
 
 
 def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[ImageText]:
-    """Each distinct image once (first-seen order), keyed by image id; an id naming two images is an error."""
+    """Each distinct image once (first-seen order), keyed by image id; an id naming two images is an
+    error: two names, or one name in two places (the same relative path under two folders, the same
+    key in two tar shards), whose features would otherwise be one image's."""
     seen: dict[Any, str] = {}
     skipped, first_skipped = 0, None
     for config, source in sources:
@@ -83,14 +85,15 @@ def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[Imag
             if isinstance(sample, Skipped):
                 skipped, first_skipped = skipped + 1, first_skipped or sample  # no image or caption: nothing to encode
                 continue
-            name = portable_name(sample.image)
+            place = image_place(sample.image)
             known = seen.get(sample.image_id)
             if known is None:
-                seen[sample.image_id] = name
+                seen[sample.image_id] = place
                 yield ImageText(sample.image, "", sample.image_id)
-            elif known != name:
-                raise DataError(f"{where}: image id {sample.image_id!r} names two images, {known!r} and {name!r}; "
-                                "the cache finds features by image id, so each id must belong to one image")
+            elif known != place:
+                raise DataError(f"{where}: image id {sample.image_id!r} names two images, {known!r} and {place!r}; "
+                                "the cache finds features by image id, so each id must belong to one image (give the "
+                                "annotations distinct image_id values, or keys that differ between shards)")
     if first_skipped is not None and not seen:  # say why, rather than only that there is no image to cache
         raise DataError(f"every sample was skipped ({skipped}), so there is no image to cache; the first: "
                         f"{first_skipped.name}: {first_skipped.reason}")
@@ -208,12 +211,13 @@ def write_shard(path: Path, encoder: torch.nn.Module, chunk: list[ImageText], pr
 
 
 def chunk_stamps(chunk: list[ImageText]) -> list[list[int] | None]:
-    """Each image file's [size, mtime_ns], taken before it is read (None for a tar member or a file
-    that cannot be stat'ed: its read will fail and skip it)."""
+    """The [size, mtime_ns] of each image's file (a tar member's shard), taken before it is read (None
+    for a stream that is no local file, or a file that cannot be stat'ed: its read fails and skips it)."""
     stamps: list[list[int] | None] = []
     for item in chunk:
+        stamped = stamped_file(item.image)
         try:
-            stamps.append(file_stamp(item.image.path) if item.image.path is not None else None)
+            stamps.append(file_stamp(stamped) if stamped is not None else None)
         except OSError:
             stamps.append(None)
     return stamps

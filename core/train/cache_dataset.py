@@ -9,6 +9,7 @@ cache built from other data with clashing ids is refused instead of silently mis
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -35,6 +36,21 @@ def portable_name(ref: ImageRef) -> str:
     """An image's name independent of where the data lives: as the annotations write it, or the tar
     member without its shard's path."""
     return ref.name.rpartition(":")[2] if ref.data is not None else ref.name
+
+
+def image_place(ref: ImageRef) -> str:
+    """Where an image is, whatever the annotations call it: the real path of its file, or its
+    shard and member (`shard.tar:key.jpg`)."""
+    return os.path.realpath(ref.path) if ref.path is not None else ref.name
+
+
+def stamped_file(ref: ImageRef) -> str | None:
+    """The local file whose size and time stand for an image's bytes: the image file, or the tar
+    shard holding it (a stream that is no local file: None)."""
+    if ref.path is not None:
+        return ref.path
+    shard = ref.name.rpartition(":")[0]
+    return shard if shard and os.path.isfile(shard) else None
 
 
 def iter_samples(config: DataConfig, where: str, *, keep_bytes: bool) -> Iterator[Record | Skipped]:
@@ -129,12 +145,13 @@ class FeatureStore:
         its features are another picture's. Files that are gone are not counted (the features stand)."""
         changed, seen = [], set()
         for sample, location in zip(samples, locations):
-            if location is None or isinstance(sample, Skipped) or sample.image.path is None or location in seen:
+            stamped = None if isinstance(sample, Skipped) else stamped_file(sample.image)
+            if location is None or stamped is None or location in seen:
                 continue
             seen.add(location)
             recorded = self.stamp(*location)
             try:
-                if recorded is not None and file_stamp(sample.image.path) != recorded:
+                if recorded is not None and file_stamp(stamped) != recorded:
                     changed.append(sample.image.name)
             except OSError:
                 continue
