@@ -190,3 +190,22 @@ def test_a_save_interrupted_over_a_checkpoint_leaves_no_checkpoint(tmp_path, mon
     monkeypatch.undo()
     with pytest.raises(WeightsError, match="not a vlbridge checkpoint"):
         vlbridge.load(tmp_path / "ckpt")
+
+
+def test_one_text_is_one_text_and_bad_batches_or_empty_lists_are_named():
+    """features(texts="a red circle") was twelve one-character texts; batch_size=-1 captioned
+    nothing and returned []; empty text lists fell over inside torch."""
+    model = vlbridge.build("tiny-qformer-opt", stage=2)
+    one = model.features(texts="a red circle", mode="text").text_embeds
+    listed = model.features(texts=["a red circle"], mode="text").text_embeds
+    assert one.shape[0] == 1 and torch.equal(one, listed)
+    assert model.retrieve([RED, BLUE], "a red circle", k=1).itc.shape == (2, 1)
+    for call, message in ((lambda: model.features(texts=[], mode="text"), "no texts given"),
+                          (lambda: model.retrieve([RED], []), "no texts given"),
+                          (lambda: model.retrieve([], ["a"]), "no images given"),
+                          (lambda: model.features(texts=[3], mode="text"), "texts must be strings, got a int"),
+                          (lambda: model.caption([RED], batch_size=-1), "batch_size must be a whole number of at least 1, got -1"),
+                          (lambda: model.answer([RED], "q?", batch_size=0), "got 0"),
+                          (lambda: model.retrieve([RED], ["a"], batch_size=1.5), "got 1.5")):
+        with pytest.raises(VLBridgeError, match=message):
+            call()

@@ -23,7 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--assembly", "-a", metavar="PRESET_OR_YAML", help="assembly YAML or preset name")
     source.add_argument("--checkpoint", "-c", metavar="DIR", help="a vlbridge checkpoint directory")
-    p.add_argument("--weights", metavar="PATH", help="connector weights for --assembly (checkpoint dir or .safetensors)")
+    p.add_argument("--weights", metavar="PATH", help="weights for --assembly: a checkpoint dir (its connector, and the encoder "
+                   "tensors and LoRA adapters its run fine-tuned) or a connector .safetensors")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_random_weights_argument(p)
     p.add_argument("--task", required=True, choices=TASKS)

@@ -17,7 +17,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--assembly", "-a", metavar="PRESET_OR_YAML", help="assembly YAML or preset name")
     source.add_argument("--checkpoint", "-c", metavar="DIR", help="a vlbridge checkpoint directory (model.save / vlbridge import)")
-    p.add_argument("--weights", metavar="PATH", help="connector weights (checkpoint dir or .safetensors) for --assembly")
+    p.add_argument("--weights", metavar="PATH", help="weights for --assembly: a checkpoint dir (its connector, and the encoder "
+                   "tensors and LoRA adapters its run fine-tuned) or a connector .safetensors")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_random_weights_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -35,7 +35,8 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
 
     :param assembly: an Assembly, a YAML path, a preset name or a dict.
     :param stage: 1 (encoder + connector, no LLM) or 2 (all three); default: the connector's last stage.
-    :param weights: connector weights: a vlbridge checkpoint directory or a safetensors file.
+    :param weights: connector weights: a vlbridge checkpoint directory (with the encoder tensors and LoRA
+        adapters its run fine-tuned, if any) or a safetensors file.
     :param device: where to put the model (default CPU).
     :param check_shapes: run one dummy image through encoder and connector and compare with the plan.
     :param random_weights: allow a real-size frozen part without pretrained weights (random on
@@ -68,7 +69,17 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
         check_real_shapes(model)
     if weights is not None:
         load_connector_weights(model, weights)
+        if Path(weights).is_dir() and _restore_tuned(model, Path(weights)) and device is not None:
+            model.to(device)  # the adapters were injected after the move
     return model.eval()  # like transformers' from_pretrained: call .train() to train
+
+
+def _restore_tuned(model: VLBridgeModel, directory: Path) -> list[str]:
+    """A checkpoint directory given as weights brings what its run fine-tuned too (encoder tensors,
+    LoRA adapters): its connector was trained against them, and without them it computes otherwise."""
+    from vlbridge.finetune.tuning import restore_tuned
+
+    return restore_tuned(model, directory, read_meta(directory))
 
 
 def _check_declared_count(model: VLBridgeModel, stage: int) -> None:
@@ -174,13 +185,9 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
     `stage` defaults to the checkpoint's own: a stage-1 checkpoint loads without an LLM (its
     projection into one was never trained), so captioning from it is refused rather than run on
     random weights; pass stage=2 to build the LLM side anyway (as a stage-2 run starting from it does)."""
-    from vlbridge.finetune.tuning import restore_tuned
     from vlbridge.files.checkpoint_source import resolve_checkpoint
 
     directory = resolve_checkpoint(checkpoint_dir, "vlbridge.load:").directory
     meta = read_meta(directory)
     stage = int(meta["stage"]) if stage is None else stage
-    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
-    if restore_tuned(model, directory, meta) and device is not None:
-        model.to(device)  # the adapters were injected after the move
-    return model.eval()
+    return build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)

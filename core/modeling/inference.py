@@ -13,7 +13,7 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.modeling.running import RunningModel
+from vlbridge.modeling.running import RunningModel, checked_batch_size
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
 from vlbridge.files.config_fields import StrictNumbers
@@ -87,6 +87,7 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
     """Run the LLM on [visual prompt; text prompt] for each image; returns num_return_sequences texts per image.
     `image_embeds` (N, T, W): the frozen encoder's outputs for the N images, computed before (then
     `images` is ignored), so an evaluation that asks several questions per image encodes it once."""
+    batch_size = checked_batch_size(batch_size)
     if model.llm is None:
         raise VLBridgeError("this model was built for stage 1 and has no LLM, so it cannot generate text; a stage-1 checkpoint "
                             "never trained its projection into the LLM: train stage 2 from it (init_from), or build the "

@@ -133,10 +133,10 @@ class VLBridgeModel(nn.Module):
     def answer(self, images, questions: str | Sequence[str], prompt: str = DEFAULT_VQA_PROMPT, **generation: Any) -> list[str]:
         return inference.answer(self, images, questions, prompt, **generation)
 
-    def features(self, images=None, texts: Sequence[str] | None = None, mode: str = "image"):
+    def features(self, images=None, texts: str | Sequence[str] | None = None, mode: str = "image"):
         return retrieval.features(self, images=images, texts=texts, mode=mode)
 
-    def retrieve(self, images, texts: Sequence[str], k: int = 128, batch_size: int = 64):
+    def retrieve(self, images, texts: str | Sequence[str], k: int = 128, batch_size: int = 64):
         return retrieval.retrieve(self, images, texts, k=k, batch_size=batch_size)
 
     def merged_llm_model(self) -> nn.Module:

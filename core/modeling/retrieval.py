@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vlbridge.plugin.contract import describe, missing
 from vlbridge.errors import VLBridgeError
-from vlbridge.modeling.running import RunningModel
+from vlbridge.modeling.running import RunningModel, checked_batch_size
 from vlbridge.parts.images import as_image_list
 
 
@@ -58,7 +58,19 @@ def _qformer(model: RunningModel):
     return connector
 
 
-def tokenize_texts(model: RunningModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def text_list(texts: str | Sequence[str]) -> list[str]:
+    """One string is one text (not a sequence of characters); an empty list or a non-string is refused."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items:
+        raise VLBridgeError("no texts given; pass at least one string")
+    wrong = next((t for t in items if not isinstance(t, str)), None)
+    if wrong is not None:
+        raise VLBridgeError(f"texts must be strings, got a {type(wrong).__name__} ({wrong!r:.40})")
+    return items
+
+
+def tokenize_texts(model: RunningModel, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = text_list(texts)
     qformer = _qformer(model)
     longest = min(MAX_TEXT_TOKENS, getattr(qformer, "max_text_positions", MAX_TEXT_TOKENS))  # a Q-Former with fewer positions
     encoded = qformer.tokenizer(list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt")
@@ -66,7 +78,7 @@ def tokenize_texts(model: RunningModel, texts: Sequence[str]) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def features(model: RunningModel, images: Any = None, texts: Sequence[str] | None = None, mode: str = "image") -> Features:
+def features(model: RunningModel, images: Any = None, texts: str | Sequence[str] | None = None, mode: str = "image") -> Features:
     """BLIP-2's feature extractor: image (query outputs), text, or multimodal (queries that saw the text)."""
     if mode not in FEATURE_MODES:
         raise VLBridgeError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
@@ -103,15 +115,18 @@ def itm_scores(model: RunningModel, image_embeds: torch.Tensor, ids: torch.Tenso
 
 
 @torch.no_grad()
-def retrieve(model: RunningModel, images: Any, texts: Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
+def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
     """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image."""
     if k < 1:
         raise VLBridgeError(f"k must be at least 1, got {k}")
+    batch_size, texts = checked_batch_size(batch_size), text_list(texts)
+    items = as_image_list(images)
+    if not items:
+        raise VLBridgeError("no images given; pass at least one PIL image, path or tensor")
     qformer = _qformer(model)
     was_training = model.training
     model.eval()
     try:
-        items = as_image_list(images)
         image_embeds = torch.cat([model.encode_images(model.pixel_values(items[i:i + batch_size]))
                                   for i in range(0, len(items), batch_size)])
         image_proj = F.normalize(qformer.vision_proj(qformer.query_outputs(image_embeds)), dim=-1)  # (Ni, Q, E)

@@ -12,6 +12,8 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import nn
 
+from vlbridge.errors import VLBridgeError
+
 
 class RunningModel(Protocol):
     """The members of `VLBridgeModel` that generation, features and retrieval use."""
@@ -36,3 +38,11 @@ class RunningModel(Protocol):
 
     def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                       instructions: Sequence[str] | None = None) -> torch.Tensor: ...
+
+
+def checked_batch_size(value: Any) -> int:
+    """A batch size the caller passed: a whole number of at least 1 (range() ran zero times on -1,
+    returning no captions, and failed on 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise VLBridgeError(f"batch_size must be a whole number of at least 1, got {value!r}")
+    return value

@@ -480,9 +480,7 @@ def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -
     weights = resolve_checkpoint(config.init_from, "init_from").directory if config.init_from is not None else None
     try:
         model = factory.build(assembly, stage=config.stage, weights=weights, device=device, random_weights=config.random_weights,
-                               init_seed=config.seed)
-        if weights is not None:
-            restore_tuned(model, weights, read_meta(weights))
+                               init_seed=config.seed)  # a checkpoint's fine-tuned encoder tensors and adapters come with it
     except WeightsError as exc:
         raise VLBridgeError(f"init_from: {exc}") from exc
     recipe = apply_finetune(model, config.finetune, config.optimizer.lr)
