@@ -218,3 +218,4 @@ def test_check_reads_the_annotation_files(capsys, tmp_path, data):
     code, out, err = train_cli(capsys, tmp_path, values, "--check")
     assert code == 2 and "valid" not in out
     assert "line 1: missing required field 'text' (fields present: 'image', 'caption')" in err
+    assert resume_hint(str(tmp_path / "run"), "my run.yaml").endswith("vlbridge train 'my run.yaml' --resume")  # pastes as it reads

@@ -95,7 +95,7 @@ def test_config_checks():
         CompareConfig(runs=[{**run, "stage1_steps": 2}], stage2_data=DATA, output_dir="x")
     with pytest.raises(ValidationError, match="extra"):
         CompareConfig(runs=[run], stage2_data=DATA, output_dir="x", colour="red")
-    for escaping in ("../../escaped", "a/b", ".hidden", "a\\b"):  # a run's name is its folder under output_dir/runs
+    for escaping in ("../../escaped", "a/b", ".hidden", "a\\b", "x" * 101):  # a run's name is its folder under output_dir/runs
         with pytest.raises(ValidationError, match="names the run's folder under output_dir/runs"):
             CompareConfig(runs=[{**run, "name": escaping}], stage2_data=DATA, output_dir="x")
 

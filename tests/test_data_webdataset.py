@@ -84,3 +84,5 @@ def test_a_file_that_is_not_a_tar_is_refused_by_name(tmp_path):
     assert expand_shards(good) == good
     with pytest.raises(DataError, match=r"1 shard file is not a tar archive: '.*captions.json'; webdataset shards are .tar files"):
         expand_shards([*good, str(tmp_path / "captions.json")])
+    with pytest.raises(DataError, match=r"is a folder; give its shards, e.g. the glob '.*\*.tar'"):
+        expand_shards([str(tmp_path)])

@@ -301,3 +301,19 @@ def test_an_interrupted_export_leaves_nothing_and_a_full_folder_is_refused(tmp_p
         vlbridge.export_hf_blip2(model, tmp_path / "full")
     (tmp_path / "empty").mkdir()
     assert (vlbridge.export_hf_blip2(model, tmp_path / "empty") / "processor_config.json").is_file()
+
+
+def test_an_export_into_dot_or_a_link_to_an_empty_folder(tmp_path, monkeypatch):
+    """'.' has no name to stage beside (an internal error), and a link to an empty folder was taken for a file."""
+    model = vlbridge.build("tiny-qformer-opt")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    vlbridge.export_hf_blip2(model, ".")
+    assert (tmp_path / "here" / "config.json").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    vlbridge.export_hf_blip2(model, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "processor_config.json").is_file()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(vlbridge.VLBridgeError, match="is a link to .*nowhere, which does not exist"):
+        vlbridge.export_hf_blip2(model, tmp_path / "dangling")

@@ -133,10 +133,15 @@ def test_a_fresh_start_sets_an_earlier_runs_metrics_aside(tmp_path, data, capsys
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n', encoding="utf-8")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.earlier").write_bytes(b"earlier run")
     vlbridge.train.run(linear_config(data, out, steps=4, save_every=2), resume=True, objective=mse_objective)
     assert [m["step"] for m in read_metrics(out)] == [2, 4]
     kept = list(out.glob("metrics.before-*.jsonl"))
     assert len(kept) == 1 and kept[0].read_text(encoding="utf-8").count("\n") == 2
+    boards = list(out.glob("tensorboard.before-*"))  # its events would have plotted steps 1-2 twice
+    assert len(boards) == 1 and (boards[0] / "events.out.tfevents.earlier").is_file()
+    assert not (out / "tensorboard" / "events.out.tfevents.earlier").exists()
     assert f"they are kept in {kept[0].name}" in capsys.readouterr().err
 
 

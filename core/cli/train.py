@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from vlbridge.errors import VLBridgeError
@@ -42,7 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, assembly, resume=args.resume)
     except KeyboardInterrupt:
-        print(f"vlbridge train: interrupted; {resume_hint(config.output_dir, args.config)}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one hint from rank 0
+            print(f"vlbridge train: interrupted; {resume_hint(config.output_dir, args.config)}", file=sys.stderr, flush=True)
         raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}")
@@ -57,9 +59,10 @@ def resume_hint(output_dir: str, config_file: str) -> str:
         latest = latest_checkpoint(output_dir)
     except VLBridgeError:
         latest = None
+    command = f"{'torchrun ... -m vlbridge train' if 'WORLD_SIZE' in os.environ else 'vlbridge train'} {shlex.quote(config_file)}"
     if latest is None:
-        return f"no checkpoint was saved yet, so a rerun starts over: vlbridge train {config_file}"
-    return f"the last checkpoint is {latest}; continue from it with: vlbridge train {config_file} --resume"
+        return f"no checkpoint was saved yet, so a rerun starts over: {command}"
+    return f"the last checkpoint is {latest}; continue from it with: {command} --resume"
 
 
 def read_annotations(config) -> None:

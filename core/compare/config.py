@@ -54,9 +54,9 @@ class RunSpec(Strict):
     @classmethod
     def _folder_name(cls, value: str) -> str:
         """The name is also the run's folder under output_dir/runs: one plain folder name."""
-        if "/" in value or "\\" in value or value.startswith(".") or any(ord(c) < 32 for c in value):
+        if "/" in value or "\\" in value or value.startswith(".") or any(ord(c) < 32 for c in value) or len(value.encode()) > 100:
             raise ValueError(f"{value!r} names the run's folder under output_dir/runs, so it may not contain '/' or '\\', "
-                             "start with '.', or hold control characters; e.g. 'qformer-32q'")
+                             "start with '.', hold control characters or run past 100 bytes; e.g. 'qformer-32q'")
         return value
 
     @model_validator(mode="after")

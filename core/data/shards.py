@@ -66,6 +66,8 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                     shards.extend(matches)
                 elif Path(name).is_file():
                     shards.append(name)
+                elif Path(name).is_dir():
+                    raise DataError(f"{name!r} is a folder; give its shards, e.g. the glob {str(Path(name) / '*.tar')!r}")
                 else:
                     missing.append(name)
     if missing:

@@ -64,19 +64,25 @@ def held_files(out: str | Path) -> list[str]:
 
 
 def into_new_folder(out: str | Path, fill: Callable[[Path], object]) -> Path:
-    """Call `fill(folder)` on a hidden staging folder beside `out`, then rename it to `out`, which must
-    be absent or empty: an interrupted export leaves nothing under the name the user gave (a folder
-    with weights but no processor loads in one class and fails in the other)."""
+    """Call `fill(folder)` on a hidden staging folder beside `out`, then rename it to `out` (or, where
+    `out` is an existing empty folder, move what it holds into it), so that an interrupted export
+    leaves nothing under the name the user gave (a folder with weights but no processor loads in one
+    class and fails in the other). The caller checks that `out` is absent or empty."""
     import shutil
 
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().absolute()  # "." has no name to stage beside
+    if out.is_symlink() and not out.exists():
+        raise NotADirectoryError(f"{out} is a link to {os.readlink(out)}, which does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = staging_dir(out.parent, f".{out.name}.")
+    stage = staging_dir(out.parent, f".{out.name or 'out'}.")
     try:
         fill(stage)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        os.rename(stage, out)  # refused by the OS when `out` holds files: nothing is overwritten
+        if out.is_dir():  # an empty folder the user made (or ".", or a link to one): the files move into it
+            for child in sorted(stage.iterdir()):
+                os.rename(child, out / child.name)
+            stage.rmdir()
+        else:
+            os.rename(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -37,12 +37,12 @@ SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes for 16-bit g
 def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     """An 8-bit RGB copy of `image`. Pillow's convert("RGB") clips 16-bit pixels at 255 (a dark 16-bit
     scan becomes white), so 16-bit greyscale is scaled to 8 bits first (v / 257, 65535 -> 255);
-    32-bit integer and float pixels have no fixed range, so they are refused rather than guessed."""
+    signed or 32-bit integer and float pixels have no fixed range, so they are refused rather than guessed."""
     if image.mode in SIXTEEN_BIT:
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L").convert("RGB")
     if image.mode in ("I", "F"):
-        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        kind = "signed or 32-bit integer" if image.mode == "I" else "floating-point"
         raise VLBridgeError(f"{name} has {kind} pixels (Pillow mode {image.mode!r}), which have no fixed range to read as "
                             "colours; save it as an 8- or 16-bit image (PNG, JPEG, ...)")
     return image.convert("RGB")

@@ -91,16 +91,21 @@ class MetricsLog:
     def __init__(self, output_dir: str | Path, tensorboard: bool = True):
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.board = _summary_writer(Path(output_dir) / "tensorboard") if tensorboard else None
+        self.tensorboard = tensorboard
+        self.board: Any = None  # the SummaryWriter, opened at the first record (after set_aside)
 
     def set_aside(self) -> Path | None:
         """A fresh run's metrics start empty: lines an earlier run left here (one stopped before its
-        first checkpoint, so nothing resumes it) move to metrics.before-<time>.jsonl, never deleted;
-        returns where they went."""
+        first checkpoint, so nothing resumes it) move to metrics.before-<time>.jsonl, and its
+        tensorboard/ folder beside it, never deleted; returns where the lines went."""
         if not self.path.is_file() or self.path.stat().st_size == 0:
             return None
-        kept = self.path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
+        stamp = f"before-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        kept = self.path.with_name(f"metrics.{stamp}.jsonl")
         os.replace(self.path, kept)
+        board = self.path.parent / "tensorboard"
+        if board.is_dir():  # its events would plot the earlier run's steps among these
+            os.replace(board, board.with_name(f"tensorboard.{stamp}"))
         return kept
 
     def truncate_after(self, step: int) -> None:
@@ -113,6 +118,9 @@ class MetricsLog:
     def append(self, record: dict[str, Any], prefix: str = "train") -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.tensorboard and self.board is None:
+            self.board = _summary_writer(self.path.parent / "tensorboard")
+            self.tensorboard = self.board is not None  # tensorboard not installed: asked once
         if self.board is not None:
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "epoch"):
