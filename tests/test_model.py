@@ -60,6 +60,12 @@ def test_generation_settings(qformer_opt):
         qformer_opt.caption(RED, beams=3)
     with pytest.raises(VLBridgeError, match="2 prompts for 1 images"):
         qformer_opt.generate(RED, prompt=["a", "b"])
+    with pytest.raises(VLBridgeError, match=r"temperature shape sampling, and this call searches .* add do_sample=True"):
+        qformer_opt.generate(RED, num_beams=1, temperature=0.3)  # was greedy, the temperature ignored
+    with pytest.raises(VLBridgeError, match=r"temperature: Input should be greater than 0 \(got -1\)$"):
+        qformer_opt.generate(RED, do_sample=True, temperature=-1)  # no --temperature flag to name
+    with pytest.raises(VLBridgeError, match=r"num_beams \(--num-beams\): Input should be greater than or equal to 1"):
+        qformer_opt.caption(RED, num_beams=0)
 
 
 def test_batched_captions_equal_one_by_one(qformer_opt):

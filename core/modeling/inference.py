@@ -20,6 +20,9 @@ from vlbridge.files.config_fields import StrictNumbers
 
 
 
+CLI_SETTINGS = ("max_new_tokens", "min_new_tokens", "num_beams", "repetition_penalty")  # what caption/ask take as --flags
+
+
 class GenerationOptions(StrictNumbers):
     """Decoding settings; unknown names are an error rather than silently ignored."""
 
@@ -39,6 +42,11 @@ class GenerationOptions(StrictNumbers):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}; "
                              "no output could satisfy both")
+        unused = sorted({"top_p", "temperature"} & self.model_fields_set) if not self.do_sample else []
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} shape sampling, and this call searches (do_sample is off), so "
+                             f"{'they' if len(unused) > 1 else 'it'} would be ignored; add do_sample=True or drop "
+                             f"{'them' if len(unused) > 1 else 'it'}")
         return self
 
     def as_kwargs(self) -> dict[str, Any]:
@@ -67,7 +75,8 @@ def _setting_problem(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return f"{name}: unknown setting; known: {', '.join(GenerationOptions.model_fields)}"
     got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
-    return f"{name} (--{name.replace('_', '-')}): {message}{got}"
+    flag = f" (--{name.replace('_', '-')})" if name in CLI_SETTINGS else ""
+    return f"{name}{flag}: {message}{got}"
 
 
 def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list[str]:
