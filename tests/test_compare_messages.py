@@ -49,3 +49,22 @@ def test_worker_runs_feed_the_overall_progress(tmp_path, capsys):
     assert any(line.endswith("· mlp seed 0: stage 2") for line in progress), progress
     assert any(line.endswith("· linear seed 0: evaluate") for line in progress), progress
     assert re.fullmatch(r"\[compare #+ 100%\] \d+:\d\d spent · done", progress[-1]), progress[-1]
+
+
+def test_a_changed_evaluation_rescores_without_retraining(tmp_path, capsys):
+    """Changing only an evaluation setting (here the generation length) threw the trained stage 2
+    away ("holds a run made with other settings"); the kept checkpoint is now scored again."""
+    import json
+
+    said: list[str] = []
+    run_compare(_config(tmp_path, jobs=1), say=said.append)
+    checkpoint = tmp_path / "out" / "runs" / "mlp" / "seed-0" / "stage2" / "checkpoints" / "step-2" / "connector.safetensors"
+    before = checkpoint.stat().st_mtime_ns
+    config = _config(tmp_path, jobs=1).model_copy(update={"generation": {"num_beams": 1, "max_new_tokens": 3}})
+    said.clear()
+    run_compare(config, say=said.append)
+    text = "\n".join(said)
+    assert "starting it afresh" not in text and "reusing its results" not in text  # re-scored, not retrained
+    assert checkpoint.stat().st_mtime_ns == before
+    stored = json.loads((tmp_path / "out" / "runs" / "mlp" / "seed-0" / "result.json").read_text())
+    assert stored["result"]["train"]["stage2"]["steps"] == 2

@@ -283,17 +283,29 @@ def shared_retrieval(config: CompareConfig, checkpoint: Path, store: Path, spec:
 RESULT_FILE = "result.json"
 
 
-def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
-    """What a run's stored result depends on: the run, its seed, and everything shared that shapes
-    training or evaluation (not the other runs, the output folder or the title)."""
-    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs"})
-    evaluated = [path for e in config.evals for path in e.evaluated_files()]
+EVALUATION_ONLY = {"evals", "caption_prompt", "vqa_prompt", "generation"}  # settings that shape scores, not training
+
+
+def training_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
+    """What a run's trained checkpoints depend on: the run, its seed, the shared training settings and
+    the data and weights it trains from (not the evaluation, the other runs, the folder or the title)."""
+    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs", *EVALUATION_ONLY})
     trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run) if run.checkpoint is None else None)
     for weights in (run.checkpoint, run.init_from):  # the weights it evaluates or starts from: new ones are trained afresh
         if weights is not None:
             trained += files_in(weights)
-    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared,
-                       "data": data_fingerprint(trained + evaluated)}, sort_keys=True)
+    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(trained)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
+    """What a run's stored result depends on: its training (`training_key`) and the evaluation
+    settings and files that score it; a changed evaluation re-scores the checkpoints it kept."""
+    evaluation = config.model_dump(mode="json", include=EVALUATION_ONLY)
+    evaluated = [path for e in config.evals for path in e.evaluated_files()]
+    text = json.dumps({"training": training_key(config, run, seed), "evaluation": evaluation,
+                       "data": data_fingerprint(evaluated)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -304,6 +316,20 @@ def _stored_result(path: Path, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return stored.get("result") if isinstance(stored, dict) and stored.get("key") == key else None
+
+
+def _trained_before(path: Path, training: str) -> tuple[Path, dict[str, Any]] | None:
+    """(checkpoint, training summary) of a run already trained under the same training key, whose
+    result is stale only in its evaluation: it is scored again without training again."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        checkpoint = Path(stored["checkpoint"])
+        summary = stored["result"]["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if stored.get("training_key") != training or not (checkpoint / "checkpoint.json").is_file():
+        return None
+    return checkpoint, summary
 
 
 def _claim_run_folder(folder: Path, key: str, say: Say) -> None:
@@ -353,8 +379,10 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
                 per_seed[run.name].append(stored)
                 continue
             say(f"[{done}/{total}] {run.name}, seed {seed}")
-            _claim_run_folder(result_file.parent, key, say)
-            checkpoint, summary = train_run(config, run, seed, say, progress)
+            training = training_key(config, run, seed)
+            _claim_run_folder(result_file.parent, training, say)  # its checkpoints, if still right
+            kept = _trained_before(result_file, training)
+            checkpoint, summary = kept if kept is not None else train_run(config, run, seed, say, progress)
             if progress is not None:
                 progress.start(f"{run.name} seed {seed}: evaluate")
             device = None if config.device == "auto" else config.device
@@ -368,6 +396,7 @@ def train_and_evaluate(config: CompareConfig, say: Say = print, progress: PhaseP
             if source is not None:
                 for spec in (e for e in config.evals if e.captions and "retrieval" in e.tasks):
                     result["eval"][spec.name]["retrieval"] = shared_retrieval(config, *source, spec, say)
-            atomic_write_text(result_file, json.dumps({"key": key, "result": result}, indent=1, default=str))
+            atomic_write_text(result_file, json.dumps({"key": key, "training_key": training, "checkpoint": str(checkpoint),
+                                                       "result": result}, indent=1, default=str))
             per_seed[run.name].append(result)
     return per_seed
