@@ -66,6 +66,8 @@ def test_generation_settings(qformer_opt):
         qformer_opt.generate(RED, do_sample=True, temperature=-1)  # no --temperature flag to name
     with pytest.raises(VLBridgeError, match=r"num_beams \(--num-beams\): Input should be greater than or equal to 1"):
         qformer_opt.caption(RED, num_beams=0)
+    with pytest.raises(VLBridgeError, match="prompts must be strings, got a NoneType"):
+        qformer_opt.generate([RED], prompt=[None])  # was read as the text 'None'
 
 
 def test_batched_captions_equal_one_by_one(qformer_opt):
@@ -215,3 +217,14 @@ def test_one_text_is_one_text_and_bad_batches_or_empty_lists_are_named():
                           (lambda: model.retrieve([RED], ["a"], batch_size=1.5), "got 1.5")):
         with pytest.raises(VLBridgeError, match=message):
             call()
+
+
+def test_rankings_put_the_shortlist_first_then_the_rest_by_itc():
+    """Outside the top-k shortlist every pair scores LAVIS's -100: those tied in arbitrary order."""
+    from vlbridge.modeling.retrieval import RetrievalResult
+
+    itc = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    i2t = torch.tensor([[-100.0, 2.0, -100.0, 3.0]])  # k = 2: texts 1 and 3 re-ranked, 3 above 1
+    result = RetrievalResult(itc=itc, i2t=i2t, t2i=i2t.t().clone())
+    assert result.texts_for_image(0, top=4) == [3, 1, 2, 0] and result.texts_for_image(0, top=2) == [3, 1]
+    assert result.images_for_text(1, top=5) == [0]

@@ -87,6 +87,10 @@ def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list
     values = list(value)
     if len(values) != count:
         raise VLBridgeError(f"got {len(values)} {what} for {count} images; give one per image or a single one")
+    wrong = [v for v in values if not isinstance(v, str)]
+    if wrong:
+        raise VLBridgeError(f"{what} must be strings, got a {type(wrong[0]).__name__} ({wrong[0]!r:.40}); "
+                            "an image without one takes \"\"")
     return values
 
 

@@ -16,6 +16,7 @@ from vlbridge.parts.images import as_image_list
 
 
 MAX_TEXT_TOKENS = 35  # LAVIS tokenises retrieval texts to 35 tokens
+UNRANKED = -100.0  # LAVIS's score for a pair outside the ITM shortlist
 FEATURE_MODES = ("image", "text", "multimodal")
 # What features and retrieval call on the connector (the Q-Former's; docs/writing-plugins.md, section 5).
 RETRIEVAL_INTERFACE = ("tokenizer", "query_tokens", "query_outputs", "vision_proj", "text_outputs", "text_proj",
@@ -43,10 +44,23 @@ class RetrievalResult:
     t2i: torch.Tensor  # (Nt, Ni)
 
     def texts_for_image(self, i: int, top: int = 5) -> list[int]:
-        return self.i2t[i].topk(min(top, self.i2t.shape[1])).indices.tolist()
+        """The `top` texts for image i: the re-ranked shortlist first, then the others by ITC."""
+        return _ranked(self.i2t[i], self.itc[i], top)
 
     def images_for_text(self, t: int, top: int = 5) -> list[int]:
-        return self.t2i[t].topk(min(top, self.t2i.shape[1])).indices.tolist()
+        """The `top` images for text t: the re-ranked shortlist first, then the others by ITC."""
+        return _ranked(self.t2i[t], self.itc[:, t], top)
+
+
+def _ranked(reranked: torch.Tensor, itc: torch.Tensor, top: int) -> list[int]:
+    """Indices by re-ranked score within the shortlist, then by ITC outside it (where the -100
+    placeholders all tie and topk would order them arbitrarily)."""
+    listed = reranked != UNRANKED
+    inside = torch.nonzero(listed).flatten()
+    outside = torch.nonzero(~listed).flatten()
+    order = torch.cat([inside[reranked[inside].argsort(descending=True, stable=True)],
+                       outside[itc[outside].argsort(descending=True, stable=True)]])
+    return order[:max(top, 0)].tolist()
 
 
 def _qformer(model: RunningModel):
@@ -141,7 +155,7 @@ def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: in
 
 
 def _rerank(model, sims: torch.Tensor, image_embeds, ids, mask, k: int, batch_size: int, images_are_rows: bool) -> torch.Tensor:
-    scores = torch.full_like(sims, -100.0)
+    scores = torch.full_like(sims, UNRANKED)
     top = min(k, sims.shape[1])
     for row in range(sims.shape[0]):
         top_sims, cols = sims[row].topk(top)
