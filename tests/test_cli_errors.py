@@ -208,6 +208,7 @@ def test_a_folder_as_annotation_file_and_an_interrupted_run_say_what_to_do(capsy
     (step / "trainer_state.pt").write_bytes(b"")
     (step.parent / "latest").write_text("step-3\n")
     assert resume_hint(str(tmp_path / "run"), "t.yaml") == f"the last checkpoint is {step}; continue from it with: vlbridge train t.yaml --resume"
+    assert resume_hint(str(tmp_path / "run"), "my run.yaml").endswith("vlbridge train 'my run.yaml' --resume")  # pastes as it reads
 
 
 def test_check_reads_the_annotation_files(capsys, tmp_path, data):
@@ -218,4 +219,3 @@ def test_check_reads_the_annotation_files(capsys, tmp_path, data):
     code, out, err = train_cli(capsys, tmp_path, values, "--check")
     assert code == 2 and "valid" not in out
     assert "line 1: missing required field 'text' (fields present: 'image', 'caption')" in err
-    assert resume_hint(str(tmp_path / "run"), "my run.yaml").endswith("vlbridge train 'my run.yaml' --resume")  # pastes as it reads
