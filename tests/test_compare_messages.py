@@ -68,3 +68,26 @@ def test_a_changed_evaluation_rescores_without_retraining(tmp_path, capsys):
     assert checkpoint.stat().st_mtime_ns == before
     stored = json.loads((tmp_path / "out" / "runs" / "mlp" / "seed-0" / "result.json").read_text())
     assert stored["result"]["train"]["stage2"]["steps"] == 2
+
+
+def test_changed_images_retrain_and_rescore(tmp_path):
+    """compare's keys fingerprinted the annotation files only: pictures replaced under the same names
+    reused the old results (and stage 1s and retrieval scores) without a word."""
+    from PIL import Image
+
+    said: list[str] = []
+    run_compare(_config(tmp_path, jobs=1), say=said.append)
+    said.clear()
+    run_compare(_config(tmp_path, jobs=1), say=said.append)
+    assert sum("reusing its results" in line for line in said) == 2
+    test_image = sorted((tmp_path / "world" / "images").glob("world_test_*.png"))[0]
+    Image.new("RGB", Image.open(test_image).size, (5, 200, 5)).save(test_image)  # an evaluation image changes
+    said.clear()
+    run_compare(_config(tmp_path, jobs=1), say=said.append)
+    text = "\n".join(said)
+    assert "reusing its results" not in text and "starting it afresh" not in text  # re-scored, training kept
+    train_image = sorted((tmp_path / "world" / "images").glob("world_train_*.png"))[0]
+    Image.new("RGB", Image.open(train_image).size, (200, 5, 5)).save(train_image)  # a training image changes
+    said.clear()
+    run_compare(_config(tmp_path, jobs=1), say=said.append)
+    assert sum("starting it afresh" in line for line in said) == 2  # trained again on the new pictures

@@ -25,6 +25,9 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     every table as extra rows, results in the shape of one seed's. `key_pairs` (row, row) are the
     comparisons the report shows first; `titles` head the tables (group -> title).
     """
+    from vlbridge.compare.runner import forget_image_digests
+
+    forget_image_digests()  # a rerun in the same process sees images changed since the last
     if any(e.lmms_eval is not None for e in config.evals):
         from vlbridge.lmms.tasks import require_lmms_eval
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from vlbridge.assemblies.assembly import load_assembly
+from vlbridge.errors import VLBridgeError
 from vlbridge.files.atomic import atomic_write_text
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
 from vlbridge.compare.progress import PhaseProgress
@@ -74,6 +76,64 @@ def data_fingerprint(paths: list[str]) -> list[list[Any]]:
         stat = Path(path).stat() if Path(path).exists() else None
         rows.append([path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
     return rows
+
+
+_IMAGE_DIGESTS: dict[str, str] = {}  # per process: what a set of images' files looked like when first asked
+
+
+def forget_image_digests() -> None:
+    _IMAGE_DIGESTS.clear()
+
+
+def images_digest(refs: Any) -> str:
+    """sha256 over each image file's path, size and modification time (a tar member: its shard's),
+    as the feature cache stamps them: a picture replaced under the same name changes it."""
+    from vlbridge.train.cache_dataset import stamped_file
+
+    digest = hashlib.sha256()
+    for stamped in sorted({f for f in (stamped_file(ref) for ref in refs) if f is not None}):
+        try:
+            found = os.stat(stamped)
+            digest.update(f"{stamped}|{found.st_size}|{found.st_mtime_ns};".encode())
+        except OSError:
+            digest.update(f"{stamped}|missing;".encode())
+    return digest.hexdigest()
+
+
+def training_images(data: dict[str, Any] | None) -> str | None:
+    """The digest of the images a training data config reads (None without data)."""
+    if not data:
+        return None
+    label = json.dumps(data, sort_keys=True, default=str)
+    if label not in _IMAGE_DIGESTS:
+        from vlbridge.data.config import load_data_config
+        from vlbridge.data.records import Skipped
+        from vlbridge.train.cache_dataset import iter_samples
+
+        try:
+            samples = list(iter_samples(load_data_config(data, "data"), "data", keep_bytes=False))
+        except VLBridgeError as exc:  # the run that reads it says what is wrong; the key only has to differ
+            _IMAGE_DIGESTS[label] = f"unreadable: {exc}"
+        else:
+            _IMAGE_DIGESTS[label] = images_digest(s.image for s in samples if not isinstance(s, Skipped))
+    return _IMAGE_DIGESTS[label]
+
+
+def evaluation_images(spec: EvalSet) -> str:
+    """The digest of the images an evaluation split scores (captioning, retrieval and VQA images)."""
+    label = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    if label not in _IMAGE_DIGESTS:
+        from vlbridge.compare.evaluation import vqa_records
+        from vlbridge.evaluation.tasks import load_caption_groups
+
+        try:
+            refs = [g.image for g in load_caption_groups(spec.captions, spec.images, None)] if spec.captions else []
+            refs += [r.image for r in vqa_records(spec)] if spec.questions else []
+        except VLBridgeError as exc:  # the evaluation that reads it says what is wrong
+            _IMAGE_DIGESTS[label] = f"unreadable: {exc}"
+        else:
+            _IMAGE_DIGESTS[label] = images_digest(refs)
+    return _IMAGE_DIGESTS[label]
 
 
 def _encoder_key(assembly: dict[str, Any], config: CompareConfig) -> str:
@@ -139,7 +199,8 @@ def stage1_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     text = json.dumps({"assembly": assembly, "steps": run.stage1_steps, "lr": run.lr or config.lr, "seed": seed,
                        "data": config.stage1_data, "objective": config.stage1_objective, "batch_size": config.batch_size,
                        "warmup_steps": config.warmup_steps, "features": config.features, "device": config.device,
-                       "fingerprint": data_fingerprint(_paths(config.stage1_data))}, sort_keys=True, default=str)
+                       "fingerprint": data_fingerprint(_paths(config.stage1_data)), "images": training_images(config.stage1_data)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -265,7 +326,8 @@ def shared_retrieval(config: CompareConfig, checkpoint: Path, store: Path, spec:
     and kept in `store` (runs sharing a stage 1 share its retrieval scores)."""
     from vlbridge.compare.evaluation import retrieval_set
 
-    spec_text = json.dumps([spec.model_dump(mode="json"), data_fingerprint([spec.captions, spec.scenes])], sort_keys=True)
+    spec_text = json.dumps([spec.model_dump(mode="json"), data_fingerprint([spec.captions, spec.scenes]), evaluation_images(spec)],
+                           sort_keys=True)
     stored = store / f"retrieval-{spec.name}-{hashlib.sha256(spec_text.encode()).hexdigest()[:12]}.json"
     if stored.is_file():
         say(f"  {spec.name}: retrieval scored before by this stage 1 ({stored.name})")
@@ -294,8 +356,10 @@ def training_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     for weights in (run.checkpoint, run.init_from):  # the weights it evaluates or starts from: new ones are trained afresh
         if weights is not None:
             trained += files_in(weights)
-    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(trained)},
-                      sort_keys=True)
+    images = [training_images(config.stage1_data if run.stage1_steps else None),
+              training_images(config.stage2_data_of(run) if run.checkpoint is None else None)]
+    text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(trained),
+                       "images": images}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -305,7 +369,7 @@ def run_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     evaluation = config.model_dump(mode="json", include=EVALUATION_ONLY)
     evaluated = [path for e in config.evals for path in e.evaluated_files()]
     text = json.dumps({"training": training_key(config, run, seed), "evaluation": evaluation,
-                       "data": data_fingerprint(evaluated)}, sort_keys=True)
+                       "data": data_fingerprint(evaluated), "images": [evaluation_images(e) for e in config.evals]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
