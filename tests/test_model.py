@@ -214,7 +214,15 @@ def test_one_text_is_one_text_and_bad_batches_or_empty_lists_are_named():
                           (lambda: model.features(texts=[3], mode="text"), "texts must be strings, got a int"),
                           (lambda: model.caption([RED], batch_size=-1), "batch_size must be a whole number of at least 1, got -1"),
                           (lambda: model.answer([RED], "q?", batch_size=0), "got 0"),
-                          (lambda: model.retrieve([RED], ["a"], batch_size=1.5), "got 1.5")):
+                          (lambda: model.retrieve([RED], ["a"], batch_size=1.5), "got 1.5"),
+                          (lambda: model.features(texts=["a", None], mode="text"), "texts must be strings, got a NoneType"),
+                          (lambda: model.retrieve([RED], None), "texts must be a string or a list of strings, got a NoneType"),
+                          (lambda: model.retrieve([RED], {"a", "b"}), "a set has no order"),
+                          (lambda: model.retrieve([RED], ["a"], k=1.5), "k .* must be a whole number of at least 1, got 1.5"),
+                          (lambda: model.answer([RED], None), "answer needs questions"),
+                          (lambda: model.answer([RED], ""), "question 1 is empty"),
+                          (lambda: model.answer([RED], "what?", prompt=None), "the VQA prompt must be a string"),
+                          (lambda: model.caption([RED], 5), "prompts must be a string or a list of strings")):
         with pytest.raises(VLBridgeError, match=message):
             call()
 

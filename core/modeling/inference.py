@@ -84,6 +84,8 @@ def _per_image(value: str | Sequence[str] | None, count: int, what: str) -> list
         return [""] * count
     if isinstance(value, str):
         return [value] * count
+    if isinstance(value, (bytes, dict, set)) or not isinstance(value, Sequence):
+        raise VLBridgeError(f"{what} must be a string or a list of strings (one per image), got a {type(value).__name__}")
     values = list(value)
     if len(values) != count:
         raise VLBridgeError(f"got {len(values)} {what} for {count} images; give one per image or a single one")
@@ -164,12 +166,21 @@ def caption_options(generation: dict[str, Any]) -> GenerationOptions:
 def answer(model: RunningModel, images: Any, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
            **generation: Any) -> list[str]:
     """Zero-shot VQA: one question per image, formatted into the prompt."""
+    if not isinstance(prompt, str):
+        raise VLBridgeError(f"the VQA prompt must be a string with {{}} where the question goes, e.g. "
+                            f"'Question: {{}} Short answer:'; got a {type(prompt).__name__}")
     problem = template_problem(prompt, "the VQA prompt")
     if problem:
         raise VLBridgeError(problem)
+    if questions is None:
+        raise VLBridgeError("answer needs questions: one string for every image, or one per image")
     batch_size = generation.pop("batch_size", 16)
     count = len(as_image_list(images))
-    formatted = [prompt.format(q) for q in _per_image(questions, count, "questions")]
+    asked = _per_image(questions, count, "questions")
+    empty = [i for i, q in enumerate(asked) if not q.strip()]
+    if empty:
+        raise VLBridgeError(f"question {empty[0] + 1} is empty; give a question for every image")
+    formatted = [prompt.format(q) for q in asked]
     return generate_batched(model, images, formatted, answer_options(model, generation), batch_size)
 
 

@@ -74,12 +74,15 @@ def _qformer(model: RunningModel):
 
 def text_list(texts: str | Sequence[str]) -> list[str]:
     """One string is one text (not a sequence of characters); an empty list or a non-string is refused."""
+    if not isinstance(texts, str) and (isinstance(texts, (bytes, dict, set)) or not isinstance(texts, Sequence)):
+        raise VLBridgeError(f"texts must be a string or a list of strings, got a {type(texts).__name__}"
+                            + ("; a set has no order to map results back to" if isinstance(texts, set) else ""))
     items = [texts] if isinstance(texts, str) else list(texts)
     if not items:
         raise VLBridgeError("no texts given; pass at least one string")
-    wrong = next((t for t in items if not isinstance(t, str)), None)
-    if wrong is not None:
-        raise VLBridgeError(f"texts must be strings, got a {type(wrong).__name__} ({wrong!r:.40})")
+    wrong = [t for t in items if not isinstance(t, str)]
+    if wrong:
+        raise VLBridgeError(f"texts must be strings, got a {type(wrong[0]).__name__} ({wrong[0]!r:.40})")
     return items
 
 
@@ -100,7 +103,8 @@ def features(model: RunningModel, images: Any = None, texts: str | Sequence[str]
     out = Features()
     if mode in ("image", "multimodal"):
         if images is None:
-            raise VLBridgeError(f"mode {mode!r} needs images")
+            hint = "; for the texts' features alone pass mode='text'" if texts is not None and mode == "image" else ""
+            raise VLBridgeError(f"mode {mode!r} needs images{hint}")
         image_embeds = model.encode_images(model.pixel_values(images))
     if mode in ("text", "multimodal") and texts is None:
         raise VLBridgeError(f"mode {mode!r} needs texts")
@@ -131,8 +135,8 @@ def itm_scores(model: RunningModel, image_embeds: torch.Tensor, ids: torch.Tenso
 @torch.no_grad()
 def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
     """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image."""
-    if k < 1:
-        raise VLBridgeError(f"k must be at least 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise VLBridgeError(f"k (the ITM shortlist per query) must be a whole number of at least 1, got {k!r}")
     batch_size, texts = checked_batch_size(batch_size), text_list(texts)
     items = as_image_list(images)
     if not items:
