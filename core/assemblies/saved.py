@@ -11,12 +11,13 @@ the checkpoint is recorded in the plugin's own metadata; any version may load it
 
 from __future__ import annotations
 
-import re
 from importlib import metadata
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from vlbridge.assemblies.reachability import config_with_absolute_paths
-from vlbridge.plugin.loader import BUILTIN_DISTRIBUTION
+from vlbridge.plugin.loader import BUILTIN_DISTRIBUTION, normalise_distribution
 
 SLOTS = ("encoder", "connector", "llm")
 
@@ -30,23 +31,28 @@ def pin_plugins(config: dict[str, Any], assembly: Any) -> dict[str, Any]:
     """`config` (a dict copy of `assembly`'s config) with every part from a third-party plugin named
     `distribution:name`, and each installed such distribution listed in `requires`."""
     requires = list(config.get("requires") or [])
-    named = {_normalise(re.split(r"[\s<>=!~;\[(]", text, maxsplit=1)[0]) for text in requires}
+    named = {normalise_distribution(_requirement_name(text)) for text in requires}
     for slot in SLOTS:
         resolved, part = getattr(assembly, slot, None), config.get(slot)
         distribution = getattr(getattr(resolved, "spec", None), "distribution", None)
         if resolved is None or not isinstance(part, dict) or not distribution or distribution == BUILTIN_DISTRIBUTION:
             continue
         part["use"] = f"{distribution}:{resolved.spec.name}"
-        if _normalise(distribution) not in named and _installed(distribution):
+        if normalise_distribution(distribution) not in named and _installed(distribution):
             requires.append(distribution)
-            named.add(_normalise(distribution))
+            named.add(normalise_distribution(distribution))
     if requires:
         config["requires"] = requires
     return config
 
 
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def _requirement_name(text: str) -> str:
+    """The distribution a `requires` entry names (the entry itself where it does not parse: the
+    assembly check reports that)."""
+    try:
+        return Requirement(text).name
+    except InvalidRequirement:
+        return text
 
 
 def _installed(distribution: str) -> bool:

@@ -69,8 +69,8 @@ def fresh_folder(out: str, what: str) -> None:
     (or overwrite a checkpoint the user meant to keep)."""
     try:
         held = held_files(out)
-    except NotADirectoryError:
-        raise VLBridgeError(f"OUT_DIR {out!r} is a file; give a new or empty folder for the {what}") from None
+    except NotADirectoryError as exc:
+        raise VLBridgeError(f"OUT_DIR {exc}; give a new or empty folder for the {what}") from None
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise VLBridgeError(f"OUT_DIR {out!r} already holds files ({shown}); give a new or empty folder for the {what}, "

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def resume_hint(output_dir: str, config_file: str) -> str:
     """What an interrupted run left to continue from, and the command that continues it."""
-    from vlbridge.train.checkpointing import latest_checkpoint
+    from vlbridge.files.checkpoint_paths import latest_checkpoint
 
     try:
         latest = latest_checkpoint(output_dir)

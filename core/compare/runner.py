@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -88,13 +87,13 @@ def forget_image_digests() -> None:
 def images_digest(refs: Any) -> str:
     """sha256 over each image file's path, size and modification time (a tar member: its shard's),
     as the feature cache stamps them: a picture replaced under the same name changes it."""
+    from vlbridge.train.cache import file_stamp
     from vlbridge.train.cache_dataset import stamped_file
 
     digest = hashlib.sha256()
     for stamped in sorted({f for f in (stamped_file(ref) for ref in refs) if f is not None}):
         try:
-            found = os.stat(stamped)
-            digest.update(f"{stamped}|{found.st_size}|{found.st_mtime_ns};".encode())
+            digest.update(f"{stamped}|{file_stamp(stamped)};".encode())
         except OSError:
             digest.update(f"{stamped}|missing;".encode())
     return digest.hexdigest()

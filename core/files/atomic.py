@@ -8,6 +8,7 @@ that shares the folder can read it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,10 +57,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def held_files(out: str | Path) -> list[str]:
-    """The names in folder `out` (empty when it does not exist); raises NotADirectoryError for a file."""
+    """The names in folder `out` (empty when it does not exist); NotADirectoryError, saying what
+    stands there instead, for a file or a link to nothing."""
     path = Path(out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise NotADirectoryError(f"{path} is a link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(str(path))
+        raise NotADirectoryError(f"{path} is a file")
     return sorted(child.name for child in path.iterdir()) if path.is_dir() else []
 
 
@@ -67,12 +71,8 @@ def into_new_folder(out: str | Path, fill: Callable[[Path], object]) -> Path:
     """Call `fill(folder)` on a hidden staging folder beside `out`, then rename it to `out` (or, where
     `out` is an existing empty folder, move what it holds into it), so that an interrupted export
     leaves nothing under the name the user gave (a folder with weights but no processor loads in one
-    class and fails in the other). The caller checks that `out` is absent or empty."""
-    import shutil
-
+    class and fails in the other). The caller checks that `out` is absent or empty (`held_files`)."""
     out = Path(out).expanduser().absolute()  # "." has no name to stage beside
-    if out.is_symlink() and not out.exists():
-        raise NotADirectoryError(f"{out} is a link to {os.readlink(out)}, which does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staging_dir(out.parent, f".{out.name or 'out'}.")
     try:

@@ -29,7 +29,6 @@ class CheckpointSource:
 def resolve_checkpoint(given: str | Path, option: str = "--checkpoint") -> CheckpointSource:
     """The vlbridge checkpoint `given` names (itself, or a run output_dir's latest step); otherwise a
     WeightsError that says what `given` is and what `option` needs instead."""
-
     path = Path(given).expanduser()
     if not path.exists():
         raise WeightsError(f"{option} {given}: no such directory; expected a vlbridge checkpoint directory "
@@ -50,7 +49,6 @@ def resolve_checkpoint(given: str | Path, option: str = "--checkpoint") -> Check
 def _latest_of_run(path: Path, option: str, given: str | Path) -> CheckpointSource | None:
     """A training run's output_dir: its `latest` step when it names one; several steps and no
     pointer is ambiguous, so that is an error listing them."""
-
     if not (path / RUN_CHECKPOINTS).is_dir():
         return None
     latest = latest_checkpoint(path)

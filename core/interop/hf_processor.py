@@ -7,7 +7,6 @@ transformers versions that keep the image processor there rather than in process
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +70,8 @@ def write_export(out_dir: str | Path, model: Any, processor: Any) -> Path:
 
 
 def folder_contents(out: Path, what: str) -> list[str]:
-    """The names in `out`; a VLBridgeError when `out` is a file."""
-    if out.is_symlink() and not out.exists():
-        raise VLBridgeError(f"{out} is a link to {os.readlink(out)}, which does not exist; give a new or empty folder for the {what}")
+    """The names in `out`; a VLBridgeError when a file or a link to nothing stands there."""
     try:
         return held_files(out)
-    except NotADirectoryError:
-        raise VLBridgeError(f"{out} is a file; give a new or empty folder for the {what}") from None
+    except NotADirectoryError as exc:
+        raise VLBridgeError(f"{exc}; give a new or empty folder for the {what}") from None

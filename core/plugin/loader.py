@@ -65,10 +65,11 @@ def _env_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)
     if raw is None:
         return None
-    return {_normalise(part) for part in raw.split(",") if part.strip()}
+    return {normalise_distribution(part) for part in raw.split(",") if part.strip()}
 
 
-def _normalise(dist_name: str) -> str:
+def normalise_distribution(dist_name: str) -> str:
+    """A distribution name as pip compares them (case, '_' and '.' do not matter)."""
     return dist_name.strip().lower().replace("_", "-").replace(".", "-")
 
 
@@ -125,7 +126,7 @@ class PluginSet:
         allow = _env_list("VLBRIDGE_LOAD_PLUGINS")
         block = _env_list("VLBRIDGE_DISABLE_PLUGINS") or set()
         points = sorted(metadata.entry_points(group=hookspecs.PROJECT), key=lambda e: e.name)
-        installed = {_normalise(ep.dist.name if ep.dist is not None else ep.name) for ep in points}
+        installed = {normalise_distribution(ep.dist.name if ep.dist is not None else ep.name) for ep in points}
         unknown = sorted((allow or set()) - installed)  # an allow-list entry that matches nothing loads nothing of it, silently
         if unknown:
             raise PluginError(f"VLBRIDGE_LOAD_PLUGINS names {', '.join(unknown)}, which no installed plugin distribution is "
@@ -135,7 +136,7 @@ class PluginSet:
             version = ep.dist.version if ep.dist is not None else "?"
             if ep.name in self.records:
                 continue  # the same distribution seen twice on sys.path
-            skipped = (allow is not None and _normalise(dist) not in allow) or _normalise(dist) in block
+            skipped = (allow is not None and normalise_distribution(dist) not in allow) or normalise_distribution(dist) in block
             if skipped:
                 self.records[ep.name] = PluginRecord(ep.name, dist, version, builtin=False, status="disabled")
                 continue
