@@ -201,6 +201,7 @@ def test_a_folder_as_annotation_file_and_an_interrupted_run_say_what_to_do(capsy
     monkeypatch.setattr(trainer, "train", interrupted)
     code, _, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out"))
     assert code == 130 and "interrupted; no checkpoint was saved yet, so a rerun starts over: vlbridge train " in err
+    assert err.strip().splitlines()[-1].startswith("vlbridge train: interrupted;"), err  # said once, not then a bare "interrupted"
     from vlbridge.cli.train import resume_hint
 
     step = tmp_path / "run" / "checkpoints" / "step-3"
@@ -209,6 +210,16 @@ def test_a_folder_as_annotation_file_and_an_interrupted_run_say_what_to_do(capsy
     (step.parent / "latest").write_text("step-3\n")
     assert resume_hint(str(tmp_path / "run"), "t.yaml") == f"the last checkpoint is {step}; continue from it with: vlbridge train t.yaml --resume"
     assert resume_hint(str(tmp_path / "run"), "my run.yaml").endswith("vlbridge train 'my run.yaml' --resume")  # pastes as it reads
+
+
+@pytest.mark.parametrize("argv", [["caption", "-a", "tiny-qformer-opt", "x.png", "--bogus"], ["train", "x.yaml", "--bogus"]])
+def test_an_unknown_flag_shows_its_subcommands_usage(capsys, argv):
+    """argparse left a subcommand's unknown flag to the top-level parser, whose usage lists commands."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"vlbridge {argv[0]}: error: unrecognized arguments: --bogus" in err
+    assert err.startswith(f"usage: vlbridge {argv[0]} "), err
 
 
 def test_check_reads_the_annotation_files(capsys, tmp_path, data):

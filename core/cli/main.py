@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of `command` (the top-level parser when no subcommand was given)."""
+    for action in parser._actions:
+        choices = action.choices if isinstance(action.choices, dict) else {}
+        if command in choices:
+            return choices[command]
+    return parser
+
+
 def _version() -> str:
     from vlbridge import __version__
 
@@ -45,7 +54,10 @@ def path_problem(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # an unknown flag belongs to the subcommand: its usage, not the top-level one, says what is right
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

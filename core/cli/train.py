@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one hint from rank 0
             print(f"vlbridge train: interrupted; {resume_hint(config.output_dir, args.config)}", file=sys.stderr, flush=True)
-        raise
+        return 130  # the hint is the whole message: no second, bare "interrupted" from main
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}")
     return 0
