@@ -54,4 +54,5 @@ def test_checkpoint_runs_take_no_training_settings(tmp_path):
     with pytest.raises(ValueError, match="stage2_steps must be at least 1"):
         RunSpec(name="x", assembly="tiny-mlp-opt")
     with pytest.raises(ValueError, match="neither they nor the comparison give stage2_data"):
-        CompareConfig(name="c", runs=[RunSpec(name="x", assembly="tiny-mlp-opt", stage2_steps=1)], output_dir=str(tmp_path))
+        CompareConfig(name="c", runs=[RunSpec(name="x", assembly="tiny-mlp-opt", stage2_steps=1)], output_dir=str(tmp_path),
+                      evals=[EvalSet(name="val", captions="captions.json", tasks=["caption"])])

@@ -85,19 +85,20 @@ def test_report_files(tmp_path):
 
 
 DATA = {"format": "jsonl", "paths": ["train.jsonl"]}  # checked as a DataConfig, not read
+EVALS = [{"name": "val", "captions": "captions.json", "images": ".", "tasks": ["caption"]}]  # not read
 
 
 def test_config_checks():
     run = {"name": "a", "assembly": "tiny-qformer-opt", "stage2_steps": 2}
     with pytest.raises(ValidationError, match="unique"):
-        CompareConfig(runs=[run, run], stage2_data=DATA, output_dir="x")
+        CompareConfig(runs=[run, run], stage2_data=DATA, evals=EVALS, output_dir="x")
     with pytest.raises(ValidationError, match="stage1_data"):
-        CompareConfig(runs=[{**run, "stage1_steps": 2}], stage2_data=DATA, output_dir="x")
+        CompareConfig(runs=[{**run, "stage1_steps": 2}], stage2_data=DATA, evals=EVALS, output_dir="x")
     with pytest.raises(ValidationError, match="extra"):
-        CompareConfig(runs=[run], stage2_data=DATA, output_dir="x", colour="red")
+        CompareConfig(runs=[run], stage2_data=DATA, evals=EVALS, output_dir="x", colour="red")
     for escaping in ("../../escaped", "a/b", ".hidden", "a\\b", "x" * 101):  # a run's name is its folder under output_dir/runs
         with pytest.raises(ValidationError, match="names the run's folder under output_dir/runs"):
-            CompareConfig(runs=[{**run, "name": escaping}], stage2_data=DATA, output_dir="x")
+            CompareConfig(runs=[{**run, "name": escaping}], stage2_data=DATA, evals=EVALS, output_dir="x")
 
 
 def test_runs_with_the_same_stage1_share_it():
@@ -106,7 +107,7 @@ def test_runs_with_the_same_stage1_share_it():
             {"name": "sup", "assembly": "tiny-qformer-opt", "stage1_steps": 3, "stage2_steps": 2, "group": "supervised",
              "stage2_data": {"format": "jsonl", "paths": ["mix.jsonl"]}},
             {"name": "q4", "assembly": "tiny-qformer-opt", "stage1_steps": 3, "stage2_steps": 2, "connector_options": {"num_query_tokens": 4}}]
-    config = CompareConfig(runs=runs, stage1_data=data, stage2_data=data, output_dir="x", seeds=[0, 1])
+    config = CompareConfig(runs=runs, stage1_data=data, stage2_data=data, evals=EVALS, output_dir="x", seeds=[0, 1])
     zs, sup, q4 = config.runs
     assert stage1_key(config, zs, 0) == stage1_key(config, sup, 0) != stage1_key(config, q4, 0)
     assert stage1_key(config, zs, 0) != stage1_key(config, zs, 1)

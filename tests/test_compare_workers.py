@@ -13,6 +13,7 @@ from vlbridge.compare.config import CompareConfig, RunSpec
 from vlbridge.compare.workers import share_out, work_groups
 
 DATA = {"format": "coco", "paths": ["captions.json"], "image_root": "."}  # checked as a DataConfig, never read here
+EVALS = [{"name": "val", "captions": "captions.json", "images": ".", "tasks": ["caption"]}]  # never read here
 
 
 def _config(tmp_path: Path, jobs: int = 2) -> CompareConfig:
@@ -21,7 +22,7 @@ def _config(tmp_path: Path, jobs: int = 2) -> CompareConfig:
             RunSpec(name="a-again", assembly="tiny-qformer-opt", connector_options=q32, stage1_steps=10, stage2_steps=20),
             RunSpec(name="b", assembly="tiny-qformer-opt", connector_options={"num_query_tokens": 8}, stage1_steps=10, stage2_steps=10),
             RunSpec(name="linear", assembly="tiny-linear-opt", stage2_steps=20)]
-    return CompareConfig(runs=runs, stage1_data=DATA, stage2_data=DATA, output_dir=str(tmp_path), seeds=[0, 1], jobs=jobs)
+    return CompareConfig(runs=runs, stage1_data=DATA, stage2_data=DATA, evals=EVALS, output_dir=str(tmp_path), seeds=[0, 1], jobs=jobs)
 
 
 def test_runs_sharing_a_stage1_stay_together(tmp_path: Path):

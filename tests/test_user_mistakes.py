@@ -246,10 +246,12 @@ def test_a_feature_cache_of_no_readable_image_is_refused(tmp_path, capsys):
     ({"evals": [{"name": "val", "captions": "c.json", "tasks": ["captions"]}]}, "evals.0.tasks.0: Input should be 'caption', 'vqa' or"),
     ({"evals": [{"name": "val", "captions": "c.json", "tasks": []}]}, "evals.0.tasks: empty and no lmms_eval"),
     ({"evals": [{"name": "val", "bogus": 1}]}, "evals.0.bogus: unknown key; valid keys are: name, captions"),
+    ({"evals": []}, "evals: none given, so no run would be scored"),  # it trained every run and reported nothing
 ])
 def test_comparison_configs_are_checked_before_anything_runs(tmp_path, capsys, change, expected):
     base = {"runs": [{"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 1}], "output_dir": str(tmp_path / "out"),
-            "stage2_data": {"format": "jsonl", "paths": [str(tmp_path / "train.jsonl")]}}
+            "stage2_data": {"format": "jsonl", "paths": [str(tmp_path / "train.jsonl")]},
+            "evals": [{"name": "val", "captions": str(tmp_path / "val.json"), "tasks": ["caption"]}]}
     path = write_config(tmp_path / "compare.yaml", {**base, **change})
     code, err = cli(capsys, "compare", str(path))
     assert_user_error(code, err, expected)
@@ -278,7 +280,8 @@ def test_demo_seeds_are_checked_before_the_world_is_made(tmp_path, capsys, seeds
 ])
 def test_a_comparison_names_what_its_runs_and_splits_would_refuse_before_training(tmp_path, capsys, data, change, expected):
     base = {"runs": [{"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 1}], "output_dir": str(tmp_path / "out"),
-            "stage2_data": {"format": "jsonl", "paths": [str(data / "train.jsonl")], "image_root": str(data)}}
+            "stage2_data": {"format": "jsonl", "paths": [str(data / "train.jsonl")], "image_root": str(data)},
+            "evals": [{"name": "val", "captions": "CAPTIONS", "tasks": ["caption"]}]}
     values = yaml_safe({**base, **change}).replace("CAPTIONS", str(data / "val.jsonl"))
     (tmp_path / "compare.yaml").write_text(values, encoding="utf-8")
     code, err = cli(capsys, "compare", str(tmp_path / "compare.yaml"))

@@ -158,6 +158,9 @@ class CompareConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":
+        if not self.evals:
+            raise ValueError("evals: none given, so no run would be scored and there would be nothing to compare; give at least "
+                             "one split, e.g. evals: [{name: val, captions: captions_val.json, images: images, tasks: [caption]}]")
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
             raise ValueError(f"run names must be unique, got {names}")
