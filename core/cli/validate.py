@@ -128,7 +128,7 @@ def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] =
     print(f"  trainable  {notes}")
     from vlbridge.train.memory_plan import plan_for_config
 
-    _print_plan(plan_for_config(config, assembly.plan, sizing[0]), sizing[1])
+    _print_plan(plan_for_config(config, assembly.plan, sizing[0], counts), sizing[1])
     print("valid")
     return 0
 

@@ -11,6 +11,12 @@ time. Counted where the plugins declare them (optional declarations; without the
 and the connector's stored values (ConnectorSpec.activations: the Q-Former's query pass in stage 2,
 its ITC/ITM/ITG passes in stage 1). Measured against tiny runs in tests/test_memory_plan.py
 (measured / planned 0.63 to 1.11); the README states the error.
+
+What trains besides the connector (an unfrozen encoder, LoRA adapters) is counted in the trained
+lines and, for the encoder, in the activations (its trained blocks keep their values for backward).
+The counts are exact when the model is built (the trainer, `validate --train`); from the config
+alone (`--plan-only`) the encoder's share is estimated from its declared parameters and LoRA's is
+named as not counted.
 """
 
 from __future__ import annotations
@@ -95,32 +101,77 @@ def parse_size(text: str) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What trains besides the connector: parameter counts (None: not known before the model is built)
+    and the encoder blocks whose activations are kept for backward."""
+
+    encoder: int | None = 0
+    lora: int | None = 0
+    encoder_blocks: int = 0
+    encoder_checkpointed: bool = False
+    exact: bool = True  # counted on the built model, not estimated from declarations
+
+    def parts(self, connector: int | None) -> list[tuple[str, int | None]]:
+        """(part, parameters) of every part that trains."""
+        extra = [("encoder", self.encoder) if self.encoder != 0 else None, ("LoRA", self.lora) if self.lora != 0 else None]
+        return [("connector", connector), *(part for part in extra if part is not None)]
+
+
+def trained_by(finetune: Any, plan: Plan, counts: dict[str, int] | None = None) -> Trained:
+    """`Trained` for a config's finetune section: exact from `counts` (trainable parameters per part of the
+    built model: connector, encoder, lora), else estimated from the encoder's declared parameters."""
+    encoder = finetune.encoder
+    if not encoder.trains:
+        blocks = 0
+        estimate: int | None = 0
+    else:
+        depth = None if plan.encoder.params is None else _blocks(plan.encoder.params, plan.encoder_out.width)
+        blocks = (depth or 0) if encoder.unfreeze == "all" else min(int(encoder.unfreeze), depth or int(encoder.unfreeze))
+        estimate = (plan.encoder.params if encoder.unfreeze == "all" or plan.encoder.params is None or not depth
+                    else plan.encoder.params * blocks // depth)
+    lora_estimate = None if finetune.lora is not None else 0
+    if counts is not None:
+        return Trained(counts.get("encoder", 0), counts.get("lora", 0), blocks, encoder.grad_checkpointing)
+    return Trained(estimate, lora_estimate, blocks, encoder.grad_checkpointing, exact=encoder.unfreeze in ("none", "all"))
+
+
 def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, world_size: int = 1, strategy: str = "ddp",
-                shard: list[str] | None = None, activation_checkpointing: bool = False) -> MemoryPlan:
+                shard: list[str] | None = None, activation_checkpointing: bool = False, trained: Trained = Trained()) -> MemoryPlan:
     """Each rank's bytes: frozen parts (sharded or whole), trained parameters, gradients, AdamW state, activations."""
     shard = list(shard or []) if strategy == "fsdp" and world_size > 1 else []
-    lines = [_frozen("encoder", plan.encoder.params, plan.encoder.options, plan.encoder_out.width, shard, world_size)]
+    frozen_encoder = plan.encoder.params
+    if frozen_encoder is not None and trained.encoder:  # the trained part is counted, in fp32, with the trained parameters
+        frozen_encoder = max(0, frozen_encoder - trained.encoder)
+    lines = [_frozen("encoder", frozen_encoder, plan.encoder.options, plan.encoder_out.width, shard, world_size)]
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None:
         lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size,
                              plan.llm_dims.encoder_decoder))
-    trained = plan.trainable_params.get(stage)
-    fp32 = None if trained is None else trained * 4
+    parts = trained.parts(plan.trainable_params.get(stage))
+    known = [count for _, count in parts if count is not None]
+    fp32 = sum(known) * 4 if known else None
+    what = " + ".join(f"{name} {count_text(count, exact=False)}" for name, count in parts if count is not None) or "?"
+    left_out = [f"{name} (counted when the model is built: vlbridge validate --train without --plan-only)"
+                for name, count in parts if count is None]
+    estimate = "" if trained.exact else "; the encoder's share estimated from its declared count"
     lines += [
-        Line("trained parameters", fp32, f"connector, {count_text(trained, exact=False)} in fp32 (replicated)"),
+        Line("trained parameters", fp32, f"{what} in fp32 (replicated){estimate}{_not_counted(left_out)}"),
         Line("gradients", fp32, "fp32, replicated"),
         Line("optimizer state", None if fp32 is None else 2 * fp32, "AdamW: two fp32 moments",
-             "lower the connector's size (fewer queries / layers)"),
-        _activations(plan, stage, batch_size, precision, activation_checkpointing, llm_in_half="llm" in shard),
+             "lower the connector's size (fewer queries / layers)" + ("; train fewer encoder blocks" if trained.encoder else "")),
+        _activations(plan, stage, batch_size, precision, activation_checkpointing, llm_in_half="llm" in shard, trained=trained),
     ]
     return MemoryPlan(strategy if world_size > 1 else "one process", world_size, lines)
 
 
-def plan_for_config(config: Any, plan: Plan, world_size: int) -> MemoryPlan:
-    """The memory plan of a TrainConfig (its stage, batch, precision and parallel section) at `world_size`."""
+def plan_for_config(config: Any, plan: Plan, world_size: int, counts: dict[str, int] | None = None) -> MemoryPlan:
+    """The memory plan of a TrainConfig (its stage, batch, precision, finetune and parallel sections) at
+    `world_size`; `counts`: the built model's trainable parameters per part, which make the trained lines exact."""
     par = config.parallel
     return memory_plan(plan, stage=config.stage, batch_size=config.batch_size, precision=config.precision,
                        world_size=world_size, strategy=par.strategy, shard=par.parts(config.stage),
-                       activation_checkpointing=par.activation_checkpointing)
+                       activation_checkpointing=par.activation_checkpointing,
+                       trained=trained_by(config.finetune, plan, counts))
 
 
 def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, shard: list[str], world: int,
@@ -147,12 +198,16 @@ def _blocks(params: int, width: int, encoder_decoder: bool = False) -> int:
     return max(1, round(params / (BLOCK_PARAMS[encoder_decoder] * width * width)))
 
 
-def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool, llm_in_half: bool) -> Line:
+def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointed: bool, llm_in_half: bool,
+                 trained: Trained) -> Line:
     elem = DTYPE_BYTES.get(precision, 4)
     values = plan.connector_activations.get(stage)
     connector = None if values is None else batch * values * CONNECTOR_VALUE_BYTES
     unknown = [] if values is not None else ["the connector's (not declared)"]
     remedy = "lower batch_size (raise grad_accum)"
+    encoder_kept, encoder_how = _trained_encoder_values(plan, batch, elem, trained)
+    if encoder_kept:
+        remedy += "" if trained.encoder_checkpointed else "; or finetune.encoder.grad_checkpointing: true"
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None and plan.total_tokens is not None and plan.llm.params:
         dims, tokens = plan.llm_dims, plan.total_tokens
         width, encoder_decoder = dims.embed_width, dims.encoder_decoder
@@ -172,15 +227,34 @@ def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointe
         if connector is not None:
             stored += connector
             how.append("the connector's")
+        if encoder_kept:
+            stored += encoder_kept
+            how.append(encoder_how)
         mixed = f" over {weights} weights" if elem == MIXED_VALUE_BYTES else ""
         note = f"estimate: batch {batch} x {tokens} tokens x {width} wide, {precision}{mixed}; {' + '.join(how)}"
         return Line("activations", stored, note + _not_counted(unknown),
                     remedy + ("" if checkpointed else "; or parallel.activation_checkpointing: true"))
     width, tokens = plan.encoder_out.width, plan.encoder_out.num_tokens
+    if encoder_kept:  # the trained blocks' values stay until backward, beside the connector's
+        stored, how = encoder_kept + (connector or 0), [encoder_how] + (["the connector's"] if connector is not None else [])
+        return Line("activations", stored, f"estimate: batch {batch} x {tokens} tokens; {' + '.join(how)}" + _not_counted(unknown), remedy)
     encoder = batch * tokens * width * ENCODER_BLOCK_VALUES * elem  # gone before the connector stores its own
     if connector is not None and connector > encoder:
         return Line("activations", connector, f"estimate: the connector's (declared) at batch {batch}", remedy)
     return Line("activations", encoder, f"estimate: one encoder block's at batch {batch} x {tokens} tokens" + _not_counted(unknown), remedy)
+
+
+def _trained_encoder_values(plan: Plan, batch: int, elem: int, trained: Trained) -> tuple[int, str]:
+    """Bytes the encoder's trained blocks keep for backward (all their values, or with gradient
+    checkpointing each block's input plus one block recomputed), and how they were counted."""
+    if not trained.encoder_blocks:
+        return 0, ""
+    width, tokens, blocks = plan.encoder_out.width, plan.encoder_out.num_tokens, trained.encoder_blocks
+    one_block = batch * tokens * width * ENCODER_BLOCK_VALUES * elem
+    if trained.encoder_checkpointed:
+        inputs = f"{blocks} trained encoder blocks' inputs" if blocks > 1 else "the trained encoder block's input"
+        return blocks * batch * tokens * width * elem + one_block, f"{inputs} + one block (checkpointed)"
+    return blocks * one_block, f"~{blocks} trained encoder block{'s' if blocks > 1 else ''}"
 
 
 def _not_counted(parts: list[str]) -> str:

@@ -47,7 +47,7 @@ from vlbridge.train import fsdp
 from vlbridge.train import runtime as rt
 from vlbridge.files.checkpoint_source import resolve_checkpoint
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
-from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable
+from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable, trainable_counts
 from vlbridge.train.finetune_config import FinetuneConfig
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
 from vlbridge.train.memory_plan import plan_for_config
@@ -326,7 +326,7 @@ class Trainer:
             start = f"as saved at step {self.step}"  # resumed: the checkpoint's weights, whatever the run started from
         else:
             start = f"from {resolve_checkpoint(c.init_from, 'init_from').directory}" if c.init_from else "from scratch"
-        self.bar.write(plan_for_config(c, plan, self.where.world_size).describe())  # what each rank was planned to hold
+        self.bar.write(plan_for_config(c, plan, self.where.world_size, trainable_counts(self.model)).describe())  # what each rank was planned to hold
         self.bar.write(f"vlbridge train: {plan.name} stage {c.stage}, {describe_trainable(self.model, self.recipe.notes)}; "
                        f"{self.total_steps} steps of {batch} samples on {self.where.world_size} x {self.device} ({c.precision}) "
                        f"from step {self.step} -> {self.output_dir}; connector {start}")
