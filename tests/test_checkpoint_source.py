@@ -107,8 +107,10 @@ def test_python_load_takes_a_run_output_dir_as_the_cli_does(tmp_path):
     model.save(run / "checkpoints" / "step-3")
     (run / "checkpoints" / "step-3" / "trainer_state.pt").write_bytes(b"")  # what makes a run's step complete
     (run / "checkpoints" / "latest").write_text("step-3\n", encoding="utf-8")
-    loaded = vlbridge.load(run)
+    loaded, built = vlbridge.load(run), vlbridge.build("tiny-linear-opt", weights=run, init_seed=1)  # build's weights= too
     for key, value in model.connector.state_dict().items():
-        assert torch.equal(loaded.connector.state_dict()[key], value)
+        assert torch.equal(loaded.connector.state_dict()[key], value) and torch.equal(built.connector.state_dict()[key], value)
+    with pytest.raises(WeightsError, match=r"weights= .* is not a vlbridge checkpoint"):
+        vlbridge.build("tiny-linear-opt", weights=tmp_path)
     with pytest.raises(WeightsError, match=r"vlbridge.load: .* no such directory"):
         vlbridge.load(tmp_path / "nowhere")

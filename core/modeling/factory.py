@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
-from vlbridge.files.checkpoint import WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
+from vlbridge.files.checkpoint import META_FILE, WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.files.weights import StateDict, load_subset
@@ -36,7 +36,8 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     :param assembly: an Assembly, a YAML path, a preset name or a dict.
     :param stage: 1 (encoder + connector, no LLM) or 2 (all three); default: the connector's last stage.
     :param weights: connector weights: a vlbridge checkpoint directory (with the encoder tensors and LoRA
-        adapters its run fine-tuned, if any) or a safetensors file.
+        adapters its run fine-tuned, if any), a training run's output_dir (its latest checkpoint, as
+        `vlbridge.load` and `--weights` take it) or a safetensors file.
     :param device: where to put the model (default CPU).
     :param check_shapes: run one dummy image through encoder and connector and compare with the plan.
     :param random_weights: allow a real-size frozen part without pretrained weights (random on
@@ -68,6 +69,10 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     if check_shapes:
         check_real_shapes(model)
     if weights is not None:
+        if Path(weights).is_dir() and not (Path(weights) / META_FILE).is_file():
+            from vlbridge.files.checkpoint_source import resolve_checkpoint
+
+            weights = resolve_checkpoint(weights, "weights=").directory  # a run's output_dir: its latest step
         load_connector_weights(model, weights)
         if Path(weights).is_dir() and _restore_tuned(model, Path(weights)) and device is not None:
             model.to(device)  # the adapters were injected after the move
