@@ -370,7 +370,8 @@ def test_compare_recaches_images_that_changed(tmp_path: Path):
         write_image(tmp_path / "images" / f"{i}.jpg", seed=i)
     write_jsonl(tmp_path / "t.jsonl", [{"image": f"images/{i}.jpg", "text": "x", "image_id": i} for i in range(3)])
     data = {"format": "jsonl", "paths": [str(tmp_path / "t.jsonl")], "num_workers": 0}
-    config = CompareConfig(runs=[{"name": "a", "assembly": PRESET, "stage2_steps": 1}], stage2_data=data, output_dir=str(tmp_path / "out"))
+    config = CompareConfig(runs=[{"name": "a", "assembly": PRESET, "stage2_steps": 1}], stage2_data=data, output_dir=str(tmp_path / "out"),
+                           evals=[{"name": "val", "captions": str(tmp_path / "t.jsonl"), "tasks": ["caption"]}])
     assembly = vlbridge.load_assembly(PRESET).config.model_dump(mode="json")
     said: list[str] = []
     folder = Path(feature_cache(config, assembly, said.append))
