@@ -245,3 +245,30 @@ def test_cli_bad_input_exits_2(capsys, files, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "-a", "tiny-qformer-opt", "--task", "translate", "--data", "x"])
     assert exit_info.value.code == 2
+
+
+class ShortlistModel(KnownModel):
+    """Re-ranks only each query's ITC top k, leaving -100 elsewhere, as BLIP-2's retrieval does."""
+
+    def retrieve(self, images, texts, k=128, batch_size=64):
+        itc = torch.tensor(self.scores)
+
+        def rerank(sims):
+            out = torch.full_like(sims, -100.0)
+            for row in range(sims.shape[0]):
+                top = sims[row].topk(min(k, sims.shape[1])).indices
+                out[row, top] = sims[row, top] + 1.0
+            return out
+
+        return RetrievalResult(itc=itc, i2t=rerank(itc), t2i=rerank(itc.t()))
+
+
+def test_retrieval_with_a_short_itm_shortlist_ranks_the_rest_by_itc(files):
+    groups = evaluate.load_caption_groups(files["captions"], files["images"])[:2]  # 2 images x 3 captions
+    # image 0's own texts are 0-2, ITC ranks them 3rd-5th; with k=1 only text 3 is re-ranked
+    scores = [[0.3, 0.2, 0.1, 0.9, 0.5, 0.4], [0.5, 0.5, 0.5, 0.1, 0.9, 0.2]]
+    result = evaluate.run_retrieval(ShortlistModel(scores=scores), groups, k=1)
+    itc, itm = result.metrics["itc"], result.metrics["itm"]
+    assert itc["i2t_r5"] == itm["i2t_r5"] == 100.0 and itc["t2i_r5"] == itm["t2i_r5"] == 100.0
+    row = result.predictions["image_to_text"][0]
+    assert row["rank"] == row["rank_itc"] == 3 and row["top"] == [3, 4, 5, 0, 1, 2]

@@ -81,3 +81,25 @@ def test_bad_input():
         retrieval_recall(SCORES, [[0, 1], [2, 4], [3]], TXT2IMG)
     with pytest.raises(VLBridgeError, match="no queries"):
         recall_at_k([])
+
+
+def test_pairs_outside_an_itm_shortlist_rank_by_itc():
+    # 12 images with one caption each; image 0's caption (text 0) is 6th by ITC. ITM re-ranks each
+    # row's ITC top 4 and leaves -100 elsewhere: the re-ranking reorders the top 4 only, so text 0
+    # stays 6th in the model's ranking and is within the top 10 for ITM as it is for ITC.
+    n = 12
+    itc = np.random.default_rng(0).uniform(0, 1, (n, n))
+    itc[0] = np.linspace(0.9, 0.1, n)
+    itc[0, [0, 5]] = itc[0, [5, 0]]
+    itm = np.full((n, n), -100.0)
+    for i in range(n):
+        top = np.argsort(-itc[i])[:4]
+        itm[i, top] = itc[i, top] + 1.0
+    pairs = [[i] for i in range(n)], list(range(n))
+    plain = retrieval_recall(itc, *pairs, with_ranks=True)
+    reranked = retrieval_recall(itm, *pairs, t2i=itm.T.copy(), tiebreak=itc, with_ranks=True)
+    assert plain["i2t_ranks"][0] == reranked["i2t_ranks"][0] == 5  # not 11: the -100 ties rank by ITC
+    for direction in ("i2t", "t2i"):
+        assert reranked[f"{direction}_r5"] == plain[f"{direction}_r5"] and reranked[f"{direction}_r10"] == plain[f"{direction}_r10"]
+    # ties on both matrices still count against the query
+    assert query_ranks(np.zeros((1, 3)), [[0]], np.zeros((1, 3))) == [2]

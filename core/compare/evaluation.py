@@ -201,12 +201,14 @@ def scene_retrieval(model, groups: list, scenes_file: str | None, k: int = 16) -
     from vlbridge.evaluation.tasks import image_inputs
 
     result = model.retrieve(image_inputs([g.image for g in groups]), flatten_groups(groups).texts, k=k)
-    return score_retrieval(groups, scenes_file, {"itc": (result.itc, result.itc.t()), "itm": (result.i2t, result.t2i)})
+    return score_retrieval(groups, scenes_file, {"itc": (result.itc, result.itc.t()), "itm": (result.i2t, result.t2i, result.itc)})
 
 
-def score_retrieval(groups: list, scenes_file: str | None, heads: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+def score_retrieval(groups: list, scenes_file: str | None, heads: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
     """`scene_retrieval`'s scores from similarity matrices: per head ("itc", "itm"), (images x texts,
-    texts x images) in `flatten_groups` order; a model with one head (a CLIP model: ITC) gives one."""
+    texts x images) in `flatten_groups` order, and for a re-ranked head a third, images x texts matrix
+    that orders what it ties (ITC: the -100 pairs outside the ITM shortlist); a model with one head
+    (a CLIP model: ITC) gives one."""
     from vlbridge.data import flatten_groups
     from vlbridge.metrics.retrieval import query_ranks, recall_at_k
 
@@ -221,9 +223,10 @@ def score_retrieval(groups: list, scenes_file: str | None, heads: dict[str, tupl
                            "rule": SCENE_RULE, "notes": [f"percent; {SCENE_RULE}"]}
     i2t_items: dict[str, list] = {"image_id": [g.image_id for g in groups]}
     t2i_items: dict[str, list] = {"text_key": text_keys(groups), "image_id": [groups[i].image_id for i in flat.txt2img]}
-    for name, (i2t, t2i) in heads.items():
-        i2t_ranks = query_ranks(i2t.float().cpu().numpy(), image_pos)
-        t2i_ranks = query_ranks(t2i.float().cpu().numpy(), text_pos)
+    for name, (i2t, t2i, *rest) in heads.items():
+        tiebreak = rest[0].float().cpu().numpy() if rest else None
+        i2t_ranks = query_ranks(i2t.float().cpu().numpy(), image_pos, tiebreak)
+        t2i_ranks = query_ranks(t2i.float().cpu().numpy(), text_pos, None if tiebreak is None else tiebreak.T)
         i2t_r, t2i_r = recall_at_k(i2t_ranks), recall_at_k(t2i_ranks)
         out[name] = {**{f"i2t_r{k_}": v for k_, v in i2t_r.items()}, **{f"t2i_r{k_}": v for k_, v in t2i_r.items()}}
         i2t_items[f"{name}_hit1"] = [int(r == 0) for r in i2t_ranks]

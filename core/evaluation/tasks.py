@@ -244,7 +244,7 @@ def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], 
     if progress is not None:
         progress(len(groups), len(groups))
     itc = retrieval_recall(result.itc, flat.img2txt, flat.txt2img, with_ranks=True)
-    itm = retrieval_recall(result.i2t, flat.img2txt, flat.txt2img, t2i=result.t2i, with_ranks=True)
+    itm = retrieval_recall(result.i2t, flat.img2txt, flat.txt2img, t2i=result.t2i, tiebreak=result.itc, with_ranks=True)
     predictions = _retrieval_predictions(groups, flat, result, itc, itm)
     metrics = {"task": "retrieval", "itc": _public(itc), "itm": _public(itm), "k": opts.k,
                "num_images": len(groups), "num_texts": len(flat.texts),
@@ -257,16 +257,11 @@ def _public(recall: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recall.items() if not k.endswith("_ranks")}
 
 
-def _top(row, count: int) -> list[int]:
-    """The best `count` columns, highest first; equal scores keep index order (deterministic)."""
-    return [int(i) for i in row.float().argsort(descending=True, stable=True)[:count].tolist()]
-
-
 def _retrieval_predictions(groups, flat, result, itc: dict, itm: dict) -> dict[str, list[dict]]:
     image_rows = [{"image_id": g.image_id, "texts": flat.img2txt[i], "rank": itm["i2t_ranks"][i], "rank_itc": itc["i2t_ranks"][i],
-                   "top": _top(result.i2t[i], TOP_SHOWN)} for i, g in enumerate(groups)]
+                   "top": result.texts_for_image(i, TOP_SHOWN)} for i, g in enumerate(groups)]
     text_rows = [{"text": t, "text_index": j, "image_id": groups[flat.txt2img[j]].image_id, "rank": itm["t2i_ranks"][j],
-                  "rank_itc": itc["t2i_ranks"][j], "top": [groups[i].image_id for i in _top(result.t2i[j], TOP_SHOWN)]}
+                  "rank_itc": itc["t2i_ranks"][j], "top": [groups[i].image_id for i in result.images_for_text(j, TOP_SHOWN)]}
                  for j, t in enumerate(flat.texts)]
     return {"image_to_text": image_rows, "text_to_image": text_rows}
 

@@ -10,6 +10,11 @@ image->text R@1 at 0.2 with 5 captions per image.
 
 Ties: a query's rank is the number of wrong items scoring at least as high as its best right item,
 so ties count against the query (a constant scorer gets 0, not a lucky sort order).
+
+ITM re-ranked scores hold -100 for every pair outside a query's ITC shortlist; those ties are broken
+by a second matrix (`tiebreak`, the ITC scores), as the model's own ranking orders them: the shortlist
+first, then the rest by ITC. Without it, a right item ranked 6th by ITC would count as last, and with
+a shortlist shorter than K, ITM's R@K would fall below ITC's although re-ranking only reorders the shortlist.
 Scores may be nested lists, numpy arrays or CPU/GPU torch tensors; torch is not imported here.
 """
 
@@ -36,16 +41,26 @@ def as_matrix(scores: Any, rows: int, cols: int, what: str) -> np.ndarray:
     return array
 
 
-def query_ranks(scores: np.ndarray, positives: Sequence[Sequence[int]]) -> list[int]:
-    """0-based rank of each row's best positive column: wrong columns scoring at least as high."""
+def query_ranks(scores: np.ndarray, positives: Sequence[Sequence[int]], tiebreak: np.ndarray | None = None) -> list[int]:
+    """0-based rank of each row's best positive column: wrong columns scoring at least as high.
+
+    With `tiebreak` (same shape), columns are compared by (score, tiebreak): a wrong column that ties
+    the best positive on `scores` counts only if it also scores at least as high on `tiebreak`.
+    """
     ranks = []
-    for row, cols in zip(scores, positives):
+    for r, (row, cols) in enumerate(zip(scores, positives)):
         if len(cols) == 0:
             raise VLBridgeError("every query needs at least one correct item")
+        cols = list(cols)
         wrong = np.ones(row.shape[0], dtype=bool)
-        wrong[list(cols)] = False
-        best = row[list(cols)].max()
-        ranks.append(int((row[wrong] >= best).sum()))
+        wrong[cols] = False
+        if tiebreak is None:
+            ranks.append(int((row[wrong] >= row[cols].max()).sum()))
+            continue
+        second = tiebreak[r]
+        best = max(cols, key=lambda c: (row[c], second[c]))
+        above = (row[wrong] > row[best]) | ((row[wrong] == row[best]) & (second[wrong] >= second[best]))
+        ranks.append(int(above.sum()))
     return ranks
 
 
@@ -68,15 +83,20 @@ def check_maps(img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> None
 
 
 def retrieval_recall(i2t: Any, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int], t2i: Any = None,
-                     ks: Sequence[int] = KS, with_ranks: bool = False) -> dict[str, Any]:
+                     ks: Sequence[int] = KS, with_ranks: bool = False, tiebreak: Any = None) -> dict[str, Any]:
     """R@K both ways and their means from an (images x texts) score matrix, and optionally a separate
-    (texts x images) one (ITM re-ranked scores differ per direction; ITC scores are one matrix)."""
+    (texts x images) one (ITM re-ranked scores differ per direction; ITC scores are one matrix).
+
+    `tiebreak`: an (images x texts) matrix ordering what the scores tie, in both directions; pass the
+    ITC scores with ITM re-ranked ones, so pairs outside the shortlist (all -100) rank by ITC.
+    """
     check_maps(img2txt, txt2img)
     num_images, num_texts = len(img2txt), len(txt2img)
     i2t_scores = as_matrix(i2t, num_images, num_texts, "image->text")
     t2i_scores = i2t_scores.T if t2i is None else as_matrix(t2i, num_texts, num_images, "text->image")
-    i2t_ranks = query_ranks(i2t_scores, img2txt)
-    t2i_ranks = query_ranks(t2i_scores, [[image] for image in txt2img])
+    second = None if tiebreak is None else as_matrix(tiebreak, num_images, num_texts, "tie-break")
+    i2t_ranks = query_ranks(i2t_scores, img2txt, second)
+    t2i_ranks = query_ranks(t2i_scores, [[image] for image in txt2img], None if second is None else second.T)
     result: dict[str, Any] = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         recalls = recall_at_k(ranks, ks)
