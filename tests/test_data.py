@@ -296,3 +296,24 @@ def test_readers_and_config_import_no_torch_and_ids_hash_the_same_in_another_pro
               "print(d.stable_image_index('coco_391895'))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]" and int(out[1]) == stable_image_index("coco_391895")  # not Python's per-process str hash
+
+
+def test_duplicate_ids_in_vqa_and_coco_files_are_errors(tmp_path):
+    # a question annotated twice (two files joined twice) would be scored against whichever came last
+    files = vqa_files(tmp_path)
+    annotations = json.loads(files["annotations"].read_text())
+    changed = dict(annotations["annotations"][0], answers=[{"answer": "white", "answer_id": j} for j in range(1, 11)])
+    annotations["annotations"].append(changed)
+    twice = write_json(tmp_path / "twice.json", annotations)
+    with pytest.raises(DataError, match=r"annotations\[3\]: question_id 420 already has answers in .*annotations\[0\]"):
+        read_vqa(files["questions"], twice)
+    questions = json.loads(files["questions"].read_text())
+    questions["questions"].append(dict(questions["questions"][0], question="Another question?"))
+    with pytest.raises(DataError, match=r"questions\[3\]: question_id 420 is already questions\[0\]"):
+        read_vqa(write_json(tmp_path / "q.json", questions), files["annotations"])
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "a cat", "id": 1}]}
+    with pytest.raises(DataError, match=r"images\[1\]: image id 1 names two images, 'a.jpg' and 'b.jpg'"):
+        read_coco_captions(write_json(tmp_path / "captions.json", coco))
+    coco["images"][1]["file_name"] = "a.jpg"  # listed twice as the same file: harmless
+    assert [r.text for r in read_coco_captions(write_json(tmp_path / "captions2.json", coco))] == ["a cat"]

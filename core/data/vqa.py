@@ -40,11 +40,16 @@ def read_vqa(
     answers = _read_annotations(annotations) if annotations is not None else None
     root = image_root if image_root is not None else base
     records, missing = [], []
+    seen: dict[ImageId, int] = {}
     for i, item in enumerate(items):
         where = f"{QUESTIONS} {str(questions)!r}, questions[{i}]"
         image_id = require(item, "image_id", (int, str), where)
         question_id = require(item, "question_id", (int, str), where)
         question = require(item, "question", str, where)
+        if question_id in seen:  # results files and scores are keyed by question_id: one of the two would be lost
+            raise DataError(f"{where}: question_id {question_id!r} is already questions[{seen[question_id]}]; "
+                            "each question needs its own id")
+        seen[question_id] = i
         image = _image_name(image_pattern, split, image_id, where)
         ann = answers.get(question_id) if answers is not None else {}
         if ann is None:
@@ -89,6 +94,9 @@ def _read_annotations(path: str | os.PathLike) -> dict[ImageId, dict[str, Any]]:
         question_id = require(item, "question_id", (int, str), where)
         answers = require(item, "answers", list, where)
         texts = [require(a, "answer", str, f"{where}.answers[{j}]") for j, a in enumerate(answers)]
+        if question_id in by_question:  # silently keeping one would score against the wrong answers
+            raise DataError(f"{where}: question_id {question_id!r} already has answers in {by_question[question_id]['where']}; "
+                            "each question needs one annotation (two files of one split joined twice?)")
         by_question[question_id] = {
             "answers": texts,
             "image_id": optional(item, "image_id", (int, str), where),
