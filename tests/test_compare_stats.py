@@ -73,3 +73,14 @@ def test_interval_covers_the_true_mean_about_95_percent_of_the_time():
         ci = bootstrap_ci(right, images, resamples=500, seed=trial)
         covered += ci.low <= 0.5 <= ci.high
     assert 88 <= covered <= 99, covered
+
+
+def test_one_or_a_few_images_cannot_be_significant():
+    # every resample of one image (or of images all favouring a) is positive, which alone gave p = 0.001;
+    # a sign-flip test on C images cannot go below 2 / 2^C, and neither does the p-value now
+    one = paired_difference([1.0, 1.0], [0.0, 0.0], ["img", "img"])
+    assert one.diff == 1.0 and one.p == 1.0 and not one.significant
+    few = paired_difference([1.0] * 4, [0.0] * 4, list("abcd"))
+    assert few.p == pytest.approx(2 / 2**4) and not few.significant
+    many = paired_difference([1.0] * 12, [0.0] * 12, list(range(12)))
+    assert many.p == pytest.approx(2 / 2001) and many.significant  # the bootstrap's own floor again

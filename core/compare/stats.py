@@ -9,7 +9,9 @@ paired bootstrap: the same resampled images for both, so what the images share c
 - `bootstrap_ci`: the mean and its 95% percentile interval;
 - `paired_difference`: mean(a) - mean(b), its 95% interval, and a two-sided p-value (twice the
   share of resampled differences on the far side of zero, with the +1 correction of Davison &
-  Hinkley 1997, so it is never 0). "Significant at 5%" is p < 0.05.
+  Hinkley 1997, so it is never 0), and never below 2 / 2^C for C images: with every image on one side
+  of zero, every resample is too however few images there are (one image gave p = 0.001), while no
+  paired test on C images can be surer than a sign-flip test's smallest p. "Significant at 5%" is p < 0.05.
 
 Every call uses the same fixed seed, so the report is reproducible and every row of a table is
 resampled with the same images.
@@ -101,8 +103,18 @@ def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence
     low, high = np.percentile(means, [tail, 100 - tail])
     below, above = (means <= 0).sum(), (means >= 0).sum()
     p = min(1.0, 2 * (min(below, above) + 1) / (resamples + 1))
+    p = max(p, sign_flip_floor(len(set(str(c) for c in clusters))))
     mean = float(diffs.mean())
     return Difference(mean, float(min(low, mean)), float(max(high, mean)), float(p), len(diffs))
+
+
+def sign_flip_floor(num_clusters: int) -> float:
+    """The smallest two-sided p a paired test on this many clusters can give (all signs alike: 2 / 2^C).
+
+    The bootstrap cannot see that a handful of images all favouring one row may be chance; this floor
+    keeps one or a few images from reading as a significant difference.
+    """
+    return min(1.0, 2.0 ** (1 - num_clusters))
 
 
 def seed_mean(rows: Sequence[dict[Hashable, float]]) -> dict[Hashable, float]:
