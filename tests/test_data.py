@@ -317,3 +317,13 @@ def test_duplicate_ids_in_vqa_and_coco_files_are_errors(tmp_path):
         read_coco_captions(write_json(tmp_path / "captions.json", coco))
     coco["images"][1]["file_name"] = "a.jpg"  # listed twice as the same file: harmless
     assert [r.text for r in read_coco_captions(write_json(tmp_path / "captions2.json", coco))] == ["a cat"]
+
+
+def test_shard_samples_with_a_blank_caption_are_skipped_as_no_text(tmp_path):
+    # img2dataset writes an empty KEY.txt for a row without a caption; it is not a caption to train on
+    members = (sample_members("a", 0, "") + sample_members("b", 1, "  \n") + sample_members("c", 2, "", meta={"caption": "from json"})
+               + sample_members("d", 3, None, meta={"caption": " "}) + sample_members("e", 4, "kept")
+               + sample_members("f", 5, "", meta={"text_input": "What is it?", "text_output": "a cat"}))
+    out = list(iter_shard(str(write_tar(tmp_path / "blank.tar", members))))
+    assert [x.text if isinstance(x, ImageText) else x.kind for x in out] == ["no text", "no text", "from json", "no text", "kept", ""]
+    assert out[-1].extra["text_output"] == "a cat"  # instruction data needs no caption (as in JSONL)

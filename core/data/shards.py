@@ -2,9 +2,9 @@
 
 Shards are read by the `webdataset` library (the field's reader: local paths, `pipe:` commands and
 URLs it can open; nothing is extracted to disk). A sample is the run of consecutive members sharing
-a key (the name up to its first dot, folders included); the caption is `KEY.txt`, else the "caption"
-of `KEY.json` (what LAVIS reads). Samples without an image or a caption, and shards that break off,
-come out as `Skipped` so they can be counted. `webdataset` imports torch, so it is imported only
+a key (the name up to its first dot, folders included); the caption is `KEY.txt`, else (missing or
+blank) the "caption" of `KEY.json` (what LAVIS reads). Samples without an image or a caption, and
+shards that break off, come out as `Skipped` so they can be counted. `webdataset` imports torch, so it is imported only
 when a shard is read: listing and validating shards stays torch-free.
 """
 
@@ -155,12 +155,13 @@ def make_sample(shard: str, key: str, files: dict[str, bytes]) -> ImageText | Sk
     if image_ext is None:
         found = ", ".join("." + ext for ext in sorted(files))
         return Skipped(name=name, reason=f"no image (members: {found}; expected .jpg, .jpeg, .png or .webp)", kind="no image")
-    if "txt" in files:
-        text: Any = files["txt"].decode("utf-8", errors="replace").strip()
-    else:
+    text: Any = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
+    if not text:  # img2dataset writes an empty .txt for a row without a caption: not a caption to learn or score
         text = meta.get("caption")
-    if not isinstance(text, str):
-        return Skipped(name=name, reason="no text (neither a .txt member nor a 'caption' in .json)", kind="no text")
+    if not isinstance(text, str) or not text.strip():
+        if not isinstance(meta.get("text_output"), str):  # instruction data needs no caption, as in JSONL
+            return Skipped(name=name, reason="no text (neither a non-empty .txt member nor a 'caption' in .json)", kind="no text")
+        text = text if isinstance(text, str) else ""
     return ImageText(ImageRef(name=f"{name}.{image_ext}", data=files[image_ext]), text, key, meta)
 
 
