@@ -230,3 +230,34 @@ def test_check_reads_the_annotation_files(capsys, tmp_path, data):
     code, out, err = train_cli(capsys, tmp_path, values, "--check")
     assert code == 2 and "valid" not in out
     assert "line 1: missing required field 'text' (fields present: 'image', 'caption')" in err
+
+
+# -- a listing piped into `head`: the reader leaving early is not a bug ------------------------------------
+def test_a_reader_that_leaves_early_ends_the_listing_quietly():
+    """`vlbridge components | head` said "internal error: BrokenPipeError ... a bug in vlbridge"."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "vlbridge", "components"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", (result.returncode, result.stderr[-2000:])
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_internal_error(capsys, monkeypatch):
+    """Say, a data loader's worker pipe: that one is a bug to report, not a reader gone."""
+    import argparse
+
+    import vlbridge.cli.main as cli_main
+
+    def broken(args: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    class Parser:
+        def parse_args(self, argv: list[str]) -> argparse.Namespace:
+            return argparse.Namespace(command="presets", func=broken)
+
+    monkeypatch.setattr(cli_main, "build_parser", Parser)
+    assert main(["presets"]) == 1
+    assert "internal error: BrokenPipeError" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 import traceback
 
@@ -52,6 +53,24 @@ def path_problem(exc: OSError) -> str:
     return f"no permission to use {where!s} ({exc.strerror}); give a path you can write to"
 
 
+SIGPIPE_STATUS = 141  # what a shell reports for a command killed by SIGPIPE (128 + 13)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout's reader has gone (`vlbridge components | head`): then the output is unwanted,
+    not a bug. A broken pipe elsewhere (a data loader's worker) is not this. Further writes, and the
+    interpreter's flush at exit, go to the null device."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):  # no poll here, or stdout is not a file descriptor
+        return False
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):  # a pipe's writer gets POLLERR once no reader is left
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -63,23 +82,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with quiet_hf():  # vlbridge's output is vlbridge's: no transformers / hub progress bars
-            return int(args.func(args) or 0)
+            status = int(args.func(args) or 0)
+            sys.stdout.flush()  # here, so that a reader gone early is seen below, not at exit
+            return status
     except VLBridgeError as exc:
         print(f"vlbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        return SIGPIPE_STATUS if stdout_closed() else internal_error(args.command, exc)
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         # a path the user gave (or one under it) is of the wrong kind or not writable: theirs to fix
         print(f"vlbridge {args.command}: error: {path_problem(exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a bug, not a user error: say so, keep the traceback opt-in
-        if os.environ.get("VLBRIDGE_DEBUG"):
-            traceback.print_exc()
-        print(f"vlbridge {args.command}: internal error: {type(exc).__name__}: {exc}\n"
-              "This is a bug in vlbridge or a plugin; rerun with VLBRIDGE_DEBUG=1 for the traceback.", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        return internal_error(args.command, exc)
+
+
+def internal_error(command: str, exc: Exception) -> int:
+    """A bug, not a user error: say so, keep the traceback opt-in."""
+    if os.environ.get("VLBRIDGE_DEBUG"):
+        traceback.print_exception(exc)
+    print(f"vlbridge {command}: internal error: {type(exc).__name__}: {exc}\n"
+          "This is a bug in vlbridge or a plugin; rerun with VLBRIDGE_DEBUG=1 for the traceback.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
