@@ -126,10 +126,10 @@ def build_end_token_llm(opts: Any) -> nn.Module:
 
 
 def tiny_opt_spec(factory: str, name: str) -> LLMSpec:
-    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt import OPTOptions, dims
 
     return LLMSpec(name=name, factory=f"tests.fake_plugins:{factory}", options=OPTOptions,
-                   dims=lambda o: LLMDims(64, 128, False, vocab_size=1024))
+                   dims=lambda o: dims(OPTOptions(variant="tiny")))  # the factories build the tiny OPT
 
 
 class Transpose(nn.Module):

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from tests import fake_plugins as fake
-from vlbridge import IncompatibleError, PluginError, TokenShape, VLBridgeError
+from vlbridge import IncompatibleError, LLMDims, PluginError, TokenShape, VLBridgeError
 from vlbridge.plugin.sources import WeightSource, local
 from vlbridge.plugintest.check import check_plugin
 
@@ -52,6 +52,13 @@ def test_a_plain_connector_passes():
     (fake.plugin("bare", llms=[fake.bare_llm_spec()]), "its module (Linear) lacks embed_width, is_encoder_decoder, caption_suffix"),
     (fake.plugin("ends", llms=[fake.tiny_opt_spec("build_end_token_llm", "ends")]),
      "does not begin tokenize(prompt + caption)"),
+    (fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), num_params=lambda o: 1000)]),
+     "num_params() declares 1,000 frozen parameters but the built module has 1,184"),
+    (fake.plugin("counted", llms=[replace(fake.tiny_opt_spec("build_greedy_only_llm", "counted"), num_params=lambda o: 5)]),
+     "num_params() declares 5 frozen parameters but the built module has 142,336"),
+    (fake.plugin("vocab", llms=[replace(fake.tiny_opt_spec("build_greedy_only_llm", "vocab"),
+                                        dims=lambda o: LLMDims(64, 128, False, vocab_size=1024))]),
+     "dims() declares vocab_size=1,024 but forward's logits are 530 wide"),
 ])
 def test_missing_pieces_fail_the_plugins_own_test(plugin, expected):
     with pytest.raises(PluginError) as err:

@@ -50,6 +50,7 @@ def probe_encoder(spec: EncoderSpec, options: Any) -> None:
     with torch.no_grad():
         out = plugin_call(who, f"forward on pixels of shape {tuple(pixels.shape)}", encoder, pixels)
     check_tokens(who, spec.output(options), out, batch=2)
+    _check_frozen_count(who, spec, options, encoder)
 
 
 # -- connectors -----------------------------------------------------------------------------------
@@ -141,6 +142,7 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
     dims = spec.dims(options)
     llm = _build_frozen(Resolved(spec, options))
     check_llm(llm, dims, who)
+    _check_frozen_count(who, spec, options, llm)
     if not isinstance(llm.caption_suffix, str):
         raise PluginError(f"{who}: caption_suffix must be a string (\"\" if the tokenizer ends texts itself), got {llm.caption_suffix!r}")
     if not dims.encoder_decoder:
@@ -148,11 +150,39 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
     visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
     model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(encoder_out=TokenShape(4, dims.embed_width)),
                             visual_tokens=lambda image_embeds, instructions=None: visual)
-    losses = plugin_call(who, "the stage-2 objective", Stage2Objective(), model, {"text": PROBE_TEXTS, "image_embeds": visual.detach()})
+    outputs: list[Any] = []
+    hook = llm.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        losses = plugin_call(who, "the stage-2 objective", Stage2Objective(), model, {"text": PROBE_TEXTS, "image_embeds": visual.detach()})
+    finally:
+        hook.remove()
+    _check_vocab_size(who, dims.vocab_size, outputs)
     _backward(who, losses["loss"], "the stage-2 LM loss")
     if visual.grad is None:
         raise PluginError(f"{who}: the LM loss does not reach the visual prompt; forward must use visual_embeds without detaching them")
     _probe_generation(who, llm, visual.detach())
+
+
+def _check_frozen_count(who: str, spec: EncoderSpec | LLMSpec, options: Any, module: nn.Module) -> None:
+    """A declared frozen count is what `vlbridge validate` prints and what the memory plan sizes the
+    part by, so it must be the built module's (None: not known from the options, nothing to check)."""
+    declared = plugin_call(who, "num_params()", spec.num_params, options) if spec.num_params is not None else None
+    built = sum(p.numel() for p in module.parameters())
+    if declared is not None and declared != built:
+        raise PluginError(f"{who}: num_params() declares {declared:,} frozen parameters but the built module has {built:,}; "
+                          "validate and the memory plan report the declared count, so it must equal the module's "
+                          "(or return None where the options do not tell it)")
+
+
+def _check_vocab_size(who: str, declared: int | None, outputs: list[Any]) -> None:
+    """dims().vocab_size sizes the memory plan's fp32 log-probabilities: it must be the logits' width."""
+    logits = getattr(outputs[-1], "logits", None) if outputs else None
+    if declared is None or not isinstance(logits, torch.Tensor):
+        return
+    if logits.shape[-1] != declared:
+        raise PluginError(f"{who}: dims() declares vocab_size={declared:,} but forward's logits are {logits.shape[-1]:,} wide "
+                          f"(shape {tuple(logits.shape)}); the memory plan counts the LM loss's log-probabilities by it, "
+                          "so declare the logits' width (or None)")
 
 
 def _probe_prompt_prefix(who: str, llm: nn.Module) -> None:
