@@ -3,6 +3,8 @@ with one message naming the component, the plugin's distribution and what is wro
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 from PIL import Image
@@ -69,3 +71,37 @@ def test_an_llm_without_the_llm_interface_is_named(tmp_path, image, capsys):
         code, err = caption(tmp_path, image, capsys, fake.assembly(llm="bare"))
     assert_user_error(code, err, "llm 'bare' (plugin vlbridge-bare): its module (Linear) lacks embed_width, is_encoder_decoder, "
                                  "caption_suffix, tokenize, decode, generate")
+
+
+DECLARATION_FAULTS = {  # what a spec's pure functions may get wrong, and what validate then says
+    "output raises": (dict(output=lambda o, e, w: 1 / 0), "output() raised ZeroDivisionError: division by zero"),
+    "output returns a tuple": (dict(output=lambda o, e, w: (4, w)), "output() returned (4, 64); it must return a TokenShape"),
+    "num_params raises": (dict(num_params=lambda o, e, w: {}[2]), "num_params() raised KeyError: 2"),
+    "num_params returns an int": (dict(num_params=lambda o, e, w: 7), "num_params() returned 7; it must return a dict {stage: count}"),
+    "activations raise": (dict(activations=lambda o, e, w, t: 1 / 0), "activations() raised ZeroDivisionError"),
+}
+
+
+@pytest.mark.parametrize("fault", DECLARATION_FAULTS)
+def test_a_faulty_declaration_is_named_by_validate(tmp_path, capsys, fault):
+    """These were "internal error: AttributeError: 'tuple' object has no attribute 'width'" (exit 1),
+    or "a shape function raised ..." without saying whose."""
+    changes, expected = DECLARATION_FAULTS[fault]
+    plugin = fake.plugin("bad", connectors=[replace(fake.connector_plugin().vlbridge_register_connectors()[0], name="bad", **changes)])
+    path = tmp_path / "assembly.yaml"
+    path.write_text(yaml.safe_dump(fake.assembly("bad")), encoding="utf-8")
+    with using_registry(fake.registry(bad=plugin)):
+        code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "internal error" not in err, err
+    assert f"connector 'bad' (plugin vlbridge-bad): {expected}" in err, err
+
+
+def test_an_encoders_faulty_declaration_is_named_by_validate(tmp_path, capsys):
+    encoder = fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), preprocess=lambda o: 28)])
+    path = tmp_path / "assembly.yaml"
+    path.write_text(yaml.safe_dump(fake.assembly(encoder="patches")), encoding="utf-8")
+    with using_registry(fake.registry(patches=encoder, pool=fake.connector_plugin())):
+        code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "encoder 'patches' (plugin vlbridge-patches): preprocess() returned 28; it must return a vlbridge.Preprocess" in err, err

@@ -12,7 +12,8 @@ from typing import Any, Literal
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, UnknownComponentError, WeightsError
+from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, PluginError, UnknownComponentError, WeightsError
+from vlbridge.assemblies.declared import connector_counts, connector_output, encoder_declared, llm_declared
 from vlbridge.assemblies.plan import ComponentPlan, Plan
 from vlbridge.plugin.registry import Registry, get_registry
 from vlbridge.plugin.resources import presets
@@ -174,16 +175,15 @@ def _component_plan(kind: str, ref: ComponentRef, r: Resolved, params: int | Non
 def _build_plan(config: AssemblyConfig, enc: Resolved, con: Resolved, llm: Resolved | None, problems: list[str], warnings: list[str]) -> Plan | None:
     assert isinstance(enc.spec, EncoderSpec) and isinstance(con.spec, ConnectorSpec)
     label = {k: f"{k} '{r.spec.name}'" for k, r in zip(SLOTS, (enc, con, llm)) if r is not None}
-    try:
-        enc_out = enc.spec.output(enc.options)
-        preprocess = enc.spec.preprocess(enc.options)
-        dims = llm.spec.dims(llm.options) if llm is not None else None
-        con_out = con.spec.output(con.options, enc_out, dims.embed_width) if dims is not None else None
-    except IncompatibleError as exc:
-        problems.append(f"{label['connector']} cannot join {label['encoder']} ({enc_out}) to {label['llm']}: {exc}")
+    try:  # the plugins' shape functions are third-party code: a PluginError names the one at fault
+        enc_out, preprocess, enc_params = encoder_declared(enc.spec, enc.options)
+        dims, llm_params = llm_declared(llm.spec, llm.options) if llm is not None else (None, None)
+        con_out = connector_output(con.spec, con.options, enc_out, dims.embed_width) if dims is not None else None
+    except PluginError as exc:
+        problems.append(str(exc))
         return None
-    except Exception as exc:  # a plugin's shape function is third-party code
-        problems.append(f"a shape function raised {type(exc).__name__}: {exc}")
+    except IncompatibleError as exc:  # the connector declines this encoder / LLM pair
+        problems.append(f"{label['connector']} cannot join {label['encoder']} ({enc_out}) to {label['llm']}: {exc}")
         return None
     stages = tuple(con.spec.stages)
     if dims is None:
@@ -194,14 +194,17 @@ def _build_plan(config: AssemblyConfig, enc: Resolved, con: Resolved, llm: Resol
     else:
         _check_llm_joint(config, label, con_out, dims, problems, warnings)
     llm_width = dims.embed_width if dims is not None else 0
-    counts = con.spec.num_params(con.options, enc_out, llm_width) if con.spec.num_params else {}
+    try:
+        counts, stored = connector_counts(con.spec, con.options, enc_out, llm_width, config.max_text_tokens)
+    except PluginError as exc:
+        problems.append(str(exc))
+        return None
     trainable = {s: n for s, n in counts.items() if s in stages}
-    stored = con.spec.activations(con.options, enc_out, llm_width, config.max_text_tokens) if con.spec.activations else {}
     return Plan(
         name=config.name,
-        encoder=_component_plan("encoder", config.encoder, enc, enc.spec.num_params(enc.options) if enc.spec.num_params else None),
+        encoder=_component_plan("encoder", config.encoder, enc, enc_params),
         connector=_component_plan("connector", config.connector, con, trainable.get(max(stages))),
-        llm=_component_plan("llm", config.llm, llm, llm.spec.num_params(llm.options) if llm.spec.num_params else None) if llm else None,
+        llm=_component_plan("llm", config.llm, llm, llm_params) if llm else None,
         preprocess=preprocess, encoder_out=enc_out, connector_out=con_out, llm_dims=dims,
         max_text_tokens=config.max_text_tokens, stages=stages, trainable_params=trainable,
         connector_activations={s: n for s, n in stored.items() if s in stages}, warnings=tuple(warnings),
