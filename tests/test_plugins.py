@@ -69,8 +69,11 @@ def _raise():
         (module("badfactory", vlbridge_register_encoders=hook_returning([encoder_spec("x").__class__(
             name="x", factory="no colon", output=lambda o: TokenShape(1, 1), preprocess=lambda o: None)])),
          "must be a 'package.module:attr' string"),
+        (module("badstages", vlbridge_register_connectors=hook_returning([ConnectorSpec(
+            name="y", factory="a.b:c", output=lambda o, e, w: TokenShape(1, w), stages=(3,))])),
+         "y: stages (3,) must list the training stages it supports"),  # validated, built, and failed only in training
     ],
-    ids=["unknown-hook", "hook-raises", "wrong-return-type", "wrong-item-type", "bad-factory"],
+    ids=["unknown-hook", "hook-raises", "wrong-return-type", "wrong-item-type", "bad-factory", "bad-stages"],
 )
 def test_broken_plugin_is_recorded_and_others_keep_working(plugin, expected):
     good = module("good", vlbridge_register_encoders=hook_returning([encoder_spec("good-enc")]))

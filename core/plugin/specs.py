@@ -163,6 +163,15 @@ class ConnectorSpec(_SpecBase):
 
     kind: ClassVar[Kind] = "connector"
 
+    def check(self) -> None:
+        """Also: `stages` names BLIP-2's stages only (an unknown one validated and built, then failed in training)."""
+        super().check()
+        stages = self.stages
+        if not (isinstance(stages, (tuple, list)) and stages and len(set(stages)) == len(stages)
+                and all(stage in (1, 2) and not isinstance(stage, bool) for stage in stages)):
+            raise PluginError(f"{self.name}: stages {stages!r} must list the training stages it supports, each once, "
+                              "from 1 (image-text pre-training) and 2 (into the LLM): (2,) for a projector, (1, 2) for a Q-Former")
+
 
 Spec = EncoderSpec | LLMSpec | ConnectorSpec
 SPEC_TYPES: dict[Kind, type] = {"encoder": EncoderSpec, "llm": LLMSpec, "connector": ConnectorSpec}
