@@ -189,6 +189,19 @@ def test_unknown_name_suggests_and_lists():
     assert "Installed encoders: clip-vit-l, eva-vit-g" in str(err.value)
 
 
+def test_an_unknown_name_points_at_plugins_that_failed_to_load():
+    """The part asked for may be unknown only because its plugin broke (a spec that fails its check
+    drops the whole plugin); the error said just 'unknown connector' and listed the others."""
+    broken = _connector_plugin("Pool", 4)  # an upper-case name fails the spec's check
+    registry = registry_with({"vlbridge-broken": broken, "vlbridge-good": _connector_plugin("pool", 9)})
+    with pytest.raises(UnknownComponentError) as err:
+        registry.resolve("connector", "resampler")
+    assert "Plugins that failed to load, one of which may declare it: vlbridge-broken (vlbridge plugins shows why)" in str(err.value)
+    with pytest.raises(UnknownComponentError) as err:
+        registry_with({"vlbridge-good": _connector_plugin("pool", 9)}).resolve("connector", "resampler")
+    assert "failed to load" not in str(err.value)
+
+
 def test_check_plugin_accepts_builtins_and_rejects_mistakes():
     assert [s.name for s in check_plugin("vlbridge.plugins.connectors.projectors")] == ["linear", "mlp"]
     with pytest.raises(PluginError, match="unknown hook"):

@@ -86,7 +86,7 @@ class Registry:
                 )
             return Resolution(chosen[0])
         if not candidates:
-            raise UnknownComponentError(f"unknown {kind} {name!r}." + self._installed_hint(kind, name))
+            raise UnknownComponentError(f"unknown {kind} {name!r}." + self._installed_hint(kind, name) + self._broken_hint())
         if len(candidates) == 1:
             return Resolution(candidates[0])
         providers = [str(s.distribution) for s in candidates]
@@ -108,6 +108,13 @@ class Registry:
         if records:
             return f"the plugin {qualifier!r} is loaded but declares no such part."
         return f"no installed plugin is called {qualifier!r}; install it (pip install {qualifier})."
+
+    def _broken_hint(self) -> str:
+        """A part asked for by name may be missing because the plugin declaring it failed to load."""
+        broken = sorted(str(r.distribution or r.name) for r in self.plugins.records.values() if r.status == "error")
+        if not broken:
+            return ""
+        return f" Plugins that failed to load, one of which may declare it: {', '.join(broken)} (vlbridge plugins shows why)."
 
     def _installed_hint(self, kind: Kind, name: str) -> str:
         installed = self.names(kind)
