@@ -5,6 +5,7 @@ to give the same logits, and resumes as an uninterrupted run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vlbridge
+from tests.conftest import REPO
 from tests.finetune_helpers import ENCODER_ALL, ENCODER_LAST, LORA, changed, is_lora, logits, run_trainer, stage2
 from tests.test_trainer_samples import read_metrics, train_losses, write_caption_data
 from vlbridge.finetune.encoder_tuning import layer_ids, unfreeze_encoder
@@ -206,8 +208,10 @@ def test_an_encoder_without_blocks_unfreezes_whole_only():
             super().__init__()
             self.proj = torch.nn.Linear(4, 4)
 
-    with pytest.raises(vlbridge.VLBridgeError, match=r"does not list its blocks, so unfreeze: 2 cannot be applied.*finetune_blocks\(\)"):
+    with pytest.raises(vlbridge.VLBridgeError, match=r"does not list its blocks, so unfreeze: 2 cannot be applied.*finetune_blocks\(\)") as err:
         unfreeze_encoder(Plain(), 2, who="plain")
+    guide = re.search(r"\((docs/[\w.-]+\.md), '([^']+)'\)", str(err.value))  # it named vlbridge/encoder_tuning.py, which no one has
+    assert guide and f"## {guide[2]}" in (REPO / guide[1]).read_text(encoding="utf-8"), str(err.value)
     with pytest.raises(vlbridge.VLBridgeError, match="layer_decay / grad_checkpointing cannot be applied"):
         unfreeze_encoder(Plain(), "all", who="plain", need_blocks=True)
     assert unfreeze_encoder(Plain(), "all", who="plain").names == ("proj.weight", "proj.bias")

@@ -37,7 +37,7 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.parts.freeze import FrozenPart
 
 PROTOCOL_HINT = ("define finetune_blocks() on the encoder module, returning its blocks in forward order "
-                 "(see vlbridge/encoder_tuning.py)")
+                 "(docs/fine-tuning.md, 'For encoder plugins')")
 
 
 def encoder_blocks(encoder: nn.Module) -> list[nn.Module] | None:
