@@ -59,6 +59,21 @@ def build_pool(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
     return MeanPool(encoder_out.width, llm_width)
 
 
+class InstructedPool(MeanPool):
+    """Instruction-aware (guide 5.2b): vlbridge always passes one instruction per image."""
+
+    instruction_aware = True
+
+    def forward(self, image_embeds: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        if len(instructions) != image_embeds.shape[0]:
+            raise ValueError(f"{len(instructions)} instructions for {image_embeds.shape[0]} images")
+        return super().forward(image_embeds)
+
+
+def build_instructed(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return InstructedPool(encoder_out.width, llm_width)
+
+
 def build_with_set_stage(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
     return WithSetStage(encoder_out.width, llm_width)
 

@@ -37,6 +37,13 @@ def test_a_plain_connector_passes():
     assert [s.name for s in check_plugin(fake.connector_plugin())] == ["pool"]
 
 
+def test_an_instruction_aware_connector_gets_its_instructions():
+    """vlbridge always calls such a forward with instructions=...; check_plugin called it without
+    them, so a connector that follows the guide failed its own test."""
+    assert [s.name for s in check_plugin(fake.connector_plugin("build_instructed"))] == ["pool"]
+    assert check_plugin("vlbridge.plugins.connectors.qformer", options={"qformer": {"variant": "tiny", "instruction_aware": True}})
+
+
 @pytest.mark.parametrize("plugin, expected", [
     (fake.connector_plugin(stages=(1, 2), num_params=None), "cannot train in stage 1: its module (MeanPool) lacks set_stage, tokenizer"),
     (fake.connector_plugin("build_with_set_stage", stages=(1, 2), num_params=None), "(WithSetStage) lacks tokenizer, image_context"),

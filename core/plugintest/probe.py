@@ -87,15 +87,23 @@ def probe_connector(spec: ConnectorSpec, options: Any, encoder_out: TokenShape, 
             _run_forward(who, connector, encoder_out, declared)
     connector.eval()
     with torch.no_grad():
-        out = plugin_call(who, "forward in eval mode", connector, torch.randn(2, encoder_out.num_tokens, encoder_out.width))
+        out = _forward(who, "forward in eval mode", connector, torch.randn(2, encoder_out.num_tokens, encoder_out.width), ["", ""])
     check_tokens(who, declared, out, batch=2)
+
+
+def _forward(who: str, what: str, connector: nn.Module, image_embeds: torch.Tensor, instructions: list[str]) -> Any:
+    """The connector's forward as vlbridge calls it: an instruction-aware one also gets one
+    instruction per image (the task prompt; "" when captioning), as in VLBridgeModel.visual_tokens."""
+    if getattr(connector, "instruction_aware", False):
+        return plugin_call(who, f"{what}, instructions={instructions!r}", connector, image_embeds, instructions=instructions)
+    return plugin_call(who, what, connector, image_embeds)
 
 
 def _run_forward(who: str, connector: nn.Module, encoder_out: TokenShape, declared: TokenShape) -> None:
     """Stage 2 trains through forward alone: (2, N, W) -> (2, M, D), and a gradient for every trainable parameter."""
     connector.train()
     image_embeds = torch.randn(2, encoder_out.num_tokens, encoder_out.width)
-    out = check_tokens(who, declared, plugin_call(who, f"forward on shape {tuple(image_embeds.shape)}", connector, image_embeds), batch=2)
+    out = check_tokens(who, declared, _forward(who, f"forward on shape {tuple(image_embeds.shape)}", connector, image_embeds, PROBE_TEXTS), batch=2)
     plugin_call(who, "backward through forward", out.float().square().mean().backward)
     _require_gradients(who, connector, "forward")
 
