@@ -74,6 +74,14 @@ def test_unknown_part_suggests():
     assert "Installed connectors: linear, mlp, qformer" in problem
 
 
+@pytest.mark.parametrize("llm", [{"use": "opt-typo"}, {"use": "opt", "options": {"variant": "huge"}}])
+def test_an_llm_that_does_not_resolve_is_one_problem(llm):
+    """It was taken for an LLM-free assembly, adding "connector 'linear' trains only with an LLM ...;
+    add an llm: slot" under an assembly that has one (e.g. a checkpoint whose LLM plugin is missing)."""
+    (problem,) = problems_of(assembly(connector={"use": "linear"}, llm=llm))
+    assert problem.startswith("llm."), problem
+
+
 def test_option_errors_carry_their_yaml_path():
     problems = problems_of(assembly(encoder={"use": "eva-vit-g", "options": {"image_size": "big", "colour": 1}}))
     assert any(p.startswith("encoder.options.image_size: Input should be a valid integer") for p in problems)

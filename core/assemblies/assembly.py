@@ -254,7 +254,8 @@ def load_assembly(source: str | Path | dict[str, Any], registry: Registry | None
         resolved[kind] = _resolve_slot(registry, kind, ref, problems, warnings)
     problems.extend(check_requirements(raw.get("requires") or []) if isinstance(raw.get("requires"), list) else [])
     plan = None
-    if config is not None and resolved.get("encoder") and resolved.get("connector") and "llm" in resolved:
+    llm_ready = "llm" in resolved and (resolved["llm"] is not None or raw.get("llm") is None)  # None: failed, or no LLM asked for
+    if config is not None and resolved.get("encoder") and resolved.get("connector") and llm_ready:
         plan = _build_plan(config, resolved["encoder"], resolved["connector"], resolved["llm"], problems, warnings)
     if problems or plan is None or config is None:
         raise AssemblyError(label, problems or ["invalid assembly"])
