@@ -72,8 +72,10 @@ def _raise():
         (module("badstages", vlbridge_register_connectors=hook_returning([ConnectorSpec(
             name="y", factory="a.b:c", output=lambda o, e, w: TokenShape(1, w), stages=(3,))])),
          "y: stages (3,) must list the training stages it supports"),  # validated, built, and failed only in training
+        (module("twice", vlbridge_register_encoders=hook_returning([encoder_spec("z"), encoder_spec("z")])),
+         "declares encoder 'z' twice; a name must be unique within its kind"),  # was a duplicate that 'dist:z' could not resolve
     ],
-    ids=["unknown-hook", "hook-raises", "wrong-return-type", "wrong-item-type", "bad-factory", "bad-stages"],
+    ids=["unknown-hook", "hook-raises", "wrong-return-type", "wrong-item-type", "bad-factory", "bad-stages", "same-name-twice"],
 )
 def test_broken_plugin_is_recorded_and_others_keep_working(plugin, expected):
     good = module("good", vlbridge_register_encoders=hook_returning([encoder_spec("good-enc")]))
@@ -208,6 +210,8 @@ def test_check_plugin_accepts_builtins_and_rejects_mistakes():
         check_plugin(module("typo", vlbridge_register_encoder=hook_returning([])))
     with pytest.raises(PluginError, match="implements no vlbridge hook"):
         check_plugin(module("empty"))
+    with pytest.raises(PluginError, match="declares encoder 'z' twice"):
+        check_plugin(module("twice", vlbridge_register_encoders=hook_returning([encoder_spec("z"), encoder_spec("z")])), build=False)
     with pytest.raises(PluginError, match="output\\(\\) must return a positive TokenShape"):
         check_plugin(module("zero", vlbridge_register_encoders=hook_returning([encoder_spec("z", width=0)])))
 

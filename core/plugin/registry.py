@@ -53,6 +53,9 @@ class Registry:
             except PluginError as exc:
                 self.plugins.fail(record, f"{hook_name}: {exc}", exc)
                 continue
+            if f"{kind}:{item.name}" in record.components:  # no `use:` could tell the two apart
+                self.plugins.fail(record, f"{hook_name} declares {kind} {item.name!r} twice; a name must be unique within its kind")
+                continue
             spec = item.with_origin(record.name, record.distribution)
             self.components[kind].setdefault(spec.name, []).append(spec)
             record.components.append(f"{kind}:{spec.name}")

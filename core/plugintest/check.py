@@ -66,6 +66,8 @@ def check_plugin(module: str | ModuleType, *, build: bool = True, options: Mappi
             if not isinstance(spec, expected):
                 raise PluginError(f"{name}.{hook_name} returned a {type(spec).__name__}; expected {expected.__name__}")
             spec.check()
+            if any(seen.kind == spec.kind and seen.name == spec.name for seen in specs):
+                raise PluginError(f"{name}.{hook_name} declares {spec.kind} {spec.name!r} twice; a name must be unique within its kind")
             specs.append(spec)
     chosen = _chosen_options(specs, options or {})
     for spec in specs:
