@@ -158,3 +158,30 @@ def test_a_hook_that_raises_is_named():
     plugin.vlbridge_register_connectors = vlbridge.hookimpl(vlbridge_register_connectors)
     with pytest.raises(PluginError, match=r"fake_raising.vlbridge_register_connectors: the hook raised ValueError: no such config"):
         check_plugin(plugin)
+
+
+REGISTRATION = """
+{heavy}
+import vlbridge
+
+
+@vlbridge.hookimpl
+def vlbridge_register_connectors():
+    return [vlbridge.ConnectorSpec(name="pool", factory="tests.fake_plugins:build_pool",
+                                   output=lambda opts, encoder_out, llm_width: vlbridge.TokenShape(4, llm_width))]
+"""
+
+
+@pytest.mark.parametrize("heavy, expected", [("import torch", "importing it imports torch"), ("", None)])
+def test_a_registration_module_that_imports_torch_fails(tmp_path, monkeypatch, heavy, expected):
+    """The guide's rule (section 3) for the module vlbridge imports to list and validate; check_plugin
+    passed such a module, even with build=False, whatever the test suite had imported before."""
+    name = f"registration_{'heavy' if heavy else 'light'}"
+    (tmp_path / f"{name}.py").write_text(REGISTRATION.format(heavy=heavy), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if expected is None:
+        assert [s.name for s in check_plugin(name, build=False)] == ["pool"]
+        return
+    with pytest.raises(PluginError, match=expected) as err:
+        check_plugin(name, build=False)
+    assert "docs/writing-plugins.md, section 3" in str(err.value)

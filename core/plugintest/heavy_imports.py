@@ -1,0 +1,25 @@
+"""Whether importing a plugin's registration module pulls in torch or another heavy stack.
+
+vlbridge imports every registration module to list components and validate assemblies, which must
+stay fast and torch-free (docs/writing-plugins.md, section 3). The import is tried in a fresh
+interpreter, so the answer does not depend on what the calling process (a test suite) imported before.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+HEAVY_MODULES = ("torch", "transformers", "timm", "open_clip", "torchvision")
+_PROBE = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+          "print(' '.join(name for name in sys.argv[2:] if name in sys.modules))")
+
+
+def heavy_imports(module_name: str) -> list[str]:
+    """The heavy modules that importing `module_name` alone loads; [] when the import fails there
+    (check_plugin's own import reports that failure)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process can import
+    result = subprocess.run([sys.executable, "-c", _PROBE, module_name, *HEAVY_MODULES], capture_output=True,
+                            text=True, env=env, check=False, timeout=300)
+    return result.stdout.split() if result.returncode == 0 else []
