@@ -111,6 +111,26 @@ def test_import_error_of_entry_point_is_recorded(monkeypatch):
     assert Registry.collect(plugins).names("encoder") == ["clip-vit-l", "eva-vit-g", "hf-vision", "open-clip"]
 
 
+def test_two_distributions_with_one_entry_point_name_both_load(monkeypatch):
+    """A plugin copied from another (or the example) keeps its entry-point name: the second
+    distribution to use it was skipped without a word, as if it were the first seen twice."""
+    class FakeEntryPoint:
+        def __init__(self, dist: str, connector: str):
+            self.name, self.dist, self.connector = "vlbridge-pool", types.SimpleNamespace(name=dist, version="1"), connector
+
+        def load(self):
+            return _connector_plugin(self.connector, len(self.dist.name))
+
+    points = [FakeEntryPoint("vlbridge-pool", "pool"), FakeEntryPoint("a-pool-fork", "pool")]  # the fork sorts first
+    monkeypatch.delenv("VLBRIDGE_LOAD_PLUGINS")
+    monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: points)
+    registry = Registry.collect(load_plugin_set())
+    assert sorted(str(s.distribution) for s in registry.components["connector"]["pool"]) == ["a-pool-fork", "vlbridge-pool"]
+    # 'vlbridge-pool' is the fork's plugin (entry-point) name too: the distribution of that name wins
+    assert registry.resolve("connector", "vlbridge-pool:pool").spec.distribution == "vlbridge-pool"
+    assert registry.resolve("connector", "a-pool-fork:pool").spec.distribution == "a-pool-fork"
+
+
 def test_allow_and_block_lists_skip_before_import(monkeypatch):
     loaded = []
 

@@ -131,23 +131,26 @@ class PluginSet:
         if unknown:
             raise PluginError(f"VLBRIDGE_LOAD_PLUGINS names {', '.join(unknown)}, which no installed plugin distribution is "
                               f"(installed: {', '.join(sorted(installed)) or 'none'}); name distributions as pip lists them")
-        for ep in points:
+        for ep in sorted(points, key=lambda e: (e.name, e.dist.name if e.dist is not None else "")):
             dist = ep.dist.name if ep.dist is not None else ep.name
             version = ep.dist.version if ep.dist is not None else "?"
-            if ep.name in self.records:
-                continue  # the same distribution seen twice on sys.path
+            name = ep.name
+            if name in self.records:
+                if normalise_distribution(self.records[name].distribution) == normalise_distribution(dist):
+                    continue  # the same distribution seen twice on sys.path
+                name = f"{ep.name} ({dist})"  # another distribution reused the entry-point name: it loads too, not in its place
             skipped = (allow is not None and normalise_distribution(dist) not in allow) or normalise_distribution(dist) in block
             if skipped:
-                self.records[ep.name] = PluginRecord(ep.name, dist, version, builtin=False, status="disabled")
+                self.records[name] = PluginRecord(name, dist, version, builtin=False, status="disabled")
                 continue
             try:
                 plugin = ep.load()
             except Exception as exc:
-                record = PluginRecord(ep.name, dist, version, builtin=False)
-                self.records[ep.name] = record
+                record = PluginRecord(name, dist, version, builtin=False)
+                self.records[name] = record
                 self.fail(record, _short_error(exc) + _where(exc), exc)
                 continue
-            self.register(plugin, ep.name, dist, version, builtin=False)
+            self.register(plugin, name, dist, version, builtin=False)
 
     # -- calling hooks, one implementation at a time --------------------------------------------
     def call_each(self, hook_name: str) -> list[tuple[PluginRecord, Any]]:

@@ -80,7 +80,8 @@ class Registry:
         qualifier, _, name = use.rpartition(":")
         candidates = self.components[kind].get(name, [])
         if qualifier:
-            chosen = [s for s in candidates if qualifier in (s.distribution, s.plugin)]
+            # a distribution's own name first: another distribution's plugin may bear it as its entry-point name
+            chosen = [s for s in candidates if s.distribution == qualifier] or [s for s in candidates if s.plugin == qualifier]
             if not chosen:
                 providers = ", ".join(str(s.distribution) for s in candidates) or "no loaded plugin"
                 raise UnknownComponentError(
