@@ -124,6 +124,34 @@ def build_greedy_only_llm(opts: Any) -> nn.Module:
     return llm
 
 
+def build_list_tokenize_llm(opts: Any) -> nn.Module:
+    """The tiny OPT whose tokenize returns Python lists instead of tensors."""
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    llm = build(OPTOptions(variant="tiny"))
+    tokenize = llm.tokenize
+    llm.tokenize = lambda texts, **kwargs: tuple(t.tolist() for t in tokenize(texts, **kwargs))
+    return llm
+
+
+def build_lossless_llm(opts: Any) -> nn.Module:
+    """The tiny OPT whose forward leaves `loss` None even when it is given labels."""
+    from types import SimpleNamespace
+
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    llm = build(OPTOptions(variant="tiny"))
+
+    class Lossless(type(llm)):  # type: ignore[misc]
+        def forward(self, *args: Any, **kwargs: Any) -> SimpleNamespace:
+            return SimpleNamespace(loss=None, logits=super().forward(*args, **kwargs).logits)
+
+    llm.__class__ = Lossless
+    return llm
+
+
 def build_end_token_llm(opts: Any) -> nn.Module:
     """The tiny OPT whose tokenize appends an end token to every text: the guide's pitfall."""
     from vlbridge.plugins.llms.opt import OPTOptions

@@ -37,6 +37,13 @@ def test_a_plain_connector_passes():
     assert [s.name for s in check_plugin(fake.connector_plugin())] == ["pool"]
 
 
+def test_a_forward_without_a_loss_is_named():
+    """A None loss failed as "TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'",
+    in check_plugin and in training (an internal error there)."""
+    with pytest.raises(VLBridgeError, match=r"the LLM's forward was given labels but returned loss=None; it must return the mean LM loss"):
+        check_plugin(fake.plugin("lossless", llms=[fake.tiny_opt_spec("build_lossless_llm", "lossless")]))
+
+
 def test_an_instruction_aware_connector_gets_its_instructions():
     """vlbridge always calls such a forward with instructions=...; check_plugin called it without
     them, so a connector that follows the guide failed its own test."""
@@ -59,6 +66,8 @@ def test_an_instruction_aware_connector_gets_its_instructions():
     (fake.plugin("bare", llms=[fake.bare_llm_spec()]), "its module (Linear) lacks embed_width, is_encoder_decoder, caption_suffix"),
     (fake.plugin("ends", llms=[fake.tiny_opt_spec("build_end_token_llm", "ends")]),
      "does not begin tokenize(prompt + caption)"),
+    (fake.plugin("lists", llms=[fake.tiny_opt_spec("build_list_tokenize_llm", "lists")]),
+     "tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got ([["),  # was AttributeError
     (fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), num_params=lambda o: 1000)]),
      "num_params() declares 1,000 frozen parameters but the built module has 1,184"),
     (fake.plugin("counted", llms=[replace(fake.tiny_opt_spec("build_greedy_only_llm", "counted"), num_params=lambda o: 5)]),

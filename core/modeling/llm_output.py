@@ -25,3 +25,14 @@ def aligned_labels(output: Any, labels: torch.Tensor, visual_tokens: int, ignore
         return placed.to(logits.device)
     labels = labels.to(logits.device)
     return torch.cat([labels.new_full((labels.shape[0], visual_tokens), ignore_index), labels], dim=1)
+
+
+def lm_loss(output: Any) -> torch.Tensor:
+    """The mean LM loss a forward given `labels` returns: a scalar tensor, or an error saying so
+    (a None or a float failed later as an arithmetic TypeError that named nothing)."""
+    loss = getattr(output, "loss", None)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+        raise VLBridgeError(f"the LLM's forward was given labels but returned loss={shown}; it must return the mean LM loss "
+                            "over the labels that are not -100 as a scalar tensor (docs/writing-plugins.md, 5.4)")
+    return loss

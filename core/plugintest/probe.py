@@ -198,8 +198,9 @@ def _probe_prompt_prefix(who: str, llm: nn.Module) -> None:
     prompt's ids must begin the ids of prompt + caption: a tokenizer that appends an end token to
     every text (the guide's pitfall) makes the prompt one token longer than its place."""
     prompt = "Question: what is it? Short answer:"
-    alone, _ = plugin_call(who, "tokenize([prompt])", llm.tokenize, [prompt], padding_side="right")
-    whole, _ = plugin_call(who, "tokenize([prompt + caption])", llm.tokenize, [prompt + " " + PROBE_TEXTS[0]], padding_side="right")
+    alone, _ = _tokenized(who, plugin_call(who, "tokenize([prompt])", llm.tokenize, [prompt], padding_side="right"), rows=1)
+    whole, _ = _tokenized(who, plugin_call(who, "tokenize([prompt + caption])", llm.tokenize, [prompt + " " + PROBE_TEXTS[0]],
+                                           padding_side="right"), rows=1)
     alone, whole = alone[0].tolist(), whole[0].tolist()
     if whole[:len(alone)] != alone:
         raise PluginError(f"{who}: tokenize(prompt) gives {alone}, which does not begin tokenize(prompt + caption) = {whole}; "
@@ -207,13 +208,19 @@ def _probe_prompt_prefix(who: str, llm: nn.Module) -> None:
                           "first (a BOS), none after the text (an end token belongs in caption_suffix)")
 
 
+def _tokenized(who: str, tokenized: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokenize's answer must be (input_ids, attention_mask): two (rows, length) tensors."""
+    if not (isinstance(tokenized, tuple) and len(tokenized) == 2 and all(isinstance(t, torch.Tensor) for t in tokenized)
+            and tokenized[0].shape == tokenized[1].shape and tokenized[0].dim() == 2 and tokenized[0].shape[0] == rows):
+        raise PluginError(f"{who}: tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got {tokenized!r}")
+    return tokenized
+
+
 def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
     from vlbridge.modeling.inference import GenerationOptions
 
-    tokenized = plugin_call(who, "tokenize(texts, padding_side='left')", llm.tokenize, ["", PROBE_TEXTS[0]], padding_side="left")
-    if not (isinstance(tokenized, tuple) and len(tokenized) == 2 and all(isinstance(t, torch.Tensor) for t in tokenized)
-            and tokenized[0].shape == tokenized[1].shape and tokenized[0].dim() == 2 and tokenized[0].shape[0] == 2):
-        raise PluginError(f"{who}: tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got {tokenized!r}")
+    tokenized = _tokenized(who, plugin_call(who, "tokenize(texts, padding_side='left')", llm.tokenize, ["", PROBE_TEXTS[0]],
+                                            padding_side="left"), rows=2)
     settings = GenerationOptions(max_new_tokens=3, num_beams=2).as_kwargs()
     try:
         new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, ...)", llm.generate, visual, *tokenized, **settings)

@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.config_fields import StrictNumbers
 from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
-from vlbridge.modeling.llm_output import aligned_labels
+from vlbridge.modeling.llm_output import aligned_labels, lm_loss
 from vlbridge.modeling.prompts import format_prompts
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, Positives, caption_positives, itc_loss, itg_loss, itm_loss,
@@ -374,7 +374,7 @@ class Stage2Objective(Objective):
         aligned = aligned_labels(output, labels, visual.shape[1], IGNORE_INDEX)  # padding and input are -100 already
         shifted = aligned[:, 1:]  # position t of the prompt predicts token t + 1
         if self.options.loss_average == "tokens":
-            return output.loss, shifted.ne(IGNORE_INDEX).sum()
+            return lm_loss(output), shifted.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits[:, :-1], shifted), samples_with_targets(shifted)
 
     def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +385,7 @@ class Stage2Objective(Objective):
         output = llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
         labels = target_ids.to(output.logits.device).masked_fill(target_mask.to(output.logits.device).eq(0), IGNORE_INDEX)
         if self.options.loss_average == "tokens":
-            return output.loss, labels.ne(IGNORE_INDEX).sum()
+            return lm_loss(output), labels.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
 
 
