@@ -152,6 +152,17 @@ def build_lossless_llm(opts: Any) -> nn.Module:
     return llm
 
 
+def build_joined_decode_llm(opts: Any) -> nn.Module:
+    """The tiny OPT whose decode joins its rows into one string instead of a list."""
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    llm = build(OPTOptions(variant="tiny"))
+    decode = llm.decode
+    llm.decode = lambda token_ids: " | ".join(decode(token_ids))
+    return llm
+
+
 def build_end_token_llm(opts: Any) -> nn.Module:
     """The tiny OPT whose tokenize appends an end token to every text: the guide's pitfall."""
     from vlbridge.plugins.llms.opt import OPTOptions

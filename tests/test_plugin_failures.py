@@ -73,6 +73,15 @@ def test_an_llm_without_the_llm_interface_is_named(tmp_path, image, capsys):
                                  "caption_suffix, tokenize, decode, generate")
 
 
+def test_an_llm_whose_decode_returns_one_string_is_named(tmp_path, image, capsys):
+    """Its one string was read as one caption per character: `caption` printed its first letter."""
+    llm = fake.plugin("joined", llms=[fake.tiny_opt_spec("build_joined_decode_llm", "joined")])
+    with using_registry(fake.registry(joined=llm, pool=fake.connector_plugin())):
+        code, err = caption(tmp_path, image, capsys, fake.assembly(llm="joined"))
+    assert_user_error(code, err, "llm 'joined' (plugin vlbridge-joined): decode(token_ids) returned a str; "
+                                 "it must return a list of 1 strings, one per row")
+
+
 DECLARATION_FAULTS = {  # what a spec's pure functions may get wrong, and what validate then says
     "output raises": (dict(output=lambda o, e, w: 1 / 0), "output() raised ZeroDivisionError: division by zero"),
     "output returns a tuple": (dict(output=lambda o, e, w: (4, w)), "output() returned (4, 64); it must return a TokenShape"),

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import PluginError, VLBridgeError
+from vlbridge.plugin.contract import describe, plugin_call
 from vlbridge.modeling.running import RunningModel, checked_batch_size
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
@@ -127,10 +128,26 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
             ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
             _check_context(model, visual.shape[1] + ids.shape[1], options.max_new_tokens)
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
-            outputs.extend(model.llm.decode(new_tokens))
+            outputs.extend(_decoded(model, new_tokens, visual.shape[0] * options.num_return_sequences))
     finally:
         model.train(was_training)
     return outputs
+
+
+def _decoded(model: RunningModel, new_tokens: Any, rows: int) -> list[str]:
+    """The LLM plugin's generate and decode, held to the guide's interface (5.4): a (rows, L) tensor of
+    new ids, then one string per row. A decode that returned one string was read as one caption per
+    character, silently."""
+    who = describe(model.plan.llm)
+    if not (isinstance(new_tokens, torch.Tensor) and new_tokens.dim() == 2 and new_tokens.shape[0] == rows):
+        shown = f"shape {tuple(new_tokens.shape)}" if isinstance(new_tokens, torch.Tensor) else f"a {type(new_tokens).__name__}"
+        raise PluginError(f"{who}: generate returned {shown}; it must return the new token ids, a ({rows}, length) tensor "
+                          "(batch x num_return_sequences rows)")
+    texts = plugin_call(who, "decode(token_ids)", model.llm.decode, new_tokens)
+    if not (isinstance(texts, (list, tuple)) and len(texts) == rows and all(isinstance(text, str) for text in texts)):
+        shown = f"{len(texts)} items" if isinstance(texts, (list, tuple)) else f"a {type(texts).__name__}"
+        raise PluginError(f"{who}: decode(token_ids) returned {shown}; it must return a list of {rows} strings, one per row")
+    return list(texts)
 
 
 def _check_context(model: RunningModel, prompt_tokens: int, max_new_tokens: int) -> None:
