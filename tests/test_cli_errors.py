@@ -255,8 +255,8 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_internal_error(capsys, mon
         raise BrokenPipeError(32, "Broken pipe")
 
     class Parser:
-        def parse_args(self, argv: list[str]) -> argparse.Namespace:
-            return argparse.Namespace(command="presets", func=broken)
+        def parse_known_args(self, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+            return argparse.Namespace(command="presets", func=broken), []
 
     monkeypatch.setattr(cli_main, "build_parser", Parser)
     assert main(["presets"]) == 1
