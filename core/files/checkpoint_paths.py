@@ -65,10 +65,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     pointer = Path(output_dir) / RUN_CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / read_text(pointer, "checkpoint pointer").strip()
-    if not (path / TRAINER_STATE).is_file():
-        complete = [p for _, p in step_dirs(output_dir) if p != path]
-        fix = (f"to resume from the newest complete one, {complete[-1].name}, write that name into {pointer}; "
-               f"or remove {pointer} to start over") if complete else f"no complete checkpoint is left; remove {pointer} to start over"
-        raise VLBridgeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {TRAINER_STATE}); {fix}")
-    return path
+    name = read_text(pointer, "checkpoint pointer").strip()
+    path = pointer.parent / name
+    if _STEP_DIR.match(name) and (path / TRAINER_STATE).is_file():
+        return path
+    if not name:  # emptied (a full disk, an editor): it names no step at all, not the checkpoints folder
+        found = "is empty"
+    elif _STEP_DIR.match(name):
+        found = f"names {name}, which is not a complete checkpoint (no {TRAINER_STATE})"
+    else:
+        found = f"holds {name!r}, which is not the name of a step folder (step-N)"
+    raise VLBridgeError(f"{pointer} {found}; {older_checkpoint_advice(output_dir, path)}")
+
+
+def older_checkpoint_advice(output_dir: str | Path, unusable: Path) -> str:
+    """How to go on from a run whose checkpoint `unusable` cannot be resumed: from the newest
+    complete one besides it, by naming that in `latest`, or from the start."""
+    pointer = Path(output_dir) / RUN_CHECKPOINTS / LATEST
+    complete = [p for _, p in step_dirs(output_dir) if p != unusable]
+    if complete:
+        return (f"to resume from the newest complete one, {complete[-1].name}, write that name into {pointer}; "
+                f"or remove {pointer} to start over")
+    return f"no complete checkpoint is left; remove {pointer} to start over"

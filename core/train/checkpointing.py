@@ -21,11 +21,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text, staging_dir
 from vlbridge.files.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
-from vlbridge.files.checkpoint_paths import LATEST, RUN_CHECKPOINTS, TRAINER_STATE, latest_checkpoint, step_dirs
+from vlbridge.files.checkpoint_paths import LATEST, RUN_CHECKPOINTS, TRAINER_STATE, latest_checkpoint, older_checkpoint_advice, step_dirs
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.userfiles import read_text
 from vlbridge.files.weights import torch_load
 
 CHECKPOINTS = RUN_CHECKPOINTS
@@ -191,6 +193,30 @@ def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise VLBridgeError(f"{path} is not a vlbridge trainer state (format {STATE_FORMAT!r})")
     return state
+
+
+def load_saved_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The config a step directory was trained with (its train.yaml), which a resume compares with."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    text = read_text(path, "the checkpoint's training config", "YAML")
+    try:
+        saved = yaml.safe_load(text)
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise VLBridgeError(f"{path} is not the training config a checkpoint saves (it is empty, cut short or not YAML)")
+    return saved
+
+
+@contextlib.contextmanager
+def readable(output_dir: str | Path, ckpt_dir: Path) -> Iterator[None]:
+    """Reading the checkpoint a run resumes from: a file of it that cannot be read (truncated by a
+    full disk, emptied, damaged in a copy) is said with the way on, from an older complete checkpoint."""
+    try:
+        yield
+    except VLBridgeError as exc:
+        raise VLBridgeError(f"cannot resume from {ckpt_dir}, a file of it cannot be read: {exc}; "
+                            f"{older_checkpoint_advice(output_dir, ckpt_dir)}") from exc
 
 
 def resolve_weights(path: str | Path) -> Path:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-import yaml
 from torch import nn
 
 from vlbridge.assemblies.assembly import Assembly
@@ -387,11 +386,14 @@ class Trainer:
         if latest is None:
             self.say(f"no checkpoint under {self.output_dir / ckpt.CHECKPOINTS} yet; starting at step 0")
             return self.start()
-        state = ckpt.load_trainer_state(latest)
+        with ckpt.readable(self.output_dir, latest):
+            state = ckpt.load_trainer_state(latest)
+            saved = ckpt.load_saved_config(latest)
         rt.require_single_or_same(int(state["world_size"]), self.where)
-        self.compare_config(latest)
-        load_connector_weights(self.model, latest)
-        restore_tuned(self.model, latest, read_meta(latest))  # the trained encoder tensors and adapters, into the same parameters
+        self.compare_config(latest, saved)
+        with ckpt.readable(self.output_dir, latest):
+            load_connector_weights(self.model, latest)
+            restore_tuned(self.model, latest, read_meta(latest))  # the trained encoder tensors and adapters, into the same parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -407,9 +409,9 @@ class Trainer:
                      "in worker processes restart with the epoch's worker seeds (num_workers: 0 resumes bit for bit)")
         return mine["rng"]
 
-    def compare_config(self, checkpoint: Path) -> None:
-        """Refuse a checkpoint of another model, stage or fine-tuning recipe; warn about other changed settings."""
-        saved = yaml.safe_load((checkpoint / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    def compare_config(self, checkpoint: Path, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model, stage or fine-tuning recipe (its config `saved`);
+        warn about other changed settings."""
         saved.setdefault("finetune", FinetuneConfig().model_dump(mode="json"))  # written before fine-tuning recipes existed
         now = self.config.model_dump(mode="json")
         changed = [key for key in now if saved.get(key) != now[key]]

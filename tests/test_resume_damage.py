@@ -1,0 +1,67 @@
+"""Resuming from a run whose latest checkpoint an outside tester damaged on purpose (a file emptied
+or cut short, as a full disk or a bad copy leaves it; an emptied `latest` pointer): each is a user
+error (exit 2) naming the file and the way on, from the newest complete checkpoint before it,
+never an internal error."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_trainer_samples import config, write_caption_data, write_config
+from vlbridge.cli.main import main
+from vlbridge.train import checkpointing
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished run with checkpoints step-2 and step-4, and its config (4 steps)."""
+    root = tmp_path_factory.mktemp("resume")
+    data = write_caption_data(root / "data", images=4)
+    path = write_config(root / "t.yaml", config(data, root / "run", steps=4, save_every=2))
+    assert main(["train", str(path)]) == 0
+    return root / "run", path
+
+
+def damage(run_dir: Path, name: str, keep: int, tmp_path: Path) -> Path:
+    """A copy of the run with `name` of its latest checkpoint cut to its first `keep` bytes."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    target = copy / checkpointing.CHECKPOINTS / ("step-4" if name != checkpointing.LATEST else "") / name
+    target.write_bytes(target.read_bytes()[:keep])
+    return copy
+
+
+@pytest.mark.parametrize("name, keep", [("train.yaml", 0), ("train.yaml", 40), ("trainer_state.pt", 0),
+                                        ("checkpoint.json", 10), ("connector.safetensors", 100)])
+def test_a_damaged_file_of_the_latest_checkpoint_names_the_file_and_the_older_one(capsys, tmp_path, run, name, keep):
+    copy = damage(run[0], name, keep, tmp_path)
+    values = write_config_values(run[1], copy)
+    code = main(["train", str(write_config(tmp_path / "t.yaml", values)), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "internal error" not in err and "Traceback" not in err
+    assert f"cannot resume from {copy / 'checkpoints' / 'step-4'}" in err and name in err
+    assert f"to resume from the newest complete one, step-2, write that name into {copy / 'checkpoints' / 'latest'}" in err
+
+
+def test_an_emptied_latest_pointer_says_it_is_empty(capsys, tmp_path, run):
+    copy = damage(run[0], checkpointing.LATEST, 0, tmp_path)
+    values = write_config_values(run[1], copy)
+    code = main(["train", str(write_config(tmp_path / "t.yaml", values)), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "internal error" not in err
+    assert f"{copy / 'checkpoints' / 'latest'} is empty; to resume from the newest complete one, step-4" in err
+    assert "names checkpoints" not in err
+
+
+def write_config_values(path: Path, output_dir: Path) -> dict:
+    """The run's config with another output_dir."""
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    values["output_dir"] = str(output_dir)
+    return values
