@@ -23,6 +23,14 @@ def checked_data(value: dict[str, Any] | None, where: str) -> dict[str, Any] | N
     return value
 
 
+def plain_file_name(value: str, names: str, example: str) -> str:
+    """`value`, if it can name one file or folder (`names` says which) inside output_dir."""
+    if "/" in value or "\\" in value or value.startswith(".") or any(ord(c) < 32 for c in value) or len(value.encode()) > 100:
+        raise ValueError(f"{value!r} names {names}, so it may not contain '/' or '\\', start with '.', hold control "
+                         f"characters or run past 100 bytes; e.g. {example!r}")
+    return value
+
+
 class Strict(StrictNumbers):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,10 +62,7 @@ class RunSpec(Strict):
     @classmethod
     def _folder_name(cls, value: str) -> str:
         """The name is also the run's folder under output_dir/runs: one plain folder name."""
-        if "/" in value or "\\" in value or value.startswith(".") or any(ord(c) < 32 for c in value) or len(value.encode()) > 100:
-            raise ValueError(f"{value!r} names the run's folder under output_dir/runs, so it may not contain '/' or '\\', "
-                             "start with '.', hold control characters or run past 100 bytes; e.g. 'qformer-32q'")
-        return value
+        return plain_file_name(value, "the run's folder under output_dir/runs", "qformer-32q")
 
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
@@ -98,6 +103,12 @@ class EvalSet(Strict):
     lmms_eval: LmmsEvalSpec | None = Field(None, description=(
         "lmms-eval tasks every run is scored on by lmms-eval's own evaluator (needs the lmms-eval extra): "
         "tasks, include_path (local task YAMLs), limit, prompt"))
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        """The name is also part of the file names its scores are kept in (retrieval-NAME-....json)."""
+        return plain_file_name(value, "files of this split's stored scores", "test")
 
     @model_validator(mode="after")
     def _check_tasks(self) -> "EvalSet":
@@ -164,6 +175,9 @@ class CompareConfig(Strict):
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
             raise ValueError(f"run names must be unique, got {names}")
+        splits = [e.name for e in self.evals]
+        if len(set(splits)) != len(splits):  # results are kept per split name: a second one would replace the first
+            raise ValueError(f"evals: each split needs a name of its own (its scores are kept under it), got {splits}")
         if any(r.stage1_steps for r in self.runs) and self.stage1_data is None:
             raise ValueError("a run has stage1_steps but stage1_data is not given")
         untrained = [r.name for r in self.runs if r.checkpoint is None and r.stage2_data is None]
