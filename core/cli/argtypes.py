@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+from vlbridge.files.config_fields import MAX_SEED
 
-def _count(text: str, least: int) -> int:
+
+def _count(text: str, least: int, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"{value} is more than {most}")
     return value
 
 
@@ -24,3 +28,8 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """A whole number >= 0 (a minimum, a number of worker processes)."""
     return _count(text, 0)
+
+
+def seed(text: str) -> int:
+    """A random seed: a whole number from 0 to MAX_SEED (torch seeds from 64 bits)."""
+    return _count(text, 0, MAX_SEED)

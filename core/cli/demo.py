@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from vlbridge.cli.argtypes import non_negative_int, positive_int
+from vlbridge.cli.argtypes import positive_int, seed
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_yaml
 
@@ -23,7 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default=None, help="output folder, reused and resumed if it exists (default: ./vlbridge-demo; "
                    "./vlbridge-demo-quick with --quick; -worldN added for --world-seed N, so each world keeps its own runs)")
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (under 2 minutes on 2 idle cores; what the tests run)")
-    d.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
+    d.add_argument("--seeds", type=seed, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
     d.add_argument("--queries", type=positive_int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
     d.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (e.g. qformer-32q linear); default: all")
     d.add_argument("--world-seed", type=int, default=0, metavar="N",

@@ -8,7 +8,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from vlbridge.data.config import load_data_config
 from vlbridge.data.records import DataConfigError
-from vlbridge.files.config_fields import StrictNumbers
+from vlbridge.files.config_fields import MAX_SEED, StrictNumbers
 from vlbridge.lmms.options import LmmsEvalSpec
 from vlbridge.modeling.prompts import template_problem
 
@@ -135,7 +135,7 @@ class CompareConfig(Strict):
     stage1_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 1 (captions)")
     stage2_data: dict[str, Any] | None = Field(None, description="DataConfig for stage 2 (captions, QA texts); needed by every run that trains without its own")
     evals: list[EvalSet] = Field(default_factory=list)
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1,
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [0], min_length=1,
                                                      description="every run is repeated per seed; tables give mean and spread")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -204,6 +204,8 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
     """The comparison the demo runs (see the module docstring); `stage1_steps` (with `stage1`
     "train" only) replaces the plan's stage-1 steps."""
     plan = QUICK if quick else FULL
+    if len(set(queries)) != len(queries):  # two runs of one name: the comparison would refuse them
+        raise VLBridgeError(f"--queries: give each query count once, got {queries}")
     if stage1_steps is not None:
         if stage1 != TRAIN:
             raise VLBridgeError(f"--stage1-steps {stage1_steps} sets the steps of a stage 1 trained in the run; add --stage1 train "

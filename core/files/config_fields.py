@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 2**64 - 1, and a rank's seed is seed + rank
+
 
 def _accepts(annotation: Any) -> set[type]:
     """The plain types an annotation admits, through Optional/Union/Annotated/list (list items included)."""

@@ -21,7 +21,7 @@ from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.files.checkpoint_paths import META_FILE, RUN_CHECKPOINTS
-from vlbridge.files.config_fields import StrictNumbers
+from vlbridge.files.config_fields import MAX_SEED, StrictNumbers
 from vlbridge.files.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -128,7 +128,7 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this (null: no clipping, as BLIP-2)")
     precision: Precision = Field("fp32", description="autocast dtype of the forward pass: fp32, bf16 or fp16 (fp16: CUDA only, with a GradScaler)")
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, or cuda")
-    seed: int = Field(0, ge=0, description="seeds python, numpy and torch; the data order is a function of (seed, epoch)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds python, numpy and torch; the data order is a function of (seed, epoch)")
     steps: int | None = Field(None, ge=1, description="optimizer steps to train (give steps or epochs)")
     epochs: int | None = Field(None, ge=1, description="passes over data.train (give steps or epochs)")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics lines")
