@@ -20,6 +20,7 @@ from vlbridge.plugin.resources import presets
 from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, Kind, Options, Spec
 from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, listed_relative_paths, resolve_relative_paths
 from vlbridge.files.userfiles import read_yaml
+from vlbridge.files.config_fields import did_you_mean
 
 SLOTS: tuple[Kind, ...] = ("encoder", "connector", "llm")
 
@@ -112,7 +113,7 @@ def _pydantic_problems(exc: ValidationError, prefix: str, valid_fields: list[str
     for err in exc.errors():
         path = ".".join([prefix, *map(str, err["loc"])]) if prefix else ".".join(map(str, err["loc"]))
         if err["type"] == "extra_forbidden" and valid_fields is not None:
-            msg = f"unknown option; valid options are: {', '.join(valid_fields)}"
+            msg = f"unknown option; valid options are: {', '.join(valid_fields)}{did_you_mean(err['loc'][-1], valid_fields)}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
         else:

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from vlbridge.data.records import DataConfigError
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
-from vlbridge.files.config_fields import StrictNumbers
+from vlbridge.files.config_fields import StrictNumbers, did_you_mean
 
 Format = Literal["coco", "vqa", "webdataset", "jsonl"]
 
@@ -99,7 +99,8 @@ def _problems(exc: ValidationError, where: str) -> list[str]:
         loc = ".".join(str(part) for part in err["loc"])
         path = f"{where}.{loc}" if loc else where
         if err["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown key; valid keys are: {', '.join(DataConfig.model_fields)}")
+            problems.append(f"{path}: unknown key; valid keys are: {', '.join(DataConfig.model_fields)}"
+                            f"{did_you_mean(err['loc'][-1], DataConfig.model_fields)}")
         elif not loc and err["type"] == "value_error":  # the cross-field checks: one "field: why" per line
             message = err["msg"].removeprefix("Value error, ")
             problems.extend(f"{where}.{line}" for line in message.splitlines())

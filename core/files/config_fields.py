@@ -5,13 +5,21 @@
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 2**64 - 1, and a rank's seed is seed + rank
+
+
+def did_you_mean(key: Any, valid: Iterable[str]) -> str:
+    """'; did you mean 'batch_size'?' for an unknown key close to a valid one (a typo), else ''; the
+    list of every valid key alone leaves the reader to find the one they meant."""
+    close = difflib.get_close_matches(str(key), list(valid), n=2, cutoff=0.7)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _accepts(annotation: Any) -> set[type]:

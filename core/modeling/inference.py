@@ -17,7 +17,7 @@ from vlbridge.plugin.contract import describe, plugin_call
 from vlbridge.modeling.running import RunningModel, checked_batch_size
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
-from vlbridge.files.config_fields import StrictNumbers
+from vlbridge.files.config_fields import StrictNumbers, did_you_mean
 
 
 
@@ -74,7 +74,7 @@ def _setting_problem(err: Any) -> str:
     if not name:  # a check across settings (min against max)
         return message
     if err["type"] == "extra_forbidden":
-        return f"{name}: unknown setting; known: {', '.join(GenerationOptions.model_fields)}"
+        return f"{name}: unknown setting; known: {', '.join(GenerationOptions.model_fields)}{did_you_mean(name, GenerationOptions.model_fields)}"
     got = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
     flag = f" (--{name.replace('_', '-')})" if name in CLI_SETTINGS else ""
     return f"{name}{flag}: {message}{got}"

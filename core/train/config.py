@@ -21,7 +21,7 @@ from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.files.checkpoint_paths import META_FILE, RUN_CHECKPOINTS
-from vlbridge.files.config_fields import MAX_SEED, StrictNumbers
+from vlbridge.files.config_fields import MAX_SEED, StrictNumbers, did_you_mean
 from vlbridge.files.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -194,8 +194,8 @@ def pydantic_problems(exc: ValidationError, root: type[BaseModel] | None = None)
         loc = ".".join(str(part) for part in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            valid = ", ".join(_fields_at(err["loc"][:-1], root or TrainConfig))
-            problems.append(f"{loc}: unknown key; valid keys are: {valid}")
+            fields = _fields_at(err["loc"][:-1], root or TrainConfig)
+            problems.append(f"{loc}: unknown key; valid keys are: {', '.join(fields)}{did_you_mean(err['loc'][-1], fields)}")
         elif err["type"] == "value_error" and err["loc"] and _model_at(err["loc"], root or TrainConfig):
             # a section's cross-field check (DataConfig.conflicts): one "field: why" per line
             problems.extend(f"{loc}.{line}" for line in message.splitlines())
