@@ -157,6 +157,9 @@ class Trainer:
             ckpt.restore_rng(rng_state)  # last: nothing above may draw from the restored generators
         self.announce()
         saved_at = evaluated_at = self.step if resume else -1
+        if self.step > self.total_steps:  # steps (or epochs) lowered below where the run stands: nothing is trained
+            self.say(f"note: the checkpoint is at step {self.step}, past the {self.total_steps} steps this config trains; nothing "
+                     f"is trained (raise steps or epochs above {self.step} to train on)")
         self.window = Window()
         while self.step < self.total_steps:
             self.train_step()

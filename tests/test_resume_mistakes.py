@@ -1,7 +1,7 @@
 """Resuming from a run whose latest checkpoint an outside tester damaged on purpose (a file emptied
 or cut short, as a full disk or a bad copy leaves it; an emptied `latest` pointer): each is a user
 error (exit 2) naming the file and the way on, from the newest complete checkpoint before it,
-never an internal error."""
+never an internal error. And a resume with fewer steps than the run has made says it trains nothing."""
 
 from __future__ import annotations
 
@@ -65,3 +65,13 @@ def write_config_values(path: Path, output_dir: Path) -> dict:
     values = yaml.safe_load(path.read_text(encoding="utf-8"))
     values["output_dir"] = str(output_dir)
     return values
+
+
+def test_a_resume_with_fewer_steps_than_made_says_nothing_is_trained(capsys, tmp_path, run):
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    values = {**write_config_values(run[1], copy), "steps": 2, "schedule": {}}
+    assert main(["train", str(write_config(tmp_path / "t.yaml", values)), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the checkpoint is at step 4, past the 2 steps this config trains; nothing is trained" in err
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["latest", "step-2", "step-4"]
