@@ -186,6 +186,8 @@ def train_config_of(config: CompareConfig, run: RunSpec, assembly: dict, stage: 
         "data": {"train": data, "features": features}, "batch_size": config.batch_size,
         "optimizer": {"lr": run.lr or config.lr}, "schedule": {"warmup_steps": min(config.warmup_steps, steps - 1)},
         "output_dir": str(out), "log_every": max(1, steps // 10), "device": config.device, "tensorboard": False,
+        # a checkpoint every tenth of the run (the newest kept): an interrupted comparison loses at most that much of a stage
+        "save_every": max(1, steps // 10), "keep_last": 1,
         "objective": config.stage1_objective if stage == 1 else config.stage2_objective,
         **({"prompt": ""} if stage == 2 else {}),
     }
