@@ -105,7 +105,8 @@ def read_yaml(path: str | os.PathLike, what: str, top: type | None = None) -> An
     try:
         value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise fail(path, what, f"malformed YAML: {' '.join(str(exc).split())}") from None
+        reason = " ".join(str(exc).replace(' in "<unicode string>", line', " at line").split())  # the file is named already
+        raise fail(path, what, f"malformed YAML: {reason}") from None
     if value is None:
         raise fail(path, what, "empty (no YAML document in it, only blank lines or comments); write the settings into it")
     return check_top(value, top, path, what, "YAML")
