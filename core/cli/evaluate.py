@@ -70,6 +70,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
                             f"{'it' if len(unused) == 1 else 'them'}")
     if args.task == "retrieval" and args.limit is not None and args.limit < 2:
         raise VLBridgeError(f"--limit {args.limit}: retrieval among fewer than 2 images always finds the right one; give 2 or more")
+    if args.out:  # said now, not after the whole evaluation has run
+        out = Path(args.out).expanduser()
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise VLBridgeError(f"--out {args.out!r}: {str(blocking)!r} is a file; give a folder (new or existing) for "
+                                "predictions.json and metrics.json")
 
 
 # Flags that only some tasks read (flag, its dest, the tasks; None when not given: EvalOptions holds the defaults):
