@@ -64,6 +64,11 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
         file = None
         if isinstance(source, (str, Path)):
             file, source = str(source), read_yaml(source, "data config", top=dict)
+            if "format" not in source and isinstance(source.get("data"), dict):  # a training config: its data sections are the datasets
+                sections = [f"data.{name}" for name in ("train", "eval") if isinstance(source["data"].get(name), dict)]
+                raise CacheError(f"data config {file!r} is a training config; --data takes one dataset's settings (format, paths, "
+                                 f"image_root, ...): save {' and '.join(sections) or 'its data.train'} as a file of its own each and give "
+                                 "one --data per file, or give --format and --paths")
         config = load_data_config(source, where=file or f"data[{i}]")
         loaded.append((config, Source(file=file, config=config.model_dump(mode="json", exclude_defaults=True))))
     if not loaded:

@@ -1,0 +1,21 @@
+"""`vlbridge cache-features --data` given a training config (the file a user has at hand) names the
+mix-up and its fix, instead of one 'unknown key' line for each of the training config's settings."""
+
+from __future__ import annotations
+
+import yaml
+
+from vlbridge.cli.main import main
+
+
+def test_a_training_config_as_data_config_is_named(tmp_path, capsys):
+    training = {"assembly": "tiny-qformer-opt", "stage": 1, "batch_size": 2, "steps": 1, "output_dir": str(tmp_path / "run"),
+                "data": {"train": {"format": "jsonl", "paths": ["train.jsonl"]}, "eval": {"format": "jsonl", "paths": ["val.jsonl"]}}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(training), encoding="utf-8")
+    code = main(["cache-features", "-a", "tiny-qformer-opt", "--data", str(path), "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"data config {str(path)!r} is a training config; --data takes one dataset's settings" in err
+    assert "save data.train and data.eval as a file of its own each and give one --data per file" in err and "unknown key" not in err
+    assert not (tmp_path / "cache").exists()
