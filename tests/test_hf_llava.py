@@ -251,6 +251,8 @@ def test_a_language_model_with_a_logit_soft_cap_imports_as_llava_computes_and_ex
 
 
 def test_a_capped_language_model_is_refused_by_the_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+
     from tests.hf_families import make_llm_dir
     from vlbridge.interop.export_fidelity import ApproximateExportError
 
@@ -258,6 +260,8 @@ def test_a_capped_language_model_is_refused_by_the_export(tmp_path):
     config = json.loads((tmp_path / "gemma2" / "config.json").read_text())
     config.update(GEMMA2, head_dim=8, query_pre_attn_scalar=8, architectures=["Gemma2ForCausalLM"])
     (tmp_path / "gemma2" / "config.json").write_text(json.dumps(config))
+    # Gemma-2 adds two norms per block: saved whole, as vlbridge loads only a directory that holds every tensor
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "gemma2")).save_pretrained(str(tmp_path / "gemma2"))
     model = vlbridge.build(_llava_assembly(tmp_path / "clip", tmp_path / "gemma2"), stage=2).eval()
     with pytest.raises(ApproximateExportError, match="final_logit_softcapping \\(3.0\\) is not applied"):
         vlbridge.export_hf_llava(model, tmp_path / "out")
@@ -341,3 +345,17 @@ def test_an_image_processor_kept_only_in_processor_config_is_read(tmp_path):
     image = Image.new("RGB", (IMAGE, IMAGE), (200, 40, 90))
     theirs = LlavaProcessor.from_pretrained(str(tmp_path / "hf"))(images=[image], text=["<image>"], return_tensors="pt").pixel_values
     torch.testing.assert_close(model.pixel_values([image]), theirs, atol=1e-5, rtol=0)
+
+
+def test_a_llava_missing_a_tensor_is_refused_at_import(tmp_path):
+    """transformers draws a tensor missing from the files at random: the projector would import half-random."""
+    from safetensors.torch import load_file, save_file
+
+    make_llava(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.endswith("multi_modal_projector.linear_2.weight")},
+              str(weights), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"1 missing \(they would be drawn at random\): model.multi_modal_projector.linear_2.weight"):
+        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+

@@ -356,3 +356,26 @@ def test_load_errors_name_the_source_and_the_fix(tmp_path, tiny_opt, monkeypatch
         opt_model.build(opts)
     with pytest.raises(ValueError, match="model directory not found"):  # the options refuse it up front
         opt.OPTOptions(model=str(directory))
+
+
+@pytest.mark.parametrize("name", ["opt", "flan-t5"])
+def test_a_directory_missing_a_tensor_or_holding_a_stray_one_is_refused(tmp_path, name, tiny_opt, tiny_t5, monkeypatch):
+    """transformers draws a tensor missing from the files at random and skips one it has no place for:
+    a frozen LLM loaded so would run part-random weights without a word."""
+    from safetensors.torch import load_file, save_file
+
+    no_network(monkeypatch)
+    directory = save_dir(tmp_path, (tiny_opt if name == "opt" else tiny_t5).model, name)
+    spec = get_registry().resolve("llm", name).spec
+    opts, factory = spec.options(model=str(directory)), spec.load_factory()
+    weights = directory / "model.safetensors"
+    whole = load_file(weights)
+    dropped = next(key for key in sorted(whole) if ".layers.1." in key or ".block.1." in key)
+    save_file({k: v for k, v in whole.items() if k != dropped}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(VLBridgeError, match=rf"1 missing \(they would be drawn at random\): {re.escape(dropped)}"):
+        factory(opts)
+    save_file({**whole, "stray.weight": torch.zeros(2)}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(VLBridgeError, match=r"1 unexpected \(the model has no place for them\): stray.weight"):
+        factory(opts)
+    save_file(whole, str(weights), metadata={"format": "pt"})
+    factory(opts)  # whole again: loads

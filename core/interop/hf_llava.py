@@ -80,12 +80,18 @@ def _import_selection(config: dict[str, Any], path: Path) -> dict[str, bool]:
 
 
 def _load_llava(src: Path) -> Any:
+    """The LLaVA model, loaded strictly: a tensor missing from its files would import at random."""
     from transformers import LlavaForConditionalGeneration
 
+    from vlbridge.plugins.llms.loading import check_loading_info
+
     try:
-        return LlavaForConditionalGeneration.from_pretrained(str(src), dtype="auto", local_files_only=True)
+        model, info = LlavaForConditionalGeneration.from_pretrained(str(src), dtype="auto", local_files_only=True,
+                                                                    output_loading_info=True)
     except Exception as exc:  # transformers raises many types for a broken file
         raise load_failure("LlavaForConditionalGeneration weights", src, exc, _FIX) from exc
+    check_loading_info(info, f"the LlavaForConditionalGeneration weights in {str(src)!r}")
+    return model
 
 
 def _causal_lm(text_config: Any, language_model: torch.nn.Module, lm_head: torch.nn.Module) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.files.hf_config import load_failure, looks_local
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
@@ -58,12 +58,32 @@ def load_tokenizer(family: str, source: str, pad_from_eos: bool = False) -> Any:
 
 
 def load_model(family: str, model_class: Any, source: str, dtype: torch.dtype) -> Any:
-    """`model_class.from_pretrained(source)` in `dtype`, with load failures turned into VLBridgeError."""
+    """`model_class.from_pretrained(source)` in `dtype`, with load failures turned into VLBridgeError.
+    Strict: transformers draws a tensor missing from the files at random and skips one it has no place
+    for, which would leave a frozen LLM silently part-random; both are refused by name."""
     kwargs = _local_kwargs(family, source)
     try:
-        return model_class.from_pretrained(str(Path(source).expanduser()) if kwargs else source, dtype=dtype, **kwargs)
+        model, info = model_class.from_pretrained(str(Path(source).expanduser()) if kwargs else source, dtype=dtype,
+                                                  output_loading_info=True, **kwargs)
     except Exception as exc:  # e.g. a SafetensorError for a corrupt weights file
         raise load_failure(f"{model_class.__name__} weights", source, exc, _FIX) from exc
+    check_loading_info(info, f"{family}: the {model_class.__name__} weights in {source!r}")
+    return model
+
+
+def check_loading_info(info: dict[str, Any], what: str) -> None:
+    """Refuse a from_pretrained that left tensors at their random init or ignored some of the file's
+    (transformers already leaves out what a model family declares ignorable, such as old rotary buffers)."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    problems = [f"{len(missing)} missing (they would be drawn at random): {_short(missing)}" if missing else "",
+                f"{len(unexpected)} unexpected (the model has no place for them): {_short(unexpected)}" if unexpected else ""]
+    if any(problems):
+        raise WeightsError(f"{what} do not match its config.json: " + "; ".join(p for p in problems if p)
+                           + "; give the directory save_pretrained wrote whole, with the config it was saved with")
+
+
+def _short(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def check_vocab(family: str, tokenizer: Any, vocab_size: int) -> None:
