@@ -21,7 +21,7 @@ IMAGE, PATCH = 28, 14
 PROMPTS = ["what is it?", "how many red things are there in the picture?"]
 
 
-def make_llava(directory, layer: int = -2, strategy: str = "default", seed: int = 0, projector_bias: bool = True,
+def make_llava(directory, layer: int | list[int] = -2, strategy: str = "default", seed: int = 0, projector_bias: bool = True,
                vision_override: dict | None = None, text_override: dict | None = None):
     """A tiny LLaVA-1.5 layout saved with its tokenizer (carrying '<image>') and image processor;
     the overrides replace settings of the CLIP tower's and the Llama's configs (a SigLIP, a Gemma-2)."""
@@ -359,3 +359,14 @@ def test_a_llava_missing_a_tensor_is_refused_at_import(tmp_path):
         vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
+
+def test_a_feature_layer_listed_alone_imports_as_that_layer(tmp_path):
+    """vision_feature_layer [-3] concatenates one hidden state: it is layer -3, not a refusal."""
+    hf, tokenizer = make_llava(tmp_path / "hf", layer=[-3], seed=6)
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")).eval()
+    assert model.assembly.encoder.options.layer == -3
+    px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        ours = model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)

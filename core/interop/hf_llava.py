@@ -45,7 +45,9 @@ def read_llava_config(src: Path) -> dict[str, Any]:
     config = transformers_config(src, "llava", "LlavaForConditionalGeneration")
     path = src / "config.json"
     layer = config.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
+    if isinstance(layer, list) and len(layer) == 1 and isinstance(layer[0], int):
+        config = {**config, "vision_feature_layer": layer[0]}  # a list of one layer is that layer: nothing to concatenate
+    elif not isinstance(layer, int):
         raise VLBridgeError(f"{path}: vision_feature_layer {layer!r} concatenates several layers; vlbridge's hf-vision encoder "
                             "takes one layer, so this LLaVA variant cannot be imported exactly")
     strategy = config.get("vision_feature_select_strategy", "default")
