@@ -317,3 +317,36 @@ def test_an_export_into_dot_or_a_link_to_an_empty_folder(tmp_path, monkeypatch):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(vlbridge.VLBridgeError, match="is a link to .*nowhere, which does not exist"):
         vlbridge.export_hf_blip2(model, tmp_path / "dangling")
+
+
+def test_a_bart_language_model_imports_as_the_causal_lm_transformers_builds(tmp_path):
+    """transformers' BLIP-2 builds BART (any type with a causal LM class) as BartForCausalLM, its decoder
+    alone; the import took it for an encoder-decoder and was refused. Back out, an encoder-decoder BART
+    is refused by name rather than by a list of unexpected tensors."""
+    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+
+    from tests.hf_families import SEQ2SEQ, make_llm_dir
+    from vlbridge.plugins.tiny_assets import tokenizer_dir
+
+    text = {**SEQ2SEQ["bart"], "vocab_size": 1024, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 0}
+    config = Blip2Config(vision_config=hf_tiny._vision(), qformer_config=hf_tiny._qformer(), text_config=text,
+                         num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
+    torch.manual_seed(0)
+    reference = Blip2ForConditionalGeneration(config).eval()
+    hf_tiny.redraw(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir("flan-t5")).save_pretrained(tmp_path / "hf")
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    assert model.plan.llm.name == "hf-causal-lm" and not model.llm.is_encoder_decoder
+    pixels = hf_tiny.pixels()
+    text = model.llm.tokenizer(["a red", "two blue circles on the"], padding=True, return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+        ours = model(pixels, text.input_ids, text.attention_mask).logits
+    torch.testing.assert_close(ours[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=0)
+    make_llm_dir(tmp_path / "bart", "bart")
+    assembly = vlbridge.load_assembly("tiny-qformer-flan-t5").config.model_dump(mode="json")
+    assembly["llm"] = {"use": "hf-seq2seq", "options": {"model": str(tmp_path / "bart")}}
+    with pytest.raises(vlbridge.VLBridgeError, match="builds a 'bart' language model as BartForCausalLM"):
+        vlbridge.export_hf_blip2(vlbridge.build(assembly, stage=2), tmp_path / "out")

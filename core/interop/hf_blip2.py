@@ -117,7 +117,9 @@ def connector_options(config: dict[str, Any], tokenizer: str | None) -> dict[str
 
 def _llm_plugin(text: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """(plugin, transformers class name, extra options) for a BLIP-2-style model's language model:
-    opt / flan-t5 where they fit, else the generic plugins with the visual prompt always first."""
+    opt / flan-t5 where they fit, else the generic plugins with the visual prompt always first. A type
+    with a causal LM class is one, as transformers builds it (`use_decoder_only_language_model`):
+    BART's language model in a BLIP-2 is its decoder alone."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
     model_type = text.get("model_type")
@@ -125,8 +127,8 @@ def _llm_plugin(text: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if model_type in LLM_PLUGINS:
         return LLM_PLUGINS[model_type], seq2seq if model_type == "t5" else causal, {}
-    if seq2seq or causal:
-        return ("hf-seq2seq" if seq2seq else "hf-causal-lm"), seq2seq or causal, {"image_token": None}
+    if causal or seq2seq:
+        return ("hf-causal-lm" if causal else "hf-seq2seq"), causal or seq2seq, {"image_token": None}
     raise VLBridgeError(f"a {model_type!r} language model is neither a transformers causal nor seq2seq LM; vlbridge cannot load it")
 
 
@@ -213,6 +215,18 @@ def _blip2_config(model, image_token_index: int):
                        image_token_index=image_token_index)
 
 
+def require_buildable_language_model(model, family: str) -> None:
+    """transformers' BLIP-2 and InstructBLIP build their language model as a causal LM whenever its type
+    has one: an encoder-decoder of such a type (BART, mBART, Pegasus) would come back as its decoder alone."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = model.llm.model.config
+    if config.is_encoder_decoder and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise VLBridgeError(f"transformers' {family} builds a {config.model_type!r} language model as "
+                            f"{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]} (its decoder alone), so this encoder-decoder "
+                            "cannot be exported to it")
+
+
 def tokenizer_with_image_token(model) -> tuple[Any, int]:
     """A copy of the LLM's tokenizer with an `<image>` token (the live model's stays as it is) and its
     id, which must lie inside the LLM's vocabulary: transformers' BLIP-2 family embeds it."""
@@ -241,6 +255,7 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
         raise VLBridgeError("only eva-vit-g + qformer + a transformers LLM (opt, flan-t5, hf-causal-lm, hf-seq2seq; built for stage 2) "
                             "map onto transformers' BLIP-2; "
                             f"this one is {plan.encoder.name} + {plan.connector.name} + {plan.llm.name if plan.llm else 'no LLM'}")
+    require_buildable_language_model(model, "BLIP-2")
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
     state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
