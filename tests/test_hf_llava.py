@@ -370,3 +370,19 @@ def test_a_feature_layer_listed_alone_imports_as_that_layer(tmp_path):
         expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
         ours = model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tokenizer_without_a_pad_token_imports(tmp_path):
+    """hf-causal-lm pads with the end token where a tokenizer has no pad token (padding is masked); the
+    import refused such a LLaVA as having 'no usable tokenizer'."""
+    hf, tokenizer = make_llava(tmp_path / "hf", seed=7)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(str(tmp_path / "hf"))
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")).eval()
+    assert model.llm.tokenizer.pad_token == tokenizer.eos_token
+    ids, _ = hf_inputs(tokenizer, hf, PROMPTS[:1])  # one prompt: no padding
+    px = pixels(1)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids)).logits
+        ours = model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)

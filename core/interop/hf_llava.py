@@ -129,7 +129,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     src, out = Path(src_dir).expanduser(), Path(out_dir)
     config = read_llava_config(src)
     selection = _import_selection(config, src / "config.json")  # refuses what hf-vision cannot select, before any weight loads
-    tokenizer = load_tokenizer("hf-llava", str(src))
+    tokenizer = load_tokenizer("hf-llava", str(src), pad_from_eos=True)  # as hf-causal-lm reads it: padding is always masked
     image_token = _image_token(tokenizer, config.get("image_token_index", 32000))
     hf = _load_llava(src)
     out.mkdir(parents=True, exist_ok=True)
