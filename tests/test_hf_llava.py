@@ -386,3 +386,30 @@ def test_a_tokenizer_without_a_pad_token_imports(tmp_path):
         expected = hf(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids)).logits
         ours = model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+PHI = dict(model_type="phi", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+def test_a_language_model_whose_head_has_a_bias_imports_and_exports_exactly(tmp_path):
+    """LLaVA's lm_head has no bias, PhiForCausalLM's has one: the import failed with a state-dict
+    traceback (zeros compute what LLaVA computes), and an export with a real bias would have crashed too."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.hf_families import make_llm_dir
+    from vlbridge.interop.export_fidelity import ApproximateExportError
+
+    hf, tokenizer = make_llava(tmp_path / "hf", text_override=PHI, seed=8)
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        torch.testing.assert_close(model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits, expected,
+                                   atol=1e-4, rtol=1e-4)
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, pixel_values=px, attention_mask=mask).logits, expected)
+    make_llm_dir(tmp_path / "phi", "phi")  # its own head bias, drawn at random
+    biased = vlbridge.build(_llava_assembly(tmp_path / "clip", tmp_path / "phi"), stage=2).eval()
+    with pytest.raises(ApproximateExportError, match="lm_head bias is dropped"):
+        vlbridge.export_hf_llava(biased, tmp_path / "out")

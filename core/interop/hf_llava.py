@@ -107,6 +107,8 @@ def _causal_lm(text_config: Any, language_model: torch.nn.Module, lm_head: torch
         causal = AutoModelForCausalLM.from_config(text_config)
     state = {f"model.{k}": v for k, v in language_model.state_dict().items()}
     state.update({f"lm_head.{k}": v for k, v in lm_head.state_dict().items()})
+    if getattr(causal.lm_head, "bias", None) is not None and "lm_head.bias" not in state:  # Phi's head has one, LLaVA's none:
+        state["lm_head.bias"] = torch.zeros(causal.lm_head.out_features, dtype=lm_head.weight.dtype)  # zeros compute the same
     causal.load_state_dict(state, strict=True, assign=True)
     causal.tie_weights()
     return causal
@@ -190,7 +192,13 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
                          vision_feature_select_strategy=strategy,
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
                          multimodal_projector_bias=projector_bias, tie_word_embeddings=llm.model.config.tie_word_embeddings)
+    merged = model.merged_llm_model()  # LoRA merged
+    head = dict(merged.lm_head.state_dict())
+    head_bias = head.pop("bias", None)  # LLaVA's lm_head has no bias: one of zeros is left out exactly
     differences = llava_differences(model.assembly, llm.model.config)
+    if head_bias is not None and bool(head_bias.detach().any()):
+        differences.append("the language model's lm_head bias is dropped, because LLaVA's lm_head has none; "
+                           "an LLM whose head has no bias (or a zero one) exports exactly")
     with torch.device("meta") if not differences else contextlib.nullcontext():  # a probe needs real buffers (rotary, positions)
         hf = LlavaForConditionalGeneration(config)
     hf.model.vision_tower.load_state_dict(_full_tower_state(tower, encoder_opts), strict=True, assign=True)
@@ -198,8 +206,8 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     if projector_bias:
         projector.update({"linear_1.bias": layers[0].bias, "linear_2.bias": layers[2].bias})
     hf.model.multi_modal_projector.load_state_dict(projector, strict=True, assign=True)
-    hf.model.language_model.load_state_dict((merged := model.merged_llm_model()).model.state_dict(), strict=True, assign=True)
-    hf.lm_head.load_state_dict(merged.lm_head.state_dict(), strict=True, assign=True)  # LoRA merged into both
+    hf.model.language_model.load_state_dict(merged.model.state_dict(), strict=True, assign=True)
+    hf.lm_head.load_state_dict(head, strict=True, assign=True)
     hf.tie_weights()
     hf.eval()
     settle("transformers' LLaVA", differences, lambda: _probe_difference(model, hf), allow_approximate)
