@@ -5,6 +5,7 @@ and generated tokens (greedy and beam search), and exports back to an equal LLaV
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -413,3 +414,17 @@ def test_a_language_model_whose_head_has_a_bias_imports_and_exports_exactly(tmp_
     biased = vlbridge.build(_llava_assembly(tmp_path / "clip", tmp_path / "phi"), stage=2).eval()
     with pytest.raises(ApproximateExportError, match="lm_head bias is dropped"):
         vlbridge.export_hf_llava(biased, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family, message", [
+    ("opt", "cannot hold a 'opt' language model with tied embeddings: it ties lm_head to model.embed_tokens"),
+    ("gpt2", "cannot hold a 'gpt2' language model: GPT2LMHeadModel keeps its body in 'transformer'"),
+])
+def test_a_language_model_llava_cannot_build_is_refused_by_name(tmp_path, family, message):
+    """transformers' LLaVA failed with an AttributeError from inside its weight tying."""
+    from tests.hf_families import make_llm_dir
+
+    make_llm_dir(tmp_path / family, family)
+    model = vlbridge.build(_llava_assembly(tmp_path / "clip", tmp_path / family), stage=2)
+    with pytest.raises(VLBridgeError, match=re.escape(message)):
+        vlbridge.export_hf_llava(model, tmp_path / "out")

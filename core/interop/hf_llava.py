@@ -193,6 +193,7 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
                          multimodal_projector_bias=projector_bias, tie_word_embeddings=llm.model.config.tie_word_embeddings)
     merged = model.merged_llm_model()  # LoRA merged
+    _require_llava_layout(merged)
     head = dict(merged.lm_head.state_dict())
     head_bias = head.pop("bias", None)  # LLaVA's lm_head has no bias: one of zeros is left out exactly
     differences = llava_differences(model.assembly, llm.model.config)
@@ -215,6 +216,20 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
                                vision_feature_select_strategy=strategy, image_token=model.assembly.llm.options.image_token,
                                num_additional_image_tokens=prefix)  # the tower's tokens before its patches
     return write_export(out_dir, hf, processor)
+
+
+def _require_llava_layout(causal: Any) -> None:
+    """LLaVA holds the language model's body as `model.language_model` and ties its lm_head to that
+    body's `embed_tokens` (Llama's layout); a model keeping them elsewhere (GPT-2's `transformer`,
+    OPT's `decoder.embed_tokens`) makes transformers fail while building the LLaVA."""
+    body = getattr(causal, "model", None)
+    kind = causal.config.model_type
+    if body is None:
+        raise VLBridgeError(f"transformers' LLaVA cannot hold a {kind!r} language model: {type(causal).__name__} keeps its body "
+                            f"in {causal.base_model_prefix!r}, not 'model'")
+    if causal.config.tie_word_embeddings and not isinstance(getattr(body, "embed_tokens", None), torch.nn.Module):
+        raise VLBridgeError(f"transformers' LLaVA cannot hold a {kind!r} language model with tied embeddings: it ties lm_head to "
+                            f"model.embed_tokens, which {type(body).__name__} does not have")
 
 
 def llava_differences(assembly: Any, llm_config: Any = None) -> list[str]:
