@@ -350,3 +350,28 @@ def test_a_bart_language_model_imports_as_the_causal_lm_transformers_builds(tmp_
     assembly["llm"] = {"use": "hf-seq2seq", "options": {"model": str(tmp_path / "bart")}}
     with pytest.raises(vlbridge.VLBridgeError, match="builds a 'bart' language model as BartForCausalLM"):
         vlbridge.export_hf_blip2(vlbridge.build(assembly, stage=2), tmp_path / "out")
+
+
+@pytest.mark.parametrize(("processor", "message"), [
+    ({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}, r"image_mean \[0.5, 0.5, 0.5\] where eva-vit-g uses \[0.48145466"),
+    ({"resample": 2}, "a bilinear resize where eva-vit-g's is bicubic"),
+])
+def test_an_image_processor_the_encoder_cannot_follow_is_refused_at_import(tmp_path, processor, message):
+    """eva-vit-g normalises with CLIP's mean and std after a bicubic resize; a directory whose processor
+    does otherwise was imported as if it did not, and captioned other pixels than transformers."""
+    from transformers import BlipImageProcessor
+
+    hf_tiny.make_generation_model(tmp_path / "hf", "opt")
+    BlipImageProcessor(size={"height": hf_tiny.IMAGE_SIZE, "width": hf_tiny.IMAGE_SIZE}, **processor).save_pretrained(tmp_path / "hf")
+    with pytest.raises(vlbridge.VLBridgeError, match=f"image processor prepares images otherwise.*{message}"):
+        vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+
+
+def test_an_exported_directory_imports_again_with_its_processor(imported, tmp_path):
+    _, _, model, root = imported
+    out = vlbridge.export_hf_blip2(model, tmp_path / "exported")
+    again = vlbridge.load(vlbridge.import_hf_blip2(out, tmp_path / "again"))
+    pixels = hf_tiny.pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(again.visual_tokens(pixels), model.visual_tokens(pixels), atol=1e-6, rtol=0)

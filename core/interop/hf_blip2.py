@@ -22,11 +22,13 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
+from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.files.weights import read_hf_directory
+from vlbridge.plugin.specs import Preprocess
 
 GENERATION = "Blip2ForConditionalGeneration"
 RETRIEVAL = "Blip2ForImageTextRetrieval"
@@ -96,6 +98,13 @@ def encoder_options(vision: dict[str, Any], pretrained: str) -> dict[str, Any]:
         "patch_size": vision.get("patch_size", 14), "image_size": vision.get("image_size", 224),
         "layer_norm_eps": vision.get("layer_norm_eps", 1e-6), "pretrained": pretrained,
     }
+
+
+def blip2_preprocess(vision: dict[str, Any]) -> Preprocess:
+    """eva-vit-g's eval transform for a transformers Blip2VisionConfig, as the import builds it."""
+    from vlbridge.plugins.encoders import eva_vit_g
+
+    return eva_vit_g.preprocess(eva_vit_g.EvaVitGOptions(**{**encoder_options(vision, ""), "pretrained": None}))
 
 
 def connector_options(config: dict[str, Any], tokenizer: str | None) -> dict[str, Any]:
@@ -169,6 +178,7 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
         raise WeightsError(f"not a directory: {src}")
     config = transformers_config(src, "blip-2", "Blip2ForConditionalGeneration")
     unsupported_settings(config, "BLIP-2")
+    check_image_processor(src, blip2_preprocess(config.get("vision_config") or {}), "BLIP-2")
     state = read_hf_directory(src)
     architecture = _architecture(config, state)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,10 @@ from vlbridge.files.atomic import atomic_write
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
-from vlbridge.interop.hf_blip2 import _write_llm, connector_options, encoder_options, unsupported_settings, zero_qv_biases
+from vlbridge.interop.image_processor_check import check_image_processor
+from vlbridge.interop.hf_blip2 import (
+    _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, zero_qv_biases,
+)
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import settle
 from vlbridge.files.hf_config import transformers_config
@@ -44,6 +47,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     src, out = Path(src_dir).expanduser(), Path(out_dir)
     config = transformers_config(src, "instructblip", "InstructBlipForConditionalGeneration")
     unsupported_settings(config, "InstructBLIP")
+    check_image_processor(src, blip2_preprocess(config.get("vision_config") or {}), "InstructBLIP")
     tokenizer_src = src / QFORMER_TOKENIZER
     if not (tokenizer_src / "tokenizer_config.json").is_file():
         raise WeightsError(f"{src} has no {QFORMER_TOKENIZER}/ folder (the Q-Former's BERT tokenizer, which reads the "
