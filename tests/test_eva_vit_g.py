@@ -304,3 +304,14 @@ def test_factory_is_reachable_from_the_spec():
     spec = get_registry().resolve("encoder", "eva-vit-g").spec
     encoder = spec.load_factory()(spec.options(variant="tiny"))
     assert isinstance(encoder, EvaViTG) and encoder.output_shape == spec.output(spec.options(variant="tiny"))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"heads": 8}, r"has 4 attention heads, not 8 \(set heads: 4\)"),
+    ({"layer_norm_eps": 1e-5}, r"runs its LayerNorms with epsilon 1e-06, not 1e-05 \(set layer_norm_eps: 1e-06\)"),
+])
+def test_a_blip2_directory_whose_heads_or_epsilon_differ_is_refused(hf_blip2_dir, options, message):
+    """Neither shows in a tensor's shape: the weights loaded and the tower computed something else."""
+    directory, _ = hf_blip2_dir
+    with pytest.raises(ValueError, match=message):
+        _opts(pretrained=str(directory), **options)

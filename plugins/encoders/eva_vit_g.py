@@ -36,6 +36,25 @@ def directory_arch(pretrained: str | None) -> dict[str, int] | None:
     return {ours: config[name] for name, ours in DIRECTORY_FIELDS.items()}
 
 
+BLIP2_MODEL_TYPES = ("blip-2", "blip_2_vision_model")  # what eva_vit_g_convert reads a vision tower from
+
+
+def blip2_directory_problems(pretrained: str | None, heads: int, eps: float) -> list[str]:
+    """How the vision config of a transformers BLIP-2 directory (the fields it states) disagrees with
+    the options where tensor shapes cannot tell (heads, LayerNorm epsilon); empty for any other source."""
+    config = read_local_json(pretrained, "config.json") if pretrained else None
+    if config is None or config.get("model_type") not in BLIP2_MODEL_TYPES:
+        return []
+    vision = (config.get("vision_config") or {}) if config.get("model_type") == "blip-2" else config
+    theirs_heads, theirs_eps = vision.get("num_attention_heads"), vision.get("layer_norm_eps")  # what it states
+    problems = []
+    if theirs_heads is not None and theirs_heads != heads:
+        problems.append(f"has {theirs_heads} attention heads, not {heads} (set heads: {theirs_heads})")
+    if theirs_eps is not None and theirs_eps != eps:
+        problems.append(f"runs its LayerNorms with epsilon {theirs_eps:g}, not {eps:g} (set layer_norm_eps: {theirs_eps:g})")
+    return problems
+
+
 class EvaVitGOptions(Options):
     variant: Literal["g", "tiny"] = Field("g", description="'g' is BLIP-2's ViT-g/14; 'tiny' is a small random-weight stand-in for tests (a pretrained encoder directory's config.json replaces either)")
     image_size: int | None = Field(None, ge=14, description="input resolution in pixels, a multiple of 14 (default 224; 364 for BLIP-2 captioning); position embeddings are interpolated")
@@ -58,6 +77,10 @@ class EvaVitGOptions(Options):
             raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {arch['patch']} (try {self.image_size // arch['patch'] * arch['patch']})")
         if self.num_blocks is not None and self.num_blocks > arch["depth"]:
             raise ValueError(f"num_blocks {self.num_blocks} exceeds the {arch['depth']} blocks of variant {self.variant!r}")
+        problems = blip2_directory_problems(self.pretrained, arch["heads"], self.layer_norm_eps)
+        if problems:
+            raise ValueError(f"pretrained {self.pretrained} is a transformers BLIP-2 directory whose vision tower "
+                             f"{'; '.join(problems)}: its tensors would load and compute something else")
         return self
 
     @property

@@ -23,10 +23,10 @@ import torch
 
 from vlbridge.errors import WeightsError
 from vlbridge.files.userfiles import read_json
-from vlbridge.plugins.encoders.eva_vit_g import directory_arch
+from vlbridge.plugins.encoders.eva_vit_g import BLIP2_MODEL_TYPES, directory_arch
 from vlbridge.files.weights import StateDict, read_hf_directory, read_tensors, require_path, tensor_keys
 
-HF_MODEL_TYPES = ("blip-2", "blip_2_vision_model")
+HF_MODEL_TYPES = BLIP2_MODEL_TYPES
 VLBRIDGE_WEIGHTS = "model.safetensors"  # beside config.json (model_type "eva-vit") in a vlbridge encoder directory
 # The EVA-CLIP / timm image head after the blocks (final norm, pooling norm, projection): BLIP-2
 # takes the blocks' tokens without it, so these keys are skipped on purpose.
