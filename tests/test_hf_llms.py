@@ -236,3 +236,19 @@ def test_the_generic_plugins_pass_check_plugin(module, family, family_dirs):
     name = module.rsplit(".", 1)[1].replace("_", "-")
     given = {name.replace("seq2seq", "seq2seq"): {"model": str(family_dirs[family])}} if family else None
     assert check_plugin(module, options=given)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_a_repetition_penalty_treats_padded_rows_as_alone(family, family_dirs):
+    """transformers exempted a left-padded row's first generated tokens (as many as its pads) from
+    repetition_penalty when generating from inputs_embeds: batched rows generated otherwise than alone."""
+    llm = build_llm(family, family_dirs[family])
+    torch.manual_seed(3)
+    visual = torch.randn(2, 3, llm.embed_width)
+    texts = ["two blue squares and a small red circle", "a"]
+    for beams in (1, 2):
+        settings = dict(max_new_tokens=8, min_new_tokens=8, num_beams=beams, repetition_penalty=3.0)
+        batched = llm.generate(visual, *llm.tokenize(texts, padding_side="left"), **settings)
+        for row, text in enumerate(texts):
+            alone = llm.generate(visual[row:row + 1], *llm.tokenize([text]), **settings)
+            assert batched[row, :alone.shape[1]].tolist() == alone[0].tolist(), (beams, row)

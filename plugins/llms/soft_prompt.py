@@ -93,6 +93,24 @@ def takes_argument(model: Any, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def penalise_every_new_token(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`repetition_penalty` on every generated token of every row, as for an unpadded prompt.
+
+    A decoder-only model generating from `inputs_embeds` has no prompt ids, yet transformers skips
+    each row's leading padding in the ids it penalises (its prompt_ignore_length): the first tokens a
+    left-padded row generates went unpenalised, so a batch generated otherwise than each prompt alone.
+    The penalty goes in as a processor of our own instead, which transformers runs before its
+    sampling warpers (temperature, top-k, top-p), as it runs its own."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    penalty = kwargs.get("repetition_penalty")
+    given = LogitsProcessorList(kwargs.get("logits_processor") or [])
+    if penalty is None or penalty == 1.0 or any(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in given):
+        return kwargs
+    given.append(RepetitionPenaltyLogitsProcessor(penalty))
+    return {**{k: v for k, v in kwargs.items() if k != "repetition_penalty"}, "logits_processor": given}
+
+
 def merge_generation_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The caller's settings over the defaults, with lengths counted in new tokens.
 
@@ -237,6 +255,8 @@ class SoftPromptLLM(FrozenPart):
         """Generate after `[visual; text]` for a batch; returns the new token ids (B * num_return_sequences, L_new)."""
         embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask, self.generate_pad_side)
         kwargs = merge_generation_kwargs(generation_kwargs, self.generation_defaults())
+        if not self.is_encoder_decoder:
+            kwargs = penalise_every_new_token(kwargs)
         expand = kwargs.get("num_beams") or 1
         if expand == 1 and kwargs.get("do_sample"):
             expand = kwargs.get("num_return_sequences") or 1
