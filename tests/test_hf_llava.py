@@ -428,3 +428,21 @@ def test_a_language_model_llava_cannot_build_is_refused_by_name(tmp_path, family
     model = vlbridge.build(_llava_assembly(tmp_path / "clip", tmp_path / family), stage=2)
     with pytest.raises(VLBridgeError, match=re.escape(message)):
         vlbridge.export_hf_llava(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("part", ["text_config", "vision_config"])
+def test_a_config_without_a_part_is_refused_before_anything_loads(tmp_path, monkeypatch, part):
+    """Without text_config transformers builds its default 7B Llama to load the weights into."""
+    from vlbridge.interop import hf_llava
+
+    make_llava(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config[part]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+
+    def never(src):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(hf_llava, "_load_llava", never)
+    with pytest.raises(VLBridgeError, match=f"has no {part} object"):
+        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")

@@ -56,6 +56,10 @@ def read_llava_config(src: Path) -> dict[str, Any]:
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise VLBridgeError(f"{path}: projector_hidden_act {act!r}; vlbridge's mlp connector uses GELU (LLaVA-1.5's mlp2x_gelu)")
+    missing = [key for key in ("vision_config", "text_config") if not isinstance(config.get(key), dict)]
+    if missing:  # transformers would build its defaults (a CLIP ViT-L, a 7B Llama) before finding the weights do not fit
+        raise VLBridgeError(f"{path} has no {' and no '.join(missing)} object; give the config.json that "
+                            "LlavaForConditionalGeneration.save_pretrained wrote with these weights")
     return config
 
 
