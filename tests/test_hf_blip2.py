@@ -375,3 +375,18 @@ def test_an_exported_directory_imports_again_with_its_processor(imported, tmp_pa
     pixels = hf_tiny.pixels()
     with torch.no_grad():
         torch.testing.assert_close(again.visual_tokens(pixels), model.visual_tokens(pixels), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.update(num_query_tokens="4"), "Field 'num_query_tokens' expected int"),
+    (lambda c: c.update(text_config=[1, 2]), "Field 'text_config'"),
+])
+def test_a_config_transformers_cannot_read_is_refused_by_field(tmp_path, edit, message):
+    """A list for a sub-config was an internal error (AttributeError); a string for a number was blamed
+    on the tokenizer, which transformers fails to read for the same config."""
+    hf_tiny.make_generation_model(tmp_path / "hf", "opt")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    edit(config)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=f"(?s)is not a config transformers can read for Blip2ForConditionalGeneration.*{message}"):
+        vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "out")

@@ -144,4 +144,10 @@ def transformers_config(src: Path, model_type: str, model_class: str) -> dict[st
     config = read_json(path, "transformers config", top=dict)
     if config.get("model_type") != model_type:
         raise WeightsError(f"{path} has model_type {config.get('model_type')!r}; expected {model_type!r} ({model_class})")
+    from transformers import CONFIG_MAPPING
+
+    try:  # what transformers cannot read (a string for a number, a list for a sub-config) is refused here, by field
+        CONFIG_MAPPING[model_type].from_dict(config)
+    except Exception as exc:  # transformers raises TypeError, ValueError and its own validation errors
+        raise WeightsError(f"{path} is not a config transformers can read for {model_class} ({type(exc).__name__}: {exc})") from None
     return config
