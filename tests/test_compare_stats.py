@@ -84,3 +84,13 @@ def test_one_or_a_few_images_cannot_be_significant():
     assert few.p == pytest.approx(2 / 2**4) and not few.significant
     many = paired_difference([1.0] * 12, [0.0] * 12, list(range(12)))
     assert many.p == pytest.approx(2 / 2001) and many.significant  # the bootstrap's own floor again
+
+
+def test_images_both_rows_score_alike_do_not_lower_the_floor():
+    # five images favour a, 95 are tied: flipping a tied image changes nothing, so a sign-flip test
+    # has five images to flip (p >= 2 / 2^5); counting all 100 let the bootstrap's p = 0.009 through
+    a, b = [1.0] * 5 + [0.5] * 95, [0.0] * 5 + [0.5] * 95
+    few = paired_difference(a, b, list(range(100)))
+    assert few.p == pytest.approx(2 / 2**5) and not few.significant
+    same = paired_difference([0.5] * 10, [0.5] * 10, list(range(10)))
+    assert same.p == 1.0
