@@ -212,14 +212,18 @@ def test_a_folder_as_annotation_file_and_an_interrupted_run_say_what_to_do(capsy
     assert resume_hint(str(tmp_path / "run"), "my run.yaml").endswith("vlbridge train 'my run.yaml' --resume")  # pastes as it reads
 
 
-@pytest.mark.parametrize("argv", [["caption", "-a", "tiny-qformer-opt", "x.png", "--bogus"], ["train", "x.yaml", "--bogus"]])
-def test_an_unknown_flag_shows_its_subcommands_usage(capsys, argv):
-    """argparse left a subcommand's unknown flag to the top-level parser, whose usage lists commands."""
+@pytest.mark.parametrize("argv, command", [(["caption", "-a", "tiny-qformer-opt", "x.png", "--bogus"], "caption"),
+                                           (["train", "x.yaml", "--bogus"], "train"),
+                                           (["world", "generate", "--out", "w", "--bogus"], "world generate"),
+                                           (["import", "hf-blip2", "src", "dst", "--bogus"], "import hf-blip2")])
+def test_an_unknown_flag_shows_its_subcommands_usage(capsys, argv, command):
+    """argparse left a subcommand's unknown flag to the top-level parser, whose usage lists commands;
+    a nested one (world generate, import FORMAT) shows the innermost usage, which lists its flags."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"vlbridge {argv[0]}: error: unrecognized arguments: --bogus" in err
-    assert err.startswith(f"usage: vlbridge {argv[0]} "), err
+    assert exit_.value.code == 2 and f"vlbridge {command}: error: unrecognized arguments: --bogus" in err
+    assert err.startswith(f"usage: vlbridge {command} "), err
 
 
 def test_check_reads_the_annotation_files(capsys, tmp_path, data):

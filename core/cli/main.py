@@ -27,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
-    """The parser of `command` (the top-level parser when no subcommand was given)."""
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost parser `args` chose (`world generate`'s, not `world`'s, whose usage lists only
+    its actions); the top-level parser when no subcommand was given."""
     for action in parser._actions:
-        choices = action.choices if isinstance(action.choices, dict) else {}
-        if command in choices:
-            return choices[command]
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if isinstance(chosen, str) and chosen in action.choices:
+                return _subparser(action.choices[chosen], args)
     return parser
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:
         # an unknown flag belongs to the subcommand: its usage, not the top-level one, says what is right
-        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extras)}")
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
