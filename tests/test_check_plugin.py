@@ -194,3 +194,12 @@ def test_a_registration_module_that_imports_torch_fails(tmp_path, monkeypatch, h
     with pytest.raises(PluginError, match=expected) as err:
         check_plugin(name, build=False)
     assert "docs/writing-plugins.md, section 3" in str(err.value)
+
+
+def test_a_registration_module_that_prints_is_not_taken_for_heavy_imports(tmp_path, monkeypatch):
+    """The probe read the fresh interpreter's whole stdout as module names: a module printing a banner
+    at import failed as 'importing it imports hello,'."""
+    (tmp_path / "registration_chatty.py").write_text('print("hello, plugin loaded")\n' + REGISTRATION.format(heavy=""),
+                                                    encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert [s.name for s in check_plugin("registration_chatty", build=False)] == ["pool"]

@@ -12,8 +12,11 @@ import subprocess
 import sys
 
 HEAVY_MODULES = ("torch", "transformers", "timm", "open_clip", "torchvision")
+# The answer comes on a line of its own after MARKER: what the module itself prints at import (a banner,
+# a warning on stdout) is not a module name
+MARKER = "vlbridge-heavy-imports:"
 _PROBE = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
-          "print(' '.join(name for name in sys.argv[2:] if name in sys.modules))")
+          f"print('\\n{MARKER}', ' '.join(name for name in sys.argv[2:] if name in sys.modules))")
 
 
 def heavy_imports(module_name: str) -> list[str]:
@@ -22,4 +25,6 @@ def heavy_imports(module_name: str) -> list[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process can import
     result = subprocess.run([sys.executable, "-c", _PROBE, module_name, *HEAVY_MODULES], capture_output=True,
                             text=True, env=env, check=False, timeout=300)
-    return result.stdout.split() if result.returncode == 0 else []
+    if result.returncode != 0 or MARKER not in result.stdout:
+        return []
+    return result.stdout.rsplit(MARKER, 1)[1].split()
