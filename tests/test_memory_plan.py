@@ -228,3 +228,25 @@ def test_the_plan_says_what_undeclared_plugins_leave_out():
     assert "not counted" not in full.note
     stage1 = next(line for line in memory_plan(bare, stage=1, batch_size=8, precision="fp32").lines if line.name == "activations")
     assert "not counted: the connector's (not declared)" in stage1.note
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_an_unfrozen_encoder_without_a_declared_count_is_named_as_not_counted(stage):
+    """unfreeze: all on an encoder that declares no parameter count: its depth is unknown, and the
+    plan left its trained blocks' values out of the activations without a word (and called the
+    encoder's share 'estimated from its declared count', which it does not have)."""
+    from dataclasses import replace
+
+    from vlbridge.train.finetune_config import FinetuneConfig
+
+    plan = load_assembly("tiny-qformer-opt").plan
+    undeclared = replace(plan, encoder=replace(plan.encoder, params=None))
+    for unfreeze in ("all", 1):
+        trained = trained_by(FinetuneConfig(encoder={"unfreeze": unfreeze}), undeclared)
+        lines = {line.name: line for line in memory_plan(undeclared, stage=stage, batch_size=8, precision="fp32", trained=trained).lines}
+        assert "estimated from its declared count" not in lines["trained parameters"].note
+        assert "not counted: encoder" in lines["trained parameters"].note
+        if unfreeze == "all":
+            assert "the trained encoder blocks' (its parameter count is not declared" in lines["activations"].note
+        else:  # the last block: its values are counted from the encoder's output shape
+            assert "trained encoder block" in lines["activations"].note and "not declared, so" not in lines["activations"].note

@@ -108,7 +108,7 @@ class Trained:
 
     encoder: int | None = 0
     lora: int | None = 0
-    encoder_blocks: int = 0
+    encoder_blocks: int | None = 0  # None: the encoder trains, but how many blocks is not known (no declared count)
     encoder_checkpointed: bool = False
     exact: bool = True  # counted on the built model, not estimated from declarations
 
@@ -127,7 +127,8 @@ def trained_by(finetune: Any, plan: Plan, counts: dict[str, int] | None = None) 
         estimate: int | None = 0
     else:
         depth = None if plan.encoder.params is None else _blocks(plan.encoder.params, plan.encoder_out.width)
-        blocks = (depth or 0) if encoder.unfreeze == "all" else min(int(encoder.unfreeze), depth or int(encoder.unfreeze))
+        # all of an encoder whose depth cannot be estimated (no declared count): None, named as not counted
+        blocks = depth if encoder.unfreeze == "all" else min(int(encoder.unfreeze), depth or int(encoder.unfreeze))
         estimate = (plan.encoder.params if encoder.unfreeze == "all" or plan.encoder.params is None or not depth
                     else plan.encoder.params * blocks // depth)
     lora_estimate = None if finetune.lora is not None else 0
@@ -153,7 +154,7 @@ def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, worl
     what = " + ".join(f"{name} {count_text(count, exact=False)}" for name, count in parts if count is not None) or "?"
     left_out = [f"{name} (counted when the model is built: vlbridge validate --train without --plan-only)"
                 for name, count in parts if count is None]
-    estimate = "" if trained.exact else "; the encoder's share estimated from its declared count"
+    estimate = "" if trained.exact or trained.encoder is None else "; the encoder's share estimated from its declared count"
     lines += [
         Line("trained parameters", fp32, f"{what} in fp32 (replicated){estimate}{_not_counted(left_out)}"),
         Line("gradients", fp32, "fp32, replicated"),
@@ -204,6 +205,8 @@ def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointe
     values = plan.connector_activations.get(stage)
     connector = None if values is None else batch * values * CONNECTOR_VALUE_BYTES
     unknown = [] if values is not None else ["the connector's (not declared)"]
+    if trained.encoder_blocks is None:
+        unknown.append("the trained encoder blocks' (its parameter count is not declared, so neither is its depth)")
     remedy = "lower batch_size (raise grad_accum)"
     encoder_kept, encoder_how = _trained_encoder_values(plan, batch, elem, trained)
     if encoder_kept:
@@ -240,7 +243,7 @@ def _activations(plan: Plan, stage: int, batch: int, precision: str, checkpointe
         return Line("activations", stored, f"estimate: batch {batch} x {tokens} tokens; {' + '.join(how)}" + _not_counted(unknown), remedy)
     encoder = batch * tokens * width * ENCODER_BLOCK_VALUES * elem  # gone before the connector stores its own
     if connector is not None and connector > encoder:
-        return Line("activations", connector, f"estimate: the connector's (declared) at batch {batch}", remedy)
+        return Line("activations", connector, f"estimate: the connector's (declared) at batch {batch}" + _not_counted(unknown), remedy)
     return Line("activations", encoder, f"estimate: one encoder block's at batch {batch} x {tokens} tokens" + _not_counted(unknown), remedy)
 
 
