@@ -12,6 +12,7 @@ from PIL import Image
 from tests import fake_plugins as fake
 from vlbridge.cli.main import main
 from vlbridge.plugintest.check import using_registry
+from vlbridge.plugin.specs import LLMDims
 
 CONNECTOR_FAULTS = {
     "factory raises": ("build_raises", "its factory 'tests.fake_plugins:build_raises' raised RuntimeError: cannot find my weights"),
@@ -114,3 +115,19 @@ def test_an_encoders_faulty_declaration_is_named_by_validate(tmp_path, capsys):
         code = main(["validate", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "encoder 'patches' (plugin vlbridge-patches): preprocess() returned 28; it must return a vlbridge.Preprocess" in err, err
+
+
+@pytest.mark.parametrize("dims", [LLMDims(64, None, False), LLMDims("64", 128, False), LLMDims(64, 128, False, vocab_size="530")])
+def test_an_llms_dims_with_fields_of_the_wrong_type_are_named_by_validate(tmp_path, capsys, dims):
+    """dims() returning an LLMDims passed whatever its fields held: a context of None was an internal
+    TypeError, a width of '64' was blamed on the connector, and a vocabulary of '530' passed validate
+    (the memory plan would multiply by a string)."""
+    opt = fake.registry().components["llm"]["opt"][0]
+    plugin = fake.plugin("badllm", llms=[replace(opt, name="badllm", dims=lambda o: dims)])
+    path = tmp_path / "assembly.yaml"
+    path.write_text(yaml.safe_dump({**fake.assembly("qformer"), "llm": {"use": "badllm", "options": {"variant": "tiny"}}}), encoding="utf-8")
+    with using_registry(fake.registry(badllm=plugin)):
+        code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "internal error" not in err, err
+    assert "llm 'badllm' (plugin vlbridge-badllm): dims() returned LLMDims(" in err and "it must return a vlbridge.LLMDims of positive ints" in err, err

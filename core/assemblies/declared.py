@@ -33,6 +33,16 @@ def _stage_counts(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(stage, int) and _count(count) for stage, count in value.items())
 
 
+def _llm_dims(value: object) -> bool:
+    """An LLMDims whose fields hold what their annotations say: a width of "64" or a context of None
+    would fail later, blamed on the connector or as an internal error."""
+    if not isinstance(value, LLMDims):
+        return False
+    positive = (value.embed_width, value.context_length) + (() if value.vocab_size is None else (value.vocab_size,))
+    return (all(_count(n) and n > 0 for n in positive)
+            and isinstance(value.encoder_decoder, bool) and isinstance(value.context_is_hard, bool))
+
+
 def encoder_declared(spec: EncoderSpec, options: Any) -> tuple[TokenShape, Preprocess, int | None]:
     """The encoder's output shape, preprocessing and frozen size (None: not known from the options)."""
     out = _call(spec, "output()", spec.output, (options,), _token_shape, "a TokenShape of positive ints")
@@ -45,7 +55,8 @@ def encoder_declared(spec: EncoderSpec, options: Any) -> tuple[TokenShape, Prepr
 
 def llm_declared(spec: LLMSpec, options: Any) -> tuple[LLMDims, int | None]:
     """The LLM's dims and frozen size."""
-    dims = _call(spec, "dims()", spec.dims, (options,), lambda v: isinstance(v, LLMDims), "a vlbridge.LLMDims")
+    dims = _call(spec, "dims()", spec.dims, (options,), _llm_dims,
+                 "a vlbridge.LLMDims of positive ints (embed_width, context_length, vocab_size or None) and bools")
     params = None
     if spec.num_params is not None:
         params = _call(spec, "num_params()", spec.num_params, (options,), lambda v: v is None or _count(v), "an int or None")
