@@ -277,6 +277,8 @@ def test_demo_seeds_are_checked_before_the_world_is_made(tmp_path, capsys, seeds
      "evals.0.tasks: vqa reads questions and annotations, which the split does not give"),
     ({"evals": [{"name": "val", "questions": "CAPTIONS", "image_pattern": "{bogus}.png"}]}, "evals.0.image_pattern: image_pattern '{bogus}.png' must use"),
     ({"generation": {"num_beams": 0}}, "generation: num_beams"),
+    # default tasks, but no file any of them reads: every run trained, then an empty table
+    ({"evals": [{"name": "val", "images": "."}]}, "evals.0: gives no captions, questions or lmms_eval, so none of its tasks"),
 ])
 def test_a_comparison_names_what_its_runs_and_splits_would_refuse_before_training(tmp_path, capsys, data, change, expected):
     base = {"runs": [{"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 1}], "output_dir": str(tmp_path / "out"),

@@ -88,6 +88,9 @@ def eval_problems(split: EvalSet, where: str) -> list[str]:
             check_pattern(split.image_pattern, "split", f"{where}.questions")
         except DataError as exc:
             problems.append(f"{where}.image_pattern: {exc}")
+    if not _tasks_run(split):  # every run would be trained for a split that scores nothing (an empty table, as evals: [])
+        problems.append(f"{where}: gives no captions, questions or lmms_eval, so none of its tasks ({', '.join(split.tasks)}) "
+                        "would score anything; add captions (caption, retrieval) and/or questions with annotations (vqa)")
     asked = split.tasks if "tasks" in split.model_fields_set else []  # by default, a task runs where its files are given
     for task in asked:
         missing = [key for key in TASK_FILES[task] if getattr(split, key) is None]
