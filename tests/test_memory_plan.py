@@ -250,3 +250,19 @@ def test_an_unfrozen_encoder_without_a_declared_count_is_named_as_not_counted(st
             assert "the trained encoder blocks' (its parameter count is not declared" in lines["activations"].note
         else:  # the last block: its values are counted from the encoder's output shape
             assert "trained encoder block" in lines["activations"].note and "not declared, so" not in lines["activations"].note
+
+
+def test_a_connector_without_a_declared_count_is_counted_on_the_built_model():
+    """The built model's counts (train, validate --train) gave the encoder's and LoRA's parameters but
+    not the connector's: a connector declaring no num_params read '? ... not counted: connector (counted
+    when the model is built: vlbridge validate --train without --plan-only)' in the very plan that command printed."""
+    from dataclasses import replace
+
+    from vlbridge.train.finetune_config import FinetuneConfig
+
+    undeclared = replace(load_assembly("tiny-mlp-opt").plan, trainable_params={})
+    trained = trained_by(FinetuneConfig(), undeclared, {"connector": 1000, "encoder": 0, "lora": 0})
+    lines = {line.name: line for line in memory_plan(undeclared, stage=2, batch_size=4, precision="fp32", trained=trained).lines}
+    assert lines["gradients"].bytes == 4000 and "not counted" not in lines["trained parameters"].note
+    declared_only = {line.name: line for line in memory_plan(undeclared, stage=2, batch_size=4, precision="fp32").lines}
+    assert declared_only["gradients"].bytes is None and "not counted: connector" in declared_only["trained parameters"].note

@@ -111,6 +111,7 @@ class Trained:
     encoder_blocks: int | None = 0  # None: the encoder trains, but how many blocks is not known (no declared count)
     encoder_checkpointed: bool = False
     exact: bool = True  # counted on the built model, not estimated from declarations
+    connector: int | None = None  # counted on the built model (None: the connector's declared count)
 
     def parts(self, connector: int | None) -> list[tuple[str, int | None]]:
         """(part, parameters) of every part that trains."""
@@ -133,7 +134,8 @@ def trained_by(finetune: Any, plan: Plan, counts: dict[str, int] | None = None) 
                     else plan.encoder.params * blocks // depth)
     lora_estimate = None if finetune.lora is not None else 0
     if counts is not None:
-        return Trained(counts.get("encoder", 0), counts.get("lora", 0), blocks, encoder.grad_checkpointing)
+        return Trained(counts.get("encoder", 0), counts.get("lora", 0), blocks, encoder.grad_checkpointing,
+                       connector=counts.get("connector"))
     return Trained(estimate, lora_estimate, blocks, encoder.grad_checkpointing, exact=encoder.unfreeze in ("none", "all"))
 
 
@@ -148,7 +150,9 @@ def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, worl
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None:
         lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size,
                              plan.llm_dims.encoder_decoder))
-    parts = trained.parts(plan.trainable_params.get(stage))
+    # the built model's count where there is one: a connector that declares none was "counted when the model
+    # is built", even in the plan printed from the built model
+    parts = trained.parts(plan.trainable_params.get(stage) if trained.connector is None else trained.connector)
     known = [count for _, count in parts if count is not None]
     fp32 = sum(known) * 4 if known else None
     what = " + ".join(f"{name} {count_text(count, exact=False)}" for name, count in parts if count is not None) or "?"
