@@ -322,14 +322,25 @@ def stage1_source(config: CompareConfig, run: RunSpec, seed: int) -> tuple[Path,
     return None
 
 
+# How stored retrieval scores were computed; a change of the rule makes earlier stores stale, so the
+# rule is part of their key. 2: ITM R@K breaks the -100 ties outside the shortlist by ITC (scores
+# stored under rule 1 counted them against the query and would be reused beside new runs' scores).
+RETRIEVAL_SCORING = 2
+
+
+def retrieval_store(store: Path, spec: EvalSet) -> Path:
+    """The file a stage 1's retrieval scores on `spec` are kept in: named by what they depend on."""
+    spec_text = json.dumps([spec.model_dump(mode="json"), data_fingerprint([spec.captions, spec.scenes]), evaluation_images(spec),
+                            RETRIEVAL_SCORING], sort_keys=True)
+    return store / f"retrieval-{spec.name}-{hashlib.sha256(spec_text.encode()).hexdigest()[:12]}.json"
+
+
 def shared_retrieval(config: CompareConfig, checkpoint: Path, store: Path, spec: EvalSet, say: Say) -> dict[str, Any]:
     """Retrieval by the stage-1 model `checkpoint`, computed once per stage 1 and evaluation split
     and kept in `store` (runs sharing a stage 1 share its retrieval scores)."""
     from vlbridge.compare.evaluation import retrieval_set
 
-    spec_text = json.dumps([spec.model_dump(mode="json"), data_fingerprint([spec.captions, spec.scenes]), evaluation_images(spec)],
-                           sort_keys=True)
-    stored = store / f"retrieval-{spec.name}-{hashlib.sha256(spec_text.encode()).hexdigest()[:12]}.json"
+    stored = retrieval_store(store, spec)
     if stored.is_file():
         say(f"  {spec.name}: retrieval scored before by this stage 1 ({stored.name})")
         return json.loads(stored.read_text(encoding="utf-8"))
