@@ -75,3 +75,20 @@ def test_a_resume_with_fewer_steps_than_made_says_nothing_is_trained(capsys, tmp
     err = capsys.readouterr().err
     assert "note: the checkpoint is at step 4, past the 2 steps this config trains; nothing is trained" in err
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["latest", "step-2", "step-4"]
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_checkpoints_without_a_latest_pointer_are_named_not_mixed_with_a_new_run(capsys, tmp_path, run, resume):
+    """Complete steps but no `latest` (lost, or a crash between the first step and its pointer):
+    --resume said 'no checkpoint yet' and started over, and so did a plain start, keeping the earlier
+    run's step-4 beside the new run's (pruning keeps the newest numbers: the earlier run's)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    (copy / "checkpoints" / "latest").unlink()
+    values = write_config_values(run[1], copy)
+    code = main(["train", str(write_config(tmp_path / "t.yaml", values)), *(["--resume"] if resume else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "internal error" not in err, err
+    assert f"{copy / 'checkpoints'} holds complete checkpoints (step-2, step-4) but no latest file naming one" in err
+    assert f"write step-4 into {copy / 'checkpoints' / 'latest'} and pass --resume; to start over, remove {copy / 'checkpoints'}" in err
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing trained or written

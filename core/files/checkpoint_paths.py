@@ -78,6 +78,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     raise VLBridgeError(f"{pointer} {found}; {older_checkpoint_advice(output_dir, path)}")
 
 
+def unpointed_checkpoints(output_dir: str | Path) -> str | None:
+    """What is wrong with a run's checkpoints folder that holds complete steps but no `latest` naming
+    one (a lost pointer; a crash between the first step and its pointer), None otherwise. A run started
+    there would keep the earlier steps beside its own: pruning keeps the newest numbers (theirs), and
+    the way on from a damaged checkpoint would name one of another run."""
+    pointer = Path(output_dir) / RUN_CHECKPOINTS / LATEST
+    complete = step_dirs(output_dir)
+    if pointer.is_file() or not complete:
+        return None
+    names = ", ".join(p.name for _, p in complete)
+    return (f"{pointer.parent} holds complete checkpoints ({names}) but no {LATEST} file naming one; to continue from "
+            f"the newest, write {complete[-1][1].name} into {pointer} and pass --resume; to start over, remove {pointer.parent}")
+
+
 def older_checkpoint_advice(output_dir: str | Path, unusable: Path) -> str:
     """How to go on from a run whose checkpoint `unusable` cannot be resumed: from the newest
     complete one besides it, by naming that in `latest`, or from the start."""
@@ -85,5 +99,5 @@ def older_checkpoint_advice(output_dir: str | Path, unusable: Path) -> str:
     complete = [p for _, p in step_dirs(output_dir) if p != unusable]
     if complete:
         return (f"to resume from the newest complete one, {complete[-1].name}, write that name into {pointer}; "
-                f"or remove {pointer} to start over")
-    return f"no complete checkpoint is left; remove {pointer} to start over"
+                f"or remove {pointer.parent} to start over")
+    return f"no complete checkpoint is left; remove {pointer.parent} to start over"

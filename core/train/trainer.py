@@ -33,7 +33,7 @@ from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.files.checkpoint import read_meta
-from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, unpointed_checkpoints
 from vlbridge.files.userfiles import read_yaml
 from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 from vlbridge.modeling import factory
@@ -386,6 +386,8 @@ class Trainer:
     def restore(self) -> dict[str, Any] | None:
         """Load the latest checkpoint into model, optimizer, schedule and counters; return this rank's RNG state."""
         latest = ckpt.latest_checkpoint(self.output_dir)
+        if latest is None and (problem := unpointed_checkpoints(self.output_dir)) is not None:
+            raise VLBridgeError(problem)  # "no checkpoint yet", then a new run mixed with the earlier one's steps
         if latest is None:
             self.say(f"no checkpoint under {self.output_dir / ckpt.CHECKPOINTS} yet; starting at step 0")
             return self.start()
@@ -477,6 +479,9 @@ def refuse_existing_run(output_dir: Path) -> None:
     if latest is not None:
         raise VLBridgeError(f"output_dir {output_dir} already holds checkpoints (latest: {latest.name}); "
                             "pass --resume to continue that run, or choose another output_dir")
+    problem = unpointed_checkpoints(output_dir)
+    if problem is not None:
+        raise VLBridgeError(f"output_dir {output_dir}: {problem}; or choose another output_dir")
 
 
 def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -> tuple[VLBridgeModel, Recipe]:
