@@ -236,3 +236,19 @@ def test_rankings_put_the_shortlist_first_then_the_rest_by_itc():
     result = RetrievalResult(itc=itc, i2t=i2t, t2i=i2t.t().clone())
     assert result.texts_for_image(0, top=4) == [3, 1, 2, 0] and result.texts_for_image(0, top=2) == [3, 1]
     assert result.images_for_text(1, top=5) == [0]
+
+
+@pytest.mark.parametrize("mode", ["image", "text", "multimodal"])
+def test_features_of_a_model_in_train_mode_are_deterministic_and_the_mode_is_restored(mode):
+    """features ran the Q-Former with its dropout on when the model was in train mode: a different
+    embedding on every call."""
+    model = vlbridge.build("tiny-qformer-opt")
+    inputs = {"image": dict(images=[RED, BLUE]), "text": dict(texts=["a red", "a blue"]),
+              "multimodal": dict(images=[RED, BLUE], texts=["a red", "a blue"])}[mode]
+    expected = model.features(mode=mode, **inputs)
+    model.train()
+    got = model.features(mode=mode, **inputs)
+    assert model.training and model.connector.training
+    for name in ("image_embeds_proj", "text_embeds_proj", "multimodal_embeds"):
+        if getattr(expected, name) is not None:
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vlbridge.plugin.contract import describe, missing
 from vlbridge.errors import VLBridgeError
-from vlbridge.modeling.running import RunningModel, checked_batch_size
+from vlbridge.modeling.running import RunningModel, checked_batch_size, evaluating
 from vlbridge.parts.images import as_image_list
 
 
@@ -100,14 +100,19 @@ def features(model: RunningModel, images: Any = None, texts: str | Sequence[str]
     if mode not in FEATURE_MODES:
         raise VLBridgeError(f"mode must be one of {FEATURE_MODES}, got {mode!r}")
     qformer = _qformer(model)
-    out = Features()
-    if mode in ("image", "multimodal"):
-        if images is None:
-            hint = "; for the texts' features alone pass mode='text'" if texts is not None and mode == "image" else ""
-            raise VLBridgeError(f"mode {mode!r} needs images{hint}")
-        image_embeds = model.encode_images(model.pixel_values(images))
+    if mode in ("image", "multimodal") and images is None:
+        hint = "; for the texts' features alone pass mode='text'" if texts is not None and mode == "image" else ""
+        raise VLBridgeError(f"mode {mode!r} needs images{hint}")
     if mode in ("text", "multimodal") and texts is None:
         raise VLBridgeError(f"mode {mode!r} needs texts")
+    with evaluating(model):  # features of a model left in train mode are still deterministic
+        return _features(model, qformer, images, texts, mode)
+
+
+def _features(model: RunningModel, qformer: Any, images: Any, texts: str | Sequence[str] | None, mode: str) -> Features:
+    out = Features()
+    if mode in ("image", "multimodal"):
+        image_embeds = model.encode_images(model.pixel_values(images))
     if mode == "image":
         out.image_embeds = qformer.query_outputs(image_embeds)
         out.image_embeds_proj = F.normalize(qformer.vision_proj(out.image_embeds), dim=-1)
@@ -142,9 +147,7 @@ def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: in
     if not items:
         raise VLBridgeError("no images given; pass at least one PIL image, path or tensor")
     qformer = _qformer(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         image_embeds = torch.cat([model.encode_images(model.pixel_values(items[i:i + batch_size]))
                                   for i in range(0, len(items), batch_size)])
         image_proj = F.normalize(qformer.vision_proj(qformer.query_outputs(image_embeds)), dim=-1)  # (Ni, Q, E)
@@ -153,8 +156,6 @@ def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: in
         itc = torch.einsum("iqe,te->iqt", image_proj, text_proj).max(dim=1).values  # (Ni, Nt)
         i2t = _rerank(model, itc, image_embeds, ids, mask, k, batch_size, images_are_rows=True)
         t2i = _rerank(model, itc.t(), image_embeds, ids, mask, k, batch_size, images_are_rows=False)
-    finally:
-        model.train(was_training)
     return RetrievalResult(itc=itc, i2t=i2t, t2i=t2i)
 
 

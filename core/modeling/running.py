@@ -7,6 +7,8 @@ retrieval -> running) even for type checkers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -46,3 +48,15 @@ def checked_batch_size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise VLBridgeError(f"batch_size must be a whole number of at least 1, got {value!r}")
     return value
+
+
+@contextmanager
+def evaluating(model: RunningModel) -> Iterator[None]:
+    """Eval mode for the duration, then the caller's mode back: inference run on a model left in
+    train mode would otherwise apply the connector's dropout (different outputs on every call)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
