@@ -165,3 +165,24 @@ def test_an_image_over_pillows_pixel_limit_is_named_as_too_large(tmp_path, monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit, Pillow refuses
     with pytest.raises(VLBridgeError, match="is larger than Pillow reads by default .* downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS"):
         load_image(tmp_path / "big.png")
+
+
+def test_images_without_pixels_are_refused(tmp_path):
+    """A 0x0 image was resized to (S, S) out of nothing, and captioned."""
+    with pytest.raises(VLBridgeError, match=r"image 0 is empty \(0x0 pixels\)"):
+        to_pixel_batch(Image.new("RGB", (0, 0)), PRE)
+    with pytest.raises(VLBridgeError, match=r"image 1 is empty \(5x0 pixels\)"):
+        to_pixel_batch([_image(0), Image.new("L", (5, 0))], PRE)
+    with pytest.raises(VLBridgeError, match=r"H and W at least 1; got \(3, 0, 4\)"):
+        to_pixel_batch(torch.zeros(3, 0, 4, dtype=torch.uint8), PRE)
+
+
+def test_urls_are_refused_as_urls():
+    """A URL was reported as a missing file, its '//' collapsed by Path ('https:/example.com/a.png')."""
+    with pytest.raises(VLBridgeError, match=r"'https://example.com/a.png' is a URL; vlbridge reads local image files only"):
+        to_pixel_batch(["https://example.com/a.png"], PRE)
+
+
+def test_none_as_images_is_named():
+    with pytest.raises(VLBridgeError, match="images is None"):
+        to_pixel_batch(None, PRE)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ would silently normalise twice.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
@@ -48,8 +49,15 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it."""
+    """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it. A URL is
+    refused as one (vlbridge reads local files only), not reported as a path with its '//' collapsed."""
+    if isinstance(path, str) and _URL.match(path):
+        raise VLBridgeError(f"{path!r} is a URL; vlbridge reads local image files only (it never downloads): "
+                            "download it first and pass the file's path, or open it as a PIL image")
     path = Path(path).expanduser()
     if not path.is_file():
         raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
@@ -118,6 +126,7 @@ def to_pixel_batch(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Turn one image or a sequence of images into the encoder's normalised `(B, 3, S, S)` batch."""
+    _no_images_problem(images)
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
         batch = _check_normalised(images, preprocess, "the batch", dims=4)
     else:
@@ -132,6 +141,12 @@ def to_pixel_batch(
     return batch.to(device=device, dtype=dtype or batch.dtype)
 
 
+def _no_images_problem(images: object) -> None:
+    """None (a forgotten argument) is refused by name rather than failing as 'not iterable'."""
+    if images is None:
+        raise VLBridgeError("images is None; pass a PIL image, a file path, a tensor or a list of them")
+
+
 def _is_single(images: object) -> bool:
     return isinstance(images, (Image.Image, str, os.PathLike, torch.Tensor))
 
@@ -139,16 +154,24 @@ def _is_single(images: object) -> bool:
 def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: str) -> torch.Tensor:
     """One input -> normalised `(3, S, S)`."""
     if isinstance(item, (str, os.PathLike)):
-        return transform(load_image(item))
+        return transform(_not_empty(load_image(item), f"image file {str(item)!r}"))
     if isinstance(item, Image.Image):
-        return transform(to_rgb(item, where))
+        return transform(to_rgb(_not_empty(item, where), where))
     if isinstance(item, torch.Tensor):
         if item.dtype == torch.uint8:
-            if item.dim() != 3 or item.shape[0] != 3:
-                raise VLBridgeError(f"{where}: a uint8 tensor must be raw RGB pixels shaped (3, H, W), got {tuple(item.shape)}")
+            if item.dim() != 3 or item.shape[0] != 3 or 0 in item.shape:
+                raise VLBridgeError(f"{where}: a uint8 tensor must be raw RGB pixels shaped (3, H, W), H and W at least 1; "
+                                    f"got {tuple(item.shape)}")
             return transform(item)
         return _check_normalised(item, preprocess, where, dims=3)
     raise VLBridgeError(f"{where}: expected a PIL image, a file path or a tensor, got {type(item).__name__}")
+
+
+def _not_empty(image: Image.Image, where: str) -> Image.Image:
+    """An image with no pixels is refused: resizing one to (S, S) made up pixels and gave a caption."""
+    if image.width < 1 or image.height < 1:
+        raise VLBridgeError(f"{where} is empty ({image.width}x{image.height} pixels); pass an image at least 1x1")
+    return image
 
 
 def _check_normalised(tensor: torch.Tensor, preprocess: Preprocess, where: str, dims: int) -> torch.Tensor:
@@ -166,6 +189,7 @@ def _check_normalised(tensor: torch.Tensor, preprocess: Preprocess, where: str, 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """One item per image, whatever the caller passed: a single image, a list, or a (B, 3, H, W) batch."""
+    _no_images_problem(images)
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         return list(images.unbind(0))
     return [images] if _is_single(images) else list(images)  # type: ignore[arg-type,list-item]
