@@ -186,3 +186,12 @@ def test_urls_are_refused_as_urls():
 def test_none_as_images_is_named():
     with pytest.raises(VLBridgeError, match="images is None"):
         to_pixel_batch(None, PRE)  # type: ignore[arg-type]
+
+
+def test_numpy_arrays_and_bytes_are_refused_as_what_they_are():
+    """A single (H, W, 3) array was iterated row by row, and bytes byte by byte ('got int')."""
+    array = np.zeros((30, 40, 3), dtype=np.uint8)
+    with pytest.raises(VLBridgeError, match=r"image 0: expected .*got ndarray; wrap a numpy array as PIL.Image.fromarray"):
+        to_pixel_batch(array, PRE)
+    with pytest.raises(VLBridgeError, match=r"got bytes; open encoded bytes as PIL.Image.open"):
+        to_pixel_batch(b"\x89PNG", PRE)

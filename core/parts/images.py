@@ -148,7 +148,9 @@ def _no_images_problem(images: object) -> None:
 
 
 def _is_single(images: object) -> bool:
-    return isinstance(images, (Image.Image, str, os.PathLike, torch.Tensor))
+    """One image, not a list of them; an array or bytes counts as one too, so that its refusal names
+    it (iterated, an (H, W, 3) array was H 'images' and bytes were ints)."""
+    return isinstance(images, (Image.Image, str, os.PathLike, torch.Tensor, np.ndarray, bytes, bytearray))
 
 
 def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: str) -> torch.Tensor:
@@ -164,7 +166,12 @@ def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: s
                                     f"got {tuple(item.shape)}")
             return transform(item)
         return _check_normalised(item, preprocess, where, dims=3)
-    raise VLBridgeError(f"{where}: expected a PIL image, a file path or a tensor, got {type(item).__name__}")
+    hint = ""
+    if isinstance(item, np.ndarray):
+        hint = "; wrap a numpy array as PIL.Image.fromarray(array) (uint8 (H, W, 3)) or torch.from_numpy(array).permute(2, 0, 1)"
+    elif isinstance(item, (bytes, bytearray)):
+        hint = "; open encoded bytes as PIL.Image.open(io.BytesIO(data))"
+    raise VLBridgeError(f"{where}: expected a PIL image, a file path or a tensor, got {type(item).__name__}{hint}")
 
 
 def _not_empty(image: Image.Image, where: str) -> Image.Image:
