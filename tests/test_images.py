@@ -195,3 +195,14 @@ def test_numpy_arrays_and_bytes_are_refused_as_what_they_are():
         to_pixel_batch(array, PRE)
     with pytest.raises(VLBridgeError, match=r"got bytes; open encoded bytes as PIL.Image.open"):
         to_pixel_batch(b"\x89PNG", PRE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_normalised_tensors_are_refused(bad):
+    """A NaN batch went through the encoder and came out as an empty caption, with no error."""
+    batch = torch.zeros(2, 3, 28, 28)
+    batch[1, 0, 3, 4] = bad
+    with pytest.raises(VLBridgeError, match="the batch: the float tensor holds NaN or infinite values"):
+        to_pixel_batch(batch, PRE)
+    with pytest.raises(VLBridgeError, match="image 1: the float tensor holds NaN or infinite values"):
+        to_pixel_batch(list(batch), PRE)

@@ -191,6 +191,8 @@ def _check_normalised(tensor: torch.Tensor, preprocess: Preprocess, where: str, 
             f"{expected}; got {str(tensor.dtype).removeprefix('torch.')} "
             f"{tuple(tensor.shape)} (pass PIL images, paths or uint8 (3, H, W) tensors to have them resized and normalised)"
         )
+    if not bool(torch.isfinite(tensor).all()):  # NaN pixels ran through and captioned as "" without a word
+        raise VLBridgeError(f"{where}: the float tensor holds NaN or infinite values; normalised pixels must be finite")
     return tensor
 
 
