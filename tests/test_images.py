@@ -206,3 +206,17 @@ def test_non_finite_normalised_tensors_are_refused(bad):
         to_pixel_batch(batch, PRE)
     with pytest.raises(VLBridgeError, match="image 1: the float tensor holds NaN or infinite values"):
         to_pixel_batch(list(batch), PRE)
+
+
+def test_closed_or_truncated_pil_images_are_named(tmp_path):
+    """Pillow failed lazily inside the transform: a bare OSError, or an AssertionError with no message."""
+    path = tmp_path / "a.png"
+    _image(0).save(path)
+    with Image.open(path) as closed:
+        pass
+    with pytest.raises(VLBridgeError, match=r"image 0: cannot read the PIL image's pixels .*must stay open"):
+        to_pixel_batch(closed, PRE)
+    truncated = tmp_path / "t.png"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(VLBridgeError, match=r"image 1: cannot read the PIL image's pixels \(OSError"):
+        to_pixel_batch([_image(1), Image.open(truncated)], PRE)

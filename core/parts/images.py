@@ -158,7 +158,7 @@ def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: s
     if isinstance(item, (str, os.PathLike)):
         return transform(_not_empty(load_image(item), f"image file {str(item)!r}"))
     if isinstance(item, Image.Image):
-        return transform(to_rgb(_not_empty(item, where), where))
+        return transform(_pil_rgb(_not_empty(item, where), where))
     if isinstance(item, torch.Tensor):
         if item.dtype == torch.uint8:
             if item.dim() != 3 or item.shape[0] != 3 or 0 in item.shape:
@@ -172,6 +172,20 @@ def _one(item: ImageInput, preprocess: Preprocess, transform: Callable, where: s
     elif isinstance(item, (bytes, bytearray)):
         hint = "; open encoded bytes as PIL.Image.open(io.BytesIO(data))"
     raise VLBridgeError(f"{where}: expected a PIL image, a file path or a tensor, got {type(item).__name__}{hint}")
+
+
+def _pil_rgb(image: Image.Image, where: str) -> Image.Image:
+    """A caller's PIL image as RGB. Its pixels load here, so an image opened lazily from a file that
+    is truncated, or closed since (a `with Image.open(...)` block that ended), fails as a named
+    error, not as Pillow's bare OSError or an AssertionError without a message."""
+    try:
+        return to_rgb(image, where)
+    except VLBridgeError:
+        raise
+    except (OSError, ValueError, AssertionError, SyntaxError) as exc:
+        raise VLBridgeError(f"{where}: cannot read the PIL image's pixels ({type(exc).__name__}: {exc or 'no message'}); "
+                            "a lazily opened image must stay open and its file complete: call image.load() or "
+                            "image.convert('RGB') inside the `with Image.open(...)` block, or pass the file's path") from exc
 
 
 def _not_empty(image: Image.Image, where: str) -> Image.Image:
