@@ -252,3 +252,9 @@ def test_features_of_a_model_in_train_mode_are_deterministic_and_the_mode_is_res
     for name in ("image_embeds_proj", "text_embeds_proj", "multimodal_embeds"):
         if getattr(expected, name) is not None:
             torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)
+
+
+def test_answer_takes_images_from_a_generator(qformer_opt):
+    """answer counted a generator of images (using it up), then had none left to answer about."""
+    expected = qformer_opt.answer([RED, BLUE], "what colour?", max_new_tokens=3)
+    assert qformer_opt.answer((image for image in (RED, BLUE)), "what colour?", max_new_tokens=3) == expected

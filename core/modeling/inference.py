@@ -192,13 +192,13 @@ def answer(model: RunningModel, images: Any, questions: str | Sequence[str], pro
     if questions is None:
         raise VLBridgeError("answer needs questions: one string for every image, or one per image")
     batch_size = generation.pop("batch_size", 16)
-    count = len(as_image_list(images))
-    asked = _per_image(questions, count, "questions")
+    items = as_image_list(images)  # listed once: a generator of images counted here would be empty below
+    asked = _per_image(questions, len(items), "questions")
     empty = [i for i, q in enumerate(asked) if not q.strip()]
     if empty:
         raise VLBridgeError(f"question {empty[0] + 1} is empty; give a question for every image")
     formatted = [prompt.format(q) for q in asked]
-    return generate_batched(model, images, formatted, answer_options(model, generation), batch_size)
+    return generate_batched(model, items, formatted, answer_options(model, generation), batch_size)
 
 
 def answer_options(model: RunningModel, generation: dict[str, Any]) -> GenerationOptions:
