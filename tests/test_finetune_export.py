@@ -108,3 +108,59 @@ def test_instructblip_export_merges_lora_and_keeps_the_trained_encoder(tmp_path)
                          qformer_attention_mask=qformer.attention_mask).logits
     q = hf_tiny.NUM_QUERIES
     torch.testing.assert_close(exported[:, q:], ours[:, q:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_an_adapted_head_tied_to_the_embeddings_is_untied_in_the_export(tmp_path, family):
+    """LoRA on lm_head, which the tiny LMs tie to their input embeddings: the merge must not change
+    the embeddings, and the export must keep the merged head as a matrix of its own."""
+    from transformers import Blip2ForConditionalGeneration
+
+    hf_tiny.make_generation_model(tmp_path / "hf", family)
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    live = model.llm.model
+    assert live.get_output_embeddings().weight is live.get_input_embeddings().weight  # tied, as the case needs
+    model.tuned.lora = add_lora(model.llm, {**LORA, "target_modules": ["q" if family == "t5" else "q_proj", "lm_head"]})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in lora_parameters(live).values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.eval()
+    merged = merged_llm_model(model)
+    assert torch.equal(merged.get_input_embeddings().weight, live.get_input_embeddings().weight)  # the merge left the embeddings alone
+    assert not merged.config.tie_word_embeddings and live.config.tie_word_embeddings
+    px = hf_tiny.pixels(seed=5)
+    text = model.llm.tokenizer(["a small cat", "two red"], padding=True, return_tensors="pt")
+    labels = {"labels": text.input_ids} if family == "t5" else {}
+    with torch.no_grad():
+        ours = model(px, text.input_ids, text.attention_mask, **labels).logits
+    again = Blip2ForConditionalGeneration.from_pretrained(vlbridge.export_hf_blip2(model, tmp_path / "exported")).eval()
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask, again.config.image_token_index)
+    with torch.no_grad():
+        exported = again(pixel_values=px, input_ids=ids, attention_mask=mask, **labels).logits
+    q = 0 if family == "t5" else hf_tiny.NUM_QUERIES  # T5's logits are the decoder's: text positions only
+    torch.testing.assert_close(exported[:, q:], ours[:, q:], atol=1e-4, rtol=0)
+
+
+def test_llava_export_of_an_adapted_tied_head(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    _, tokenizer = make_llava(tmp_path / "hf", text_override={"tie_word_embeddings": True})
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported"))
+    live = model.llm.model
+    assert live.get_output_embeddings().weight is live.get_input_embeddings().weight
+    model.tuned.lora = add_lora(model.llm, {**LORA, "target_modules": ["q_proj", "lm_head"]})
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in lora_parameters(live).values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.eval()
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
+    px = pixels(2)
+    ids, mask = hf_inputs(tokenizer, again, PROMPTS)
+    with torch.no_grad():
+        exported = again(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        ours_ids, ours_mask = model.llm.tokenize([model.llm.format_prompt(p) for p in PROMPTS], padding_side="left")
+        ours = model(px, ours_ids, ours_mask).logits
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        torch.testing.assert_close(ours[row, :length], exported[row, -length:], atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ The LLM's own modules stay in eval mode while the model trains; the adapters' dr
 model's mode.
 
 Formats without adapters (transformers' BLIP-2 and LLaVA) get `merged_llm_model(model)`: a copy of
-the LLM with every adapter merged into its base weight. Only the adapted Linear layers are copied;
+the LLM with every adapter merged into its base weight. Only the adapted layers get their own weights;
 every other tensor is shared with the live model, which is left as it was.
 """
 
@@ -100,20 +100,42 @@ def _is_lora_name(name: str) -> bool:
 def merged_llm_model(model: Any) -> nn.Module:
     """The LLM's transformers model with its LoRA adapters merged into the base weights, for formats
     without adapters; the live model itself when it has none. The live model is left unchanged:
-    the adapted layers are copied before merging, every other tensor is shared."""
+    the adapted layers get their own copies before merging, every other tensor is shared. An adapted
+    layer whose weight is tied to another (an LM head tied to the input embeddings) is untied, and
+    the copy's config says so: merging into the shared tensor would change the embeddings too, and
+    an export saving one matrix for both would lose the merge."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     live = model.llm.model
-    adapted = [module for module in live.modules() if isinstance(module, BaseTunerLayer)]
-    if not adapted:
+    if not any(isinstance(module, BaseTunerLayer) for module in live.modules()):
         return live
-    copied = {id(t) for module in adapted for t in itertools.chain(module.get_base_layer().parameters(), module.get_base_layer().buffers())}
-    shared = {id(t): t for t in itertools.chain(live.parameters(), live.buffers()) if id(t) not in copied}
+    shared = {id(t): t for t in itertools.chain(live.parameters(), live.buffers())}
     merged = copy.deepcopy(live, memo=dict(shared))
     for name, module in [(n, m) for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]:
+        _own_tensors(module.get_base_layer())
         module.merge(adapter_names=[ADAPTER])
         parent_name, _, child = name.rpartition(".")
         setattr(merged.get_submodule(parent_name) if parent_name else merged, child, module.get_base_layer())
     if "peft_config" in merged.__dict__:
         del merged.__dict__["peft_config"]
+    _record_untied_head(merged)
     return merged
+
+
+def _own_tensors(layer: nn.Module) -> None:
+    """Give `layer` copies of its parameters and buffers, so merging into them touches nothing shared."""
+    for key, param in list(layer.named_parameters(recurse=False)):
+        setattr(layer, key, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+    for key, buffer in list(layer.named_buffers(recurse=False)):
+        setattr(layer, key, buffer.clone())
+
+
+def _record_untied_head(merged: nn.Module) -> None:
+    """Where merging gave the LM head a weight of its own, its config must not tie it back."""
+    config = getattr(merged, "config", None)
+    head = merged.get_output_embeddings() if hasattr(merged, "get_output_embeddings") else None
+    embeddings = merged.get_input_embeddings() if hasattr(merged, "get_input_embeddings") else None
+    if config is None or head is None or embeddings is None or head.weight is embeddings.weight:
+        return
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # the deep copy's own config: the live model's still ties

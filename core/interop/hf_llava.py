@@ -191,12 +191,12 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     # A projector imported without biases holds zeros: written back without them, as it came (exact either way).
     projector_bias = any(bool(layers[i].bias.detach().any()) for i in (0, 2))
     strategy, prefix = _export_strategy(encoder_opts)
-    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=llm.model.config.to_dict(),
+    merged = model.merged_llm_model()  # LoRA merged (its config says whether the merge untied the head)
+    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=merged.config.to_dict(),
                          image_token_index=llm.image_token_id, vision_feature_layer=layer,
                          vision_feature_select_strategy=strategy,
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
-                         multimodal_projector_bias=projector_bias, tie_word_embeddings=llm.model.config.tie_word_embeddings)
-    merged = model.merged_llm_model()  # LoRA merged
+                         multimodal_projector_bias=projector_bias, tie_word_embeddings=merged.config.tie_word_embeddings)
     _require_llava_layout(merged)
     head = dict(merged.lm_head.state_dict())
     head_bias = head.pop("bias", None)  # LLaVA's lm_head has no bias: one of zeros is left out exactly
