@@ -235,3 +235,15 @@ def test_half_precision_parts_train_in_fp32_and_load_back(tmp_path, data):
     assert {p.dtype for p in loaded.encoder.parameters()} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(logits(loaded), logits(model))
+
+
+def test_lora_on_the_input_embeddings_trains_and_loads(tmp_path, data):
+    """peft wraps an adapted nn.Embedding in a layer without `embedding_dim`: the LLM reads its width
+    from the base layer (it was an internal AttributeError at the first step)."""
+    finetune = {"lora": {**LORA["lora"], "target_modules": ["embed_tokens", "q_proj"]}}
+    trainer, before, result = run_trainer(stage2(data, tmp_path / "out", finetune, steps=3))
+    model = trainer.model.eval()
+    moved = changed(model, before)
+    assert any(".embed_tokens.lora_embedding_" in name for name in moved)
+    assert not any(n.startswith("llm.") and not is_lora(n) for n in moved)
+    assert torch.equal(logits(vlbridge.load(result.checkpoint)), logits(model))

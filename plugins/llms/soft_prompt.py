@@ -171,8 +171,11 @@ class SoftPromptLLM(FrozenPart):
 
     @property
     def embed_width(self) -> int:
-        """Width of the input embeddings: where the visual prompt goes (before any projection)."""
-        return self.model.get_input_embeddings().embedding_dim
+        """Width of the input embeddings: where the visual prompt goes (before any projection). Read
+        from the base layer: LoRA on the embeddings (peft's wrapper) has no `embedding_dim` of its own."""
+        embeddings = self.model.get_input_embeddings()
+        base = embeddings.get_base_layer() if hasattr(embeddings, "get_base_layer") else embeddings
+        return base.embedding_dim
 
     @property
     def device(self) -> torch.device:
