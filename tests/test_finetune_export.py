@@ -68,23 +68,31 @@ def test_blip2_export_merges_lora_and_keeps_the_trained_encoder(tmp_path):
 
 
 def test_llava_export_merges_lora_and_keeps_the_trained_encoder(tmp_path):
-    from transformers import LlavaForConditionalGeneration
-
     hf, tokenizer = make_llava(tmp_path / "hf")
     model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported"))
     as_if_trained(model, seed=1)  # the blocks the cut tower dropped come from its directory, the trained one from the model
     assert model.tuned.lora["target_modules"] == ["q_proj", "v_proj"]  # peft's defaults for Llama
-    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
+    px, ids, mask, exported = llava_export_matches(model, tmp_path / "exported", tokenizer)
+    with torch.no_grad():
+        plain = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    assert not torch.allclose(exported, plain, atol=1e-3)  # the adapters did reach the export
+
+
+def llava_export_matches(model, out, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Export `model` as LLaVA into `out`, reload it in transformers, and assert its logits equal the
+    model's on two images and PROMPTS; returns (pixels, ids, mask, the export's logits)."""
+    from transformers import LlavaForConditionalGeneration
+
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, out))).eval()
     px = pixels(2)
     ids, mask = hf_inputs(tokenizer, again, PROMPTS)
     with torch.no_grad():
         exported = again(input_ids=ids, pixel_values=px, attention_mask=mask).logits
         ours_ids, ours_mask = model.llm.tokenize([model.llm.format_prompt(p) for p in PROMPTS], padding_side="left")
         ours = model(px, ours_ids, ours_mask).logits
-        plain = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
     for row, length in enumerate(mask.sum(dim=1).tolist()):
         torch.testing.assert_close(ours[row, :length], exported[row, -length:], atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(exported, plain, atol=1e-3)  # the adapters did reach the export
+    return px, ids, mask, exported
 
 
 def test_instructblip_export_merges_lora_and_keeps_the_trained_encoder(tmp_path):
@@ -143,8 +151,6 @@ def test_an_adapted_head_tied_to_the_embeddings_is_untied_in_the_export(tmp_path
 
 
 def test_llava_export_of_an_adapted_tied_head(tmp_path):
-    from transformers import LlavaForConditionalGeneration
-
     _, tokenizer = make_llava(tmp_path / "hf", text_override={"tie_word_embeddings": True})
     model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported"))
     live = model.llm.model
@@ -155,12 +161,4 @@ def test_llava_export_of_an_adapted_tied_head(tmp_path):
         for param in lora_parameters(live).values():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     model.eval()
-    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
-    px = pixels(2)
-    ids, mask = hf_inputs(tokenizer, again, PROMPTS)
-    with torch.no_grad():
-        exported = again(input_ids=ids, pixel_values=px, attention_mask=mask).logits
-        ours_ids, ours_mask = model.llm.tokenize([model.llm.format_prompt(p) for p in PROMPTS], padding_side="left")
-        ours = model(px, ours_ids, ours_mask).logits
-    for row, length in enumerate(mask.sum(dim=1).tolist()):
-        torch.testing.assert_close(ours[row, :length], exported[row, -length:], atol=1e-4, rtol=1e-4)
+    llava_export_matches(model, tmp_path / "exported", tokenizer)
