@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.modeling.running import evaluating
 
 PROBE_SEED = 0  # the probe image is drawn from its own generator: the caller's RNG is left alone
 PROBE_PROMPT = "a photo of"
@@ -38,12 +39,8 @@ def probe_pixels(model) -> torch.Tensor:
 def eval_logits(model, *args, **kwargs) -> torch.Tensor:
     """`model(...).logits` in eval mode (no dropout: the export is compared as it will run), the
     model's training mode put back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return model(*args, **kwargs).logits
-    finally:
-        model.train(was_training)
 
 
 def max_logit_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -14,12 +14,10 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from vlbridge.errors import PluginError, VLBridgeError
 from vlbridge.plugin.contract import describe, plugin_call
-from vlbridge.modeling.running import RunningModel, checked_batch_size
+from vlbridge.modeling.running import RunningModel, checked_batch_size, evaluating
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
 from vlbridge.files.config_fields import StrictNumbers, did_you_mean
-
-
 
 CLI_SETTINGS = ("max_new_tokens", "min_new_tokens", "num_beams", "repetition_penalty")  # what caption/ask take as --flags
 
@@ -114,10 +112,8 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
     texts = format_prompts(model.llm, instructions)  # what the LLM reads
     if options.num_return_sequences > options.num_beams and not options.do_sample:
         raise VLBridgeError(f"num_return_sequences {options.num_return_sequences} exceeds num_beams {options.num_beams}")
-    was_training = model.training
-    model.eval()
     outputs: list[str] = []
-    try:
+    with evaluating(model):
         for start in range(0, len(texts), batch_size):
             if items is not None:
                 visual = model.visual_tokens(model.pixel_values(items[start:start + batch_size]),
@@ -129,8 +125,6 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
             _check_context(model, visual.shape[1] + ids.shape[1], options.max_new_tokens)
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
             outputs.extend(_decoded(model, new_tokens, visual.shape[0] * options.num_return_sequences))
-    finally:
-        model.train(was_training)
     return outputs
 
 
