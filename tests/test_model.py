@@ -62,6 +62,9 @@ def test_generation_settings(qformer_opt):
         qformer_opt.generate(RED, prompt=["a", "b"])
     with pytest.raises(VLBridgeError, match=r"temperature shape sampling, and this call searches .* add do_sample=True"):
         qformer_opt.generate(RED, num_beams=1, temperature=0.3)  # was greedy, the temperature ignored
+    with pytest.raises(VLBridgeError, match=r"length_penalty 2.0 scales beam scores .* num_beams is 1 .* give num_beams > 1"):
+        qformer_opt.answer(RED, "what colour?", num_beams=1, length_penalty=2.0)  # was dropped without a word
+    assert len(qformer_opt.answer(RED, "what colour?", num_beams=1, max_new_tokens=2)) == 1  # the VQA default stays quiet
     with pytest.raises(VLBridgeError, match=r"temperature: Input should be greater than 0 \(got -1\)$"):
         qformer_opt.generate(RED, do_sample=True, temperature=-1)  # no --temperature flag to name
     with pytest.raises(VLBridgeError, match=r"num_beams \(--num-beams\): Input should be greater than or equal to 1"):

@@ -60,9 +60,14 @@ class GenerationOptions(StrictNumbers):
 
 def _options(overrides: dict[str, Any], **defaults: Any) -> GenerationOptions:
     try:
-        return GenerationOptions(**{**defaults, **overrides})
+        options = GenerationOptions(**{**defaults, **overrides})
     except ValidationError as exc:
         raise VLBridgeError(f"bad generation settings: {'; '.join(_setting_problem(err) for err in exc.errors())}") from None
+    if "length_penalty" in overrides and options.num_beams == 1:  # a caller's own value, not a default, would be dropped
+        raise VLBridgeError(f"bad generation settings: length_penalty {overrides['length_penalty']!r} scales beam scores by "
+                            "length, and num_beams is 1 (no beams), so it would be ignored; give num_beams > 1 or drop "
+                            "length_penalty")
+    return options
 
 
 def _setting_problem(err: Any) -> str:
