@@ -47,6 +47,8 @@ def test_ask_and_retrieve(capsys, images):
 def test_run_errors_exit_2(capsys, images, tmp_path):
     code, _, err = run(capsys, "caption", "-a", "tiny-qformer-opt", str(tmp_path / "nope.png"))
     assert code == 2 and "image not found" in err
+    code, _, err = run(capsys, "caption", "-a", "tiny-qformer-opt", "https://example.com/cat.jpg")
+    assert code == 2 and "'https://example.com/cat.jpg' is a URL; vlbridge reads local image files only" in err  # was 'image not found'
     code, _, err = run(capsys, "retrieve", "-a", "tiny-mlp-opt", "-t", "x", images[0])
     assert code == 2 and "need a Q-Former connector" in err
     code, _, err = run(capsys, "caption", "-a", "no-such-preset", images[0])

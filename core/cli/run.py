@@ -11,6 +11,7 @@ from vlbridge.cli.argtypes import non_negative_int, positive_int
 from vlbridge.cli.model_source import add_random_weights_argument, check_model_source, open_model
 from vlbridge.cli.output import print_json, print_table
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.image_urls import url_problem
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,8 @@ def _load_model(args: argparse.Namespace):
     source = check_model_source(args)  # -a/-c/--weights, the assembly name before torch, then checkpoint and device
     args.images = [os.path.expanduser(image) for image in args.images]  # a quoted '~/x.jpg', as --checkpoint reads it
     for image in args.images:
+        if url_problem(image):
+            raise VLBridgeError(url_problem(image))
         if Path(image).is_dir():
             raise VLBridgeError(f"{image} is a directory; give image files (a shell glob such as {Path(image) / '*.jpg'} lists them)")
         if not Path(image).is_file():

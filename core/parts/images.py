@@ -12,7 +12,6 @@ would silently normalise twice.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
@@ -25,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.image_urls import url_problem
 from vlbridge.plugin.specs import Preprocess
 
 ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor]
@@ -49,15 +49,12 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it. A URL is
     refused as one (vlbridge reads local files only), not reported as a path with its '//' collapsed."""
-    if isinstance(path, str) and _URL.match(path):
-        raise VLBridgeError(f"{path!r} is a URL; vlbridge reads local image files only (it never downloads): "
-                            "download it first and pass the file's path, or open it as a PIL image")
+    problem = url_problem(path)
+    if problem:
+        raise VLBridgeError(problem)
     path = Path(path).expanduser()
     if not path.is_file():
         raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
