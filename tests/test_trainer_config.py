@@ -107,6 +107,17 @@ def test_check_validates_without_training(capsys, tmp_path, data):
     assert not (tmp_path / "out").exists()
 
 
+def test_check_refuses_a_batch_larger_than_the_data(capsys, tmp_path, data):
+    """A batch_size above the sample count passed --check; training then loaded every weight before saying so."""
+    values = config(data, tmp_path / "out")
+    values["batch_size"] = 10_000
+    code, _, err = train_cli(capsys, tmp_path, values, "--check")
+    assert_user_error(code, err, "make no full batch of batch_size 10000, and drop_last drops the incomplete one")
+    values["drop_last"] = False
+    code, _, err = train_cli(capsys, tmp_path, values, "--check")
+    assert code == 0, err
+
+
 def test_an_existing_run_needs_resume(capsys, tmp_path, data):
     step = tmp_path / "out" / "checkpoints" / "step-3"
     step.mkdir(parents=True)
@@ -131,7 +142,7 @@ def test_examples_validate(capsys, repo, tmp_path, monkeypatch, name):
 
     monkeypatch.chdir(tmp_path)  # their paths are relative to where they run
     (tmp_path / "runs" / "stage1-tiny" / "checkpoints").mkdir(parents=True)  # stage 2's init_from: a run's output_dir
-    generate_world(tmp_path / "world", WorldConfig(train=1, val=1, test=0, comp=0, image_size=16))  # --check reads the data's files
+    generate_world(tmp_path / "world", WorldConfig(train=2, val=1, test=0, comp=0, image_size=16))  # --check reads the data's files (2 images: 18 captions, a batch of 16)
     code = main(["train", str(repo / "examples" / name), "--check"])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -73,4 +73,18 @@ def read_annotations(config) -> None:
 
     for where, data in (("data.train", config.data.train), ("data.eval", config.data.eval)):
         if data is not None and data.format != "webdataset":
-            read_records(data, train=where == "data.train", where=where)
+            records = read_records(data, train=where == "data.train", where=where)
+            if where == "data.train":
+                check_a_batch_fits(len(records), config.batch_size, config.drop_last)
+
+
+def check_a_batch_fits(samples: int, batch_size: int, drop_last: bool) -> None:
+    """With drop_last, a rank whose share of the data is smaller than one batch never steps; training
+    would load every weight first and only then say so."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if drop_last and samples // world_size < batch_size:
+        from vlbridge.data.records import DataError
+
+        share = f"{samples} training samples" + (f" over {world_size} ranks ({samples // world_size} each)" if world_size > 1 else "")
+        raise DataError(f"data.train: {share} make no full batch of batch_size {batch_size}, and drop_last drops the "
+                        "incomplete one, so no step could run; lower batch_size, add data, or set drop_last: false")
