@@ -315,3 +315,19 @@ def test_a_blip2_directory_whose_heads_or_epsilon_differ_is_refused(hf_blip2_dir
     directory, _ = hf_blip2_dir
     with pytest.raises(ValueError, match=message):
         _opts(pretrained=str(directory), **options)
+
+
+def test_a_blip2_directory_without_qkv_biases_loads_as_transformers_runs_it(tmp_path):
+    """qkv_bias=False saves no biases; eva-vit-g refused the directory (missing q_bias/v_bias) where the
+    importer filled zeros. Both fill zeros now, which compute the same attention."""
+    from transformers import Blip2VisionModel
+
+    config = _hf_vision_config()
+    config.qkv_bias = False
+    vision = Blip2VisionModel(config).eval()
+    _randomise(vision)
+    vision.save_pretrained(tmp_path)
+    assert not any("qkv.bias" in key for key in vision.state_dict())
+    encoder = build(_opts(pretrained=str(tmp_path)))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(_pixels()), _hf_hidden_states(vision, _pixels())[-1], atol=1e-5, rtol=0)

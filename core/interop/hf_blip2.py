@@ -79,14 +79,10 @@ def unsupported_settings(config: dict[str, Any], family: str) -> None:
 
 
 def zero_qv_biases(vision: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A vision tower saved with qkv_bias=False has no q/v biases; eva-vit-g always has them, and zeros
-    compute the same attention exactly."""
-    if vision.get("qkv_bias", True):
-        return state
-    width = vision.get("hidden_size", 1408)
-    zeros = {f"blocks.{block}.attn.{name}": torch.zeros(width) for block in range(vision.get("num_hidden_layers", 39))
-             for name in ("q_bias", "v_bias")}
-    return {**zeros, **state}
+    """A vision tower saved with qkv_bias=False gets eva-vit-g's q/v biases as zeros (the same attention)."""
+    from vlbridge.plugins.encoders.eva_vit_g_convert import with_zero_qv_biases
+
+    return state if vision.get("qkv_bias", True) else with_zero_qv_biases(state)
 
 
 def encoder_options(vision: dict[str, Any], pretrained: str) -> dict[str, Any]:

@@ -134,7 +134,8 @@ def read_eva_checkpoint(path: str | Path) -> tuple[StateDict, str]:
     if path.is_dir() and directory_arch(str(path)) is not None:
         return convert_timm_eva_state_dict(read_tensors(require_path(path / VLBRIDGE_WEIGHTS, "EVA ViT-g weights"))), "vlbridge encoder directory"
     if path.is_dir():
-        return convert_hf_blip2_vision_state_dict(read_hf_blip2_vision(path)), "transformers BLIP-2 directory"
+        state = convert_hf_blip2_vision_state_dict(read_hf_blip2_vision(path))
+        return (state if hf_vision_config(path).get("qkv_bias", True) else with_zero_qv_biases(state)), "transformers BLIP-2 directory"
     keys = tensor_keys(path)
     if keys is None:
         state = read_tensors(path)
@@ -160,6 +161,27 @@ def detect_eva_format(keys: list[str]) -> tuple[str, Callable[[StateDict], State
         if has(prefix):
             return "OpenCLIP / timm EVA checkpoint", convert_timm_eva_state_dict, prefix
     return "EVA state dict (vlbridge, EVA-CLIP or timm names)", convert_timm_eva_state_dict, ""
+
+
+_QKV_WEIGHT = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.weight$")
+
+
+def with_zero_qv_biases(state: StateDict) -> StateDict:
+    """A vision tower saved with qkv_bias=False has no q/v biases; eva-vit-g always has them, and zeros
+    compute the same attention exactly. Each block with a qkv weight gets them (a missing block stays
+    missing, for the strict load to name)."""
+    zeros: StateDict = {}
+    for key, weight in state.items():
+        block = _QKV_WEIGHT.match(key)
+        if block:
+            zeros.update({f"blocks.{block[1]}.attn.{name}": weight.new_zeros(weight.shape[1]) for name in ("q_bias", "v_bias")})
+    return {**zeros, **state}
+
+
+def hf_vision_config(directory: Path) -> dict:
+    """The vision config of a transformers BLIP-2 / InstructBLIP directory (or of a saved vision model)."""
+    config = read_json(directory / "config.json", "transformers config", top=dict)
+    return (config.get("vision_config") or {}) if config.get("model_type") != "blip_2_vision_model" else config
 
 
 def read_hf_blip2_vision(directory: Path) -> StateDict:
