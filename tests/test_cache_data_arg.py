@@ -19,3 +19,14 @@ def test_a_training_config_as_data_config_is_named(tmp_path, capsys):
     assert f"data config {str(path)!r} is a training config; --data takes one dataset's settings" in err
     assert "save data.train and data.eval as a file of its own each and give one --data per file" in err and "unknown key" not in err
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_compare_config_as_data_config_is_named(tmp_path, capsys, repo):
+    """It printed 19 lines, one per compare setting ('name: unknown key', 'runs: unknown key', ...)."""
+    path = repo / "examples" / "compare-world.yaml"
+    code = main(["cache-features", "-a", "tiny-qformer-opt", "--data", str(path), "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"data config {str(path)!r} is a compare config; --data takes one dataset's settings" in err
+    assert "save stage1_data and stage2_data as a file of its own each" in err and "unknown key" not in err
+    assert not (tmp_path / "cache").exists()

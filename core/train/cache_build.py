@@ -69,6 +69,11 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
                 raise CacheError(f"data config {file!r} is a training config; --data takes one dataset's settings (format, paths, "
                                  f"image_root, ...): save {' and '.join(sections) or 'its data.train'} as a file of its own each and give "
                                  "one --data per file, or give --format and --paths")
+            if "format" not in source and isinstance(source.get("runs"), list):  # a compare config: its stageN_data sections
+                sections = [name for name in ("stage1_data", "stage2_data") if isinstance(source.get(name), dict)]
+                raise CacheError(f"data config {file!r} is a compare config; --data takes one dataset's settings (format, paths, "
+                                 f"image_root, ...): save {' and '.join(sections) or 'its stage1_data'} as a file of its own each and "
+                                 "give one --data per file, or give --format and --paths")
         config = load_data_config(source, where=file or f"data[{i}]")
         loaded.append((config, Source(file=file, config=config.model_dump(mode="json", exclude_defaults=True))))
     if not loaded:
