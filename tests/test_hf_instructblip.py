@@ -198,3 +198,29 @@ def test_a_long_instruction_is_cut_to_the_qformers_positions(tmp_path):
     assert ids.shape == (1, 24) and mask.all()
     with torch.no_grad():
         assert model.visual_tokens(hf_tiny.pixels(1), instructions=["describe " * 40]).shape[:2] == (1, Q)
+
+
+def test_an_imported_model_reads_an_instruction_longer_than_128_tokens_whole(tmp_path):
+    """transformers' processor does not cut the Q-Former's instruction; the import kept LAVIS's 128-token
+    cut, so an instruction of 129 or more tokens gave other logits than the model it came from."""
+    from transformers import AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    config = InstructBlipConfig(vision_config=hf_tiny._vision(), qformer_config={**hf_tiny._qformer(), "max_position_embeddings": 256},
+                                text_config=hf_tiny._text("opt"), num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
+    torch.manual_seed(0)
+    reference = InstructBlipForConditionalGeneration(config).eval()
+    hf_tiny.redraw(reference, seed=0)
+    reference.save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir("opt")).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir("bert")).save_pretrained(tmp_path / "hf" / "qformer_tokenizer")
+    model = vlbridge.load(vlbridge.import_hf_instructblip(tmp_path / "hf", tmp_path / "ours")).eval()
+    instruction = ["describe the red circle " * 16]  # about 160 Q-Former tokens of the tiny BERT vocabulary
+    qformer = _qformer_inputs(model, instruction)
+    assert 128 < qformer["qformer_input_ids"].shape[1] <= 256
+    text = model.llm.tokenizer(["a red"], return_tensors="pt")
+    ids, mask = _with_image_tokens(text.input_ids, text.attention_mask)
+    pixels = hf_tiny.pixels(1)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask, **qformer).logits
+        torch.testing.assert_close(model(pixels, text.input_ids, text.attention_mask, instructions=instruction).logits,
+                                   expected, atol=1e-4, rtol=0)

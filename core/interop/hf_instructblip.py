@@ -65,6 +65,8 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     shutil.copytree(tokenizer_src, tokenizer_dir)
     connector = connector_options(config, str(tokenizer_dir.resolve()))
     connector["instruction_aware"] = True
+    # transformers' InstructBlipProcessor does not cut the instruction (LAVIS cuts at 128): only the positions limit it
+    connector["max_instruction_tokens"] = connector["max_text_positions"]
     assembly = {
         "name": name or src.name,
         "description": f"imported from transformers InstructBlipForConditionalGeneration at {src}",
