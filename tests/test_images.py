@@ -220,3 +220,27 @@ def test_closed_or_truncated_pil_images_are_named(tmp_path):
     truncated.write_bytes(path.read_bytes()[:200])
     with pytest.raises(VLBridgeError, match=r"image 1: cannot read the PIL image's pixels \(OSError"):
         to_pixel_batch([_image(1), Image.open(truncated)], PRE)
+
+
+def test_truncated_files_are_refused_whoever_set_pillows_flag(tmp_path, monkeypatch):
+    """lmms-eval sets ImageFile.LOAD_TRUNCATED_IMAGES on import; a cut-short file then read as whole,
+    its missing rows grey, in every vlbridge reader of that process."""
+    from PIL import ImageFile
+
+    from vlbridge.data.records import DataError, ImageRef
+    from vlbridge.data.transforms import open_image
+
+    full = tmp_path / "full.jpg"
+    _image(8, size=(64, 64)).save(full)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(full.read_bytes()[:-200])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with Image.open(truncated) as image:
+        image.load()  # Pillow itself now reads it as whole
+    with pytest.raises(VLBridgeError, match="cut.jpg"):
+        load_image(truncated)
+    with pytest.raises(DataError, match="cannot decode image 'cut'"):
+        open_image(ImageRef(name="cut", data=truncated.read_bytes()))
+    with pytest.raises(VLBridgeError, match=r"image 0: cannot read the PIL image's pixels"):
+        to_pixel_batch([Image.open(truncated)], PRE)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # left as the caller set it

@@ -18,7 +18,7 @@ from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.data.records import DataError, ImageRef
 from vlbridge.errors import VLBridgeError
-from vlbridge.parts.images import eval_transform, load_image, to_rgb
+from vlbridge.parts.images import eval_transform, load_image, to_rgb, truncated_files_refused
 from vlbridge.plugin.specs import Preprocess
 
 __all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
@@ -46,7 +46,7 @@ def open_image(ref: ImageRef) -> Image.Image:
     if ref.path is not None:
         return load_image(ref.path)  # its errors already name the file
     try:
-        with Image.open(io.BytesIO(ref.data or b"")) as image:
+        with truncated_files_refused(), Image.open(io.BytesIO(ref.data or b"")) as image:
             return to_rgb(image, f"image {ref.name!r}")  # loads the pixels, so truncated data fails here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {ref.name!r}: {exc}") from exc

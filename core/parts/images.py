@@ -12,13 +12,14 @@ would silently normalise twice.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.functional import InterpolationMode
@@ -49,6 +50,19 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
+@contextmanager
+def truncated_files_refused() -> Iterator[None]:
+    """Pillow's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` (lmms-eval sets it when imported) fills a
+    cut-short file's missing rows with grey and reads it as whole; vlbridge's readers refuse such a
+    file, whoever set the flag, and leave the flag as they found it."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it. A URL is
     refused as one (vlbridge reads local files only), not reported as a path with its '//' collapsed."""
@@ -59,7 +73,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if not path.is_file():
         raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
     try:
-        with Image.open(path) as image:
+        with truncated_files_refused(), Image.open(path) as image:
             return to_rgb(image, f"image file {str(path)!r}")  # loads the pixels, so truncated files fail here
     except Image.DecompressionBombError as exc:
         raise VLBridgeError(f"image file {str(path)!r} is larger than Pillow reads by default ({exc}); downscale it, or raise "
@@ -176,7 +190,8 @@ def _pil_rgb(image: Image.Image, where: str) -> Image.Image:
     is truncated, or closed since (a `with Image.open(...)` block that ended), fails as a named
     error, not as Pillow's bare OSError or an AssertionError without a message."""
     try:
-        return to_rgb(image, where)
+        with truncated_files_refused():
+            return to_rgb(image, where)
     except VLBridgeError:
         raise
     except (OSError, ValueError, AssertionError, SyntaxError) as exc:
