@@ -191,3 +191,23 @@ def test_python_m_lmms_eval_runs_a_checkpoint_on_local_tasks(tasks, tmp_path):
     results = json.loads(found.read_text())["results"]
     assert set(results) == {VQA_TASK, MC_TASK}
     assert not math.isnan(results[MC_TASK]["acc,none"])
+
+
+def test_a_context_ending_in_whitespace_scores_the_whole_continuation():
+    """lm-eval's rule: a context's trailing space goes with the continuation. Kept on the context, the
+    BPE space token took the first word's place, so 'Which shape is it? ' + 'square' scored only the
+    word's later tokens (or refused the request as adding no token)."""
+    from lmms_eval.api.instance import Instance
+
+    from vlbridge.lmms.model import VLBridgeLMM
+
+    model = vlbridge.build("tiny-linear-opt")
+    image = scene("red", "square")
+    wrapper = VLBridgeLMM.wrap(model, batch_size=2)
+    wrapper.task_dict = {"t": {"test": [{"image": image}]}}
+    pairs = [("Which shape is it? ", "square"), ("Which shape is it?\n", "a red square")]
+    scored = wrapper.loglikelihood([Instance("loglikelihood", (context, choice, lambda d: [d["image"]], 0, "t", "test"), idx=i,
+                                             metadata={"task": "t", "doc_id": 0, "repeats": 1})
+                                    for i, (context, choice) in enumerate(pairs)])
+    direct = [direct_logprob(model, image, context.rstrip(), context[len(context.rstrip()):] + choice) for context, choice in pairs]
+    assert [-result.text[0] for result in scored] == pytest.approx([logprob for logprob, _ in direct], abs=1e-4)

@@ -4,7 +4,8 @@ produce it: what lmms-eval's `loglikelihood` (and so every multiple-choice task)
 The text is built as generation builds it (the task prompt through the LLM's template, the
 instruction for an instruction-aware connector), so a choice is scored in the context the model
 answers in. Decoder-only: [visual; prompt + continuation], the continuation's tokens being those the
-whole text has after the prompt's (lm-eval's rule); encoder-decoder: the encoder reads [visual;
+whole text has after the prompt's, trailing whitespace of the prompt moved to the continuation
+(lm-eval's rule); encoder-decoder: the encoder reads [visual;
 prompt], the decoder the continuation (no end token).
 """
 
@@ -40,6 +41,7 @@ def continuation_scores(model: Any, images: Sequence[Any], instructions: Sequenc
 
 def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels aligned (logit t predicts label t), labels only on the continuation."""
+    prompts, continuations = map(list, zip(*(_whitespace_to_continuation(p, c) for p, c in zip(prompts, continuations))))
     ids, mask = llm.tokenize([p + c for p, c in zip(prompts, continuations)], padding_side="right")
     prompt_lengths = llm.tokenize(prompts, padding_side="right")[1].sum(dim=1).to(ids.device)
     lengths = mask.sum(dim=1)
@@ -51,6 +53,14 @@ def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuati
     output = llm(visual, ids, mask, labels=labels)
     aligned = aligned_labels(output, labels, visual.shape[1], IGNORE)
     return output.logits[:, :-1], aligned[:, 1:]
+
+
+def _whitespace_to_continuation(prompt: str, continuation: str) -> tuple[str, str]:
+    """(prompt, continuation) with the prompt's trailing whitespace moved to the continuation: BPE
+    tokenizers merge a space into the next word, so a prompt's own space token would swallow the
+    position of the continuation's first word (scored from its second token on, or not at all)."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):] + continuation
 
 
 def _encoder_decoder(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
