@@ -211,3 +211,12 @@ def test_a_context_ending_in_whitespace_scores_the_whole_continuation():
                                     for i, (context, choice) in enumerate(pairs)])
     direct = [direct_logprob(model, image, context.rstrip(), context[len(context.rstrip()):] + choice) for context, choice in pairs]
     assert [-result.text[0] for result in scored] == pytest.approx([logprob for logprob, _ in direct], abs=1e-4)
+
+
+def test_an_unknown_model_arg_is_named_with_the_ones_there_are():
+    from vlbridge.lmms.model import VLBridgeLMM
+
+    with pytest.raises(VLBridgeError, match=r"chekpoint: Extra inputs.*takes prompt, batch_size, max_new_tokens, checkpoint, assembly"):
+        VLBridgeLMM(assembly="tiny-linear-opt", chekpoint="runs/x")
+    with pytest.raises(VLBridgeError, match=r"promt: Extra inputs.*takes prompt, batch_size, max_new_tokens\)"):
+        VLBridgeLMM.wrap(object(), promt="Question: {}")

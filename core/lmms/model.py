@@ -199,4 +199,6 @@ def _parsed(model: type, values: dict[str, Any]) -> Any:
         return model(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model_args'}: {e['msg']}" for e in exc.errors())
+        if any(e["type"] == "extra_forbidden" for e in exc.errors()):  # a misspelt name: say which names there are
+            problems += f"; the vlbridge model takes {', '.join(model.model_fields)}"
         raise VLBridgeError(f"--model vlbridge: bad --model_args ({problems})") from None
