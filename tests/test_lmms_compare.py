@@ -79,3 +79,16 @@ def test_a_missing_extra_is_said_before_anything_trains(tmp_path, monkeypatch):
     with pytest.raises(VLBridgeError, match=r'pip install "vlbridge\[lmms-eval\]"'):
         run_compare(config, say=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tag_is_refused_before_scoring_naming_its_tasks(tmp_path):
+    """lmms-eval runs a tag's tasks but gives the tag no result: the scores were lost to a KeyError at the end."""
+    from vlbridge.errors import VLBridgeError
+    from vlbridge.lmms.options import LmmsEvalSpec
+    from vlbridge.lmms.tasks import score_tasks
+
+    tasks = write_tasks(tmp_path / "tasks", count=2)
+    (tasks / f"{VQA_TASK}.yaml").write_text((tasks / f"{VQA_TASK}.yaml").read_text() + "tag: local_bench\n")
+    spec = LmmsEvalSpec(tasks=["local_bench"], include_path=str(tasks), include_defaults=False)
+    with pytest.raises(VLBridgeError, match=rf"tags \['local_bench'\].*list their tasks instead \(local_bench: \['{VQA_TASK}'\]\)"):
+        score_tasks(object(), spec, say=lambda _: None)

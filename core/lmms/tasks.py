@@ -44,6 +44,10 @@ def score_tasks(model: Any, spec: LmmsEvalSpec, say: Say = print) -> dict[str, d
         where = f"under include_path {spec.include_path}" if spec.include_path else "in lmms-eval"
         raise VLBridgeError(f"lmms-eval tasks {unknown} not found {where}; known tasks include "
                             f"{sorted(manager.all_tasks)[:10]} (lmms-eval --tasks list shows them all)")
+    tags = {task: manager.task_index[task]["task"] for task in spec.tasks if manager.task_index[task]["type"] == "tag"}
+    if tags:  # lmms-eval scores a tag's tasks and gives the tag no result: said now, not after scoring them
+        raise VLBridgeError(f"lmms-eval tags {sorted(tags)} are labels on tasks, with no result of their own; list their tasks "
+                            f"instead ({'; '.join(f'{tag}: {members}' for tag, members in tags.items())})")
     say(f"  lmms-eval: {', '.join(spec.tasks)}")
     wrapper = VLBridgeLMM.wrap(model, prompt=spec.prompt, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens)
     with untouched_random_state():
