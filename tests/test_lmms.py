@@ -220,3 +220,18 @@ def test_an_unknown_model_arg_is_named_with_the_ones_there_are():
         VLBridgeLMM(assembly="tiny-linear-opt", chekpoint="runs/x")
     with pytest.raises(VLBridgeError, match=r"promt: Extra inputs.*takes prompt, batch_size, max_new_tokens\)"):
         VLBridgeLMM.wrap(object(), promt="Question: {}")
+
+
+def test_a_request_past_the_llm_context_is_refused_by_length():
+    """An lmms-eval context longer than OPT's positions failed inside its forward with a bare IndexError."""
+    from lmms_eval.api.instance import Instance
+
+    from vlbridge.lmms.model import VLBridgeLMM
+
+    model = vlbridge.build("tiny-linear-opt")  # OPT with 128 positions
+    wrapper = VLBridgeLMM.wrap(model, batch_size=2)
+    wrapper.task_dict = {"t": {"test": [{"image": scene("red", "square")}]}}
+    request = Instance("loglikelihood", ("word " * 200, " square", lambda d: [d["image"]], 0, "t", "test"), idx=0,
+                       metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    with pytest.raises(VLBridgeError, match=r"tokens long .* past the LLM's context of 128 positions"):
+        wrapper.loglikelihood([request])

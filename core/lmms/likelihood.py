@@ -33,14 +33,24 @@ def continuation_scores(model: Any, images: Sequence[Any], instructions: Sequenc
         chunk = slice(start, start + batch_size)
         visual = model.visual_tokens(model.pixel_values(list(images[chunk])), instructions=list(instructions[chunk]))
         prompts = format_prompts(model.llm, list(instructions[chunk]))
-        score = _encoder_decoder if model.llm.is_encoder_decoder else _decoder_only
-        logits, labels = score(model.llm, visual, prompts, list(continuations[chunk]))
+        if model.llm.is_encoder_decoder:
+            logits, labels = _encoder_decoder(model.llm, visual, prompts, list(continuations[chunk]))
+        else:
+            logits, labels = _decoder_only(model.llm, visual, prompts, list(continuations[chunk]), _hard_context(model))
         out.extend(_sum_and_greedy(logits, labels))
     return out
 
 
-def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels aligned (logit t predicts label t), labels only on the continuation."""
+def _hard_context(model: Any) -> int | None:
+    """The positions a decoder-only LLM has (absolute position embeddings), or None where it has no hard limit."""
+    dims = model.plan.llm_dims
+    return dims.context_length if dims is not None and dims.context_is_hard else None
+
+
+def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str],
+                  context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels aligned (logit t predicts label t), labels only on the continuation; a text
+    longer than the LLM's `context` is refused (its forward failed with a bare IndexError)."""
     prompts, continuations = map(list, zip(*(_whitespace_to_continuation(p, c) for p, c in zip(prompts, continuations))))
     ids, mask = llm.tokenize([p + c for p, c in zip(prompts, continuations)], padding_side="right")
     prompt_lengths = llm.tokenize(prompts, padding_side="right")[1].sum(dim=1).to(ids.device)
@@ -48,6 +58,10 @@ def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuati
     empty = [c for c, n, p in zip(continuations, lengths.tolist(), prompt_lengths.tolist()) if n <= p]
     if empty:
         raise VLBridgeError(f"continuation(s) {empty[:3]} add no token to their prompt; nothing to score")
+    if context is not None and visual.shape[1] + ids.shape[1] > context:
+        raise VLBridgeError(f"a request to score is {visual.shape[1] + ids.shape[1]} tokens long (visual tokens, prompt and "
+                            f"continuation), past the LLM's context of {context} positions; shorten the task's text or "
+                            "the prompt")
     positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
     labels = ids.masked_fill(mask.eq(0) | (positions < prompt_lengths[:, None]), IGNORE)
     output = llm(visual, ids, mask, labels=labels)
