@@ -105,6 +105,28 @@ def test_fsdp_resume_continues_the_uninterrupted_run(tmp_path):
         assert torch.equal(cut[key], full[key]), key
 
 
+def test_fsdp_saves_the_encoder_tensors_init_from_brought(tmp_path):
+    """A stage-1 run that fine-tuned the encoder, then stage 2 under FSDP from it with the encoder
+    frozen: its restored tensors now lie in the encoder's shards, and the checkpoint stores them
+    whole (it died writing them: safetensors cannot save a sharded tensor)."""
+    import vlbridge.train
+    from safetensors.torch import load_file
+
+    data = write_caption_data(tmp_path / "data", images=8)
+    (tmp_path / "grads").mkdir()
+    tuned = vlbridge.train.run(config(data, tmp_path / "s1", steps=1, batch_size=4, schedule={},
+                                      finetune={"encoder": {"unfreeze": 1}})).checkpoint
+    two = stage2_config(data, tmp_path / "s2", "tiny-qformer-opt", steps=1, batch_size=2, schedule={}, init_from=str(tuned),
+                        parallel=FSDP)
+    run_two(write_config(tmp_path / "s2.yaml", two), tmp_path / "grads")
+    saved = tmp_path / "s2" / "checkpoints" / "step-1"
+    expected, got = (load_file(directory / "encoder.safetensors") for directory in (tuned, saved))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    connector_of(saved)  # and it loads in one process
+
+
 def without_speed(output_dir: Path) -> list[dict]:
     """The metrics lines without the throughput each one measures."""
     return [{k: v for k, v in m.items() if k != "images_per_s"} for m in read_metrics(output_dir)]

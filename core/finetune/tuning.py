@@ -45,16 +45,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def tuned_parts(model: Any) -> list[ExtraPart]:
-    """The model's fine-tuned tensors as checkpoint parts (none for a frozen bridge)."""
+    """The model's fine-tuned tensors as checkpoint parts (none for a frozen bridge). Under FSDP every
+    rank must call it: a restored tensor that is frozen in this run lies in a shard and is gathered whole."""
     parts, tuned = [], model.tuned
     if tuned.encoder_names:
         params = dict(model.encoder.named_parameters())
-        tensors = {name: params[name].detach() for name in sorted(tuned.encoder_names)}
+        tensors = {name: whole(params[name]) for name in sorted(tuned.encoder_names)}
         parts.append(ExtraPart("encoder", ENCODER_FILE, tensors, {"file": ENCODER_FILE, "tensors": len(tensors), "dtype": tuned.encoder_dtype}))
     if tuned.lora is not None and model.llm is not None:
-        tensors = {name: param.detach() for name, param in lora_parameters(model.llm.model).items()}
+        tensors = {name: whole(param) for name, param in lora_parameters(model.llm.model).items()}
         parts.append(ExtraPart("lora", LORA_FILE, tensors, {"file": LORA_FILE, "tensors": len(tensors), **tuned.lora}))
     return parts
+
+
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value, detached: an FSDP shard (a DTensor; frozen tensors restored from an
+    earlier run are sharded with the rest of their part) is all-gathered, a plain tensor is itself."""
+    full = getattr(param, "full_tensor", None)
+    return (full() if full is not None else param).detach()
 
 
 def restore_tuned(model: Any, directory: str | Path, meta: Mapping[str, Any]) -> list[str]:

@@ -338,6 +338,7 @@ class Trainer:
         """Every rank hands in its RNG states and data position; rank 0 writes step-N and `latest`."""
         ranks = distributed.all_gather_object({"rng": ckpt.capture_rng(), "data": self.progress.state_dict(),
                                                   "skipped": self.progress.skipped_count + self.skipped_before})
+        parts = tuned_parts(self.model)  # on every rank: gathering a sharded tensor is a collective
         if self.where.main:
             state = {"format": ckpt.STATE_FORMAT, "version": 1, "step": self.step, "epoch": self.progress.epoch,
                      "world_size": self.where.world_size, "optimizer": self.optimizer.state_dict(),
@@ -346,7 +347,7 @@ class Trainer:
             ckpt.save_training_checkpoint(
                 self.output_dir, self.step, assembly=checkpoint_config(self.model.assembly),
                 connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
-                config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=tuned_parts(self.model))
+                config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=parts)
         rt.barrier()
         return self.step
 
