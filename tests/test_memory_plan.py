@@ -40,6 +40,26 @@ def test_fsdp_divides_the_frozen_parts_and_the_advice_names_what_to_shard():
     assert eight.advice(parse_size("40GiB")).startswith("fits 40.0 GiB")
 
 
+def test_fsdp_without_resharding_after_forward_plans_every_block_gathered():
+    """reshard_after_forward: false keeps each block's gathered weights from its forward to its backward
+    (the frozen encoder's for good): at the end of the forward pass a rank holds the whole part, not
+    ~2 blocks of it. The plan counted ~2 blocks and promised 12 GiB that are not there on blip2-opt-6.7b."""
+    from vlbridge.train.config import read_config
+
+    plan = load_assembly("blip2-opt-6.7b").plan
+    settings = {"assembly": "blip2-opt-6.7b", "stage": 2, "data": {"train": {"format": "jsonl", "paths": ["c.jsonl"]}},
+                "batch_size": 8, "steps": 10, "precision": "bf16", "output_dir": "out"}
+    lines = {}
+    for reshard in (True, False):
+        config, _ = read_config({**settings, "parallel": {"strategy": "fsdp", "reshard_after_forward": reshard}})
+        lines[reshard] = {line.name: line for line in plan_for_config(config, plan, world_size=8).lines}
+    for part, params in (("llm", plan.llm.params), ("encoder", plan.encoder.params)):
+        full = params * 2  # fp16 weights
+        assert lines[True][f"frozen {part}"].bytes < full / 4
+        kept = lines[False][f"frozen {part}"]
+        assert kept.bytes == full // 8 + full and "reshard_after_forward" in kept.remedy
+
+
 def test_sizes_parse_or_say_what_is_accepted():
     assert parse_size("40GiB") == 40 * 2**30 and parse_size("80 GB") == 80 * 10**9 and parse_size("512MiB") == 2**29
     for meaningless in ("1024", "40", "0GiB"):  # a bare number (40 meant as GB) or nothing at all

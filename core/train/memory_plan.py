@@ -44,6 +44,8 @@ CONNECTOR_VALUE_BYTES = 4
 LOGPROB_BYTES = 4  # the LM loss upcasts the logits: log_softmax keeps its fp32 output, in every precision
 BLOCK_PARAMS = {False: 12, True: 14}  # a block's parameters / width^2 (attention 4, 4x MLP 8; + cross-attention 4 in half)
 GATHERED_BLOCKS = 2  # fsdp holds the block it runs and the one it prefetches
+# ... unless reshard_after_forward is false: then every block stays gathered after its forward, until
+# its backward (the frozen encoder, which has none, stays gathered for good; measured on FSDP2)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB|TiB|TB)\s*$", re.IGNORECASE)
 _UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
 
@@ -140,16 +142,18 @@ def trained_by(finetune: Any, plan: Plan, counts: dict[str, int] | None = None) 
 
 
 def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, world_size: int = 1, strategy: str = "ddp",
-                shard: list[str] | None = None, activation_checkpointing: bool = False, trained: Trained = Trained()) -> MemoryPlan:
+                shard: list[str] | None = None, activation_checkpointing: bool = False, trained: Trained = Trained(),
+                reshard_after_forward: bool = True) -> MemoryPlan:
     """Each rank's bytes: frozen parts (sharded or whole), trained parameters, gradients, AdamW state, activations."""
     shard = list(shard or []) if strategy == "fsdp" and world_size > 1 else []
     frozen_encoder = plan.encoder.params
     if frozen_encoder is not None and trained.encoder:  # the trained part is counted, in fp32, with the trained parameters
         frozen_encoder = max(0, frozen_encoder - trained.encoder)
-    lines = [_frozen("encoder", frozen_encoder, plan.encoder.options, plan.encoder_out.width, shard, world_size)]
+    lines = [_frozen("encoder", frozen_encoder, plan.encoder.options, plan.encoder_out.width, shard, world_size,
+                     reshard=reshard_after_forward)]
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None:
         lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size,
-                             plan.llm_dims.encoder_decoder))
+                             plan.llm_dims.encoder_decoder, reshard=reshard_after_forward))
     # the built model's count where there is one: a connector that declares none was "counted when the model
     # is built", even in the plan printed from the built model
     parts = trained.parts(plan.trainable_params.get(stage) if trained.connector is None else trained.connector)
@@ -176,11 +180,11 @@ def plan_for_config(config: Any, plan: Plan, world_size: int, counts: dict[str, 
     return memory_plan(plan, stage=config.stage, batch_size=config.batch_size, precision=config.precision,
                        world_size=world_size, strategy=par.strategy, shard=par.parts(config.stage),
                        activation_checkpointing=par.activation_checkpointing,
-                       trained=trained_by(config.finetune, plan, counts))
+                       trained=trained_by(config.finetune, plan, counts), reshard_after_forward=par.reshard_after_forward)
 
 
 def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, shard: list[str], world: int,
-            encoder_decoder: bool = False) -> Line:
+            encoder_decoder: bool = False, reshard: bool = True) -> Line:
     dtype = str(options.get("dtype", "fp32"))
     if params is None:
         return Line(f"frozen {name}", None, "parameter count not declared")
@@ -192,6 +196,11 @@ def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, 
             remedy += f"; or set the {name}'s dtype option to bf16 (half)"
         return Line(f"frozen {name}", full, f"{count_text(params, exact=False)} in {dtype}, whole on every rank", remedy)
     blocks = _blocks(params, width, encoder_decoder)
+    if not reshard:
+        return Line(f"frozen {name}", full // world + full,
+                    f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + all ~{blocks} blocks gathered "
+                    "(reshard_after_forward: false keeps them after the forward pass)",
+                    "parallel.reshard_after_forward: true (gathers ~2 blocks at a time)")
     gathered = GATHERED_BLOCKS * full // blocks
     return Line(f"frozen {name}", full // world + gathered,
                 f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
