@@ -178,6 +178,20 @@ def test_parallel_section_is_checked_with_its_yaml_path(tmp_path):
     assert read_config(config(data, tmp_path / "out", parallel={"strategy": "fsdp"}))[0].parallel.parts(2) == ["llm", "encoder"]
 
 
+def test_fsdp_settings_under_ddp_are_refused_not_ignored(tmp_path):
+    """`shard` (or reshard_after_forward) without strategy: fsdp ran DDP, a whole model on every rank,
+    with no word: a 7B LLM meant to be sharded ran out of memory instead."""
+    from vlbridge.train.config import TrainConfigError, check_config, read_config
+
+    data = write_caption_data(tmp_path / "data", images=4)
+    meant = config(data, tmp_path / "out", stage=2, assembly="tiny-mlp-opt", parallel={"shard": ["llm"], "reshard_after_forward": False})
+    with pytest.raises(TrainConfigError) as caught:
+        check_config(*read_config(meant))
+    assert [problem.split(":")[0] for problem in caught.value.problems] == ["parallel.shard", "parallel.reshard_after_forward"]
+    assert all("strategy: fsdp" in problem for problem in caught.value.problems)
+    check_config(*read_config(config(data, tmp_path / "out", parallel={"strategy": "ddp", "activation_checkpointing": False})))
+
+
 def test_blocks_are_found_generically_or_the_part_is_whole():
     from torch import nn
 
