@@ -250,6 +250,24 @@ def test_the_plan_says_what_undeclared_plugins_leave_out():
     assert "not counted: the connector's (not declared)" in stage1.note
 
 
+def test_a_fits_verdict_names_what_the_plan_could_not_count():
+    """--plan-only with LoRA on llava-1.5-7b (adapters sized only on the built model; the MLP declares
+    no activations): the lines said `not counted`, but the verdict said it fits with room to spare, as if
+    the total were complete. It now names those lines, and the JSON lists them."""
+    from vlbridge.train.finetune_config import FinetuneConfig
+
+    plan = load_assembly("llava-1.5-7b").plan
+    lora = trained_by(FinetuneConfig.model_validate({"lora": {"r": 128}}), plan)
+    partial = memory_plan(plan, stage=2, batch_size=8, precision="bf16", world_size=8, strategy="fsdp",
+                          shard=["llm", "encoder"], trained=lora)
+    assert partial.uncounted == ["trained parameters", "activations"]
+    verdict = partial.advice(parse_size("80GiB"))
+    assert verdict.startswith("fits 80.0 GiB") and "not counted: part of trained parameters, activations" in verdict
+    assert partial.to_dict()["uncounted"] == ["trained parameters", "activations"]
+    complete = memory_plan(load_assembly("blip2-opt-6.7b").plan, stage=2, batch_size=8, precision="bf16")
+    assert complete.uncounted == [] and "not counted" not in complete.advice(parse_size("80GiB"))
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_an_unfrozen_encoder_without_a_declared_count_is_named_as_not_counted(stage):
     """unfreeze: all on an encoder that declares no parameter count: its depth is unknown, and the

@@ -78,16 +78,24 @@ class MemoryPlan:
         rows = [f"  {line.name:<22} {_human(line.bytes):>10}  {line.note}".rstrip() for line in self.lines]
         return "\n".join([head, *rows, f"  {'total':<22} {_human(self.total):>10}"])
 
+    @property
+    def uncounted(self) -> list[str]:
+        """Lines with a part the declarations could not size (bytes unknown, or `not counted: ...` in the note):
+        the total is a lower bound then, and a verdict must say so."""
+        return [line.name for line in self.lines if line.bytes is None or "not counted:" in line.note]
+
     def advice(self, device_bytes: int) -> str:
         """Whether the plan fits a device of `device_bytes`, and if not, which parts to shard or shrink (largest first)."""
         if self.total <= device_bytes:
-            return f"fits {_human(device_bytes)} per device ({_human(device_bytes - self.total)} to spare)"
+            caveat = (f"; not counted: part of {', '.join(self.uncounted)} (see those lines), which must fit in what is to spare"
+                      if self.uncounted else "")
+            return f"fits {_human(device_bytes)} per device ({_human(device_bytes - self.total)} to spare){caveat}"
         over = [line for line in sorted(self.lines, key=lambda line: -(line.bytes or 0)) if line.remedy]
         steps = "; ".join(f"{line.name} ({_human(line.bytes)}): {line.remedy}" for line in over[:3])
         return f"does not fit {_human(device_bytes)} per device (needs {_human(self.total)}): {steps}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "world_size": self.world_size, "total": self.total,
+        return {"strategy": self.strategy, "world_size": self.world_size, "total": self.total, "uncounted": self.uncounted,
                 "lines": [{"name": line.name, "bytes": line.bytes, "note": line.note} for line in self.lines]}
 
 
