@@ -192,6 +192,16 @@ def test_fsdp_settings_under_ddp_are_refused_not_ignored(tmp_path):
     check_config(*read_config(config(data, tmp_path / "out", parallel={"strategy": "ddp", "activation_checkpointing": False})))
 
 
+def test_fsdp_in_one_process_says_it_shards_nothing(tmp_path, capfd, one_torch_thread):
+    """`vlbridge train` of an fsdp config without torchrun trained one whole model in silence (the
+    plan even read 'one process'): a 7B run launched the wrong way ran out of memory with no word why."""
+    import vlbridge.train
+
+    data = write_caption_data(tmp_path / "data", images=4)
+    vlbridge.train.run(stage2_config(data, tmp_path / "out", "tiny-mlp-opt", steps=1, batch_size=2, schedule={}, parallel=FSDP))
+    assert "fsdp in one process shards nothing" in capfd.readouterr().err
+
+
 def test_blocks_are_found_generically_or_the_part_is_whole():
     from torch import nn
 

@@ -150,6 +150,9 @@ class Trainer:
         """The loop of `fit`, once the model state and the batch stream are in place."""
         self.sharded = fsdp.apply_parallel(self.model, self.config.parallel, stage=self.config.stage,
                                            precision=self.config.precision, world_size=self.where.world_size)
+        if self.config.parallel.strategy == "fsdp" and self.where.world_size == 1:  # runs, but holds what the config meant to split
+            self.say("note: parallel.strategy fsdp in one process shards nothing: the whole model is on this device; launch "
+                     "with torchrun --nproc_per_node N to split the frozen parts over N processes")
         self.objective_step = rt.wrap(self.model, self.objective, self.where, self.config.find_unused_parameters,
                                       ddp=self.sharded is None)
         self.model.train()
