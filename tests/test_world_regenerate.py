@@ -58,3 +58,66 @@ def test_cli_says_what_it_kept(tmp_path, capsys):
     assert main(["world", "generate", "--out", out, "--seed", "2", "--val", "0"]) == 2
     err = capsys.readouterr().err
     assert "val" in err and "Traceback" not in err
+
+
+def _cut_short(monkeypatch, after: int) -> None:
+    """Make generate_world stop (as on Ctrl-C) when it is about to draw its image number `after`."""
+    import vlbridge.world.generate as generate
+
+    render, drawn = generate.render_scene, []
+
+    def draw(scene, size):
+        if len(drawn) == after:
+            raise KeyboardInterrupt
+        drawn.append(scene.image_id)
+        return render(scene, size)
+
+    monkeypatch.setattr(generate, "render_scene", draw)
+
+
+def test_a_generation_cut_short_is_taken_up_by_the_next(tmp_path, monkeypatch):
+    """A `world generate` (or a demo) interrupted while writing left images but no manifest: the
+    rerun refused the folder ("not empty and holds no world"), so the demo could not resume."""
+    out = tmp_path / "w"
+    _cut_short(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        generate_world(out, FIRST)
+    monkeypatch.undo()
+    generate_world(out, FIRST)
+    generate_world(tmp_path / "fresh", FIRST)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "fresh").rglob("*") if p.is_file()}
+
+
+def test_a_world_cut_short_over_another_is_not_reused_as_that_one(tmp_path, monkeypatch):
+    """The previous world's manifest stayed while its files were being replaced: the demo then took
+    the half-replaced folder for that world and trained on a mix of two worlds."""
+    import vlbridge.compare.demo as demo
+
+    out = tmp_path / "w"
+    generate_world(out, FIRST)
+    _cut_short(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        generate_world(out, FIRST.model_copy(update={"seed": 5}))
+    monkeypatch.undo()
+    said: list[str] = []
+    sizes = {**{split: FIRST.size(split) for split in SPLITS}, "image_size": FIRST.image_size}
+    demo.ensure_world(out, sizes, FIRST.seed, said.append)
+    assert said == [f"generating the world in {out}"]
+    generate_world(tmp_path / "fresh", FIRST)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "fresh").rglob("*") if p.is_file()}
+
+
+def test_a_cut_short_world_keeps_what_it_kept(tmp_path, monkeypatch):
+    """Cut short while keeping a split, the rerun keeps it again; the splits it had begun are not kept."""
+    out = tmp_path / "w"
+    generate_world(out, FIRST)
+    comp = _files(out, "comp")
+    _cut_short(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        generate_world(out, FIRST.model_copy(update={"train": 4, "comp": 0}))
+    monkeypatch.undo()
+    manifest = generate_world(out, FIRST.model_copy(update={"train": 4, "test": 0, "comp": 0}))
+    assert manifest["kept"] == ["comp"] and _files(out, "comp") == comp
+    assert manifest["stats"]["test"]["images"] == 0

@@ -83,12 +83,13 @@ GENERATION = {"num_beams": 1, "max_new_tokens": 30}  # greedy; 30 tokens hold a 
 def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict[str, Any]:
     """Generate the world, or reuse one already there with the same configuration."""
     from vlbridge.world import WorldConfig, generate_world
+    from vlbridge.world.generate import INCOMPLETE
 
     config = WorldConfig(seed=seed, **sizes)
     manifest_file = directory / "manifest.json"
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        if manifest.get("config") == config.model_dump(mode="json"):
+        if manifest.get("config") == config.model_dump(mode="json") and not manifest.get(INCOMPLETE):
             say(f"reusing the world in {directory}")
             return manifest
     say(f"generating the world in {directory}")

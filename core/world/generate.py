@@ -29,6 +29,7 @@ from vlbridge.world.scene import Scene, sample_scene
 
 IMAGE_PATTERN = "images/world_{split}_{image_id:07d}.png"  # for read_vqa's image_pattern
 MANIFEST = "manifest.json"
+INCOMPLETE = "incomplete"  # the manifest's flag while a world is being written: not a world to read
 FORMAT_VERSION = 1
 ANSWERS_PER_QUESTION = 10  # as VQAv2
 
@@ -72,20 +73,26 @@ def generate_world(out: str | Path, config: WorldConfig | None = None) -> dict[s
     kept = _kept_splits(out, config, previous)
     config = config.model_copy(update={split: previous["config"][split] for split in kept})
     regenerated = [split for split in SPLITS if split not in kept]
-    _prepare(out, regenerated)
     stats: dict[str, Any] = {split: previous["stats"][split] for split in kept}
+    _prepare(out, regenerated, _manifest(config, stats, kept))
     for split in regenerated:
         images = [make_image(config, split, i) for i in range(config.size(split))]
         for image in images:
             render_scene(image.scene, config.image_size).save(out / image.file_name, format="PNG")
         _write_split(out, split, images, config)
         stats[split] = split_stats(images, config)
-    manifest = {
-        "format_version": FORMAT_VERSION, "config": config.model_dump(mode="json"), "image_pattern": IMAGE_PATTERN,
-        "files": {split: split_files(split) for split in SPLITS}, "stats": {split: stats[split] for split in SPLITS}, "kept": kept,
-    }
+    manifest = _manifest(config, stats, kept)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+def _manifest(config: WorldConfig, stats: dict[str, Any], kept: list[str]) -> dict[str, Any]:
+    """The world's manifest: its stats list the splits written so far (all of them once it is done)."""
+    return {
+        "format_version": FORMAT_VERSION, "config": config.model_dump(mode="json"), "image_pattern": IMAGE_PATTERN,
+        "files": {split: split_files(split) for split in SPLITS}, "stats": {split: stats[split] for split in SPLITS if split in stats},
+        "kept": kept,
+    }
 
 
 def split_files(split: str) -> dict[str, str]:
@@ -126,9 +133,13 @@ def _kept_splits(out: Path, config: WorldConfig, previous: dict[str, Any] | None
     return kept
 
 
-def _prepare(out: Path, splits: list[str]) -> None:
-    """Create `out` and remove the files of the splits about to be written (a previous world's)."""
+def _prepare(out: Path, splits: list[str], interim: dict[str, Any]) -> None:
+    """Create `out` and remove the files of the splits about to be written (a previous world's).
+
+    First the manifest becomes `interim` (the kept splits only) flagged incomplete: a call cut
+    short leaves a folder that the next call takes up and that no reader takes for a world."""
     (out / "images").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps({**interim, INCOMPLETE: True}, indent=1))
     for split in splits:
         for image in (out / "images").glob(f"world_{split}_*.png"):
             image.unlink()
