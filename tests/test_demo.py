@@ -267,6 +267,26 @@ def test_demo_cli_passes_world_seed_and_llm(tmp_path: Path, monkeypatch: pytest.
     assert seen["world_seed"] == 7 and seen["llm"] == "flan-t5" and seen["quick"] is True
 
 
+def test_the_flan_t5_and_stage1_train_demos_do_not_replace_the_default_ones_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`vlbridge demo` then `vlbridge demo --llm flan-t5` (or `--stage1 train`) wrote into the same
+    folder, and each run of the second, of the same name, deleted the first's and trained afresh."""
+    import vlbridge.compare.demo as demo
+
+    folders = []
+
+    def fake_run_demo(out, **kwargs):
+        folders.append(str(out))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.md").write_text("report\n", encoding="utf-8")
+        return {"runs": {}, "references": []}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--llm", "flan-t5"], ["--stage1", "train"]):
+        assert main(["demo", "--quick", *extra]) == 0
+    assert folders == ["vlbridge-demo-quick", "vlbridge-demo-quick-flan-t5", "vlbridge-demo-quick-stage1-train"]
+
+
 def test_another_world_seed_gives_another_world(tmp_path: Path):
     """ensure_world generates the seed's world, and regenerates when the seed changes."""
     from vlbridge.compare.demo import ensure_world
@@ -291,6 +311,10 @@ def test_a_demo_on_another_world_gets_its_own_folder_and_never_replaces_runs(tmp
 
     assert default_demo_folder(False, 0) == "vlbridge-demo" and default_demo_folder(True, 0) == "vlbridge-demo-quick"
     assert default_demo_folder(False, 3) == "vlbridge-demo-world3" and default_demo_folder(True, 3) == "vlbridge-demo-quick-world3"
+    # the FlanT5 bridges and a stage 1 trained in the run share the OPT demo's run names: each keeps a folder of its own
+    assert default_demo_folder(False, 0, "flan-t5") == "vlbridge-demo-flan-t5"
+    assert default_demo_folder(True, 2, "flan-t5", "train") == "vlbridge-demo-quick-flan-t5-stage1-train-world2"
+    assert len({default_demo_folder(True, 0, llm, stage1) for llm in ("opt", "flan-t5") for stage1 in ("shipped", "train")}) == 4
     (tmp_path / "world").mkdir()
     (tmp_path / "world" / "manifest.json").write_text(json.dumps({"config": WorldConfig(seed=0, **demo.QUICK.world).model_dump(mode="json")}))
     (tmp_path / "runs" / "linear" / "seed-0").mkdir(parents=True)
