@@ -250,6 +250,19 @@ def test_flan_t5_plan_bridges_every_run_to_the_world_flan_t5(capsys: pytest.Capt
         demo_config(Path("out"), quick=True, seeds=[0], queries=[32], llm="llama")
 
 
+def test_query_counts_without_a_shipped_stage1_are_named_together_with_the_way_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`vlbridge demo --queries 8 16 32 64` (the README's ablation) named only one count (64, not 16)
+    and not the option; now every count the shipped stage 1 lacks, and --stage1 train."""
+    with pytest.raises(VLBridgeError, match=r"--queries 16 64: the shipped stage-1 Q-Formers have 32 and 8 queries only; add --stage1 train"):
+        demo_config(Path("out"), quick=True, seeds=[0], queries=[8, 16, 32, 64])
+    config, _ = demo_config(Path("out"), quick=True, seeds=[0], queries=[8, 16, 32, 64], stage1="train")
+    assert [r.name for r in config.runs if r.group == "zero-shot"][:5] == \
+        ["qformer-32q", "qformer-32q-no-stage1", "qformer-8q", "qformer-16q", "qformer-64q"]
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--queries", "8", "16", "32", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--queries 16 64" in err and "Traceback" not in err
+
+
 def test_demo_cli_passes_world_seed_and_llm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The options reach run_demo (which generates the world of that seed; see the next test)."""
     import vlbridge.compare.demo as demo

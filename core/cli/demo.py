@@ -25,7 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "for --world-seed N, so each keeps its own runs)")
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (under 2 minutes on 2 idle cores; what the tests run)")
     d.add_argument("--seeds", type=seed, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
-    d.add_argument("--queries", type=positive_int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (8 16 32 64)")
+    d.add_argument("--queries", type=positive_int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (default 8 32: the shipped stage-1 checkpoints; "
+                   "e.g. 8 16 32 64 with --stage1 train)")
     d.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs (e.g. qformer-32q linear); default: all")
     d.add_argument("--world-seed", type=int, default=0, metavar="N",
                    help="generate and use another world (same frozen parts; default 0): do the effects hold there too?")

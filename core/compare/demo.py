@@ -207,6 +207,7 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
     plan = QUICK if quick else FULL
     if len(set(queries)) != len(queries):  # two runs of one name: the comparison would refuse them
         raise VLBridgeError(f"--queries: give each query count once, got {queries}")
+    _check_shipped_queries(queries, stage1)
     if stage1_steps is not None:
         if stage1 != TRAIN:
             raise VLBridgeError(f"--stage1-steps {stage1_steps} sets the steps of a stage 1 trained in the run; add --stage1 train "
@@ -231,6 +232,18 @@ def demo_config(out: Path, quick: bool, seeds: list[int], queries: list[int], on
         generation=GENERATION, output_dir=str(out), device="cpu", threads=1, jobs=jobs or default_jobs(),
     )
     return config, plan
+
+
+def _check_shipped_queries(queries: list[int], stage1: str) -> None:
+    """Every query count at once, with the flag that makes the others possible: the checkpoint
+    lookup names one missing count at a time, and not the option the user gave."""
+    from vlbridge.world.assets import STAGE1_QUERIES
+
+    missing = [q for q in queries if q not in STAGE1_QUERIES]
+    if stage1 == SHIPPED and missing:
+        raise VLBridgeError(f"--queries {' '.join(map(str, missing))}: the shipped stage-1 Q-Formers have "
+                            f"{' and '.join(map(str, STAGE1_QUERIES))} queries only; add --stage1 train to train a stage 1 "
+                            "for each query count in the run, or keep to the shipped counts")
 
 
 def stage1_notes(plan: DemoPlan, stage1: str, world_test: int) -> list[str]:
