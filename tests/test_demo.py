@@ -315,6 +315,16 @@ def test_another_world_seed_gives_another_world(tmp_path: Path):
     assert (tmp_path / "world" / "scenes_test.json").read_text(encoding="utf-8") != scenes0
 
 
+def test_a_broken_world_manifest_is_named_not_an_internal_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """An empty or malformed world/manifest.json made `vlbridge demo` die with "internal error:
+    JSONDecodeError" (a bug report) instead of naming the file."""
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "manifest.json").write_text("", encoding="utf-8")
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--runs", "linear"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "empty" in err and "internal error" not in err
+
+
 def test_a_demo_on_another_world_gets_its_own_folder_and_never_replaces_runs(tmp_path: Path, monkeypatch, capsys):
     """`vlbridge demo` then `vlbridge demo --world-seed 1` (as the README suggests) regenerated the
     world in the same folder and restarted every run of the first."""

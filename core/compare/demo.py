@@ -88,7 +88,7 @@ def ensure_world(directory: Path, sizes: dict[str, int], seed: int, say) -> dict
     config = WorldConfig(seed=seed, **sizes)
     manifest_file = directory / "manifest.json"
     if manifest_file.is_file():
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        manifest = read_json(manifest_file, "world manifest", top=dict)  # a broken one is named, not an internal error
         if manifest.get("config") == config.model_dump(mode="json") and not manifest.get(INCOMPLETE):
             say(f"reusing the world in {directory}")
             return manifest
