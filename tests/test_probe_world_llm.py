@@ -63,3 +63,20 @@ def test_a_caption_count_below_one_is_a_usage_error():
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_world_llm.py"), "--captions", "0"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "at least 1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_out_of_range_counts_are_usage_errors(capsys):
+    """`--questions 11` died with a pydantic traceback from WorldConfig, and `--images 0` printed a
+    table of zeros over no questions; both are now argparse errors (exit 2) naming the range."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("probe_world_llm", ROOT / "bench" / "probe_world_llm.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    for argv, words in ((["--questions", "11"], "from 1 to 10"), (["--questions", "0"], "from 1 to 10"), (["--images", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            probe.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and words in err and "Traceback" not in err, (argv, err)
