@@ -36,16 +36,36 @@ def folder_tokens(encoder: torch.nn.Module, world: Path, split: str, count: int)
     return encode(encoder, images, scenes)
 
 
-def main() -> None:
+def _positive(text: str) -> int:
+    """A count of images or steps: 0 would fail deep in torch (no tokens to concatenate)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1; got {text!r}")
+    return int(text)
+
+
+def _world_problem(world: Path) -> str | None:
+    """Why a --world folder cannot be probed (no scenes file, or no images of a split), or None."""
+    for split in ("train", "test"):
+        scenes = world / f"scenes_{split}.json"
+        if not scenes.is_file():
+            return f"{scenes} not found: give a folder `vlbridge world generate` (or `vlbridge demo`) wrote"
+        if not json.loads(scenes.read_text(encoding="utf-8")):
+            return f"{scenes} holds no images: the probe trains on the train split and scores on the test split"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", type=Path, default=None, help="encoder directory (default: the shipped world encoder)")
     parser.add_argument("--world", type=Path, default=None, help="a generated world folder (scenes_*.json, images/); default: draw from WorldConfig() at the encoder's image size")
-    parser.add_argument("--train", type=int, default=3000, help="training images of the probe")
-    parser.add_argument("--test", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=3000, help="full-batch steps of each linear probe (3000: converged; 300 reads shape 8 points low)")
+    parser.add_argument("--train", type=_positive, default=3000, help="training images of the probe")
+    parser.add_argument("--test", type=_positive, default=300)
+    parser.add_argument("--steps", type=_positive, default=3000, help="full-batch steps of each linear probe (3000: converged; 300 reads shape 8 points low)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.world is not None and (problem := _world_problem(args.world)):
+        parser.error(f"--world: {problem}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     folder = args.encoder or part_dir("eva-vit-g")

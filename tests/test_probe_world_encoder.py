@@ -38,3 +38,21 @@ def test_cells_average_the_patches_whose_centre_they_hold():
     assert cells.shape == (9,)
     assert cells[0].item() == pytest.approx(sum([0, 1, 2, 8, 9, 10, 16, 17, 18]) / 9)
     assert cells[4].item() == pytest.approx(sum([27, 28, 35, 36]) / 4)
+
+
+def test_bad_counts_and_worlds_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`--train 0`, `--test 0` and a --world without a train or test split died in torch.cat or
+    with FileNotFoundError tracebacks; they are usage errors (exit 2) that say what is wrong."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_world_encoder", ROOT / "bench" / "probe_world_encoder.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    generate_world(tmp_path / "no-test", WorldConfig(train=2, val=0, test=0, comp=0, image_size=16))
+    for argv, words in ((["--train", "0"], "at least 1"), (["--test", "0"], "at least 1"), (["--steps", "0"], "at least 1"),
+                        (["--world", str(tmp_path / "missing")], "scenes_train.json not found"),
+                        (["--world", str(tmp_path / "no-test")], "scenes_test.json holds no images")):
+        with pytest.raises(SystemExit) as exit_info:
+            probe.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and words in err, (argv, err)
