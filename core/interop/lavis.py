@@ -2,21 +2,31 @@
 `Blip2OPT`/`Blip2T5` checkpoint) into a vlbridge checkpoint for an assembly you choose.
 
 LAVIS saves only what trained: the Q-Former side (query tokens, `Qformer.*`, `ln_vision`, heads,
-`opt_proj`/`t5_proj`), never the frozen ViT or LLM, which the assembly names instead. The file is
-read with `weights_only=True`.
+`opt_proj`/`t5_proj`), and the ViT where it was fine-tuned (COCO captioning and retrieval run with
+`freeze_vit: False`); the frozen LLM, and a frozen ViT, come from the assembly. A ViT the file holds
+is written into the checkpoint as the encoder's weights: the assembly's pretrained ViT is not the
+one the checkpoint's Q-Former was trained on. The file is read with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.assemblies.saved import checkpoint_config
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.atomic import atomic_write
 from vlbridge.files.checkpoint import read_connector_weights, write_checkpoint
 
 STAGE1_MARKERS = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")
 STAGE2_MARKERS = ("opt_proj.", "t5_proj.")
+VISION_PREFIX = "visual_encoder."  # LAVIS's ViT, saved when fine-tuned
+ENCODER_FILE = "encoder.safetensors"
 PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
 
@@ -47,11 +57,29 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
     _check_projection_family(list(lavis), assembly)
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
-    out = write_checkpoint(out_dir, checkpoint_config(assembly), tensors, stage, meta)
+    config = checkpoint_config(assembly)
+    vision = {key: value for key, value in lavis.items() if key.startswith(VISION_PREFIX)}
+    if vision:
+        config = _with_vision_weights(config, assembly, vision, Path(out_dir))
+    out = write_checkpoint(out_dir, config, tensors, stage, meta)
     from vlbridge.modeling.factory import build  # verify now: a mismatch should fail the import, not a later load
 
-    build(assembly, stage=stage, weights=out, check_shapes=False)
+    build(config, stage=stage, weights=out, check_shapes=False)
     return out
+
+
+def _with_vision_weights(config: dict[str, Any], assembly: Assembly, vision: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
+    """`config` whose eva-vit-g loads the checkpoint's fine-tuned ViT, written to `out`/encoder.safetensors."""
+    from vlbridge.plugins.encoders.eva_vit_g_convert import convert_lavis_vision_state_dict
+
+    if assembly.plan.encoder.name != "eva-vit-g":
+        raise VLBridgeError(f"the checkpoint holds its fine-tuned ViT ({len(vision)} {VISION_PREFIX}* tensors), an EVA ViT-g, "
+                            f"but assembly {assembly.name!r} uses {assembly.plan.encoder.name!r}; import it into an eva-vit-g assembly")
+    tensors = {key: value.contiguous() for key, value in convert_lavis_vision_state_dict(vision).items()}
+    atomic_write(out / ENCODER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    config = copy.deepcopy(config)
+    config["encoder"]["options"] = {**(config["encoder"].get("options") or {}), "pretrained": str((out / ENCODER_FILE).resolve())}
+    return config
 
 
 def _check_projection_family(keys: list[str], assembly: Assembly) -> None:

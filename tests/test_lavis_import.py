@@ -1,0 +1,39 @@
+"""`import_lavis` on LAVIS checkpoint layouts beyond the plain stage-1 / stage-2 file: a COCO
+fine-tune that saved its ViT (freeze_vit: False)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlbridge
+from vlbridge import VLBridgeError
+from tests.test_qformer_convert import _lavis_name
+
+
+def _lavis_stage2(model) -> dict[str, torch.Tensor]:
+    """A Blip2OPT-style state dict of `model`'s Q-Former (no text side, no heads), as LAVIS saves it."""
+    from vlbridge.plugins.connectors.qformer_model import TEXT_SIDE
+    import fnmatch
+
+    return {_lavis_name(k): v.detach().clone() for k, v in model.connector.state_dict().items()
+            if not any(fnmatch.fnmatch(k, pattern) for pattern in TEXT_SIDE)}
+
+
+def test_a_fine_tuned_vit_in_the_checkpoint_is_imported_not_dropped(tmp_path):
+    """LAVIS's COCO fine-tunes train the ViT and save it as visual_encoder.*; the import skipped
+    those tensors and the model ran the assembly's ViT instead, with no word."""
+    torch.manual_seed(0)
+    source = vlbridge.build("tiny-qformer-opt")
+    lavis = _lavis_stage2(source)
+    tuned = {k: v + 0.01 * torch.randn_like(v) for k, v in source.encoder.state_dict().items()}
+    lavis.update({f"visual_encoder.{k}": v for k, v in tuned.items()})
+    torch.save({"model": lavis}, tmp_path / "blip2_caption_coco.pth")
+    model = vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_caption_coco.pth", "tiny-qformer-opt", tmp_path / "ours"))
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, tuned[key]), key
+    with pytest.raises(VLBridgeError, match=r"fine-tuned ViT \(\d+ visual_encoder.\* tensors\).*uses 'clip-vit-l'"):
+        assembly = {"name": "clip", "encoder": {"use": "clip-vit-l", "options": {"variant": "tiny", "include_cls": False}},
+                    "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8}},
+                    "llm": {"use": "opt", "options": {"variant": "tiny"}}}
+        vlbridge.import_lavis(tmp_path / "blip2_caption_coco.pth", assembly, tmp_path / "clip")
