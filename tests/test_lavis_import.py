@@ -1,7 +1,10 @@
 """`import_lavis` on LAVIS checkpoint layouts beyond the plain stage-1 / stage-2 file: a COCO
-fine-tune that saved its ViT (freeze_vit: False)."""
+fine-tune that saved its ViT (freeze_vit: False), InstructBLIP."""
 
 from __future__ import annotations
+
+import fnmatch
+import re
 
 import pytest
 import torch
@@ -14,7 +17,6 @@ from tests.test_qformer_convert import _lavis_name
 def _lavis_stage2(model) -> dict[str, torch.Tensor]:
     """A Blip2OPT-style state dict of `model`'s Q-Former (no text side, no heads), as LAVIS saves it."""
     from vlbridge.plugins.connectors.qformer_model import TEXT_SIDE
-    import fnmatch
 
     return {_lavis_name(k): v.detach().clone() for k, v in model.connector.state_dict().items()
             if not any(fnmatch.fnmatch(k, pattern) for pattern in TEXT_SIDE)}
@@ -37,3 +39,29 @@ def test_a_fine_tuned_vit_in_the_checkpoint_is_imported_not_dropped(tmp_path):
                     "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8}},
                     "llm": {"use": "opt", "options": {"variant": "tiny"}}}
         vlbridge.import_lavis(tmp_path / "blip2_caption_coco.pth", assembly, tmp_path / "clip")
+
+
+def _instruction_aware(aware: bool) -> dict:
+    return {"name": "t5", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+            "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8, "instruction_aware": aware}},
+            "llm": {"use": "flan-t5", "options": {"variant": "tiny"}}}
+
+
+def test_an_instructblip_checkpoint_needs_an_instruction_aware_assembly_and_only_it_fits_one(tmp_path):
+    """LAVIS's Blip2T5Instruct keeps the Q-Former's text side in stage 2 (its queries read the
+    instruction); imported into a plain Q-Former it loaded, and the model ignored the instruction."""
+    torch.manual_seed(0)
+    source = vlbridge.build(_instruction_aware(True))
+    instructblip = {_lavis_name(k).replace("opt_proj.", "t5_proj."): v for k, v in source.connector.state_dict().items()
+                    if not k.startswith(("lm_head.", "vision_proj.", "text_proj.", "itm_head.", "temp"))}
+    torch.save({"model": instructblip}, tmp_path / "instruct_flant5xl.pth")
+    with pytest.raises(VLBridgeError, match="LAVIS InstructBLIP .* has no instruction-aware Q-Former"):
+        vlbridge.import_lavis(tmp_path / "instruct_flant5xl.pth", _instruction_aware(False), tmp_path / "plain")
+    model = vlbridge.load(vlbridge.import_lavis(tmp_path / "instruct_flant5xl.pth", _instruction_aware(True), tmp_path / "aware"))
+    assert model.connector.instruction_aware
+    text_side = re.compile(r"^Qformer\.bert\.(embeddings\.(word|position)_embeddings|encoder\.layer\.\d+\.(intermediate|output))\.")
+    blip2 = {k: v for k, v in instructblip.items() if not text_side.match(k)}
+    assert len(blip2) < len(instructblip) and "Qformer.bert.encoder.layer.0.attention.output.dense.weight" in blip2
+    torch.save({"model": blip2}, tmp_path / "blip2_t5.pth")
+    with pytest.raises(VLBridgeError, match="LAVIS BLIP-2 stage-2 model .* instruction-aware"):
+        vlbridge.import_lavis(tmp_path / "blip2_t5.pth", _instruction_aware(True), tmp_path / "x")

@@ -27,6 +27,9 @@ STAGE1_MARKERS = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")
 STAGE2_MARKERS = ("opt_proj.", "t5_proj.")
 VISION_PREFIX = "visual_encoder."  # LAVIS's ViT, saved when fine-tuned
 ENCODER_FILE = "encoder.safetensors"
+# Blip2OPT / Blip2T5 delete the Q-Former's text side for stage 2; InstructBLIP keeps it (without the stage-1 heads)
+# to read the instruction.
+INSTRUCTION_MARKER = "Qformer.bert.embeddings.word_embeddings."
 PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
 
@@ -55,6 +58,7 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
     if problem:
         raise VLBridgeError(f"the checkpoint is from stage {stage}, but {problem}")
     _check_projection_family(list(lavis), assembly)
+    _check_instruction_reading(list(lavis), stage, assembly)
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
     config = checkpoint_config(assembly)
@@ -93,3 +97,22 @@ def _check_projection_family(keys: list[str], assembly: Assembly) -> None:
                                 f"assembly {assembly.name!r} bridges to {assembly.plan.llm.name!r}, "
                                 f"{'an encoder-decoder' if dims.encoder_decoder else 'a decoder-only LLM'}; "
                                 "import it into an assembly with the LLM it was trained with")
+
+
+def _check_instruction_reading(keys: list[str], stage: int, assembly: Assembly) -> None:
+    """Refuse an InstructBLIP checkpoint (a stage-2 Q-Former with its text side) for an assembly whose
+    Q-Former does not read the instruction, and a BLIP-2 one for an assembly whose does: the queries
+    would be computed from other inputs than those they were trained on."""
+    if stage != 2:
+        return
+    text_side = any(k.startswith(INSTRUCTION_MARKER) for k in keys)
+    instructblip = text_side and not any(k.startswith(STAGE1_MARKERS) for k in keys)  # InstructBLIP has no ITC/ITM/ITG heads
+    aware = bool(getattr(assembly.connector.options, "instruction_aware", False))
+    if instructblip and not aware:
+        raise VLBridgeError(f"the checkpoint is a LAVIS InstructBLIP (its stage-2 Q-Former keeps the text side that reads the "
+                            f"instruction), but assembly {assembly.name!r} has no instruction-aware Q-Former; set the qformer "
+                            "option instruction_aware: true")
+    if aware and not text_side:
+        raise VLBridgeError(f"the checkpoint is a LAVIS BLIP-2 stage-2 model (Blip2OPT / Blip2T5: no Q-Former text side), but "
+                            f"assembly {assembly.name!r} has an instruction-aware Q-Former (InstructBLIP), which needs that text "
+                            "side; import it into an assembly without instruction_aware")
