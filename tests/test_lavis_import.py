@@ -65,3 +65,23 @@ def test_an_instructblip_checkpoint_needs_an_instruction_aware_assembly_and_only
     torch.save({"model": blip2}, tmp_path / "blip2_t5.pth")
     with pytest.raises(VLBridgeError, match="LAVIS BLIP-2 stage-2 model .* instruction-aware"):
         vlbridge.import_lavis(tmp_path / "blip2_t5.pth", _instruction_aware(True), tmp_path / "x")
+
+
+def test_a_checkpoint_that_does_not_fit_the_assembly_leaves_no_checkpoint_behind(tmp_path):
+    """The import verified by loading after writing, and a refusal left a whole-looking checkpoint
+    (checkpoint.json and all) that failed only at load and blocked a retry into the same folder."""
+    torch.manual_seed(0)
+    source = vlbridge.build("tiny-qformer-opt", stage=1)
+    lavis = {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("proj.")}
+    torch.save({"model": lavis}, tmp_path / "blip2_pretrained.pth")
+    wider = {"name": "nine-queries", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+             "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 9}}}
+    with pytest.raises(VLBridgeError, match=r"does not fit assembly 'nine-queries' .*'query_tokens' has shape \(1, 8, 64\)"):
+        vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", wider, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    lavis["visual_encoder.cls_token"] = torch.zeros(1, 1, 32)  # a ViT of another width: refused, nothing left either
+    torch.save({"model": lavis}, tmp_path / "with_vit.pth")
+    with pytest.raises(VLBridgeError, match="does not fit assembly 'tiny-qformer-opt'"):
+        vlbridge.import_lavis(tmp_path / "with_vit.pth", "tiny-qformer-opt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", "tiny-qformer-opt", tmp_path / "out")).stage == 1

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.assemblies.saved import checkpoint_config
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.files.atomic import atomic_write
-from vlbridge.files.checkpoint import read_connector_weights, write_checkpoint
+from vlbridge.files.checkpoint import WEIGHTS_FILE, read_connector_weights, write_checkpoint
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, META_FILE
 
 STAGE1_MARKERS = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")
 STAGE2_MARKERS = ("opt_proj.", "t5_proj.")
@@ -62,14 +63,29 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
     config = checkpoint_config(assembly)
+    created = not Path(out_dir).exists()
     vision = {key: value for key, value in lavis.items() if key.startswith(VISION_PREFIX)}
     if vision:
         config = _with_vision_weights(config, assembly, vision, Path(out_dir))
     out = write_checkpoint(out_dir, config, tensors, stage, meta)
     from vlbridge.modeling.factory import build  # verify now: a mismatch should fail the import, not a later load
 
-    build(config, stage=stage, weights=out, check_shapes=False)
+    try:
+        build(config, stage=stage, weights=out, check_shapes=False)
+    except WeightsError as exc:
+        _remove_import(out, created)
+        raise WeightsError(f"LAVIS checkpoint {str(pth_path)!r} does not fit assembly {assembly.name!r} (nothing was kept "
+                           f"in {str(out)!r}): {exc}") from None
     return out
+
+
+def _remove_import(out: Path, created: bool) -> None:
+    """Delete what a refused import wrote: left behind, it looked like a checkpoint (it failed only
+    when loaded) and kept the CLI from importing again into the same folder."""
+    for name in (META_FILE, ASSEMBLY_FILE, WEIGHTS_FILE, ENCODER_FILE):
+        (out / name).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _with_vision_weights(config: dict[str, Any], assembly: Assembly, vision: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
