@@ -85,3 +85,18 @@ def test_a_checkpoint_that_does_not_fit_the_assembly_leaves_no_checkpoint_behind
         vlbridge.import_lavis(tmp_path / "with_vit.pth", "tiny-qformer-opt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", "tiny-qformer-opt", tmp_path / "out")).stage == 1
+
+
+def test_llm_tensors_in_the_checkpoint_must_be_the_assemblys_llm(tmp_path):
+    """A whole-model dump holds opt_model.*; the import skipped them, so a tuned LLM was replaced by
+    the assembly's with no word. The same tensors import; different ones are refused by name."""
+    torch.manual_seed(0)
+    source = vlbridge.build("tiny-qformer-opt")
+    dump = {**_lavis_stage2(source), **{f"opt_model.{k}": v.clone() for k, v in source.llm.model.state_dict().items()}}
+    torch.save({"model": dump}, tmp_path / "dump.pth")
+    assert vlbridge.load(vlbridge.import_lavis(tmp_path / "dump.pth", "tiny-qformer-opt", tmp_path / "same")).stage == 2
+    dump["opt_model.model.decoder.layers.0.fc1.weight"] = dump["opt_model.model.decoder.layers.0.fc1.weight"] + 0.01
+    torch.save({"model": dump}, tmp_path / "tuned.pth")
+    with pytest.raises(VLBridgeError, match=r"holds its LLM, and model\.decoder\.layers\.0\.fc1\.weight differ"):
+        vlbridge.import_lavis(tmp_path / "tuned.pth", "tiny-qformer-opt", tmp_path / "tuned")
+    assert not (tmp_path / "tuned").exists()

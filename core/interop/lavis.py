@@ -5,7 +5,8 @@ LAVIS saves only what trained: the Q-Former side (query tokens, `Qformer.*`, `ln
 `opt_proj`/`t5_proj`), and the ViT where it was fine-tuned (COCO captioning and retrieval run with
 `freeze_vit: False`); the frozen LLM, and a frozen ViT, come from the assembly. A ViT the file holds
 is written into the checkpoint as the encoder's weights: the assembly's pretrained ViT is not the
-one the checkpoint's Q-Former was trained on. The file is read with `weights_only=True`.
+one the checkpoint's Q-Former was trained on. An LLM the file holds (a whole-model dump) must be the
+assembly's, tensor for tensor. The file is read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ STAGE1_MARKERS = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")
 STAGE2_MARKERS = ("opt_proj.", "t5_proj.")
 VISION_PREFIX = "visual_encoder."  # LAVIS's ViT, saved when fine-tuned
 ENCODER_FILE = "encoder.safetensors"
+LLM_PREFIXES = ("opt_model.", "t5_model.")  # the LLM, in a whole-model dump (or one that tuned it)
 # Blip2OPT / Blip2T5 delete the Q-Former's text side for stage 2; InstructBLIP keeps it (without the stage-1 heads)
 # to read the instruction.
 INSTRUCTION_MARKER = "Qformer.bert.embeddings.word_embeddings."
@@ -71,12 +73,28 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
     from vlbridge.modeling.factory import build  # verify now: a mismatch should fail the import, not a later load
 
     try:
-        build(config, stage=stage, weights=out, check_shapes=False)
+        model = build(config, stage=stage, weights=out, check_shapes=False)
+        _check_llm_tensors(lavis, model)
     except WeightsError as exc:
         _remove_import(out, created)
         raise WeightsError(f"LAVIS checkpoint {str(pth_path)!r} does not fit assembly {assembly.name!r} (nothing was kept "
                            f"in {str(out)!r}): {exc}") from None
     return out
+
+
+def _check_llm_tensors(lavis: dict[str, torch.Tensor], model: Any) -> None:
+    """The file's LLM tensors (if any) equal the assembly's LLM, which the checkpoint will load: the
+    import keeps no LLM of its own, so a tuned or other LLM would be lost without a word."""
+    llm = {key.split(".", 1)[1]: value for key, value in lavis.items() if key.startswith(LLM_PREFIXES)}
+    if not llm:
+        return
+    ours = model.llm.model.state_dict() if model.llm is not None else {}
+    differ = [key for key, value in llm.items() if key not in ours or ours[key].shape != value.shape
+              or not torch.equal(ours[key].to(value.dtype), value)]
+    if differ:
+        shown = ", ".join(differ[:4]) + (f" ... ({len(differ)} in all)" if len(differ) > 4 else "")
+        raise WeightsError(f"the checkpoint holds its LLM, and {shown} differ from (or are not in) the assembly's LLM, which "
+                           "the imported checkpoint would run instead; name the checkpoint's own LLM in the assembly")
 
 
 def _remove_import(out: Path, created: bool) -> None:
