@@ -100,3 +100,18 @@ def test_llm_tensors_in_the_checkpoint_must_be_the_assemblys_llm(tmp_path):
     with pytest.raises(VLBridgeError, match=r"holds its LLM, and model\.decoder\.layers\.0\.fc1\.weight differ"):
         vlbridge.import_lavis(tmp_path / "tuned.pth", "tiny-qformer-opt", tmp_path / "tuned")
     assert not (tmp_path / "tuned").exists()
+
+
+def test_an_untied_itg_decoder_is_refused_not_skipped(tmp_path):
+    """Qformer.cls.predictions.decoder.* is skipped as the word embeddings' alias; one that differed
+    was dropped and the ITG head silently read the word embeddings."""
+    torch.manual_seed(0)
+    source = vlbridge.build("tiny-qformer-opt", stage=1)
+    lavis = {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("proj.")}
+    lavis["Qformer.cls.predictions.decoder.weight"] = lavis["Qformer.bert.embeddings.word_embeddings.weight"].clone()
+    torch.save({"model": lavis}, tmp_path / "tied.pth")
+    assert vlbridge.load(vlbridge.import_lavis(tmp_path / "tied.pth", "tiny-qformer-opt", tmp_path / "tied")).stage == 1
+    lavis["Qformer.cls.predictions.decoder.weight"] = lavis["Qformer.cls.predictions.decoder.weight"] + 0.01
+    torch.save({"model": lavis}, tmp_path / "untied.pth")
+    with pytest.raises(VLBridgeError, match=r"decoder.weight is not tied to Qformer.bert.embeddings.word_embeddings.weight"):
+        vlbridge.import_lavis(tmp_path / "untied.pth", "tiny-qformer-opt", tmp_path / "untied")

@@ -33,6 +33,9 @@ LLM_PREFIXES = ("opt_model.", "t5_model.")  # the LLM, in a whole-model dump (or
 # Blip2OPT / Blip2T5 delete the Q-Former's text side for stage 2; InstructBLIP keeps it (without the stage-1 heads)
 # to read the instruction.
 INSTRUCTION_MARKER = "Qformer.bert.embeddings.word_embeddings."
+# The ITG head's decoder, skipped as an alias (BERT ties it to the word embeddings, its bias to the head's).
+TIED_DECODER = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+                "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias"}
 PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
 
@@ -62,6 +65,7 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
         raise VLBridgeError(f"the checkpoint is from stage {stage}, but {problem}")
     _check_projection_family(list(lavis), assembly)
     _check_instruction_reading(list(lavis), stage, assembly)
+    _check_tied_decoder(lavis)
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
     config = checkpoint_config(assembly)
@@ -80,6 +84,16 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
         raise WeightsError(f"LAVIS checkpoint {str(pth_path)!r} does not fit assembly {assembly.name!r} (nothing was kept "
                            f"in {str(out)!r}): {exc}") from None
     return out
+
+
+def _check_tied_decoder(lavis: dict[str, torch.Tensor]) -> None:
+    """The decoder tensors the conversion skips equal what they alias: an untied one would be lost, and
+    the imported Q-Former's ITG would read the word embeddings instead."""
+    for decoder, alias in TIED_DECODER.items():
+        value, tied = lavis.get(decoder), lavis.get(alias)
+        if value is not None and (tied is None or value.shape != tied.shape or not torch.equal(value, tied)):
+            raise WeightsError(f"the checkpoint's {decoder} is not tied to {alias} (as BERT's and LAVIS's are), and the "
+                               "Q-Former's ITG head reads the word embeddings; a checkpoint with an untied decoder cannot be imported")
 
 
 def _check_llm_tensors(lavis: dict[str, torch.Tensor], model: Any) -> None:
