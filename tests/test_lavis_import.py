@@ -95,6 +95,9 @@ def test_llm_tensors_in_the_checkpoint_must_be_the_assemblys_llm(tmp_path):
     dump = {**_lavis_stage2(source), **{f"opt_model.{k}": v.clone() for k, v in source.llm.model.state_dict().items()}}
     torch.save({"model": dump}, tmp_path / "dump.pth")
     assert vlbridge.load(vlbridge.import_lavis(tmp_path / "dump.pth", "tiny-qformer-opt", tmp_path / "same")).stage == 2
+    half = {k: v.half() if k.startswith("opt_model.") else v for k, v in dump.items()}  # LAVIS runs the LLM in fp16
+    torch.save({"model": half}, tmp_path / "half.pth")
+    assert vlbridge.load(vlbridge.import_lavis(tmp_path / "half.pth", "tiny-qformer-opt", tmp_path / "half")).stage == 2
     dump["opt_model.model.decoder.layers.0.fc1.weight"] = dump["opt_model.model.decoder.layers.0.fc1.weight"] + 0.01
     torch.save({"model": dump}, tmp_path / "tuned.pth")
     with pytest.raises(VLBridgeError, match=r"holds its LLM, and model\.decoder\.layers\.0\.fc1\.weight differ"):

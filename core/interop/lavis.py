@@ -103,12 +103,20 @@ def _check_llm_tensors(lavis: dict[str, torch.Tensor], model: Any) -> None:
     if not llm:
         return
     ours = model.llm.model.state_dict() if model.llm is not None else {}
-    differ = [key for key, value in llm.items() if key not in ours or ours[key].shape != value.shape
-              or not torch.equal(ours[key].to(value.dtype), value)]
+    differ = [key for key, value in llm.items() if key not in ours or not _same_values(ours[key], value)]
     if differ:
         shown = ", ".join(differ[:4]) + (f" ... ({len(differ)} in all)" if len(differ) > 4 else "")
         raise WeightsError(f"the checkpoint holds its LLM, and {shown} differ from (or are not in) the assembly's LLM, which "
                            "the imported checkpoint would run instead; name the checkpoint's own LLM in the assembly")
+
+
+def _same_values(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal in the lower of the two precisions: a LAVIS dump holds the LLM in fp16 where the
+    assembly may load it in fp32 (or the reverse), each rounded from the same weights."""
+    if ours.shape != theirs.shape:
+        return False
+    dtype = theirs.dtype if theirs.element_size() <= ours.element_size() else ours.dtype
+    return torch.equal(ours.to(dtype), theirs.to(dtype))
 
 
 def _remove_import(out: Path, created: bool) -> None:
