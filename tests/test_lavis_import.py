@@ -98,6 +98,11 @@ def test_llm_tensors_in_the_checkpoint_must_be_the_assemblys_llm(tmp_path):
     half = {k: v.half() if k.startswith("opt_model.") else v for k, v in dump.items()}  # LAVIS runs the LLM in fp16
     torch.save({"model": half}, tmp_path / "half.pth")
     assert vlbridge.load(vlbridge.import_lavis(tmp_path / "half.pth", "tiny-qformer-opt", tmp_path / "half")).stage == 2
+    fp16_llm = {"name": "fp16-llm", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+                "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8, "ln_vision_eps": 1.0e-6}},
+                "llm": {"use": "opt", "options": {"variant": "tiny", "dtype": "fp16"}}}
+    out = vlbridge.import_lavis(tmp_path / "dump.pth", fp16_llm, tmp_path / "to-fp16")  # an fp32 dump, the same LLM run in fp16
+    assert vlbridge.load(out).stage == 2
     dump["opt_model.model.decoder.layers.0.fc1.weight"] = dump["opt_model.model.decoder.layers.0.fc1.weight"] + 0.01
     torch.save({"model": dump}, tmp_path / "tuned.pth")
     with pytest.raises(VLBridgeError, match=r"holds its LLM, and model\.decoder\.layers\.0\.fc1\.weight differ"):
