@@ -85,3 +85,26 @@ def test_instructblip_export_follows_the_same_rule(tmp_path):
     with pytest.warns(ApproximateExportWarning):
         vlbridge.export_hf_instructblip(aware, tmp_path / "out", allow_approximate=True)
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_an_export_names_the_stage1_parts_it_leaves_behind(tmp_path, capsys):
+    """Blip2ForConditionalGeneration holds no text side and no ITC/ITM/ITG heads: a model with them
+    exported without a word, and the directory could no longer retrieve. An import from such a
+    directory (the parts absent) exports without the note."""
+    import warnings
+
+    from tests import hf_tiny
+    from vlbridge.interop.export_fidelity import LeftOutOfExportWarning
+
+    model = vlbridge.build("tiny-qformer-opt")
+    with pytest.warns(LeftOutOfExportWarning, match=r"transformers BLIP-2 export, which has no place for them: the Q-Former's text "
+                      r"side, ITC projections, ITM head, ITG head, ITC temperature; the vlbridge checkpoint keeps them"):
+        vlbridge.export_hf_blip2(model, tmp_path / "blip2")
+    model.save(tmp_path / "ckpt")
+    assert main(["export", "hf-blip2", str(tmp_path / "ckpt"), str(tmp_path / "cli")]) == 0
+    assert "note: left out of the transformers BLIP-2 export" in capsys.readouterr().out
+    hf_tiny.make_generation_model(tmp_path / "hf")
+    imported = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LeftOutOfExportWarning)
+        vlbridge.export_hf_blip2(imported, tmp_path / "again")

@@ -99,16 +99,19 @@ def cmd_export_transformers(args: argparse.Namespace) -> int:
     import warnings
 
     import vlbridge
-    from vlbridge.interop.export_fidelity import ApproximateExportWarning
+    from vlbridge.interop.export_fidelity import ApproximateExportWarning, LeftOutOfExportWarning
 
     checkpoint = resolved_directory(args, "checkpoint", "CHECKPOINT_DIR")  # the messages -c gives, before the model loads
     fresh_folder(args.out, f"{TRANSFORMERS_FORMATS[args.format][3]} directory")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ApproximateExportWarning)
+        warnings.simplefilter("always", LeftOutOfExportWarning)
         out = _converter(args.format, 1)(vlbridge.load(checkpoint), args.out, allow_approximate=args.allow_approximate)
     for warning in caught:
         if issubclass(warning.category, ApproximateExportWarning):
             print(f"approximate export: {warning.message}")
+        elif issubclass(warning.category, LeftOutOfExportWarning):
+            print(f"note: {warning.message}")
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(f"wrote {TRANSFORMERS_FORMATS[args.format][3]} directory {out}")

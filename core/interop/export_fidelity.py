@@ -30,6 +30,35 @@ class ApproximateExportWarning(UserWarning):
     """An export that changes the model's outputs by the stated amount, made because it was allowed."""
 
 
+class LeftOutOfExportWarning(UserWarning):
+    """Trained parts of the model that the export's format has no place for (the vlbridge checkpoint keeps them)."""
+
+
+# what stage 1 trains besides the queries, by the Q-Former's own tensor names
+STAGE1_PARTS = (("ITC projections", ("vision_proj.", "text_proj.")), ("ITM head", ("itm_head.",)),
+                ("ITG head", ("lm_head.",)), ("ITC temperature", ("temp",)))
+
+
+TEXT_SIDE_MARK = "embeddings.word.weight"  # the Q-Former's word embeddings: held only with its text side
+
+
+def warn_left_out(connector: torch.nn.Module, fmt: str, text_side: bool) -> None:
+    """Say which of stage 1's parts an export of a generation model leaves behind: transformers'
+    BLIP-2 / InstructBLIP generation classes hold no retrieval heads (and BLIP-2's no text side), so
+    the exported directory cannot retrieve, while the vlbridge checkpoint still can (`text_side`: the
+    format drops the Q-Former's text side too). Tensors the
+    connector never had (absent: e.g. imported from such a directory) are not named."""
+    from vlbridge.modeling.connector_protocol import absent_tensors
+
+    absent = absent_tensors(connector)
+    held = [key for key in connector.state_dict() if key not in absent]
+    parts = (["the Q-Former's text side"] if text_side and TEXT_SIDE_MARK in held else []) + [
+        name for name, prefixes in STAGE1_PARTS if any(key.startswith(prefixes) for key in held)]
+    if parts:
+        warnings.warn(f"left out of the {fmt} export, which has no place for them: {', '.join(parts)}; the vlbridge "
+                      "checkpoint keeps them (for `vlbridge retrieve` and stage-1 training)", LeftOutOfExportWarning, stacklevel=3)
+
+
 def probe_pixels(model) -> torch.Tensor:
     """One normalised-looking random image at the encoder's input size, on CPU."""
     size = model.plan.preprocess.image_size

@@ -24,7 +24,7 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
-from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
+from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle, warn_left_out
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.files.weights import read_hf_directory
@@ -265,6 +265,7 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
     state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
+    warn_left_out(model.connector, "transformers BLIP-2", text_side=True)
     llm_model = model.merged_llm_model()  # LoRA merged
     state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
     hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()

@@ -28,7 +28,7 @@ from vlbridge.interop.hf_blip2 import (
     _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, zero_qv_biases,
 )
 from vlbridge.interop.export_state import load_export_state, require_stage2
-from vlbridge.interop.export_fidelity import settle
+from vlbridge.interop.export_fidelity import settle, warn_left_out
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.files.weights import read_hf_directory
@@ -116,6 +116,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
         elif key.startswith("embeddings."):
             key = "qformer." + key
         state[key] = value
+    warn_left_out(model.connector, "transformers InstructBLIP", text_side=False)  # it reads instructions with it
     llm_model = model.merged_llm_model()  # LoRA merged
     state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
     hf = InstructBlipForConditionalGeneration(config).eval()
