@@ -1,0 +1,41 @@
+"""bench/bench_caption.py compares what the two sides generate: token ids (many of the tiny
+tokenizer's ids decode to the same text), on a model whose captions depend on the image (at
+transformers' init every image got the same token repeated, so equal outputs proved nothing)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlbridge
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_caption", ROOT / "bench" / "bench_caption.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sides_give_the_same_token_ids_and_each_image_its_own(tmp_path: Path):
+    bench = load_bench()
+    bench.make_source(tmp_path / "hf")
+    vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")
+    args = argparse.Namespace(batch=2, beams=2, tokens=4)
+    outputs = {}
+    for side in ("transformers", "ours"):
+        _, step = bench.make_step(side, tmp_path, args)
+        with torch.inference_mode():
+            outputs[side] = step()
+    assert all(isinstance(token, int) for row in outputs["ours"] for token in row), outputs["ours"]
+    assert outputs["ours"] == outputs["transformers"]
+    first, second = outputs["ours"]
+    assert first != second, "both images got the same caption: the check would not see an image ignored"
+    assert len(set(first)) > 1, "one token repeated: the model's outputs are degenerate"
