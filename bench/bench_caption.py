@@ -36,6 +36,8 @@ from typing import Any, Callable
 
 import torch
 
+from bench_args import positive
+
 SEED = 0
 
 
@@ -143,11 +145,11 @@ def _result(side: str, run: subprocess.Popen) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--beams", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=positive, default=4)
+    parser.add_argument("--beams", type=positive, default=5)
+    parser.add_argument("--tokens", type=positive, default=20)
+    parser.add_argument("--reps", type=positive, default=3)
+    parser.add_argument("--threads", type=positive, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--default-malloc", action="store_true", help="glibc's own mmap threshold (the peak-memory "
                         "figures are then not comparable: freed buffers may stay in the heap)")

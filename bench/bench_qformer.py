@@ -40,6 +40,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bench_args import positive
+
 ENCODER_TOKENS, ENCODER_WIDTH, LLM_WIDTH = 257, 1408, 2560
 SEED = 0
 
@@ -202,9 +204,9 @@ def report(batch: int, reps: int, result: dict, memory: dict[str, dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 makes CPU time robust to other load")
+    parser.add_argument("--batch", type=positive, default=8)
+    parser.add_argument("--reps", type=positive, default=9)
+    parser.add_argument("--threads", type=positive, help="torch threads (default: torch's); 1 makes CPU time robust to other load")
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--memory-child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     args = parser.parse_args()

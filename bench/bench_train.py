@@ -54,6 +54,8 @@ from vlbridge.train.cache_dataset import feature_dataset
 from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective
 
+from bench_args import at_least, positive, probability
+
 ENCODER = {"use": "eva-vit-g", "options": {"width": 352, "depth": 13, "heads": 16, "mlp_hidden": 1536}}  # 12 blocks kept
 QFORMER = {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 32, "hidden_size": 192, "num_layers": 3,
                                          "num_heads": 12, "intermediate_size": 768, "max_text_positions": 64}}
@@ -376,20 +378,20 @@ def profile(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition (default 3)")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--batch", type=positive, default=16, help="samples per step (default 16)")
+    parser.add_argument("--steps", type=positive, default=3, help="steps per timed repetition (default 3)")
+    parser.add_argument("--reps", type=positive, default=5, help="interleaved repetitions (default 5)")
+    parser.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="cache storage (default fp16)")
-    parser.add_argument("--encoder-blocks", type=int, default=12, help="encoder depth (default 12: 68%% of stage-1 FLOPs, as ViT-g)")
-    parser.add_argument("--heads", type=int, default=12, help="Q-Former attention heads (default 12, BLIP-2's count, "
+    parser.add_argument("--encoder-blocks", type=positive, default=12, help="encoder depth (default 12: 68%% of stage-1 FLOPs, as ViT-g)")
+    parser.add_argument("--heads", type=positive, default=12, help="Q-Former attention heads (default 12, BLIP-2's count, "
                         "so 16 wide at this width; 3 gives BLIP-2's head width of 64: the same FLOPs in fewer, wider heads)")
     parser.add_argument("--qformer", choices=("mini", "blip2"), default="mini", help="Q-Former size: the bench's scaled-down "
                         "one (default) or BLIP-2's own (768 wide, 12 layers, heads of 64) on 1408-wide cached features; "
                         "blip2 times the cached stage-1 step only (its one-block encoder just fills the cache)")
-    parser.add_argument("--dropout", type=float, default=0.1, help="Q-Former dropout (default BLIP-2's 0.1; 0 to measure its cost)")
+    parser.add_argument("--dropout", type=probability, default=0.1, help="Q-Former dropout (default BLIP-2's 0.1; 0 to measure its cost)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="only profile this many cached stage-1 steps")
+    parser.add_argument("--profile", type=at_least(0), default=0, metavar="STEPS", help="only profile this many cached stage-1 steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.profile:

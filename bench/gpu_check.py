@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from bench_args import positive
+
 ENCODER_TOKENS, ENCODER_WIDTH, LLM_WIDTH, TEXT_LEN = 257, 1408, 2560, 32
 BACKENDS = ("sdpa", "xformers", "eager")
 REL_TOLERANCE = 5e-2  # bf16: differences relative to the largest SDPA value
@@ -179,8 +181,8 @@ def fsdp_case() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--batch", type=positive, default=64)
+    parser.add_argument("--reps", type=positive, default=10)
     parser.add_argument("--out", help="write the results as JSON here (default: stdout table only)")
     parser.add_argument("--variant", choices=("base", "tiny"), default="base")
     parser.add_argument("--device", default="cuda", help="cpu only to dry-run this script")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench_args import positive
 from bench_caption import make_source, make_step
 
 PARTS = ("encoder", "qformer", "prefill", "decode", "cache_reorder", "logits_processing", "generate")
@@ -98,12 +99,12 @@ def table(prof: profile, top: int, reps: int, step_seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--beams", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--batch", type=positive, default=4)
+    parser.add_argument("--beams", type=positive, default=5)
+    parser.add_argument("--tokens", type=positive, default=20)
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--reps", type=positive, default=2)
+    parser.add_argument("--top", type=positive, default=12)
     parser.add_argument("--side", choices=("ours", "transformers"), help="profile one side only")
     parser.add_argument("--plain-cache", action="store_true", help="ours with the shared prompt copied to every beam "
                         "in a DynamicCache (the path before issue 21)")

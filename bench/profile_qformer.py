@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench_args import positive
 from bench_qformer import build_pair, forward_only, make_image, train_step
 
 # Which submodules get a range: the last name of the module -> (part, the methods that run it).
@@ -78,10 +79,10 @@ def table(prof: profile, top: int, reps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--batch", type=positive, default=4)
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--reps", type=positive, default=3)
+    parser.add_argument("--top", type=positive, default=12)
     parser.add_argument("--projected", action="store_true", help="ours without folding (the path before issue 21)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

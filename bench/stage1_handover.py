@@ -33,6 +33,8 @@ import torch
 import vlbridge
 from vlbridge.train import run as train
 
+from bench_args import positive
+
 PRESET = "world-qformer-opt"
 RECIPES: dict[str, dict[str, Any]] = {
     "demo": {"optimizer": {"lr": 2e-3, "weight_decay": 0.05}, "schedule": {"warmup_fraction": 0.1}},
@@ -132,9 +134,9 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stage1-steps", type=int, default=600)
-    parser.add_argument("--stage2-steps", type=int, default=800)
-    parser.add_argument("--train", type=int, default=3000, help="training images of the world")
+    parser.add_argument("--stage1-steps", type=positive, default=600)
+    parser.add_argument("--stage2-steps", type=positive, default=800)
+    parser.add_argument("--train", type=positive, default=3000, help="training images of the world")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES), help="stage-2 recipes to run")
     parser.add_argument("--parts", type=Path, default=None, help="a folder of world parts (train_parts' layout); default: the shipped ones")

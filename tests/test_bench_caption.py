@@ -17,15 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def load_bench():
+def load_bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/bench_caption.py` has it: its helpers sit beside it
     spec = importlib.util.spec_from_file_location("bench_caption", ROOT / "bench" / "bench_caption.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_sides_give_the_same_token_ids_and_each_image_its_own(tmp_path: Path):
-    bench = load_bench()
+def test_sides_give_the_same_token_ids_and_each_image_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bench = load_bench(monkeypatch)
     bench.make_source(tmp_path / "hf")
     vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")
     args = argparse.Namespace(batch=2, beams=2, tokens=4)

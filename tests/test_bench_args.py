@@ -1,0 +1,35 @@
+"""The bench scripts refuse a count below 1 (or a dropout outside [0, 1]) as a usage error, exit 2
+with argparse's message, before building anything: they used to die with a traceback
+(ZeroDivisionError, 'no median for empty data', set_num_threads) after the models were built,
+and gpu_check reported every backend as failed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    ("bench_caption.py", ["--reps", "0"]),
+    ("bench_qformer.py", ["--threads", "-1"]),
+    ("bench_train.py", ["--steps", "0"]),
+    ("bench_train.py", ["--dropout", "1.5"]),
+    ("profile_caption.py", ["--reps", "0"]),
+    ("profile_qformer.py", ["--reps", "0"]),
+    ("gpu_check.py", ["--device", "cpu", "--reps", "0"]),
+    ("stage1_handover.py", ["--out", "unused", "--stage2-steps", "0"]),
+]
+
+
+@pytest.mark.parametrize("script, args", CASES, ids=[f"{s} {' '.join(a)}" for s, a in CASES])
+def test_bad_count_is_a_usage_error(script: str, args: list[str], tmp_path: Path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert f"argument {args[-2]}" in done.stderr and "usage:" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written or built
