@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench_args import positive
+from bench_args import output_file, positive
 
 SEED = 0
 
@@ -150,7 +150,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=positive, default=20)
     parser.add_argument("--reps", type=positive, default=3)
     parser.add_argument("--threads", type=positive, default=1)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     parser.add_argument("--default-malloc", action="store_true", help="glibc's own mmap threshold (the peak-memory "
                         "figures are then not comparable: freed buffers may stay in the heap)")
     parser.add_argument("--plain-cache", action="store_true", help="ours with the prompt's cache copied to every beam "
@@ -196,7 +196,9 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        from vlbridge.files.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2))
     if not same:
         print("bench_caption: the two sides generated different tokens, so they did different work", file=sys.stderr)
         return 1

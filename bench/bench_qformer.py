@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench_args import positive
+from bench_args import output_file, positive
 
 ENCODER_TOKENS, ENCODER_WIDTH, LLM_WIDTH = 257, 1408, 2560
 SEED = 0
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--batch", type=positive, default=8)
     parser.add_argument("--reps", type=positive, default=9)
     parser.add_argument("--threads", type=positive, help="torch threads (default: torch's); 1 makes CPU time robust to other load")
-    parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--json", type=output_file, help="also write the raw numbers here")
     parser.add_argument("--memory-child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -219,8 +219,9 @@ def main() -> None:
     result = compare(args.batch, args.reps)
     print(report(args.batch, args.reps, result, memory))
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"batch": args.batch, "reps": args.reps, **result, "memory": memory}, out, indent=2)
+        from vlbridge.files.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"batch": args.batch, "reps": args.reps, **result, "memory": memory}, indent=2))
 
 
 if __name__ == "__main__":

@@ -50,11 +50,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import vlbridge
 from vlbridge.data.build import build_dataset, make_loader
+from vlbridge.files.atomic import atomic_write_text
 from vlbridge.train.cache_dataset import feature_dataset
 from vlbridge.train.cache_build import BuildSettings, build_cache
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective
 
-from bench_args import at_least, positive, probability
+from bench_args import at_least, output_file, positive, probability
 
 ENCODER = {"use": "eva-vit-g", "options": {"width": 352, "depth": 13, "heads": 16, "mlp_hidden": 1536}}  # 12 blocks kept
 QFORMER = {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 32, "hidden_size": 192, "num_layers": 3,
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         "one (default) or BLIP-2's own (768 wide, 12 layers, heads of 64) on 1408-wide cached features; "
                         "blip2 times the cached stage-1 step only (its one-block encoder just fills the cache)")
     parser.add_argument("--dropout", type=probability, default=0.1, help="Q-Former dropout (default BLIP-2's 0.1; 0 to measure its cost)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--profile", type=at_least(0), default=0, metavar="STEPS", help="only profile this many cached stage-1 steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print_report(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(result, indent=1, default=str))
     return 0
 
 

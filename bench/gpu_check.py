@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from bench_args import positive
+from bench_args import output_file, positive
 
 ENCODER_TOKENS, ENCODER_WIDTH, LLM_WIDTH, TEXT_LEN = 257, 1408, 2560, 32
 BACKENDS = ("sdpa", "xformers", "eager")
@@ -183,7 +183,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=positive, default=64)
     parser.add_argument("--reps", type=positive, default=10)
-    parser.add_argument("--out", help="write the results as JSON here (default: stdout table only)")
+    parser.add_argument("--out", type=output_file, help="write the results as JSON here (default: stdout table only)")
     parser.add_argument("--variant", choices=("base", "tiny"), default="base")
     parser.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
     args = parser.parse_args()
@@ -197,8 +197,9 @@ def main() -> int:
     print(f"xformers matches SDPA within {REL_TOLERANCE:g} (relative): {report['xformers_matches_sdpa']}")
     print(f"fsdp on 2 GPUs: {report['fsdp']}")
     if args.out:
-        with open(args.out, "w") as out:
-            json.dump(report, out, indent=2)
+        from vlbridge.files.atomic import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(report, indent=2))
     return 0 if report["xformers_matches_sdpa"] and report["fsdp"].get("ok", True) else 1
 
 

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 import vlbridge
+from vlbridge.files.atomic import atomic_write_text
 from vlbridge.train import run as train
 
-from bench_args import positive
+from bench_args import output_folder, positive
 
 PRESET = "world-qformer-opt"
 RECIPES: dict[str, dict[str, Any]] = {
@@ -133,7 +134,7 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=output_folder, required=True)
     parser.add_argument("--stage1-steps", type=positive, default=600)
     parser.add_argument("--stage2-steps", type=positive, default=800)
     parser.add_argument("--train", type=positive, default=3000, help="training images of the world")
@@ -181,7 +182,7 @@ def main() -> None:
             report["runs"][name] = entry
             print(f"{name}: {json.dumps({k: entry[k] for k in ('at_start', 'at_end', 'held_out_caption_loss')})}", flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "handover.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    atomic_write_text(out / "handover.json", json.dumps(report, indent=1))
     print(summary(report))
 
 

@@ -33,3 +33,24 @@ def test_bad_count_is_a_usage_error(script: str, args: list[str], tmp_path: Path
     assert "Traceback" not in done.stderr
     assert f"argument {args[-2]}" in done.stderr and "usage:" in done.stderr
     assert not any(tmp_path.iterdir())  # nothing written or built
+
+
+
+OUTPUTS = [  # "blocker" is a file: nothing can be written under it
+    ("bench_caption.py", ["--json", "blocker/out.json"]),
+    ("bench_qformer.py", ["--json", "blocker/out.json"]),
+    ("bench_train.py", ["--json", "blocker/out.json"]),
+    ("gpu_check.py", ["--device", "cpu", "--out", "."]),
+    ("stage1_handover.py", ["--out", "blocker"]),
+]
+
+
+@pytest.mark.parametrize("script, args", OUTPUTS, ids=[f"{s} {' '.join(a)}" for s, a in OUTPUTS])
+def test_output_that_cannot_be_written_is_a_usage_error(script: str, args: list[str], tmp_path: Path):
+    """Checked before the run: it was a traceback from open() after the whole measurement."""
+    (tmp_path / "blocker").write_text("a file, not a folder\n")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and f"argument {args[-2]}" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
