@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -122,7 +123,7 @@ def run(batch: int, reps: int, variant: str, device: str) -> dict:
     inputs = make_inputs(batch, model.opts.size("vocab_size"), device)
     set_attention_backend("sdpa")
     reference = {which: outputs_and_grads(model, inputs, which) for which in ("query", "itg")}
-    name = torch.cuda.get_device_name() if device == "cuda" else device
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
     report: dict = {"device": name, "variant": variant, "torch": torch.__version__, "batch": batch, "backends": {}}
     for backend in BACKENDS:
         try:
@@ -179,17 +180,27 @@ def fsdp_case() -> dict:
     return {"ok": ok, "losses": losses, **({} if ok else {"stderr": done.stderr[-2000:]})}
 
 
+def device_setting(text: str) -> str:
+    """An argparse type: cuda, cuda:N, or cpu (the dry run). 'cuda:0' on a machine without CUDA used
+    to die in torch's CUDA init instead of saying there is nothing to check."""
+    if text in ("cuda", "cpu") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cuda, cuda:N, or cpu (a dry run of the script); got {text!r}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=positive, default=64)
     parser.add_argument("--reps", type=positive, default=10)
     parser.add_argument("--out", type=output_file, help="write the results as JSON here (default: stdout table only)")
     parser.add_argument("--variant", choices=("base", "tiny"), default="base")
-    parser.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
+    parser.add_argument("--device", type=device_setting, default="cuda", help="cuda, cuda:N, or cpu only to dry-run this script")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (run it on a machine with a GPU).")
         return 0
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        parser.error(f"argument --device: {args.device} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     report = run(args.batch, args.reps, args.variant, args.device)
     report["xformers_matches_sdpa"] = xformers_ok(report)
     report["fsdp"] = fsdp_case()
