@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,21 @@ def test_sides_give_the_same_token_ids_and_each_image_its_own(tmp_path: Path, mo
     first, second = outputs["ours"]
     assert first != second, "both images got the same caption: the check would not see an image ignored"
     assert len(set(first)) > 1, "one token repeated: the model's outputs are degenerate"
+
+
+def test_the_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path):
+    """Both sides in their subprocesses, from another working directory, to the documented report."""
+    out = tmp_path / "results" / "caption.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_caption.py"), "--batch", "2", "--beams", "2",
+                           "--tokens", "3", "--reps", "2", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report == json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["identical_captions"] is True
+    assert report["settings"] == {"batch": 2, "beams": 2, "new_tokens": 3, "reps": 2, "side_by_side": True,
+                                  "fixed_mmap_threshold": True, "ours_cache": "shared prompt"}
+    assert set(report["images_per_cpu_s"]) == {"ours", "transformers"}
+    ratio = report["images_per_cpu_s"]["ours"] / report["images_per_cpu_s"]["transformers"]
+    assert report["throughput_ratio_ours_over_transformers"] == pytest.approx(ratio)
+    assert [p.name for p in out.parent.iterdir()] == ["caption.json"]  # no temporary file left beside it
