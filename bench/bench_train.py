@@ -79,7 +79,7 @@ def assembly(stage: int, blocks: int = 12, heads: int = 12, qformer: str = "mini
     connector = {"use": QFORMER["use"], "options": {**QFORMER["options"], "num_heads": heads}}
     if qformer == "blip2":
         encoder["options"].update(BLIP2_ENCODER, depth=2)
-        connector["options"].update(BLIP2_QFORMER)
+        connector["options"].update(BLIP2_QFORMER, num_heads=heads)  # --heads still applies (default 12: BLIP-2's)
     base = {"name": f"bench-mini-blip2-stage{stage}", "encoder": encoder, "connector": connector}
     return {**base, "llm": LLM} if stage == 2 else base
 

@@ -1,0 +1,31 @@
+"""bench/bench_train.py's assemblies: --heads applies to the BLIP-2-size Q-Former too (it was
+overwritten by BLIP-2's 12 heads, so `--qformer blip2 --heads 3` timed 12 heads and said 3)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # its helpers sit beside it, as when run as a script
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("qformer", ["mini", "blip2"])
+def test_heads_option_reaches_the_connector(bench, qformer: str):
+    options = bench.assembly(1, heads=3, qformer=qformer)["connector"]["options"]
+    assert options["num_heads"] == 3
+
+
+def test_blip2_default_keeps_blip2s_heads(bench):
+    options = bench.assembly(1, qformer="blip2")["connector"]["options"]
+    assert (options["hidden_size"], options["num_heads"], options["num_layers"]) == (768, 12, 12)
