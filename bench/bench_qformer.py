@@ -6,8 +6,9 @@ Both sides run BLIP-2's stage-2 connector: ln_vision (transformers: vision_model
 a (B, 257, 1408) encoder output, the Q-Former over 32 learned queries (base: 768 wide, 12 layers,
 cross-attention every 2nd), and the projection to OPT-2.7b's width 2560 (language_projection).
 Weights come from one seeded vlbridge build, converted with `qformer_convert.to_transformers`;
-the largest output difference is printed before timing (2e-6 since our forward folds the
-cross-attention's key/value weights into the queries: the same math, summed in another order).
+the largest output difference is checked before timing (at most 1e-4; 2e-6 since our forward folds
+the cross-attention's key/value weights into the queries: the same math, summed in another order)
+and printed with the results; a larger one stops the bench (exit 1) before anything is timed.
 Our side runs as in stage 2, after `drop_text_side()`
 (a full stage-1 Q-Former also holds the text side: about 80M more parameters).
 
@@ -44,6 +45,7 @@ from bench_args import output_file, positive
 
 ENCODER_TOKENS, ENCODER_WIDTH, LLM_WIDTH = 257, 1408, 2560
 SEED = 0
+PARITY_TOLERANCE = 1e-4  # the two sides sum in other orders (2e-6 measured); a conversion error is far above
 
 
 def build_pair(side: str) -> nn.Module:
@@ -158,6 +160,9 @@ def compare(batch: int, reps: int) -> dict[str, object]:
     ours.eval(), theirs.eval()
     with torch.no_grad():
         max_diff = (ours(image) - theirs(image)).abs().max().item()
+    if not max_diff <= PARITY_TOLERANCE:  # NaN too: the timings would compare two different computations
+        raise SystemExit(f"bench_qformer: the two sides' connector outputs differ by {max_diff:.2e} (more than "
+                         f"{PARITY_TOLERANCE:g}): they do not compute the same Q-Former, so no timing is reported")
     wall: dict[str, list[float]] = {f"{s}_{m}": [] for s, _ in sides for m, _ in steps}
     cpu: dict[str, list[float]] = {k: [] for k in wall}
     for rep in range(reps + 1):  # rep 0 is the warm-up

@@ -1,0 +1,35 @@
+"""bench/bench_qformer.py stops before timing when the two sides compute different things: it printed
+the difference and timed them anyway, so a broken weight conversion still gave ratios and exit 0."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # its helpers sit beside it, as when run as a script
+    spec = importlib.util.spec_from_file_location("bench_qformer", ROOT / "bench" / "bench_qformer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sides_that_differ_stop_the_bench_before_timing(bench, monkeypatch):
+    torch.manual_seed(0)
+    sides = {"ours": torch.nn.Linear(8, 4), "transformers": torch.nn.Linear(8, 4)}  # other weights: another computation
+    monkeypatch.setattr(bench, "build_pair", lambda side: sides[side])
+    monkeypatch.setattr(bench, "make_image", lambda batch: torch.randn(batch, 8))
+    monkeypatch.setattr(bench, "timed", lambda step: pytest.fail("timed although the outputs differ"))
+    with pytest.raises(SystemExit, match=r"connector outputs differ by .* \(more than 0.0001\): they do not compute the same"):
+        bench.compare(batch=2, reps=1)
+    sides["transformers"].load_state_dict(sides["ours"].state_dict())
+    monkeypatch.setattr(bench, "timed", lambda step: (step(), (0.5, 0.5))[1])
+    monkeypatch.setattr(bench, "allocator_peak_mb", lambda step, model, image: 0.0)
+    assert bench.compare(batch=2, reps=1)["max_abs_diff"] == 0.0
