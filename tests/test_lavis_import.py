@@ -123,3 +123,14 @@ def test_an_untied_itg_decoder_is_refused_not_skipped(tmp_path):
     torch.save({"model": lavis}, tmp_path / "untied.pth")
     with pytest.raises(VLBridgeError, match=r"decoder.weight is not tied to Qformer.bert.embeddings.word_embeddings.weight"):
         vlbridge.import_lavis(tmp_path / "untied.pth", "tiny-qformer-opt", tmp_path / "untied")
+
+
+def test_a_vicuna_instructblip_checkpoint_is_named_with_the_way_on(tmp_path):
+    """LAVIS's Blip2VicunaInstruct (llm_proj.*) was 'does not look like a LAVIS BLIP-2 checkpoint'."""
+    torch.manual_seed(0)
+    source = vlbridge.build("tiny-qformer-opt")
+    vicuna = {("llm_proj." + k.removeprefix("opt_proj.")) if k.startswith("opt_proj.") else k: v
+              for k, v in _lavis_stage2(source).items()}
+    torch.save({"model": vicuna}, tmp_path / "vicuna.pth")
+    with pytest.raises(VLBridgeError, match=r"LAVIS InstructBLIP for Vicuna \(Blip2VicunaInstruct.*vlbridge import hf-instructblip"):
+        vlbridge.import_lavis(tmp_path / "vicuna.pth", "tiny-qformer-opt", tmp_path / "out")

@@ -36,6 +36,7 @@ INSTRUCTION_MARKER = "Qformer.bert.embeddings.word_embeddings."
 # The ITG head's decoder, skipped as an alias (BERT ties it to the word embeddings, its bias to the head's).
 TIED_DECODER = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
                 "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias"}
+UNSUPPORTED_PROJECTION = "llm_proj."  # LAVIS's Blip2VicunaInstruct
 PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
 
@@ -45,6 +46,11 @@ def lavis_stage(keys: list[str]) -> int:
         return 2
     if any(k.startswith(STAGE1_MARKERS) for k in keys):
         return 1
+    if any(k.startswith(UNSUPPORTED_PROJECTION) for k in keys):
+        raise VLBridgeError(f"this is a LAVIS InstructBLIP for Vicuna (Blip2VicunaInstruct: {UNSUPPORTED_PROJECTION}* into a Llama "
+                            "whose vocabulary LAVIS resized), which the LAVIS importer does not read; import transformers' "
+                            "conversion of it instead (a local copy of Salesforce/instructblip-vicuna-7b): vlbridge import "
+                            "hf-instructblip DIR OUT_DIR")
     raise VLBridgeError("this does not look like a LAVIS BLIP-2 checkpoint: no ITC/ITM/ITG heads and no opt_proj/t5_proj")
 
 
