@@ -147,10 +147,13 @@ def memory_child(side: str, batch: int) -> dict[str, float]:
     return result
 
 
-def measure_memory(side: str, batch: int) -> dict[str, float]:
+def measure_memory(side: str, batch: int, threads: int | None = None) -> dict[str, float]:
+    """`memory_child` in a fresh process, on the bench's threads; its error output is shown if it fails."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--memory-child", side, "--batch", str(batch)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, __file__, "--memory-child", side, "--batch", str(batch)] + (["--threads", str(threads)] if threads else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_qformer: the memory measurement of {side!r} failed (exit {done.returncode}):\n{done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -220,7 +223,7 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.batch)))
         return
-    memory = {side: measure_memory(side, args.batch) for side in ("ours", "transformers")}
+    memory = {side: measure_memory(side, args.batch, args.threads) for side in ("ours", "transformers")}
     result = compare(args.batch, args.reps)
     print(report(args.batch, args.reps, result, memory))
     if args.json:

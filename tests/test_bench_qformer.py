@@ -33,3 +33,19 @@ def test_sides_that_differ_stop_the_bench_before_timing(bench, monkeypatch):
     monkeypatch.setattr(bench, "timed", lambda step: (step(), (0.5, 0.5))[1])
     monkeypatch.setattr(bench, "allocator_peak_mb", lambda step, model, image: 0.0)
     assert bench.compare(batch=2, reps=1)["max_abs_diff"] == 0.0
+
+
+def test_a_failing_memory_child_shows_its_error_and_gets_the_threads(bench, monkeypatch):
+    """It ran without --threads and failed as a bare CalledProcessError, its stderr unseen."""
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="RuntimeError: out of memory")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    with pytest.raises(SystemExit, match=r"memory measurement of 'ours' failed \(exit 1\):\nRuntimeError: out of memory"):
+        bench.measure_memory("ours", 2, threads=1)
+    assert seen["cmd"][-2:] == ["--threads", "1"]
