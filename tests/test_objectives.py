@@ -155,6 +155,19 @@ def test_stage2_opt_labels_skip_prompt_bos_and_padding(monkeypatch: pytest.Monke
     assert (seen["labels"][:, 0] == IGNORE_INDEX).all() and torch.equal(seen["labels"][:, 1], seen["input_ids"][:, 1])
 
 
+@pytest.mark.parametrize("prompt", ["a photo of ", "Question: what is it? Answer: "])
+def test_stage2_opt_prompt_with_a_trailing_space_keeps_the_first_caption_token(monkeypatch: pytest.MonkeyPatch, prompt: str):
+    # LAVIS's caption processor writes "a photo of " with a space: alone it tokenises to a space token of its
+    # own, in the text BPE merges that space into the caption's first word, which was then labelled -100
+    model = build("tiny-mlp-opt", 2)
+    llm, seen = model.llm, spy_llm(monkeypatch, model.llm)
+    Stage2Objective(prompt=prompt)(model, make_batch(model))
+    targets = [row[row != IGNORE_INDEX].tolist() for row in seen["labels"]]
+    assert targets == [llm.tokenizer(f" {c}\n", add_special_tokens=False)["input_ids"] for c in CAPTIONS]
+    Stage2Objective(prompt=prompt.rstrip())(model, make_batch(model))  # the same targets as without the space
+    assert [row[row != IGNORE_INDEX].tolist() for row in seen["labels"]] == targets
+
+
 def test_stage2_opt_explicit_pairs_learn_only_the_output(monkeypatch: pytest.MonkeyPatch):
     model = build("tiny-linear-opt", 2)
     llm, seen = model.llm, spy_llm(monkeypatch, model.llm)

@@ -282,7 +282,8 @@ class Stage2Objective(Objective):
     """BLIP-2 stage 2: the connector's output is a soft prompt for the frozen LLM; loss = its LM loss.
 
     Decoder-only (OPT): prompt + caption + `llm.caption_suffix`, right-padded; the labels skip the
-    prompt's tokens (BOS included, counted by tokenising the prompt alone, as LAVIS) and padding.
+    prompt's tokens (BOS included, counted by tokenising the prompt alone, as LAVIS, up to where they
+    stop matching the text's: `prompt_lengths`) and padding.
     Encoder-decoder (FlanT5): prefix LM, the encoder reads [visual; prompt + prefix] and the decoder
     learns the rest (+ </s>); the caption is cut by `prefix_lm_split` (in words) unless the batch
     gives `text_input` / `text_output` (then prompt + text_input is the input, text_output the target;
@@ -364,9 +365,9 @@ class Stage2Objective(Objective):
         texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
         ids, mask = llm.tokenize(texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
         labels = ids.masked_fill(mask.eq(0), IGNORE_INDEX)
-        prefix_lengths = llm.tokenize(inputs, padding_side="right")[1].sum(dim=1)  # (B,) with BOS
+        prefix_lengths = prompt_lengths(ids, *llm.tokenize(inputs, padding_side="right"))  # (B,) with BOS
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-        labels = labels.masked_fill(positions < prefix_lengths.to(ids.device)[:, None], IGNORE_INDEX)
+        labels = labels.masked_fill(positions < prefix_lengths[:, None], IGNORE_INDEX)
         if not labels.ne(IGNORE_INDEX).any():
             raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
                                 "raise max_text_tokens or shorten the prompt")
@@ -387,6 +388,15 @@ class Stage2Objective(Objective):
         if self.options.loss_average == "tokens":
             return lm_loss(output), labels.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
+
+
+def prompt_lengths(ids: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) how many leading tokens of each text are its prompt's: the prompt tokenised alone, counted
+    while its tokens agree with the text's. A prompt ending in a space ("a photo of ") tokenises that
+    space alone, but inside the text BPE merges it into the caption's first word, which must stay a target."""
+    width = min(ids.shape[1], prompt_ids.shape[1])
+    agree = ids[:, :width].eq(prompt_ids[:, :width].to(ids.device)) & prompt_mask[:, :width].to(ids.device).bool()
+    return agree.long().cumprod(dim=1).sum(dim=1)
 
 
 def samples_with_targets(labels: torch.Tensor) -> torch.Tensor:
