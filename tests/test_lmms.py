@@ -194,9 +194,11 @@ def test_python_m_lmms_eval_runs_a_checkpoint_on_local_tasks(tasks, tmp_path):
 
 
 def test_a_context_ending_in_whitespace_scores_the_whole_continuation():
-    """lm-eval's rule: a context's trailing space goes with the continuation. Kept on the context, the
-    BPE space token took the first word's place, so 'Which shape is it? ' + 'square' scored only the
-    word's later tokens (or refused the request as adding no token)."""
+    """A context's trailing space is scored with the continuation's first word, as BPE merges them in
+    the text (lm-eval moves the space there for this reason). Counted as the context's own token, it
+    took the first word's place, so 'Which shape is it? ' + 'square' scored only the word's later
+    tokens (or refused the request as adding no token). A trailing newline, a token of its own in the
+    text too (as a chat template's last one), stays the context's."""
     from lmms_eval.api.instance import Instance
 
     from vlbridge.lmms.model import VLBridgeLMM
@@ -209,7 +211,7 @@ def test_a_context_ending_in_whitespace_scores_the_whole_continuation():
     scored = wrapper.loglikelihood([Instance("loglikelihood", (context, choice, lambda d: [d["image"]], 0, "t", "test"), idx=i,
                                              metadata={"task": "t", "doc_id": 0, "repeats": 1})
                                     for i, (context, choice) in enumerate(pairs)])
-    direct = [direct_logprob(model, image, context.rstrip(), context[len(context.rstrip()):] + choice) for context, choice in pairs]
+    direct = [direct_logprob(model, image, "Which shape is it?", " square"), direct_logprob(model, image, "Which shape is it?\n", "a red square")]
     assert [-result.text[0] for result in scored] == pytest.approx([logprob for logprob, _ in direct], abs=1e-4)
 
 

@@ -4,8 +4,8 @@ produce it: what lmms-eval's `loglikelihood` (and so every multiple-choice task)
 The text is built as generation builds it (the task prompt through the LLM's template, the
 instruction for an instruction-aware connector), so a choice is scored in the context the model
 answers in. Decoder-only: [visual; prompt + continuation], the continuation's tokens being those the
-whole text has after the prompt's, trailing whitespace of the prompt moved to the continuation
-(lm-eval's rule); encoder-decoder: the encoder reads [visual;
+whole text has after the prompt's own (counted while they agree with the text's: a prompt's trailing
+space, a token of its own alone, merges into the continuation's first word); encoder-decoder: the encoder reads [visual;
 prompt], the decoder the continuation (no end token).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.modeling.llm_output import aligned_labels
+from vlbridge.modeling.llm_output import aligned_labels, prompt_lengths
 from vlbridge.modeling.prompts import format_prompts
 
 IGNORE = -100
@@ -51,11 +51,10 @@ def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuati
                   context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels aligned (logit t predicts label t), labels only on the continuation; a text
     longer than the LLM's `context` is refused (its forward failed with a bare IndexError)."""
-    prompts, continuations = map(list, zip(*(_whitespace_to_continuation(p, c) for p, c in zip(prompts, continuations))))
     ids, mask = llm.tokenize([p + c for p, c in zip(prompts, continuations)], padding_side="right")
-    prompt_lengths = llm.tokenize(prompts, padding_side="right")[1].sum(dim=1).to(ids.device)
+    prompt_tokens = prompt_lengths(ids, *llm.tokenize(prompts, padding_side="right"))  # while they agree with the text's
     lengths = mask.sum(dim=1)
-    empty = [c for c, n, p in zip(continuations, lengths.tolist(), prompt_lengths.tolist()) if n <= p]
+    empty = [c for c, n, p in zip(continuations, lengths.tolist(), prompt_tokens.tolist()) if n <= p]
     if empty:
         raise VLBridgeError(f"continuation(s) {empty[:3]} add no token to their prompt; nothing to score")
     if context is not None and visual.shape[1] + ids.shape[1] > context:
@@ -63,18 +62,10 @@ def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuati
                             f"continuation), past the LLM's context of {context} positions; shorten the task's text or "
                             "the prompt")
     positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-    labels = ids.masked_fill(mask.eq(0) | (positions < prompt_lengths[:, None]), IGNORE)
+    labels = ids.masked_fill(mask.eq(0) | (positions < prompt_tokens[:, None]), IGNORE)
     output = llm(visual, ids, mask, labels=labels)
     aligned = aligned_labels(output, labels, visual.shape[1], IGNORE)
     return output.logits[:, :-1], aligned[:, 1:]
-
-
-def _whitespace_to_continuation(prompt: str, continuation: str) -> tuple[str, str]:
-    """(prompt, continuation) with the prompt's trailing whitespace moved to the continuation: BPE
-    tokenizers merge a space into the next word, so a prompt's own space token would swallow the
-    position of the continuation's first word (scored from its second token on, or not at all)."""
-    stripped = prompt.rstrip()
-    return stripped, prompt[len(stripped):] + continuation
 
 
 def _encoder_decoder(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,3 +36,12 @@ def lm_loss(output: Any) -> torch.Tensor:
         raise VLBridgeError(f"the LLM's forward was given labels but returned loss={shown}; it must return the mean LM loss "
                             "over the labels that are not -100 as a scalar tensor (docs/writing-plugins.md, 5.4)")
     return loss
+
+
+def prompt_lengths(ids: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) how many leading tokens of each text are its prompt's: the prompt tokenised alone, counted
+    while its tokens agree with the text's. A prompt ending in a space ("a photo of ") tokenises that
+    space alone, but inside the text BPE merges it into the caption's first word, which must stay a target."""
+    width = min(ids.shape[1], prompt_ids.shape[1])
+    agree = ids[:, :width].eq(prompt_ids[:, :width].to(ids.device)) & prompt_mask[:, :width].to(ids.device).bool()
+    return agree.long().cumprod(dim=1).sum(dim=1)

@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.config_fields import StrictNumbers
 from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
-from vlbridge.modeling.llm_output import aligned_labels, lm_loss
+from vlbridge.modeling.llm_output import aligned_labels, lm_loss, prompt_lengths
 from vlbridge.modeling.prompts import format_prompts
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, Positives, caption_positives, itc_loss, itg_loss, itm_loss,
@@ -388,15 +388,6 @@ class Stage2Objective(Objective):
         if self.options.loss_average == "tokens":
             return lm_loss(output), labels.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
-
-
-def prompt_lengths(ids: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) how many leading tokens of each text are its prompt's: the prompt tokenised alone, counted
-    while its tokens agree with the text's. A prompt ending in a space ("a photo of ") tokenises that
-    space alone, but inside the text BPE merges it into the caption's first word, which must stay a target."""
-    width = min(ids.shape[1], prompt_ids.shape[1])
-    agree = ids[:, :width].eq(prompt_ids[:, :width].to(ids.device)) & prompt_mask[:, :width].to(ids.device).bool()
-    return agree.long().cumprod(dim=1).sum(dim=1)
 
 
 def samples_with_targets(labels: torch.Tensor) -> torch.Tensor:
