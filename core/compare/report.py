@@ -16,7 +16,8 @@ from typing import Any
 from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.compare.lmms_columns import fill_aggregates, lmms_metrics
 from vlbridge.compare.stats import RESAMPLES
-from vlbridge.compare.table import HEADLINE, Metric, all_pairs, compare_rows, question_type_metrics, retrieval_claim, summarise
+from vlbridge.compare.table import (HEADLINE, Metric, all_pairs, compare_rows, headline_metrics, question_type_metrics, retrieval_claim,
+                                    summarise, vqa_split)
 
 Rows = dict[str, list[dict[str, Any]]]
 DEFAULT_GROUP = "results"  # RunSpec.group's default: a comparison that names no groups
@@ -42,8 +43,8 @@ def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: l
     references = references or {}
     rows: Rows = {**per_seed, **{name: [row] for name, row in references.items()}}
     tables = {g: [n for n in per_seed if groups.get(n, DEFAULT_GROUP) == g] + list(references) for g in dict.fromkeys(groups.values())}
-    types = question_type_metrics(rows)
-    metrics = HEADLINE + lmms_metrics(rows)  # the headline columns, then each lmms-eval task's metrics
+    types = question_type_metrics(rows, vqa_split(rows))
+    metrics = headline_metrics(rows) + lmms_metrics(rows)  # the headline columns, then each lmms-eval task's metrics
     summary = summarise(rows, metrics)
     notes = notes + fill_aggregates(summary, rows, metrics)
     per_type = summarise(rows, types)
@@ -153,7 +154,7 @@ def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: d
         for group, names in tables.items():
             suffix = f": {headings[group]}" if headings[group] else ""
             answered = [n for n in names if any(per_type[n].get(m.label, {}).get("mean") is not None for m in types)]  # not a retrieval-only row
-            text += [f"### VQA accuracy (%) per question type, test split{suffix}", "",
+            text += [f"### VQA accuracy (%) per question type, {types[0].split} split{suffix}", "",
                      markdown_table(answered, per_type, [(m.label, m.fmt) for m in types]), ""]
     text += ["## Significance", "", "Differences between rows (row − row) on the same test items, with 95% intervals and "
              "two-sided p-values from a paired bootstrap over images; 'significant' at the 5% level.", ""]

@@ -53,11 +53,11 @@ def _vqa(label: str, split: str, title: str = "") -> Metric:
     return Metric(label, split, "vqa", "question_id", "accuracy", 100.0, "VQAv2 accuracy (%)", title=title)
 
 
-def _recall(label: str, direction: str, head: str) -> Metric:
+def _recall(label: str, direction: str, head: str, split: str = "test", where: str = "") -> Metric:
     key = "image_id" if direction == "i2t" else "text_key"
     arrow = "image → text" if direction == "i2t" else "text → image"
-    return Metric(label, "test", "retrieval", key, f"{head}_hit1", 100.0, "recall@1 (%)", direction=direction,
-                  title=f"Retrieval {arrow}, {head.upper()}")
+    return Metric(label, split, "retrieval", key, f"{head}_hit1", 100.0, "recall@1 (%)", direction=direction,
+                  title=f"Retrieval {arrow}, {head.upper()}{where}")
 
 
 HEADLINE: list[Metric] = [
@@ -69,6 +69,36 @@ HEADLINE: list[Metric] = [
     _recall("R@1 i2t ITC", "i2t", "itc"),
     _recall("R@1 t2i ITC", "t2i", "itc"),
 ]
+
+
+def split_columns(split: str) -> list[Metric]:
+    """VQA, CIDEr and R@1 columns of a split other than "test", labelled with its name ("VQA % (val)")."""
+    tag, where = f" ({split})", f", {split} split"
+    return [_vqa(f"VQA %{tag}", split, f"VQA{where}"),
+            Metric(f"CIDEr{tag}", split, "caption", "image_id", "CIDEr", 1.0, "CIDEr-D (pycocoevalcap scale)", "{:.3f}",
+                   title=f"Captioning{where}"),
+            _recall(f"R@1 i2t{tag}", "i2t", "itm", split, where), _recall(f"R@1 t2i{tag}", "t2i", "itm", split, where),
+            _recall(f"R@1 i2t ITC{tag}", "i2t", "itc", split, where), _recall(f"R@1 t2i ITC{tag}", "t2i", "itc", split, where)]
+
+
+def _column(metric: Metric) -> tuple:
+    return metric.split, metric.task, metric.value, metric.direction
+
+
+def headline_metrics(rows: dict[str, list[Result]]) -> list[Metric]:
+    """HEADLINE (the demo's "test" and "comp" splits), then the same columns of every other split the
+    rows were scored on, in the order first seen: a config's own split names ("val", "coco-test")
+    would otherwise reach results.json but no table, plot or significance test."""
+    splits = dict.fromkeys(split for results in rows.values() for r in results for split in r.get("eval", {}))
+    shown = {_column(m) for m in HEADLINE}
+    return HEADLINE + [m for split in splits if split != "test" for m in split_columns(split) if _column(m) not in shown]
+
+
+def vqa_split(rows: dict[str, list[Result]]) -> str:
+    """The split whose VQA is broken down by question type: "test", else the first split with VQA."""
+    splits = [split for results in rows.values() for r in results for split, tasks in r.get("eval", {}).items()
+              if isinstance(tasks, dict) and "vqa" in tasks]
+    return "test" if "test" in splits or not splits else splits[0]
 
 
 def question_type_metrics(rows: dict[str, list[Result]], split: str = "test") -> list[Metric]:
