@@ -370,8 +370,10 @@ def training_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
             trained += files_in(weights)
     images = [training_images(config.stage1_data if run.stage1_steps else None),
               training_images(config.stage2_data_of(run) if run.checkpoint is None else None)]
+    # the assembly as loaded, not its name: an edited assembly YAML (or preset) trains afresh (a checkpoint's is in its files)
+    assembly = resolve_assembly(run) if run.checkpoint is None else None
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(trained),
-                       "images": images}, sort_keys=True)
+                       "images": images, "assembly": assembly}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -1,0 +1,34 @@
+"""A comparison reuses a run's stored result only if the run would train the same model: an edited
+assembly YAML (another connector, LLM or option under the same file name) used to keep its key, so
+the rerun reported the old model's scores as the new one's."""
+
+from __future__ import annotations
+
+import yaml
+
+from vlbridge.compare import CompareConfig
+from vlbridge.compare.runner import run_key, training_key
+from vlbridge.plugin.resources import presets
+
+
+def _config(assembly: str) -> CompareConfig:
+    return CompareConfig.model_validate({
+        "runs": [{"name": "proj", "assembly": assembly, "stage2_steps": 2}], "output_dir": "out",
+        "stage2_data": {"format": "jsonl", "paths": ["train.jsonl"]},
+        "evals": [{"name": "test", "captions": "test.json", "tasks": ["caption"]}]})
+
+
+def test_an_edited_assembly_file_is_trained_afresh(tmp_path):
+    path = tmp_path / "projector.yaml"
+    raw = presets()["tiny-mlp-opt"]
+    path.write_text(yaml.safe_dump(raw))
+    config = _config(str(path))
+    before = training_key(config, config.runs[0], 0), run_key(config, config.runs[0], 0)
+    path.write_text(yaml.safe_dump({**raw, "connector": {"use": "linear"}}))
+    after = training_key(config, config.runs[0], 0), run_key(config, config.runs[0], 0)
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_an_unchanged_assembly_keeps_its_key(tmp_path):
+    config = _config("tiny-mlp-opt")
+    assert training_key(config, config.runs[0], 0) == training_key(_config("tiny-mlp-opt"), config.runs[0], 0)
