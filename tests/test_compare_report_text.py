@@ -4,6 +4,9 @@ single table, and "not scored" clear of the plot's axis."""
 from __future__ import annotations
 
 import re
+import statistics
+
+import pytest
 
 from tests.test_compare_report import _result
 from vlbridge.compare.plot import _panel
@@ -45,3 +48,10 @@ def test_not_scored_is_drawn_clear_of_the_axis():
     [label] = [t for t in ax.texts if "not scored" in t.get_text()]
     renderer = canvas.get_renderer()
     assert label.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x0 + 3  # not over the spine
+
+
+def test_the_seed_spread_is_the_sample_standard_deviation():
+    """Two seeds scoring 66.7 and 50: sd sqrt(2) * 8.33 = 11.8 (n - 1), not the population 8.3."""
+    rows = {"q": [_result(0, 3, True), _result(1, 2, True)]}
+    cell = summarise(rows, HEADLINE)["q"]["VQA %"]
+    assert cell["seed_std"] == pytest.approx(statistics.stdev([200 / 3, 50.0]))

@@ -148,7 +148,7 @@ def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: d
             text += [f"Each cell: mean [95% CI]. Marks compare a row with **{names[0]}** on the same test images (paired "
                      "bootstrap, 5% level): ▲ significantly higher, ▼ significantly lower, ≈ no significant difference.", ""]
         if any(summary[n].get(label, {}).get("seed_std") is not None for n in names for label, _ in columns):
-            text += ["sd: standard deviation of the per-seed means (how much a rerun with another seed moves the number); "
+            text += ["sd: standard deviation of the per-seed means (sample, n − 1: how much a rerun with another seed moves the number); "
                      "the interval is over test images, with each item averaged over the seeds.", ""]
     if types:
         for group, names in tables.items():

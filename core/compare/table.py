@@ -147,7 +147,13 @@ def cell(results: list[Result], metric: Metric) -> dict[str, Any]:
     ci = bootstrap_ci([items[k][1] for k in keys], [items[k][0] for k in keys])
     seed_means = [sum(v for _, v in s.values()) / len(s) * metric.scale for s in (metric.items(r) for r in results) if s]
     return {"mean": ci.mean * metric.scale, "low": ci.low * metric.scale, "high": ci.high * metric.scale, "n_items": len(keys),
-            "n_seeds": len(seed_means), "seed_std": statistics.pstdev(seed_means) if len(seed_means) > 1 else None}
+            "n_seeds": len(seed_means), "seed_std": seed_spread(seed_means)}
+
+
+def seed_spread(seed_means: list[float]) -> float | None:
+    """The sample standard deviation (n - 1) of the per-seed means, as papers' "mean ± sd over seeds":
+    the population one understates a rerun's spread from few seeds (by 1/sqrt(2) with two). None for one seed."""
+    return statistics.stdev(seed_means) if len(seed_means) > 1 else None
 
 
 def summarise(rows: dict[str, list[Result]], metrics: list[Metric]) -> dict[str, dict[str, dict[str, Any]]]:
