@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.compare.config import CompareConfig
+from vlbridge.compare.footing import footing_notes
 from vlbridge.compare.preflight import preflight
 from vlbridge.compare.progress import PhaseProgress, phase_plan
 from vlbridge.compare.report import write_report
@@ -40,5 +41,5 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     progress.finish()
     say(progress.line("done"))
     groups = {run.name: run.group for run in config.runs}
-    return write_report(out, config.model_dump(mode="json"), per_seed, notes or [], groups=groups,
+    return write_report(out, config.model_dump(mode="json"), per_seed, footing_notes(config) + (notes or []), groups=groups,
                         references=reference_rows or {}, key_pairs=key_pairs or [], titles=titles)
