@@ -32,3 +32,17 @@ def test_an_edited_assembly_file_is_trained_afresh(tmp_path):
 def test_an_unchanged_assembly_keeps_its_key(tmp_path):
     config = _config("tiny-mlp-opt")
     assert training_key(config, config.runs[0], 0) == training_key(_config("tiny-mlp-opt"), config.runs[0], 0)
+
+
+def test_stage1_settings_retrain_only_the_runs_with_a_stage1():
+    """A new stage-1 objective retrains the Q-Former, not the projectors, which have no stage 1."""
+    def config(max_text_tokens: int) -> CompareConfig:
+        data = {"format": "jsonl", "paths": ["train.jsonl"]}
+        return CompareConfig.model_validate({
+            "runs": [{"name": "q", "assembly": "tiny-qformer-opt", "stage1_steps": 2, "stage2_steps": 2},
+                     {"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 2}],
+            "output_dir": "out", "stage1_data": data, "stage2_data": data, "stage1_objective": {"max_text_tokens": max_text_tokens},
+            "evals": [{"name": "test", "captions": "test.json", "tasks": ["caption"]}]})
+    before, after = config(24), config(32)
+    assert training_key(before, before.runs[0], 0) != training_key(after, after.runs[0], 0)
+    assert training_key(before, before.runs[1], 0) == training_key(after, after.runs[1], 0)

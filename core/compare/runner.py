@@ -363,7 +363,10 @@ EVALUATION_ONLY = {"evals", "caption_prompt", "vqa_prompt", "generation"}  # set
 def training_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     """What a run's trained checkpoints depend on: the run, its seed, the shared training settings and
     the data and weights it trains from (not the evaluation, the other runs, the folder or the title)."""
-    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs", *EVALUATION_ONLY})
+    unused = set() if run.stage1_steps else {"stage1_data", "stage1_objective"}  # a run without stage 1 is not retrained for them
+    if run.stage2_data is not None or run.checkpoint is not None:
+        unused.add("stage2_data")
+    shared = config.model_dump(mode="json", exclude={"runs", "seeds", "name", "output_dir", "jobs", *EVALUATION_ONLY, *unused})
     trained = _paths(config.stage1_data if run.stage1_steps else None, config.stage2_data_of(run) if run.checkpoint is None else None)
     for weights in (run.checkpoint, run.init_from):  # the weights it evaluates or starts from: new ones are trained afresh
         if weights is not None:
