@@ -55,3 +55,15 @@ def test_the_seed_spread_is_the_sample_standard_deviation():
     rows = {"q": [_result(0, 3, True), _result(1, 2, True)]}
     cell = summarise(rows, HEADLINE)["q"]["VQA %"]
     assert cell["seed_std"] == pytest.approx(statistics.stdev([200 / 3, 50.0]))
+
+
+def test_an_unscored_last_row_is_inside_the_panel():
+    """Only the first row retrieves: the panel used to span its bar alone, so the last row's name and
+    "not scored" sat on the panel's bottom edge."""
+    from matplotlib.figure import Figure
+
+    rows = {"q": [_result(0, 3, True)], "lin": [_result(0, 2, False)], "mlp": [_result(0, 2, False)]}
+    ax = Figure(figsize=(4, 3)).subplots()
+    _panel(ax, HEADLINE[3], [("q", "g"), ("lin", "g"), ("mlp", "g")], summarise(rows, HEADLINE), [], {"g": (0.1, 0.2, 0.5)})
+    low, high = ax.get_ylim()
+    assert low < -0.4 and high > 2.4  # rows sit at 2 (q), 1 and 0 (mlp), each with room around it

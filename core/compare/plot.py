@@ -62,6 +62,7 @@ def _panel(ax, metric: Metric, runs: list[tuple[str, str]], summary: dict, refer
         if value is not None:
             ax.axvline(value, color="black", linestyle=LINE_STYLES[i % len(LINE_STYLES)], linewidth=1.2)
     ax.set_yticks(positions, [name for name, _ in runs], fontsize=8)
+    ax.set_ylim(-0.6, len(runs) - 0.4)  # every row inside the panel, scored or not (not only the bars' span)
     ax.set_title(metric.title or metric.label, fontsize=10)
     ax.set_xlabel(metric.unit, fontsize=9)
     ax.set_xlim(0, _axis_end(metric, runs, summary, references))
