@@ -46,3 +46,15 @@ def test_stage1_settings_retrain_only_the_runs_with_a_stage1():
     before, after = config(24), config(32)
     assert training_key(before, before.runs[0], 0) != training_key(after, after.runs[0], 0)
     assert training_key(before, before.runs[1], 0) == training_key(after, after.runs[1], 0)
+
+
+def test_the_key_does_not_depend_on_where_vlbridge_is_installed(tmp_path):
+    """The world presets name their parts by absolute paths into the installed package; the key held
+    them, so a reinstall elsewhere (another venv, pip install . after -e .) retrained every run."""
+    from vlbridge.compare.runner import _location_free
+
+    (tmp_path / "a" / "opt").mkdir(parents=True)
+    (tmp_path / "b" / "opt").mkdir(parents=True)
+    here, there = ({"llm": {"use": "opt", "options": {"model": str(tmp_path / place / "opt")}}, "name": "x"} for place in "ab")
+    assert _location_free(here) == _location_free(there) == {"llm": {"use": "opt", "options": {"model": "opt"}}, "name": "x"}
+    assert _location_free({"model": "facebook/opt-125m"}) == {"model": "facebook/opt-125m"}  # a hub id is no path

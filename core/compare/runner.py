@@ -360,6 +360,18 @@ RESULT_FILE = "result.json"
 EVALUATION_ONLY = {"evals", "caption_prompt", "vqa_prompt", "generation"}  # settings that shape scores, not training
 
 
+def _location_free(value: Any) -> Any:
+    """`value` with each absolute path that exists cut to its last part: the shipped presets name their
+    parts by where vlbridge is installed, and a reinstall elsewhere must not retrain every run."""
+    if isinstance(value, dict):
+        return {key: _location_free(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_location_free(item) for item in value]
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).exists():
+        return Path(value).name
+    return value
+
+
 def training_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     """What a run's trained checkpoints depend on: the run, its seed, the shared training settings and
     the data and weights it trains from (not the evaluation, the other runs, the folder or the title)."""
@@ -374,7 +386,7 @@ def training_key(config: CompareConfig, run: RunSpec, seed: int) -> str:
     images = [training_images(config.stage1_data if run.stage1_steps else None),
               training_images(config.stage2_data_of(run) if run.checkpoint is None else None)]
     # the assembly as loaded, not its name: an edited assembly YAML (or preset) trains afresh (a checkpoint's is in its files)
-    assembly = resolve_assembly(run) if run.checkpoint is None else None
+    assembly = _location_free(resolve_assembly(run)) if run.checkpoint is None else None
     text = json.dumps({"run": run.model_dump(mode="json"), "seed": seed, "shared": shared, "data": data_fingerprint(trained),
                        "images": images, "assembly": assembly}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
