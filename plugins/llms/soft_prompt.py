@@ -31,6 +31,7 @@ import torch
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.parts.freeze import FrozenPart
+from vlbridge.plugins.llms.embed_scale import ids_only_scale
 
 IGNORE_INDEX = -100  # the label value transformers' cross-entropy skips
 DEFAULT_MAX_NEW_TOKENS = 30  # BLIP-2's caption length
@@ -158,6 +159,7 @@ class SoftPromptLLM(FrozenPart):
         self.prompt_template = prompt_template
         self.chat = chat
         self.image_token_id = image_token_id
+        self.text_scale = ids_only_scale(model)  # applied by the model to embedded ids only (Pegasus, Marian...)
         self.freeze()
 
     def format_prompt(self, text: str) -> str:
@@ -187,7 +189,8 @@ class SoftPromptLLM(FrozenPart):
         input_ids = input_ids.to(self.device)
         if self.image_token_id is not None:
             input_ids = input_ids.masked_fill(input_ids.eq(self.image_token_id), self.tokenizer.pad_token_id or 0)
-        return self.model.get_input_embeddings()(input_ids)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        return embeds if self.text_scale == 1.0 else embeds * self.text_scale
 
     def tokenize(self, texts: str | Sequence[str], *, max_length: int | None = None, padding_side: PadSide = "right",
                  add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
