@@ -60,7 +60,9 @@ def _llama_like(c: dict[str, Any]) -> int:
     if kind == "qwen2" or c.get("attention_bias"):
         attention += heads * head_dim + 2 * kv * head_dim + (h if kind != "qwen2" else 0)
     if kind == "qwen3":
-        attention += 2 * head_dim  # q_norm, k_norm
+        attention += 2 * head_dim  # q_norm, k_norm (per head)
+    if kind == "olmo2":
+        attention += (heads + kv) * head_dim  # q_norm, k_norm (over all heads)
     mlp = 3 * h * inner + ((2 * inner + h) if c.get("mlp_bias") else 0)
     norms = (4 if kind == "gemma2" else 2) * h
     head = 0 if c.get("tie_word_embeddings", kind in ("gemma", "gemma2")) else vocab * h
