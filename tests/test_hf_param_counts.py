@@ -14,6 +14,10 @@ _BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
              vocab_size=1000)
 CONFIGS = {
     "olmo2": ("olmo2", dict(_BASE, num_key_value_heads=2)),  # q_norm / k_norm over all heads
+    "gpt2-untied": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=1000, tie_word_embeddings=False)),
+    "phi-tied": ("phi", dict(_BASE, tie_word_embeddings=True)),  # lm_head keeps its bias
+    "phi-grouped-kv": ("phi", dict(_BASE, num_key_value_heads=2)),
+    "phi-qk-layernorm": ("phi", dict(_BASE, qk_layernorm=True)),
 }
 
 

@@ -73,13 +73,18 @@ def _gpt2(c: dict[str, Any]) -> int:
     h, layers, vocab, positions = c["n_embd"], c["n_layer"], c["vocab_size"], c["n_positions"]
     inner = c.get("n_inner") or 4 * h
     block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
-    return vocab * h + positions * h + layers * block + 2 * h  # lm_head tied
+    head = 0 if c.get("tie_word_embeddings", True) else vocab * h
+    return vocab * h + positions * h + layers * block + 2 * h + head
 
 
 def _phi(c: dict[str, Any]) -> int:
     h, inner, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    block = 2 * h + 4 * (h * h + h) + (h * inner + inner) + (inner * h + h)
-    head = 0 if c.get("tie_word_embeddings") else vocab * h + vocab
+    heads = c["num_attention_heads"]
+    kv, head_dim = c.get("num_key_value_heads") or heads, h // heads
+    attention = 2 * (h * h + h) + 2 * (h * kv * head_dim + kv * head_dim)  # q, dense; k, v (grouped)
+    qk_norms = 4 * head_dim if c.get("qk_layernorm") else 0  # LayerNorms on q and k, per head
+    block = 2 * h + attention + qk_norms + (h * inner + inner) + (inner * h + h)
+    head = vocab + (0 if c.get("tie_word_embeddings") else vocab * h)  # lm_head's bias stays when tied
     return vocab * h + layers * block + 2 * h + head
 
 
