@@ -42,6 +42,10 @@ class HFLLMOptions(Options):
         if kind in MULTIMODAL:
             raise ValueError(f"{self.model} holds a multimodal {kind!r} model; turn it into a vlbridge assembly with "
                              f"`{MULTIMODAL[kind]} {self.model} OUT`")
+        if isinstance(config.get("vision_config"), dict):  # Gemma 3 (4b and up), Qwen2-VL, PaliGemma, Mistral 3...
+            raise ValueError(f"{self.model} holds a multimodal {kind!r} model (its config has a vision_config): {self.plugin_name} "
+                             "takes a text-only LLM, and transformers' generate refuses inputs_embeds for many such models; "
+                             "give a text-only checkpoint, or save the language model alone with save_pretrained")
         if bool(config.get("is_encoder_decoder", False)) != self.encoder_decoder:
             other = "hf-seq2seq" if not self.encoder_decoder else "hf-causal-lm"
             what = "an encoder-decoder" if not self.encoder_decoder else "a decoder-only"
