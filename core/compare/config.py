@@ -145,7 +145,9 @@ class CompareConfig(Strict):
     features: bool = Field(True, description="train from a frozen-feature cache (encoders are frozen; no augmentation then)")
     caption_prompt: str = Field("", description="prompt before generated captions (match how stage 2 was trained)")
     vqa_prompt: str = Field("Question: {} Short answer:", description="VQA prompt template")
-    generation: dict[str, Any] = Field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 12})
+    generation: dict[str, Any] = Field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 12},
+                                       description="decoding settings (GenerationOptions) for captions, and for VQA but its length")
+    vqa_max_new_tokens: int = Field(5, ge=1, description="most tokens of a VQA answer (short answers: BLIP-2's evaluation uses 10)")
     output_dir: str = Field(min_length=1)
     device: str = "auto"
     threads: int | None = Field(None, ge=1, description=(

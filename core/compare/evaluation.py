@@ -90,7 +90,7 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded:
         problem = template_problem(config.vqa_prompt, "vqa_prompt")
         if problem:
             raise VLBridgeError(problem)
-        options = answer_options(model, {**config.generation, "max_new_tokens": 5})
+        options = answer_options(model, {**config.generation, "max_new_tokens": config.vqa_max_new_tokens})
         answers = _generate(model, encoded, refs, [config.vqa_prompt.format(r.question) for r in records], options)
         predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
         out["vqa"] = vqa_scores(predictions, records, question_categories(spec.annotations))

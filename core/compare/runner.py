@@ -357,7 +357,7 @@ def shared_retrieval(config: CompareConfig, checkpoint: Path, store: Path, spec:
 RESULT_FILE = "result.json"
 
 
-EVALUATION_ONLY = {"evals", "caption_prompt", "vqa_prompt", "generation"}  # settings that shape scores, not training
+EVALUATION_ONLY = {"evals", "caption_prompt", "vqa_prompt", "generation", "vqa_max_new_tokens"}  # settings that shape scores, not training
 
 
 def _location_free(value: Any) -> Any:
