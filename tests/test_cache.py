@@ -379,3 +379,22 @@ def test_compare_recaches_images_that_changed(tmp_path: Path):
     write_image(tmp_path / "images" / "1.jpg", seed=77)
     assert feature_cache(config, assembly, said.append) == str(folder)
     assert "1 training image(s) changed since" in said[-1] and changed_images(config, folder) == []
+
+
+def test_an_image_unreadable_when_cached_that_is_readable_now_is_refused(tmp_path: Path):
+    """An image skipped at build time (truncated, or not there yet) and fixed since was skipped by
+    training from the cache, while training from the images used it: no stamp was kept for it."""
+    write_image(tmp_path / "images" / "0.jpg", seed=0)
+    write_truncated(tmp_path / "images" / "1.jpg")
+    write_jsonl(tmp_path / "t.jsonl", [{"image": f"images/{i}.jpg", "text": "x", "image_id": i} for i in range(3)])  # 2.jpg: none
+    config = {"format": "jsonl", "paths": [str(tmp_path / "t.jsonl")], "num_workers": 0}
+    built = build_cache(PRESET, [config], tmp_path / "features", FP32)
+    assert [s.image_id for s in built.skipped] == [1, 2]
+    assert len(feature_dataset(config, tmp_path / "features", train=True)) == 3  # unchanged: still skipped, no error
+    write_image(tmp_path / "images" / "2.jpg", seed=2)  # appeared
+    with pytest.raises(CacheError, match=r"1 image file\(s\) changed since .*2.jpg.*--overwrite"):
+        feature_dataset(config, tmp_path / "features", train=True)
+    (tmp_path / "images" / "2.jpg").unlink()
+    write_image(tmp_path / "images" / "1.jpg", seed=1)  # fixed
+    with pytest.raises(CacheError, match=r"1 image file\(s\) changed since .*1.jpg"):
+        feature_dataset(config, tmp_path / "features", train=True)

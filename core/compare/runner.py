@@ -173,8 +173,8 @@ def changed_images(config: CompareConfig, directory: Path) -> list[str]:
     changed: list[str] = []
     for i, data in enumerate(data_sources(config)):
         samples = [s for s in iter_samples(load_data_config(data, f"data[{i}]"), f"data[{i}]", keep_bytes=False)
-                   if not isinstance(s, Skipped) and s.image_id in store.rows]
-        changed += store.changed_images(samples, [store.rows[s.image_id][:2] for s in samples])
+                   if not isinstance(s, Skipped) and (s.image_id in store.rows or s.image_id in store.skipped)]
+        changed += store.changed_images(samples, [store.rows[s.image_id][:2] if s.image_id in store.rows else None for s in samples])
     return changed
 
 

@@ -100,12 +100,21 @@ def file_stamp(path: str | Path) -> list[int]:
     return [found.st_size, found.st_mtime_ns]
 
 
+def stamp_or_absent(path: str | Path) -> list[int]:
+    """`file_stamp`, or [] when there is no such file: what a skipped image's file is compared by."""
+    try:
+        return file_stamp(path)
+    except OSError:
+        return []
+
+
 class SkippedImage(Strict):
     """An image that could not be decoded when the cache was built (its captions are skipped too)."""
 
     image_id: ImageId
     name: str
     reason: str
+    stamp: list[int] | None = None  # [bytes, mtime_ns] of its file then, [] if there was none; None: a tar stream, or not recorded
 
 
 class Source(Strict):

@@ -177,14 +177,16 @@ def reuse_shard(path: Path, fingerprint_: str, planned: list[list[Any]]) -> tupl
 
 
 def encode_chunk(encoder: torch.nn.Module, chunk: list[ImageText], preprocess: Any, settings: BuildSettings,
-                 strict: bool) -> tuple[torch.Tensor, list[int], list[SkippedImage]]:
-    """(rows, tokens, width) features of the chunk's readable images, their chunk positions, the skipped."""
+                 strict: bool, stamps: list[list[int] | None]) -> tuple[torch.Tensor, list[int], list[SkippedImage]]:
+    """(rows, tokens, width) features of the chunk's readable images, their chunk positions, the skipped
+    (with their files' `stamps`, so that training notices one that is readable now)."""
     dataset = RecordDataset(chunk, eval_transform(preprocess), strict=strict, shuffle=False)
     loader = make_loader(dataset, settings.batch_size, num_workers=settings.num_workers)
     storage = torch_dtype(settings.dtype)
     parts, positions, skipped = [], [], []
     for batch in loader:
-        skipped += [SkippedImage(image_id=chunk[s.index].image_id, name=portable_name(chunk[s.index].image), reason=s.reason)
+        skipped += [SkippedImage(image_id=chunk[s.index].image_id, name=portable_name(chunk[s.index].image), reason=s.reason,
+                                 stamp=stamps[s.index])
                     for s in batch["skipped"]]
         if len(batch["index"]) == 0:
             continue
@@ -205,7 +207,7 @@ def write_shard(path: Path, encoder: torch.nn.Module, chunk: list[ImageText], pr
                 settings: BuildSettings, fingerprint_: str, strict: bool) -> tuple[ShardEntry, list[SkippedImage]]:
     """Encode a chunk and write its shard atomically, with the header that lets a rerun reuse it."""
     stamps_before = chunk_stamps(chunk)
-    features, positions, skipped = encode_chunk(encoder, chunk, preprocess, settings, strict)
+    features, positions, skipped = encode_chunk(encoder, chunk, preprocess, settings, strict, stamps_before)
     if features.numel() == 0:
         features = torch.empty(0, identity.num_tokens, identity.width, dtype=torch_dtype(settings.dtype))
     ids = [chunk[p].image_id for p in positions]
@@ -222,14 +224,15 @@ def write_shard(path: Path, encoder: torch.nn.Module, chunk: list[ImageText], pr
 
 def chunk_stamps(chunk: list[ImageText]) -> list[list[int] | None]:
     """The [size, mtime_ns] of each image's file (a tar member's shard), taken before it is read (None
-    for a stream that is no local file, or a file that cannot be stat'ed: its read fails and skips it)."""
+    for a stream that is no local file; [] for a file that cannot be stat'ed: its read fails and skips
+    it, and a file there later differs from [])."""
     stamps: list[list[int] | None] = []
     for item in chunk:
         stamped = stamped_file(item.image)
         try:
             stamps.append(file_stamp(stamped) if stamped is not None else None)
         except OSError:
-            stamps.append(None)
+            stamps.append([])
     return stamps
 
 

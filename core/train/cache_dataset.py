@@ -23,7 +23,7 @@ from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard
 from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, file_stamp, read_manifest,
-                                  verify_cache)
+                                  stamp_or_absent, verify_cache)
 
 if TYPE_CHECKING:
     from vlbridge.assemblies.assembly import Assembly
@@ -142,13 +142,21 @@ class FeatureStore:
 
     def changed_images(self, samples: list[Record | Skipped], locations: list[tuple[int, int] | None]) -> list[str]:
         """The images whose file now differs in size or modification time from when it was cached:
-        its features are another picture's. Files that are gone are not counted (the features stand)."""
+        its features are another picture's. Files that are gone are not counted (the features stand).
+        An image skipped as unreadable (location None) counts when its file differs from then, e.g.
+        was fixed or has appeared: training would skip an image that it can read now."""
         changed, seen = [], set()
         for sample, location in zip(samples, locations):
             stamped = None if isinstance(sample, Skipped) else stamped_file(sample.image)
-            if location is None or stamped is None or location in seen:
+            key = location if location is not None else ("skipped", getattr(sample, "image_id", None))
+            if stamped is None or key in seen:
                 continue
-            seen.add(location)
+            seen.add(key)
+            if location is None:
+                skip = self.skipped.get(sample.image_id)
+                if skip is not None and skip.stamp is not None and stamp_or_absent(stamped) != skip.stamp:
+                    changed.append(sample.image.name)
+                continue
             recorded = self.stamp(*location)
             try:
                 if recorded is not None and file_stamp(stamped) != recorded:
@@ -191,8 +199,9 @@ class FeatureDataset(Dataset):
         changed = store.changed_images(samples, self.locations)
         if changed:
             raise CacheError(f"feature cache {str(store.directory)!r}: {len(changed)} image file(s) changed since their features "
-                             f"were computed (size or modification time differs), e.g. {', '.join(repr(n) for n in changed[:3])}; "
-                             "the cached features are of the old pictures. Rebuild the cache from the current images "
+                             f"were computed (size or modification time differs, or a file unreadable or missing then is there now), "
+                             f"e.g. {', '.join(repr(n) for n in changed[:3])}; the cache holds the old pictures' features "
+                             "(or none). Rebuild the cache from the current images "
                              "(vlbridge cache-features ... --overwrite); a copy that only changed the times needs it too")
         self.image_captions = captions_by_image(samples, text)
 
