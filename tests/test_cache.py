@@ -398,3 +398,17 @@ def test_an_image_unreadable_when_cached_that_is_readable_now_is_refused(tmp_pat
     write_image(tmp_path / "images" / "1.jpg", seed=1)  # fixed
     with pytest.raises(CacheError, match=r"1 image file\(s\) changed since .*1.jpg"):
         feature_dataset(config, tmp_path / "features", train=True)
+
+
+def test_the_same_build_writes_the_same_bytes_and_a_resumed_one_too(data: Path, tmp_path: Path):
+    """Shard headers held several metadata keys, which safetensors writes in a random order: two builds
+    of the same data (or a resumed and an uninterrupted one) differed in bytes and manifest sha256s."""
+    first = build_cache(PRESET, [data / "data.yaml"], tmp_path / "a", FP32)
+    second = build_cache(PRESET, [data / "data.yaml"], tmp_path / "b", FP32)
+    assert [s.sha256 for s in first.shards] == [s.sha256 for s in second.shards]
+    (tmp_path / "a" / "manifest.json").unlink()
+    (tmp_path / "a" / first.shards[-1].file).unlink()  # killed while writing the last shard
+    resumed = build_cache(PRESET, [data / "data.yaml"], tmp_path / "a", FP32)
+    assert resumed.model_dump(exclude={"sources"}) == second.model_dump(exclude={"sources"})
+    for name in ["manifest.json", *(s.file for s in second.shards)]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -42,6 +42,7 @@ from vlbridge.train.cache_dataset import image_place, iter_samples, portable_nam
 from vlbridge.files.userfiles import read_yaml
 
 Log = Callable[[str], None]
+HEADER_KEY = "vlbridge_cache"  # the shard header's one metadata entry: JSON of what a resumed build checks and reuses
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,12 @@ def reuse_shard(path: Path, fingerprint_: str, planned: list[list[Any]]) -> tupl
         return None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            meta = handle.metadata() or {}
+            meta = json.loads((handle.metadata() or {})[HEADER_KEY])
             rows = handle.get_slice(TENSOR_NAME).get_shape()[0]
-        if meta.get("vlbridge_cache") != fingerprint_ or json.loads(meta["planned"]) != planned:
+        if meta["fingerprint"] != fingerprint_ or meta["planned"] != planned:
             return None
-        ids, names = json.loads(meta["image_ids"]), json.loads(meta["names"])
-        stamps = json.loads(meta["stamps"]) if "stamps" in meta else None
-        skipped = [SkippedImage(**s) for s in json.loads(meta["skipped"])]
+        ids, names, stamps = meta["image_ids"], meta["names"], meta["stamps"]
+        skipped = [SkippedImage(**s) for s in meta["skipped"]]
     except Exception:  # a damaged or foreign file is simply rewritten
         return None
     if rows != len(ids) or (stamps is not None and len(stamps) != rows):
@@ -213,10 +213,10 @@ def write_shard(path: Path, encoder: torch.nn.Module, chunk: list[ImageText], pr
     ids = [chunk[p].image_id for p in positions]
     names = [portable_name(chunk[p].image) for p in positions]
     stamps = [stamps_before[p] for p in positions]
-    meta = {"vlbridge_cache": fingerprint_, "planned": json.dumps(planned_keys(chunk)), "image_ids": json.dumps(ids),
-            "names": json.dumps(names), "skipped": json.dumps([s.model_dump(mode="json") for s in skipped]),
-            "stamps": json.dumps(stamps)}
-    atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=meta))
+    meta = {"fingerprint": fingerprint_, "planned": planned_keys(chunk), "image_ids": ids, "names": names,
+            "skipped": [s.model_dump(mode="json") for s in skipped], "stamps": stamps}
+    header = {HEADER_KEY: json.dumps(meta)}  # one key: safetensors writes several in a random order, so equal shards differed
+    atomic_write(path, lambda tmp: save_file({TENSOR_NAME: features.contiguous()}, str(tmp), metadata=header))
     entry = ShardEntry(file=path.name, rows=len(ids), bytes=path.stat().st_size, sha256=file_sha256(path), image_ids=ids, names=names,
                        stamps=stamps)
     return entry, skipped
