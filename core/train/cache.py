@@ -260,7 +260,8 @@ def assembly_label(assembly: "Assembly") -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a whole file (a shard): written into the manifest by the builder, checked by readers."""
+    """sha256 of a whole file (a shard): written into the manifest by the builder, checked on demand by
+    `FeatureStore.verify_checksums` (opening a cache checks sizes and headers only: hashing reads it all)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
