@@ -446,3 +446,15 @@ def test_a_config_without_a_part_is_refused_before_anything_loads(tmp_path, monk
     monkeypatch.setattr(hf_llava, "_load_llava", never)
     with pytest.raises(VLBridgeError, match=f"has no {part} object"):
         vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+
+
+def test_an_image_processor_that_pads_to_a_square_is_refused(tmp_path):
+    """LlavaImageProcessor with do_pad pads a non-square image to a square before resizing (LLaVA-1.5's
+    'pad'); the import ignored do_pad and centre-cropped, so such images reached the tower cropped."""
+    from transformers import LlavaImageProcessor
+
+    make_llava(tmp_path / "hf")
+    LlavaImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+                        do_pad=True).save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(VLBridgeError, match="pads each image to a square \\(do_pad true\\)"):
+        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")

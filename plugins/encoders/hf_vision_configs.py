@@ -177,6 +177,10 @@ def processor_preprocess(processor: dict[str, Any], where: str) -> Preprocess:
     """A `preprocessor_config.json` as vlbridge's Preprocess; ValueError for what the eval transform cannot do."""
     if processor.get("do_resize", True) is False:
         raise ValueError(f"{where}: the image processor does not resize (do_resize false); vlbridge needs a fixed square input")
+    if processor.get("do_pad", False) is True:  # LlavaImageProcessor pads to a square (LLaVA-1.5's 'pad') before resizing
+        raise ValueError(f"{where}: the image processor pads each image to a square (do_pad true) before resizing; vlbridge "
+                         "resizes and centre-crops without padding, so non-square images would reach the tower cropped. "
+                         "Pad images to squares yourself and save the processor with do_pad false to use it")
     crop = bool(processor.get("do_center_crop", False))
     mode, target = _resize(processor.get("size"), crop, where)
     size = _square(processor.get("crop_size"), where, "crop_size") if crop else target
