@@ -176,6 +176,23 @@ def test_the_eval_transform_matches_the_image_processor(processor, shape):
     assert (ours - theirs).abs().mean() < 1e-3 and (ours - theirs).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("rescale", [dict(rescale_factor=1 / 127.5), dict(do_rescale=False)])
+def test_the_eval_transform_follows_the_processors_rescaling(rescale):
+    """A processor that scales pixels by another rescale_factor (or not at all) was read as x / 255:
+    its normalised pixels were off by the ratio, silently. One flat colour: no resampling differences."""
+    import numpy as np
+    from PIL import Image
+
+    from vlbridge.parts.images import to_pixel_batch
+    from vlbridge.plugins.encoders.hf_vision_configs import processor_preprocess
+
+    image = Image.fromarray(np.full((40, 70, 3), (200, 40, 90), dtype=np.uint8))
+    built = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **rescale)
+    ours = to_pixel_batch(image, processor_preprocess(built.to_dict(), "processor"))[0]
+    theirs = torch.as_tensor(np.asarray(built(image, return_tensors="np")["pixel_values"][0]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
 def test_known_towers_validate_offline():
     assert hf_vision.output(HFVisionOptions()) == TokenShape(577, 1024)  # LLaVA-1.5's CLIP ViT-L/14-336
     assert hf_vision.output(HFVisionOptions(variant="siglip-so400m")) == TokenShape(729, 1152)  # 384 px, 27 x 27 patches

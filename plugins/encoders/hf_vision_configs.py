@@ -193,9 +193,23 @@ def processor_preprocess(processor: dict[str, Any], where: str) -> Preprocess:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
         mean, std = _rgb(processor.get("image_mean"), where, "image_mean"), _rgb(processor.get("image_std"), where, "image_std")
+    mean, std = _rescaled_normalisation(processor, mean, std, where)
     if target < size:
         raise ValueError(f"{where}: the image processor resizes to {target} but crops {size}")
     return Preprocess(size, mean, std, RESAMPLE[resample], mode, target if target != size else None, crop_offset="floor")
+
+
+def _rescaled_normalisation(processor: dict[str, Any], mean: tuple[float, float, float], std: tuple[float, float, float],
+                            where: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) that applied to pixels / 255 (vlbridge's scaling) give what the processor computes from
+    pixels * rescale_factor (or raw 0..255 pixels with do_rescale false): (x*k/255 - m)/s = (x/255 - m/k)/(s/k)."""
+    factor = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) is not False else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"{where}: image processor rescale_factor must be a positive number, got {factor!r}")
+    scale = factor * 255
+    if abs(scale - 1) < 1e-9:
+        return mean, std
+    return (mean[0] / scale, mean[1] / scale, mean[2] / scale), (std[0] / scale, std[1] / scale, std[2] / scale)
 
 
 def _resize(size: Any, crop: bool, where: str) -> tuple[str, int]:
