@@ -458,3 +458,34 @@ def test_an_image_processor_that_pads_to_a_square_is_refused(tmp_path):
                         do_pad=True).save_pretrained(str(tmp_path / "hf"))
     with pytest.raises(VLBridgeError, match="pads each image to a square \\(do_pad true\\)"):
         vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% for content in message['content'] | "
+          "selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{% for content in message['content'] | "
+          "selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{'<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # llava-interleave-qwen's
+
+
+@pytest.mark.parametrize("template", [CHATML, "{{ bos_token }}" + CHATML.replace("'<|im_start|>'", "'{x} '")])
+def test_the_import_words_prompts_by_the_processors_chat_template(tmp_path, template):
+    """A LLaVA whose processor carries another conversation format (ChatML) was imported with
+    LLaVA-1.5's 'USER: ... ASSISTANT:' wording: prompted in a format it was never tuned on, silently."""
+    from PIL import Image
+    from transformers import LlavaProcessor
+
+    hf, tokenizer = make_llava(tmp_path / "hf", seed=9)
+    LlavaProcessor.from_pretrained(str(tmp_path / "hf"), patch_size=PATCH, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=template).save_pretrained(str(tmp_path / "hf"))
+    processor = LlavaProcessor.from_pretrained(str(tmp_path / "hf"))
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")).eval()
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[0]}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    inputs = processor(images=[Image.new("RGB", (IMAGE, IMAGE), (200, 40, 90))], text=[text], return_tensors="pt",
+                       add_special_tokens=not text.startswith(bos))  # as apply_chat_template(tokenize=True) does
+    ids, mask = model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])
+    image_id = hf.config.image_token_index
+    assert [i for i in inputs["input_ids"][0].tolist() if i != image_id] == [i for i in ids[0].tolist() if i != image_id]
+    with torch.no_grad():
+        expected = hf(**inputs).logits
+        torch.testing.assert_close(model(inputs["pixel_values"], ids, mask).logits, expected, atol=1e-4, rtol=1e-4)

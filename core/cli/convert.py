@@ -43,7 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         if fmt == "hf-llava":
             parser.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
                                 help="how prompts are worded, '{}' for the prompt and '<image>' for the visual tokens "
-                                     "(default LLaVA-1.5's 'USER: <image>\\n{} ASSISTANT:')")
+                                     "(default: as the directory's processor chat template words one image and one text, else "
+                                     "LLaVA-1.5's 'USER: <image>\\n{} ASSISTANT:')")
     lavis = imp_sub.add_parser("lavis", help="a LAVIS BLIP-2 .pth state dict, into an assembly of your choice")
     lavis.add_argument("source", metavar="PTH")
     lavis.add_argument("out", metavar="OUT_DIR", help="where the vlbridge checkpoint is written (a new or empty folder)")

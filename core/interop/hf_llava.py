@@ -127,9 +127,11 @@ def _image_token(tokenizer: Any, index: int) -> str:
 
 
 def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None = None,
-                    prompt_template: str = LLAVA_15_TEMPLATE) -> Path:
+                    prompt_template: str | None = None) -> Path:
     """Convert a transformers LLaVA directory into a vlbridge checkpoint directory (hf-vision + mlp +
-    hf-causal-lm); returns it. `prompt_template` is how prompts are worded (LLaVA-1.5's by default)."""
+    hf-causal-lm); returns it. `prompt_template` is how prompts are worded; by default as the
+    directory's processor chat template words one image and one text, else LLaVA-1.5's."""
+    from vlbridge.interop.llava_prompt import chat_prompt_template, processor_chat_template
     from vlbridge.plugins.llms.loading import load_tokenizer
 
     src, out = Path(src_dir).expanduser(), Path(out_dir)
@@ -137,6 +139,9 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     selection = _import_selection(config, src / "config.json")  # refuses what hf-vision cannot select, before any weight loads
     tokenizer = load_tokenizer("hf-llava", str(src), pad_from_eos=True)  # as hf-causal-lm reads it: padding is always masked
     image_token = _image_token(tokenizer, config.get("image_token_index", 32000))
+    if prompt_template is None:
+        chat = processor_chat_template(src)
+        prompt_template = LLAVA_15_TEMPLATE if chat is None else chat_prompt_template(chat, tokenizer, image_token, src)
     hf = _load_llava(src)
     out.mkdir(parents=True, exist_ok=True)
     vision_dir, llm_dir = out / "vision", out / "llm"
