@@ -489,3 +489,11 @@ def test_the_import_words_prompts_by_the_processors_chat_template(tmp_path, temp
     with torch.no_grad():
         expected = hf(**inputs).logits
         torch.testing.assert_close(model(inputs["pixel_values"], ids, mask).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prompt_template_without_the_image_token_is_refused(llava, tmp_path):
+    """Without '<image>' the visual tokens went first, before BOS: a placement no LLaVA computes."""
+    _, _, _, root = llava
+    with pytest.raises(VLBridgeError, match="has no '<image>'"):
+        vlbridge.import_hf_llava(root / "hf", tmp_path / "out", prompt_template="Q: {} A:")
+    assert main(["import", "hf-llava", str(root / "hf"), str(tmp_path / "cli"), "--prompt-template", "Q: {} A:"]) == 2

@@ -142,6 +142,9 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     if prompt_template is None:
         chat = processor_chat_template(src)
         prompt_template = LLAVA_15_TEMPLATE if chat is None else chat_prompt_template(chat, tokenizer, image_token, src)
+    elif "<image>" not in prompt_template and image_token not in prompt_template:  # visual tokens would go before BOS
+        raise VLBridgeError(f"prompt_template {prompt_template!r} has no '<image>': LLaVA reads its visual tokens where the "
+                            "prompt holds its image token, so say where they go (e.g. 'USER: <image>\\n{} ASSISTANT:')")
     hf = _load_llava(src)
     out.mkdir(parents=True, exist_ok=True)
     vision_dir, llm_dir = out / "vision", out / "llm"
