@@ -139,7 +139,9 @@ def itm_scores(model: RunningModel, image_embeds: torch.Tensor, ids: torch.Tenso
 
 @torch.no_grad()
 def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
-    """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image."""
+    """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image.
+    Every Q-Former pass takes at most `batch_size` images or texts: all of COCO's 5k images and 25k
+    captions in one pass need tens of GB of activations."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise VLBridgeError(f"k (the ITM shortlist per query) must be a whole number of at least 1, got {k!r}")
     batch_size, texts = checked_batch_size(batch_size), text_list(texts)
@@ -150,9 +152,11 @@ def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: in
     with evaluating(model):
         image_embeds = torch.cat([model.encode_images(model.pixel_values(items[i:i + batch_size]))
                                   for i in range(0, len(items), batch_size)])
-        image_proj = F.normalize(qformer.vision_proj(qformer.query_outputs(image_embeds)), dim=-1)  # (Ni, Q, E)
+        image_proj = torch.cat([F.normalize(qformer.vision_proj(qformer.query_outputs(chunk)), dim=-1)
+                                for chunk in image_embeds.split(batch_size)])  # (Ni, Q, E)
         ids, mask = tokenize_texts(model, texts)
-        text_proj = F.normalize(qformer.text_proj(qformer.text_outputs(ids, mask)[:, 0]), dim=-1)  # (Nt, E)
+        text_proj = torch.cat([F.normalize(qformer.text_proj(qformer.text_outputs(chunk_ids, chunk_mask)[:, 0]), dim=-1)
+                               for chunk_ids, chunk_mask in zip(ids.split(batch_size), mask.split(batch_size))])  # (Nt, E)
         itc = torch.einsum("iqe,te->iqt", image_proj, text_proj).max(dim=1).values  # (Ni, Nt)
         i2t = _rerank(model, itc, image_embeds, ids, mask, k, batch_size, images_are_rows=True)
         t2i = _rerank(model, itc.t(), image_embeds, ids, mask, k, batch_size, images_are_rows=False)
