@@ -86,11 +86,14 @@ def text_list(texts: str | Sequence[str]) -> list[str]:
     return items
 
 
-def tokenize_texts(model: RunningModel, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_texts(model: RunningModel, texts: str | Sequence[str], limit: int | None = MAX_TEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask, padded to the longest text and cut at `limit` tokens (retrieval: LAVIS's 35; None:
+    only where the Q-Former runs out of positions, as LAVIS's feature extractor, which cuts nothing)."""
     texts = text_list(texts)
     qformer = _qformer(model)
-    longest = min(MAX_TEXT_TOKENS, getattr(qformer, "max_text_positions", MAX_TEXT_TOKENS))  # a Q-Former with fewer positions
-    encoded = qformer.tokenizer(list(texts), padding=True, truncation=True, max_length=longest, return_tensors="pt")
+    limits = [n for n in (limit, getattr(qformer, "max_text_positions", None)) if n is not None]
+    longest = min(limits) if limits else None
+    encoded = qformer.tokenizer(list(texts), padding=True, truncation=longest is not None, max_length=longest, return_tensors="pt")
     return encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
 
 
@@ -117,11 +120,11 @@ def _features(model: RunningModel, qformer: Any, images: Any, texts: str | Seque
         out.image_embeds = qformer.query_outputs(image_embeds)
         out.image_embeds_proj = F.normalize(qformer.vision_proj(out.image_embeds), dim=-1)
     elif mode == "text":
-        ids, mask = tokenize_texts(model, texts)
+        ids, mask = tokenize_texts(model, texts, limit=None)
         out.text_embeds = qformer.text_outputs(ids, mask)
         out.text_embeds_proj = F.normalize(qformer.text_proj(out.text_embeds), dim=-1)
     else:
-        ids, mask = tokenize_texts(model, texts)
+        ids, mask = tokenize_texts(model, texts, limit=None)
         if ids.shape[0] != image_embeds.shape[0]:
             raise VLBridgeError(f"multimodal features pair images and texts one to one; got {image_embeds.shape[0]} images and {ids.shape[0]} texts")
         num_queries = qformer.query_tokens.shape[1]
