@@ -42,6 +42,12 @@ def test_ask_and_retrieve(capsys, images):
     assert code == 0, err
     data = json.loads(out)
     assert len(data["image_to_text"]) == 2 and len(data["itc"]) == 2 and len(data["itc"][0]) == 2
+    # text->image re-ranks its own shortlist: its scores are not i2t's transposed, and were missing
+    code, out, err = run(capsys, "retrieve", "-a", "tiny-qformer-opt", "-t", "a red square", "-t", "blue", "-t", "x", "--k", "1",
+                         "--json", *images)
+    data = json.loads(out)
+    assert len(data["t2i"]) == 3 and all(len(row) == 2 for row in data["t2i"])
+    assert all(sum(score != -100.0 for score in row) == 1 for row in data["t2i"])
 
 
 def test_run_errors_exit_2(capsys, images, tmp_path):

@@ -112,7 +112,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     rows += [{"text": text, "images": [args.images[j] for j in result.images_for_text(t, args.top)]} for t, text in enumerate(args.text)]
     if args.json:
         print_json({"image_to_text": rows[:len(args.images)], "text_to_image": rows[len(args.images):],
-                    "itc": result.itc.tolist(), "i2t": result.i2t.tolist()})
+                    "itc": result.itc.tolist(), "i2t": result.i2t.tolist(), "t2i": result.t2i.tolist()})
     else:
         for row in rows:
             query = row.get("image") or row.get("text")
