@@ -497,3 +497,21 @@ def test_a_prompt_template_without_the_image_token_is_refused(llava, tmp_path):
     with pytest.raises(VLBridgeError, match="has no '<image>'"):
         vlbridge.import_hf_llava(root / "hf", tmp_path / "out", prompt_template="Q: {} A:")
     assert main(["import", "hf-llava", str(root / "hf"), str(tmp_path / "cli"), "--prompt-template", "Q: {} A:"]) == 2
+
+
+def test_a_prompt_template_placeholder_cut_by_max_text_tokens_is_refused(llava):
+    """With a long instruction, LLaVA's '<image>' stayed inside the 32 tokens; with a long system
+    prompt before it, the row lost its placeholder to the cut and its visual tokens silently went first."""
+    from vlbridge.train.objectives import Stage2Objective
+
+    _, _, model, _ = llava
+    model.llm.prompt_template = "SYSTEM: " + "be brief " * 20 + "USER: <image>\n{} ASSISTANT:"
+    try:
+        size = model.plan.preprocess.image_size
+        batch = {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                 "text_input": ["what is it?"] * 2, "text_output": ["red"] * 2}
+        with pytest.raises(VLBridgeError, match=r"image placeholder of the prompt template lies past max_text_tokens 32 in 2 text"):
+            Stage2Objective()(model, batch)
+        Stage2Objective(max_text_tokens=256)(model, batch)  # room for it: trains
+    finally:
+        model.llm.prompt_template = "USER: <image>\n{} ASSISTANT:"

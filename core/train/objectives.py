@@ -365,7 +365,9 @@ class Stage2Objective(Objective):
         texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
         ids, mask = llm.tokenize(texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
         labels = ids.masked_fill(mask.eq(0), IGNORE_INDEX)
-        prefix_lengths = prompt_lengths(ids, *llm.tokenize(inputs, padding_side="right"))  # (B,) with BOS
+        input_ids, input_mask = llm.tokenize(inputs, padding_side="right")
+        check_placeholder_kept(ids, input_ids, getattr(llm, "image_token_id", None), self.options.max_text_tokens)
+        prefix_lengths = prompt_lengths(ids, input_ids, input_mask)  # (B,) with BOS
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
         labels = labels.masked_fill(positions < prefix_lengths[:, None], IGNORE_INDEX)
         if not labels.ne(IGNORE_INDEX).any():
@@ -388,6 +390,18 @@ class Stage2Objective(Objective):
         if self.options.loss_average == "tokens":
             return lm_loss(output), labels.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
+
+
+def check_placeholder_kept(ids: torch.Tensor, input_ids: torch.Tensor, placeholder: int | None, limit: int) -> None:
+    """A prompt template that places the visual tokens (LLaVA's `<image>`) must keep its placeholder
+    within `max_text_tokens`: cut off, the row's visual tokens silently went first (or the batch failed)."""
+    if placeholder is None:
+        return
+    lost = (input_ids.to(ids.device).eq(placeholder).any(dim=1) & ~ids.eq(placeholder).any(dim=1)).nonzero().flatten().tolist()
+    if lost:
+        raise VLBridgeError(f"the image placeholder of the prompt template lies past max_text_tokens {limit} in {len(lost)} "
+                            f"text(s) of the batch (rows {lost[:5]}), so it would be cut off with the text after it; raise "
+                            "the stage-2 objective's max_text_tokens (e.g. objective: {max_text_tokens: 256}) or shorten the prompt")
 
 
 def samples_with_targets(labels: torch.Tensor) -> torch.Tensor:
