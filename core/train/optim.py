@@ -70,6 +70,17 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig,
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a checkpoint's optimizer state (the moments and step counts) but keep the settings of
+    the config the run resumes with: torch's load_state_dict would put back the saved groups'
+    weight_decay, betas, eps and lr_scale, silently undoing a changed `optimizer:` section that the
+    resume reports as changed (lr is set by the schedule, from the config, either way)."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, configured in zip(optimizer.param_groups, settings):
+        group.update(configured)
+
+
 class WarmupCosine:
     """Sets every group's lr each step: linear from `warmup_lr` to `lr` over `warmup_steps`, then a
     cosine from `lr` down to `min_lr` at `total_steps` (held there beyond), times the group's

@@ -51,7 +51,7 @@ from vlbridge.train.finetune_config import FinetuneConfig
 from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
 from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.objectives import LOSS_ITEMS
-from vlbridge.train.optim import WarmupCosine, build_optimizer
+from vlbridge.train.optim import WarmupCosine, build_optimizer, load_optimizer_state
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
 
 Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
@@ -403,7 +403,7 @@ class Trainer:
         with ckpt.readable(self.output_dir, latest):
             load_connector_weights(self.model, latest)
             restore_tuned(self.model, latest, read_meta(latest))  # the trained encoder tensors and adapters, into the same parameters
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
