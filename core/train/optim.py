@@ -75,10 +75,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     the config the run resumes with: torch's load_state_dict would put back the saved groups'
     weight_decay, betas, eps and lr_scale, silently undoing a changed `optimizer:` section that the
     resume reports as changed (lr is set by the schedule, from the config, either way)."""
+    saved = [(group.get("name"), len(group["params"])) for group in state["param_groups"]]
+    now = [(group.get("name"), len(group["params"])) for group in optimizer.param_groups]
+    if saved != now:  # torch pairs groups by position: moments would land on other parameters, or it fails bare
+        raise VLBridgeError(f"cannot resume the optimizer state: the checkpoint's parameter groups {_groups(saved)} differ "
+                            f"from this config's {_groups(now)}; optimizer.lr_scales may change its scales on a resume, "
+                            "not which prefixes it names (use the checkpoint's prefixes, or start a new run in another output_dir)")
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, configured in zip(optimizer.param_groups, settings):
         group.update(configured)
+
+
+def _groups(layout: list[tuple[Any, int]]) -> str:
+    return "[" + ", ".join(f"{name} ({count} tensors)" for name, count in layout) + "]"
 
 
 class WarmupCosine:
