@@ -136,6 +136,33 @@ def save_training_checkpoint(
     trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None = None, parts: Sequence[ExtraPart] = (),
 ) -> Path:
     """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`."""
+    with _write_errors(output_dir, step):
+        return _save(output_dir, step, assembly=assembly, connector=connector, stage=stage, trainer_state=trainer_state,
+                     config_yaml=config_yaml, keep_last=keep_last, parts=parts)
+
+
+@contextlib.contextmanager
+def _write_errors(output_dir: str | Path, step: int) -> Iterator[None]:
+    """A full disk, a quota, a read-only or vanished folder while saving is the user's to fix, not a
+    bug: said as such, with the checkpoint that is still whole to resume from once it is fixed."""
+    try:
+        yield
+    except OSError as exc:
+        try:
+            kept = latest_checkpoint(output_dir)
+        except VLBridgeError:
+            kept = None
+        resume = (f"the latest complete checkpoint is still {kept.name} ({kept.parent / LATEST} names it): free space or "
+                  "fix the folder, then continue with --resume" if kept is not None else "no earlier checkpoint of this run was saved")
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise VLBridgeError(f"cannot save checkpoint step-{step} under {Path(output_dir) / CHECKPOINTS}: "
+                            f"{exc.strerror or exc}{where}; {resume}") from exc
+
+
+def _save(
+    output_dir: str | Path, step: int, *, assembly: dict[str, Any], connector: ConnectorState, stage: int,
+    trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None, parts: Sequence[ExtraPart],
+) -> Path:
     final = checkpoint_dir(output_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(final.parent, prefix=f".{final.name}.")

@@ -1,0 +1,40 @@
+"""A save that the file system refuses (a full disk, a quota, a read-only folder) ends the run as a
+user error (exit 2) naming the checkpoint and the one still whole to resume from, never as an
+'internal error: this is a bug'; the earlier checkpoint stays loadable and the run resumes from it."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+from tests.test_trainer_samples import config, write_caption_data, write_config
+from vlbridge.cli.main import main
+from vlbridge.train import checkpointing
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_a_full_disk_during_a_save_is_a_user_error_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    data = write_caption_data(tmp_path / "data", images=4)
+    path = write_config(tmp_path / "t.yaml", config(data, tmp_path / "run", steps=4, save_every=2))
+    save, saves = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) > 1:  # step-2's trainer state is written, step-4's is not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot save checkpoint step-4" in err and "No space left on device" in err
+    assert "still step-2" in err and "internal error" not in err
+    checkpoints = tmp_path / "run" / checkpointing.CHECKPOINTS
+    assert checkpointing.latest_checkpoint(tmp_path / "run") == checkpoints / "step-2"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]  # no half-written step-4 left
+    monkeypatch.setattr(checkpointing.torch, "save", save)
+    assert main(["train", str(path), "--resume"]) == 0
+    assert checkpointing.latest_checkpoint(tmp_path / "run") == checkpoints / "step-4"
