@@ -283,8 +283,11 @@ def parallel_problems(config: TrainConfig) -> list[str]:
     """What the parallel section asks that this stage cannot do."""
     par, problems = config.parallel, []
     if par.strategy != "fsdp":  # ddp keeps a whole model on every rank: a shard list there would be silently ignored
+        # a default written out asks for nothing (every saved train.yaml holds them: it must read back)
+        asked = [key for key in ("shard", "reshard_after_forward")
+                 if key in par.model_fields_set and getattr(par, key) != ParallelConfig.model_fields[key].default]
         problems.extend(f"parallel.{key}: only strategy: fsdp shards; set parallel.strategy: fsdp, or remove {key} (ddp keeps a "
-                        "whole model on every rank)" for key in ("shard", "reshard_after_forward") if key in par.model_fields_set)
+                        "whole model on every rank)" for key in asked)
     if par.strategy == "fsdp" and par.shard == []:
         problems.append("parallel.shard: fsdp needs at least one part to shard (llm, encoder); or use strategy: ddp")
     if par.strategy == "fsdp" and config.stage == 1 and "llm" in (par.shard or []):
