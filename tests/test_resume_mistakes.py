@@ -92,3 +92,17 @@ def test_checkpoints_without_a_latest_pointer_are_named_not_mixed_with_a_new_run
     assert f"{copy / 'checkpoints'} holds complete checkpoints (step-2, step-4) but no latest file naming one" in err
     assert f"write step-4 into {copy / 'checkpoints' / 'latest'} and pass --resume; to start over, remove {copy / 'checkpoints'}" in err
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing trained or written
+
+
+def test_a_trainer_state_of_a_newer_version_is_refused(capsys, tmp_path, run):
+    """checkpoint.json's version was checked, trainer_state.pt's not: a newer layout was resumed as if it were ours."""
+    import torch
+
+    copy = damage(run[0], "train.yaml", 10**9, tmp_path)  # an intact copy
+    path = copy / checkpointing.CHECKPOINTS / "step-4" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "version": checkpointing.STATE_VERSION + 1}, path)
+    code = main(["train", str(write_config(tmp_path / "t.yaml", write_config_values(run[1], copy))), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"trainer state version {checkpointing.STATE_VERSION + 1} is not one this vlbridge reads" in err and "newer vlbridge" in err

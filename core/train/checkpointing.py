@@ -33,7 +33,7 @@ from vlbridge.files.weights import torch_load
 CHECKPOINTS = RUN_CHECKPOINTS
 CONFIG_FILE = "train.yaml"
 LOCK_FILE = ".lock"
-STATE_FORMAT = "vlbridge-trainer-state"
+STATE_FORMAT, STATE_VERSION = "vlbridge-trainer-state", 1  # trainer_state.pt's "format", and the newest "version" this code reads
 
 
 # -- one run per output_dir ----------------------------------------------------------------------
@@ -219,6 +219,11 @@ def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
     state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise VLBridgeError(f"{path} is not a vlbridge trainer state (format {STATE_FORMAT!r})")
+    version = state.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= STATE_VERSION:
+        # its layout is unknown here: reading it anyway could resume with a wrong position or die on a missing key
+        raise VLBridgeError(f"{path}: trainer state version {version!r} is not one this vlbridge reads (1 to {STATE_VERSION}); "
+                            "a newer vlbridge wrote it (upgrade to resume), or the file was edited")
     return state
 
 

@@ -343,7 +343,7 @@ class Trainer:
                                                   "skipped": self.progress.skipped_count + self.skipped_before})
         parts = tuned_parts(self.model)  # on every rank: gathering a sharded tensor is a collective
         if self.where.main:
-            state = {"format": ckpt.STATE_FORMAT, "version": 1, "step": self.step, "epoch": self.progress.epoch,
+            state = {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION, "step": self.step, "epoch": self.progress.epoch,
                      "world_size": self.where.world_size, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                      "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks}
