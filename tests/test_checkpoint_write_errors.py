@@ -1,10 +1,12 @@
 """A save that the file system refuses (a full disk, a quota, a read-only folder) ends the run as a
 user error (exit 2) naming the checkpoint and the one still whole to resume from, never as an
-'internal error: this is a bug'; the earlier checkpoint stays loadable and the run resumes from it."""
+'internal error: this is a bug'; the earlier checkpoint stays loadable and the run resumes from it.
+And a run killed while deleting an old checkpoint (keep_last) leaves none that looks complete."""
 
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +40,30 @@ def test_a_full_disk_during_a_save_is_a_user_error_and_keeps_the_earlier_checkpo
     monkeypatch.setattr(checkpointing.torch, "save", save)
     assert main(["train", str(path), "--resume"]) == 0
     assert checkpointing.latest_checkpoint(tmp_path / "run") == checkpoints / "step-4"
+
+
+def test_a_run_killed_while_pruning_leaves_no_step_that_lost_its_weights(tmp_path, monkeypatch):
+    """rmtree killed midway left step-N without connector.safetensors but with trainer_state.pt: a
+    'complete' checkpoint that the advice after a damaged latest one would point to."""
+    from vlbridge.files.checkpoint_paths import step_dirs
+
+    checkpoints = tmp_path / "run" / checkpointing.CHECKPOINTS
+    for step in (1, 2):
+        folder = checkpoints / f"step-{step}"
+        folder.mkdir(parents=True)
+        for name in ("connector.safetensors", "trainer_state.pt"):
+            (folder / name).write_bytes(b"x")
+    (checkpoints / "latest").write_text("step-2\n")
+    rmtree = checkpointing.shutil.rmtree
+
+    def killed(path, ignore_errors=False):
+        (Path(path) / "connector.safetensors").unlink()  # the first file goes, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.prune(tmp_path / "run", keep_last=1)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", rmtree)
+    assert [path.name for _, path in step_dirs(tmp_path / "run")] == ["step-2"]
+    checkpointing.remove_staging(tmp_path / "run")  # what the next run's lock does
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]

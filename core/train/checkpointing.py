@@ -202,7 +202,19 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
     latest = latest_checkpoint(output_dir)
     for _, path in step_dirs(output_dir)[:-keep_last]:
         if path != latest:
-            shutil.rmtree(path, ignore_errors=True)
+            discard(path)
+
+
+def discard(path: Path) -> None:
+    """Delete a step directory by first renaming it to a staging name: a run killed midway through the
+    deletion leaves a folder the next run removes (`remove_staging`), not a step-N that has lost its
+    weights but keeps trainer_state.pt, and so still counts as complete (the way on from a damaged checkpoint)."""
+    doomed = path.with_name(f".{path.name}.pruned.tmp")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_staging(output_dir: str | Path) -> None:
