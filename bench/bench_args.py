@@ -8,20 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Callable
+
+from vlbridge.cli.argtypes import whole_number
 
 
-def at_least(low: int):
-    """An argparse type: a whole number >= `low`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, at least {low}; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
-        return value
-    parse.__name__ = f"at least {low}"  # argparse names the type in its message
-    return parse
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `low` (the CLI's own rule)."""
+    return whole_number(low)
 
 
 def probability(text: str) -> float:

@@ -3,22 +3,15 @@ the difference and timed them anyway, so a broken weight conversion still gave r
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # its helpers sit beside it, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_qformer", ROOT / "bench" / "bench_qformer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_qformer", monkeypatch)
 
 
 def test_sides_that_differ_stop_the_bench_before_timing(bench, monkeypatch):

@@ -3,21 +3,14 @@ overwritten by BLIP-2's 12 heads, so `--qformer blip2 --heads 3` timed 12 heads 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # its helpers sit beside it, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_train", monkeypatch)
 
 
 @pytest.mark.parametrize("qformer", ["mini", "blip2"])

@@ -4,6 +4,7 @@ argparse) before anything loads, not a failure deep inside a run."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from vlbridge.files.config_fields import MAX_SEED
 
@@ -18,6 +19,14 @@ def _count(text: str, least: int, most: int | None = None) -> int:
     if most is not None and value > most:
         raise argparse.ArgumentTypeError(f"{value} is more than {most}")
     return value
+
+
+def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type for a whole number from `least` (to `most`), for scripts beside the CLI (bench/)."""
+    def parse(text: str) -> int:
+        return _count(text, least, most)
+    parse.__name__ = f"whole number from {least}" + (f" to {most}" if most is not None else "")  # argparse names it
+    return parse
 
 
 def positive_int(text: str) -> int:
