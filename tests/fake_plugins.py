@@ -179,6 +179,36 @@ def build_end_token_llm(opts: Any) -> nn.Module:
     return llm
 
 
+class InterfaceOnly(nn.Module):
+    """The tiny OPT behind exactly the members the guide's LLM tables list (no `tokenizer`, no `model`),
+    as a hand-written LLM plugin has them."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.embed_width, self.is_encoder_decoder = inner.embed_width, inner.is_encoder_decoder
+        self.caption_suffix = inner.caption_suffix
+
+    def tokenize(self, texts: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.tokenize(texts, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner.generate(*args, **kwargs)
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        return self.inner.decode(token_ids)
+
+
+def build_interface_only_llm(opts: Any) -> nn.Module:
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    return InterfaceOnly(build(OPTOptions(variant="tiny")))
+
+
 def tiny_opt_spec(factory: str, name: str) -> LLMSpec:
     from vlbridge.plugins.llms.opt import OPTOptions, dims
 

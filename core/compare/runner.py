@@ -289,7 +289,8 @@ def llm_cost(model, batch: int = 8, text_tokens: int = 16, reps: int = 10) -> di
     fastest of `reps` after a warm-up: the least disturbed by other work on the machine)."""
     plan = model.plan
     visual = torch.zeros(batch, plan.connector_out.num_tokens, plan.connector_out.width, device=model.device)
-    ids = torch.full((batch, text_tokens), model.llm.tokenizer.pad_token_id or 0, device=model.device)
+    pad = getattr(getattr(model.llm, "tokenizer", None), "pad_token_id", None)  # a plugin LLM need not have a tokenizer attribute
+    ids = torch.full((batch, text_tokens), pad or 0, device=model.device)
     mask = torch.ones_like(ids)
     times = []
     for _ in range(reps + 1):
