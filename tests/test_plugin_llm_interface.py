@@ -26,3 +26,16 @@ def test_compare_measures_the_llm_cost_of_a_plugin_llm(model):
 
     cost = llm_cost(model, batch=2, text_tokens=4, reps=1)
     assert cost["visual_tokens"] == model.plan.connector_out.num_tokens and cost["llm_forward_ms"] > 0
+
+
+@pytest.mark.parametrize("target", ["llm", "vocabulary"])
+def test_soft_prompt_norm_names_what_a_plugin_llm_lacks(model, target):
+    import torch
+
+    from vlbridge import PluginError
+    from vlbridge.train.soft_prompt_scale import scale_soft_prompt
+
+    image_embeds = torch.zeros(1, model.plan.encoder_out.num_tokens, model.plan.encoder_out.width)
+    with pytest.raises(PluginError, match=r"llm 'plain-llm' \(plugin vlbridge-plain\): its module \(InterfaceOnly\) "
+                                          r"lacks tokenizer, embed_tokens; soft_prompt_norm: .*use soft_prompt_norm: init"):
+        scale_soft_prompt(model, image_embeds, None, ["a red square"], target)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.plugin.contract import describe, require
 from vlbridge.train.distributed import is_distributed
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ def scale_soft_prompt(model: "VLBridgeModel", image_embeds: torch.Tensor, instru
     """Scale the connector's output layer so the soft prompt of these images has the LLM's embedding
     norm: of `texts` (the batch's text, as the LLM will read it; `target_of` "llm") or of its whole
     vocabulary ("vocabulary")."""
+    require(model.llm, ("tokenizer", "embed_tokens"), describe(model.plan.llm),
+            f"soft_prompt_norm: {target_of} measures the LLM's token embeddings through them (a transformers tokenizer "
+            "and embed_tokens(ids), as the built-in and hf-* LLMs have); use soft_prompt_norm: init with this LLM")
     name, layer, visual = output_linear(model.connector, lambda: model.visual_tokens(image_embeds=image_embeds, instructions=instructions))
     target = vocabulary_norm(model) if target_of == "vocabulary" else text_norm(model, texts)
     before = mean_token_norm(visual)
