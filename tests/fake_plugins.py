@@ -209,6 +209,15 @@ def build_interface_only_llm(opts: Any) -> nn.Module:
     return InterfaceOnly(build(OPTOptions(variant="tiny")))
 
 
+def build_prompt_echo_llm(opts: Any) -> nn.Module:
+    """The tiny OPT whose generate returns the prompt's ids before the new ones (transformers' generate
+    on input_ids does), which decode would read as part of the answer."""
+    llm = build_interface_only_llm(opts)
+    generate = llm.generate
+    llm.generate = lambda visual, ids, mask, **kwargs: torch.cat([ids, generate(visual, ids, mask, **kwargs)], dim=1)
+    return llm
+
+
 def tiny_opt_spec(factory: str, name: str) -> LLMSpec:
     from vlbridge.plugins.llms.opt import OPTOptions, dims
 

@@ -39,3 +39,19 @@ def test_soft_prompt_norm_names_what_a_plugin_llm_lacks(model, target):
     with pytest.raises(PluginError, match=r"llm 'plain-llm' \(plugin vlbridge-plain\): its module \(InterfaceOnly\) "
                                           r"lacks tokenizer, embed_tokens; soft_prompt_norm: .*use soft_prompt_norm: init"):
         scale_soft_prompt(model, image_embeds, None, ["a red square"], target)
+
+
+def test_a_generate_that_returns_the_prompt_too_is_refused():
+    from PIL import Image
+
+    from vlbridge import PluginError
+    from vlbridge.plugintest.check import check_plugin
+
+    plugin = fake.plugin("echo", llms=[fake.tiny_opt_spec("build_prompt_echo_llm", "echo")])
+    with pytest.raises(PluginError, match=r"generate returned \d+ tokens per row for max_new_tokens=3; it must return "
+                                          r"the new token ids only"):
+        check_plugin(plugin)
+    with using_registry(fake.registry(echo=plugin)):
+        model = vlbridge.build(fake.assembly(connector="linear", llm="echo"))
+        with pytest.raises(PluginError, match=r"llm 'echo' \(plugin vlbridge-echo\): generate returned \d+ tokens per row"):
+            model.answer(Image.new("RGB", (28, 28)), "what colour is the square?", num_beams=1, max_new_tokens=3)

@@ -129,24 +129,33 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
             ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
             _check_context(model, visual.shape[1] + ids.shape[1], options.max_new_tokens)
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
-            outputs.extend(_decoded(model, new_tokens, visual.shape[0] * options.num_return_sequences))
+            outputs.extend(_decoded(model, new_tokens, visual.shape[0] * options.num_return_sequences, options.max_new_tokens))
     return outputs
 
 
-def _decoded(model: RunningModel, new_tokens: Any, rows: int) -> list[str]:
+def _decoded(model: RunningModel, new_tokens: Any, rows: int, max_new_tokens: int) -> list[str]:
     """The LLM plugin's generate and decode, held to the guide's interface (5.4): a (rows, L) tensor of
     new ids, then one string per row. A decode that returned one string was read as one caption per
-    character, silently."""
+    character, silently; a generate that returned the prompt too answered with the question."""
     who = describe(model.plan.llm)
     if not (isinstance(new_tokens, torch.Tensor) and new_tokens.dim() == 2 and new_tokens.shape[0] == rows):
         shown = f"shape {tuple(new_tokens.shape)}" if isinstance(new_tokens, torch.Tensor) else f"a {type(new_tokens).__name__}"
         raise PluginError(f"{who}: generate returned {shown}; it must return the new token ids, a ({rows}, length) tensor "
                           "(batch x num_return_sequences rows)")
+    check_new_tokens(who, new_tokens, max_new_tokens)
     texts = plugin_call(who, "decode(token_ids)", model.llm.decode, new_tokens)
     if not (isinstance(texts, (list, tuple)) and len(texts) == rows and all(isinstance(text, str) for text in texts)):
         shown = f"{len(texts)} items" if isinstance(texts, (list, tuple)) else f"a {type(texts).__name__}"
         raise PluginError(f"{who}: decode(token_ids) returned {shown}; it must return a list of {rows} strings, one per row")
     return list(texts)
+
+
+def check_new_tokens(who: str, new_tokens: torch.Tensor, max_new_tokens: int) -> None:
+    """generate returns the new tokens only (an encoder-decoder's may start with its decoder start token):
+    more columns than that means it returned the prompt's ids too, which decode would read as output."""
+    if new_tokens.shape[1] > max_new_tokens + 1:
+        raise PluginError(f"{who}: generate returned {new_tokens.shape[1]} tokens per row for max_new_tokens={max_new_tokens}; "
+                          "it must return the new token ids only, not the prompt's input_ids before them")
 
 
 def _check_context(model: RunningModel, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -217,7 +217,7 @@ def _tokenized(who: str, tokenized: Any, rows: int) -> tuple[torch.Tensor, torch
 
 
 def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
-    from vlbridge.modeling.inference import GenerationOptions
+    from vlbridge.modeling.inference import GenerationOptions, check_new_tokens
 
     tokenized = _tokenized(who, plugin_call(who, "tokenize(texts, padding_side='left')", llm.tokenize, ["", PROBE_TEXTS[0]],
                                             padding_side="left"), rows=2)
@@ -234,6 +234,7 @@ def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
                                  visual, *tokenized, **settings)
     if not (isinstance(new_tokens, torch.Tensor) and new_tokens.dim() == 2 and new_tokens.shape[0] == 2):
         raise PluginError(f"{who}: generate must return the new token ids, a (batch, length) tensor; got {new_tokens!r}")
+    check_new_tokens(who, new_tokens, settings["max_new_tokens"])
     texts = plugin_call(who, "decode(token_ids)", llm.decode, new_tokens)
     if not (isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)):
         raise PluginError(f"{who}: decode(token_ids) must return one string per row, got {texts!r}")
