@@ -218,6 +218,19 @@ def build_prompt_echo_llm(opts: Any) -> nn.Module:
     return llm
 
 
+def build_text_logits_llm(opts: Any) -> nn.Module:
+    """The tiny OPT whose forward returns the text positions' logits only, dropping the visual ones."""
+    llm = build_interface_only_llm(opts)
+    forward = llm.forward
+
+    def text_only(visual: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        output = forward(visual, *args, **kwargs)
+        return types.SimpleNamespace(loss=output.loss, logits=output.logits[:, visual.shape[1]:])
+
+    llm.forward = text_only
+    return llm
+
+
 def tiny_opt_spec(factory: str, name: str) -> LLMSpec:
     from vlbridge.plugins.llms.opt import OPTOptions, dims
 

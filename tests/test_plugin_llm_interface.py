@@ -55,3 +55,22 @@ def test_a_generate_that_returns_the_prompt_too_is_refused():
         model = vlbridge.build(fake.assembly(connector="linear", llm="echo"))
         with pytest.raises(PluginError, match=r"llm 'echo' \(plugin vlbridge-echo\): generate returned \d+ tokens per row"):
             model.answer(Image.new("RGB", (28, 28)), "what colour is the square?", num_beams=1, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "samples"])
+def test_logits_that_leave_out_the_visual_positions_are_named(loss_average):
+    import torch
+
+    from vlbridge import VLBridgeError
+    from vlbridge.plugintest.check import check_plugin
+    from vlbridge.train.objectives import Stage2Objective
+
+    plugin = fake.plugin("text-logits", llms=[fake.tiny_opt_spec("build_text_logits_llm", "text-logits")])
+    expected = r"logits of shape \(2, \d+, \d+\) for \d+ visual and \d+ text tokens; a decoder-only LLM's logits must cover \[visual; text\]"
+    with pytest.raises(VLBridgeError, match=expected):
+        check_plugin(plugin)
+    with using_registry(fake.registry(text=plugin)):
+        model = vlbridge.build(fake.assembly(connector="linear", llm="text-logits"))
+        image_embeds = torch.zeros(2, model.plan.encoder_out.num_tokens, model.plan.encoder_out.width)
+        with pytest.raises(VLBridgeError, match=expected):  # loss_average samples read them as [visual; text]: a shape error naming nothing
+            Stage2Objective(loss_average=loss_average)(model, {"text": ["a red square", "a blue circle"], "image_embeds": image_embeds})

@@ -24,6 +24,11 @@ def aligned_labels(output: Any, labels: torch.Tensor, visual_tokens: int, ignore
     if placed is not None:
         return placed.to(logits.device)
     labels = labels.to(logits.device)
+    if logits.dim() != 3 or logits.shape[1] != visual_tokens + labels.shape[1]:
+        raise VLBridgeError(f"the LLM's forward returned logits of shape {tuple(logits.shape)} for {visual_tokens} visual and "
+                            f"{labels.shape[1]} text tokens; a decoder-only LLM's logits must cover [visual; text], "
+                            f"({labels.shape[0]}, {visual_tokens + labels.shape[1]}, vocab), or its output must carry the "
+                            "`labels` aligned with them (docs/writing-plugins.md, 5.4)")
     return torch.cat([labels.new_full((labels.shape[0], visual_tokens), ignore_index), labels], dim=1)
 
 
