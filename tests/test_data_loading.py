@@ -68,7 +68,7 @@ def test_train_transform_is_random_but_seeded():
     low = (0 - max(CLIP_MEAN)) / min(CLIP_STD)
     high = (1 - min(CLIP_MEAN)) / min(CLIP_STD)
     assert low - 1e-4 <= first.min() and first.max() <= high + 1e-4  # scaled to [0, 1], then normalised
-    with pytest.raises(DataError, match="unknown interpolation 'nearest'"):
+    with pytest.raises(ValueError, match="interpolation 'nearest' is not one of"):  # refused where it is declared
         train_transform(Preprocess(16, CLIP_MEAN, CLIP_STD, "nearest"))  # type: ignore[arg-type]
 
 

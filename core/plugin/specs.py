@@ -64,6 +64,16 @@ class Preprocess:
     crop_offset: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
+        for field, allowed in (("interpolation", ("bicubic", "bilinear")), ("resize_mode", ("squash", "shortest")),
+                               ("crop_offset", ("round", "floor"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} {getattr(self, field)!r} is not one of {', '.join(map(repr, allowed))}")
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if not (isinstance(values, (tuple, list)) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+                raise ValueError(f"{field} must be three numbers (R, G, B, for pixels in [0, 1]); got {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"std {tuple(self.std)} must be positive in each channel (it divides the pixels)")
         if self.resize_size is not None and self.resize_size < self.image_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
                              "the centre crop would have to pad")
