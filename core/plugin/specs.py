@@ -8,6 +8,7 @@ options, the shapes it produces. Validation runs these functions; no weight and 
 from __future__ import annotations
 
 import importlib
+import numbers
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
@@ -70,7 +71,8 @@ class Preprocess:
                 raise ValueError(f"{field} {getattr(self, field)!r} is not one of {', '.join(map(repr, allowed))}")
         for field in ("mean", "std"):
             values = getattr(self, field)
-            if not (isinstance(values, (tuple, list)) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+            if not (isinstance(values, (tuple, list)) and len(values) == 3
+                    and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):  # numpy floats too
                 raise ValueError(f"{field} must be three numbers (R, G, B, for pixels in [0, 1]); got {values!r}")
         if not all(v > 0 for v in self.std):
             raise ValueError(f"std {tuple(self.std)} must be positive in each channel (it divides the pixels)")
