@@ -7,7 +7,7 @@ plugs in there and yields batches with `image_embeds` instead of `pixel_values`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -19,6 +19,7 @@ from vlbridge.data.datasets import RecordDataset, TextOptions
 from vlbridge.data.transforms import eval_transform
 from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.model import VLBridgeModel
+from vlbridge.train import distributed
 
 
 def build_dataset_for(data: DataConfig, model: VLBridgeModel, *, train: bool, features: str | None, where: str) -> Dataset:
@@ -109,6 +110,34 @@ class BatchStream:
 def batch_length(batch: Mapping[str, Any]) -> int:
     """Usable samples in a collated batch (skipped ones excluded)."""
     return len(batch["index"])
+
+
+def lockstep(batches: Iterable[Mapping[str, Any]], world_size: int) -> Iterator[tuple[Mapping[str, Any], bool]]:
+    """The usable batches (all-skipped ones dropped), each with whether it counts. Under DDP every
+    rank yields as many as the rank with the most, so that an objective's collectives (stage 1
+    gathers every rank's batch) meet: a rank that ran out repeats its last batch, not counted.
+
+    Ranks' shares differ (tar shards of unequal sizes, skipped samples): one rank's gather then met
+    another's next collective (gloo: 'collective mismatch'; nccl: a hang).
+    """
+    usable = (batch for batch in batches if batch_length(batch) > 0)
+    if world_size == 1:
+        yield from ((batch, True) for batch in usable)
+        return
+    last: Mapping[str, Any] | None = None
+    while True:
+        batch = next(usable, None)
+        last = batch if batch is not None else last
+        states = distributed.all_gather_object((batch is not None, last is not None))
+        if not any(has for has, _ in states):
+            return
+        empty = [rank for rank, (_, had) in enumerate(states) if not had]
+        if empty:  # every rank sees the same states: all raise, none waits
+            raise DataError(f"rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of {world_size} got no usable "
+                            "evaluation sample while others did, and under DDP every rank must join each batch: give "
+                            "data.eval enough readable samples (tar shards) for every rank")
+        assert last is not None
+        yield last, batch is not None
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

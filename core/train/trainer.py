@@ -48,7 +48,7 @@ from vlbridge.files.checkpoint_source import resolve_checkpoint
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable, trainable_counts
 from vlbridge.train.finetune_config import FinetuneConfig
-from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, to_device
+from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, lockstep, to_device
 from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer, load_optimizer_state
@@ -304,10 +304,10 @@ class Trainer:
         loader = make_loader(self.eval_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
                              world_size=self.where.world_size, num_workers=self.config.data.eval.num_workers)
         with torch.no_grad(), rt.isolated_rng(self.device), rt.autocast(self.device, self.config.precision):
-            for batch in loader:
-                if batch_length(batch) == 0:
-                    continue
+            for batch, counts in lockstep(loader, self.where.world_size):
                 losses = dict(self.objective(self.model, to_device(batch, self.device)))
+                if not counts:  # a repeat that only keeps this rank in step with the others' collectives
+                    continue
                 n = float(losses.pop(LOSS_ITEMS, batch_length(batch)))
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * n
