@@ -265,3 +265,16 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_internal_error(capsys, mon
     monkeypatch.setattr(cli_main, "build_parser", Parser)
     assert main(["presets"]) == 1
     assert "internal error: BrokenPipeError" in capsys.readouterr().err
+
+
+def test_check_says_it_read_no_webdataset_sample(capsys, tmp_path, data):
+    """--check printed a bare 'valid' for tar shards whose samples it never opened."""
+    from tests.test_data_samples import sample_members, write_tar
+
+    for s in range(2):
+        write_tar(tmp_path / f"shard-{s}.tar", sample_members(f"{s}000", s, "a caption"))
+    values = config(data, tmp_path / "out", steps=4)
+    values["data"]["train"] = {"format": "webdataset", "paths": [str(tmp_path / "shard-{0..1}.tar")]}
+    code, out, _ = train_cli(capsys, tmp_path, values, "--check")
+    assert code == 0 and out.rstrip().endswith("valid"), out
+    assert "data.train: 2 webdataset shards found; --check reads none of their samples" in out

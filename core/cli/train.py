@@ -32,6 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     assembly = check_config(config, label)
     if args.check:
         read_annotations(config)
+        for note in unread_shards(config):
+            print(note)
         print(assembly.plan.describe())
         length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"
         print(f"stage {config.stage}; {length}; batch {config.batch_size} x grad_accum {config.grad_accum}; output_dir {config.output_dir}")
@@ -76,6 +78,20 @@ def read_annotations(config) -> None:
             records = read_records(data, train=where == "data.train", where=where)
             if where == "data.train":
                 check_a_batch_fits(len(records), config.batch_size, config.drop_last)
+
+
+def unread_shards(config) -> list[str]:
+    """A line per tar-shard data section: --check found its shards but read no sample of them, and a
+    bare "valid" let the user believe the images and captions were checked too."""
+    from vlbridge.data.shards import expand_shards
+
+    notes = []
+    for where, data in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        if data is not None and data.format == "webdataset":
+            count = sum(len(expand_shards(path)) for path in data.paths)
+            notes.append(f"{where}: {count} webdataset shard{'s' if count != 1 else ''} found; --check reads none of their "
+                         "samples (images, captions, how many): training streams them, skipping and counting bad ones")
+    return notes
 
 
 def check_a_batch_fits(samples: int, batch_size: int, drop_last: bool) -> None:
