@@ -257,6 +257,16 @@ def test_clean_caption_and_question():
         clean_caption("x", max_words=0)
 
 
+def test_max_words_holds_without_the_cleaning():
+    """clean_text: false turned max_words off too, though it says captions are always cut to it."""
+    from vlbridge.data.datasets import TextOptions
+
+    raw = TextOptions(clean=False, max_words=3)
+    assert raw.caption("A  Man's (red) bike, fast!") == "A Man's (red)"
+    assert raw.question("What is  it?") == "What is  it?"  # within the cap: as it is
+    assert TextOptions(clean=True, max_words=3).caption("A  Man's (red) bike") == "a man's red"
+
+
 def test_stable_image_index():
     assert stable_image_index(391895) == 391895
     value = stable_image_index("coco_391895")

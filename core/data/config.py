@@ -30,7 +30,7 @@ class DataConfig(StrictNumbers):
         "vqa: the image subtype, e.g. val2014 (default: the questions file's data_subtype)"
     ))
     image_pattern: str = Field(DEFAULT_IMAGE_PATTERN, description="vqa: image file name from {split} and {image_id}")
-    max_words: int = Field(50, ge=1, description="captions and questions are cut to this many words (BLIP: 50)")
+    max_words: int = Field(50, ge=1, description="captions and questions are cut to this many words (BLIP: 50), cleaned or not")
     clean_text: bool = Field(True, description="apply BLIP's caption / question cleaning (lowercase, strip punctuation)")
     strict: bool = Field(False, description="an unreadable image or incomplete sample is an error instead of being skipped and counted")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")

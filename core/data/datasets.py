@@ -39,10 +39,17 @@ class TextOptions:
     max_words: int = 50
 
     def caption(self, text: str) -> str:
-        return clean_caption(text, self.max_words) if self.clean else text
+        return clean_caption(text, self.max_words) if self.clean else first_words(text, self.max_words)
 
     def question(self, text: str) -> str:
-        return clean_question(text, self.max_words) if self.clean else text
+        return clean_question(text, self.max_words) if self.clean else first_words(text, self.max_words)
+
+
+def first_words(text: str, max_words: int) -> str:
+    """`text` as it is, or its first `max_words` words where it has more: the cap holds without the
+    cleaning too (`clean_text: false` turned it off with the cleaning)."""
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words])
 
 
 def load_pixels(ref: ImageRef, transform: Transform, strict: bool, index: int) -> torch.Tensor | Skipped:
