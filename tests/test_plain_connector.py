@@ -101,3 +101,14 @@ def test_a_plain_encoder_without_preprocess_attribute_captions():
         model = vlbridge.build(fake.assembly(encoder="patches"))
         assert not hasattr(model.encoder, "preprocess") and not any(p.requires_grad for p in model.encoder.parameters())
         assert len(model.caption(RED, num_beams=1, max_new_tokens=2)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plain_module_runs_in_the_dtype_the_model_is_converted_to(pool_registry, dtype):
+    """model.to(dtype) / .half(): the encoder's fp32 tokens reach the plugin's layers in their dtype (the
+    guide's connector does not cast its input), instead of a dtype mismatch inside the plugin."""
+    model = vlbridge.build(fake.assembly()).to(dtype)
+    assert model.connector_dtype == dtype
+    tokens = model.visual_tokens(model.pixel_values([RED]))
+    assert tokens.dtype == dtype
+    assert len(model.caption(RED, num_beams=1, max_new_tokens=3)) == 1

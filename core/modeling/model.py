@@ -87,6 +87,14 @@ class VLBridgeModel(nn.Module):
         return to_pixel_batch(images, self.plan.preprocess, device=self.device)
 
     @property
+    def connector_dtype(self) -> torch.dtype:
+        """The dtype the connector computes in: its first floating-point parameter's (fp32 unless the
+        model was converted with `.to(dtype)` / `.half()`); fp32 for a connector without one."""
+        params = (p for p in itertools.chain(self.connector.parameters(), self.connector.buffers()) if p.is_floating_point())
+        first = next(params, None)
+        return torch.float32 if first is None else first.dtype
+
+    @property
     def encoder_trains(self) -> bool:
         """Whether some encoder parameter trains (a fine-tuning run, vlbridge.finetune.encoder_tuning)."""
         return any(param.requires_grad for param in self.encoder.parameters())
@@ -106,6 +114,9 @@ class VLBridgeModel(nn.Module):
             if pixel_values is None:
                 raise VLBridgeError("visual_tokens needs pixel_values or image_embeds")
             image_embeds = self.encode_images(pixel_values)
+        # fp32 tokens (encoder or cache) meet a connector that `.half()` / `.to(dtype)` converted in its
+        # own dtype: a plugin's layers need not cast their input (the built-in connectors do too).
+        image_embeds = image_embeds.to(self.connector_dtype)
         if getattr(self.connector, "instruction_aware", False):
             texts = [""] * image_embeds.shape[0] if instructions is None else list(instructions)
             if len(texts) != image_embeds.shape[0]:
