@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlbridge.errors import VLBridgeError
 from vlbridge.parts.attention import attention, set_attention_backend
 from vlbridge.plugins.connectors import qformer_attention
 from vlbridge.plugins.connectors.qformer_attention import blocked_dropout_attention, sees_some_key
@@ -79,3 +80,14 @@ def test_rows_that_see_no_key_leave_the_blocked_path():
     assert sees_some_key(mask) and sees_some_key(None)
     mask[1, 0, 2] = False
     assert not sees_some_key(mask)
+
+
+def test_forced_xformers_is_refused_in_training_on_cpu_too(monkeypatch: pytest.MonkeyPatch):
+    """VLBRIDGE_ATTENTION=xformers on CPU: a training pass with dropout is refused as an eval pass is,
+    not run on the blocked CPU path in xformers' place."""
+    monkeypatch.setenv("VLBRIDGE_ATTENTION", "xformers")
+    layer = Attention(16, 16, heads=4, eps=1e-12, dropout=0.1)
+    x = torch.randn(2, 5, 16)
+    for mode in (False, True):
+        with pytest.raises(VLBridgeError, match="xformers.*forced.*cpu"):
+            layer.train(mode)(x)

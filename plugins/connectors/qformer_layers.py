@@ -84,9 +84,10 @@ class Attention(nn.Module):
 
     def _blocked(self, q: torch.Tensor, mask: torch.Tensor | None) -> bool:
         """Whether training attention runs `blocked_dropout_attention`: fp32 with dropout on CPU, where
-        torch has no fused kernel, unless the eager reference is forced (VLBRIDGE_ATTENTION=eager)."""
+        torch has no fused kernel, unless the eager reference is forced (VLBRIDGE_ATTENTION=eager), or
+        xformers is, which `attention` refuses on CPU rather than this path running in its place."""
         return (self.training and self.attn_dropout > 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
-                and forced_backend() != "eager" and sees_some_key(mask))
+                and forced_backend() not in ("eager", "xformers") and sees_some_key(mask))
 
     def attend_folded(self, x: torch.Tensor, image: NormedTokens) -> torch.Tensor:
         """Unmasked cross-attention of `x` (B, L, W) to the image tokens (B, N, C) without projecting
