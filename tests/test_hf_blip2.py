@@ -269,6 +269,16 @@ def test_a_stage1_model_is_refused_by_the_export_saying_why(tmp_path, export):
         getattr(vlbridge, export)(vlbridge.build("tiny-qformer-opt", stage=1), tmp_path / "out")
 
 
+def test_an_instruction_aware_model_is_refused_by_the_blip2_export(tmp_path):
+    """transformers' BLIP-2 has no place for the instruction: the export wrote a model whose queries
+    ignored it (other visual tokens, other answers), with exit 0 and no word of it."""
+    config = vlbridge.load_assembly("tiny-qformer-opt").config.model_dump(mode="json")
+    config["connector"]["options"]["instruction_aware"] = True
+    with pytest.raises(vlbridge.VLBridgeError, match="instruction-aware.*export hf-instructblip"):
+        vlbridge.export_hf_blip2(vlbridge.build(config).eval(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_retrieval_cuts_texts_to_a_short_qformers_positions(tmp_path):
     """Retrieval cuts texts at LAVIS's 35 tokens, or at the Q-Former's positions where it has fewer."""
     hf_tiny.make_retrieval_model(tmp_path / "hf", text_positions=16)

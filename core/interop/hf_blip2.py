@@ -261,6 +261,10 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
         raise VLBridgeError("only eva-vit-g + qformer + a transformers LLM (opt, flan-t5, hf-causal-lm, hf-seq2seq; built for stage 2) "
                             "map onto transformers' BLIP-2; "
                             f"this one is {plan.encoder.name} + {plan.connector.name} + {plan.llm.name if plan.llm else 'no LLM'}")
+    if getattr(model.connector, "instruction_aware", False):  # BLIP-2's queries read no instruction: other visual tokens
+        raise VLBridgeError("this Q-Former is instruction-aware (InstructBLIP): transformers' BLIP-2 would compute its queries "
+                            "without the instruction, so the export would give other outputs; export it with "
+                            "`vlbridge export hf-instructblip` (vlbridge.export_hf_instructblip)")
     require_buildable_language_model(model, "BLIP-2")
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
