@@ -148,6 +148,17 @@ def test_instruction_aware_stage2_trains_the_text_side_and_counts_it():
     assert len(model.answer(images[:2], ["what colour?", "how many?"], max_new_tokens=3)) == 2
 
 
+def test_an_instruction_aware_checkpoint_is_refused_by_a_plain_assembly_and_not_the_other_way(tmp_path):
+    """An InstructBLIP stage-2 checkpoint fits a plain Q-Former tensor for tensor; loaded so (--weights,
+    init_from) its queries silently ran without the instruction they were trained to read."""
+    vlbridge.build(_aware(instruction_aware=True), stage=2).save(tmp_path / "aware")
+    with pytest.raises(WeightsError, match="instruction_aware: true"):
+        vlbridge.build(_aware(), stage=2, weights=tmp_path / "aware")
+    vlbridge.build(_aware(), stage=1, weights=tmp_path / "aware")  # no LLM: the queries' own features (retrieval)
+    vlbridge.build(_aware(), stage=2).save(tmp_path / "plain")
+    assert vlbridge.build(_aware(instruction_aware=True), stage=2, weights=tmp_path / "plain").connector.instruction_aware
+
+
 def test_a_plain_qformer_refuses_instructions():
     model = vlbridge.build(_aware(), stage=2)
     with pytest.raises(VLBridgeError, match="not instruction-aware"):

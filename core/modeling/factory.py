@@ -12,6 +12,8 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE
+from vlbridge.files.userfiles import read_yaml
 from vlbridge.files.checkpoint import META_FILE, WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
@@ -150,6 +152,8 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
     if path.is_dir():
         meta = read_meta(path)
         stage, allow_missing, absent = int(meta["stage"]), list(meta.get("allow_missing", [])), listed_absent(meta, path)
+        if stage == 2 and model.stage == 2:
+            _check_instruction_reading(model, path)
         path = path / WEIGHTS_FILE
     else:
         stage = model.stage
@@ -166,6 +170,19 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
     stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
     set_absent(model.connector, {name: Absence(source, stages[name]) for name in left}, who)
     return left
+
+
+def _check_instruction_reading(model: VLBridgeModel, directory: Path) -> None:
+    """Refuse a stage-2 checkpoint whose connector read instructions (InstructBLIP) for a model whose
+    connector reads none: the tensors fit, but its queries would be computed from other inputs than
+    those they were trained on. The other way (a BLIP-2 start for InstructBLIP) is how InstructBLIP begins."""
+    saved = read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly") or {}
+    options = ((saved.get("connector") or {}).get("options") or {}) if isinstance(saved, dict) else {}
+    if options.get("instruction_aware") is True and not getattr(model.connector, "instruction_aware", False):
+        raise WeightsError(f"{directory}: its connector was trained in stage 2 reading each image's instruction "
+                           f"(instruction_aware: true), and this assembly's {describe(model.plan.connector)} reads none, "
+                           "so its visual tokens would differ from those it learnt; set the connector option "
+                           "instruction_aware: true (or load the checkpoint with its own assembly)")
 
 
 def _without_untrained_misfits(model: VLBridgeModel, tensors: StateDict, trained: set[str]) -> StateDict:
