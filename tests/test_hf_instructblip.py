@@ -159,6 +159,14 @@ def test_an_instruction_aware_checkpoint_is_refused_by_a_plain_assembly_and_not_
     assert vlbridge.build(_aware(instruction_aware=True), stage=2, weights=tmp_path / "plain").connector.instruction_aware
 
 
+def test_a_string_given_as_the_instructions_is_refused_not_read_per_character():
+    """list("abc") is three instructions: a string for a batch of as many images ran each character as one."""
+    model = vlbridge.build(_aware(instruction_aware=True), stage=2).eval()
+    embeds = torch.zeros(3, 5, model.plan.encoder_out.width)
+    with pytest.raises(VLBridgeError, match="list of strings, one per image"):
+        model.visual_tokens(image_embeds=embeds, instructions="abc")
+
+
 def test_a_plain_qformer_refuses_instructions():
     model = vlbridge.build(_aware(), stage=2)
     with pytest.raises(VLBridgeError, match="not instruction-aware"):

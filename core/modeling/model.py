@@ -117,6 +117,9 @@ class VLBridgeModel(nn.Module):
         # fp32 tokens (encoder or cache) meet a connector that `.half()` / `.to(dtype)` converted in its
         # own dtype: a plugin's layers need not cast their input (the built-in connectors do too).
         image_embeds = image_embeds.to(self.connector_dtype)
+        if isinstance(instructions, str):  # list() would make each character an image's instruction
+            raise VLBridgeError(f"instructions must be a list of strings, one per image (got the string {instructions!r:.60}); "
+                                "pass [text] * batch for one instruction for every image")
         if getattr(self.connector, "instruction_aware", False):
             texts = [""] * image_embeds.shape[0] if instructions is None else list(instructions)
             if len(texts) != image_embeds.shape[0]:
