@@ -176,6 +176,8 @@ def _check_instruction_reading(model: VLBridgeModel, directory: Path) -> None:
     """Refuse a stage-2 checkpoint whose connector read instructions (InstructBLIP) for a model whose
     connector reads none: the tensors fit, but its queries would be computed from other inputs than
     those they were trained on. The other way (a BLIP-2 start for InstructBLIP) is how InstructBLIP begins."""
+    if not (directory / ASSEMBLY_FILE).is_file():  # a connector-only directory says nothing about what it read
+        return
     saved = read_yaml(directory / ASSEMBLY_FILE, "checkpoint assembly") or {}
     options = ((saved.get("connector") or {}).get("options") or {}) if isinstance(saved, dict) else {}
     if options.get("instruction_aware") is True and not getattr(model.connector, "instruction_aware", False):
