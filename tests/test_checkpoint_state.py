@@ -65,7 +65,7 @@ def assert_same(got: object, want: object, where: str = "outputs") -> None:
 
 # Methods of VLBridgeModel that give no output of their own to compare (bookkeeping, saving).
 NOT_OUTPUTS = {"set_stage", "trainable_parameters", "num_parameters", "save", "pixel_values", "merged_llm_model",
-               "plan", "device", "encoder_trains", "train"}  # train: nn.Module's mode switch, keeping frozen parts in eval
+               "plan", "device", "connector_dtype", "encoder_trains", "train"}  # train: nn.Module's mode switch, keeping frozen parts in eval
 
 
 def test_outputs_cover_every_public_method():
