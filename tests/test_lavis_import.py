@@ -103,6 +103,13 @@ def test_llm_tensors_in_the_checkpoint_must_be_the_assemblys_llm(tmp_path):
                 "llm": {"use": "opt", "options": {"variant": "tiny", "dtype": "fp16"}}}
     out = vlbridge.import_lavis(tmp_path / "dump.pth", fp16_llm, tmp_path / "to-fp16")  # an fp32 dump, the same LLM run in fp16
     assert vlbridge.load(out).stage == 2
+    bf16_llm = {**fp16_llm, "name": "bf16-llm", "llm": {"use": "opt", "options": {"variant": "tiny", "dtype": "bf16"}}}
+    out = vlbridge.import_lavis(tmp_path / "half.pth", bf16_llm, tmp_path / "to-bf16")  # fp16 and bf16 roundings of one LLM
+    assert vlbridge.load(out).stage == 2
+    tuned_half = {**half, "opt_model.model.decoder.layers.0.fc1.weight": half["opt_model.model.decoder.layers.0.fc1.weight"] + 0.01}
+    torch.save({"model": tuned_half}, tmp_path / "tuned_half.pth")
+    with pytest.raises(VLBridgeError, match=r"holds its LLM, and model\.decoder\.layers\.0\.fc1\.weight differ"):
+        vlbridge.import_lavis(tmp_path / "tuned_half.pth", bf16_llm, tmp_path / "tuned-bf16")
     dump["opt_model.model.decoder.layers.0.fc1.weight"] = dump["opt_model.model.decoder.layers.0.fc1.weight"] + 0.01
     torch.save({"model": dump}, tmp_path / "tuned.pth")
     with pytest.raises(VLBridgeError, match=r"holds its LLM, and model\.decoder\.layers\.0\.fc1\.weight differ"):

@@ -36,6 +36,8 @@ INSTRUCTION_MARKER = "Qformer.bert.embeddings.word_embeddings."
 # The ITG head's decoder, skipped as an alias (BERT ties it to the word embeddings, its bias to the head's).
 TIED_DECODER = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
                 "Qformer.cls.predictions.decoder.bias": "Qformer.cls.predictions.bias"}
+BF16_ROUNDING = 2.0 ** -7  # a bf16 step, relative: how far bf16 and fp16 roundings of one weight may lie apart
+FP16_SMALLEST = 2.0 ** -24  # fp16's subnormal step: tiny weights it rounds, bf16 keeps
 UNSUPPORTED_PROJECTION = "llm_proj."  # LAVIS's Blip2VicunaInstruct
 PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
@@ -118,9 +120,12 @@ def _check_llm_tensors(lavis: dict[str, torch.Tensor], model: Any) -> None:
 
 def _same_values(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     """Equal in the lower of the two precisions: a LAVIS dump holds the LLM in fp16 where the
-    assembly may load it in fp32 (or the reverse), each rounded from the same weights."""
+    assembly may load it in fp32 (or the reverse), each rounded from the same weights. fp16 against
+    bf16 (an OPT assembly run in bf16) has no exact common precision: they agree within a bf16 step."""
     if ours.shape != theirs.shape:
         return False
+    if {ours.dtype, theirs.dtype} == {torch.float16, torch.bfloat16}:  # neither holds the other's values: compare within rounding
+        return torch.allclose(ours.float(), theirs.float(), rtol=BF16_ROUNDING, atol=FP16_SMALLEST)
     dtype = theirs.dtype if theirs.element_size() <= ours.element_size() else ours.dtype
     return torch.equal(ours.to(dtype), theirs.to(dtype))
 
