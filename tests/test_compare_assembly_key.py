@@ -4,6 +4,8 @@ the rerun reported the old model's scores as the new one's."""
 
 from __future__ import annotations
 
+import shutil
+
 import yaml
 
 from vlbridge.compare import CompareConfig
@@ -53,8 +55,22 @@ def test_the_key_does_not_depend_on_where_vlbridge_is_installed(tmp_path):
     them, so a reinstall elsewhere (another venv, pip install . after -e .) retrained every run."""
     from vlbridge.compare.runner import _location_free
 
-    (tmp_path / "a" / "opt").mkdir(parents=True)
-    (tmp_path / "b" / "opt").mkdir(parents=True)
-    here, there = ({"llm": {"use": "opt", "options": {"model": str(tmp_path / place / "opt")}}, "name": "x"} for place in "ab")
-    assert _location_free(here) == _location_free(there) == {"llm": {"use": "opt", "options": {"model": "opt"}}, "name": "x"}
+    here, there = ({"llm": {"use": "opt", "options": {"model": str(tmp_path / place / "world" / "opt")}}, "name": "x"} for place in "ab")
+    placed = {"llm": {"use": "opt", "options": {"model": "{world}/opt"}}, "name": "x"}
+    assert _location_free(here, {"world": str(tmp_path / "a" / "world")}) == placed
+    assert _location_free(there, {"world": str(tmp_path / "b" / "world")}) == placed
     assert _location_free({"model": "facebook/opt-125m"}) == {"model": "facebook/opt-125m"}  # a hub id is no path
+
+
+def test_models_in_folders_of_the_same_name_keep_their_own_keys(tmp_path):
+    """Cutting every existing absolute path to its last part keyed /models/a/final and /models/b/final
+    alike, so swapping the LLM folder in an assembly reused the other model's stored result."""
+    raw = presets()["world-mlp-opt"]
+    keys = []
+    for place in "ab":
+        shutil.copytree(raw["llm"]["options"]["model"], tmp_path / place / "final")
+        path = tmp_path / "assembly.yaml"  # the same file, edited
+        path.write_text(yaml.safe_dump({**raw, "llm": {"use": "opt", "options": {"model": str(tmp_path / place / "final")}}}))
+        config = _config(str(path))
+        keys.append(training_key(config, config.runs[0], 0))
+    assert keys[0] != keys[1]

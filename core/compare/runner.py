@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.files.atomic import atomic_write_text
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
 from vlbridge.compare.progress import PhaseProgress
-from vlbridge.plugin.resources import presets
+from vlbridge.plugin.resources import presets, shipped_folders
 
 Say = Callable[[str], None]
 
@@ -361,15 +362,20 @@ RESULT_FILE = "result.json"
 EVALUATION_ONLY = {"evals", "caption_prompt", "vqa_prompt", "generation", "vqa_max_new_tokens"}  # settings that shape scores, not training
 
 
-def _location_free(value: Any) -> Any:
-    """`value` with each absolute path that exists cut to its last part: the shipped presets name their
-    parts by where vlbridge is installed, and a reinstall elsewhere must not retrain every run."""
+def _location_free(value: Any, folders: dict[str, str] | None = None) -> Any:
+    """`value` with the folders shipped inside the package put back as their preset placeholders
+    ("{world}"): the world presets name their parts by where vlbridge is installed, and a reinstall
+    elsewhere must not retrain every run. Any other path stays whole: two models in folders of the
+    same name (.../run1/final, .../run2/final) are different models."""
+    folders = shipped_folders() if folders is None else folders
     if isinstance(value, dict):
-        return {key: _location_free(item) for key, item in value.items()}
+        return {key: _location_free(item, folders) for key, item in value.items()}
     if isinstance(value, list):
-        return [_location_free(item) for item in value]
-    if isinstance(value, str) and Path(value).is_absolute() and Path(value).exists():
-        return Path(value).name
+        return [_location_free(item, folders) for item in value]
+    if isinstance(value, str):
+        for name, folder in folders.items():
+            if value == folder or value.startswith(folder + os.sep):
+                return "{" + name + "}" + value[len(folder):]
     return value
 
 
