@@ -25,6 +25,15 @@ def test_compare_help_describes_its_config(capsys):
         assert key in text, key
 
 
+def test_compare_help_names_every_config_key(capsys):
+    from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
+
+    text = " ".join(_help(capsys, "compare").split())  # argparse wraps lines
+    for model in (CompareConfig, RunSpec, EvalSet):
+        for key in model.model_fields:
+            assert key in text, f"{model.__name__}.{key}"
+
+
 @pytest.mark.parametrize("fmt", ["hf-blip2", "hf-instructblip", "hf-llava"])
 def test_import_and_export_help_explain_their_folders(capsys, fmt):
     text = _help(capsys, "import", fmt)

@@ -43,11 +43,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="train and evaluate several assemblies on one dataset; one table, one plot", description=(
         "Train and evaluate several assemblies on the same data and budget; write OUTPUT_DIR/report.md, results.json "
         "and report.png and print the report on stdout (progress on stderr). Rerun to resume. CONFIG.yaml keys: "
-        "name; runs (each: name, assembly (preset, YAML or mapping) or checkpoint, stage1_steps, stage2_steps, "
-        "connector_options, lr, group, stage2_data); stage1_data and stage2_data (training data configs: format "
-        "coco/jsonl/..., paths, image_root); evals (each: name, captions, questions, annotations, images, "
-        "image_pattern, tasks, limit); seeds; batch_size; lr; output_dir; jobs; and the prompts and generation "
-        "settings. Example: examples/compare-world.yaml."))
+        "name; runs (each: name, assembly (preset, YAML or mapping) or checkpoint, stage1_steps, init_from, "
+        "stage2_steps, connector_options, lr, group, stage2_data); stage1_data and stage2_data (training data configs: "
+        "format coco/jsonl/..., paths, image_root); evals (each: name, captions, questions, annotations, images, "
+        "image_pattern, scenes, tasks, limit, retrieval_limit, retrieval_k, retrieval_captions, lmms_eval); seeds; "
+        "batch_size; lr; warmup_steps; stage1_objective; stage2_objective; features; output_dir; device; threads; jobs; "
+        "and the prompts and generation settings (caption_prompt, vqa_prompt, generation, vqa_max_new_tokens). "
+        "Example: examples/compare-world.yaml."))
     c.add_argument("config", metavar="CONFIG.yaml", help="the comparison config (keys above); relative paths are read from "
                    "the working directory")
     c.set_defaults(func=cmd_compare)
