@@ -17,6 +17,7 @@ import torch
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.llm_output import aligned_labels, prompt_lengths
+from vlbridge.modeling.inference import hard_context
 from vlbridge.modeling.prompts import format_prompts
 
 IGNORE = -100
@@ -36,15 +37,9 @@ def continuation_scores(model: Any, images: Sequence[Any], instructions: Sequenc
         if model.llm.is_encoder_decoder:
             logits, labels = _encoder_decoder(model.llm, visual, prompts, list(continuations[chunk]))
         else:
-            logits, labels = _decoder_only(model.llm, visual, prompts, list(continuations[chunk]), _hard_context(model))
+            logits, labels = _decoder_only(model.llm, visual, prompts, list(continuations[chunk]), hard_context(model))
         out.extend(_sum_and_greedy(logits, labels))
     return out
-
-
-def _hard_context(model: Any) -> int | None:
-    """The positions a decoder-only LLM has (absolute position embeddings), or None where it has no hard limit."""
-    dims = model.plan.llm_dims
-    return dims.context_length if dims is not None and dims.context_is_hard else None
 
 
 def _decoder_only(llm: Any, visual: torch.Tensor, prompts: list[str], continuations: list[str],

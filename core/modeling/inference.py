@@ -158,17 +158,23 @@ def check_new_tokens(who: str, new_tokens: torch.Tensor, max_new_tokens: int) ->
                           "it must return the new token ids only, not the prompt's input_ids before them")
 
 
-def _check_context(model: RunningModel, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a decoder-only generation that would run past the LLM's positions (absolute position
-    embeddings have no row for them: the forward would fail deep inside with an index error)."""
+def hard_context(model: RunningModel) -> int | None:
+    """The positions a decoder-only LLM has where they are a hard limit (absolute position embeddings
+    have no row past them: a forward there fails deep inside with an index error); None otherwise."""
     dims = model.plan.llm_dims
     if dims is None or dims.encoder_decoder or not dims.context_is_hard:
-        return
-    if prompt_tokens + max_new_tokens > dims.context_length:
-        room = dims.context_length - prompt_tokens
+        return None
+    return dims.context_length
+
+
+def _check_context(model: RunningModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a decoder-only generation that would run past the LLM's positions."""
+    context = hard_context(model)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        room = context - prompt_tokens
         fix = f"lower max_new_tokens (--max-new-tokens) to at most {room}" if room > 0 else "shorten the prompt"
         raise VLBridgeError(f"the prompt ({prompt_tokens} tokens, visual tokens included) plus max_new_tokens {max_new_tokens} "
-                            f"exceeds the LLM's context of {dims.context_length} positions; {fix}")
+                            f"exceeds the LLM's context of {context} positions; {fix}")
 
 
 def generate(model: RunningModel, images: Any, prompt: str | Sequence[str] | None = None, **generation: Any) -> list[str]:
