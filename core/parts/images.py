@@ -12,6 +12,7 @@ would silently normalise twice.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,17 +51,26 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
+_PILLOW_FLAG = threading.Lock()  # one reader at a time flips Pillow's process-wide flag
+
+
 @contextmanager
 def truncated_files_refused() -> Iterator[None]:
     """Pillow's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` (lmms-eval sets it when imported) fills a
     cut-short file's missing rows with grey and reads it as whole; vlbridge's readers refuse such a
-    file, whoever set the flag, and leave the flag as they found it."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
+    file, whoever set the flag, and leave the flag as they found it. Nothing is touched where the flag
+    is off (the default); where it is on, the readers that clear it take turns, and another thread of
+    the process sees it off while one of them decodes."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
         yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        return
+    with _PILLOW_FLAG:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
