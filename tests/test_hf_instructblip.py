@@ -117,6 +117,22 @@ def test_import_refuses_a_directory_without_the_qformer_tokenizer(tmp_path):
         vlbridge.import_hf_instructblip(tmp_path, tmp_path / "out")
 
 
+def test_import_keeps_only_the_qformer_tokenizer_not_what_else_its_folder_holds(tmp_path):
+    """The tokenizer is re-saved, not its folder copied: a link in it to a file outside (a secret) is
+    not read into the checkpoint, which the user may share."""
+    make_instructblip(tmp_path / "hf", "opt")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET\n")
+    (tmp_path / "hf" / "qformer_tokenizer" / "notes.txt").symlink_to(secret)
+    out = vlbridge.import_hf_instructblip(tmp_path / "hf", tmp_path / "ours")
+    copied = out / "qformer-tokenizer"
+    assert not (copied / "notes.txt").exists()
+    assert not any("TOP SECRET" in f.read_text(errors="replace") for f in copied.iterdir())
+    model = vlbridge.load(out)
+    assert model.connector.tokenizer("what is it?").input_ids == model.connector.tokenizer.__class__.from_pretrained(
+        tokenizer_dir("bert"))("what is it?").input_ids
+
+
 def _aware(**qformer):
     return {"name": "aware", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
             "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 4, **qformer}},

@@ -25,7 +25,7 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.hf_blip2 import (
-    _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, zero_qv_biases,
+    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, zero_qv_biases,
 )
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import settle, warn_left_out
@@ -62,7 +62,8 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     tokenizer_dir = out / "qformer-tokenizer"
     if tokenizer_dir.exists():
         shutil.rmtree(tokenizer_dir)
-    shutil.copytree(tokenizer_src, tokenizer_dir)
+    # the tokenizer re-saved, not the folder copied: a copy would take along whatever else it holds (a link to a secret)
+    _copy_tokenizer(tokenizer_src, tokenizer_dir, "the Q-Former (a BERT tokenizer)")
     connector = connector_options(config, str(tokenizer_dir.resolve()))
     connector["instruction_aware"] = True
     # transformers' InstructBlipProcessor does not cut the instruction (LAVIS cuts at 128): only the positions limit it
