@@ -252,3 +252,26 @@ def test_a_repetition_penalty_treats_padded_rows_as_alone(family, family_dirs):
         for row, text in enumerate(texts):
             alone = llm.generate(visual[row:row + 1], *llm.tokenize([text]), **settings)
             assert batched[row, :alone.shape[1]].tolist() == alone[0].tolist(), (beams, row)
+
+
+def test_a_model_folder_with_its_own_code_is_refused_without_asking_to_run_it(tmp_path, monkeypatch):
+    """transformers asks "run the custom code? [y/N]" when a folder's config names code of its own
+    (auto_map) and the caller says nothing; vlbridge says no itself, so a 'y' (typed, or piped in by
+    `yes |`) never runs code from a model folder."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from vlbridge.plugins.llms.loading import load_pretrained
+
+    directory, marker = tmp_path / "custom", tmp_path / "ran"
+    make_llm_dir(directory, "llama")
+    (directory / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                         "from transformers import LlamaConfig as CustomConfig, LlamaForCausalLM as Custom\n")
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="vlbridge-custom", auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.Custom"})
+    (directory / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(VLBridgeError, match="vlbridge never runs code that comes with a model"):
+        load_pretrained("hf-causal-lm", AutoModelForCausalLM, str(directory), "", str(directory), torch.float32, pad_from_eos=True)
+    assert not marker.exists()

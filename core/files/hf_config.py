@@ -73,6 +73,15 @@ def unreadable_file(directory: str | Path) -> str | None:
     return None
 
 
+CUSTOM_CODE = ("it names Python code of its own (an auto_map in its config or tokenizer_config.json), and vlbridge never "
+               "runs code that comes with a model; use a model whose architecture transformers itself implements")
+
+
+def custom_code(exc: BaseException) -> bool:
+    """Whether a from_pretrained failed because the model needs its own code (vlbridge passes trust_remote_code=False)."""
+    return isinstance(exc, ValueError) and "trust_remote_code=True" in str(exc)
+
+
 def load_failure(what: str, source: str | Path, exc: Exception, fix: str) -> VLBridgeError:
     """The error for a failed from_pretrained of `what`: for a local directory, naming its broken file
     when one is found; else transformers' own message and `fix`."""
@@ -80,6 +89,8 @@ def load_failure(what: str, source: str | Path, exc: Exception, fix: str) -> VLB
     broken = unreadable_file(directory) if looks_local(str(source)) and directory.is_dir() else None
     if broken:
         return VLBridgeError(f"could not load {what} from {str(source)!r}: {broken}; re-save it there with save_pretrained(<dir>)")
+    if custom_code(exc):
+        return VLBridgeError(f"could not load {what} from {str(source)!r}: {CUSTOM_CODE}")
     refused = refused_pickle(exc)
     if refused:
         return VLBridgeError(f"could not load {what} from {str(source)!r}: its weights file is refused: {refused}; "

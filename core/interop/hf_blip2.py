@@ -155,7 +155,7 @@ def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
     except Exception as exc:  # transformers and tokenizers raise many types for a missing or broken file
         raise load_failure(f"the tokenizer for {what}", src, exc, "save the processor or tokenizer into it") from exc
     if not tokenizer("a photo").input_ids:  # transformers builds an empty tokenizer from config.json alone

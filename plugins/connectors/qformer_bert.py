@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vlbridge.files.hf_config import CUSTOM_CODE, custom_code
 from vlbridge.files.weights import read_hf_directory, read_tensors, require_path, unwrap_state_dict
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.plugins.connectors.qformer import HUB_BERT, QFormerOptions
@@ -42,8 +43,10 @@ def load_tokenizer(opts: QFormerOptions) -> "PreTrainedTokenizerBase":
     else:
         source = HUB_BERT
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, truncation_side="right")
+        tokenizer = AutoTokenizer.from_pretrained(source, truncation_side="right", trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        if custom_code(exc):
+            raise VLBridgeError(f"cannot load the Q-Former's BERT tokenizer from {source!r}: {CUSTOM_CODE}") from None
         raise VLBridgeError(
             f"cannot load the Q-Former's BERT tokenizer from {source!r} ({exc}). Offline, set "
             f"connector.options.bert to a local BERT directory, or use variant 'tiny'") from exc

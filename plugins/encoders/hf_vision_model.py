@@ -181,7 +181,7 @@ def load_tower(opts: HFVisionOptions) -> nn.Module:
     try:
         with _quiet_transformers():
             model, info = model_class.from_pretrained(where, output_loading_info=True, dtype=torch_dtype(opts.dtype),
-                                                      **({"local_files_only": True} if local else {}))
+                                                      trust_remote_code=False, **({"local_files_only": True} if local else {}))
     except Exception as exc:  # transformers raises many types for a broken or unreachable source
         raise load_failure(f"the {model_class.__name__} tower", source, exc, _FIX) from exc
     _check_loading(info, facts, f"{model_class.__name__} weights {source!r}", removed=not opts.keep_all_layers)

@@ -46,7 +46,7 @@ def load_tokenizer(family: str, source: str, pad_from_eos: bool = False) -> Any:
         raise VLBridgeError(f"{family}: {source} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the model's "
                             "tokenizer next to its weights with tokenizer.save_pretrained(<dir>)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if kwargs else source, trust_remote_code=False, **kwargs)
     except Exception as exc:  # transformers and tokenizers raise many types for a broken file
         raise load_failure(f"the {family} tokenizer", source, exc, _FIX) from exc
     if pad_from_eos and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -64,7 +64,7 @@ def load_model(family: str, model_class: Any, source: str, dtype: torch.dtype) -
     kwargs = _local_kwargs(family, source)
     try:
         model, info = model_class.from_pretrained(str(Path(source).expanduser()) if kwargs else source, dtype=dtype,
-                                                  output_loading_info=True, **kwargs)
+                                                  output_loading_info=True, trust_remote_code=False, **kwargs)
     except Exception as exc:  # e.g. a SafetensorError for a corrupt weights file
         raise load_failure(f"{model_class.__name__} weights", source, exc, _FIX) from exc
     check_loading_info(info, f"{family}: the {model_class.__name__} weights in {source!r}")
