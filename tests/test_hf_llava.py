@@ -491,6 +491,19 @@ def test_the_import_words_prompts_by_the_processors_chat_template(tmp_path, temp
         torch.testing.assert_close(model(inputs["pixel_values"], ids, mask).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_damaged_chat_template_file_is_an_error_not_passed_over(llava, tmp_path):
+    """A chat_template.json cut short was skipped, and the LLaVA imported with LLaVA-1.5's wording:
+    prompted in a format it was never tuned on, silently."""
+    import shutil
+
+    from vlbridge.errors import InputFileError
+
+    shutil.copytree(llava[3] / "hf", tmp_path / "hf")
+    (tmp_path / "hf" / "chat_template.json").write_text('{"chat_template": "{% for message in mess')
+    with pytest.raises(InputFileError, match="chat_template.json.*malformed JSON"):
+        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+
+
 def test_a_prompt_template_without_the_image_token_is_refused(llava, tmp_path):
     """Without '<image>' the visual tokens went first, before BOS: a placement no LLaVA computes."""
     _, _, _, root = llava

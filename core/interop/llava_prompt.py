@@ -9,27 +9,25 @@ then the text) is rendered with a sentinel for the text, which becomes the templ
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.userfiles import read_json, read_text
 
 _SENTINEL = "VLBRIDGE_PROMPT_SLOT"
 
 
 def processor_chat_template(src: Path) -> str | None:
-    """The LLaVA processor's chat template saved in `src`, or None when it has none."""
+    """The LLaVA processor's chat template saved in `src`, or None when it has none. A file that
+    holds it but cannot be read is an error: passing over it would word prompts as LLaVA-1.5, silently."""
     jinja = src / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return read_text(jinja, "the processor's chat template", "Jinja")
     for name in ("chat_template.json", "processor_config.json"):
         path = src / name
         if path.is_file():
-            try:
-                found = json.loads(path.read_text()).get("chat_template")
-            except (OSError, ValueError, AttributeError):
-                continue
+            found = read_json(path, "the processor's settings", top=dict).get("chat_template")
             if isinstance(found, str) and found.strip():
                 return found
     return None
