@@ -258,3 +258,21 @@ def test_retraining_the_encoder_or_bert_marks_kept_stage1_qformers_stale(tmp_pat
     assert "bert" in manifest["parts"]["qformer-8q"]["stale"] and {k: manifest[k] for k in kept} == kept
     with pytest.raises(WeightsError, match="no longer matches its frozen parts.*stage1_parts --out"):
         stage1_checkpoint(8, tmp_path)
+
+
+def test_an_interrupted_train_parts_leaves_the_old_parts_whole(tmp_path, monkeypatch):
+    """A run killed while a part trains must not leave its new tokenizer beside the old weights (or
+    one part of a group new and its manifest entry old): the parts move into OUT only when all are done."""
+    from vlbridge.world import train_parts
+
+    assert train_parts.main(["--out", str(tmp_path), "--quick", "--parts", "opt,bert"]) == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(train_parts.TRAINERS, "bert", killed)  # opt (its group's first) trains, then the run stops
+    with pytest.raises(KeyboardInterrupt):
+        train_parts.main(["--out", str(tmp_path), "--quick", "--parts", "opt,bert", "--seed", "1"])
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["bert", "manifest.json", "opt"]

@@ -5,7 +5,8 @@
 
 Writes OUT/eva-vit-g/model.safetensors, OUT/{opt,flan-t5,bert}/ (transformers folders with their
 tokenizers), all fp16, and OUT/manifest.json (sizes, data seed, script version, times and the
-verification numbers). Deterministic for a seed: one CPU thread per process (on a busy 2-core
+verification numbers). The parts train in a hidden folder in OUT and replace their old folders only
+when all are done: an interrupted run leaves OUT as it was. Deterministic for a seed: one CPU thread per process (on a busy 2-core
 machine that was ~10x faster than two threads fighting for the cores), seeded generators, data
 drawn from the world by index; with `--jobs 2` the parts train in two processes side by side
 (the encoder, OPT with BERT, and FlanT5 are three groups).
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from vlbridge.files.atomic import atomic_write_text, staging_dir
 from vlbridge.world import architectures
 from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PARTS
 from vlbridge.world.config import WorldConfig
@@ -238,16 +242,23 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
     out = Path(out)
     start = time.perf_counter()
     groups = [g for g in (tuple(p for p in group if p in parts) for group in GROUPS) if g]
-    if jobs > 1 and len(groups) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
+    out.mkdir(parents=True, exist_ok=True)
+    stage = staging_dir(out, ".train_parts-")  # the parts train here and move into `out` together at the end:
+    try:  # an interrupted run leaves the old parts whole (not a new tokenizer beside old weights) and their manifest true
+        if jobs > 1 and len(groups) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
 
-        with ProcessPoolExecutor(min(jobs, len(groups)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_train_group, out, seed, quick, group) for group in groups]
-            results = [future.result() for future in futures]
-    else:
-        results = [_train_group(out, seed, quick, group, log) for group in groups]
-    report = {part: numbers for result in results for part, numbers in result.items()}
+            with ProcessPoolExecutor(min(jobs, len(groups)), mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(_train_group, stage, seed, quick, group) for group in groups]
+                results = [future.result() for future in futures]
+        else:
+            results = [_train_group(stage, seed, quick, group, log) for group in groups]
+        report = {part: numbers for result in results for part, numbers in result.items()}
+        for part in report:
+            _replace_folder(stage / part, out / part)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     previous = out / MANIFEST  # parts trained in an earlier run keep their entries, marked as such
     earlier = _previous(previous).get("parts", {})
     earlier = {part: numbers for part, numbers in earlier.items() if part not in report}
@@ -264,8 +275,18 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
         # what vlbridge.compare.stage1_parts recorded about the stage-1 Q-Formers kept above
         **{key: value for key, value in _previous(previous).items() if key.startswith("stage1_")},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _replace_folder(new: Path, old: Path) -> None:
+    """Put folder `new` where `old` is: two renames, then the old files go."""
+    aside = old.with_name(f".{old.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if old.exists():
+        os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 STAGE1_READS = ("eva-vit-g", "bert")  # what a stage-1 Q-Former is trained on top of (stage 1 runs no LLM)
