@@ -163,3 +163,19 @@ def test_stage1_parts_twins_quick_end_to_end(tmp_path: Path):
     assert main(["--out", str(tmp_path), "--quick", "--twins", "--queries", "8", "--jobs", "1"]) == 0
     entry = read_parts_manifest(tmp_path)["parts"]["qformer-8q"]
     assert entry["recipe"]["twins"] is True and "twin" in entry["train_config"]["data"] and entry["steps"] == 4
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--queries", "0"], "--queries must be at least 1"),
+    (["--queries", "8", "8"], "twice"),
+    (["--steps", "1"], "warm-up"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    ([], "no world parts manifest"),
+])
+def test_stage1_parts_refuses_bad_options_before_training(tmp_path: Path, capsys, options: list[str], says: str):
+    """Exit 2 with the reason, before any image is rendered, not a traceback after the data and cache
+    were made (or two processes writing one qformer-8q folder)."""
+    from vlbridge.compare.stage1_parts import main
+
+    assert main(["--out", str(tmp_path / "parts"), "--quick", "--jobs", "1", *options]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "parts").exists()

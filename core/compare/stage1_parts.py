@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from vlbridge.errors import VLBridgeError
 from vlbridge.world.assets import STAGE1_QUERIES
 from vlbridge.world.config import WorldConfig
 
@@ -351,6 +352,23 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
     return manifest
 
 
+def options_problem(quick: bool, queries: list[int], steps: int | None, seed: int) -> str | None:
+    """What is wrong with the command's options, checked before any image is rendered (the Trainer
+    would refuse them only after the data and the feature cache were made)."""
+    if steps is not None and steps < 1:
+        return f"--steps must be at least 1, got {steps}"
+    if seed < 0:
+        return f"--seed must be at least 0, got {seed}"
+    if [q for q in queries if q < 1]:
+        return f"--queries must be at least 1 each, got {queries}"
+    if len(set(queries)) < len(queries):
+        return f"--queries names a query count twice ({queries}): both would write the same qformer-Nq folder"
+    warmup = recipes(quick, (queries[0],))[0].warmup
+    if steps is not None and steps <= warmup:
+        return f"--steps must be above the recipe's {warmup} warm-up steps{' (--quick)' if quick else ''}, got {steps}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -365,10 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--twins", action="store_true", help="train on batches of scenes and their one-change twins (hard "
                         "negatives, as the encoder's CLIP training drew them) instead of the plain stream")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        print(f"stage1_parts: error: --steps must be at least 1, got {args.steps}", file=sys.stderr)
+    problem = options_problem(args.quick, args.queries, args.steps, args.seed)
+    if problem:
+        print(f"stage1_parts: error: {problem}", file=sys.stderr)
         return 2
-    manifest = train_stage1_parts(args.out, args.seed, args.quick, tuple(args.queries), args.steps, args.jobs, args.twins)
+    try:
+        manifest = train_stage1_parts(args.out, args.seed, args.quick, tuple(args.queries), args.steps, args.jobs, args.twins)
+    except VLBridgeError as exc:  # a missing parts folder or manifest, say
+        print(f"stage1_parts: error: {exc}", file=sys.stderr)
+        return 2
     names = [f"qformer-{q}q" for q in args.queries]
     print(f"wrote {', '.join(names)} to {args.out}: " + "; ".join(
         f"{n} val R@1 ITM {manifest['parts'][n]['val_retrieval']['itm_i2t_r1']:.2f}/{manifest['parts'][n]['val_retrieval']['itm_t2i_r1']:.2f}"
