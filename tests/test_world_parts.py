@@ -276,3 +276,16 @@ def test_an_interrupted_train_parts_leaves_the_old_parts_whole(tmp_path, monkeyp
         train_parts.main(["--out", str(tmp_path), "--quick", "--parts", "opt,bert", "--seed", "1"])
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["bert", "manifest.json", "opt"]
+
+
+def test_parts_kept_from_an_earlier_run_keep_their_own_seed(tmp_path):
+    """The manifest's top-level seed and quick are the last run's; a part that run did not retrain
+    must not pass for one of its seed (the encoder of seed 0 beside an OPT of seed 1)."""
+    from vlbridge.world.train_parts import main
+
+    assert main(["--out", str(tmp_path), "--quick", "--parts", "bert"]) == 0
+    assert main(["--out", str(tmp_path), "--quick", "--parts", "opt", "--seed", "1"]) == 0
+    manifest = read_parts_manifest(tmp_path)
+    assert manifest["seed"] == 1 and manifest["parts_from_earlier_runs"] == ["bert"]
+    assert (manifest["parts"]["bert"]["seed"], manifest["parts"]["opt"]["seed"]) == (0, 1)
+    assert manifest["parts"]["bert"]["quick"] and manifest["parts"]["opt"]["quick"]

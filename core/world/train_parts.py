@@ -254,14 +254,16 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
                 results = [future.result() for future in futures]
         else:
             results = [_train_group(stage, seed, quick, group, log) for group in groups]
-        report = {part: numbers for result in results for part, numbers in result.items()}
+        report = {part: {**numbers, "seed": seed, "quick": quick} for result in results for part, numbers in result.items()}
         for part in report:
             _replace_folder(stage / part, out / part)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     previous = out / MANIFEST  # parts trained in an earlier run keep their entries, marked as such
-    earlier = _previous(previous).get("parts", {})
-    earlier = {part: numbers for part, numbers in earlier.items() if part not in report}
+    before = _previous(previous)
+    earlier = {part: numbers for part, numbers in before.get("parts", {}).items() if part not in report}
+    for part in [p for p in earlier if p in PARTS]:  # the top-level seed and quick become this run's: a kept part keeps its own
+        earlier[part] = {"seed": before.get("seed"), "quick": before.get("quick"), **earlier[part]}
     earlier = mark_stale_stage1(earlier, retrained=set(report), out=out, log=log)
     report = {**earlier, **report}
     manifest = {
