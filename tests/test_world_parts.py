@@ -196,6 +196,7 @@ def test_train_parts_quick_end_to_end(tmp_path):
     from vlbridge.world.train_parts import main
 
     assert main(["--out", str(tmp_path), "--quick", "--parts", "opt,nope"]) == 2
+    assert main(["--out", str(tmp_path / "none"), "--quick", "--parts", ","]) == 2 and not (tmp_path / "none").exists()
     assert main(["--out", str(tmp_path), "--quick"]) == 0
     manifest = read_parts_manifest(tmp_path)
     assert manifest["quick"] and set(manifest["parts"]) == set(PARTS)

@@ -330,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        print(f"train_parts: error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
+    if unknown or not parts:
+        print(f"train_parts: error: {f'unknown parts {unknown}' if unknown else '--parts names no part'}; choose from {list(PARTS)}",
+              file=sys.stderr)
         return 2
     jobs = args.jobs or (1 if args.quick else 2)
     manifest = train_parts(args.out, args.seed, args.quick, parts, jobs)
