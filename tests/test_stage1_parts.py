@@ -179,3 +179,28 @@ def test_stage1_parts_refuses_bad_options_before_training(tmp_path: Path, capsys
 
     assert main(["--out", str(tmp_path / "parts"), "--quick", "--jobs", "1", *options]) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "parts").exists()
+
+
+def test_an_interrupted_stage1_parts_leaves_the_old_checkpoints_with_their_entries(tmp_path: Path, monkeypatch):
+    """A run stopped after one Q-Former was shipped must not leave that new checkpoint under the old
+    manifest entry: the checkpoints move into place with the manifest, when all are trained."""
+    from vlbridge.compare import stage1_parts
+    from vlbridge.world.assets import MANIFEST, PARTS, world_dir
+
+    for part in PARTS:
+        (tmp_path / part).symlink_to(world_dir() / part)
+    shutil.copy(world_dir() / MANIFEST, tmp_path / MANIFEST)
+    shutil.copytree(world_dir() / "qformer-8q", tmp_path / "qformer-8q")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "qformer" in str(p) or p.name == MANIFEST}
+    trained = stage1_parts._train_one
+
+    def one_then_stop(out, seed, recipe):
+        if recipe.queries == 4:
+            raise KeyboardInterrupt
+        return trained(out, seed, recipe)
+
+    monkeypatch.setattr(stage1_parts, "_train_one", one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        stage1_parts.main(["--out", str(tmp_path), "--quick", "--queries", "8", "4", "--jobs", "1", "--steps", "2"])
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "qformer" in str(p) or p.name == MANIFEST}
+    assert after == before and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -275,7 +275,7 @@ def train_stage1_part(out: Path, world: WorldConfig, recipe: Stage1Recipe, seed:
         log(f"qformer-{recipe.queries}q: stage 1, {recipe.steps} steps of {recipe.batch} on {recipe.images} pretrain images")
         result = train(config)
         curve = score_checkpoints(scratch / "run", val, recipe, log)
-        final_dir = out / f"qformer-{recipe.queries}q"
+        final_dir = staged_dir(out, recipe.queries)  # moved to qformer-{queries}q with the manifest entry, when all are done
         ship(checkpoint_dir(scratch / "run", result.step), final_dir)
         model = factory.load(final_dir, stage=1, device="cpu")  # measured as shipped (fp16 weights)
         model.eval()
@@ -321,8 +321,13 @@ def _train_one(out: Path, seed: int, recipe: Stage1Recipe) -> dict[str, Any]:
     entry = train_stage1_part(out, WorldConfig(seed=seed, captions_per_image=recipe.captions_per_image), recipe, seed, lambda m: print(m, flush=True))
     entry["train_seconds"] = round(time.perf_counter() - began, 1)
     entry["cpu_seconds"] = round(time.process_time() - began_cpu, 1)
-    entry["bytes"] = sum(f.stat().st_size for f in (out / f"qformer-{recipe.queries}q").rglob("*") if f.is_file())
+    entry["bytes"] = sum(f.stat().st_size for f in staged_dir(out, recipe.queries).rglob("*") if f.is_file())
     return entry
+
+
+def staged_dir(out: Path, queries: int) -> Path:
+    """Where a worker ships its checkpoint: hidden, beside the frozen parts (its "../bert" paths hold)."""
+    return out / f".qformer-{queries}q.new"
 
 
 def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, queries: tuple[int, ...] = QUERIES,
@@ -335,14 +340,25 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
     out = Path(out)
     read_parts_manifest(out)  # fails early, before any training, when the frozen parts are missing
     plan = recipes(quick, queries, steps, twins)
-    if jobs > 1 and len(plan) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
+    try:  # an interrupted run leaves the old checkpoints in place, each under its own manifest entry
+        if jobs > 1 and len(plan) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
 
-        with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=get_context("spawn")) as pool:
-            entries = list(pool.map(_train_one, [out] * len(plan), [seed] * len(plan), plan))
-    else:
-        entries = [_train_one(out, seed, recipe) for recipe in plan]
+            with ProcessPoolExecutor(min(jobs, len(plan)), mp_context=get_context("spawn")) as pool:
+                entries = list(pool.map(_train_one, [out] * len(plan), [seed] * len(plan), plan))
+        else:
+            entries = [_train_one(out, seed, recipe) for recipe in plan]
+        for recipe in plan:
+            final, aside = out / f"qformer-{recipe.queries}q", out / f".qformer-{recipe.queries}q.old"
+            shutil.rmtree(aside, ignore_errors=True)
+            if final.exists():
+                final.rename(aside)
+            staged_dir(out, recipe.queries).rename(final)
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        for recipe in plan:
+            shutil.rmtree(staged_dir(out, recipe.queries), ignore_errors=True)
     manifest = read_parts_manifest(out)  # re-read: another script may have added a part while these trained
     manifest.setdefault("parts", {}).update({f"qformer-{r.queries}q": e for r, e in zip(plan, entries)})
     manifest["stage1_script"] = "vlbridge.compare.stage1_parts"
