@@ -204,3 +204,26 @@ def test_an_interrupted_stage1_parts_leaves_the_old_checkpoints_with_their_entri
         stage1_parts.main(["--out", str(tmp_path), "--quick", "--queries", "8", "4", "--jobs", "1", "--steps", "2"])
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "qformer" in str(p) or p.name == MANIFEST}
     assert after == before and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_killed_runs_hidden_folders_are_removed_before_training(tmp_path: Path, monkeypatch):
+    """After a SIGKILL the `finally` never ran: the staged folder stayed, and the next run shipped into it."""
+    from vlbridge.compare import stage1_parts
+    from vlbridge.world.assets import MANIFEST, PARTS, world_dir
+
+    for part in PARTS:
+        (tmp_path / part).symlink_to(world_dir() / part)
+    shutil.copy(world_dir() / MANIFEST, tmp_path / MANIFEST)
+    for leftover in (".qformer-8q.new", ".qformer-8q.old"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "stale.safetensors").write_bytes(b"old")
+    seen = []
+
+    def look(out, seed, recipe):
+        seen.extend(p.name for p in Path(out).iterdir() if p.name.startswith("."))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage1_parts, "_train_one", look)
+    with pytest.raises(KeyboardInterrupt):
+        stage1_parts.main(["--out", str(tmp_path), "--quick", "--queries", "8", "--jobs", "1", "--steps", "2"])
+    assert seen == []

@@ -290,3 +290,14 @@ def test_parts_kept_from_an_earlier_run_keep_their_own_seed(tmp_path):
     assert manifest["seed"] == 1 and manifest["parts_from_earlier_runs"] == ["bert"]
     assert (manifest["parts"]["bert"]["seed"], manifest["parts"]["opt"]["seed"]) == (0, 1)
     assert manifest["parts"]["bert"]["quick"] and manifest["parts"]["opt"]["quick"]
+
+
+def test_a_killed_runs_hidden_folders_are_removed_by_the_next(tmp_path):
+    """After a SIGKILL the `finally` that removes the staging folder never ran: it stayed, hidden."""
+    from vlbridge.world.train_parts import remove_leftovers
+
+    (tmp_path / ".train_parts-abc.tmp" / "opt").mkdir(parents=True)
+    (tmp_path / ".opt.old").mkdir()
+    (tmp_path / "opt").mkdir()
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opt"]

@@ -340,6 +340,9 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
     out = Path(out)
     read_parts_manifest(out)  # fails early, before any training, when the frozen parts are missing
     plan = recipes(quick, queries, steps, twins)
+    for recipe in plan:  # what a killed run left hidden (its `finally` never ran): never shipped into, never piled up
+        for leftover in (staged_dir(out, recipe.queries), out / f".qformer-{recipe.queries}q.old"):
+            shutil.rmtree(leftover, ignore_errors=True)
     try:  # an interrupted run leaves the old checkpoints in place, each under its own manifest entry
         if jobs > 1 and len(plan) > 1:
             from concurrent.futures import ProcessPoolExecutor

@@ -243,6 +243,7 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
     start = time.perf_counter()
     groups = [g for g in (tuple(p for p in group if p in parts) for group in GROUPS) if g]
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     stage = staging_dir(out, ".train_parts-")  # the parts train here and move into `out` together at the end:
     try:  # an interrupted run leaves the old parts whole (not a new tokenizer beside old weights) and their manifest true
         if jobs > 1 and len(groups) > 1:
@@ -279,6 +280,14 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete what a killed run left hidden in `out` (its staging folder, a part moved aside): the
+    `finally` that removes them does not run after a SIGKILL, and they would pile up unseen."""
+    for leftover in [*out.glob(".train_parts-*.tmp"), *(out / f".{part}.old" for part in PARTS)]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace_folder(new: Path, old: Path) -> None:
