@@ -14,26 +14,22 @@ from typing import Callable
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
-from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.data.records import DataError, ImageRef
 from vlbridge.errors import VLBridgeError
-from vlbridge.parts.images import eval_transform, load_image, to_rgb, truncated_files_refused
+from vlbridge.parts.images import eval_transform, interpolation_mode, load_image, to_rgb, truncated_files_refused
 from vlbridge.plugin.specs import Preprocess
 
 __all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
 
 TRAIN_CROP_SCALE = (0.5, 1.0)  # BLIP-2's pretraining crop: at least half the image area
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
 def train_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> randomly cropped, maybe flipped, normalised float `(3, S, S)`."""
-    if preprocess.interpolation not in _INTERPOLATION:
-        raise DataError(f"unknown interpolation {preprocess.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
     size = preprocess.image_size
     return T.Compose([
-        T.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, interpolation=_INTERPOLATION[preprocess.interpolation], antialias=True),
+        T.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, interpolation=interpolation_mode(preprocess), antialias=True),
         T.RandomHorizontalFlip(),
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),

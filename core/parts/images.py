@@ -34,6 +34,11 @@ ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor]
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
+def interpolation_mode(preprocess: Preprocess) -> InterpolationMode:
+    """torchvision's mode for the encoder's declared interpolation (Preprocess admits only these two)."""
+    return _INTERPOLATION[preprocess.interpolation]
+
+
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes for 16-bit greyscale (a 16-bit PNG opens so)
 
 
@@ -95,8 +100,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
     """PIL image or uint8 `(3, H, W)` tensor -> normalised float `(3, S, S)`."""
-    if preprocess.interpolation not in _INTERPOLATION:
-        raise VLBridgeError(f"unknown interpolation {preprocess.interpolation!r}; use one of {sorted(_INTERPOLATION)}")
     return T.Compose([  # resize first: a PIL image is then resized by PIL, as BLIP-2 (LAVIS) does
         *_resize_and_crop(preprocess),
         T.ToImage(),
@@ -106,23 +109,14 @@ def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tens
 
 
 def _resize_and_crop(preprocess: Preprocess) -> list[Callable]:
-    """'squash': resize to (R, R); 'shortest': shorter side to R. Then centre-crop (S, S) unless already so."""
+    """'squash': resize to (R, R); 'shortest': shorter side to R. Then centre-crop (S, S) unless already so.
+    (Preprocess refuses any other resize_mode or crop_offset when it is made.)"""
     size, mode = preprocess.image_size, preprocess.resize_mode
     target = preprocess.resize_size or size
-    interpolation = _INTERPOLATION[preprocess.interpolation]
-    if mode == "squash":
-        steps: list[Callable] = [T.Resize((target, target), interpolation=interpolation, antialias=True)]
-    elif mode == "shortest":
-        steps = [T.Resize(target, interpolation=interpolation, antialias=True)]
-    else:
-        raise VLBridgeError(f"unknown resize_mode {mode!r}; use 'squash' or 'shortest'")
+    steps: list[Callable] = [T.Resize((target, target) if mode == "squash" else target, interpolation=interpolation_mode(preprocess),
+                                      antialias=True)]
     if mode == "shortest" or target != size:
-        if preprocess.crop_offset == "round":
-            steps.append(T.CenterCrop(size))
-        elif preprocess.crop_offset == "floor":
-            steps.append(FloorCenterCrop(size))
-        else:
-            raise VLBridgeError(f"unknown crop_offset {preprocess.crop_offset!r}; use 'round' (torchvision) or 'floor' (transformers)")
+        steps.append(T.CenterCrop(size) if preprocess.crop_offset == "round" else FloorCenterCrop(size))
     return steps
 
 
