@@ -334,14 +334,14 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
                        steps: int | None = None, jobs: int = 2, twins: bool = False) -> dict[str, Any]:
     """Train the stage-1 Q-Formers into `out` (one process each, up to `jobs` side by side) and add
     them to its manifest.json (the frozen parts must be there: they are what stage 1 reads)."""
-    from vlbridge.files.atomic import atomic_write_text
+    from vlbridge.files.atomic import aside_name, atomic_write_text, replace_folder
     from vlbridge.world.assets import MANIFEST, read_parts_manifest
 
     out = Path(out)
     read_parts_manifest(out)  # fails early, before any training, when the frozen parts are missing
     plan = recipes(quick, queries, steps, twins)
     for recipe in plan:  # what a killed run left hidden (its `finally` never ran): never shipped into, never piled up
-        for leftover in (staged_dir(out, recipe.queries), out / f".qformer-{recipe.queries}q.old"):
+        for leftover in (staged_dir(out, recipe.queries), aside_name(out / f"qformer-{recipe.queries}q")):
             shutil.rmtree(leftover, ignore_errors=True)
     try:  # an interrupted run leaves the old checkpoints in place, each under its own manifest entry
         if jobs > 1 and len(plan) > 1:
@@ -353,12 +353,7 @@ def train_stage1_parts(out: str | Path, seed: int = 0, quick: bool = False, quer
         else:
             entries = [_train_one(out, seed, recipe) for recipe in plan]
         for recipe in plan:
-            final, aside = out / f"qformer-{recipe.queries}q", out / f".qformer-{recipe.queries}q.old"
-            shutil.rmtree(aside, ignore_errors=True)
-            if final.exists():
-                final.rename(aside)
-            staged_dir(out, recipe.queries).rename(final)
-            shutil.rmtree(aside, ignore_errors=True)
+            replace_folder(staged_dir(out, recipe.queries), out / f"qformer-{recipe.queries}q")
     finally:
         for recipe in plan:
             shutil.rmtree(staged_dir(out, recipe.queries), ignore_errors=True)

@@ -39,6 +39,22 @@ def staging_dir(parent: str | Path, prefix: str) -> Path:
     return folder
 
 
+def aside_name(folder: Path) -> Path:
+    """Where `replace_folder` keeps the folder it replaces until the new one is in place (hidden, beside it)."""
+    return folder.with_name(f".{folder.name}.old")
+
+
+def replace_folder(new: Path, old: Path) -> None:
+    """Put folder `new` where `old` is: `old` renamed aside, `new` renamed in, then the old files go.
+    A crash between the renames leaves the old folder whole, aside (remove `aside_name(old)` at start)."""
+    aside = aside_name(old)
+    shutil.rmtree(aside, ignore_errors=True)
+    if old.exists():
+        os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def current_umask() -> int:
     """The process umask, read from /proc where it can be (setting it to read it back races with threads)."""
     try:

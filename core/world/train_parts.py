@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import shutil
 import sys
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from vlbridge.files.atomic import atomic_write_text, staging_dir
+from vlbridge.files.atomic import aside_name, atomic_write_text, replace_folder, staging_dir
 from vlbridge.world import architectures
 from vlbridge.world.assets import ENCODER_FILE, ENCODER_MODEL_TYPE, MANIFEST, PARTS
 from vlbridge.world.config import WorldConfig
@@ -257,7 +256,7 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
             results = [_train_group(stage, seed, quick, group, log) for group in groups]
         report = {part: {**numbers, "seed": seed, "quick": quick} for result in results for part, numbers in result.items()}
         for part in report:
-            _replace_folder(stage / part, out / part)
+            replace_folder(stage / part, out / part)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     previous = out / MANIFEST  # parts trained in an earlier run keep their entries, marked as such
@@ -285,19 +284,9 @@ def train_parts(out: str | Path, seed: int = 0, quick: bool = False, parts: tupl
 def remove_leftovers(out: Path) -> None:
     """Delete what a killed run left hidden in `out` (its staging folder, a part moved aside): the
     `finally` that removes them does not run after a SIGKILL, and they would pile up unseen."""
-    for leftover in [*out.glob(".train_parts-*.tmp"), *(out / f".{part}.old" for part in PARTS)]:
+    for leftover in [*out.glob(".train_parts-*.tmp"), *(aside_name(out / part) for part in PARTS)]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _replace_folder(new: Path, old: Path) -> None:
-    """Put folder `new` where `old` is: two renames, then the old files go."""
-    aside = old.with_name(f".{old.name}.old")
-    shutil.rmtree(aside, ignore_errors=True)
-    if old.exists():
-        os.rename(old, aside)
-    os.rename(new, old)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 STAGE1_READS = ("eva-vit-g", "bert")  # what a stage-1 Q-Former is trained on top of (stage 1 runs no LLM)
