@@ -63,8 +63,8 @@ def _load_model(args: argparse.Namespace):
     source = check_model_source(args)  # -a/-c/--weights, the assembly name before torch, then checkpoint and device
     args.images = [os.path.expanduser(image) for image in args.images]  # a quoted '~/x.jpg', as --checkpoint reads it
     for image in args.images:
-        if url_problem(image):
-            raise VLBridgeError(url_problem(image))
+        if problem := url_problem(image):
+            raise VLBridgeError(problem)
         if Path(image).is_dir():
             raise VLBridgeError(f"{image} is a directory; give image files (a shell glob such as {Path(image) / '*.jpg'} lists them)")
         if not Path(image).is_file():

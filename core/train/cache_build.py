@@ -37,7 +37,7 @@ from vlbridge.parts.freeze import torch_dtype
 from vlbridge.assemblies.reachability import check_reachable
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
-                                  encoder_identity, file_sha256, file_stamp, manifest_json, read_manifest, weights_sha256)
+                                  encoder_identity, file_sha256, manifest_json, read_manifest, stamp_or_absent, weights_sha256)
 from vlbridge.train.cache_dataset import image_place, iter_samples, portable_name, stamped_file
 from vlbridge.files.userfiles import read_yaml
 
@@ -226,14 +226,7 @@ def chunk_stamps(chunk: list[ImageText]) -> list[list[int] | None]:
     """The [size, mtime_ns] of each image's file (a tar member's shard), taken before it is read (None
     for a stream that is no local file; [] for a file that cannot be stat'ed: its read fails and skips
     it, and a file there later differs from [])."""
-    stamps: list[list[int] | None] = []
-    for item in chunk:
-        stamped = stamped_file(item.image)
-        try:
-            stamps.append(file_stamp(stamped) if stamped is not None else None)
-        except OSError:
-            stamps.append([])
-    return stamps
+    return [None if (stamped := stamped_file(item.image)) is None else stamp_or_absent(stamped) for item in chunk]
 
 
 def planned_keys(chunk: list[ImageText]) -> list[list[Any]]:
