@@ -85,6 +85,18 @@ def zero_qv_biases(vision: dict[str, Any], state: dict[str, torch.Tensor]) -> di
     return state if vision.get("qkv_bias", True) else with_zero_qv_biases(state)
 
 
+IMPORTED_ENCODER_FILE = "encoder.safetensors"  # the eva-vit-g weights an import writes into its checkpoint folder
+
+
+def write_encoder(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A converted vision tower, written atomically as the checkpoint's encoder file (eva-vit-g's
+    `pretrained`); returns its path."""
+    path = out / IMPORTED_ENCODER_FILE
+    contiguous = {key: value.contiguous() for key, value in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+    return path
+
+
 def encoder_options(vision: dict[str, Any], pretrained: str) -> dict[str, Any]:
     """eva-vit-g options reproducing a transformers Blip2VisionConfig exactly (all layers kept)."""
     layers = vision.get("num_hidden_layers", 39)
@@ -178,11 +190,8 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
     state = read_hf_directory(src)
     architecture = _architecture(config, state)
     out.mkdir(parents=True, exist_ok=True)
-    encoder_file = out / "encoder.safetensors"
-    vision = zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
-        {k: v for k, v in state.items() if k.startswith("vision_model.")}))
-    vision = {k: v.contiguous() for k, v in vision.items()}
-    atomic_write(encoder_file, lambda tmp: save_file(vision, str(tmp)))
+    encoder_file = write_encoder(out, zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
+        {k: v for k, v in state.items() if k.startswith("vision_model.")})))
     assembly: dict[str, Any] = {"name": name or src.name, "description": f"imported from transformers {architecture} at {src}",
                                 "encoder": {"use": "eva-vit-g", "options": encoder_options(config.get("vision_config", {}), str(encoder_file.resolve()))}}
     connector = from_transformers(state)

@@ -17,15 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
-from vlbridge.files.atomic import atomic_write
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.hf_blip2 import (
-    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, zero_qv_biases,
+    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, write_encoder, zero_qv_biases,
 )
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import settle, warn_left_out
@@ -54,11 +51,8 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
                            "instruction); save the InstructBlipProcessor into the directory too")
     state = read_hf_directory(src)
     out.mkdir(parents=True, exist_ok=True)
-    encoder_file = out / "encoder.safetensors"
-    vision = zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
-        {k: v for k, v in state.items() if k.startswith("vision_model.")}))
-    vision = {k: v.contiguous() for k, v in vision.items()}
-    atomic_write(encoder_file, lambda tmp: save_file(vision, str(tmp)))
+    encoder_file = write_encoder(out, zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
+        {k: v for k, v in state.items() if k.startswith("vision_model.")})))
     tokenizer_dir = out / "qformer-tokenizer"
     if tokenizer_dir.exists():
         shutil.rmtree(tokenizer_dir)

@@ -16,19 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.assemblies.saved import checkpoint_config
 from vlbridge.errors import VLBridgeError, WeightsError
-from vlbridge.files.atomic import atomic_write
 from vlbridge.files.checkpoint import WEIGHTS_FILE, read_connector_weights, write_checkpoint
 from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, META_FILE
+from vlbridge.interop.hf_blip2 import IMPORTED_ENCODER_FILE, write_encoder
 
 STAGE1_MARKERS = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.")
 STAGE2_MARKERS = ("opt_proj.", "t5_proj.")
 VISION_PREFIX = "visual_encoder."  # LAVIS's ViT, saved when fine-tuned
-ENCODER_FILE = "encoder.safetensors"
 LLM_PREFIXES = ("opt_model.", "t5_model.")  # the LLM, in a whole-model dump (or one that tuned it)
 # Blip2OPT / Blip2T5 delete the Q-Former's text side for stage 2; InstructBLIP keeps it (without the stage-1 heads)
 # to read the instruction.
@@ -133,7 +131,7 @@ def _same_values(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
 def _remove_import(out: Path, created: bool) -> None:
     """Delete what a refused import wrote: left behind, it looked like a checkpoint (it failed only
     when loaded) and kept the CLI from importing again into the same folder."""
-    for name in (META_FILE, ASSEMBLY_FILE, WEIGHTS_FILE, ENCODER_FILE):
+    for name in (META_FILE, ASSEMBLY_FILE, WEIGHTS_FILE, IMPORTED_ENCODER_FILE):
         (out / name).unlink(missing_ok=True)
     if created and not any(out.iterdir()):
         out.rmdir()
@@ -146,10 +144,9 @@ def _with_vision_weights(config: dict[str, Any], assembly: Assembly, vision: dic
     if assembly.plan.encoder.name != "eva-vit-g":
         raise VLBridgeError(f"the checkpoint holds its fine-tuned ViT ({len(vision)} {VISION_PREFIX}* tensors), an EVA ViT-g, "
                             f"but assembly {assembly.name!r} uses {assembly.plan.encoder.name!r}; import it into an eva-vit-g assembly")
-    tensors = {key: value.contiguous() for key, value in convert_lavis_vision_state_dict(vision).items()}
-    atomic_write(out / ENCODER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    written = write_encoder(out, convert_lavis_vision_state_dict(vision))
     config = copy.deepcopy(config)
-    config["encoder"]["options"] = {**(config["encoder"].get("options") or {}), "pretrained": str((out / ENCODER_FILE).resolve())}
+    config["encoder"]["options"] = {**(config["encoder"].get("options") or {}), "pretrained": str(written.resolve())}
     return config
 
 
