@@ -31,8 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, label = read_config(args.config)  # structure first: no torch, no weights
     assembly = check_config(config, label)
     if args.check:
-        read_annotations(config)
-        for note in unread_shards(config):
+        for note in read_annotations(config):
             print(note)
         print(assembly.plan.describe())
         length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"
@@ -67,30 +66,26 @@ def resume_hint(output_dir: str, config_file: str) -> str:
     return f"the last checkpoint is {latest}; continue from it with: {command} --resume"
 
 
-def read_annotations(config) -> None:
+def read_annotations(config) -> list[str]:
     """Read every annotation file of the training and eval data as training will (fields, types,
-    ids; no image is opened), so that --check finds a file of the wrong shape; webdataset shards are
-    read only when training streams them."""
+    ids; no image is opened), so that --check finds a file of the wrong shape. Tar shards are only
+    counted: their samples are read when training streams them, and a note per such section says so
+    (a bare "valid" let the user believe their images and captions were checked too)."""
     from vlbridge.data.build import read_records
-
-    for where, data in (("data.train", config.data.train), ("data.eval", config.data.eval)):
-        if data is not None and data.format != "webdataset":
-            records = read_records(data, train=where == "data.train", where=where)
-            if where == "data.train":
-                check_a_batch_fits(len(records), config.batch_size, config.drop_last)
-
-
-def unread_shards(config) -> list[str]:
-    """A line per tar-shard data section: --check found its shards but read no sample of them, and a
-    bare "valid" let the user believe the images and captions were checked too."""
     from vlbridge.data.shards import expand_shards
 
     notes = []
     for where, data in (("data.train", config.data.train), ("data.eval", config.data.eval)):
-        if data is not None and data.format == "webdataset":
+        if data is None:
+            continue
+        if data.format == "webdataset":
             count = sum(len(expand_shards(path)) for path in data.paths)
             notes.append(f"{where}: {count} webdataset shard{'s' if count != 1 else ''} found; --check reads none of their "
                          "samples (images, captions, how many): training streams them, skipping and counting bad ones")
+            continue
+        records = read_records(data, train=where == "data.train", where=where)
+        if where == "data.train":
+            check_a_batch_fits(len(records), config.batch_size, config.drop_last)
     return notes
 
 
