@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vlbridge.cli.argtypes import whole_number
 from vlbridge.parts.images import load_image
 from vlbridge.plugins.encoders.eva_vit_g import EvaVitGOptions
 from vlbridge.plugins.encoders.eva_vit_g_model import build
@@ -36,11 +37,7 @@ def folder_tokens(encoder: torch.nn.Module, world: Path, split: str, count: int)
     return encode(encoder, images, scenes)
 
 
-def _positive(text: str) -> int:
-    """A count of images or steps: 0 would fail deep in torch (no tokens to concatenate)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1; got {text!r}")
-    return int(text)
+POSITIVE = whole_number(1)  # 0 images or steps would fail deep in torch (no tokens to concatenate)
 
 
 def _world_problem(world: Path) -> str | None:
@@ -58,9 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", type=Path, default=None, help="encoder directory (default: the shipped world encoder)")
     parser.add_argument("--world", type=Path, default=None, help="a generated world folder (scenes_*.json, images/); default: draw from WorldConfig() at the encoder's image size")
-    parser.add_argument("--train", type=_positive, default=3000, help="training images of the probe")
-    parser.add_argument("--test", type=_positive, default=300)
-    parser.add_argument("--steps", type=_positive, default=3000, help="full-batch steps of each linear probe (3000: converged; 300 reads shape 8 points low)")
+    parser.add_argument("--train", type=POSITIVE, default=3000, help="training images of the probe")
+    parser.add_argument("--test", type=POSITIVE, default=300)
+    parser.add_argument("--steps", type=POSITIVE, default=3000, help="full-batch steps of each linear probe (3000: converged; 300 reads shape 8 points low)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from vlbridge.cli.argtypes import whole_number
 from vlbridge.world import WorldConfig
 from vlbridge.world.assets import world_dir
 from vlbridge.world.language import QUESTION_KINDS
@@ -96,33 +97,16 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _at_least_one(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of captions, at least 1; got {text!r}")
-    return int(text)
-
-
-def _count(least: int, most: int | None, what: str):
-    """An argparse type for a count in [least, most]: a usage error, not a traceback from WorldConfig
-    (questions) or a table of zeros over no questions (images)."""
-    def parse(text: str) -> int:
-        if not text.isdigit() or not least <= int(text) <= (most if most is not None else int(text)):
-            bound = f"from {least} to {most}" if most is not None else f"at least {least}"
-            raise argparse.ArgumentTypeError(f"must be a whole number of {what}, {bound}; got {text!r}")
-        return int(text)
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", help="an OPT or FlanT5 directory (repeatable; default: the shipped two)")
     parser.add_argument("--seed", type=int, default=0, help="the world's seed")
-    parser.add_argument("--images", type=_count(1, None, "images"), default=300, help="val images; every question of each is asked")
+    parser.add_argument("--images", type=whole_number(1), default=300, help="val images; every question of each is asked")
     most = next(m.le for m in WorldConfig.model_fields["questions_per_image"].metadata if hasattr(m, "le"))  # the world's own bound
-    parser.add_argument("--questions", type=_count(1, most, "questions"), default=5,
+    parser.add_argument("--questions", type=whole_number(1, most), default=5,
                         help=f"questions per image (5: one of each kind, as the demo; at most {most})")
     parser.add_argument("--batch", type=int, default=64, help="prompts generated at once")
-    parser.add_argument("--captions", type=_at_least_one, default=None, help="only each image's first N captions in front (default: all)")
+    parser.add_argument("--captions", type=whole_number(1), default=None, help="only each image's first N captions in front (default: all)")
     parser.add_argument("--by-answer", action="store_true", help="also the yes/no questions' accuracy by form and right answer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results to this file")

@@ -23,9 +23,14 @@ def _count(text: str, least: int, most: int | None = None) -> int:
 
 def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
     """An argparse type for a whole number from `least` (to `most`), for scripts beside the CLI (bench/)."""
+    bound = f"at least {least}" if most is None else f"from {least} to {most}"
+
     def parse(text: str) -> int:
-        return _count(text, least, most)
-    parse.__name__ = f"whole number from {least}" + (f" to {most}" if most is not None else "")  # argparse names it
+        try:
+            return _count(text, least, most)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}: give a whole number {bound}") from None
+    parse.__name__ = f"whole number {bound}"  # argparse names it
     return parse
 
 
