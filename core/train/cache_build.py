@@ -58,6 +58,19 @@ class BuildSettings:
 
 
 # -- sources and images --------------------------------------------------------------------------
+def _other_config(source: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """(kind, the sections holding its datasets) for a training or compare config given as a data
+    config (the file a user has at hand); None for anything else. Named as such, not as one
+    'unknown key' line per setting."""
+    if "format" in source:
+        return None
+    if isinstance(source.get("data"), dict):
+        return "training", [f"data.{name}" for name in ("train", "eval") if isinstance(source["data"].get(name), dict)] or ["its data.train"]
+    if isinstance(source.get("runs"), list):
+        return "compare", [name for name in ("stage1_data", "stage2_data") if isinstance(source.get(name), dict)] or ["its stage1_data"]
+    return None
+
+
 def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path]) -> list[tuple[DataConfig, Source]]:
     """Data configs from objects, mappings or YAML files (each a DataConfig mapping)."""
     loaded = []
@@ -65,16 +78,12 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
         file = None
         if isinstance(source, (str, Path)):
             file, source = str(source), read_yaml(source, "data config", top=dict)
-            if "format" not in source and isinstance(source.get("data"), dict):  # a training config: its data sections are the datasets
-                sections = [f"data.{name}" for name in ("train", "eval") if isinstance(source["data"].get(name), dict)]
-                raise CacheError(f"data config {file!r} is a training config; --data takes one dataset's settings (format, paths, "
-                                 f"image_root, ...): save {' and '.join(sections) or 'its data.train'} as a file of its own each and give "
+            other = _other_config(source)
+            if other is not None:
+                kind, sections = other
+                raise CacheError(f"data config {file!r} is a {kind} config; --data takes one dataset's settings (format, paths, "
+                                 f"image_root, ...): save {' and '.join(sections)} as a file of its own each and give "
                                  "one --data per file, or give --format and --paths")
-            if "format" not in source and isinstance(source.get("runs"), list):  # a compare config: its stageN_data sections
-                sections = [name for name in ("stage1_data", "stage2_data") if isinstance(source.get(name), dict)]
-                raise CacheError(f"data config {file!r} is a compare config; --data takes one dataset's settings (format, paths, "
-                                 f"image_root, ...): save {' and '.join(sections) or 'its stage1_data'} as a file of its own each and "
-                                 "give one --data per file, or give --format and --paths")
         config = load_data_config(source, where=file or f"data[{i}]")
         loaded.append((config, Source(file=file, config=config.model_dump(mode="json", exclude_defaults=True))))
     if not loaded:
