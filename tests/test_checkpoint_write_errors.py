@@ -9,7 +9,6 @@ import errno
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.test_trainer_samples import config, write_caption_data, write_config
 from vlbridge.cli.main import main
@@ -21,15 +20,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_a_full_disk_during_a_save_is_a_user_error_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
     data = write_caption_data(tmp_path / "data", images=4)
     path = write_config(tmp_path / "t.yaml", config(data, tmp_path / "run", steps=4, save_every=2))
-    save, saves = torch.save, []
+    save, saves = checkpointing.write_state, []
 
-    def full_disk(obj, f, *args, **kwargs):
-        saves.append(f)
+    def full_disk(path, *args, **kwargs):
+        saves.append(path)
         if len(saves) > 1:  # step-2's trainer state is written, step-4's is not
             raise OSError(errno.ENOSPC, "No space left on device")
-        return save(obj, f, *args, **kwargs)
+        return save(path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    monkeypatch.setattr(checkpointing, "write_state", full_disk)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "cannot save checkpoint step-4" in err and "No space left on device" in err
@@ -37,13 +36,13 @@ def test_a_full_disk_during_a_save_is_a_user_error_and_keeps_the_earlier_checkpo
     checkpoints = tmp_path / "run" / checkpointing.CHECKPOINTS
     assert checkpointing.latest_checkpoint(tmp_path / "run") == checkpoints / "step-2"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]  # no half-written step-4 left
-    monkeypatch.setattr(checkpointing.torch, "save", save)
+    monkeypatch.setattr(checkpointing, "write_state", save)
     assert main(["train", str(path), "--resume"]) == 0
     assert checkpointing.latest_checkpoint(tmp_path / "run") == checkpoints / "step-4"
 
 
 def test_a_run_killed_while_pruning_leaves_no_step_that_lost_its_weights(tmp_path, monkeypatch):
-    """rmtree killed midway left step-N without connector.safetensors but with trainer_state.pt: a
+    """rmtree killed midway left step-N without connector.safetensors but with its trainer state: a
     'complete' checkpoint that the advice after a damaged latest one would point to."""
     from vlbridge.files.checkpoint_paths import step_dirs
 
@@ -51,7 +50,7 @@ def test_a_run_killed_while_pruning_leaves_no_step_that_lost_its_weights(tmp_pat
     for step in (1, 2):
         folder = checkpoints / f"step-{step}"
         folder.mkdir(parents=True)
-        for name in ("connector.safetensors", "trainer_state.pt"):
+        for name in ("connector.safetensors", checkpointing.TRAINER_STATE):
             (folder / name).write_bytes(b"x")
     (checkpoints / "latest").write_text("step-2\n")
     rmtree = checkpointing.shutil.rmtree

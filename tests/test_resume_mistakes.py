@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_trainer_samples import config, write_caption_data, write_config
+from tests.test_trainer_samples import as_old_trainer_state, config, write_caption_data, write_config
 from vlbridge.cli.main import main
+from vlbridge.files.state_file import read_state, write_state
 from vlbridge.train import checkpointing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,16 +30,20 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def damage(run_dir: Path, name: str, keep: int, tmp_path: Path) -> Path:
-    """A copy of the run with `name` of its latest checkpoint cut to its first `keep` bytes."""
+    """A copy of the run with `name` of its latest checkpoint cut to its first `keep` bytes (a negative
+    `keep`: all but the last -keep); an older run's trainer_state.pt is made first where it is `name`."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     target = copy / checkpointing.CHECKPOINTS / ("step-4" if name != checkpointing.LATEST else "") / name
+    if name == checkpointing.OLD_TRAINER_STATE:
+        as_old_trainer_state(target.parent)
     target.write_bytes(target.read_bytes()[:keep])
     return copy
 
 
-@pytest.mark.parametrize("name, keep", [("train.yaml", 0), ("train.yaml", 40), ("trainer_state.pt", 0),
-                                        ("checkpoint.json", 10), ("connector.safetensors", 100)])
+@pytest.mark.parametrize("name, keep", [("train.yaml", 0), ("train.yaml", 40), ("trainer_state.safetensors", 0),
+                                        ("trainer_state.safetensors", 100), ("trainer_state.safetensors", -10),
+                                        ("trainer_state.pt", 0), ("checkpoint.json", 10), ("connector.safetensors", 100)])
 def test_a_damaged_file_of_the_latest_checkpoint_names_the_file_and_the_older_one(capsys, tmp_path, run, name, keep):
     copy = damage(run[0], name, keep, tmp_path)
     values = write_config_values(run[1], copy)
@@ -94,14 +99,17 @@ def test_checkpoints_without_a_latest_pointer_are_named_not_mixed_with_a_new_run
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-2", "step-4"]  # nothing trained or written
 
 
-def test_a_trainer_state_of_a_newer_version_is_refused(capsys, tmp_path, run):
-    """checkpoint.json's version was checked, trainer_state.pt's not: a newer layout was resumed as if it were ours."""
-    import torch
-
+@pytest.mark.parametrize("name", [checkpointing.TRAINER_STATE, checkpointing.OLD_TRAINER_STATE])
+def test_a_trainer_state_of_a_newer_version_is_refused(capsys, tmp_path, run, name):
+    """checkpoint.json's version was checked, the trainer state's not: a newer layout was resumed as if it were ours."""
     copy = damage(run[0], "train.yaml", 10**9, tmp_path)  # an intact copy
-    path = copy / checkpointing.CHECKPOINTS / "step-4" / "trainer_state.pt"
-    state = torch.load(path, weights_only=True)
-    torch.save({**state, "version": checkpointing.STATE_VERSION + 1}, path)
+    step = copy / checkpointing.CHECKPOINTS / "step-4"
+    newer = checkpointing.STATE_VERSION + 1
+    if name == checkpointing.OLD_TRAINER_STATE:
+        as_old_trainer_state(step, version=newer)
+    else:
+        path = step / name
+        write_state(path, read_state(path), header={"format": checkpointing.STATE_FORMAT, "version": str(newer)})
     code = main(["train", str(write_config(tmp_path / "t.yaml", write_config_values(run[1], copy))), "--resume"])
     err = capsys.readouterr().err
     assert code == 2, err

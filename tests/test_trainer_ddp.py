@@ -16,6 +16,7 @@ import torch
 
 from tests.test_trainer_samples import (config, deterministic_stage1, exact_stage1, read_metrics, recording_gradients, subprocess_env,
                                        write_caption_data, write_config)
+from vlbridge.train.checkpointing import load_trainer_state
 
 STEPS = 3
 
@@ -75,7 +76,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
             # absolute from rounding alone (ratio to this tolerance 0.2-3 with no change in the math).
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 if a.dim() == 0 else 1e-6)
 
-    state = torch.load(tmp_path / "two" / "checkpoints" / f"step-{STEPS}" / "trainer_state.pt", weights_only=True)
+    state = load_trainer_state(tmp_path / "two" / "checkpoints" / f"step-{STEPS}")
     assert state["world_size"] == 2
     assert [r["data"]["samples"] for r in state["ranks"]] == [STEPS * 2, STEPS * 2]  # each rank's own position
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # seeded per rank

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import vlbridge
 import vlbridge.train
 from tests.test_trainer_samples import Recording, config, mse_objective, read_metrics, train_losses, write_caption_data
+from vlbridge.train import checkpointing
 from vlbridge.train.progress import ProgressBar
 from vlbridge.train.trainer import NonFiniteLossError
 
@@ -58,12 +59,14 @@ def test_checkpoint_contents(tmp_path, data):
     steps = out / "checkpoints"
     assert (steps / "latest").read_text().strip() == "step-4"
     assert sorted(p.name for p in steps.iterdir()) == ["latest", "step-4"]  # keep_last: 1
-    state = torch.load(steps / "step-4" / "trainer_state.pt", weights_only=True)
+    assert sorted(p.name for p in (steps / "step-4").glob("trainer_state.*")) == ["trainer_state.safetensors"]  # nothing pickled
+    state = checkpointing.load_trainer_state(steps / "step-4")
     assert state["step"] == 4 and state["world_size"] == 1 and state["scaler"] is None
     assert len(state["optimizer"]["state"]) == 2 and state["scheduler"]["step_count"] == 4
     rank = state["ranks"][0]
     assert rank["data"] == {"epoch": 0, "samples": 16, "streams": {}, "last_stream": None}  # 4 steps x 4 = all 16 samples
     assert isinstance(rank["rng"]["torch"], torch.Tensor) and len(rank["rng"]["numpy"][1]) == 624
+    assert isinstance(rank["rng"]["python"], tuple) and sorted(state["optimizer"]["state"]) == [0, 1]  # as torch and random want them
     model = vlbridge.load(steps / "step-4")  # an ordinary vlbridge checkpoint too
     saved = load_file(steps / "step-4" / "connector.safetensors")
     assert all(torch.equal(saved[n], p) for n, p in model.connector.named_parameters())

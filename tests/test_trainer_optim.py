@@ -1,5 +1,5 @@
 """AdamW's parameter groups (BLIP-2: no weight decay on biases, norms and other 1-D parameters),
-the warm-up + cosine schedule, and RNG states that survive a weights_only checkpoint."""
+the warm-up + cosine schedule, and RNG states that survive the trainer state's file (and an older weights_only one)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vlbridge
+from vlbridge.files.state_file import read_state, write_state
 from vlbridge.train.checkpointing import capture_rng, restore_rng
 from vlbridge.train.config import OptimizerConfig, ScheduleConfig
 from vlbridge.train.optim import WarmupCosine, build_optimizer, parameter_groups
@@ -71,12 +72,17 @@ def test_schedule_state_restores_the_position():
     assert second.lr == first.lr == optimizer.param_groups[0]["lr"] == pytest.approx(first.lr_at(6))
 
 
-def test_rng_states_round_trip_through_weights_only(tmp_path):
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_rng_states_round_trip_through_a_state_file_and_weights_only(tmp_path, kind):
+    """Through the trainer state's safetensors file, and an older run's .pt read with weights_only."""
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    path = tmp_path / "rng.pt"
-    torch.save(capture_rng(), path)
+    path = tmp_path / f"rng.{kind}"
+    if kind == "pt":
+        torch.save(capture_rng(), path)
+    else:
+        write_state(path, capture_rng(), header={})
     first = (torch.rand(3), np.random.rand(3), random.random())
-    restore_rng(torch.load(path, weights_only=True))
+    restore_rng(torch.load(path, weights_only=True) if kind == "pt" else read_state(path))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 

@@ -78,6 +78,18 @@ def train_losses(output_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(output_dir) if "loss" in m]
 
 
+def as_old_trainer_state(step_dir: Path, **changes: Any) -> Path:
+    """Turn a step's trainer_state.safetensors into the trainer_state.pt an older vlbridge wrote
+    (torch.save of the same dict), with `changes` to its top-level keys."""
+    from vlbridge.train import checkpointing
+
+    state = checkpointing.load_trainer_state(step_dir)
+    (step_dir / checkpointing.TRAINER_STATE).unlink()
+    path = step_dir / checkpointing.OLD_TRAINER_STATE
+    torch.save({**state, **changes}, path)
+    return path
+
+
 def subprocess_env() -> dict[str, str]:
     """One thread and MKL's strict reproducibility mode: runs in separate processes then compute
     bit-identical numbers (MKL's results otherwise depend on memory alignment)."""

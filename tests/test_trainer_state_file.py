@@ -1,18 +1,23 @@
 """The trainer state is a safetensors file with a JSON skeleton (vlbridge.files.state_file), so a
 resume unpickles nothing: what it reads back is what the trainer saved, to the type (tuples for
-random.setstate, int keys for the optimizer) and to the bit."""
+random.setstate, int keys for the optimizer) and to the bit, and a resume from it, or from the
+trainer_state.pt of a run an older vlbridge wrote, ends as the uninterrupted run."""
 
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import vlbridge.train
+from tests.test_trainer_samples import as_old_trainer_state, config, train_losses, write_caption_data
 from vlbridge.errors import WeightsError
 from vlbridge.files.state_file import SKELETON, read_header, read_state, write_state
 from vlbridge.train import checkpointing
@@ -139,3 +144,31 @@ def test_a_damaged_or_foreign_state_file_is_named(tmp_path):
     save_file({"w": torch.ones(3)}, str(path), metadata={SKELETON: '{"tensor": "v"}'})
     with pytest.raises(WeightsError, match="names tensor 'v', which the file lacks"):
         read_state(path)
+
+
+# -- a run resumed from it --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    """A stage-1 run (dropout: the RNG states matter) of 4 steps, saved at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("state")
+    values = config(write_caption_data(root / "data", images=8), root / "whole", steps=4, save_every=2, log_every=1)
+    vlbridge.train.run(values, quiet=True)
+    return root / "whole", values
+
+
+@pytest.mark.parametrize("written_by", ["this vlbridge", "an older vlbridge"])
+def test_a_resume_from_step_2_ends_as_the_uninterrupted_run(tmp_path, run, written_by):
+    whole, values = run
+    parts = tmp_path / "parts"
+    shutil.copytree(whole, parts)
+    checkpoints = parts / checkpointing.CHECKPOINTS
+    shutil.rmtree(checkpoints / "step-4")
+    (checkpoints / checkpointing.LATEST).write_text("step-2\n")
+    if written_by == "an older vlbridge":
+        as_old_trainer_state(checkpoints / "step-2")
+    result = vlbridge.train.run({**values, "output_dir": str(parts)}, resume=True, quiet=True)
+    assert result.step == 4
+    expected, got = (load_file(run_dir / checkpointing.CHECKPOINTS / "step-4" / "connector.safetensors") for run_dir in (whole, parts))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert train_losses(parts) == train_losses(whole)
+    assert sorted(p.name for p in (checkpoints / "step-4").glob("trainer_state.*")) == [checkpointing.TRAINER_STATE]

@@ -19,7 +19,8 @@ ASSEMBLY_FILE = "assembly.yaml"
 META_FILE = "checkpoint.json"
 RUN_CHECKPOINTS = "checkpoints"  # a training run's output_dir keeps its checkpoint steps here
 LATEST = "latest"  # RUN_CHECKPOINTS/latest: a text file naming the newest complete step
-TRAINER_STATE = "trainer_state.pt"  # a run's step is complete once this is in it
+TRAINER_STATE = "trainer_state.safetensors"  # a run's step is complete once this (or OLD_TRAINER_STATE) is in it
+OLD_TRAINER_STATE = "trainer_state.pt"  # what runs wrote before trainer states were safetensors; still resumed
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 RELATIVE_PATHS = "relative_paths"  # checkpoint.json: the assembly options holding paths relative to the checkpoint
 
@@ -49,13 +50,18 @@ def resolve_relative_paths(raw: Any, directory: Path, listed: list[str]) -> Any:
     return raw
 
 
+def trainer_state_file(step_dir: Path) -> Path | None:
+    """The resume state of a step folder: ours, else an older run's .pt; None where the step is not complete."""
+    return next((step_dir / name for name in (TRAINER_STATE, OLD_TRAINER_STATE) if (step_dir / name).is_file()), None)
+
+
 def step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint of a training run, oldest first."""
     root = Path(output_dir) / RUN_CHECKPOINTS
     found = []
     for path in root.iterdir() if root.is_dir() else []:
         match = _STEP_DIR.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
+        if match and trainer_state_file(path) is not None:
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -67,12 +73,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     name = read_text(pointer, "checkpoint pointer").strip()
     path = pointer.parent / name
-    if _STEP_DIR.match(name) and (path / TRAINER_STATE).is_file():
+    if _STEP_DIR.match(name) and trainer_state_file(path) is not None:
         return path
     if not name:  # emptied (a full disk, an editor): it names no step at all, not the checkpoints folder
         found = "is empty"
     elif _STEP_DIR.match(name):
-        found = f"names {name}, which is not a complete checkpoint (no {TRAINER_STATE})"
+        found = f"names {name}, which is not a complete checkpoint (no {TRAINER_STATE}, nor an older run's {OLD_TRAINER_STATE})"
     else:
         found = f"holds {name!r}, which is not the name of a step folder (step-N)"
     raise VLBridgeError(f"{pointer} {found}; {older_checkpoint_advice(output_dir, path)}")

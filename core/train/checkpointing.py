@@ -3,11 +3,13 @@
 A step directory is a vlbridge checkpoint (`vlbridge.load(dir)` works on it: connector.safetensors
 with the connector's whole state, trained in this stage or not,
 assembly.yaml, checkpoint.json, and encoder.safetensors / lora.safetensors when fine-tuning trains
-them) plus what resuming needs: `trainer_state.pt` (optimizer, scheduler, GradScaler, every rank's
-RNG states and data position, counters) and `train.yaml` (the config).
-The trainer state holds only tensors and plain Python values, so it loads with
-`torch.load(weights_only=True)`. A directory is built under a temporary name and renamed into
-place, so a killed run leaves either a whole checkpoint or none.
+them) plus what resuming needs: `trainer_state.safetensors` (optimizer, scheduler, GradScaler, every
+rank's RNG states and data position, counters) and `train.yaml` (the config).
+The trainer state holds only tensors and plain Python values, written as safetensors with the rest
+as JSON (files.state_file), so resuming unpickles nothing. A step of a run written before that holds
+`trainer_state.pt` instead, which is still resumed, read with `torch.load(weights_only=True)`.
+A directory is built under a temporary name and renamed into place, so a killed run leaves either
+a whole checkpoint or none.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ import yaml
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text, staging_dir
 from vlbridge.files.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
-from vlbridge.files.checkpoint_paths import LATEST, RUN_CHECKPOINTS, TRAINER_STATE, latest_checkpoint, older_checkpoint_advice, step_dirs
+from vlbridge.files.checkpoint_paths import (LATEST, OLD_TRAINER_STATE, RUN_CHECKPOINTS, TRAINER_STATE, latest_checkpoint,
+                                             older_checkpoint_advice, step_dirs, trainer_state_file)
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.state_file import read_header, read_state, write_state
 from vlbridge.files.userfiles import read_text
 from vlbridge.files.weights import torch_load
 
 CHECKPOINTS = RUN_CHECKPOINTS
 CONFIG_FILE = "train.yaml"
 LOCK_FILE = ".lock"
-STATE_FORMAT, STATE_VERSION = "vlbridge-trainer-state", 1  # trainer_state.pt's "format", and the newest "version" this code reads
+STATE_FORMAT, STATE_VERSION = "vlbridge-trainer-state", 1  # the trainer state's "format", and the newest "version" this code reads
 
 
 # -- one run per output_dir ----------------------------------------------------------------------
@@ -169,7 +173,7 @@ def _save(
     try:
         write_checkpoint(staging, assembly, connector.tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")},
                          parts=parts, absent=connector.absent)
-        atomic_write(staging / TRAINER_STATE, lambda tmp: torch.save(trainer_state, tmp))
+        atomic_write(staging / TRAINER_STATE, lambda tmp: write_trainer_state(tmp, trainer_state))
         atomic_write_text(staging / CONFIG_FILE, config_yaml)
         if final.exists():  # left by a run that died before moving `latest` past it
             shutil.rmtree(final)
@@ -181,6 +185,11 @@ def _save(
     if keep_last is not None:
         prune(output_dir, keep_last)
     return final
+
+
+def write_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
+    """The resume state as safetensors, its format and version in the header (checked before decoding)."""
+    write_state(path, state, header={"format": STATE_FORMAT, "version": str(STATE_VERSION)})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -208,7 +217,7 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
 def discard(path: Path) -> None:
     """Delete a step directory by first renaming it to a staging name: a run killed midway through the
     deletion leaves a folder the next run removes (`remove_staging`), not a step-N that has lost its
-    weights but keeps trainer_state.pt, and so still counts as complete (the way on from a damaged checkpoint)."""
+    weights but keeps its trainer state, and so still counts as complete (the way on from a damaged checkpoint)."""
     doomed = path.with_name(f".{path.name}.pruned.tmp")
     try:
         os.replace(path, doomed)
@@ -226,17 +235,33 @@ def remove_staging(output_dir: str | Path) -> None:
 
 # -- reading (the run's layout itself, latest_checkpoint and step_dirs, is read in files.checkpoint_paths) ---------
 def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The resume state of a step directory (weights_only: tensors and plain values only)."""
-    path = Path(ckpt_dir) / TRAINER_STATE
-    state = torch_load(path)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    """The resume state of a step directory: its trainer_state.safetensors, or an older run's
+    trainer_state.pt (weights_only: tensors and plain values only)."""
+    path = trainer_state_file(Path(ckpt_dir))
+    if path is None:
+        raise VLBridgeError(f"{ckpt_dir} holds no trainer state ({TRAINER_STATE}, or {OLD_TRAINER_STATE} from an older "
+                            "vlbridge), so it is not a complete training checkpoint")
+    if path.name == OLD_TRAINER_STATE:
+        state = torch_load(path)
+        header = state if isinstance(state, dict) else {}
+        _check_header(path, header.get("format"), header.get("version"))
+    else:
+        header = read_header(path)
+        version = header.get("version")
+        _check_header(path, header.get("format"), int(version) if isinstance(version, str) and version.isdigit() else version)
+        state = read_state(path)
+    if not isinstance(state, dict):
+        raise VLBridgeError(f"{path} holds a {type(state).__name__}, not a vlbridge trainer state (a dict); the file was edited")
+    return state
+
+
+def _check_header(path: Path, format_: object, version: object) -> None:
+    if format_ != STATE_FORMAT:
         raise VLBridgeError(f"{path} is not a vlbridge trainer state (format {STATE_FORMAT!r})")
-    version = state.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= STATE_VERSION:
         # its layout is unknown here: reading it anyway could resume with a wrong position or die on a missing key
         raise VLBridgeError(f"{path}: trainer state version {version!r} is not one this vlbridge reads (1 to {STATE_VERSION}); "
                             "a newer vlbridge wrote it (upgrade to resume), or the file was edited")
-    return state
 
 
 def load_saved_config(ckpt_dir: str | Path) -> dict[str, Any]:
