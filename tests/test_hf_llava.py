@@ -528,3 +528,37 @@ def test_a_prompt_template_placeholder_cut_by_max_text_tokens_is_refused(llava):
         Stage2Objective(max_text_tokens=256)(model, batch)  # room for it: trains
     finally:
         model.llm.prompt_template = "USER: <image>\n{} ASSISTANT:"
+
+
+def test_processor_files_travel_as_parsed_json_through_links(llava, tmp_path):
+    """A hub cache snapshot links every file to a blob: the import follows the links, and writes the
+    processor's settings back as the JSON it parsed (a file of its own, not a link or a byte copy)."""
+    import shutil
+
+    shutil.copytree(llava[3] / "hf", tmp_path / "hf")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    source = tmp_path / "hf" / "preprocessor_config.json"
+    settings = json.loads(source.read_text())
+    source.rename(blobs / "3f1c")
+    source.symlink_to(blobs / "3f1c")
+    out = vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+    written = out / "vision" / "preprocessor_config.json"
+    assert not written.is_symlink() and json.loads(written.read_text()) == settings
+
+
+@pytest.mark.parametrize("secret", ["password: hunter2\n", '["hunter2"]'], ids=["not-json", "not-an-object"])
+def test_a_processor_file_linked_to_another_file_is_refused_and_not_copied(llava, tmp_path, secret):
+    """preprocessor_config.json was copied byte for byte, links followed: a link to a private file
+    put that file into the checkpoint (and the next `vlbridge export` or upload)."""
+    import shutil
+
+    from vlbridge.errors import InputFileError
+
+    shutil.copytree(llava[3] / "hf", tmp_path / "hf")
+    (tmp_path / "secret").write_text(secret)
+    (tmp_path / "hf" / "preprocessor_config.json").unlink()
+    (tmp_path / "hf" / "preprocessor_config.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(InputFileError, match=r"processor's settings '.*preprocessor_config.json': (malformed JSON|expected an object)"):
+        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlbridge.files.atomic import atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
+from vlbridge.files.userfiles import read_json
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.export_state import require_stage2
@@ -118,6 +120,14 @@ def _causal_lm(text_config: Any, language_model: torch.nn.Module, lm_head: torch
     return causal
 
 
+def _processor_settings(src: Path) -> dict[str, dict[str, Any]]:
+    """The processor's settings files of `src`, parsed. The import writes back only what parsed: a hub
+    cache links these files to blobs, so a link is followed, and copying the file as it was would
+    carry whatever a link points at (a key, a password file) into the checkpoint."""
+    return {name: read_json(src / name, "the LLaVA processor's settings", top=dict)
+            for name in PROCESSOR_FILES if (src / name).is_file()}
+
+
 def _image_token(tokenizer: Any, index: int) -> str:
     token = tokenizer.convert_ids_to_tokens(index)
     if not isinstance(token, str) or tokenizer(token, add_special_tokens=False)["input_ids"] != [index]:
@@ -139,6 +149,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     selection = _import_selection(config, src / "config.json")  # refuses what hf-vision cannot select, before any weight loads
     tokenizer = load_tokenizer("hf-llava", str(src), pad_from_eos=True)  # as hf-causal-lm reads it: padding is always masked
     image_token = _image_token(tokenizer, config.get("image_token_index", 32000))
+    processor = _processor_settings(src)  # a file that is not a JSON object is refused before anything is written
     if prompt_template is None:
         chat = processor_chat_template(src)
         prompt_template = LLAVA_15_TEMPLATE if chat is None else chat_prompt_template(chat, tokenizer, image_token, src)
@@ -149,9 +160,8 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     out.mkdir(parents=True, exist_ok=True)
     vision_dir, llm_dir = out / "vision", out / "llm"
     hf.model.vision_tower.save_pretrained(str(vision_dir))
-    for file in PROCESSOR_FILES:
-        if (src / file).is_file():
-            shutil.copyfile(src / file, vision_dir / file)
+    for file, settings in processor.items():  # as transformers writes them (to_json_string)
+        atomic_write_text(vision_dir / file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     _causal_lm(hf.config.text_config, hf.model.language_model, hf.lm_head).save_pretrained(str(llm_dir))
     tokenizer.save_pretrained(str(llm_dir))
     projector = hf.model.multi_modal_projector
