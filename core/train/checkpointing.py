@@ -23,15 +23,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from vlbridge.files.atomic import atomic_write, atomic_write_text, staging_dir
 from vlbridge.files.checkpoint import META_FILE, ConnectorState, ExtraPart, write_checkpoint
 from vlbridge.files.checkpoint_paths import (LATEST, OLD_TRAINER_STATE, RUN_CHECKPOINTS, TRAINER_STATE, latest_checkpoint,
                                              older_checkpoint_advice, step_dirs, trainer_state_file)
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import InputFileError, VLBridgeError
 from vlbridge.files.state_file import read_header, read_state, write_state
-from vlbridge.files.userfiles import read_text
+from vlbridge.files.userfiles import CONFIG_LIMIT, parse_yaml, read_text
 from vlbridge.files.weights import torch_load
 
 CHECKPOINTS = RUN_CHECKPOINTS
@@ -266,12 +265,12 @@ def _check_header(path: Path, format_: object, version: object) -> None:
 
 def load_saved_config(ckpt_dir: str | Path) -> dict[str, Any]:
     """The config a step directory was trained with (its train.yaml), which a resume compares with."""
-    path = Path(ckpt_dir) / CONFIG_FILE
-    text = read_text(path, "the checkpoint's training config", "YAML")
+    path, what = Path(ckpt_dir) / CONFIG_FILE, "the checkpoint's training config"
+    text = read_text(path, what, "YAML", CONFIG_LIMIT)
     try:
-        saved = yaml.safe_load(text)
-    except yaml.YAMLError:
-        saved = None
+        saved = parse_yaml(text, path, what)  # aliases checked, as in every config: a resume walks the whole of it
+    except InputFileError as exc:
+        raise VLBridgeError(f"{path} is not the training config a checkpoint saves ({exc.problem})") from None
     if not isinstance(saved, dict):
         raise VLBridgeError(f"{path} is not the training config a checkpoint saves (it is empty, cut short or not YAML)")
     return saved
