@@ -295,6 +295,22 @@ def test_the_resize_mode_is_part_of_the_encoder_identity():
     assert identity_problems(identity(old), identity(PreprocessInfo(**base, resize_mode="squash"))) == []
 
 
+def test_padding_to_a_square_is_part_of_the_encoder_identity():
+    """A cache of cropped images is stale for an encoder that pads them to squares first (LLaVA-1.5's
+    'pad'); manifests written before encoders could pad read as not padding."""
+    from vlbridge.train.cache import EncoderIdentity, PreprocessInfo, identity_problems
+
+    base = {"image_size": 28, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic", "resize_mode": "shortest"}
+
+    def identity(preprocess: PreprocessInfo) -> EncoderIdentity:
+        return EncoderIdentity(name="e", plugin="p", options={}, num_tokens=4, width=8, preprocess=preprocess, weights_sha256="0")
+
+    old = PreprocessInfo.model_validate(base)
+    padded = PreprocessInfo.model_validate_json(PreprocessInfo(**base, pad_to_square=(122, 116, 104)).model_dump_json())
+    assert identity_problems(identity(old), identity(padded)) == [
+        "preprocessing pad_to_square: None in the cache, (122, 116, 104) now"]
+
+
 def _missing_encoder_weights(tmp_path: Path) -> dict[str, Any]:
     """tiny-qformer-opt with its encoder pointed at weights that do not exist."""
     return {"name": "missing-encoder", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny", "pretrained": str(tmp_path / "no-vit")}},

@@ -84,6 +84,17 @@ def test_train_crop_covers_at_least_half_the_image():
         assert pixels.min() < 0.1 and pixels.max() > 0.9
 
 
+def test_train_transform_pads_to_a_square_where_the_encoder_does():
+    """An encoder that pads images to squares for eval (LLaVA-1.5's 'pad') trained on crops of the bare
+    image. A white 64 x 8 strip padded to 64 x 64 is mostly padding: any crop of half its area holds some."""
+    picture = image(0, size=(64, 8)).point(lambda _: 255)
+    transform = train_transform(Preprocess(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear", pad_to_square=(0, 0, 0)))
+    torch.manual_seed(0)
+    for _ in range(10):
+        pixels = transform(picture)
+        assert pixels.min() < 0.1 and pixels.max() > 0.9
+
+
 # -- datasets, skipping and collate ------------------------------------------------------------
 def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
     files = coco_karpathy(tmp_path, broken=True)

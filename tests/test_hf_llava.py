@@ -448,16 +448,30 @@ def test_a_config_without_a_part_is_refused_before_anything_loads(tmp_path, monk
         vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
 
 
-def test_an_image_processor_that_pads_to_a_square_is_refused(tmp_path):
+def test_a_llava_whose_image_processor_pads_to_a_square_imports_and_exports_with_its_pixels(tmp_path):
     """LlavaImageProcessor with do_pad pads a non-square image to a square before resizing (LLaVA-1.5's
-    'pad'); the import ignored do_pad and centre-cropped, so such images reached the tower cropped."""
-    from transformers import LlavaImageProcessor
+    'pad'); the import refused it. Now the imported model reads transformers' pixels from wide, tall and
+    square images, and its export's processor pads as it came."""
+    from transformers import LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor
 
-    make_llava(tmp_path / "hf")
+    from tests.processor_check import assert_processor_matches
+
+    make_llava(tmp_path / "hf", seed=10)
     LlavaImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
                         do_pad=True).save_pretrained(str(tmp_path / "hf"))
-    with pytest.raises(VLBridgeError, match="pads each image to a square \\(do_pad true\\)"):
-        vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    assert model.plan.preprocess.pad_to_square == (122, 116, 104)  # int(CLIP mean * 255)
+    source = LlavaProcessor.from_pretrained(str(tmp_path / "hf"), patch_size=PATCH, vision_feature_select_strategy="default",
+                                            num_additional_image_tokens=1)
+    for seed, shape in enumerate([(30, 41), (41, 30), (30, 44), (57, 20), (20, 20)]):  # odd and even margins, a square
+        image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        theirs = source(images=[image], text=["<image>"], return_tensors="pt").pixel_values  # torchvision resizes both
+        torch.testing.assert_close(model.pixel_values([image]), theirs, atol=1e-5, rtol=0)
+    out = vlbridge.export_hf_llava(model, tmp_path / "exported")
+    processor = LlavaProcessor.from_pretrained(str(out))
+    assert type(processor.image_processor).__name__ == "LlavaImageProcessor" and processor.image_processor.do_pad
+    assert_processor_matches(model, processor, LlavaForConditionalGeneration.from_pretrained(str(out)).eval(), PROMPTS[0],
+                             hf_prompt=model.llm.format_prompt(PROMPTS[0]))
 
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% for content in message['content'] | "

@@ -193,6 +193,47 @@ def test_the_eval_transform_follows_the_processors_rescaling(rescale):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
+PAD_SHAPES = [(30, 41), (41, 30), (30, 44), (57, 20), (20, 20)]  # wide, tall (odd margins), wide (even), tall, square
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+@pytest.mark.parametrize("resize", [28, 32])  # 32: a centre crop of 28 after the resize
+def test_the_eval_transform_pads_to_a_square_as_llava_image_processor(backend, resize):
+    """LlavaImageProcessor(do_pad=True) pads the shorter side with int(image_mean * 255) (122, 116, 104 for
+    CLIP's mean, where rounding would give 123), the image centred and an odd margin's extra pixel after it,
+    then resizes and crops; vlbridge refused such processors. Equal pixels wherever both resize alike:
+    uint8 tensors against transformers' torchvision backend, PIL images against its PIL backend."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from vlbridge.parts.images import to_pixel_batch
+    from vlbridge.plugins.encoders.hf_vision_configs import processor_preprocess
+
+    cls = transformers.LlavaImageProcessor if backend == "torchvision" else LlavaImageProcessorPil
+    built = cls(size={"shortest_edge": resize}, crop_size={"height": 28, "width": 28}, do_pad=True)
+    preprocess = processor_preprocess(built.to_dict(), "processor")
+    assert preprocess.pad_to_square == (122, 116, 104)
+    for seed, shape in enumerate(PAD_SHAPES):
+        array = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+        image = Image.fromarray(array) if backend == "pil" else torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        theirs = torch.as_tensor(np.asarray(built(image, return_tensors="np")["pixel_values"][0]))
+        torch.testing.assert_close(to_pixel_batch(image, preprocess)[0], theirs, atol=1e-5, rtol=0)
+
+
+def test_only_llavas_padding_is_followed():
+    """Other image processors' do_pad pads the batch after cropping, which vlbridge does not do."""
+    from vlbridge.plugins.encoders.hf_vision_configs import processor_preprocess
+
+    clip = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).to_dict()
+    with pytest.raises(ValueError, match="pads \\(do_pad true\\) as CLIPImageProcessor does; vlbridge follows only LlavaImageProcessor"):
+        processor_preprocess({**clip, "do_pad": True}, "processor")
+    llava = {**clip, "do_pad": True, "image_processor_type": "LlavaImageProcessor", "image_mean": [0.5, 0.2, 1.0]}
+    assert processor_preprocess(llava, "processor").pad_to_square == (127, 51, 255)
+    with pytest.raises(ValueError, match="pad_to_square must be None or an RGB colour, three whole numbers from 0 to 255"):
+        Preprocess(28, CLIP_MEAN, CLIP_STD, pad_to_square=(0, 0, 256))
+
+
 def test_known_towers_validate_offline():
     assert hf_vision.output(HFVisionOptions()) == TokenShape(577, 1024)  # LLaVA-1.5's CLIP ViT-L/14-336
     assert hf_vision.output(HFVisionOptions(variant="siglip-so400m")) == TokenShape(729, 1152)  # 384 px, 27 x 27 patches
@@ -374,9 +415,9 @@ def test_counting_imports_no_torch(towers, tmp_path):
 def test_an_exported_clip_processor_refuses_a_torchvision_crop():
     """CLIPImageProcessor can only floor the crop's offset; a 'round' crop would go out one pixel off."""
     from vlbridge.errors import VLBridgeError
-    from vlbridge.interop.hf_processor import clip_image_processor
+    from vlbridge.interop.hf_processor import llava_image_processor
 
-    floor = clip_image_processor(Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="floor"))
+    floor = llava_image_processor(Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="floor"))
     assert floor.crop_size == {"height": 28, "width": 28}
     with pytest.raises(VLBridgeError, match="one pixel apart"):
-        clip_image_processor(Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="round"))
+        llava_image_processor(Preprocess(28, CLIP_MEAN, CLIP_STD, "bicubic", "shortest", crop_offset="round"))

@@ -83,9 +83,12 @@ class Plan:
 
 def _crop(p: Preprocess) -> str:
     """How the eval transform gets to S x S, when it is not a plain squash."""
+    pad = "padded to a square, " if p.pad_to_square is not None else ""
     if p.resize_mode == "shortest":
-        return f" (shorter side to {p.resize_size or p.image_size}, centre crop)"
-    return f" (squashed to {p.resize_size}, centre crop)" if p.resize_size not in (None, p.image_size) else ""
+        return f" ({pad}shorter side to {p.resize_size or p.image_size}, centre crop)"
+    if p.resize_size not in (None, p.image_size):
+        return f" ({pad}squashed to {p.resize_size}, centre crop)"
+    return f" ({pad.removesuffix(', ')})" if pad else ""
 
 
 def count_text(n: int | None, exact: bool = True) -> str:

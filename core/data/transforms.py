@@ -3,7 +3,8 @@
 Eval is `vlbridge.parts.images.eval_transform` itself (resize to (S, S) or centre-crop, normalise), so training-time
 evaluation and `vlbridge.parts.images` can never disagree. Train is BLIP-2's `blip2_image_train`:
 RandomResizedCrop(S, scale=(0.5, 1.0)) with the encoder's interpolation, a random horizontal flip,
-then the same scaling and normalisation. Randomness comes from torch's generator (seed it).
+then the same scaling and normalisation; an encoder that pads to a square pads first, as its eval does.
+Randomness comes from torch's generator (seed it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torchvision.transforms import v2 as T
 
 from vlbridge.data.records import DataError, ImageRef
 from vlbridge.errors import VLBridgeError
-from vlbridge.parts.images import eval_transform, interpolation_mode, load_image, to_rgb, truncated_files_refused
+from vlbridge.parts.images import (eval_transform, interpolation_mode, load_image, square_padding, to_rgb,
+                                   truncated_files_refused)
 from vlbridge.plugin.specs import Preprocess
 
 __all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
@@ -29,6 +31,7 @@ def train_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Ten
     """PIL image -> randomly cropped, maybe flipped, normalised float `(3, S, S)`."""
     size = preprocess.image_size
     return T.Compose([
+        *square_padding(preprocess),  # an encoder that pads for eval (LLaVA-1.5's 'pad') trains on padded images too
         T.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, interpolation=interpolation_mode(preprocess), antialias=True),
         T.RandomHorizontalFlip(),
         T.ToImage(),

@@ -35,7 +35,7 @@ from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.export_state import require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
-from vlbridge.interop.hf_processor import clip_image_processor, write_export
+from vlbridge.interop.hf_processor import llava_image_processor, write_export
 
 LLAVA_15_TEMPLATE = "USER: <image>\n{} ASSISTANT:"  # LLaVA-1.5's conversation format (llava-hf's chat template renders it)
 SELECT_STRATEGIES = {"default": False, "full": True}  # -> include_cls
@@ -234,7 +234,7 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     hf.tie_weights()
     hf.eval()
     settle("transformers' LLaVA", differences, lambda: _probe_difference(model, hf), allow_approximate)
-    processor = LlavaProcessor(clip_image_processor(plan.preprocess), llm.tokenizer, patch_size=tower.config.patch_size,
+    processor = LlavaProcessor(llava_image_processor(plan.preprocess), llm.tokenizer, patch_size=tower.config.patch_size,
                                vision_feature_select_strategy=strategy, image_token=model.assembly.llm.options.image_token,
                                num_additional_image_tokens=prefix)  # the tower's tokens before its patches
     return write_export(out_dir, hf, processor)

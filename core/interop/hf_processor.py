@@ -21,6 +21,9 @@ def blip_image_processor(preprocess: Preprocess) -> Any:
     """BLIP-2's image processor (resize straight to S x S, no crop) for `preprocess`."""
     from transformers import BlipImageProcessor
 
+    if preprocess.pad_to_square is not None:
+        raise VLBridgeError("BLIP-2's image processor cannot pad images to squares, and this encoder pads them first "
+                            f"(with {preprocess.pad_to_square}); it has no exact BLIP-2 image processor")
     if preprocess.resize_mode != "squash" or preprocess.resize_size is not None:
         raise VLBridgeError(f"BLIP-2's image processor resizes straight to {preprocess.image_size} x {preprocess.image_size}; "
                             f"this encoder resizes ({preprocess.resize_mode}, to {preprocess.resize_size}) and centre-crops, "
@@ -30,10 +33,11 @@ def blip_image_processor(preprocess: Preprocess) -> Any:
                               image_std=list(preprocess.std), do_convert_rgb=True)
 
 
-def clip_image_processor(preprocess: Preprocess) -> Any:
-    """CLIP's image processor (LLaVA's) for `preprocess`: the shorter side or both sides resized, then
-    a centre crop to S x S."""
-    from transformers import CLIPImageProcessor
+def llava_image_processor(preprocess: Preprocess) -> Any:
+    """LLaVA's image processor for `preprocess`: the shorter side or both sides resized, then a centre
+    crop to S x S. CLIP's (as llava-hf ships), or LlavaImageProcessor with do_pad where the encoder
+    pads to a square first; that one pads with its image_mean, so the two colours must agree."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
 
     size, target = preprocess.image_size, preprocess.resize_size or preprocess.image_size
     if (preprocess.resize_mode == "shortest" or target != size) and preprocess.crop_offset != "floor":
@@ -41,9 +45,16 @@ def clip_image_processor(preprocess: Preprocess) -> Any:
                             f"crop places an odd margin by {preprocess.crop_offset!r} (torchvision's), one pixel apart, "
                             "which the processor cannot express")
     resize = {"shortest_edge": target} if preprocess.resize_mode == "shortest" else {"height": target, "width": target}
-    return CLIPImageProcessor(size=resize, crop_size={"height": size, "width": size}, do_center_crop=True,
-                              resample=RESAMPLE[preprocess.interpolation], image_mean=list(preprocess.mean),
-                              image_std=list(preprocess.std), do_convert_rgb=True)
+    settings = dict(size=resize, crop_size={"height": size, "width": size}, do_center_crop=True,
+                    resample=RESAMPLE[preprocess.interpolation], image_mean=list(preprocess.mean),
+                    image_std=list(preprocess.std), do_convert_rgb=True)
+    if preprocess.pad_to_square is None:
+        return CLIPImageProcessor(**settings)
+    mean_fill = tuple(int(m * 255) for m in preprocess.mean)  # LlavaImageProcessor's padding colour
+    if mean_fill != preprocess.pad_to_square:
+        raise VLBridgeError(f"transformers' LlavaImageProcessor pads to a square with its image_mean in 8-bit levels, {mean_fill} "
+                            f"here; this encoder pads with {preprocess.pad_to_square}, which the processor cannot express")
+    return LlavaImageProcessor(**settings, do_pad=True)
 
 
 def save_processor(processor: Any, out: Path) -> None:

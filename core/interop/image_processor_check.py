@@ -49,10 +49,11 @@ def _differences(theirs: Preprocess, ours: Preprocess) -> list[str]:
 
 
 def _resize(pre: Preprocess) -> str:
-    """The geometry of a preprocessing, in words: what is resized to what, and the crop."""
+    """The geometry of a preprocessing, in words: the padding, what is resized to what, and the crop."""
     target = pre.resize_size or pre.image_size
+    pad = "" if pre.pad_to_square is None else f"padded to a square with {pre.pad_to_square}, then "
     if pre.resize_mode == "squash" and target == pre.image_size:
-        return f"to {pre.image_size} x {pre.image_size}"
+        return f"{pad}to {pre.image_size} x {pre.image_size}"
     side = f"both sides to {target}" if pre.resize_mode == "squash" else f"the shorter side to {target}"
-    return f"{side}, then a centre crop of {pre.image_size}"
+    return f"{pad}{side}, then a centre crop of {pre.image_size}"
 

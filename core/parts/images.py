@@ -109,15 +109,39 @@ def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tens
 
 
 def _resize_and_crop(preprocess: Preprocess) -> list[Callable]:
-    """'squash': resize to (R, R); 'shortest': shorter side to R. Then centre-crop (S, S) unless already so.
-    (Preprocess refuses any other resize_mode or crop_offset when it is made.)"""
+    """Padded to a square first if asked; then 'squash': resize to (R, R); 'shortest': shorter side to R.
+    Then centre-crop (S, S) unless already so. (Preprocess refuses any other resize_mode or crop_offset
+    when it is made.)"""
     size, mode = preprocess.image_size, preprocess.resize_mode
     target = preprocess.resize_size or size
-    steps: list[Callable] = [T.Resize((target, target) if mode == "squash" else target, interpolation=interpolation_mode(preprocess),
-                                      antialias=True)]
+    steps: list[Callable] = square_padding(preprocess)
+    steps.append(T.Resize((target, target) if mode == "squash" else target, interpolation=interpolation_mode(preprocess),
+                          antialias=True))
     if mode == "shortest" or target != size:
         steps.append(T.CenterCrop(size) if preprocess.crop_offset == "round" else FloorCenterCrop(size))
     return steps
+
+
+def square_padding(preprocess: Preprocess) -> list[Callable]:
+    """[PadToSquare] where the encoder pads images to squares before anything else, else []."""
+    return [] if preprocess.pad_to_square is None else [PadToSquare(preprocess.pad_to_square)]
+
+
+class PadToSquare:
+    """Pad the shorter side with one colour until the image is square, the image centred and an odd
+    margin's extra pixel after it (right or bottom): LLaVA-1.5's expand2square, as transformers'
+    LlavaImageProcessor(do_pad=True) places it."""
+
+    def __init__(self, fill: tuple[int, int, int]) -> None:
+        self.fill = list(fill)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        height, width = TF.get_size(image)
+        if height == width:
+            return image
+        side = max(height, width)
+        left, top = (side - width) // 2, (side - height) // 2
+        return TF.pad(image, [left, top, side - width - left, side - height - top], fill=self.fill)
 
 
 class FloorCenterCrop:

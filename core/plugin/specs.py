@@ -54,6 +54,9 @@ class Preprocess:
     DINOv2's). `resize_size` None means `image_size`, so the default squashes to S x S, no crop.
     `crop_offset` places an odd margin's extra pixel: 'round' as torchvision's CenterCrop (open_clip,
     LAVIS), 'floor' as transformers' image processors (top = (H - S) // 2); they differ by one pixel.
+    `pad_to_square`, an RGB colour (0..255 each), first pads the shorter side to a square with it,
+    the image centred (an odd margin's extra pixel after it): LLaVA-1.5's 'pad', LlavaImageProcessor's
+    do_pad, so that nothing of a wide or tall image is cropped away. None: no padding.
     """
 
     image_size: int
@@ -63,6 +66,7 @@ class Preprocess:
     resize_mode: Literal["squash", "shortest"] = "squash"
     resize_size: int | None = None
     crop_offset: Literal["round", "floor"] = "round"
+    pad_to_square: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         for field, allowed in (("interpolation", ("bicubic", "bilinear")), ("resize_mode", ("squash", "shortest")),
@@ -74,6 +78,12 @@ class Preprocess:
             if not (isinstance(values, (tuple, list)) and len(values) == 3
                     and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):  # numpy floats too
                 raise ValueError(f"{field} must be three numbers (R, G, B, for pixels in [0, 1]); got {values!r}")
+        fill = self.pad_to_square
+        if fill is not None:
+            if not (isinstance(fill, (tuple, list)) and len(fill) == 3
+                    and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= 255 for v in fill)):
+                raise ValueError(f"pad_to_square must be None or an RGB colour, three whole numbers from 0 to 255; got {fill!r}")
+            object.__setattr__(self, "pad_to_square", tuple(int(v) for v in fill))  # numpy ints and lists: plain, hashable
         if not all(v > 0 for v in self.std):
             raise ValueError(f"std {tuple(self.std)} must be positive in each channel (it divides the pixels)")
         if self.resize_size is not None and self.resize_size < self.image_size:

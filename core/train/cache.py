@@ -64,8 +64,9 @@ class PreprocessInfo(Strict):
     resize_mode: str = "squash"  # absent from manifests written before centre-cropping encoders existed
     resize_size: int | None = None
     crop_offset: str = "round"  # absent from manifests written before transformers' floor crop was followed
-    transform: Literal["eval"] = Field("eval", description="resize (squash, or shortest side then centre-crop) to "
-                                       "image_size x image_size and normalise; no augmentation")
+    pad_to_square: tuple[int, int, int] | None = None  # absent from manifests written before encoders could pad
+    transform: Literal["eval"] = Field("eval", description="pad to a square (with pad_to_square), resize (squash, or "
+                                       "shortest side then centre-crop) to image_size x image_size and normalise; no augmentation")
 
 
 class EncoderIdentity(Strict):
@@ -168,7 +169,8 @@ def encoder_identity(assembly: "Assembly", weights: str) -> EncoderIdentity:
         name=plan.encoder.name, plugin=plan.encoder.plugin, options=dict(plan.encoder.options),
         num_tokens=plan.encoder_out.num_tokens, width=plan.encoder_out.width,
         preprocess=PreprocessInfo(image_size=p.image_size, mean=p.mean, std=p.std, interpolation=p.interpolation,
-                                  resize_mode=p.resize_mode, resize_size=p.resize_size, crop_offset=p.crop_offset),
+                                  resize_mode=p.resize_mode, resize_size=p.resize_size, crop_offset=p.crop_offset,
+                                  pad_to_square=p.pad_to_square),
         weights_sha256=weights,
     )
 
@@ -222,7 +224,7 @@ def identity_problems(cached: EncoderIdentity, current: EncoderIdentity, *, weig
                 for key in sorted({*cached.options, *current.options}) if cached.options.get(key) != current.options.get(key)]
     if (cached.num_tokens, cached.width) != (current.num_tokens, current.width):
         problems.append(f"encoder output: {cached.num_tokens} tokens x {cached.width} in the cache, {current.num_tokens} x {current.width} now")
-    for field in ("image_size", "mean", "std", "interpolation", "resize_mode", "resize_size", "crop_offset"):
+    for field in ("image_size", "mean", "std", "interpolation", "resize_mode", "resize_size", "crop_offset", "pad_to_square"):
         was, now = getattr(cached.preprocess, field), getattr(current.preprocess, field)
         if was != now:
             problems.append(f"preprocessing {field}: {was} in the cache, {now} now")

@@ -11,7 +11,7 @@ prefix tokens they have and the directory has a preprocessor_config.json.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -177,10 +177,7 @@ def processor_preprocess(processor: dict[str, Any], where: str) -> Preprocess:
     """A `preprocessor_config.json` as vlbridge's Preprocess; ValueError for what the eval transform cannot do."""
     if processor.get("do_resize", True) is False:
         raise ValueError(f"{where}: the image processor does not resize (do_resize false); vlbridge needs a fixed square input")
-    if processor.get("do_pad", False) is True:  # LlavaImageProcessor pads to a square (LLaVA-1.5's 'pad') before resizing
-        raise ValueError(f"{where}: the image processor pads each image to a square (do_pad true) before resizing; vlbridge "
-                         "resizes and centre-crops without padding, so non-square images would reach the tower cropped. "
-                         "Pad images to squares yourself and save the processor with do_pad false to use it")
+    pad = _square_fill(processor, where)
     crop = bool(processor.get("do_center_crop", False))
     mode, target = _resize(processor.get("size"), crop, where)
     size = _square(processor.get("crop_size"), where, "crop_size") if crop else target
@@ -196,7 +193,23 @@ def processor_preprocess(processor: dict[str, Any], where: str) -> Preprocess:
     mean, std = _rescaled_normalisation(processor, mean, std, where)
     if target < size:
         raise ValueError(f"{where}: the image processor resizes to {target} but crops {size}")
-    return Preprocess(size, mean, std, RESAMPLE[resample], mode, target if target != size else None, crop_offset="floor")
+    return Preprocess(size, mean, std, RESAMPLE[resample], mode, target if target != size else None, crop_offset="floor",
+                      pad_to_square=pad)
+
+
+def _square_fill(processor: dict[str, Any], where: str) -> tuple[int, int, int] | None:
+    """The colour a LlavaImageProcessor with do_pad pads each image to a square with, before it resizes
+    (LLaVA-1.5's 'pad'): image_mean in 8-bit levels, truncated as transformers computes it (int(m * 255));
+    None without do_pad. Other processors' do_pad pads the batch after cropping, which vlbridge does not do."""
+    if processor.get("do_pad", False) is not True:
+        return None
+    kind = str(processor.get("image_processor_type", ""))
+    if not kind.startswith("LlavaImageProcessor"):
+        raise ValueError(f"{where}: the image processor pads (do_pad true) as {kind or 'an unnamed image processor'} does; "
+                         "vlbridge follows only LlavaImageProcessor's padding to a square before the resize. Save the "
+                         "processor with do_pad false, or as a LlavaImageProcessor if it pads to a square")
+    mean = _rgb(processor.get("image_mean", list(CLIP_MEAN)), where, "image_mean")  # LlavaImageProcessor's default
+    return (int(mean[0] * 255), int(mean[1] * 255), int(mean[2] * 255))
 
 
 def _rescaled_normalisation(processor: dict[str, Any], mean: tuple[float, float, float], std: tuple[float, float, float],
@@ -258,5 +271,4 @@ def rescaled(preprocess: Preprocess, image_size: int) -> Preprocess:
     if image_size == preprocess.image_size:
         return preprocess
     target = None if preprocess.resize_size is None else round(preprocess.resize_size * image_size / preprocess.image_size)
-    return Preprocess(image_size, preprocess.mean, preprocess.std, preprocess.interpolation, preprocess.resize_mode,
-                      target if target != image_size else None, crop_offset=preprocess.crop_offset)
+    return replace(preprocess, image_size=image_size, resize_size=target if target != image_size else None)
