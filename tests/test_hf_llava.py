@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_cli_import_and_export(llava, tmp_path, capsys):
     _, _, _, root = llava
     assert main(["import", "hf-llava", str(root / "hf"), str(tmp_path / "ckpt")]) == 0
     assert main(["export", "hf-llava", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
-    assert (tmp_path / "back" / "config.json").is_file()
+    assert (tmp_path / "back" / "config.json").is_file() and (tmp_path / "back" / "chat_template.jinja").is_file()
     assert main(["import", "hf-llava", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
@@ -576,3 +577,84 @@ def test_a_processor_file_linked_to_another_file_is_refused_and_not_copied(llava
     with pytest.raises(InputFileError, match=r"processor's settings '.*preprocessor_config.json': (malformed JSON|expected an object)"):
         vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _turn(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("source", [None, "chat_template.json", "chat_template.jinja"])
+def test_the_export_ships_a_chat_template_that_words_prompts_as_vlbridge(tmp_path, source):
+    """The export wrote no chat template, so LlavaProcessor.apply_chat_template failed on it. It carries
+    the one the LLaVA was imported with (a legacy chat_template.json too, which the tokenizer does not
+    read), or, with none, one that words one image and one text as vlbridge does (LLaVA-1.5's here)."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from tests.processor_check import assert_processor_matches
+
+    make_llava(tmp_path / "hf", seed=11)
+    if source is not None:
+        LlavaProcessor.from_pretrained(str(tmp_path / "hf"), patch_size=PATCH, vision_feature_select_strategy="default",
+                                       num_additional_image_tokens=1, chat_template=CHATML).save_pretrained(str(tmp_path / "hf"))
+        if source == "chat_template.json":  # as older transformers saved it
+            (tmp_path / "hf" / "chat_template.jinja").unlink()
+            (tmp_path / "hf" / "chat_template.json").write_text(json.dumps({"chat_template": CHATML}))
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    out = vlbridge.export_hf_llava(model, tmp_path / "exported")
+    processor = LlavaProcessor.from_pretrained(str(out))
+    text = processor.apply_chat_template(_turn(PROMPTS[0]), add_generation_prompt=True)
+    assert text == model.llm.format_prompt(PROMPTS[0])
+    assert text == ("USER: <image>\nwhat is it? ASSISTANT:" if source is None else
+                    "<|im_start|>user\n<image>\nwhat is it?<|im_end|>\n<|im_start|>assistant\n")
+    if source is not None:
+        assert processor.chat_template == CHATML  # the model's own conversation format, more turns included
+    assert_processor_matches(model, processor, LlavaForConditionalGeneration.from_pretrained(str(out)).eval(), PROMPTS[0],
+                             hf_prompt=text)
+
+
+def test_a_chat_template_that_words_prompts_otherwise_is_replaced_and_said_so(tmp_path):
+    """An import with its own --prompt-template words prompts otherwise than the LLaVA's chat template:
+    shipping that template would prompt the export otherwise than vlbridge does."""
+    from transformers import LlavaProcessor
+
+    from vlbridge.interop.export_fidelity import LeftOutOfExportWarning
+
+    make_llava(tmp_path / "hf", seed=12)
+    LlavaProcessor.from_pretrained(str(tmp_path / "hf"), patch_size=PATCH, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=CHATML).save_pretrained(str(tmp_path / "hf"))
+    template = 'Q: "{{x}}" <image>\n{} A:'  # quotes and literal braces, which the made template must keep
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported", prompt_template=template))
+    with pytest.warns(LeftOutOfExportWarning, match="the language model's chat template, which words one image and one text "
+                                                    "otherwise than this model's prompts"):
+        out = vlbridge.export_hf_llava(model, tmp_path / "exported")
+    processor = LlavaProcessor.from_pretrained(str(out))
+    assert processor.apply_chat_template(_turn("why {not}?"), add_generation_prompt=True) == 'Q: "{x}" <image>\nwhy {not}? A:'
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_model_trained_in_vlbridge_exports_the_chat_template_of_its_prompts(tmp_path, chat):
+    """A model built in vlbridge has a prompt template (or its tokenizer's text chat template), not a
+    multimodal chat template: the export makes one that words one user turn as vlbridge does, and
+    refuses, by name, what vlbridge's prompt has no place for (a system message, more turns)."""
+    from jinja2.exceptions import TemplateError
+    from transformers import LlavaProcessor
+
+    from tests.hf_families import make_llm_dir
+
+    make_llm_dir(tmp_path / "llama", "llama", chat=chat)
+    assembly = _llava_assembly(tmp_path / "clip", tmp_path / "llama")
+    if chat:
+        assembly["llm"]["options"].update(prompt_format="chat", prompt_template="<image>\n{}")
+    model = vlbridge.build(assembly, stage=2).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = vlbridge.export_hf_llava(model, tmp_path / "out")
+    left_out = [w for w in caught if "chat template" in str(w.message)]
+    assert len(left_out) == chat  # the tokenizer's own text template, which takes no image, is not shipped
+    processor = LlavaProcessor.from_pretrained(str(out))
+    text = processor.apply_chat_template(_turn(PROMPTS[1]), add_generation_prompt=True)
+    assert text == model.llm.format_prompt(PROMPTS[1])
+    assert text == ("</s>USER: <image>\nhow many red things are there in the picture?\nASSISTANT:" if chat else
+                    "USER: <image>\nhow many red things are there in the picture? ASSISTANT:")
+    with pytest.raises(TemplateError, match="give one user message with at most one image and its text \\(no system message"):
+        processor.apply_chat_template([{"role": "system", "content": "be brief"}, *_turn(PROMPTS[0])])

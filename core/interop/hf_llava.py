@@ -150,8 +150,10 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     tokenizer = load_tokenizer("hf-llava", str(src), pad_from_eos=True)  # as hf-causal-lm reads it: padding is always masked
     image_token = _image_token(tokenizer, config.get("image_token_index", 32000))
     processor = _processor_settings(src)  # a file that is not a JSON object is refused before anything is written
+    chat = processor_chat_template(src)
+    if chat is not None:  # the LLM's tokenizer keeps it, whichever file held it, for the export's processor
+        tokenizer.chat_template = chat
     if prompt_template is None:
-        chat = processor_chat_template(src)
         prompt_template = LLAVA_15_TEMPLATE if chat is None else chat_prompt_template(chat, tokenizer, image_token, src)
     elif "<image>" not in prompt_template and image_token not in prompt_template:  # visual tokens would go before BOS
         raise VLBridgeError(f"prompt_template {prompt_template!r} has no '<image>': LLaVA reads its visual tokens where the "
@@ -185,9 +187,11 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
 def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = False) -> Path:
     """Write a built hf-vision + mlp (depth 2, GELU) + hf-causal-lm model as a transformers
     LlavaForConditionalGeneration directory (weights, config, and the LlavaProcessor: tokenizer with
-    its image token, image processor). A model LLaVA cannot hold exactly is refused unless
-    `allow_approximate` (vlbridge.interop.export_fidelity)."""
+    its image token, image processor, a chat template that words prompts as vlbridge does). A model
+    LLaVA cannot hold exactly is refused unless `allow_approximate` (vlbridge.interop.export_fidelity)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from vlbridge.interop.llava_prompt import export_chat_template
 
     plan = model.plan
     connector = model.assembly.connector.options
@@ -236,7 +240,8 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     settle("transformers' LLaVA", differences, lambda: _probe_difference(model, hf), allow_approximate)
     processor = LlavaProcessor(llava_image_processor(plan.preprocess), llm.tokenizer, patch_size=tower.config.patch_size,
                                vision_feature_select_strategy=strategy, image_token=model.assembly.llm.options.image_token,
-                               num_additional_image_tokens=prefix)  # the tower's tokens before its patches
+                               num_additional_image_tokens=prefix,  # the tower's tokens before its patches
+                               chat_template=export_chat_template(llm))  # apply_chat_template words prompts as vlbridge
     return write_export(out_dir, hf, processor)
 
 
