@@ -259,3 +259,45 @@ def test_an_imported_model_reads_an_instruction_longer_than_128_tokens_whole(tmp
         expected = reference(pixel_values=pixels, input_ids=ids, attention_mask=mask, **qformer).logits
         torch.testing.assert_close(model(pixels, text.input_ids, text.attention_mask, instructions=instruction).logits,
                                    expected, atol=1e-4, rtol=0)
+
+
+def _exportable_aware(**qformer):
+    """A tiny instruction-aware BLIP-2 that transformers' InstructBLIP holds exactly (the tiny preset's ln_vision)."""
+    from vlbridge.plugin.resources import presets
+
+    raw = {**presets()["tiny-qformer-opt"], "name": "aware-export"}
+    raw["connector"] = {"use": "qformer", "options": {**raw["connector"]["options"], "instruction_aware": True, **qformer}}
+    return raw
+
+
+def test_the_exported_processor_cuts_a_long_instruction_where_vlbridge_does(tmp_path):
+    """vlbridge reads at most max_instruction_tokens of an instruction; the export's InstructBlipProcessor
+    cut nothing, so transformers' model read the whole instruction and computed other queries. Now the
+    processor cuts at the same length by default, generates vlbridge's tokens, and the export imports
+    back with the same cut."""
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from tests.processor_check import assert_processor_matches
+
+    torch.manual_seed(0)
+    model = vlbridge.build(_exportable_aware(max_instruction_tokens=8), stage=2).eval()
+    hf_tiny.redraw(model, seed=0)  # wider weights: the generated tokens follow the queries (and so the instruction)
+    instruction = "how many red circles and blue squares are there on the left of the yellow star?"
+    assert len(model.connector.tokenizer(instruction).input_ids) > 8
+    out = vlbridge.export_hf_instructblip(model, tmp_path / "out")
+    processor = InstructBlipProcessor.from_pretrained(str(out))
+    assert processor(text=instruction)["qformer_input_ids"][0] == model.connector.tokenize_instructions([instruction])[0][0].tolist()
+    assert_processor_matches(model, processor, InstructBlipForConditionalGeneration.from_pretrained(str(out)).eval(), instruction)
+    long = processor(text=instruction * 4)  # the LLM's prompt is not cut: its tokenizer has no limit
+    assert long["input_ids"][0] == model.llm.tokenizer(instruction * 4).input_ids and len(long["qformer_input_ids"][0]) == 8
+    assert vlbridge.load(vlbridge.import_hf_instructblip(out, tmp_path / "again")).connector.instruction_limit == 8
+
+
+def test_an_llm_tokenizer_with_a_length_limit_is_named_in_a_note(tmp_path):
+    """Truncating by default cuts the LLM's prompt at its tokenizer's model_max_length too (FlanT5's 512)."""
+    from vlbridge.interop.export_fidelity import LeftOutOfExportWarning
+
+    model = vlbridge.build(_exportable_aware(), stage=2)
+    model.llm.tokenizer.model_max_length = 40
+    with pytest.warns(LeftOutOfExportWarning, match="cuts a prompt longer than the LLM tokenizer's model_max_length 40 tokens"):
+        vlbridge.export_hf_instructblip(model, tmp_path / "out")

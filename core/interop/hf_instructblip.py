@@ -28,6 +28,7 @@ from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import settle, warn_left_out
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
+from vlbridge.interop.instruction_cut import instruction_tokenizer, processor_instruction_cut, truncating_by_default
 from vlbridge.files.weights import read_hf_directory
 
 QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the BERT tokenizer
@@ -60,8 +61,10 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     _copy_tokenizer(tokenizer_src, tokenizer_dir, "the Q-Former (a BERT tokenizer)")
     connector = connector_options(config, str(tokenizer_dir.resolve()))
     connector["instruction_aware"] = True
-    # transformers' InstructBlipProcessor does not cut the instruction (LAVIS cuts at 128): only the positions limit it
-    connector["max_instruction_tokens"] = connector["max_text_positions"]
+    # transformers' InstructBlipProcessor cuts the instruction only where its saved tokenizers say so (an export
+    # of ours does; LAVIS cuts at 128): elsewhere only the positions limit it
+    cut = processor_instruction_cut(src)
+    connector["max_instruction_tokens"] = min(cut or connector["max_text_positions"], connector["max_text_positions"])
     assembly = {
         "name": name or src.name,
         "description": f"imported from transformers InstructBlipForConditionalGeneration at {src}",
@@ -78,7 +81,8 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     """Write a built eva-vit-g + instruction-aware qformer + LLM model as a transformers
     InstructBlipForConditionalGeneration directory (weights, config, and the InstructBlipProcessor:
     LLM tokenizer with an `<image>` token, image processor, the Q-Former's tokenizer in
-    `qformer_tokenizer/`). A model transformers cannot hold exactly is refused unless
+    `qformer_tokenizer/`, saved so that the processor cuts instructions where vlbridge does:
+    `vlbridge.interop.instruction_cut`). A model transformers cannot hold exactly is refused unless
     `allow_approximate`, as for BLIP-2 (the same ln_vision rule)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
@@ -118,6 +122,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     load_export_state(hf, state, llm_model, "InstructBlipForConditionalGeneration")
     settle("transformers' InstructBLIP", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index),
            allow_approximate)
-    processor = InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, model.connector.tokenizer,
+    truncating_by_default(tokenizer, "transformers InstructBLIP")  # the processor then cuts instructions as vlbridge does
+    processor = InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, instruction_tokenizer(model.connector),
                                       num_query_tokens=blip2.num_query_tokens)  # writes qformer_tokenizer/ too
     return write_export(out_dir, hf, processor)

@@ -226,11 +226,17 @@ class QFormer(nn.Module):
         """The longest text (instruction or caption, [CLS] and [SEP] included) the embeddings place."""
         return self.embeddings.position.num_embeddings
 
+    @property
+    def instruction_limit(self) -> int:
+        """The instruction's tokens at most ([CLS] and [SEP] included): InstructBLIP's 128, within the
+        positions. An export's processor cuts at the same length (`vlbridge.interop.hf_instructblip`)."""
+        return min(self.opts.max_instruction_tokens, self.max_text_positions)
+
     def tokenize_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Instructions -> the Q-Former's (input_ids, attention_mask), [CLS] ... [SEP], right-padded."""
         self._require_text_side("reading an instruction")
-        longest = min(self.opts.max_instruction_tokens, self.max_text_positions)  # InstructBLIP's 128, within the positions
-        encoded = self.tokenizer(list(instructions), padding="longest", truncation=True, max_length=longest, return_tensors="pt")
+        encoded = self.tokenizer(list(instructions), padding="longest", truncation=True, max_length=self.instruction_limit,
+                                 return_tensors="pt")
         device = self.query_tokens.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
