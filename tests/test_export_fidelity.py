@@ -108,3 +108,34 @@ def test_an_export_names_the_stage1_parts_it_leaves_behind(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LeftOutOfExportWarning)
         vlbridge.export_hf_blip2(imported, tmp_path / "again")
+
+
+def test_a_prompt_wording_the_processor_has_no_place_for_is_kept_in_a_file_and_named(tmp_path, capsys):
+    """Blip2Processor holds no prompt field and drops a chat template: an LLM's prompt template
+    ('Question: {} Answer:') was left behind without a word, and the export, prompted as vlbridge is,
+    generated from another text. The wording goes into vlbridge_prompt.json, named in a note; worded
+    by it, the processor and the exported model generate vlbridge's tokens."""
+    import json
+
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from tests import hf_tiny
+    from tests.processor_check import assert_processor_matches
+    from vlbridge.interop.export_fidelity import PROMPT_FILE, LeftOutOfExportWarning
+
+    template = "Question: {} Answer:"
+    torch.manual_seed(0)
+    model = vlbridge.build({**_tiny(), "llm": {"use": "hf-causal-lm", "options": {"prompt_template": template}}}, stage=2).eval()
+    hf_tiny.redraw(model, seed=0)
+    with pytest.warns(LeftOutOfExportWarning, match=r"BLIP-2 processor, which has no place for it: vlbridge gives the LLM each "
+                      r"prompt worded as 'Question: \{\} Answer:'.* the wording is in vlbridge_prompt.json in the export"):
+        out = vlbridge.export_hf_blip2(model, tmp_path / "out")
+    wording = json.loads((out / PROMPT_FILE).read_text(encoding="utf-8"))
+    assert (wording["prompt_template"], wording["chat_template"]) == (template, False)
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(out)).eval()
+    assert_processor_matches(model, Blip2Processor.from_pretrained(str(out)), hf, "what is it?", wording["prompt_template"].format("what is it?"))
+    model.save(tmp_path / "ck")
+    assert main(["export", "hf-blip2", str(tmp_path / "ck"), str(tmp_path / "cli")]) == 0
+    assert "note: left out of the transformers BLIP-2 processor" in capsys.readouterr().out and (tmp_path / "cli" / PROMPT_FILE).is_file()
+    plain = vlbridge.export_hf_blip2(vlbridge.build("tiny-qformer-opt", stage=2), tmp_path / "plain")  # prompts as typed: no file
+    assert not (plain / PROMPT_FILE).exists()

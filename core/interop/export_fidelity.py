@@ -10,8 +10,9 @@ guess. Nothing is ever exported approximately without the caller asking for it.
 
 from __future__ import annotations
 
+import json
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,7 +32,8 @@ class ApproximateExportWarning(UserWarning):
 
 
 class LeftOutOfExportWarning(UserWarning):
-    """Trained parts of the model that the export's format has no place for (the vlbridge checkpoint keeps them)."""
+    """What the export's format has no place for: trained parts (the vlbridge checkpoint keeps them) or a
+    setting (kept in a file of the export that the warning names)."""
 
 
 # what stage 1 trains besides the queries, by the Q-Former's own tensor names
@@ -57,6 +59,28 @@ def warn_left_out(connector: torch.nn.Module, fmt: str, text_side: bool) -> None
     if parts:
         warnings.warn(f"left out of the {fmt} export, which has no place for them: {', '.join(parts)}; the vlbridge "
                       "checkpoint keeps them (for `vlbridge retrieve` and stage-1 training)", LeftOutOfExportWarning, stacklevel=3)
+
+
+PROMPT_FILE = "vlbridge_prompt.json"  # how vlbridge words prompts, in an export whose processor has no place for it
+
+
+def prompt_wording(model: Any, fmt: str) -> dict[str, str]:
+    """{PROMPT_FILE: its JSON} for a model whose LLM words a prompt otherwise than as typed (a prompt
+    template such as 'Question: {} Answer:', or the tokenizer's chat template), with a
+    LeftOutOfExportWarning naming the file: transformers' Blip2Processor and InstructBlipProcessor
+    hold no prompt field and drop a chat template, so the wording would be lost silently. {} where
+    prompts go in as typed."""
+    template, chat = getattr(model.llm, "prompt_template", "{}"), bool(getattr(model.llm, "chat", False))
+    if template == "{}" and not chat:
+        return {}
+    worded = f"{template!r}" + (" and then the tokenizer's chat template (one user turn, with the generation prompt)" if chat else "")
+    how = f"vlbridge gives the LLM each prompt worded as {worded}; the processor does not, so pass it the text worded so"
+    if getattr(model.connector, "instruction_aware", False):
+        how += " (the Q-Former reads the prompt as typed: its qformer_input_ids come from the prompt before the wording)"
+    warnings.warn(f"left out of the {fmt} processor, which has no place for it: {how}; the wording is in {PROMPT_FILE} "
+                  "in the export", LeftOutOfExportWarning, stacklevel=3)
+    record = {"prompt_template": template, "chat_template": chat, "how": how}
+    return {PROMPT_FILE: json.dumps(record, indent=2) + "\n"}
 
 
 def probe_pixels(model) -> torch.Tensor:

@@ -24,7 +24,9 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
-from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle, warn_left_out
+from vlbridge.interop.export_fidelity import (
+    PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_wording, settle, warn_left_out,
+)
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.files.weights import read_hf_directory
@@ -257,7 +259,8 @@ def tokenizer_with_image_token(model) -> tuple[Any, int]:
 def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False) -> Path:
     """Write a built eva-vit-g + qformer + transformers-LLM model as a transformers
     Blip2ForConditionalGeneration directory (weights, config, and the Blip2Processor: tokenizer with
-    an `<image>` token, image processor). A model transformers cannot hold exactly is refused unless
+    an `<image>` token, image processor; the prompt wording, which it has no place for, in
+    `vlbridge_prompt.json` where there is one). A model transformers cannot hold exactly is refused unless
     `allow_approximate` (vlbridge.interop.export_fidelity)."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -286,7 +289,7 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     settle("transformers' BLIP-2", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
     processor = Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
                                num_query_tokens=model.assembly.connector.options.num_query_tokens)
-    return write_export(out_dir, hf, processor)
+    return write_export(out_dir, hf, processor, prompt_wording(model, "transformers BLIP-2"))
 
 
 def blip2_differences(assembly) -> list[str]:

@@ -25,7 +25,7 @@ from vlbridge.interop.hf_blip2 import (
     _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, write_encoder, zero_qv_biases,
 )
 from vlbridge.interop.export_state import load_export_state, require_stage2
-from vlbridge.interop.export_fidelity import settle, warn_left_out
+from vlbridge.interop.export_fidelity import prompt_wording, settle, warn_left_out
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
 from vlbridge.interop.instruction_cut import instruction_tokenizer, processor_instruction_cut, truncating_by_default
@@ -82,7 +82,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     InstructBlipForConditionalGeneration directory (weights, config, and the InstructBlipProcessor:
     LLM tokenizer with an `<image>` token, image processor, the Q-Former's tokenizer in
     `qformer_tokenizer/`, saved so that the processor cuts instructions where vlbridge does:
-    `vlbridge.interop.instruction_cut`). A model transformers cannot hold exactly is refused unless
+    `vlbridge.interop.instruction_cut`; the prompt wording in `vlbridge_prompt.json` where there is one). A model transformers cannot hold exactly is refused unless
     `allow_approximate`, as for BLIP-2 (the same ln_vision rule)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
@@ -125,4 +125,4 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     truncating_by_default(tokenizer, "transformers InstructBLIP")  # the processor then cuts instructions as vlbridge does
     processor = InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, instruction_tokenizer(model.connector),
                                       num_query_tokens=blip2.num_query_tokens)  # writes qformer_tokenizer/ too
-    return write_export(out_dir, hf, processor)
+    return write_export(out_dir, hf, processor, prompt_wording(model, "transformers InstructBLIP"))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.files.atomic import held_files, into_new_folder
+from vlbridge.files.atomic import atomic_write_text, held_files, into_new_folder
 from vlbridge.plugin.specs import Preprocess
 
 RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's codes, which transformers' image processors store
@@ -63,16 +63,18 @@ def save_processor(processor: Any, out: Path) -> None:
     processor.image_processor.save_pretrained(str(out))
 
 
-def write_export(out_dir: str | Path, model: Any, processor: Any) -> Path:
-    """A transformers model and its processor, written into `out_dir` (new or empty) all at once:
-    staged beside it and renamed, so an interrupted export leaves no folder that loads as a model
-    without its processor."""
+def write_export(out_dir: str | Path, model: Any, processor: Any, extra_files: dict[str, str] | None = None) -> Path:
+    """A transformers model and its processor (and `extra_files`, name -> text: what the format has no
+    place for), written into `out_dir` (new or empty) all at once: staged beside it and renamed, so an
+    interrupted export leaves no folder that loads as a model without its processor."""
     out = Path(out_dir).expanduser()
     held = folder_contents(out, "export")
 
     def fill(folder: Path) -> None:
         model.save_pretrained(str(folder))
         save_processor(processor, folder)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(folder / name, text)
 
     if held:
         raise VLBridgeError(f"{out} already holds files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
