@@ -295,9 +295,11 @@ def test_the_flan_t5_and_stage1_train_demos_do_not_replace_the_default_ones_runs
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     monkeypatch.chdir(tmp_path)
-    for extra in ([], ["--llm", "flan-t5"], ["--stage1", "train"]):
+    for extra in ([], ["--llm", "flan-t5"], ["--stage1", "train"], ["--stage1", "train", "--stage1-steps", "10"],
+                  ["--stage1", "train", "--stage1-steps", "24"]):  # other stage-1 steps too; the quick default's are the default's
         assert main(["demo", "--quick", *extra]) == 0
-    assert folders == ["vlbridge-demo-quick", "vlbridge-demo-quick-flan-t5", "vlbridge-demo-quick-stage1-train"]
+    assert folders == ["vlbridge-demo-quick", "vlbridge-demo-quick-flan-t5", "vlbridge-demo-quick-stage1-train",
+                       "vlbridge-demo-quick-stage1-train-10steps", "vlbridge-demo-quick-stage1-train"]
 
 
 def test_another_world_seed_gives_another_world(tmp_path: Path):
@@ -347,3 +349,21 @@ def test_a_demo_on_another_world_gets_its_own_folder_and_never_replaces_runs(tmp
             demo.refuse_other_world(tmp_path, sizes, seed)
     assert main(["demo", "--quick", "--out", str(tmp_path), "--world-seed", "1"]) == 2
     assert "would replace them" in capsys.readouterr().err and (tmp_path / "runs" / "linear" / "seed-0").is_dir()
+
+
+def test_a_demo_of_another_variant_refuses_the_folder_and_names_the_one_it_holds(demo_out: Path, capsys: pytest.CaptureFixture[str]):
+    """Two variants given one --out share run names: the second (the default shipped stage 1, the FlanT5
+    bridges, other stage-1 steps, after the fixture's `--quick --stage1 train`) deleted the first's runs one
+    by one ("starting it afresh") and trained its own in their place. It is refused, naming the demo the
+    folder holds, and its runs stay."""
+    result = demo_out / "runs" / "linear" / "seed-0" / "result.json"
+    before = result.read_text(encoding="utf-8")
+    held = "holds the runs of `vlbridge demo --quick --stage1 train --stage1-steps 24`; this demo, "
+    for variant, words in (([], "`vlbridge demo --quick`"),
+                           (["--llm", "flan-t5", "--stage1", "train"], "`vlbridge demo --quick --llm flan-t5 --stage1 train --stage1-steps 24`"),
+                           (["--stage1", "train", "--stage1-steps", "10"], "`vlbridge demo --quick --stage1 train --stage1-steps 10`")):
+        capsys.readouterr()
+        assert main(["demo", "--quick", *variant, "--out", str(demo_out), "--runs", "linear", "--jobs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert held + words in err and "Rerun with those options" in err and "Traceback" not in err
+    assert result.read_text(encoding="utf-8") == before

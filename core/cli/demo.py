@@ -21,8 +21,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "retrieval against a blind prior, with 95% intervals and significance. Writes OUT/report.md, results.json "
         "and report.png, and prints the report on stdout; progress goes to stderr. Rerun to resume."))
     d.add_argument("--out", default=None, help="output folder, reused and resumed if it exists (default: ./vlbridge-demo; "
-                   "./vlbridge-demo-quick with --quick; -flan-t5 added for --llm flan-t5, -stage1-train for --stage1 train and -worldN "
-                   "for --world-seed N, so each keeps its own runs)")
+                   "./vlbridge-demo-quick with --quick; -flan-t5 added for --llm flan-t5, -stage1-train for --stage1 train (-Nsteps for "
+                   "other --stage1-steps) and -worldN for --world-seed N, so each keeps its own runs; a folder holding "
+                   "another of these variants' runs is refused)")
     d.add_argument("--quick", action="store_true", help="a tiny world and a few steps (under 2 minutes on 2 idle cores; what the tests run)")
     d.add_argument("--seeds", type=seed, nargs="+", default=[0], help="repeat every run per seed (mean and spread)")
     d.add_argument("--queries", type=positive_int, nargs="+", default=[8, 32], help="Q-Former query counts to compare (default 8 32: the shipped stage-1 checkpoints; "
@@ -55,12 +56,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-def default_demo_folder(quick: bool, world_seed: int, llm: str = "opt", stage1: str = "shipped") -> str:
+def default_demo_folder(quick: bool, world_seed: int, llm: str = "opt", stage1: str = "shipped", stage1_steps: int | None = None) -> str:
     """./vlbridge-demo, or a folder of its own for the quick demo, the FlanT5 bridges, a stage 1
-    trained in the run and each other world, so that one demo never replaces another's runs (they
-    share run names: a run of other settings in the same folder is trained afresh over it)."""
+    trained in the run (of other than the default steps, `stage1_steps`) and each other world, so that
+    one demo never meets another's runs (they share run names; a folder holding another's is refused)."""
     return ("vlbridge-demo" + ("-quick" if quick else "") + (f"-{llm}" if llm != "opt" else "")
-            + ("-stage1-train" if stage1 == "train" else "") + (f"-world{world_seed}" if world_seed else ""))
+            + ("-stage1-train" if stage1 == "train" else "") + (f"-{stage1_steps}steps" if stage1 == "train" and stage1_steps else "")
+            + (f"-world{world_seed}" if world_seed else ""))
 
 
 def _say(message: str) -> None:
@@ -69,14 +71,15 @@ def _say(message: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlbridge.compare.config import MAX_JOBS
-    from vlbridge.compare.demo import run_demo
+    from vlbridge.compare.demo import FULL, QUICK, run_demo
 
     if args.jobs is not None and not 1 <= args.jobs <= MAX_JOBS:
         raise VLBridgeError(f"--jobs must be between 1 and {MAX_JOBS} worker processes, got {args.jobs}")
     if len(set(args.seeds)) != len(args.seeds):
         raise VLBridgeError(f"--seeds: give each seed once (a repeated seed trains the same run twice), got {args.seeds}")
     if args.out is None:
-        args.out = default_demo_folder(args.quick, args.world_seed, args.llm, args.stage1)
+        steps = None if args.stage1_steps == (QUICK if args.quick else FULL).stage1_steps else args.stage1_steps
+        args.out = default_demo_folder(args.quick, args.world_seed, args.llm, args.stage1, steps)
     results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
                        world_seed=args.world_seed, llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))

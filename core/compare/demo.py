@@ -112,6 +112,46 @@ def refuse_other_world(out: Path, sizes: dict[str, int], seed: int) -> None:
                             f"or remove {out} to start over")
 
 
+VARIANT_FILE = "demo-variant.json"  # the settings OUT's runs were made with: a demo of others refuses the folder
+
+
+def demo_variant(quick: bool, world_seed: int, llm: str, stage1: str, plan: DemoPlan) -> dict[str, Any]:
+    """What a demo run of a given name trains depends on besides its name: the world, the LLM, where
+    stage 1 comes from and its steps. Two demos that differ here share run names (qformer-32q, linear,
+    ...) but not runs."""
+    return {"quick": quick, "world_seed": world_seed, "llm": llm, "stage1": stage1,
+            "stage1_steps": plan.stage1_steps if stage1 == TRAIN else None}
+
+
+def variant_command(variant: dict[str, Any]) -> str:
+    """The `vlbridge demo` options that make `variant` (what a user reruns to resume it)."""
+    words = ["vlbridge demo"] + (["--quick"] if variant.get("quick") else [])
+    words += [f"--llm {variant.get('llm')}"] if variant.get("llm") != "opt" else []
+    words += [f"--stage1 train --stage1-steps {variant.get('stage1_steps')}"] if variant.get("stage1") == TRAIN else []
+    words += [f"--world-seed {variant.get('world_seed')}"] if variant.get("world_seed") else []
+    return " ".join(words)
+
+
+def claim_demo_folder(out: Path, variant: dict[str, Any], sizes: dict[str, int], world_seed: int) -> None:
+    """Refuse a folder holding the runs of another demo variant, naming it; else record `variant` there.
+    A run of the same name but other settings is trained afresh over the one in the folder (as a
+    comparison with an edited config must be), so the second of two variants given one --out deleted
+    the first's runs, one by one. A folder with runs from before the record tells its world only."""
+    record, runs = out / VARIANT_FILE, out / "runs"
+    if runs.is_dir() and any(runs.iterdir()):
+        if not record.is_file():
+            refuse_other_world(out, sizes, world_seed)
+        elif (held := read_json(record, "the demo's variant record", top=dict)) == variant:
+            return
+        else:
+            raise VLBridgeError(f"{out} holds the runs of `{variant_command(held)}`; this demo, `{variant_command(variant)}`, "
+                                "trains runs of the same names with other settings and would replace them. Rerun with those "
+                                "options to resume that demo, give this one its own folder with --out (without --out each "
+                                f"variant gets one), or remove {out} to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(variant, indent=1) + "\n")
+
+
 def _world_words(config: dict[str, Any]) -> str:
     size = {QUICK.world["train"]: "the quick size", FULL.world["train"]: "the full size"}.get(config.get("train"), "another size")
     return f"world seed {config.get('seed')} at {size}"
@@ -318,7 +358,7 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
 
     out = Path(out)
     config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs, stage1, stage1_steps)
-    refuse_other_world(out, plan.world, world_seed)
+    claim_demo_folder(out, demo_variant(quick, world_seed, llm, stage1, plan), plan.world, world_seed)
     ensure_world(out / "world", plan.world, world_seed, say)
     supervised_texts(out / "world")
     references = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json"),
