@@ -17,6 +17,7 @@ from vlbridge.parts.images import as_image_list
 
 MAX_TEXT_TOKENS = 35  # LAVIS tokenises retrieval texts to 35 tokens
 UNRANKED = -100.0  # LAVIS's score for a pair outside the ITM shortlist
+HOST = torch.device("cpu")  # where retrieval keeps what it holds per image and per pair (LAVIS keeps its ViT outputs there)
 FEATURE_MODES = ("image", "text", "multimodal")
 # What features and retrieval call on the connector (the Q-Former's; docs/writing-plugins.md, section 5).
 RETRIEVAL_INTERFACE = ("tokenizer", "query_tokens", "query_outputs", "vision_proj", "text_outputs", "text_proj",
@@ -86,15 +87,18 @@ def text_list(texts: str | Sequence[str]) -> list[str]:
     return items
 
 
-def tokenize_texts(model: RunningModel, texts: str | Sequence[str], limit: int | None = MAX_TEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_texts(model: RunningModel, texts: str | Sequence[str], limit: int | None = MAX_TEXT_TOKENS,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and mask, padded to the longest text and cut at `limit` tokens (retrieval: LAVIS's 35; None:
-    only where the Q-Former runs out of positions, as LAVIS's feature extractor, which cuts nothing)."""
+    only where the Q-Former runs out of positions, as LAVIS's feature extractor, which cuts nothing),
+    on `device` (default: the model's; retrieval keeps them on the host)."""
     texts = text_list(texts)
     qformer = _qformer(model)
     limits = [n for n in (limit, getattr(qformer, "max_text_positions", None)) if n is not None]
     longest = min(limits) if limits else None
     encoded = qformer.tokenizer(list(texts), padding=True, truncation=longest is not None, max_length=longest, return_tensors="pt")
-    return encoded["input_ids"].to(model.device), encoded["attention_mask"].to(model.device)
+    device = model.device if device is None else device
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
 @torch.no_grad()
@@ -144,7 +148,10 @@ def itm_scores(model: RunningModel, image_embeds: torch.Tensor, ids: torch.Tenso
 def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: int = 128, batch_size: int = 64) -> RetrievalResult:
     """ITC over everything, then ITM re-ranking of each row's top k, image->text and text->image.
     Every Q-Former pass takes at most `batch_size` images or texts: all of COCO's 5k images and 25k
-    captions in one pass need tens of GB of activations."""
+    captions in one pass need tens of GB of activations. What is kept for every image (its encoder
+    outputs: 19 GB for COCO's 5k at BLIP-2's 364 px) and every pair (the score matrices) stays in host
+    memory, as in LAVIS, and a re-rank chunk's pairs go to the device when it runs; the scores come
+    back on the CPU."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise VLBridgeError(f"k (the ITM shortlist per query) must be a whole number of at least 1, got {k!r}")
     batch_size, texts = checked_batch_size(batch_size), text_list(texts)
@@ -153,29 +160,70 @@ def retrieve(model: RunningModel, images: Any, texts: str | Sequence[str], k: in
         raise VLBridgeError("no images given; pass at least one PIL image, path or tensor")
     qformer = _qformer(model)
     with evaluating(model):
-        image_embeds = torch.cat([model.encode_images(model.pixel_values(items[i:i + batch_size]))
-                                  for i in range(0, len(items), batch_size)])
-        image_proj = torch.cat([F.normalize(qformer.vision_proj(qformer.query_outputs(chunk)), dim=-1)
-                                for chunk in image_embeds.split(batch_size)])  # (Ni, Q, E)
-        ids, mask = tokenize_texts(model, texts)
-        text_proj = torch.cat([F.normalize(qformer.text_proj(qformer.text_outputs(chunk_ids, chunk_mask)[:, 0]), dim=-1)
-                               for chunk_ids, chunk_mask in zip(ids.split(batch_size), mask.split(batch_size))])  # (Nt, E)
-        itc = torch.einsum("iqe,te->iqt", image_proj, text_proj).max(dim=1).values  # (Ni, Nt)
+        image_embeds, image_proj = _image_side(model, qformer, items, batch_size)
+        ids, mask = tokenize_texts(model, texts, device=HOST)
+        text_proj = _text_features(model, qformer, ids, mask, batch_size)
+        itc = _itc(model, image_proj, text_proj, batch_size)
         i2t = _rerank(model, itc, image_embeds, ids, mask, k, batch_size, images_are_rows=True)
         t2i = _rerank(model, itc.t(), image_embeds, ids, mask, k, batch_size, images_are_rows=False)
     return RetrievalResult(itc=itc, i2t=i2t, t2i=t2i)
 
 
+def _kept(store: torch.Tensor | None, rows: int, start: int, chunk: torch.Tensor) -> torch.Tensor:
+    """`chunk` copied to rows start... of a host tensor of `rows` rows, made at the first chunk (a
+    list of chunks and a cat would need twice the host memory)."""
+    if store is None:
+        store = torch.empty((rows, *chunk.shape[1:]), dtype=chunk.dtype, device=HOST)
+    store[start:start + len(chunk)].copy_(chunk)
+    return store
+
+
+def _image_side(model: RunningModel, qformer: Any, items: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder outputs (Ni, N, W) and normalised query features (Ni, Q, E), both in host memory,
+    from one device pass per chunk of images."""
+    embeds = proj = None
+    for start in range(0, len(items), batch_size):
+        chunk = model.encode_images(model.pixel_values(items[start:start + batch_size]))  # (b, N, W)
+        embeds = _kept(embeds, len(items), start, chunk)
+        proj = _kept(proj, len(items), start, F.normalize(qformer.vision_proj(qformer.query_outputs(chunk)), dim=-1))  # (b, Q, E)
+    return embeds, proj
+
+
+def _text_features(model: RunningModel, qformer: Any, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(Nt, E) normalised [CLS] ITC features, on the device: every image chunk's ITC needs all of
+    them, and they are small (COCO's 25k captions: 26 MB at E = 256 in fp32)."""
+    device = model.device
+    return torch.cat([F.normalize(qformer.text_proj(qformer.text_outputs(chunk_ids.to(device), chunk_mask.to(device))[:, 0]), dim=-1)
+                      for chunk_ids, chunk_mask in zip(ids.split(batch_size), mask.split(batch_size))])
+
+
+def _itc(model: RunningModel, image_proj: torch.Tensor, text_proj: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(Ni, Nt) ITC scores (each image's best query) in host memory, a chunk of images at a time:
+    for all at once the (Ni, Q, Nt) product alone is 16 GB for COCO-5k."""
+    itc = None
+    for start in range(0, len(image_proj), batch_size):
+        chunk = image_proj[start:start + batch_size].to(model.device)  # (b, Q, E)
+        itc = _kept(itc, len(image_proj), start, torch.einsum("iqe,te->iqt", chunk, text_proj).max(dim=1).values)  # (b, Nt)
+    return itc
+
+
 def _rerank(model, sims: torch.Tensor, image_embeds, ids, mask, k: int, batch_size: int, images_are_rows: bool) -> torch.Tensor:
+    """ITM + ITC for each row's ITC top k, UNRANKED elsewhere. Everything passed in is in host memory;
+    each chunk's encoder outputs and token ids go to the device for its ITM pass."""
+    device = model.device
     scores = torch.full_like(sims, UNRANKED)
     top = min(k, sims.shape[1])
     for row in range(sims.shape[0]):
         top_sims, cols = sims[row].topk(top)
+        if images_are_rows:
+            row_image = image_embeds[row].to(device)  # (N, W), once for all its chunks
+        else:
+            row_ids, row_mask = ids[row].to(device), mask[row].to(device)
         for start in range(0, top, batch_size):
             chunk = cols[start:start + batch_size]
             if images_are_rows:
-                pair_images, pair_ids, pair_mask = image_embeds[row].expand(len(chunk), -1, -1), ids[chunk], mask[chunk]
+                pair_images, pair_ids, pair_mask = row_image.expand(len(chunk), -1, -1), ids[chunk].to(device), mask[chunk].to(device)
             else:
-                pair_images, pair_ids, pair_mask = image_embeds[chunk], ids[row].expand(len(chunk), -1), mask[row].expand(len(chunk), -1)
-            scores[row, chunk] = itm_scores(model, pair_images, pair_ids, pair_mask) + top_sims[start:start + batch_size]
+                pair_images, pair_ids, pair_mask = image_embeds[chunk].to(device), row_ids.expand(len(chunk), -1), row_mask.expand(len(chunk), -1)
+            scores[row, chunk] = itm_scores(model, pair_images, pair_ids, pair_mask).to(HOST) + top_sims[start:start + batch_size]
     return scores
