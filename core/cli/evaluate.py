@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlbridge.cli.argtypes import non_negative_int
 from vlbridge.cli.model_source import add_random_weights_argument, check_model_source, open_model
 from vlbridge.cli.output import print_json, print_table
 from vlbridge.errors import VLBridgeError
@@ -46,6 +47,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vqa-normalize", default=None, choices=("official", "lavis", "simple"),
                    help="VQA answer normalisation (default official; lavis = the pre-2021 tool BLIP-2 used)")
     p.add_argument("--k", type=int, default=None, help="retrieval: ITC shortlist re-ranked by ITM (default 128)")
+    p.add_argument("--retrieval-captions", type=non_negative_int, nargs="+", metavar="POSITION",
+                   help="retrieval: rank only these captions of each image, by position (a world's 'scene' caption: 0); default all")
+    p.add_argument("--scenes", metavar="FILE", help="retrieval: a generated world's scenes JSON; a caption then counts as right for "
+                   "every image of an identical scene, as `vlbridge compare` scores (default: its own image only, as BLIP-2)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_eval)
@@ -89,6 +94,8 @@ _TASK_FLAGS = (
     ("--tokenizer", "tokenizer", ("caption",)),
     ("--vqa-normalize", "vqa_normalize", ("vqa",)),
     ("--k", "k", ("retrieval",)),
+    ("--retrieval-captions", "retrieval_captions", ("retrieval",)),
+    ("--scenes", "scenes", ("retrieval",)),
 )
 
 
@@ -117,7 +124,8 @@ def _image_hint(args: argparse.Namespace) -> str | None:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens),
                                     ("min_new_tokens", args.min_new_tokens)) if v is not None}
-    given = {k: v for k, v in (("tokenizer", args.tokenizer), ("vqa_normalization", args.vqa_normalize), ("k", args.k))
+    given = {k: v for k, v in (("tokenizer", args.tokenizer), ("vqa_normalization", args.vqa_normalize), ("k", args.k),
+                               ("retrieval_captions", args.retrieval_captions), ("scenes", args.scenes))
              if v is not None}  # unset: EvalOptions' defaults
     return {"batch_size": args.batch_size, "prompt": args.prompt, "generation": generation, "meteor": not args.no_meteor, **given}
 
@@ -138,6 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = evaluate.options(_options(args))  # bad options fail before the data and the model load
     records = _read_data(args)
     evaluate.check_images([r.image for r in records], hint=_image_hint(args))
+    if args.task == "retrieval":
+        evaluate.retrieval_targets(records, opts)  # the captions picked and the scenes file, checked before the model loads
     started = time.monotonic()
     model = open_model(source)
     run = {"caption": evaluate.run_captions, "vqa": evaluate.run_vqa, "retrieval": evaluate.run_retrieval}[args.task]

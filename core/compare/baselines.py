@@ -41,7 +41,8 @@ def chance_retrieval(spec: EvalSet) -> dict[str, Any]:
     It is an exact expectation, not a sample, so it has no interval and no per-query items: a paired
     bootstrap against a model's 0/1 hits would call a model with no hit among few queries
     "significantly below chance" when a random ranker misses them all as often."""
-    from vlbridge.compare.evaluation import SCENE_RULE, retrieval_groups, scene_keys
+    from vlbridge.compare.evaluation import retrieval_groups
+    from vlbridge.evaluation.scenes import SCENE_RULE, scene_keys
 
     groups = retrieval_groups(spec)
     keys = scene_keys(groups, spec.scenes)

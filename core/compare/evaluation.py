@@ -17,19 +17,15 @@ is exact. Other caption kinds can be true of other scenes too, which the rule do
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import Any, Callable, Sequence
 
 from vlbridge.compare.config import CompareConfig, EvalSet
 from vlbridge.errors import VLBridgeError
+from vlbridge.evaluation.scenes import SCENE_RULE, scene_keys
 from vlbridge.files.userfiles import read_json
 from vlbridge.modeling.prompts import template_problem
 
 Say = Callable[[str], None]
-SCENE_RULE = ("a retrieved caption counts as right when it is true of the query image: written for it or for an image "
-              "of an identical scene (same objects, sizes, colours, shapes and cells; only the jitter inside a cell differs)")
-JITTER_FIELDS = ("dx", "dy")  # an object's offset inside its cell: no caption states it
 
 
 class EncodedImages:
@@ -126,18 +122,10 @@ def question_categories(annotations: str | None) -> dict[Any, str]:
 
 def retrieval_groups(spec: EvalSet) -> list:
     """The split's images with the captions retrieval uses (all, or those at `retrieval_captions`)."""
-    from vlbridge.evaluation.tasks import load_caption_groups
+    from vlbridge.evaluation.tasks import load_caption_groups, select_captions
 
     groups = load_caption_groups(spec.captions, spec.images, spec.retrieval_limit or spec.limit)
-    if spec.retrieval_captions is None:
-        return groups
-    chosen = []
-    for g in groups:
-        captions = [g.captions[p] for p in spec.retrieval_captions if p < len(g.captions)]
-        if not captions:
-            raise VLBridgeError(f"{spec.name}: image {g.image_id!r} has {len(g.captions)} captions, none at positions {spec.retrieval_captions}")
-        chosen.append(dataclasses.replace(g, captions=captions))
-    return chosen
+    return select_captions(groups, spec.retrieval_captions, where=f"{spec.name}: ")
 
 
 # -- scoring with per-item columns ------------------------------------------------------------------
@@ -172,23 +160,6 @@ def vqa_scores(predictions: Sequence[dict], records: Sequence, categories: dict[
     return {"task": "vqa", **metrics}
 
 
-def scene_keys(groups: list, scenes_file: str | None) -> list[Any]:
-    """One key per image: identical scenes share it (jitter inside a cell ignored: no caption can
-    tell it); without scenes, every image is its own."""
-    if not scenes_file:
-        return [g.image_id for g in groups]
-    scenes = {s["image_id"]: s for s in read_json(scenes_file, "scenes file", top=list)}
-    missing = [g.image_id for g in groups if g.image_id not in scenes]
-    if missing:
-        raise VLBridgeError(f"{scenes_file}: no scene for {len(missing)} evaluated image(s), e.g. {missing[:3]}")
-    return [tuple(sorted(_described(o) for o in scenes[g.image_id]["objects"])) for g in groups]
-
-
-def _described(obj: dict[str, Any]) -> str:
-    """An object as captions can describe it (size, colour, shape, cell): its fields but the jitter."""
-    return json.dumps({k: v for k, v in obj.items() if k not in JITTER_FIELDS}, sort_keys=True)
-
-
 def text_keys(groups: list) -> list[str]:
     """"image_id:j" of every retrieved text (its j-th retrieved caption), in flatten_groups order."""
     return [f"{g.image_id}:{j}" for g in groups for j in range(len(g.captions))]
@@ -210,16 +181,12 @@ def score_retrieval(groups: list, scenes_file: str | None, heads: dict[str, tupl
     that orders what it ties (ITC: the -100 pairs outside the ITM shortlist); a model with one head
     (a CLIP model: ITC) gives one."""
     from vlbridge.data import flatten_groups
-    from vlbridge.metrics.retrieval import query_ranks, recall_at_k
+    from vlbridge.metrics.retrieval import query_ranks, recall_at_k, right_items
 
     flat = flatten_groups(groups)
     keys = scene_keys(groups, scenes_file)
-    same: dict[Any, list[int]] = {}
-    for i, key in enumerate(keys):
-        same.setdefault(key, []).append(i)
-    image_pos = [sorted(t for j in same[keys[i]] for t in flat.img2txt[j]) for i in range(len(groups))]
-    text_pos = [same[keys[flat.txt2img[t]]] for t in range(len(flat.texts))]
-    out: dict[str, Any] = {"num_images": len(groups), "num_texts": len(flat.texts), "distinct_scenes": len(same),
+    image_pos, text_pos = right_items(flat.img2txt, flat.txt2img, keys)
+    out: dict[str, Any] = {"num_images": len(groups), "num_texts": len(flat.texts), "distinct_scenes": len(set(keys)),
                            "rule": SCENE_RULE, "notes": [f"percent; {SCENE_RULE}"]}
     i2t_items: dict[str, list] = {"image_id": [g.image_id for g in groups]}
     t2i_items: dict[str, list] = {"text_key": text_keys(groups), "image_id": [groups[i].image_id for i in flat.txt2img]}

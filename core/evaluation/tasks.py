@@ -16,10 +16,11 @@ atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Annotated, Any, Callable, Hashable, Sequence
 
 from pydantic import ConfigDict, Field
 
@@ -49,6 +50,11 @@ class EvalOptions(StrictNumbers):
     meteor: bool = Field(True, description="compute METEOR when pycocoevalcap and Java are present")
     vqa_normalization: str = Field("official", description="official, lavis or simple")
     k: int = Field(128, ge=1, description="retrieval: ITC shortlist re-ranked by ITM, per query")
+    retrieval_captions: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description=(
+        "retrieval: rank only these captions of each image, by position (a world's 'scene' caption: [0]); default: all"))
+    scenes: str | None = Field(None, description=(
+        "retrieval: a generated world's scenes JSON; a caption then counts as right for every image of an identical "
+        "scene (vlbridge compare's rule, vlbridge.evaluation.scenes); default: its own image only, as BLIP-2 scores"))
 
 
 @dataclass
@@ -83,6 +89,20 @@ def load_vqa_records(data: str | Path, annotations: str | Path | None = None, im
     """VQAv2 questions (+ annotations), or LAVIS's list with answers inline, one record per question."""
     records = read_vqa(data, annotations, image_root=images, image_pattern=image_pattern)
     return _limited(records, limit, "questions")
+
+
+def select_captions(groups: Sequence[CaptionGroup], positions: Sequence[int] | None, where: str = "") -> list[CaptionGroup]:
+    """The groups with only their captions at `positions` (None: all of them); an image with none
+    there is an error (`where` says whose)."""
+    if positions is None:
+        return list(groups)
+    chosen = []
+    for g in groups:
+        captions = [g.captions[p] for p in positions if p < len(g.captions)]
+        if not captions:
+            raise VLBridgeError(f"{where}image {g.image_id!r} has {len(g.captions)} captions, none at positions {list(positions)}")
+        chosen.append(dataclasses.replace(g, captions=captions))
+    return chosen
 
 
 def _limited(items: list, limit: int | None, what: str) -> list:
@@ -229,27 +249,43 @@ def evaluate_vqa(model, records, opts: EvalOptions | dict | None = None, **overr
 
 
 # -- retrieval -------------------------------------------------------------------------------------
+def retrieval_targets(records: Sequence[CaptionGroup] | Sequence[ImageText], opts: EvalOptions) -> tuple[list[CaptionGroup], list[Hashable] | None]:
+    """The groups with the captions retrieval ranks (`retrieval_captions`) and, with `scenes`, each
+    image's scene key (identical scenes share one); cheap, so callers check their files with it before
+    the model loads."""
+    from vlbridge.evaluation.scenes import scene_keys
+
+    groups = select_captions(_as_groups(records), opts.retrieval_captions, where="retrieval_captions: ")
+    return groups, scene_keys(groups, opts.scenes) if opts.scenes else None
+
+
 def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], opts: EvalOptions | dict | None = None,
                   progress: Progress | None = None, **overrides: Any) -> Evaluation:
     """Score every image against every caption (ITC, then ITM re-ranking of the top k) and report R@K
-    for both score sets; predictions hold each query's rank and best 10."""
+    for both score sets; predictions hold each query's rank and best 10. With `scenes`, a caption
+    is right for every image of an identical scene, as `vlbridge compare` scores a world's retrieval."""
     from vlbridge.data import flatten_groups
+    from vlbridge.evaluation.scenes import SCENE_RULE
     from vlbridge.metrics.retrieval import retrieval_recall
 
     opts = options(opts, **overrides)
-    groups = _as_groups(records)
+    groups, keys = retrieval_targets(records, opts)
     check_images([g.image for g in groups])
     flat = flatten_groups(groups)
     result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=opts.k, batch_size=opts.batch_size)
     if progress is not None:
         progress(len(groups), len(groups))
-    itc = retrieval_recall(result.itc, flat.img2txt, flat.txt2img, with_ranks=True)
-    itm = retrieval_recall(result.i2t, flat.img2txt, flat.txt2img, t2i=result.t2i, tiebreak=result.itc, with_ranks=True)
+    itc = retrieval_recall(result.itc, flat.img2txt, flat.txt2img, with_ranks=True, image_keys=keys)
+    itm = retrieval_recall(result.i2t, flat.img2txt, flat.txt2img, t2i=result.t2i, tiebreak=result.itc, with_ranks=True,
+                           image_keys=keys)
     predictions = _retrieval_predictions(groups, flat, result, itc, itm)
     metrics = {"task": "retrieval", "itc": _public(itc), "itm": _public(itm), "k": opts.k,
                "num_images": len(groups), "num_texts": len(flat.texts),
                "notes": ["percent; i2t = image->text (LAVIS txt_r), t2i = text->image (LAVIS img_r); "
                          "itm = ITM + ITC on each query's ITC top k, as BLIP-2 reports"]}
+    if keys is not None:
+        metrics.update(rule=SCENE_RULE, distinct_scenes=len(set(keys)))
+        metrics["notes"].append(f"{opts.scenes}: {SCENE_RULE}")
     return Evaluation("retrieval", predictions, metrics)
 
 

@@ -20,7 +20,7 @@ Scores may be nested lists, numpy arrays or CPU/GPU torch tensors; torch is not 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
@@ -82,21 +82,40 @@ def check_maps(img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> None
         raise VLBridgeError("img2txt must list every text exactly once")
 
 
+def right_items(img2txt: Sequence[Sequence[int]], txt2img: Sequence[int],
+                image_keys: Sequence[Hashable] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """The right texts of each image and the right images of each text. Images with equal keys are
+    interchangeable (a text of one is true of all: identical scenes, vlbridge.evaluation.scenes);
+    without keys, an image's own texts and a text's own image, as BLIP-2 scores."""
+    if image_keys is None:
+        return [list(texts) for texts in img2txt], [[image] for image in txt2img]
+    if len(image_keys) != len(img2txt):
+        raise VLBridgeError(f"{len(image_keys)} image keys for {len(img2txt)} images; give one per image")
+    same: dict[Hashable, list[int]] = {}
+    for image, key in enumerate(image_keys):
+        same.setdefault(key, []).append(image)
+    image_pos = [sorted(t for j in same[key] for t in img2txt[j]) for key in image_keys]
+    return image_pos, [same[image_keys[image]] for image in txt2img]
+
+
 def retrieval_recall(i2t: Any, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int], t2i: Any = None,
-                     ks: Sequence[int] = KS, with_ranks: bool = False, tiebreak: Any = None) -> dict[str, Any]:
+                     ks: Sequence[int] = KS, with_ranks: bool = False, tiebreak: Any = None,
+                     image_keys: Sequence[Hashable] | None = None) -> dict[str, Any]:
     """R@K both ways and their means from an (images x texts) score matrix, and optionally a separate
     (texts x images) one (ITM re-ranked scores differ per direction; ITC scores are one matrix).
 
     `tiebreak`: an (images x texts) matrix ordering what the scores tie, in both directions; pass the
     ITC scores with ITM re-ranked ones, so pairs outside the shortlist (all -100) rank by ITC.
+    `image_keys`: one per image; images with equal keys count each other's texts as right (`right_items`).
     """
     check_maps(img2txt, txt2img)
     num_images, num_texts = len(img2txt), len(txt2img)
     i2t_scores = as_matrix(i2t, num_images, num_texts, "image->text")
     t2i_scores = i2t_scores.T if t2i is None else as_matrix(t2i, num_texts, num_images, "text->image")
     second = None if tiebreak is None else as_matrix(tiebreak, num_images, num_texts, "tie-break")
-    i2t_ranks = query_ranks(i2t_scores, img2txt, second)
-    t2i_ranks = query_ranks(t2i_scores, [[image] for image in txt2img], None if second is None else second.T)
+    image_pos, text_pos = right_items(img2txt, txt2img, image_keys)
+    i2t_ranks = query_ranks(i2t_scores, image_pos, second)
+    t2i_ranks = query_ranks(t2i_scores, text_pos, None if second is None else second.T)
     result: dict[str, Any] = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         recalls = recall_at_k(ranks, ks)
