@@ -98,6 +98,33 @@ def build_unused_parameter(opts: Any, encoder_out: TokenShape, llm_width: int) -
     return UnusedParameter(encoder_out.width, llm_width)
 
 
+class TupleWhileTraining(MeanPool):
+    """Answers a tensor in eval mode (the build's shape check passes) but a tuple while training."""
+
+    def forward(self, image_embeds: torch.Tensor) -> Any:
+        out = super().forward(image_embeds)
+        return (out,) if self.training else out
+
+
+def build_tuple_while_training(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    return TupleWhileTraining(encoder_out.width, llm_width)
+
+
+class FirstImageOnly(nn.Module):
+    """The plain encoder, but it answers for the first image only: the build's one-image check passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = build_plain_encoder(None)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.inner(pixel_values[:1])
+
+
+def build_first_image_only_encoder(opts: Any) -> nn.Module:
+    return FirstImageOnly()
+
+
 def build_plain_encoder(opts: Any) -> nn.Module:
     """A bare encoder: (B, 3, 28, 28) -> (B, 16, 8) by 7x7 patches, no preprocess attribute."""
     return nn.Sequential(nn.Conv2d(3, 8, kernel_size=7, stride=7), nn.Flatten(2), Transpose())
@@ -207,6 +234,20 @@ def build_interface_only_llm(opts: Any) -> nn.Module:
     from vlbridge.plugins.llms.opt_model import build
 
     return InterfaceOnly(build(OPTOptions(variant="tiny")))
+
+
+def build_chat_messages_llm(opts: Any) -> nn.Module:
+    """An LLM whose format_prompt returns chat messages (a list of dicts) instead of the prompt's text."""
+    llm = build_interface_only_llm(opts)
+    llm.format_prompt = lambda prompt: [{"role": "user", "content": prompt}]
+    return llm
+
+
+def build_suffixless_llm(opts: Any) -> nn.Module:
+    """An LLM whose caption_suffix is None (it should be "" when the tokenizer ends texts itself)."""
+    llm = build_interface_only_llm(opts)
+    llm.caption_suffix = None
+    return llm
 
 
 def build_prompt_echo_llm(opts: Any) -> nn.Module:

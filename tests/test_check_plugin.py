@@ -40,7 +40,7 @@ def test_a_plain_connector_passes():
 def test_a_forward_without_a_loss_is_named():
     """A None loss failed as "TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'",
     in check_plugin and in training (an internal error there)."""
-    with pytest.raises(VLBridgeError, match=r"the LLM's forward was given labels but returned loss=None; it must return the mean LM loss"):
+    with pytest.raises(VLBridgeError, match=r"llm 'lossless' \(plugin fake_lossless\): its forward was given labels but returned loss=None; it must return the mean LM loss"):
         check_plugin(fake.plugin("lossless", llms=[fake.tiny_opt_spec("build_lossless_llm", "lossless")]))
 
 
@@ -67,7 +67,8 @@ def test_an_instruction_aware_connector_gets_its_instructions():
     (fake.plugin("ends", llms=[fake.tiny_opt_spec("build_end_token_llm", "ends")]),
      "does not begin tokenize(prompt + caption)"),
     (fake.plugin("lists", llms=[fake.tiny_opt_spec("build_list_tokenize_llm", "lists")]),
-     "tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got ([["),  # was AttributeError
+     "tokenize(texts, padding_side='right') returned a tuple of 2 (list, list) for 1 texts; it must return (input_ids, "
+     "attention_mask), two (1, length) int64 tensors"),  # was AttributeError
     (fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), num_params=lambda o: 1000)]),
      "num_params() declares 1,000 frozen parameters but the built module has 1,184"),
     (fake.plugin("counted", llms=[replace(fake.tiny_opt_spec("build_greedy_only_llm", "counted"), num_params=lambda o: 5)]),

@@ -219,20 +219,25 @@ def test_stage2_loss_averaged_per_sample(preset: str):
 
 
 @pytest.mark.parametrize("loss_average", ["tokens", "samples"])
-def test_stage2_reads_any_llm_output_with_loss_and_logits_attributes(monkeypatch: pytest.MonkeyPatch, loss_average: str):
+@pytest.mark.parametrize("preset", ["tiny-linear-opt", "tiny-qformer-flan-t5"])
+def test_stage2_reads_any_llm_output_with_loss_and_logits_attributes(monkeypatch: pytest.MonkeyPatch, loss_average: str, preset: str):
     """docs/writing-plugins.md promises that forward may return any object with `loss` and `logits`
-    (and optionally `labels`), not only transformers' ModelOutput; one without logits is named."""
+    (and optionally `labels`), not only transformers' ModelOutput; one without logits is named (an
+    encoder-decoder's was an AttributeError on `.logits`)."""
     from types import SimpleNamespace
 
-    model = vlbridge.build("tiny-linear-opt", stage=2).eval()
+    model = vlbridge.build(preset, stage=2).eval()
     batch = make_batch(model)
+    if model.llm.is_encoder_decoder:  # given pairs, not a random prefix split: both calls see the same texts
+        batch = {**batch, "text_input": ["what is it?"] * len(batch["text"]), "text_output": batch["text"]}
     objective = Stage2Objective(loss_average=loss_average)
     expected = objective(model, batch)["lm"]
     real = model.llm.forward
     monkeypatch.setattr(model.llm, "forward", lambda *a, **k: SimpleNamespace(loss=real(*a, **k).loss, logits=real(*a, **k).logits))
     assert objective(model, batch)["lm"].item() == pytest.approx(expected.item(), rel=1e-6)
     monkeypatch.setattr(model.llm, "forward", lambda *a, **k: {"loss": real(*a, **k).loss})
-    with pytest.raises(VLBridgeError, match="without a `logits` tensor attribute.*`loss` and `logits` attributes"):
+    with pytest.raises(VLBridgeError, match=f"llm '{model.plan.llm.name}' \\(plugin vlbridge\\): its forward returned a dict without a `logits` "
+                                            "tensor attribute.*`loss` and `logits` attributes"):
         objective(model, batch)
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vlbridge.plugin.contract import defines, missing, plugin_call
+from vlbridge.plugin.contract import defines, missing, plugin_call, returned_tensor
 from vlbridge.errors import MissingWeightsError, PluginError
 from vlbridge.files.checkpoint import ConnectorState
 
@@ -31,6 +33,60 @@ _RECORD = "_vlbridge_absent"  # the connector attribute holding its AbsentRecord
 # connector protocol, so the model and the plugin checks read it without importing training.
 STAGE1_INTERFACE = ("tokenizer", "image_context", "query_outputs", "image_features_of", "text_features", "itm_logits",
                     "itg_logits_from_queries", "temp")
+
+
+class Stage1Calls:
+    """A connector's stage-1 interface as the stage-1 objective calls it, each answer held to the
+    guide (5.3) where the objective receives it: a wrong type or shape is a PluginError naming the
+    connector and the call, not an error inside a loss (a check of type and shape, nothing per
+    element). Its other attributes are the connector's."""
+
+    def __init__(self, connector: nn.Module, who: str) -> None:
+        self.connector, self.who = connector, who
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connector, name)
+
+    def image_context(self, image_embeds: torch.Tensor) -> Any:
+        context = self.connector.image_context(image_embeds)
+        if not callable(getattr(context, "select", None)):
+            raise PluginError(f"{self.who}: image_context(image_embeds) returned a {type(context).__name__} without a select(rows) "
+                              "method; it must return the images as the other stage-1 methods read them (docs/writing-plugins.md, 5.3)")
+        return context
+
+    def query_outputs(self, context: Any, return_layer_kv: bool = False) -> Any:
+        what = f"query_outputs(context, return_layer_kv={return_layer_kv})"
+        out = self.connector.query_outputs(context, return_layer_kv=return_layer_kv)
+        if not return_layer_kv:
+            return returned_tensor(self.who, what, out, (None, None, None), "the query outputs (B, Q, H)")
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise PluginError(f"{self.who}: {what} returned a {type(out).__name__}; it must return the pair (query outputs, "
+                              "per-layer state for ITG) (docs/writing-plugins.md, 5.3)")
+        return returned_tensor(self.who, what + "[0]", out[0], (None, None, None), "the query outputs (B, Q, H)"), out[1]
+
+    def image_features_of(self, query_out: torch.Tensor) -> torch.Tensor:
+        out = self.connector.image_features_of(query_out)
+        return returned_tensor(self.who, "image_features_of(query_out)", out, (query_out.shape[0], None, None),
+                               "the ITC image features (B, Q, E)")
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.connector.text_features(input_ids, attention_mask)
+        return returned_tensor(self.who, "text_features(input_ids, attention_mask)", out, (input_ids.shape[0], None),
+                               "the ITC text features (B, E)")
+
+    @property
+    def temp(self) -> torch.Tensor:
+        return returned_tensor(self.who, "temp", self.connector.temp, (), "the ITC temperature as a scalar")
+
+    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: Any) -> torch.Tensor:
+        what = "itm_logits(input_ids, attention_mask, images)"
+        out = self.connector.itm_logits(input_ids, attention_mask, images)
+        return returned_tensor(self.who, what, out, (input_ids.shape[0], 2), "no-match / match logits (B, 2)")
+
+    def itg_logits_from_queries(self, layer_kv: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        what = "itg_logits_from_queries(layer_kv, input_ids, attention_mask)"
+        out = self.connector.itg_logits_from_queries(layer_kv, input_ids, attention_mask)
+        return returned_tensor(self.who, what, out, (*input_ids.shape, None), "the text's next-token logits (B, T, V)")
 
 
 def set_connector_stage(connector: nn.Module, stage: int, who: str) -> None:

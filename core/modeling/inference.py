@@ -13,7 +13,7 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from vlbridge.errors import PluginError, VLBridgeError
-from vlbridge.plugin.contract import describe, plugin_call
+from vlbridge.plugin.contract import describe, plugin_call, tokenized
 from vlbridge.modeling.running import RunningModel, checked_batch_size, evaluating
 from vlbridge.modeling.prompts import format_prompts, template_problem
 from vlbridge.parts.images import as_image_list
@@ -114,7 +114,8 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
     count = len(image_embeds) if image_embeds is not None else None
     items = as_image_list(images) if image_embeds is None else None
     instructions = _per_image(prompts, count if items is None else len(items), "prompts")  # what a connector may read
-    texts = format_prompts(model.llm, instructions)  # what the LLM reads
+    who = describe(model.plan.llm)
+    texts = format_prompts(who, model.llm, instructions)  # what the LLM reads
     if options.num_return_sequences > options.num_beams and not options.do_sample:
         raise VLBridgeError(f"num_return_sequences {options.num_return_sequences} exceeds num_beams {options.num_beams}")
     outputs: list[str] = []
@@ -126,7 +127,7 @@ def generate_batched(model: RunningModel, images: Any, prompts: Sequence[str] | 
             else:
                 visual = model.visual_tokens(image_embeds=image_embeds[start:start + batch_size].to(model.device),
                                              instructions=instructions[start:start + batch_size])
-            ids, mask = model.llm.tokenize(texts[start:start + batch_size], padding_side="left")
+            ids, mask = tokenized(who, model.llm, texts[start:start + batch_size], padding_side="left")
             _check_context(model, visual.shape[1] + ids.shape[1], options.max_new_tokens)
             new_tokens = model.llm.generate(visual, ids.to(model.device), mask.to(model.device), **options.as_kwargs())
             outputs.extend(_decoded(model, new_tokens, visual.shape[0] * options.num_return_sequences, options.max_new_tokens))

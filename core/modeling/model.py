@@ -23,7 +23,7 @@ from vlbridge.modeling import inference, retrieval
 from vlbridge.modeling.connector_protocol import connector_state, set_connector_stage
 from vlbridge.parts.freeze import FrozenPart
 from vlbridge.parts.images import to_pixel_batch
-from vlbridge.plugin.contract import describe
+from vlbridge.plugin.contract import check_tokens, describe
 
 DEFAULT_VQA_PROMPT = "Question: {} Short answer:"
 
@@ -103,7 +103,8 @@ class VLBridgeModel(nn.Module):
         """(B, 3, S, S) -> (B, N, W) encoder tokens, in fp32 for the connector. Without gradients for a
         frozen encoder; with them (where grad mode is on) when the encoder is being fine-tuned."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trains):
-            return self.encoder(pixel_values).float()
+            tokens = self.encoder(pixel_values)
+        return check_tokens(describe(self.plan.encoder), self.plan.encoder_out, tokens, batch=pixel_values.shape[0]).float()
 
     def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                       instructions: Sequence[str] | None = None) -> torch.Tensor:
@@ -124,8 +125,18 @@ class VLBridgeModel(nn.Module):
             texts = [""] * image_embeds.shape[0] if instructions is None else list(instructions)
             if len(texts) != image_embeds.shape[0]:
                 raise VLBridgeError(f"{len(texts)} instructions for {image_embeds.shape[0]} images; give one per image")
-            return self.connector(image_embeds, instructions=texts)
-        return self.connector(image_embeds)
+            tokens = self.connector(image_embeds, instructions=texts)
+        else:
+            tokens = self.connector(image_embeds)
+        return self._checked_visual(tokens, image_embeds.shape[0])
+
+    def _checked_visual(self, tokens: Any, batch: int) -> torch.Tensor:
+        """The connector's output as the plan declares it: the build checked one batch in eval mode, and
+        a forward that answers otherwise later (a tuple, another width) failed inside the LLM, naming nothing.
+        An LLM-free assembly declares no visual tokens, so there is nothing to hold them to."""
+        if self.plan.connector_out is None:
+            return tokens
+        return check_tokens(describe(self.plan.connector), self.plan.connector_out, tokens, batch=batch)
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from vlbridge.errors import PluginError
+from vlbridge.plugin.contract import plugin_call
 
-def format_prompts(llm: Any, prompts: Sequence[str]) -> list[str]:
+
+def format_prompts(who: str, llm: Any, prompts: Sequence[str]) -> list[str]:
     """Task prompts as the LLM reads them (its template or chat format); unchanged for an LLM
-    without `format_prompt`."""
+    without `format_prompt`. `who` names the LLM when its format_prompt answers other than a string."""
     fmt = getattr(llm, "format_prompt", None)
-    return [fmt(prompt) for prompt in prompts] if fmt is not None else list(prompts)
+    if fmt is None:
+        return list(prompts)
+    texts = [plugin_call(who, f"format_prompt({prompt!r:.60})", fmt, prompt) for prompt in prompts]
+    wrong = [text for text in texts if not isinstance(text, str)]
+    if wrong:
+        raise PluginError(f"{who}: format_prompt(prompt) returned a {type(wrong[0]).__name__} ({wrong[0]!r:.60}); "
+                          "it must return the prompt's text, a string (docs/writing-plugins.md, 5.4)")
+    return texts
 
 
 def template_problem(template: str, what: str, example: str = "Question: {} Short answer:") -> str | None:

@@ -11,6 +11,7 @@ this module does not import torch (check_plugin(build=False) and validation stay
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 from vlbridge.errors import PluginError, VLBridgeError
@@ -102,6 +103,55 @@ def check_llm(llm: Any, dims: Any, who: str) -> None:
     if bool(llm.is_encoder_decoder) != dims.encoder_decoder:
         raise PluginError(f"{who} declared encoder_decoder={dims.encoder_decoder} but the built model's "
                           f"is_encoder_decoder is {llm.is_encoder_decoder}")
+    if not isinstance(llm.caption_suffix, str):  # training appends it to every caption: a TypeError there named nothing
+        raise PluginError(f"{who}: caption_suffix must be a string (\"\" if the tokenizer ends texts itself), got {llm.caption_suffix!r}")
+
+
+def tokenized(who: str, llm: Any, texts: list[str], **kwargs: Any) -> "tuple[torch.Tensor, torch.Tensor]":
+    """`llm.tokenize(texts, **kwargs)` held to the guide's interface (5.4): (input_ids, attention_mask),
+    two (len(texts), length) int64 tensors. Lists (a transformers tokenizer without return_tensors)
+    or a BatchEncoding failed later inside training or generation, as an error that named nothing."""
+    import torch
+
+    shown_args = "".join(f", {name}={value!r}" for name, value in kwargs.items())
+    value = plugin_call(who, f"tokenize(texts{shown_args})", llm.tokenize, texts, **kwargs)
+    if (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(t, torch.Tensor) for t in value)
+            and value[0].dim() == 2 and value[0].shape == value[1].shape and value[0].shape[0] == len(texts)
+            and value[0].dtype == value[1].dtype == torch.int64):
+        return value[0], value[1]
+    hint = ""
+    if isinstance(value, Mapping):
+        hint = "; for a transformers BatchEncoding return (encoded['input_ids'], encoded['attention_mask'])"
+    elif isinstance(value, (tuple, list)) and any(isinstance(t, (list, tuple)) for t in value):
+        hint = "; a transformers tokenizer gives tensors with return_tensors='pt'"
+    raise PluginError(f"{who}: tokenize(texts{shown_args}) returned {_shown(value)} for {len(texts)} texts; "
+                      f"it must return (input_ids, attention_mask), two ({len(texts)}, length) int64 tensors "
+                      f"(docs/writing-plugins.md, 5.4){hint}")
+
+
+def returned_tensor(who: str, what: str, value: object, shape: tuple[int | None, ...], meaning: str,
+                    section: str = "5.3") -> "torch.Tensor":
+    """`value`, returned by the plugin's `what`, must be a tensor of `shape` (None: any size there)."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.dim() == len(shape) and all(n is None or n == m for n, m in zip(shape, value.shape)):
+        return value
+    wanted = "(" + ", ".join("?" if n is None else str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+    raise PluginError(f"{who}: {what} returned {_shown(value)}; it must return {meaning}, a {wanted} tensor "
+                      f"(docs/writing-plugins.md, {section})")
+
+
+def _shown(value: object) -> str:
+    """A plugin's return value, briefly: "a tuple of 2 (list, list)", "a (2, 5) torch.int32 tensor"."""
+    if isinstance(value, (tuple, list)):
+        items = ", ".join(_kind(item) for item in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"a {type(value).__name__} of {len(value)} ({items})"
+    return f"a {_kind(value)}"
+
+
+def _kind(value: object) -> str:
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    return f"{tuple(shape)} {dtype} tensor" if shape is not None and dtype is not None else type(value).__name__
 
 
 def check_tokens(who: str, declared: TokenShape, output: object, batch: int) -> "torch.Tensor":
@@ -112,6 +162,9 @@ def check_tokens(who: str, declared: TokenShape, output: object, batch: int) -> 
         raise PluginError(f"{who}: forward returned a {type(output).__name__}; it must return one tensor of shape "
                           f"(batch, tokens, width) = ({batch}, {declared.num_tokens}, {declared.width})")
     shape = tuple(output.shape)
+    if not output.is_floating_point():
+        raise PluginError(f"{who}: forward returned a {output.dtype} tensor of shape {shape}; it must return floating-point "
+                          f"(batch, tokens, width) = ({batch}, {declared.num_tokens}, {declared.width}) features")
     if len(shape) != 3 or shape[0] != batch:
         raise PluginError(f"{who}: forward returned shape {shape} for a batch of {batch}; it must return "
                           f"(batch, tokens, width) = ({batch}, {declared.num_tokens}, {declared.width})")

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlbridge.assemblies.assembly import Resolved
 from vlbridge.modeling.connector_protocol import set_connector_stage
-from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
+from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call, tokenized
 from vlbridge.errors import IncompatibleError, PluginError, VLBridgeError
 from vlbridge.modeling.factory import _build_frozen  # the one place frozen parts are built
 from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
@@ -151,12 +151,10 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
     llm = _build_frozen(Resolved(spec, options))
     check_llm(llm, dims, who)
     _check_frozen_count(who, spec, options, llm)
-    if not isinstance(llm.caption_suffix, str):
-        raise PluginError(f"{who}: caption_suffix must be a string (\"\" if the tokenizer ends texts itself), got {llm.caption_suffix!r}")
     if not dims.encoder_decoder:
         _probe_prompt_prefix(who, llm)
     visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
-    model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(encoder_out=TokenShape(4, dims.embed_width)),
+    model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(llm=spec, encoder_out=TokenShape(4, dims.embed_width)),
                             visual_tokens=lambda image_embeds, instructions=None: visual)
     outputs: list[Any] = []
     hook = llm.register_forward_hook(lambda module, args, output: outputs.append(output))
@@ -198,9 +196,8 @@ def _probe_prompt_prefix(who: str, llm: nn.Module) -> None:
     prompt's ids must begin the ids of prompt + caption: a tokenizer that appends an end token to
     every text (the guide's pitfall) makes the prompt one token longer than its place."""
     prompt = "Question: what is it? Short answer:"
-    alone, _ = _tokenized(who, plugin_call(who, "tokenize([prompt])", llm.tokenize, [prompt], padding_side="right"), rows=1)
-    whole, _ = _tokenized(who, plugin_call(who, "tokenize([prompt + caption])", llm.tokenize, [prompt + " " + PROBE_TEXTS[0]],
-                                           padding_side="right"), rows=1)
+    alone, _ = tokenized(who, llm, [prompt], padding_side="right")
+    whole, _ = tokenized(who, llm, [prompt + " " + PROBE_TEXTS[0]], padding_side="right")
     alone, whole = alone[0].tolist(), whole[0].tolist()
     if whole[:len(alone)] != alone:
         raise PluginError(f"{who}: tokenize(prompt) gives {alone}, which does not begin tokenize(prompt + caption) = {whole}; "
@@ -208,22 +205,13 @@ def _probe_prompt_prefix(who: str, llm: nn.Module) -> None:
                           "first (a BOS), none after the text (an end token belongs in caption_suffix)")
 
 
-def _tokenized(who: str, tokenized: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokenize's answer must be (input_ids, attention_mask): two (rows, length) tensors."""
-    if not (isinstance(tokenized, tuple) and len(tokenized) == 2 and all(isinstance(t, torch.Tensor) for t in tokenized)
-            and tokenized[0].shape == tokenized[1].shape and tokenized[0].dim() == 2 and tokenized[0].shape[0] == rows):
-        raise PluginError(f"{who}: tokenize(texts) must return (input_ids, attention_mask), two (batch, length) tensors; got {tokenized!r}")
-    return tokenized
-
-
 def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
     from vlbridge.modeling.inference import GenerationOptions, check_new_tokens
 
-    tokenized = _tokenized(who, plugin_call(who, "tokenize(texts, padding_side='left')", llm.tokenize, ["", PROBE_TEXTS[0]],
-                                            padding_side="left"), rows=2)
+    prompts = tokenized(who, llm, ["", PROBE_TEXTS[0]], padding_side="left")
     settings = GenerationOptions(max_new_tokens=3, num_beams=2).as_kwargs()
     try:
-        new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, ...)", llm.generate, visual, *tokenized, **settings)
+        new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, ...)", llm.generate, visual, *prompts, **settings)
     except PluginError:
         raise
     except VLBridgeError as exc:  # the guide's way to say "no beam search here": then greedy decoding must work
@@ -231,7 +219,7 @@ def _probe_generation(who: str, llm: nn.Module, visual: torch.Tensor) -> None:
             raise
         settings = GenerationOptions(max_new_tokens=3, num_beams=1).as_kwargs()
         new_tokens = plugin_call(who, "generate(visual_embeds, input_ids, attention_mask, num_beams=1, ...)", llm.generate,
-                                 visual, *tokenized, **settings)
+                                 visual, *prompts, **settings)
     if not (isinstance(new_tokens, torch.Tensor) and new_tokens.dim() == 2 and new_tokens.shape[0] == 2):
         raise PluginError(f"{who}: generate must return the new token ids, a (batch, length) tensor; got {new_tokens!r}")
     check_new_tokens(who, new_tokens, settings["max_new_tokens"])

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 import torch
 from pydantic import ConfigDict, Field, ValidationError
 
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import PluginError, VLBridgeError
 from vlbridge.files.config_fields import StrictNumbers
-from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE
-from vlbridge.modeling.llm_output import aligned_labels, lm_loss, prompt_lengths
+from vlbridge.modeling.connector_protocol import STAGE1_INTERFACE, Stage1Calls
+from vlbridge.modeling.llm_output import aligned_labels, lm_loss, logits_of, prompt_lengths
 from vlbridge.modeling.prompts import format_prompts
+from vlbridge.plugin.contract import describe, returned_tensor, tokenized
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, Positives, caption_positives, itc_loss, itg_loss, itm_loss,
                                    per_sample_lm_loss, prefix_lm_split, sample_hard_negatives)
@@ -188,7 +189,7 @@ class Stage1Objective(Objective):
 
     def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
         self.check(model)
-        qformer = model.connector
+        qformer = Stage1Calls(model.connector, describe(model.plan.connector))  # its answers checked where they arrive
         texts = batch_texts(batch)
         image_embeds = batch_image_embeds(model, batch)  # (B, N, W)
         if image_embeds.shape[0] != len(texts):
@@ -205,9 +206,15 @@ class Stage1Objective(Objective):
 
     def tokenize(self, qformer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """[CLS] text [SEP] [PAD]..., (B, max_text_tokens), truncated on the right."""
-        encoded = qformer.tokenizer(list(texts), padding="max_length", truncation=True,
-                                    max_length=self.options.max_text_tokens, return_tensors="pt")
-        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        length = self.options.max_text_tokens
+        encoded = qformer.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        who, what = getattr(qformer, "who", "the connector"), "tokenizer(texts, ..., return_tensors='pt')"
+        if not isinstance(encoded, Mapping) or not {"input_ids", "attention_mask"} <= set(encoded):
+            raise PluginError(f"{who}: {what} returned a {type(encoded).__name__}; it must return a mapping with input_ids and "
+                              "attention_mask (docs/writing-plugins.md, 5.3)")
+        ids, mask = (returned_tensor(who, f"{what}[{key!r}]", encoded[key], (len(texts), length), f"padded {key}")
+                     for key in ("input_ids", "attention_mask"))
+        return ids.to(device), mask.to(device)
 
     def positives(self, batch: Mapping[str, Any], texts: Sequence[str], image_ids: torch.Tensor) -> Positives | None:
         """The matching pairs under `positives: caption` (from the batch's `image_captions`); None under 'image'."""
@@ -307,10 +314,11 @@ class Stage2Objective(Objective):
         image_embeds, inputs, targets = self.parts(model, batch)
         # an instruction-aware connector reads the LLM's input text (InstructBLIP's instruction) too
         visual = model.visual_tokens(image_embeds=image_embeds, instructions=inputs)  # (B, M, D)
+        who = describe(model.plan.llm)
         if model.llm.is_encoder_decoder:
-            loss, items = self.encoder_decoder_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
+            loss, items = self.encoder_decoder_lm(who, model.llm, visual, format_prompts(who, model.llm, inputs), targets)
         else:
-            loss, items = self.decoder_only_lm(model.llm, visual, format_prompts(model.llm, inputs), targets)
+            loss, items = self.decoder_only_lm(who, model.llm, visual, format_prompts(who, model.llm, inputs), targets)
         return mean_over_items(total(lm=loss), items)
 
     def parts(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -359,13 +367,14 @@ class Stage2Objective(Objective):
         split = prefix_lm_split(captions, self.generator)
         return [join_text(self.options.prompt, prefix) for prefix, _ in split], [rest for _, rest in split]
 
-    def decoder_only_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decoder_only_lm(self, who: str, llm: Any, visual: torch.Tensor, inputs: list[str],
+                        targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """[visual; BOS input target suffix]: labels only on target and suffix (pads and input are -100).
-        Returns the loss and how many items it averages (target tokens, or samples)."""
+        Returns the loss and how many items it averages (target tokens, or samples); `who` names the LLM in errors."""
         texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
-        ids, mask = llm.tokenize(texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
+        ids, mask = tokenized(who, llm, texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
         labels = ids.masked_fill(mask.eq(0), IGNORE_INDEX)
-        input_ids, input_mask = llm.tokenize(inputs, padding_side="right")
+        input_ids, input_mask = tokenized(who, llm, inputs, padding_side="right")
         check_placeholder_kept(ids, input_ids, getattr(llm, "image_token_id", None), self.options.max_text_tokens)
         prefix_lengths = prompt_lengths(ids, input_ids, input_mask)  # (B,) with BOS
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
@@ -374,22 +383,24 @@ class Stage2Objective(Objective):
             raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
                                 "raise max_text_tokens or shorten the prompt")
         output = llm(visual, ids, mask, labels=labels)
-        aligned = aligned_labels(output, labels, visual.shape[1], IGNORE_INDEX)  # padding and input are -100 already
+        aligned = aligned_labels(who, output, labels, visual.shape[1], IGNORE_INDEX)  # padding and input are -100 already
         shifted = aligned[:, 1:]  # position t of the prompt predicts token t + 1
         if self.options.loss_average == "tokens":
-            return lm_loss(output), shifted.ne(IGNORE_INDEX).sum()
+            return lm_loss(who, output), shifted.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits[:, :-1], shifted), samples_with_targets(shifted)
 
-    def encoder_decoder_lm(self, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_decoder_lm(self, who: str, llm: Any, visual: torch.Tensor, inputs: list[str],
+                           targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder: [visual; input </s>]; decoder: target </s> (padded targets masked by the wrapper).
-        Returns the loss and how many items it averages (target tokens, or samples)."""
-        ids, mask = llm.tokenize(inputs, max_length=self.options.max_text_tokens, padding_side="right")
-        target_ids, target_mask = llm.tokenize(targets, max_length=self.options.max_text_tokens, padding_side="right")
+        Returns the loss and how many items it averages (target tokens, or samples); `who` names the LLM in errors."""
+        ids, mask = tokenized(who, llm, inputs, max_length=self.options.max_text_tokens, padding_side="right")
+        target_ids, target_mask = tokenized(who, llm, targets, max_length=self.options.max_text_tokens, padding_side="right")
         output = llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
-        labels = target_ids.to(output.logits.device).masked_fill(target_mask.to(output.logits.device).eq(0), IGNORE_INDEX)
+        logits = logits_of(who, output)
+        labels = target_ids.to(logits.device).masked_fill(target_mask.to(logits.device).eq(0), IGNORE_INDEX)
         if self.options.loss_average == "tokens":
-            return lm_loss(output), labels.ne(IGNORE_INDEX).sum()
-        return per_sample_lm_loss(output.logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
+            return lm_loss(who, output), labels.ne(IGNORE_INDEX).sum()
+        return per_sample_lm_loss(logits, labels), samples_with_targets(labels)  # the decoder's logit t predicts label t
 
 
 def check_placeholder_kept(ids: torch.Tensor, input_ids: torch.Tensor, placeholder: int | None, limit: int) -> None:
