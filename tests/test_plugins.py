@@ -99,7 +99,7 @@ def test_import_error_of_entry_point_is_recorded(monkeypatch):
         name, version = "vlbridge-missing", "1.0"
 
     class FakeEntryPoint:
-        name, dist = "vlbridge-missing", FakeDist()
+        name, dist, module = "vlbridge-missing", FakeDist(), "vlbridge_missing.plugin"
 
         def load(self):
             raise ModuleNotFoundError("No module named 'some_dependency'")
@@ -118,6 +118,7 @@ def test_two_distributions_with_one_entry_point_name_both_load(monkeypatch):
     class FakeEntryPoint:
         def __init__(self, dist: str, connector: str):
             self.name, self.dist, self.connector = "vlbridge-pool", types.SimpleNamespace(name=dist, version="1"), connector
+            self.module = f"{dist}.plugin"
 
         def load(self):
             return _connector_plugin(self.connector, len(self.dist.name))
@@ -137,7 +138,7 @@ def test_allow_and_block_lists_skip_before_import(monkeypatch):
 
     class FakeEntryPoint:
         def __init__(self, name):
-            self.name, self.dist = name, types.SimpleNamespace(name=name, version="1")
+            self.name, self.dist, self.module = name, types.SimpleNamespace(name=name, version="1"), name
 
         def load(self):
             loaded.append(self.name)
@@ -244,3 +245,45 @@ def test_hookspecs_are_documented(repo):
     guide = (repo / "docs" / "writing-plugins.md").read_text()
     for hook in HOOK_KINDS:
         assert f"{hook}()" in guide, f"{hook} is not documented in docs/writing-plugins.md"
+
+
+REGISTRATION = '''{heavy}
+import vlbridge
+
+
+@vlbridge.hookimpl
+def vlbridge_register_connectors():
+    return []
+'''
+
+
+def test_the_listing_names_a_plugin_whose_registration_module_imports_torch(tmp_path, monkeypatch, capsys):
+    """Only check_plugin said so; `vlbridge plugins` listed such a plugin as loaded, without a word.
+    Each module is probed alone (this process imported both), with check_plugin's own probe."""
+    import importlib
+    import json
+
+    from vlbridge.cli.main import main
+
+    class FakeEntryPoint:
+        def __init__(self, name: str, module: str):
+            self.name, self.module, self.dist = name, module, types.SimpleNamespace(name=name, version="1")
+
+        def load(self):
+            return importlib.import_module(self.module)
+
+    for kind, heavy in (("heavy", "import torch"), ("light", "")):
+        (tmp_path / f"{kind}_registration.py").write_text(REGISTRATION.format(heavy=heavy), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("VLBRIDGE_LOAD_PLUGINS")
+    points = [FakeEntryPoint("vlbridge-heavy", "heavy_registration"), FakeEntryPoint("vlbridge-light", "light_registration")]
+    monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: points)
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert ("\nvlbridge-heavy: heavy_registration: importing it imports torch; vlbridge imports a registration module to "
+            "list components and validate assemblies, which stay torch-free") in out
+    assert "vlbridge-light:" not in out
+    assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
+    assert listed["vlbridge-heavy"]["heavy_imports"] == ["torch"] and listed["vlbridge-light"]["heavy_imports"] == []
+    assert listed["vlbridge-heavy"]["status"] == "loaded" and listed["vlbridge-heavy"]["module"] == "heavy_registration"

@@ -6,9 +6,11 @@ import argparse
 from typing import Any
 
 from vlbridge.cli.output import print_json, print_table
+from vlbridge.plugin.loader import PluginRecord
 from vlbridge.plugin.registry import get_registry
 from vlbridge.plugin.resources import presets
 from vlbridge.plugin.specs import KINDS
+from vlbridge.plugintest.heavy_imports import heavy_import_problem, heavy_imports
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -28,18 +30,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_plugins(args: argparse.Namespace) -> int:
     registry = get_registry()
     records = [r for r in registry.plugins.records.values() if args.all or r.status != "disabled"]
+    heavy = heavy_registrations(records)
     if args.json:
-        print_json({"plugins": [r.to_dict() for r in records], "duplicates": registry.duplicates()})
+        print_json({"plugins": [{**r.to_dict(), "heavy_imports": heavy.get(r.name, [])} for r in records],
+                    "duplicates": registry.duplicates()})
         return 0
     rows = [[r.name, r.distribution, r.version, r.status, ", ".join(r.components) or "-"] for r in records]
     print_table(rows, ["PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "COMPONENTS"])
     for r in records:
-        for error in r.errors:
+        for error in r.errors + ([f"{r.module}: {heavy_import_problem(heavy[r.name])}"] if r.name in heavy else []):
             print(f"\n{r.name}: {error}")
     for dup in registry.duplicates():
         print(f"\nduplicate {dup['kind']} {dup['name']!r} from {', '.join(map(str, dup['providers']))}: "
               f"write use: '<distribution>:{dup['name']}' to choose")
     return 0
+
+
+def heavy_registrations(records: list[PluginRecord]) -> dict[str, list[str]]:
+    """The heavy modules (torch, ...) that each third-party plugin's registration module imports, by
+    plugin name, found as check_plugin finds them: the module imported alone in a fresh interpreter,
+    since this process has imported every plugin. Built-ins are held to it by vlbridge's own tests."""
+    probed = (r for r in records if not r.builtin and r.status != "disabled" and r.module)
+    return {r.name: heavy for r in probed if (heavy := heavy_imports(str(r.module)))}
 
 
 def _component_dict(spec: Any) -> dict[str, Any]:

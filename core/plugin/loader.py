@@ -33,6 +33,7 @@ class PluginRecord:
     version: str
     builtin: bool
     status: str = "loaded"  # loaded | error | disabled
+    module: str | None = None  # the registration module, where the plugin is one (the listing probes its imports)
     hooks: list[str] = field(default_factory=list)
     components: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -44,6 +45,7 @@ class PluginRecord:
             "version": self.version,
             "builtin": self.builtin,
             "status": self.status,
+            "module": self.module,
             "hooks": self.hooks,
             "components": self.components,
             "errors": self.errors,
@@ -86,9 +88,12 @@ class PluginSet:
         self.records: dict[str, PluginRecord] = {}
 
     # -- registration --------------------------------------------------------------------------
-    def register(self, plugin: ModuleType | object, name: str, distribution: str, version: str, builtin: bool) -> None:
-        """Register one plugin object, recording (or in strict mode raising) what goes wrong."""
-        record = PluginRecord(name=name, distribution=distribution, version=version, builtin=builtin)
+    def register(self, plugin: ModuleType | object, name: str, distribution: str, version: str, builtin: bool,
+                 module: str | None = None) -> None:
+        """Register one plugin object, recording (or in strict mode raising) what goes wrong; `module`:
+        the module it came from (default: the plugin's own name where it is a module)."""
+        module = module or (plugin.__name__ if isinstance(plugin, ModuleType) else None)
+        record = PluginRecord(name=name, distribution=distribution, version=version, builtin=builtin, module=module)
         self.records[name] = record
         unknown = unknown_hooks(plugin)
         if unknown:
@@ -146,11 +151,11 @@ class PluginSet:
             try:
                 plugin = ep.load()
             except Exception as exc:
-                record = PluginRecord(name, dist, version, builtin=False)
+                record = PluginRecord(name, dist, version, builtin=False, module=ep.module)
                 self.records[name] = record
                 self.fail(record, _short_error(exc) + _where(exc), exc)
                 continue
-            self.register(plugin, name, dist, version, builtin=False)
+            self.register(plugin, name, dist, version, builtin=False, module=ep.module)
 
     # -- calling hooks, one implementation at a time --------------------------------------------
     def call_each(self, hook_name: str) -> list[tuple[PluginRecord, Any]]:

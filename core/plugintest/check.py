@@ -22,7 +22,7 @@ from vlbridge.plugin.hookspecs import HOOK_KINDS
 from vlbridge.plugin.loader import PluginSet, unknown_hooks
 from vlbridge.plugin.sources import checked_sources
 from vlbridge.plugin.specs import SPEC_TYPES, ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
-from vlbridge.plugintest.heavy_imports import heavy_imports
+from vlbridge.plugintest.heavy_imports import heavy_import_problem, heavy_imports
 
 if TYPE_CHECKING:
     from vlbridge.plugin.registry import Registry
@@ -48,9 +48,7 @@ def check_plugin(module: str | ModuleType, *, build: bool = True, options: Mappi
     name = getattr(plugin, "__name__", repr(plugin))
     heavy = heavy_imports(module) if isinstance(module, str) else []
     if heavy:
-        raise PluginError(f"{name}: importing it imports {', '.join(heavy)}; vlbridge imports a registration module to list "
-                          "components and validate assemblies, which stay torch-free: import these in the module the "
-                          "factory string names instead (docs/writing-plugins.md, section 3)")
+        raise PluginError(f"{name}: {heavy_import_problem(heavy)}")
     unknown = unknown_hooks(plugin)
     if unknown:
         raise PluginError(f"{name}: unknown hook(s) {unknown}; known hooks: {sorted(HOOK_KINDS)}")

@@ -2,7 +2,8 @@
 
 vlbridge imports every registration module to list components and validate assemblies, which must
 stay fast and torch-free (docs/writing-plugins.md, section 3). The import is tried in a fresh
-interpreter, so the answer does not depend on what the calling process (a test suite) imported before.
+interpreter, so the answer does not depend on what the calling process (a test suite, or the plugin
+listing, which has imported every plugin) imported before; this module itself imports no torch.
 """
 
 from __future__ import annotations
@@ -28,3 +29,11 @@ def heavy_imports(module_name: str) -> list[str]:
     if result.returncode != 0 or MARKER not in result.stdout:
         return []
     return result.stdout.rsplit(MARKER, 1)[1].split()
+
+
+def heavy_import_problem(heavy: list[str]) -> str:
+    """Why a registration module that imports `heavy` is wrong, for check_plugin and the plugin
+    listing to say after its name."""
+    return (f"importing it imports {', '.join(heavy)}; vlbridge imports a registration module to list components and "
+            "validate assemblies, which stay torch-free: import these in the module the factory string names instead "
+            "(docs/writing-plugins.md, section 3)")
