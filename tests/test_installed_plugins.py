@@ -80,6 +80,8 @@ def test_plugins_lists_the_example_and_shows_broken_ones(venv):
     assert plugins["vlbridge-resampler"]["status"] == "loaded"
     assert plugins["vlbridge-resampler"]["components"] == ["connector:resampler"]
     assert plugins["vlbridge-resampler"]["version"] == "0.1.0"
+    assert plugins["vlbridge-resampler"]["module"] == "vlbridge_resampler.plugin"
+    assert plugins["vlbridge-resampler"]["heavy_imports"] == plugins["vlbridge-broken"]["heavy_imports"] == []  # torch-free; unimportable
     assert plugins["vlbridge-broken"]["status"] == "error"
     assert "No module named 'vlbridge_dependency_that_is_not_installed'" in plugins["vlbridge-broken"]["errors"][0]
     assert "unknown hook(s) ['vlbridge_register_encoder']" in plugins["vlbridge-typo"]["errors"][0]
