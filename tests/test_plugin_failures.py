@@ -12,7 +12,7 @@ from PIL import Image
 from tests import fake_plugins as fake
 from vlbridge.cli.main import main
 from vlbridge.plugintest.check import using_registry
-from vlbridge.plugin.specs import LLMDims
+from vlbridge.plugin.specs import LLMDims, Preprocess
 
 CONNECTOR_FAULTS = {
     "factory raises": ("build_raises", "its factory 'tests.fake_plugins:build_raises' raised RuntimeError: cannot find my weights"),
@@ -107,14 +107,22 @@ def test_a_faulty_declaration_is_named_by_validate(tmp_path, capsys, fault):
     assert f"connector 'bad' (plugin vlbridge-bad): {expected}" in err, err
 
 
-def test_an_encoders_faulty_declaration_is_named_by_validate(tmp_path, capsys):
-    encoder = fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), preprocess=lambda o: 28)])
+@pytest.mark.parametrize("preprocess, expected", [
+    (lambda o: 28, "preprocess() returned 28; it must return a vlbridge.Preprocess"),
+    # passed validate, then failed the build as "internal error: TypeError: zeros(): argument 'size' ..."
+    (lambda o: Preprocess(224 / 8, (0.5,) * 3, (0.5,) * 3),
+     "preprocess() raised ValueError: image_size must be a positive whole number of pixels (an int); got 28.0"),
+    (lambda o: Preprocess(28, (0.5,) * 3, (0.5,) * 3, resize_size=32.0),
+     "preprocess() raised ValueError: resize_size must be a positive whole number of pixels (an int); got 32.0"),
+])
+def test_an_encoders_faulty_declaration_is_named_by_validate(tmp_path, capsys, preprocess, expected):
+    encoder = fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), preprocess=preprocess)])
     path = tmp_path / "assembly.yaml"
     path.write_text(yaml.safe_dump(fake.assembly(encoder="patches")), encoding="utf-8")
     with using_registry(fake.registry(patches=encoder, pool=fake.connector_plugin())):
         code = main(["validate", str(path)])
     err = capsys.readouterr().err
-    assert code == 2 and "encoder 'patches' (plugin vlbridge-patches): preprocess() returned 28; it must return a vlbridge.Preprocess" in err, err
+    assert code == 2 and f"encoder 'patches' (plugin vlbridge-patches): {expected}" in err, err
 
 
 @pytest.mark.parametrize("dims", [LLMDims(64, None, False), LLMDims("64", 128, False), LLMDims(64, 128, False, vocab_size="530")])

@@ -86,6 +86,10 @@ class Preprocess:
             object.__setattr__(self, "pad_to_square", tuple(int(v) for v in fill))  # numpy ints and lists: plain, hashable
         if not all(v > 0 for v in self.std):
             raise ValueError(f"std {tuple(self.std)} must be positive in each channel (it divides the pixels)")
+        for field in ("image_size", "resize_size"):  # a float side (a division's result) failed at build, naming nothing
+            size = getattr(self, field)
+            if not (size is None and field == "resize_size") and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+                raise ValueError(f"{field} must be a positive whole number of pixels (an int); got {size!r}")
         if self.resize_size is not None and self.resize_size < self.image_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
                              "the centre crop would have to pad")
