@@ -139,3 +139,20 @@ def test_a_prompt_wording_the_processor_has_no_place_for_is_kept_in_a_file_and_n
     assert "note: left out of the transformers BLIP-2 processor" in capsys.readouterr().out and (tmp_path / "cli" / PROMPT_FILE).is_file()
     plain = vlbridge.export_hf_blip2(vlbridge.build("tiny-qformer-opt", stage=2), tmp_path / "plain")  # prompts as typed: no file
     assert not (plain / PROMPT_FILE).exists()
+
+
+@pytest.mark.parametrize("options", [{"prompt_template": "USER: <image>\n{} ASSISTANT:"},
+                                     {"prompt_format": "chat", "prompt_template": "<image>\n{}"}], ids=["template", "chat"])
+def test_visual_tokens_placed_inside_the_prompt_are_a_difference_the_blip2_export_names(tmp_path, options):
+    """An LLM whose prompt holds the image token gets the visual tokens there; transformers' BLIP-2
+    processor always puts the query tokens before the whole text, so the export was exact in weights and
+    not in what the model reads: it is refused (or exported approximately on request), by name."""
+    from tests.hf_families import make_llm_dir
+
+    make_llm_dir(tmp_path / "llama", "llama", chat=options.get("prompt_format") == "chat")
+    model = vlbridge.build({**_tiny(), "llm": {"use": "hf-causal-lm", "options": {"model": str(tmp_path / "llama"), **options}}},
+                           stage=2)
+    assert blip2_differences(model.assembly) == []  # the weights alone map exactly
+    with pytest.raises(ApproximateExportError, match=r"puts the visual tokens where its prompt holds the image token"):
+        vlbridge.export_hf_blip2(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -658,3 +658,18 @@ def test_a_model_trained_in_vlbridge_exports_the_chat_template_of_its_prompts(tm
                     "USER: <image>\nhow many red things are there in the picture? ASSISTANT:")
     with pytest.raises(TemplateError, match="give one user message with at most one image and its text \\(no system message"):
         processor.apply_chat_template([{"role": "system", "content": "be brief"}, *_turn(PROMPTS[0])])
+
+
+def test_a_prompt_without_the_image_token_is_refused_by_the_llava_export(tmp_path):
+    """A prompt template without the image token ('Question: {} Answer:') has vlbridge put the visual
+    tokens before the whole text, BOS included: LLaVA places them only at its image token, so the
+    export was written and its processor then failed on every image."""
+    from tests.hf_families import make_llm_dir
+
+    make_llm_dir(tmp_path / "llama", "llama")
+    assembly = _llava_assembly(tmp_path / "clip", tmp_path / "llama")
+    assembly["llm"]["options"]["prompt_template"] = "Question: {} Answer:"
+    model = vlbridge.build(assembly, stage=2)
+    with pytest.raises(VLBridgeError, match=r"prompt \('Question: \{\} Answer:'\) has none.*prompt_template holding the image token"):
+        vlbridge.export_hf_llava(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -61,6 +61,16 @@ def warn_left_out(connector: torch.nn.Module, fmt: str, text_side: bool) -> None
                       "checkpoint keeps them (for `vlbridge retrieve` and stage-1 training)", LeftOutOfExportWarning, stacklevel=3)
 
 
+def prompt_places_visual_tokens(llm: Any) -> bool:
+    """Whether `llm` words a prompt with its image token in it, so that the visual tokens go there
+    (LLaVA's way) rather than before the whole text (BLIP-2's). The two formats each hold only one."""
+    token_id = getattr(llm, "image_token_id", None)
+    if token_id is None:
+        return False
+    ids, mask = llm.tokenize([llm.format_prompt("...")])
+    return bool(ids[0][mask[0].bool()].eq(token_id).any())
+
+
 PROMPT_FILE = "vlbridge_prompt.json"  # how vlbridge words prompts, in an export whose processor has no place for it
 
 

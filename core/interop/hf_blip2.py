@@ -25,7 +25,7 @@ from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import (
-    PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_wording, settle, warn_left_out,
+    PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_places_visual_tokens, prompt_wording, settle, warn_left_out,
 )
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
@@ -286,19 +286,26 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
     hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()
     load_export_state(hf, state, llm_model, "Blip2ForConditionalGeneration")
-    settle("transformers' BLIP-2", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
+    settle("transformers' BLIP-2", blip2_differences(model.assembly, model.llm), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
     processor = Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
                                num_query_tokens=model.assembly.connector.options.num_query_tokens)
     return write_export(out_dir, hf, processor, prompt_wording(model, "transformers BLIP-2"))
 
 
-def blip2_differences(assembly) -> list[str]:
-    """What transformers' BLIP-2 (and InstructBLIP) would change in an eva-vit-g + qformer assembly."""
+def blip2_differences(assembly, llm: Any = None) -> list[str]:
+    """What transformers' BLIP-2 (and InstructBLIP) would change in an eva-vit-g + qformer assembly
+    (and in how its built `llm`, where given, places the visual tokens)."""
+    found = []
     con_eps, vision_eps = assembly.connector.options.ln_vision_eps, assembly.encoder.options.layer_norm_eps
-    if con_eps == vision_eps:
-        return []
-    return [f"its ln_vision epsilon {con_eps:g} becomes {vision_eps:g}, because transformers runs ln_vision (the vision "
-            f"post_layernorm) with the vision layer_norm_eps; set the qformer option ln_vision_eps to {vision_eps:g} to export exactly"]
+    if con_eps != vision_eps:
+        found.append(f"its ln_vision epsilon {con_eps:g} becomes {vision_eps:g}, because transformers runs ln_vision (the vision "
+                     f"post_layernorm) with the vision layer_norm_eps; set the qformer option ln_vision_eps to {vision_eps:g} to export exactly")
+    if llm is not None and prompt_places_visual_tokens(llm):
+        found.append(f"its LLM puts the visual tokens where its prompt holds the image token ({llm.format_prompt('{}')!r}), "
+                     "but transformers' processor puts the query tokens before the whole text (and a prompt holding the "
+                     "image token would give it one too many); give the LLM a prompt_template without the image token "
+                     "(prompt_format plain) to export exactly")
+    return found
 
 
 def probe_difference(model, hf, image_token_index: int) -> float:

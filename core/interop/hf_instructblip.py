@@ -120,7 +120,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
     hf = InstructBlipForConditionalGeneration(config).eval()
     load_export_state(hf, state, llm_model, "InstructBlipForConditionalGeneration")
-    settle("transformers' InstructBLIP", blip2_differences(model.assembly), lambda: probe_difference(model, hf, image_token_index),
+    settle("transformers' InstructBLIP", blip2_differences(model.assembly, model.llm), lambda: probe_difference(model, hf, image_token_index),
            allow_approximate)
     truncating_by_default(tokenizer, "transformers InstructBLIP")  # the processor then cuts instructions as vlbridge does
     processor = InstructBlipProcessor(blip_image_processor(model.plan.preprocess), tokenizer, instruction_tokenizer(model.connector),

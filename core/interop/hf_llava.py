@@ -33,7 +33,7 @@ from vlbridge.files.userfiles import read_json
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.export_state import require_stage2
-from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, settle
+from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_places_visual_tokens, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import llava_image_processor, write_export
 
@@ -207,6 +207,10 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     if llm.image_token_id is None or llm.image_token_id >= vocab:
         raise VLBridgeError(f"LLaVA embeds its image token: the LLM's image token id {llm.image_token_id} must lie inside its "
                             f"vocabulary of {vocab}; resize the LLM's embeddings or pick an image_token the vocabulary holds")
+    if not prompt_places_visual_tokens(llm):  # vlbridge puts them first, before BOS, where LLaVA cannot
+        raise VLBridgeError(f"LLaVA reads its visual tokens where the prompt holds its image token; this model's prompt "
+                            f"({llm.format_prompt('{}')!r}) has none, so vlbridge puts them before the whole text, which "
+                            "LLaVA cannot; give the LLM a prompt_template holding the image token, e.g. 'USER: <image>\\n{} ASSISTANT:'")
     tower = model.encoder.tower  # hf-vision: the transformers vision model
     layer = encoder_opts.layer
     layers = model.connector.layers
