@@ -41,6 +41,27 @@ def collate(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
     return batch
 
 
+BATCH_KEYS = ("skipped", "consumed", "streams")  # what collate adds about the whole batch, not per item
+
+
+def select_items(batch: Mapping[str, Any], keep: Sequence[bool]) -> dict[str, Any]:
+    """The collated batch with only the items where `keep` is true; the batch-wide fields (skips,
+    consumed count, stream positions) stay as they were, since they describe what was read."""
+    size = len(batch["index"])
+    if len(keep) != size:
+        raise DataError(f"select_items: {len(keep)} flags for a batch of {size} items")
+    rows = torch.tensor([i for i, flag in enumerate(keep) if flag], dtype=torch.long)
+    picked: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in BATCH_KEYS:
+            picked[key] = value
+        elif isinstance(value, torch.Tensor):
+            picked[key] = value[rows]
+        else:
+            picked[key] = [value[i] for i in rows.tolist()]
+    return picked
+
+
 def _stream_positions(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, int]:
     positions: dict[str, int] = {}
     for item in items:

@@ -69,6 +69,17 @@ class ResumableSampler(Sampler[int]):
         order = (order * (total // self.length + 1))[:total]  # pad by repeating; or cut, with drop_last
         return order[self.rank :: self.world_size]
 
+    def repeats(self) -> frozenset[int]:
+        """The dataset indices this rank reads only to pad the epoch: each is another rank's sample
+        too, so an evaluation that counts them counts that sample twice. At most one per rank, the
+        last of its order, and never one of its own samples (the padding repeats the first
+        `world_size` positions, which fall to other ranks whenever there is padding)."""
+        if self.drop_last:
+            return frozenset()
+        order = epoch_order(self.length, self.seed, self.epoch, self.shuffle)
+        padded = range(self.length, self.per_rank * self.world_size)
+        return frozenset(order[position % self.length] for position in padded if position % self.world_size == self.rank)
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.rank_order()[self.start :])
 

@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlbridge.data import DataConfig, DataError
-from vlbridge.data.batching import DataProgress
+from vlbridge.data.batching import DataProgress, select_items
 from vlbridge.data.build import build_dataset, make_loader, read_records
 from vlbridge.data.datasets import RecordDataset, TextOptions
+from vlbridge.data.order import ResumableSampler
 from vlbridge.data.transforms import eval_transform
 from vlbridge.errors import VLBridgeError
 from vlbridge.modeling.model import VLBridgeModel
@@ -138,6 +139,20 @@ def lockstep(batches: Iterable[Mapping[str, Any]], world_size: int) -> Iterator[
                             "data.eval enough readable samples (tar shards) for every rank")
         assert last is not None
         yield last, batch is not None
+
+
+def evaluation_batches(loader: DataLoader, world_size: int) -> Iterator[tuple[Mapping[str, Any], bool]]:
+    """`lockstep` over an evaluation loader, without the samples its sampler repeats only to give
+    every rank as many (`ResumableSampler.repeats`): each sample then counts once over the ranks, so
+    N processes report the metrics one process would. A batch of nothing but repeats still runs
+    (the ranks' collectives must meet) and does not count."""
+    sampler = loader.sampler
+    repeats = sampler.repeats() if isinstance(sampler, ResumableSampler) else frozenset()  # tar shards: disjoint, none
+    for batch, counts in lockstep(loader, world_size):
+        keep = [int(index) not in repeats for index in batch["index"]]
+        if counts and not all(keep):
+            batch, counts = (select_items(batch, keep), True) if any(keep) else (batch, False)
+        yield batch, counts
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

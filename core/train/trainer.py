@@ -48,7 +48,7 @@ from vlbridge.files.checkpoint_source import resolve_checkpoint
 from vlbridge.train.config import TrainConfig, check_config, dump_config, read_config
 from vlbridge.train.finetune import Recipe, apply_finetune, describe_trainable, trainable_counts
 from vlbridge.train.finetune_config import FinetuneConfig
-from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, lockstep, to_device
+from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, evaluation_batches, to_device
 from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer, load_optimizer_state
@@ -296,7 +296,8 @@ class Trainer:
 
     def evaluate(self) -> int:
         """Mean validation loss over every rank's share (per item where the objective counts items,
-        else per sample), logged; RNG and mode restored."""
+        else per sample), each sample counted once (the repeats that even out the ranks' shares are
+        left out), logged; RNG and mode restored."""
         if self.eval_set is None:
             return self.step
         self.model.eval()
@@ -304,7 +305,7 @@ class Trainer:
         loader = make_loader(self.eval_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
                              world_size=self.where.world_size, num_workers=self.config.data.eval.num_workers)
         with torch.no_grad(), rt.isolated_rng(self.device), rt.autocast(self.device, self.config.precision):
-            for batch, counts in lockstep(loader, self.where.world_size):
+            for batch, counts in evaluation_batches(loader, self.where.world_size):
                 losses = dict(self.objective(self.model, to_device(batch, self.device)))
                 if not counts:  # a repeat that only keeps this rank in step with the others' collectives
                     continue
