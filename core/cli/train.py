@@ -31,7 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, label = read_config(args.config)  # structure first: no torch, no weights
     assembly = check_config(config, label)
     if args.check:
-        for note in read_annotations(config):
+        for note in [*read_annotations(config), *text_length_note(config)]:
             print(note)
         print(assembly.plan.describe())
         length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"
@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"vlbridge train: interrupted; {resume_hint(config.output_dir, args.config)}", file=sys.stderr, flush=True)
         return 130  # the hint is the whole message: no second, bare "interrupted" from main
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
-        print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}")
+        texts = f"; texts: {result.texts}" if result.texts else ""  # those cut at max_text_tokens, when any
+        print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}{texts}")
     return 0
 
 
@@ -87,6 +88,19 @@ def read_annotations(config) -> list[str]:
         if where == "data.train":
             check_a_batch_fits(len(records), config.batch_size, config.drop_last)
     return notes
+
+
+def text_length_note(config) -> list[str]:
+    """Stage 2 cuts every text at max_text_tokens; --check cannot say how many it will cut (that takes
+    the LLM's tokenizer, which comes with its weights), so it says where the count will be told."""
+    if config.stage != 2:
+        return []
+    from vlbridge.train.objectives import OBJECTIVES
+
+    limit = OBJECTIVES["stage2"].Options.model_validate(config.objective).max_text_tokens
+    return [f"texts: stage 2 cuts each at objective.max_text_tokens {limit} LLM tokens, prompt included; --check does not "
+            "count how many that cuts (it loads no tokenizer): training warns once with the count, and with the rows "
+            "left with no target token"]
 
 
 def check_a_batch_fits(samples: int, batch_size: int, drop_last: bool) -> None:

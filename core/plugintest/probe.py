@@ -155,7 +155,7 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
         _probe_prompt_prefix(who, llm)
     visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
     model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(llm=spec, encoder_out=TokenShape(4, dims.embed_width)),
-                            visual_tokens=lambda image_embeds, instructions=None: visual)
+                            visual_tokens=lambda image_embeds, instructions=None: visual, training=True)  # a training pass
     outputs: list[Any] = []
     hook = llm.register_forward_hook(lambda module, args, output: outputs.append(output))
     try:

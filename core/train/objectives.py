@@ -27,7 +27,8 @@ from vlbridge.modeling.prompts import format_prompts
 from vlbridge.plugin.contract import describe, returned_tensor, tokenized
 from vlbridge.train.distributed import all_gather_no_grad, all_gather_with_grad, is_distributed
 from vlbridge.train.losses import (DEFAULT_TEMP_RANGE, IGNORE_INDEX, Positives, caption_positives, itc_loss, itg_loss, itm_loss,
-                                   per_sample_lm_loss, prefix_lm_split, sample_hard_negatives)
+                                   no_target_loss, per_sample_lm_loss, prefix_lm_split, sample_hard_negatives)
+from vlbridge.train.text_cuts import SETTING, TextCuts, cut_rows
 
 if TYPE_CHECKING:
     from vlbridge.modeling.model import VLBridgeModel
@@ -309,16 +310,24 @@ class Stage2Objective(Objective):
             return f"the model is set to stage {model.stage}; call model.set_stage(2)"
         return None
 
+    def __init__(self, generator: torch.Generator | None = None, **options: Any) -> None:
+        super().__init__(generator, **options)
+        limit = self.options.max_text_tokens
+        self.text_cuts = {"train": TextCuts(limit), "eval": TextCuts(limit)}  # texts cut at max_text_tokens, by the model's mode
+
     def __call__(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> Losses:
         self.check(model)
         image_embeds, inputs, targets = self.parts(model, batch)
         # an instruction-aware connector reads the LLM's input text (InstructBLIP's instruction) too
         visual = model.visual_tokens(image_embeds=image_embeds, instructions=inputs)  # (B, M, D)
         who = describe(model.plan.llm)
+        cuts = self.text_cuts["train" if model.training else "eval"]
         if model.llm.is_encoder_decoder:
-            loss, items = self.encoder_decoder_lm(who, model.llm, visual, format_prompts(who, model.llm, inputs), targets)
+            loss, items = self.encoder_decoder_lm(who, model.llm, visual, format_prompts(who, model.llm, inputs), targets, cuts)
         else:
-            loss, items = self.decoder_only_lm(who, model.llm, visual, format_prompts(who, model.llm, inputs), targets)
+            fixed_prompt = self.explicit_pairs(batch) is None  # every row's input is the objective's prompt
+            loss, items = self.decoder_only_lm(who, model.llm, visual, format_prompts(who, model.llm, inputs), targets, cuts,
+                                               fixed_prompt)
         return mean_over_items(total(lm=loss), items)
 
     def parts(self, model: "VLBridgeModel", batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -367,34 +376,45 @@ class Stage2Objective(Objective):
         split = prefix_lm_split(captions, self.generator)
         return [join_text(self.options.prompt, prefix) for prefix, _ in split], [rest for _, rest in split]
 
-    def decoder_only_lm(self, who: str, llm: Any, visual: torch.Tensor, inputs: list[str],
-                        targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decoder_only_lm(self, who: str, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str], cuts: TextCuts,
+                        fixed_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """[visual; BOS input target suffix]: labels only on target and suffix (pads and input are -100).
-        Returns the loss and how many items it averages (target tokens, or samples); `who` names the LLM in errors."""
+        Returns the loss and how many items it averages (target tokens, or samples); a batch whose
+        every input filled max_text_tokens has no item: a zero loss over 0 items. `fixed_prompt`
+        (every input is the objective's own prompt): then every batch would, which is an error.
+        `who` names the LLM in errors."""
+        limit = self.options.max_text_tokens
         texts = [join_text(prefix, target) + llm.caption_suffix for prefix, target in zip(inputs, targets)]
-        ids, mask = tokenized(who, llm, texts, max_length=self.options.max_text_tokens, padding_side="right")  # (B, T)
+        ids, mask = tokenized(who, llm, texts, max_length=limit, padding_side="right")  # (B, T)
         labels = ids.masked_fill(mask.eq(0), IGNORE_INDEX)
         input_ids, input_mask = tokenized(who, llm, inputs, padding_side="right")
-        check_placeholder_kept(ids, input_ids, getattr(llm, "image_token_id", None), self.options.max_text_tokens)
+        check_placeholder_kept(ids, input_ids, getattr(llm, "image_token_id", None), limit)
         prefix_lengths = prompt_lengths(ids, input_ids, input_mask)  # (B,) with BOS
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
         labels = labels.masked_fill(positions < prefix_lengths[:, None], IGNORE_INDEX)
-        if not labels.ne(IGNORE_INDEX).any():
-            raise VLBridgeError(f"no target token left: the prompt fills all {self.options.max_text_tokens} text tokens; "
-                                "raise max_text_tokens or shorten the prompt")
+        taught = labels.ne(IGNORE_INDEX).any(dim=1)  # (B,)
+        cuts.add(cut_rows(llm, texts, limit), ~taught)
+        if fixed_prompt and not taught.any():
+            raise VLBridgeError(f"no target token left: the prompt fills all {limit} text tokens; "
+                                f"raise {SETTING} or shorten the prompt")
         output = llm(visual, ids, mask, labels=labels)
         aligned = aligned_labels(who, output, labels, visual.shape[1], IGNORE_INDEX)  # padding and input are -100 already
+        if not taught.any():
+            return no_target_loss(logits_of(who, output)), taught.sum()
         shifted = aligned[:, 1:]  # position t of the prompt predicts token t + 1
         if self.options.loss_average == "tokens":
             return lm_loss(who, output), shifted.ne(IGNORE_INDEX).sum()
         return per_sample_lm_loss(output.logits[:, :-1], shifted), samples_with_targets(shifted)
 
-    def encoder_decoder_lm(self, who: str, llm: Any, visual: torch.Tensor, inputs: list[str],
-                           targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_decoder_lm(self, who: str, llm: Any, visual: torch.Tensor, inputs: list[str], targets: list[str],
+                           cuts: TextCuts) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder: [visual; input </s>]; decoder: target </s> (padded targets masked by the wrapper).
         Returns the loss and how many items it averages (target tokens, or samples); `who` names the LLM in errors."""
-        ids, mask = tokenized(who, llm, inputs, max_length=self.options.max_text_tokens, padding_side="right")
-        target_ids, target_mask = tokenized(who, llm, targets, max_length=self.options.max_text_tokens, padding_side="right")
+        limit = self.options.max_text_tokens
+        ids, mask = tokenized(who, llm, inputs, max_length=limit, padding_side="right")
+        target_ids, target_mask = tokenized(who, llm, targets, max_length=limit, padding_side="right")
+        cut = cut_rows(llm, list(inputs), limit) | cut_rows(llm, list(targets), limit).to(ids.device)
+        cuts.add(cut, target_mask.sum(dim=1).eq(0))  # the target keeps its </s>: always taught
         output = llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
         logits = logits_of(who, output)
         labels = target_ids.to(logits.device).masked_fill(target_mask.to(logits.device).eq(0), IGNORE_INDEX)

@@ -53,6 +53,7 @@ from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer, load_optimizer_state
 from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
+from vlbridge.train.text_cuts import SETTING as TEXT_SETTING, TextCuts
 
 Objective = Callable[[VLBridgeModel, Mapping[str, Any]], dict[str, torch.Tensor]]
 RESUME_MUST_MATCH = ("assembly", "stage", "finetune")  # another model, stage or recipe cannot continue a checkpoint
@@ -79,6 +80,7 @@ class TrainResult:
     eval: dict[str, Any] | None = None
     nonfinite: int = 0
     data: str = ""  # what the data loader read and skipped (DataProgress.summary)
+    texts: str = ""  # training texts the objective cut at max_text_tokens, over the whole run ('' when none: TextCuts.summary)
 
 
 def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None,
@@ -130,6 +132,7 @@ class Trainer:
         self.step, self.nonfinite, self.nonfinite_in_row, self.skipped_before = 0, 0, 0, 0
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] | None = None
+        self.cuts_told: set[str] = set()  # "train", "eval": cut texts were reported (once per run each)
         self.bar: Any = Silent()
         self.metrics: Any = MetricsLog(self.output_dir, config.tensorboard) if where.main else Silent()
 
@@ -179,7 +182,9 @@ class Trainer:
         if saved_at != self.step:
             self.save()
         final = ckpt.checkpoint_dir(self.output_dir, self.step)
-        return TrainResult(self.step, final, self.last_train, self.last_eval, self.nonfinite, self.progress.summary())
+        cut = self.cut_texts("train")
+        return TrainResult(self.step, final, self.last_train, self.last_eval, self.nonfinite, self.progress.summary(),
+                           cut.summary("training texts") if cut is not None else "")
 
     def train_step(self) -> None:
         """One optimizer step over grad_accum micro-batches, or a skipped one if any loss is non-finite."""
@@ -212,9 +217,12 @@ class Trainer:
                                 "samples (data.strict: true stops at the first), or raise batch_size")
         if self.sharded is not None:
             fsdp.average_gradients(self.model.trainable_parameters())  # what DDP's all-reduce does
+        taught = True
         if items is not None:
-            sums = self.mean_over_global_items(items, sums)
-        if rt.all_finite(finite):
+            sums, taught = self.mean_over_global_items(items, sums)
+        if not taught:
+            self.skip_untaught_step()
+        elif rt.all_finite(finite):
             self.optimizer_step()
             self.window.add(sums)
             self.nonfinite_in_row = 0
@@ -222,17 +230,17 @@ class Trainer:
             self.skip_step(sums)
         self.scheduler.step()
 
-    def mean_over_global_items(self, items: torch.Tensor, sums: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def mean_over_global_items(self, items: torch.Tensor, sums: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
         """Turn the step's item-weighted sums into means over every rank's items: the gradients (which
         DDP averaged over the ranks) are scaled by world_size / N, and the logged losses become the
-        global means (the same on every rank)."""
+        global means (the same on every rank). Also whether there was any item (N > 0)."""
         totals = rt.sum_tensor_over_ranks(torch.stack([items.float(), *(value.float() for value in sums.values())]))
         count = totals[0].clamp_min(1.0)
         scale = self.where.world_size / count
         for param in self.model.trainable_parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
-        return {name: total / count for name, total in zip(sums, totals[1:])}
+        return {name: total / count for name, total in zip(sums, totals[1:])}, bool(totals[0] > 0)
 
     def usable(self, batch: Mapping[str, Any]) -> bool:
         """A batch whose every sample was skipped trains nothing; under DDP that would stall the others."""
@@ -266,18 +274,48 @@ class Trainer:
         self.nonfinite_in_row += 1
         parts = ", ".join(f"{name} {float(value):.4g}" for name, value in sums.items())
         limit = self.config.max_nonfinite
-        message = f"step {self.step + 1}: non-finite loss ({parts}); step skipped ({self.nonfinite_in_row}/{limit} in a row)"
-        if self.quiet:
-            self.say(message)
-        else:
-            self.bar.write(message)
+        self.warn(f"step {self.step + 1}: non-finite loss ({parts}); step skipped ({self.nonfinite_in_row}/{limit} in a row)")
         if self.nonfinite_in_row >= limit:
             latest = ckpt.latest_checkpoint(self.output_dir)
             raise NonFiniteLossError(
                 f"stopped at step {self.step + 1}: {self.nonfinite_in_row} non-finite losses in a row (max_nonfinite: {limit}). "
                 f"Last checkpoint: {latest or 'none'}. Lower optimizer.lr, set grad_clip, or use bf16 instead of fp16.")
 
+    def skip_untaught_step(self) -> None:
+        """A step whose whole global batch has no item to learn (no target token on any rank) updates
+        nothing: AdamW would still move the weights on its momentum and decay, driven by no data."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.warn(f"step {self.step + 1}: no text of the whole batch kept a target token (each one's input filled "
+                  f"{TEXT_SETTING}); step skipped")
+
     # -- reporting --------------------------------------------------------------------------------
+    def warn(self, message: str) -> None:
+        """A line the user must see: above the progress bar, or on stderr in a quiet run (rank 0 only)."""
+        if self.quiet:
+            self.say(message)
+        else:
+            self.bar.write(message)
+
+    def counted_texts(self, phase: str) -> TextCuts | None:
+        """This rank's count of the texts the objective cut at max_text_tokens while training or
+        evaluating (`phase` "train" or "eval"); None for an objective that counts none (stage 1, custom)."""
+        counted = getattr(self.objective, "text_cuts", None)
+        return counted.get(phase) if isinstance(counted, Mapping) else None
+
+    def cut_texts(self, phase: str) -> TextCuts | None:
+        """`counted_texts` summed over the ranks (a collective: every rank calls it)."""
+        mine = self.counted_texts(phase)
+        return None if mine is None else mine.with_counts(rt.sum_over_ranks(mine.counts()))
+
+    def tell_cut_texts(self, phase: str, what: str) -> None:
+        """Warn, once per run for each phase, when the objective cut texts so far."""
+        if phase in self.cuts_told:
+            return
+        cut = self.cut_texts(phase)
+        if cut is not None and cut.summary():
+            self.cuts_told.add(phase)  # the same sums, so the same decision, on every rank
+            self.warn(cut.warning(what, so_far=phase == "train"))
+
     def log(self) -> None:
         """One metrics line (averaged over the steps since the last one and over the ranks)."""
         totals = rt.sum_over_ranks(self.window.totals(self.progress.skipped_count + self.skipped_before))
@@ -293,6 +331,7 @@ class Trainer:
         self.bar.update(self.step, loss=record.get("loss", float("nan")), lr=record["lr"], img_s=record["images_per_s"])
         self.bar.show()
         self.last_train, self.window = record, Window()
+        self.tell_cut_texts("train", "training texts")
 
     def evaluate(self) -> int:
         """Mean validation loss over every rank's share (per item where the objective counts items,
@@ -302,10 +341,15 @@ class Trainer:
             return self.step
         self.model.eval()
         sums: dict[str, float] = {"samples": 0.0}
+        cuts = self.counted_texts("eval")
+        if cuts is not None:
+            cuts.reset()  # this evaluation's texts only
         loader = make_loader(self.eval_set, self.config.batch_size, seed=self.config.seed, rank=self.where.rank,
                              world_size=self.where.world_size, num_workers=self.config.data.eval.num_workers)
         with torch.no_grad(), rt.isolated_rng(self.device), rt.autocast(self.device, self.config.precision):
             for batch, counts in evaluation_batches(loader, self.where.world_size):
+                if cuts is not None:
+                    cuts.counting = counts  # a repeat's texts count where they are read for real
                 losses = dict(self.objective(self.model, to_device(batch, self.device)))
                 if not counts:  # a repeat that only keeps this rank in step with the others' collectives
                     continue
@@ -314,9 +358,14 @@ class Trainer:
                     sums[name] = sums.get(name, 0.0) + float(value) * n
                 sums["samples"] += n
         self.model.train()
+        self.tell_cut_texts("eval", "validation texts")
         totals = rt.sum_over_ranks(sums)
         samples = totals.pop("samples")
-        record = {"step": self.step, "epoch": self.progress.epoch, **{f"eval_{k}": v / max(samples, 1) for k, v in totals.items()}}
+        if samples == 0:  # 0 / 0: a mean over nothing, not a loss of 0
+            self.warn(f"step {self.step}: the validation data gave no item to score (no text kept a target token within "
+                      f"{TEXT_SETTING}); no eval_loss logged")
+            return self.step
+        record = {"step": self.step, "epoch": self.progress.epoch, **{f"eval_{k}": v / samples for k, v in totals.items()}}
         self.metrics.append(record, prefix="eval")
         self.bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval_")))
         self.last_eval = record

@@ -1,0 +1,151 @@
+"""Stage 2 cuts texts at max_text_tokens (as LAVIS) and now says so: the objective counts the rows
+it cut and those left with no target token, and the trainer warns once per run. A row with no target
+token adds nothing to the loss or its item count, and a batch of nothing but such rows gives a zero
+loss over zero items (it used to raise, ending the run, and under DDP only on the rank that drew it)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import vlbridge
+from tests.test_objectives import make_batch
+from tests.test_trainer_samples import config, read_metrics, write_caption_data, write_config
+from vlbridge.errors import VLBridgeError
+from vlbridge.train.objectives import LOSS_ITEMS, Stage2Objective
+from vlbridge.train.text_cuts import TextCuts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LONG = "please describe every single detail of this picture " * 6  # alone far more than 32 tokens
+QUESTIONS = ["what is it?", LONG, "what colour?", LONG]
+ANSWERS = ["a cat", "a dog", "red", "a cat"]
+
+
+def pairs(model: Any, questions: list[str] = QUESTIONS, answers: list[str] = ANSWERS) -> dict[str, Any]:
+    return {**make_batch(model), "text_input": list(questions), "text_output": list(answers)}
+
+
+def rows(batch: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+    return {key: value[keep] if isinstance(value, torch.Tensor) else [value[i] for i in keep] for key, value in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return vlbridge.build("tiny-linear-opt", stage=2).eval()  # no dropout: the same rows give the same losses
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "samples"])
+def test_rows_with_no_target_token_change_neither_the_loss_nor_its_item_count(model: Any, loss_average: str):
+    objective = Stage2Objective(loss_average=loss_average)
+    out = objective(model, pairs(model))
+    taught = objective(model, rows(pairs(model), [0, 2]))
+    assert math.isfinite(out["loss"].item())
+    assert out["lm"].item() == pytest.approx(taught["lm"].item(), rel=1e-5)
+    assert out[LOSS_ITEMS].item() == taught[LOSS_ITEMS].item()
+    assert objective.text_cuts["eval"] == TextCuts(32, rows=6, cut=2, untaught=2)  # 4 rows, then 2: the two long ones
+    assert objective.text_cuts["train"].rows == 0  # the model is in eval mode
+
+
+@pytest.mark.parametrize("loss_average", ["tokens", "samples"])
+def test_a_batch_with_no_target_token_is_a_zero_loss_over_no_item(model: Any, loss_average: str):
+    model.train()
+    try:
+        out = Stage2Objective(loss_average=loss_average)(model, rows(pairs(model), [1, 3]))
+        assert out["loss"].item() == 0.0 and out[LOSS_ITEMS].item() == 0.0
+        out["loss"].backward()  # on the graph: under DDP every rank's backward must reach the trainable tensors
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_a_prompt_that_fills_max_text_tokens_alone_is_still_refused(model: Any):
+    """The objective's own prompt is every row's input: every batch would learn nothing."""
+    with pytest.raises(VLBridgeError, match=r"the prompt fills all 32 text tokens; raise objective.max_text_tokens"):
+        Stage2Objective(prompt=LONG)(model, make_batch(model))
+
+
+def test_cut_captions_are_counted_and_a_longer_budget_cuts_none(model: Any):
+    captions = ["a cat", "a cat " + "and a dog " * 20, "red", "a bird"]
+    objective = Stage2Objective()
+    objective(model, make_batch(model, captions))
+    assert objective.text_cuts["eval"] == TextCuts(32, rows=4, cut=1, untaught=0)
+    roomy = Stage2Objective(max_text_tokens=128)
+    roomy(model, make_batch(model, captions))
+    assert roomy.text_cuts["eval"] == TextCuts(128, rows=4)
+
+
+def test_flan_t5_counts_inputs_and_targets_cut():
+    model = vlbridge.build("tiny-qformer-flan-t5", stage=2).eval()
+    objective = Stage2Objective()
+    objective(model, {**make_batch(model), "text_input": QUESTIONS, "text_output": ["yes", "no", LONG, "red"]})
+    assert objective.text_cuts["eval"] == TextCuts(32, rows=4, cut=3, untaught=0)  # rows 1 and 3 (input), 2 (target)
+
+
+def test_text_cuts_summary_and_warning():
+    assert TextCuts(32, rows=10).summary() == ""
+    cuts = TextCuts(32, rows=10, cut=3, untaught=1)
+    assert cuts.summary("training texts") == "3 of 10 training texts cut at objective.max_text_tokens 32; 1 left with no target token"
+    warning = cuts.warning("training texts", so_far=True)
+    assert warning.startswith("warning: so far 3 of 10 training texts were cut at objective.max_text_tokens 32 and lost their "
+                              "last tokens; 1 kept no target token at all (the input alone fills the budget), so it adds nothing")
+    assert "Raise objective.max_text_tokens (e.g. objective: {max_text_tokens: 64}" in warning
+    assert "so far" not in TextCuts(32, rows=4, cut=1).warning("validation texts", so_far=False)
+    assert cuts.with_counts({"rows": 20.0, "cut": 6.0, "untaught": 2.0}) == TextCuts(32, rows=20, cut=6, untaught=2)
+
+
+def write_pairs(data: Path, long_rows: set[int]) -> Path:
+    """train.jsonl / val.jsonl as instruction pairs; the rows in `long_rows` have an input that fills max_text_tokens."""
+    for name in ("train", "val"):
+        lines = (data / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        rows_out = []
+        for i, line in enumerate(lines):
+            row = json.loads(line)
+            row.update(text_input=LONG if i in long_rows else "what is it?", text_output=row["text"])
+            rows_out.append(json.dumps(row) + "\n")
+        (data / f"{name}.jsonl").write_text("".join(rows_out), encoding="utf-8")
+    return data
+
+
+def test_training_warns_once_with_the_counts_and_skips_a_step_with_nothing_to_learn(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Batch size 1 without shuffling: the rows with a long input are whole steps with no target token.
+    Such a step updates nothing (it raised before, ending the run); the run ends with every count."""
+    import vlbridge.train
+
+    data = write_pairs(write_caption_data(tmp_path / "data"), long_rows={1, 2})
+    cfg = config(data, tmp_path / "run", assembly="tiny-linear-opt", stage=2, batch_size=1, steps=4, log_every=1,
+                 with_eval=True, schedule={"warmup_steps": 0})
+    cfg["data"]["train"]["shuffle"] = False
+    result = vlbridge.train.run(cfg)
+    err = capsys.readouterr().err
+    assert err.count("warning: so far 1 of 2 training texts were cut at objective.max_text_tokens 32 and lost their last "
+                     "tokens; 1 kept no target token") == 1
+    assert err.count("training texts were cut") == 1  # once per run, though the next step cuts one more
+    assert "step 2: no text of the whole batch kept a target token" in err and "step 3: no text" in err
+    assert err.count("warning: 2 of 4 validation texts were cut") == 1  # 4 validation rows, 2 of them long
+    assert result.texts == "2 of 4 training texts cut at objective.max_text_tokens 32; 2 left with no target token"
+    metrics = read_metrics(tmp_path / "run")
+    assert [("loss" in m) for m in metrics[:4]] == [True, False, False, True]  # the empty steps log no loss
+    assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m) and math.isfinite(metrics[-1]["eval_loss"])
+
+
+def test_train_check_says_it_does_not_count_cut_texts_and_where_the_count_comes(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from vlbridge.cli.main import main
+
+    data = write_caption_data(tmp_path / "data")
+    for stage, assembly, objective in ((2, "tiny-linear-opt", {"max_text_tokens": 48}), (1, "tiny-qformer-opt", {})):
+        values = config(data, tmp_path / f"run{stage}", assembly=assembly, stage=stage, objective=objective)
+        assert main(["train", "--check", str(write_config(tmp_path / f"stage{stage}.yaml", values))]) == 0
+        out = capsys.readouterr().out
+        if stage == 2:
+            assert "texts: stage 2 cuts each at objective.max_text_tokens 48 LLM tokens, prompt included; --check does not" in out
+            assert "training warns once with the count" in out
+        else:
+            assert "max_text_tokens" not in out
