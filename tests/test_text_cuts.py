@@ -101,14 +101,15 @@ def test_text_cuts_summary_and_warning():
     assert cuts.with_counts({"rows": 20.0, "cut": 6.0, "untaught": 2.0}) == TextCuts(32, rows=20, cut=6, untaught=2)
 
 
-def write_pairs(data: Path, long_rows: set[int]) -> Path:
-    """train.jsonl / val.jsonl as instruction pairs; the rows in `long_rows` have an input that fills max_text_tokens."""
-    for name in ("train", "val"):
+def write_pairs(data: Path, long_rows: set[int], long_val_rows: set[int] | None = None) -> Path:
+    """train.jsonl / val.jsonl as instruction pairs; the rows in `long_rows` (of val.jsonl: `long_val_rows`,
+    default the same) have an input that fills max_text_tokens."""
+    for name, long in (("train", long_rows), ("val", long_rows if long_val_rows is None else long_val_rows)):
         lines = (data / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         rows_out = []
         for i, line in enumerate(lines):
             row = json.loads(line)
-            row.update(text_input=LONG if i in long_rows else "what is it?", text_output=row["text"])
+            row.update(text_input=LONG if i in long else "what is it?", text_output=row["text"])
             rows_out.append(json.dumps(row) + "\n")
         (data / f"{name}.jsonl").write_text("".join(rows_out), encoding="utf-8")
     return data
@@ -134,6 +135,18 @@ def test_training_warns_once_with_the_counts_and_skips_a_step_with_nothing_to_le
     metrics = read_metrics(tmp_path / "run")
     assert [("loss" in m) for m in metrics[:4]] == [True, False, False, True]  # the empty steps log no loss
     assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m) and math.isfinite(metrics[-1]["eval_loss"])
+
+
+def test_an_evaluation_with_no_target_token_logs_no_eval_loss(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Its mean is over no item: it was logged as an eval_loss of 0."""
+    import vlbridge.train
+
+    data = write_pairs(write_caption_data(tmp_path / "data"), long_rows=set(), long_val_rows={0, 1, 2, 3})
+    result = vlbridge.train.run(config(data, tmp_path / "run", assembly="tiny-linear-opt", stage=2, steps=1, with_eval=True,
+                                       schedule={"warmup_steps": 0}))
+    assert "step 1: the validation data gave no item to score (no text kept a target token" in capsys.readouterr().err
+    assert result.eval is None and not any("eval_loss" in m for m in read_metrics(tmp_path / "run"))
+    assert result.texts == ""  # no training text was cut
 
 
 def test_train_check_says_it_does_not_count_cut_texts_and_where_the_count_comes(tmp_path: Path, capsys: pytest.CaptureFixture):
