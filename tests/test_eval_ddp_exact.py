@@ -18,7 +18,7 @@ from tests.test_trainer_samples import config, read_metrics, subprocess_env, wri
 from vlbridge.data.batching import collate, select_items
 from vlbridge.data.order import ResumableSampler
 
-EVAL_ROWS = 5  # 2 ranks: 6 read, 1 repeat; 3 ranks: 6 read, 1 repeat (with batch 3 and 2, each in a batch with a real sample)
+EVAL_ROWS = 5  # 2 ranks with batch 3: 6 read, 1 of them a repeat, in a batch with real samples
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -51,9 +51,10 @@ def write_eval_rows(data: Path) -> None:
     (data / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1 : 1 + EVAL_ROWS]), encoding="utf-8")
 
 
-def test_stage2_eval_loss_on_two_and_three_ranks_equals_one_process(tmp_path: Path, one_torch_thread: None):
-    """One step of the same global batch (6 = 2 x 3 = 3 x 2; equal weights after it, as
-    test_trainer_ddp shows), then the eval loss over 5 samples, which no rank count divides."""
+def test_stage2_eval_loss_on_two_ranks_equals_one_process(tmp_path: Path, one_torch_thread: None):
+    """One step of the same global batch (6 = 2 x 3; equal weights after it, as test_trainer_ddp
+    shows), then the eval loss over 5 samples, which 2 ranks do not divide. (3 ranks were checked
+    too when this was written; a third process costs the suite a minute for no other path.)"""
     import vlbridge.train
 
     data = write_caption_data(tmp_path / "data", uneven=True)
@@ -64,7 +65,7 @@ def test_stage2_eval_loss_on_two_and_three_ranks_equals_one_process(tmp_path: Pa
 
     vlbridge.train.run(stage2(tmp_path / "one", 6), quiet=True)
     expected = read_metrics(tmp_path / "one")[-1]["eval_loss"]
-    for world_size, batch_size in ((2, 3), (3, 2)):
+    for world_size, batch_size in ((2, 3),):
         run = tmp_path / f"ranks{world_size}"
         path = write_config(tmp_path / f"ranks{world_size}.yaml", stage2(run, batch_size))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size), "--master_addr", "127.0.0.1",
