@@ -374,6 +374,26 @@ def test_a_feature_layer_listed_alone_imports_as_that_layer(tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_the_embedding_output_layer_exports_as_a_llava_transformers_can_run(tmp_path):
+    """hf-vision's layer 0 (the embedding output) went out as vision_feature_layer 0, which transformers'
+    LLaVA takes for "no hidden states" and fails on (TypeError); its negative twin -(blocks + 1) runs."""
+    from transformers import LlavaForConditionalGeneration
+
+    hf, tokenizer = make_llava(tmp_path / "hf", layer=-4, seed=3)  # the tower's 3 blocks: hidden_states[-4] is [0]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "vision_feature_layer": 0}))
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    assert model.assembly.encoder.options.layer == 0
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported"))).eval()
+    assert again.config.vision_feature_layer == -4
+    px, (ids, mask) = pixels(1), hf_inputs(tokenizer, hf, PROMPTS[:1])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+        torch.testing.assert_close(model(px, *model.llm.tokenize([model.llm.format_prompt(PROMPTS[0])])).logits, expected,
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again(input_ids=ids, pixel_values=px, attention_mask=mask).logits, expected)
+
+
 def test_a_tokenizer_without_a_pad_token_imports(tmp_path):
     """hf-causal-lm pads with the end token where a tokenizer has no pad token (padding is masked); the
     import refused such a LLaVA as having 'no usable tokenizer'."""

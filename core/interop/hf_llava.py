@@ -212,14 +212,13 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
                             f"({llm.format_prompt('{}')!r}) has none, so vlbridge puts them before the whole text, which "
                             "LLaVA cannot; give the LLM a prompt_template holding the image token, e.g. 'USER: <image>\\n{} ASSISTANT:'")
     tower = model.encoder.tower  # hf-vision: the transformers vision model
-    layer = encoder_opts.layer
     layers = model.connector.layers
     # A projector imported without biases holds zeros: written back without them, as it came (exact either way).
     projector_bias = any(bool(layers[i].bias.detach().any()) for i in (0, 2))
     strategy, prefix = _export_strategy(encoder_opts)
     merged = model.merged_llm_model()  # LoRA merged (its config says whether the merge untied the head)
     config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=merged.config.to_dict(),
-                         image_token_index=llm.image_token_id, vision_feature_layer=layer,
+                         image_token_index=llm.image_token_id, vision_feature_layer=_llava_feature_layer(encoder_opts),
                          vision_feature_select_strategy=strategy,
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
                          multimodal_projector_bias=projector_bias, tie_word_embeddings=merged.config.tie_word_embeddings)
@@ -247,6 +246,14 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
                                num_additional_image_tokens=prefix,  # the tower's tokens before its patches
                                chat_template=export_chat_template(llm))  # apply_chat_template words prompts as vlbridge
     return write_export(out_dir, hf, processor)
+
+
+def _llava_feature_layer(opts: Any) -> int:
+    """The hf-vision `layer` as LLaVA's vision_feature_layer. Layer 0 (the embedding output) goes out
+    as its negative twin, -(blocks + 1): transformers asks the tower for hidden states only when the
+    index is truthy, so a LLaVA saved with 0 fails on its first forward."""
+    layer = opts.layer
+    return layer if layer != 0 else -(opts.tower.layers + 1)
 
 
 def _require_llava_layout(causal: Any) -> None:
