@@ -28,6 +28,8 @@ class OPTOptions(Options):
     variant: Literal["125m", "350m", "1.3b", "2.7b", "6.7b", "tiny"] = Field("2.7b", description="model size; 'tiny' is a small random-weight model with a shipped tokenizer (no download); a local model directory's config.json replaces it")
     model: str | None = Field(None, description="local directory or hub id of the weights and tokenizer; default facebook/opt-<variant>. A local directory's config.json decides the architecture")
     dtype: Precision = Field("fp32", description="dtype of the frozen LLM (BLIP-2 uses fp16)")
+    eos_token: str | None = Field(None, description="the token that ends a caption in training and stops generation; default "
+                                  "'\\n', as BLIP-2's OPT models (an import sets the one its checkpoint's config stops at)")
 
     @model_validator(mode="after")
     def _check_model(self) -> "OPTOptions":

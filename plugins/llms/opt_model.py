@@ -1,6 +1,7 @@
 """OPT (decoder-only) as BLIP-2's frozen LLM: `[visual; text]` in, shifted next-token loss out.
 
-As in BLIP-2, captions end with "\\n" and generation stops at the "\\n" token by default. The visual
+As in BLIP-2, captions end with "\\n" and generation stops at the "\\n" token by default (the
+`eos_token` option names another end, as a transformers BLIP-2 whose config stops elsewhere needs). The visual
 prompt enters at the input-embedding width, which for OPT-350m (512) is narrower than the hidden
 size (1024): OPT's own `project_in` maps both the visual prompt and the text up.
 """
@@ -13,7 +14,7 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, tiny_tokenizer
 from vlbridge.plugins.llms.opt import ARCH, OPTOptions
-from vlbridge.plugins.llms.hf_causal_lm_model import CausalLM
+from vlbridge.plugins.llms.hf_causal_lm_model import CausalLM, end_token
 
 
 class OPTLLM(CausalLM):
@@ -22,13 +23,14 @@ class OPTLLM(CausalLM):
     family = "opt"
     train_pad_side = None  # OPT counts positions from the mask: the caller's padding order stays
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, eos_token: str | None = None) -> None:
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-        if len(newline) != 1:
+        if eos_token is None and len(newline) != 1:
             raise VLBridgeError(f"opt: the tokenizer splits '\\n' into {len(newline)} tokens {newline}; BLIP-2 ends "
                                 "captions with a single '\\n' token, so use OPT's own tokenizer")
-        super().__init__(model, tokenizer, end_token_id=newline[0], caption_suffix="\n")
-        self.newline_token_id: int = newline[0]
+        suffix, end_id = ("\n", newline[0]) if eos_token is None else end_token("opt", tokenizer, eos_token)
+        super().__init__(model, tokenizer, end_token_id=end_id, caption_suffix=suffix)
+        self.newline_token_id: int | None = newline[0] if len(newline) == 1 else None
         self.explicit_positions = False  # OPT derives its learned positions from the mask itself
 
 
@@ -56,4 +58,4 @@ def build(opts: OPTOptions) -> OPTLLM:
         model = OPTForCausalLM(tiny_config(tokenizer)).to(dtype)
     else:
         model, tokenizer = load_pretrained("opt", OPTForCausalLM, opts.model, opts.variant, f"facebook/opt-{opts.variant}", dtype)
-    return OPTLLM(model, tokenizer)
+    return OPTLLM(model, tokenizer, opts.eos_token)
