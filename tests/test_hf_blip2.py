@@ -400,3 +400,48 @@ def test_a_config_transformers_cannot_read_is_refused_by_field(tmp_path, edit, m
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match=f"(?s)is not a config transformers can read for Blip2ForConditionalGeneration.*{message}"):
         vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "out")
+
+
+def _writable_generated_token(reference, tokenizer, pixels, ids, mask) -> int:
+    """A token `reference` generates greedily after its first step that the tokenizer writes as itself."""
+    with torch.no_grad():
+        generated = reference.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=8)[0, ids.shape[1] + 1:]
+    for token in generated.tolist():
+        text = tokenizer.decode([token])
+        if text and tokenizer(text, add_special_tokens=False)["input_ids"] == [token] and token != tokenizer.eos_token_id:
+            return token
+    raise AssertionError(f"no writable token among {generated.tolist()}")
+
+
+@pytest.mark.parametrize("llm", ["opt", "llama"])
+def test_generation_stops_at_the_checkpoints_eos_token(tmp_path, llm):
+    """transformers' BLIP-2 stops at its text config's eos_token_id; the imported model stopped at its
+    plugin's own end ('\\n' for opt, the tokenizer's eos_token for hf-causal-lm) and went on past it."""
+    pixels = hf_tiny.pixels()
+    first = hf_tiny.make_generation_model(tmp_path / "first", llm, seed=1)
+    tokenizer = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "first", tmp_path / "probe")).llm.tokenizer
+    prompt = tokenizer(["a photo of", "a photo of"], return_tensors="pt")
+    ids, mask = _with_image_tokens(prompt.input_ids, prompt.attention_mask)
+    eos = _writable_generated_token(first, tokenizer, pixels, ids, mask)
+    reference = hf_tiny.make_generation_model(tmp_path / "hf", llm, seed=1, text={"eos_token_id": eos})
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")).eval()
+    assert model.assembly.llm.options.eos_token == tokenizer.decode([eos])
+    for beams in (1, 3):
+        with torch.no_grad():
+            expected = reference.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=beams)
+            ours = model.llm.generate(model.visual_tokens(pixels), prompt.input_ids, prompt.attention_mask, max_new_tokens=8,
+                                      num_beams=beams)
+        expected = expected[:, ids.shape[1]:]
+        assert expected.shape[1] < 8 or (expected == eos).any()  # transformers stopped at the token
+        assert tokenizer.batch_decode(ours, skip_special_tokens=True) == tokenizer.batch_decode(expected, skip_special_tokens=True)
+
+
+def test_an_export_stops_where_the_vlbridge_model_stops(tmp_path):
+    """vlbridge's opt ends captions at '\\n' (BLIP-2's eos_token_id 50118); the export wrote the LLM's own
+    config eos ('</s>'), so transformers' BLIP-2 went on past every '\\n' vlbridge stopped at."""
+    from transformers import Blip2ForConditionalGeneration
+
+    model = vlbridge.build("tiny-qformer-opt").eval()
+    newline = model.llm.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    again = Blip2ForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_blip2(model, tmp_path / "out"))).eval()
+    assert again.config.text_config.eos_token_id == again.generation_config.eos_token_id == newline

@@ -693,3 +693,24 @@ def test_a_prompt_without_the_image_token_is_refused_by_the_llava_export(tmp_pat
     with pytest.raises(VLBridgeError, match=r"prompt \('Question: \{\} Answer:'\) has none.*prompt_template holding the image token"):
         vlbridge.export_hf_llava(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_generation_stops_at_the_checkpoints_eos_token(llava, tmp_path):
+    """LLaVA stops at its text config's eos_token_id; the import stopped at the tokenizer's eos_token,
+    and an export wrote the config's, not the one vlbridge stops at."""
+    from transformers import LlavaForConditionalGeneration
+
+    hf, tokenizer, _, _ = llava
+    px, (ids, mask) = pixels(2), hf_inputs(tokenizer, hf, PROMPTS)
+    with torch.no_grad():
+        first = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=8)[0, ids.shape[1] + 1:].tolist()
+    eos = next(t for t in first if (text := tokenizer.decode([t])) and tokenizer(text, add_special_tokens=False)["input_ids"] == [t])
+    reference, _ = make_llava(tmp_path / "hf", text_override={"eos_token_id": eos})
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    assert model.assembly.llm.options.eos_token == tokenizer.decode([eos])
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=8)[:, ids.shape[1]:]
+    assert expected.shape[1] < 8 or (expected == eos).any()  # transformers stopped at the token
+    assert model.generate(px, PROMPTS, max_new_tokens=8) == [t.strip() for t in tokenizer.batch_decode(expected, skip_special_tokens=True)]
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported")))
+    assert again.generation_config.eos_token_id == eos

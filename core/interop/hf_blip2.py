@@ -22,6 +22,7 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
+from vlbridge.interop.stop_token import checkpoint_eos, export_text_config, plugin_end_id, stop_token_option
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import (
@@ -161,11 +162,14 @@ def _write_llm(src: Path, config: dict[str, Any], state: dict[str, torch.Tensor]
     tensors = {k.removeprefix("language_model."): v.contiguous() for k, v in state.items() if k.startswith("language_model.")}
     atomic_write(llm_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(llm_dir / "config.json", json.dumps(text, indent=2))
-    _copy_tokenizer(src, llm_dir, "the language model")
+    tokenizer = _copy_tokenizer(src, llm_dir, "the language model")
+    if plugin in ("opt", "hf-causal-lm"):  # stop where transformers' model stops, not at the plugin's own end token
+        options.update(stop_token_option(checkpoint_eos(src, text), tokenizer, plugin_end_id(plugin, tokenizer), src / "config.json"))
     return {"use": plugin, "options": {"model": str(llm_dir.resolve()), **options}}
 
 
-def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
+def _copy_tokenizer(src: Path, dst: Path, what: str) -> Any:
+    """The tokenizer of `src` (refused by name where missing or empty), saved into `dst`; returns it."""
     from transformers import AutoTokenizer
 
     try:
@@ -176,6 +180,7 @@ def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
         raise WeightsError(f"{src} holds no usable tokenizer for {what} (no vocabulary file: tokenizer.json, vocab.json, "
                            "spiece.model ...); save the processor or tokenizer into it (processor.save_pretrained(<dir>))")
     tokenizer.save_pretrained(str(dst))
+    return tokenizer
 
 
 def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
@@ -227,7 +232,7 @@ def _blip2_config(model, image_token_index: int):
                "cross_attention_frequency": con.cross_attention_freq, "vocab_size": con.size("vocab_size"),
                "max_position_embeddings": con.size("max_text_positions"), "layer_norm_eps": con.layer_norm_eps,
                "encoder_hidden_size": model.plan.encoder_out.width}
-    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=model.llm.model.config.to_dict(),
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=export_text_config(model.llm, model.llm.model.config),
                        num_query_tokens=con.num_query_tokens, image_text_hidden_size=con.embed_dim,
                        image_token_index=image_token_index)
 

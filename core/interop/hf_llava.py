@@ -32,6 +32,7 @@ from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.files.userfiles import read_json
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.import_checks import check_imported_assembly
+from vlbridge.interop.stop_token import checkpoint_eos, export_text_config, stop_token_option
 from vlbridge.interop.export_state import require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_places_visual_tokens, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
@@ -158,6 +159,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     elif "<image>" not in prompt_template and image_token not in prompt_template:  # visual tokens would go before BOS
         raise VLBridgeError(f"prompt_template {prompt_template!r} has no '<image>': LLaVA reads its visual tokens where the "
                             "prompt holds its image token, so say where they go (e.g. 'USER: <image>\\n{} ASSISTANT:')")
+    stop = stop_token_option(checkpoint_eos(src, config["text_config"]), tokenizer, tokenizer.eos_token_id, src / "config.json")
     hf = _load_llava(src)
     out.mkdir(parents=True, exist_ok=True)
     vision_dir, llm_dir = out / "vision", out / "llm"
@@ -178,7 +180,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
                                                     **selection}},
         "connector": {"use": "mlp", "options": {"depth": 2, "activation": "gelu"}},
         "llm": {"use": "hf-causal-lm", "options": {"model": str(llm_dir.resolve()), "prompt_template": prompt_template.replace("<image>", image_token),
-                                                   "image_token": image_token}},
+                                                   "image_token": image_token, **stop}},
     }
     check_imported_assembly(assembly, src, "transformers LlavaForConditionalGeneration")
     return write_checkpoint(out, assembly, tensors, 2, {"source": "transformers LlavaForConditionalGeneration"})
@@ -217,7 +219,7 @@ def export_hf_llava(model: Any, out_dir: str | Path, allow_approximate: bool = F
     projector_bias = any(bool(layers[i].bias.detach().any()) for i in (0, 2))
     strategy, prefix = _export_strategy(encoder_opts)
     merged = model.merged_llm_model()  # LoRA merged (its config says whether the merge untied the head)
-    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=merged.config.to_dict(),
+    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=export_text_config(llm, merged.config),
                          image_token_index=llm.image_token_id, vision_feature_layer=_llava_feature_layer(encoder_opts),
                          vision_feature_select_strategy=strategy,
                          projector_hidden_act="gelu", image_seq_length=plan.encoder_out.num_tokens,
