@@ -168,6 +168,8 @@ def test_an_imported_checkpoint_loads_after_a_move(imported, tmp_path):
     ({"qformer": {"hidden_act": "relu"}}, "qformer_config.hidden_act is 'relu'"),
     ({"text": {"word_embed_proj_dim": 16}}, "text_config.word_embed_proj_dim 16 differs from its hidden_size 32"),
     ({"vision": {"image_size": 30}}, "vision_config.image_size 30 is not a multiple of its patch_size 14"),
+    ({"text": {"eos_token_id": hf_tiny.IMAGE_TOKEN}},
+     f"generation stops at eos_token_id {hf_tiny.IMAGE_TOKEN}, which the tokenizer cannot write as a single token"),
 ])
 def test_settings_no_assembly_reproduces_are_refused_by_name(tmp_path, settings, message):
     """Each would import and run, computing something else than transformers' model."""

@@ -152,24 +152,35 @@ def _llm_plugin(text: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     raise VLBridgeError(f"a {model_type!r} language model is neither a transformers causal nor seq2seq LM; vlbridge cannot load it")
 
 
-def _write_llm(src: Path, config: dict[str, Any], state: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
-    """The language model as a plain transformers directory our LLM plugins load with from_pretrained."""
-    text = dict(config.get("text_config") or {})
+def llm_plan(src: Path, config: dict[str, Any]) -> tuple[str, str, dict[str, Any], Any]:
+    """(plugin, transformers class name, options, tokenizer) of the language model. The tokenizer is read
+    and the token generation stops at settled here, so a checkpoint either is refused before anything
+    is written or imports stopping where transformers' model stops."""
+    text = config.get("text_config") or {}
     plugin, architecture, options = _llm_plugin(text)
-    text["architectures"] = [architecture]
+    tokenizer = _read_tokenizer(src, "the language model")
+    if plugin in ("opt", "hf-causal-lm"):  # the plugin's own end token ('\n', the tokenizer's eos) may not be the checkpoint's
+        options = {**options, **stop_token_option(checkpoint_eos(src, text), tokenizer, plugin_end_id(plugin, tokenizer),
+                                                  src / "config.json")}
+    return plugin, architecture, options, tokenizer
+
+
+def _write_llm(config: dict[str, Any], state: dict[str, torch.Tensor], out: Path, plan: tuple[str, str, dict[str, Any], Any]) -> dict[str, Any]:
+    """The language model (as `llm_plan` settled it) as a plain transformers directory our LLM plugins
+    load with from_pretrained."""
+    plugin, architecture, options, tokenizer = plan
+    text = {**(config.get("text_config") or {}), "architectures": [architecture]}
     llm_dir = out / "llm"
     llm_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k.removeprefix("language_model."): v.contiguous() for k, v in state.items() if k.startswith("language_model.")}
     atomic_write(llm_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(llm_dir / "config.json", json.dumps(text, indent=2))
-    tokenizer = _copy_tokenizer(src, llm_dir, "the language model")
-    if plugin in ("opt", "hf-causal-lm"):  # stop where transformers' model stops, not at the plugin's own end token
-        options.update(stop_token_option(checkpoint_eos(src, text), tokenizer, plugin_end_id(plugin, tokenizer), src / "config.json"))
+    tokenizer.save_pretrained(str(llm_dir))
     return {"use": plugin, "options": {"model": str(llm_dir.resolve()), **options}}
 
 
-def _copy_tokenizer(src: Path, dst: Path, what: str) -> Any:
-    """The tokenizer of `src` (refused by name where missing or empty), saved into `dst`; returns it."""
+def _read_tokenizer(src: Path, what: str) -> Any:
+    """The tokenizer of `src`, refused by name where missing or empty."""
     from transformers import AutoTokenizer
 
     try:
@@ -179,8 +190,12 @@ def _copy_tokenizer(src: Path, dst: Path, what: str) -> Any:
     if not tokenizer("a photo").input_ids:  # transformers builds an empty tokenizer from config.json alone
         raise WeightsError(f"{src} holds no usable tokenizer for {what} (no vocabulary file: tokenizer.json, vocab.json, "
                            "spiece.model ...); save the processor or tokenizer into it (processor.save_pretrained(<dir>))")
-    tokenizer.save_pretrained(str(dst))
     return tokenizer
+
+
+def _copy_tokenizer(src: Path, dst: Path, what: str) -> None:
+    """The tokenizer of `src` re-saved into `dst` (refused by name where missing or empty)."""
+    _read_tokenizer(src, what).save_pretrained(str(dst))
 
 
 def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
@@ -196,6 +211,7 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
     check_image_processor(src, blip2_preprocess(config.get("vision_config") or {}), "BLIP-2")
     state = read_hf_directory(src)
     architecture = _architecture(config, state)
+    llm = llm_plan(src, config) if architecture == GENERATION else None  # refused here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     encoder_file = write_encoder(out, zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
         {k: v for k, v in state.items() if k.startswith("vision_model.")})))
@@ -209,7 +225,7 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
         stage, allow_missing = 1, ["lm_head.*", "temp"]  # transformers keeps no ITG head and no temperature
     else:
         assembly["connector"] = {"use": "qformer", "options": connector_options(config, None)}
-        assembly["llm"] = _write_llm(src, config, state, out)
+        assembly["llm"] = _write_llm(config, state, out, llm)
         stage, allow_missing = 2, []
     check_imported_assembly(assembly, src, f"transformers {architecture}")
     return write_checkpoint(out, assembly, connector, stage, {"source": f"transformers {architecture}", "allow_missing": allow_missing})

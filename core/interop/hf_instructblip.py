@@ -22,7 +22,8 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.hf_blip2 import (
-    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, unsupported_settings, write_encoder, zero_qv_biases,
+    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, llm_plan, unsupported_settings, write_encoder,
+    zero_qv_biases,
 )
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import prompt_wording, settle, warn_left_out
@@ -50,6 +51,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     if not (tokenizer_src / "tokenizer_config.json").is_file():
         raise WeightsError(f"{src} has no {QFORMER_TOKENIZER}/ folder (the Q-Former's BERT tokenizer, which reads the "
                            "instruction); save the InstructBlipProcessor into the directory too")
+    llm = llm_plan(src, config)  # the tokenizer read and the stop token settled before anything is written
     state = read_hf_directory(src)
     out.mkdir(parents=True, exist_ok=True)
     encoder_file = write_encoder(out, zero_qv_biases(config.get("vision_config") or {}, convert_hf_blip2_vision_state_dict(
@@ -70,7 +72,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
         "description": f"imported from transformers InstructBlipForConditionalGeneration at {src}",
         "encoder": {"use": "eva-vit-g", "options": encoder_options(config.get("vision_config", {}), str(encoder_file.resolve()))},
         "connector": {"use": "qformer", "options": connector},
-        "llm": _write_llm(src, config, state, out),
+        "llm": _write_llm(config, state, out, llm),
     }
     check_imported_assembly(assembly, src, "transformers InstructBlipForConditionalGeneration")
     return write_checkpoint(out, assembly, from_transformers(state), 2,
