@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import tarfile
 from itertools import islice
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.test_data_samples import sample_members, shards, write_tar  # noqa: E402
-from vlbridge.data import DataConfigError, DataError, DataProgress, Skipped, build_dataset, expand_shards, iter_shard, load_data_config, make_loader  # noqa: E402
+from tests.test_data_samples import image_bytes, sample_members, shards, write_tar  # noqa: E402
+from vlbridge.data import DataConfigError, DataError, DataProgress, ImageText, Skipped, build_dataset, expand_shards, iter_shard, load_data_config, make_loader  # noqa: E402
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
 
 PRE = Preprocess(16, CLIP_MEAN, CLIP_STD, "bicubic")
@@ -86,3 +88,61 @@ def test_a_file_that_is_not_a_tar_is_refused_by_name(tmp_path):
         expand_shards([*good, str(tmp_path / "captions.json")])
     with pytest.raises(DataError, match=r"is a folder; give its shards, e.g. the glob '.*\*.tar'"):
         expand_shards([str(tmp_path)])
+
+
+# -- keys, repeated members, shard identity, damaged and compressed shards ------------------------
+def _read(url: str) -> list[str]:
+    """What iter_shard made of each sample: its text, or its skip kind."""
+    return [x.text if isinstance(x, ImageText) else x.kind for x in iter_shard(url)]
+
+
+def _webdataset_keys(path) -> list[str]:
+    """The keys webdataset itself groups a shard's members under (its default pipeline)."""
+    from webdataset.tariterators import tarfile_samples
+
+    return [sample["__key__"] for sample in tarfile_samples([{"url": str(path)}])]
+
+
+def test_keys_end_at_the_first_dot_after_the_last_slash_as_webdataset_groups_them(tmp_path):
+    """`a.b.jpg` was a sample without image ('fields' b.jpg, b.txt); two dotted keys that webdataset
+    groups as one sample were one silent 'no image' for two."""
+    members = (sample_members("a.b", 0, "lone dotted key") + sample_members("dir.v1/c", 1, "dot in a folder")
+               + sample_members("x.1", 2, "first of x") + sample_members("x.2", 3, "second of x") + sample_members("p/q/r", 4, "folders"))
+    path = write_tar(tmp_path / "dots.tar", members + [(".hidden.jpg", image_bytes(5)), ("README", b"notes")])
+    out = list(iter_shard(str(path)))
+    read = [x for x in out if isinstance(x, ImageText)]
+    assert [x.image_id for x in read] == ["a", "dir.v1/c", "p/q/r"] == [k for k in _webdataset_keys(path) if k != "x"]
+    assert [x.text for x in read] == ["lone dotted key", "dot in a folder", "folders"] and read[0].image.name == f"{path}:a.b.jpg"
+    (merged,) = [x for x in out if isinstance(x, Skipped) and x.name.endswith(":x")]
+    assert merged.kind == "no image" and "2 images (1.jpg, 2.jpg)" in merged.reason and "write keys without dots" in merged.reason
+    unkeyed = sorted(x.name.rpartition(":")[2] for x in out if isinstance(x, Skipped) and "has no key" in x.reason)
+    assert unkeyed == [".hidden.jpg", "README"] and len(out) == 6
+
+
+def test_a_member_repeated_in_a_sample_skips_that_sample_not_the_rest_of_the_shard(tmp_path):
+    members = sample_members("k1", 0, "one") + [("k1.TXT", b"again")] + sample_members("k2", 1, "two") + sample_members("k3", 2, "three")
+    path = write_tar(tmp_path / "dup.tar", members)
+    with pytest.raises(ValueError, match="duplicate file name"):  # webdataset's own reader refuses the sample
+        _webdataset_keys(path)
+    first, *rest = iter_shard(str(path))
+    assert first.kind == "repeated member" and first.name == f"{path}:k1"
+    assert all(part in first.reason for part in (repr(str(path)), "key 'k1'", "member 'k1.TXT' appears twice"))
+    assert [x.text for x in rest] == ["two", "three"]
+
+
+def test_compressed_piped_and_empty_shards_and_cuts_inside_a_member(tmp_path):
+    members = sample_members("a/b/c", 0, "one") + sample_members("a/b/d", 1, "two")
+    plain = write_tar(tmp_path / "s.tar", members)
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    assert _read(str(tmp_path / "s.tar.gz")) == _read(f"pipe:cat {tmp_path}/s.tar.gz") == _read(str(plain)) == ["one", "two"]
+    assert expand_shards(f"{tmp_path}/s.tar{{,.gz}}") == [str(plain), str(tmp_path / "s.tar.gz")]
+    assert list(iter_shard(str(write_tar(tmp_path / "empty.tar", [])))) == []  # no samples, nothing damaged
+    (tmp_path / "zero.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"1 shard file is not a tar archive: '.*zero.tar'"):
+        expand_shards(str(tmp_path / "zero.tar"))
+    with tarfile.open(plain) as tar:
+        cut = next(m.offset_data for m in tar if m.name == "a/b/d.jpg") + 100  # inside the second image
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(plain.read_bytes()[:cut]))
+    for url in (str(tmp_path / "cut.tar.gz"), f"pipe:cat {tmp_path}/cut.tar.gz", f"pipe:gzip -dc {tmp_path}/cut.tar.gz"):
+        *out, last = iter_shard(url)
+        assert [x.text for x in out] == ["one"] and last.kind == "unreadable tar" and last.name == url, url

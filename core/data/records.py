@@ -94,7 +94,7 @@ class Skipped:
     stream: tuple[str, int] | None = None
 
 
-SKIP_KINDS = ("unreadable image", "no image", "no text", "unreadable tar")
+SKIP_KINDS = ("unreadable image", "no image", "no text", "repeated member", "unreadable tar")
 
 
 @dataclass(frozen=True)

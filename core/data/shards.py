@@ -2,10 +2,13 @@
 
 Shards are read by the `webdataset` library (the field's reader: local paths, `pipe:` commands and
 URLs it can open; nothing is extracted to disk). A sample is the run of consecutive members sharing
-a key (the name up to its first dot, folders included); the caption is `KEY.txt`, else (missing or
-blank) the "caption" of `KEY.json` (what LAVIS reads). Samples without an image or a caption, and
-shards that break off, come out as `Skipped` so they can be counted. `webdataset` imports torch, so it is imported only
-when a shard is read: listing and validating shards stays torch-free.
+a key, split off by webdataset's own rule (its `base_plus_ext`): the key is the name up to the first
+dot after the last slash, folders included, the rest its field (`a.b.jpg` is field `b.jpg` of key
+`a`). The image is the field `jpg` (`jpeg`, `png`, `webp`), else the one field ending so; the caption
+`txt` (likewise), else (missing or blank) the "caption" of `json` (what LAVIS reads). Samples without
+an image or a caption, with a member repeated, and shards that break off, come out as `Skipped` so
+they can be counted. `webdataset` imports torch, so it is
+imported only when a shard is read: listing and validating shards stays torch-free.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _opens_as_tar(path: str) -> bool:
 def iter_shard(url: str) -> Iterator[ImageText | Skipped]:
     """Stream one tar through webdataset: an ImageText per complete sample, a Skipped per incomplete
     one, and a Skipped for the shard when it cannot be opened or breaks off (what was read before stays)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+    from webdataset.tariterators import tar_file_expander, url_opener
 
     errors: list[Exception] = []
 
@@ -106,14 +109,53 @@ def iter_shard(url: str) -> Iterator[ImageText | Skipped]:
 
     members = [0]
     files = tar_file_expander(url_opener([{"url": url}], handler=stop), handler=stop)
-    for sample in group_by_keys(_counted(files, members), handler=stop):
-        yield make_sample(url, sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+    yield from group_members(url, _counted(files, members))
     if errors:
         reason = f"unreadable tar (stopped after {members[0]} members): {errors[0]}"
         yield Skipped(name=url, reason=reason, kind="unreadable tar")
     elif not _ends_cleanly(url):
         reason = f"no end-of-archive block after {members[0]} members: the tar is truncated or corrupt there"
         yield Skipped(name=url, reason=reason, kind="unreadable tar")
+
+
+def group_members(url: str, members: Iterable[dict[str, Any]]) -> Iterator[ImageText | Skipped]:
+    """webdataset's member dicts -> samples, grouped as its `group_by_keys` groups them (consecutive
+    members whose `base_plus_ext` key is equal; fields lower-cased), with two differences: a member
+    repeated within a sample skips that sample, where webdataset stops the shard (its default handler
+    raises "duplicate file name"); and a member without a key (no dot after the last slash, or a
+    leading dot), which webdataset drops unseen, is counted."""
+    from webdataset.tariterators import base_plus_ext
+
+    key: str | None = None
+    fields: dict[str, bytes] = {}
+    repeated: list[str] = []
+    for member in members:
+        if not member:  # webdataset's end-of-shard marker
+            continue
+        name = member["fname"]
+        base, field = base_plus_ext(name)
+        if base is None:
+            yield Skipped(name=f"{url}:{name}", kind="no image", reason=f"member {name!r} has no key: webdataset names members "
+                          "KEY.FIELD, the key ending at the first dot after the last '/' (e.g. 000001.jpg)")
+            continue
+        if base != key:
+            if key is not None:
+                yield _sample(url, key, fields, repeated)
+            key, fields, repeated = base, {}, []
+        if field.lower() in fields:
+            repeated.append(name)
+        else:
+            fields[field.lower()] = member["data"]
+    if key is not None:
+        yield _sample(url, key, fields, repeated)
+
+
+def _sample(url: str, key: str, fields: dict[str, bytes], repeated: list[str]) -> ImageText | Skipped:
+    if repeated:
+        return Skipped(name=f"{url}:{key}", kind="repeated member", reason=f"shard {url!r}, key {key!r}: member {repeated[0]!r} "
+                       "appears twice in the sample, so which copy belongs to it is unknown (webdataset refuses it as a "
+                       "'duplicate file name'); write each member once")
+    return make_sample(url, key, fields)
 
 
 def _counted(files: Iterable[dict[str, Any]], count: list[int]) -> Iterator[dict[str, Any]]:
@@ -148,21 +190,46 @@ def _ends_cleanly(url: str) -> bool:
 
 
 def make_sample(shard: str, key: str, files: dict[str, bytes]) -> ImageText | Skipped:
-    """One sample's members -> an ImageText (image bytes, caption, metadata), or why it cannot be one."""
+    """One sample's fields -> an ImageText (image bytes, caption, metadata), or why it cannot be one."""
     name = f"{shard}:{key}"
-    meta = _metadata(files.get("json"))
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
-    if image_ext is None:
+    image, images = _field(files, IMAGE_EXTENSIONS)
+    if image is None:
         found = ", ".join("." + ext for ext in sorted(files))
-        return Skipped(name=name, reason=f"no image (members: {found}; expected .jpg, .jpeg, .png or .webp)", kind="no image")
-    text: Any = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
+        why = f"{len(images)} images ({', '.join(images)})" if images else "no image"
+        return Skipped(name=name, kind="no image", reason=f"{why} (members: {found}; expected one .jpg, .jpeg, .png or .webp)"
+                       f"{_dotted_hint(key, files)}")
+    json_field, _ = _field(files, ("json",))
+    meta = _metadata(files.get(json_field) if json_field else None)
+    text_field, texts = _field(files, ("txt",))
+    text: Any = files[text_field].decode("utf-8", errors="replace").strip() if text_field else None
     if not text:  # img2dataset writes an empty .txt for a row without a caption: not a caption to learn or score
         text = meta.get("caption")
     if not isinstance(text, str) or not text.strip():
         if not isinstance(meta.get("text_output"), str):  # instruction data needs no caption, as in JSONL
-            return Skipped(name=name, reason="no text (neither a non-empty .txt member nor a 'caption' in .json)", kind="no text")
+            why = f"{len(texts)} .txt members ({', '.join(texts)}), none of them the caption" if texts else "neither a non-empty .txt member"
+            return Skipped(name=name, kind="no text", reason=f"no text ({why} nor a 'caption' in .json){_dotted_hint(key, files)}")
         text = text if isinstance(text, str) else ""
-    return ImageText(ImageRef(name=f"{name}.{image_ext}", data=files[image_ext]), text, key, meta)
+    return ImageText(ImageRef(name=f"{name}.{image}", data=files[image]), text, key, meta)
+
+
+def _field(files: dict[str, bytes], extensions: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(the field to read, the candidates): an exact field (`jpg`), else the one field ending so
+    (`b.jpg`, how webdataset's decoders tell a field's type); several such: (None, them)."""
+    exact = next((ext for ext in extensions if ext in files), None)
+    if exact is not None:
+        return exact, [exact]
+    found = sorted(field for field in files if field.rpartition(".")[2] in extensions)
+    return (found[0] if len(found) == 1 else None), found
+
+
+def _dotted_hint(key: str, files: dict[str, bytes]) -> str:
+    """Why the fields of a key with dots are not what its writer meant, and the way out."""
+    dotted = sorted(field for field in files if "." in field)
+    if not dotted:
+        return ""
+    shown = ", ".join(f"{key}.{field}" for field in dotted[:4])
+    return (f"; webdataset ends a key at the first dot of the file name, so {shown} are fields of the one sample {key!r}: "
+            "write keys without dots (e.g. a_b.jpg for a.b.jpg)")
 
 
 def _metadata(raw: bytes | None) -> dict[str, Any]:
