@@ -238,16 +238,29 @@ def test_one_id_for_two_images_and_uncached_images_are_refused(data: Path, cache
         feature_dataset({"format": "jsonl", "paths": [str(extra)]}, cache, train=True)
 
 
-def test_webdataset_cache_finds_tar_members_wherever_the_shards_are(tmp_path: Path, stage1: Any):
+def test_webdataset_cache_finds_tar_members_by_shard_and_key(tmp_path: Path, stage1: Any):
+    """Features are found by shard and key: equal keys in two shards are two images (they shared one
+    entry), a moved shard is named as such, and a cache of key-only ids is refused as stale."""
     members = [(f"s/{k}.{ext}", data) for k in range(3) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
     write_tar(tmp_path / "a" / "shard-0.tar", members + [("s/9.txt", b"no image")])
-    built = build_cache(PRESET, [{"format": "webdataset", "paths": [str(tmp_path / "a" / "shard-0.tar")]}], tmp_path / "c", FP32)
-    assert built.rows == 3 and built.shards[0].image_ids == ["s/0", "s/1", "s/2"] and built.shards[0].names[0] == "s/0.jpg"
-    (tmp_path / "a").rename(tmp_path / "moved")
-    dataset = feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "moved" / "shard-0.tar")]}, tmp_path / "c", train=False)
+    write_tar(tmp_path / "b" / "shard-0.tar", [(name, image_bytes(7) if name.endswith(".jpg") else data) for name, data in members])
+    both = {"format": "webdataset", "paths": [str(tmp_path / "a" / "shard-0.tar"), str(tmp_path / "b" / "shard-0.tar")]}
+    built = build_cache(PRESET, [both], tmp_path / "c", FP32)
+    shard_a = str((tmp_path / "a" / "shard-0.tar").resolve())
+    assert built.rows == 6 and built.shards[0].image_ids[:3] == [f"{shard_a}:s/{k}" for k in range(3)] and built.shards[0].names[0] == "s/0.jpg"
+    dataset = feature_dataset(both, tmp_path / "c", train=False)
     assert [dataset[i]["text"] for i in range(3)] == ["caption 0", "caption 1", "caption 2"] and isinstance(dataset[3], Skipped)
-    expected = stage1.encode_images(stage1.pixel_values([Image.open(io.BytesIO(image_bytes(1))).convert("RGB")]))[0]
-    torch.testing.assert_close(dataset[1]["image_embeds"], expected, rtol=1e-5, atol=1e-5)
+    for i, seed in ((1, 1), (5, 7)):  # a's second image, b's second (the same key)
+        expected = stage1.encode_images(stage1.pixel_values([Image.open(io.BytesIO(image_bytes(seed))).convert("RGB")]))[0]
+        torch.testing.assert_close(dataset[i]["image_embeds"], expected, rtol=1e-5, atol=1e-5)
+    (tmp_path / "a").rename(tmp_path / "moved")
+    with pytest.raises(CacheError, match=r"has no features for '.*moved/shard-0.tar:s/0', but has '.*a/shard-0.tar:s/0'.*moved or renamed"):
+        feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "moved" / "shard-0.tar")]}, tmp_path / "c", train=False)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())  # as an earlier vlbridge wrote it
+    del manifest["tar_ids"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="earlier vlbridge that found tar samples by key alone.*--overwrite"):
+        feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "b" / "shard-0.tar")]}, tmp_path / "c", train=False)
 
 
 def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -352,15 +365,13 @@ def test_an_image_replaced_after_caching_is_refused(data: Path, tmp_path: Path):
 
 
 def test_one_id_in_two_places_is_refused_and_a_replaced_shard_is_noticed(tmp_path: Path):
-    """The same key in two tar shards, or the same relative path under two folders (the path is the
-    id), were one image's features; a shard rewritten after caching trained on the old pictures."""
+    """The same relative path under two folders (the path is the id) was one image's features; a shard
+    rewritten after caching trained on the old pictures. (Equal tar keys of two shards: see above.)"""
     import os
 
     members = [(f"s/{k}.{ext}", data) for k in range(2) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
     write_tar(tmp_path / "a.tar", members)
     write_tar(tmp_path / "b.tar", [(f"s/{k}.{ext}", data) for k in range(2) for ext, data in (("jpg", image_bytes(k + 5)), ("txt", b"x"))])
-    with pytest.raises(DataError, match="image id 's/0' names two images, '.*a.tar:s/0.jpg' and '.*b.tar:s/0.jpg'"):
-        build_cache(PRESET, [{"format": "webdataset", "paths": [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]}], tmp_path / "ab", FP32)
     for folder in ("w0", "w1"):
         write_image(tmp_path / folder / "images" / "0.jpg", seed=len(folder) + (folder == "w1"))
         write_jsonl(tmp_path / folder / "t.jsonl", [{"image": "images/0.jpg", "text": "x"}])

@@ -216,7 +216,7 @@ def test_shard_samples_are_grouped_by_key_and_incomplete_ones_skipped(tmp_path):
     first, second, _ = shards(tmp_path)
     out = list(iter_shard(str(first)))
     assert [type(x).__name__ for x in out] == ["ImageText", "ImageText", "Skipped", "ImageText"]
-    assert out[0].text == "A red Square." and out[0].image_id == "000000000" and out[0].extra["status"] == "success"
+    assert out[0].text == "A red Square." and out[0].image_id == f"{first.resolve()}:000000000" and out[0].extra["status"] == "success"
     assert out[1].image.name.endswith("00000.tar:000000001.png") and out[1].image.data[:4] == b"\x89PNG"
     assert out[2].kind == "no text" and out[2].name.endswith("00000.tar:000000002")
     from_json = list(iter_shard(str(second)))[1]

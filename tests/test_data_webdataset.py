@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import tarfile
 from itertools import islice
 
@@ -111,7 +112,7 @@ def test_keys_end_at_the_first_dot_after_the_last_slash_as_webdataset_groups_the
     path = write_tar(tmp_path / "dots.tar", members + [(".hidden.jpg", image_bytes(5)), ("README", b"notes")])
     out = list(iter_shard(str(path)))
     read = [x for x in out if isinstance(x, ImageText)]
-    assert [x.image_id for x in read] == ["a", "dir.v1/c", "p/q/r"] == [k for k in _webdataset_keys(path) if k != "x"]
+    assert [x.image_id.rpartition(":")[2] for x in read] == ["a", "dir.v1/c", "p/q/r"] == [k for k in _webdataset_keys(path) if k != "x"]
     assert [x.text for x in read] == ["lone dotted key", "dot in a folder", "folders"] and read[0].image.name == f"{path}:a.b.jpg"
     (merged,) = [x for x in out if isinstance(x, Skipped) and x.name.endswith(":x")]
     assert merged.kind == "no image" and "2 images (1.jpg, 2.jpg)" in merged.reason and "write keys without dots" in merged.reason
@@ -128,6 +129,18 @@ def test_a_member_repeated_in_a_sample_skips_that_sample_not_the_rest_of_the_sha
     assert first.kind == "repeated member" and first.name == f"{path}:k1"
     assert all(part in first.reason for part in (repr(str(path)), "key 'k1'", "member 'k1.TXT' appears twice"))
     assert [x.text for x in rest] == ["two", "three"]
+
+
+def test_equal_keys_in_two_shards_are_two_images(tmp_path):
+    """Two img2dataset outputs both start at 000000000: their images shared one image index, so
+    stage 1 took each for the other's positive."""
+    for out, seed in (("laion", 0), ("cc3m", 5)):
+        write_tar(tmp_path / out / "00000.tar", sample_members("000000000", seed, f"{out} first") + sample_members("000000001", seed + 1, f"{out} second"))
+    dataset = build_dataset({"format": "webdataset", "paths": f"{tmp_path}/{{laion,cc3m}}/00000.tar", "shuffle": False}, PRE, train=True)
+    indices = {text: int(index) for batch in make_loader(dataset, 4) for text, index in zip(batch["text"], batch["image_index"])}
+    assert len(indices) == 4 and len(set(indices.values())) == 4
+    relative = list(iter_shard(os.path.relpath(tmp_path / "laion" / "00000.tar")))[0]
+    assert relative.image_id == f"{tmp_path.resolve()}/laion/00000.tar:000000000"  # however the path is written
 
 
 def test_compressed_piped_and_empty_shards_and_cuts_inside_a_member(tmp_path):

@@ -7,7 +7,8 @@ dot after the last slash, folders included, the rest its field (`a.b.jpg` is fie
 `a`). The image is the field `jpg` (`jpeg`, `png`, `webp`), else the one field ending so; the caption
 `txt` (likewise), else (missing or blank) the "caption" of `json` (what LAVIS reads). Samples without
 an image or a caption, with a member repeated, and shards that break off, come out as `Skipped` so
-they can be counted. `webdataset` imports torch, so it is
+they can be counted. A sample's image id is its shard and key, so equal keys in two shards (two
+img2dataset outputs both start at 000000000) stay two images. `webdataset` imports torch, so it is
 imported only when a shard is read: listing and validating shards stays torch-free.
 """
 
@@ -209,7 +210,7 @@ def make_sample(shard: str, key: str, files: dict[str, bytes]) -> ImageText | Sk
             why = f"{len(texts)} .txt members ({', '.join(texts)}), none of them the caption" if texts else "neither a non-empty .txt member"
             return Skipped(name=name, kind="no text", reason=f"no text ({why} nor a 'caption' in .json){_dotted_hint(key, files)}")
         text = text if isinstance(text, str) else ""
-    return ImageText(ImageRef(name=f"{name}.{image}", data=files[image]), text, key, meta)
+    return ImageText(ImageRef(name=f"{name}.{image}", data=files[image]), text, f"{shard_identity(shard)}:{key}", meta)
 
 
 def _field(files: dict[str, bytes], extensions: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -230,6 +231,13 @@ def _dotted_hint(key: str, files: dict[str, bytes]) -> str:
     shown = ", ".join(f"{key}.{field}" for field in dotted[:4])
     return (f"; webdataset ends a key at the first dot of the file name, so {shown} are fields of the one sample {key!r}: "
             "write keys without dots (e.g. a_b.jpg for a.b.jpg)")
+
+
+def shard_identity(url: str) -> str:
+    """A shard as image ids name it: the real path of a local file (the same however it is written),
+    else the URL or `pipe:` command as given."""
+    path = url.removeprefix("file:")
+    return os.path.realpath(path) if not is_url(url) and Path(path).is_file() else url
 
 
 def _metadata(raw: bytes | None) -> dict[str, Any]:

@@ -146,6 +146,8 @@ class Manifest(Strict):
     skipped: list[SkippedImage] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list, description="the datasets it was built from")
     assembly: str = Field("", description="the assembly it was built with (for the rebuild command in errors)")
+    tar_ids: Literal["key", "shard:key"] = Field("key", description="what a tar sample's image id is: 'shard:key' (its shard "
+                                                  "and key); 'key' (absent: caches before) let equal keys of two shards share features")
 
 
 # -- identity -----------------------------------------------------------------------------------

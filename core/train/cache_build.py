@@ -96,7 +96,7 @@ def load_sources(sources: Sequence[DataConfig | Mapping[str, Any] | str | Path])
 def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[ImageText]:
     """Each distinct image once (first-seen order), keyed by image id; an id naming two images is an
     error: two names, or one name in two places (the same relative path under two folders, the same
-    key in two tar shards), whose features would otherwise be one image's."""
+    image in two places), whose features would otherwise be one image's. (Tar samples' ids hold their shard.)"""
     seen: dict[Any, str] = {}
     skipped, first_skipped = 0, None
     for config, source in sources:
@@ -113,7 +113,7 @@ def unique_images(sources: Sequence[tuple[DataConfig, Source]]) -> Iterator[Imag
             elif known != place:
                 raise DataError(f"{where}: image id {sample.image_id!r} names two images, {known!r} and {place!r}; "
                                 "the cache finds features by image id, so each id must belong to one image (give the "
-                                "annotations distinct image_id values, or keys that differ between shards)")
+                                "annotations distinct image_id values)")
     if first_skipped is not None and not seen:  # say why, rather than only that there is no image to cache
         raise DataError(f"every sample was skipped ({skipped}), so there is no image to cache; the first: "
                         f"{first_skipped.name}: {first_skipped.reason}")
@@ -280,6 +280,7 @@ def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Seque
         if stale.name not in {s.file for s in shards}:
             stale.unlink()
     manifest = Manifest(encoder=identity, dtype=settings.dtype, shard_size=settings.shard_size, rows=sum(s.rows for s in shards),
-                        shards=shards, skipped=skipped, sources=[source for _, source in loaded], assembly=assembly_label(assembly))
+                        shards=shards, skipped=skipped, sources=[source for _, source in loaded], assembly=assembly_label(assembly),
+                        tar_ids="shard:key")
     atomic_write_text(out / MANIFEST_FILE, manifest_json(manifest))
     return manifest

@@ -21,7 +21,7 @@ from vlbridge.data.build import read_records
 from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
-from vlbridge.data.shards import expand_shards, iter_shard
+from vlbridge.data.shards import expand_shards, iter_shard, shard_identity
 from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, file_stamp, read_manifest,
                                   stamp_or_absent, verify_cache)
 
@@ -41,7 +41,10 @@ def portable_name(ref: ImageRef) -> str:
 def image_place(ref: ImageRef) -> str:
     """Where an image is, whatever the annotations call it: the real path of its file, or its
     shard and member (`shard.tar:key.jpg`)."""
-    return os.path.realpath(ref.path) if ref.path is not None else ref.name
+    if ref.path is not None:
+        return os.path.realpath(ref.path)
+    shard, _, member = ref.name.rpartition(":")
+    return f"{shard_identity(shard)}:{member}"
 
 
 def stamped_file(ref: ImageRef) -> str | None:
@@ -178,6 +181,12 @@ class FeatureStore:
 
 def _raise_missing(store: FeatureStore, image_id: ImageId, name: str) -> None:
     sources = ", ".join(source.arguments() for source in store.manifest.sources) or "unknown data"
+    moved = [found for found, row in store.rows.items() if isinstance(found, str) and isinstance(image_id, str) and
+             row[2] == name and found.rpartition(":")[2] == image_id.rpartition(":")[2]]
+    if moved:  # a tar member of the same name and key under another shard
+        raise CacheError(f"feature cache {str(store.directory)!r} has no features for {image_id!r}, but has {moved[0]!r}: tar samples "
+                         "are found by shard and key (equal keys of two shards are two images), so shards that were moved or "
+                         "renamed since need the cache rebuilt (vlbridge cache-features ... --overwrite)")
     raise CacheError(f"feature cache {str(store.directory)!r} has no features for image {name!r} (id {image_id!r}); it was "
                      f"built from {sources}. Rebuild it including this data (repeat --data for each dataset, train and eval)")
 
@@ -195,6 +204,10 @@ class FeatureDataset(Dataset):
         if not samples:
             raise DataError("no samples to build a feature dataset from; check the annotation files and the split")
         self.samples, self.store, self.text, self.strict, self.shuffle = samples, store, text, strict, shuffle
+        if store.manifest.tar_ids == "key" and any(isinstance(s, ImageText) and s.image.data is not None for s in samples):
+            raise CacheError(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge that found tar samples by key "
+                             "alone, so equal keys in two shards (two img2dataset outputs) shared one image's features; rebuild it "
+                             "(vlbridge cache-features ... --overwrite): tar samples are now found by shard and key")
         self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image)) for s in samples]
         changed = store.changed_images(samples, self.locations)
         if changed:
