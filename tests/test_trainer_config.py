@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import vlbridge
+
 from tests.test_trainer_samples import config, write_caption_data, write_config
 from vlbridge.cli.main import main
 from vlbridge.train.config import TrainConfigError, check_config, read_config
@@ -141,7 +143,10 @@ def test_examples_validate(capsys, repo, tmp_path, monkeypatch, name):
     from vlbridge.world.generate import generate_world
 
     monkeypatch.chdir(tmp_path)  # their paths are relative to where they run
-    (tmp_path / "runs" / "stage1-tiny" / "checkpoints").mkdir(parents=True)  # stage 2's init_from: a run's output_dir
+    # stage 2's init_from: a run's output_dir, whose latest checkpoint --check reads the tensor shapes of
+    step = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "runs" / "stage1-tiny" / "checkpoints" / "step-1")
+    (step / "trainer_state.pt").write_bytes(b"")  # what makes a run's step complete (never read by --check)
+    (step.parent / "latest").write_text("step-1\n")
     generate_world(tmp_path / "world", WorldConfig(train=2, val=1, test=0, comp=0, image_size=16))  # --check reads the data's files (2 images: 18 captions, a batch of 16)
     code = main(["train", str(repo / "examples" / name), "--check"])
     out, err = capsys.readouterr()

@@ -19,9 +19,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Train the connector of an assembly as CONFIG.yaml describes; see examples/train-*.yaml.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the training config")
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint (starts fresh when there is none)")
-    p.add_argument("--check", action="store_true", help="validate the config and print the plan, then exit without training (no "
-                   "weights load; `vlbridge validate --train CONFIG.yaml` also builds the model, which checks init_from's "
-                   "connector, the unfrozen blocks and LoRA's target modules)")
+    p.add_argument("--check", action="store_true", help="validate the config and its data, build the model on the meta device "
+                   "(no weights read or allocated) to check widths, init_from's tensor shapes, LoRA targets, unfrozen "
+                   "blocks, lr_scales and parallel settings, print the plan, then exit without training")
     p.set_defaults(func=cmd_train)
 
 
@@ -31,7 +31,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, label = read_config(args.config)  # structure first: no torch, no weights
     assembly = check_config(config, label)
     if args.check:
-        for note in [*read_annotations(config), *text_length_note(config)]:
+        from vlbridge.train.dry_run import check_built
+
+        for note in [*read_annotations(config), *check_built(config, assembly, label), *text_length_note(config)]:
             print(note)
         print(assembly.plan.describe())
         length = f"steps {config.steps}" if config.steps is not None else f"epochs {config.epochs}"

@@ -162,7 +162,8 @@ def listed_absent(meta: dict[str, Any], ckpt_dir: str | Path) -> list[str]:
     return absent
 
 
-def read_connector_weights(path: str | Path) -> StateDict:
-    """A connector's tensors from our safetensors or a weights-only .pth/.bin (LAVIS wraps it in 'model')."""
+def read_connector_weights(path: str | Path, *, shapes_only: bool = False) -> StateDict:
+    """A connector's tensors from our safetensors or a weights-only .pth/.bin (LAVIS wraps it in 'model');
+    `shapes_only`: meta tensors from the header (vlbridge.files.weights.read_tensors)."""
     path = require_path(path, "connector weights")
-    return unwrap_state_dict(read_tensors(path), str(path))
+    return unwrap_state_dict(read_tensors(path, shapes_only=shapes_only), str(path))

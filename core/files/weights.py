@@ -35,18 +35,33 @@ def require_path(path: str | Path, what: str) -> Path:
     return path
 
 
-def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> StateDict:
-    """Read the tensors of one file whose keys pass `keep` (safetensors reads only those)."""
+def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True, *, shapes_only: bool = False) -> StateDict:
+    """Read the tensors of one file whose keys pass `keep` (safetensors reads only those). With
+    `shapes_only` they come as meta tensors of the right shape and dtype, from a safetensors file's
+    header alone (`vlbridge train --check` compares shapes without reading a byte of data)."""
     if path.is_dir():
         raise WeightsError(f"{path} is a directory; expected the weights file itself")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as file:
+                if shapes_only:
+                    return {key: _meta_like(file.get_slice(key)) for key in file.keys() if keep(key)}
                 return {key: file.get_tensor(key) for key in file.keys() if keep(key)}
         except Exception as exc:  # safetensors raises its own error types
             raise _unreadable_safetensors(path, exc) from exc
-    state = unwrap_state_dict(torch_load(path), str(path))
-    return {key: value for key, value in state.items() if keep(key)}
+    state = unwrap_state_dict(torch_load(path), str(path))  # a pickle has no header: read, then shaped alike
+    return {key: value.to("meta") if shapes_only else value for key, value in state.items() if keep(key)}
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _meta_like(info: object) -> torch.Tensor:
+    """A meta tensor with the shape and dtype a safetensors header states for one tensor."""
+    dtype = _SAFETENSORS_DTYPES.get(info.get_dtype(), torch.float32)  # type: ignore[attr-defined]  # shapes are what is compared
+    return torch.empty(info.get_shape(), dtype=dtype, device="meta")  # type: ignore[attr-defined]
 
 
 def tensor_keys(path: Path) -> list[str] | None:

@@ -65,17 +65,18 @@ def whole(param: torch.Tensor) -> torch.Tensor:
     return (full() if full is not None else param).detach()
 
 
-def restore_tuned(model: Any, directory: str | Path, meta: Mapping[str, Any]) -> list[str]:
+def restore_tuned(model: Any, directory: str | Path, meta: Mapping[str, Any], *, shapes_only: bool = False) -> list[str]:
     """Put a checkpoint's encoder tensors and LoRA adapters (if it has them) into `model`, frozen;
-    returns what was restored ("encoder", "lora"). The adapters need the LLM (stage 2)."""
+    returns what was restored ("encoder", "lora"). The adapters need the LLM (stage 2). `shapes_only`
+    (a model on the meta device): checked against the safetensors headers, no tensor data read."""
     directory, restored = Path(directory), []
     entry = meta.get("encoder")
     if entry:
-        restore_encoder(model, directory / _file(entry, "encoder", directory), entry.get("dtype"))
+        restore_encoder(model, directory / _file(entry, "encoder", directory), entry.get("dtype"), shapes_only)
         restored.append("encoder")
     entry = meta.get("lora")
     if entry and model.llm is not None:
-        restore_lora(model, directory / _file(entry, "lora", directory), {key: entry.get(key) for key in SETTINGS})
+        restore_lora(model, directory / _file(entry, "lora", directory), {key: entry.get(key) for key in SETTINGS}, shapes_only)
         restored.append("lora")
     return restored
 
@@ -86,9 +87,9 @@ def _file(entry: Any, key: str, directory: Path) -> str:
     return entry["file"]
 
 
-def restore_encoder(model: Any, path: Path, dtype: str | None) -> None:
+def restore_encoder(model: Any, path: Path, dtype: str | None, shapes_only: bool = False) -> None:
     """Load trained encoder tensors (in the dtype they trained in) into the model's encoder."""
-    tensors = read_tensors(require_path(path, "fine-tuned encoder tensors"))
+    tensors = read_tensors(require_path(path, "fine-tuned encoder tensors"), shapes_only=shapes_only)
     if dtype is not None:
         model.encoder.to(torch_dtype(dtype))
         model.tuned.encoder_dtype = dtype
@@ -96,12 +97,12 @@ def restore_encoder(model: Any, path: Path, dtype: str | None) -> None:
     model.tuned.encoder_names |= set(tensors)
 
 
-def restore_lora(model: Any, path: Path, settings: Mapping[str, Any]) -> None:
+def restore_lora(model: Any, path: Path, settings: Mapping[str, Any], shapes_only: bool = False) -> None:
     """Inject adapters with the recorded settings (unless the same ones are there) and load them strictly."""
     llm_model = model.llm.model
     if model.tuned.lora is None:
         model.tuned.lora = add_lora(model.llm, settings, trainable=False)
     elif model.tuned.lora != resolve_settings(llm_model, settings):
         raise WeightsError(f"{path}: its LoRA adapters ({dict(settings)}) differ from those on the model ({model.tuned.lora})")
-    tensors = read_tensors(require_path(path, "LoRA adapters"))
+    tensors = read_tensors(require_path(path, "LoRA adapters"), shapes_only=shapes_only)
     load_subset(llm_model, tensors, str(path), expected=set(lora_parameters(llm_model)))

@@ -121,31 +121,45 @@ def _build_frozen(part) -> torch.nn.Module:
 def check_real_shapes(model: VLBridgeModel) -> None:
     """Push one blank image through the encoder and two copies of its tokens through the connector:
     a spec that lies, or a forward that fails or loses the batch, is caught here, naming the plugin."""
+    check_connector_tokens(model, check_encoder_tokens(model))
+
+
+def check_encoder_tokens(model: VLBridgeModel) -> torch.Tensor:
+    """The encoder's tokens for one blank image, held to the plan's (N, D); returns them (fp32)."""
     plan = model.plan
     size = plan.preprocess.image_size
     pixels = torch.zeros(1, 3, size, size, device=model.device)
-    encoder, connector = describe(plan.encoder), describe(plan.connector)
+    encoder = describe(plan.encoder)
     with torch.no_grad():
         image_embeds = plugin_call(encoder, f"forward on a blank {tuple(pixels.shape)} image", model.encoder, pixels)
-        image_embeds = check_tokens(encoder, plan.encoder_out, image_embeds, batch=1).float()
-        if plan.connector_out is None:
-            return  # no LLM joint to check
-        pair = image_embeds.repeat(2, 1, 1)
-        was_training = model.connector.training
-        model.connector.eval()
-        try:
+    return check_tokens(encoder, plan.encoder_out, image_embeds, batch=1).float()
+
+
+def check_connector_tokens(model: VLBridgeModel, image_embeds: torch.Tensor) -> None:
+    """Two copies of one image's encoder tokens through the connector, its visual tokens held to the
+    plan's (M, the LLM's embedding width); nothing to check for an LLM-free (stage-1) assembly."""
+    plan = model.plan
+    if plan.connector_out is None:
+        return  # no LLM joint to check
+    connector = describe(plan.connector)
+    pair = image_embeds.repeat(2, 1, 1)
+    was_training = model.connector.training
+    model.connector.eval()
+    try:
+        with torch.no_grad():
             tokens = plugin_call(connector, f"forward on image tokens of shape {tuple(pair.shape)}", model.visual_tokens,
                                  image_embeds=pair)
-        finally:
-            model.connector.train(was_training)
+    finally:
+        model.connector.train(was_training)
     check_tokens(connector, plan.connector_out, tokens, batch=2)
 
 
-def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[str]:
+def load_connector_weights(model: VLBridgeModel, weights: str | Path, *, shapes_only: bool = False) -> list[str]:
     """Load a vlbridge checkpoint (directory or connector.safetensors) into the connector, strictly
     for the parameters of the stage it was saved in except those its manifest lists as absent or
     `allow_missing` excuses. Whatever the file lacks is marked absent (what needs it refuses to
-    run, vlbridge.modeling.connector_protocol); returns those names."""
+    run, vlbridge.modeling.connector_protocol); returns those names. `shapes_only` (a model built on
+    the meta device): the same checks from the safetensors header, no tensor data read."""
     path, source = Path(weights), str(weights)
     allow_missing: list[str] = []
     absent: list[str] = []
@@ -157,7 +171,7 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path) -> list[st
         path = path / WEIGHTS_FILE
     else:
         stage = model.stage
-    tensors = read_connector_weights(path)
+    tensors = read_connector_weights(path, shapes_only=shapes_only)
     contradicted = sorted(set(absent) & set(tensors))
     if contradicted:
         raise WeightsError(f"{source}: checkpoint.json lists {', '.join(contradicted)} as absent, but {path.name} holds it; "
