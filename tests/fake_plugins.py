@@ -78,6 +78,11 @@ def build_with_set_stage(opts: Any, encoder_out: TokenShape, llm_width: int) -> 
     return WithSetStage(encoder_out.width, llm_width)
 
 
+def build_wrong_width(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    """Declares the LLM's width (pool_output) but builds its visual tokens one wider."""
+    return MeanPool(encoder_out.width, llm_width + 1)
+
+
 def build_raises(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
     raise RuntimeError("cannot find my weights")
 

@@ -1,0 +1,131 @@
+"""`vlbridge train --check` builds the model on the meta device and catches what only built modules
+show, each as a named problem with exit code 2, before any weight is read or allocated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vlbridge
+from tests import fake_plugins as fake
+from tests.test_trainer_config import assert_user_error, train_cli
+from tests.test_trainer_samples import config, write_caption_data
+from vlbridge import LLMDims, LLMSpec
+from vlbridge.plugintest.check import using_registry
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY_QFORMER = {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8, "ln_vision_eps": 1.0e-6}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_caption_data(tmp_path_factory.mktemp("data"), images=4)
+
+
+def inline(connector: dict | None = None, llm: dict | None = None) -> dict:
+    """tiny-qformer-opt written out, with the connector or LLM replaced."""
+    return {"name": "check", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+            "connector": connector or TINY_QFORMER, "llm": llm or {"use": "opt", "options": {"variant": "tiny"}}}
+
+
+def test_a_sound_config_is_built_on_meta_and_valid(capsys, tmp_path, data):
+    code, out, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out", stage=2), "--check")
+    assert code == 0, err
+    assert "built on the meta device (no weights read or allocated): encoder, connector, llm" in out
+    assert out.strip().endswith("valid") and not (tmp_path / "out").exists()
+
+
+def test_lora_targets_the_llm_lacks(capsys, tmp_path, data):
+    values = config(data, tmp_path / "out", stage=2, finetune={"lora": {"target_modules": ["nope_proj"]}})
+    assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                      "finetune.lora.target_modules: ['nope_proj'] matches no layer", "'q_proj', 'v_proj'")
+
+
+def test_unfreezing_more_blocks_than_the_encoder_runs(capsys, tmp_path, data):
+    values = config(data, tmp_path / "out", finetune={"encoder": {"unfreeze": 99}})
+    assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                      "finetune.encoder.unfreeze: 99 blocks asked for, but encoder 'eva-vit-g'", "runs 2")
+
+
+def test_lr_scales_prefix_matching_no_trainable_parameter(capsys, tmp_path, data):
+    values = config(data, tmp_path / "out", optimizer={"lr": 1e-3, "lr_scales": {"connector.nope": 0.1}})
+    assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                      "optimizer.lr_scales: 'connector.nope' names no trainable parameter", "connector.query_tokens")
+    values["optimizer"]["lr_scales"] = {"connector.layers": 0.1}
+    assert train_cli(capsys, tmp_path, values, "--check")[0] == 0
+
+
+def test_init_from_tensors_of_other_shapes(capsys, tmp_path, data):
+    saved = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "stage1")  # 8 query tokens
+    values = config(data, tmp_path / "out", init_from=str(saved))
+    assert train_cli(capsys, tmp_path, values, "--check")[0] == 0
+    values["assembly"] = inline(connector={**TINY_QFORMER, "options": {**TINY_QFORMER["options"], "num_query_tokens": 4}})
+    assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                      "init_from:", "tensor 'query_tokens' has shape (1, 8, ", "(1, 4, ")
+
+
+def test_shapes_only_reads_the_header(tmp_path):
+    from vlbridge.files.weights import read_tensors
+
+    saved = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "stage1")
+    full = read_tensors(saved / "connector.safetensors")
+    shapes = read_tensors(saved / "connector.safetensors", shapes_only=True)
+    assert {k: (t.shape, t.dtype) for k, t in shapes.items()} == {k: (t.shape, t.dtype) for k, t in full.items()}
+    assert all(t.is_meta for t in shapes.values())
+
+
+def test_a_connector_factory_that_raises(capsys, tmp_path, data):
+    with using_registry(fake.registry(pool=fake.connector_plugin("build_raises"))):
+        values = config(data, tmp_path / "out", stage=2, assembly=fake.assembly())
+        assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                          "assembly: building the model failed: connector 'pool' (plugin vlbridge-pool)",
+                          "raised RuntimeError: cannot find my weights")
+
+
+def test_a_connector_whose_tokens_miss_the_llm_width(capsys, tmp_path, data):
+    with using_registry(fake.registry(pool=fake.connector_plugin("build_wrong_width"))):
+        values = config(data, tmp_path / "out", stage=2, assembly=fake.assembly())
+        assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2], "assembly: connector 'pool'", "65")
+
+
+def test_an_llm_narrower_than_it_declares(capsys, tmp_path, data):
+    from vlbridge.plugins.llms.opt import OPTOptions
+
+    narrow = LLMSpec(name="narrow", factory="vlbridge.plugins.llms.opt_model:build", options=OPTOptions,
+                     dims=lambda o: LLMDims(32, 128, False), weight_sources=lambda o, stage: [])
+    with using_registry(fake.registry(narrow=fake.plugin("narrow", llms=[narrow]))):
+        values = config(data, tmp_path / "out", stage=2, assembly=inline(llm={"use": "narrow", "options": {"variant": "tiny"}}))
+        assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                          "llm 'narrow' (plugin vlbridge-narrow) declared embedding width 32 but the built model embeds at 64")
+
+
+def test_fsdp_shard_of_a_part_that_trains_whole(capsys, tmp_path, data):
+    values = config(data, tmp_path / "out", finetune={"encoder": {"unfreeze": "all"}},
+                    parallel={"strategy": "fsdp", "shard": ["encoder"]})
+    assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                      "parallel.shard: every parameter of the encoder trains", "nothing of the encoder to shard")
+    values["finetune"]["encoder"]["unfreeze"] = 1
+    assert train_cli(capsys, tmp_path, values, "--check")[0] == 0
+
+
+def test_a_part_that_reads_weights_is_not_built(capsys, tmp_path, data, monkeypatch):
+    """A real-size LLM from a local directory: --check names it unbuilt and never calls its factory."""
+    from vlbridge.plugins.llms import opt_model
+
+    llm_dir = tmp_path / "opt-2.7b"
+    llm_dir.mkdir()
+    (llm_dir / "config.json").write_text(json.dumps({
+        "model_type": "opt", "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32, "ffn_dim": 10240,
+        "word_embed_proj_dim": 2560, "vocab_size": 50272, "max_position_embeddings": 2048, "do_layer_norm_before": True}))
+
+    def refuse(opts):
+        raise AssertionError("--check built an LLM that reads weights")
+
+    monkeypatch.setattr(opt_model, "build", refuse)
+    values = config(data, tmp_path / "out", stage=2, assembly=inline(llm={"use": "opt", "options": {"model": str(llm_dir)}}))
+    code, out, err = train_cli(capsys, tmp_path, values, "--check")
+    assert code == 0, err
+    assert "built on the meta device (no weights read or allocated): encoder, connector" in out
+    assert f"not built: llm 'opt' reads its weights from {llm_dir}" in out
