@@ -129,3 +129,21 @@ def test_a_part_that_reads_weights_is_not_built(capsys, tmp_path, data, monkeypa
     assert code == 0, err
     assert "built on the meta device (no weights read or allocated): encoder, connector" in out
     assert f"not built: llm 'opt' reads its weights from {llm_dir}" in out
+
+
+def test_a_connector_that_reads_weights_leaves_nothing_built(capsys, tmp_path, data, monkeypatch):
+    """A Q-Former started from a BERT directory: its factory would read that BERT, so nothing is built."""
+    from vlbridge.modeling import factory
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+
+    def refuse(*args):
+        raise AssertionError("--check built a part that reads weights")
+
+    monkeypatch.setattr(factory, "_build_frozen", refuse)
+    monkeypatch.setattr(factory, "seeded", refuse)
+    assembly = inline(connector={**TINY_QFORMER, "options": {**TINY_QFORMER["options"], "bert": str(bert)}})
+    code, out, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out", assembly=assembly), "--check")
+    assert code == 0, err
+    assert f"not built: connector 'qformer' reads its weights from {bert}, so --check builds no part" in out

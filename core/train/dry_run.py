@@ -14,7 +14,8 @@ apply_finetune, build_optimizer, and the FSDP block discovery.
 A part whose spec declares that it reads weights (a local file or a hub model) is not built: its
 factory would read them, meta device or not. It is said so in the output, and the checks that need
 its modules are left to the run. A frozen part (encoder, LLM) whose spec declares no weight_sources
-cannot say whether it reads any, so it is not built either; a connector is built from its options.
+cannot say whether it reads any, so it is not built either; a connector is built from its options
+(one that reads weights, e.g. a Q-Former started from a BERT checkpoint, leaves nothing to build).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class NotBuilt(nn.Module):
 def check_built(config: TrainConfig, assembly: Assembly, label: str) -> list[str]:
     """Build on the meta device and run the checks; the notes to print, or TrainConfigError."""
     skipped = unbuilt_parts(assembly, config.stage)
+    if "connector" in skipped:  # every module check goes through the connector
+        return [f"not built: {skipped['connector']}, so --check builds no part; the checks that need built modules "
+                "run when training starts"]
     try:
         model = build_on_meta(assembly, config.stage, skipped, config.seed)
     except VLBridgeError as exc:
