@@ -139,6 +139,17 @@ def build_bare_llm(opts: Any) -> nn.Module:
     return nn.Linear(64, 64)  # none of the LLM interface
 
 
+def build_blockless_llm(opts: Any) -> nn.Module:
+    """The tiny OPT with its transformers `_no_split_modules` hidden: it lists no blocks to checkpoint or shard."""
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    llm = build(OPTOptions(variant="tiny"))
+    for module in llm.modules():
+        module._no_split_modules = None
+    return llm
+
+
 def build_greedy_only_llm(opts: Any) -> nn.Module:
     """The tiny OPT, refusing beam search the way the guide asks (a VLBridgeError naming num_beams)."""
     from vlbridge.plugins.llms.opt import OPTOptions

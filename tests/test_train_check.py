@@ -3,6 +3,7 @@ show, each as a named problem with exit code 2, before any weight is read or all
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -147,3 +148,13 @@ def test_a_connector_that_reads_weights_leaves_nothing_built(capsys, tmp_path, d
     code, out, err = train_cli(capsys, tmp_path, config(data, tmp_path / "out", assembly=assembly), "--check")
     assert code == 0, err
     assert f"not built: connector 'qformer' reads its weights from {bert}, so --check builds no part" in out
+
+
+def test_activation_checkpointing_of_an_llm_without_blocks(capsys, tmp_path, data):
+    blockless = fake.tiny_opt_spec("build_blockless_llm", "blockless")
+    blockless = dataclasses.replace(blockless, weight_sources=lambda o, stage: [])  # it reads no weights: built
+    with using_registry(fake.registry(blockless=fake.plugin("blockless", llms=[blockless]))):
+        values = config(data, tmp_path / "out", stage=2, parallel={"activation_checkpointing": True},
+                        assembly=inline(llm={"use": "blockless", "options": {"variant": "tiny"}}))
+        assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                          "parallel.activation_checkpointing: llm 'blockless' (plugin vlbridge-blockless) lists no blocks")
