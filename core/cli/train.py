@@ -1,7 +1,9 @@
 """`vlbridge train CONFIG.yaml [--resume] [--check]`: train a connector (stage 1 or 2).
 
 Under `torchrun --nproc_per_node N` the same command runs data-parallel. The config is validated
-(structure, then assembly, stage and device) before torch or any weight loads.
+(structure, then assembly, stage and device) before torch or any weight loads. `--check` then reads
+the data's annotation files and builds the model on the meta device (vlbridge.train.dry_run) to run
+the checks that need built modules, and exits.
 """
 
 from __future__ import annotations
