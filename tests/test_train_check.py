@@ -158,3 +158,6 @@ def test_activation_checkpointing_of_an_llm_without_blocks(capsys, tmp_path, dat
                         assembly=inline(llm={"use": "blockless", "options": {"variant": "tiny"}}))
         assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
                           "parallel.activation_checkpointing: llm 'blockless' (plugin vlbridge-blockless) lists no blocks")
+        # training itself refuses it too (it recomputed nothing and held every activation, without a word)
+        assert_user_error(*train_cli(capsys, tmp_path, values)[::2],
+                          "parallel.activation_checkpointing: llm 'blockless' (plugin vlbridge-blockless) lists no blocks")

@@ -156,14 +156,14 @@ def training_problems(model: VLBridgeModel, config: TrainConfig, skipped: dict[s
 def parallel_module_problems(model: VLBridgeModel, config: TrainConfig, skipped: dict[str, str]) -> list[str]:
     """Parallel settings with nothing to act on: LLM blocks to checkpoint that it does not list, or a
     part to shard of which everything trains (FSDP leaves trainable tensors whole)."""
-    from vlbridge.train.fsdp import find_blocks
+    from vlbridge.train.fsdp import require_llm_blocks
 
     problems = []
-    llm = model.llm
-    if config.parallel.activation_checkpointing and llm is not None and "llm" not in skipped and not find_blocks(llm)[0]:
-        problems.append(f"parallel.activation_checkpointing: {describe(model.plan.llm)} lists no blocks (no finetune_blocks(), "
-                        "no `blocks` ModuleList, no transformers _no_split_modules), so nothing would be recomputed; "
-                        "set activation_checkpointing: false")
+    if config.parallel.activation_checkpointing and model.llm is not None and "llm" not in skipped:
+        try:
+            require_llm_blocks(model)
+        except VLBridgeError as exc:
+            problems.append(str(exc))
     for name in config.parallel.parts(config.stage):
         part = getattr(model, name, None)
         params = list(part.parameters()) if part is not None and name not in skipped else []

@@ -25,7 +25,9 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from vlbridge.errors import VLBridgeError
 from vlbridge.finetune.encoder_tuning import encoder_blocks
+from vlbridge.plugin.contract import describe
 from vlbridge.train.config import ParallelConfig
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,12 +108,26 @@ def apply_parallel(model: nn.Module, parallel: ParallelConfig, *, stage: int, pr
     processes (the caller then averages the trainable gradients), None where DDP (or one process)
     runs; activation checkpointing of the LLM's blocks either way."""
     parts = parallel.parts(stage)
+    if parallel.activation_checkpointing:
+        require_llm_blocks(model)
     if parts and world_size > 1:
         return shard_model(model, parts, precision=precision, reshard_after_forward=parallel.reshard_after_forward,
                            checkpoint_llm=parallel.activation_checkpointing)
     if parallel.activation_checkpointing:
         checkpoint_llm_blocks(model)
     return None
+
+
+def require_llm_blocks(model: nn.Module) -> None:
+    """parallel.activation_checkpointing recomputes the LLM's blocks: an LLM that lists none would
+    recompute nothing and hold every activation, silently; an error naming it instead."""
+    llm = getattr(model, "llm", None)
+    if llm is not None and not find_blocks(llm)[0]:
+        plan = getattr(model, "plan", None)
+        who = describe(plan.llm) if plan is not None and getattr(plan, "llm", None) is not None else type(llm).__name__
+        raise VLBridgeError(f"parallel.activation_checkpointing: {who} lists no blocks (no finetune_blocks(), no `blocks` "
+                            "ModuleList, no transformers _no_split_modules), so nothing would be recomputed; set "
+                            "activation_checkpointing: false")
 
 
 def checkpoint_llm_blocks(model: nn.Module) -> int:
