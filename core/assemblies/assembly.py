@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, PluginError, UnknownComponentError, WeightsError
 from vlbridge.assemblies.declared import connector_counts, connector_output, encoder_declared, llm_declared
@@ -20,12 +20,12 @@ from vlbridge.plugin.resources import presets
 from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, Kind, Options, Spec
 from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, listed_relative_paths, resolve_relative_paths
 from vlbridge.files.userfiles import read_yaml
-from vlbridge.files.config_fields import did_you_mean
+from vlbridge.files.config_fields import StrictNumbers, did_you_mean
 
 SLOTS: tuple[Kind, ...] = ("encoder", "connector", "llm")
 
 
-class ComponentRef(BaseModel):
+class ComponentRef(StrictNumbers):
     """One slot of an assembly: which registered component, with which options."""
 
     model_config = ConfigDict(extra="forbid")
@@ -33,7 +33,7 @@ class ComponentRef(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="the component's options")
 
 
-class AssemblyConfig(BaseModel):
+class AssemblyConfig(StrictNumbers):
     """The assembly YAML, structurally (component options are checked against their plugins)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -1,7 +1,9 @@
 """Numbers in user configs are numbers: pydantic's lax mode reads `true` as 1 for an int field (and
-1.0 for a float), so `num_query_tokens: true` or `batch_size: yes` would be taken as a count, and
-`lr: .inf` as a learning rate. Every config model of vlbridge inherits both refusals from
-`StrictNumbers`; a field that accepts a bool says so in its type."""
+1.0 for a float), so `num_query_tokens: true`, `batch_size: yes` or `stage: true` (a Literal of
+ints) would be taken as a count, and `lr: .inf` as a learning rate. A whole number past 64 bits
+(`steps: 1000000000000000000000000000000`) is no count torch, numpy or a DataLoader can hold: it
+validated and failed later, deep in a run. Every config model of vlbridge inherits these refusals
+from `StrictNumbers`; a field that accepts a bool says so in its type."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 2**64 - 1, and a rank's seed is seed + rank
+MAX_INT = 2**63 - 1  # the largest whole number a config may hold: int64, what torch and numpy count in
+MAX_SEED = MAX_INT  # torch.manual_seed takes at most 2**64 - 1, and a rank's seed is seed + rank
 
 
 def did_you_mean(key: Any, valid: Iterable[str]) -> str:
@@ -31,25 +34,37 @@ def _accepts(annotation: Any) -> set[type]:
         return set().union(*(_accepts(arg) for arg in typing.get_args(annotation)))
     if origin in (list, tuple, set, frozenset):
         return set().union(*(_accepts(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis))
+    if origin is typing.Literal:  # Literal[1, 2] takes ints (and True == 1 would pass it), Literal["a"] strings
+        return {type(arg) for arg in typing.get_args(annotation)}
     return {annotation} if isinstance(annotation, type) else set()
 
 
-def _has_bool(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value))
+def _items(value: Any) -> tuple[Any, ...]:
+    """The value, or a list's or tuple's items (a field's list of numbers)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _too_big(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT
 
 
 class StrictNumbers(BaseModel):
-    """Refuse true/false given to a number field (int or float without bool in its type), and an
-    infinite or NaN float (subclasses' model_config merges with this one)."""
+    """Refuse true/false given to a number field (int, float or a Literal of them, without bool in its
+    type), a whole number past int64 given to an int field, and an infinite or NaN float
+    (subclasses' model_config merges with this one)."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if info.field_name is None or not _has_bool(value):
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        has_bool = any(isinstance(item, bool) for item in _items(value))
+        if info.field_name is None or not (has_bool or _too_big(value)):
             return value
         accepted = _accepts(cls.model_fields[info.field_name].annotation)
-        if bool not in accepted and accepted & {int, float}:
+        if has_bool and bool not in accepted and accepted & {int, float}:
             raise ValueError(f"expected a number, got {value!r} (true/false is not a count or a size)")
+        if _too_big(value) and int in accepted:  # worded as pydantic words a bound (a list's items keep theirs: seeds.1)
+            bound = f"less than or equal to {MAX_INT}" if value > 0 else f"greater than or equal to {-MAX_INT}"
+            raise ValueError(f"Input should be {bound}, int64's limit: a whole number torch and numpy can hold (got {value:.3g})")
         return value

@@ -1,0 +1,62 @@
+"""Values a config fuzzer put into every field of the example configs and presets that were taken, or
+crashed: `stage: true` and an assembly's `max_text_tokens: true` read as 1, whole numbers past int64
+(`steps`, `num_query_tokens`) validated, a string too long to be a file name was an internal
+OSError wherever it was asked about as a path, a captions file given as `--scenes` / `evals.N.scenes`
+was a KeyError once scoring began, and cache-features loaded the encoder before saying that a data
+file does not exist. Each is now a usage error (exit 2) naming the field, before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_trainer_samples import config, write_caption_data, write_config
+from vlbridge.cli.main import main
+from vlbridge.errors import VLBridgeError
+from vlbridge.files.config_fields import MAX_INT
+from vlbridge.train.config import TrainConfigError, read_config
+
+HUGE = 10**30
+TINY_ASSEMBLY = ("name: x\nencoder: {use: eva-vit-g, options: {variant: tiny}}\n"
+                 "connector: {use: qformer, options: {variant: tiny, num_query_tokens: 8}}\nllm: {use: opt, options: {variant: tiny}}\n")
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "internal error" not in err and "Traceback" not in err
+    for phrase in expected:
+        assert phrase in err, (phrase, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_caption_data(tmp_path_factory.mktemp("data"), images=4)
+
+
+def test_true_is_not_a_stage(tmp_path, data):
+    with pytest.raises(TrainConfigError, match=r"stage: expected a number, got True"):
+        read_config(config(data, tmp_path / "run", stage=True))
+
+
+def test_true_is_not_an_assemblys_max_text_tokens(tmp_path, capsys):
+    path = tmp_path / "a.yaml"
+    path.write_text(TINY_ASSEMBLY + "max_text_tokens: true\n", encoding="utf-8")
+    usage_error(capsys, ["validate", str(path)], "max_text_tokens: expected a number, got True")
+
+
+@pytest.mark.parametrize("key", ["steps", "batch_size", "log_every"])
+def test_a_count_past_int64_is_refused(tmp_path, data, key):
+    with pytest.raises(TrainConfigError, match=rf"{key}: Input should be less than or equal to {MAX_INT}, int64's limit"):
+        read_config(config(data, tmp_path / "run", **{key: HUGE}))
+    assert read_config(config(data, tmp_path / "run", steps=MAX_INT))[0].steps == MAX_INT
+
+
+def test_a_component_option_past_int64_is_refused(tmp_path, capsys):
+    path = tmp_path / "a.yaml"
+    path.write_text(TINY_ASSEMBLY.replace("num_query_tokens: 8", f"num_query_tokens: {HUGE}"), encoding="utf-8")
+    usage_error(capsys, ["validate", str(path)], "num_query_tokens: Input should be less than or equal to", "(got 1e+30)")
