@@ -60,3 +60,14 @@ def test_a_component_option_past_int64_is_refused(tmp_path, capsys):
     path = tmp_path / "a.yaml"
     path.write_text(TINY_ASSEMBLY.replace("num_query_tokens: 8", f"num_query_tokens: {HUGE}"), encoding="utf-8")
     usage_error(capsys, ["validate", str(path)], "num_query_tokens: Input should be less than or equal to", "(got 1e+30)")
+
+
+def test_a_path_too_long_for_the_file_system_is_a_usage_error(tmp_path, capsys, data):
+    long = "x" * 300
+    values = config(data, tmp_path / "run")
+    values["data"]["train"]["paths"] = [long]
+    path = write_config(tmp_path / "t.yaml", values)
+    usage_error(capsys, ["train", str(path), "--check"], "is too long for the file system", "(300 characters)")
+    assembly = tmp_path / "a.yaml"
+    assembly.write_text(TINY_ASSEMBLY.replace("num_query_tokens: 8", f"bert: {long}"), encoding="utf-8")
+    usage_error(capsys, ["validate", str(assembly)], "is too long for the file system")

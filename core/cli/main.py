@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import sys
@@ -44,6 +45,9 @@ def _version() -> str:
     return __version__
 
 
+USER_PATH_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def path_problem(exc: OSError) -> str:
     """A file-system error about a user's path as one sentence that says what would be right."""
     where = exc.filename if exc.filename is not None else "a path"
@@ -52,6 +56,9 @@ def path_problem(exc: OSError) -> str:
                 "give an output path that is a directory or does not exist yet")
     if isinstance(exc, IsADirectoryError):
         return f"{where!s} is a directory where a file is needed; give the path of a file"
+    if exc.errno == errno.ENAMETOOLONG:  # a value of a config or flag read as a path: name the start of it, not all of it
+        shown = str(where) if len(str(where)) <= 80 else f"{str(where)[:60]}... ({len(str(where))} characters)"
+        return f"the path {shown!r} is too long for the file system; give a shorter one (at most 255 bytes a name)"
     return f"no permission to use {where!s} ({exc.strerror}); give a path you can write to"
 
 
@@ -95,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError as exc:
         return SIGPIPE_STATUS if stdout_closed() else internal_error(args.command, exc)
-    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
-        # a path the user gave (or one under it) is of the wrong kind or not writable: theirs to fix
+    except OSError as exc:
+        # a path the user gave (or one under it) is of the wrong kind, not writable, or a string of a
+        # config too long to be a file name (Path.exists raises for it): theirs to fix
+        if not isinstance(exc, USER_PATH_ERRORS) and exc.errno != errno.ENAMETOOLONG:
+            return internal_error(args.command, exc)
         print(f"vlbridge {args.command}: error: {path_problem(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
