@@ -71,3 +71,19 @@ def test_a_path_too_long_for_the_file_system_is_a_usage_error(tmp_path, capsys, 
     assembly = tmp_path / "a.yaml"
     assembly.write_text(TINY_ASSEMBLY.replace("num_query_tokens: 8", f"bert: {long}"), encoding="utf-8")
     usage_error(capsys, ["validate", str(assembly)], "is too long for the file system")
+
+
+def test_a_captions_file_given_as_scenes_is_named(tmp_path):
+    from vlbridge.compare.config import EvalSet
+    from vlbridge.compare.preflight import eval_problems
+    from vlbridge.evaluation.scenes import read_scenes
+
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps([{"image": "a.png", "caption": "a red circle", "image_id": 1}]), encoding="utf-8")
+    with pytest.raises(VLBridgeError, match=r"record \[0\]: not a scene \(found \['caption', 'image', 'image_id'\]\)"):
+        read_scenes(str(captions))
+    split = EvalSet(name="test", captions=str(captions), scenes=str(captions), images=str(tmp_path))
+    assert any(p.startswith("evals.0.scenes: ") and "not a scene" in p for p in eval_problems(split, "evals.0"))
+    scenes = tmp_path / "scenes.json"
+    scenes.write_text(json.dumps([{"image_id": 1, "objects": [{"shape": "circle", "dx": 1}]}]), encoding="utf-8")
+    assert read_scenes(str(scenes)) == {1: [{"shape": "circle", "dx": 1}]}

@@ -14,6 +14,7 @@ from vlbridge.compare.config import CompareConfig, EvalSet
 from vlbridge.data.records import DataError
 from vlbridge.data.vqa import check_pattern
 from vlbridge.errors import AssemblyError, VLBridgeError
+from vlbridge.evaluation.scenes import read_scenes
 from vlbridge.files.checkpoint import read_meta
 
 # A training config's keys, as the comparison config spells them (for the messages).
@@ -81,6 +82,11 @@ def eval_problems(split: EvalSet, where: str) -> list[str]:
         value = getattr(split, key)
         if value is not None and not Path(value).expanduser().is_file():
             problems.append(f"{where}.{key}: file not found: {value}")
+        elif key == "scenes" and value is not None:  # read only when retrieval is scored, after every run has trained
+            try:
+                read_scenes(value)
+            except VLBridgeError as exc:
+                problems.append(f"{where}.scenes: {exc}")
     if split.images is not None and not Path(split.images).expanduser().is_dir():
         problems.append(f"{where}.images: {split.images!r} is not a directory")
     if split.image_pattern is not None:

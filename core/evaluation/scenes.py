@@ -25,11 +25,26 @@ def scene_keys(groups: Sequence[Any], scenes_file: str | None) -> list[Hashable]
     no caption can tell it); without scenes, every image is its own."""
     if not scenes_file:
         return [g.image_id for g in groups]
-    scenes = {s["image_id"]: s for s in read_json(scenes_file, "scenes file", top=list)}
+    scenes = read_scenes(scenes_file)
     missing = [g.image_id for g in groups if g.image_id not in scenes]
     if missing:
         raise VLBridgeError(f"{scenes_file}: no scene for {len(missing)} evaluated image(s), e.g. {missing[:3]}")
-    return [tuple(sorted(_described(o) for o in scenes[g.image_id]["objects"])) for g in groups]
+    return [tuple(sorted(_described(o) for o in scenes[g.image_id])) for g in groups]
+
+
+def read_scenes(scenes_file: str) -> dict[Any, list[dict[str, Any]]]:
+    """Each image id's objects, from a generated world's scenes_<split>.json; another JSON list (a
+    captions file given by mistake) is named here, not met as a KeyError while scoring."""
+    scenes = {}
+    for index, record in enumerate(read_json(scenes_file, "scenes file", top=list)):
+        objects = record.get("objects") if isinstance(record, dict) else None
+        if "image_id" not in (record if isinstance(record, dict) else {}) or not isinstance(objects, list) \
+                or not all(isinstance(o, dict) for o in objects):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise VLBridgeError(f"{scenes_file}, record [{index}]: not a scene (found {found}); expected a world's scenes file "
+                                "(vlbridge world generate writes scenes_<split>.json): a list of {image_id, objects: [{...}, ...]}")
+        scenes[record["image_id"]] = objects
+    return scenes
 
 
 def _described(obj: dict[str, Any]) -> str:
