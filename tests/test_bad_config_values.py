@@ -87,3 +87,16 @@ def test_a_captions_file_given_as_scenes_is_named(tmp_path):
     scenes = tmp_path / "scenes.json"
     scenes.write_text(json.dumps([{"image_id": 1, "objects": [{"shape": "circle", "dx": 1}]}]), encoding="utf-8")
     assert read_scenes(str(scenes)) == {1: [{"shape": "circle", "dx": 1}]}
+
+
+def test_cache_features_names_a_missing_data_file_before_the_encoder_loads(tmp_path, capsys, monkeypatch):
+    import vlbridge.train.cache_build as cache_build
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the encoder was built before the data files were checked")
+
+    monkeypatch.setattr(cache_build, "build_encoder", no_build)
+    spec = write_config(tmp_path / "d.yaml", {"format": "coco", "paths": [str(tmp_path / "nothing.json")]})
+    usage_error(capsys, ["cache-features", "-a", "tiny-qformer-opt", "--data", str(spec), "--out", str(tmp_path / "cache")],
+                "d.yaml.paths[0]: file not found:")
+    assert not (tmp_path / "cache").exists()

@@ -35,6 +35,7 @@ from vlbridge.data.records import DataError, ImageText, Skipped
 from vlbridge.data.transforms import eval_transform
 from vlbridge.parts.freeze import torch_dtype
 from vlbridge.assemblies.reachability import check_reachable
+from vlbridge.train.config import data_file_problems
 from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, file_sha256, manifest_json, read_manifest, stamp_or_absent, weights_sha256)
@@ -251,6 +252,9 @@ def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Seque
     are checked as vlbridge.build checks them (`random_weights` as there) before `out` is touched."""
     assembly = assembly if isinstance(assembly, Assembly) else load_assembly(assembly)
     loaded = load_sources(sources)
+    missing = [problem for config, source in loaded for problem in data_file_problems(config, source.file or "data")]
+    if missing:  # said before the encoder loads (minutes for a real one) and before out is made
+        raise CacheError("; ".join(missing))
     check_reachable(assembly, 1, random_weights=random_weights, only=("encoder",))  # the encoder alone is built
     out = Path(out).expanduser()
     prepare_directory(out, overwrite)
