@@ -62,15 +62,29 @@ def test_a_component_option_past_int64_is_refused(tmp_path, capsys):
     usage_error(capsys, ["validate", str(path)], "num_query_tokens: Input should be less than or equal to", "(got 1e+30)")
 
 
-def test_a_path_too_long_for_the_file_system_is_a_usage_error(tmp_path, capsys, data):
-    long = "x" * 300
-    values = config(data, tmp_path / "run")
-    values["data"]["train"]["paths"] = [long]
-    path = write_config(tmp_path / "t.yaml", values)
-    usage_error(capsys, ["train", str(path), "--check"], "is too long for the file system", "(300 characters)")
+def test_a_path_too_long_for_the_file_system_is_a_usage_error(tmp_path, capsys):
+    """A plugin's option read as a path (here the Q-Former's bert): the CLI names the start of it."""
     assembly = tmp_path / "a.yaml"
-    assembly.write_text(TINY_ASSEMBLY.replace("num_query_tokens: 8", f"bert: {long}"), encoding="utf-8")
-    usage_error(capsys, ["validate", str(assembly)], "is too long for the file system")
+    assembly.write_text(TINY_ASSEMBLY.replace("num_query_tokens: 8", f"bert: {'x' * 300}"), encoding="utf-8")
+    usage_error(capsys, ["validate", str(assembly)], "is too long for the file system", "(300 characters)")
+
+
+def test_config_paths_no_file_system_can_hold_are_named_with_their_field(tmp_path, capsys, data):
+    from vlbridge.compare.config import CompareConfig
+    from vlbridge.data.config import load_data_config
+    from vlbridge.data.records import DataConfigError
+
+    long = "x" * 300
+    values = config(data, tmp_path / "o\0x", init_from=long)
+    values["data"]["train"]["paths"] = [f"a/{long}"]
+    usage_error(capsys, ["train", str(write_config(tmp_path / "t.yaml", values)), "--check"],
+                "output_dir: ", "holds a NUL byte", "init_from: the name 'xxxx", "is 300 bytes, longer than a file or folder name",
+                "data.train.paths.0: the name")
+    with pytest.raises(DataConfigError, match=r"data.image_root: the name 'xxx.*is 300 bytes"):
+        load_data_config({"format": "coco", "paths": ["a.json"], "image_root": long})
+    with pytest.raises(ValueError, match=r"evals.0.scenes\n.*the name 'xxx"):
+        CompareConfig.model_validate({"runs": [{"name": "a", "assembly": "tiny-mlp-opt", "stage2_steps": 1}], "output_dir": "o",
+                                      "evals": [{"name": "test", "captions": "c.json", "scenes": long}]})
 
 
 def test_a_captions_file_given_as_scenes_is_named(tmp_path):

@@ -8,7 +8,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from vlbridge.data.config import load_data_config
 from vlbridge.data.records import DataConfigError
-from vlbridge.files.config_fields import MAX_SEED, StrictNumbers
+from vlbridge.files.config_fields import MAX_SEED, PathText, StrictNumbers
 from vlbridge.lmms.options import LmmsEvalSpec
 from vlbridge.modeling.prompts import template_problem
 
@@ -39,13 +39,13 @@ class RunSpec(Strict):
     """One contestant: an assembly and how its connector is trained."""
 
     name: str = Field(min_length=1, description="label in the table")
-    assembly: str | dict[str, Any] | None = Field(None, description="preset name, assembly YAML path or inline mapping (not with checkpoint)")
-    checkpoint: str | None = Field(None, description=(
+    assembly: PathText | dict[str, Any] | None = Field(None, description="preset name, assembly YAML path or inline mapping (not with checkpoint)")
+    checkpoint: PathText | None = Field(None, description=(
         "evaluate this vlbridge checkpoint as it is, untrained here (e.g. an imported LLaVA-1.5 or BLIP-2: "
         "`vlbridge import hf-llava|hf-blip2`); its assembly is the checkpoint's own"))
     connector_options: dict[str, Any] = Field(default_factory=dict, description="merged into the assembly's connector options (e.g. num_query_tokens)")
     stage1_steps: int = Field(0, ge=0, description="stage-1 optimizer steps (0: no stage 1, e.g. projectors or the 'without stage 1' ablation)")
-    init_from: str | None = Field(None, description=(
+    init_from: PathText | None = Field(None, description=(
         "a stage-1 checkpoint directory stage 2 starts from instead of training a stage 1 here (BLIP-2's released "
         "pretrain checkpoints; the world's shipped ones); it also does the run's retrieval"))
     stage2_steps: int = Field(0, ge=0, description="stage-2 optimizer steps (at least 1 unless the run is a checkpoint)")
@@ -86,12 +86,12 @@ class EvalSet(Strict):
     """One evaluation split: captions (also used for retrieval) and/or VQA questions."""
 
     name: str = Field(min_length=1)
-    captions: str | None = Field(None, description="COCO/Karpathy-style caption JSON")
-    questions: str | None = Field(None, description="VQAv2-style questions JSON")
-    annotations: str | None = Field(None, description="VQAv2-style annotations JSON")
-    images: str | None = Field(None, description="image root directory")
+    captions: PathText | None = Field(None, description="COCO/Karpathy-style caption JSON")
+    questions: PathText | None = Field(None, description="VQAv2-style questions JSON")
+    annotations: PathText | None = Field(None, description="VQAv2-style annotations JSON")
+    images: PathText | None = Field(None, description="image root directory")
     image_pattern: str | None = Field(None, description="VQA image file pattern under images")
-    scenes: str | None = Field(None, description="world scenes JSON: retrieval counts a caption of an identical scene as right")
+    scenes: PathText | None = Field(None, description="world scenes JSON: retrieval counts a caption of an identical scene as right")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many images / questions")
     tasks: list[Literal["caption", "vqa", "retrieval"]] = Field(default_factory=lambda: ["caption", "vqa", "retrieval"],
                                                                description="subset of caption, vqa, retrieval")
@@ -148,7 +148,7 @@ class CompareConfig(Strict):
     generation: dict[str, Any] = Field(default_factory=lambda: {"num_beams": 1, "max_new_tokens": 12},
                                        description="decoding settings (GenerationOptions) for captions, and for VQA but its length")
     vqa_max_new_tokens: int = Field(5, ge=1, description="most tokens of a VQA answer (short answers: BLIP-2's evaluation uses 10)")
-    output_dir: str = Field(min_length=1)
+    output_dir: PathText = Field(min_length=1)
     device: str = "auto"
     threads: int | None = Field(None, ge=1, description=(
         "torch CPU threads for the whole comparison (null: torch's default); small models on a busy machine often run "

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from vlbridge.data.records import DataConfigError
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
-from vlbridge.files.config_fields import StrictNumbers, did_you_mean
+from vlbridge.files.config_fields import PathText, StrictNumbers, did_you_mean
 
 Format = Literal["coco", "vqa", "webdataset", "jsonl"]
 
@@ -22,9 +22,9 @@ class DataConfig(StrictNumbers):
 
     model_config = ConfigDict(extra="forbid")
     format: Format = Field(description="coco (also Flickr30k; LAVIS, official COCO or Karpathy JSON), vqa (VQAv2), webdataset (tar shards), jsonl")
-    paths: list[str] = Field(min_length=1, description="caption JSON, JSONL or VQA questions files; or tar shards (paths, globs, 'x-{0000..0009}.tar')")
-    vqa_annotations: list[str] | None = Field(None, description="VQAv2 annotations (answers) files, one per questions file; omit for test splits")
-    image_root: str | None = Field(None, description="folder that relative image paths are under; default: each annotation file's folder")
+    paths: list[PathText] = Field(min_length=1, description="caption JSON, JSONL or VQA questions files; or tar shards (paths, globs, 'x-{0000..0009}.tar')")
+    vqa_annotations: list[PathText] | None = Field(None, description="VQAv2 annotations (answers) files, one per questions file; omit for test splits")
+    image_root: PathText | None = Field(None, description="folder that relative image paths are under; default: each annotation file's folder")
     split: str | None = Field(None, description=(
         "coco: the split of a Karpathy dataset_*.json (train includes restval); "
         "vqa: the image subtype, e.g. val2014 (default: the questions file's data_subtype)"
@@ -104,7 +104,7 @@ def _problems(exc: ValidationError, where: str) -> list[str]:
         elif not loc and err["type"] == "value_error":  # the cross-field checks: one "field: why" per line
             message = err["msg"].removeprefix("Value error, ")
             problems.extend(f"{where}.{line}" for line in message.splitlines())
-        else:
-            got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
-            problems.append(f"{path}: {err['msg']}{got}")
+        else:  # a validator's own message says what it got (a path too long for the file system: not all of it)
+            got = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") and "input" in err else ""
+            problems.append(f"{path}: {err['msg'].removeprefix('Value error, ')}{got}")
     return problems

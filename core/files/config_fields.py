@@ -10,12 +10,38 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 
 MAX_INT = 2**63 - 1  # the largest whole number a config may hold: int64, what torch and numpy count in
 MAX_SEED = MAX_INT  # torch.manual_seed takes at most 2**64 - 1, and a rank's seed is seed + rank
+
+
+NAME_MAX = 255  # bytes in one file or folder name (ext4, APFS, NTFS): a longer one made Path.exists raise
+
+
+def unusable_path(value: str) -> str | None:
+    """Why no file system can take `value` as a path (a NUL byte, a name past NAME_MAX bytes), or None."""
+    if "\0" in value:
+        return f"{value!r} holds a NUL byte (\\0), which no path can; give the path without it"
+    long = next((name for name in value.replace("\\", "/").split("/") if len(name.encode()) > NAME_MAX), None)
+    if long is not None:
+        return (f"the name {long[:40]!r}... is {len(long.encode())} bytes, longer than a file or folder name may be "
+                f"({NAME_MAX}); give a shorter path")
+    return None
+
+
+def _path_text(value: str) -> str:
+    problem = unusable_path(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
+"""A config string read as a path: refused at validation, with its YAML path, when no file system could
+hold it (Path.exists raised OSError for a name past 255 bytes; a NUL byte failed when a run made its folder)."""
 
 
 def did_you_mean(key: Any, valid: Iterable[str]) -> str:

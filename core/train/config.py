@@ -21,7 +21,7 @@ from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.files.checkpoint_paths import META_FILE, RUN_CHECKPOINTS
-from vlbridge.files.config_fields import MAX_SEED, StrictNumbers, did_you_mean
+from vlbridge.files.config_fields import MAX_SEED, PathText, StrictNumbers, did_you_mean, unusable_path
 from vlbridge.files.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -47,7 +47,7 @@ class DataSection(Section):
 
     train: DataConfig = Field(description="the training data (see vlbridge.data.DataConfig)")
     eval: DataConfig | None = Field(None, description="validation data: its mean loss is logged every eval_every steps and at the end")
-    features: str | None = Field(None, description="a frozen-feature cache to train from instead of images (null: run the encoder)")
+    features: PathText | None = Field(None, description="a frozen-feature cache to train from instead of images (null: run the encoder)")
 
 
 class OptimizerConfig(Section):
@@ -119,7 +119,7 @@ class TrainConfig(Section):
 
     assembly: Any = Field(description="the model: a preset name, an assembly YAML path, or an inline assembly mapping")
     stage: Literal[1, 2] = Field(description="1: representation learning (ITC, ITM, ITG); 2: generative learning through the frozen LLM")
-    init_from: str | None = Field(None, description="connector weights to start from: a checkpoint dir or a run's output_dir (null: from scratch)")
+    init_from: PathText | None = Field(None, description="connector weights to start from: a checkpoint dir or a run's output_dir (null: from scratch)")
     data: DataSection
     batch_size: int = Field(ge=1, description="samples per process per forward pass")
     grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step (global batch = batch_size x grad_accum x processes)")
@@ -135,7 +135,7 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="optimizer steps between evaluations (null: only at the end)")
     save_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints (null: only at the end)")
     keep_last: int | None = Field(None, ge=1, description="keep only this many newest checkpoints (null: keep all)")
-    output_dir: str = Field(min_length=1, description="checkpoints/, metrics.jsonl and tensorboard/ go here")
+    output_dir: PathText = Field(min_length=1, description="checkpoints/, metrics.jsonl and tensorboard/ go here")
     prompt: str | None = Field(None, description="stage 2: text put before every caption; its tokens are not trained on")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description=(
         "what trains besides the connector: finetune.encoder (unfreeze all or the last N blocks, lr, layer_decay, "
@@ -158,6 +158,8 @@ class TrainConfig(Section):
     def _assembly_source(cls, value: Any) -> Any:
         if not isinstance(value, (str, dict)) or value == "":
             raise ValueError(f"give a preset name, an assembly YAML path or an inline mapping, got {value!r}")
+        if isinstance(value, str) and (problem := unusable_path(value)):
+            raise ValueError(problem)
         return value
 
 
