@@ -114,3 +114,9 @@ def test_cache_features_names_a_missing_data_file_before_the_encoder_loads(tmp_p
     usage_error(capsys, ["cache-features", "-a", "tiny-qformer-opt", "--data", str(spec), "--out", str(tmp_path / "cache")],
                 "d.yaml.paths[0]: file not found:")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_assembly_name_is_called_empty(capsys, name):
+    """Path('') is the working directory: `validate ''` said " is a directory"."""
+    usage_error(capsys, ["validate", name], "the assembly is an empty name; give an assembly YAML file or a preset name")

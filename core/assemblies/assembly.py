@@ -85,6 +85,8 @@ def read_source(source: str | Path | dict[str, Any]) -> tuple[str, Any]:
     if isinstance(source, dict):
         return f"'{source.get('name', '<dict>')}'", source
     text = str(source)
+    if not text.strip():  # Path('') is the working directory: "' ' is a directory" said nothing useful
+        raise AssemblyError(repr(text), ["the assembly is an empty name; give an assembly YAML file or a preset name (vlbridge presets)"])
     path = Path(text).expanduser()
     known = presets()
     if path.is_file():
