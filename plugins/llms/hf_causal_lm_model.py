@@ -1,7 +1,8 @@
 """Any transformers causal LM as the frozen LLM: the visual prompt enters through `inputs_embeds`.
 
-Captions end with the tokenizer's end token (the `eos_token` option overrides it), which also stops
-generation. Training rows are packed with padding on the right and get explicit `position_ids`, so
+Captions end with the tokenizer's end token (the `eos_token` option overrides it). Generation stops
+where transformers' generate stops for the same folder, at every eos id of its generation config
+(`stop_ids`), and at the caption end token too where that list lacks it. Training rows are packed with padding on the right and get explicit `position_ids`, so
 models that number positions 0, 1, 2... whatever the mask (Llama, Qwen, Gemma, GPT-2) see the same
 positions as for an unpadded prompt; generation pads on the left and transformers' generate derives
 positions from the mask, as does the shared-prefix cache here. OPT (`opt_model`) specialises this.
@@ -17,6 +18,7 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.parts.freeze import torch_dtype
 from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
 from vlbridge.plugins.llms.loading import check_vocab, load_pretrained, prompting, tiny_tokenizer
+from vlbridge.plugins.llms.stop_ids import finished_pad_id, stop_ids
 from vlbridge.plugins.llms.soft_prompt import PadSide, SoftPromptLLM, ignore_padding, positions_from_mask, takes_argument
 
 
@@ -27,6 +29,7 @@ class CausalLM(SoftPromptLLM):
     family = "hf-causal-lm"
     generate_pad_side = "left"
     train_pad_side: PadSide | None = "right"  # where training rows put their padding (None: as the caller did)
+    folder_stops = True  # stop at the generation config's eos ids too (OPT, as BLIP-2, stops at its end token alone)
 
     def __init__(self, model: Any, tokenizer: Any, *, end_token_id: int | None, caption_suffix: str, **prompting: Any) -> None:
         super().__init__(model, tokenizer, **prompting)
@@ -53,10 +56,21 @@ class CausalLM(SoftPromptLLM):
             output["labels"] = labels
         return output
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The ids generation stops at: the folder's eos ids (transformers' own) and the caption end token."""
+        if not self.folder_stops:
+            return [self.end_token_id] if self.end_token_id is not None else []
+        return stop_ids(self.model, self.end_token_id)
+
     def generation_defaults(self) -> dict[str, Any]:
-        """Generation stops at the caption's end token unless the caller gives one."""
+        """Stop at every stop id (transformers' generate takes the list) and pad finished rows as it does."""
         defaults = super().generation_defaults()
-        return {**defaults, "eos_token_id": self.end_token_id} if self.end_token_id is not None else defaults
+        stops = self.stop_token_ids
+        if not stops:
+            return defaults
+        pad = finished_pad_id(self.model, stops, defaults["pad_token_id"]) if self.folder_stops else defaults["pad_token_id"]
+        return {**defaults, "pad_token_id": pad, "eos_token_id": stops if len(stops) > 1 else stops[0]}
 
 
 def end_token(family: str, tokenizer: Any, override: str | None) -> tuple[str, int]:

@@ -22,6 +22,7 @@ class OPTLLM(CausalLM):
 
     family = "opt"
     train_pad_side = None  # OPT counts positions from the mask: the caller's padding order stays
+    folder_stops = False  # BLIP-2 (LAVIS) stops at the end token alone, not at OPT's </s>
 
     def __init__(self, model: Any, tokenizer: Any, eos_token: str | None = None) -> None:
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
