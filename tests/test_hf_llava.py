@@ -714,3 +714,31 @@ def test_generation_stops_at_the_checkpoints_eos_token(llava, tmp_path):
     assert model.generate(px, PROMPTS, max_new_tokens=8) == [t.strip() for t in tokenizer.batch_decode(expected, skip_special_tokens=True)]
     again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported")))
     assert again.generation_config.eos_token_id == eos
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_stops_at_every_eos_id_of_the_checkpoints_generation_config(llava, tmp_path, beams):
+    """A LLaVA whose generation_config.json lists several eos ids (Llama-3 instruct's end-of-turn tokens)
+    stops at any of them; the import stopped at the tokenizer's eos alone and ran past them."""
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+
+    hf, tokenizer, _, _ = llava
+    px, (ids, mask) = pixels(2), hf_inputs(tokenizer, hf, PROMPTS)
+    with torch.no_grad():
+        free = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=8, eos_token_id=[])[:, ids.shape[1]:]
+    stops = list(dict.fromkeys([free[0, 2].item(), tokenizer.eos_token_id, free[1, 4].item()]))
+    make_llava(tmp_path / "hf")
+    settings = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({**settings, "eos_token_id": stops, "pad_token_id": None}))
+    reference = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    model = vlbridge.load(vlbridge.import_hf_llava(tmp_path / "hf", tmp_path / "imported")).eval()
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=8, num_beams=beams,
+                                      do_sample=False)[:, ids.shape[1]:]
+    assert beams > 1 or expected.shape[1] < 8  # greedy: transformers stopped at listed ids that are not the tokenizer's eos
+    texts = [t.strip() for t in tokenizer.batch_decode(expected, skip_special_tokens=True)]
+    assert model.generate(px, PROMPTS, max_new_tokens=8, num_beams=beams) == texts
+    again = LlavaForConditionalGeneration.from_pretrained(str(vlbridge.export_hf_llava(model, tmp_path / "exported")))
+    assert again.generation_config.eos_token_id == stops

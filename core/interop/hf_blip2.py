@@ -22,7 +22,7 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
-from vlbridge.interop.stop_token import checkpoint_eos, export_text_config, plugin_end_id, stop_token_option
+from vlbridge.interop.stop_token import carry_generation_config, checkpoint_eos, export_text_config, plugin_end_id, stop_token_option
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import (
@@ -161,13 +161,14 @@ def llm_plan(src: Path, config: dict[str, Any]) -> tuple[str, str, dict[str, Any
     tokenizer = _read_tokenizer(src, "the language model")
     if plugin in ("opt", "hf-causal-lm"):  # the plugin's own end token ('\n', the tokenizer's eos) may not be the checkpoint's
         options = {**options, **stop_token_option(checkpoint_eos(src, text), tokenizer, plugin_end_id(plugin, tokenizer),
-                                                  src / "config.json")}
+                                                  src / "config.json", several=plugin != "opt")}
     return plugin, architecture, options, tokenizer
 
 
-def _write_llm(config: dict[str, Any], state: dict[str, torch.Tensor], out: Path, plan: tuple[str, str, dict[str, Any], Any]) -> dict[str, Any]:
+def _write_llm(config: dict[str, Any], state: dict[str, torch.Tensor], out: Path, plan: tuple[str, str, dict[str, Any], Any],
+               src: Path) -> dict[str, Any]:
     """The language model (as `llm_plan` settled it) as a plain transformers directory our LLM plugins
-    load with from_pretrained."""
+    load with from_pretrained, with `src`'s generation settings (the ids transformers' model stops at)."""
     plugin, architecture, options, tokenizer = plan
     text = {**(config.get("text_config") or {}), "architectures": [architecture]}
     llm_dir = out / "llm"
@@ -175,6 +176,7 @@ def _write_llm(config: dict[str, Any], state: dict[str, torch.Tensor], out: Path
     tensors = {k.removeprefix("language_model."): v.contiguous() for k, v in state.items() if k.startswith("language_model.")}
     atomic_write(llm_dir / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(llm_dir / "config.json", json.dumps(text, indent=2))
+    carry_generation_config(src, llm_dir)
     tokenizer.save_pretrained(str(llm_dir))
     return {"use": plugin, "options": {"model": str(llm_dir.resolve()), **options}}
 
@@ -225,7 +227,7 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
         stage, allow_missing = 1, ["lm_head.*", "temp"]  # transformers keeps no ITG head and no temperature
     else:
         assembly["connector"] = {"use": "qformer", "options": connector_options(config, None)}
-        assembly["llm"] = _write_llm(config, state, out, llm)
+        assembly["llm"] = _write_llm(config, state, out, llm, src)
         stage, allow_missing = 2, []
     check_imported_assembly(assembly, src, f"transformers {architecture}")
     return write_checkpoint(out, assembly, connector, stage, {"source": f"transformers {architecture}", "allow_missing": allow_missing})

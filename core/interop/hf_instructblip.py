@@ -72,7 +72,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
         "description": f"imported from transformers InstructBlipForConditionalGeneration at {src}",
         "encoder": {"use": "eva-vit-g", "options": encoder_options(config.get("vision_config", {}), str(encoder_file.resolve()))},
         "connector": {"use": "qformer", "options": connector},
-        "llm": _write_llm(config, state, out, llm),
+        "llm": _write_llm(config, state, out, llm, src),
     }
     check_imported_assembly(assembly, src, "transformers InstructBlipForConditionalGeneration")
     return write_checkpoint(out, assembly, from_transformers(state), 2,

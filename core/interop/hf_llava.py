@@ -32,7 +32,7 @@ from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.files.userfiles import read_json
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.import_checks import check_imported_assembly
-from vlbridge.interop.stop_token import checkpoint_eos, export_text_config, stop_token_option
+from vlbridge.interop.stop_token import carry_generation_config, checkpoint_eos, export_text_config, stop_token_option
 from vlbridge.interop.export_state import require_stage2
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_places_visual_tokens, settle
 from vlbridge.files.hf_config import load_failure, transformers_config
@@ -167,6 +167,7 @@ def import_hf_llava(src_dir: str | Path, out_dir: str | Path, name: str | None =
     for file, settings in processor.items():  # as transformers writes them (to_json_string)
         atomic_write_text(vision_dir / file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     _causal_lm(hf.config.text_config, hf.model.language_model, hf.lm_head).save_pretrained(str(llm_dir))
+    carry_generation_config(src, llm_dir)  # LLaVA's generate stops at its generation_config.json's ids (a list, often)
     tokenizer.save_pretrained(str(llm_dir))
     projector = hf.model.multi_modal_projector
     tensors = {"layers.0.weight": projector.linear_1.weight, "layers.2.weight": projector.linear_2.weight}
