@@ -301,3 +301,18 @@ def test_an_llm_tokenizer_with_a_length_limit_is_named_in_a_note(tmp_path):
     model.llm.tokenizer.model_max_length = 40
     with pytest.warns(LeftOutOfExportWarning, match="cuts a prompt longer than the LLM tokenizer's model_max_length 40 tokens"):
         vlbridge.export_hf_instructblip(model, tmp_path / "out")
+
+
+def test_a_qformer_tokenizer_larger_than_the_qformers_vocabulary_is_refused_before_anything_is_written(tmp_path):
+    """It imported, and failed only when the imported model was loaded."""
+    from transformers import AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    bert = AutoTokenizer.from_pretrained(tokenizer_dir("bert"))
+    config = InstructBlipConfig(vision_config=hf_tiny._vision(), qformer_config={**hf_tiny._qformer(), "vocab_size": len(bert) - 1},
+                                text_config=hf_tiny._text("opt"), num_query_tokens=Q, image_token_index=hf_tiny.IMAGE_TOKEN)
+    InstructBlipForConditionalGeneration(config).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir("opt")).save_pretrained(tmp_path / "hf")
+    bert.save_pretrained(tmp_path / "hf" / "qformer_tokenizer")
+    with pytest.raises(WeightsError, match=rf"tokenizer has {len(bert)} tokens, but the config's qformer_config.vocab_size is {len(bert) - 1}"):
+        vlbridge.import_hf_instructblip(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -51,6 +51,7 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     if not (tokenizer_src / "tokenizer_config.json").is_file():
         raise WeightsError(f"{src} has no {QFORMER_TOKENIZER}/ folder (the Q-Former's BERT tokenizer, which reads the "
                            "instruction); save the InstructBlipProcessor into the directory too")
+    _check_qformer_vocab(tokenizer_src, config)
     llm = llm_plan(src, config)  # the tokenizer read and the stop token settled before anything is written
     state = read_hf_directory(src)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,19 @@ def import_hf_instructblip(src_dir: str | Path, out_dir: str | Path, name: str |
     check_imported_assembly(assembly, src, "transformers InstructBlipForConditionalGeneration")
     return write_checkpoint(out, assembly, from_transformers(state), 2,
                             {"source": "transformers InstructBlipForConditionalGeneration", "allow_missing": list(STAGE1_HEADS)})
+
+
+def _check_qformer_vocab(tokenizer_src: Path, config: dict[str, Any]) -> None:
+    """Every id the Q-Former's tokenizer writes needs a row of its word embeddings; a larger tokenizer
+    imported and then failed only when the model loaded, so it is refused here, before anything is written."""
+    from vlbridge.interop.hf_blip2 import _read_tokenizer
+
+    vocab = (config.get("qformer_config") or {}).get("vocab_size", 30522)
+    count = len(_read_tokenizer(tokenizer_src, "the Q-Former (a BERT tokenizer)"))
+    if count > vocab:
+        raise WeightsError(f"{tokenizer_src}: the Q-Former's tokenizer has {count} tokens, but the config's qformer_config.vocab_size "
+                           f"is {vocab}, so the Q-Former embeds only ids below {vocab}; save the tokenizer these weights were "
+                           "trained with into qformer_tokenizer/")
 
 
 def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: bool = False) -> Path:
