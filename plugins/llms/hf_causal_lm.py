@@ -24,7 +24,7 @@ TINY_CONFIG: dict[str, Any] = {
 
 
 class HFCausalLMOptions(HFLLMOptions):
-    eos_token: str | None = Field(None, description="the token that ends a caption in training and stops generation; default: the tokenizer's eos_token")
+    eos_token: str | None = Field(None, description="the token that ends a caption in training; generation stops at it and at every eos id of the folder's generation config; default: the tokenizer's eos_token")
 
     plugin_name: ClassVar[str] = "hf-causal-lm"
     tiny_config: ClassVar[dict[str, Any]] = TINY_CONFIG
