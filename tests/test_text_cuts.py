@@ -1,5 +1,5 @@
-"""Stage 2 cuts texts at max_text_tokens (as LAVIS) and now says so: the objective counts the rows
-it cut and those left with no target token, and the trainer warns once per run. A row with no target
+"""Both stages cut texts at max_text_tokens (as LAVIS) and now say so: the objective counts the rows
+it cut (stage 2: and those left with no target token), and the trainer warns once per run. A row with no target
 token adds nothing to the loss or its item count, and a batch of nothing but such rows gives a zero
 loss over zero items (it used to raise, ending the run, and under DDP only on the rank that drew it)."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import vlbridge
 from tests.test_objectives import make_batch
 from tests.test_trainer_samples import config, read_metrics, write_caption_data, write_config
 from vlbridge.errors import VLBridgeError
-from vlbridge.train.objectives import LOSS_ITEMS, Stage2Objective
+from vlbridge.train.objectives import LOSS_ITEMS, Stage1Objective, Stage2Objective
 from vlbridge.train.text_cuts import TextCuts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,6 +102,58 @@ def test_text_cuts_summary_and_warning():
     assert cuts.with_counts({"rows": 20.0, "cut": 6.0, "untaught": 2.0}) == TextCuts(32, rows=20, cut=6, untaught=2)
 
 
+def test_stage1_tokenises_once_at_the_limit_plus_one_and_again_only_the_cut_rows():
+    """The one pass at limit + 1 trimmed (re-tokenising only the cut rows) gives the very ids and masks of
+    the tokenizer's own cut at the limit, for texts just under, at, one past and far past it."""
+    qformer = vlbridge.build("tiny-qformer-opt", stage=1).connector
+    texts = [" ".join(["a"] * (tokens - 2)) for tokens in (5, 31, 32, 33, 34, 80)]  # [CLS] a a ... [SEP]
+    calls: list[int] = []
+    tokenizer = qformer.tokenizer
+    counting = SimpleNamespace(tokenizer=lambda batch, **kwargs: calls.append(len(batch)) or tokenizer(batch, **kwargs))
+    ids, mask, cut = Stage1Objective().tokenize(counting, texts, torch.device("cpu"))
+    expected = tokenizer(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    natural = [len(tokenizer(text)["input_ids"]) for text in texts]
+    assert natural == [5, 31, 32, 33, 34, 80] and cut.tolist() == [False, False, False, True, True, True]
+    assert calls == [6, 3]  # every text once, the cut ones twice
+
+
+def test_stage1_counts_cut_captions_by_the_models_mode():
+    model = vlbridge.build("tiny-qformer-opt", stage=1).eval()
+    objective = Stage1Objective()
+    objective(model, make_batch(model, ["a cat", "a cat " + "and a dog " * 20, "red", "a bird"]))
+    assert objective.text_cuts["eval"] == TextCuts(32, rows=4, cut=1, room=objective.text_cuts["eval"].room)
+    assert objective.text_cuts["train"].rows == 0
+    assert "max_text_positions" in objective.text_cuts["eval"].warning("validation texts", so_far=False)
+
+
+def long_captions(data: Path, rows: set[int]) -> Path:
+    """train.jsonl with the captions of `rows` far past 32 Q-Former tokens."""
+    lines = [json.loads(line) for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    for i in rows:
+        lines[i]["text"] += " and a dog" * 20
+    (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines), encoding="utf-8")
+    return data
+
+
+@pytest.mark.parametrize("long_rows", [{1, 6}, set()])
+def test_a_stage1_run_warns_once_with_the_count_of_long_captions(tmp_path: Path, capsys: pytest.CaptureFixture, long_rows: set[int]):
+    import vlbridge.train
+
+    data = long_captions(write_caption_data(tmp_path / "data"), long_rows)
+    cfg = config(data, tmp_path / "run", steps=2, log_every=1, schedule={"warmup_steps": 0})
+    cfg["data"]["train"]["shuffle"] = False
+    result = vlbridge.train.run(cfg)
+    err = capsys.readouterr().err
+    if long_rows:  # row 1 in step 1, row 6 in step 2
+        assert err.count("warning: so far 1 of 4 training texts were cut at objective.max_text_tokens 32 and lost their last "
+                         "tokens. Raise objective.max_text_tokens (e.g. objective: {max_text_tokens: 64}; the Q-Former's") == 1
+        assert err.count("were cut") == 1
+        assert result.texts == "2 of 8 training texts cut at objective.max_text_tokens 32"
+    else:
+        assert "were cut" not in err and result.texts == ""
+
+
 def write_pairs(data: Path, long_rows: set[int], long_val_rows: set[int] | None = None) -> Path:
     """train.jsonl / val.jsonl as instruction pairs; the rows in `long_rows` (of val.jsonl: `long_val_rows`,
     default the same) have an input that fills max_text_tokens."""
@@ -159,9 +212,10 @@ def test_train_check_says_it_does_not_count_cut_texts_and_where_the_count_comes(
         out = capsys.readouterr().out
         if stage == 2:
             assert "texts: stage 2 cuts each at objective.max_text_tokens 48 LLM tokens, prompt included; --check does not" in out
-            assert "training warns once with the count" in out
+            assert "training warns once with the count, and with the rows left with no target token" in out
         else:
-            assert "max_text_tokens" not in out
+            assert ("texts: stage 1 cuts each at objective.max_text_tokens 32 Q-Former tokens, [CLS] and [SEP] included; "
+                    "--check does not count how many that cuts (it loads no tokenizer): training warns once with the count\n") in out
 
 
 def test_under_ddp_a_rank_whose_batch_has_no_target_token_trains_on_with_the_others(tmp_path: Path):
