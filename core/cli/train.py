@@ -95,16 +95,15 @@ def read_annotations(config) -> list[str]:
 
 
 def text_length_note(config) -> list[str]:
-    """Stage 2 cuts every text at max_text_tokens; --check cannot say how many it will cut (that takes
-    the LLM's tokenizer, which comes with its weights), so it says where the count will be told."""
-    if config.stage != 2:
-        return []
+    """Both stages cut every text at max_text_tokens; --check cannot say how many they will cut (that
+    takes the tokenizer, which comes with the weights), so it says where the count will be told."""
     from vlbridge.train.objectives import OBJECTIVES
 
-    limit = OBJECTIVES["stage2"].Options.model_validate(config.objective).max_text_tokens
-    return [f"texts: stage 2 cuts each at objective.max_text_tokens {limit} LLM tokens, prompt included; --check does not "
-            "count how many that cuts (it loads no tokenizer): training warns once with the count, and with the rows "
-            "left with no target token"]
+    limit = OBJECTIVES[f"stage{config.stage}"].Options.model_validate(config.objective).max_text_tokens
+    tokens, empty = ("LLM tokens, prompt included", ", and with the rows left with no target token") if config.stage == 2 else (
+        "Q-Former tokens, [CLS] and [SEP] included", "")
+    return [f"texts: stage {config.stage} cuts each at objective.max_text_tokens {limit} {tokens}; --check does not count "
+            f"how many that cuts (it loads no tokenizer): training warns once with the count{empty}"]
 
 
 def check_a_batch_fits(samples: int, batch_size: int, drop_last: bool) -> None:

@@ -152,6 +152,9 @@ def join_text(left: str, right: str) -> str:
 
 # -- stage 1 --------------------------------------------------------------------------------------
 
+STAGE1_ROOM = "the Q-Former's connector option max_text_positions (BERT: 512) must hold it"  # bounds a raised limit
+
+
 class Stage1Options(ObjectiveOptions):
     max_text_tokens: int = Field(32, ge=2, description="Q-Former text length (BLIP-2: 32), [CLS] and [SEP] included")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of ITC and ITG (BLIP-2: 0.1)")
@@ -178,6 +181,11 @@ class Stage1Objective(Objective):
     connectors = "a connector with the Q-Former's stage-1 interface (qformer)"
     Options = Stage1Options
 
+    def __init__(self, generator: torch.Generator | None = None, **options: Any) -> None:
+        super().__init__(generator, **options)
+        limit = self.options.max_text_tokens
+        self.text_cuts = {phase: TextCuts(limit, room=STAGE1_ROOM) for phase in ("train", "eval")}  # by the model's mode
+
     def supports(self, model: "VLBridgeModel") -> str | None:
         connector = model.connector
         missing = [attr for attr in STAGE1_INTERFACE if getattr(connector, attr, None) is None]
@@ -197,7 +205,8 @@ class Stage1Objective(Objective):
             raise VLBridgeError(f"stage 1 needs one text per image: {image_embeds.shape[0]} images, {len(texts)} texts")
         image_ids = batch_image_ids(batch, len(texts), model.device)  # (B,)
         positives = self.positives(batch, texts, image_ids)  # None: same image only
-        ids, mask = self.tokenize(qformer, texts, model.device)  # (B, T)
+        ids, mask, cut = self.tokenize(qformer, texts, model.device)  # (B, T), (B,)
+        self.text_cuts["train" if model.training else "eval"].add(cut, torch.zeros_like(cut))  # [SEP] is always a target
         image = qformer.image_context(image_embeds)  # cross-attention K/V, shared by the three losses
         query_out, query_kv = qformer.query_outputs(image, return_layer_kv=True)  # (B, Q, W), per-layer K/V for ITG
         itc, sim_i2t, sim_t2i = self.itc(qformer, query_out, ids, mask, image_ids, positives)
@@ -205,17 +214,31 @@ class Stage1Objective(Objective):
         itg = self.itg(qformer, query_kv, ids, mask)
         return total(itc=itc, itm=itm, itg=itg)
 
-    def tokenize(self, qformer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[CLS] text [SEP] [PAD]..., (B, max_text_tokens), truncated on the right."""
-        length = self.options.max_text_tokens
-        encoded = qformer.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    def tokenize(self, qformer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[CLS] text [SEP] [PAD]..., (B, max_text_tokens), truncated on the right, and (B,) which texts
+        that cut. One pass at limit + 1 tells the cut rows (one token more than the limit); a row that
+        ends in padding there is the same tokens with one pad more, so it is trimmed. Only the others
+        (the cut rows: cut at the limit they keep their closing [SEP]) are tokenised again."""
+        limit = self.options.max_text_tokens
+        ids, mask = self.padded_tokens(qformer, list(texts), limit + 1)  # (B, limit + 1)
+        cut = mask.sum(dim=1) > limit  # (B,)
+        rows = mask[:, limit].nonzero().flatten().tolist()  # the cut ones (every row, were the padding on the left)
+        ids, mask = ids[:, :limit].clone(), mask[:, :limit].clone()
+        if rows:
+            ids[rows], mask[rows] = self.padded_tokens(qformer, [texts[i] for i in rows], limit)
+        return ids.to(device), mask.to(device), cut.to(device)
+
+    @staticmethod
+    def padded_tokens(qformer: Any, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Q-Former tokenizer's ids and mask of `texts`, padded and truncated to `length`, checked."""
+        encoded = qformer.tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         who, what = getattr(qformer, "who", "the connector"), "tokenizer(texts, ..., return_tensors='pt')"
         if not isinstance(encoded, Mapping) or not {"input_ids", "attention_mask"} <= set(encoded):
             raise PluginError(f"{who}: {what} returned a {type(encoded).__name__}; it must return a mapping with input_ids and "
                               "attention_mask (docs/writing-plugins.md, 5.3)")
         ids, mask = (returned_tensor(who, f"{what}[{key!r}]", encoded[key], (len(texts), length), f"padded {key}")
                      for key in ("input_ids", "attention_mask"))
-        return ids.to(device), mask.to(device)
+        return ids, mask
 
     def positives(self, batch: Mapping[str, Any], texts: Sequence[str], image_ids: torch.Tensor) -> Positives | None:
         """The matching pairs under `positives: caption` (from the batch's `image_captions`); None under 'image'."""

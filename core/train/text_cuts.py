@@ -1,6 +1,6 @@
-"""How many texts stage 2 cut at `max_text_tokens`, and how many kept no target token.
+"""How many texts an objective cut at `max_text_tokens`, and how many kept no target token.
 
-BLIP-2 (LAVIS) cuts every text at 32 tokens without a word. A caption cut short still teaches its
+BLIP-2 (LAVIS) cuts every text at 32 tokens without a word (stage 1: Q-Former tokens; stage 2: LLM tokens). A caption cut short still teaches its
 first tokens, but a row whose prompt alone fills the budget teaches nothing: every label is
 masked. The objective counts both as it tokenises; the trainer sums the counts over the ranks and
 says so once per run, naming the setting that gives the texts more room.
@@ -26,6 +26,7 @@ class TextCuts:
     cut: int = 0  # longer than the limit, so cut on the right
     untaught: int = 0  # left with no target token: the row adds nothing to the loss
     counting: bool = True  # False while a caller runs batches it does not count (evaluation's padding repeats)
+    room: str = "the LLM's context must hold it with the visual tokens"  # what bounds a raised limit, for the warning
 
     def add(self, cut: torch.Tensor, untaught: torch.Tensor) -> None:
         """Fold in one batch: (B,) bool flags per row."""
@@ -47,7 +48,7 @@ class TextCuts:
 
     def with_counts(self, counts: Mapping[str, float]) -> "TextCuts":
         """The same limit with other counts (e.g. summed over the ranks)."""
-        return TextCuts(self.limit, **{name: int(counts.get(name, 0)) for name in COUNTS})
+        return TextCuts(self.limit, **{name: int(counts.get(name, 0)) for name in COUNTS}, room=self.room)
 
     def summary(self, what: str = "texts") -> str:
         """'3 of 40 texts cut at objective.max_text_tokens 32; 1 left with no target token' ('' when none)."""
@@ -65,7 +66,7 @@ class TextCuts:
                     f"{'it adds' if self.untaught == 1 else 'they add'} nothing to any loss")
         return (f"warning: {'so far ' if so_far else ''}{self.cut} of {self.rows} {what} were cut at {SETTING} {self.limit} "
                 f"and lost their last tokens{lost}. Raise {SETTING} (e.g. objective: {{max_text_tokens: {self.limit * 2}}}; "
-                "the LLM's context must hold it with the visual tokens) or shorten the prompt or texts")
+                f"{self.room}) or shorten the texts (and any prompt)")
 
 
 def cut_rows(llm: Any, texts: list[str], limit: int) -> torch.Tensor:

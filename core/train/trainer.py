@@ -298,7 +298,7 @@ class Trainer:
 
     def counted_texts(self, phase: str) -> TextCuts | None:
         """This rank's count of the texts the objective cut at max_text_tokens while training or
-        evaluating (`phase` "train" or "eval"); None for an objective that counts none (stage 1, custom)."""
+        evaluating (`phase` "train" or "eval"); None for an objective that counts none (a custom one)."""
         counted = getattr(self.objective, "text_cuts", None)
         return counted.get(phase) if isinstance(counted, Mapping) else None
 
