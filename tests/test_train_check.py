@@ -161,3 +161,50 @@ def test_activation_checkpointing_of_an_llm_without_blocks(capsys, tmp_path, dat
         # training itself refuses it too (it recomputed nothing and held every activation, without a word)
         assert_user_error(*train_cli(capsys, tmp_path, values)[::2],
                           "parallel.activation_checkpointing: llm 'blockless' (plugin vlbridge-blockless) lists no blocks")
+
+
+def validate_cli(capsys, tmp_path: Path, values: dict, *flags: str) -> tuple[int, str, str]:
+    from tests.test_trainer_samples import write_config
+    from vlbridge.cli.main import main
+
+    code = main(["validate", "--train", str(write_config(tmp_path / "train.yaml", values)), *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_train_runs_the_recipe_checks_on_its_real_build(capsys, tmp_path, data):
+    """validate --train built the real model and counted what trains, but an lr_scales prefix naming
+    nothing or an FSDP shard of a part that trains whole passed it as 'valid'; train --check refused both."""
+    values = config(data, tmp_path / "out", optimizer={"lr": 1e-3, "lr_scales": {"connector.nope": 0.1}},
+                    finetune={"encoder": {"unfreeze": "all"}}, parallel={"strategy": "fsdp", "shard": ["encoder"]})
+    expected = ("optimizer.lr_scales: 'connector.nope' names no trainable parameter",
+                "parallel.shard: every parameter of the encoder trains")
+    assert_user_error(*validate_cli(capsys, tmp_path, values)[::2], "2 problems", *expected)
+    code, out, _ = validate_cli(capsys, tmp_path, values, "--json")
+    report = json.loads(out)
+    assert code == 2 and not report["valid"] and [p.split(":")[0] for p in report["problems"]] == ["optimizer.lr_scales", "parallel.shard"]
+    values["optimizer"]["lr_scales"], values["finetune"]["encoder"]["unfreeze"] = {"connector.layers": 0.1}, 1
+    code, out, err = validate_cli(capsys, tmp_path, values)
+    assert code == 0 and out.strip().endswith("valid"), err
+
+
+def test_validate_train_refuses_activation_checkpointing_of_an_llm_without_blocks(capsys, tmp_path, data):
+    blockless = dataclasses.replace(fake.tiny_opt_spec("build_blockless_llm", "blockless"), weight_sources=lambda o, stage: [])
+    with using_registry(fake.registry(blockless=fake.plugin("blockless", llms=[blockless]))):
+        values = config(data, tmp_path / "out", stage=2, parallel={"activation_checkpointing": True},
+                        assembly=inline(llm={"use": "blockless", "options": {"variant": "tiny"}}))
+        assert_user_error(*validate_cli(capsys, tmp_path, values)[::2],
+                          "parallel.activation_checkpointing: llm 'blockless' (plugin vlbridge-blockless) lists no blocks")
+
+
+def test_both_help_texts_say_what_each_checks_and_how_they_differ(capsys):
+    from vlbridge.cli.main import main
+
+    texts = {}
+    for command in ("train", "validate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    assert "lr_scales and parallel settings" in texts["train"] and "validate --train CONFIG.yaml` runs the same model checks" in texts["train"]
+    assert "optimizer.lr_scales and parallel settings checked on that model" in texts["validate"]
+    assert "--train reads no data file" in texts["validate"] and "loading no weights" in texts["validate"]
