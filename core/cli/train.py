@@ -23,7 +23,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from output_dir's latest checkpoint (starts fresh when there is none)")
     p.add_argument("--check", action="store_true", help="validate the config and its data, build the model on the meta device "
                    "(no weights read or allocated) to check widths, init_from's tensor shapes, LoRA targets, unfrozen "
-                   "blocks, lr_scales and parallel settings, print the plan, then exit without training")
+                   "blocks, lr_scales and parallel settings, print the plan, then exit without training (`vlbridge "
+                   "validate --train CONFIG.yaml` runs the same model checks on the real weights and counts what trains, "
+                   "but reads no data file)")
     p.set_defaults(func=cmd_train)
 
 

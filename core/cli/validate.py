@@ -3,7 +3,9 @@
 `vlbridge validate --train CONFIG.yaml` checks a training config as `vlbridge train` would and
 also shows what its fine-tuning recipes train: connector + encoder (its unfrozen part) + LoRA
 parameters. Those counts need the real layer shapes (LoRA's size is rank x (in + out) of each
-adapted Linear), so this form builds the model on the CPU, loading its weights.
+adapted Linear), so this form builds the model on the CPU, loading its weights, and runs on it the
+recipe checks `train --check` runs on the meta device (optimizer.lr_scales, parallel settings:
+vlbridge.train.dry_run.recipe_problems). It reads no data file; `train --check` does, and loads no weight.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ if TYPE_CHECKING:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="validate an assembly YAML or preset and print its plan",
-                       description="Validate an assembly (torch-free), or with --train a training config (builds its model "
-                                   "on the CPU to count what each fine-tuning recipe trains).")
+                       description="Validate an assembly (torch-free), or with --train a training config: checked as "
+                                   "`vlbridge train` checks it, then its model built on the CPU with the real weights, the "
+                                   "fine-tuning recipes, optimizer.lr_scales and parallel settings checked on that model, and "
+                                   "what trains and the memory plan printed. --train reads no data file; `vlbridge train CONFIG "
+                                   "--check` reads the annotation files and runs the same model checks on the meta device, "
+                                   "loading no weights, but prints no parameter counts.")
     p.add_argument("assembly", metavar="FILE_OR_PRESET", nargs="?",
                    help="an assembly YAML file or a preset name (see `vlbridge presets`)")
-    p.add_argument("--train", metavar="CONFIG.yaml", help="validate a training config instead, and print its trainable "
-                                                          "parameters: connector + encoder (unfrozen part) + LoRA")
+    p.add_argument("--train", metavar="CONFIG.yaml", help="validate a training config instead: build its model with the "
+                   "real weights on the CPU, check the fine-tuning recipes, optimizer.lr_scales and parallel settings on it, "
+                   "and print its trainable parameters (connector + encoder (unfrozen part) + LoRA) and memory plan; reads "
+                   "no data file (train --check does)")
     p.add_argument("--world-size", type=positive_int, default=None, metavar="N",
                    help="with --train: processes of the memory plan (default 1)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="with --train: device memory (e.g. 40GiB); the plan says what to shard or "
@@ -108,7 +116,7 @@ def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] =
     try:
         config, label = read_config(path)
         assembly = check_config(config, label)
-        counts, notes = _trainable(config, assembly)
+        counts, notes = _trainable(config, assembly, label)
     except TrainConfigError as exc:
         if not as_json:
             raise
@@ -133,11 +141,18 @@ def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] =
     return 0
 
 
-def _trainable(config, assembly) -> tuple[dict[str, int], str]:
+def _trainable(config, assembly, label: str) -> tuple[dict[str, int], str]:
+    """Build the model as training does (real weights, on the CPU), run `train --check`'s recipe checks
+    on it (optimizer.lr_scales, parallel settings), and count what trains."""
     import torch
 
+    from vlbridge.train.config import TrainConfigError
+    from vlbridge.train.dry_run import recipe_problems
     from vlbridge.train.finetune import describe_trainable, trainable_counts
     from vlbridge.train.trainer import build_model
 
     model, recipe = build_model(config, assembly, torch.device("cpu"))
+    problems = recipe_problems(model, config, recipe, skipped={})
+    if problems:
+        raise TrainConfigError(label, problems)
     return trainable_counts(model), describe_trainable(model, recipe.notes)

@@ -6,7 +6,8 @@ parts really are surfaced only after a real run had loaded every weight and star
 a plugin whose factory raises, a connector whose tokens do not have the LLM's width, LoRA target
 modules the LLM lacks, more encoder blocks to unfreeze than it runs, an optimizer.lr_scales prefix
 that names no trainable parameter, init_from tensors of other shapes, a parallel setting with
-nothing to act on. Here each part is built under `torch.device("meta")` (shapes without storage,
+nothing to act on. (`vlbridge validate --train` builds the real model, weights and all, and runs
+the same recipe checks on it: recipe_problems.) Here each part is built under `torch.device("meta")` (shapes without storage,
 so a 7B LLM costs no memory) and the trainer's own steps run on it: build_model's parts,
 check_real_shapes, load_connector_weights / restore_tuned from the safetensors headers,
 apply_finetune, build_optimizer, and the FSDP block discovery.
@@ -21,6 +22,7 @@ cannot say whether it reads any, so it is not built either; a connector is built
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +36,9 @@ from vlbridge.modeling import factory
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.plugin.contract import build_component, check_llm, describe
 from vlbridge.train.config import TrainConfig, TrainConfigError
+
+if TYPE_CHECKING:
+    from vlbridge.train.finetune import Recipe
 
 
 class NotBuilt(nn.Module):
@@ -135,7 +140,6 @@ def training_problems(model: VLBridgeModel, config: TrainConfig, skipped: dict[s
     """The fine-tuning recipes, the optimizer's groups (lr_scales) and the parallel settings, applied
     to the meta model as the trainer applies them to the real one."""
     from vlbridge.train.finetune import apply_finetune
-    from vlbridge.train.optim import build_optimizer
 
     asks = [("encoder", config.finetune.encoder.trains), ("llm", config.finetune.lora is not None)]
     unchecked = [slot for slot, asked in asks if asked and slot in skipped]
@@ -145,6 +149,14 @@ def training_problems(model: VLBridgeModel, config: TrainConfig, skipped: dict[s
         recipe = apply_finetune(model, config.finetune, config.optimizer.lr)
     except VLBridgeError as exc:
         return [str(exc)]
+    return recipe_problems(model, config, recipe, skipped)
+
+
+def recipe_problems(model: VLBridgeModel, config: TrainConfig, recipe: Recipe, skipped: dict[str, str]) -> list[str]:
+    """The optimizer's groups (lr_scales) and the parallel settings of a model with its recipes applied
+    (on the meta device here; `validate --train` runs the same on its real build)."""
+    from vlbridge.train.optim import build_optimizer
+
     problems = parallel_module_problems(model, config, skipped)
     try:
         build_optimizer(model, config.optimizer, recipe.lr_groups)
