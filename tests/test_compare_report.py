@@ -137,3 +137,28 @@ def test_retrieval_claim_sets_itm_against_a_clip_rows_itc(tmp_path):
         assert ("q", "clip", f"R@1 {direction}") not in key  # the CLIP row has no ITM column
     assert not any(" vs " in metric for a, b, metric in key if b == "q-sup")  # both rows have ITM: no cross-column pair
     assert "| q − clip | R@1 i2t vs R@1 i2t ITC | +25.0 [" in (tmp_path / "report.md").read_text()
+
+
+def test_a_compare_of_fewer_runs_or_seeds_names_the_results_its_folder_holds_besides(tmp_path):
+    """A config that no longer lists a run (or a seed) reports without it; the report says so, with where
+    each left-out result lies and how to report it, rather than silently showing less than the folder holds."""
+    from types import SimpleNamespace
+
+    from vlbridge.compare.run import COMPARE_RERUN, results_left_out
+
+    for name, seed in (("q", 0), ("q", 1), ("lin", 0), ("old", 0)):
+        (tmp_path / "runs" / name / f"seed-{seed}").mkdir(parents=True)
+        (tmp_path / "runs" / name / f"seed-{seed}" / "result.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "runs" / "unfinished" / "seed-0").mkdir(parents=True)  # no result: nothing to report
+    config = SimpleNamespace(output_dir=str(tmp_path), runs=[SimpleNamespace(name="q"), SimpleNamespace(name="lin")], seeds=[0])
+    left_out = results_left_out(config)
+    assert left_out == [{"run": "old", "seed": 0, "path": "runs/old/seed-0/result.json"},
+                        {"run": "q", "seed": 1, "path": "runs/q/seed-1/result.json"}]
+    results = write_report(tmp_path, {"name": "t"}, {"q": [_result(0, 3, False)], "lin": [_result(0, 2, False)]}, [],
+                           left_out=(left_out, COMPARE_RERUN))
+    assert results["not_reported"] == left_out
+    head = (tmp_path / "report.md").read_text(encoding="utf-8").split("## ")[0]
+    assert ("stored results of 2 other run/seed pairs, not shown or compared here: old seed 0 (runs/old/seed-0/result.json), "
+            "q seed 1 (runs/q/seed-1/result.json)") in head and "add them to the config's runs and seeds" in head
+    write_report(tmp_path, {"name": "t"}, {"q": [_result(0, 3, False)]}, [])
+    assert "This report covers only" not in (tmp_path / "report.md").read_text(encoding="utf-8")

@@ -182,6 +182,27 @@ def test_rerun_reuses_everything(demo_out: Path, capsys: pytest.CaptureFixture[s
     assert "caching frozen encoder features" not in err and "stage 2, " not in err  # nothing trained again
 
 
+def test_a_rerun_of_a_subset_says_its_report_leaves_the_folders_other_results_out(demo_out: Path, capsys: pytest.CaptureFixture[str]):
+    """After `--runs linear`, report.md and results.json held the linear row alone, without a word of the
+    five other runs' results still in the folder; now both name them, and a rerun of all reports all."""
+    assert main(["demo", "--quick", "--stage1", "train", "--out", str(demo_out), "--runs", "linear"]) == 0
+    capsys.readouterr()
+    results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
+    others = [name for name in RUNS if name != "linear"]
+    assert list(results["runs"]) == ["linear"] + REFERENCES
+    assert results["not_reported"] == [{"run": name, "seed": 0, "path": f"runs/{name}/seed-0/result.json"} for name in sorted(others)]
+    report = (demo_out / "report.md").read_text(encoding="utf-8")
+    head = report.split("## ")[0]
+    assert "> This report covers only the runs and seeds asked for this time. Its folder also holds the stored results of 5 " \
+           "other run/seed pairs, not shown or compared here: mlp seed 0 (runs/mlp/seed-0/result.json)" in head
+    assert "rerun the demo with --runs, --seeds and --queries naming them too" in head
+    assert main(["demo", "--quick", "--stage1", "train", "--out", str(demo_out)]) == 0
+    assert "reusing its results" in capsys.readouterr().err
+    results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
+    assert list(results["runs"]) == RUNS + REFERENCES and results["not_reported"] == []
+    assert "This report covers only" not in (demo_out / "report.md").read_text(encoding="utf-8")
+
+
 def test_two_workers_give_what_one_process_gives(demo_out: Path, capsys: pytest.CaptureFixture[str]):
     """The fixture ran in two worker processes; the linear run, done again in this process alone,
     must give the same training loss and the same answers."""
