@@ -346,6 +346,10 @@ def demo_notes(config: CompareConfig, plan: DemoPlan, world_seed: int = 0, llm: 
     ]
 
 
+DEMO_RERUN = ("rerun the demo with --runs, --seeds and --queries naming them too (or without those flags for the default "
+              "runs and seed); results stored under the same settings are reused, not retrained")
+
+
 def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = None, queries: list[int] | None = None,
              only: list[str] | None = None, say=print, world_seed: int = 0, llm: str = "opt", jobs: int | None = None,
              stage1: str = SHIPPED, stage1_steps: int | None = None) -> dict[str, Any]:
@@ -367,4 +371,4 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
     key_pairs = [(REFERENCE, other) for other in names + list(references) if other != REFERENCE and not other.endswith(SUPERVISED_SUFFIX)]
     key_pairs += [(name, name.removesuffix(SUPERVISED_SUFFIX)) for name in names if name.endswith(SUPERVISED_SUFFIX)]
     return run_compare(config, say, demo_notes(config, plan, world_seed, llm, stage1), progress_label="demo", reference_rows=references,
-                       key_pairs=key_pairs, titles=TITLES)
+                       key_pairs=key_pairs, titles=TITLES, rerun_hint=DEMO_RERUN)

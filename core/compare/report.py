@@ -4,7 +4,8 @@ report.md: one table per group of runs (e.g. zero-shot, supervised), each cell "
 marked against the table's first row (▲/▼ significantly higher/lower, ≈ no significant
 difference: paired bootstrap over images, 5% level), the reference rows (e.g. the blind prior)
 under every table; then VQA per question type; then the key comparisons and every pair.
-results.json holds every seed's results (with per-item scores), the tables and every test.
+results.json holds every seed's results (with per-item scores), the tables and every test. Both
+cover the runs and seeds asked for; other results stored in the folder are named, not reported.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ STATS_NOTE = (f"Intervals: 95% percentile bootstrap over test images ({RESAMPLES
 
 def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: list[str], groups: dict[str, str] | None = None,
                  references: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
-                 titles: dict[str, str] | None = None) -> dict[str, Any]:
+                 titles: dict[str, str] | None = None, left_out: tuple[list[dict[str, Any]], str] = ([], "")) -> dict[str, Any]:
     """results.json (everything), report.md (tables, significance, notes) and report.png.
 
     `groups` maps each run to its table (default: one table); `references` are rows in the shape
     of one seed's result that join every table; `key_pairs` are the comparisons listed first;
-    `titles` give a table a heading other than its group name.
+    `titles` give a table a heading other than its group name; `left_out` (the folder's stored results
+    of runs or seeds not reported, and how to report them too) heads report.md and is in results.json.
     """
     from vlbridge.compare.plot import draw_report
 
@@ -57,12 +59,27 @@ def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: l
     }
     notes = notes + retrieval_rules(rows)
     results = {"config": config, "runs": rows, "groups": tables, "references": list(references), "summary": summary,
-               "per_question_type": per_type, "significance": significance, "notes": notes + [STATS_NOTE]}
+               "per_question_type": per_type, "significance": significance, "notes": notes + [STATS_NOTE],
+               "not_reported": left_out[0]}
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=str))
-    text = markdown(config.get("name", "comparison"), tables, summary, per_type, types, significance, titles or {}, notes, metrics)
+    text = markdown(config.get("name", "comparison"), tables, summary, per_type, types, significance, titles or {}, notes, metrics,
+                    scope_note(*left_out))
     atomic_write_text(out_dir / "report.md", text)
     atomic_write(out_dir / "report.png", lambda tmp: draw_report(summary, tables, list(references), metrics, tmp))
     return results
+
+
+def scope_note(left_out: list[dict[str, Any]], rerun_hint: str, shown: int = 8) -> str:
+    """A report of fewer runs or seeds than its folder holds says so first: which results it leaves
+    out, where they are, and how to report them together ('' when it leaves none out)."""
+    if not left_out:
+        return ""
+    listed = ", ".join(f"{r['run']} seed {r['seed']} ({r['path']})" for r in left_out[:shown])
+    more = f" and {len(left_out) - shown} more" if len(left_out) > shown else ""
+    pairs = f"{len(left_out)} other run/seed pair{'s' if len(left_out) != 1 else ''}"
+    return (f"> This report covers only the runs and seeds asked for this time. Its folder also holds the stored results of "
+            f"{pairs}, not shown or compared here: {listed}{more} (results.json: not_reported). To report them together, "
+            f"{rerun_hint}.")
 
 
 def versus_first(rows: Rows, names: list[str], metrics: list[Metric]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -136,11 +153,11 @@ def significance_table(found: list[dict[str, Any]], formats: dict[str, str]) -> 
 
 
 def markdown(name: str, tables: dict[str, list[str]], summary: dict, per_type: dict, types: list[Metric], significance: dict,
-             titles: dict[str, str], notes: list[str], metrics: list[Metric] = HEADLINE) -> str:
+             titles: dict[str, str], notes: list[str], metrics: list[Metric] = HEADLINE, scope: str = "") -> str:
     columns = [("visual tokens", "{:.0f}")] + [(m.label, m.fmt) for m in metrics]
     formats = {m.label: m.fmt for m in metrics + types}
     headings = table_headings(tables, titles)
-    text = [f"# {name}", ""]
+    text = [f"# {name}", ""] + ([scope, ""] if scope else [])
     for group, names in tables.items():
         versus = significance["vs_first_row"].get(group, {})
         text += [f"## {headings[group] or 'Results'}", "", markdown_table(names, summary, columns, versus), ""]
