@@ -138,8 +138,8 @@ STAGE1_FAULTS = {  # a Q-Former-like connector's stage-1 answer gone wrong, and 
         "no-match / match logits (B, 2), a (12, 2) tensor"),
     "the tokenizer ignores return_tensors": (
         "tokenizer", lambda real: lambda texts, **kwargs: {k: v.tolist() for k, v in real(texts, **kwargs).items()},
-        "tokenizer(texts, ..., return_tensors='pt')['input_ids'] returned a list of 4 (list, list, list, ...); it must "
-        "return padded input_ids, a (4, 32) tensor"),
+        "tokenizer(texts, ..., max_length=33, return_tensors='pt')['input_ids'] returned a list of 4 (list, list, list, ...); "
+        "it must return padded input_ids, a (4, 33) tensor"),  # 33: max_text_tokens + 1 tells the captions cut at 32
 }
 
 

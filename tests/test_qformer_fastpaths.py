@@ -81,7 +81,7 @@ def _separate_passes(model: Any, batch: dict[str, Any], generator: torch.Generat
     qformer, objective = model.connector, Stage1Objective()
     image = batch_image_embeds(model, batch)
     image_ids = batch_image_ids(batch, len(batch["text"]), model.device)
-    ids, mask = objective.tokenize(qformer, batch["text"], model.device)
+    ids, mask, _ = objective.tokenize(qformer, batch["text"], model.device)
     itc, sim_i2t, sim_t2i = itc_loss(qformer.image_features(image), qformer.text_features(ids, mask), qformer.temp, image_ids,
                                      0.1, objective.options.temp_range)
     negatives = sample_hard_negatives(sim_i2t, sim_t2i, image_ids, image_ids, generator)

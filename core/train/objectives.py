@@ -232,7 +232,7 @@ class Stage1Objective(Objective):
     def padded_tokens(qformer: Any, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The Q-Former tokenizer's ids and mask of `texts`, padded and truncated to `length`, checked."""
         encoded = qformer.tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
-        who, what = getattr(qformer, "who", "the connector"), "tokenizer(texts, ..., return_tensors='pt')"
+        who, what = getattr(qformer, "who", "the connector"), f"tokenizer(texts, ..., max_length={length}, return_tensors='pt')"
         if not isinstance(encoded, Mapping) or not {"input_ids", "attention_mask"} <= set(encoded):
             raise PluginError(f"{who}: {what} returned a {type(encoded).__name__}; it must return a mapping with input_ids and "
                               "attention_mask (docs/writing-plugins.md, 5.3)")
