@@ -226,7 +226,7 @@ class Stage1Objective(Objective):
         ids, mask = ids[:, :limit].clone(), mask[:, :limit].clone()
         if rows:
             ids[rows], mask[rows] = self.padded_tokens(qformer, [texts[i] for i in rows], limit)
-        return ids.to(device), mask.to(device), cut.to(device)
+        return ids.to(device), mask.to(device), cut  # the flags stay on the host: counting them syncs no device
 
     @staticmethod
     def padded_tokens(qformer: Any, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
