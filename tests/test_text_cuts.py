@@ -83,6 +83,22 @@ def test_cut_captions_are_counted_and_a_longer_budget_cuts_none(model: Any):
     assert roomy.text_cuts["eval"] == TextCuts(128, rows=4)
 
 
+def test_counting_cuts_tokenises_again_only_the_texts_that_filled_the_budget(model: Any, monkeypatch: pytest.MonkeyPatch):
+    """The count runs on every training batch: a text shorter than max_text_tokens cannot have been cut,
+    so only the texts that filled it are tokenised a second time (a batch of short captions: none)."""
+    seen: list[list[str]] = []
+    tokenize = model.llm.tokenize
+    monkeypatch.setattr(model.llm, "tokenize", lambda texts, **kw: (seen.append(list(texts)), tokenize(texts, **kw))[1])
+    objective = Stage2Objective()
+    objective(model, make_batch(model, ["a cat", "red", "a bird", "a dog"]))
+    assert len(seen) == 2  # the texts and their inputs, as training needs them: nothing more
+    long = "a cat " + "and a dog " * 20
+    seen.clear()
+    objective(model, make_batch(model, ["a cat", long, "red", "a bird"]))
+    assert len(seen) == 3 and len(seen[2]) == 1 and seen[2][0].startswith(long)  # the one long caption, once more
+    assert objective.text_cuts["eval"] == TextCuts(32, rows=8, cut=1, untaught=0)
+
+
 def test_flan_t5_counts_inputs_and_targets_cut():
     model = vlbridge.build("tiny-qformer-flan-t5", stage=2).eval()
     objective = Stage2Objective()

@@ -416,7 +416,7 @@ class Stage2Objective(Objective):
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
         labels = labels.masked_fill(positions < prefix_lengths[:, None], IGNORE_INDEX)
         taught = labels.ne(IGNORE_INDEX).any(dim=1)  # (B,)
-        cuts.add(cut_rows(llm, texts, limit), ~taught)
+        cuts.add(cut_rows(llm, texts, limit, mask), ~taught)
         if fixed_prompt and not taught.any():
             raise VLBridgeError(f"no target token left: the prompt fills all {limit} text tokens; "
                                 f"raise {SETTING} or shorten the prompt")
@@ -436,7 +436,7 @@ class Stage2Objective(Objective):
         limit = self.options.max_text_tokens
         ids, mask = tokenized(who, llm, inputs, max_length=limit, padding_side="right")
         target_ids, target_mask = tokenized(who, llm, targets, max_length=limit, padding_side="right")
-        cut = cut_rows(llm, list(inputs), limit) | cut_rows(llm, list(targets), limit).to(ids.device)
+        cut = cut_rows(llm, list(inputs), limit, mask) | cut_rows(llm, list(targets), limit, target_mask).to(mask.device)
         cuts.add(cut, target_mask.sum(dim=1).eq(0))  # the target keeps its </s>: always taught
         output = llm(visual, ids, mask, labels=target_ids, decoder_attention_mask=target_mask)
         logits = logits_of(who, output)

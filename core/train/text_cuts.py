@@ -69,8 +69,15 @@ class TextCuts:
                 f"{self.room}) or shorten the texts (and any prompt)")
 
 
-def cut_rows(llm: Any, texts: list[str], limit: int) -> torch.Tensor:
-    """(B,) bool: which texts `llm.tokenize(texts, max_length=limit)` cuts (tokenised to limit + 1, so
-    a cut one shows one token more, whatever special tokens the LLM adds)."""
-    _, mask = llm.tokenize(texts, max_length=limit + 1, padding_side="right")
-    return mask.sum(dim=1) > limit
+def cut_rows(llm: Any, texts: list[str], limit: int, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which texts `llm.tokenize(texts, max_length=limit)` cut, given that call's attention
+    `mask`. Only a text that filled all `limit` tokens can have been cut, so only those are tokenised
+    again, to limit + 1 (a cut one shows one token more, whatever special tokens the LLM adds): a
+    batch of short texts costs no second tokenisation."""
+    filled = mask.sum(dim=1) >= limit
+    cut = torch.zeros_like(filled)
+    rows = filled.nonzero().flatten().tolist()
+    if rows:
+        _, longer = llm.tokenize([texts[row] for row in rows], max_length=limit + 1, padding_side="right")
+        cut[rows] = (longer.sum(dim=1) > limit).to(cut.device)
+    return cut
