@@ -46,6 +46,11 @@ class TextCuts:
         """The counts as floats, for `runtime.sum_over_ranks`."""
         return {name: float(getattr(self, name)) for name in COUNTS}
 
+    def resume_counts(self, counts: Mapping[str, float]) -> None:
+        """Take up the counts a checkpoint saved (`counts()` of this rank), so a resumed run's total is the run's."""
+        for name in COUNTS:
+            setattr(self, name, int(counts.get(name, 0)))
+
     def with_counts(self, counts: Mapping[str, float]) -> "TextCuts":
         """The same limit with other counts (e.g. summed over the ranks)."""
         return TextCuts(self.limit, **{name: int(counts.get(name, 0)) for name in COUNTS}, room=self.room)

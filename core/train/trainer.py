@@ -389,8 +389,10 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self) -> int:
         """Every rank hands in its RNG states and data position; rank 0 writes step-N and `latest`."""
+        cuts = self.counted_texts("train")
         ranks = distributed.all_gather_object({"rng": ckpt.capture_rng(), "data": self.progress.state_dict(),
-                                                  "skipped": self.progress.skipped_count + self.skipped_before})
+                                                  "skipped": self.progress.skipped_count + self.skipped_before,
+                                                  "text_cuts": None if cuts is None else cuts.counts()})
         parts = tuned_parts(self.model)  # on every rank: gathering a sharded tensor is a collective
         if self.where.main:
             state = {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION, "step": self.step, "epoch": self.progress.epoch,
@@ -461,6 +463,9 @@ class Trainer:
         self.nonfinite, self.nonfinite_in_row = (int(n) for n in state["nonfinite"])
         mine = state["ranks"][self.where.rank]
         self.progress, self.skipped_before = DataProgress.from_state(mine["data"]), int(mine["skipped"])
+        cuts, saved_cuts = self.counted_texts("train"), mine.get("text_cuts")  # absent from states written before the count
+        if cuts is not None and isinstance(saved_cuts, Mapping):
+            cuts.resume_counts(saved_cuts)
         self.metrics.truncate_after(self.step)
         self.say(f"resuming from {latest}")
         if self.config.data.train.num_workers > 0 and self.config.data.features is None:
