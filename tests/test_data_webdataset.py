@@ -143,6 +143,20 @@ def test_equal_keys_in_two_shards_are_two_images(tmp_path):
     assert relative.image_id == f"{tmp_path.resolve()}/laion/00000.tar:000000000"  # however the path is written
 
 
+def test_a_shard_is_resolved_to_its_real_path_once_not_per_sample(tmp_path, monkeypatch):
+    """Every sample's id holds its shard's real path; resolving it costs a stat of each folder above
+    the shard (slow on a network file system), so a shard is resolved once."""
+    import vlbridge.data.shards as shards_module
+
+    path = write_tar(tmp_path / "00000.tar", [m for i in range(5) for m in sample_members(f"{i:09d}", i, f"caption {i}")])
+    calls = []
+    resolve = shards_module.shard_identity
+    monkeypatch.setattr(shards_module, "shard_identity", lambda url: (calls.append(url), resolve(url))[1])
+    samples = list(iter_shard(str(path)))
+    assert [s.image_id for s in samples] == [f"{path.resolve()}:{i:09d}" for i in range(5)]
+    assert calls == [str(path)]
+
+
 def test_compressed_piped_and_empty_shards_and_cuts_inside_a_member(tmp_path):
     members = sample_members("a/b/c", 0, "one") + sample_members("a/b/d", 1, "two")
     plain = write_tar(tmp_path / "s.tar", members)

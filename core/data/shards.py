@@ -127,6 +127,7 @@ def group_members(url: str, members: Iterable[dict[str, Any]]) -> Iterator[Image
     leading dot), which webdataset drops unseen, is counted."""
     from webdataset.tariterators import base_plus_ext
 
+    shard_id = shard_identity(url)  # once per shard: a real path costs a stat of every folder above it
     key: str | None = None
     fields: dict[str, bytes] = {}
     repeated: list[str] = []
@@ -141,22 +142,22 @@ def group_members(url: str, members: Iterable[dict[str, Any]]) -> Iterator[Image
             continue
         if base != key:
             if key is not None:
-                yield _sample(url, key, fields, repeated)
+                yield _sample(url, shard_id, key, fields, repeated)
             key, fields, repeated = base, {}, []
         if field.lower() in fields:
             repeated.append(name)
         else:
             fields[field.lower()] = member["data"]
     if key is not None:
-        yield _sample(url, key, fields, repeated)
+        yield _sample(url, shard_id, key, fields, repeated)
 
 
-def _sample(url: str, key: str, fields: dict[str, bytes], repeated: list[str]) -> ImageText | Skipped:
+def _sample(url: str, shard_id: str, key: str, fields: dict[str, bytes], repeated: list[str]) -> ImageText | Skipped:
     if repeated:
         return Skipped(name=f"{url}:{key}", kind="repeated member", reason=f"shard {url!r}, key {key!r}: member {repeated[0]!r} "
                        "appears twice in the sample, so which copy belongs to it is unknown (webdataset refuses it as a "
                        "'duplicate file name'); write each member once")
-    return make_sample(url, key, fields)
+    return make_sample(url, key, fields, shard_id)
 
 
 def _counted(files: Iterable[dict[str, Any]], count: list[int]) -> Iterator[dict[str, Any]]:
@@ -190,8 +191,9 @@ def _ends_cleanly(url: str) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
-def make_sample(shard: str, key: str, files: dict[str, bytes]) -> ImageText | Skipped:
-    """One sample's fields -> an ImageText (image bytes, caption, metadata), or why it cannot be one."""
+def make_sample(shard: str, key: str, files: dict[str, bytes], shard_id: str | None = None) -> ImageText | Skipped:
+    """One sample's fields -> an ImageText (image bytes, caption, metadata), or why it cannot be one;
+    `shard_id`: `shard_identity(shard)`, where the caller has it already."""
     name = f"{shard}:{key}"
     image, images = _field(files, IMAGE_EXTENSIONS)
     if image is None:
@@ -210,7 +212,7 @@ def make_sample(shard: str, key: str, files: dict[str, bytes]) -> ImageText | Sk
             why = f"{len(texts)} .txt members ({', '.join(texts)}), none of them the caption" if texts else "neither a non-empty .txt member"
             return Skipped(name=name, kind="no text", reason=f"no text ({why} nor a 'caption' in .json){_dotted_hint(key, files)}")
         text = text if isinstance(text, str) else ""
-    return ImageText(ImageRef(name=f"{name}.{image}", data=files[image]), text, f"{shard_identity(shard)}:{key}", meta)
+    return ImageText(ImageRef(name=f"{name}.{image}", data=files[image]), text, f"{shard_id or shard_identity(shard)}:{key}", meta)
 
 
 def _field(files: dict[str, bytes], extensions: Sequence[str]) -> tuple[str | None, list[str]]:
