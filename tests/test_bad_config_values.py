@@ -87,6 +87,21 @@ def test_config_paths_no_file_system_can_hold_are_named_with_their_field(tmp_pat
                                       "evals": [{"name": "test", "captions": "c.json", "scenes": long}]})
 
 
+def test_a_shard_url_or_pipe_command_is_not_held_to_a_file_name_length():
+    """A signed object-store URL's query runs past 255 bytes after its last '/': it names no file, so
+    webdataset's URLs and pipe: commands take any length (a NUL byte is still refused)."""
+    from vlbridge.data.config import load_data_config
+    from vlbridge.data.records import DataConfigError
+
+    signed = "https://bucket.example.com/laion/{00000..00009}.tar?X-Amz-Signature=" + "f" * 300
+    for path in (signed, f"pipe:curl -s '{signed}'", f"pipe:cat a.tar::{signed}"):
+        assert load_data_config({"format": "webdataset", "paths": [path]}).paths == [path]
+    with pytest.raises(DataConfigError, match=r"data.paths.0: 'pipe:cat a\\x00.tar' holds a NUL byte"):
+        load_data_config({"format": "webdataset", "paths": ["pipe:cat a\0.tar"]})
+    with pytest.raises(DataConfigError, match=r"data.paths.0: the name 'xxx.*is 304 bytes"):
+        load_data_config({"format": "webdataset", "paths": ["shards/" + "x" * 300 + ".tar"]})
+
+
 def test_a_captions_file_given_as_scenes_is_named(tmp_path):
     from vlbridge.compare.config import EvalSet
     from vlbridge.compare.preflight import eval_problems

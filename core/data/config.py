@@ -6,15 +6,29 @@ on its own with `load_data_config(raw, where="data.train")`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlbridge.data.records import DataConfigError
+from vlbridge.data.shards import is_url
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
-from vlbridge.files.config_fields import PathText, StrictNumbers, did_you_mean
+from vlbridge.files.config_fields import PathText, StrictNumbers, did_you_mean, unusable_path
 
 Format = Literal["coco", "vqa", "webdataset", "jsonl"]
+
+
+def _data_path(value: str) -> str:
+    """A data path as PathText checks it, except that a URL or `pipe:` command (each of its '::'-joined
+    parts) may be of any length: a signed object-store URL's query alone runs past a file name's 255 bytes."""
+    for part in value.split("::"):
+        problem = unusable_path(part, name_lengths=not is_url(part))
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+DataPath = Annotated[str, AfterValidator(_data_path)]
 
 
 class DataConfig(StrictNumbers):
@@ -22,7 +36,7 @@ class DataConfig(StrictNumbers):
 
     model_config = ConfigDict(extra="forbid")
     format: Format = Field(description="coco (also Flickr30k; LAVIS, official COCO or Karpathy JSON), vqa (VQAv2), webdataset (tar shards), jsonl")
-    paths: list[PathText] = Field(min_length=1, description="caption JSON, JSONL or VQA questions files; or tar shards (paths, globs, 'x-{0000..0009}.tar')")
+    paths: list[DataPath] = Field(min_length=1, description="caption JSON, JSONL or VQA questions files; or tar shards (paths, globs, 'x-{0000..0009}.tar')")
     vqa_annotations: list[PathText] | None = Field(None, description="VQAv2 annotations (answers) files, one per questions file; omit for test splits")
     image_root: PathText | None = Field(None, description="folder that relative image paths are under; default: each annotation file's folder")
     split: str | None = Field(None, description=(

@@ -21,10 +21,13 @@ MAX_SEED = MAX_INT  # torch.manual_seed takes at most 2**64 - 1, and a rank's se
 NAME_MAX = 255  # bytes in one file or folder name (ext4, APFS, NTFS): a longer one made Path.exists raise
 
 
-def unusable_path(value: str) -> str | None:
-    """Why no file system can take `value` as a path (a NUL byte, a name past NAME_MAX bytes), or None."""
+def unusable_path(value: str, *, name_lengths: bool = True) -> str | None:
+    """Why no file system can take `value` as a path (a NUL byte, a name past NAME_MAX bytes), or None.
+    `name_lengths=False` for a string that may name no file (a URL, whose '/' parts are not names)."""
     if "\0" in value:
         return f"{value!r} holds a NUL byte (\\0), which no path can; give the path without it"
+    if not name_lengths:
+        return None
     long = next((name for name in value.replace("\\", "/").split("/") if len(name.encode()) > NAME_MAX), None)
     if long is not None:
         return (f"the name {long[:40]!r}... is {len(long.encode())} bytes, longer than a file or folder name may be "
