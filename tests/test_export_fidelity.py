@@ -141,6 +141,29 @@ def test_a_prompt_wording_the_processor_has_no_place_for_is_kept_in_a_file_and_n
     assert not (plain / PROMPT_FILE).exists()
 
 
+def test_importing_an_export_words_prompts_as_the_exported_model_did(tmp_path):
+    """The import read no vlbridge_prompt.json: a model exported with 'Question: {} Answer:' came back
+    prompting with the bare text, and generated other tokens than before its round trip."""
+    import json
+
+    from vlbridge.errors import VLBridgeError
+    from vlbridge.interop.export_fidelity import PROMPT_FILE, LeftOutOfExportWarning
+
+    template = "Question: {} Answer:"
+    torch.manual_seed(0)
+    model = vlbridge.build({**_tiny(), "llm": {"use": "hf-causal-lm", "options": {"prompt_template": template}}}, stage=2).eval()
+    with pytest.warns(LeftOutOfExportWarning):
+        out = vlbridge.export_hf_blip2(model, tmp_path / "out")
+    back = vlbridge.load(vlbridge.import_hf_blip2(out, tmp_path / "back"))
+    assert back.assembly.llm.options.prompt_template == template
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    assert back.generate(image, "what is it?", max_new_tokens=4) == model.generate(image, "what is it?", max_new_tokens=4)
+    (out / PROMPT_FILE).write_text(json.dumps({"prompt_template": template, "chat_template": True}), encoding="utf-8")
+    with pytest.raises(VLBridgeError, match=r"worded prompts with its tokenizer's chat template, and the tokenizer in .* has none"):
+        vlbridge.import_hf_blip2(out, tmp_path / "chat")  # the tiny tokenizer has no chat template
+    assert not (tmp_path / "chat").exists()  # refused before anything is written
+
+
 @pytest.mark.parametrize("options", [{"prompt_template": "USER: <image>\n{} ASSISTANT:"},
                                      {"prompt_format": "chat", "prompt_template": "<image>\n{}"}], ids=["template", "chat"])
 def test_visual_tokens_placed_inside_the_prompt_are_a_difference_the_blip2_export_names(tmp_path, options):

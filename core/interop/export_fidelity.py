@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.files.userfiles import read_json
 from vlbridge.modeling.running import evaluating
 
 PROBE_SEED = 0  # the probe image is drawn from its own generator: the caller's RNG is left alone
@@ -91,6 +93,24 @@ def prompt_wording(model: Any, fmt: str) -> dict[str, str]:
                   "in the export", LeftOutOfExportWarning, stacklevel=3)
     record = {"prompt_template": template, "chat_template": chat, "how": how}
     return {PROMPT_FILE: json.dumps(record, indent=2) + "\n"}
+
+
+def exported_prompt_options(src: Path, tokenizer: Any) -> dict[str, str]:
+    """The generic LLM plugins' prompt options (prompt_template, prompt_format) from the PROMPT_FILE an
+    export of ours left in `src`, so that importing it words prompts as the exported model did; {}
+    without one. `tokenizer`: the directory's LLM tokenizer, which a chat wording needs."""
+    path = src / PROMPT_FILE
+    if not path.is_file():
+        return {}
+    record = read_json(path, "the exported prompt wording", top=dict)
+    template, chat = record.get("prompt_template"), record.get("chat_template")
+    if not isinstance(template, str) or not isinstance(chat, bool):
+        raise VLBridgeError(f"{path}: expected prompt_template (a string with '{{}}') and chat_template (true or false), as "
+                            f"a vlbridge export writes them; got {template!r} and {chat!r}")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise VLBridgeError(f"{path}: the exported model worded prompts with its tokenizer's chat template, and the tokenizer "
+                            f"in {src} has none, so the import cannot word them so; save the tokenizer with its chat template")
+    return {"prompt_template": template, **({"prompt_format": "chat"} if chat else {})}
 
 
 def probe_pixels(model) -> torch.Tensor:

@@ -26,7 +26,8 @@ from vlbridge.interop.stop_token import carry_generation_config, checkpoint_eos,
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_stage2
 from vlbridge.interop.export_fidelity import (
-    PROBE_PROMPT, eval_logits, max_logit_difference, probe_pixels, prompt_places_visual_tokens, prompt_wording, settle, warn_left_out,
+    PROBE_PROMPT, eval_logits, exported_prompt_options, max_logit_difference, probe_pixels, prompt_places_visual_tokens, prompt_wording,
+    settle, warn_left_out,
 )
 from vlbridge.files.hf_config import load_failure, transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
@@ -155,10 +156,14 @@ def _llm_plugin(text: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
 def llm_plan(src: Path, config: dict[str, Any]) -> tuple[str, str, dict[str, Any], Any]:
     """(plugin, transformers class name, options, tokenizer) of the language model. The tokenizer is read
     and the token generation stops at settled here, so a checkpoint either is refused before anything
-    is written or imports stopping where transformers' model stops."""
+    is written or imports stopping where transformers' model stops; an export of ours also gets back
+    the prompt wording it kept in PROMPT_FILE."""
     text = config.get("text_config") or {}
     plugin, architecture, options = _llm_plugin(text)
     tokenizer = _read_tokenizer(src, "the language model")
+    wording = exported_prompt_options(src, tokenizer)  # an export of ours keeps there what its processor cannot hold
+    if wording:  # only the generic plugins word prompts (as the exported model's LLM, one of them, did)
+        plugin, options = ("hf-seq2seq" if plugin in ("flan-t5", "hf-seq2seq") else "hf-causal-lm"), {"image_token": None, **wording}
     if plugin in ("opt", "hf-causal-lm"):  # the plugin's own end token ('\n', the tokenizer's eos) may not be the checkpoint's
         options = {**options, **stop_token_option(checkpoint_eos(src, text), tokenizer, plugin_end_id(plugin, tokenizer),
                                                   src / "config.json", several=plugin != "opt")}
