@@ -206,9 +206,9 @@ def test_training_warns_once_with_the_counts_and_skips_a_step_with_nothing_to_le
     assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m) and math.isfinite(metrics[-1]["eval_loss"])
 
 
-def test_a_resumed_run_counts_the_texts_cut_before_the_resume(tmp_path: Path):
-    """The run's total, as the skipped samples' count, covers the steps trained before a resume: the
-    checkpoint keeps each rank's count."""
+def test_a_resumed_run_counts_the_texts_cut_before_the_resume_and_warns_once(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """The run's total, as the skipped samples' count, covers the steps trained before a resume, and
+    the warning given before it is not given again: the checkpoint keeps each rank's count."""
     import vlbridge.train
 
     data = write_pairs(write_caption_data(tmp_path / "data"), long_rows={1, 2})
@@ -216,8 +216,10 @@ def test_a_resumed_run_counts_the_texts_cut_before_the_resume(tmp_path: Path):
                  schedule={"warmup_steps": 0})
     cfg["data"]["train"]["shuffle"] = False
     assert vlbridge.train.run(cfg, quiet=True).texts.startswith("1 of 2 training texts cut")  # rows 0 and 1
+    assert capsys.readouterr().err.count("training texts were cut") == 1
     result = vlbridge.train.run({**cfg, "steps": 4}, resume=True, quiet=True)  # rows 2 and 3
     assert result.texts == "2 of 4 training texts cut at objective.max_text_tokens 32; 2 left with no target token"
+    assert "training texts were cut" not in capsys.readouterr().err
 
 
 def test_an_evaluation_with_no_target_token_logs_no_eval_loss(tmp_path: Path, capsys: pytest.CaptureFixture):

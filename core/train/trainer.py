@@ -398,7 +398,7 @@ class Trainer:
             state = {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION, "step": self.step, "epoch": self.progress.epoch,
                      "world_size": self.where.world_size, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks}
+                     "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks, "cuts_told": sorted(self.cuts_told)}
             ckpt.save_training_checkpoint(
                 self.output_dir, self.step, assembly=checkpoint_config(self.model.assembly),
                 connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
@@ -466,6 +466,7 @@ class Trainer:
         cuts, saved_cuts = self.counted_texts("train"), mine.get("text_cuts")  # absent from states written before the count
         if cuts is not None and isinstance(saved_cuts, Mapping):
             cuts.resume_counts(saved_cuts)
+        self.cuts_told = set(state.get("cuts_told", ()))  # warned before the resume: once per run, not per process
         self.metrics.truncate_after(self.step)
         self.say(f"resuming from {latest}")
         if self.config.data.train.num_workers > 0 and self.config.data.features is None:
