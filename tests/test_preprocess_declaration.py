@@ -44,3 +44,13 @@ def test_a_preprocess_the_transform_cannot_use_is_refused_by_name(changes, messa
 def test_lists_and_the_defaults_are_accepted():
     assert Preprocess(28, [0.5, 0.5, 0.5], [1, 1, 1]).interpolation == "bicubic"
     check_plugin(encoder_plugin(), build=False)
+
+
+def test_numpy_int_sizes_are_accepted_as_plain_ints():
+    """The int check refused a size computed with numpy (np.int64(224)), which torch and torchvision
+    take as they take 224; it is kept as a plain int."""
+    import numpy as np
+
+    pre = Preprocess(np.int64(28), (0.5,) * 3, (0.5,) * 3, resize_size=np.int32(32))
+    assert (pre.image_size, pre.resize_size) == (28, 32) and type(pre.image_size) is int and type(pre.resize_size) is int
+    check_plugin(encoder_plugin(image_size=np.int64(28)), build=False)

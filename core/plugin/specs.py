@@ -88,8 +88,11 @@ class Preprocess:
             raise ValueError(f"std {tuple(self.std)} must be positive in each channel (it divides the pixels)")
         for field in ("image_size", "resize_size"):  # a float side (a division's result) failed at build, naming nothing
             size = getattr(self, field)
-            if not (size is None and field == "resize_size") and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            if size is None and field == "resize_size":
+                continue
+            if not (isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0):
                 raise ValueError(f"{field} must be a positive whole number of pixels (an int); got {size!r}")
+            object.__setattr__(self, field, int(size))  # a numpy int (a size read from an array) as a plain one
         if self.resize_size is not None and self.resize_size < self.image_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: "
                              "the centre crop would have to pad")
