@@ -87,6 +87,14 @@ def build_raises(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Modul
     raise RuntimeError("cannot find my weights")
 
 
+def build_reads_a_value(opts: Any, encoder_out: TokenShape, llm_width: int) -> nn.Module:
+    """Reads a value of a tensor it made while building (here a scale), which a real build can and a
+    build on the meta device cannot."""
+    module = MeanPool(encoder_out.width, llm_width)
+    module.scale = float(torch.ones(1).sum().item())
+    return module
+
+
 def build_not_a_module(opts: Any, encoder_out: TokenShape, llm_width: int) -> dict:
     return {"proj": None}
 

@@ -85,6 +85,16 @@ def test_a_connector_factory_that_raises(capsys, tmp_path, data):
                           "raised RuntimeError: cannot find my weights")
 
 
+def test_a_factory_that_needs_real_tensors_is_left_to_the_run_not_refused(capsys, tmp_path, data):
+    """A plugin factory that reads a tensor's value while building cannot build on the meta device,
+    yet builds and trains for real: --check says it left it unbuilt, rather than refuse a sound config."""
+    with using_registry(fake.registry(pool=fake.connector_plugin("build_reads_a_value"))):
+        values = config(data, tmp_path / "out", stage=2, assembly=fake.assembly())
+        code, out, err = train_cli(capsys, tmp_path, values, "--check")
+        assert code == 0, err
+        assert "not built: connector 'pool' (plugin vlbridge-pool)" in out and "needs real tensors to build" in out
+
+
 def test_a_connector_whose_tokens_miss_the_llm_width(capsys, tmp_path, data):
     with using_registry(fake.registry(pool=fake.connector_plugin("build_wrong_width"))):
         values = config(data, tmp_path / "out", stage=2, assembly=fake.assembly())

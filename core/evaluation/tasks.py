@@ -30,7 +30,7 @@ from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
 from vlbridge.metrics.captions import score_captions
 from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
-from vlbridge.files.config_fields import StrictNumbers
+from vlbridge.files.config_fields import PathText, StrictNumbers
 
 TASKS = ("caption", "vqa", "retrieval")
 PREDICTIONS_FILE, METRICS_FILE = "predictions.json", "metrics.json"
@@ -52,7 +52,7 @@ class EvalOptions(StrictNumbers):
     k: int = Field(128, ge=1, description="retrieval: ITC shortlist re-ranked by ITM, per query")
     retrieval_captions: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description=(
         "retrieval: rank only these captions of each image, by position (a world's 'scene' caption: [0]); default: all"))
-    scenes: str | None = Field(None, description=(
+    scenes: PathText | None = Field(None, description=(
         "retrieval: a generated world's scenes JSON; a caption then counts as right for every image of an identical "
         "scene (vlbridge compare's rule, vlbridge.evaluation.scenes); default: its own image only, as BLIP-2 scores"))
 

@@ -54,6 +54,9 @@ def check_built(config: TrainConfig, assembly: Assembly, label: str) -> list[str
     try:
         model = build_on_meta(assembly, config.stage, skipped, config.seed)
     except VLBridgeError as exc:
+        if needs_real_tensors(exc):  # a factory that reads values (.item(), a copy) builds for real, not on meta
+            return [f"not built: {exc}; it needs real tensors to build, which --check does not make, so the checks "
+                    "that need built modules run when training starts"]
         raise TrainConfigError(label, [f"assembly: building the model failed: {exc}"]) from None
     problems = [*shape_problems(model, skipped), *init_from_problems(model, config, skipped)]
     problems.extend(training_problems(model, config, skipped))
@@ -63,6 +66,17 @@ def check_built(config: TrainConfig, assembly: Assembly, label: str) -> list[str
     notes = [f"built on the meta device (no weights read or allocated): {', '.join(built)}"]
     notes.extend(f"not built: {reason}; the checks that need its modules run when training starts" for reason in skipped.values())
     return notes
+
+
+def needs_real_tensors(exc: BaseException) -> bool:
+    """Whether a build failed only because its tensors were on the meta device (a plugin factory that
+    reads a value, e.g. `.item()` or a copy to numpy), as torch words that: such a part builds for
+    real and trains; any other failure is the error training would meet."""
+    while exc is not None:
+        if "meta tensor" in str(exc) or "meta device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def model_slots(stage: int, assembly: Assembly) -> list[str]:
