@@ -149,6 +149,20 @@ def test_the_encoder_alone_row_retrieves_what_the_qformer_rows_retrieve(demo_out
     assert f"- {ENCODER_ALONE}: the frozen encoder retrieving by itself" in report
 
 
+def test_the_report_states_the_texts_training_cut_instead_of_warning_per_run(demo_out: Path):
+    """The world's longest captions pass max_text_tokens (32, as LAVIS): each run's trainer warned,
+    six times over a quick demo, telling the user to raise a setting the demo has no option for. The
+    report states the counts once, with every run's in results.json."""
+    report = (demo_out / "report.md").read_text(encoding="utf-8")
+    results = json.loads((demo_out / "results.json").read_text(encoding="utf-8"))
+    cut = {name: rows[0]["train"]["stage2"]["texts_cut"] for name, rows in results["runs"].items() if "stage2" in rows[0].get("train", {})}
+    assert cut and all(isinstance(text, str) for text in cut.values())
+    assert any(cut.values())  # the quick world's captions: some are longer than 32 tokens
+    assert "Training texts cut at max_text_tokens (BLIP-2's 32, as LAVIS):" in report
+    assert next(text for text in cut.values() if text) in report
+    assert "were cut at objective.max_text_tokens" not in (demo_out / "stderr.txt").read_text(encoding="utf-8")
+
+
 def test_the_default_starts_stage2_from_the_shipped_stage1(demo_out: Path, capsys: pytest.CaptureFixture[str]):
     """BLIP-2's users start from its pretrain checkpoints: by default the Q-Former's stage 2 starts
     from the shipped stage-1 checkpoint (no stage 1 in the run), whose retrieval the report shows,

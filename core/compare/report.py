@@ -57,7 +57,7 @@ def write_report(out_dir: Path, config: dict[str, Any], per_seed: Rows, notes: l
         "vs_first_row": {g: versus_first(rows, names, metrics) for g, names in tables.items()},
         "pairs": {g: all_pairs(rows, names, metrics) for g, names in tables.items()},
     }
-    notes = notes + retrieval_rules(rows)
+    notes = notes + retrieval_rules(rows) + text_cut_notes(rows)
     results = {"config": config, "runs": rows, "groups": tables, "references": list(references), "summary": summary,
                "per_question_type": per_type, "significance": significance, "notes": notes + [STATS_NOTE],
                "not_reported": left_out[0]}
@@ -93,6 +93,20 @@ def versus_first(rows: Rows, names: list[str], metrics: list[Metric]) -> dict[st
         if found:
             out[name] = found
     return out
+
+
+def text_cut_notes(rows: Rows) -> list[str]:
+    """Each run's training texts cut at max_text_tokens (BLIP-2's 32, as LAVIS cuts them), stated
+    once per run and stage: the trainer of a comparison does not warn, so the report says it."""
+    found = []
+    for name, results in rows.items():
+        for stage in ("stage1", "stage2"):
+            cut = [(r.get("seed"), text) for r in results
+                   if isinstance(text := (r.get("train", {}).get(stage) or {}).get("texts_cut"), str) and text]
+            if cut:
+                seed, text = cut[0]
+                found.append(f"{name}, {stage.replace('stage', 'stage ')}: {text}" + (f" (seed {seed})" if len(results) > 1 else ""))
+    return [f"Training texts cut at max_text_tokens (BLIP-2's 32, as LAVIS): {'; '.join(found)}."] if found else []
 
 
 def retrieval_rules(rows: Rows) -> list[str]:

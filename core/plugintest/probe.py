@@ -113,7 +113,7 @@ def _run_stage1(spec: ConnectorSpec, connector: nn.Module, encoder_out: TokenSha
     from vlbridge.train.objectives import Stage1Objective
 
     who = describe(spec)
-    model = SimpleNamespace(connector=connector, stage=1, device=torch.device("cpu"),
+    model = SimpleNamespace(connector=connector, stage=1, device=torch.device("cpu"), training=True,  # a training pass
                             plan=SimpleNamespace(stages=spec.stages, connector=spec, encoder_out=encoder_out))
     batch = {"text": PROBE_TEXTS, "image_index": torch.arange(2),
              "image_embeds": torch.randn(2, encoder_out.num_tokens, encoder_out.width)}

@@ -84,23 +84,25 @@ class TrainResult:
 
 
 def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None,
-        quiet: bool = False) -> TrainResult:
+        quiet: bool = False, tell_cuts: bool = True) -> TrainResult:
     """Train as the config says. `resume` continues from output_dir's latest checkpoint (or starts
     when there is none); `objective` replaces the stage's default (Stage1Objective / Stage2Objective);
     `quiet` prints no plan, header or progress lines (for a caller with its own progress line, such as
-    `vlbridge compare`); warnings (skipped non-finite steps, changed resume settings) still print."""
+    `vlbridge compare`); warnings (skipped non-finite steps, changed resume settings) still print.
+    `tell_cuts` False: no warning about texts cut at max_text_tokens, for a caller that reports
+    TrainResult.texts itself (compare's report)."""
     config, label = read_config(dict(config) if isinstance(config, Mapping) else config)
-    return train(config, check_config(config, label), resume=resume, objective=objective, quiet=quiet)
+    return train(config, check_config(config, label), resume=resume, objective=objective, quiet=quiet, tell_cuts=tell_cuts)
 
 
 def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, objective: Objective | None = None,
-          quiet: bool = False) -> TrainResult:
+          quiet: bool = False, tell_cuts: bool = True) -> TrainResult:
     """`run` for a config already validated by `check_config` (which returned `assembly`)."""
     output_dir = Path(config.output_dir).expanduser()
     with rt.runtime(config.device) as where, ckpt.exclusive(output_dir, hold=where.main):
         if not resume:
             refuse_existing_run(output_dir)  # before any weight loads
-        trainer = Trainer(config, assembly, where, objective, quiet=quiet)
+        trainer = Trainer(config, assembly, where, objective, quiet=quiet, tell_cuts=tell_cuts)
         try:
             return trainer.fit(resume)
         finally:
@@ -111,8 +113,9 @@ class Trainer:
     """One run's state: built in __init__, driven by `fit`."""
 
     def __init__(self, config: TrainConfig, assembly: Assembly, where: rt.Runtime, objective: Objective | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, tell_cuts: bool = True):
         self.config, self.where, self.device, self.quiet = config, where, where.device, quiet
+        self.tell_cuts = tell_cuts
         self.output_dir = Path(config.output_dir).expanduser()
         rt.seed_everything(config.seed)  # the same initial weights on every rank
         self.model, self.recipe = build_model(config, assembly, self.device)
@@ -308,8 +311,9 @@ class Trainer:
         return None if mine is None else mine.with_counts(rt.sum_over_ranks(mine.counts()))
 
     def tell_cut_texts(self, phase: str, what: str) -> None:
-        """Warn, once per run for each phase, when the objective cut texts so far."""
-        if phase in self.cuts_told:
+        """Warn, once per run for each phase, when the objective cut texts so far (not where the caller
+        reports TrainResult.texts itself: `tell_cuts` False, as compare's report does)."""
+        if phase in self.cuts_told or not self.tell_cuts:
             return
         cut = self.cut_texts(phase)
         if cut is not None and cut.summary():
