@@ -88,3 +88,11 @@ def test_a_checkpoints_saved_config_is_alias_checked_too(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(BOMB + "stage: *i\n", encoding="utf-8")
     with pytest.raises(VLBridgeError, match="is not the training config a checkpoint saves .*billion laughs"):
         load_saved_config(tmp_path)
+
+
+def test_a_yaml_config_just_over_the_cap_gives_its_size_in_bytes(tmp_path):
+    """1 MiB and 7 bytes read '1.0 MiB; ... at most 1 MiB', as if it were within the cap."""
+    path = tmp_path / "just-over.yaml"
+    path.write_text("name: x\n" + "#" * (CONFIG_LIMIT - 1), encoding="utf-8")
+    with pytest.raises(InputFileError, match=rf"is {CONFIG_LIMIT + 7:,} bytes; a YAML config is at most 1 MiB"):
+        read_yaml(path, "training config")

@@ -77,7 +77,8 @@ def read_text(path: str | os.PathLike, what: str, kind: str = "text", limit: int
         raise fail(path, what, f"cannot be read ({exc.strerror or exc})", " ") from None
     if limit is not None and len(data) > limit:
         size, most = path.stat().st_size, f"{limit / 2**20:g} MiB"
-        raise fail(path, what, f"is {f'{size / 2**20:.1f} MiB' if size > limit else 'over ' + most}; a {kind} config is at most "
+        shown = f"{size / 2**20:.1f} MiB" if size >= limit * 1.1 else f"{size:,} bytes"  # just over: 1.0 MiB would read as the limit
+        raise fail(path, what, f"is {shown if size > limit else 'over ' + most}; a {kind} config is at most "
                                f"{most} (its settings take a few KB): give the config file itself", " ")
     return decode(data, path, what, kind)
 
