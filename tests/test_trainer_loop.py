@@ -167,3 +167,33 @@ def test_init_from_a_run_into_another_llm_is_noted(tmp_path, data, capsys):
     vlbridge.train.run(linear_config(data, tmp_path / "opt", steps=2, save_every=2, init_from=str(first), schedule={"warmup_steps": 0}),
                        objective=mse_objective)
     assert "trained its connector into the LLM 'flan-t5', and this run bridges to 'opt'" in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing of the run after it happens."""
+
+
+def test_a_run_killed_after_its_last_checkpoint_has_logged_its_last_evaluation(tmp_path, data, monkeypatch):
+    """The last step's evaluation came after its checkpoint (eval_every not dividing steps): a run killed
+    between the two resumed at the last step with nothing left to do, and its final eval_loss was lost."""
+    from vlbridge.train.trainer import Trainer
+
+    values = dict(with_eval=True, steps=4, save_every=2, eval_every=3, log_every=1)
+    vlbridge.train.run(linear_config(data, tmp_path / "whole", **values), objective=mse_objective)
+    save = Trainer.save
+
+    def save_then_die(trainer: Trainer) -> int:
+        step = save(trainer)
+        if step == 4:
+            raise Killed
+        return step
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), objective=mse_objective)
+    monkeypatch.setattr(Trainer, "save", save)
+    vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), resume=True, objective=mse_objective)
+    expected = [{k: v for k, v in m.items() if k != "images_per_s"} for m in read_metrics(tmp_path / "whole")]
+    got = [{k: v for k, v in m.items() if k != "images_per_s"} for m in read_metrics(tmp_path / "killed")]
+    assert [m["step"] for m in expected if "eval_loss" in m] == [3, 4]
+    assert got == expected

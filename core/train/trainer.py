@@ -148,11 +148,11 @@ class Trainer:
         if self.step == 0:  # a fresh run (a resumed one has its checkpoint's weights)
             self.start_objective()
         try:
-            return self.run_steps(resume, rng_state)
+            return self.run_steps(rng_state)
         finally:
             self.batches.close()  # the loader's workers stop now, on success or error, not at a later garbage collection
 
-    def run_steps(self, resume: bool, rng_state: dict[str, Any] | None) -> TrainResult:
+    def run_steps(self, rng_state: dict[str, Any] | None) -> TrainResult:
         """The loop of `fit`, once the model state and the batch stream are in place."""
         self.sharded = fsdp.apply_parallel(self.model, self.config.parallel, stage=self.config.stage,
                                            precision=self.config.precision, world_size=self.where.world_size)
@@ -165,7 +165,6 @@ class Trainer:
         if rng_state is not None:
             ckpt.restore_rng(rng_state)  # last: nothing above may draw from the restored generators
         self.announce()
-        saved_at = evaluated_at = self.step if resume else -1
         if self.step > self.total_steps:  # steps (or epochs) lowered below where the run stands: nothing is trained
             self.say(f"note: the checkpoint is at step {self.step}, past the {self.total_steps} steps this config trains; nothing "
                      f"is trained (raise steps or epochs above {self.step} to train on)")
@@ -176,14 +175,13 @@ class Trainer:
             self.bar.update(self.step)
             if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                 self.log()
-            if self.config.eval_every and self.step % self.config.eval_every == 0:
-                evaluated_at = self.evaluate()
-            if self.config.save_every and self.step % self.config.save_every == 0:
-                saved_at = self.save()
-        if evaluated_at != self.step:
-            self.evaluate()
-        if saved_at != self.step:
-            self.save()
+            # the last step evaluates before its checkpoint, as every step does: a run killed once step-N is
+            # saved resumes past the evaluation, so one made after the save would be lost
+            last = self.step == self.total_steps
+            if last or (self.config.eval_every and self.step % self.config.eval_every == 0):
+                self.evaluate()
+            if last or (self.config.save_every and self.step % self.config.save_every == 0):
+                self.save()
         final = ckpt.checkpoint_dir(self.output_dir, self.step)
         cut = self.cut_texts("train")
         return TrainResult(self.step, final, self.last_train, self.last_eval, self.nonfinite, self.progress.summary(),
