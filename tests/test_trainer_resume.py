@@ -62,3 +62,23 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected), "resumed weights differ from the uninterrupted run"
     assert without_timing(read_metrics(tmp_path / "broken")) == without_timing(read_metrics(tmp_path / "whole"))
+
+
+def test_sigterm_ends_the_run_as_an_interrupt_with_the_resume_hint(tmp_path):
+    """SIGTERM (how a scheduler or torchrun stops a job) killed the run without a word (exit -15); it now
+    ends as Ctrl-C does: the resume hint, exit 143 (128 + 15), the lock released."""
+    data = write_caption_data(tmp_path / "data")
+    path = write_config(tmp_path / "run.yaml", config(data, tmp_path / "run", steps=400, save_every=2, log_every=1))
+    process = start(path)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("vlbridge train: terminated (SIGTERM); the last checkpoint is ") and last.endswith(f"{path} --resume"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / ".lock").exists()
