@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import vlbridge
 import vlbridge.train
+from tests.test_trainer_resume import without_timing
 from tests.test_trainer_samples import Recording, config, mse_objective, read_metrics, train_losses, write_caption_data
 from vlbridge.train import checkpointing
 from vlbridge.train.progress import ProgressBar
@@ -193,7 +194,32 @@ def test_a_run_killed_after_its_last_checkpoint_has_logged_its_last_evaluation(t
         vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), objective=mse_objective)
     monkeypatch.setattr(Trainer, "save", save)
     vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), resume=True, objective=mse_objective)
-    expected = [{k: v for k, v in m.items() if k != "images_per_s"} for m in read_metrics(tmp_path / "whole")]
-    got = [{k: v for k, v in m.items() if k != "images_per_s"} for m in read_metrics(tmp_path / "killed")]
+    expected, got = without_timing(read_metrics(tmp_path / "whole")), without_timing(read_metrics(tmp_path / "killed"))
     assert [m["step"] for m in expected if "eval_loss" in m] == [3, 4]
     assert got == expected
+
+
+def test_a_run_killed_before_its_first_latest_pointer_resumes(tmp_path, data, monkeypatch, capsys):
+    """Killed between renaming step-2 into place and writing `latest` (the run's first checkpoint):
+    --resume refused, asking the user to write the pointer by hand; it resumes from that one step."""
+    values = dict(steps=4, save_every=2, log_every=1)
+    vlbridge.train.run(linear_config(data, tmp_path / "whole", **values), objective=mse_objective)
+    write_text = checkpointing.atomic_write_text
+
+    def die_at_the_pointer(path, text):
+        if Path(path).name == checkpointing.LATEST:
+            raise Killed
+        return write_text(path, text)
+
+    monkeypatch.setattr(checkpointing, "atomic_write_text", die_at_the_pointer)
+    with pytest.raises(Killed):
+        vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), objective=mse_objective)
+    monkeypatch.setattr(checkpointing, "atomic_write_text", write_text)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-2"]
+    capsys.readouterr()
+    vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), resume=True, objective=mse_objective)
+    assert "resuming from the one complete checkpoint, step-2" in capsys.readouterr().err
+    final = "checkpoints/step-4/connector.safetensors"
+    expected, got = load_file(tmp_path / "whole" / final), load_file(tmp_path / "killed" / final)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert without_timing(read_metrics(tmp_path / "killed")) == without_timing(read_metrics(tmp_path / "whole"))

@@ -84,6 +84,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     raise VLBridgeError(f"{pointer} {found}; {older_checkpoint_advice(output_dir, path)}")
 
 
+def only_unpointed_checkpoint(output_dir: str | Path) -> Path | None:
+    """The one complete step of a run killed between its first checkpoint's rename and the `latest`
+    pointer written after it (no pointer, a single step): --resume continues from it, as there is no
+    other to choose; None otherwise (several unpointed steps are `unpointed_checkpoints`' problem)."""
+    complete = step_dirs(output_dir)
+    return complete[0][1] if len(complete) == 1 and not (Path(output_dir) / RUN_CHECKPOINTS / LATEST).is_file() else None
+
+
 def unpointed_checkpoints(output_dir: str | Path) -> str | None:
     """What is wrong with a run's checkpoints folder that holds complete steps but no `latest` naming
     one (a lost pointer; a crash between the first step and its pointer), None otherwise. A run started

@@ -33,7 +33,7 @@ from vlbridge.data.batching import DataProgress
 from vlbridge.data.build import make_loader
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.files.checkpoint import read_meta
-from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, unpointed_checkpoints
+from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, only_unpointed_checkpoint, unpointed_checkpoints
 from vlbridge.files.userfiles import read_yaml
 from vlbridge.finetune.tuning import restore_tuned, tuned_parts
 from vlbridge.modeling import factory
@@ -444,6 +444,9 @@ class Trainer:
     def restore(self) -> dict[str, Any] | None:
         """Load the latest checkpoint into model, optimizer, schedule and counters; return this rank's RNG state."""
         latest = ckpt.latest_checkpoint(self.output_dir)
+        if latest is None and (latest := only_unpointed_checkpoint(self.output_dir)) is not None:
+            self.say(f"{latest.parent / ckpt.LATEST} is missing (the run stopped before writing it); resuming from the one "
+                     f"complete checkpoint, {latest.name}")
         if latest is None and (problem := unpointed_checkpoints(self.output_dir)) is not None:
             raise VLBridgeError(problem)  # "no checkpoint yet", then a new run mixed with the earlier one's steps
         if latest is None:
