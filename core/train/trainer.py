@@ -335,12 +335,12 @@ class Trainer:
         self.last_train, self.window = record, Window()
         self.tell_cut_texts("train", "training texts")
 
-    def evaluate(self) -> int:
+    def evaluate(self) -> None:
         """Mean validation loss over every rank's share (per item where the objective counts items,
         else per sample), each sample counted once (the repeats that even out the ranks' shares are
         left out), logged; RNG and mode restored."""
         if self.eval_set is None:
-            return self.step
+            return
         self.model.eval()
         sums: dict[str, float] = {"samples": 0.0}
         cuts = self.counted_texts("eval")
@@ -366,12 +366,11 @@ class Trainer:
         if samples == 0:  # 0 / 0: a mean over nothing, not a loss of 0
             self.warn(f"step {self.step}: the validation data gave no item to score (no text kept a target token within "
                       f"{TEXT_SETTING}); no eval_loss logged")
-            return self.step
+            return
         record = {"step": self.step, "epoch": self.progress.epoch, **{f"eval_{k}": v / samples for k, v in totals.items()}}
         self.metrics.append(record, prefix="eval")
         self.bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval_")))
         self.last_eval = record
-        return self.step
 
     def announce(self) -> None:
         if not self.where.main or self.quiet:  # the bar stays Silent
