@@ -117,6 +117,9 @@ def test_fsdp_shard_of_a_part_that_trains_whole(capsys, tmp_path, data):
                     parallel={"strategy": "fsdp", "shard": ["encoder"]})
     assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
                       "parallel.shard: every parameter of the encoder trains", "nothing of the encoder to shard")
+    # training itself refuses it too (it sharded nothing of the encoder, without a word)
+    assert_user_error(*train_cli(capsys, tmp_path, values)[::2],
+                      "parallel.shard: every parameter of the encoder trains", "nothing of the encoder to shard")
     values["finetune"]["encoder"]["unfreeze"] = 1
     assert train_cli(capsys, tmp_path, values, "--check")[0] == 0
 

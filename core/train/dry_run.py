@@ -182,19 +182,15 @@ def recipe_problems(model: VLBridgeModel, config: TrainConfig, recipe: Recipe, s
 def parallel_module_problems(model: VLBridgeModel, config: TrainConfig, skipped: dict[str, str]) -> list[str]:
     """Parallel settings with nothing to act on: LLM blocks to checkpoint that it does not list, or a
     part to shard of which everything trains (FSDP leaves trainable tensors whole)."""
-    from vlbridge.train.fsdp import require_llm_blocks
+    from vlbridge.train.fsdp import require_frozen_to_shard, require_llm_blocks
 
+    checks = [require_llm_blocks] if config.parallel.activation_checkpointing and "llm" not in skipped else []
+    checks += [lambda m, name=name: require_frozen_to_shard(m, name) for name in config.parallel.parts(config.stage)
+               if name not in skipped]
     problems = []
-    if config.parallel.activation_checkpointing and model.llm is not None and "llm" not in skipped:
+    for check in checks:  # the checks training makes when it applies the parallel settings (fsdp.apply_parallel)
         try:
-            require_llm_blocks(model)
+            check(model)
         except VLBridgeError as exc:
             problems.append(str(exc))
-    for name in config.parallel.parts(config.stage):
-        part = getattr(model, name, None)
-        params = list(part.parameters()) if part is not None and name not in skipped else []
-        if params and all(p.requires_grad for p in params):
-            problems.append(f"parallel.shard: every parameter of the {name} trains (finetune.encoder.unfreeze: all), and FSDP "
-                            f"shards only frozen tensors, so it has nothing of the {name} to shard; remove {name} from "
-                            "parallel.shard, or unfreeze fewer blocks")
     return problems

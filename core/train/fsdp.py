@@ -110,6 +110,8 @@ def apply_parallel(model: nn.Module, parallel: ParallelConfig, *, stage: int, pr
     parts = parallel.parts(stage)
     if parallel.activation_checkpointing:
         require_llm_blocks(model)
+    for name in parts:
+        require_frozen_to_shard(model, name)
     if parts and world_size > 1:
         return shard_model(model, parts, precision=precision, reshard_after_forward=parallel.reshard_after_forward,
                            checkpoint_llm=parallel.activation_checkpointing)
@@ -128,6 +130,17 @@ def require_llm_blocks(model: nn.Module) -> None:
         raise VLBridgeError(f"parallel.activation_checkpointing: {who} lists no blocks (no finetune_blocks(), no `blocks` "
                             "ModuleList, no transformers _no_split_modules), so nothing would be recomputed; set "
                             "activation_checkpointing: false")
+
+
+def require_frozen_to_shard(model: nn.Module, name: str) -> None:
+    """FSDP shards only frozen tensors (trained ones stay whole on every rank): a part named in
+    parallel.shard of which every parameter trains would be sharded not at all, silently."""
+    part = getattr(model, name, None)
+    params = list(part.parameters()) if part is not None else []
+    if params and all(p.requires_grad for p in params):
+        raise VLBridgeError(f"parallel.shard: every parameter of the {name} trains (finetune.encoder.unfreeze: all), and FSDP "
+                            f"shards only frozen tensors, so it has nothing of the {name} to shard; remove {name} from "
+                            "parallel.shard, or unfreeze fewer blocks")
 
 
 def checkpoint_llm_blocks(model: nn.Module) -> int:
