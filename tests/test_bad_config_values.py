@@ -135,3 +135,16 @@ def test_cache_features_names_a_missing_data_file_before_the_encoder_loads(tmp_p
 def test_an_empty_assembly_name_is_called_empty(capsys, name):
     """Path('') is the working directory: `validate ''` said " is a directory"."""
     usage_error(capsys, ["validate", name], "the assembly is an empty name; give an assembly YAML file or a preset name")
+
+
+@pytest.mark.parametrize("positions, phrase", [([-1], "greater than or equal to 0"), ([0, 0], "more than once"),
+                                               ([], "at least 1 item")])
+def test_compare_retrieval_caption_positions_are_each_given_once_from_0(positions, phrase):
+    """A negative position counted from the end (or an IndexError past it), a repeated one counted its
+    caption twice in the recall, and an empty list failed on the first image; compare's config took all three."""
+    from pydantic import ValidationError
+
+    from vlbridge.compare.config import EvalSet
+
+    with pytest.raises(ValidationError, match=phrase):
+        EvalSet(name="test", captions="captions.json", tasks=["retrieval"], retrieval_captions=positions)

@@ -97,6 +97,7 @@ def test_scenes_credit_a_caption_of_an_identical_scene(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--retrieval-captions", "9"], "retrieval_captions: image 0 has 2 captions, none at positions [9]"),
     (["--scenes", "missing.json"], "missing.json"),
+    (["--retrieval-captions", "0", "0"], "caption positions [0, 0]: give one or more positions from 0, each once"),
 ])
 def test_bad_retrieval_settings_fail_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
     from PIL import Image

@@ -97,9 +97,9 @@ class EvalSet(Strict):
                                                                description="subset of caption, vqa, retrieval")
     retrieval_limit: int | None = Field(None, ge=2, description="retrieve among at most this many images (default: limit); ITM re-ranking costs k forward passes per query")
     retrieval_k: int = Field(16, ge=1, description="ITM re-ranks each query's top k ITC candidates (BLIP-2 on COCO: 128)")
-    retrieval_captions: list[int] | None = Field(None, description=(
-        "retrieve only these captions of each image, by position (e.g. [0]: the world's 'scene' caption, "
-        "true of its scene alone); default: all"))
+    retrieval_captions: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description=(
+        "retrieve only these captions of each image, by position from 0, each once (e.g. [0]: the world's "
+        "'scene' caption, true of its scene alone); default: all"))
     lmms_eval: LmmsEvalSpec | None = Field(None, description=(
         "lmms-eval tasks every run is scored on by lmms-eval's own evaluator (needs the lmms-eval extra): "
         "tasks, include_path (local task YAMLs), limit, prompt"))
@@ -109,6 +109,14 @@ class EvalSet(Strict):
     def _file_name(cls, value: str) -> str:
         """The name is also part of the file names its scores are kept in (retrieval-NAME-....json)."""
         return plain_file_name(value, "files of this split's stored scores", "test")
+
+    @field_validator("retrieval_captions")
+    @classmethod
+    def _each_position_once(cls, value: list[int] | None) -> list[int] | None:
+        """A position given twice would retrieve its caption twice and count it twice in the recall."""
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"names a caption position more than once: {value}; list each position once")
+        return value
 
     @model_validator(mode="after")
     def _check_tasks(self) -> "EvalSet":

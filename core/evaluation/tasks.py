@@ -96,6 +96,9 @@ def select_captions(groups: Sequence[CaptionGroup], positions: Sequence[int] | N
     there is an error (`where` says whose)."""
     if positions is None:
         return list(groups)
+    if not positions or len(set(positions)) != len(positions) or any(p < 0 for p in positions):
+        raise VLBridgeError(f"{where}caption positions {list(positions)}: give one or more positions from 0, "
+                            "each once (a repeated position would count its caption twice)")
     chosen = []
     for g in groups:
         captions = [g.captions[p] for p in positions if p < len(g.captions)]
