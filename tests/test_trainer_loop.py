@@ -15,6 +15,7 @@ import vlbridge
 import vlbridge.train
 from tests.test_trainer_resume import without_timing
 from tests.test_trainer_samples import Recording, config, mse_objective, read_metrics, train_losses, write_caption_data
+from vlbridge.errors import VLBridgeError
 from vlbridge.train import checkpointing
 from vlbridge.train.progress import ProgressBar
 from vlbridge.train.trainer import NonFiniteLossError
@@ -216,6 +217,9 @@ def test_a_run_killed_before_its_first_latest_pointer_resumes(tmp_path, data, mo
         vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), objective=mse_objective)
     monkeypatch.setattr(checkpointing, "atomic_write_text", write_text)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-2"]
+    with pytest.raises(VLBridgeError, match="pass --resume to continue from it") as plain:  # a start without --resume
+        vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), objective=mse_objective)
+    assert "by hand" not in str(plain.value) and "write step-2 into" not in str(plain.value)
     capsys.readouterr()
     vlbridge.train.run(linear_config(data, tmp_path / "killed", **values), resume=True, objective=mse_objective)
     assert "resuming from the one complete checkpoint, step-2" in capsys.readouterr().err

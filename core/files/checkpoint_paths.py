@@ -102,8 +102,9 @@ def unpointed_checkpoints(output_dir: str | Path) -> str | None:
     if pointer.is_file() or not complete:
         return None
     names = ", ".join(p.name for _, p in complete)
-    return (f"{pointer.parent} holds complete checkpoints ({names}) but no {LATEST} file naming one; to continue from "
-            f"the newest, write {complete[-1][1].name} into {pointer} and pass --resume; to start over, remove {pointer.parent}")
+    way_on = ("pass --resume to continue from it (the one complete step)" if len(complete) == 1 else
+              f"to continue from the newest, write {complete[-1][1].name} into {pointer} and pass --resume")
+    return f"{pointer.parent} holds complete checkpoints ({names}) but no {LATEST} file naming one; {way_on}; to start over, remove {pointer.parent}"
 
 
 def older_checkpoint_advice(output_dir: str | Path, unusable: Path) -> str:
