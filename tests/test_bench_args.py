@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import BENCH, load_bench
+
+
+def run_main(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The script's main() in this process, with `args` as its command line: (exit code, stderr).
+    argparse's refusals come before anything is built, so a fresh interpreter per case (about 2 s
+    each) would test nothing more; test_a_script_run_from_the_shell_refuses_as_in_process checks that."""
+    module = load_bench(script.removesuffix(".py"), monkeypatch)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as stopped:
+        module.main()
+    return stopped.value.code, capsys.readouterr().err
 
 CASES = [
     ("bench_caption.py", ["--reps", "0"]),
@@ -26,13 +37,21 @@ CASES = [
 
 
 @pytest.mark.parametrize("script, args", CASES, ids=[f"{s} {' '.join(a)}" for s, a in CASES])
-def test_bad_count_is_a_usage_error(script: str, args: list[str], tmp_path: Path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    assert f"argument {args[-2]}" in done.stderr and "usage:" in done.stderr
+def test_bad_count_is_a_usage_error(script: str, args: list[str], tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(script, args, monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert f"argument {args[-2]}" in err and "usage:" in err
     assert not any(tmp_path.iterdir())  # nothing written or built
+
+
+def test_a_script_run_from_the_shell_refuses_as_in_process(tmp_path: Path):
+    """One case as a user runs it: exit 2, argparse's message, no traceback, nothing written."""
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--reps", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "argument --reps" in done.stderr and "usage:" in done.stderr
+    assert not any(tmp_path.iterdir())
 
 
 
@@ -46,11 +65,11 @@ OUTPUTS = [  # "blocker" is a file: nothing can be written under it
 
 
 @pytest.mark.parametrize("script, args", OUTPUTS, ids=[f"{s} {' '.join(a)}" for s, a in OUTPUTS])
-def test_output_that_cannot_be_written_is_a_usage_error(script: str, args: list[str], tmp_path: Path):
+def test_output_that_cannot_be_written_is_a_usage_error(script: str, args: list[str], tmp_path: Path, monkeypatch, capsys):
     """Checked before the run: it was a traceback from open() after the whole measurement."""
     (tmp_path / "blocker").write_text("a file, not a folder\n")
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and f"argument {args[-2]}" in done.stderr
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(script, args, monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert f"argument {args[-2]}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
