@@ -149,7 +149,7 @@ def _trainable(config, assembly, label: str) -> tuple[dict[str, int], str]:
     from vlbridge.train.config import TrainConfigError
     from vlbridge.train.dry_run import recipe_problems
     from vlbridge.train.finetune import describe_trainable, trainable_counts
-    from vlbridge.train.trainer import build_model
+    from vlbridge.train.run_setup import build_model
 
     model, recipe = build_model(config, assembly, torch.device("cpu"))
     problems = recipe_problems(model, config, recipe, skipped={})
