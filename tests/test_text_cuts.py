@@ -270,3 +270,19 @@ def test_under_ddp_a_rank_whose_batch_has_no_target_token_trains_on_with_the_oth
     assert "step 2: no text of the whole batch kept a target token" in done.stderr
     assert "texts: 3 of 6 training texts cut at objective.max_text_tokens 32; 3 left with no target token" in done.stdout
     assert [("loss" in m) for m in read_metrics(tmp_path / "run")] == [True, False, True]
+
+
+def test_a_run_whose_every_text_keeps_no_target_token_stops_after_max_nonfinite_steps(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Every input fills max_text_tokens: each step was skipped with a warning, and the run went on to its
+    last step and wrote an untrained checkpoint. It now stops after max_nonfinite such steps in a row."""
+    import vlbridge.train
+
+    data = write_pairs(write_caption_data(tmp_path / "data"), long_rows={0, 1, 2, 3, 4, 5, 6, 7})
+    cfg = config(data, tmp_path / "run", assembly="tiny-linear-opt", stage=2, batch_size=1, steps=8, log_every=1,
+                 max_nonfinite=3, save_every=2, schedule={"warmup_steps": 0})
+    cfg["data"]["train"]["shuffle"] = False
+    with pytest.raises(VLBridgeError, match=r"stopped at step 3: 3 steps in a row had no target token in their whole batch "
+                                            r"\(max_nonfinite: 3\).*fill objective\.max_text_tokens.*Last checkpoint: .*step-2"):
+        vlbridge.train.run(cfg)
+    assert "step 2: no text of the whole batch kept a target token (each one's input filled objective.max_text_tokens); " \
+           "step skipped (2/3 in a row)" in capsys.readouterr().err

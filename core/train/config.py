@@ -142,7 +142,9 @@ class TrainConfig(Section):
         "grad_checkpointing) and finetune.lora (LoRA on the LLM: r, alpha, dropout, target_modules, lr); see docs/fine-tuning.md"))
     objective: dict[str, Any] = Field(default_factory=dict, description=(
         "options of the stage's objective: stage 1 max_text_tokens, label_smoothing, temp_range; stage 2 max_text_tokens"))
-    max_nonfinite: int = Field(10, ge=1, description="stop after this many non-finite losses in a row (each one skips its step)")
+    max_nonfinite: int = Field(10, ge=1, description=(
+        "stop after this many non-finite losses in a row, or this many steps in a row whose whole batch kept no target "
+        "token (each one skips its step)"))
     drop_last: bool = Field(True, description="drop the last incomplete batch of each epoch (as LAVIS)")
     find_unused_parameters: bool = Field(False, description="DDP: set when some trainable parameters get no gradient (e.g. a loss turned off)")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description=(

@@ -124,6 +124,7 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, lr=config.optimizer.lr, total_steps=self.total_steps, schedule=config.schedule)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step, self.nonfinite, self.nonfinite_in_row, self.skipped_before = 0, 0, 0, 0
+        self.untaught_in_row = 0  # steps in a row whose whole batch kept no target token
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] | None = None
         self.cuts_told: set[str] = set()  # "train", "eval": cut texts were reported (once per run each)
@@ -217,7 +218,7 @@ class Trainer:
         elif rt.all_finite(finite):
             self.optimizer_step()
             self.window.add(sums)
-            self.nonfinite_in_row = 0
+            self.nonfinite_in_row = self.untaught_in_row = 0
         else:
             self.skip_step(sums)
         self.scheduler.step()
@@ -275,10 +276,19 @@ class Trainer:
 
     def skip_untaught_step(self) -> None:
         """A step whose whole global batch has no item to learn (no target token on any rank) updates
-        nothing: AdamW would still move the weights on its momentum and decay, driven by no data."""
+        nothing: AdamW would still move the weights on its momentum and decay, driven by no data. Data
+        whose every text is like that would end the run untrained, so max_nonfinite such steps in a row stop it."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.untaught_in_row += 1
+        limit = self.config.max_nonfinite
         self.warn(f"step {self.step + 1}: no text of the whole batch kept a target token (each one's input filled "
-                  f"{TEXT_SETTING}); step skipped")
+                  f"{TEXT_SETTING}); step skipped ({self.untaught_in_row}/{limit} in a row)")
+        if self.untaught_in_row >= limit:
+            latest = ckpt.latest_checkpoint(self.output_dir)
+            raise VLBridgeError(
+                f"stopped at step {self.step + 1}: {self.untaught_in_row} steps in a row had no target token in their whole "
+                f"batch (max_nonfinite: {limit}), so the run was training on nothing: the texts' inputs (prompt, instruction) "
+                f"fill {TEXT_SETTING}. Raise it or shorten the inputs. Last checkpoint: {latest or 'none'}.")
 
     # -- reporting --------------------------------------------------------------------------------
     def warn(self, message: str) -> None:
@@ -390,7 +400,8 @@ class Trainer:
             state = {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION, "step": self.step, "epoch": self.progress.epoch,
                      "world_size": self.where.world_size, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "nonfinite": [self.nonfinite, self.nonfinite_in_row], "ranks": ranks, "cuts_told": sorted(self.cuts_told)}
+                     "nonfinite": [self.nonfinite, self.nonfinite_in_row], "untaught_in_row": self.untaught_in_row,
+                     "ranks": ranks, "cuts_told": sorted(self.cuts_told)}
             ckpt.save_training_checkpoint(
                 self.output_dir, self.step, assembly=checkpoint_config(self.model.assembly),
                 connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
@@ -456,6 +467,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.nonfinite, self.nonfinite_in_row = (int(n) for n in state["nonfinite"])
+        self.untaught_in_row = int(state.get("untaught_in_row", 0))  # absent from states written before the limit
         mine = state["ranks"][self.where.rank]
         self.progress, self.skipped_before = DataProgress.from_state(mine["data"]), int(mine["skipped"])
         cuts, saved_cuts = self.counted_texts("train"), mine.get("text_cuts")  # absent from states written before the count
