@@ -296,6 +296,25 @@ def build_text_logits_llm(opts: Any) -> nn.Module:
     return llm
 
 
+def build_t5_without_special_token_choice(opts: Any) -> nn.Module:
+    """The tiny FlanT5 whose tokenize takes only max_length and padding_side: lmms-eval's scoring of an
+    encoder-decoder also passes add_special_tokens=False."""
+    from vlbridge.plugins.llms.flan_t5 import FlanT5Options
+    from vlbridge.plugins.llms.flan_t5_model import build
+
+    llm = build(FlanT5Options(variant="tiny"))
+    tokenize = llm.tokenize
+    llm.tokenize = lambda texts, max_length=None, padding_side="right": tokenize(texts, max_length=max_length, padding_side=padding_side)
+    return llm
+
+
+def tiny_t5_spec(factory: str, name: str) -> LLMSpec:
+    from vlbridge.plugins.llms.flan_t5 import FlanT5Options, dims
+
+    return LLMSpec(name=name, factory=f"tests.fake_plugins:{factory}", options=FlanT5Options,
+                   dims=lambda o: dims(FlanT5Options(variant="tiny")))
+
+
 def tiny_opt_spec(factory: str, name: str) -> LLMSpec:
     from vlbridge.plugins.llms.opt import OPTOptions, dims
 

@@ -158,6 +158,14 @@ def test_an_llm_without_beam_search_passes_when_it_says_so():
     assert [s.name for s in check_plugin(fake.plugin("greedy", llms=[fake.tiny_opt_spec("build_greedy_only_llm", "greedy")]))] == ["greedy"]
 
 
+def test_an_encoder_decoder_tokenize_must_take_add_special_tokens():
+    """lmms-eval scores an encoder-decoder's continuations tokenized with add_special_tokens=False (the
+    guide's table says so); a tokenize without it passed the check and failed in the first lmms task."""
+    plugin = fake.plugin("t5ish", llms=[fake.tiny_t5_spec("build_t5_without_special_token_choice", "t5ish")])
+    with pytest.raises(PluginError, match=r"t5ish.*tokenize\(texts, padding_side='right', add_special_tokens=False\)"):
+        check_plugin(plugin)
+
+
 def test_a_hook_that_raises_is_named():
     def vlbridge_register_connectors():
         raise ValueError("no such config")

@@ -153,6 +153,8 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
     _check_frozen_count(who, spec, options, llm)
     if not dims.encoder_decoder:
         _probe_prompt_prefix(who, llm)
+    else:  # lmms-eval's scoring tokenizes an encoder-decoder's continuations without their end token
+        tokenized(who, llm, list(PROBE_TEXTS), padding_side="right", add_special_tokens=False)
     visual = torch.zeros(2, 4, dims.embed_width, requires_grad=True)
     model = SimpleNamespace(llm=llm, stage=2, device=torch.device("cpu"), plan=SimpleNamespace(llm=spec, encoder_out=TokenShape(4, dims.embed_width)),
                             visual_tokens=lambda image_embeds, instructions=None: visual, training=True)  # a training pass
