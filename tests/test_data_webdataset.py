@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.test_data_samples import image_bytes, sample_members, shards, write_tar  # noqa: E402
+from tests.test_data_samples import image_bytes, sample_members, shards, write_image, write_jsonl, write_tar  # noqa: E402
 from vlbridge.data import DataConfigError, DataError, DataProgress, ImageText, Skipped, build_dataset, expand_shards, iter_shard, load_data_config, make_loader  # noqa: E402
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
 
@@ -173,3 +173,41 @@ def test_compressed_piped_and_empty_shards_and_cuts_inside_a_member(tmp_path):
     for url in (str(tmp_path / "cut.tar.gz"), f"pipe:cat {tmp_path}/cut.tar.gz", f"pipe:gzip -dc {tmp_path}/cut.tar.gz"):
         *out, last = iter_shard(url)
         assert [x.text for x in out] == ["one"] and last.kind == "unreadable tar" and last.name == url, url
+
+
+# -- several captions per image ---------------------------------------------------------------------
+def _item_groups(items) -> list[tuple[str, tuple[str, ...], int]]:
+    """(text, image_captions, which image) per item, images numbered by first appearance."""
+    order: dict[int, int] = {}
+    return [(item["text"], tuple(item["image_captions"]), order.setdefault(int(item["image_index"]), len(order))) for item in items]
+
+
+def test_every_text_member_is_a_caption_of_the_image_as_in_json(tmp_path):
+    """`k.en.txt` + `k.de.txt` was one skipped 'no text' sample, and `k.txt` + `k.alt.txt` trained on
+    k.txt alone: each text member is now a caption of the image, in name order (txt first), one pair
+    each under one image id, as a JSONL file with several captions of an image gives them."""
+    captions = {"k1": {"en.txt": "a dog", "de.txt": "ein Hund"}, "k2": {"alt.txt": "alt text", "txt": "main caption"},
+                "k3": {"txt": " ", "0.txt": "zero", "1.txt": "one", "2.txt": ""}}
+    members = [(f"{key}.{field}", text.encode()) for key, fields in captions.items() for field, text in fields.items()]
+    members += [(f"{key}.jpg", image_bytes(i)) for i, key in enumerate(captions)]
+    members += sample_members("k4", 4, "", meta={"caption": "from json"}) + [("k4.en.txt", b"  ")]
+    members += [("k5.jpg", image_bytes(5)), ("k5.en.txt", b""), ("k5.de.txt", b"\n")]
+    members += sample_members("k6", 6, "a cat", meta={"text_input": "What is it?", "text_output": "a cat"}) + [("k6.de.txt", b"eine Katze")]
+    path = write_tar(tmp_path / "multi.tar", sorted(members, key=lambda member: member[0].split(".")[0]))  # a key's members together
+    out = list(iter_shard(str(path)))
+    pairs = [x for x in out if isinstance(x, ImageText)]
+    assert [x.text for x in pairs] == ["ein Hund", "a dog", "main caption", "alt text", "zero", "one", "from json", "a cat"]
+    assert [x.image_id.rpartition(":")[2] for x in pairs] == ["k1", "k1", "k2", "k2", "k3", "k3", "k4", "k6"]
+    assert pairs[0].image.data is pairs[1].image.data and pairs[0].image_captions == ("ein Hund", "a dog")
+    (blank,) = [x for x in out if isinstance(x, Skipped)]
+    assert blank.kind == "no text" and "2 .txt members (de.txt, en.txt), all of them blank" in blank.reason
+    assert pairs[-1].extra["text_output"] == "a cat"  # an instruction pair is one pair, not one per caption
+    in_order = {"k1": ["ein Hund", "a dog"], "k2": ["main caption", "alt text"], "k3": ["zero", "one"]}
+    for i, key in enumerate(in_order):
+        write_image(tmp_path / "images" / f"{key}.jpg", seed=i)
+    rows = [{"image": f"images/{key}.jpg", "text": text, "image_id": key} for key, texts in in_order.items() for text in texts]
+    jsonl = build_dataset({"format": "jsonl", "paths": str(write_jsonl(tmp_path / "t.jsonl", rows))}, PRE, train=True)
+    tar = build_dataset({"format": "webdataset", "paths": str(path), "shuffle": False}, PRE, train=True)
+    from_tar = [item for item in tar if not isinstance(item, Skipped)][:6]
+    assert _item_groups(from_tar) == _item_groups(jsonl[i] for i in range(len(jsonl)))
+    assert _item_groups(from_tar)[:2] == [("ein hund", ("ein hund", "a dog"), 0), ("a dog", ("ein hund", "a dog"), 0)]

@@ -3,8 +3,8 @@
 Items are dicts: `pixel_values` (transformed), `image_id` (as in the data, int or str),
 `image_index` (its stable int, see `stable_image_index`), `index`, and by record type `text`
 (a pair, with `image_captions`: every caption the data gives its image, which stage 1's
-`positives: caption` reads; a tar stream knows only the pair's own), `captions` (a per-image
-group) or `question` + `answers` + ids and types (VQA). An image
+`positives: caption` reads; a tar stream knows those of the pair's own sample, its text members),
+`captions` (a per-image group) or `question` + `answers` + ids and types (VQA). An image
 that cannot be decoded gives a `Skipped` instead, which `collate` drops and counts; with
 `strict=True` it is a DataError naming the file.
 """
@@ -12,7 +12,7 @@ that cannot be decoded gives a `Skipped` instead, which `collate` drops and coun
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -67,25 +67,31 @@ def load_pixels(ref: ImageRef, transform: Transform, strict: bool, index: int) -
 PAIR_KEYS = ("text_input", "text_output")
 
 
+def distinct_captions(captions: Iterable[str], text: TextOptions) -> tuple[str, ...]:
+    """The captions cleaned, each once, in order of appearance."""
+    return tuple(dict.fromkeys(text.caption(caption) for caption in captions))
+
+
 def captions_by_image(records: Sequence[Any], text: TextOptions) -> dict[Any, tuple[str, ...]]:
     """Every (cleaned, distinct) caption the pairs give each image id, in order of appearance."""
-    found: dict[Any, dict[str, None]] = {}
+    found: dict[Any, list[str]] = {}
     for record in records:
         if isinstance(record, ImageText):
-            found.setdefault(record.image_id, {})[text.caption(record.text)] = None
-    return {image_id: tuple(captions) for image_id, captions in found.items()}
+            found.setdefault(record.image_id, []).append(record.text)
+    return {image_id: distinct_captions(captions, text) for image_id, captions in found.items()}
 
 
 def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOptions,
               image_captions: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The item dict for one decoded record; a pair's `image_captions` default to its own text."""
+    """The item dict for one decoded record; a pair's `image_captions` default to those its record
+    carries (a tar sample's), else its own text."""
     item: dict[str, Any] = {
         "pixel_values": pixels, "image_id": record.image_id,
         "image_index": stable_image_index(record.image_id), "index": index,
     }
     if isinstance(record, ImageText):
         item["text"] = text.caption(record.text)
-        item["image_captions"] = image_captions or (item["text"],)
+        item["image_captions"] = image_captions or distinct_captions(record.image_captions, text) or (item["text"],)
         pair = {key: record.extra.get(key) for key in PAIR_KEYS}
         if all(isinstance(value, str) for value in pair.values()):  # an explicit (input, target) pair for stage 2
             item.update(pair)

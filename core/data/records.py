@@ -48,12 +48,17 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class ImageText:
-    """One (image, caption) pair: a training sample for captioning and stage-1 losses."""
+    """One (image, caption) pair: a training sample for captioning and stage-1 losses.
+
+    `image_captions`: every caption of its image, where the reader sees them together (a tar sample's
+    text members); empty where a dataset gathers them over all its records (`captions_by_image`).
+    """
 
     image: ImageRef
     text: str
     image_id: ImageId
     extra: dict[str, Any] = field(default_factory=dict)
+    image_captions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

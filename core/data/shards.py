@@ -4,10 +4,11 @@ Shards are read by the `webdataset` library (the field's reader: local paths, `p
 URLs it can open; nothing is extracted to disk). A sample is the run of consecutive members sharing
 a key, split off by webdataset's own rule (its `base_plus_ext`): the key is the name up to the first
 dot after the last slash, folders included, the rest its field (`a.b.jpg` is field `b.jpg` of key
-`a`). The image is the field `jpg` (`jpeg`, `png`, `webp`), else the one field ending so; the caption
-`txt` (likewise), else (missing or blank) the "caption" of `json` (what LAVIS reads). Samples without
-an image or a caption, with a member repeated, and shards that break off, come out as `Skipped` so
-they can be counted. A sample's image id is its shard and key, so equal keys in two shards (two
+`a`). The image is the field `jpg` (`jpeg`, `png`, `webp`), else the one field ending so. Every text
+member is a caption of it (`txt`, then `en.txt`, `alt.txt`... in name order), each one (image, caption)
+pair under one image id, as a JSON file's several captions of an image are; without a non-blank one,
+the "caption" of `json` (what LAVIS reads). Samples without an image or a caption, with a member
+repeated, and shards that break off, come out as `Skipped` so they can be counted. A sample's image id is its shard and key, so equal keys in two shards (two
 img2dataset outputs both start at 000000000) stay two images. `webdataset` imports torch, so it is
 imported only when a shard is read: listing and validating shards stays torch-free.
 """
@@ -142,22 +143,24 @@ def group_members(url: str, members: Iterable[dict[str, Any]]) -> Iterator[Image
             continue
         if base != key:
             if key is not None:
-                yield _sample(url, shard_id, key, fields, repeated)
+                yield from _sample(url, shard_id, key, fields, repeated)
             key, fields, repeated = base, {}, []
         if field.lower() in fields:
             repeated.append(name)
         else:
             fields[field.lower()] = member["data"]
     if key is not None:
-        yield _sample(url, shard_id, key, fields, repeated)
+        yield from _sample(url, shard_id, key, fields, repeated)
 
 
-def _sample(url: str, shard_id: str, key: str, fields: dict[str, bytes], repeated: list[str]) -> ImageText | Skipped:
+def _sample(url: str, shard_id: str, key: str, fields: dict[str, bytes], repeated: list[str]) -> list[ImageText | Skipped]:
+    """A complete sample's pairs (one per caption), or the one Skipped saying why there are none."""
     if repeated:
-        return Skipped(name=f"{url}:{key}", kind="repeated member", reason=f"shard {url!r}, key {key!r}: member {repeated[0]!r} "
+        return [Skipped(name=f"{url}:{key}", kind="repeated member", reason=f"shard {url!r}, key {key!r}: member {repeated[0]!r} "
                        "appears twice in the sample, so which copy belongs to it is unknown (webdataset refuses it as a "
-                       "'duplicate file name'); write each member once")
-    return make_sample(url, key, fields, shard_id)
+                       "'duplicate file name'); write each member once")]
+    made = make_samples(url, key, fields, shard_id)
+    return [made] if isinstance(made, Skipped) else list(made)
 
 
 def _counted(files: Iterable[dict[str, Any]], count: list[int]) -> Iterator[dict[str, Any]]:
@@ -191,9 +194,15 @@ def _ends_cleanly(url: str) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
-def make_sample(shard: str, key: str, files: dict[str, bytes], shard_id: str | None = None) -> ImageText | Skipped:
-    """One sample's fields -> an ImageText (image bytes, caption, metadata), or why it cannot be one;
-    `shard_id`: `shard_identity(shard)`, where the caller has it already."""
+def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | None = None) -> list[ImageText] | Skipped:
+    """One sample's fields -> an ImageText per caption (one image, its bytes shared), or why it cannot be
+    one; `shard_id`: `shard_identity(shard)`, where the caller has it already.
+
+    Every text member is a caption of the image (`caption_fields`), as the captions of one image in a
+    JSON file are: a pair each, one image id, each other's `image_captions`. Blank ones are none (img2dataset
+    writes an empty .txt for a row without a caption); without any, the .json's "caption" is. An explicit
+    (`text_input`, `text_output`) pair in the .json makes the sample that one pair, as a JSONL line is.
+    """
     name = f"{shard}:{key}"
     image, images = _field(files, IMAGE_EXTENSIONS)
     if image is None:
@@ -203,16 +212,26 @@ def make_sample(shard: str, key: str, files: dict[str, bytes], shard_id: str | N
                        f"{_dotted_hint(key, files)}")
     json_field, _ = _field(files, ("json",))
     meta = _metadata(files.get(json_field) if json_field else None)
-    text_field, texts = _field(files, ("txt",))
-    text: Any = files[text_field].decode("utf-8", errors="replace").strip() if text_field else None
-    if not text:  # img2dataset writes an empty .txt for a row without a caption: not a caption to learn or score
-        text = meta.get("caption")
-    if not isinstance(text, str) or not text.strip():
+    fields = caption_fields(files)
+    captions = [text for text in (files[f].decode("utf-8", errors="replace").strip() for f in fields) if text]
+    if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
+        captions = [meta["caption"]]
+    if isinstance(meta.get("text_input"), str) and isinstance(meta.get("text_output"), str):
+        captions = captions[:1] or [""]  # one instruction pair, however many captions travel with it
+    elif not captions:
         if not isinstance(meta.get("text_output"), str):  # instruction data needs no caption, as in JSONL
-            why = f"{len(texts)} .txt members ({', '.join(texts)}), none of them the caption" if texts else "neither a non-empty .txt member"
+            why = f"{len(fields)} .txt members ({', '.join(fields)}), all of them blank" if fields else "neither a non-empty .txt member"
             return Skipped(name=name, kind="no text", reason=f"no text ({why} nor a 'caption' in .json){_dotted_hint(key, files)}")
-        text = text if isinstance(text, str) else ""
-    return ImageText(ImageRef(name=f"{name}.{image}", data=files[image]), text, f"{shard_id or shard_identity(shard)}:{key}", meta)
+        captions = [""]
+    ref, image_id = ImageRef(name=f"{name}.{image}", data=files[image]), f"{shard_id or shard_identity(shard)}:{key}"
+    every = tuple(captions)
+    return [ImageText(ref, text, image_id, meta, image_captions=every) for text in captions]
+
+
+def caption_fields(files: dict[str, bytes]) -> list[str]:
+    """The fields that are captions of the image: `txt`, then every other field ending `.txt` (`en.txt`,
+    `alt.txt`, `0.txt`) in name order: a fixed order, whatever order the members were written in."""
+    return sorted((field for field in files if field.rpartition(".")[2] == "txt"), key=lambda field: (field != "txt", field))
 
 
 def _field(files: dict[str, bytes], extensions: Sequence[str]) -> tuple[str | None, list[str]]:

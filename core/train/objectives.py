@@ -163,7 +163,7 @@ class Stage1Options(ObjectiveOptions):
         "image", description="which in-batch pairs match (ITC's targets, never an ITM negative): 'image' = captions of the same "
         "image (BLIP-2); 'caption' = also every image that has the text among its own captions, so a caption written for "
         "several images is not their negative (reads the batch's `image_captions`: JSON/JSONL datasets and feature caches "
-        "give every caption of the image, tar streams only the pair's own, so there it adds just identical captions)")
+        "give every caption of the image, tar streams those of the pair's own sample, its text members)")
 
 
 class Stage1Objective(Objective):
