@@ -263,6 +263,42 @@ def test_webdataset_cache_finds_tar_members_by_shard_and_key(tmp_path: Path, sta
         feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "b" / "shard-0.tar")]}, tmp_path / "c", train=False)
 
 
+def _tar_members(keys: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
+    return [(f"{key}.{ext}", data) for k, key in enumerate(keys) for ext, data in (("jpg", image_bytes(seed + k)), ("txt", f"caption {k}".encode()))]
+
+
+def test_tar_keys_with_colons_keep_their_names_and_stamps(tmp_path: Path):
+    """The cache split a tar image's name at its last ':': key 'x:0' was recorded as '0.jpg' and its
+    shard as '<shard>:x', no file, so no stamp: a shard rewritten since went unnoticed."""
+    import os
+
+    shard = write_tar(tmp_path / "a.tar", _tar_members(["x:0", "x:1"]))
+    config = {"format": "webdataset", "paths": [str(shard)]}
+    built = build_cache(PRESET, [config], tmp_path / "c", FP32)
+    assert built.shards[0].names == ["x:0.jpg", "x:1.jpg"] and None not in built.shards[0].stamps
+    assert built.shards[0].image_ids == [f"{shard.resolve()}:x:0", f"{shard.resolve()}:x:1"] and built.tar_ids == "escaped-shard:key"
+    assert [item["text"] for item in feature_dataset(config, tmp_path / "c", train=False)] == ["caption 0", "caption 1"]
+    write_tar(shard, _tar_members(["x:0", "x:1"], seed=5))
+    os.utime(shard, ns=(1, 1))
+    with pytest.raises(CacheError, match=r"2 image file\(s\) changed since"):
+        feature_dataset(config, tmp_path / "c", train=False)
+
+
+def test_a_cache_of_unescaped_tar_ids_is_still_read(tmp_path: Path):
+    """Caches before ids escaped the shard hold `pipe:cat ...:KEY` as is; they are read as they are."""
+    shard = write_tar(tmp_path / "a.tar", _tar_members(["k0", "k:1"]))
+    config = {"format": "webdataset", "paths": [f"pipe:cat {shard}"]}
+    build_cache(PRESET, [config], tmp_path / "c", FP32)
+    now = [item["image_embeds"] for item in feature_dataset(config, tmp_path / "c", train=False)]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["shards"][0]["image_ids"] == [f"pipe%3Acat {shard}:k0", f"pipe%3Acat {shard}:k:1"]
+    manifest["tar_ids"] = "shard:key"  # as the vlbridge before wrote it
+    manifest["shards"][0]["image_ids"] = [f"pipe:cat {shard}:k0", f"pipe:cat {shard}:k:1"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    old = feature_dataset(config, tmp_path / "c", train=False)
+    assert len(old) == 2 and all(torch.equal(item["image_embeds"], embeds) for item, embeds in zip(old, now))
+
+
 def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "cli"
     args = ["cache-features", "-a", PRESET, "--format", "jsonl", "--paths", str(data / "train.jsonl"), "--out", str(out),

@@ -211,3 +211,21 @@ def test_every_text_member_is_a_caption_of_the_image_as_in_json(tmp_path):
     from_tar = [item for item in tar if not isinstance(item, Skipped)][:6]
     assert _item_groups(from_tar) == _item_groups(jsonl[i] for i in range(len(jsonl)))
     assert _item_groups(from_tar)[:2] == [("ein hund", ("ein hund", "a dog"), 0), ("a dog", ("ein hund", "a dog"), 0)]
+
+
+def test_image_ids_are_unambiguous_whatever_colons_the_key_or_shard_holds(tmp_path):
+    """The id was `SHARD:KEY` as is: key 'a:b' of shard 'p.tar' and key 'b' of shard 'p.tar:a' were one
+    image, and readers that split the id (or the image's name) at a ':' took part of the key for the shard."""
+    from vlbridge.data.shards import split_tar_image_id
+
+    folder = tmp_path / "100%:data"
+    first = write_tar(folder / "p.tar", sample_members("a:b", 0, "colon key") + sample_members("s3:x/y:z", 1, "colons and a folder"))
+    second = write_tar(folder / "p.tar:a", sample_members("b", 2, "colon shard"))
+    piped = f"pipe:cat '{first}'"
+    samples = [x for url in (str(first), str(second), piped) for x in iter_shard(url)]
+    assert len({x.image_id for x in samples}) == 5
+    assert [split_tar_image_id(x.image_id) for x in samples] == [
+        (str(first.resolve()), "a:b"), (str(first.resolve()), "s3:x/y:z"), (str(second.resolve()), "b"), (piped, "a:b"), (piped, "s3:x/y:z")]
+    assert samples[0].image_id == f"{str(first.resolve()).replace('%', '%25').replace(':', '%3A')}:a:b"
+    assert [x.image.tar_member for x in samples[:3]] == [(str(first), "a:b.jpg"), (str(first), "s3:x/y:z.jpg"), (str(second), "b.jpg")]
+    assert samples[3].image.name == f"{piped}:a:b.jpg"

@@ -169,12 +169,13 @@ def changed_images(config: CompareConfig, directory: Path) -> list[str]:
     from vlbridge.data.config import load_data_config
     from vlbridge.data.records import Skipped
     from vlbridge.train.cache_dataset import FeatureStore, iter_samples
+    from vlbridge.train.cache_tars import cached_samples
 
     store = FeatureStore(directory)
     changed: list[str] = []
     for i, data in enumerate(data_sources(config)):
-        samples = [s for s in iter_samples(load_data_config(data, f"data[{i}]"), f"data[{i}]", keep_bytes=False)
-                   if not isinstance(s, Skipped) and (s.image_id in store.rows or s.image_id in store.skipped)]
+        read = cached_samples(list(iter_samples(load_data_config(data, f"data[{i}]"), f"data[{i}]", keep_bytes=False)), store.manifest)
+        samples = [s for s in read if not isinstance(s, Skipped) and (s.image_id in store.rows or s.image_id in store.skipped)]
         changed += store.changed_images(samples, [store.rows[s.image_id][:2] if s.image_id in store.rows else None for s in samples])
     return changed
 

@@ -34,12 +34,14 @@ class DataConfigError(DataError):
 class ImageRef:
     """Where an image's bytes are: a file path, or bytes already in memory (a tar member).
 
-    `name` is what errors and skip logs show: the path, or `shard.tar:key.jpg`.
+    `name` is what errors and skip logs show: the path, or `shard.tar:key.jpg`; `tar_member` is a tar
+    member's (shard as read, member name), since a ':' in either makes `name` ambiguous.
     """
 
     name: str
     path: str | None = None
     data: bytes | None = field(default=None, repr=False)
+    tar_member: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.data is None):

@@ -8,9 +8,10 @@ dot after the last slash, folders included, the rest its field (`a.b.jpg` is fie
 member is a caption of it (`txt`, then `en.txt`, `alt.txt`... in name order), each one (image, caption)
 pair under one image id, as a JSON file's several captions of an image are; without a non-blank one,
 the "caption" of `json` (what LAVIS reads). Samples without an image or a caption, with a member
-repeated, and shards that break off, come out as `Skipped` so they can be counted. A sample's image id is its shard and key, so equal keys in two shards (two
-img2dataset outputs both start at 000000000) stay two images. `webdataset` imports torch, so it is
-imported only when a shard is read: listing and validating shards stays torch-free.
+repeated, and shards that break off, come out as `Skipped` so they can be counted. A sample's image
+id is its shard and key (`tar_image_id`: unambiguous whatever ':' either holds), so equal keys in two
+shards (two img2dataset outputs both start at 000000000) stay two images. `webdataset` imports torch,
+so it is imported only when a shard is read: listing and validating shards stays torch-free.
 """
 
 from __future__ import annotations
@@ -223,7 +224,9 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
             why = f"{len(fields)} .txt members ({', '.join(fields)}), all of them blank" if fields else "neither a non-empty .txt member"
             return Skipped(name=name, kind="no text", reason=f"no text ({why} nor a 'caption' in .json){_dotted_hint(key, files)}")
         captions = [""]
-    ref, image_id = ImageRef(name=f"{name}.{image}", data=files[image]), f"{shard_id or shard_identity(shard)}:{key}"
+    member = f"{key}.{image}"
+    ref = ImageRef(name=f"{shard}:{member}", data=files[image], tar_member=(shard, member))
+    image_id = tar_image_id(shard_id or shard_identity(shard), key)
     every = tuple(captions)
     return [ImageText(ref, text, image_id, meta, image_captions=every) for text in captions]
 
@@ -259,6 +262,18 @@ def shard_identity(url: str) -> str:
     else the URL or `pipe:` command as given."""
     path = url.removeprefix("file:")
     return os.path.realpath(path) if not is_url(url) and Path(path).is_file() else url
+
+
+def tar_image_id(shard_id: str, key: str) -> str:
+    """A tar sample's image id, `SHARD:KEY`: the shard's identity with '%' and ':' percent-escaped, so
+    that the first ':' ends it whatever the key holds (paths, `pipe:` and URLs have ':' too)."""
+    return f"{shard_id.replace('%', '%25').replace(':', '%3A')}:{key}"
+
+
+def split_tar_image_id(image_id: str) -> tuple[str, str]:
+    """(shard identity, key) of a `tar_image_id`."""
+    shard, _, key = image_id.partition(":")
+    return shard.replace("%3A", ":").replace("%25", "%"), key
 
 
 def _metadata(raw: bytes | None) -> dict[str, Any]:

@@ -146,8 +146,10 @@ class Manifest(Strict):
     skipped: list[SkippedImage] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list, description="the datasets it was built from")
     assembly: str = Field("", description="the assembly it was built with (for the rebuild command in errors)")
-    tar_ids: Literal["key", "shard:key"] = Field("key", description="what a tar sample's image id is: 'shard:key' (its shard "
-                                                  "and key); 'key' (absent: caches before) let equal keys of two shards share features")
+    tar_ids: Literal["key", "shard:key", "escaped-shard:key"] = Field(
+        "key", description="what a tar sample's image id is: 'escaped-shard:key' (its shard, '%' and ':' percent-escaped, and "
+        "key); 'shard:key' (caches before: the shard as is, so ':' made ids ambiguous; read by translating ids); 'key' (absent: "
+        "caches before that) let equal keys of two shards share features")
 
 
 # -- identity -----------------------------------------------------------------------------------

@@ -285,6 +285,6 @@ def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Seque
             stale.unlink()
     manifest = Manifest(encoder=identity, dtype=settings.dtype, shard_size=settings.shard_size, rows=sum(s.rows for s in shards),
                         shards=shards, skipped=skipped, sources=[source for _, source in loaded], assembly=assembly_label(assembly),
-                        tar_ids="shard:key")
+                        tar_ids="escaped-shard:key")
     atomic_write_text(out / MANIFEST_FILE, manifest_json(manifest))
     return manifest

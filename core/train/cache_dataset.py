@@ -21,9 +21,10 @@ from vlbridge.data.build import read_records
 from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
-from vlbridge.data.shards import expand_shards, iter_shard, shard_identity
+from vlbridge.data.shards import expand_shards, iter_shard, shard_identity, split_tar_image_id, tar_image_id
 from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, file_stamp, read_manifest,
                                   stamp_or_absent, verify_cache)
+from vlbridge.train.cache_tars import cached_samples, is_tar_sample
 
 if TYPE_CHECKING:
     from vlbridge.assemblies.assembly import Assembly
@@ -35,25 +36,25 @@ _SAFETENSORS_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 def portable_name(ref: ImageRef) -> str:
     """An image's name independent of where the data lives: as the annotations write it, or the tar
     member without its shard's path."""
-    return ref.name.rpartition(":")[2] if ref.data is not None else ref.name
+    return ref.tar_member[1] if ref.tar_member is not None else ref.name
 
 
 def image_place(ref: ImageRef) -> str:
     """Where an image is, whatever the annotations call it: the real path of its file, or its
-    shard and member (`shard.tar:key.jpg`)."""
-    if ref.path is not None:
-        return os.path.realpath(ref.path)
-    shard, _, member = ref.name.rpartition(":")
-    return f"{shard_identity(shard)}:{member}"
+    shard and member (`shard.tar:key.jpg`, the shard escaped as in its image ids)."""
+    if ref.tar_member is not None:
+        shard, member = ref.tar_member
+        return tar_image_id(shard_identity(shard), member)
+    return os.path.realpath(ref.path) if ref.path is not None else ref.name
 
 
 def stamped_file(ref: ImageRef) -> str | None:
     """The local file whose size and time stand for an image's bytes: the image file, or the tar
     shard holding it (a stream that is no local file: None)."""
-    if ref.path is not None:
-        return ref.path
-    shard = ref.name.rpartition(":")[0]
-    return shard if shard and os.path.isfile(shard) else None
+    if ref.tar_member is not None:
+        shard = ref.tar_member[0]
+        return shard if os.path.isfile(shard) else None
+    return ref.path
 
 
 def iter_samples(config: DataConfig, where: str, *, keep_bytes: bool) -> Iterator[Record | Skipped]:
@@ -70,7 +71,7 @@ def iter_samples(config: DataConfig, where: str, *, keep_bytes: bool) -> Iterato
         for shard in shards:
             for sample in iter_shard(shard):
                 if isinstance(sample, ImageText) and not keep_bytes:  # only the key is needed to find the features
-                    sample = dataclasses.replace(sample, image=ImageRef(name=sample.image.name, data=b""))
+                    sample = dataclasses.replace(sample, image=dataclasses.replace(sample.image, data=b""))
                 yield sample
 
 
@@ -168,21 +169,23 @@ class FeatureStore:
                 continue
         return changed
 
-    def locate(self, image_id: ImageId, name: str) -> tuple[int, int] | None:
-        """Where an image's features are; None if it was unreadable at build time; CacheError if absent."""
+    def locate(self, image_id: ImageId, name: str, *, tar: bool = False) -> tuple[int, int] | None:
+        """Where an image's features are; None if it was unreadable at build time; CacheError if absent
+        (`tar`: a tar sample's, whose shard may have moved)."""
         found = self.rows.get(image_id)
         if found is None:
-            return None if image_id in self.skipped else _raise_missing(self, image_id, name)
+            return None if image_id in self.skipped else _raise_missing(self, image_id, name, tar)
         if found[2] != name:
             raise CacheError(f"feature cache {str(self.directory)!r}: image id {image_id!r} is {found[2]!r} in the cache but "
                              f"{name!r} in the data; the cache was built from other data; rebuild it from this data")
         return found[0], found[1]
 
 
-def _raise_missing(store: FeatureStore, image_id: ImageId, name: str) -> None:
+def _raise_missing(store: FeatureStore, image_id: ImageId, name: str, tar: bool) -> None:
     sources = ", ".join(source.arguments() for source in store.manifest.sources) or "unknown data"
-    moved = [found for found, row in store.rows.items() if isinstance(found, str) and isinstance(image_id, str) and
-             row[2] == name and found.rpartition(":")[2] == image_id.rpartition(":")[2]]
+    key = split_tar_image_id(str(image_id))[1]
+    moved = [found for found, row in store.rows.items() if tar and isinstance(found, str) and row[2] == name
+             and split_tar_image_id(found)[1] == key]
     if moved:  # a tar member of the same name and key under another shard
         raise CacheError(f"feature cache {str(store.directory)!r} has no features for {image_id!r}, but has {moved[0]!r}: tar samples "
                          "are found by shard and key (equal keys of two shards are two images), so shards that were moved or "
@@ -204,11 +207,13 @@ class FeatureDataset(Dataset):
         if not samples:
             raise DataError("no samples to build a feature dataset from; check the annotation files and the split")
         self.samples, self.store, self.text, self.strict, self.shuffle = samples, store, text, strict, shuffle
-        if store.manifest.tar_ids == "key" and any(isinstance(s, ImageText) and s.image.data is not None for s in samples):
+        if store.manifest.tar_ids == "key" and any(is_tar_sample(s) for s in samples):
             raise CacheError(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge that found tar samples by key "
                              "alone, so equal keys in two shards (two img2dataset outputs) shared one image's features; rebuild it "
                              "(vlbridge cache-features ... --overwrite): tar samples are now found by shard and key")
-        self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image)) for s in samples]
+        self.samples = samples = cached_samples(samples, store.manifest)
+        self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image), tar=is_tar_sample(s))
+                          for s in samples]
         changed = store.changed_images(samples, self.locations)
         if changed:
             raise CacheError(f"feature cache {str(store.directory)!r}: {len(changed)} image file(s) changed since their features "
