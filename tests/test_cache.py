@@ -240,7 +240,7 @@ def test_one_id_for_two_images_and_uncached_images_are_refused(data: Path, cache
 
 def test_webdataset_cache_finds_tar_members_by_shard_and_key(tmp_path: Path, stage1: Any):
     """Features are found by shard and key: equal keys in two shards are two images (they shared one
-    entry), a moved shard is named as such, and a cache of key-only ids is refused as stale."""
+    entry), and a cache of key-only ids is refused as stale."""
     members = [(f"s/{k}.{ext}", data) for k in range(3) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
     write_tar(tmp_path / "a" / "shard-0.tar", members + [("s/9.txt", b"no image")])
     write_tar(tmp_path / "b" / "shard-0.tar", [(name, image_bytes(7) if name.endswith(".jpg") else data) for name, data in members])
@@ -253,14 +253,56 @@ def test_webdataset_cache_finds_tar_members_by_shard_and_key(tmp_path: Path, sta
     for i, seed in ((1, 1), (5, 7)):  # a's second image, b's second (the same key)
         expected = stage1.encode_images(stage1.pixel_values([Image.open(io.BytesIO(image_bytes(seed))).convert("RGB")]))[0]
         torch.testing.assert_close(dataset[i]["image_embeds"], expected, rtol=1e-5, atol=1e-5)
-    (tmp_path / "a").rename(tmp_path / "moved")
-    with pytest.raises(CacheError, match=r"has no features for '.*moved/shard-0.tar:s/0', but has '.*a/shard-0.tar:s/0'.*moved or renamed"):
-        feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "moved" / "shard-0.tar")]}, tmp_path / "c", train=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())  # as an earlier vlbridge wrote it
     del manifest["tar_ids"]
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="earlier vlbridge that found tar samples by key alone.*--overwrite"):
+    with pytest.raises(CacheError, match="earlier vlbridge that found tar samples by key alone.*Rebuild it: vlbridge cache-features --assembly .*--overwrite"):
         feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "b" / "shard-0.tar")]}, tmp_path / "c", train=False)
+
+
+def test_a_moved_or_renamed_shard_is_found_by_its_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A tar image's id holds its shard's real path, so a cache was refused once its shards moved; it
+    records each shard's size and sha256, and finds a shard of the data it does not name by them."""
+    from vlbridge.train import cache_tars
+    from vlbridge.train.cache import file_sha256
+
+    members = [(f"s/{k}.{ext}", data) for k in range(3) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
+    write_tar(tmp_path / "a" / "shard-0.tar", members)
+    write_tar(tmp_path / "b" / "shard-0.tar", [(name, image_bytes(7) if name.endswith(".jpg") else data) for name, data in members])
+    paths = [str(tmp_path / folder / "shard-0.tar") for folder in ("a", "b")]
+    built = build_cache(PRESET, [{"format": "webdataset", "paths": paths}], tmp_path / "c", FP32)
+    hashed: list[str] = []
+    monkeypatch.setattr(cache_tars, "file_sha256", lambda path: (hashed.append(path.name), file_sha256(path))[1])
+    before = [item["image_embeds"] for item in feature_dataset({"format": "webdataset", "paths": paths}, tmp_path / "c", train=False)]
+    assert hashed == []  # shards where the cache found them are not read again
+    shutil.copyfile(paths[0], tmp_path / "copied.tar")  # a new modification time too
+    (tmp_path / "a" / "shard-0.tar").unlink()
+    (tmp_path / "b" / "shard-0.tar").rename(tmp_path / "b" / "renamed.tar")
+    moved = {"format": "webdataset", "paths": [str(tmp_path / "copied.tar"), str(tmp_path / "b" / "renamed.tar")]}
+    after = feature_dataset(moved, tmp_path / "c", train=False)
+    assert [item["text"] for item in after] == ["caption 0", "caption 1", "caption 2"] * 2 and sorted(hashed) == ["copied.tar", "renamed.tar"]
+    assert all(torch.equal(item["image_embeds"], embeds) for item, embeds in zip(after, before))
+    assert [(t.shard, t.bytes) for t in built.tar_shards] == [(str(Path(p).resolve()), (tmp_path / "copied.tar").stat().st_size) for p in paths]
+    write_tar(tmp_path / "changed.tar", [(name, image_bytes(9) if name.endswith(".jpg") else data) for name, data in members])
+    with pytest.raises(CacheError, match=r"has no features for '.*changed.tar:s/0', but has '.*shard-0.tar:s/0'.*by its content; its "
+                                         r"content .* is none of the cached shards' either: it changed since\. Rebuild the cache: "
+                                         r"vlbridge cache-features --assembly tiny-qformer-opt --format webdataset --paths .* --overwrite"):
+        feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "changed.tar")]}, tmp_path / "c", train=False)
+
+
+def test_a_cache_from_before_shards_were_recorded_is_read_where_they_are_and_refused_where_not(tmp_path: Path):
+    members = [(f"s/{k}.{ext}", data) for k in range(2) for ext, data in (("jpg", image_bytes(k)), ("txt", f"caption {k}".encode()))]
+    shard = write_tar(tmp_path / "a" / "shard-0.tar", members)
+    config = {"format": "webdataset", "paths": [str(shard)]}
+    build_cache(PRESET, [config], tmp_path / "c", FP32)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["tar_ids"], _ = "shard:key", manifest.pop("tar_shards", None)  # as the vlbridge before wrote it
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    assert len(feature_dataset(config, tmp_path / "c", train=False)) == 2
+    (tmp_path / "a").rename(tmp_path / "moved")
+    with pytest.raises(CacheError, match=r"but has '.*a/shard-0.tar:s/0'.*built before vlbridge recorded shards' contents.*"
+                                         r"Rebuild the cache: vlbridge cache-features --assembly tiny-qformer-opt .* --overwrite"):
+        feature_dataset({"format": "webdataset", "paths": [str(tmp_path / "moved" / "shard-0.tar")]}, tmp_path / "c", train=False)
 
 
 def _tar_members(keys: list[str], seed: int = 0) -> list[tuple[str, bytes]]:

@@ -174,8 +174,10 @@ def changed_images(config: CompareConfig, directory: Path) -> list[str]:
     store = FeatureStore(directory)
     changed: list[str] = []
     for i, data in enumerate(data_sources(config)):
-        read = cached_samples(list(iter_samples(load_data_config(data, f"data[{i}]"), f"data[{i}]", keep_bytes=False)), store.manifest)
-        samples = [s for s in read if not isinstance(s, Skipped) and (s.image_id in store.rows or s.image_id in store.skipped)]
+        read, checked = cached_samples(list(iter_samples(load_data_config(data, f"data[{i}]"), f"data[{i}]", keep_bytes=False)),
+                                       store.manifest)  # checked: in a moved shard whose bytes were compared
+        samples = [s for n, s in enumerate(read) if n not in checked and not isinstance(s, Skipped)
+                   and (s.image_id in store.rows or s.image_id in store.skipped)]
         changed += store.changed_images(samples, [store.rows[s.image_id][:2] if s.image_id in store.rows else None for s in samples])
     return changed
 

@@ -118,6 +118,15 @@ class SkippedImage(Strict):
     stamp: list[int] | None = None  # [bytes, mtime_ns] of its file then, [] if there was none; None: a tar stream, or not recorded
 
 
+class TarShard(Strict):
+    """A local tar shard the cache read: its identity as image ids hold it, and its content, by which a
+    shard moved or renamed since is found again."""
+
+    shard: str
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
 class Source(Strict):
     """One dataset the cache was built from: its data config, and the YAML file it came from if any."""
 
@@ -150,6 +159,8 @@ class Manifest(Strict):
         "key", description="what a tar sample's image id is: 'escaped-shard:key' (its shard, '%' and ':' percent-escaped, and "
         "key); 'shard:key' (caches before: the shard as is, so ':' made ids ambiguous; read by translating ids); 'key' (absent: "
         "caches before that) let equal keys of two shards share features")
+    tar_shards: list[TarShard] = Field(default_factory=list, description="the local tar shards it read, by content "
+                                       "(empty: none, or a cache built before shards were recorded)")
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -188,11 +199,13 @@ def build_encoder(assembly: "Assembly", device: "str | torch.device | None" = No
 
 
 def manifest_json(manifest: Manifest) -> str:
-    """The manifest as JSON, one line per shard so that a cache of 100k images stays readable."""
+    """The manifest as JSON, one line per shard (and tar shard) so that a cache of 100k images stays readable."""
     data = manifest.model_dump(mode="json")
-    shards = ",\n".join(f"  {json.dumps(shard)}" for shard in data.pop("shards"))
-    head = json.dumps(data, indent=1)
-    return f'{head[:-2]},\n "shards": [\n{shards}\n ]\n}}\n'
+    lists = {name: data.pop(name) for name in ("tar_shards", "shards")}
+    head = json.dumps(data, indent=1)[:-2]
+    for name, rows in lists.items():
+        head += f',\n "{name}": [' + ",".join(f"\n  {json.dumps(row)}" for row in rows) + ("\n ]" if rows else "]")
+    return head + "\n}\n"
 
 
 # -- reading the manifest -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENS
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, file_sha256, manifest_json, read_manifest, stamp_or_absent, weights_sha256)
 from vlbridge.train.cache_dataset import image_place, iter_samples, portable_name, stamped_file
+from vlbridge.train.cache_tars import record_tar_shards
 from vlbridge.files.userfiles import read_yaml
 
 Log = Callable[[str], None]
@@ -285,6 +286,6 @@ def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Seque
             stale.unlink()
     manifest = Manifest(encoder=identity, dtype=settings.dtype, shard_size=settings.shard_size, rows=sum(s.rows for s in shards),
                         shards=shards, skipped=skipped, sources=[source for _, source in loaded], assembly=assembly_label(assembly),
-                        tar_ids="escaped-shard:key")
+                        tar_ids="escaped-shard:key", tar_shards=record_tar_shards([config for config, _ in loaded]))
     atomic_write_text(out / MANIFEST_FILE, manifest_json(manifest))
     return manifest

@@ -23,7 +23,7 @@ from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard, shard_identity, split_tar_image_id, tar_image_id
 from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, file_stamp, read_manifest,
-                                  stamp_or_absent, verify_cache)
+                                  rebuild_command, stamp_or_absent, verify_cache)
 from vlbridge.train.cache_tars import cached_samples, is_tar_sample
 
 if TYPE_CHECKING:
@@ -187,9 +187,11 @@ def _raise_missing(store: FeatureStore, image_id: ImageId, name: str, tar: bool)
     moved = [found for found, row in store.rows.items() if tar and isinstance(found, str) and row[2] == name
              and split_tar_image_id(found)[1] == key]
     if moved:  # a tar member of the same name and key under another shard
+        why = ("its content (size and sha256) is none of the cached shards' either: it changed since" if store.manifest.tar_shards else
+               "this cache was built before vlbridge recorded shards' contents, so it finds shards only where they were")
         raise CacheError(f"feature cache {str(store.directory)!r} has no features for {image_id!r}, but has {moved[0]!r}: tar samples "
-                         "are found by shard and key (equal keys of two shards are two images), so shards that were moved or "
-                         "renamed since need the cache rebuilt (vlbridge cache-features ... --overwrite)")
+                         "are found by shard and key (equal keys of two shards are two images), and a shard moved or renamed since "
+                         f"by its content; {why}. Rebuild the cache: {rebuild_command(store.manifest, directory=store.directory)}")
     raise CacheError(f"feature cache {str(store.directory)!r} has no features for image {name!r} (id {image_id!r}); it was "
                      f"built from {sources}. Rebuild it including this data (repeat --data for each dataset, train and eval)")
 
@@ -209,12 +211,14 @@ class FeatureDataset(Dataset):
         self.samples, self.store, self.text, self.strict, self.shuffle = samples, store, text, strict, shuffle
         if store.manifest.tar_ids == "key" and any(is_tar_sample(s) for s in samples):
             raise CacheError(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge that found tar samples by key "
-                             "alone, so equal keys in two shards (two img2dataset outputs) shared one image's features; rebuild it "
-                             "(vlbridge cache-features ... --overwrite): tar samples are now found by shard and key")
-        self.samples = samples = cached_samples(samples, store.manifest)
+                             "alone, so equal keys in two shards (two img2dataset outputs) shared one image's features; tar samples "
+                             f"are now found by shard and key. Rebuild it: {rebuild_command(store.manifest, directory=store.directory)}")
+        samples, found_by_content = cached_samples(samples, store.manifest)
+        self.samples = samples
         self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image), tar=is_tar_sample(s))
                           for s in samples]
-        changed = store.changed_images(samples, self.locations)
+        stamped = [i for i in range(len(samples)) if i not in found_by_content]  # a moved shard's bytes were checked instead
+        changed = store.changed_images([samples[i] for i in stamped], [self.locations[i] for i in stamped])
         if changed:
             raise CacheError(f"feature cache {str(store.directory)!r}: {len(changed)} image file(s) changed since their features "
                              f"were computed (size or modification time differs, or a file unreadable or missing then is there now), "
