@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.test_data_samples import image_bytes, sample_members, shards, write_image, write_jsonl, write_tar  # noqa: E402
-from vlbridge.data import DataConfigError, DataError, DataProgress, ImageText, Skipped, build_dataset, expand_shards, iter_shard, load_data_config, make_loader  # noqa: E402
+from vlbridge.data import (DataConfigError, DataError, DataProgress, ImageText, Skipped, build_dataset, expand_shards, flatten_groups,  # noqa: E402
+                           group_captions, iter_shard, load_data_config, make_loader)
 from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess  # noqa: E402
 
 PRE = Preprocess(16, CLIP_MEAN, CLIP_STD, "bicubic")
@@ -202,6 +203,8 @@ def test_every_text_member_is_a_caption_of_the_image_as_in_json(tmp_path):
     (blank,) = [x for x in out if isinstance(x, Skipped)]
     assert blank.kind == "no text" and "2 .txt members (de.txt, en.txt), all of them blank" in blank.reason
     assert pairs[-1].extra["text_output"] == "a cat"  # an instruction pair is one pair, not one per caption
+    retrieval = flatten_groups(group_captions(pairs))  # what evaluation and retrieval make of the pairs, as of JSON's
+    assert retrieval.img2txt == [[0, 1], [2, 3], [4, 5], [6], [7]] and retrieval.txt2img == [0, 0, 1, 1, 2, 2, 3, 4]
     in_order = {"k1": ["ein Hund", "a dog"], "k2": ["main caption", "alt text"], "k3": ["zero", "one"]}
     for i, key in enumerate(in_order):
         write_image(tmp_path / "images" / f"{key}.jpg", seed=i)
