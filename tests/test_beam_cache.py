@@ -15,10 +15,10 @@ from vlbridge.plugin.registry import get_registry  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _layers(images: int = 2, group: int = 3, prompt: int = 5, capacity: int = 2):
+def _layers(images: int = 2, group: int = 3, prompt: int = 5, capacity: int = 2, value_width: int = 8):
     """A DynamicLayer holding each image's prompt once per beam, and the shared-prompt layer of the same prompt."""
     torch.manual_seed(0)
-    keys, values = torch.randn(images, 4, prompt, 8), torch.randn(images, 4, prompt, 8)
+    keys, values = torch.randn(images, 4, prompt, 8), torch.randn(images, 4, prompt, value_width)
     plain = DynamicLayer()
     plain.update(keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0))
     return plain, beam_cache.SharedPromptLayer(keys, values, beam_cache.BeamGroups(group), capacity)
@@ -29,12 +29,13 @@ def _same(plain, shared) -> None:
     assert torch.equal(shared.keys, plain.keys) and torch.equal(shared.values, plain.values)
 
 
-def test_updates_and_reorders_equal_a_dynamic_layer():
-    plain, shared = _layers(capacity=2)  # the third new position outgrows the buffers
+@pytest.mark.parametrize("value_width", [8, 4])  # 4: values narrower than keys, as multi-head latent attention's (DeepSeek-V2/V3)
+def test_updates_and_reorders_equal_a_dynamic_layer(value_width):
+    plain, shared = _layers(capacity=2, value_width=value_width)  # the third new position outgrows the buffers
     within = torch.tensor([2, 2, 0, 4, 3, 3])  # every beam stays with its image: the prompt is not copied
     across = torch.tensor([3, 0, 1, 5, 4, 2])
     for step, order in enumerate((within, within, across, within)):
-        new_k, new_v = torch.randn(6, 4, 1, 8), torch.randn(6, 4, 1, 8)
+        new_k, new_v = torch.randn(6, 4, 1, 8), torch.randn(6, 4, 1, value_width)
         out = shared.update(new_k, new_v)
         plain.update(new_k, new_v)
         assert torch.equal(out[0], plain.keys)

@@ -48,9 +48,10 @@ class SharedPromptLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, groups: BeamGroups, capacity: int) -> None:
         super().__init__()
-        images, heads, shared, width = keys.shape
+        shared = keys.shape[-2]
         self._buffers = []
-        for prompt in (keys, values):
+        for prompt in (keys, values):  # each its own shape: MLA (DeepSeek-V2/V3) keys are wider than its values
+            images, heads, _, width = prompt.shape
             buffer = prompt.new_empty(images * groups.size, heads, shared + capacity, width)
             buffer.view(images, groups.size, heads, shared + capacity, width)[:, :, :, :shared] = prompt[:, None]
             self._buffers.append(buffer)
