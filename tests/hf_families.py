@@ -41,6 +41,24 @@ RECURRENT: dict[str, dict[str, Any]] = {
     "lfm2": dict(model_type="lfm2", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                  num_key_value_heads=2, full_attn_idxs=[1], max_position_embeddings=128),
 }
+# Families with tests of their own: multi-head latent attention (DeepSeek-V3: keys wider than values in
+# the cache), a recurrent state transformers cannot reorder for beams (RWKV), a model whose generate
+# refuses inputs_embeds (Bamba), and an encoder that needs input_ids (FSMT).
+OTHER_CAUSAL: dict[str, dict[str, Any]] = {
+    "deepseek_v3": dict(model_type="deepseek_v3", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                        first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                        v_head_dim=4, n_group=1, topk_group=1, max_position_embeddings=128),
+    "rwkv": dict(model_type="rwkv", hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64, context_length=128),
+    "bamba": dict(model_type="bamba", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1, mamba_chunk_size=8,
+                  max_position_embeddings=128),
+}
+OTHER_SEQ2SEQ: dict[str, dict[str, Any]] = {
+    "fsmt": dict(model_type="fsmt", d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, src_vocab_size=VOCAB, tgt_vocab_size=VOCAB,
+                 langs=["en", "de"], decoder_start_token_id=0),
+}
 SEQ2SEQ: dict[str, dict[str, Any]] = {
     "t5": dict(model_type="t5", d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=1,
                feed_forward_proj="gated-gelu", decoder_start_token_id=0),
@@ -60,12 +78,12 @@ def _tokenizer(kind: str, chat: bool) -> Any:
 
 
 def make_llm_dir(directory: Path, family: str, *, chat: bool = False, seed: int = 0, pad: bool = True) -> Any:
-    """A tiny random LLM of `family` (a key of CAUSAL, RECURRENT or SEQ2SEQ) saved with a tokenizer; returns the model.
+    """A tiny random LLM of `family` (a key of CAUSAL, RECURRENT, SEQ2SEQ or OTHER_*) saved with a tokenizer; returns the model.
     `pad=False` saves a tokenizer without a pad token, as Llama's and GPT-2's are."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    seq2seq = family in SEQ2SEQ
-    fields = dict((SEQ2SEQ if seq2seq else {**CAUSAL, **RECURRENT})[family])
+    seq2seq = family in SEQ2SEQ or family in OTHER_SEQ2SEQ
+    fields = dict(({**SEQ2SEQ, **OTHER_SEQ2SEQ} if seq2seq else {**CAUSAL, **RECURRENT, **OTHER_CAUSAL})[family])
     tokenizer = _tokenizer("flan-t5" if seq2seq else "opt", chat)
     special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if not seq2seq:

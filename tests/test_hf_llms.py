@@ -89,6 +89,43 @@ def test_beam_search_over_a_recurrent_state_equals_transformers(family, tmp_path
     assert llm.generate(visual, ids, mask, **settings).tolist() == _reference_generate(llm, visual, ids, **settings).tolist()
 
 
+def test_beam_search_over_latent_attention_equals_transformers(tmp_path):
+    """DeepSeek-V3's multi-head latent attention caches keys wider than its values: the shared-prompt
+    beam cache sized both from the keys and crashed on the first beam search."""
+    make_llm_dir(tmp_path / "mla", "deepseek_v3")
+    llm = build_causal(HFCausalLMOptions(model=str(tmp_path / "mla")))
+    torch.manual_seed(1)
+    visual = torch.randn(2, 3, llm.embed_width)
+    ids, mask = llm.tokenize(["a red ball on the left", "a red ball"], padding_side="left")
+    settings = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=llm.tokenizer.pad_token_id)
+    for row in range(2):
+        one = llm.tokenize([["a red ball on the left", "a red ball"][row]])
+        expected = _reference_generate(llm, visual[row:row + 1], one[0], **settings)
+        assert llm.generate(visual[row:row + 1], *one, **settings).tolist() == expected.tolist()
+    assert llm.generate(visual, ids, mask, **settings).shape[0] == 2
+
+
+def test_what_transformers_cannot_generate_is_refused_by_name(tmp_path):
+    """Bamba's generate refuses inputs_embeds (transformers asked for a pull request), RWKV's state
+    cannot follow beams, FSMT's encoder needs input_ids: each is a VLBridgeError naming the model and
+    the way out, and what does work (a training forward, greedy RWKV) still does."""
+    for family in ("bamba", "rwkv", "fsmt"):
+        make_llm_dir(tmp_path / family, family)
+    visual = torch.randn(1, 3, 32)
+    bamba = build_causal(HFCausalLMOptions(model=str(tmp_path / "bamba")))
+    ids, mask = bamba.tokenize(["a red ball"])
+    assert torch.isfinite(bamba(visual, ids, mask, labels=ids).loss)
+    with pytest.raises(VLBridgeError, match=r"cannot generate from inputs_embeds with BambaForCausalLM \('bamba'\)"):
+        bamba.generate(visual, ids, mask, max_new_tokens=2)
+    rwkv = build_causal(HFCausalLMOptions(model=str(tmp_path / "rwkv")))
+    settings = dict(max_new_tokens=3, pad_token_id=rwkv.tokenizer.pad_token_id)
+    assert rwkv.generate(visual, ids, mask, **settings).tolist() == _reference_generate(rwkv, visual, ids, **settings).tolist()
+    with pytest.raises(VLBridgeError, match="RwkvForCausalLM cannot beam-search.*num_beams: 1"):
+        rwkv.generate(visual, ids, mask, num_beams=2, **settings)
+    with pytest.raises(VLBridgeError, match="FSMTForConditionalGeneration's encoder needs input_ids"):
+        build_seq2seq(HFSeq2SeqOptions(model=str(tmp_path / "fsmt")))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_padded_generation_equals_one_prompt_at_a_time(family, family_dirs):
     """Rows padded to a common length generate what they generate alone (positions follow the mask)."""

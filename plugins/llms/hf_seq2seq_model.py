@@ -7,6 +7,7 @@ itself (T5's and BART's append </s>), so captions get no suffix. FlanT5 (`flan_t
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -60,4 +61,15 @@ def build(opts: HFSeq2SeqOptions) -> Seq2SeqLM:
         model = tiny_model(tokenizer).to(dtype)
     else:
         model, tokenizer = load_pretrained("hf-seq2seq", AutoModelForSeq2SeqLM, opts.model, "", opts.model, dtype, pad_from_eos=True)
+    check_encoder_reads_embeddings(model)
     return Seq2SeqLM(model, tokenizer, **prompting("hf-seq2seq", tokenizer, opts))
+
+
+def check_encoder_reads_embeddings(model: Any) -> None:
+    """The visual prompt enters the encoder as `inputs_embeds`; an encoder whose forward requires
+    `input_ids` (FSMT's, which derives its positions from them) cannot read it."""
+    given = inspect.signature(model.get_encoder().forward).parameters.get("input_ids")
+    if given is not None and given.default is inspect.Parameter.empty:
+        raise VLBridgeError(f"hf-seq2seq: {type(model).__name__}'s encoder needs input_ids (its forward has no default for them), "
+                            "so it cannot read the visual prompt, which enters as inputs_embeds; choose an encoder-decoder "
+                            "model whose encoder takes inputs_embeds alone (T5, BART, mBART, Pegasus, ...)")

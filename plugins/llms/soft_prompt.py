@@ -94,6 +94,18 @@ def takes_argument(model: Any, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def check_generates_from_embeddings(model: Any, family: str) -> None:
+    """transformers' generate takes `inputs_embeds` for a decoder-only model only where the model's
+    `prepare_inputs_for_generation` names them (Bamba, Zamba, Falcon-H1, Nemotron-H, CTRL... do not),
+    and the visual prompt has no other way in: refuse by name before transformers refuses it."""
+    if "inputs_embeds" not in inspect.signature(model.prepare_inputs_for_generation).parameters:
+        kind = getattr(getattr(model, "config", None), "model_type", "?")
+        raise VLBridgeError(f"{family}: transformers cannot generate from inputs_embeds with {type(model).__name__} ({kind!r}): "
+                            "its prepare_inputs_for_generation takes none, and the visual prompt reaches the LLM only as input "
+                            "embeddings, so this model can be trained on but cannot caption or answer; choose a model family "
+                            "that generates from inputs_embeds (Llama, Qwen, Mistral, Gemma, Phi, GPT-2, ...)")
+
+
 def penalise_every_new_token(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`repetition_penalty` on every generated token of every row, as for an unpadded prompt.
 
@@ -259,6 +271,8 @@ class SoftPromptLLM(FrozenPart):
     def generate(self, visual_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  **generation_kwargs: Any) -> torch.Tensor:
         """Generate after `[visual; text]` for a batch; returns the new token ids (B * num_return_sequences, L_new)."""
+        if not self.is_encoder_decoder:
+            check_generates_from_embeddings(self.model, self.family)
         embeds, mask = self.visual_prompt(visual_embeds, input_ids, attention_mask, self.generate_pad_side)
         kwargs = merge_generation_kwargs(generation_kwargs, self.generation_defaults())
         if not self.is_encoder_decoder:
@@ -273,7 +287,13 @@ class SoftPromptLLM(FrozenPart):
         with warnings.catch_warnings():
             # With only inputs_embeds the prompt has no ids to penalise: BLIP-2 behaves the same.
             warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`.*")
-            output = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            try:
+                output = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            except ValueError as exc:  # RWKV's state: transformers refuses at the first beam step
+                if "cannot be reordered" not in str(exc):
+                    raise
+                raise VLBridgeError(f"{self.family}: {type(self.model).__name__} cannot beam-search: transformers cannot reorder "
+                                    "its cache between beams; generate with num_beams: 1") from exc
         sequences = output.sequences if hasattr(output, "sequences") else output
         return self.new_tokens(sequences)
 
