@@ -98,6 +98,26 @@ def test_tokens_equal_transformers_hidden_states(towers, name, options, select):
     assert tuple(got.shape[1:]) == (hf_vision.output(opts).num_tokens, 32) and encoder.output_shape == hf_vision.output(opts)
 
 
+@pytest.mark.parametrize("options", [{}, {"prefix_tokens": 1}])  # a known family now; prefix_tokens was the only way in
+def test_vit_mae_sees_every_patch_in_order(tmp_path, options):
+    """ViTMAEModel's forward drops a random 75% of the patches (mask_ratio) and shuffles the rest: the
+    tokens were 2 instead of 5, different at every call, and the contract check blamed the plugin."""
+    model = transformers.ViTMAEModel(transformers.ViTMAEConfig(**BLOCK, image_size=28, patch_size=14))
+    redraw(model, std=0.1, seed=3)
+    model.save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    opts = HFVisionOptions(model=str(tmp_path), **options)
+    encoder = build(opts)
+    reference = transformers.ViTMAEModel.from_pretrained(tmp_path, mask_ratio=0.0).eval()
+    pixels = _pixels(28)
+    order = torch.arange(4.0).expand(2, -1)  # noise that sorts to the patches' own order
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, noise=order, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(encoder(pixels), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(encoder(pixels), expected, atol=1e-5, rtol=0)  # and again: nothing random
+    assert hf_vision.output(opts) == TokenShape(5, 32) and hf_vision.num_params(opts) == _numel(encoder)
+
+
 @pytest.mark.parametrize("name", ["siglip", "dinov2"])
 def test_final_norm_on_the_last_layer_equals_last_hidden_state(towers, name):
     directory, reference, size = towers[name]
@@ -359,7 +379,7 @@ def test_declared_params_follow_the_config_fields(tmp_path, model_class, config,
 
 @pytest.mark.parametrize("model_type, model_class", [
     ("clip_vision_model", "CLIPVisionModel"), ("siglip_vision_model", "SiglipVisionModel"), ("dinov2", "Dinov2Model"),
-    ("dinov2_with_registers", "Dinov2WithRegistersModel"), ("vit", "ViTModel"),
+    ("dinov2_with_registers", "Dinov2WithRegistersModel"), ("vit", "ViTModel"), ("vit_mae", "ViTMAEModel"),
 ])
 def test_a_config_that_omits_fields_counts_transformers_defaults(tmp_path, model_type, model_class):
     """transformers fills an omitted field from its config class; so must the count (and the token layout)."""

@@ -1,6 +1,6 @@
 """Registration of `hf-vision`: the hidden states of a transformers vision tower (declarations only, no torch).
 
-Any CLIP, SigLIP, DINOv2 (with or without registers) or ViT tower saved by save_pretrained, full
+Any CLIP, SigLIP, DINOv2 (with or without registers), ViT or ViT-MAE tower saved by save_pretrained, full
 dual-tower CLIP / SigLIP directories included (their vision half is used), and other ViT-like
 towers whose forward returns `hidden_states` once `prefix_tokens` says how many tokens precede
 the patches. Shapes and preprocessing come from the directory's `config.json` and
@@ -14,7 +14,9 @@ and SigLIP's `post_layernorm`, which transformers applies to `last_hidden_state`
 `post_layernorm`, which transformers applies to the pooled [CLS] only). Token selection: [CLS]
 kept by default (`include_cls`, BLIP-2's choice); DINOv2's register tokens dropped by default
 (`include_registers`: they hold no patch content). SigLIP has no [CLS]: `include_cls` changes
-nothing there, on purpose, so one assembly can switch towers by `model` alone.
+nothing there, on purpose, so one assembly can switch towers by `model` alone. ViT-MAE's forward
+masks a random 75% of the patches (its pre-training): hf-vision turns the masking off, so it sees
+every patch in order.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class Family:
     interpolation: str
     resize_mode: str
     crop_fraction: float = 1.0  # image_size / resized shorter side, without a preprocessor_config.json
+    masks_patches: bool = False  # the forward drops a random config.mask_ratio of the patches (ViT-MAE's pre-training)
 
 
 # transformers' config class defaults (CLIPVisionConfig, SiglipVisionConfig, Dinov2Config, ...): the
@@ -55,6 +56,8 @@ FAMILIES: dict[str, Family] = {
     "dinov2_with_registers": Family(1, "layernorm", {**_DINOV2_DEFAULTS, "num_register_tokens": 4},
                                     IMAGENET_MEAN, IMAGENET_STD, "bicubic", "shortest", 224 / 256),
     "vit": Family(1, "layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "qkv_bias": True}, HALF, HALF, "bilinear", "squash"),
+    "vit_mae": Family(1, "layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "qkv_bias": True}, HALF, HALF, "bilinear", "squash",
+                      masks_patches=True),  # ViTImageProcessor's defaults, as for ViT
 }
 
 

@@ -64,6 +64,7 @@ class HFVisionEncoder(FrozenPart):
         self.keep_cls, self.keep_registers = (n > 0 for n in hf_vision.kept_prefix(opts))
         self.norm_path = self._find_norm() if opts.final_norm else None
         self.call_kwargs = self._resolution_kwargs()
+        self.in_order = self._unmask()
         index = opts.layer % (facts.layers + 1)
         self.layers_path = self._find_layers()  # where the blocks are (None: an unfamiliar layout)
         self.index = index if opts.keep_all_layers else self._cut(index)
@@ -94,6 +95,16 @@ class HFVisionEncoder(FrozenPart):
             raise VLBridgeError(f"hf-vision: {type(self.tower).__name__} cannot take {self.image_size} px images (its position "
                                 f"embeddings are for {self.facts.image_size} px and it cannot interpolate them); leave image_size unset")
         return {"interpolate_pos_encoding": True}
+
+    def _unmask(self) -> bool:
+        """ViT-MAE's forward keeps a random (1 - mask_ratio) of the patches, shuffled: a quarter of them,
+        different at every call. As a feature extractor it must see every patch in order, so mask_ratio
+        is set to 0 and `forward` passes noise that sorts to the identity order. True for such a tower."""
+        family = FAMILIES.get(self.facts.model_type)
+        if family is None or not family.masks_patches:
+            return False
+        self.tower.config.mask_ratio = 0.0  # the embeddings read it at every call
+        return True
 
     def _cut(self, index: int) -> int:
         """Drop the blocks after hidden_states[index] and the pooling heads; the index into the cut model's hidden_states."""
@@ -128,7 +139,11 @@ class HFVisionEncoder(FrozenPart):
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise VLBridgeError(f"hf-vision expects pixels shaped (B, {', '.join(map(str, expected))}), got {tuple(pixel_values.shape)}")
         dtype = next(self.tower.parameters()).dtype
-        out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **self.call_kwargs)
+        kwargs = dict(self.call_kwargs)
+        if self.in_order:
+            patches = (self.image_size // self.facts.patch) ** 2
+            kwargs["noise"] = torch.arange(patches, device=pixel_values.device, dtype=torch.float32).expand(len(pixel_values), -1)
+        out = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **kwargs)
         hidden = out.hidden_states[self.index]
         if self.norm_path is not None:
             hidden = getattr(self.vision, self.norm_path)(hidden)

@@ -2,7 +2,7 @@
 validate` can say how big the frozen encoder is before anything is loaded.
 
 One formula per family transformers builds (`CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model`,
-`Dinov2WithRegistersModel`, `ViTModel`, `DeiTModel`), counting what vlbridge keeps: `blocks` of the
+`Dinov2WithRegistersModel`, `ViTModel`, `DeiTModel`, `ViTMAEModel`), counting what vlbridge keeps: `blocks` of the
 blocks, and the pooling head only where it stays (`head`). Other model types give None (unknown, never
 a guess); so does a DeiT config that leaves a counted key to its class defaults, which vlbridge does
 not table. Tests compare every formula with the built module.
@@ -85,6 +85,7 @@ def _vit_like(prefix: int, pooler_always: bool) -> Counter:
 COUNTS: dict[str, Counter] = {
     "clip_vision_model": _clip, "siglip_vision_model": _siglip, "dinov2": _dinov2, "dinov2_with_registers": _dinov2,
     "vit": _vit_like(1, pooler_always=False), "deit": _vit_like(2, pooler_always=True),
+    "vit_mae": lambda c, blocks, head: _vit_like(1, pooler_always=False)(c, blocks, False),  # ViTMAEModel has no pooler
 }
 
 
