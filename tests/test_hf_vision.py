@@ -281,6 +281,16 @@ def test_option_errors(towers, tmp_path):
         HFVisionOptions(model=str(tmp_path / "no_processor"), prefix_tokens=2)
 
 
+@pytest.mark.parametrize("config_class", ["ConvNextConfig", "SwinConfig"])
+def test_towers_without_one_token_sequence_are_refused(tmp_path, config_class):
+    """A CNN or a hierarchical tower has no single (tokens, width) hidden state. It was asked for
+    prefix_tokens, which could not help, and then told it lacked hidden_size: now refused for what it is."""
+    getattr(transformers, config_class)().save_pretrained(tmp_path)
+    for extra in ({}, {"prefix_tokens": 0}):
+        with pytest.raises(ValueError, match=r"Convolutional or hierarchical towers \(ConvNeXt, ResNet, Swin, Hiera\).* not supported"):
+            HFVisionOptions(model=str(tmp_path), **extra)
+
+
 def _copy_with(directory: str, target: Path, change) -> str:
     target.mkdir()
     for path in Path(directory).iterdir():

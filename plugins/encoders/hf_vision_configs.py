@@ -162,12 +162,17 @@ def describe_tower(config: dict[str, Any], where: str, prefix_tokens: int | None
     """The vision tower's layout; ValueError for a model that is not a vision tower vlbridge can read."""
     model_type, dual, values = vision_values(config)
     family = FAMILIES.get(model_type)
-    if family is None and prefix_tokens is None:
-        raise ValueError(f"{where} holds a {model_type!r} model; hf-vision knows the vision towers "
-                         f"{', '.join([*DUAL_TOWERS, *FAMILIES])}. For another ViT-like tower whose forward returns "
-                         "hidden_states, set prefix_tokens (how many tokens come before the patch tokens)")
     missing = [key for key in ("hidden_size", "num_hidden_layers", "image_size", "patch_size")
                if not isinstance(values.get(key), int) or isinstance(values.get(key), bool)]
+    if family is None and (prefix_tokens is None or missing):
+        known = f"{where} holds a {model_type!r} model; hf-vision knows the vision towers {', '.join([*DUAL_TOWERS, *FAMILIES])}. "
+        if missing:  # prefix_tokens would not help
+            raise ValueError(known + f"Its config.json lacks integer {', '.join(missing)}: it is no ViT-like tower, whose "
+                             "hidden_states are (batch, tokens, width) on one fixed patch grid. Convolutional or hierarchical towers "
+                             "(ConvNeXt, ResNet, Swin, Hiera) and variable-resolution ones (SigLIP 2 NaFlex) are not supported; "
+                             "use a ViT-like tower, or write an encoder plugin for it")
+        raise ValueError(known + "For another ViT-like tower whose forward returns hidden_states, set prefix_tokens "
+                         "(how many tokens come before the patch tokens)")
     if missing:
         raise ValueError(f"{where}: config.json lacks integer {', '.join(missing)}; hf-vision reads ViT-like towers")
     cls_tokens = family.cls_tokens if prefix_tokens is None else prefix_tokens
