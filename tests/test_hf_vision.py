@@ -43,6 +43,7 @@ def _towers() -> dict[str, tuple[object, object, int]]:
         "dinov2": (t.Dinov2Model(t.Dinov2Config(**BLOCK, image_size=28, patch_size=14)), t.Dinov2Model, 28),
         "dinov2-reg": (t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**BLOCK, image_size=28, patch_size=14, num_register_tokens=2)),
                        t.Dinov2WithRegistersModel, 28),
+        "dinov3": (t.DINOv3ViTModel(t.DINOv3ViTConfig(**BLOCK, image_size=28, patch_size=14, num_register_tokens=2)), t.DINOv3ViTModel, 28),
         "vit": (t.ViTModel(t.ViTConfig(**BLOCK, image_size=28, patch_size=14)), t.ViTModel, 28),
         "deit": (t.DeiTModel(t.DeiTConfig(**BLOCK, image_size=28, patch_size=14)), t.DeiTModel, 28),
     }
@@ -83,6 +84,8 @@ def _hidden(reference, pixels: torch.Tensor, **kwargs):
     ("dinov2", {"include_cls": False}, slice(1, None)),
     ("dinov2-reg", {"layer": -1}, [0, *range(3, 7)]),  # [CLS] + patches; the 2 registers dropped by default
     ("dinov2-reg", {"include_registers": True, "include_cls": False}, slice(1, None)),
+    ("dinov3", {"layer": 1}, [0, *range(3, 7)]),  # DINOv3 as DINOv2 with registers; it needed prefix_tokens and kept them
+    ("dinov3", {"include_registers": True, "include_cls": False}, slice(1, None)),
     ("vit", {"layer": 2}, slice(None)),
     ("deit", {"prefix_tokens": 2, "include_cls": False}, slice(2, None)),  # [CLS] + distillation token
 ])
@@ -118,10 +121,10 @@ def test_vit_mae_sees_every_patch_in_order(tmp_path, options):
     assert hf_vision.output(opts) == TokenShape(5, 32) and hf_vision.num_params(opts) == _numel(encoder)
 
 
-@pytest.mark.parametrize("name", ["siglip", "dinov2"])
+@pytest.mark.parametrize("name", ["siglip", "dinov2", "dinov3"])
 def test_final_norm_on_the_last_layer_equals_last_hidden_state(towers, name):
     directory, reference, size = towers[name]
-    encoder = build(HFVisionOptions(model=directory, layer=-1, final_norm=True))
+    encoder = build(HFVisionOptions(model=directory, layer=-1, final_norm=True, include_registers=True))
     pixels = _pixels(size)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), _hidden(reference, pixels).last_hidden_state, atol=1e-5, rtol=0)
@@ -138,11 +141,11 @@ def test_later_blocks_and_heads_are_removed(towers):
         torch.testing.assert_close(whole(pixels), encoder(pixels), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["clip", "dinov2"])
+@pytest.mark.parametrize("name", ["clip", "dinov2", "dinov3"])  # DINOv3: rotary positions, any grid
 def test_another_resolution_interpolates_position_embeddings(towers, name):
     directory, reference, _ = towers[name]
-    opts = HFVisionOptions(model=directory, image_size=42)
-    assert hf_vision.output(opts) == TokenShape(10, 32) and hf_vision.preprocess(opts).image_size == 42
+    opts = HFVisionOptions(model=directory, image_size=42, include_registers=True)  # DINOv3's 2 registers, kept
+    assert hf_vision.output(opts) == TokenShape(10 + 2 * (name == "dinov3"), 32) and hf_vision.preprocess(opts).image_size == 42
     pixels = _pixels(42)
     kwargs = {"interpolate_pos_encoding": True} if name == "clip" else {}
     with torch.no_grad():

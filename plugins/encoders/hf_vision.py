@@ -1,6 +1,6 @@
 """Registration of `hf-vision`: the hidden states of a transformers vision tower (declarations only, no torch).
 
-Any CLIP, SigLIP, DINOv2 (with or without registers), ViT or ViT-MAE tower saved by save_pretrained, full
+Any CLIP, SigLIP, DINOv2 (with or without registers), DINOv3, ViT or ViT-MAE tower saved by save_pretrained, full
 dual-tower CLIP / SigLIP directories included (their vision half is used), and other ViT-like
 towers whose forward returns `hidden_states` once `prefix_tokens` says how many tokens precede
 the patches. Shapes and preprocessing come from the directory's `config.json` and
@@ -12,7 +12,7 @@ is the penultimate block (LLaVA's choice; the same block as `clip-vit-l`'s and `
 By default nothing else is applied: `final_norm` adds the tower's last norm (DINOv2's `layernorm`
 and SigLIP's `post_layernorm`, which transformers applies to `last_hidden_state` only; CLIP's
 `post_layernorm`, which transformers applies to the pooled [CLS] only). Token selection: [CLS]
-kept by default (`include_cls`, BLIP-2's choice); DINOv2's register tokens dropped by default
+kept by default (`include_cls`, BLIP-2's choice); DINOv2's and DINOv3's register tokens dropped by default
 (`include_registers`: they hold no patch content). SigLIP has no [CLS]: `include_cls` changes
 nothing there, on purpose, so one assembly can switch towers by `model` alone. ViT-MAE's forward
 masks a random 75% of the patches (its pre-training): hf-vision turns the masking off, so it sees
@@ -45,7 +45,7 @@ class HFVisionOptions(Options):
     layer: int = Field(-2, description="index into hidden_states: 0 is the embedding output, i block i's output, -1 the last "
                        "block's, -2 the penultimate (LLaVA's and the default)")
     include_cls: bool = Field(True, description="keep the [CLS] token (BLIP-2 does; LLaVA drops it); SigLIP has none and is unaffected")
-    include_registers: bool = Field(False, description="keep DINOv2's register tokens (after [CLS]); they carry no patch content, so they are dropped by default")
+    include_registers: bool = Field(False, description="keep DINOv2's or DINOv3's register tokens (after [CLS]); they carry no patch content, so they are dropped by default")
     final_norm: bool = Field(False, description="apply the tower's final norm (DINOv2 layernorm, SigLIP/CLIP post_layernorm) to the "
                              "chosen hidden state; off by default, so the tokens equal hidden_states[layer]")
     image_size: int | None = Field(None, ge=1, description="input resolution, a multiple of the patch size; default the image processor's "

@@ -39,6 +39,8 @@ class Family:
     resize_mode: str
     crop_fraction: float = 1.0  # image_size / resized shorter side, without a preprocessor_config.json
     masks_patches: bool = False  # the forward drops a random config.mask_ratio of the patches (ViT-MAE's pre-training)
+    registers: bool = False  # config.num_register_tokens register tokens follow the class token
+    any_resolution: bool = False  # position embeddings fit any grid without being asked (DINOv2 interpolates, DINOv3 is RoPE)
 
 
 # transformers' config class defaults (CLIPVisionConfig, SiglipVisionConfig, Dinov2Config, ...): the
@@ -52,9 +54,11 @@ FAMILIES: dict[str, Family] = {
     "siglip_vision_model": Family(0, "post_layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "vision_use_head": True}, HALF, HALF,
                                   "bicubic", "squash"),
     "dinov2": Family(1, "layernorm", {**_DINOV2_DEFAULTS, "patch_size": 14, "use_mask_token": True}, IMAGENET_MEAN, IMAGENET_STD,
-                     "bicubic", "shortest", 224 / 256),
+                     "bicubic", "shortest", 224 / 256, any_resolution=True),
     "dinov2_with_registers": Family(1, "layernorm", {**_DINOV2_DEFAULTS, "num_register_tokens": 4},
-                                    IMAGENET_MEAN, IMAGENET_STD, "bicubic", "shortest", 224 / 256),
+                                    IMAGENET_MEAN, IMAGENET_STD, "bicubic", "shortest", 224 / 256, registers=True, any_resolution=True),
+    "dinov3_vit": Family(1, "norm", {**_VIT_DEFAULTS, "hidden_size": 384, "num_register_tokens": 0}, IMAGENET_MEAN, IMAGENET_STD,
+                         "bilinear", "squash", registers=True, any_resolution=True),  # DINOv3ViTImageProcessor's defaults
     "vit": Family(1, "layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "qkv_bias": True}, HALF, HALF, "bilinear", "squash"),
     "vit_mae": Family(1, "layernorm", {**_VIT_DEFAULTS, **_MLP_DEFAULTS, "qkv_bias": True}, HALF, HALF, "bilinear", "squash",
                       masks_patches=True),  # ViTImageProcessor's defaults, as for ViT
@@ -176,7 +180,7 @@ def describe_tower(config: dict[str, Any], where: str, prefix_tokens: int | None
     if missing:
         raise ValueError(f"{where}: config.json lacks integer {', '.join(missing)}; hf-vision reads ViT-like towers")
     cls_tokens = family.cls_tokens if prefix_tokens is None else prefix_tokens
-    registers = int(values.get("num_register_tokens", 0)) if model_type == "dinov2_with_registers" and prefix_tokens is None else 0
+    registers = int(values.get("num_register_tokens", 0)) if family is not None and family.registers and prefix_tokens is None else 0
     return TowerFacts(str(model_type), dual, values["hidden_size"], values["num_hidden_layers"], values["patch_size"],
                       values["image_size"], cls_tokens, registers)
 

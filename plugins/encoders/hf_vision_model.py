@@ -33,7 +33,7 @@ from vlbridge.plugin.specs import Preprocess, TokenShape
 
 _FIX = ("give options.model a local directory written by save_pretrained (config.json and the weights), or run where the "
         "Hugging Face hub is reachable; variant: tiny needs neither")
-_LAYER_LISTS = ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "layers", "vision_model.encoder.layer")
+_LAYER_LISTS = ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "layers", "vision_model.encoder.layer", "model.layer")
 _NORMS = ("layernorm", "post_layernorm", "norm", "final_layernorm")  # where other towers keep their final norm
 _OTHER_TOWER = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")  # of a dual model
 # Heads on top of the tower that hidden_states never pass through: an image-classification checkpoint's
@@ -88,8 +88,10 @@ class HFVisionEncoder(FrozenPart):
         return found
 
     def _resolution_kwargs(self) -> dict[str, Any]:
-        """DINOv2 always interpolates its position embeddings; CLIP, SigLIP and ViT must be asked to."""
-        if self.image_size == self.facts.image_size or self.facts.model_type.startswith("dinov2"):
+        """DINOv2 always interpolates its position embeddings (DINOv3's rotary ones fit any grid); CLIP,
+        SigLIP and ViT must be asked to."""
+        family = FAMILIES.get(self.facts.model_type)
+        if self.image_size == self.facts.image_size or (family is not None and family.any_resolution):
             return {}
         if "interpolate_pos_encoding" not in inspect.signature(self.tower.forward).parameters:
             raise VLBridgeError(f"hf-vision: {type(self.tower).__name__} cannot take {self.image_size} px images (its position "
