@@ -41,6 +41,28 @@ RECURRENT: dict[str, dict[str, Any]] = {
     "lfm2": dict(model_type="lfm2", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                  num_key_value_heads=2, full_attn_idxs=[1], max_position_embeddings=128),
 }
+_BLOCK = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+_BART_LIKE = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, forced_bos_token_id=None,
+                  forced_eos_token_id=None, scale_embedding=True)
+# More families, checked for parity only (forward and generation equal transformers'): what sets each
+# apart is in its settings. Sliding windows of 4 are shorter than every test prompt.
+PARITY_CAUSAL: dict[str, dict[str, Any]] = {
+    "gemma2": dict(model_type="gemma2", **_BLOCK, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                   final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
+    "mistral-window-4": dict(model_type="mistral", **_BLOCK, num_key_value_heads=2, sliding_window=4),
+    "phi3": dict(model_type="phi3", **_BLOCK, num_key_value_heads=2),
+    "gpt_neox": dict(model_type="gpt_neox", **_BLOCK),
+    "falcon": dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),  # ALiBi
+    "starcoder2": dict(model_type="starcoder2", **_BLOCK, num_key_value_heads=2, sliding_window=4),
+    "olmo": dict(model_type="olmo", **_BLOCK),
+}
+PARITY_SEQ2SEQ: dict[str, dict[str, Any]] = {
+    "mbart": dict(model_type="mbart", **_BART_LIKE, decoder_start_token_id=1),
+    "pegasus": dict(model_type="pegasus", **_BART_LIKE, decoder_start_token_id=0),
+    "mt5": dict(model_type="mt5", d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=1, decoder_start_token_id=0),
+}
 # Families with tests of their own: multi-head latent attention (DeepSeek-V3: keys wider than values in
 # the cache), a recurrent state transformers cannot reorder for beams (RWKV), a model whose generate
 # refuses inputs_embeds (Bamba), and an encoder that needs input_ids (FSMT).
@@ -78,12 +100,13 @@ def _tokenizer(kind: str, chat: bool) -> Any:
 
 
 def make_llm_dir(directory: Path, family: str, *, chat: bool = False, seed: int = 0, pad: bool = True) -> Any:
-    """A tiny random LLM of `family` (a key of CAUSAL, RECURRENT, SEQ2SEQ or OTHER_*) saved with a tokenizer; returns the model.
+    """A tiny random LLM of `family` (a key of CAUSAL, RECURRENT, SEQ2SEQ, PARITY_* or OTHER_*) saved with a tokenizer; returns the model.
     `pad=False` saves a tokenizer without a pad token, as Llama's and GPT-2's are."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    seq2seq = family in SEQ2SEQ or family in OTHER_SEQ2SEQ
-    fields = dict(({**SEQ2SEQ, **OTHER_SEQ2SEQ} if seq2seq else {**CAUSAL, **RECURRENT, **OTHER_CAUSAL})[family])
+    seq2seq = family in {**SEQ2SEQ, **PARITY_SEQ2SEQ, **OTHER_SEQ2SEQ}
+    fields = dict(({**SEQ2SEQ, **PARITY_SEQ2SEQ, **OTHER_SEQ2SEQ} if seq2seq else
+                   {**CAUSAL, **RECURRENT, **PARITY_CAUSAL, **OTHER_CAUSAL})[family])
     tokenizer = _tokenizer("flan-t5" if seq2seq else "opt", chat)
     special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if not seq2seq:
