@@ -287,3 +287,21 @@ def test_the_listing_names_a_plugin_whose_registration_module_imports_torch(tmp_
     listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
     assert listed["vlbridge-heavy"]["heavy_imports"] == ["torch"] and listed["vlbridge-light"]["heavy_imports"] == []
     assert listed["vlbridge-heavy"]["status"] == "loaded" and listed["vlbridge-heavy"]["module"] == "heavy_registration"
+
+
+def test_an_unknown_name_points_at_installed_plugins_the_variables_skipped(monkeypatch):
+    """An assembly naming a part of a plugin that VLBRIDGE_LOAD_PLUGINS left out was told only
+    'unknown llm', as if the plugin were not installed; the qualified form already said why."""
+    point = types.SimpleNamespace(name="vlbridge-tinygpt", module="vlbridge_tinygpt.plugin",
+                                  dist=types.SimpleNamespace(name="vlbridge-tinygpt", version="1"),
+                                  load=lambda: _connector_plugin("tinygpt", 4))
+    monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: [point])
+    monkeypatch.setenv("VLBRIDGE_LOAD_PLUGINS", "")
+    with pytest.raises(UnknownComponentError) as err:
+        Registry.collect(load_plugin_set()).resolve("connector", "tinygpt")
+    assert ("Plugins installed but not loaded (VLBRIDGE_LOAD_PLUGINS or VLBRIDGE_DISABLE_PLUGINS leaves them out), "
+            "one of which may declare it: vlbridge-tinygpt (vlbridge plugins --all lists them).") in str(err.value)
+    monkeypatch.setenv("VLBRIDGE_LOAD_PLUGINS", "vlbridge-tinygpt")
+    with pytest.raises(UnknownComponentError) as err:
+        Registry.collect(load_plugin_set()).resolve("connector", "resampler")
+    assert "not loaded" not in str(err.value)

@@ -114,11 +114,18 @@ class Registry:
         return f"no installed plugin is called {qualifier!r}; install it (pip install {qualifier})."
 
     def _broken_hint(self) -> str:
-        """A part asked for by name may be missing because the plugin declaring it failed to load."""
-        broken = sorted(str(r.distribution or r.name) for r in self.plugins.records.values() if r.status == "error")
-        if not broken:
-            return ""
-        return f" Plugins that failed to load, one of which may declare it: {', '.join(broken)} (vlbridge plugins shows why)."
+        """A part asked for by name may be missing because the plugin declaring it failed to load, or
+        was skipped by the plugin variables (an installed plugin left out said only 'unknown')."""
+        def named(status: str) -> str:
+            return ", ".join(sorted(str(r.distribution or r.name) for r in self.plugins.records.values() if r.status == status))
+
+        hint = ""
+        if broken := named("error"):
+            hint += f" Plugins that failed to load, one of which may declare it: {broken} (vlbridge plugins shows why)."
+        if skipped := named("disabled"):
+            hint += (f" Plugins installed but not loaded (VLBRIDGE_LOAD_PLUGINS or VLBRIDGE_DISABLE_PLUGINS leaves them out), "
+                     f"one of which may declare it: {skipped} (vlbridge plugins --all lists them).")
+        return hint
 
     def _installed_hint(self, kind: Kind, name: str) -> str:
         installed = self.names(kind)
