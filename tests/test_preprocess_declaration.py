@@ -22,6 +22,12 @@ BAD = [
     ({"mean": (0.5,)}, r"mean must be three numbers \(R, G, B, for pixels in \[0, 1\]\); got \(0.5,\)"),
     ({"std": 0.5}, "std must be three numbers"),
     ({"std": (0.5, 0.0, 0.5)}, r"std \(0.5, 0.0, 0.5\) must be positive in each channel"),
+    # 8-bit levels (as some libraries write them) normalised every [0, 1] pixel to about -2, silently
+    ({"mean": (123.675, 116.28, 103.53)}, r"mean \(123.675, 116.28, 103.53\) must lie in \[0, 1\] in each channel: "
+                                          r"vlbridge scales pixels to \[0, 1\] before normalising, so give 8-bit levels "
+                                          r"divided by 255 \(e.g. 123.675 -> 0.485\)"),
+    ({"std": (58.395, 57.12, 57.375)}, r"std \(58.395, 57.12, 57.375\) must lie in \[0, 1\] in each channel"),
+    ({"mean": (0.5, float("nan"), 0.5)}, r"mean \(0.5, nan, 0.5\) must lie in \[0, 1\]"),
 ]
 
 
@@ -43,6 +49,8 @@ def test_a_preprocess_the_transform_cannot_use_is_refused_by_name(changes, messa
 
 def test_lists_and_the_defaults_are_accepted():
     assert Preprocess(28, [0.5, 0.5, 0.5], [1, 1, 1]).interpolation == "bicubic"
+    pre = Preprocess(28, [0.5, 0.5, 0.5], [1, 1, 1])  # a list left in the frozen dataclass made it unhashable
+    assert (pre.mean, pre.std) == ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)) and hash(pre) == hash(Preprocess(28, (0.5,) * 3, (1,) * 3))
     check_plugin(encoder_plugin(), build=False)
 
 

@@ -78,6 +78,7 @@ class Preprocess:
             if not (isinstance(values, (tuple, list)) and len(values) == 3
                     and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):  # numpy floats too
                 raise ValueError(f"{field} must be three numbers (R, G, B, for pixels in [0, 1]); got {values!r}")
+            object.__setattr__(self, field, tuple(float(v) for v in values))  # lists and numpy floats: plain, hashable
         fill = self.pad_to_square
         if fill is not None:
             if not (isinstance(fill, (tuple, list)) and len(fill) == 3
@@ -86,6 +87,13 @@ class Preprocess:
             object.__setattr__(self, "pad_to_square", tuple(int(v) for v in fill))  # numpy ints and lists: plain, hashable
         if not all(v > 0 for v in self.std):
             raise ValueError(f"std {tuple(self.std)} must be positive in each channel (it divides the pixels)")
+        # Pixels are scaled to [0, 1] before normalising, so a mean or std in 8-bit levels (123.675, 58.395)
+        # normalised every image to a few hundred below zero, silently, and the encoder read noise.
+        for field in ("mean", "std"):
+            values = getattr(self, field)
+            if not all(0.0 <= v <= 1.0 for v in values):  # NaN and infinities too
+                raise ValueError(f"{field} {values} must lie in [0, 1] in each channel: vlbridge scales pixels to [0, 1] "
+                                 f"before normalising, so give 8-bit levels divided by 255 (e.g. 123.675 -> 0.485)")
         for field in ("image_size", "resize_size"):  # a float side (a division's result) failed at build, naming nothing
             size = getattr(self, field)
             if size is None and field == "resize_size":
