@@ -17,6 +17,11 @@ class PluginWarning(UserWarning):
     trainable-parameter count the plan then states wrongly); check_plugin treats it as an error."""
 
 
+class AssemblyWarning(UserWarning):
+    """What a valid assembly's plan warns about (a plugin part shadowing a built-in's name, a context
+    that relative positions run past), said when it is built too, not only by `vlbridge validate`."""
+
+
 class UnknownComponentError(VLBridgeError, KeyError):
     """A component name that no loaded plugin provides."""
 

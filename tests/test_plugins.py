@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import types
+from pathlib import Path
 
 import pytest
 
@@ -305,3 +306,35 @@ def test_an_unknown_name_points_at_installed_plugins_the_variables_skipped(monke
     with pytest.raises(UnknownComponentError) as err:
         Registry.collect(load_plugin_set()).resolve("connector", "resampler")
     assert "not loaded" not in str(err.value)
+
+
+def test_building_an_assembly_says_its_plan_warnings(recwarn):
+    """A plain `use: linear` next to a plugin's own `linear` keeps the built-in "with a warning", but
+    only `vlbridge validate` printed it: `vlbridge train`, caption and `vlbridge.build` were silent."""
+    from vlbridge.errors import AssemblyWarning
+    from vlbridge.plugintest.check import using_registry
+
+    config = {"name": "shadowed", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+              "connector": {"use": "linear"}, "llm": {"use": "opt", "options": {"variant": "tiny"}}}
+    with using_registry(registry_with({"vlbridge-x": _connector_plugin("linear", 4)})):
+        with pytest.warns(AssemblyWarning, match=r"assembly shadowed: connector 'linear' is provided by vlbridge, vlbridge-x; "
+                                                 r"using the built-in one \(write 'vlbridge:linear' or 'vlbridge-x:linear' to choose\)"):
+            model = vlbridge.build(config)
+    assert model.plan.connector.distribution == "vlbridge"
+    recwarn.clear()
+    vlbridge.build(config)  # without the shadowing plugin: nothing to say
+    assert not [w for w in recwarn if issubclass(w.category, AssemblyWarning)]
+
+
+def test_the_cli_says_a_plan_warning_as_a_plain_line(capsys):
+    """Python's format named the frame that raised it (a contextlib line of the build's decorator)."""
+    from vlbridge.cli.main import main
+    from vlbridge.plugintest.check import using_registry
+
+    image = str(Path(__file__).resolve().parents[1] / "examples" / "images" / "red-circle.png")
+    with using_registry(registry_with({"vlbridge-x": _connector_plugin("linear", 4)})):
+        assert main(["caption", "--assembly", "tiny-linear-opt", "--num-beams", "1", "--max-new-tokens", "2", image]) == 0
+    err = capsys.readouterr().err
+    assert ("vlbridge caption: warning: assembly tiny-linear-opt: connector 'linear' is provided by vlbridge, vlbridge-x; "
+            "using the built-in one (write 'vlbridge:linear' or 'vlbridge-x:linear' to choose)\n") in err
+    assert "contextlib" not in err

@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from vlbridge.cli import cache, convert, demo, evaluate, listing, run, train, validate, world
+from vlbridge.cli.output import plain_warnings
 from vlbridge.errors import VLBridgeError
 from vlbridge.parts.hf_quiet import quiet_hf
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        with quiet_hf():  # vlbridge's output is vlbridge's: no transformers / hub progress bars
+        with quiet_hf(), plain_warnings(args.command):  # vlbridge's output is vlbridge's: no transformers / hub progress bars
             status = int(args.func(args) or 0)
             sys.stdout.flush()  # here, so that a reader gone early is seen below, not at exit
             return status

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 
 def print_json(data: Any) -> None:
@@ -16,3 +18,22 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@contextlib.contextmanager
+def plain_warnings(command: str) -> Iterator[None]:
+    """vlbridge's own warnings (a plan's, a plugin's miscount) as `vlbridge CMD: warning: ...` lines,
+    like its errors; Python's format named whatever frame raised them (a contextlib line) instead."""
+    from vlbridge.errors import AssemblyWarning, PluginWarning
+
+    with warnings.catch_warnings():  # restores showwarning afterwards
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
+            if issubclass(category, (AssemblyWarning, PluginWarning)):
+                print(f"vlbridge {command}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield

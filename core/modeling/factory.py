@@ -18,7 +18,7 @@ from vlbridge.files.checkpoint import META_FILE, WEIGHTS_FILE, checkpoint_assemb
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.files.weights import StateDict, load_subset
-from vlbridge.errors import PluginWarning, VLBridgeError, WeightsError
+from vlbridge.errors import AssemblyWarning, PluginWarning, VLBridgeError, WeightsError
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.parts.hf_quiet import quiet_hf
 from vlbridge.parts.devices import resolve_device
@@ -51,6 +51,8 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     if not isinstance(assembly, Assembly):
         assembly = load_assembly(assembly)
     plan = assembly.plan
+    for message in plan.warnings:  # validate's plan lists them; `vlbridge train`, caption and load said nothing
+        warnings.warn(f"assembly {plan.name}: {message}", AssemblyWarning, stacklevel=2)
     stage = max(plan.stages) if stage is None else stage
     problem = assembly.stage_problem(stage)
     if problem:
