@@ -12,6 +12,7 @@ from typing import Any
 from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.errors import (
     AssemblyError,
+    AssemblyWarning,
     IncompatibleError,
     PluginError,
     PluginWarning,
@@ -27,7 +28,7 @@ from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Assembly", "AssemblyError", "ConnectorSpec", "EncoderSpec", "IncompatibleError", "LLMDims", "LLMSpec",
+    "Assembly", "AssemblyError", "AssemblyWarning", "ConnectorSpec", "EncoderSpec", "IncompatibleError", "LLMDims", "LLMSpec",
     "Options", "Plan", "PluginError", "PluginWarning", "Preprocess", "TokenShape", "UnknownComponentError", "VLBridgeError",
     "WeightsError", "get_registry", "hookimpl", "load_assembly",
 ]

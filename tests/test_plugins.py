@@ -311,7 +311,7 @@ def test_an_unknown_name_points_at_installed_plugins_the_variables_skipped(monke
 def test_building_an_assembly_says_its_plan_warnings(recwarn):
     """A plain `use: linear` next to a plugin's own `linear` keeps the built-in "with a warning", but
     only `vlbridge validate` printed it: `vlbridge train`, caption and `vlbridge.build` were silent."""
-    from vlbridge.errors import AssemblyWarning
+    from vlbridge import AssemblyWarning
     from vlbridge.plugintest.check import using_registry
 
     config = {"name": "shadowed", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
