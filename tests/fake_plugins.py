@@ -143,6 +143,26 @@ def build_plain_encoder(opts: Any) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, kernel_size=7, stride=7), nn.Flatten(2), Transpose())
 
 
+class BlockEncoder(nn.Module):
+    """A plain encoder (no FrozenPart) with a `blocks` list and dropout in every block, as most ViTs have:
+    (B, 3, 28, 28) -> (B, 16, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Sequential(nn.Conv2d(3, 8, kernel_size=7, stride=7), nn.Flatten(2), Transpose())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)) for _ in range(2))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch(pixel_values)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def build_block_encoder(opts: Any) -> nn.Module:
+    return BlockEncoder()
+
+
 def build_bare_llm(opts: Any) -> nn.Module:
     return nn.Linear(64, 64)  # none of the LLM interface
 

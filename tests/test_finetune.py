@@ -247,3 +247,31 @@ def test_lora_on_the_input_embeddings_trains_and_loads(tmp_path, data):
     assert any(".embed_tokens.lora_embedding_" in name for name in moved)
     assert not any(n.startswith("llm.") and not is_lora(n) for n in moved)
     assert torch.equal(logits(vlbridge.load(result.checkpoint)), logits(model))
+
+
+def test_a_plain_encoder_trains_only_its_unfrozen_blocks_in_train_mode():
+    """A plugin encoder that is a plain nn.Module (not a FrozenPart) with `unfreeze: 1` was put in train
+    mode whole when the model trained, so its frozen block's dropout acted on what the trained block
+    reads; a FrozenPart keeps such blocks in eval mode (train_along), and so does the plain module now."""
+    from tests import fake_plugins as fake
+    from vlbridge import EncoderSpec, Preprocess, TokenShape
+    from vlbridge.plugintest.check import using_registry
+
+    spec = EncoderSpec(name="blocky", factory="tests.fake_plugins:build_block_encoder", output=lambda o: TokenShape(16, 8),
+                       preprocess=lambda o: Preprocess(28, (0.5,) * 3, (0.5,) * 3))
+    with using_registry(fake.registry(blocky=fake.plugin("blocky", encoders=[spec]))):
+        model = vlbridge.build(fake.assembly(encoder="blocky", connector="linear"))
+        model.train()
+        assert not any(m.training for m in model.encoder.modules())  # nothing trains: all of it in eval mode
+        unfreeze_encoder(model.encoder, 1, who="blocky")
+        model.train()
+        frozen, trained = model.encoder.blocks
+        assert trained.training and trained[1].training  # the unfrozen block's dropout acts, as in training
+        assert not frozen.training and not frozen[1].training and not model.encoder.patch.training
+        tokens = torch.randn(1, 16, 8)
+        assert torch.equal(frozen(tokens), frozen(tokens))
+        model.eval()
+        assert not any(m.training for m in model.encoder.modules())
+        unfreeze_encoder(model.encoder, "all", who="blocky")
+        model.train()
+        assert all(m.training for m in model.encoder.modules())

@@ -21,7 +21,7 @@ from vlbridge.errors import VLBridgeError
 from vlbridge.finetune.tuning import Tuned
 from vlbridge.modeling import inference, retrieval
 from vlbridge.modeling.connector_protocol import connector_state, set_connector_stage
-from vlbridge.parts.freeze import FrozenPart
+from vlbridge.parts.freeze import FrozenPart, train_what_trains
 from vlbridge.parts.images import to_pixel_batch
 from vlbridge.plugin.contract import check_tokens, describe
 
@@ -66,12 +66,13 @@ class VLBridgeModel(nn.Module):
 
     def train(self, mode: bool = True) -> "VLBridgeModel":
         """Like `nn.Module.train`, but a frozen part stays in eval mode: a `FrozenPart` keeps itself
-        there, and a plugin's plain nn.Module with no parameter that trains is put back (its dropout
-        would otherwise act while the connector trains against it)."""
+        there, and a plugin's plain nn.Module is put back but for the submodules that train (its
+        dropout would otherwise act while the connector trains against it, or its frozen blocks'
+        while its last blocks are fine-tuned)."""
         super().train(mode)
         for part in (self.encoder, self.llm):
-            if part is not None and not isinstance(part, FrozenPart) and not any(p.requires_grad for p in part.parameters()):
-                part.train(False)
+            if part is not None and not isinstance(part, FrozenPart):
+                train_what_trains(part, mode)
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:

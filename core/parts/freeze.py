@@ -88,3 +88,19 @@ class FrozenPart(nn.Module):
             if param.is_floating_point():
                 return param.dtype
         return torch.get_default_dtype()
+
+
+def train_what_trains(module: nn.Module, mode: bool) -> None:
+    """Set a plain (non-FrozenPart) part's mode as FrozenPart keeps its own: a submodule all of whose
+    parameters train follows `mode` whole (its dropout included), one with none that train stays in
+    eval mode, and a mixed one is in eval mode itself while its children are decided alike. So a
+    plugin encoder with its last blocks unfrozen no longer ran its frozen blocks' dropout in training."""
+    trains = [p.requires_grad for p in module.parameters()]
+    if trains and all(trains):
+        module.train(mode)
+    elif not any(trains):
+        module.train(False)
+    else:
+        module.training = False  # this module's own flag; its children are decided one by one
+        for child in module.children():
+            train_what_trains(child, mode)
