@@ -338,3 +338,20 @@ def test_the_cli_says_a_plan_warning_as_a_plain_line(capsys):
     assert ("vlbridge caption: warning: assembly tiny-linear-opt: connector 'linear' is provided by vlbridge, vlbridge-x; "
             "using the built-in one (write 'vlbridge:linear' or 'vlbridge-x:linear' to choose)\n") in err
     assert "contextlib" not in err
+
+
+def test_an_options_field_without_a_default_is_named_with_the_fix():
+    """The refusal was pydantic's own dump ("Field required [type=missing, input_value={}, ...]", a URL)
+    inside 'options model must build with no arguments': it did not say that every field needs a default."""
+    from pydantic import Field
+
+    class NoDefaults(vlbridge.Options):
+        width: int = Field(description="token width")
+        depth: int = Field(2, description="blocks")
+
+    spec = EncoderSpec(name="z", factory="fake.module:build", options=NoDefaults, output=lambda o: TokenShape(4, 8),
+                       preprocess=lambda o: Preprocess(28, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(PluginError, match=re.escape(
+            "z: every field of NoDefaults needs a default (an assembly may set none of its options), and width has none: "
+            "give it one, e.g. Field(DEFAULT, description=...)")):
+        check_plugin(module("nodefault", vlbridge_register_encoders=hook_returning([spec])), build=False)

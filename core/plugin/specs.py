@@ -140,9 +140,14 @@ class _SpecBase:
         if self.weight_sources is not None and not callable(self.weight_sources):
             raise PluginError(f"{self.name}: weight_sources must be a function (options, stage) -> list[WeightSource] "
                               f"or None, got {type(self.weight_sources).__name__}")
+        required = [name for name, field in self.options.model_fields.items() if field.is_required()]
+        if required:  # pydantic's own message ("Field required [type=missing, ...]") did not say what to do
+            raise PluginError(f"{self.name}: every field of {self.options.__name__} needs a default (an assembly may set none "
+                              f"of its options), and {', '.join(required)} {'has' if len(required) == 1 else 'have'} none: "
+                              f"give {'it' if len(required) == 1 else 'each'} one, e.g. Field(DEFAULT, description=...)")
         try:
             self.options()
-        except Exception as exc:  # every field must have a default
+        except Exception as exc:  # a default that its own field or a model_validator refuses
             raise PluginError(f"{self.name}: options model must build with no arguments ({exc})") from exc
 
     def load_factory(self) -> Callable[..., Any]:
