@@ -167,6 +167,14 @@ def build_bare_llm(opts: Any) -> nn.Module:
     return nn.Linear(64, 64)  # none of the LLM interface
 
 
+def build_unwrapped_llm(opts: Any) -> nn.Module:
+    """The tiny OPT's transformers model itself, not wrapped in CausalLM: what a first LLM plugin returns."""
+    from vlbridge.plugins.llms.opt import OPTOptions
+    from vlbridge.plugins.llms.opt_model import build
+
+    return build(OPTOptions(variant="tiny")).model
+
+
 def build_blockless_llm(opts: Any) -> nn.Module:
     """The tiny OPT with its transformers `_no_split_modules` hidden: it lists no blocks to checkpoint or shard."""
     from vlbridge.plugins.llms.opt import OPTOptions

@@ -212,3 +212,17 @@ def test_a_registration_module_that_prints_is_not_taken_for_heavy_imports(tmp_pa
                                                     encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert [s.name for s in check_plugin("registration_chatty", build=False)] == ["pool"]
+
+
+def test_a_bare_transformers_llm_is_pointed_to_the_wrapper():
+    """A factory returning the transformers model itself was told only which members it lacks, not that
+    vlbridge's CausalLM wrapper provides them all (docs/writing-plugins.md, 5.4)."""
+    unwrapped = replace(fake.bare_llm_spec(), name="unwrapped", factory="tests.fake_plugins:build_unwrapped_llm")
+    with pytest.raises(PluginError) as err:
+        check_plugin(fake.plugin("unwrapped", llms=[unwrapped]))
+    assert "its module (OPTForCausalLM) lacks embed_width" in str(err.value)
+    assert ("a transformers model gets them all by returning vlbridge.plugins.llms.hf_causal_lm_model.CausalLM(model, "
+            "tokenizer, end_token_id=..., caption_suffix=...)") in str(err.value)
+    with pytest.raises(PluginError) as err:
+        check_plugin(fake.plugin("bare", llms=[fake.bare_llm_spec()]))
+    assert "CausalLM" not in str(err.value)  # a module that is no transformers model is not sent there

@@ -91,8 +91,18 @@ def build_component(spec: Any, options: Any, *shape_args: Any) -> "nn.Module":
     if not isinstance(module, nn.Module):
         raise PluginError(f"{who}: its factory {spec.factory!r} returned a {type(module).__name__}; "
                           "it must return a torch.nn.Module")
-    require(module, INTERFACES[spec.kind], who, f"vlbridge calls these on every {spec.kind} (see docs/writing-plugins.md)")
+    require(module, INTERFACES[spec.kind], who, f"vlbridge calls these on every {spec.kind} (see docs/writing-plugins.md)"
+            + _wrapper_hint(spec.kind, module))
     return module
+
+
+def _wrapper_hint(kind: str, module: object) -> str:
+    """A bare transformers model returned as an LLM: the wrappers that give it the interface exist."""
+    if kind != "llm" or not any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__):
+        return ""
+    return ("; a transformers model gets them all by returning vlbridge.plugins.llms.hf_causal_lm_model.CausalLM(model, "
+            "tokenizer, end_token_id=..., caption_suffix=...) (hf_seq2seq_model.Seq2SeqLM for an encoder-decoder) from "
+            "the factory (docs/writing-plugins.md, section 5.4)")
 
 
 def check_llm(llm: Any, dims: Any, who: str) -> None:
