@@ -281,6 +281,14 @@ class InterfaceOnly(nn.Module):
         return self.inner.decode(token_ids)
 
 
+def build_plain_llm_with_model(opts: Any) -> nn.Module:
+    """The tiny OPT's interface on a plain nn.Module (no FrozenPart) that shows its transformers model as
+    `model`, where LoRA's adapters go."""
+    llm = build_interface_only_llm(opts)
+    llm.model = llm.inner.model
+    return llm
+
+
 def build_interface_only_llm(opts: Any) -> nn.Module:
     from vlbridge.plugins.llms.opt import OPTOptions
     from vlbridge.plugins.llms.opt_model import build

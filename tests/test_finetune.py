@@ -275,3 +275,25 @@ def test_a_plain_encoder_trains_only_its_unfrozen_blocks_in_train_mode():
         unfreeze_encoder(model.encoder, "all", who="blocky")
         model.train()
         assert all(m.training for m in model.encoder.modules())
+
+
+def test_lora_dropout_acts_in_training_on_a_plain_llm_module():
+    """A plain LLM module (no FrozenPart) holding LoRA adapters is mixed (frozen base, trained adapters),
+    so the rule that keeps its frozen parts in eval mode left the adapters' parameterless dropout there
+    too; a FrozenPart LLM has them follow the mode (train_along), and so does the plain one now."""
+    from tests import fake_plugins as fake
+    from vlbridge.finetune.lora import lora_dropouts
+    from vlbridge.plugintest.check import using_registry
+    from vlbridge.train.finetune import apply_finetune
+    from vlbridge.train.finetune_config import FinetuneConfig
+
+    spec = fake.tiny_opt_spec("build_plain_llm_with_model", "plainopt")
+    with using_registry(fake.registry(plainopt=fake.plugin("plainopt", llms=[spec]))):
+        model = vlbridge.build(fake.assembly(llm="plainopt", connector="linear"), stage=2)
+        apply_finetune(model, FinetuneConfig(lora={"r": 2, "dropout": 0.1}), 1e-4)
+        dropouts = lora_dropouts(model.llm.model)
+        model.train()
+        assert dropouts and all(m.training for m in dropouts)
+        assert not model.llm.model.model.decoder.layers[0].self_attn.q_proj.base_layer.training
+        model.eval()
+        assert not any(m.training for m in dropouts)

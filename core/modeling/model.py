@@ -18,6 +18,7 @@ from torch import nn
 from vlbridge.assemblies.assembly import Assembly
 from vlbridge.assemblies.saved import checkpoint_config
 from vlbridge.errors import VLBridgeError
+from vlbridge.finetune.lora import lora_dropouts
 from vlbridge.finetune.tuning import Tuned
 from vlbridge.modeling import inference, retrieval
 from vlbridge.modeling.connector_protocol import connector_state, set_connector_stage
@@ -73,6 +74,9 @@ class VLBridgeModel(nn.Module):
         for part in (self.encoder, self.llm):
             if part is not None and not isinstance(part, FrozenPart):
                 train_what_trains(part, mode)
+                if part is self.llm and self.tuned.lora is not None:  # a FrozenPart LLM has them train_along
+                    for dropout in lora_dropouts(part.model):  # parameterless: the rule above leaves them in eval
+                        dropout.train(mode)
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
