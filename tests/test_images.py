@@ -86,7 +86,7 @@ def test_missing_and_unreadable_files_name_the_file(tmp_path):
         to_pixel_batch([_image(7), missing], PRE)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image at all")
-    with pytest.raises(VLBridgeError, match="cannot read image file .*broken.png"):
+    with pytest.raises(VLBridgeError, match="image file .*broken.png. is not an image Pillow reads"):
         to_pixel_batch(broken, PRE)
     truncated = tmp_path / "truncated.png"
     _image(8, size=(64, 64)).save(tmp_path / "full.png")

@@ -12,6 +12,7 @@ from vlbridge.cli.model_source import add_random_weights_argument, check_model_s
 from vlbridge.cli.output import print_json, print_table
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.image_urls import url_problem
+from vlbridge.files.userfiles import not_a_file
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,8 +68,9 @@ def _load_model(args: argparse.Namespace):
             raise VLBridgeError(problem)
         if Path(image).is_dir():
             raise VLBridgeError(f"{image} is a directory; give image files (a shell glob such as {Path(image) / '*.jpg'} lists them)")
-        if not Path(image).is_file():
-            raise VLBridgeError(f"image not found: {image}")
+        problem = not_a_file(Path(image))
+        if problem:
+            raise VLBridgeError(f"image not found: {image} {problem}")
     return open_model(source)
 
 

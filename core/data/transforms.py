@@ -18,8 +18,7 @@ from torchvision.transforms import v2 as T
 
 from vlbridge.data.records import DataError, ImageRef
 from vlbridge.errors import VLBridgeError
-from vlbridge.parts.images import (eval_transform, interpolation_mode, load_image, square_padding, to_rgb,
-                                   truncated_files_refused)
+from vlbridge.parts.images import decode_image, eval_transform, interpolation_mode, load_image, square_padding
 from vlbridge.plugin.specs import Preprocess
 
 __all__ = ["TRAIN_CROP_SCALE", "eval_transform", "open_image", "train_transform"]
@@ -41,13 +40,11 @@ def train_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Ten
 
 
 def open_image(ref: ImageRef) -> Image.Image:
-    """Decode a file or in-memory image to RGB; failures are errors naming the image."""
+    """Decode a file or in-memory image (a tar sample's) to upright RGB; failures are errors naming the image."""
     if ref.path is not None:
         return load_image(ref.path)  # its errors already name the file
+    data = ref.data or b""
     try:
-        with truncated_files_refused(), Image.open(io.BytesIO(ref.data or b"")) as image:
-            return to_rgb(image, f"image {ref.name!r}")  # loads the pixels, so truncated data fails here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {ref.name!r}: {exc}") from exc
+        return decode_image(io.BytesIO(data), f"image {ref.name!r}", len(data))
     except VLBridgeError as exc:
         raise DataError(str(exc)) from exc

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Callable, Hashable, Sequence
 from pydantic import ConfigDict, Field
 
 from vlbridge.files.atomic import atomic_write_text
+from vlbridge.files.userfiles import not_a_file
 from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, group_captions, read_coco_captions, read_vqa
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
@@ -130,7 +131,7 @@ def check_images(refs: Sequence[ImageRef], hint: str | None = None) -> None:
     """Fail before running the model when image files are missing; `hint` says what to change."""
     missing = sorted({ref.path for ref in refs if ref.path is not None and not Path(ref.path).is_file()})
     if missing:
-        shown = "\n  ".join(missing[:5])
+        shown = "\n  ".join(f"{path} ({not_a_file(Path(path)).removeprefix('is ')})" for path in missing[:5])
         raise VLBridgeError(f"{len(missing)} image file(s) not found, e.g.\n  {shown}\n"
                             + (hint or "Point --images (image_root) at the folder the annotation paths are relative to."))
 

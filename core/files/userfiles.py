@@ -39,11 +39,21 @@ def fail(path: str | os.PathLike, what: str, problem: str, joiner: str = ": ") -
 def check_file(path: str | os.PathLike, what: str) -> Path:
     """The path, if it names an existing file; else an InputFileError saying what is there instead."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise fail(path, what, "is a directory; give the file itself", " ")
-    if not path.is_file():
-        raise fail(path, what, "does not exist", " ")
+    problem = not_a_file(path)
+    if problem:
+        raise fail(path, what, problem, " ")
     return path
+
+
+def not_a_file(path: Path) -> str:
+    """Why `path` names no file to read ("is a directory", "does not exist", a link to nothing), or ""."""
+    if path.is_file():
+        return ""
+    if path.is_dir():
+        return "is a directory; give the file itself"
+    if path.is_symlink():  # is_file follows links: a dangling one reads as a missing file, though it is there
+        return f"is a broken link: it points to {os.readlink(path)!r}, which does not exist"
+    return "does not exist"
 
 
 def decode(data: bytes, path: str | os.PathLike, what: str, kind: str, offset: int = 0, where: str = "") -> str:

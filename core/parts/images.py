@@ -7,10 +7,17 @@ CLIP's (and DINOv2's) instead: resize the shorter side, keeping the aspect ratio
 tensors. A float tensor is taken as **already normalised** for this encoder, so it must already be
 `(3, S, S)` or `(B, 3, S, S)`: raw floats cannot be told apart from normalised ones, and guessing
 would silently normalise twice.
+
+Colours come out as transformers' image processors make them: transparency (an alpha channel, a
+palette's or PNG's transparent colour) is laid on white, so a transparent pixel does not show the
+colour hidden under it. A file (or a tar sample's bytes) is read upright by its EXIF orientation, as
+transformers' `load_image` and photo viewers show it; a PIL image you pass is used as its pixels lie,
+as an image processor uses it (apply `PIL.ImageOps.exif_transpose` first to have it upright).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,13 +27,14 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.functional import InterpolationMode
 
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.image_urls import url_problem
+from vlbridge.files.userfiles import not_a_file
 from vlbridge.plugin.specs import Preprocess
 
 ImageInput = Union[Image.Image, str, os.PathLike, torch.Tensor]
@@ -43,16 +51,25 @@ SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes for 16-bit g
 
 
 def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
-    """An 8-bit RGB copy of `image`. Pillow's convert("RGB") clips 16-bit pixels at 255 (a dark 16-bit
-    scan becomes white), so 16-bit greyscale is scaled to 8 bits first (v / 257, 65535 -> 255);
-    signed or 32-bit integer and float pixels have no fixed range, so they are refused rather than guessed."""
+    """An 8-bit RGB copy of `image`, transparency laid on white as transformers' `convert_to_rgb` lays it
+    (Pillow's convert("RGB") drops the alpha and shows what the transparent pixels hide). Pillow also
+    clips 16-bit pixels at 255 (a dark 16-bit scan becomes white), so 16-bit greyscale is scaled to 8
+    bits first (v / 257, 65535 -> 255); signed or 32-bit integer and float pixels have no fixed range,
+    so they are refused rather than guessed."""
     if image.mode in SIXTEEN_BIT:
         values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L").convert("RGB")
+        grey = Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L")
+        clear = image.info.get("transparency")  # a 16-bit PNG's one transparent grey value
+        if isinstance(clear, int):
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(values == clear, 0, 255).astype(np.uint8), mode="L")))
+        image = grey
     if image.mode in ("I", "F"):
         kind = "signed or 32-bit integer" if image.mode == "I" else "floating-point"
         raise VLBridgeError(f"{name} has {kind} pixels (Pillow mode {image.mode!r}), which have no fixed range to read as "
                             "colours; save it as an 8- or 16-bit image (PNG, JPEG, ...)")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
@@ -79,23 +96,35 @@ def truncated_files_refused() -> Iterator[None]:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as RGB; a missing or unreadable file is a VLBridgeError naming it. A URL is
-    refused as one (vlbridge reads local files only), not reported as a path with its '//' collapsed."""
+    """Read an image file as upright RGB; a missing or unreadable file is a VLBridgeError naming it. A URL
+    is refused as one (vlbridge reads local files only), not reported as a path with its '//' collapsed."""
     problem = url_problem(path)
     if problem:
         raise VLBridgeError(problem)
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise VLBridgeError(f"image file {str(path)!r} does not exist (or is not a file)")
+    problem = not_a_file(path)
+    if problem:
+        raise VLBridgeError(f"image file {str(path)!r} {problem}")
+    return decode_image(path, f"image file {str(path)!r}", path.stat().st_size)
+
+
+def decode_image(source: Path | io.BytesIO, name: str, size: int) -> Image.Image:
+    """An encoded image (a file, or `size` bytes in memory) as upright RGB: its EXIF orientation applied,
+    as transformers' `load_image` applies it. A file that is empty, cut short, not an image, or past
+    Pillow's size limit is a VLBridgeError naming it (`name`) and what would be right."""
+    if size == 0:
+        raise VLBridgeError(f"{name} is empty (0 bytes); expected an image Pillow reads (JPEG, PNG, WebP, ...)")
     try:
-        with truncated_files_refused(), Image.open(path) as image:
-            return to_rgb(image, f"image file {str(path)!r}")  # loads the pixels, so truncated files fail here
+        with truncated_files_refused(), Image.open(source) as image:
+            return to_rgb(ImageOps.exif_transpose(image), name)  # loads the pixels, so truncated files fail here
     except Image.DecompressionBombError as exc:
-        raise VLBridgeError(f"image file {str(path)!r} is larger than Pillow reads by default ({exc}); downscale it, or raise "
+        raise VLBridgeError(f"{name} is larger than Pillow reads by default ({exc}); downscale it, or raise "
                             "PIL.Image.MAX_IMAGE_PIXELS in your script if you trust the file") from exc
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object for in-memory data
+        raise VLBridgeError(f"{name} is not an image Pillow reads ({size:,} bytes in no format it knows); expected "
+                            "JPEG, PNG, WebP, ...") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # what corrupt files raise
-        raise VLBridgeError(f"cannot read image file {str(path)!r}: {exc}; expected an image Pillow reads "
-                            "(JPEG, PNG, WebP, ...)") from exc
+        raise VLBridgeError(f"cannot decode {name}: {exc}; expected an image Pillow reads (JPEG, PNG, WebP, ...)") from exc
 
 
 def eval_transform(preprocess: Preprocess) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
