@@ -64,7 +64,7 @@ def read_records(config: DataConfig, train: bool, *, where: str = "data") -> lis
                 _at(f"{where}.vqa_annotations[{i}]", check_file, answers, "VQA annotations file")
             records.extend(_at(field, read_vqa, path, answers, config.image_root, config.split, config.image_pattern))
     if config.format != "vqa" and not train:
-        records = group_captions(records)
+        records = group_captions(records, f"{where}.paths {[str(path) for path in config.paths]}")
     if not records:
         raise DataError(f"{where}.paths: no samples in {config.paths}")
     return records[: config.limit] if config.limit is not None else records

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlbridge.data.jsonio import optional, read_json, require, require_list, resolve_image
+from vlbridge.data.jsonio import optional, read_json, require, require_list, require_text, resolve_image
 from vlbridge.data.records import DataError, ImageId, ImageRef, ImageText
 
 WHAT = "caption file"
@@ -57,9 +57,11 @@ def _read_lavis(data: list[Any], path: str, image_root: str | os.PathLike | None
         where = f"{WHAT} {path!r}, record [{i}]"
         image = require(item, "image", str, where)
         captions = require(item, "caption", (str, list), where)
-        captions = [captions] if isinstance(captions, str) else captions
+        listed = isinstance(captions, list)
+        captions = captions if listed else [captions]
         if not captions or not all(isinstance(c, str) for c in captions):
             raise DataError(f"{where}: field 'caption' must be a string or a non-empty list of strings")
+        captions = [require_text(item, f"caption[{k}]" if listed else "caption", where, c) for k, c in enumerate(captions)]
         image_id = optional(item, "image_id", (int, str), where, default=None)
         image_id = image_id if image_id is not None else image_id_from_name(image)
         ref = ImageRef(name=image, path=resolve_image(image, image_root, base))
@@ -83,7 +85,7 @@ def _read_official(data: dict[str, Any], path: str, image_root: str | os.PathLik
     for i, item in enumerate(require_list(data, "annotations", path, WHAT)):
         where = f"{WHAT} {path!r}, annotations[{i}]"
         image_id = require(item, "image_id", (int, str), where)
-        caption = require(item, "caption", str, where)
+        caption = require_text(item, "caption", where)
         if image_id not in images:
             raise DataError(f"{where}: image_id {image_id!r} is not among the file's 'images' ids")
         extra = {"annotation_id": item["id"]} if "id" in item else {}
@@ -107,7 +109,7 @@ def _read_karpathy(
         image_id = cocoid if cocoid is not None else image_id_from_name(filename)
         ref = ImageRef(name=name, path=resolve_image(name, image_root, base))
         for j, sentence in enumerate(require(item, "sentences", list, where)):
-            raw = require(sentence, "raw", str, f"{where}.sentences[{j}]")
+            raw = require_text(sentence, "raw", f"{where}.sentences[{j}]")
             records.append(ImageText(ref, raw, image_id, {"split": item.get("split")}))
     if split is not None and not records:
         raise DataError(f"{WHAT} {path!r}: no images with split {split!r}; Karpathy files use train, restval, val and test")

@@ -83,6 +83,15 @@ def require(record: Any, name: str, types: type | tuple[type, ...], where: str) 
     return value
 
 
+def require_text(record: Any, name: str, where: str, value: Any = None) -> str:
+    """`record[name]` (or `value`, an item of that field's list) as a string with words in it: a blank
+    caption or question would train on, or be scored against, nothing at all."""
+    text = require(record, name, str, where) if value is None else value
+    if not text.strip():
+        raise DataError(f"{where}: field {name!r} is {'empty' if not text else 'blank'} ({text!r}); give the text, or drop the record")
+    return text
+
+
 def optional(record: dict[str, Any], name: str, types: type | tuple[type, ...], where: str, default: Any = None) -> Any:
     """`record[name]` if present (and not null), type-checked; else the default."""
     if record.get(name) is None:

@@ -129,15 +129,16 @@ def stable_image_index(image_id: ImageId) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def group_captions(records: Iterable[ImageText]) -> list[CaptionGroup]:
-    """Pairs -> one group per image id (first-seen order), for evaluation and retrieval."""
+def group_captions(records: Iterable[ImageText], source: str = "") -> list[CaptionGroup]:
+    """Pairs -> one group per image id (first-seen order), for evaluation and retrieval; `source` (the
+    files the records came from) starts an error, since the records do not know their file."""
     groups: dict[ImageId, tuple[ImageRef, list[str]]] = {}
     for record in records:
         entry = groups.setdefault(record.image_id, (record.image, []))
         if entry[0].name != record.image.name:
             raise DataError(
-                f"image id {record.image_id!r} names two images, {entry[0].name!r} and {record.image.name!r}; "
-                "each image id must belong to one image file"
+                f"{source + ': ' if source else ''}image id {record.image_id!r} names two images, {entry[0].name!r} and "
+                f"{record.image.name!r}; each image id must belong to one image file"
             )
         entry[1].append(record.text)
     return [CaptionGroup(image, image_id, captions) for image_id, (image, captions) in groups.items()]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.data.coco import image_id_from_name  # the same file-name rule as caption files
-from vlbridge.data.jsonio import optional, read_json, require, require_list, resolve_image
+from vlbridge.data.jsonio import optional, read_json, require, require_list, require_text, resolve_image
 from vlbridge.data.records import DataError, ImageId, ImageQuestion, ImageRef
 
 DEFAULT_IMAGE_PATTERN = "COCO_{split}_{image_id:012d}.jpg"
@@ -45,7 +45,7 @@ def read_vqa(
         where = f"{QUESTIONS} {str(questions)!r}, questions[{i}]"
         image_id = require(item, "image_id", (int, str), where)
         question_id = require(item, "question_id", (int, str), where)
-        question = require(item, "question", str, where)
+        question = require_text(item, "question", where)
         if question_id in seen:  # results files and scores are keyed by question_id: one of the two would be lost
             raise DataError(f"{where}: question_id {question_id!r} is already questions[{seen[question_id]}]; "
                             "each question needs its own id")
@@ -130,7 +130,7 @@ def _read_lavis(data: list[Any], path: str, image_root: str | os.PathLike | None
             raise DataError(f"{where}: field 'answer' must be a string or a list of strings")
         ref = ImageRef(name=image, path=resolve_image(image, image_root, base))
         records.append(ImageQuestion(
-            image=ref, question=require(item, "question", str, where),
+            image=ref, question=require_text(item, "question", where),
             question_id=require(item, "question_id", (int, str), where),
             image_id=optional(item, "image_id", (int, str), where, default=image_id_from_name(image)), answers=answers,
         ))

@@ -81,7 +81,7 @@ def load_caption_groups(data: str | Path, images: str | Path | None = None, limi
                         split: str | None = None) -> list[CaptionGroup]:
     """A COCO/Flickr30k caption file (LAVIS, official COCO or Karpathy layout) as one group per image;
     `split` picks the images of Karpathy's all-splits files (dataset_coco.json: "test")."""
-    groups = group_captions(read_coco_captions(data, image_root=images, split=split))
+    groups = group_captions(read_coco_captions(data, image_root=images, split=split), f"caption file {str(data)!r}")
     return _limited(groups, limit, "images")
 
 
