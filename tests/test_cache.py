@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -346,10 +347,14 @@ def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     args = ["cache-features", "-a", PRESET, "--format", "jsonl", "--paths", str(data / "train.jsonl"), "--out", str(out),
             "--num-workers", "0", "--dtype", "fp32"]
     assert cli(args) == 0
-    assert "cached 6 images, 1 unreadable skipped in 1 shards" in capsys.readouterr().out  # default shard size: one shard
+    printed = capsys.readouterr().out
+    assert "cached 6 images, 1 unreadable skipped in 1 shards" in printed  # default shard size: one shard
+    assert re.search(r"^skipped images/broken.jpg: .*image file '.*broken.jpg'.*truncated", printed, re.M)  # was the count alone
     assert read_manifest(out).rows == 6
     assert cli(args) == 2 and "--overwrite" in capsys.readouterr().err
-    assert cli([*args, "--overwrite", "--json"]) == 0 and json.loads(capsys.readouterr().out)["images"] == 6
+    assert cli([*args, "--overwrite", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 6 and [image["name"] for image in summary["skipped_images"]] == ["images/broken.jpg"]
     assert cli(["cache-features", "-a", PRESET, "--format", "jsonl", "--out", str(out)]) == 2
     assert "needs --paths" in capsys.readouterr().err
     assert cli(["cache-features", "-a", PRESET, "--data", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2

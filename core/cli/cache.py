@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.argtypes import non_negative_int, positive_int
 from vlbridge.cli.model_source import add_random_weights_argument
 from vlbridge.cli.output import print_json
 from vlbridge.errors import VLBridgeError
+from vlbridge.train.cache import MANIFEST_FILE
+
+SHOW_SKIPPED = 5  # skipped images named on the terminal; the manifest keeps them all
 
 DESCRIPTION = """\
 Compute the frozen image encoder's outputs (N, tokens, width) once for every distinct image of the
@@ -87,7 +91,8 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
     summary = {"out": args.out, "images": manifest.rows, "skipped": len(manifest.skipped), "shards": len(manifest.shards),
                "bytes": size, "dtype": manifest.dtype, "encoder": manifest.encoder.name,
                "shape": [manifest.encoder.num_tokens, manifest.encoder.width],
-               "weights_sha256": manifest.encoder.weights_sha256, "seconds": round(seconds, 3)}
+               "weights_sha256": manifest.encoder.weights_sha256, "seconds": round(seconds, 3),
+               "skipped_images": [{"name": image.name, "reason": image.reason} for image in manifest.skipped]}
     if args.json:
         print_json(summary)
     else:
@@ -96,4 +101,14 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
               f"-> {args.out}\nencoder {manifest.encoder.name}: {manifest.encoder.num_tokens} tokens x {manifest.encoder.width}, "
               f"weights sha256 {manifest.encoder.weights_sha256[:16]}...; {seconds:.1f} s\n"
               f"train from it with `data: {{features: {args.out}}}` in the training config (eval transform: no augmentation)")
+        print(skipped_lines(manifest.skipped, Path(args.out) / MANIFEST_FILE), end="")
     return 0
+
+
+def skipped_lines(skipped: list, manifest: Path, show: int = SHOW_SKIPPED) -> str:
+    """Which images the cache left out and why (the first `show`; the manifest lists every one), so
+    that a count alone does not stand for them: their captions train on nothing from this cache."""
+    lines = [f"skipped {image.name}: {image.reason}\n" for image in skipped[:show]]
+    if len(skipped) > show:
+        lines.append(f"... and {len(skipped) - show} more (all of them under 'skipped' in {manifest})\n")
+    return "".join(lines)
