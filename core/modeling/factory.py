@@ -165,15 +165,18 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path, *, shapes_
     path, source = Path(weights), str(weights)
     allow_missing: list[str] = []
     absent: list[str] = []
+    recorded = None
     if path.is_dir():
         meta = read_meta(path)
         stage, allow_missing, absent = int(meta["stage"]), list(meta.get("allow_missing", [])), listed_absent(meta, path)
+        recorded = meta.get("tensors")
         if stage == 2 and model.stage == 2:
             _check_instruction_reading(model, path)
         path = path / WEIGHTS_FILE
     else:
         stage = model.stage
     tensors = read_connector_weights(path, shapes_only=shapes_only)
+    _check_tensor_count(model, tensors, recorded, set(absent), path)
     contradicted = sorted(set(absent) & set(tensors))
     if contradicted:
         raise WeightsError(f"{source}: checkpoint.json lists {', '.join(contradicted)} as absent, but {path.name} holds it; "
@@ -186,6 +189,27 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path, *, shapes_
     stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
     set_absent(model.connector, {name: Absence(source, stages[name]) for name in left}, who)
     return left
+
+
+def _check_tensor_count(model: VLBridgeModel, tensors: StateDict, recorded: Any, absent: set[str], path: Path) -> None:
+    """Refuse a connector file holding another number of tensors than checkpoint.json records for it
+    (`recorded`; an older checkpoint without the count is not checked). A tensor lost from the file
+    was otherwise read as one the saved model lacked: loaded without a word, refused only when used,
+    as if an older vlbridge had saved it."""
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded == len(tensors):
+        return
+    own = set(model.connector.state_dict())
+    if len(tensors) < recorded:
+        lost = sorted(own - set(tensors) - absent)
+        named = f"; of this connector's tensors it lacks {', '.join(lost[:8])}{', ...' if len(lost) > 8 else ''}" if lost else ""
+        change = f"has lost {recorded - len(tensors)}{named}"
+    else:
+        added = sorted(set(tensors) - own)
+        named = f" ({', '.join(added[:8])}{', ...' if len(added) > 8 else ''})" if added else ""
+        change = f"has {len(tensors) - recorded} more{named}"
+    raise WeightsError(f"{path} holds {len(tensors)} tensors where {path.parent / META_FILE} records {recorded}: the file {change}, "
+                       "so it is not the one saved with that checkpoint.json (damaged or edited); save the model again, or "
+                       "copy the checkpoint folder whole")
 
 
 def _check_instruction_reading(model: VLBridgeModel, directory: Path) -> None:
