@@ -232,3 +232,13 @@ def test_image_ids_are_unambiguous_whatever_colons_the_key_or_shard_holds(tmp_pa
     assert samples[0].image_id == f"{str(first.resolve()).replace('%', '%25').replace(':', '%3A')}:a:b"
     assert [x.image.tar_member for x in samples[:3]] == [(str(first), "a:b.jpg"), (str(first), "s3:x/y:z.jpg"), (str(second), "b.jpg")]
     assert samples[3].image.name == f"{piped}:a:b.jpg"
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_and_counted_not_read_as_mojibake(tmp_path):
+    members = sample_members("a", 0, "a red square")
+    members += [(name, b"caf\xe9 au lait" if name.endswith(".txt") else data) for name, data in sample_members("b", 1, "x")]
+    shard = write_tar(tmp_path / "latin1.tar", members)
+    first, second = iter_shard(str(shard))
+    assert isinstance(first, ImageText) and first.text == "a red square"
+    assert isinstance(second, Skipped) and second.kind == "unreadable text" and second.name.endswith("latin1.tar:b")
+    assert "its .txt member is not UTF-8 text (byte 0xe9 at offset 3)" in second.reason

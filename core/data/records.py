@@ -101,7 +101,7 @@ class Skipped:
     stream: tuple[str, int] | None = None
 
 
-SKIP_KINDS = ("unreadable image", "no image", "no text", "repeated member", "unreadable tar")
+SKIP_KINDS = ("unreadable image", "no image", "no text", "unreadable text", "repeated member", "unreadable tar")
 
 
 @dataclass(frozen=True)

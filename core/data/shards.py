@@ -214,7 +214,15 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
     json_field, _ = _field(files, ("json",))
     meta = _metadata(files.get(json_field) if json_field else None)
     fields = caption_fields(files)
-    captions = [text for text in (files[f].decode("utf-8", errors="replace").strip() for f in fields) if text]
+    texts: list[str] = []
+    for field in fields:
+        try:
+            texts.append(files[field].decode("utf-8").strip())
+        except UnicodeDecodeError as exc:  # decoded with replacements, it trained on mojibake without a word
+            byte = files[field][exc.start]
+            return Skipped(name=name, kind="unreadable text", reason=f"its .{field} member is not UTF-8 text (byte 0x{byte:02x} "
+                                                                     f"at offset {exc.start}); write captions as UTF-8")
+    captions = [text for text in texts if text]
     if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
         captions = [meta["caption"]]
     if isinstance(meta.get("text_input"), str) and isinstance(meta.get("text_output"), str):
