@@ -4,10 +4,12 @@ caches are refused with what differs, interrupted builds resume, and the CLI's e
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,9 @@ from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, Skipped
 from vlbridge.data.transforms import eval_transform
 from vlbridge.parts.images import load_image
-from vlbridge.train.cache import CacheError, build_encoder, read_manifest, verify_cache, weights_sha256
+from vlbridge.train.cache import IMAGE_READING, CacheError, CacheWarning, build_encoder, read_manifest, verify_cache, weights_sha256
 from vlbridge.train.cache_dataset import feature_dataset
-from vlbridge.train.cache_build import BuildSettings, build_cache
+from vlbridge.train.cache_build import BuildSettings, build_cache, fingerprint
 from vlbridge.train.cache_dataset import FeatureStore
 from vlbridge.train.objectives import Stage1Objective, Stage2Objective
 
@@ -340,6 +342,25 @@ def test_a_cache_of_unescaped_tar_ids_is_still_read(tmp_path: Path):
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     old = feature_dataset(config, tmp_path / "c", train=False)
     assert len(old) == 2 and all(torch.equal(item["image_embeds"], embeds) for item, embeds in zip(old, now))
+
+
+def test_a_cache_of_images_read_as_stored_warns_and_its_shards_are_recomputed(data: Path, cache: Path, tmp_path: Path):
+    """Images are now read upright (EXIF) and with transparency on white: a cache an earlier vlbridge
+    built may hold other features for such images, and said nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        feature_dataset(data_config(data), cache, train=True)  # one of this vlbridge's: no warning
+    assert read_manifest(cache).image_reading == IMAGE_READING
+    copy = tmp_path / "old"
+    shutil.copytree(cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())  # as an earlier vlbridge wrote it
+    del manifest["image_reading"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(CacheWarning, match="built by an earlier vlbridge, which read images as stored.*--overwrite"):
+        feature_dataset(data_config(data), copy, train=True)
+    encoder = read_manifest(copy).encoder  # the stamp an earlier build gave its shards: a resumed build now recomputes them
+    earlier = {"encoder": encoder.model_dump(mode="json"), "dtype": FP32.dtype, "shard_size": FP32.shard_size}
+    assert fingerprint(encoder, FP32) != hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
 
 
 def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):

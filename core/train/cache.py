@@ -44,10 +44,15 @@ FORMAT = "vlbridge-feature-cache"
 StorageDtype = Literal["fp16", "bf16", "fp32"]
 ImageId = Union[int, str]
 WEIGHTS_METHOD = "sha256 over the encoder's state dict: name, dtype, shape and bytes of each tensor, in name order"
+IMAGE_READING = "upright, transparency on white"  # how vlbridge.parts.images decodes files (EXIF orientation applied)
 
 
 class CacheError(VLBridgeError):
     """A feature cache that cannot be used as asked: missing, corrupt, or built for another encoder."""
+
+
+class CacheWarning(UserWarning):
+    """A feature cache that can be used but may hold other features than vlbridge computes now."""
 
 
 class Strict(BaseModel):
@@ -161,6 +166,9 @@ class Manifest(Strict):
         "caches before that) let equal keys of two shards share features")
     tar_shards: list[TarShard] = Field(default_factory=list, description="the local tar shards it read, by content "
                                        "(empty: none, or a cache built before shards were recorded)")
+    image_reading: Literal["as stored", "upright, transparency on white"] = Field(
+        "as stored", description="how its images were decoded: 'as stored' (absent: caches before) ignored EXIF orientation and "
+                                 "dropped transparency, as vlbridge no longer does")
 
 
 # -- identity -----------------------------------------------------------------------------------

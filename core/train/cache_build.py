@@ -36,7 +36,7 @@ from vlbridge.data.transforms import eval_transform
 from vlbridge.parts.freeze import torch_dtype
 from vlbridge.assemblies.reachability import check_reachable
 from vlbridge.train.config import data_file_problems
-from vlbridge.train.cache import (MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
+from vlbridge.train.cache import (IMAGE_READING, MANIFEST_FILE, SHARD_GLOB, SHARD_PATTERN, TENSOR_NAME, CacheError, EncoderIdentity,
                                   Manifest, ShardEntry, SkippedImage, Source, StorageDtype, assembly_label, build_encoder,
                                   encoder_identity, file_sha256, manifest_json, read_manifest, stamp_or_absent, weights_sha256)
 from vlbridge.train.cache_dataset import image_place, iter_samples, portable_name, stamped_file
@@ -161,7 +161,8 @@ def _cache_file(name: str) -> bool:
 
 
 def fingerprint(identity: EncoderIdentity, settings: BuildSettings) -> str:
-    payload = {"encoder": identity.model_dump(mode="json"), "dtype": settings.dtype, "shard_size": settings.shard_size}
+    payload = {"encoder": identity.model_dump(mode="json"), "dtype": settings.dtype, "shard_size": settings.shard_size,
+               "image_reading": IMAGE_READING}  # a shard an older vlbridge decoded otherwise is not reused
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -286,6 +287,7 @@ def build_cache(assembly: Assembly | str | Path | dict[str, Any], sources: Seque
             stale.unlink()
     manifest = Manifest(encoder=identity, dtype=settings.dtype, shard_size=settings.shard_size, rows=sum(s.rows for s in shards),
                         shards=shards, skipped=skipped, sources=[source for _, source in loaded], assembly=assembly_label(assembly),
-                        tar_ids="escaped-shard:key", tar_shards=record_tar_shards([config for config, _ in loaded]))
+                        tar_ids="escaped-shard:key", tar_shards=record_tar_shards([config for config, _ in loaded]),
+                        image_reading=IMAGE_READING)
     atomic_write_text(out / MANIFEST_FILE, manifest_json(manifest))
     return manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -22,8 +23,8 @@ from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard, shard_identity, split_tar_image_id, tar_image_id
-from vlbridge.train.cache import (TENSOR_NAME, CacheError, ImageId, Manifest, ShardEntry, file_sha256, file_stamp, read_manifest,
-                                  rebuild_command, stamp_or_absent, verify_cache)
+from vlbridge.train.cache import (IMAGE_READING, TENSOR_NAME, CacheError, CacheWarning, ImageId, Manifest, ShardEntry,
+                                  file_sha256, file_stamp, read_manifest, rebuild_command, stamp_or_absent, verify_cache)
 from vlbridge.train.cache_tars import cached_samples, is_tar_sample
 
 if TYPE_CHECKING:
@@ -213,6 +214,11 @@ class FeatureDataset(Dataset):
             raise CacheError(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge that found tar samples by key "
                              "alone, so equal keys in two shards (two img2dataset outputs) shared one image's features; tar samples "
                              f"are now found by shard and key. Rebuild it: {rebuild_command(store.manifest, directory=store.directory)}")
+        if store.manifest.image_reading != IMAGE_READING:
+            warnings.warn(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge, which read images as stored: "
+                          "a photo with an EXIF orientation was cached on its side and a transparent pixel as the colour under "
+                          "it, where vlbridge now reads them upright and on white; if the data holds such images, rebuild it "
+                          f"({rebuild_command(store.manifest, directory=store.directory)})", CacheWarning, stacklevel=2)
         samples, found_by_content = cached_samples(samples, store.manifest)
         self.samples = samples
         self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image), tar=is_tar_sample(s))
