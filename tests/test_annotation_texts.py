@@ -47,3 +47,12 @@ def test_an_image_id_naming_two_files_names_the_caption_file(tmp_path, capsys):
     assert main(["eval", "-a", "tiny-qformer-opt", "--task", "caption", "--data", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"caption file {str(path)!r}: image id 1 names two images" in err and "Traceback" not in err
+
+
+def test_one_image_file_under_two_ids_is_refused_for_evaluation(tmp_path):
+    path = write_json(tmp_path / "caps.json", [{"image": "a.jpg", "caption": "x", "image_id": 1},
+                                               {"image": "./a.jpg", "caption": "y", "image_id": 7}])
+    config = DataConfig(format="coco", paths=[str(path)])
+    with pytest.raises(DataError, match=r"image './a.jpg' is given two ids, 1 and 7: evaluated as two images with the same pixels"):
+        read_records(config, train=False)
+    assert len(read_records(config, train=True)) == 2  # training pairs are not grouped by image

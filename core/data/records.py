@@ -7,6 +7,7 @@ image and apply transforms later, in DataLoader workers.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, Union
 
@@ -133,13 +134,18 @@ def group_captions(records: Iterable[ImageText], source: str = "") -> list[Capti
     """Pairs -> one group per image id (first-seen order), for evaluation and retrieval; `source` (the
     files the records came from) starts an error, since the records do not know their file."""
     groups: dict[ImageId, tuple[ImageRef, list[str]]] = {}
+    ids: dict[str, ImageId] = {}  # each image file's id: one file under two ids is two "images" that retrieval cannot tell apart
+    at = source + ": " if source else ""
     for record in records:
         entry = groups.setdefault(record.image_id, (record.image, []))
         if entry[0].name != record.image.name:
-            raise DataError(
-                f"{source + ': ' if source else ''}image id {record.image_id!r} names two images, {entry[0].name!r} and "
-                f"{record.image.name!r}; each image id must belong to one image file"
-            )
+            raise DataError(f"{at}image id {record.image_id!r} names two images, {entry[0].name!r} and {record.image.name!r}; "
+                            "each image id must belong to one image file")
+        place = os.path.normpath(record.image.path) if record.image.path is not None else record.image.name
+        first = ids.setdefault(place, record.image_id)
+        if first != record.image_id:
+            raise DataError(f"{at}image {record.image.name!r} is given two ids, {first!r} and {record.image_id!r}: evaluated as two "
+                            "images with the same pixels, each would be scored against the other's captions too; give it one id")
         entry[1].append(record.text)
     return [CaptionGroup(image, image_id, captions) for image_id, (image, captions) in groups.items()]
 
