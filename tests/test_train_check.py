@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,20 @@ def test_both_help_texts_say_what_each_checks_and_how_they_differ(capsys):
     assert "lr_scales and parallel settings" in texts["train"] and "validate --train CONFIG.yaml` runs the same model checks" in texts["train"]
     assert "optimizer.lr_scales and parallel settings checked on that model" in texts["validate"]
     assert "--train reads no data file" in texts["validate"] and "loading no weights" in texts["validate"]
+
+
+def test_image_files_the_annotations_name_are_looked_for(capsys, tmp_path, data):
+    """--check said 'valid' for annotations whose images were nowhere (a wrong image_root): the run then
+    loaded the model and stopped at step 1 with every sample skipped."""
+    values = config(data, tmp_path / "out")
+    values["data"]["train"]["image_root"] = str(tmp_path)  # holds no images/ folder
+    assert_user_error(*train_cli(capsys, tmp_path, values, "--check")[::2],
+                      "data.train: none of the 4 image files its annotations name is there, e.g.",
+                      f"{tmp_path / 'images' / '0.png'} (does not exist)", "set data.train.image_root to the folder")
+    some = tmp_path / "some"
+    shutil.copytree(data, some)
+    (some / "images" / "3.png").unlink()
+    code, out, err = train_cli(capsys, tmp_path, config(some, tmp_path / "out"), "--check")
+    assert code == 0, err
+    assert "data.train: 1 of 4 image files are missing (training skips and counts their samples)" in out
+    assert out.strip().endswith("valid")

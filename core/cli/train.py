@@ -122,7 +122,25 @@ def read_annotations(config) -> list[str]:
         records = read_records(data, train=where == "data.train", where=where)
         if where == "data.train":
             check_a_batch_fits(len(records), config.batch_size, config.drop_last)
+        notes += image_file_notes(records, where)
     return notes
+
+
+def image_file_notes(records: list, where: str) -> list[str]:
+    """Whether the image files the records name are there (--check opens none of them): all missing is
+    an error (a run would load the model and then skip every sample), some missing a note with the count."""
+    from vlbridge.evaluation.tasks import missing_images, shown_missing
+
+    missing = missing_images(record.image for record in records)
+    if not missing:
+        return []
+    total = len({record.image.path for record in records})
+    if len(missing) == total:
+        raise VLBridgeError(f"{where}: none of the {total} image files its annotations name is there, e.g.\n  "
+                            f"{shown_missing(missing, 3)}\nset {where}.image_root to the folder the annotation paths are "
+                            "relative to (without it they are read beside the annotation file)")
+    return [f"{where}: {len(missing)} of {total} image files are missing (training skips and counts their samples), e.g.\n  "
+            f"{shown_missing(missing, 3)}"]
 
 
 def text_length_note(config) -> list[str]:

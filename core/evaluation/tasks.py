@@ -20,7 +20,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Hashable, Sequence
+from typing import Annotated, Any, Callable, Hashable, Iterable, Sequence
 
 from pydantic import ConfigDict, Field
 
@@ -129,11 +129,20 @@ def _as_groups(records: Sequence[CaptionGroup] | Sequence[ImageText]) -> list[Ca
 
 def check_images(refs: Sequence[ImageRef], hint: str | None = None) -> None:
     """Fail before running the model when image files are missing; `hint` says what to change."""
-    missing = sorted({ref.path for ref in refs if ref.path is not None and not Path(ref.path).is_file()})
+    missing = missing_images(refs)
     if missing:
-        shown = "\n  ".join(f"{path} ({not_a_file(Path(path)).removeprefix('is ')})" for path in missing[:5])
-        raise VLBridgeError(f"{len(missing)} image file(s) not found, e.g.\n  {shown}\n"
+        raise VLBridgeError(f"{len(missing)} image file(s) not found, e.g.\n  {shown_missing(missing)}\n"
                             + (hint or "Point --images (image_root) at the folder the annotation paths are relative to."))
+
+
+def missing_images(refs: Iterable[ImageRef]) -> list[str]:
+    """The distinct image files among `refs` that are not there to read (in-memory images are)."""
+    return sorted({ref.path for ref in refs if ref.path is not None and not Path(ref.path).is_file()})
+
+
+def shown_missing(missing: Sequence[str], show: int = 5) -> str:
+    """The first `show` missing files, one a line, each with what is there instead."""
+    return "\n  ".join(f"{path} ({not_a_file(Path(path)).removeprefix('is ')})" for path in missing[:show])
 
 
 def layout_image_pattern(data: str | Path, images: str | Path | None = None) -> str | None:
