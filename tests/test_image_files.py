@@ -113,6 +113,8 @@ def test_files_that_are_no_image_say_what_they_are(tmp_path):
     for name, message in cases.items():
         with pytest.raises(VLBridgeError, match=message):
             load_image(tmp_path / name)
+    with pytest.raises(VLBridgeError, match=r"image file '/dev/null' is not a regular file \(a device, pipe or socket\)"):
+        load_image("/dev/null")  # it was said not to exist
     for data, message in ((b"", r"image 'shard.tar:k.jpg' is empty \(0 bytes\)"),
                           (b"not a picture", r"image 'shard.tar:k.jpg' is not an image Pillow reads \(13 bytes")):
         with pytest.raises(DataError, match=message) as caught:

@@ -51,8 +51,10 @@ def not_a_file(path: Path) -> str:
         return ""
     if path.is_dir():
         return "is a directory; give the file itself"
-    if path.is_symlink():  # is_file follows links: a dangling one reads as a missing file, though it is there
+    if path.is_symlink() and not path.exists():  # is_file follows links: a dangling one read as a missing file
         return f"is a broken link: it points to {os.readlink(path)!r}, which does not exist"
+    if path.exists():
+        return "is not a regular file (a device, pipe or socket); give a file"
     return "does not exist"
 
 
