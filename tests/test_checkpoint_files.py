@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 torch = pytest.importorskip("torch")
 import vlbridge  # noqa: E402
 from vlbridge.cli.main import main  # noqa: E402
-from vlbridge.errors import WeightsError  # noqa: E402
+from vlbridge.errors import MissingWeightsError, WeightsError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RED = str(Path(__file__).parents[1] / "examples" / "images" / "red-circle.png")
@@ -60,3 +60,15 @@ def test_a_checkpoint_without_the_count_still_loads_what_it_has(saved, tmp_path)
     del meta["tensors"], meta["connector"]
     meta_path.write_text(json.dumps(meta))
     assert vlbridge.load(folder).caption([RED], num_beams=1, max_new_tokens=2)
+
+
+def test_a_misshaped_tensor_its_stage_never_trained_is_named_as_such_when_needed(saved, tmp_path):
+    """It was left out (as the LLM projection of a stage-1 checkpoint for another LLM is) and then
+    blamed on a checkpoint that lacked it, saved by an older vlbridge."""
+    folder = _edited(saved, tmp_path, lambda tensors: tensors.update({TEXT_SIDE: torch.zeros(7, 3)}))
+    model = vlbridge.load(folder)
+    assert model.caption([RED], num_beams=1, max_new_tokens=2)  # captions never run the text side
+    with pytest.raises(MissingWeightsError, match=rf"holds {TEXT_SIDE} \(\(7, 3\) in the file, \(\d+, \d+\) here\) in another "
+                                                  "shape than this connector's") as caught:
+        model.retrieve([RED], ["a red circle"], k=1)
+    assert "saved before vlbridge kept the whole connector" not in str(caught.value)

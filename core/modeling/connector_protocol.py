@@ -115,10 +115,12 @@ def trainable_names(connector: nn.Module, stage: int, current: int, who: str) ->
 
 @dataclass(frozen=True)
 class Absence:
-    """Why a tensor is absent: the checkpoint that lacked it, and the stages that train it."""
+    """Why a tensor is absent: the checkpoint that lacked it (or held it in another shape, `misfit`:
+    "(7, 3) in the file, (529, 64) here"), and the stages that train it."""
 
     source: str
     stages: tuple[int, ...]
+    misfit: str = ""
 
 
 @dataclass
@@ -138,15 +140,20 @@ class _Refuse:
     absent: tuple[tuple[str, Absence], ...]
 
     def __call__(self, module: nn.Module, args: object) -> None:
-        names = ", ".join(name for name, _ in self.absent)
         sources = sorted({absence.source for _, absence in self.absent})
         stages = sorted({stage for _, absence in self.absent for stage in absence.stages})
         train = (f"train them: they train in stage {' or '.join(map(str, stages))} (vlbridge train with that stage and "
                  f"init_from: {sources[0]})" if stages else "they train in no stage of this connector")
+        misfits = [f"{name} ({absence.misfit})" for name, absence in self.absent if absence.misfit]
+        lacking = [name for name, absence in self.absent if not absence.misfit]
+        parts = [f"holds {', '.join(misfits)} in another shape than this connector's (its own stage never trained them, so "
+                 "they were left out: another configuration of the connector saved it, or the file was edited)"] if misfits else []
+        if lacking:
+            parts.append(f"lacks {', '.join(lacking)} (it was saved before vlbridge kept the whole connector, or its source had none)")
+        why = " and ".join(parts)
         raise MissingWeightsError(
-            f"{self.who}: {self.module} has no weights to run with: the checkpoint {', '.join(sources)} lacks {names} "
-            "(it was saved before vlbridge kept the whole connector, or its source had none), so they hold random values. "
-            f"Load a checkpoint that holds them, or {train}")
+            f"{self.who}: {self.module} has no weights to run with: the checkpoint {', '.join(sources)} {why}, so they hold "
+            f"random values. Load a checkpoint that holds them, or {train}")
 
 
 def absent_tensors(connector: nn.Module) -> dict[str, Absence]:

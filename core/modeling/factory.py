@@ -184,10 +184,12 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path, *, shapes_
     who = describe(model.plan.connector)
     trained = trainable_names(model.connector, stage, model.stage, who)
     expected = {n for n in trained - set(absent) if not any(fnmatch.fnmatchcase(n, pattern) for pattern in allow_missing)}
-    tensors = _without_untrained_misfits(model, tensors, trained)
-    left = load_subset(model.connector, tensors, str(path), expected)
+    fitting = _without_untrained_misfits(model, tensors, trained)
+    own = model.connector.state_dict()
+    misfits = {name: f"{tuple(tensors[name].shape)} in the file, {tuple(own[name].shape)} here" for name in set(tensors) - set(fitting)}
+    left = load_subset(model.connector, fitting, str(path), expected)
     stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
-    set_absent(model.connector, {name: Absence(source, stages[name]) for name in left}, who)
+    set_absent(model.connector, {name: Absence(source, stages[name], misfits.get(name, "")) for name in left}, who)
     return left
 
 
