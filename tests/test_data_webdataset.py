@@ -242,3 +242,15 @@ def test_a_caption_that_is_not_utf8_is_skipped_and_counted_not_read_as_mojibake(
     assert isinstance(first, ImageText) and first.text == "a red square"
     assert isinstance(second, Skipped) and second.kind == "unreadable text" and second.name.endswith("latin1.tar:b")
     assert "its .txt member is not UTF-8 text (byte 0xe9 at offset 3)" in second.reason
+
+
+def test_a_sample_without_text_says_what_its_txt_and_json_hold(tmp_path):
+    """An empty .txt read as "1 .txt members (txt), none of them the caption", and a 'caption' that is a
+    number as "neither a non-empty .txt member nor a 'caption' in .json"."""
+    image = image_bytes(0)
+    shard = write_tar(tmp_path / "s.tar", [("a.jpg", image), ("a.txt", b""), ("b.jpg", image), ("b.json", b'{"caption": 5}'),
+                                           ("c.jpg", image), ("c.json", b'{"url": "x"}')])
+    reasons = [sample.reason for sample in iter_shard(str(shard))]
+    assert reasons == ["no text (its .txt member is empty, and no .json)",
+                       "no text (no .txt member, and its .json 'caption' is int 5, not text)",
+                       "no text (no .txt member, and no 'caption' in its .json)"]

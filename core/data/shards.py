@@ -229,8 +229,8 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
         captions = captions[:1] or [""]  # one instruction pair, however many captions travel with it
     elif not captions:
         if not isinstance(meta.get("text_output"), str):  # instruction data needs no caption, as in JSONL
-            why = f"{len(fields)} .txt members ({', '.join(fields)}), all of them blank" if fields else "neither a non-empty .txt member"
-            return Skipped(name=name, kind="no text", reason=f"no text ({why} nor a 'caption' in .json){_dotted_hint(key, files)}")
+            return Skipped(name=name, kind="no text", reason=f"no text ({_why_no_text(fields, json_field, meta)})"
+                                                             f"{_dotted_hint(key, files)}")
         captions = [""]
     member = f"{key}.{image}"
     ref = ImageRef(name=f"{shard}:{member}", data=files[image], tar_member=(shard, member))
@@ -243,6 +243,22 @@ def caption_fields(files: dict[str, bytes]) -> list[str]:
     """The fields that are captions of the image: `txt`, then every other field ending `.txt` (`en.txt`,
     `alt.txt`, `0.txt`) in name order: a fixed order, whatever order the members were written in."""
     return sorted((field for field in files if field.rpartition(".")[2] == "txt"), key=lambda field: (field != "txt", field))
+
+
+def _why_no_text(fields: list[str], json_field: str | None, meta: dict[str, Any]) -> str:
+    """What a sample's .txt and .json hold instead of a caption (empty .txt members, a 'caption' that is a number...)."""
+    if len(fields) == 1:
+        txt = f"its .{fields[0]} member is empty"
+    else:
+        txt = f"{len(fields)} .txt members ({', '.join(fields)}), all of them blank" if fields else "no .txt member"
+    caption = meta.get("caption")
+    if json_field is None:
+        return f"{txt}, and no .json"
+    if caption is None:
+        return f"{txt}, and no 'caption' in its .{json_field}"
+    if not isinstance(caption, str):
+        return f"{txt}, and its .{json_field} 'caption' is {type(caption).__name__} {caption!r:.40}, not text"
+    return f"{txt}, and its .{json_field} 'caption' is blank"
 
 
 def _field(files: dict[str, bytes], extensions: Sequence[str]) -> tuple[str | None, list[str]]:
