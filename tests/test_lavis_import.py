@@ -11,6 +11,7 @@ import torch
 
 import vlbridge
 from vlbridge import VLBridgeError
+from vlbridge.errors import MissingWeightsError
 from tests.test_qformer_convert import _lavis_name
 
 
@@ -141,3 +142,19 @@ def test_a_vicuna_instructblip_checkpoint_is_named_with_the_way_on(tmp_path):
     torch.save({"model": vicuna}, tmp_path / "vicuna.pth")
     with pytest.raises(VLBridgeError, match=r"LAVIS InstructBLIP for Vicuna \(Blip2VicunaInstruct.*vlbridge import hf-instructblip"):
         vlbridge.import_lavis(tmp_path / "vicuna.pth", "tiny-qformer-opt", tmp_path / "out")
+
+
+@pytest.mark.parametrize("export, aware", [("export_hf_blip2", False), ("export_hf_instructblip", True)])
+def test_an_untrained_projection_is_refused_by_the_export_not_written(tmp_path, export, aware):
+    """A LAVIS stage-1 file has no opt_proj: loaded for stage 2 (and saved, a stage-2 checkpoint listing
+    proj.* absent) the export wrote its random values as the language_projection, with no word, where
+    captioning refuses."""
+    assembly = _instruction_aware(aware)
+    assembly["connector"]["options"]["ln_vision_eps"] = 1e-6  # exact, so the export writes without running the model
+    source = vlbridge.build(assembly, stage=1)
+    lavis = {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("proj.")}
+    torch.save({"model": lavis}, tmp_path / "blip2_pretrained.pth")
+    vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", assembly, tmp_path / "stage1"), stage=2).save(tmp_path / "stage2")
+    with pytest.raises(MissingWeightsError, match=r"would hold random values for proj.bias, proj.weight: .*train them in stage 2"):
+        getattr(vlbridge, export)(vlbridge.load(tmp_path / "stage2"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -10,11 +10,11 @@ with its source after loading: anything else that shares or converts a tensor is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.errors import MissingWeightsError, VLBridgeError, WeightsError
 
 
 def load_export_state(hf: Any, state: dict[str, torch.Tensor], llm_model: Any, what: str) -> None:
@@ -59,3 +59,21 @@ def require_stage2(model: Any, fmt: str) -> None:
     if model.llm is None and model.assembly.llm is not None:
         raise VLBridgeError(f"{fmt} captions with an LLM, but this model was built or loaded for stage 1: it has no LLM, and "
                             "its projection into one never trained; export a stage-2 checkpoint (train stage 2 from this one first)")
+
+
+def require_present(connector: Any, written: Callable[[str], bool], fmt: str) -> None:
+    """Refuse an export that would write connector tensors its checkpoint lacked (a stage-1 checkpoint
+    loaded for stage 2 has an untrained projection): they hold the random values they were built
+    with, and in the export nothing would tell them from trained ones. `written(name)` says whether
+    the export writes our tensor `name`; the parts the format leaves out may be absent."""
+    from vlbridge.modeling.connector_protocol import absent_tensors
+
+    absent = absent_tensors(connector)
+    lacking = sorted(name for name in absent if written(name))
+    if lacking:
+        sources = sorted({absent[name].source for name in lacking})
+        stages = sorted({stage for name in lacking for stage in absent[name].stages})
+        train = f"train them in stage {' or '.join(map(str, stages))} first" if stages else "load a checkpoint that holds them"
+        raise MissingWeightsError(f"{fmt} would hold random values for {', '.join(lacking)}: the checkpoint "
+                                  f"{', '.join(sources)} lacks them (a stage-1 checkpoint loaded for stage 2 has no trained "
+                                  f"projection into the LLM); {train} (vlbridge train with init_from: {sources[0]}), then export")

@@ -24,7 +24,7 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.stop_token import carry_generation_config, checkpoint_eos, export_text_config, plugin_end_id, stop_token_option
 from vlbridge.interop.image_processor_check import check_image_processor
-from vlbridge.interop.export_state import load_export_state, require_stage2
+from vlbridge.interop.export_state import load_export_state, require_present, require_stage2
 from vlbridge.interop.export_fidelity import (
     PROBE_PROMPT, eval_logits, exported_prompt_options, max_logit_difference, probe_pixels, prompt_places_visual_tokens, prompt_wording,
     settle, warn_left_out,
@@ -308,6 +308,8 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     require_buildable_language_model(model, "BLIP-2")
     tokenizer, image_token_index = tokenizer_with_image_token(model)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
+    require_present(model.connector, lambda ours: any(not _TEXT_SIDE_HF.match(k) for k in to_transformers({ours: None})),
+                    "the transformers BLIP-2 export")
     state.update({k: v for k, v in to_transformers(model.connector.state_dict()).items() if not _TEXT_SIDE_HF.match(k)})
     warn_left_out(model.connector, "transformers BLIP-2", text_side=True)
     llm_model = model.merged_llm_model()  # LoRA merged

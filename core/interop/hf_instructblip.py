@@ -25,7 +25,7 @@ from vlbridge.interop.hf_blip2 import (
     _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, llm_plan, unsupported_settings, write_encoder,
     zero_qv_biases,
 )
-from vlbridge.interop.export_state import load_export_state, require_stage2
+from vlbridge.interop.export_state import load_export_state, require_present, require_stage2
 from vlbridge.interop.export_fidelity import prompt_wording, settle, warn_left_out
 from vlbridge.files.hf_config import transformers_config
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
@@ -123,6 +123,8 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
                                 text_config=blip2.text_config.to_dict(), num_query_tokens=blip2.num_query_tokens,
                                 image_token_index=image_token_index)
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
+    require_present(model.connector, lambda ours: any(not k.startswith(_NO_PLACE) for k in to_transformers({ours: None})),
+                    "the transformers InstructBLIP export")
     for key, value in to_transformers(model.connector.state_dict()).items():  # BLIP-2's names -> InstructBLIP's
         if key.startswith(_NO_PLACE):
             continue
