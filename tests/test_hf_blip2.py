@@ -107,6 +107,36 @@ def test_retrieval_model_import_matches_itm_and_itc(tmp_path):
     assert features.image_embeds_proj.shape == (2, Q, 16)
 
 
+def test_a_retrieval_model_exports_back_to_blip2_for_image_text_retrieval(tmp_path):
+    """README promised `vlbridge export hf-blip2` goes back, but an imported blip2-itm-vit-g (no LLM)
+    was refused: the export only knew Blip2ForConditionalGeneration."""
+    from transformers import Blip2ForImageTextRetrieval, Blip2Processor
+
+    from vlbridge.interop.export_fidelity import LeftOutOfExportWarning
+
+    reference = hf_tiny.make_retrieval_model(tmp_path / "hf")
+    model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
+    vlbridge.export_hf_blip2(model, tmp_path / "back")
+    exported = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "back").eval()
+    hf_tiny.assert_same_weights(reference.state_dict(), exported.state_dict())
+    processor = Blip2Processor.from_pretrained(tmp_path / "back")
+    text = processor(text=["a red circle", "two blue squares"], padding=True, return_tensors="pt")
+    assert text.input_ids.tolist() == model.connector.tokenizer(["a red circle", "two blue squares"], padding=True).input_ids
+    pixels = hf_tiny.pixels()
+    with torch.no_grad():
+        itm = exported(pixel_values=pixels, input_ids=text.input_ids, attention_mask=text.attention_mask,
+                       use_image_text_matching_head=True).logits_per_image
+        ours = model.connector.itm_logits(text.input_ids, text.attention_mask, model.encode_images(pixels))
+    torch.testing.assert_close(ours, itm, atol=1e-5, rtol=0)
+    again = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "back", tmp_path / "again"))
+    for key, value in model.connector.state_dict().items():
+        assert torch.equal(again.connector.state_dict()[key], value), key
+    built = vlbridge.build({"name": "itm", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+                            "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8, "ln_vision_eps": 1e-6}}})
+    with pytest.warns(LeftOutOfExportWarning, match=r"no place for them: ITG head, ITC temperature;"):
+        vlbridge.export_hf_blip2(built, tmp_path / "built")
+
+
 def test_not_a_blip2_directory(tmp_path):
     with pytest.raises(WeightsError, match="no config.json"):
         vlbridge.import_hf_blip2(tmp_path, tmp_path / "out")

@@ -46,18 +46,18 @@ STAGE1_PARTS = (("ITC projections", ("vision_proj.", "text_proj.")), ("ITM head"
 TEXT_SIDE_MARK = "embeddings.word.weight"  # the Q-Former's word embeddings: held only with its text side
 
 
-def warn_left_out(connector: torch.nn.Module, fmt: str, text_side: bool) -> None:
+def warn_left_out(connector: torch.nn.Module, fmt: str, text_side: bool, parts: Sequence[tuple[str, tuple[str, ...]]] = STAGE1_PARTS) -> None:
     """Say which of stage 1's parts an export of a generation model leaves behind: transformers'
     BLIP-2 / InstructBLIP generation classes hold no retrieval heads (and BLIP-2's no text side), so
     the exported directory cannot retrieve, while the vlbridge checkpoint still can (`text_side`: the
-    format drops the Q-Former's text side too). Tensors the
-    connector never had (absent: e.g. imported from such a directory) are not named."""
+    format drops the Q-Former's text side too; `parts`: the stage-1 parts the format has no place for).
+    Tensors the connector never had (absent: e.g. imported from such a directory) are not named."""
     from vlbridge.modeling.connector_protocol import absent_tensors
 
     absent = absent_tensors(connector)
     held = [key for key in connector.state_dict() if key not in absent]
     parts = (["the Q-Former's text side"] if text_side and TEXT_SIDE_MARK in held else []) + [
-        name for name, prefixes in STAGE1_PARTS if any(key.startswith(prefixes) for key in held)]
+        name for name, prefixes in parts if any(key.startswith(prefixes) for key in held)]
     if parts:
         warnings.warn(f"left out of the {fmt} export, which has no place for them: {', '.join(parts)}; the vlbridge "
                       "checkpoint keeps them (for `vlbridge retrieve` and stage-1 training)", LeftOutOfExportWarning, stacklevel=3)

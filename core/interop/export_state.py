@@ -19,12 +19,12 @@ from vlbridge.errors import MissingWeightsError, VLBridgeError, WeightsError
 
 def load_export_state(hf: Any, state: dict[str, torch.Tensor], llm_model: Any, what: str) -> None:
     """Load `state` into `hf` (a transformers BLIP-2-family model whose language model is
-    `hf.language_model`), untying its LM head where `llm_model` (ours) has an untied one; raise
+    `hf.language_model`, or a retrieval one without, `llm_model` None), untying its LM head where `llm_model` (ours) has an untied one; raise
     WeightsError naming what does not fit or did not arrive unchanged."""
-    if _untied(llm_model):
+    if llm_model is not None and _untied(llm_model):
         _untie(hf)
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    tied = {f"language_model.{k}" for k in getattr(hf.language_model, "_tied_weights_keys", None) or []}
+    tied = {f"language_model.{k}" for k in getattr(getattr(hf, "language_model", None), "_tied_weights_keys", None) or []}
     if unexpected or set(missing) - tied - {"language_model.lm_head.weight"}:
         raise WeightsError(f"export does not fit {what}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
     loaded = hf.state_dict()

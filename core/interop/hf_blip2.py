@@ -242,7 +242,9 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
 _TEXT_SIDE_HF = re.compile(r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
 
 
-def _blip2_config(model, image_token_index: int):
+def _blip2_config(model, image_token_index: int | None):
+    """Blip2Config of an eva-vit-g + qformer model; a model without an LLM (a retrieval one) gets
+    the Q-Former's text input and transformers' default text_config, which its class never builds."""
     from transformers import Blip2Config
 
     enc, con = model.assembly.encoder.options, model.assembly.connector.options
@@ -254,10 +256,10 @@ def _blip2_config(model, image_token_index: int):
                "num_attention_heads": con.size("num_heads"), "intermediate_size": con.size("intermediate_size"),
                "cross_attention_frequency": con.cross_attention_freq, "vocab_size": con.size("vocab_size"),
                "max_position_embeddings": con.size("max_text_positions"), "layer_norm_eps": con.layer_norm_eps,
-               "encoder_hidden_size": model.plan.encoder_out.width}
-    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=export_text_config(model.llm, model.llm.model.config),
-                       num_query_tokens=con.num_query_tokens, image_text_hidden_size=con.embed_dim,
-                       image_token_index=image_token_index)
+               "encoder_hidden_size": model.plan.encoder_out.width, "use_qformer_text_input": model.llm is None}
+    text = export_text_config(model.llm, model.llm.model.config) if model.llm is not None else None
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=con.num_query_tokens,
+                       image_text_hidden_size=con.embed_dim, image_token_index=image_token_index)
 
 
 def require_buildable_language_model(model, family: str) -> None:
@@ -296,6 +298,10 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
     plan = model.plan
+    if model.assembly.llm is None:  # a retrieval model (what a Blip2ForImageTextRetrieval imports as)
+        from vlbridge.interop.hf_blip2_retrieval import export_hf_blip2_retrieval
+
+        return export_hf_blip2_retrieval(model, out_dir, allow_approximate)
     require_stage2(model, "transformers' BLIP-2")
     if (plan.encoder.name, plan.connector.name) != ("eva-vit-g", "qformer") or model.llm is None or plan.llm.name not in EXPORTABLE_LLMS:
         raise VLBridgeError("only eva-vit-g + qformer + a transformers LLM (opt, flan-t5, hf-causal-lm, hf-seq2seq; built for stage 2) "
