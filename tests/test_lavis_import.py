@@ -158,3 +158,20 @@ def test_an_untrained_projection_is_refused_by_the_export_not_written(tmp_path, 
     with pytest.raises(MissingWeightsError, match=r"would hold random values for proj.bias, proj.weight: .*train them in stage 2"):
         getattr(vlbridge, export)(vlbridge.load(tmp_path / "stage2"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_another_q_former_layout_is_refused_naming_the_option(tmp_path):
+    """A Q-Former trained with cross-attention in every layer (or with more layers) was refused with a
+    list of dozens of unexpected layer tensors and no word of cross_attention_freq or num_layers."""
+    assembly = {"name": "every-layer", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+                "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 8, "cross_attention_freq": 1}}}
+    source = vlbridge.build(assembly, stage=1)
+    torch.save({"model": {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("proj.")}},
+               tmp_path / "blip2_pretrained.pth")
+    with pytest.raises(VLBridgeError, match=r"cross-attends to the image in layers \[0, 1\], but .* in layers \[0\] "
+                                            r"\(cross_attention_freq 2\); set the qformer option cross_attention_freq: 1"):
+        vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", "tiny-qformer-opt", tmp_path / "a")
+    assembly["connector"]["options"]["num_layers"] = 1
+    with pytest.raises(VLBridgeError, match=r"has 2 layers, but the Q-Former of assembly 'every-layer' has 1; set the qformer option num_layers: 2"):
+        vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", assembly, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -12,6 +12,7 @@ assembly's, tensor for tensor. The file is read with `weights_only=True`.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ TIED_DECODER = {"Qformer.cls.predictions.decoder.weight": "Qformer.bert.embeddin
 BF16_ROUNDING = 2.0 ** -7  # a bf16 step, relative: how far bf16 and fp16 roundings of one weight may lie apart
 FP16_SMALLEST = 2.0 ** -24  # fp16's subnormal step: tiny weights it rounds, bf16 keeps
 UNSUPPORTED_PROJECTION = "llm_proj."  # LAVIS's Blip2VicunaInstruct
+LAYER = re.compile(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.")
+CROSS_ATTENTION = re.compile(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.")  # layers that read the image
 PROJECTION_INTO = {"opt_proj.": ("Blip2OPT", False), "t5_proj.": ("Blip2T5", True)}  # -> (LAVIS model, LLM is encoder-decoder)
 
 
@@ -72,6 +75,7 @@ def import_lavis(pth_path: str | Path, assembly: Assembly | str | Path | dict, o
     _check_projection_family(list(lavis), assembly)
     _check_instruction_reading(list(lavis), stage, assembly)
     _check_tied_decoder(lavis)
+    _check_layers(list(lavis), assembly)
     tensors = from_lavis(lavis)
     meta = {"source": f"LAVIS {pth_path}"}
     config = checkpoint_config(assembly)
@@ -180,3 +184,23 @@ def _check_instruction_reading(keys: list[str], stage: int, assembly: Assembly) 
         raise VLBridgeError(f"the checkpoint is a LAVIS BLIP-2 stage-2 model (Blip2OPT / Blip2T5: no Q-Former text side), but "
                             f"assembly {assembly.name!r} has an instruction-aware Q-Former (InstructBLIP), which needs that text "
                             "side; import it into an assembly without instruction_aware")
+
+
+def _check_layers(keys: list[str], assembly: Assembly) -> None:
+    """Refuse, naming the option, a Q-Former with another number of layers, or whose layers
+    cross-attend to the image other than the assembly's (`cross_attention_freq`): the strict load
+    would list dozens of layer tensors instead."""
+    options = assembly.connector.options
+    layers = {int(match.group(1)) for key in keys if (match := LAYER.match(key))}
+    if layers and max(layers) + 1 != options.size("num_layers"):
+        raise VLBridgeError(f"the checkpoint's Q-Former has {max(layers) + 1} layers, but the Q-Former of assembly {assembly.name!r} "
+                            f"has {options.size('num_layers')}; set the qformer option num_layers: {max(layers) + 1}")
+    theirs = sorted({int(match.group(1)) for key in keys if (match := CROSS_ATTENTION.match(key))})
+    ours = [layer for layer in range(options.size("num_layers")) if layer % options.cross_attention_freq == 0]
+    if not theirs or theirs == ours:
+        return
+    step = theirs[1] - theirs[0] if len(theirs) > 1 else None
+    fits = step is not None and theirs == list(range(0, theirs[-1] + 1, step))
+    hint = f"set the qformer option cross_attention_freq: {step}" if fits else "no cross_attention_freq gives that layout"
+    raise VLBridgeError(f"the checkpoint's Q-Former cross-attends to the image in layers {theirs}, but the Q-Former of assembly "
+                        f"{assembly.name!r} in layers {ours} (cross_attention_freq {options.cross_attention_freq}); {hint}")
