@@ -19,8 +19,9 @@ from vlbridge.errors import MissingWeightsError, VLBridgeError, WeightsError
 
 def load_export_state(hf: Any, state: dict[str, torch.Tensor], llm_model: Any, what: str) -> None:
     """Load `state` into `hf` (a transformers BLIP-2-family model whose language model is
-    `hf.language_model`, or a retrieval one without, `llm_model` None), untying its LM head where `llm_model` (ours) has an untied one; raise
-    WeightsError naming what does not fit or did not arrive unchanged."""
+    `hf.language_model`; a retrieval one has none, and `llm_model` is None), untying its LM head where
+    `llm_model` (ours) has an untied one; raise WeightsError naming what does not fit or did not
+    arrive unchanged."""
     if llm_model is not None and _untied(llm_model):
         _untie(hf)
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -75,5 +76,5 @@ def require_present(connector: Any, written: Callable[[str], bool], fmt: str) ->
         stages = sorted({stage for name in lacking for stage in absent[name].stages})
         train = f"train them in stage {' or '.join(map(str, stages))} first" if stages else "load a checkpoint that holds them"
         raise MissingWeightsError(f"{fmt} would hold random values for {', '.join(lacking)}: the checkpoint "
-                                  f"{', '.join(sources)} lacks them (a stage-1 checkpoint loaded for stage 2 has no trained "
-                                  f"projection into the LLM); {train} (vlbridge train with init_from: {sources[0]}), then export")
+                                  f"{', '.join(sources)} lacks them, so they hold the values they were built with; {train} "
+                                  f"(vlbridge train with init_from: {sources[0]}), then export")
