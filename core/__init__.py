@@ -17,6 +17,7 @@ from vlbridge.errors import (
     PluginError,
     PluginWarning,
     UnknownComponentError,
+    UntrainedWarning,
     VLBridgeError,
     WeightsError,
 )
@@ -29,8 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Assembly", "AssemblyError", "AssemblyWarning", "ConnectorSpec", "EncoderSpec", "IncompatibleError", "LLMDims", "LLMSpec",
-    "Options", "Plan", "PluginError", "PluginWarning", "Preprocess", "TokenShape", "UnknownComponentError", "VLBridgeError",
-    "WeightsError", "get_registry", "hookimpl", "load_assembly",
+    "Options", "Plan", "PluginError", "PluginWarning", "Preprocess", "TokenShape", "UnknownComponentError", "UntrainedWarning",
+    "VLBridgeError", "WeightsError", "get_registry", "hookimpl", "load_assembly",
 ]
 
 # Torch-backed API, imported lazily so that listing and validation stay light: name -> "module:attr".

@@ -22,6 +22,11 @@ class AssemblyWarning(UserWarning):
     that relative positions run past), said when it is built too, not only by `vlbridge validate`."""
 
 
+class UntrainedWarning(UserWarning):
+    """A model asked for a later stage than its checkpoint's: the tensors only that stage trains hold
+    the values they were built with, and what reads them runs on them without an error."""
+
+
 class UnknownComponentError(VLBridgeError, KeyError):
     """A component name that no loaded plugin provides."""
 

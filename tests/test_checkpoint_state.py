@@ -175,3 +175,18 @@ def test_training_fills_absent_tensors_and_keeps_the_rest_absent(tmp_path):
     stage1 = train(data, tmp_path / "s1", init_from=str(tmp_path / "old"))  # stage 1 trains them all
     assert json.loads((stage1 / "checkpoint.json").read_text())["connector"]["absent"] == []
     assert vlbridge.load(stage1).retrieve(IMAGES, TEXTS, k=2).i2t.shape == (2, 3)
+
+
+def test_a_stage1_checkpoint_loaded_for_stage2_warns_that_its_projection_is_untrained(tmp_path):
+    """`vlbridge.load(stage1, stage=2)` builds the LLM side (a stage-2 run starts so) and captioned
+    through the projection as it was built, without a word."""
+    stage1 = tmp_path / "s1"
+    vlbridge.build("tiny-qformer-opt", stage=1).save(stage1)
+    with pytest.warns(vlbridge.UntrainedWarning, match=r"s1 is a stage-1 checkpoint loaded for stage 2: proj\.bias, proj\.weight "
+                                                        r"train only in stage 2, so they hold the values they were built with"):
+        vlbridge.load(stage1, stage=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vlbridge.UntrainedWarning)
+        vlbridge.load(stage1)  # its own stage: nothing untrained is used

@@ -18,7 +18,7 @@ from vlbridge.files.checkpoint import META_FILE, WEIGHTS_FILE, checkpoint_assemb
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.files.weights import StateDict, load_subset
-from vlbridge.errors import AssemblyWarning, PluginWarning, VLBridgeError, WeightsError
+from vlbridge.errors import AssemblyWarning, PluginWarning, UntrainedWarning, VLBridgeError, WeightsError
 from vlbridge.modeling.model import VLBridgeModel
 from vlbridge.parts.hf_quiet import quiet_hf
 from vlbridge.parts.devices import resolve_device
@@ -255,5 +255,25 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
 
     directory = resolve_checkpoint(checkpoint_dir, "vlbridge.load:").directory
     meta = read_meta(directory)
-    stage = int(meta["stage"]) if stage is None else stage
-    return build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
+    saved = int(meta["stage"])
+    stage = saved if stage is None else stage
+    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
+    if stage > saved:
+        _warn_trained_later(model, saved, directory)
+    return model
+
+
+def _warn_trained_later(model: VLBridgeModel, saved: int, directory: Path) -> None:
+    """A stage-`saved` checkpoint loaded for a later stage holds the tensors only that later stage trains
+    as they were built (unless its run started from a later-stage checkpoint): say so, since what uses
+    them (captioning, for a stage-1 checkpoint) runs without an error on values nothing trained."""
+    who = describe(model.plan.connector)
+    earlier = set().union(*(trainable_names(model.connector, s, model.stage, who) for s in model.plan.stages if s <= saved))
+    later = sorted(trainable_names(model.connector, model.stage, model.stage, who) - earlier)
+    if later:
+        shown = ", ".join(later[:4]) + (", ..." if len(later) > 4 else "")
+        warnings.warn(f"{directory} is a stage-{saved} checkpoint loaded for stage {model.stage}: {shown} train only in stage "
+                      f"{model.stage}, so they hold the values they were built with (unless its run started from a stage-"
+                      f"{model.stage} checkpoint), and what reads them (captions, answers) is untrained until a stage-{model.stage} "
+                      f"run trains them (vlbridge train with stage: {model.stage} and init_from: {directory})",
+                      UntrainedWarning, stacklevel=3)
