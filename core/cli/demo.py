@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from vlbridge.cli.argtypes import positive_int, seed
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_yaml
+from vlbridge.train.stopping import terminate_as_interrupt
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -80,8 +81,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.out is None:
         steps = None if args.stage1_steps == (QUICK if args.quick else FULL).stage1_steps else args.stage1_steps
         args.out = default_demo_folder(args.quick, args.world_seed, args.llm, args.stage1, steps)
-    results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
-                       world_seed=args.world_seed, llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps)
+    with terminate_as_interrupt():  # a scheduler's stop unwinds too: the workers are stopped, not left training
+        results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
+                           world_seed=args.world_seed, llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     trained = [name for name in results["runs"] if name not in results["references"]]
     print(f"wrote {args.out}/report.md, results.json and report.png ({len(trained)} runs)")
@@ -101,6 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "\n".join(f"  - {p}" for p in pydantic_problems(exc, CompareConfig))
         raise VLBridgeError(f"comparison config {path} is invalid:\n{problems}") from None
-    run_compare(config, _say)
+    with terminate_as_interrupt():  # a scheduler's stop unwinds too: the workers are stopped, not left training
+        run_compare(config, _say)
     print((Path(config.output_dir) / "report.md").read_text(encoding="utf-8"))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import select
+import signal
 import sys
 import traceback
 
@@ -13,6 +14,7 @@ from vlbridge.cli import cache, convert, demo, evaluate, listing, run, train, va
 from vlbridge.cli.output import plain_warnings
 from vlbridge.errors import VLBridgeError
 from vlbridge.parts.hf_quiet import quiet_hf
+from vlbridge.train.stopping import Terminated
 
 SUBCOMMAND_MODULES = (demo, listing, validate, run, convert, train, cache, world, evaluate)
 
@@ -98,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except VLBridgeError as exc:
         print(f"vlbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:  # SIGTERM, where a command turns it into an interrupt (compare, demo)
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     except BrokenPipeError as exc:
         return SIGPIPE_STATUS if stdout_closed() else internal_error(args.command, exc)
     except OSError as exc:

@@ -9,14 +9,13 @@ the checks that need built modules, and exits.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import signal
 import sys
-from typing import Iterator
 
 from vlbridge.errors import VLBridgeError
+from vlbridge.train.stopping import Terminated, terminate_as_interrupt
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -63,29 +62,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         texts = f"; texts: {result.texts}" if result.texts else ""  # those cut at max_text_tokens, when any
         print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}{texts}")
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run stands, so that it ends as Ctrl-C does."""
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (how SLURM, Kubernetes and torchrun stop a job) ends the run as Ctrl-C does: the run's
-    `finally` blocks release its lock and remove a half-written checkpoint, and the resume hint is
-    said. Python's default for it is to die at once, without a word."""
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread (a caller embedding the CLI): its handling is the caller's
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def resume_hint(output_dir: str, config_file: str) -> str:

@@ -6,12 +6,18 @@ its share with the same code as a single process and stores every result where t
 loop looks for it; the caller then reads them back and writes the report. Results are the same
 for any number of jobs. Runs that share a stage 1 (same key) go to one worker, so a stage 1 is
 never trained twice, and the frozen-feature caches are built before any worker starts.
+
+Stopping: Ctrl-C is the parent's alone (a worker and its data-loader processes ignore SIGINT); the
+parent stops each worker by SIGTERM, which the worker raises as an interrupt, so that it unwinds and
+its loaders stop their processes. A worker killed outright left them behind for good, blocked on a
+pipe that nobody would read again.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import queue as queue_module
+import signal
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +28,11 @@ from vlbridge.compare.runner import (RESULT_FILE, _stored_result, feature_cache,
                                      train_and_evaluate)
 from vlbridge.errors import VLBridgeError
 from vlbridge.parts.hf_quiet import quiet_hf
+from vlbridge.train.stopping import terminate_as_interrupt
 
 Say = Callable[[str], None]
 Group = tuple[int, list[str]]  # (seed, run names) that one worker runs in order
+STOP_GRACE_S = 60.0  # a stopped worker unwinds in well under a second; one that has not ended by then is killed
 
 
 def work_groups(config: CompareConfig) -> list[tuple[float, Group]]:
@@ -78,13 +86,19 @@ def _worker(config_json: str, share: list[Group], index: int, messages: Any) -> 
     def say(text: str) -> None:
         messages.put(("say", index, text))
 
+    # Ctrl-C reaches every process of the terminal's group: ignored here, and in the loader processes this
+    # worker starts (they inherit it), none leaves its loop before the parent stops this worker (SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        config = CompareConfig.model_validate_json(config_json)
-        progress = RelayedProgress(messages, index)
-        for seed, names in share:  # the whole config (caches key on all of its data), these runs only
-            with quiet_hf():  # a worker is no CLI process: transformers' bars would reach the user's terminal
-                train_and_evaluate(config, say, progress, only={(name, seed) for name in names})
+        with terminate_as_interrupt():
+            config = CompareConfig.model_validate_json(config_json)
+            progress = RelayedProgress(messages, index)
+            for seed, names in share:  # the whole config (caches key on all of its data), these runs only
+                with quiet_hf():  # a worker is no CLI process: transformers' bars would reach the user's terminal
+                    train_and_evaluate(config, say, progress, only={(name, seed) for name in names})
         messages.put(("done", index, ""))
+    except KeyboardInterrupt:  # stopped by the parent, which reads no more messages
+        messages.cancel_join_thread()
     except VLBridgeError as error:
         messages.put(("user-error", index, str(error)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
@@ -140,11 +154,21 @@ def run_in_workers(config: CompareConfig, say: Say = print, progress: PhaseProgr
             else:
                 raise RuntimeError(f"worker {index + 1} failed:\n{text}")
     finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
+        stop_workers(workers)
     return frozenset((name, seed) for share in shares for seed, names in share for name in names)
+
+
+def stop_workers(workers: list[Any]) -> None:
+    """Stop the workers still running (SIGTERM: each unwinds, its loaders' processes with it) and wait
+    for every one; kill one that has not ended after STOP_GRACE_S."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(STOP_GRACE_S)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _relay(progress: PhaseProgress | None, kind: str, index: int, text: str) -> None:
