@@ -42,6 +42,13 @@ def test_import_and_export_help_explain_their_folders(capsys, fmt):
     assert "CHECKPOINT_DIR " in text and "OUT_DIR " in text and "from_pretrained" in text
 
 
+def test_import_lavis_help_explains_its_file_and_folder(capsys):
+    """Its help was a bare usage line: nothing said what PTH is or what the command writes."""
+    text = " ".join(_help(capsys, "import", "lavis").split())
+    assert "LAVIS" in text and "blip2_pretrained.pth" in text and "weights_only" in text
+    assert "OUT_DIR " in text and "vlbridge.load(OUT_DIR)" in text and "--checkpoint OUT_DIR" in text
+
+
 def test_world_generate_help_shows_defaults(capsys):
     text = _help(capsys, "world", "generate")
     assert "default 3000" in text and "default 64" in text and "default 0" in text

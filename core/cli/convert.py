@@ -45,9 +45,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                 help="how prompts are worded, '{}' for the prompt and '<image>' for the visual tokens "
                                      "(default: as the directory's processor chat template words one image and one text, else "
                                      "LLaVA-1.5's 'USER: <image>\\n{} ASSISTANT:')")
-    lavis = imp_sub.add_parser("lavis", help="a LAVIS BLIP-2 .pth state dict, into an assembly of your choice")
-    lavis.add_argument("source", metavar="PTH")
-    lavis.add_argument("out", metavar="OUT_DIR", help="where the vlbridge checkpoint is written (a new or empty folder)")
+    lavis = imp_sub.add_parser("lavis", help="a LAVIS BLIP-2 .pth state dict, into an assembly of your choice",
+                               description="Convert a LAVIS BLIP-2 checkpoint into a vlbridge checkpoint of the assembly "
+                                           "its Q-Former belongs to.")
+    lavis.add_argument("source", metavar="PTH", help="a LAVIS checkpoint: blip2_pretrained.pth (stage 1) or a stage-2 .pth "
+                       "(read with torch.load(weights_only=True)); a ViT it holds (a COCO fine-tune's) becomes the "
+                       "eva-vit-g weights")
+    lavis.add_argument("out", metavar="OUT_DIR", help="where the vlbridge checkpoint is written (a new or empty folder); "
+                       "load it with vlbridge.load(OUT_DIR) or --checkpoint OUT_DIR")
     lavis.add_argument("--assembly", "-a", required=True, metavar="PRESET_OR_YAML", help="the assembly the Q-Former belongs to")
     lavis.set_defaults(func=cmd_import_lavis)
     exp = sub.add_parser("export", help="convert a vlbridge checkpoint into a foreign format")
