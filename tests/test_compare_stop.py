@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 LOADERS = 2  # data-loader processes per worker
 
 
-def group_members(group: int) -> list[int]:
-    """The live processes of a process group (field 5 of /proc/PID/stat; zombies are gone for good)."""
-    members = []
+def group_members(group: int) -> dict[int, int]:
+    """The live processes of a process group, each with its parent (fields 4 and 5 of /proc/PID/stat)."""
+    members = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -36,9 +36,9 @@ def group_members(group: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-        if int(fields[2]) == group and fields[0] != "Z":
-            members.append(int(entry.name))
+        state, parent, pgrp = stat[stat.rindex(")") + 2:].split()[:3]  # after "pid (comm) "
+        if int(pgrp) == group and state != "Z":
+            members[int(entry.name)] = int(parent)
     return members
 
 
@@ -73,8 +73,8 @@ def test_a_stopped_comparison_leaves_no_process_behind(tmp_path: Path, stop: str
     group = process.pid
     try:
         deadline = time.monotonic() + 240
-        # the command, the resource tracker, two workers and their loaders: both workers are in stage 2
-        while len(group_members(group)) < 4 + 2 * LOADERS:
+        # both workers' loader processes run (children of the command's children): both workers are in stage 2
+        while sum(parent not in (group, 1) for parent in group_members(group).values()) < 2 * LOADERS:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text(encoding="utf-8")
             time.sleep(0.2)
         time.sleep(3)  # the loaders fill their queues
@@ -86,7 +86,7 @@ def test_a_stopped_comparison_leaves_no_process_behind(tmp_path: Path, stop: str
         deadline = time.monotonic() + 30
         while group_members(group) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left, err = group_members(group), log.read_text(encoding="utf-8")
+        left, err = sorted(group_members(group)), log.read_text(encoding="utf-8")
         assert not left, f"{len(left)} processes left running after the comparison ended: {left}\n{err}"
         assert process.returncode == 128 + (signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM), err
         assert "Traceback" not in err, err
