@@ -90,6 +90,7 @@ def test_a_stopped_comparison_leaves_no_process_behind(tmp_path: Path, stop: str
         assert not left, f"{len(left)} processes left running after the comparison ended: {left}\n{err}"
         assert process.returncode == 128 + (signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM), err
         assert "Traceback" not in err, err
+        assert "run the same command again to go on" in err and "resumes from its last checkpoint" in err, err
     finally:
         for pid in group_members(group):
             os.kill(pid, signal.SIGKILL)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from vlbridge.cli.argtypes import positive_int, seed
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_yaml
-from vlbridge.train.stopping import terminate_as_interrupt
+from vlbridge.train.stopping import Terminated, terminate_as_interrupt
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +72,20 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _stoppable(command: str, out: str | Path, run: Callable[[], Any]) -> Any:
+    """`run()`'s result; or, stopped by Ctrl-C or SIGTERM (a scheduler's stop unwinds too: the workers are
+    stopped, not left training), the exit status after saying how to go on: a rerun of the same command
+    keeps every finished run and resumes the interrupted one from its last checkpoint."""
+    try:
+        with terminate_as_interrupt():
+            return run()
+    except KeyboardInterrupt as exc:
+        stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"vlbridge {command}: {stopped}; run the same command again to go on: the runs finished in {out} are kept, "
+              "and the one in progress resumes from its last checkpoint", file=sys.stderr, flush=True)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlbridge.compare.config import MAX_JOBS
     from vlbridge.compare.demo import FULL, QUICK, run_demo
@@ -81,9 +97,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.out is None:
         steps = None if args.stage1_steps == (QUICK if args.quick else FULL).stage1_steps else args.stage1_steps
         args.out = default_demo_folder(args.quick, args.world_seed, args.llm, args.stage1, steps)
-    with terminate_as_interrupt():  # a scheduler's stop unwinds too: the workers are stopped, not left training
-        results = run_demo(args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say,
-                           world_seed=args.world_seed, llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps)
+    results = _stoppable("demo", args.out, lambda: run_demo(
+        args.out, quick=args.quick, seeds=args.seeds, queries=args.queries, only=args.runs, say=_say, world_seed=args.world_seed,
+        llm=args.llm, jobs=args.jobs, stage1=args.stage1, stage1_steps=args.stage1_steps))
+    if isinstance(results, int):
+        return results
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     trained = [name for name in results["runs"] if name not in results["references"]]
     print(f"wrote {args.out}/report.md, results.json and report.png ({len(trained)} runs)")
@@ -103,7 +121,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "\n".join(f"  - {p}" for p in pydantic_problems(exc, CompareConfig))
         raise VLBridgeError(f"comparison config {path} is invalid:\n{problems}") from None
-    with terminate_as_interrupt():  # a scheduler's stop unwinds too: the workers are stopped, not left training
-        run_compare(config, _say)
+    stopped = _stoppable("compare", config.output_dir, lambda: run_compare(config, _say))
+    if isinstance(stopped, int):
+        return stopped
     print((Path(config.output_dir) / "report.md").read_text(encoding="utf-8"))
     return 0

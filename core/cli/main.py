@@ -14,7 +14,6 @@ from vlbridge.cli import cache, convert, demo, evaluate, listing, run, train, va
 from vlbridge.cli.output import plain_warnings
 from vlbridge.errors import VLBridgeError
 from vlbridge.parts.hf_quiet import quiet_hf
-from vlbridge.train.stopping import Terminated
 
 SUBCOMMAND_MODULES = (demo, listing, validate, run, convert, train, cache, world, evaluate)
 
@@ -100,9 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     except VLBridgeError as exc:
         print(f"vlbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Terminated:  # SIGTERM, where a command turns it into an interrupt (compare, demo)
-        print("terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
