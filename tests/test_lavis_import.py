@@ -175,3 +175,31 @@ def test_another_q_former_layout_is_refused_naming_the_option(tmp_path):
     with pytest.raises(VLBridgeError, match=r"has 2 layers, but the Q-Former of assembly 'every-layer' has 1; set the qformer option num_layers: 2"):
         vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", assembly, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_q_former_cross_attending_in_layer_0_alone_is_given_the_freq_that_builds_it(tmp_path):
+    """One cross-attention layer has no step between two: the hint said no cross_attention_freq gives
+    [0], where any of at least num_layers does; and a step that fits their first layers is no fix
+    when it builds more of them than the file holds."""
+    source = vlbridge.build("tiny-qformer-opt", stage=1)  # 2 layers, cross_attention_freq 2: layer 0 alone
+    torch.save({"model": {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("proj.")}},
+               tmp_path / "blip2_pretrained.pth")
+    every = {"name": "every-layer", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+             "connector": {"use": "qformer", "options": {"variant": "tiny", "num_query_tokens": 32, "cross_attention_freq": 1}}}
+    with pytest.raises(VLBridgeError, match=r"in layers \[0\], but .* in layers \[0, 1\] \(cross_attention_freq 1\); "
+                                            r"set the qformer option cross_attention_freq: 2$"):
+        vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", every, tmp_path / "a")
+
+
+def test_a_layout_no_freq_builds_is_said_so():
+    from vlbridge.interop.lavis import _check_layers
+
+    assembly = vlbridge.load_assembly({"name": "four", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+                                       "connector": {"use": "qformer", "options": {"variant": "tiny", "num_layers": 4,
+                                                                                   "cross_attention_freq": 1}}})
+    keys = [f"Qformer.bert.encoder.layer.{i}.attention.self.query.weight" for i in range(4)]
+    cross = [f"Qformer.bert.encoder.layer.{i}.crossattention.self.query.weight" for i in (0, 2)]
+    with pytest.raises(VLBridgeError, match=r"set the qformer option cross_attention_freq: 2$"):
+        _check_layers(keys + cross, assembly)
+    with pytest.raises(VLBridgeError, match=r"in layers \[0, 1\], .*; no cross_attention_freq gives that layout"):
+        _check_layers(keys + cross[:1] + [cross[0].replace("layer.0.", "layer.1.")], assembly)

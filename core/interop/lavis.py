@@ -196,11 +196,12 @@ def _check_layers(keys: list[str], assembly: Assembly) -> None:
         raise VLBridgeError(f"the checkpoint's Q-Former has {max(layers) + 1} layers, but the Q-Former of assembly {assembly.name!r} "
                             f"has {options.size('num_layers')}; set the qformer option num_layers: {max(layers) + 1}")
     theirs = sorted({int(match.group(1)) for key in keys if (match := CROSS_ATTENTION.match(key))})
-    ours = [layer for layer in range(options.size("num_layers")) if layer % options.cross_attention_freq == 0]
+    count = options.size("num_layers")
+    ours = list(range(0, count, options.cross_attention_freq))  # the layers the Q-Former builds with cross-attention
     if not theirs or theirs == ours:
         return
-    step = theirs[1] - theirs[0] if len(theirs) > 1 else None
-    fits = step is not None and theirs == list(range(0, theirs[-1] + 1, step))
-    hint = f"set the qformer option cross_attention_freq: {step}" if fits else "no cross_attention_freq gives that layout"
+    # the freq that builds their layout, if any: a lone layer 0 takes one of at least num_layers, not a step between two
+    freq = next((freq for freq in range(1, count + 1) if list(range(0, count, freq)) == theirs), None)
+    hint = f"set the qformer option cross_attention_freq: {freq}" if freq else "no cross_attention_freq gives that layout"
     raise VLBridgeError(f"the checkpoint's Q-Former cross-attends to the image in layers {theirs}, but the Q-Former of assembly "
                         f"{assembly.name!r} in layers {ours} (cross_attention_freq {options.cross_attention_freq}); {hint}")
