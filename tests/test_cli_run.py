@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -52,7 +53,12 @@ def test_ask_and_retrieve(capsys, images):
 
 def test_run_errors_exit_2(capsys, images, tmp_path):
     code, _, err = run(capsys, "caption", "-a", "tiny-qformer-opt", str(tmp_path / "nope.png"))
-    assert code == 2 and "image not found" in err
+    assert code == 2 and f"image {tmp_path / 'nope.png'} does not exist" in err
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nope.png")
+    code, _, err = run(capsys, "caption", "-a", "tiny-qformer-opt", str(tmp_path / "gone.png"))
+    assert code == 2 and "gone.png is a broken link: it points to" in err and "not found" not in err
+    code, _, err = run(capsys, "caption", "-a", "tiny-qformer-opt", os.devnull)  # was 'image not found: /dev/null is not a regular file'
+    assert code == 2 and f"image {os.devnull} is not a regular file (a device, pipe or socket)" in err and "not found" not in err
     code, _, err = run(capsys, "caption", "-a", "tiny-qformer-opt", "https://example.com/cat.jpg")
     assert code == 2 and "'https://example.com/cat.jpg' is a URL; vlbridge reads local image files only" in err  # was 'image not found'
     code, _, err = run(capsys, "retrieve", "-a", "tiny-mlp-opt", "-t", "x", images[0])

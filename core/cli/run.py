@@ -70,7 +70,7 @@ def _load_model(args: argparse.Namespace):
             raise VLBridgeError(f"{image} is a directory; give image files (a shell glob such as {Path(image) / '*.jpg'} lists them)")
         problem = not_a_file(Path(image))
         if problem:
-            raise VLBridgeError(f"image not found: {image} {problem}")
+            raise VLBridgeError(f"image {image} {problem}")  # "not found" would misname a device or a link to nothing
     return open_model(source)
 
 
