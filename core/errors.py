@@ -27,6 +27,11 @@ class UntrainedWarning(UserWarning):
     the values they were built with, and what reads them runs on them without an error."""
 
 
+class CacheWarning(UserWarning):
+    """A feature cache that can be used but may hold other features than vlbridge computes now
+    (here, not in vlbridge.train.cache, so that the CLI can name it without importing torch)."""
+
+
 class UnknownComponentError(VLBridgeError, KeyError):
     """A component name that no loaded plugin provides."""
 

@@ -363,6 +363,27 @@ def test_a_cache_of_images_read_as_stored_warns_and_its_shards_are_recomputed(da
     assert fingerprint(encoder, FP32) != hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
 
 
+def test_vlbridge_train_says_an_older_cache_warning_as_a_plain_line(data: Path, cache: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]):
+    """The CLI printed vlbridge's plan warnings as `vlbridge CMD: warning:` lines, but the cache's as Python
+    writes a warning: a source path and line, then `CacheWarning:`."""
+    import yaml
+
+    copy = tmp_path / "old"
+    shutil.copytree(cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["image_reading"]  # as an earlier vlbridge wrote it
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    config = {"assembly": PRESET, "stage": 1, "batch_size": 4, "steps": 1, "log_every": 1, "tensorboard": False,
+              "output_dir": str(tmp_path / "run"), "data": {"train": data_config(data).model_dump(exclude_defaults=True),
+                                                           "features": str(copy)}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert cli(["train", str(tmp_path / "train.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert f"vlbridge train: warning: feature cache {str(copy)!r} was built by an earlier vlbridge" in err
+    assert "CacheWarning" not in err
+
+
 def test_cli_exit_codes(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "cli"
     args = ["cache-features", "-a", PRESET, "--format", "jsonl", "--paths", str(data / "train.jsonl"), "--out", str(out),

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlbridge.errors import InputFileError, VLBridgeError
+from vlbridge.errors import CacheWarning, InputFileError, VLBridgeError  # noqa: F401 (CacheWarning: imported from here too)
 from vlbridge.files.userfiles import read_json
 
 if TYPE_CHECKING:
@@ -49,10 +49,6 @@ IMAGE_READING = "upright, transparency on white"  # how vlbridge.parts.images de
 
 class CacheError(VLBridgeError):
     """A feature cache that cannot be used as asked: missing, corrupt, or built for another encoder."""
-
-
-class CacheWarning(UserWarning):
-    """A feature cache that can be used but may hold other features than vlbridge computes now."""
 
 
 class Strict(BaseModel):
