@@ -239,3 +239,18 @@ def test_image_files_the_annotations_name_are_looked_for(capsys, tmp_path, data)
     assert code == 0, err
     assert "data.train: 1 of 4 image files are missing (training skips and counts their samples)" in out
     assert out.strip().endswith("valid")
+
+
+def test_validate_train_says_the_plan_warnings_once(capsys, tmp_path, data):
+    """Its plan lists the assembly's warnings, and the build it runs to count what trains said each
+    again (a `vlbridge validate: warning:` line, since builds say them): twice on the terminal."""
+    assembly = {"name": "long-t5", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
+                "connector": {"use": "qformer", "options": {"variant": "tiny"}},
+                "llm": {"use": "flan-t5", "options": {"variant": "tiny"}}, "max_text_tokens": 600}
+    values = config(data, tmp_path / "out", assembly=assembly)
+    code, out, err = validate_cli(capsys, tmp_path, values)
+    assert code == 0, err
+    assert (out + err).count("beyond") == 1 and "  warning    too many tokens" in out
+    code, out, err = validate_cli(capsys, tmp_path, values, "--json")
+    assert code == 0 and "too many tokens" in json.loads(out)["plan"]["warnings"][0] and "warning" not in err
+

@@ -38,3 +38,14 @@ def plain_warnings(command: str) -> Iterator[None]:
 
         warnings.showwarning = show
         yield
+
+
+@contextlib.contextmanager
+def plan_listed() -> Iterator[None]:
+    """Around a build by a command that prints the plan itself (validate --train): the plan lists its
+    warnings, and the build's AssemblyWarning would say each a second time."""
+    from vlbridge.errors import AssemblyWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AssemblyWarning)
+        yield

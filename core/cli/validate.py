@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.assemblies.reachability import missing_local_sources
 from vlbridge.cli.argtypes import positive_int
-from vlbridge.cli.output import print_json
+from vlbridge.cli.output import plan_listed, print_json
 from vlbridge.errors import AssemblyError, VLBridgeError
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ def validate_train(path: str, *, as_json: bool, sizing: tuple[int, int | None] =
     try:
         config, label = read_config(path)
         assembly = check_config(config, label)
-        counts, notes = _trainable(config, assembly, label)
+        with plan_listed():  # printed below with the plan
+            counts, notes = _trainable(config, assembly, label)
     except TrainConfigError as exc:
         if not as_json:
             raise
