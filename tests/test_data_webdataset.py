@@ -249,8 +249,9 @@ def test_a_sample_without_text_says_what_its_txt_and_json_hold(tmp_path):
     number as "neither a non-empty .txt member nor a 'caption' in .json"."""
     image = image_bytes(0)
     shard = write_tar(tmp_path / "s.tar", [("a.jpg", image), ("a.txt", b""), ("b.jpg", image), ("b.json", b'{"caption": 5}'),
-                                           ("c.jpg", image), ("c.json", b'{"url": "x"}')])
+                                           ("c.jpg", image), ("c.json", b'{"url": "x"}'), ("d.jpg", image), ("d.txt", b" \n")])
     reasons = [sample.reason for sample in iter_shard(str(shard))]
     assert reasons == ["no text (its .txt member is empty, and no .json)",
                        "no text (no .txt member, and its .json 'caption' is int 5, not text)",
-                       "no text (no .txt member, and no 'caption' in its .json)"]
+                       "no text (no .txt member, and no 'caption' in its .json)",
+                       "no text (its .txt member is blank, and no .json)"]  # was 'is empty': it holds spaces

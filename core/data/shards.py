@@ -229,7 +229,7 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
         captions = captions[:1] or [""]  # one instruction pair, however many captions travel with it
     elif not captions:
         if not isinstance(meta.get("text_output"), str):  # instruction data needs no caption, as in JSONL
-            return Skipped(name=name, kind="no text", reason=f"no text ({_why_no_text(fields, json_field, meta)})"
+            return Skipped(name=name, kind="no text", reason=f"no text ({_why_no_text(fields, files, json_field, meta)})"
                                                              f"{_dotted_hint(key, files)}")
         captions = [""]
     member = f"{key}.{image}"
@@ -245,10 +245,10 @@ def caption_fields(files: dict[str, bytes]) -> list[str]:
     return sorted((field for field in files if field.rpartition(".")[2] == "txt"), key=lambda field: (field != "txt", field))
 
 
-def _why_no_text(fields: list[str], json_field: str | None, meta: dict[str, Any]) -> str:
+def _why_no_text(fields: list[str], files: dict[str, bytes], json_field: str | None, meta: dict[str, Any]) -> str:
     """What a sample's .txt and .json hold instead of a caption (empty .txt members, a 'caption' that is a number...)."""
     if len(fields) == 1:
-        txt = f"its .{fields[0]} member is empty"
+        txt = f"its .{fields[0]} member is {'blank' if files[fields[0]] else 'empty'}"  # spaces alone are no caption either
     else:
         txt = f"{len(fields)} .txt members ({', '.join(fields)}), all of them blank" if fields else "no .txt member"
     caption = meta.get("caption")
