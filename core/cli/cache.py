@@ -7,13 +7,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from vlbridge.assemblies.assembly import load_assembly
 from vlbridge.cli.argtypes import non_negative_int, positive_int
 from vlbridge.cli.model_source import add_random_weights_argument
 from vlbridge.cli.output import print_json
 from vlbridge.errors import VLBridgeError
-from vlbridge.train.cache import MANIFEST_FILE
+from vlbridge.train.cache import MANIFEST_FILE, SkippedImage
 
 SHOW_SKIPPED = 5  # skipped images named on the terminal; the manifest keeps them all
 
@@ -105,7 +106,7 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def skipped_lines(skipped: list, manifest: Path, show: int = SHOW_SKIPPED) -> str:
+def skipped_lines(skipped: Sequence[SkippedImage], manifest: Path, show: int = SHOW_SKIPPED) -> str:
     """Which images the cache left out and why (the first `show`; the manifest lists every one), so
     that a count alone does not stand for them: their captions train on nothing from this cache."""
     lines = [f"skipped {image.name}: {image.reason}\n" for image in skipped[:show]]

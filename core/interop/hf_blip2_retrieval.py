@@ -13,7 +13,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, STAGE1_PARTS, max_logit_difference, probe_pixels, settle, warn_left_out
 from vlbridge.interop.export_state import load_export_state, require_present

@@ -230,7 +230,8 @@ class FeatureDataset(Dataset):
                              f"were computed (size or modification time differs, or a file unreadable or missing then is there now), "
                              f"e.g. {', '.join(repr(n) for n in changed[:3])}; the cache holds the old pictures' features "
                              "(or none). Rebuild the cache from the current images "
-                             "(vlbridge cache-features ... --overwrite); a copy that only changed the times needs it too")
+                             f"({rebuild_command(store.manifest, directory=store.directory)}); a copy that only changed the times "
+                             "needs it too")
         self.image_captions = captions_by_image(samples, text)
 
     def __len__(self) -> int:
