@@ -45,7 +45,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 # Commands out of CI's budget as written, and where their equivalent runs instead.
 RUN_ELSEWHERE: dict[str, str] = {
-    "vlbridge demo": "tests/test_demo.py runs `vlbridge demo --quick` (the full demo takes about 4 minutes on 2 cores: README, "Install and run")",
+    "vlbridge demo": "tests/test_demo.py runs `vlbridge demo --quick` (the full demo takes about 4 minutes on 2 cores: README, 'Install and run')",
     "python -m pytest -q": "the test suite itself, which CI runs (this test is part of it)",
     "torchrun --nproc_per_node 2 -m vlbridge train examples/train-stage2-tiny.yaml":
         "two processes: tests/test_trainer_ddp.py trains on two gloo ranks with torchrun's environment",
