@@ -14,7 +14,8 @@ import yaml
 import vlbridge
 from vlbridge.cli.main import main
 from vlbridge.interop.export_fidelity import ApproximateExportError, ApproximateExportWarning
-from vlbridge.interop.hf_blip2 import blip2_differences, probe_difference
+from vlbridge.interop.hf_blip2 import probe_difference
+from vlbridge.interop.hf_blip2_config import blip2_differences
 from vlbridge.plugin.resources import presets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

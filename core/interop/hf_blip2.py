@@ -22,11 +22,12 @@ from vlbridge.files.atomic import atomic_write, atomic_write_text
 from vlbridge.files.checkpoint import write_checkpoint
 from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
-from vlbridge.interop.stop_token import carry_generation_config, checkpoint_eos, export_text_config, plugin_end_id, stop_token_option
+from vlbridge.interop.stop_token import carry_generation_config, checkpoint_eos, plugin_end_id, stop_token_option
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.export_state import load_export_state, require_present, require_stage2
+from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
 from vlbridge.interop.export_fidelity import (
-    PROBE_PROMPT, eval_logits, exported_prompt_options, max_logit_difference, probe_pixels, prompt_places_visual_tokens, prompt_wording,
+    PROBE_PROMPT, eval_logits, exported_prompt_options, max_logit_difference, probe_pixels, prompt_wording,
     settle, warn_left_out,
 )
 from vlbridge.files.hf_config import load_failure, transformers_config
@@ -242,26 +243,6 @@ def import_hf_blip2(src_dir: str | Path, out_dir: str | Path, name: str | None =
 _TEXT_SIDE_HF = re.compile(r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
 
 
-def _blip2_config(model, image_token_index: int | None):
-    """Blip2Config of an eva-vit-g + qformer model; a model without an LLM (a retrieval one) gets
-    the Q-Former's text input and transformers' default text_config, which its class never builds."""
-    from transformers import Blip2Config
-
-    enc, con = model.assembly.encoder.options, model.assembly.connector.options
-    arch = enc.arch
-    vision = {"hidden_size": arch["width"], "intermediate_size": arch["mlp_hidden"], "num_hidden_layers": enc.resolved_blocks,
-              "num_attention_heads": arch["heads"], "image_size": enc.resolved_image_size, "patch_size": arch["patch"],
-              "layer_norm_eps": enc.layer_norm_eps, "qkv_bias": True}
-    qformer = {"hidden_size": con.size("hidden_size"), "num_hidden_layers": con.size("num_layers"),
-               "num_attention_heads": con.size("num_heads"), "intermediate_size": con.size("intermediate_size"),
-               "cross_attention_frequency": con.cross_attention_freq, "vocab_size": con.size("vocab_size"),
-               "max_position_embeddings": con.size("max_text_positions"), "layer_norm_eps": con.layer_norm_eps,
-               "encoder_hidden_size": model.plan.encoder_out.width, "use_qformer_text_input": model.llm is None}
-    text = export_text_config(model.llm, model.llm.model.config) if model.llm is not None else None
-    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=con.num_query_tokens,
-                       image_text_hidden_size=con.embed_dim, image_token_index=image_token_index)
-
-
 def require_buildable_language_model(model, family: str) -> None:
     """transformers' BLIP-2 and InstructBLIP build their language model as a causal LM whenever its type
     has one: an encoder-decoder of such a type (BART, mBART, Pegasus) would come back as its decoder alone."""
@@ -320,28 +301,12 @@ def export_hf_blip2(model, out_dir: str | Path, allow_approximate: bool = False)
     warn_left_out(model.connector, "transformers BLIP-2", text_side=True)
     llm_model = model.merged_llm_model()  # LoRA merged
     state.update({f"language_model.{k}": v for k, v in llm_model.state_dict().items()})
-    hf = Blip2ForConditionalGeneration(_blip2_config(model, image_token_index)).eval()
+    hf = Blip2ForConditionalGeneration(blip2_config(model, image_token_index)).eval()
     load_export_state(hf, state, llm_model, "Blip2ForConditionalGeneration")
     settle("transformers' BLIP-2", blip2_differences(model.assembly, model.llm), lambda: probe_difference(model, hf, image_token_index), allow_approximate)
     processor = Blip2Processor(blip_image_processor(model.plan.preprocess), tokenizer,
                                num_query_tokens=model.assembly.connector.options.num_query_tokens)
     return write_export(out_dir, hf, processor, prompt_wording(model, "transformers BLIP-2"))
-
-
-def blip2_differences(assembly, llm: Any = None) -> list[str]:
-    """What transformers' BLIP-2 (and InstructBLIP) would change in an eva-vit-g + qformer assembly
-    (and in how its built `llm`, where given, places the visual tokens)."""
-    found = []
-    con_eps, vision_eps = assembly.connector.options.ln_vision_eps, assembly.encoder.options.layer_norm_eps
-    if con_eps != vision_eps:
-        found.append(f"its ln_vision epsilon {con_eps:g} becomes {vision_eps:g}, because transformers runs ln_vision (the vision "
-                     f"post_layernorm) with the vision layer_norm_eps; set the qformer option ln_vision_eps to {vision_eps:g} to export exactly")
-    if llm is not None and prompt_places_visual_tokens(llm):
-        found.append(f"its LLM puts the visual tokens where its prompt holds the image token ({llm.format_prompt('{}')!r}), "
-                     "but transformers' processor puts the query tokens before the whole text (and a prompt holding the "
-                     "image token would give it one too many); give the LLM a prompt_template without the image token "
-                     "(prompt_format plain) to export exactly")
-    return found
 
 
 def probe_difference(model, hf, image_token_index: int) -> float:

@@ -27,7 +27,7 @@ def export_hf_blip2_retrieval(model: Any, out_dir: str | Path, allow_approximate
     directory (weights, config, Blip2Processor). Exact or refused, as the generation export."""
     from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
-    from vlbridge.interop.hf_blip2 import _blip2_config, blip2_differences
+    from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
@@ -39,7 +39,7 @@ def export_hf_blip2_retrieval(model: Any, out_dir: str | Path, allow_approximate
     state = to_hf_blip2_vision_state_dict(model.encoder.state_dict())
     state.update(to_transformers(model.connector.state_dict()))  # the text side and heads too; ITG head and temp dropped
     warn_left_out(model.connector, fmt, text_side=False, parts=[part for part in STAGE1_PARTS if part[0] in NO_PLACE])
-    hf = Blip2ForImageTextRetrieval(_blip2_config(model, None)).eval()
+    hf = Blip2ForImageTextRetrieval(blip2_config(model, None)).eval()
     load_export_state(hf, state, None, RETRIEVAL_CLASS)
     settle(f"transformers' {RETRIEVAL_CLASS}", blip2_differences(model.assembly), lambda: _probe_itm_difference(model, hf),
            allow_approximate)

@@ -102,9 +102,8 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     `allow_approximate`, as for BLIP-2 (the same ln_vision rule)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
-    from vlbridge.interop.hf_blip2 import (
-        _blip2_config, blip2_differences, probe_difference, require_buildable_language_model, tokenizer_with_image_token,
-    )
+    from vlbridge.interop.hf_blip2 import probe_difference, require_buildable_language_model, tokenizer_with_image_token
+    from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
@@ -118,7 +117,7 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
                             f"{plan.llm.name if plan.llm else 'no LLM'}")
     require_buildable_language_model(model, "InstructBLIP")
     tokenizer, image_token_index = tokenizer_with_image_token(model)
-    blip2 = _blip2_config(model, image_token_index)
+    blip2 = blip2_config(model, image_token_index)
     config = InstructBlipConfig(vision_config=blip2.vision_config.to_dict(), qformer_config=blip2.qformer_config.to_dict(),
                                 text_config=blip2.text_config.to_dict(), num_query_tokens=blip2.num_query_tokens,
                                 image_token_index=image_token_index)

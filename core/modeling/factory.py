@@ -276,4 +276,4 @@ def _warn_trained_later(model: VLBridgeModel, saved: int, directory: Path) -> No
                       f"{model.stage}, so they hold the values they were built with (unless its run started from a stage-"
                       f"{model.stage} checkpoint), and what reads them (captions, answers) is untrained until a stage-{model.stage} "
                       f"run trains them (vlbridge train with stage: {model.stage} and init_from: {directory})",
-                      UntrainedWarning, stacklevel=3)
+                      UntrainedWarning, stacklevel=4)  # past load and its quiet_hf wrapper: the caller's line
