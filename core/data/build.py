@@ -15,6 +15,7 @@ from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import Record, RecordDataset, ShardDataset, TextOptions
 from vlbridge.data.jsonio import check_file
 from vlbridge.data.jsonl import read_jsonl
+from vlbridge.data.loader_workers import quiet_when_reader_left
 from vlbridge.data.order import ResumableSampler, rng_for
 from vlbridge.data.records import DataError, group_captions
 from vlbridge.data.shards import expand_shards
@@ -94,7 +95,8 @@ def make_loader(
         raise DataError(f"the resume position is in epoch {progress.epoch}, not {epoch}; pass it only for the epoch it was saved in")
     generator = torch.Generator().manual_seed(int(rng_for(seed, epoch, rank).integers(2**62)))  # worker seeds
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
-                  generator=generator, multiprocessing_context=_worker_start_method(num_workers))
+                  generator=generator, multiprocessing_context=_worker_start_method(num_workers),
+                  worker_init_fn=quiet_when_reader_left if num_workers > 0 else None)
     if isinstance(dataset, ShardDataset):
         streams, after = (progress.streams, progress.last_stream) if progress else (None, None)
         dataset.configure(epoch=epoch, seed=seed, rank=rank, world_size=world_size, resume=streams, after=after)
