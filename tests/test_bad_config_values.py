@@ -137,7 +137,7 @@ def test_an_empty_assembly_name_is_called_empty(capsys, name):
     usage_error(capsys, ["validate", name], "the assembly is an empty name; give an assembly YAML file or a preset name")
 
 
-@pytest.mark.parametrize("positions, phrase", [([-1], "greater than or equal to 0"), ([0, 0], "more than once"),
+@pytest.mark.parametrize("positions, phrase", [([-1], "greater than or equal to 0"), ([0, 0], "list each caption position once"),
                                                ([], "at least 1 item")])
 def test_compare_retrieval_caption_positions_are_each_given_once_from_0(positions, phrase):
     """A negative position counted from the end (or an IndexError past it), a repeated one counted its

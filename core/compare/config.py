@@ -8,7 +8,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 from vlbridge.data.config import load_data_config
 from vlbridge.data.records import DataConfigError
-from vlbridge.files.config_fields import MAX_SEED, PathText, StrictNumbers
+from vlbridge.files.config_fields import MAX_SEED, PathText, StrictNumbers, listed_once
 from vlbridge.lmms.options import LmmsEvalSpec
 from vlbridge.modeling.prompts import template_problem
 
@@ -114,9 +114,7 @@ class EvalSet(Strict):
     @classmethod
     def _each_position_once(cls, value: list[int] | None) -> list[int] | None:
         """A position given twice would retrieve its caption twice and count it twice in the recall."""
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError(f"names a caption position more than once: {value}; list each position once")
-        return value
+        return listed_once(value, "caption position")
 
     @model_validator(mode="after")
     def _check_tasks(self) -> "EvalSet":

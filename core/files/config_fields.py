@@ -47,6 +47,13 @@ PathText = Annotated[str, AfterValidator(_path_text)]
 hold it (Path.exists raised OSError for a name past 255 bytes; a NUL byte failed when a run made its folder)."""
 
 
+def listed_once(values: list | None, what: str) -> list | None:
+    """`values` as given; a ValueError naming the list when an item is in it twice (`what`: one item)."""
+    if values is not None and len(set(values)) != len(values):
+        raise ValueError(f"list each {what} once, got {values}")
+    return values
+
+
 def did_you_mean(key: Any, valid: Iterable[str]) -> str:
     """'; did you mean 'batch_size'?' for an unknown key close to a valid one (a typo), else ''; the
     list of every valid key alone leaves the reader to find the one they meant."""

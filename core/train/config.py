@@ -21,7 +21,7 @@ from vlbridge.errors import AssemblyError, InputFileError, VLBridgeError
 from vlbridge.assemblies.reachability import reachability_problems
 from vlbridge.train.finetune_config import FinetuneConfig, finetune_problems
 from vlbridge.files.checkpoint_paths import META_FILE, RUN_CHECKPOINTS
-from vlbridge.files.config_fields import MAX_SEED, PathText, StrictNumbers, did_you_mean, unusable_path
+from vlbridge.files.config_fields import MAX_SEED, PathText, StrictNumbers, did_you_mean, listed_once, unusable_path
 from vlbridge.files.userfiles import read_yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -102,9 +102,7 @@ class ParallelConfig(Section):
     @field_validator("shard")
     @classmethod
     def _distinct(cls, shard: list[str] | None) -> list[str] | None:
-        if shard is not None and len(set(shard)) != len(shard):
-            raise ValueError(f"list each part once, got {shard}")
-        return shard
+        return listed_once(shard, "part")
 
     def parts(self, stage: int) -> list[str]:
         """The parts fsdp shards in this stage (stage 1 builds no LLM)."""
