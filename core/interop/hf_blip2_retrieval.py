@@ -16,6 +16,7 @@ from typing import Any
 from vlbridge.errors import VLBridgeError
 from vlbridge.interop.export_fidelity import PROBE_PROMPT, STAGE1_PARTS, max_logit_difference, probe_pixels, settle, warn_left_out
 from vlbridge.interop.export_state import load_export_state, require_present
+from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
 from vlbridge.interop.hf_processor import blip_image_processor, write_export
 
 RETRIEVAL_CLASS = "Blip2ForImageTextRetrieval"
@@ -27,7 +28,6 @@ def export_hf_blip2_retrieval(model: Any, out_dir: str | Path, allow_approximate
     directory (weights, config, Blip2Processor). Exact or refused, as the generation export."""
     from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
-    from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 

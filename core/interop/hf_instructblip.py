@@ -22,9 +22,10 @@ from vlbridge.errors import VLBridgeError, WeightsError
 from vlbridge.interop.import_checks import check_imported_assembly
 from vlbridge.interop.image_processor_check import check_image_processor
 from vlbridge.interop.hf_blip2 import (
-    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, llm_plan, unsupported_settings, write_encoder,
-    zero_qv_biases,
+    _copy_tokenizer, _write_llm, blip2_preprocess, connector_options, encoder_options, llm_plan, probe_difference,
+    require_buildable_language_model, tokenizer_with_image_token, unsupported_settings, write_encoder, zero_qv_biases,
 )
+from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
 from vlbridge.interop.export_state import load_export_state, require_present, require_stage2
 from vlbridge.interop.export_fidelity import prompt_wording, settle, warn_left_out
 from vlbridge.files.hf_config import transformers_config
@@ -102,8 +103,6 @@ def export_hf_instructblip(model: Any, out_dir: str | Path, allow_approximate: b
     `allow_approximate`, as for BLIP-2 (the same ln_vision rule)."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
-    from vlbridge.interop.hf_blip2 import probe_difference, require_buildable_language_model, tokenizer_with_image_token
-    from vlbridge.interop.hf_blip2_config import blip2_config, blip2_differences
     from vlbridge.plugins.connectors.qformer_convert import to_transformers
     from vlbridge.plugins.encoders.eva_vit_g_convert import to_hf_blip2_vision_state_dict
 
