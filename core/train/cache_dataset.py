@@ -118,6 +118,10 @@ class FeatureStore:
         self.skipped = {skip.image_id: skip for skip in self.manifest.skipped}
         self._handles: dict[int, Any] = {}
 
+    def rebuild_command(self) -> str:
+        """The cache-features command line that rebuilds this cache where it is."""
+        return rebuild_command(self.manifest, directory=self.directory)
+
     def verify_checksums(self) -> None:
         """Re-hash every shard against the manifest's sha256 (reads the whole cache; opening checks
         only sizes and headers): catches bytes changed in place, e.g. by a bad disk or copy."""
@@ -192,7 +196,7 @@ def _raise_missing(store: FeatureStore, image_id: ImageId, name: str, tar: bool)
                "this cache was built before vlbridge recorded shards' contents, so it finds shards only where they were")
         raise CacheError(f"feature cache {str(store.directory)!r} has no features for {image_id!r}, but has {moved[0]!r}: tar samples "
                          "are found by shard and key (equal keys of two shards are two images), and a shard moved or renamed since "
-                         f"by its content; {why}. Rebuild the cache: {rebuild_command(store.manifest, directory=store.directory)}")
+                         f"by its content; {why}. Rebuild the cache: {store.rebuild_command()}")
     raise CacheError(f"feature cache {str(store.directory)!r} has no features for image {name!r} (id {image_id!r}); it was "
                      f"built from {sources}. Rebuild it including this data (repeat --data for each dataset, train and eval)")
 
@@ -213,12 +217,12 @@ class FeatureDataset(Dataset):
         if store.manifest.tar_ids == "key" and any(is_tar_sample(s) for s in samples):
             raise CacheError(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge that found tar samples by key "
                              "alone, so equal keys in two shards (two img2dataset outputs) shared one image's features; tar samples "
-                             f"are now found by shard and key. Rebuild it: {rebuild_command(store.manifest, directory=store.directory)}")
+                             f"are now found by shard and key. Rebuild it: {store.rebuild_command()}")
         if store.manifest.image_reading != IMAGE_READING:
             warnings.warn(f"feature cache {str(store.directory)!r} was built by an earlier vlbridge, which read images as stored: "
                           "a photo with an EXIF orientation was cached on its side and a transparent pixel as the colour under "
                           "it, where vlbridge now reads them upright and on white; if the data holds such images, rebuild it "
-                          f"({rebuild_command(store.manifest, directory=store.directory)})", CacheWarning, stacklevel=2)
+                          f"({store.rebuild_command()})", CacheWarning, stacklevel=2)
         samples, found_by_content = cached_samples(samples, store.manifest)
         self.samples = samples
         self.locations = [None if isinstance(s, Skipped) else store.locate(s.image_id, portable_name(s.image), tar=is_tar_sample(s))
@@ -230,7 +234,7 @@ class FeatureDataset(Dataset):
                              f"were computed (size or modification time differs, or a file unreadable or missing then is there now), "
                              f"e.g. {', '.join(repr(n) for n in changed[:3])}; the cache holds the old pictures' features "
                              "(or none). Rebuild the cache from the current images "
-                             f"({rebuild_command(store.manifest, directory=store.directory)}); a copy that only changed the times "
+                             f"({store.rebuild_command()}); a copy that only changed the times "
                              "needs it too")
         self.image_captions = captions_by_image(samples, text)
 
