@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +12,7 @@ from pydantic import ValidationError
 from vlbridge.cli.argtypes import positive_int, seed
 from vlbridge.errors import VLBridgeError
 from vlbridge.files.userfiles import read_yaml
-from vlbridge.train.stopping import Terminated, terminate_as_interrupt
+from vlbridge.train.stopping import stopped_by, terminate_as_interrupt
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -80,10 +79,10 @@ def _stoppable(command: str, out: str | Path, run: Callable[[], Any]) -> Any:
         with terminate_as_interrupt():
             return run()
     except KeyboardInterrupt as exc:
-        stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        stopped, status = stopped_by(exc)
         print(f"vlbridge {command}: {stopped}; run the same command again to go on: the runs finished in {out} are kept, "
               "and the one in progress resumes from its last checkpoint", file=sys.stderr, flush=True)
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

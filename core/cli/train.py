@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import sys
 
 from vlbridge.errors import VLBridgeError
-from vlbridge.train.stopping import Terminated, terminate_as_interrupt
+from vlbridge.train.stopping import stopped_by, terminate_as_interrupt
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -53,11 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         with terminate_as_interrupt():
             result = train(config, assembly, resume=args.resume)
     except KeyboardInterrupt as exc:
-        stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        stopped, status = stopped_by(exc)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one hint from rank 0
             print(f"vlbridge train: {stopped}; {resume_hint(config.output_dir, args.config)}", file=sys.stderr, flush=True)
-        # the hint is the whole message: no second, bare "interrupted" from main; 128 + the signal, as a shell reports it
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        return status  # the hint is the whole message: no second, bare "interrupted" from main
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         texts = f"; texts: {result.texts}" if result.texts else ""  # those cut at max_text_tokens, when any
         print(f"trained to step {result.step}; checkpoint: {result.checkpoint}; data: {result.data}{texts}")

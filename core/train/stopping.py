@@ -29,3 +29,10 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_by(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """How a stopped run says it stopped, and its exit status: 128 + the signal, as a shell reports it."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
