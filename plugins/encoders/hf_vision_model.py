@@ -59,6 +59,7 @@ class HFVisionEncoder(FrozenPart):
         self.tower = tower  # the transformers model itself (hf_llava exports it)
         self.opts = opts
         self.facts = facts
+        self.family = FAMILIES.get(facts.model_type)  # None: a tower known only by its prefix_tokens
         self.image_size = opts.resolved_image_size
         self.preprocess: Preprocess = hf_vision.preprocess(opts)
         self.keep_cls, self.keep_registers = (n > 0 for n in hf_vision.kept_prefix(opts))
@@ -80,8 +81,7 @@ class HFVisionEncoder(FrozenPart):
         return hf_vision.output(self.opts)
 
     def _find_norm(self) -> str:
-        family = FAMILIES.get(self.facts.model_type)
-        names = (family.final_norm,) if family is not None else _NORMS
+        names = (self.family.final_norm,) if self.family is not None else _NORMS
         found = next((name for name in names if isinstance(getattr(self.vision, name, None), nn.Module)), None)
         if found is None:
             raise VLBridgeError(f"hf-vision: final_norm is set but {type(self.tower).__name__} has none of {list(names)}")
@@ -90,8 +90,7 @@ class HFVisionEncoder(FrozenPart):
     def _resolution_kwargs(self) -> dict[str, Any]:
         """DINOv2 always interpolates its position embeddings (DINOv3's rotary ones fit any grid); CLIP,
         SigLIP and ViT must be asked to."""
-        family = FAMILIES.get(self.facts.model_type)
-        if self.image_size == self.facts.image_size or (family is not None and family.any_resolution):
+        if self.image_size == self.facts.image_size or (self.family is not None and self.family.any_resolution):
             return {}
         if "interpolate_pos_encoding" not in inspect.signature(self.tower.forward).parameters:
             raise VLBridgeError(f"hf-vision: {type(self.tower).__name__} cannot take {self.image_size} px images (its position "
@@ -102,8 +101,7 @@ class HFVisionEncoder(FrozenPart):
         """ViT-MAE's forward keeps a random (1 - mask_ratio) of the patches, shuffled: a quarter of them,
         different at every call. As a feature extractor it must see every patch in order, so mask_ratio
         is set to 0 and `forward` passes noise that sorts to the identity order. True for such a tower."""
-        family = FAMILIES.get(self.facts.model_type)
-        if family is None or not family.masks_patches:
+        if self.family is None or not self.family.masks_patches:
             return False
         self.tower.config.mask_ratio = 0.0  # the embeddings read it at every call
         return True
