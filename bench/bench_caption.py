@@ -3,13 +3,15 @@ this CPU, same weights (a random BLIP-2 saved with save_pretrained, imported wit
 vlbridge.import_hf_blip2), same images, same beams and lengths.
 
     python bench/bench_caption.py [--batch 4] [--beams 5] [--tokens 20] [--reps 3] [--threads 1] [--json out.json]
+        [--ours-linear torch|onednn|onednn-packed]
 
 The model is BLIP-2-shaped but small enough for a CPU: a 224 px, 257-token ViT (width 384, 6
 blocks), a 6-layer Q-Former (width 256, 32 queries), a 6-layer OPT (width 512), its weights redrawn
 wider than transformers' init (at that init every image's caption is one token repeated). Both sides
 decode exactly `--tokens` new tokens (min = max) so the work is equal; the new token ids are checked
 identical (exit 1 where they differ; this model's tokens mostly decode to U+FFFD or nothing, so equal
-texts would prove little).
+texts would prove little). `--ours-linear onednn` / `onednn-packed` is an experiment, not a vlbridge
+setting: ours with its fp32 linears on oneDNN's kernels (bench/onednn_linear.py).
 
 Time: median over `--reps` repetitions after a warm-up, as images/s, from the process's CPU time
 with torch on `--threads` threads (default 1): on a shared machine wall time swings with other
@@ -91,6 +93,10 @@ def make_step(side: str, root: Path, args: argparse.Namespace) -> tuple[Any, Cal
     if side == "ours":
         import vlbridge
 
+        if getattr(args, "ours_linear", "torch") != "torch":
+            import onednn_linear
+
+            onednn_linear.install(packed=args.ours_linear == "onednn-packed")
         if getattr(args, "plain_cache", False):
             from vlbridge.plugins.llms import beam_cache
 
@@ -155,6 +161,9 @@ def main() -> int:
                         "figures are then not comparable: freed buffers may stay in the heap)")
     parser.add_argument("--plain-cache", action="store_true", help="ours with the prompt's cache copied to every beam "
                         "in a DynamicCache (the path before issue 21's shared-prompt cache)")
+    parser.add_argument("--ours-linear", choices=("torch", "onednn", "onednn-packed"), default="torch",
+                        help="an experiment: ours with fp32 linears on oneDNN's kernels (bench/onednn_linear.py), whose "
+                        "sums are ordered differently from torch's, so the captions may differ")
     parser.add_argument("--one-at-a-time", action="store_true", help="run the sides one after the other, not side by side")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -175,6 +184,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--side", side, "--root", str(root), "--batch", str(args.batch),
                    "--beams", str(args.beams), "--tokens", str(args.tokens), "--reps", str(args.reps), "--threads", str(args.threads)]
             cmd += ["--plain-cache"] if args.plain_cache else []
+            cmd += ["--ours-linear", args.ours_linear]
             runs[side] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             if args.one_at_a_time:
                 runs[side] = _result(side, runs[side])
@@ -186,7 +196,7 @@ def main() -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}",
         "settings": {"batch": args.batch, "beams": args.beams, "new_tokens": args.tokens, "reps": args.reps,
                      "side_by_side": not args.one_at_a_time, "fixed_mmap_threshold": not args.default_malloc,
-                     "ours_cache": "plain" if args.plain_cache else "shared prompt"},
+                     "ours_cache": "plain" if args.plain_cache else "shared prompt", "ours_linear": args.ours_linear},
         "identical_captions": same,
         "images_per_cpu_s": {side: args.batch / t for side, t in med.items()},
         "images_per_wall_s": {side: args.batch / statistics.median(r["walls"]) for side, r in results.items()},

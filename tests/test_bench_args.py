@@ -33,6 +33,7 @@ CASES = [
     ("profile_qformer.py", ["--reps", "0"]),
     ("gpu_check.py", ["--device", "cpu", "--reps", "0"]),
     ("stage1_handover.py", ["--out", "unused", "--stage2-steps", "0"]),
+    ("probe_cpu_gemm.py", ["--reps", "0"]),
 ]
 
 
@@ -61,6 +62,7 @@ OUTPUTS = [  # "blocker" is a file: nothing can be written under it
     ("bench_train.py", ["--json", "blocker/out.json"]),
     ("gpu_check.py", ["--device", "cpu", "--out", "."]),
     ("stage1_handover.py", ["--out", "blocker"]),
+    ("probe_cpu_gemm.py", ["--json", "blocker/out.json"]),
 ]
 
 

@@ -5,7 +5,6 @@ transformers' init every image got the same token repeated, so equal outputs pro
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,17 +14,14 @@ import pytest
 import torch
 
 import vlbridge
+from tests.bench_scripts import load_bench as bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/bench_caption.py` has it: its helpers sit beside it
-    spec = importlib.util.spec_from_file_location("bench_caption", ROOT / "bench" / "bench_caption.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("bench_caption", monkeypatch)
 
 
 def test_sides_give_the_same_token_ids_and_each_image_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -61,3 +57,24 @@ def test_the_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path):
     ratio = report["images_per_cpu_s"]["ours"] / report["images_per_cpu_s"]["transformers"]
     assert report["throughput_ratio_ours_over_transformers"] == pytest.approx(ratio)
     assert [p.name for p in out.parent.iterdir()] == ["caption.json"]  # no temporary file left beside it
+
+
+def test_ours_linear_onednn_puts_ours_on_onednns_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The experiment's switch reaches the ours side (and only it): F.linear is replaced there."""
+    import torch.nn.functional as F
+
+    bench = load_bench(monkeypatch)
+    if not bench_module("onednn_linear", monkeypatch).available():
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setattr(F, "linear", F.linear)  # restored after the test
+    plain = F.linear
+    bench.make_source(tmp_path / "hf")
+    vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours")
+    args = argparse.Namespace(batch=2, beams=2, tokens=3, ours_linear="onednn")
+    bench.make_step("transformers", tmp_path, args)
+    assert F.linear is plain
+    _, step = bench.make_step("ours", tmp_path, args)
+    assert F.linear is not plain
+    with torch.inference_mode():
+        tokens = step()
+    assert len(tokens) == 2 and all(len(row) == 3 for row in tokens)
