@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -185,8 +186,41 @@ def test_a_stage1_checkpoint_loaded_for_stage2_warns_that_its_projection_is_untr
     with pytest.warns(vlbridge.UntrainedWarning, match=r"s1 is a stage-1 checkpoint loaded for stage 2: proj\.bias, proj\.weight "
                                                         r"train only in stage 2, so they hold the values they were built with"):
         vlbridge.load(stage1, stage=2)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", vlbridge.UntrainedWarning)
         vlbridge.load(stage1)  # its own stage: nothing untrained is used
+    assert json.loads((stage1 / "checkpoint.json").read_text())["trained_stages"] == [1]
+
+
+def test_a_stage1_run_started_from_a_stage2_checkpoint_keeps_its_trained_projection_unwarned(tmp_path):
+    """Its checkpoint says stage 1, but its projection went through stage 2 before: no false alarm."""
+    data = write_caption_data(tmp_path / "data", images=4)
+    vlbridge.build("tiny-qformer-opt", stage=2).save(tmp_path / "s2")
+    stage1 = train(data, tmp_path / "s1", init_from=str(tmp_path / "s2"))
+    meta = json.loads((stage1 / "checkpoint.json").read_text())
+    assert meta["stage"] == 1 and meta["trained_stages"] == [1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vlbridge.UntrainedWarning)
+        model = vlbridge.load(stage1, stage=2)
+    assert model.trained_stages == (1, 2)
+    again = model.save(tmp_path / "again")  # carried forward through a save
+    assert json.loads((again / "checkpoint.json").read_text())["trained_stages"] == [1, 2]
+
+
+def test_an_older_checkpoint_without_trained_stages_loads_and_still_warns(tmp_path):
+    stage1 = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "s1")
+    meta = json.loads((stage1 / "checkpoint.json").read_text())
+    del meta["trained_stages"]
+    (stage1 / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.warns(vlbridge.UntrainedWarning, match=r"proj\.bias, proj\.weight train only in stage 2.*unless its run started "
+                                                        r"from a stage-2 checkpoint"):
+        model = vlbridge.load(stage1, stage=2)
+    assert model.trained_stages == (1,)  # its own stage is all that is known
+
+
+def test_a_trained_stages_list_without_its_own_stage_is_refused(tmp_path):
+    stage1 = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "s1")
+    meta = json.loads((stage1 / "checkpoint.json").read_text())
+    (stage1 / "checkpoint.json").write_text(json.dumps({**meta, "trained_stages": [2]}))
+    with pytest.raises(vlbridge.WeightsError, match=r"'trained_stages' must list .* its own stage 1 among them; found \[2\]"):
+        vlbridge.load(stage1)

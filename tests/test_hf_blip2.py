@@ -90,6 +90,7 @@ def test_retrieval_model_import_matches_itm_and_itc(tmp_path):
     reference = hf_tiny.make_retrieval_model(tmp_path / "hf")
     model = vlbridge.load(vlbridge.import_hf_blip2(tmp_path / "hf", tmp_path / "ours"))
     assert model.llm is None and model.plan.stages == (1,)
+    assert model.trained_stages == (1,)  # no language projection: nothing shows it went through stage 2
     pixels = hf_tiny.pixels()
     texts = ["a red circle", "two blue squares next to a tree"]
     text = model.connector.tokenizer(texts, padding=True, return_tensors="pt")
@@ -177,6 +178,13 @@ def test_export_ships_a_processor_that_prepares_and_generates_like_vlbridge(impo
     processor = Blip2Processor.from_pretrained(str(out))
     assert processor.num_query_tokens == Q and AutoImageProcessor.from_pretrained(str(out)).size == {"height": 28, "width": 28}
     assert_processor_matches(model, processor, Blip2ForConditionalGeneration.from_pretrained(str(out)).eval(), "a photo of")
+
+
+def test_an_import_with_a_language_projection_records_that_it_went_through_stage_2(imported):
+    """So a stage-1 run started from it saves a checkpoint whose projection is known to be trained."""
+    _, _, model, root = imported
+    assert json.loads((root / "ours" / "checkpoint.json").read_text())["trained_stages"] == [2]
+    assert model.trained_stages == (2,)
 
 
 def test_an_imported_checkpoint_loads_after_a_move(imported, tmp_path):
@@ -414,6 +422,7 @@ def test_an_exported_directory_imports_again_with_its_processor(imported, tmp_pa
     _, _, model, root = imported
     out = vlbridge.export_hf_blip2(model, tmp_path / "exported")
     again = vlbridge.load(vlbridge.import_hf_blip2(out, tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "checkpoint.json").read_text())["trained_stages"] == [2]
     pixels = hf_tiny.pixels()
     with torch.no_grad():
         torch.testing.assert_close(again.visual_tokens(pixels), model.visual_tokens(pixels), atol=1e-6, rtol=0)

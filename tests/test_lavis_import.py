@@ -4,6 +4,7 @@ fine-tune that saved its ViT (freeze_vit: False), InstructBLIP."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 
 import pytest
@@ -154,7 +155,10 @@ def test_an_untrained_projection_is_refused_by_the_export_not_written(tmp_path, 
     source = vlbridge.build(assembly, stage=1)
     lavis = {_lavis_name(k): v for k, v in source.connector.state_dict().items() if not k.startswith("proj.")}
     torch.save({"model": lavis}, tmp_path / "blip2_pretrained.pth")
-    vlbridge.load(vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", assembly, tmp_path / "stage1"), stage=2).save(tmp_path / "stage2")
+    stage1 = vlbridge.import_lavis(tmp_path / "blip2_pretrained.pth", assembly, tmp_path / "stage1")
+    assert json.loads((stage1 / "checkpoint.json").read_text())["trained_stages"] == [1]  # a stage-1 file: never through stage 2
+    with pytest.warns(vlbridge.UntrainedWarning, match=r"proj\.bias, proj\.weight train only in stage 2"):
+        vlbridge.load(stage1, stage=2).save(tmp_path / "stage2")
     with pytest.raises(MissingWeightsError, match=r"would hold random values for proj.bias, proj.weight: .*train them in stage 2"):
         getattr(vlbridge, export)(vlbridge.load(tmp_path / "stage2"), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -12,6 +12,12 @@ checkpoint without them) are listed in checkpoint.json's manifest, `connector.ab
 loading marks them absent again and whatever needs them refuses to run (vlbridge.modeling.connector_protocol).
 Checkpoints without the manifest (older ones, imports) are read the same way: what the file lacks
 is absent.
+
+checkpoint.json's `trained_stages` lists the stages whose training the connector's tensors went
+through: the checkpoint's own stage plus those of the checkpoint its run started from (init_from),
+carried forward. A stage-1 checkpoint whose run started from a stage-2 one holds a trained
+projection into the LLM; its `stage` alone cannot say so. Older checkpoints lack the field: only
+their own stage is known (`trained_stages`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import yaml
@@ -35,6 +41,7 @@ from vlbridge.files.weights import StateDict, read_tensors, require_path, unwrap
 
 WEIGHTS_FILE = "connector.safetensors"
 FORMAT, VERSION = "vlbridge-checkpoint", 1  # checkpoint.json's "format", and the newest "version" this code reads
+TRAINED_STAGES = "trained_stages"  # checkpoint.json: the stages whose training its connector tensors went through
 
 
 @dataclass(frozen=True)
@@ -58,21 +65,26 @@ class ConnectorState:
 
 
 def save_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], state: ConnectorState, stage: int,
-                    extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = ()) -> Path:
+                    extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = (), trained_stages: Iterable[int] = ()) -> Path:
     """Checkpoint a connector's whole state (vlbridge.modeling.connector_protocol.connector_state), as
-    trained in `stage`, beside its assembly (and any extra parts)."""
-    return write_checkpoint(out_dir, assembly_dict, state.tensors, stage, extra, parts, absent=state.absent)
+    trained in `stage` (after `trained_stages`), beside its assembly (and any extra parts)."""
+    return write_checkpoint(out_dir, assembly_dict, state.tensors, stage, extra, parts, absent=state.absent,
+                            trained_stages=trained_stages)
 
 
 def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors: dict[str, torch.Tensor], stage: int,
                      extra: dict[str, Any] | None = None, parts: Sequence[ExtraPart] = (),
-                     absent: Sequence[str] | None = None) -> Path:
+                     absent: Sequence[str] | None = None, trained_stages: Iterable[int] = ()) -> Path:
     """Write assembly.yaml, connector.safetensors, each extra part's file, and checkpoint.json (last,
     so its presence means done; an earlier checkpoint.json in `out_dir` goes first, so a save
     interrupted over an old checkpoint leaves none rather than the old metadata over new weights).
 
     `absent`: the connector tensors the saved model lacked, for a whole-state checkpoint (written as
     the `connector.absent` manifest); None for tensors of another origin (an import: no manifest).
+
+    `trained_stages`: the stages the tensors went through before this one (those of the checkpoint
+    they were loaded from); recorded with `stage` added. An import passes none: its own stage is
+    what its file shows (a projection into the LLM: stage 2).
 
     `extra["allow_missing"]` lists fnmatch patterns of stage-`stage` parameters the file lacks on
     purpose (e.g. an imported model without an ITG head); loading names them instead of failing.
@@ -88,7 +100,8 @@ def write_checkpoint(out_dir: str | Path, assembly_dict: dict[str, Any], tensors
         part_tensors = {name: t.detach().contiguous().cpu() for name, t in part.tensors.items()}
         atomic_write(out / part.file, lambda tmp, t=part_tensors: save_file(t, str(tmp), metadata={"part": part.key}))
     manifest = {} if absent is None else {"connector": {"absent": sorted(absent)}}
-    meta = {"format": FORMAT, "version": VERSION, "stage": stage, "tensors": len(tensors), **manifest,
+    meta = {"format": FORMAT, "version": VERSION, "stage": stage, TRAINED_STAGES: sorted({*trained_stages, stage}),
+            "tensors": len(tensors), **manifest,
             **({RELATIVE_PATHS: relative} if relative else {}), **(extra or {}),
             **{part.key: part.meta for part in parts}}
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
@@ -160,6 +173,20 @@ def listed_absent(meta: dict[str, Any], ckpt_dir: str | Path) -> list[str]:
         raise WeightsError(f"{Path(ckpt_dir) / META_FILE}: 'connector' must be an object whose 'absent' lists tensor names, "
                            f"found {manifest!r}; expected the manifest that save() writes")
     return absent
+
+
+def listed_trained_stages(meta: dict[str, Any], ckpt_dir: str | Path) -> tuple[int, ...] | None:
+    """The stages whose training a checkpoint's connector tensors went through; None for one saved
+    before checkpoints recorded it (its own `stage` is all that is known of it)."""
+    if TRAINED_STAGES not in meta:
+        return None
+    stages = meta[TRAINED_STAGES]
+    if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s in (1, 2) for s in stages) \
+            or meta["stage"] not in stages:
+        raise WeightsError(f"{Path(ckpt_dir) / META_FILE}: {TRAINED_STAGES!r} must list the training stages (1, 2) its tensors went "
+                           f"through, its own stage {meta['stage']} among them; found {stages!r}; expected the checkpoint.json "
+                           "that save() writes")
+    return tuple(sorted(set(stages)))
 
 
 def read_connector_weights(path: str | Path, *, shapes_only: bool = False) -> StateDict:

@@ -14,7 +14,8 @@ import torch
 from vlbridge.assemblies.assembly import Assembly, load_assembly
 from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE
 from vlbridge.files.userfiles import read_yaml
-from vlbridge.files.checkpoint import META_FILE, WEIGHTS_FILE, checkpoint_assembly, listed_absent, read_connector_weights, read_meta
+from vlbridge.files.checkpoint import (META_FILE, TRAINED_STAGES, WEIGHTS_FILE, checkpoint_assembly, listed_absent, listed_trained_stages,
+                                       read_connector_weights, read_meta)
 from vlbridge.modeling.connector_protocol import Absence, set_absent, stages_training, trainable_names
 from vlbridge.plugin.contract import build_component, check_llm, check_tokens, describe, plugin_call
 from vlbridge.files.weights import StateDict, load_subset
@@ -161,15 +162,19 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path, *, shapes_
     for the parameters of the stage it was saved in except those its manifest lists as absent or
     `allow_missing` excuses. Whatever the file lacks is marked absent (what needs it refuses to
     run, vlbridge.modeling.connector_protocol); returns those names. `shapes_only` (a model built on
-    the meta device): the same checks from the safetensors header, no tensor data read."""
+    the meta device): the same checks from the safetensors header, no tensor data read. The model
+    takes the stages the checkpoint's tensors went through (`model.trained_stages`; none known for a
+    bare file), so what it saves carries them forward."""
     path, source = Path(weights), str(weights)
     allow_missing: list[str] = []
     absent: list[str] = []
     recorded = None
+    lineage: tuple[int, ...] = ()
     if path.is_dir():
         meta = read_meta(path)
         stage, allow_missing, absent = int(meta["stage"]), list(meta.get("allow_missing", [])), listed_absent(meta, path)
         recorded = meta.get("tensors")
+        lineage = listed_trained_stages(meta, path) or (stage,)  # an older checkpoint: its own stage is all that is known
         if stage == 2 and model.stage == 2:
             _check_instruction_reading(model, path)
         path = path / WEIGHTS_FILE
@@ -190,6 +195,7 @@ def load_connector_weights(model: VLBridgeModel, weights: str | Path, *, shapes_
     left = load_subset(model.connector, fitting, str(path), expected)
     stages = stages_training(model.connector, left, model.plan.stages, model.stage, who)
     set_absent(model.connector, {name: Absence(source, stages[name], misfits.get(name, "")) for name in left}, who)
+    model.trained_stages = lineage
     return left
 
 
@@ -259,21 +265,23 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
     stage = saved if stage is None else stage
     model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
     if stage > saved:
-        _warn_trained_later(model, saved, directory)
+        _warn_trained_later(model, saved, directory, recorded=TRAINED_STAGES in meta)
     return model
 
 
-def _warn_trained_later(model: VLBridgeModel, saved: int, directory: Path) -> None:
+def _warn_trained_later(model: VLBridgeModel, saved: int, directory: Path, recorded: bool) -> None:
     """A stage-`saved` checkpoint loaded for a later stage holds the tensors only that later stage trains
-    as they were built (unless its run started from a later-stage checkpoint): say so, since what uses
-    them (captioning, for a stage-1 checkpoint) runs without an error on values nothing trained."""
+    as they were built, unless its run started from a checkpoint that had been through that stage
+    (`model.trained_stages`, from checkpoint.json): say so, since what uses them (captioning, for a
+    stage-1 checkpoint) runs without an error on values nothing trained. An older checkpoint does
+    not record where its run started, so the warning says it may be wrong."""
     who = describe(model.plan.connector)
-    earlier = set().union(*(trainable_names(model.connector, s, model.stage, who) for s in model.plan.stages if s <= saved))
-    later = sorted(trainable_names(model.connector, model.stage, model.stage, who) - earlier)
+    trained = set().union(*(trainable_names(model.connector, s, model.stage, who) for s in model.trained_stages))
+    later = sorted(trainable_names(model.connector, model.stage, model.stage, who) - trained)
     if later:
         shown = ", ".join(later[:4]) + (", ..." if len(later) > 4 else "")
+        unless = "" if recorded else f" (unless its run started from a stage-{model.stage} checkpoint: it is older than the record of that)"
         warnings.warn(f"{directory} is a stage-{saved} checkpoint loaded for stage {model.stage}: {shown} train only in stage "
-                      f"{model.stage}, so they hold the values they were built with (unless its run started from a stage-"
-                      f"{model.stage} checkpoint), and what reads them (captions, answers) is untrained until a stage-{model.stage} "
-                      f"run trains them (vlbridge train with stage: {model.stage} and init_from: {directory})",
-                      UntrainedWarning, stacklevel=4)  # past load and its quiet_hf wrapper: the caller's line
+                      f"{model.stage}, so they hold the values they were built with{unless}, and what reads them (captions, "
+                      f"answers) is untrained until a stage-{model.stage} run trains them (vlbridge train with stage: "
+                      f"{model.stage} and init_from: {directory})", UntrainedWarning, stacklevel=4)  # past load and its quiet_hf wrapper: the caller's line

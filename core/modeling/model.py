@@ -40,6 +40,7 @@ class VLBridgeModel(nn.Module):
         self.llm = llm
         self.stage = stage
         self.tuned = Tuned()  # fine-tuned encoder tensors and LoRA adapters, if any (vlbridge.finetune.tuning)
+        self.trained_stages: tuple[int, ...] = ()  # what the checkpoint its connector loaded went through (vlbridge.files.checkpoint)
         self.set_stage(stage)
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -185,4 +186,4 @@ class VLBridgeModel(nn.Module):
         from vlbridge.finetune.tuning import tuned_parts
 
         return save_checkpoint(out_dir, checkpoint_config(self.assembly), connector_state(self.connector), self.stage,
-                               parts=tuned_parts(self))
+                               parts=tuned_parts(self), trained_stages=self.trained_stages)

@@ -137,11 +137,13 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 def save_training_checkpoint(
     output_dir: str | Path, step: int, *, assembly: dict[str, Any], connector: ConnectorState, stage: int,
     trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None = None, parts: Sequence[ExtraPart] = (),
+    trained_stages: Sequence[int] = (),
 ) -> Path:
-    """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`."""
+    """Write step-N atomically, then point `latest` at it, then drop checkpoints beyond `keep_last`.
+    `trained_stages`: those the connector went through before this run (its init_from's)."""
     with _write_errors(output_dir, step):
         return _save(output_dir, step, assembly=assembly, connector=connector, stage=stage, trainer_state=trainer_state,
-                     config_yaml=config_yaml, keep_last=keep_last, parts=parts)
+                     config_yaml=config_yaml, keep_last=keep_last, parts=parts, trained_stages=trained_stages)
 
 
 @contextlib.contextmanager
@@ -165,13 +167,14 @@ def _write_errors(output_dir: str | Path, step: int) -> Iterator[None]:
 def _save(
     output_dir: str | Path, step: int, *, assembly: dict[str, Any], connector: ConnectorState, stage: int,
     trainer_state: dict[str, Any], config_yaml: str, keep_last: int | None, parts: Sequence[ExtraPart],
+    trained_stages: Sequence[int],
 ) -> Path:
     final = checkpoint_dir(output_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(final.parent, prefix=f".{final.name}.")
     try:
         write_checkpoint(staging, assembly, connector.tensors, stage, extra={"step": step, "epoch": trainer_state.get("epoch")},
-                         parts=parts, absent=connector.absent)
+                         parts=parts, absent=connector.absent, trained_stages=trained_stages)
         atomic_write(staging / TRAINER_STATE, lambda tmp: write_trainer_state(tmp, trainer_state))
         atomic_write_text(staging / CONFIG_FILE, config_yaml)
         if final.exists():  # left by a run that died before moving `latest` past it

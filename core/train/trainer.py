@@ -404,7 +404,8 @@ class Trainer:
                      "ranks": ranks, "cuts_told": sorted(self.cuts_told)}
             ckpt.save_training_checkpoint(
                 self.output_dir, self.step, assembly=checkpoint_config(self.model.assembly),
-                connector=connector_state(self.model.connector), stage=self.config.stage, trainer_state=state,
+                connector=connector_state(self.model.connector), stage=self.config.stage, trained_stages=self.model.trained_stages,
+                trainer_state=state,
                 config_yaml=dump_config(self.config), keep_last=self.config.keep_last, parts=parts)
         rt.barrier()
         return self.step
