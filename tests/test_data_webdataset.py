@@ -244,6 +244,26 @@ def test_a_caption_that_is_not_utf8_is_skipped_and_counted_not_read_as_mojibake(
     assert "its .txt member is not UTF-8 text (byte 0xe9 at offset 3)" in second.reason
 
 
+def test_a_caption_member_that_is_not_utf8_is_left_out_and_counted_not_its_sample(tmp_path):
+    """`k.txt` good + `k.alt.txt` in Latin-1 skipped the whole sample, good caption and all."""
+    members = sample_members("k", 0, "a red square") + [("k.alt.txt", b"caf\xe9 au lait")]
+    members += sample_members("n", 1, " ") + [("n.alt.txt", b"\xff")]  # no readable caption at all: skipped as before
+    members += sample_members("j", 2, None, meta={"caption": "from json"}) + [("j.txt", b"\xe9")]  # the .json's, as without a .txt
+    shard = write_tar(tmp_path / "mixed.tar", members)
+    pair, left_out, none, from_json, _ = iter_shard(str(shard))
+    assert isinstance(from_json, ImageText) and from_json.text == "from json"
+    assert isinstance(pair, ImageText) and pair.text == "a red square" and pair.image_captions == ("a red square",)
+    assert isinstance(left_out, Skipped) and left_out.kind == "unreadable text" and left_out.name.endswith("mixed.tar:k.alt.txt")
+    assert "its .alt.txt member is not UTF-8 text (byte 0xe9 at offset 3); left out, the sample is read without it" in left_out.reason
+    assert isinstance(none, Skipped) and none.kind == "unreadable text" and none.name.endswith("mixed.tar:n")
+    assert "its .alt.txt member is not UTF-8 text (byte 0xff at offset 0); write captions as UTF-8" in none.reason
+    progress = DataProgress()
+    batches = list(make_loader(build_dataset({"format": "webdataset", "paths": str(shard), "shuffle": False}, PRE, train=True), 8))
+    for batch in batches:
+        progress.observe(batch)
+    assert _texts(batches) == ["a red square", "from json"] and progress.skip_counts == {"unreadable text": 3}
+
+
 def test_a_sample_without_text_says_what_its_txt_and_json_hold(tmp_path):
     """An empty .txt read as "1 .txt members (txt), none of them the caption", and a 'caption' that is a
     number as "neither a non-empty .txt member nor a 'caption' in .json"."""

@@ -8,7 +8,8 @@ dot after the last slash, folders included, the rest its field (`a.b.jpg` is fie
 member is a caption of it (`txt`, then `en.txt`, `alt.txt`... in name order), each one (image, caption)
 pair under one image id, as a JSON file's several captions of an image are; without a non-blank one,
 the "caption" of `json` (what LAVIS reads). Samples without an image or a caption, with a member
-repeated, and shards that break off, come out as `Skipped` so they can be counted. A sample's image
+repeated, and shards that break off, come out as `Skipped` so they can be counted; so does a caption
+member that is not UTF-8, left out while the sample trains on its other captions. A sample's image
 id is its shard and key (`tar_image_id`: unambiguous whatever ':' either holds), so equal keys in two
 shards (two img2dataset outputs both start at 000000000) stay two images. `webdataset` imports torch,
 so it is imported only when a shard is read: listing and validating shards stays torch-free.
@@ -155,7 +156,8 @@ def group_members(url: str, members: Iterable[dict[str, Any]]) -> Iterator[Image
 
 
 def _sample(url: str, shard_id: str, key: str, fields: dict[str, bytes], repeated: list[str]) -> list[ImageText | Skipped]:
-    """A complete sample's pairs (one per caption), or the one Skipped saying why there are none."""
+    """A complete sample's pairs (one per caption, then a Skipped per caption member it could not read),
+    or the one Skipped saying why there are none."""
     if repeated:
         return [Skipped(name=f"{url}:{key}", kind="repeated member", reason=f"shard {url!r}, key {key!r}: member {repeated[0]!r} "
                        "appears twice in the sample, so which copy belongs to it is unknown (webdataset refuses it as a "
@@ -195,9 +197,10 @@ def _ends_cleanly(url: str) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
-def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | None = None) -> list[ImageText] | Skipped:
-    """One sample's fields -> an ImageText per caption (one image, its bytes shared), or why it cannot be
-    one; `shard_id`: `shard_identity(shard)`, where the caller has it already.
+def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | None = None) -> list[ImageText | Skipped] | Skipped:
+    """One sample's fields -> an ImageText per caption (one image, its bytes shared), and a Skipped per
+    caption member that is not UTF-8 (left out and counted); or why it cannot be one (a sample with
+    no readable caption); `shard_id`: `shard_identity(shard)`, where the caller has it already.
 
     Every text member is a caption of the image (`caption_fields`), as the captions of one image in a
     JSON file are: a pair each, one image id, each other's `image_captions`. Blank ones are none (img2dataset
@@ -214,14 +217,7 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
     json_field, _ = _field(files, ("json",))
     meta = _metadata(files.get(json_field) if json_field else None)
     fields = caption_fields(files)
-    texts: list[str] = []
-    for field in fields:
-        try:
-            texts.append(files[field].decode("utf-8").strip())
-        except UnicodeDecodeError as exc:  # decoded with replacements, it trained on mojibake without a word
-            byte = files[field][exc.start]
-            return Skipped(name=name, kind="unreadable text", reason=f"its .{field} member is not UTF-8 text (byte 0x{byte:02x} "
-                                                                     f"at offset {exc.start}); write captions as UTF-8")
+    texts, unreadable = _read_captions(files, fields)
     captions = [text for text in texts if text]
     if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
         captions = [meta["caption"]]
@@ -229,6 +225,8 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
         captions = captions[:1] or [""]  # one instruction pair, however many captions travel with it
     elif not captions:
         if not isinstance(meta.get("text_output"), str):  # instruction data needs no caption, as in JSONL
+            if unreadable:  # the caption it has cannot be read: that is why there is none
+                return Skipped(name=name, kind="unreadable text", reason=f"{unreadable[0][1]}; write captions as UTF-8")
             return Skipped(name=name, kind="no text", reason=f"no text ({_why_no_text(fields, files, json_field, meta)})"
                                                              f"{_dotted_hint(key, files)}")
         captions = [""]
@@ -236,7 +234,24 @@ def make_samples(shard: str, key: str, files: dict[str, bytes], shard_id: str | 
     ref = ImageRef(name=f"{shard}:{member}", data=files[image], tar_member=(shard, member))
     image_id = tar_image_id(shard_id or shard_identity(shard), key)
     every = tuple(captions)
-    return [ImageText(ref, text, image_id, meta, image_captions=every) for text in captions]
+    left_out = [Skipped(name=f"{name}.{field}", kind="unreadable text", reason=f"{why}; left out, the sample is read without it "
+                        "(write captions as UTF-8)") for field, why in unreadable]
+    return [*(ImageText(ref, text, image_id, meta, image_captions=every) for text in captions), *left_out]
+
+
+def _read_captions(files: dict[str, bytes], fields: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The caption members' texts, and (field, why) for each that is not UTF-8: it is left out, not
+    decoded with replacements (that trained on mojibake without a word), and not the end of the
+    sample's other captions."""
+    texts: list[str] = []
+    unreadable: list[tuple[str, str]] = []
+    for field in fields:
+        try:
+            texts.append(files[field].decode("utf-8").strip())
+        except UnicodeDecodeError as exc:
+            byte = files[field][exc.start]
+            unreadable.append((field, f"its .{field} member is not UTF-8 text (byte 0x{byte:02x} at offset {exc.start})"))
+    return texts, unreadable
 
 
 def caption_fields(files: dict[str, bytes]) -> list[str]:
