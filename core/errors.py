@@ -32,6 +32,11 @@ class CacheWarning(UserWarning):
     (here, not in vlbridge.train.cache, so that the CLI can name it without importing torch)."""
 
 
+class DataWarning(UserWarning):
+    """Training data that is used, but not as its annotations literally say (one image file listed
+    under two ids trains as one image), so that the user can fix the data if that was not meant."""
+
+
 class UnknownComponentError(VLBridgeError, KeyError):
     """A component name that no loaded plugin provides."""
 

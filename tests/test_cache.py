@@ -25,6 +25,7 @@ from vlbridge.data.config import DataConfig
 from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, Skipped
 from vlbridge.data.transforms import eval_transform
+from vlbridge.errors import DataWarning
 from vlbridge.parts.images import load_image
 from vlbridge.train.cache import IMAGE_READING, CacheError, CacheWarning, build_encoder, read_manifest, verify_cache, weights_sha256
 from vlbridge.train.cache_dataset import feature_dataset
@@ -239,6 +240,21 @@ def test_one_id_for_two_images_and_uncached_images_are_refused(data: Path, cache
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"image": str(data / "images/0.jpg"), "text": "new", "image_id": 1234}])
     with pytest.raises(CacheError, match="has no features for image .*id 1234.*repeat --data"):
         feature_dataset({"format": "jsonl", "paths": [str(extra)]}, cache, train=True)
+
+
+def test_one_file_under_two_ids_is_one_image_from_the_cache_too(data: Path, tmp_path: Path):
+    """As when reading images (tests/test_shared_image_files.py): stage 1 must not take the copy for a negative."""
+    rows = [{"image": str(data / f"images/{i}.jpg"), "text": text, "image_id": image_id}
+            for i, text, image_id in ((0, "a", 7), (1, "b", 8), (0, "c", 9))]
+    source = {"format": "jsonl", "paths": [str(write_jsonl(tmp_path / "shared.jsonl", rows))]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # caching encodes each id's image: nothing to say about training yet
+        build_cache(PRESET, [source], tmp_path / "out", FP32)
+    with pytest.warns(DataWarning, match="1 image id.* is listed under ids 7 and 9"):
+        dataset = feature_dataset(source, tmp_path / "out", train=True)
+    items = [dataset[i] for i in range(3)]
+    assert [item["image_id"] for item in items] == [7, 8, 9] and items[0]["image_index"] == items[2]["image_index"] == 7
+    assert items[1]["image_index"] == 8 and items[0]["image_captions"] == items[2]["image_captions"] == ("a", "c")
 
 
 def test_webdataset_cache_finds_tar_members_by_shard_and_key(tmp_path: Path, stage1: Any):

@@ -22,16 +22,16 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 
 @contextlib.contextmanager
 def plain_warnings(command: str) -> Iterator[None]:
-    """vlbridge's own warnings (a plan's, a plugin's miscount, an untrained stage, an older feature cache)
+    """vlbridge's own warnings (a plan's, a plugin's miscount, an untrained stage, an older feature cache, data)
     as `vlbridge CMD: warning: ...` lines, like its errors; Python's format named whatever frame raised
     them (a contextlib line) instead."""
-    from vlbridge.errors import AssemblyWarning, CacheWarning, PluginWarning, UntrainedWarning
+    from vlbridge.errors import AssemblyWarning, CacheWarning, DataWarning, PluginWarning, UntrainedWarning
 
     with warnings.catch_warnings():  # restores showwarning afterwards
         shown = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
-            if issubclass(category, (AssemblyWarning, CacheWarning, PluginWarning, UntrainedWarning)):
+            if issubclass(category, (AssemblyWarning, CacheWarning, DataWarning, PluginWarning, UntrainedWarning)):
                 print(f"vlbridge {command}: warning: {message}", file=sys.stderr)
             else:
                 shown(message, category, filename, lineno, file, line)

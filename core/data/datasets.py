@@ -1,7 +1,8 @@
 """Torch datasets over records: map-style for JSON/JSONL readers, iterable for tar-shard streams.
 
 Items are dicts: `pixel_values` (transformed), `image_id` (as in the data, int or str),
-`image_index` (its stable int, see `stable_image_index`), `index`, and by record type `text`
+`image_index` (its stable int, see `stable_image_index`; ids naming one image file share the first
+id's, `one_image_per_file`), `index`, and by record type `text`
 (a pair, with `image_captions`: every caption the data gives its image, which stage 1's
 `positives: caption` reads; a tar stream knows those of the pair's own sample, its text members),
 `captions` (a per-image group) or `question` + `answers` + ids and types (VQA). An image
@@ -12,6 +13,7 @@ that cannot be decoded gives a `Skipped` instead, which `collate` drops and coun
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -20,11 +22,12 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vlbridge.data.order import assign_shards, buffer_shuffle, rng_for
-from vlbridge.data.records import CaptionGroup, DataError, ImageQuestion, ImageRef, ImageText, Skipped, stable_image_index
+from vlbridge.data.records import (CaptionGroup, DataError, ImageId, ImageQuestion, ImageRef, ImageText, Skipped, ids_sharing_files,
+                                   image_file, stable_image_index)
 from vlbridge.data.shards import expand_shards, iter_shard
 from vlbridge.data.text import clean_caption, clean_question
 from vlbridge.data.transforms import open_image
-from vlbridge.errors import VLBridgeError
+from vlbridge.errors import DataWarning, VLBridgeError
 
 Record = Union[ImageText, CaptionGroup, ImageQuestion]
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -72,22 +75,44 @@ def distinct_captions(captions: Iterable[str], text: TextOptions) -> tuple[str, 
     return tuple(dict.fromkeys(text.caption(caption) for caption in captions))
 
 
-def captions_by_image(records: Sequence[Any], text: TextOptions) -> dict[Any, tuple[str, ...]]:
-    """Every (cleaned, distinct) caption the pairs give each image id, in order of appearance."""
+def one_image_per_file(records: Sequence[Any]) -> dict[ImageId, ImageId]:
+    """`ids_sharing_files` of the (image, caption) pairs, said once as a DataWarning with how many ids
+    share a file and an example: stage 1 then trains each such file as one image, which the user may
+    not have meant. VQA questions are left as they are: no objective compares their images."""
+    pairs = [record for record in records if isinstance(record, ImageText)]
+    same = ids_sharing_files(pairs)
+    if same:
+        ids_of: dict[str, tuple[str, dict[ImageId, None]]] = {}  # file -> (its name as written, its ids)
+        for record in pairs:
+            ids_of.setdefault(image_file(record.image), (record.image.name, {}))[1][record.image_id] = None
+        name, ids = next((name, list(ids)) for name, ids in ids_of.values() if len(ids) > 1)
+        warnings.warn(f"{len(same)} image id(s) name an image file that another id names too (e.g. {name!r} is listed under ids "
+                      f"{ids[0]!r} and {ids[1]!r}): each such file trains as one image, its captions positives of each other in "
+                      "stage 1 and never each other's hard negatives; give each image file one id to silence this",
+                      DataWarning, stacklevel=3)
+    return same
+
+
+def captions_by_image(records: Sequence[Any], text: TextOptions,
+                      same: Mapping[ImageId, ImageId] | None = None) -> dict[Any, tuple[str, ...]]:
+    """Every (cleaned, distinct) caption the pairs give each image (its id, or the id `same` maps it to:
+    `one_image_per_file`), in order of appearance."""
+    same = same or {}
     found: dict[Any, list[str]] = {}
     for record in records:
         if isinstance(record, ImageText):
-            found.setdefault(record.image_id, []).append(record.text)
+            found.setdefault(same.get(record.image_id, record.image_id), []).append(record.text)
     return {image_id: distinct_captions(captions, text) for image_id, captions in found.items()}
 
 
 def make_item(record: Record, pixels: torch.Tensor, index: int, text: TextOptions,
-              image_captions: tuple[str, ...] | None = None) -> dict[str, Any]:
+              image_captions: tuple[str, ...] | None = None, image: ImageId | None = None) -> dict[str, Any]:
     """The item dict for one decoded record; a pair's `image_captions` default to those its record
-    carries (a tar sample's), else its own text."""
+    carries (a tar sample's), else its own text. `image`: the id whose index the record's image
+    takes (another id naming the same file: `one_image_per_file`), else its own."""
     item: dict[str, Any] = {
         "pixel_values": pixels, "image_id": record.image_id,
-        "image_index": stable_image_index(record.image_id), "index": index,
+        "image_index": stable_image_index(record.image_id if image is None else image), "index": index,
     }
     if isinstance(record, ImageText):
         item["text"] = text.caption(record.text)
@@ -117,7 +142,8 @@ class RecordDataset(Dataset):
         for record in self.records:
             stable_image_index(record.image_id)  # reject unusable ids now, not in a worker mid-epoch
         self.transform, self.text, self.strict, self.shuffle = transform, text, strict, shuffle
-        self.image_captions = captions_by_image(self.records, text)
+        self.same_image = one_image_per_file(self.records)
+        self.image_captions = captions_by_image(self.records, text, self.same_image)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -127,7 +153,8 @@ class RecordDataset(Dataset):
         pixels = load_pixels(record.image, self.transform, self.strict, index)
         if isinstance(pixels, Skipped):
             return pixels
-        return make_item(record, pixels, index, self.text, self.image_captions.get(record.image_id))
+        image = self.same_image.get(record.image_id, record.image_id)
+        return make_item(record, pixels, index, self.text, self.image_captions.get(image), image)
 
 
 class ShardDataset(IterableDataset):

@@ -130,6 +130,38 @@ def stable_image_index(image_id: ImageId) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def image_file(ref: ImageRef) -> str:
+    """Which file an image is, however the annotations spell its path (`a/./b.jpg`, relative or
+    absolute); bytes (a tar member, a file of its own in its shard) are known by their name."""
+    return os.path.abspath(ref.path) if ref.path is not None else ref.name
+
+
+def ids_sharing_files(records: Iterable[ImageText]) -> dict[ImageId, ImageId]:
+    """Each image id whose file another id also names -> the id that stands for them all (the first
+    seen); ids with a file of their own are left out. Stage 1 trains one file as one image, whatever
+    ids the data gives it: under two ids its copy would be its own ITC negative and ITM hard negative.
+
+    Ids joined by any shared file are one image (an id naming two files joins both files' ids).
+    """
+    parent: dict[ImageId, ImageId] = {}  # union-find over ids; a root is its group's first-seen id
+    seen: dict[ImageId, int] = {}
+    owner: dict[str, ImageId] = {}  # each file's first id
+
+    def root(image_id: ImageId) -> ImageId:
+        while parent[image_id] != image_id:
+            parent[image_id] = image_id = parent[parent[image_id]]
+        return image_id
+
+    for record in records:
+        parent.setdefault(record.image_id, record.image_id)
+        seen.setdefault(record.image_id, len(seen))
+        first, this = root(owner.setdefault(image_file(record.image), record.image_id)), root(record.image_id)
+        if first != this:
+            keep, join = (first, this) if seen[first] < seen[this] else (this, first)
+            parent[join] = keep
+    return {image_id: root(image_id) for image_id in parent if root(image_id) != image_id}
+
+
 def group_captions(records: Iterable[ImageText], source: str = "") -> list[CaptionGroup]:
     """Pairs -> one group per image id (first-seen order), for evaluation and retrieval; `source` (the
     files the records came from) starts an error, since the records do not know their file."""
@@ -141,8 +173,7 @@ def group_captions(records: Iterable[ImageText], source: str = "") -> list[Capti
         if entry[0].name != record.image.name:
             raise DataError(f"{at}image id {record.image_id!r} names two images, {entry[0].name!r} and {record.image.name!r}; "
                             "each image id must belong to one image file")
-        place = os.path.normpath(record.image.path) if record.image.path is not None else record.image.name
-        first = ids.setdefault(place, record.image_id)
+        first = ids.setdefault(image_file(record.image), record.image_id)
         if first != record.image_id:
             raise DataError(f"{at}image {record.image.name!r} is given two ids, {first!r} and {record.image_id!r}: evaluated as two "
                             "images with the same pixels, each would be scored against the other's captions too; give it one id")

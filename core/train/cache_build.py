@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from vlbridge.data.config import DataConfig, load_data_config
 from vlbridge.data.datasets import RecordDataset
 from vlbridge.data.records import DataError, ImageText, Skipped
 from vlbridge.data.transforms import eval_transform
+from vlbridge.errors import DataWarning
 from vlbridge.parts.freeze import torch_dtype
 from vlbridge.assemblies.reachability import check_reachable
 from vlbridge.train.config import data_file_problems
@@ -192,7 +194,9 @@ def encode_chunk(encoder: torch.nn.Module, chunk: list[ImageText], preprocess: A
                  strict: bool, stamps: list[list[int] | None]) -> tuple[torch.Tensor, list[int], list[SkippedImage]]:
     """(rows, tokens, width) features of the chunk's readable images, their chunk positions, the skipped
     (with their files' `stamps`, so that training notices one that is readable now)."""
-    dataset = RecordDataset(chunk, eval_transform(preprocess), strict=strict, shuffle=False)
+    with warnings.catch_warnings():  # which ids share a file matters to training, which says so; the cache encodes each id's
+        warnings.simplefilter("ignore", DataWarning)
+        dataset = RecordDataset(chunk, eval_transform(preprocess), strict=strict, shuffle=False)
     loader = make_loader(dataset, settings.batch_size, num_workers=settings.num_workers)
     storage = torch_dtype(settings.dtype)
     parts, positions, skipped = [], [], []

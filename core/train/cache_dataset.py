@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from vlbridge.data.build import read_records
 from vlbridge.data.config import DataConfig, load_data_config
-from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item
+from vlbridge.data.datasets import Record, TextOptions, captions_by_image, make_item, one_image_per_file
 from vlbridge.data.records import DataError, ImageRef, ImageText, Skipped
 from vlbridge.data.shards import expand_shards, iter_shard, shard_identity, split_tar_image_id, tar_image_id
 from vlbridge.train.cache import (IMAGE_READING, TENSOR_NAME, CacheError, CacheWarning, ImageId, Manifest, ShardEntry,
@@ -236,7 +236,8 @@ class FeatureDataset(Dataset):
                              "(or none). Rebuild the cache from the current images "
                              f"({store.rebuild_command()}); a copy that only changed the times "
                              "needs it too")
-        self.image_captions = captions_by_image(samples, text)
+        self.same_image = one_image_per_file(samples)
+        self.image_captions = captions_by_image(samples, text, self.same_image)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -250,7 +251,8 @@ class FeatureDataset(Dataset):
             if self.strict:
                 raise DataError(f"image {sample.image.name!r} (sample {index}) could not be read when the cache was built: {reason}")
             return Skipped(name=sample.image.name, reason=f"unreadable when cached: {reason}", kind="unreadable image", index=index)
-        item = make_item(sample, self.store.row(*location), index, self.text, self.image_captions.get(sample.image_id))
+        image = self.same_image.get(sample.image_id, sample.image_id)
+        item = make_item(sample, self.store.row(*location), index, self.text, self.image_captions.get(image), image)
         item["image_embeds"] = item.pop("pixel_values")
         return item
 
