@@ -83,3 +83,15 @@ class WeightsError(VLBridgeError):
 class MissingWeightsError(WeightsError):
     """A part of the model that its checkpoint lacked (it was never saved, or the source had none)
     is used: refused rather than run with the random values it was built with."""
+
+
+class UnreadableImagesError(VLBridgeError):
+    """Evaluation images that cannot be read, found before the model ran; the message names the first
+    few, `images` holds every one (vlbridge.evaluation.readable.UnreadableImage: image_id, name, reason)."""
+
+    def __init__(self, message: str, images: list):
+        super().__init__(message, images)  # all in args, so the error pickles
+        self.images = list(images)
+
+    def __str__(self) -> str:
+        return str(self.args[0])

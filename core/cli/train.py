@@ -103,7 +103,7 @@ def read_annotations(config) -> list[str]:
 def image_file_notes(records: list, where: str) -> list[str]:
     """Whether the image files the records name are there (--check opens none of them): all missing is
     an error (a run would load the model and then skip every sample), some missing a note with the count."""
-    from vlbridge.evaluation.tasks import missing_images, shown_missing
+    from vlbridge.evaluation.readable import missing_images, shown_missing
 
     missing = missing_images(record.image for record in records)
     if not missing:

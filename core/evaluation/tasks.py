@@ -29,6 +29,8 @@ from vlbridge.files.userfiles import not_a_file
 from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, group_captions, read_coco_captions, read_vqa
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
+from vlbridge.evaluation.readable import Screening, left_out_note, screen_images
+from vlbridge.evaluation.readable import check_images, missing_images, shown_missing  # noqa: F401 (their old home: callers import them here)
 from vlbridge.metrics.captions import score_captions
 from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
 from vlbridge.files.config_fields import PathText, StrictNumbers
@@ -56,6 +58,9 @@ class EvalOptions(StrictNumbers):
     scenes: PathText | None = Field(None, description=(
         "retrieval: a generated world's scenes JSON; a caption then counts as right for every image of an identical "
         "scene (vlbridge compare's rule, vlbridge.evaluation.scenes); default: its own image only, as BLIP-2 scores"))
+    skip_unreadable: bool = Field(False, description=(
+        "leave out images that are missing or do not decode (default: one error naming them all, before the model "
+        "runs); the metrics then record the ids left out and cover the rest only"))
 
 
 @dataclass
@@ -127,24 +132,6 @@ def _as_groups(records: Sequence[CaptionGroup] | Sequence[ImageText]) -> list[Ca
     return list(records)
 
 
-def check_images(refs: Sequence[ImageRef], hint: str | None = None) -> None:
-    """Fail before running the model when image files are missing; `hint` says what to change."""
-    missing = missing_images(refs)
-    if missing:
-        raise VLBridgeError(f"{len(missing)} image file(s) not found, e.g.\n  {shown_missing(missing)}\n"
-                            + (hint or "Point --images (image_root) at the folder the annotation paths are relative to."))
-
-
-def missing_images(refs: Iterable[ImageRef]) -> list[str]:
-    """The distinct image files among `refs` that are not there to read (in-memory images are)."""
-    return sorted({ref.path for ref in refs if ref.path is not None and not Path(ref.path).is_file()})
-
-
-def shown_missing(missing: Sequence[str], show: int = 5) -> str:
-    """The first `show` missing files, one a line, each with what is there instead."""
-    return "\n  ".join(f"{path} ({not_a_file(Path(path)).removeprefix('is ')})" for path in missing[:show])
-
-
 def layout_image_pattern(data: str | Path, images: str | Path | None = None) -> str | None:
     """The VQA image file pattern a dataset's own manifest.json declares (as `vlbridge world generate`
     writes it beside its questions), looked for beside `data` and in `images`; None when there is none.
@@ -175,6 +162,22 @@ def image_inputs(refs: Sequence[ImageRef]) -> list[Any]:
 _image_inputs = image_inputs  # the earlier private name, which vlbridge.compare imports
 
 
+def _screened(records: Screening | Sequence[Any], opts: EvalOptions, prepare: Callable[[Any], list] = list) -> Screening:
+    """The `prepare`d records with every image checked (`screen_images`), unless a caller checked them already."""
+    if isinstance(records, Screening):
+        return dataclasses.replace(records, records=prepare(records.records))
+    return screen_images(prepare(records), opts.skip_unreadable)
+
+
+def _with_left_out(metrics: dict[str, Any], screening: Screening, unit: str, kept: int) -> dict[str, Any]:
+    """The metrics, plus which images were left out and a note that they cover the rest only."""
+    record = screening.note(unit)
+    if record is not None:
+        metrics["left_out"] = record
+        metrics.setdefault("notes", []).append(left_out_note(screening, unit, kept))
+    return metrics
+
+
 def _in_batches(items: Sequence[Any], batch_size: int, run: Callable[[Sequence[Any]], list], progress: Progress | None) -> list:
     out: list = []
     for start in range(0, len(items), batch_size):
@@ -194,14 +197,14 @@ def run_captions(model, records: Sequence[CaptionGroup] | Sequence[ImageText], o
                  progress: Progress | None = None, **overrides: Any) -> Evaluation:
     """Caption every image, then score against its references; predictions in COCO results format."""
     opts = options(opts, **overrides)
-    groups = _as_groups(records)
-    check_images([g.image for g in groups])
+    screening = _screened(records, opts, _as_groups)
+    groups = screening.records
     images = image_inputs([g.image for g in groups])
     captions = _in_batches(images, opts.batch_size, lambda chunk: model.caption(
         list(chunk), prompt=opts.prompt, batch_size=opts.batch_size, **opts.generation), progress)
     predictions = [{"image_id": g.image_id, "caption": c} for g, c in zip(groups, captions)]
     metrics = score_caption_predictions(predictions, groups, tokenizer=opts.tokenizer, meteor=opts.meteor)
-    return Evaluation("caption", predictions, metrics)
+    return Evaluation("caption", predictions, _with_left_out(metrics, screening, "images", len(groups)))
 
 
 def score_caption_predictions(predictions: Sequence[dict], groups: Sequence[CaptionGroup], *, tokenizer: str = "auto",
@@ -229,13 +232,15 @@ def run_vqa(model, records: Sequence[ImageQuestion], opts: EvalOptions | dict | 
     check_variant(opts.vqa_normalization)
     if not records:
         raise VLBridgeError("no VQA questions to evaluate")
-    check_images([r.image for r in records])
+    screening = _screened(records, opts)
+    records = screening.records
     prompt = {"prompt": opts.prompt} if opts.prompt is not None else {}
     pairs = list(zip(image_inputs([r.image for r in records]), [r.question for r in records]))
     answers = _in_batches(pairs, opts.batch_size, lambda chunk: model.answer(
         [p[0] for p in chunk], [p[1] for p in chunk], batch_size=opts.batch_size, **prompt, **opts.generation), progress)
     predictions = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
-    return Evaluation("vqa", predictions, score_vqa_predictions(predictions, records, opts.vqa_normalization))
+    metrics = score_vqa_predictions(predictions, records, opts.vqa_normalization)
+    return Evaluation("vqa", predictions, _with_left_out(metrics, screening, "questions", len(records)))
 
 
 def score_vqa_predictions(predictions: Sequence[dict], records: Sequence[ImageQuestion], variant: str = "official") -> dict[str, Any]:
@@ -282,8 +287,8 @@ def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], 
     from vlbridge.metrics.retrieval import retrieval_recall
 
     opts = options(opts, **overrides)
-    groups, keys = retrieval_targets(records, opts)
-    check_images([g.image for g in groups])
+    screening = _screened(records, opts, _as_groups)
+    groups, keys = retrieval_targets(screening.records, opts)
     flat = flatten_groups(groups)
     result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=opts.k, batch_size=opts.batch_size)
     if progress is not None:
@@ -299,7 +304,7 @@ def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], 
     if keys is not None:
         metrics.update(rule=SCENE_RULE, distinct_scenes=len(set(keys)))
         metrics["notes"].append(f"{opts.scenes}: {SCENE_RULE}")
-    return Evaluation("retrieval", predictions, metrics)
+    return Evaluation("retrieval", predictions, _with_left_out(metrics, screening, "images", len(groups)))
 
 
 def _public(recall: dict[str, Any]) -> dict[str, Any]:
