@@ -51,6 +51,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="retrieval: rank only these captions of each image, by position (a world's 'scene' caption: 0); default all")
     p.add_argument("--scenes", metavar="FILE", help="retrieval: a generated world's scenes JSON; a caption then counts as right for "
                    "every image of an identical scene, as `vlbridge compare` scores (default: its own image only, as BLIP-2)")
+    p.add_argument("--skip-unreadable", action="store_true", help="leave out images that are missing or do not decode, "
+                   "and evaluate the rest; metrics.json records the ids left out (default: one error naming every such "
+                   "image, before the model loads). A metric over the rest is not comparable with the whole set's")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_eval)
@@ -121,13 +124,18 @@ def _image_hint(args: argparse.Namespace) -> str | None:
             f"names in it (now {args.image_pattern or DEFAULT_IMAGE_PATTERN!r}, COCO's; a generated world's is in its manifest.json).")
 
 
+def _unit(task: str) -> str:
+    return "questions" if task == "vqa" else "images"
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens),
                                     ("min_new_tokens", args.min_new_tokens)) if v is not None}
     given = {k: v for k, v in (("tokenizer", args.tokenizer), ("vqa_normalization", args.vqa_normalize), ("k", args.k),
                                ("retrieval_captions", args.retrieval_captions), ("scenes", args.scenes))
              if v is not None}  # unset: EvalOptions' defaults
-    return {"batch_size": args.batch_size, "prompt": args.prompt, "generation": generation, "meteor": not args.no_meteor, **given}
+    return {"batch_size": args.batch_size, "prompt": args.prompt, "generation": generation, "meteor": not args.no_meteor,
+            "skip_unreadable": args.skip_unreadable, **given}
 
 
 def _progress(quiet: bool):
@@ -145,9 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     opts = evaluate.options(_options(args))  # bad options fail before the data and the model load
     records = _read_data(args)
-    evaluate.check_images([r.image for r in records], hint=_image_hint(args))
+    if not args.quiet:
+        print(f"vlbridge eval: decoding each image of the {len(records)} {_unit(args.task)} once, to find any unreadable one "
+              "before the model loads", file=sys.stderr, flush=True)
+    records = evaluate.screen_images(records, opts.skip_unreadable, hint=_image_hint(args))  # run() decodes no image twice
     if args.task == "retrieval":
-        evaluate.retrieval_targets(records, opts)  # the captions picked and the scenes file, checked before the model loads
+        evaluate.retrieval_targets(records.records, opts)  # the captions picked and the scenes file, checked before the model loads
     started = time.monotonic()
     model = open_model(source)
     run = {"caption": evaluate.run_captions, "vqa": evaluate.run_vqa, "retrieval": evaluate.run_retrieval}[args.task]
