@@ -9,7 +9,10 @@ Three tasks, each as `run_*` (predictions and metrics) and `evaluate_*` (the met
 - retrieval: every image against every caption (Q-Former assemblies), Recall@1/5/10 both ways, from
   the ITC scores and from the ITM re-ranked ones.
 
-All predictions are gathered first and scored once: CIDEr-D's IDF depends on the whole set.
+All predictions are gathered first and scored once: CIDEr-D's IDF depends on the whole set. Every image
+is decoded once before the model runs (vlbridge.evaluation.readable): bad ones are one error naming them
+all, or with `skip_unreadable` are left out and listed under the metrics' `left_out`. `run_*` also take
+a `Screening` (what `screen_images` returns) in place of the records, for a caller that checked first.
 `load_caption_groups` / `load_vqa_records` read the files; `write_results` saves both JSON files
 atomically.
 """
@@ -20,12 +23,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Hashable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Hashable, Sequence
 
 from pydantic import ConfigDict, Field
 
 from vlbridge.files.atomic import atomic_write_text
-from vlbridge.files.userfiles import not_a_file
 from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, group_captions, read_coco_captions, read_vqa
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
