@@ -24,13 +24,13 @@ from vlbridge.errors import (
 from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.assemblies.plan import Plan
 from vlbridge.plugin.registry import get_registry
-from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, Preprocess, TokenShape
+from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Options, Preprocess, SizeEstimate, TokenShape
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Assembly", "AssemblyError", "AssemblyWarning", "ConnectorSpec", "EncoderSpec", "IncompatibleError", "LLMDims", "LLMSpec",
-    "Options", "Plan", "PluginError", "PluginWarning", "Preprocess", "TokenShape", "UnknownComponentError", "UntrainedWarning",
+    "Options", "Plan", "PluginError", "PluginWarning", "Preprocess", "SizeEstimate", "TokenShape", "UnknownComponentError", "UntrainedWarning",
     "VLBridgeError", "WeightsError", "get_registry", "hookimpl", "load_assembly",
 ]
 

@@ -14,6 +14,7 @@ import vlbridge
 from tests.hf_families import CAUSAL, PARITY_CAUSAL, PARITY_SEQ2SEQ, RECURRENT, SEQ2SEQ, make_llm_dir
 from vlbridge.errors import VLBridgeError
 from vlbridge.plugins.llms import hf_dims
+from vlbridge.plugin.specs import SizeEstimate
 from vlbridge.plugins.llms.hf_causal_lm import HFCausalLMOptions
 from vlbridge.plugins.llms.hf_causal_lm_model import build as build_causal
 from vlbridge.plugins.llms.hf_seq2seq import HFSeq2SeqOptions
@@ -54,7 +55,11 @@ def test_declared_shape_and_size_equal_the_built_model(family, family_dirs):
     assert dims.embed_width == llm.embed_width == llm.model.get_input_embeddings().embedding_dim
     assert dims.encoder_decoder == llm.is_encoder_decoder == (family in SEQ2SEQ)
     declared = hf_dims.num_params(opts.config)
-    assert declared is None if family == "bart" else declared == sum(p.numel() for p in llm.model.parameters())
+    built = sum(p.numel() for p in llm.model.parameters())
+    if family == "bart":  # no exact formula: the generic estimate
+        assert isinstance(declared, SizeEstimate) and declared.count == pytest.approx(built, rel=0.03)
+    else:
+        assert declared == built
     assert all(not p.requires_grad for p in llm.parameters())
 
 

@@ -21,7 +21,7 @@ from vlbridge.plugins.encoders import hf_vision  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision import HFVisionOptions  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision_configs import KNOWN_TOWERS  # noqa: E402
 from vlbridge.plugins.encoders.hf_vision_model import HFVisionEncoder, build  # noqa: E402
-from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess, TokenShape  # noqa: E402
+from vlbridge.plugin.specs import CLIP_MEAN, CLIP_STD, Preprocess, SizeEstimate, TokenShape  # noqa: E402
 from vlbridge.plugintest.check import using_registry  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -419,13 +419,14 @@ def test_known_towers_declare_their_built_size(variant, published):
     assert hf_vision.num_params(HFVisionOptions(variant=variant, keep_all_layers=True)) == pytest.approx(published, rel=1e-3)
 
 
-def test_unknown_families_declare_no_count(towers, tmp_path):
+def test_unknown_families_declare_no_count_where_the_config_omits_a_size(towers, tmp_path):
     directory = tmp_path / "beit"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"model_type": "beit", "hidden_size": 32, "num_hidden_layers": 2,
                                                        "image_size": 28, "patch_size": 14}))
     (directory / "preprocessor_config.json").write_text((Path(towers["deit"][0]) / "preprocessor_config.json").read_text())
-    assert hf_vision.num_params(HFVisionOptions(model=str(directory), prefix_tokens=1)) is None
+    declared = hf_vision.num_params(HFVisionOptions(model=str(directory), prefix_tokens=1))  # intermediate_size: the class default
+    assert isinstance(declared, SizeEstimate) and declared.count is None
 
 
 def test_validate_prints_the_encoder_size(towers, tmp_path):

@@ -14,10 +14,10 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from vlbridge.errors import AssemblyError, IncompatibleError, InputFileError, PluginError, UnknownComponentError, WeightsError
 from vlbridge.assemblies.declared import connector_counts, connector_output, encoder_declared, llm_declared
-from vlbridge.assemblies.plan import ComponentPlan, Plan
+from vlbridge.assemblies.plan import ComponentPlan, Plan, split_size
 from vlbridge.plugin.registry import Registry, get_registry
 from vlbridge.plugin.resources import presets
-from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, Kind, Options, Spec
+from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, Kind, Options, SizeEstimate, Spec
 from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, listed_relative_paths, resolve_relative_paths
 from vlbridge.files.userfiles import read_yaml
 from vlbridge.files.config_fields import StrictNumbers, did_you_mean
@@ -168,10 +168,11 @@ def _resolve_slot(registry: Registry, kind: Kind, ref: ComponentRef, problems: l
     return Resolved(spec, options)
 
 
-def _component_plan(kind: str, ref: ComponentRef, r: Resolved, params: int | None) -> ComponentPlan:
+def _component_plan(kind: str, ref: ComponentRef, r: Resolved, size: int | SizeEstimate | None) -> ComponentPlan:
+    params, exact, note = split_size(size)
     return ComponentPlan(
         kind=kind, name=r.spec.name, use=ref.use, plugin=str(r.spec.plugin), distribution=str(r.spec.distribution),
-        factory=r.spec.factory, options=r.options.model_dump(mode="json"), params=params,
+        factory=r.spec.factory, options=r.options.model_dump(mode="json"), params=params, params_exact=exact, params_note=note,
     )
 
 

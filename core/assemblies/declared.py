@@ -10,7 +10,7 @@ from typing import Any
 
 from vlbridge.errors import PluginError
 from vlbridge.plugin.contract import describe, plugin_call
-from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Preprocess, TokenShape
+from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMDims, LLMSpec, Preprocess, SizeEstimate, TokenShape
 
 
 def _count(value: object) -> bool:
@@ -23,6 +23,16 @@ def _call(spec: Any, what: str, fn: Callable[..., Any], args: tuple[Any, ...], v
     if not valid(result):
         raise PluginError(f"{who}: {what} returned {result!r}; it must return {expected}")
     return result
+
+
+def _size(value: object) -> bool:
+    """A frozen size: an exact count, a SizeEstimate (a count or None, with a note), or None."""
+    if isinstance(value, SizeEstimate):
+        return (value.count is None or _count(value.count)) and isinstance(value.note, str)
+    return value is None or _count(value)
+
+
+SIZE_EXPECTED = "an int, a vlbridge.SizeEstimate or None"
 
 
 def _token_shape(value: object) -> bool:
@@ -43,23 +53,23 @@ def _llm_dims(value: object) -> bool:
             and isinstance(value.encoder_decoder, bool) and isinstance(value.context_is_hard, bool))
 
 
-def encoder_declared(spec: EncoderSpec, options: Any) -> tuple[TokenShape, Preprocess, int | None]:
+def encoder_declared(spec: EncoderSpec, options: Any) -> tuple[TokenShape, Preprocess, int | SizeEstimate | None]:
     """The encoder's output shape, preprocessing and frozen size (None: not known from the options)."""
     out = _call(spec, "output()", spec.output, (options,), _token_shape, "a TokenShape of positive ints")
     preprocess = _call(spec, "preprocess()", spec.preprocess, (options,), lambda v: isinstance(v, Preprocess), "a vlbridge.Preprocess")
     params = None
     if spec.num_params is not None:
-        params = _call(spec, "num_params()", spec.num_params, (options,), lambda v: v is None or _count(v), "an int or None")
+        params = _call(spec, "num_params()", spec.num_params, (options,), _size, SIZE_EXPECTED)
     return out, preprocess, params
 
 
-def llm_declared(spec: LLMSpec, options: Any) -> tuple[LLMDims, int | None]:
+def llm_declared(spec: LLMSpec, options: Any) -> tuple[LLMDims, int | SizeEstimate | None]:
     """The LLM's dims and frozen size."""
     dims = _call(spec, "dims()", spec.dims, (options,), _llm_dims,
                  "a vlbridge.LLMDims of positive ints (embed_width, context_length, vocab_size or None) and bools")
     params = None
     if spec.num_params is not None:
-        params = _call(spec, "num_params()", spec.num_params, (options,), lambda v: v is None or _count(v), "an int or None")
+        params = _call(spec, "num_params()", spec.num_params, (options,), _size, SIZE_EXPECTED)
     return dims, params
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vlbridge.plugin.specs import LLMDims, Preprocess, TokenShape
+from vlbridge.plugin.specs import LLMDims, Preprocess, SizeEstimate, TokenShape
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,14 @@ class ComponentPlan:
     factory: str
     options: dict[str, Any]
     params: int | None  # None when the plugin declares no analytic count
+    params_exact: bool = True  # False: `params` is a generic formula's estimate (or unknown)
+    params_note: str = ""  # what the estimate guesses, or why the size is unknown
+
+    def size_text(self) -> str:
+        """'1.2M params (1,234,567)', '~1.2M params' for an estimate, or '? params' with the reason."""
+        if self.params is None:
+            return "? params" + (f", {self.params_note}" if self.params_note else "")
+        return ("" if self.params_exact else "~") + count_text(self.params, exact=self.params_exact)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,10 @@ class Plan:
     warnings: tuple[str, ...] = ()
 
     @property
+    def frozen_params_exact(self) -> bool:
+        return self.encoder.params_exact and (self.llm is None or self.llm.params_exact)
+
+    @property
     def frozen_params(self) -> int | None:
         llm_params = self.llm.params if self.llm is not None else 0
         if self.encoder.params is None or llm_params is None:
@@ -54,6 +66,7 @@ class Plan:
         out["trainable_params"] = {str(k): v for k, v in self.trainable_params.items()}
         out["connector_activations"] = {str(k): v for k, v in self.connector_activations.items()}
         out["frozen_params"] = self.frozen_params
+        out["frozen_params_exact"] = self.frozen_params_exact
         out["warnings"] = list(self.warnings)
         return out
 
@@ -63,7 +76,7 @@ class Plan:
         lines = [
             f"assembly {self.name}",
             f"  image      {p.image_size} px{_crop(p)}, mean {p.mean}, std {p.std}, {p.interpolation}",
-            f"  encoder    {self.encoder.use:<12} -> {self.encoder_out}   ({count_text(self.encoder.params)} frozen)",
+            f"  encoder    {self.encoder.use:<12} -> {self.encoder_out}   ({self.encoder.size_text()} frozen)",
         ]
         if self.llm is None or self.llm_dims is None or self.connector_out is None:
             lines.append(f"  connector  {self.connector.use:<12} (no LLM: stage 1, features and retrieval)")
@@ -72,7 +85,7 @@ class Plan:
                 f"  connector  {self.connector.use:<12} -> {self.connector_out}",
                 f"  llm        {self.llm.use:<12} embeds {self.llm_dims.embed_width} wide, "
                 f"{'encoder-decoder' if self.llm_dims.encoder_decoder else 'decoder-only'}, context {self.llm_dims.context_length}"
-                f"   ({count_text(self.llm.params)} frozen)",
+                f"   ({self.llm.size_text()} frozen)",
                 f"  tokens     {self.connector_out.num_tokens} visual + {self.max_text_tokens} text = {self.total_tokens}",
             ]
         for stage in self.stages:
@@ -89,6 +102,13 @@ def _crop(p: Preprocess) -> str:
     if p.resize_size not in (None, p.image_size):
         return f" ({pad}squashed to {p.resize_size}, centre crop)"
     return f" ({pad.removesuffix(', ')})" if pad else ""
+
+
+def split_size(size: int | SizeEstimate | None) -> tuple[int | None, bool, str]:
+    """(count, exact?, note) of what a num_params() returned."""
+    if isinstance(size, SizeEstimate):
+        return size.count, False, size.note
+    return size, True, ""
 
 
 def count_text(n: int | None, exact: bool = True) -> str:

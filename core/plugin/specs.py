@@ -117,6 +117,16 @@ class LLMDims:
     vocab_size: int | None = None  # rows of the logits; the memory plan counts their log-probabilities (None: not counted)
 
 
+@dataclass(frozen=True)
+class SizeEstimate:
+    """What num_params() returns when it cannot give an exact count: a generic formula's estimate
+    (`count`), or no count at all (None), with `note` saying what is guessed or why it is unknown.
+    validate prints '~1.3B params' or '? params', so no guess ever reads as an exact number."""
+
+    count: int | None
+    note: str = ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class _SpecBase:
     name: str
@@ -172,7 +182,7 @@ class EncoderSpec(_SpecBase):
 
     output: Callable[[Any], TokenShape]
     preprocess: Callable[[Any], Preprocess]
-    num_params: Callable[[Any], int | None] | None = None  # a count of None: not known from these options
+    num_params: Callable[[Any], int | SizeEstimate | None] | None = None  # None: not known from these options
 
     kind: ClassVar[Kind] = "encoder"
 
@@ -182,7 +192,7 @@ class LLMSpec(_SpecBase):
     """A frozen language model: embedding width, context length, decoder-only or encoder-decoder."""
 
     dims: Callable[[Any], LLMDims]
-    num_params: Callable[[Any], int] | None = None
+    num_params: Callable[[Any], int | SizeEstimate | None] | None = None
 
     kind: ClassVar[Kind] = "llm"
 

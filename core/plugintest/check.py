@@ -22,6 +22,7 @@ from vlbridge.plugin.hookspecs import HOOK_KINDS
 from vlbridge.plugin.loader import PluginSet, unknown_hooks
 from vlbridge.plugin.sources import checked_sources
 from vlbridge.plugin.specs import SPEC_TYPES, ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
+from vlbridge.assemblies.plan import split_size
 from vlbridge.plugintest.heavy_imports import heavy_import_problem, heavy_imports
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def _probe_shapes(spec: Spec, opts: Any, who: str) -> None:
         if not (isinstance(out, TokenShape) and out.num_tokens > 0 and out.width > 0):
             raise PluginError(f"{who}: output() must return a positive TokenShape, got {out!r}")
         spec.preprocess(opts)
-        count = spec.num_params(opts) if spec.num_params is not None else None
+        count = split_size(spec.num_params(opts) if spec.num_params is not None else None)[0]
         if count is not None and count <= 0:  # None: the size is not known from the options (validate prints "?")
             raise PluginError(f"{who}: num_params() must be positive or None, got {count}")
     elif isinstance(spec, LLMSpec):

@@ -22,9 +22,11 @@ from vlbridge.plugin.contract import build_component, check_llm, check_tokens, d
 from vlbridge.errors import IncompatibleError, PluginError, VLBridgeError
 from vlbridge.modeling.factory import _build_frozen  # the one place frozen parts are built
 from vlbridge.plugin.specs import ConnectorSpec, EncoderSpec, LLMSpec, Spec, TokenShape
+from vlbridge.assemblies.plan import split_size
 
 PROBE_TEXTS = ["a red square", "a small blue circle on the left"]  # one per image of the dummy batch
 PROBE_SEED = 0
+ESTIMATE_TOLERANCE = 0.1  # a num_params() estimate (SizeEstimate) may be this far off the built module
 
 
 def probe_component(spec: Spec, options: Any, pairs: Sequence[tuple[TokenShape, int]]) -> None:
@@ -174,9 +176,12 @@ def probe_llm(spec: LLMSpec, options: Any) -> None:
 def _check_frozen_count(who: str, spec: EncoderSpec | LLMSpec, options: Any, module: nn.Module) -> None:
     """A declared frozen count is what `vlbridge validate` prints and what the memory plan sizes the
     part by, so it must be the built module's (None: not known from the options, nothing to check)."""
-    declared = plugin_call(who, "num_params()", spec.num_params, options) if spec.num_params is not None else None
+    declared, exact, _ = split_size(plugin_call(who, "num_params()", spec.num_params, options) if spec.num_params is not None else None)
     built = sum(p.numel() for p in module.parameters())
-    if declared is not None and declared != built:
+    if declared is not None and not exact and abs(declared - built) > ESTIMATE_TOLERANCE * built:
+        raise PluginError(f"{who}: num_params() estimates {declared:,} frozen parameters but the built module has {built:,}, "
+                          f"off by more than {ESTIMATE_TOLERANCE:.0%}; the memory plan sizes the part by it")
+    if declared is not None and exact and declared != built:
         raise PluginError(f"{who}: num_params() declares {declared:,} frozen parameters but the built module has {built:,}; "
                           "validate and the memory plan report the declared count, so it must equal the module's "
                           "(or return None where the options do not tell it)")

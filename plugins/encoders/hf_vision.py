@@ -31,7 +31,7 @@ from vlbridge.plugins.encoders.hf_vision_configs import (
     KNOWN_TOWERS, TINY_CONFIG, TowerFacts, describe_tower, family_preprocess, processor_preprocess, read_source, rescaled, vision_values,
 )
 from vlbridge.plugins.encoders.hf_vision_params import count_params
-from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, TokenShape
+from vlbridge.plugin.specs import EncoderSpec, Options, Precision, Preprocess, SizeEstimate, TokenShape
 
 Variant = Literal["clip-l-336", "siglip-so400m", "dinov2-large", "tiny"]
 
@@ -121,9 +121,9 @@ def kept_blocks(opts: HFVisionOptions) -> int:
     return layers if opts.keep_all_layers else max(opts.layer % (layers + 1), 1)
 
 
-def num_params(opts: HFVisionOptions) -> int | None:
+def num_params(opts: HFVisionOptions) -> int | SizeEstimate | None:
     """Parameters of the built tower (position embeddings at the config's resolution: an image_size
-    override interpolates them at run time); None for a family without a formula."""
+    override interpolates them at run time); an estimate for a family without an exact formula."""
     model_type, _, values = vision_values(opts.files[0])
     return count_params(model_type, values, kept_blocks(opts), head=opts.keep_all_layers)
 

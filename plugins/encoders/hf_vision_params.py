@@ -3,14 +3,16 @@ validate` can say how big the frozen encoder is before anything is loaded.
 
 One formula per family transformers builds (`CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model`,
 `Dinov2WithRegistersModel`, `ViTModel`, `DeiTModel`, `ViTMAEModel`), counting what vlbridge keeps: `blocks` of the
-blocks, and the pooling head only where it stays (`head`). Other model types give None (unknown, never
-a guess); so does a DeiT config that leaves a counted key to its class defaults, which vlbridge does
-not table. Tests compare every formula with the built module.
+blocks, and the pooling head only where it stays (`head`). Other model types get a plain ViT's count as
+a SizeEstimate (printed with '~'); a DeiT config that leaves a counted key to its class defaults,
+which vlbridge does not table, gets None. Tests compare every formula with the built module.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
+
+from vlbridge.plugin.specs import SizeEstimate
 
 Counter = Callable[[dict[str, Any], int, bool], int]
 
@@ -89,13 +91,27 @@ COUNTS: dict[str, Counter] = {
 }
 
 
-def count_params(model_type: str, values: dict[str, Any], blocks: int, head: bool) -> int | None:
-    """Parameters of the tower with `blocks` blocks (and its pooling head if `head`); None for a model
-    type without a formula or a config lacking a key the formula reads."""
+def _generic_vit(c: dict[str, Any], blocks: int) -> int:
+    """Any plain ViT: a patch convolution, [CLS] and learned positions, pre-norm blocks, a final norm.
+    A family's extras (layer scales, registers, relative position tables, a pooler) are left out."""
+    w = c["hidden_size"]
+    inner = c["intermediate_size"] if "intermediate_size" in c else int(w * c["mlp_ratio"])
+    stem = w + _conv(c, bias=True) + (_patches(c) + 1) * w
+    return stem + blocks * vit_block(w, two_layer_mlp(w, inner)) + 2 * w
+
+
+def count_params(model_type: str, values: dict[str, Any], blocks: int, head: bool) -> int | SizeEstimate | None:
+    """Parameters of the tower with `blocks` blocks (and its pooling head if `head`): exact for the
+    families above, else a plain-ViT estimate; None for a config lacking a key the formula reads."""
     count = COUNTS.get(model_type)
-    if count is None:
-        return None
     try:
-        return count({**values, "model_type": model_type}, blocks, head)
+        if count is not None:
+            return count({**values, "model_type": model_type}, blocks, head)
     except (KeyError, TypeError):  # a key left to a class default vlbridge does not table (DeiT)
         return None
+    try:
+        if "depths" in values:  # stages of changing width (Swin, ConvNeXt): hidden_size is only the last one's
+            raise KeyError("depths")
+        return SizeEstimate(_generic_vit(values, blocks), f"a plain ViT's formula ({model_type} has no exact one)")
+    except (KeyError, TypeError):  # not a plain ViT, or a size left to a class default not tabled here
+        return SizeEstimate(None, f"{model_type}: not estimated (not a plain ViT, or config.json leaves a size to its class default)")

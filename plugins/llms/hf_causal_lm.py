@@ -14,7 +14,7 @@ from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.hf_options import HFLLMOptions, weight_sources
 from vlbridge.plugins.tiny_assets import tiny_llm_vocab
-from vlbridge.plugin.specs import LLMDims, LLMSpec
+from vlbridge.plugin.specs import LLMDims, LLMSpec, SizeEstimate
 
 # The model built when no `model` is given: a tiny random Llama, tokenized by the shipped tiny tokenizer.
 TINY_CONFIG: dict[str, Any] = {
@@ -34,7 +34,7 @@ def dims(opts: HFCausalLMOptions) -> LLMDims:
     return hf_dims.dims(opts.config)
 
 
-def num_params(opts: HFCausalLMOptions) -> int | None:
+def num_params(opts: HFCausalLMOptions) -> int | SizeEstimate | None:
     return hf_dims.num_params(opts.config)
 
 

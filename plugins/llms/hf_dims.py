@@ -3,14 +3,16 @@ must have, the context, whether it is encoder-decoder, and (where the layout is 
 
 Families name the same things differently (`hidden_size`, `n_embd`, `d_model`; `max_position_embeddings`,
 `n_positions`); multimodal configs nest the language model under `text_config`. The parameter counts
-are exact for the families listed in `_COUNTS` (tested against the built modules) and None for others.
+are exact for the families listed in `_COUNTS` (tested against the built modules) and a generic estimate
+(`hf_size_estimate`) for others.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from vlbridge.plugin.specs import LLMDims
+from vlbridge.plugin.specs import LLMDims, SizeEstimate
+from vlbridge.plugins.llms.hf_size_estimate import estimate
 
 WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
@@ -112,13 +114,17 @@ _COUNTS: dict[str, Callable[[dict[str, Any]], int]] = {
 }
 
 
-def num_params(config: dict[str, Any]) -> int | None:
-    """Parameters of the model the config describes, for the families whose layout is known; else None."""
+def num_params(config: dict[str, Any]) -> int | SizeEstimate | None:
+    """Parameters of the model the config describes: exact for the families whose layout is known,
+    else a generic estimate (or, where none fits, no count and why)."""
     config = text_config(config)
-    count = _COUNTS.get(str(config.get("model_type")))
-    if count is None:
-        return None
+    kind = str(config.get("model_type"))
+    count = _COUNTS.get(kind)
     try:
-        return count(config)
+        if count is not None:
+            return count(config)
+        if kind in RELATIVE_POSITIONS:  # umT5, LongT5: T5's layout plus a little (per-layer position buckets, global attention)
+            return SizeEstimate(_t5(config), "T5's formula")
     except (KeyError, TypeError):  # a config that leaves a field to its class default: size unknown
         return None
+    return estimate(config)

@@ -12,7 +12,7 @@ from vlbridge.plugin.hookspecs import hookimpl
 from vlbridge.plugins.llms import hf_dims
 from vlbridge.plugins.llms.flan_t5 import ARCH as T5_ARCH
 from vlbridge.plugins.llms.hf_options import HFLLMOptions, weight_sources
-from vlbridge.plugin.specs import LLMDims, LLMSpec
+from vlbridge.plugin.specs import LLMDims, LLMSpec, SizeEstimate
 
 _T5 = T5_ARCH["tiny"]
 # The model built when no `model` is given: the tiny FlanT5 layout, tokenized by its shipped tokenizer.
@@ -33,7 +33,7 @@ def dims(opts: HFSeq2SeqOptions) -> LLMDims:
     return hf_dims.dims(opts.config)
 
 
-def num_params(opts: HFSeq2SeqOptions) -> int | None:
+def num_params(opts: HFSeq2SeqOptions) -> int | SizeEstimate | None:
     return hf_dims.num_params(opts.config)
 
 
