@@ -67,3 +67,41 @@ def test_progress_line_follows_weights():
     assert "[demo ........................   0%]" in lines[0] and lines[0].endswith("· a: stage 1")
     assert " 30%]" in lines[1]
     assert progress.line("x").startswith("[demo #########...............  40%]")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_estimates_from_the_first_timed_steps_and_times_each_kind_apart():
+    clock, lines = _Clock(), []
+    phases = [("a seed 0: stage 1", 30.0), ("a seed 0: stage 2", 20.0), ("a seed 0: evaluate", 40.0),
+              ("b seed 0: stage 2", 20.0), ("b seed 0: evaluate", 40.0)]
+    progress = PhaseProgress(phases, lines.append, label="demo", clock=clock)
+    progress.start("a seed 0: stage 1")
+    assert "estimating time left" in lines[-1]
+    for step in range(1, 7):  # 10 s a stage-1 step; the first report only marks the time (building came before it)
+        clock.now = 10.0 * step
+        progress.step(step)
+    # printed during stage 1 (PRINT_EVERY passed): stage 1's 4 steps left at 10 s, the rest guessed from that rate
+    assert len(lines) == 2 and "estimating" not in lines[-1] and lines[-1].endswith("· a seed 0: stage 1")
+    assert " 12%]" in lines[-1] and "roughly 7 min left" in lines[-1]  # 40 s + 120 weight x 10/3 s: ~7.3 min
+    for step in range(7, 11):
+        clock.now = 10.0 * step
+        progress.step(step)
+    progress.start("a seed 0: stage 2")
+    for step in range(1, 6):  # 2 s a stage-2 step, timed apart from stage 1's
+        clock.now = 100.0 + 2 * step
+        progress.step(step)
+    seconds, rough = progress.time_left()
+    guessed = (90 + 8) / (27 + 4)  # seconds per weight over what is timed: the evaluations' stand-in
+    assert rough and seconds == pytest.approx(15 * 2 + 20 * 2 + 80 * guessed)
+    clock.now = 120.0
+    progress.start("a seed 0: evaluate")
+    clock.now = 220.0  # 100 s for an evaluation of weight 40
+    progress.start("b seed 0: stage 2")
+    assert lines[-1].endswith("~2:20 left · b seed 0: stage 2")  # every kind timed: 20 x 2 s + 40 x 2.5 s, no longer rough

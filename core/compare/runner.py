@@ -243,7 +243,7 @@ def train_stage1(config: CompareConfig, run: RunSpec, seed: int, assembly: dict,
     say(f"{run.name} (seed {seed}): stage 1, {run.stage1_steps} steps -> {folder}")
     start = time.perf_counter()
     result = train(train_config_of(config, run, assembly, 1, run.stage1_steps, seed, folder, None, features), resume=_resumable(folder),
-                   quiet=True, tell_cuts=False)  # the report states the cut texts
+                   quiet=True, tell_cuts=False, on_step=_steps_to(progress))  # the report states the cut texts
     summary = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite, "texts_cut": result.texts,
                "seconds": time.perf_counter() - start, "folder": str(folder)}
     atomic_write_text(done, json.dumps(summary, indent=1, default=str))
@@ -274,11 +274,16 @@ def train_run(config: CompareConfig, run: RunSpec, seed: int, say: Say, progress
         progress.start(f"{run.name} seed {seed}: stage 2")
     say(f"{run.name} (seed {seed}): stage 2, {run.stage2_steps} steps")
     result = train(train_config_of(config, run, assembly, 2, run.stage2_steps, seed, out, init_from, features), resume=_resumable(out),
-                   quiet=True, tell_cuts=False)  # compare's progress line and report cover it
+                   quiet=True, tell_cuts=False, on_step=_steps_to(progress))  # compare's progress line and report cover it
     summary["stage2"] = {"steps": result.step, "loss": result.train.get("loss"), "nonfinite": result.nonfinite,
                          "texts_cut": result.texts}  # the report states it: the quiet trainer does not warn
     summary["train_seconds"] = time.perf_counter() - start
     return latest_checkpoint(out), summary
+
+
+def _steps_to(progress: PhaseProgress | None) -> Callable[[int], None] | None:
+    """The training's step reports for the progress line (which times them), if there is one."""
+    return None if progress is None else progress.step
 
 
 def _resumable(folder: Path) -> bool:

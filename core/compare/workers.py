@@ -19,6 +19,7 @@ import multiprocessing
 import queue as queue_module
 import signal
 import traceback
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ from vlbridge.train.stopping import terminate_as_interrupt
 Say = Callable[[str], None]
 Group = tuple[int, list[str]]  # (seed, run names) that one worker runs in order
 STOP_GRACE_S = 60.0  # a stopped worker unwinds in well under a second; one that has not ended by then is killed
+RELAY_EVERY = 1.0  # seconds between a worker's step reports (the queue carries one message per report)
 
 
 def work_groups(config: CompareConfig) -> list[tuple[float, Group]]:
@@ -70,9 +72,16 @@ class RelayedProgress:
 
     def __init__(self, messages: Any, index: int) -> None:
         self.messages, self.index = messages, index
+        self.sent = 0.0
 
     def start(self, phase: str) -> None:
         self.messages.put(("phase", self.index, phase))
+
+    def step(self, step: int) -> None:
+        """Training reached `step`: relayed at most every RELAY_EVERY seconds (the parent times the steps)."""
+        if time.monotonic() - self.sent >= RELAY_EVERY:
+            self.sent = time.monotonic()
+            self.messages.put(("step", self.index, str(step)))
 
     def skip(self, run: str, seed: int) -> None:
         self.messages.put(("skip", self.index, f"{seed} {run}"))
@@ -144,7 +153,7 @@ def run_in_workers(config: CompareConfig, say: Say = print, progress: PhaseProgr
                 continue
             if kind == "say":
                 say(f"[worker {index + 1}] {text}")
-            elif kind in ("phase", "skip"):
+            elif kind in ("phase", "skip", "step"):
                 _relay(progress, kind, index, text)
             elif kind == "done":
                 running.discard(index)
@@ -172,11 +181,13 @@ def stop_workers(workers: list[Any]) -> None:
 
 
 def _relay(progress: PhaseProgress | None, kind: str, index: int, text: str) -> None:
-    """A worker's phase started (or a stored run skipped) on the parent's progress line."""
+    """A worker's phase started, its training reached a step, or a stored run was skipped, on the parent's progress line."""
     if progress is None:
         return
     if kind == "phase":
         progress.start(text, lane=index)
+    elif kind == "step":
+        progress.step(int(text), lane=index)
     else:
         seed, run = text.split(" ", 1)
         progress.skip(run, int(seed), lane=index)

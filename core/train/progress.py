@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from vlbridge.files.atomic import atomic_write_text
 
@@ -153,3 +153,13 @@ class Silent:
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
+
+
+class StepReporter(Silent):
+    """A quiet run's bar: draws nothing, only tells the caller each step reached (its own progress line)."""
+
+    def __init__(self, on_step: Callable[[int], None]) -> None:
+        self.on_step = on_step
+
+    def update(self, step: int, **fields: float) -> None:
+        self.on_step(step)

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ from vlbridge.train.inputs import BatchStream, batch_length, build_dataset_for, 
 from vlbridge.train.memory_plan import plan_for_config
 from vlbridge.train.objectives import LOSS_ITEMS
 from vlbridge.train.optim import WarmupCosine, build_optimizer, load_optimizer_state
-from vlbridge.train.progress import MetricsLog, ProgressBar, Silent
+from vlbridge.train.progress import MetricsLog, ProgressBar, Silent, StepReporter
 from vlbridge.train.run_setup import (Objective, build_model, default_objective, other_llm_note, refuse_existing_run,
                                       setting_differences)
 from vlbridge.train.text_cuts import SETTING as TEXT_SETTING, TextCuts
@@ -75,25 +75,29 @@ class TrainResult:
 
 
 def run(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, objective: Objective | None = None,
-        quiet: bool = False, tell_cuts: bool = True) -> TrainResult:
+        quiet: bool = False, tell_cuts: bool = True, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train as the config says. `resume` continues from output_dir's latest checkpoint (or starts
     when there is none); `objective` replaces the stage's default (Stage1Objective / Stage2Objective);
     `quiet` prints no plan, header or progress lines (for a caller with its own progress line, such as
     `vlbridge compare`); warnings (skipped non-finite steps, changed resume settings) still print.
     `tell_cuts` False: no warning about texts cut at max_text_tokens, for a caller that reports
-    TrainResult.texts itself (compare's report)."""
+    TrainResult.texts itself (compare's report). `on_step`, in a quiet run, is told each step reached
+    (rank 0), so that such a caller's progress line can time the steps."""
     config, label = read_config(dict(config) if isinstance(config, Mapping) else config)
-    return train(config, check_config(config, label), resume=resume, objective=objective, quiet=quiet, tell_cuts=tell_cuts)
+    return train(config, check_config(config, label), resume=resume, objective=objective, quiet=quiet, tell_cuts=tell_cuts,
+                 on_step=on_step)
 
 
 def train(config: TrainConfig, assembly: Assembly, *, resume: bool = False, objective: Objective | None = None,
-          quiet: bool = False, tell_cuts: bool = True) -> TrainResult:
+          quiet: bool = False, tell_cuts: bool = True, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """`run` for a config already validated by `check_config` (which returned `assembly`)."""
     output_dir = Path(config.output_dir).expanduser()
     with rt.runtime(config.device) as where, ckpt.exclusive(output_dir, hold=where.main):
         if not resume:
             refuse_existing_run(output_dir)  # before any weight loads
         trainer = Trainer(config, assembly, where, objective, quiet=quiet, tell_cuts=tell_cuts)
+        if quiet and on_step is not None and where.main:
+            trainer.bar = StepReporter(on_step)
         try:
             return trainer.fit(resume)
         finally:
