@@ -154,7 +154,9 @@ def train(data, out, **overrides) -> Path:
 def test_stage2_checkpoints_carry_the_stage1_heads(tmp_path):
     data = write_caption_data(tmp_path / "data", images=8)
     stage1 = train(data, tmp_path / "s1")
-    stage2 = train(data, tmp_path / "s2", stage=2, init_from=str(tmp_path / "s1"), prompt="a photo of")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vlbridge.UntrainedWarning)  # the run trains what stage 1 left as built
+        stage2 = train(data, tmp_path / "s2", stage=2, init_from=str(tmp_path / "s1"), prompt="a photo of")
     first, final = load_file(stage1 / "connector.safetensors"), load_file(stage2 / "connector.safetensors")
     heads = [name for name in first if any(fnmatch.fnmatchcase(name, p) for p in STAGE2_ONLY)]
     assert heads and all(torch.equal(final[name], first[name]) for name in heads)
@@ -190,6 +192,35 @@ def test_a_stage1_checkpoint_loaded_for_stage2_warns_that_its_projection_is_untr
         warnings.simplefilter("error", vlbridge.UntrainedWarning)
         vlbridge.load(stage1)  # its own stage: nothing untrained is used
     assert json.loads((stage1 / "checkpoint.json").read_text())["trained_stages"] == [1]
+
+
+def test_build_with_a_stage1_checkpoint_as_weights_for_stage2_warns_too(tmp_path):
+    """`build(assembly, stage=2, weights=stage1_dir)` loaded the same untrained projection as `load`
+    and said nothing; a stage-2 checkpoint has trained it, and a bare file records no stage."""
+    stage1 = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "s1")
+    with pytest.warns(vlbridge.UntrainedWarning, match=r"s1 is a stage-1 checkpoint loaded for stage 2: proj\.bias, proj\.weight "
+                                                        r"train only in stage 2") as caught:
+        vlbridge.build("tiny-qformer-opt", stage=2, weights=stage1)
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]  # the caller's line, not vlbridge's
+    stage2 = vlbridge.build("tiny-qformer-opt", stage=2).save(tmp_path / "s2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vlbridge.UntrainedWarning)
+        vlbridge.build("tiny-qformer-opt", stage=2, weights=stage2)
+        vlbridge.build("tiny-qformer-opt", stage=2, weights=stage1 / "connector.safetensors")  # nothing known of its stage
+
+
+def test_the_cli_warns_of_a_stage1_checkpoint_given_as_weights(tmp_path, capsys):
+    from vlbridge.cli.main import main
+
+    stage1 = vlbridge.build("tiny-qformer-opt", stage=1).save(tmp_path / "s1")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), "red").save(image)
+    assert main(["caption", "--assembly", "tiny-qformer-opt", "--weights", str(stage1), "--num-beams", "1",
+                 "--max-new-tokens", "2", str(image)]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"vlbridge caption: warning: {stage1} is a stage-1 checkpoint loaded for stage 2: proj.bias, proj.weight "
+                     "train only in stage 2") == 1
+    assert "UntrainedWarning" not in err
 
 
 def test_a_stage1_run_started_from_a_stage2_checkpoint_keeps_its_trained_projection_unwarned(tmp_path):

@@ -5,6 +5,7 @@ connector weights if given."""
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -40,7 +41,8 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
     :param stage: 1 (encoder + connector, no LLM) or 2 (all three); default: the connector's last stage.
     :param weights: connector weights: a vlbridge checkpoint directory (with the encoder tensors and LoRA
         adapters its run fine-tuned, if any), a training run's output_dir (its latest checkpoint, as
-        `vlbridge.load` and `--weights` take it) or a safetensors file.
+        `vlbridge.load` and `--weights` take it) or a safetensors file. A checkpoint of an earlier
+        stage than `stage` warns (UntrainedWarning) where its tensors miss that stage's training.
     :param device: where to put the model (default CPU).
     :param check_shapes: run one dummy image through encoder and connector and compare with the plan.
     :param random_weights: allow a real-size frozen part without pretrained weights (random on
@@ -79,8 +81,10 @@ def build(assembly: Assembly | str | Path | dict[str, Any], *, stage: int | None
 
             weights = resolve_checkpoint(weights, "weights=").directory  # a run's output_dir: its latest step
         load_connector_weights(model, weights)
-        if Path(weights).is_dir() and _restore_tuned(model, Path(weights)) and device is not None:
-            model.to(device)  # the adapters were injected after the move
+        if Path(weights).is_dir():
+            if _restore_tuned(model, Path(weights)) and device is not None:
+                model.to(device)  # the adapters were injected after the move
+            _warn_trained_later(model, Path(weights))
     return model.eval()  # like transformers' from_pretrained: call .train() to train
 
 
@@ -260,28 +264,41 @@ def load(checkpoint_dir: str | Path, *, stage: int | None = None, device: str | 
     from vlbridge.files.checkpoint_source import resolve_checkpoint
 
     directory = resolve_checkpoint(checkpoint_dir, "vlbridge.load:").directory
+    stage = int(read_meta(directory)["stage"]) if stage is None else stage
+    return build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
+
+
+def _warn_trained_later(model: VLBridgeModel, directory: Path) -> None:
+    """A checkpoint directory's connector loaded for a later stage than its own holds the tensors only
+    that later stage trains as they were built, unless its run started from a checkpoint that had been
+    through that stage (`model.trained_stages`, from checkpoint.json): say so, since what uses them
+    (captioning, for a stage-1 checkpoint) runs without an error on values nothing trained. An older
+    checkpoint does not record where its run started, so the warning says it may be wrong. `build`
+    calls this for every directory it loads (`load`, `--assembly A --weights DIR`); a training run
+    does not hear it, since it trains them. A bare weights file records no stage (its tensors load
+    as the model's own stage's), so nothing is known to warn about."""
     meta = read_meta(directory)
     saved = int(meta["stage"])
-    stage = saved if stage is None else stage
-    model = build(checkpoint_assembly(directory), stage=stage, weights=directory, device=device, random_weights=random_weights)
-    if stage > saved:
-        _warn_trained_later(model, saved, directory, recorded=TRAINED_STAGES in meta)
-    return model
-
-
-def _warn_trained_later(model: VLBridgeModel, saved: int, directory: Path, recorded: bool) -> None:
-    """A stage-`saved` checkpoint loaded for a later stage holds the tensors only that later stage trains
-    as they were built, unless its run started from a checkpoint that had been through that stage
-    (`model.trained_stages`, from checkpoint.json): say so, since what uses them (captioning, for a
-    stage-1 checkpoint) runs without an error on values nothing trained. An older checkpoint does
-    not record where its run started, so the warning says it may be wrong."""
+    if model.stage <= saved:
+        return
     who = describe(model.plan.connector)
     trained = set().union(*(trainable_names(model.connector, s, model.stage, who) for s in model.trained_stages))
     later = sorted(trainable_names(model.connector, model.stage, model.stage, who) - trained)
     if later:
         shown = ", ".join(later[:4]) + (", ..." if len(later) > 4 else "")
-        unless = "" if recorded else f" (unless its run started from a stage-{model.stage} checkpoint: it is older than the record of that)"
+        unless = "" if TRAINED_STAGES in meta else \
+            f" (unless its run started from a stage-{model.stage} checkpoint: it is older than the record of that)"
         warnings.warn(f"{directory} is a stage-{saved} checkpoint loaded for stage {model.stage}: {shown} train only in stage "
                       f"{model.stage}, so they hold the values they were built with{unless}, and what reads them (captions, "
                       f"answers) is untrained until a stage-{model.stage} run trains them (vlbridge train with stage: "
-                      f"{model.stage} and init_from: {directory})", UntrainedWarning, stacklevel=4)  # past load and its quiet_hf wrapper: the caller's line
+                      f"{model.stage} and init_from: {directory})", UntrainedWarning, stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """warnings' stacklevel for the first frame outside this module and contextlib (the quiet_hf
+    wrapper round build and load), counted from the function that calls this: the line of the
+    caller's that asked for the model, whether it called build or load."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") in (__name__, "contextlib"):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -5,13 +5,14 @@ which reads as the run itself."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from vlbridge.assemblies.assembly import Assembly
-from vlbridge.errors import VLBridgeError, WeightsError
+from vlbridge.errors import UntrainedWarning, VLBridgeError, WeightsError
 from vlbridge.files.checkpoint import read_meta
 from vlbridge.files.checkpoint_paths import ASSEMBLY_FILE, unpointed_checkpoints
 from vlbridge.files.checkpoint_source import resolve_checkpoint
@@ -50,8 +51,10 @@ def build_model(config: TrainConfig, assembly: Assembly, device: torch.device) -
     encoder tensors and LoRA adapters it fine-tuned, if any), with the config's fine-tuning recipes applied."""
     weights = resolve_checkpoint(config.init_from, "init_from").directory if config.init_from is not None else None
     try:
-        model = factory.build(assembly, stage=config.stage, weights=weights, device=device, random_weights=config.random_weights,
-                               init_seed=config.seed)  # a checkpoint's fine-tuned encoder tensors and adapters come with it
+        with warnings.catch_warnings():  # init_from's tensors this stage alone trains: this run trains them
+            warnings.simplefilter("ignore", UntrainedWarning)
+            model = factory.build(assembly, stage=config.stage, weights=weights, device=device, random_weights=config.random_weights,
+                                   init_seed=config.seed)  # a checkpoint's fine-tuned encoder tensors and adapters come with it
     except WeightsError as exc:
         raise VLBridgeError(f"init_from: {exc}") from exc
     recipe = apply_finetune(model, config.finetune, config.optimizer.lr)
