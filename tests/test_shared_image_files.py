@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from vlbridge.cli.main import main
-from vlbridge.data import read_jsonl
+from vlbridge.data import read_coco_captions, read_jsonl
 from vlbridge.data.batching import collate
 from vlbridge.data.datasets import RecordDataset
-from vlbridge.data.records import ImageRef, ImageText, ids_sharing_files
+from vlbridge.data.records import DataError, ImageRef, ImageText, group_captions, ids_sharing_files
 from vlbridge.errors import DataWarning
 from vlbridge.train.losses import image_positives, sample_hard_negatives
 
@@ -91,3 +91,37 @@ def test_vlbridge_train_runs_stage1_on_it_and_says_so_once(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert err.count("vlbridge train: warning: 1 image id(s) name an image file that another id names too") == 1
     assert "DataWarning" not in err
+
+
+def write_two_files_one_id(root: Path) -> Path:
+    """A LAVIS-style caption list whose explicit image_id 7 names two different pictures."""
+    for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), colour).save(root / "images" / f"{name}.png")
+    rows = [{"image": "images/red.png", "caption": "a red square", "image_id": 7},
+            {"image": "images/./red.png", "caption": "a square of red", "image_id": 7},  # the same file: fine
+            {"image": "images/blue.png", "caption": "a blue square", "image_id": 7}]
+    (root / "train.json").write_text(json.dumps(rows), encoding="utf-8")
+    return root / "train.json"
+
+
+def test_one_id_naming_two_files_is_refused_for_training(tmp_path: Path):
+    """Training took the two pictures for one image (one image_index): each was the other's ITC positive."""
+    records = read_coco_captions(write_two_files_one_id(tmp_path))
+    with pytest.raises(DataError, match=r"^image id 7 names two images, 'images/red.png' and 'images/blue.png' \(training takes an "
+                                        r"id for one image: each would be the other's ITC positive.*\); each image id must belong "
+                                        r"to one image file$"):
+        RecordDataset(records, pixels)
+    RecordDataset(records[:2], pixels)  # one file, spelt two ways, under one id: one image
+    [group] = group_captions(records[:2])  # evaluation refused that as "two images"
+    assert group.captions == ["a red square", "a square of red"]
+
+
+def test_vlbridge_train_check_refuses_one_id_naming_two_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    data = write_two_files_one_id(tmp_path / "data")
+    values = config(data.parent, tmp_path / "run")
+    values["data"]["train"] = {"format": "coco", "paths": [str(data)], "num_workers": 0}
+    assert main(["train", str(write_config(tmp_path / "train.yaml", values)), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train.paths ['{data}']: image id 7 names two images, 'images/red.png' and 'images/blue.png'" in err
+    assert "Traceback" not in err and err.strip().count("\n") == 0  # one paragraph

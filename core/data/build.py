@@ -17,7 +17,7 @@ from vlbridge.data.jsonio import check_file
 from vlbridge.data.jsonl import read_jsonl
 from vlbridge.data.loader_workers import quiet_when_reader_left
 from vlbridge.data.order import ResumableSampler, rng_for
-from vlbridge.data.records import DataError, group_captions
+from vlbridge.data.records import TRAINED_AS_ONE, DataError, check_one_file_per_id, group_captions
 from vlbridge.data.shards import expand_shards
 from vlbridge.data.transforms import eval_transform, train_transform
 from vlbridge.data.vqa import read_vqa
@@ -64,8 +64,11 @@ def read_records(config: DataConfig, train: bool, *, where: str = "data") -> lis
             if answers is not None:
                 _at(f"{where}.vqa_annotations[{i}]", check_file, answers, "VQA annotations file")
             records.extend(_at(field, read_vqa, path, answers, config.image_root, config.split, config.image_pattern))
+    source = f"{where}.paths {[str(path) for path in config.paths]}"
     if config.format != "vqa" and not train:
-        records = group_captions(records, f"{where}.paths {[str(path) for path in config.paths]}")
+        records = group_captions(records, source)
+    elif config.format != "vqa":  # said before any model loads (vlbridge train --check reads here too); RecordDataset checks again
+        check_one_file_per_id(records, source, TRAINED_AS_ONE)
     if not records:
         raise DataError(f"{where}.paths: no samples in {config.paths}")
     return records[: config.limit] if config.limit is not None else records

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlbridge.data.jsonio import optional, read_json, require, require_list, require_text, resolve_image
-from vlbridge.data.records import DataError, ImageId, ImageRef, ImageText
+from vlbridge.data.records import DataError, ImageId, ImageRef, ImageText, two_images
 
 WHAT = "caption file"
 
@@ -78,8 +78,7 @@ def _read_official(data: dict[str, Any], path: str, image_root: str | os.PathLik
         image_id = require(item, "id", (int, str), where)
         file_name = require(item, "file_name", str, where)
         if image_id in images and images[image_id].name != file_name:  # its captions would go to one of them unnoticed
-            raise DataError(f"{where}: image id {image_id!r} names two images, {images[image_id].name!r} and {file_name!r}; "
-                            "each image id must belong to one image file")
+            raise two_images(image_id, images[image_id].name, file_name, f"{where}: ")
         images[image_id] = ImageRef(name=file_name, path=resolve_image(file_name, image_root, base))
     records = []
     for i, item in enumerate(require_list(data, "annotations", path, WHAT)):

@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vlbridge.data.order import assign_shards, buffer_shuffle, rng_for
-from vlbridge.data.records import (CaptionGroup, DataError, ImageId, ImageQuestion, ImageRef, ImageText, Skipped, ids_sharing_files,
-                                   image_file, stable_image_index)
+from vlbridge.data.records import (TRAINED_AS_ONE, CaptionGroup, DataError, ImageId, ImageQuestion, ImageRef, ImageText, Skipped,
+                                   check_one_file_per_id, ids_sharing_files, image_file, stable_image_index)
 from vlbridge.data.shards import expand_shards, iter_shard
 from vlbridge.data.text import clean_caption, clean_question
 from vlbridge.data.transforms import open_image
@@ -141,6 +141,7 @@ class RecordDataset(Dataset):
         self.records = list(records)
         for record in self.records:
             stable_image_index(record.image_id)  # reject unusable ids now, not in a worker mid-epoch
+        check_one_file_per_id(self.records, why=TRAINED_AS_ONE)  # its image_index would make two pictures one
         self.transform, self.text, self.strict, self.shuffle = transform, text, strict, shuffle
         self.same_image = one_image_per_file(self.records)
         self.image_captions = captions_by_image(self.records, text, self.same_image)

@@ -162,17 +162,41 @@ def ids_sharing_files(records: Iterable[ImageText]) -> dict[ImageId, ImageId]:
     return {image_id: root(image_id) for image_id in parent if root(image_id) != image_id}
 
 
+def two_images(image_id: ImageId, first: str, second: str, at: str = "", why: str = "") -> DataError:
+    """The refusal of an image id that names two image files, in one wording wherever it is found
+    (evaluation, training, a COCO file's images list); `why` says what the data would have done."""
+    return DataError(f"{at}image id {image_id!r} names two images, {first!r} and {second!r}{why}; "
+                     "each image id must belong to one image file")
+
+
+TRAINED_AS_ONE = (" (training takes an id for one image: each would be the other's ITC positive in stage 1 and never its "
+                  "hard negative; give each image file its own image_id)")
+
+
+def check_one_file_per_id(records: Iterable[Any], source: str = "", why: str = "") -> None:
+    """Refuse (image, caption) pairs in which one image id names two image files (however each path
+    is spelt, `image_file`); `source` (the files the records came from) starts the error. Ids that
+    share one file are another matter (`ids_sharing_files`); VQA questions are not compared (many
+    share an image, and no objective compares images)."""
+    files: dict[ImageId, ImageRef] = {}
+    at = source + ": " if source else ""
+    for record in records:
+        if isinstance(record, ImageText):
+            first = files.setdefault(record.image_id, record.image)
+            if image_file(first) != image_file(record.image):
+                raise two_images(record.image_id, first.name, record.image.name, at, why)
+
+
 def group_captions(records: Iterable[ImageText], source: str = "") -> list[CaptionGroup]:
     """Pairs -> one group per image id (first-seen order), for evaluation and retrieval; `source` (the
     files the records came from) starts an error, since the records do not know their file."""
+    records = list(records)
+    check_one_file_per_id(records, source)
     groups: dict[ImageId, tuple[ImageRef, list[str]]] = {}
     ids: dict[str, ImageId] = {}  # each image file's id: one file under two ids is two "images" that retrieval cannot tell apart
     at = source + ": " if source else ""
     for record in records:
         entry = groups.setdefault(record.image_id, (record.image, []))
-        if entry[0].name != record.image.name:
-            raise DataError(f"{at}image id {record.image_id!r} names two images, {entry[0].name!r} and {record.image.name!r}; "
-                            "each image id must belong to one image file")
         first = ids.setdefault(image_file(record.image), record.image_id)
         if first != record.image_id:
             raise DataError(f"{at}image {record.image.name!r} is given two ids, {first!r} and {record.image_id!r}: evaluated as two "
