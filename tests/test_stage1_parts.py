@@ -115,7 +115,8 @@ def test_a_stage2_run_with_another_llm_starts_from_the_shipped_stage1():
     raw = load_assembly("world-qformer-flan-t5").config.model_dump(mode="json")
     raw["connector"]["options"]["num_query_tokens"] = 32
     checkpoint = stage1_checkpoint(32)
-    model = vlbridge.build(raw, stage=2, weights=checkpoint)
+    with pytest.warns(vlbridge.UntrainedWarning, match=r"qformer-32q is a stage-1 checkpoint loaded for stage 2: proj\.bias"):
+        model = vlbridge.build(raw, stage=2, weights=checkpoint)  # as a run's start, whose training the warning awaits
     saved = load_file(str(checkpoint / "connector.safetensors"))
     assert saved["proj.weight"].shape != model.connector.proj.weight.shape  # OPT's width in the file
     assert sorted(absent_tensors(model.connector)) == ["proj.bias", "proj.weight"]
