@@ -52,7 +52,7 @@ def test_the_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path):
     assert report == json.loads(done.stdout[done.stdout.index("{"):])
     assert report["identical_captions"] is True
     assert report["settings"] == {"batch": 2, "beams": 2, "new_tokens": 3, "reps": 2, "side_by_side": True,
-                                  "fixed_mmap_threshold": True, "ours_cache": "shared prompt"}
+                                  "fixed_mmap_threshold": True, "ours_cache": "shared prompt", "ours_linear": "torch"}
     assert set(report["images_per_cpu_s"]) == {"ours", "transformers"}
     ratio = report["images_per_cpu_s"]["ours"] / report["images_per_cpu_s"]["transformers"]
     assert report["throughput_ratio_ours_over_transformers"] == pytest.approx(ratio)
