@@ -112,6 +112,16 @@ def vqa_records(spec: EvalSet) -> list:
     return load_vqa_records(spec.questions, spec.annotations, spec.images, spec.limit, **pattern)
 
 
+def scored_records(spec: EvalSet, retrieval: bool) -> list:
+    """The records of every image the split's tasks read, as `evaluate_set` and (when `retrieval`: some
+    run has a stage 1 to retrieve with) `retrieval_set` read them; the preflight checks their images."""
+    from vlbridge.evaluation.tasks import load_caption_groups
+
+    records = load_caption_groups(spec.captions, spec.images, spec.limit) if spec.captions and "caption" in spec.tasks else []
+    records += vqa_records(spec) if spec.questions and "vqa" in spec.tasks else []
+    return records + (retrieval_groups(spec) if retrieval and spec.captions and "retrieval" in spec.tasks else [])
+
+
 def question_categories(annotations: str | None) -> dict[Any, str]:
     """question_id -> the annotation's "category" (the world's question kind), where it has one."""
     if not annotations:

@@ -140,12 +140,13 @@ def image_problem(ref: ImageRef) -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def shown_unreadable(bad: Sequence[UnreadableImage], show: int = SHOWN) -> str:
-    """The first `show` bad images, one a line: file, image id, reason; then how many more."""
+def shown_unreadable(bad: Sequence[UnreadableImage], show: int = SHOWN, indent: str = "  ") -> str:
+    """The first `show` bad images, one a line (each after the first starts with `indent`): file,
+    image id, reason; then how many more."""
     lines = [f"{image.name} (image id {image.image_id!r}): {image.reason}" for image in bad[:show]]
     if len(bad) > show:
         lines.append(f"... and {len(bad) - show} more")
-    return "\n  ".join(lines)
+    return f"\n{indent}".join(lines)
 
 
 def unreadable_message(bad: Sequence[UnreadableImage], total: int) -> str:
