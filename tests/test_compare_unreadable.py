@@ -56,3 +56,23 @@ def test_every_bad_image_of_every_split_is_in_the_error(bad_set, tmp_path, no_tr
         preflight(CompareConfig.model_validate(raw))
     assert [(image.image_id, Path(image.name).name) for image in caught.value.images] == [(2, "2.jpg"), (3, "3.jpg"), (4, "4.jpg")]
     assert "evals.1 (vqa): 3 of its 4 images cannot be read" in str(caught.value) and "evals.0" not in str(caught.value)
+
+
+def test_the_demo_checks_the_images_before_its_reference_rows_read_them(tmp_path, monkeypatch):
+    """The demo's reference rows (the encoder-alone row decodes the test images) wait for the preflight."""
+    from vlbridge.compare import baselines, demo, encoder_alone
+    from vlbridge.errors import VLBridgeError
+
+    def refused(config):
+        raise VLBridgeError("refused by the preflight")
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("a reference row was made before the preflight checked the images")
+
+    for module, name in ((demo, "ensure_world"), (demo, "supervised_texts")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    for module, name in ((baselines, "blind_row"), (encoder_alone, "encoder_alone_row")):
+        monkeypatch.setattr(module, name, too_early)
+    monkeypatch.setattr("vlbridge.compare.run.preflight", refused)
+    with pytest.raises(VLBridgeError, match="refused by the preflight"):
+        demo.run_demo(tmp_path / "demo", quick=True, say=lambda line: None)

@@ -48,6 +48,7 @@ TITLES = {
     SUPERVISED: "Supervised mix (not zero-shot): stage 2 on captions plus the training questions' answers",
 }
 SUPERVISED_SUFFIX = "-sup"
+BLIND = "blind prior"  # the reference row of answers guessed from the question alone
 REFERENCE = "qformer-32q"  # the key comparisons set every zero-shot row against it
 LLMS = ("opt", "flan-t5")  # the world's frozen LLMs: BLIP-2's two families (decoder-only, encoder-decoder)
 SHIPPED, TRAIN = "shipped", "train"  # where the Q-Former's stage 1 comes from (`--stage1`)
@@ -363,12 +364,17 @@ def run_demo(out: str | Path, quick: bool = False, seeds: list[int] | None = Non
     out = Path(out)
     config, plan = demo_config(out, quick, seeds or [0], queries or [8, 32], only, llm, jobs, stage1, stage1_steps)
     claim_demo_folder(out, demo_variant(quick, world_seed, llm, stage1, plan), plan.world, world_seed)
-    ensure_world(out / "world", plan.world, world_seed, say)
-    supervised_texts(out / "world")
-    references = {"blind prior": blind_row(out / "world" / "annotations_train.json", config.evals, out / "world" / "captions_train.json"),
-                  ENCODER_ALONE: encoder_alone_row(config.evals)}
+    world = out / "world"
+    ensure_world(world, plan.world, world_seed, say)
+    supervised_texts(world)
+
+    def references() -> dict[str, dict[str, Any]]:  # run_compare calls it after its preflight has checked the images
+        return {BLIND: blind_row(world / "annotations_train.json", config.evals, world / "captions_train.json"),
+                ENCODER_ALONE: encoder_alone_row(config.evals)}
+
     names = [r.name for r in config.runs]
-    key_pairs = [(REFERENCE, other) for other in names + list(references) if other != REFERENCE and not other.endswith(SUPERVISED_SUFFIX)]
+    key_pairs = [(REFERENCE, other) for other in names + [BLIND, ENCODER_ALONE]
+                 if other != REFERENCE and not other.endswith(SUPERVISED_SUFFIX)]
     key_pairs += [(name, name.removesuffix(SUPERVISED_SUFFIX)) for name in names if name.endswith(SUPERVISED_SUFFIX)]
     return run_compare(config, say, demo_notes(config, plan, world_seed, llm, stage1), progress_label="demo", reference_rows=references,
                        key_pairs=key_pairs, titles=TITLES, rerun_hint=DEMO_RERUN)

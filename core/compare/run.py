@@ -5,7 +5,7 @@ call the runner without the runner knowing about workers (one direction, no loop
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vlbridge.compare.config import CompareConfig
 from vlbridge.compare.footing import footing_notes
@@ -19,16 +19,18 @@ COMPARE_RERUN = "add them to the config's runs and seeds (results stored under t
 
 
 def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None = None, progress_label: str = "compare",
-                reference_rows: dict[str, dict[str, Any]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
+                reference_rows: Callable[[], dict[str, dict[str, Any]]] | None = None, key_pairs: list[tuple[str, str]] | None = None,
                 titles: dict[str, str] | None = None, rerun_hint: str = COMPARE_RERUN) -> dict[str, Any]:
     """Train and evaluate every run for every seed, then write results.json, report.md, report.png.
 
     With `config.jobs` > 1 the runs are shared out to worker processes first (each stores its
-    results; this process then reads them back). `reference_rows` (e.g. a blind answer prior) join
-    every table as extra rows, results in the shape of one seed's. `key_pairs` (row, row) are the
-    comparisons the report shows first; `titles` head the tables (group -> title). Results the folder
-    holds of other runs or seeds (an earlier invocation's) are not reported; the report names them,
-    and `rerun_hint` says how to report them together.
+    results; this process then reads them back). `reference_rows` makes rows (e.g. a blind answer
+    prior) that join every table, results in the shape of one seed's; it is called after the
+    preflight, so that they are never computed for a comparison it refuses, nor meet a bad image
+    before it does. `key_pairs` (row, row) are the comparisons the report shows first; `titles` head
+    the tables (group -> title). Results the folder holds of other runs or seeds (an earlier
+    invocation's) are not reported; the report names them, and `rerun_hint` says how to report them
+    together.
     """
     from vlbridge.compare.runner import forget_image_digests
 
@@ -38,6 +40,7 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
 
         require_lmms_eval()  # said now, not after every run has trained
     preflight(config)  # every run's and split's problems, before anything is cached or trained
+    references = reference_rows() if reference_rows is not None else {}
     out = Path(config.output_dir)
     progress = PhaseProgress(phase_plan(config, stage1_trainers(config)), say, label=progress_label)
     collected = run_in_workers(config, say, progress) if config.jobs > 1 else frozenset()
@@ -46,7 +49,7 @@ def run_compare(config: CompareConfig, say: Say = print, notes: list[str] | None
     say(progress.line("done"))
     groups = {run.name: run.group for run in config.runs}
     return write_report(out, config.model_dump(mode="json"), per_seed, footing_notes(config) + (notes or []), groups=groups,
-                        references=reference_rows or {}, key_pairs=key_pairs or [], titles=titles,
+                        references=references, key_pairs=key_pairs or [], titles=titles,
                         left_out=(results_left_out(config), rerun_hint))
 
 
