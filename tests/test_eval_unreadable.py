@@ -101,3 +101,27 @@ def test_cli_skip_unreadable_records_the_left_out_ids(bad_set, capsys, tmp_path)
     assert metrics["run"]["options"]["skip_unreadable"] is True
     assert sorted(p["image_id"] for p in json.loads((out / "predictions.json").read_text())) == [1, 3]
     assert "note: skip_unreadable: 2 unreadable image(s) left out (image ids 2, 4" in stdout
+
+
+def test_retrieval_refuses_what_skip_unreadable_leaves_when_fewer_than_2_images(bad_set):
+    (bad_set["images"] / "3.jpg").unlink()  # image 1 is the only readable one left
+    groups = evaluate.load_caption_groups(bad_set["captions"], bad_set["images"])
+    model = KnownModel(scores=[[1.0, 0.5]])  # one image, its two captions: it would score 100%
+    with pytest.raises(evaluate.VLBridgeError, match="fewer than 2 images always finds the right one: 1 image\\(s\\) left after "
+                                                     "--skip-unreadable \\(skip_unreadable\\) left out 3 unreadable"):
+        evaluate.run_retrieval(model, groups, skip_unreadable=True)
+    with pytest.raises(evaluate.VLBridgeError, match="fewer than 2 images always finds the right one: the set holds 1"):
+        evaluate.run_retrieval(model, groups[:1])  # the same rule for a set of one image, as --limit 1 is refused
+
+
+def test_cli_retrieval_refuses_fewer_than_2_readable_images_before_loading_the_model(bad_set, capsys, monkeypatch):
+    def no_model(source):
+        raise AssertionError("the model was loaded for a retrieval among one image")
+
+    (bad_set["images"] / "3.jpg").unlink()
+    monkeypatch.setattr("vlbridge.cli.evaluate.open_model", no_model)
+    code = main(["eval", "-a", "tiny-qformer-opt", "--task", "retrieval", "--data", str(bad_set["captions"]),
+                 "--images", str(bad_set["images"]), "--skip-unreadable", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "1 image(s) left after --skip-unreadable" in err, err
+    assert "left out 3 unreadable one(s)" in err and "2.jpg (image id 2)" in err and "3.jpg (image id 3)" in err

@@ -77,7 +77,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise VLBridgeError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --task {args.task}; drop "
                             f"{'it' if len(unused) == 1 else 'them'}")
     if args.task == "retrieval" and args.limit is not None and args.limit < 2:
-        raise VLBridgeError(f"--limit {args.limit}: retrieval among fewer than 2 images always finds the right one; give 2 or more")
+        from vlbridge.evaluation.tasks import TOO_FEW_TO_RETRIEVE
+
+        raise VLBridgeError(f"--limit {args.limit}: {TOO_FEW_TO_RETRIEVE}; give 2 or more")
     if args.out:  # said now, not after the whole evaluation has run
         out = Path(args.out).expanduser()
         blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
@@ -157,8 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"vlbridge eval: decoding each image of the {len(records)} {_unit(args.task)} once, to find any unreadable one "
               "before the model loads", file=sys.stderr, flush=True)
     records = evaluate.screen_images(records, opts.skip_unreadable, hint=_image_hint(args))  # run() decodes no image twice
-    if args.task == "retrieval":
-        evaluate.retrieval_targets(records.records, opts)  # the captions picked and the scenes file, checked before the model loads
+    if args.task == "retrieval":  # what screening left, the captions picked and the scenes file, checked before the model loads
+        evaluate.check_retrievable(records)
+        evaluate.retrieval_targets(records.records, opts)
     started = time.monotonic()
     model = open_model(source)
     run = {"caption": evaluate.run_captions, "vqa": evaluate.run_vqa, "retrieval": evaluate.run_retrieval}[args.task]

@@ -31,7 +31,7 @@ from vlbridge.files.atomic import atomic_write_text
 from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, group_captions, read_coco_captions, read_vqa
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
-from vlbridge.evaluation.readable import Screening, left_out_note, screen_images
+from vlbridge.evaluation.readable import Screening, left_out_note, screen_images, shown_unreadable
 from vlbridge.evaluation.readable import check_images, missing_images, shown_missing  # noqa: F401 (their old home: callers import them here)
 from vlbridge.metrics.captions import score_captions
 from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
@@ -279,6 +279,22 @@ def retrieval_targets(records: Sequence[CaptionGroup] | Sequence[ImageText], opt
     return groups, scene_keys(groups, opts.scenes) if opts.scenes else None
 
 
+TOO_FEW_TO_RETRIEVE = "retrieval among fewer than 2 images always finds the right one"
+
+
+def check_retrievable(screening: Screening) -> None:
+    """Refuse to retrieve among fewer than 2 images, which scores 100% whatever the model; said with how
+    many images `skip_unreadable` left out, when it left out the rest."""
+    kept = len(screening.records)
+    if kept >= 2:
+        return
+    if not screening.left_out:
+        raise VLBridgeError(f"{TOO_FEW_TO_RETRIEVE}: the set holds {kept}; give 2 or more")
+    raise VLBridgeError(f"{TOO_FEW_TO_RETRIEVE}: {kept} image(s) left after --skip-unreadable (skip_unreadable) left out {len(screening.left_out)} "
+                        f"unreadable one(s):\n  {shown_unreadable(screening.left_out)}\nReplace them, or evaluate a set "
+                        "with 2 or more readable images")
+
+
 def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], opts: EvalOptions | dict | None = None,
                   progress: Progress | None = None, **overrides: Any) -> Evaluation:
     """Score every image against every caption (ITC, then ITM re-ranking of the top k) and report R@K
@@ -290,6 +306,7 @@ def run_retrieval(model, records: Sequence[CaptionGroup] | Sequence[ImageText], 
 
     opts = options(opts, **overrides)
     screening = _screened(records, opts, _as_groups)
+    check_retrievable(screening)
     groups, keys = retrieval_targets(screening.records, opts)
     flat = flatten_groups(groups)
     result = model.retrieve(image_inputs([g.image for g in groups]), flat.texts, k=opts.k, batch_size=opts.batch_size)
