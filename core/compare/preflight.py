@@ -138,8 +138,8 @@ def image_problems(config: CompareConfig, split: EvalSet, where: str) -> tuple[l
     if not found:
         return [], []
     total = len({image_key(record.image) for record in records})
-    return [f"{where} ({split.name}): {len(found)} of its {total} images cannot be read; {NO_SKIP}:\n      "
-            f"{shown_unreadable(found, indent='      ')}"], found
+    problem = f"{where} ({split.name}): {len(found)} of its {total} images cannot be read; {NO_SKIP}:\n      "
+    return [problem + shown_unreadable(found, indent="      ")], found
 
 
 def generation_problems(config: CompareConfig) -> list[str]:
