@@ -70,7 +70,9 @@ def test_an_instruction_aware_connector_gets_its_instructions():
      "tokenize(texts, padding_side='right') returned a tuple of 2 (list, list) for 1 texts; it must return (input_ids, "
      "attention_mask), two (1, length) int64 tensors"),  # was AttributeError
     (fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), num_params=lambda o: 1000)]),
-     "num_params() declares 1,000 frozen parameters but the built module has 1,184"),
+     "num_params() declares 1,000 frozen parameters but the built module has 1,184; validate and the memory plan report "
+     "the declared count, so it must equal the module's (return vlbridge.SizeEstimate(count, note) where only a generic "
+     "formula fits: validate prints it as ~, and check_plugin allows 10% off"),
     (fake.plugin("counted", llms=[replace(fake.tiny_opt_spec("build_greedy_only_llm", "counted"), num_params=lambda o: 5)]),
      "num_params() declares 5 frozen parameters but the built module has 142,336"),
     (fake.plugin("vocab", llms=[replace(fake.tiny_opt_spec("build_greedy_only_llm", "vocab"),

@@ -184,7 +184,8 @@ def _check_frozen_count(who: str, spec: EncoderSpec | LLMSpec, options: Any, mod
     if declared is not None and exact and declared != built:
         raise PluginError(f"{who}: num_params() declares {declared:,} frozen parameters but the built module has {built:,}; "
                           "validate and the memory plan report the declared count, so it must equal the module's "
-                          "(or return None where the options do not tell it)")
+                          "(return vlbridge.SizeEstimate(count, note) where only a generic formula fits: validate prints it as ~, "
+                          f"and check_plugin allows {ESTIMATE_TOLERANCE:.0%} off; None where the options do not tell it)")
 
 
 def _check_vocab_size(who: str, declared: int | None, outputs: list[Any]) -> None:
