@@ -12,7 +12,7 @@ from PIL import Image
 from tests import fake_plugins as fake
 from vlbridge.cli.main import main
 from vlbridge.plugintest.check import using_registry
-from vlbridge.plugin.specs import LLMDims, Preprocess
+from vlbridge.plugin.specs import LLMDims, Preprocess, SizeEstimate
 
 CONNECTOR_FAULTS = {
     "factory raises": ("build_raises", "its factory 'tests.fake_plugins:build_raises' raised RuntimeError: cannot find my weights"),
@@ -123,6 +123,19 @@ def test_an_encoders_faulty_declaration_is_named_by_validate(tmp_path, capsys, p
         code = main(["validate", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and f"encoder 'patches' (plugin vlbridge-patches): {expected}" in err, err
+
+
+def test_an_estimate_with_a_negative_count_says_what_a_size_must_be(tmp_path, capsys):
+    """This said "returned SizeEstimate(count=-3, ...); it must return an int, a vlbridge.SizeEstimate or None",
+    refusing a SizeEstimate for not being one."""
+    encoder = fake.plugin("patches", encoders=[replace(fake.plain_encoder_spec(), num_params=lambda o: SizeEstimate(-3, "12 W^2"))])
+    path = tmp_path / "assembly.yaml"
+    path.write_text(yaml.safe_dump(fake.assembly(encoder="patches")), encoding="utf-8")
+    with using_registry(fake.registry(patches=encoder, pool=fake.connector_plugin())):
+        code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and ("num_params() returned SizeEstimate(count=-3, note='12 W^2'); it must return an exact count (an int, "
+                          "0 or more), a vlbridge.SizeEstimate(count, note) (count such an int, or None where unknown") in err, err
 
 
 @pytest.mark.parametrize("dims", [LLMDims(64, None, False), LLMDims("64", 128, False), LLMDims(64, 128, False, vocab_size="530")])

@@ -32,7 +32,8 @@ def _size(value: object) -> bool:
     return value is None or _count(value)
 
 
-SIZE_EXPECTED = "an int, a vlbridge.SizeEstimate or None"
+SIZE_EXPECTED = ("an exact count (an int, 0 or more), a vlbridge.SizeEstimate(count, note) (count such an int, or None "
+                 "where unknown; note a str saying what is guessed), or None")
 
 
 def _token_shape(value: object) -> bool:
