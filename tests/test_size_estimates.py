@@ -119,3 +119,19 @@ def test_the_plan_marks_an_estimate_and_says_why_a_size_is_unknown():
     assert _part(SizeEstimate(1_234_567, "generic")).size_text() == "~1.2M params"  # no exact-looking digits
     assert _part(SizeEstimate(None, "mixture-of-experts model")).size_text() == "? params, mixture-of-experts model"
     assert _part(None).size_text() == "? params"
+
+
+def test_the_memory_plan_marks_an_estimated_frozen_part():
+    """The memory plan printed a plugin's SizeEstimate as '64.5K params', as if counted; validate's plan said '~'."""
+    from dataclasses import replace
+
+    import vlbridge
+    from tests import fake_plugins as fake
+    from vlbridge.train.memory_plan import memory_plan
+
+    spec = replace(fake.plain_encoder_spec(), num_params=lambda o: SizeEstimate(64_512, "12 W^2 per block"))
+    registry = fake.registry(patches=fake.plugin("patches", encoders=[spec]), pool=fake.connector_plugin())
+    plan = vlbridge.load_assembly(fake.assembly(encoder="patches"), registry=registry).plan
+    notes = {line.name: line.note for line in memory_plan(plan, stage=2, batch_size=8, precision="fp32").lines}
+    assert notes["frozen encoder"].startswith("~64.5K params in fp32"), notes
+    assert notes["frozen llm"].startswith("142.3K params in fp32"), notes  # an exact count stays plain

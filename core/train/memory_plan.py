@@ -158,10 +158,10 @@ def memory_plan(plan: Plan, *, stage: int, batch_size: int, precision: str, worl
     if frozen_encoder is not None and trained.encoder:  # the trained part is counted, in fp32, with the trained parameters
         frozen_encoder = max(0, frozen_encoder - trained.encoder)
     lines = [_frozen("encoder", frozen_encoder, plan.encoder.options, plan.encoder_out.width, shard, world_size,
-                     reshard=reshard_after_forward)]
+                     reshard=reshard_after_forward, exact=plan.encoder.params_exact)]
     if stage == 2 and plan.llm is not None and plan.llm_dims is not None:
         lines.append(_frozen("llm", plan.llm.params, plan.llm.options, plan.llm_dims.embed_width, shard, world_size,
-                             plan.llm_dims.encoder_decoder, reshard=reshard_after_forward))
+                             plan.llm_dims.encoder_decoder, reshard=reshard_after_forward, exact=plan.llm.params_exact))
     # the built model's count where there is one: a connector that declares none was "counted when the model
     # is built", even in the plan printed from the built model
     parts = trained.parts(plan.trainable_params.get(stage) if trained.connector is None else trained.connector)
@@ -192,26 +192,28 @@ def plan_for_config(config: Any, plan: Plan, world_size: int, counts: dict[str, 
 
 
 def _frozen(name: str, params: int | None, options: dict[str, Any], width: int, shard: list[str], world: int,
-            encoder_decoder: bool = False, reshard: bool = True) -> Line:
+            encoder_decoder: bool = False, reshard: bool = True, exact: bool = True) -> Line:
+    """`exact=False`: the plugin declared a SizeEstimate, so the count reads '~64.5K params', never as exact."""
     dtype = str(options.get("dtype", "fp32"))
     if params is None:
         return Line(f"frozen {name}", None, "parameter count not declared")
     full = params * DTYPE_BYTES.get(dtype, 4)
+    size = ("" if exact else "~") + count_text(params, exact=False)
     if name not in shard:
         remedy = (f"shard it: parallel: {{strategy: fsdp, shard: [{name}]}} (1/{world} of it per rank)" if world > 1
                   else "launch several processes with parallel.strategy: fsdp to shard it")
         if dtype == "fp32":
             remedy += f"; or set the {name}'s dtype option to bf16 (half)"
-        return Line(f"frozen {name}", full, f"{count_text(params, exact=False)} in {dtype}, whole on every rank", remedy)
+        return Line(f"frozen {name}", full, f"{size} in {dtype}, whole on every rank", remedy)
     blocks = _blocks(params, width, encoder_decoder)
     if not reshard:
         return Line(f"frozen {name}", full // world + full,
-                    f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + all ~{blocks} blocks gathered "
+                    f"{size} in {dtype}: 1/{world} shard + all ~{blocks} blocks gathered "
                     "(reshard_after_forward: false keeps them after the forward pass)",
                     "parallel.reshard_after_forward: true (gathers ~2 blocks at a time)")
     gathered = GATHERED_BLOCKS * full // blocks
     return Line(f"frozen {name}", full // world + gathered,
-                f"{count_text(params, exact=False)} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
+                f"{size} in {dtype}: 1/{world} shard + ~{GATHERED_BLOCKS} of ~{blocks} blocks gathered",
                 "more processes (a smaller shard)")
 
 
