@@ -20,9 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_trainer_ddp import launch
-from tests.test_trainer_samples import (config, deterministic_stage1, exact_stage1, read_metrics, recording_gradients,
-                                        write_caption_data, write_config)
+from tests.test_trainer_ddp import finish, launch
+from tests.test_trainer_samples import config, one_process_group, read_metrics, train_recording, write_caption_data, write_config
 
 STEPS = 3
 FSDP = {"strategy": "fsdp", "shard": ["llm", "encoder"]}
@@ -78,21 +77,8 @@ RUNS = {
 }
 
 
-def train_recording(config_source: dict[str, Any] | str, grads: Path) -> None:
-    """Train one config, saving the gradients each step applies into `grads`; stage 1 under `exact_stage1`."""
-    import vlbridge.train
-    from vlbridge.train.config import read_config
-
-    if read_config(config_source)[0].stage == 1:
-        with exact_stage1(grads):
-            vlbridge.train.run(config_source, objective=deterministic_stage1)
-    else:
-        with recording_gradients(grads):
-            vlbridge.train.run(config_source)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, one_torch_thread) -> Path:
     """Every run of this module: the two-process ones in one launch, the one-process references here."""
     root = tmp_path_factory.mktemp("fsdp")
     data = {stage1: write_caption_data(root / "even"), stage2: write_caption_data(root / "uneven", uneven=True)}
@@ -105,17 +91,12 @@ def runs(tmp_path_factory) -> Path:
             jobs += [str(write_config(root / f"{name}.yaml", values)), str(root / f"grads-{name}")]
         else:
             here[name] = values
-    workers = launch(Path(jobs[0]), Path(jobs[1]), 2, *jobs[2:], module="tests.test_fsdp_recipes")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    workers = launch("tests.test_fsdp_recipes", *jobs)
     try:
         for name, values in here.items():
             train_recording(values, root / f"grads-{name}")
     finally:
-        torch.set_num_threads(before)
-        outputs = [worker.communicate(timeout=300) for worker in workers]
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err
+        finish(workers)
     return root
 
 
@@ -200,12 +181,8 @@ def test_bf16_under_fsdp_stays_near_fp32(runs):
 def main(argv: list[str]) -> int:
     """`python -m tests.test_fsdp_recipes CONFIG GRADS [CONFIG GRADS ...]` (one rank): train each
     config in turn in one process group, recording the applied gradients and the parts sharded."""
-    import torch.distributed as dist
-
     from vlbridge.train import fsdp
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # the trainer joins it and leaves it open for the next config
     shard_model, seen = fsdp.shard_model, {}
 
     def recording_shard_model(model, parts, **kwargs):
@@ -214,11 +191,11 @@ def main(argv: list[str]) -> int:
         return done
 
     fsdp.shard_model = recording_shard_model
-    for config_path, grads in zip(argv[::2], argv[1::2]):
-        seen.clear()
-        train_recording(config_path, Path(grads))
-        (Path(grads) / f"rank{dist.get_rank()}-shards.json").write_text(json.dumps(seen))
-    dist.destroy_process_group()
+    with one_process_group() as rank:  # the trainer joins it and leaves it open for the next config
+        for config_path, grads in zip(argv[::2], argv[1::2]):
+            seen.clear()
+            train_recording(config_path, Path(grads))
+            (Path(grads) / f"rank{rank}-shards.json").write_text(json.dumps(seen))
     return 0
 
 

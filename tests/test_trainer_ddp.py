@@ -6,16 +6,18 @@ Gradient accumulation likewise trains as one big batch. Only rank 0 writes."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_trainer_samples import (config, deterministic_stage1, exact_stage1, read_metrics, recording_gradients, subprocess_env,
-                                       write_caption_data, write_config)
+from tests.test_trainer_samples import (config, read_metrics, recording_gradients, subprocess_env, train_recording, write_caption_data,
+                                       write_config)
 from vlbridge.train.checkpointing import load_trainer_state
 
 STEPS = 3
@@ -27,38 +29,72 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config_path: Path, grads: Path, world_size: int = 2, *extra: str, module: str = "tests.test_trainer_samples") -> list[subprocess.Popen]:
-    """What `torchrun --nproc_per_node 2` does for each worker (running `module`): env:// rendezvous variables."""
+def launch(module: str, *args: str | Path, world_size: int = 2) -> list[subprocess.Popen]:
+    """`python -m module *args` once per rank, with the env:// rendezvous variables torchrun sets
+    (without torchrun's agent: one process, and one torch import, fewer per launch)."""
     port, workers = str(free_port()), []
     for rank in range(world_size):
         env = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-        workers.append(subprocess.Popen([sys.executable, "-m", module, str(config_path), str(grads), *extra],
+        workers.append(subprocess.Popen([sys.executable, "-m", module, *map(str, args)],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return workers
 
 
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    data = write_caption_data(tmp_path / "data")
-    (tmp_path / "grads2").mkdir()
-    (tmp_path / "grads1").mkdir()
-    common = dict(steps=STEPS, log_every=1, save_every=STEPS, with_eval=True)
-    two = write_config(tmp_path / "two.yaml", config(data, tmp_path / "two", batch_size=2, **common))
-    workers = launch(two, tmp_path / "grads2")
+def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[tuple[str, str]]:
+    """Each rank's (stdout, stderr), every rank having exited 0. When one fails (or time runs out) the
+    others are killed, as torchrun's agent does: none is left waiting in a collective."""
+    deadline, outputs = time.monotonic() + timeout, {}
     try:
-        import vlbridge.train
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        with exact_stage1(tmp_path / "grads1"):
-            vlbridge.train.run(config(data, tmp_path / "one", batch_size=4, **common), objective=deterministic_stage1)
-        torch.set_num_threads(before)
+        while len(outputs) < len(workers):
+            for rank, worker in enumerate(workers):
+                if rank in outputs:
+                    continue
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    outputs[rank] = worker.communicate(timeout=0.05)  # a timeout keeps the output read so far
+                    assert worker.returncode == 0, f"rank {rank} failed:\n{outputs[rank][1]}"
+            assert time.monotonic() < deadline, f"ranks still running after {timeout} s: {sorted(set(range(len(workers))) - set(outputs))}"
     finally:
-        outputs = [worker.communicate(timeout=240) for worker in workers]
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    return [outputs[rank] for rank in range(len(workers))]
 
-    one, two_ranks = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+
+def stage2_config(data: Path, output_dir: Path, **overrides) -> dict:
+    """Stage 2 of an MLP projector on tiny OPT: no dropout anywhere, solid images (crops and flips
+    change nothing), so 1 and 2 processes compute the same numbers."""
+    return config(data, output_dir, assembly="tiny-mlp-opt", stage=2, steps=STEPS, log_every=1, save_every=STEPS, **overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_torch_thread) -> Path:
+    """The runs the tests below compare, each in root/NAME with its gradients in root/grads-NAME: the
+    two-process ones (`-2`, half the global batch per rank) in one launch, since each launch costs
+    seconds of start-up, while this process trains the one-process references (`-1`)."""
+    root = tmp_path_factory.mktemp("ddp")
+    even, uneven = write_caption_data(root / "even"), write_caption_data(root / "uneven", uneven=True)
+    values = {f"stage1-{n}": config(even, root / f"stage1-{n}", batch_size=4 // n, steps=STEPS, log_every=1, save_every=STEPS,
+                                    with_eval=True) for n in (2, 1)}
+    for norm in ("init", "llm"):  # soft_prompt_norm
+        values.update({f"{norm}-{n}": stage2_config(uneven, root / f"{norm}-{n}", batch_size=8 // n, with_eval=True,
+                                                    objective={"soft_prompt_norm": norm}) for n in (2, 1)})
+    for name in values:
+        (root / f"grads-{name}").mkdir()
+    jobs = [(write_config(root / f"{name}.yaml", run), root / f"grads-{name}") for name, run in values.items() if name.endswith("-2")]
+    workers = launch("tests.test_trainer_samples", *(arg for job in jobs for arg in job))
+    try:
+        for name, run in values.items():
+            if name.endswith("-1"):
+                train_recording(run, root / f"grads-{name}")
+    finally:
+        finish(workers)
+    return root
+
+
+def test_two_processes_match_one_on_the_same_global_batch(runs):
+    one, two_ranks = read_metrics(runs / "stage1-1"), read_metrics(runs / "stage1-2")
     assert len(two_ranks) == STEPS + 1  # rank 0 alone writes metrics: a line per step, then the evaluation
     for a, b in zip(one[:STEPS], two_ranks):
         for name in ("loss", "itc", "itm", "itg"):
@@ -67,8 +103,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert two_ranks[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)  # each rank evaluates its share
 
     for step in range(1, STEPS + 1):
-        reference = torch.load(tmp_path / "grads1" / f"rank0-step{step}.pt", weights_only=True)
-        rank0, rank1 = (torch.load(tmp_path / "grads2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
+        reference = torch.load(runs / "grads-stage1-1" / f"rank0-step{step}.pt", weights_only=True)
+        rank0, rank1 = (torch.load(runs / "grads-stage1-2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
         assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))  # all-reduced: identical on every rank
         for a, b in zip(reference, rank0):
             # The temperature's gradient (the only scalar) sums every similarity's ~1/temp term and
@@ -76,16 +112,10 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
             # absolute from rounding alone (ratio to this tolerance 0.2-3 with no change in the math).
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 if a.dim() == 0 else 1e-6)
 
-    state = load_trainer_state(tmp_path / "two" / "checkpoints" / f"step-{STEPS}")
+    state = load_trainer_state(runs / "stage1-2" / "checkpoints" / f"step-{STEPS}")
     assert state["world_size"] == 2
     assert [r["data"]["samples"] for r in state["ranks"]] == [STEPS * 2, STEPS * 2]  # each rank's own position
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # seeded per rank
-
-
-def stage2_config(data: Path, output_dir: Path, **overrides) -> dict:
-    """Stage 2 of an MLP projector on tiny OPT: no dropout anywhere, solid images (crops and flips
-    change nothing), so 1 and 2 processes compute the same numbers."""
-    return config(data, output_dir, assembly="tiny-mlp-opt", stage=2, steps=STEPS, log_every=1, save_every=STEPS, **overrides)
 
 
 def assert_same_run(one: Path, other: Path, grads_one: Path, grads_other: Path, names=("loss", "lm")) -> None:
@@ -103,28 +133,11 @@ def assert_same_run(one: Path, other: Path, grads_one: Path, grads_other: Path, 
 
 
 @pytest.mark.parametrize("soft_prompt_norm", ["init", "llm"])
-def test_stage2_two_processes_match_one_on_captions_of_unequal_lengths(tmp_path, soft_prompt_norm):
+def test_stage2_two_processes_match_one_on_captions_of_unequal_lengths(runs, soft_prompt_norm):
     """`llm`: the soft prompt's scale is measured over both ranks' halves of the first batch (unequal
     token counts), as one process measures it over the whole batch."""
-    data = write_caption_data(tmp_path / "data", uneven=True)
-    for name in ("grads1", "grads2"):
-        (tmp_path / name).mkdir()
-    objective = {"objective": {"soft_prompt_norm": soft_prompt_norm}}
-    two = write_config(tmp_path / "two.yaml", stage2_config(data, tmp_path / "two", batch_size=4, with_eval=True, **objective))
-    workers = launch(two, tmp_path / "grads2", 2, "stage2")
-    try:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        import vlbridge.train
-
-        with recording_gradients(tmp_path / "grads1"):
-            vlbridge.train.run(stage2_config(data, tmp_path / "one", batch_size=8, with_eval=True, **objective))
-        torch.set_num_threads(before)
-    finally:
-        outputs = [worker.communicate(timeout=240) for worker in workers]
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err
-    assert_same_run(tmp_path / "one", tmp_path / "two", tmp_path / "grads1", tmp_path / "grads2", names=("loss", "lm", "eval_loss"))
+    one, two = f"{soft_prompt_norm}-1", f"{soft_prompt_norm}-2"
+    assert_same_run(runs / one, runs / two, runs / f"grads-{one}", runs / f"grads-{two}", names=("loss", "lm", "eval_loss"))
 
 
 @pytest.mark.parametrize("loss_average", ["tokens", "samples"])

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from tests.test_trainer_ddp import launch
-from tests.test_trainer_samples import config, read_metrics, recording_gradients, write_caption_data, write_config
+from tests.test_trainer_ddp import finish, launch
+from tests.test_trainer_samples import config, one_process_group, read_metrics, train_recording, write_caption_data, write_config
 
 STEPS = 4
 T5_ASSEMBLY = {"name": "tiny-mlp-t5", "encoder": {"use": "clip-vit-l", "options": {"variant": "tiny", "include_cls": False}},
@@ -32,11 +34,9 @@ def fsdp_config(data: Path, output_dir: Path, assembly, **overrides) -> dict:
     return stage2_config(data, output_dir, assembly, steps=STEPS, save_every=2, **overrides)
 
 
-def run_two(config_path: Path, grads: Path) -> None:
-    workers = launch(config_path, grads, 2, module="tests.test_trainer_fsdp")
-    outputs = [worker.communicate(timeout=240) for worker in workers]
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err
+def run_two(module_jobs: list[tuple[Path, Path]]) -> list[subprocess.Popen]:
+    """Start two ranks that train each (config, gradients folder) job in turn, in one process group."""
+    return launch("tests.test_trainer_fsdp", *(arg for job in module_jobs for arg in job))
 
 
 def connector_of(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -45,81 +45,93 @@ def connector_of(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in vlbridge.load(checkpoint).connector.state_dict().items()}
 
 
-@pytest.mark.parametrize("assembly", ["tiny-mlp-opt", T5_ASSEMBLY], ids=["opt", "t5"])
-def test_fsdp_two_processes_match_one_and_share_the_llm(tmp_path, assembly, one_torch_thread):
+ASSEMBLIES = {"opt": "tiny-mlp-opt", "t5": T5_ASSEMBLY}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_torch_thread) -> Path:
+    """The module's first two-process runs, each in root/NAME with its gradients in root/grads-NAME, in
+    one launch (each costs seconds of start-up): `opt-2` and `t5-2` (with their one-process references
+    `opt-1` and `t5-1`, trained here meanwhile), `full` (cut and resumed by the resume test) and `s2`
+    (stage 2 from the encoder that `s1` fine-tuned). Both two-process runs start from a one-process
+    checkpoint, `start-opt` / `start-t5`: it must load under FSDP."""
     import vlbridge.train
 
+    root = tmp_path_factory.mktemp("fsdp")
     # T5 trains as a prefix LM whose split point is drawn per rank: only 3-word captions (one possible
     # split) give 1 and 2 processes the same targets; OPT gets captions of unequal lengths
-    data = write_caption_data(tmp_path / "data", uneven=assembly == "tiny-mlp-opt")
-    for name in ("grads1", "grads2"):
-        (tmp_path / name).mkdir()
-    # a one-process checkpoint to start both runs from: it must load under FSDP
-    start = vlbridge.train.run(stage2_config(data, tmp_path / "start", assembly, steps=1, batch_size=8, schedule={})).checkpoint
-    two = write_config(tmp_path / "two.yaml", fsdp_config(data, tmp_path / "two", assembly, batch_size=4, init_from=str(start),
-                                                          parallel=FSDP))
-    run_two(two, tmp_path / "grads2")
-    with recording_gradients(tmp_path / "grads1"):
-        vlbridge.train.run(fsdp_config(data, tmp_path / "one", assembly, batch_size=8, init_from=str(start)))
+    data = {"opt": write_caption_data(root / "uneven", uneven=True), "t5": write_caption_data(root / "even")}
+    two, here = {}, {}
+    for name, assembly in ASSEMBLIES.items():
+        start = vlbridge.train.run(stage2_config(data[name], root / f"start-{name}", assembly, steps=1, batch_size=8, schedule={})).checkpoint
+        two[f"{name}-2"] = fsdp_config(data[name], root / f"{name}-2", assembly, batch_size=4, init_from=str(start), parallel=FSDP)
+        here[f"{name}-1"] = fsdp_config(data[name], root / f"{name}-1", assembly, batch_size=8, init_from=str(start))
+    two["full"] = fsdp_config(data["opt"], root / "full", "tiny-mlp-opt", batch_size=4, parallel=FSDP)
+    tuned = vlbridge.train.run(config(write_caption_data(root / "eight", images=8), root / "s1", steps=1, batch_size=4, schedule={},
+                                      finetune={"encoder": {"unfreeze": 1}})).checkpoint
+    two["s2"] = stage2_config(root / "eight", root / "s2", "tiny-qformer-opt", steps=1, batch_size=2, schedule={}, init_from=str(tuned),
+                              parallel=FSDP)
+    for name in [*two, *here]:
+        (root / f"grads-{name}").mkdir()
+    workers = run_two([(write_config(root / f"{name}.yaml", values), root / f"grads-{name}") for name, values in two.items()])
+    try:
+        for name, values in here.items():
+            train_recording(values, root / f"grads-{name}")
+    finally:
+        finish(workers)
+    return root
 
-    a_metrics, b_metrics = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+
+@pytest.mark.parametrize("assembly", list(ASSEMBLIES))
+def test_fsdp_two_processes_match_one_and_share_the_llm(runs, assembly):
+    one, two = runs / f"{assembly}-1", runs / f"{assembly}-2"
+    a_metrics, b_metrics = read_metrics(one), read_metrics(two)
     assert len(a_metrics) == len(b_metrics) == STEPS
     for a, b in zip(a_metrics, b_metrics):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
     for step in range(1, STEPS + 1):
-        reference = torch.load(tmp_path / "grads1" / f"rank0-step{step}.pt", weights_only=True)
-        rank0, rank1 = (torch.load(tmp_path / "grads2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
+        reference = torch.load(runs / f"grads-{assembly}-1" / f"rank0-step{step}.pt", weights_only=True)
+        rank0, rank1 = (torch.load(runs / f"grads-{assembly}-2" / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
         assert all(torch.equal(x, y) for x, y in zip(rank0, rank1))  # averaged: the same on every rank
         for x, y in zip(reference, rank0):  # fp32: a batch of 8 and two of 4 sum in another order
             torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
     # the FSDP checkpoint is a one-process checkpoint: vlbridge.load reads it, with the same weights
-    one, fsdp = (connector_of(tmp_path / run / "checkpoints" / f"step-{STEPS}") for run in ("one", "two"))
-    assert one.keys() == fsdp.keys()
-    for key in one:
-        torch.testing.assert_close(fsdp[key], one[key], rtol=1e-4, atol=1e-5)
+    a, b = (connector_of(run / "checkpoints" / f"step-{STEPS}") for run in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
-    shares = [json.loads((tmp_path / "grads2" / f"rank{r}-shards.json").read_text()) for r in (0, 1)]
+    shares = [json.loads((runs / f"grads-{assembly}-2" / f"rank{r}-shards.json").read_text()) for r in (0, 1)]
     full = shares[0]["llm_full"]
     for share in shares:
         assert share["llm_local"] == pytest.approx(full / 2, rel=0.05), share  # each rank holds about half
         assert share["blocks"]["llm"] > 1 and share["blocks"]["encoder"] >= 1  # sharded block by block (found, not whole)
 
 
-def test_fsdp_resume_continues_the_uninterrupted_run(tmp_path):
-    data = write_caption_data(tmp_path / "data", uneven=True)
-    (tmp_path / "grads").mkdir()
-    settings = dict(batch_size=4, parallel=FSDP)
-    run_two(write_config(tmp_path / "full.yaml", fsdp_config(data, tmp_path / "full", "tiny-mlp-opt", **settings)),
-            tmp_path / "grads")
-    # the same run killed after step 2: its output as it was then
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{STEPS}")
-    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-2\n")
-    metrics = tmp_path / "cut" / "metrics.jsonl"
+def test_fsdp_resume_continues_the_uninterrupted_run(runs, tmp_path):
+    """The fixture's `full` run as it was when killed after step 2, resumed in a launch of its own."""
+    cut = tmp_path / "cut"
+    shutil.copytree(runs / "full", cut)
+    shutil.rmtree(cut / "checkpoints" / f"step-{STEPS}")
+    (cut / "checkpoints" / "latest").write_text("step-2\n")
+    metrics = cut / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2))
-    run_two(write_config(tmp_path / "cut.yaml", fsdp_config(data, tmp_path / "cut", "tiny-mlp-opt", **settings)),
-            tmp_path / "grads")
-    assert without_speed(tmp_path / "cut") == without_speed(tmp_path / "full")
-    full, cut = (connector_of(tmp_path / run / "checkpoints" / f"step-{STEPS}") for run in ("full", "cut"))
+    values = yaml.safe_load((runs / "full.yaml").read_text())
+    (tmp_path / "grads").mkdir()
+    finish(run_two([(write_config(tmp_path / "cut.yaml", {**values, "output_dir": str(cut)}), tmp_path / "grads")]))
+    assert without_speed(cut) == without_speed(runs / "full")
+    full, resumed = (connector_of(run / "checkpoints" / f"step-{STEPS}") for run in (runs / "full", cut))
     for key in full:
-        assert torch.equal(cut[key], full[key]), key
+        assert torch.equal(resumed[key], full[key]), key
 
 
-def test_fsdp_saves_the_encoder_tensors_init_from_brought(tmp_path):
-    """A stage-1 run that fine-tuned the encoder, then stage 2 under FSDP from it with the encoder
-    frozen: its restored tensors now lie in the encoder's shards, and the checkpoint stores them
-    whole (it died writing them: safetensors cannot save a sharded tensor)."""
-    import vlbridge.train
+def test_fsdp_saves_the_encoder_tensors_init_from_brought(runs):
+    """A stage-1 run that fine-tuned the encoder (`s1`), then stage 2 under FSDP from it with the
+    encoder frozen (`s2`): its restored tensors now lie in the encoder's shards, and the checkpoint
+    stores them whole (it died writing them: safetensors cannot save a sharded tensor)."""
     from safetensors.torch import load_file
 
-    data = write_caption_data(tmp_path / "data", images=8)
-    (tmp_path / "grads").mkdir()
-    tuned = vlbridge.train.run(config(data, tmp_path / "s1", steps=1, batch_size=4, schedule={},
-                                      finetune={"encoder": {"unfreeze": 1}})).checkpoint
-    two = stage2_config(data, tmp_path / "s2", "tiny-qformer-opt", steps=1, batch_size=2, schedule={}, init_from=str(tuned),
-                        parallel=FSDP)
-    run_two(write_config(tmp_path / "s2.yaml", two), tmp_path / "grads")
-    saved = tmp_path / "s2" / "checkpoints" / "step-1"
+    tuned, saved = Path(yaml.safe_load((runs / "s2.yaml").read_text())["init_from"]), runs / "s2" / "checkpoints" / "step-1"
     expected, got = (load_file(directory / "encoder.safetensors") for directory in (tuned, saved))
     assert expected.keys() == got.keys()
     for name in expected:
@@ -133,12 +145,11 @@ def without_speed(output_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.test_trainer_fsdp CONFIG.yaml OUT_DIR [--resume]` (one rank): train with the
-    config's objective recording gradients, and write this rank's share of the LLM's bytes."""
-    import vlbridge.train
-    from vlbridge.train import distributed, fsdp
+    """`python -m tests.test_trainer_fsdp CONFIG.yaml GRADS_DIR [CONFIG GRADS_DIR ...]` (one rank):
+    train (or resume) each config in turn recording gradients, and write this rank's share of the
+    LLM's bytes."""
+    from vlbridge.train import fsdp
 
-    torch.set_num_threads(1)
     shard_model, seen = fsdp.shard_model, {}
 
     def recording_shard_model(model, parts, **kwargs):
@@ -146,15 +157,15 @@ def main(argv: list[str]) -> int:
         done = shard_model(model, parts, **kwargs)
         seen["llm_local"] = fsdp.local_bytes(model.llm)
         seen["blocks"] = {part.name: part.blocks for part in done}
-        seen["rank"] = distributed.rank()
         return done
 
     fsdp.shard_model = recording_shard_model
-    out = Path(argv[1])
-    with recording_gradients(out):
-        vlbridge.train.run(argv[0], resume=True)
-    if seen:  # fsdp sharded something
-        (out / f"rank{seen['rank']}-shards.json").write_text(json.dumps(seen))
+    with one_process_group() as rank:
+        for config_path, grads in zip(argv[::2], argv[1::2]):
+            seen.clear()
+            train_recording(config_path, Path(grads), resume=True)
+            if seen:  # fsdp sharded something
+                (Path(grads) / f"rank{rank}-shards.json").write_text(json.dumps(seen))
     return 0
 
 

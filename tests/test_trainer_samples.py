@@ -197,19 +197,39 @@ def exact_stage1(grads_dir: Path) -> Iterator[None]:
         objectives.sample_hard_negatives, losses.all_gather_no_grad = saved
 
 
-def main(argv: list[str]) -> int:
-    """`python -m tests.test_trainer_samples CONFIG.yaml GRADS_DIR [stage2]`: train with `exact_stage1`,
-    or with the config's own (stage-2) objective, recording gradients (the DDP tests run this under
-    torchrun)."""
+def train_recording(config_source: Mapping[str, Any] | str, grads: Path, **options: Any) -> Any:
+    """Train one config (`options` go to vlbridge.train.run), saving the gradients each step applies
+    into `grads`: stage 1 under `exact_stage1`, stage 2 with the config's own objective."""
     import vlbridge.train
+    from vlbridge.train.config import read_config
+
+    if read_config(config_source)[0].stage == 1:
+        with exact_stage1(Path(grads)):
+            return vlbridge.train.run(config_source, objective=deterministic_stage1, **options)
+    with recording_gradients(Path(grads)):
+        return vlbridge.train.run(config_source, **options)
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[int]:
+    """A worker that trains several configs joins the process group once and yields its rank: the
+    trainer uses an open group and leaves it open, and each launch costs seconds of start-up."""
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
-    if argv[2:] == ["stage2"]:
-        with recording_gradients(Path(argv[1])):
-            vlbridge.train.run(argv[0])
-        return 0
-    with exact_stage1(Path(argv[1])):
-        vlbridge.train.run(argv[0], objective=deterministic_stage1)
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.test_trainer_samples CONFIG.yaml GRADS_DIR [CONFIG GRADS_DIR ...]` (one rank of
+    the DDP tests): train each config in turn with `train_recording`."""
+    with one_process_group():
+        for config_path, grads in zip(argv[::2], argv[1::2]):
+            train_recording(config_path, Path(grads))
     return 0
 
 
