@@ -4,13 +4,11 @@ on to the loss sum while the other still gathered (gloo: 'collective mismatch', 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.test_data_samples import sample_members, write_tar
-from tests.test_trainer_ddp import free_port
-from tests.test_trainer_samples import read_metrics, subprocess_env, write_config
+from tests.test_trainer_ddp import finish, launch
+from tests.test_trainer_samples import read_metrics, write_config
 
 
 def test_stage1_eval_on_unequal_shard_shares_runs_on_two_ranks(tmp_path: Path):
@@ -24,13 +22,5 @@ def test_stage1_eval_on_unequal_shard_shares_runs_on_two_ranks(tmp_path: Path):
         "batch_size": 2, "steps": 1, "optimizer": {"lr": 1e-3}, "schedule": {"warmup_steps": 0}, "log_every": 1,
         "output_dir": str(tmp_path / "run"), "tensorboard": False,
     })
-    port, workers = str(free_port()), []
-    for rank in range(2):
-        env = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        workers.append(subprocess.Popen([sys.executable, "-m", "vlbridge", "train", str(config)], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [worker.communicate(timeout=120) for worker in workers]
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err
+    finish(launch("vlbridge", "train", config), timeout=120)
     assert "eval_loss" in read_metrics(tmp_path / "run")[-1]
