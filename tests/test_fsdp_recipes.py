@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_trainer_ddp import finish, launch
-from tests.test_trainer_samples import config, one_process_group, read_metrics, train_recording, write_caption_data, write_config
+from tests.test_trainer_ddp import train_both
+from tests.test_trainer_samples import config, one_process_group, read_metrics, train_recording, write_caption_data
 
 STEPS = 3
 FSDP = {"strategy": "fsdp", "shard": ["llm", "encoder"]}
@@ -82,21 +82,9 @@ def runs(tmp_path_factory, one_torch_thread) -> Path:
     """Every run of this module: the two-process ones in one launch, the one-process references here."""
     root = tmp_path_factory.mktemp("fsdp")
     data = {stage1: write_caption_data(root / "even"), stage2: write_caption_data(root / "uneven", uneven=True)}
-    jobs, here = [], {}
-    for name, (make, batch, overrides) in RUNS.items():
-        (root / f"grads-{name}").mkdir()
-        two = name.endswith("-2")
-        values = make(data[make], root / name, batch // 2 if two else batch, **overrides)
-        if two:
-            jobs += [str(write_config(root / f"{name}.yaml", values)), str(root / f"grads-{name}")]
-        else:
-            here[name] = values
-    workers = launch("tests.test_fsdp_recipes", *jobs)
-    try:
-        for name, values in here.items():
-            train_recording(values, root / f"grads-{name}")
-    finally:
-        finish(workers)
+    values = {name: make(data[make], root / name, batch // int(name[-1]), **overrides) for name, (make, batch, overrides) in RUNS.items()}
+    train_both("tests.test_fsdp_recipes", root, {name: run for name, run in values.items() if name.endswith("-2")},
+               {name: run for name, run in values.items() if name.endswith("-1")})
     return root
 
 

@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +64,19 @@ def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[tuple[
     return [outputs[rank] for rank in range(len(workers))]
 
 
+def train_both(module: str, root: Path, two: Mapping[str, Any], here: Mapping[str, Any]) -> None:
+    """Train the `two` configs on two ranks of one launch of `module` (each launch costs seconds of
+    start-up) while this process trains the `here` ones: each run's gradients go to root/grads-NAME."""
+    for name in [*two, *here]:
+        (root / f"grads-{name}").mkdir()
+    workers = launch(module, *(arg for name, values in two.items() for arg in (write_config(root / f"{name}.yaml", values), root / f"grads-{name}")))
+    try:
+        for name, values in here.items():
+            train_recording(values, root / f"grads-{name}")
+    finally:
+        finish(workers)
+
+
 def stage2_config(data: Path, output_dir: Path, **overrides) -> dict:
     """Stage 2 of an MLP projector on tiny OPT: no dropout anywhere, solid images (crops and flips
     change nothing), so 1 and 2 processes compute the same numbers."""
@@ -80,16 +95,8 @@ def runs(tmp_path_factory, one_torch_thread) -> Path:
     for norm in ("init", "llm"):  # soft_prompt_norm
         values.update({f"{norm}-{n}": stage2_config(uneven, root / f"{norm}-{n}", batch_size=8 // n, with_eval=True,
                                                     objective={"soft_prompt_norm": norm}) for n in (2, 1)})
-    for name in values:
-        (root / f"grads-{name}").mkdir()
-    jobs = [(write_config(root / f"{name}.yaml", run), root / f"grads-{name}") for name, run in values.items() if name.endswith("-2")]
-    workers = launch("tests.test_trainer_samples", *(arg for job in jobs for arg in job))
-    try:
-        for name, run in values.items():
-            if name.endswith("-1"):
-                train_recording(run, root / f"grads-{name}")
-    finally:
-        finish(workers)
+    train_both("tests.test_trainer_samples", root, {name: run for name, run in values.items() if name.endswith("-2")},
+               {name: run for name, run in values.items() if name.endswith("-1")})
     return root
 
 

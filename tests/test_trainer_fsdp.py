@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from tests.test_trainer_ddp import finish, launch
-from tests.test_trainer_samples import config, one_process_group, read_metrics, train_recording, write_caption_data, write_config
+from tests.test_trainer_ddp import train_both
+from tests.test_trainer_samples import config, one_process_group, read_metrics, train_recording, write_caption_data
 
 STEPS = 4
 T5_ASSEMBLY = {"name": "tiny-mlp-t5", "encoder": {"use": "clip-vit-l", "options": {"variant": "tiny", "include_cls": False}},
@@ -32,11 +31,6 @@ def stage2_config(data: Path, output_dir: Path, assembly, **overrides) -> dict:
 
 def fsdp_config(data: Path, output_dir: Path, assembly, **overrides) -> dict:
     return stage2_config(data, output_dir, assembly, steps=STEPS, save_every=2, **overrides)
-
-
-def run_two(module_jobs: list[tuple[Path, Path]]) -> list[subprocess.Popen]:
-    """Start two ranks that train each (config, gradients folder) job in turn, in one process group."""
-    return launch("tests.test_trainer_fsdp", *(arg for job in module_jobs for arg in job))
 
 
 def connector_of(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -71,14 +65,7 @@ def runs(tmp_path_factory, one_torch_thread) -> Path:
                                       finetune={"encoder": {"unfreeze": 1}})).checkpoint
     two["s2"] = stage2_config(root / "eight", root / "s2", "tiny-qformer-opt", steps=1, batch_size=2, schedule={}, init_from=str(tuned),
                               parallel=FSDP)
-    for name in [*two, *here]:
-        (root / f"grads-{name}").mkdir()
-    workers = run_two([(write_config(root / f"{name}.yaml", values), root / f"grads-{name}") for name, values in two.items()])
-    try:
-        for name, values in here.items():
-            train_recording(values, root / f"grads-{name}")
-    finally:
-        finish(workers)
+    train_both("tests.test_trainer_fsdp", root, two, here)
     return root
 
 
@@ -116,9 +103,7 @@ def test_fsdp_resume_continues_the_uninterrupted_run(runs, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step-2\n")
     metrics = cut / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2))
-    values = yaml.safe_load((runs / "full.yaml").read_text())
-    (tmp_path / "grads").mkdir()
-    finish(run_two([(write_config(tmp_path / "cut.yaml", {**values, "output_dir": str(cut)}), tmp_path / "grads")]))
+    train_both("tests.test_trainer_fsdp", tmp_path, {"cut": {**yaml.safe_load((runs / "full.yaml").read_text()), "output_dir": str(cut)}}, {})
     assert without_speed(cut) == without_speed(runs / "full")
     full, resumed = (connector_of(run / "checkpoints" / f"step-{STEPS}") for run in (runs / "full", cut))
     for key in full:
