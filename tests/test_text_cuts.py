@@ -252,16 +252,25 @@ def test_train_check_says_it_does_not_count_cut_texts_and_where_the_count_comes(
 
 def test_under_ddp_a_rank_whose_batch_has_no_target_token_trains_on_with_the_others(tmp_path: Path):
     """Batch 1 on 2 ranks, unshuffled: step 1 gives rank 1 a row with no target token (it raised there
-    alone, and rank 0 waited in the all-reduce), step 2 gives both ranks one (the step is skipped)."""
-    from tests.test_trainer_ddp import finish, launch
+    alone, and rank 0 waited in the all-reduce), step 2 gives both ranks one (the step is skipped).
+    Launched by torchrun itself (`python -m torch.distributed.run`, as the README runs it): the other
+    multi-process tests start their ranks with torchrun's environment but without its agent."""
+    import subprocess
+    import sys
+
+    from tests.test_trainer_ddp import free_port
+    from tests.test_trainer_samples import subprocess_env
 
     data = write_pairs(write_caption_data(tmp_path / "data"), long_rows={1, 2, 3})
     values = config(data, tmp_path / "run", assembly="tiny-linear-opt", stage=2, batch_size=1, steps=3, log_every=1,
                     schedule={"warmup_steps": 0})
     values["data"]["train"]["shuffle"] = False
-    (out, err), _ = finish(launch("vlbridge", "train", write_config(tmp_path / "c.yaml", values)))  # rank 0 writes and reports
-    assert "step 2: no text of the whole batch kept a target token" in err
-    assert "texts: 3 of 6 training texts cut at objective.max_text_tokens 32; 3 left with no target token" in out
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "vlbridge", "train", str(write_config(tmp_path / "c.yaml", values))]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "step 2: no text of the whole batch kept a target token" in done.stderr
+    assert "texts: 3 of 6 training texts cut at objective.max_text_tokens 32; 3 left with no target token" in done.stdout
     assert [("loss" in m) for m in read_metrics(tmp_path / "run")] == [True, False, True]
 
 
