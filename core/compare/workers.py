@@ -169,12 +169,15 @@ def run_in_workers(config: CompareConfig, say: Say = print, progress: PhaseProgr
 
 def stop_workers(workers: list[Any]) -> None:
     """Stop the workers still running (SIGTERM: each unwinds, its loaders' processes with it) and wait
-    for every one; kill one that has not ended after STOP_GRACE_S."""
+    for every one; kill those that have not ended STOP_GRACE_S after the stop began. The grace is one
+    for all of them, side by side: waited out worker by worker, N stuck workers took N times as long."""
     for worker in workers:
         if worker.is_alive():
             worker.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
     for worker in workers:
-        worker.join(STOP_GRACE_S)
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
         if worker.is_alive():
             worker.kill()
             worker.join()
