@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import fake_plugins as fake
 from vlbridge.compare.config import CompareConfig, EvalSet, RunSpec
 from vlbridge.compare.run import run_compare
 
@@ -25,7 +26,8 @@ def _config(tmp_path: Path, jobs: int) -> CompareConfig:
     evals = [EvalSet(name="test", captions=str(world / "captions_test.json"), questions=str(world / "questions_test.json"),
                      annotations=str(world / "annotations_test.json"), images=str(world),
                      image_pattern="images/world_test_{image_id:07d}.png", tasks=["vqa"])]
-    runs = [RunSpec(name="mlp", assembly="tiny-mlp-opt", stage2_steps=2), RunSpec(name="linear", assembly="tiny-linear-opt", stage2_steps=2)]
+    # tiny-mlp-opt and tiny-linear-opt with EVA's tiny tower (fake.assembly): no open_clip to import in each worker process
+    runs = [RunSpec(name=name, assembly=fake.assembly(name), stage2_steps=2) for name in ("mlp", "linear")]
     return CompareConfig(name="messages", runs=runs, stage2_data=data, evals=evals, batch_size=4, output_dir=str(tmp_path / "out"),
                          generation={"num_beams": 1, "max_new_tokens": 2}, jobs=jobs, threads=1, device="cpu")
 
