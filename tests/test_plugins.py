@@ -261,11 +261,13 @@ def vlbridge_register_connectors():
 def test_the_listing_names_a_plugin_whose_registration_module_imports_torch(tmp_path, monkeypatch, capsys):
     """Only check_plugin said so; `vlbridge plugins` listed such a plugin as loaded, without a word.
     Each module is probed alone (this process imported both), with check_plugin's own probe."""
+    import functools
     import importlib
     import json
 
     from vlbridge.cli.main import main
     from vlbridge.plugin.hookspecs import PROJECT
+    from vlbridge.plugintest.heavy_imports import heavy_imports
 
     class FakeEntryPoint:
         def __init__(self, name: str, module: str):
@@ -281,6 +283,8 @@ def test_the_listing_names_a_plugin_whose_registration_module_imports_torch(tmp_
     points = [FakeEntryPoint("vlbridge-heavy", "heavy_registration"), FakeEntryPoint("vlbridge-light", "light_registration")]
     # vlbridge's group only: torch, first imported here when this test runs alone, reads its backends' group at import
     monkeypatch.setattr("vlbridge.plugin.loader.metadata.entry_points", lambda group: points if group == PROJECT else [])
+    # the real probe, once per module for both listings: each probe is a fresh interpreter (one imports torch)
+    monkeypatch.setattr("vlbridge.cli.listing.heavy_imports", functools.cache(heavy_imports))
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert ("\nvlbridge-heavy: heavy_registration: importing it imports torch; vlbridge imports a registration module to "
