@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import fake_plugins as fake
+
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc (Linux)")
 
 LOADERS = 2  # data-loader processes per worker
@@ -42,6 +44,22 @@ def group_members(group: int) -> dict[int, int]:
     return members
 
 
+def loaders(group: int) -> dict[int, int]:
+    """The data-loader processes of a comparison's process group, each with its worker: the
+    children of the command's children (the command itself, the group's leader, is a test's child)."""
+    members = group_members(group)
+    return {pid: parent for pid, parent in members.items() if pid != group and parent in members and parent != group}
+
+
+def writing_to_a_full_pipe(pid: int) -> bool:
+    """Whether a thread of the process waits in the kernel to write to a pipe (the loader's queue
+    feeder, its batch bigger than the pipe's buffer): /proc/PID/task/TID/wchan, e.g. "anon_pipe_write"."""
+    try:
+        return any("pipe_write" in (task / "wchan").read_text() for task in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
+
+
 def _comparison(tmp_path: Path) -> Path:
     from vlbridge.world import WorldConfig, generate_world
 
@@ -53,8 +71,9 @@ def _comparison(tmp_path: Path) -> Path:
         pair["caption"] = pair["caption"] * 4
     captions.write_text(json.dumps(pairs), encoding="utf-8")
     data = {"format": "coco", "paths": [str(world / "captions_train.json")], "image_root": str(world), "num_workers": LOADERS}
-    config = {"name": "stopped", "runs": [{"name": "linear", "assembly": "tiny-linear-opt", "stage2_steps": 100_000},
-                                          {"name": "mlp", "assembly": "tiny-mlp-opt", "stage2_steps": 100_000}],
+    # tiny-linear-opt and tiny-mlp-opt with EVA's tiny tower (fake.assembly): no open_clip to import in each process
+    runs = [{"name": name, "assembly": fake.assembly(name), "stage2_steps": 100_000} for name in ("linear", "mlp")]
+    config = {"name": "stopped", "runs": runs,
               "stage2_data": data, "batch_size": 32, "features": True, "threads": 1, "jobs": 2, "device": "cpu",
               "evals": [{"name": "test", "captions": str(world / "captions_test.json"), "images": str(world), "tasks": ["caption"]}],
               "output_dir": str(tmp_path / "out")}
@@ -73,11 +92,13 @@ def test_a_stopped_comparison_leaves_no_process_behind(tmp_path: Path, stop: str
     group = process.pid
     try:
         deadline = time.monotonic() + 240
-        # both workers' loader processes run (children of the command's children): both workers are in stage 2
-        while sum(parent not in (group, 1) for parent in group_members(group).values()) < 2 * LOADERS:
+        while len(loaders(group)) < 2 * LOADERS:  # both workers' loader processes run: both workers are in stage 2
             assert process.poll() is None and time.monotonic() < deadline, log.read_text(encoding="utf-8")
             time.sleep(0.2)
-        time.sleep(3)  # the loaders fill their queues
+        deadline, full = time.monotonic() + 3, set()  # the loaders fill their queues: each worker's seen stuck on its pipe
+        while len(full) < 2 and time.monotonic() < deadline:  # (or 3 s, where the kernel names that wait otherwise)
+            full |= {worker for pid, worker in loaders(group).items() if writing_to_a_full_pipe(pid)}
+            time.sleep(0.1)
         if stop == "ctrl-c":
             os.killpg(group, signal.SIGINT)  # what the terminal sends: every process of the group
         else:
