@@ -132,7 +132,7 @@ def test_example_plugins_own_tests_pass(venv):
 
 SAVE_AND_LOAD = """
 import json, os, sys, yaml, vlbridge
-from vlbridge.plugin.registry import invalidate
+from vlbridge.plugin.registry import get_registry, invalidate
 out = sys.argv[1]
 os.environ["VLBRIDGE_DISABLE_PLUGINS"] = "vlbridge-dup"  # saved while one plugin provides 'resampler'
 model = vlbridge.build({"name": "r", "encoder": {"use": "eva-vit-g", "options": {"variant": "tiny"}},
@@ -142,7 +142,8 @@ model.save(out)
 saved = yaml.safe_load(open(out + "/assembly.yaml"))
 del os.environ["VLBRIDGE_DISABLE_PLUGINS"]  # loaded where a second plugin claims the name too
 invalidate()
-print(json.dumps({"saved": saved, "loaded_from": vlbridge.load(out).plan.connector.distribution}))
+print(json.dumps({"saved": saved, "loaded_from": vlbridge.load(out).plan.connector.distribution,
+                  "duplicates": get_registry().duplicates()}))
 """
 
 
@@ -160,6 +161,7 @@ def test_a_checkpoint_names_its_plugin_distribution_and_requires_it(venv, tmp_pa
     assembly = result["saved"]
     assert assembly["connector"]["use"] == "vlbridge-resampler:resampler" and assembly["requires"] == ["vlbridge-resampler"]
     assert result["loaded_from"] == "vlbridge-resampler"
+    assert result["duplicates"] == [{"kind": "connector", "name": "resampler", "providers": ["vlbridge-dup", "vlbridge-resampler"]}]
     refused = vlbridge(venv, "validate", str(tmp_path / "ckpt" / "assembly.yaml"), VLBRIDGE_DISABLE_PLUGINS="vlbridge-resampler")
     assert refused.returncode == 2
     assert "the plugin distribution 'vlbridge-resampler' is installed but was not loaded" in refused.stderr
