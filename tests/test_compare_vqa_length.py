@@ -20,12 +20,12 @@ def _config(**extra) -> CompareConfig:
 
 @pytest.mark.parametrize(("extra", "tokens"), [({}, 5), ({"vqa_max_new_tokens": 9}, 9)])
 def test_the_vqa_answer_length_is_the_configs(monkeypatch, extra, tokens):
-    from vlbridge.evaluation import tasks
+    from vlbridge.evaluation import readable
 
     seen = {}
     record = SimpleNamespace(image="x.png", question="what colour?", question_id=1)
     monkeypatch.setattr(evaluation, "vqa_records", lambda spec: [record])
-    monkeypatch.setattr(tasks, "check_images", lambda refs: None)
+    monkeypatch.setattr(readable, "check_images", lambda refs: None)
     monkeypatch.setattr(evaluation, "question_categories", lambda annotations: {})
     monkeypatch.setattr(evaluation, "vqa_scores", lambda predictions, records, categories: {"accuracy": 0.0})
 

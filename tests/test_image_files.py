@@ -124,7 +124,7 @@ def test_files_that_are_no_image_say_what_they_are(tmp_path):
 
 def test_commands_name_a_dangling_link_as_one(tmp_path, capsys):
     from vlbridge.cli.main import main
-    from vlbridge.evaluation.tasks import check_images
+    from vlbridge.evaluation.readable import check_images
 
     os.symlink(tmp_path / "gone.jpg", tmp_path / "link.jpg")
     assert main(["caption", "-a", "tiny-qformer-opt", str(tmp_path / "link.jpg")]) == 2

@@ -40,7 +40,8 @@ def encoder_retrieval(model, vocab, spec: EvalSet) -> dict[str, Any]:
 
     from vlbridge.compare.evaluation import retrieval_groups, score_retrieval
     from vlbridge.data import flatten_groups
-    from vlbridge.evaluation.tasks import check_images, image_inputs
+    from vlbridge.evaluation.readable import check_images
+    from vlbridge.evaluation.tasks import image_inputs
     from vlbridge.parts.images import to_pixel_batch
 
     groups = retrieval_groups(spec)

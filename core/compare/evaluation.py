@@ -67,6 +67,7 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded:
     """Captioning, VQA and lmms-eval tasks ("lmms:<task>") with the trained (stage-2) model (retrieval
     is the stage-1 model's: see `retrieval_set`). `encoded` holds encoder outputs other runs computed already."""
     from vlbridge.evaluation import tasks as ev
+    from vlbridge.evaluation.readable import check_images
     from vlbridge.modeling.inference import answer_options, caption_options
 
     encoded = encoded if encoded is not None else EncodedImages()
@@ -75,14 +76,14 @@ def evaluate_set(config: CompareConfig, model, spec: EvalSet, say: Say, encoded:
         say(f"  {spec.name}: captioning")
         groups = ev.load_caption_groups(spec.captions, spec.images, spec.limit)
         refs = [g.image for g in groups]
-        ev.check_images(refs)
+        check_images(refs)
         captions = _generate(model, encoded, refs, [config.caption_prompt] * len(refs), caption_options(dict(config.generation)))
         out["caption"] = caption_scores([{"image_id": g.image_id, "caption": c} for g, c in zip(groups, captions)], groups)
     if spec.questions and "vqa" in spec.tasks:
         say(f"  {spec.name}: VQA")
         records = vqa_records(spec)
         refs = [r.image for r in records]
-        ev.check_images(refs)
+        check_images(refs)
         problem = template_problem(config.vqa_prompt, "vqa_prompt")
         if problem:
             raise VLBridgeError(problem)

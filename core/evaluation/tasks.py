@@ -32,7 +32,6 @@ from vlbridge.data import CaptionGroup, ImageQuestion, ImageRef, ImageText, grou
 from vlbridge.data.vqa import DEFAULT_IMAGE_PATTERN
 from vlbridge.errors import VLBridgeError
 from vlbridge.evaluation.readable import Screening, left_out_note, screen_images, shown_unreadable
-from vlbridge.evaluation.readable import check_images, missing_images, shown_missing  # noqa: F401 (their old home: callers import them here)
 from vlbridge.metrics.captions import score_captions
 from vlbridge.metrics.vqa import VQAItem, check_variant, vqa_accuracy
 from vlbridge.files.config_fields import PathText, StrictNumbers
